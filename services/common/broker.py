@@ -1,0 +1,93 @@
+"""Kafka through faststream: the producer the outbox relay uses, and consumers that handle each
+event exactly once by recording its id in the same transaction as the handler's changes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker, KafkaMessage
+from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.common.cloudevents import CloudEvent
+from services.common.mongo import Document, Session, in_transaction
+from services.common.telemetry import context_from_pairs, tracer
+
+PROCESSED = "processed_events"
+
+# What a consumer does with one event, inside the transaction that records it as processed.
+EventHandler = Callable[[CloudEvent, Message, Session], Awaitable[None]]
+
+
+def kafka_broker(bootstrap_servers: str, client_id: str) -> KafkaBroker:
+    return KafkaBroker(
+        bootstrap_servers,
+        client_id=client_id,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        log_level=logging.DEBUG,  # the level of per-message access logs
+    )
+
+
+def subscribe_once(
+    broker: KafkaBroker,
+    client: AsyncMongoClient[Document],
+    db: AsyncDatabase[Document],
+    *,
+    topic: str,
+    group_id: str,
+    handle: EventHandler,
+) -> None:
+    """Run `handle` for every event on `topic`, once per event id, in the consumer group.
+
+    The offset is committed only after the transaction, so a crash redelivers the event; the
+    processed-id record then makes the redelivery a no-op.
+    """
+    processed = db[PROCESSED]
+
+    @broker.subscriber(
+        topic,
+        group_id=group_id,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+    )
+    async def on_event(body: bytes, msg: KafkaMessage) -> None:
+        record = msg.raw_message
+        headers = list(record.headers or ())  # type: ignore[union-attr]
+        event = CloudEvent.from_kafka(headers, body)
+        marker = f"{group_id}:{event.id}"
+        with tracer("civic.consumer").start_as_current_span(
+            f"{topic} process",
+            context=context_from_pairs(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": topic,
+                "messaging.consumer.group.name": group_id,
+                "messaging.message.id": event.id,
+                "cloudevents.event_type": event.type,
+            },
+        ) as span:
+            if await processed.find_one({"_id": marker}, projection={"_id": 1}):
+                span.set_attribute("civic.duplicate", True)
+                return
+            message = event.message()
+
+            async def work(session: Session) -> None:
+                await processed.insert_one(
+                    {"_id": marker, "at": datetime.now(UTC)}, session=session
+                )
+                await handle(event, message, session)
+
+            try:
+                await in_transaction(client, work)
+            except DuplicateKeyError:
+                # Another member of the group handled it concurrently during a rebalance.
+                span.set_attribute("civic.duplicate", True)

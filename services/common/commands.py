@@ -1,0 +1,93 @@
+"""Commands run once per caller-chosen request_id.
+
+The state change, its events (into the outbox) and the response are written in one transaction;
+a retry with the same request_id gets the stored response and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.common.auth import principal
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from services.common.mongo import Document, Session, in_transaction
+from services.common.outbox import Outbox
+
+COMMANDS = "commands"
+REMEMBERED_FOR = timedelta(days=7)
+
+R = TypeVar("R", bound=Message)
+# The command's work inside the transaction: its response and the events it emits.
+Work = Callable[[Session], Awaitable[tuple[R, list[Document]]]]
+
+
+async def ensure_command_indexes(db: AsyncDatabase[Document]) -> None:
+    await db[COMMANDS].create_index("at", expireAfterSeconds=int(REMEMBERED_FOR.total_seconds()))
+
+
+class CommandRunner:
+    def __init__(
+        self, client: AsyncMongoClient[Document], db: AsyncDatabase[Document], outbox: Outbox
+    ) -> None:
+        self._client = client
+        self._commands = db[COMMANDS]
+        self._outbox = outbox
+
+    async def run(self, method: str, request: Message, response_type: type[R], work: Work[R]) -> R:
+        request_id: str = getattr(request, "request_id", "")
+        if not request_id.strip():
+            raise InvalidArgument("request_id", "is required (a new UUID for each user action)")
+        if len(request_id) > 100:
+            raise InvalidArgument("request_id", "is longer than 100 characters")
+        key = f"{method}:{principal().subject}:{request_id}"
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+
+        stored = await self._stored_response(key, fingerprint, response_type)
+        if stored is not None:
+            return stored
+
+        async def transaction(session: Session) -> R:
+            response, events = await work(session)
+            await self._commands.insert_one(
+                {
+                    "_id": key,
+                    "fingerprint": fingerprint,
+                    "response": response.SerializeToString(),
+                    "at": datetime.now(UTC),
+                },
+                session=session,
+            )
+            await self._outbox.stage(session, events)
+            return response
+
+        try:
+            response = await in_transaction(self._client, transaction)
+        except DuplicateKeyError as error:
+            if (error.details or {}).get("keyPattern") == {"_id": 1} and (
+                stored := await self._stored_response(key, fingerprint, response_type)
+            ) is not None:
+                return stored  # the same request, committed concurrently
+            fields = ", ".join((error.details or {}).get("keyPattern", {}) or ["key"])
+            raise AlreadyExists(f"a record with the same {fields} already exists") from error
+        self._outbox.committed()
+        return response
+
+    async def _stored_response(
+        self, key: str, fingerprint: str, response_type: type[R]
+    ) -> R | None:
+        stored = await self._commands.find_one({"_id": key})
+        if stored is None:
+            return None
+        if stored["fingerprint"] != fingerprint:
+            raise FailedPrecondition(
+                "request_id was already used for a different request; use a new request_id"
+            )
+        return response_type.FromString(stored["response"])

@@ -1,0 +1,65 @@
+"""Configuration from environment variables, one place for every service."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Ports each service's gRPC server listens on unless told otherwise.
+GRPC_PORTS: dict[str, int] = {
+    "registry": 50051,
+    "tickets": 50052,
+    "notices": 50053,
+    "ledger": 50054,
+    "gis": 50055,
+}
+
+
+class Settings(BaseSettings):
+    """Where the servers are and how a service behaves.
+
+    When `CIVIC_MONGO_URI`, `KAFKA_BOOTSTRAP_SERVERS` or `CIVIC_S3_ENDPOINT` is set, Civic uses
+    that external server and starts none of its own.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CIVIC_", extra="ignore", populate_by_name=True)
+
+    mongo_uri: str = "mongodb://127.0.0.1:27117/?replicaSet=rs0"
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:19092",
+        validation_alias="KAFKA_BOOTSTRAP_SERVERS",
+    )
+    # Databases are named "<prefix>_<service>", so a test run can share a server and not collide.
+    database_prefix: str = "civic"
+    s3_endpoint: str = "127.0.0.1:18333"
+    s3_access_key: str = "civic"
+    s3_secret_key: str = "civic-dev-secret"
+    s3_secure: bool = False
+
+    # Signing key for bearer tokens; production sets a long random value.
+    auth_secret: str = "civic-dev-signing-key-change-me-in-production"
+    # Key for encrypting and indexing citizen IDs at rest (32+ characters).
+    data_key: str = "civic-dev-data-key-change-me-in-production"
+
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 0  # 0: the service's entry in GRPC_PORTS
+
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    # Seconds between outbox sweeps; new events are also relayed as soon as they commit.
+    outbox_poll_seconds: float = 0.5
+    kafka_partitions: int = 6
+
+    def port_for(self, service: str) -> int:
+        return self.grpc_port or GRPC_PORTS[service]
+
+    def database_for(self, service: str) -> str:
+        return f"{self.database_prefix}_{service}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,190 @@
+"""The asyncio gRPC server every service runs: health, reflection, graceful shutdown, and an
+interceptor chain for tracing, error mapping and authentication (outermost first)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.common import auth
+from services.common.errors import DomainError, Unauthenticated
+from services.common.telemetry import context_from_pairs, tracer
+
+log = logging.getLogger(__name__)
+
+# Answer these without credentials: load balancers and tooling call them.
+PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+PURPOSE_HEADER = "x-civic-purpose"
+
+Around = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str, around: Around) -> grpc.RpcMethodHandler:
+    """The same handler, with `around` entered for the whole call (streams included)."""
+    des, ser = handler.request_deserializer, handler.response_serializer
+    if handler.response_streaming:
+        inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with around(method, context):
+                async for item in inner_stream(request, context):
+                    yield item
+
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
+        return grpc.unary_stream_rpc_method_handler(streaming, des, ser)
+
+    inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async with around(method, context):
+            return await inner(request, context)
+
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
+    return grpc.unary_unary_rpc_method_handler(unary, des, ser)
+
+
+class _AroundInterceptor(grpc.aio.ServerInterceptor):
+    def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AbstractAsyncContextManager[None]:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        return _wrap(handler, method, self.around)
+
+
+class TracingInterceptor(_AroundInterceptor):
+    """A server span per call, continuing the caller's trace from `traceparent` metadata."""
+
+    @asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        parent = context_from_pairs(context.invocation_metadata() or ())
+        service, _, rpc = method.lstrip("/").partition("/")
+        with tracer("civic.grpc").start_as_current_span(
+            method.lstrip("/"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc},
+        ):
+            yield
+
+
+class ErrorMappingInterceptor(_AroundInterceptor):
+    """Domain errors become their status code; anything else is INTERNAL with no details."""
+
+    @asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        span = trace.get_current_span()
+        try:
+            yield
+        except grpc.aio.AbortError:
+            raise
+        except DomainError as error:
+            span.set_attribute("rpc.grpc.status_code", error.code.value[0])
+            await context.abort(error.code, error.message)
+        except Exception as error:
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            log.exception("unhandled error in %s (trace %s)", method, trace_id)
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR))
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id})")
+
+
+class AuthInterceptor(_AroundInterceptor):
+    """Verifies the bearer token and makes the caller known to the servicer."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    @asynccontextmanager
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
+        header = metadata.get("authorization", "")
+        if isinstance(header, bytes):
+            header = header.decode()
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("missing bearer token in authorization metadata")
+        caller = auth.verify_token(self._secret, token.strip())
+        purpose = metadata.get(PURPOSE_HEADER, "")
+        principal_token = auth.current_principal.set(caller)
+        purpose_token = auth.current_purpose.set(
+            purpose.decode() if isinstance(purpose, bytes) else purpose
+        )
+        trace.get_current_span().set_attributes(
+            {"enduser.id": caller.subject, "enduser.role": caller.role.value}
+        )
+        try:
+            yield
+        finally:
+            auth.current_purpose.reset(purpose_token)
+            auth.current_principal.reset(principal_token)
+
+
+class GrpcServer:
+    """One service's server. `register` adds the servicers; `service_names` feeds reflection."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        auth_secret: str,
+        service_names: Iterable[str],
+        register: Callable[[grpc.aio.Server], None],
+    ) -> None:
+        self._address = f"{host}:{port}"
+        self._service_names = tuple(service_names)
+        self._health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[
+                TracingInterceptor(),
+                ErrorMappingInterceptor(),
+                AuthInterceptor(auth_secret),
+            ],
+            options=[("grpc.so_reuseport", 0)],
+        )
+        register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        reflection.enable_server_reflection(
+            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self._address}")
+        await self.server.start()
+        for name in (*self._service_names, ""):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, let calls in flight finish, then close."""
+        await self._health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -1,0 +1,31 @@
+"""MongoDB through PyMongo's asyncio API; every multi-document change runs in a transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+T = TypeVar("T")
+Document = dict[str, Any]
+Session = AsyncClientSession
+
+
+def mongo_client(uri: str) -> AsyncMongoClient[Document]:
+    return AsyncMongoClient(uri, tz_aware=True, uuidRepresentation="standard")
+
+
+async def in_transaction(
+    client: AsyncMongoClient[Document], work: Callable[[Session], Awaitable[T]]
+) -> T:
+    """Run `work` in one transaction, retried by the driver on transient errors."""
+    async with client.start_session() as session:
+        return await session.with_transaction(
+            work,
+            read_concern=ReadConcern("snapshot"),
+            write_concern=WriteConcern("majority"),
+        )

@@ -1,0 +1,229 @@
+"""Transactional outbox: an event is written in the same MongoDB transaction as the state change
+it describes, and a relay publishes it to Kafka afterwards.
+
+Nothing is published that was not committed; nothing committed goes unpublished: a crash before
+the relay marks an event sent only means it is published again, and consumers skip repeats by
+event id. One relay per service holds a lease at a time, so events leave in commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bson import Binary, ObjectId
+from faststream.kafka import KafkaBroker
+from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
+from pymongo import ASCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.common.auth import current_principal
+from services.common.cloudevents import CloudEvent, type_name
+from services.common.mongo import Document, Session
+from services.common.telemetry import context_from_headers, current_trace_headers, tracer
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "outbox"
+LEASE = "outbox_lease"
+SENT_RETENTION = timedelta(days=3)
+
+
+def new_event_id() -> str:
+    # Time-ordered, so sorting the outbox by id follows commit order per aggregate.
+    return str(ObjectId())
+
+
+class Outbox:
+    """Builds a service's outgoing events and stages them inside the caller's transaction."""
+
+    def __init__(self, db: AsyncDatabase[Document], *, source: str, topic: str) -> None:
+        self._collection = db[OUTBOX]
+        self.source = source
+        self.topic = topic
+        self._committed = asyncio.Event()
+
+    def event(self, message: Message, *, key: str, subject: str = "") -> Document:
+        """One outbox entry for `message`, keyed by its aggregate id; carries the trace."""
+        return {
+            "_id": new_event_id(),
+            "topic": self.topic,
+            "key": key,
+            "type": type_name(message),
+            "source": self.source,
+            "subject": subject,
+            "actor": _actor(),
+            "time": datetime.now(UTC),
+            "data": Binary(message.SerializeToString()),
+            "trace": current_trace_headers(),
+        }
+
+    async def stage(self, session: Session, events: list[Document]) -> None:
+        """Stage a transaction's events as one outbox entry (one write, however many events)."""
+        if events:
+            await self._collection.insert_one(
+                {"_id": events[0]["_id"], "pending": True, "events": events}, session=session
+            )
+
+    def committed(self) -> None:
+        """Tell the relay new events are committed, so it publishes now rather than next sweep."""
+        self._committed.set()
+
+    async def wait_committed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._committed.wait(), timeout)
+        except TimeoutError:
+            pass
+        self._committed.clear()
+
+
+async def ensure_outbox_indexes(db: AsyncDatabase[Document]) -> None:
+    outbox = db[OUTBOX]
+    await outbox.create_index([("pending", ASCENDING), ("_id", ASCENDING)], sparse=True)
+    await outbox.create_index(
+        "sent_at", expireAfterSeconds=int(SENT_RETENTION.total_seconds()), sparse=True
+    )
+
+
+def _actor() -> str:
+    caller = current_principal.get(None)
+    return caller.subject if caller else ""
+
+
+def _as_cloud_event(entry: Mapping[str, Any]) -> CloudEvent:
+    return CloudEvent(
+        id=entry["_id"],
+        type=entry["type"],
+        source=entry["source"],
+        time=entry["time"],
+        data=bytes(entry["data"]),
+        subject=entry.get("subject", ""),
+        actor=entry.get("actor", ""),
+    )
+
+
+class OutboxRelay:
+    """Publishes committed events in order with an idempotent producer, then marks them sent."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Document],
+        outbox: Outbox,
+        broker: KafkaBroker,
+        *,
+        owner: str,
+        poll_seconds: float,
+        batch_size: int = 100,
+        lease_seconds: float = 10.0,
+    ) -> None:
+        self._collection = db[OUTBOX]
+        self._lease = db[LEASE]
+        self._outbox = outbox
+        self._broker = broker
+        self._owner = owner
+        self._poll_seconds = poll_seconds
+        self._batch_size = batch_size
+        self._lease_seconds = lease_seconds
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if await self._hold_lease():
+                    while await self.relay_once() == self._batch_size:
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Broker or database unavailable: keep the events and try again next sweep.
+                log.exception("outbox relay failed; retrying")
+            await self._outbox.wait_committed(self._poll_seconds)
+
+    async def _hold_lease(self) -> bool:
+        now = datetime.now(UTC)
+        try:
+            await self._lease.find_one_and_update(
+                {"_id": "relay", "$or": [{"owner": self._owner}, {"expires_at": {"$lt": now}}]},
+                {
+                    "$set": {
+                        "owner": self._owner,
+                        "expires_at": now + timedelta(seconds=self._lease_seconds),
+                    }
+                },
+                upsert=True,
+            )
+        except DuplicateKeyError:
+            return False  # another instance relays
+        return True
+
+    async def relay_once(self) -> int:
+        """Publish one batch of pending events; returns how many were published."""
+        entries = (
+            await self._collection.find({"pending": True})
+            .sort("_id", ASCENDING)
+            .limit(self._batch_size)
+            .to_list()
+        )
+        if not entries:
+            return 0
+        _fault("CIVIC_FAULT_CRASH_BEFORE_PUBLISH")
+        futures = [await self._publish(event) for entry in entries for event in entry["events"]]
+        await asyncio.gather(*futures)
+        _fault("CIVIC_FAULT_CRASH_AFTER_PUBLISH")
+        await self._collection.update_many(
+            {"_id": {"$in": [entry["_id"] for entry in entries]}},
+            {"$unset": {"pending": ""}, "$set": {"sent_at": datetime.now(UTC)}},
+        )
+        self.published += len(futures)
+        return len(entries)
+
+    async def _publish(self, entry: Document) -> asyncio.Future[Any]:
+        """Send one event (without waiting for the broker); its span continues the stored trace."""
+        event = _as_cloud_event(entry)
+        with tracer("civic.outbox").start_as_current_span(
+            f"{entry['topic']} publish",
+            context=context_from_headers(entry.get("trace", {})),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": entry["topic"],
+                "messaging.message.id": event.id,
+                "cloudevents.event_type": event.type,
+            },
+        ):
+            headers = event.kafka_headers() | current_trace_headers()
+            future: asyncio.Future[Any] = await self._broker.publish(
+                event.data,
+                entry["topic"],
+                key=entry["key"].encode(),
+                headers=headers,
+                no_confirm=True,
+            )
+            return future
+
+
+def _fault(name: str) -> None:
+    """Failure injection for the crash tests: end the process at this exact point."""
+    if os.environ.get(name) == "1":
+        log.warning("fault injection %s: exiting", name)
+        os._exit(86)

@@ -1,0 +1,34 @@
+"""Running a service process: logging, signals, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Protocol
+
+
+class Service(Protocol):
+    async def start(self) -> int: ...
+    async def stop(self) -> None: ...
+
+
+def instance_name(service: str, port: int) -> str:
+    """Stable across restarts of the same instance, distinct between instances."""
+    return f"{socket.gethostname()}:{service}:{port}"
+
+
+async def serve_until_signalled(name: str, service: Service) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    port = await service.start()
+    logging.getLogger(name).info("%s listening on port %d", name, port)
+    await stop.wait()
+    logging.getLogger(name).info("%s stopping", name)
+    await service.stop()

@@ -1,0 +1,59 @@
+"""OpenTelemetry tracing: one trace from a gRPC call through the outbox and Kafka to a consumer.
+
+Context travels as W3C `traceparent` in gRPC metadata and in Kafka headers; the outbox stores it
+with the event so the relay, possibly after a restart, continues the same trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from services.common.config import Settings
+
+
+def setup_telemetry(
+    service_name: str, settings: Settings, processor: SpanProcessor | None = None
+) -> None:
+    """Install the global tracer provider once per process; later calls only add a processor."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        if processor is not None:
+            current.add_span_processor(processor)
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if settings.otel_exporter_otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint, insecure=True)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    if processor is not None:
+        provider.add_span_processor(processor)
+    trace.set_tracer_provider(provider)
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def current_trace_headers() -> dict[str, str]:
+    """The active context as W3C headers (`traceparent`, `tracestate`)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def context_from_headers(headers: Mapping[str, str]) -> otel_context.Context:
+    return propagate.extract(dict(headers))
+
+
+def context_from_pairs(pairs: Iterable[tuple[str, str | bytes]]) -> otel_context.Context:
+    carrier = {
+        key.lower(): value.decode() if isinstance(value, bytes) else value for key, value in pairs
+    }
+    return propagate.extract(carrier)

@@ -1,0 +1,858 @@
+"""The registry's gRPC servicer: checks the caller and the request, then reads or commands."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, date, datetime
+from typing import Any
+
+import grpc
+from bson import ObjectId
+from bson.errors import InvalidId
+from civic.registry.v1 import events_pb2, registry_pb2, registry_pb2_grpc
+from pymongo import AsyncMongoClient
+
+from services.common.auth import Principal, Role, current_purpose, principal
+from services.common.commands import CommandRunner
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.mongo import Document, Session
+from services.common.outbox import Outbox
+from services.common.paging import page_size
+from services.registry import domain, events
+from services.registry.importer import Importer
+from services.registry.records import (
+    PersonCodec,
+    check_enum,
+    geo_point,
+    household_message,
+    housing_document,
+    timestamp,
+    unit_message,
+)
+from services.registry.store import RESIDENT, RegistryStore, new_id
+
+Context = grpc.aio.ServicerContext[Any, Any]
+PERSON_DECEASED = registry_pb2.PERSON_STATUS_DECEASED
+PERSON_MOVED_OUT = registry_pb2.PERSON_STATUS_MOVED_OUT
+HOUSEHOLD_FIELDS = ("address", "housing", "residence_kind", "location", "head_person_id")
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(
+        self,
+        store: RegistryStore,
+        client: AsyncMongoClient[Document],
+        commands: CommandRunner,
+        outbox: Outbox,
+        vault: domain.CitizenIdVault,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.store = store
+        self.commands = commands
+        self.outbox = outbox
+        self.persons = PersonCodec(vault)
+        self.clock = clock
+        self.importer = Importer(store, client, outbox, self.persons, clock)
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def today(self) -> date:
+        return domain.local_date(self.clock())
+
+    async def _unit(
+        self, unit_id: str, field: str = "unit_id", session: Session | None = None
+    ) -> Document:
+        if not unit_id:
+            raise InvalidArgument(field, "is required")
+        unit = await self.store.unit(unit_id, session)
+        if unit is None:
+            raise NotFound(f"unit {unit_id} not found")
+        return unit
+
+    async def _group(self, unit_id: str, field: str, session: Session | None = None) -> Document:
+        unit = await self._unit(unit_id, field, session)
+        if unit["kind"] != domain.UnitKind.GROUP:
+            raise InvalidArgument(field, "households belong to a residential group or village")
+        if not unit["active"]:
+            raise FailedPrecondition(f"group {unit_id} was merged into {unit['merged_into_id']}")
+        return unit
+
+    async def _household(
+        self, household_id: str, field: str = "household_id", session: Session | None = None
+    ) -> Document:
+        if not household_id:
+            raise InvalidArgument(field, "is required")
+        household = await self.store.household(household_id, session)
+        if household is None:
+            raise NotFound(f"household {household_id} not found")
+        return household
+
+    async def _resident(self, person_id: str, session: Session) -> Document:
+        if not person_id:
+            raise InvalidArgument("person_id", "is required")
+        person = await self.store.person(person_id, session)
+        if person is None:
+            raise NotFound(f"person {person_id} not found")
+        domain.may_register(principal(), person["unit_id"])
+        if person["status"] != RESIDENT:
+            state = registry_pb2.PersonStatus.Name(person["status"]).removeprefix("PERSON_STATUS_")
+            raise FailedPrecondition(f"person {person_id} is {state.lower().replace('_', ' ')}")
+        return person
+
+    async def _check_unique_cid(self, person: Document, session: Session) -> None:
+        if person.get("cid_hash") and await self.store.person_by_cid(person["cid_hash"], session):
+            raise AlreadyExists("a person with this citizen_id is already registered")
+
+    def _log_reads(self, caller: Principal, action: str, persons: list[Document]) -> list[Document]:
+        """Access-log entries for an official's read of these persons' data."""
+        if caller.role is Role.RESIDENT:
+            return []
+        now = self.clock()
+        purpose = current_purpose.get() or "not stated"
+        return [
+            {
+                "_id": ObjectId(),
+                "household_id": person["household_id"],
+                "person_id": person["_id"],
+                "actor": caller.subject,
+                "actor_role": caller.role.value,
+                "action": action,
+                "purpose": purpose,
+                "citizen_id_shown": bool(person.get("cid_sealed"))
+                and domain.may_see_citizen_id(caller, person["household_id"]),
+                "at": now,
+            }
+            for person in persons
+        ]
+
+    async def _read_persons(
+        self, action: str, persons: list[Document]
+    ) -> list[registry_pb2.Person]:
+        caller = principal()
+        await self.store.log_access(self._log_reads(caller, action, persons))
+        return [self.persons.message(person, caller) for person in persons]
+
+    # ---- administrative units ------------------------------------------------------------
+
+    async def CreateUnit(
+        self, request: registry_pb2.CreateUnitRequest, context: Context
+    ) -> registry_pb2.CreateUnitResponse:
+        kind = domain.UnitKind(check_enum("kind", request.kind, registry_pb2.UnitKind))
+        name = domain.normalize_name("name", request.name)
+        unit_id = domain.child_unit_id(request.parent_id, request.code)
+        domain.may_manage_units(principal(), request.parent_id or unit_id)
+
+        async def work(session: Session) -> tuple[registry_pb2.CreateUnitResponse, list[Document]]:
+            parent_kind = None
+            if request.parent_id:
+                parent = await self._unit(request.parent_id, "parent_id", session)
+                if not parent["active"]:
+                    raise FailedPrecondition(f"unit {request.parent_id} is no longer active")
+                parent_kind = domain.UnitKind(parent["kind"])
+            domain.check_child_kind(parent_kind, kind)
+            if await self.store.unit(unit_id, session):
+                raise AlreadyExists(f"unit {unit_id} already exists")
+            unit = {
+                "_id": unit_id,
+                "kind": int(kind),
+                "name": name,
+                "parent_id": request.parent_id,
+                "code": request.code,
+                "active": True,
+                "merged_into_id": "",
+                "created_at": self.clock(),
+            }
+            await self.store.insert_unit(unit, session)
+            message = unit_message(unit)
+            event = self.outbox.event(events_pb2.UnitCreated(unit=message), key=unit_id)
+            return registry_pb2.CreateUnitResponse(unit=message), [event]
+
+        return await self.commands.run("CreateUnit", request, registry_pb2.CreateUnitResponse, work)
+
+    async def RenameUnit(
+        self, request: registry_pb2.RenameUnitRequest, context: Context
+    ) -> registry_pb2.RenameUnitResponse:
+        name = domain.normalize_name("name", request.name)
+        if not request.unit_id:
+            raise InvalidArgument("unit_id", "is required")
+        domain.may_manage_units(principal(), request.unit_id)
+
+        async def work(session: Session) -> tuple[registry_pb2.RenameUnitResponse, list[Document]]:
+            unit = await self._unit(request.unit_id, session=session)
+            renamed = await self.store.set_unit_fields(unit["_id"], {"name": name}, session)
+            event = self.outbox.event(
+                events_pb2.UnitRenamed(unit_id=unit["_id"], old_name=unit["name"], new_name=name),
+                key=unit["_id"],
+            )
+            return registry_pb2.RenameUnitResponse(unit=unit_message(renamed)), [event]
+
+        return await self.commands.run("RenameUnit", request, registry_pb2.RenameUnitResponse, work)
+
+    async def MergeGroups(
+        self, request: registry_pb2.MergeGroupsRequest, context: Context
+    ) -> registry_pb2.MergeGroupsResponse:
+        source_id, target_id = request.source_unit_id, request.target_unit_id
+        if source_id == target_id:
+            raise InvalidArgument("target_unit_id", "must differ from source_unit_id")
+        caller = principal()
+        domain.may_manage_units(caller, source_id or "?")
+        domain.may_manage_units(caller, target_id or "?")
+
+        async def work(session: Session) -> tuple[registry_pb2.MergeGroupsResponse, list[Document]]:
+            await self._group(source_id, "source_unit_id", session)
+            target = await self._group(target_id, "target_unit_id", session)
+            now = self.clock()
+            moved = await self.store.move_group(source_id, target_id, now, session)
+            await self.store.set_unit_fields(
+                source_id, {"active": False, "merged_into_id": target_id}, session
+            )
+            staged = [
+                self.outbox.event(
+                    events_pb2.GroupsMerged(
+                        source_unit_id=source_id, target_unit_id=target_id, household_ids=moved
+                    ),
+                    key=source_id,
+                )
+            ]
+            staged += [
+                self.outbox.event(
+                    events_pb2.HouseholdMoved(
+                        household_id=household_id, from_unit_id=source_id, to_unit_id=target_id
+                    ),
+                    key=household_id,
+                )
+                for household_id in moved
+            ]
+            response = registry_pb2.MergeGroupsResponse(
+                target=unit_message(target), households_moved=len(moved)
+            )
+            return response, staged
+
+        return await self.commands.run(
+            "MergeGroups", request, registry_pb2.MergeGroupsResponse, work
+        )
+
+    async def GetUnit(
+        self, request: registry_pb2.GetUnitRequest, context: Context
+    ) -> registry_pb2.GetUnitResponse:
+        # The administrative tree is public knowledge: any signed-in caller may read it.
+        principal()
+        return registry_pb2.GetUnitResponse(unit=unit_message(await self._unit(request.unit_id)))
+
+    async def ListChildUnits(
+        self, request: registry_pb2.ListChildUnitsRequest, context: Context
+    ) -> registry_pb2.ListChildUnitsResponse:
+        principal()
+        await self._unit(request.unit_id)
+        children = await self.store.child_units(request.unit_id, request.include_inactive)
+        return registry_pb2.ListChildUnitsResponse(units=[unit_message(u) for u in children])
+
+    # ---- households ----------------------------------------------------------------------
+
+    async def CreateHousehold(
+        self, request: registry_pb2.CreateHouseholdRequest, context: Context
+    ) -> registry_pb2.CreateHouseholdResponse:
+        if not request.unit_id:
+            raise InvalidArgument("unit_id", "is required")
+        domain.may_register(principal(), request.unit_id)
+        address = domain.normalize_name("address", request.address)
+        kind = check_enum("residence_kind", request.residence_kind, registry_pb2.ResidenceKind)
+        if not request.HasField("head"):
+            raise InvalidArgument("head", "is required")
+        now = self.clock()
+        household: Document = {
+            "_id": new_id("hh"),
+            "unit_id": request.unit_id,
+            "address": address,
+            "housing": housing_document(request.housing),
+            "residence_kind": kind,
+            "location": geo_point("location", request.location)
+            if request.HasField("location")
+            else None,
+            "external_ref": request.external_ref.strip() or None,
+            "active": True,
+            "marked_absent": False,
+            "last_verified_at": None,
+            "last_activity_at": now,
+            "created_at": now,
+        }
+        head = self.persons.document(
+            request.head,
+            household,
+            today=self.today(),
+            field="head",
+            relationship=registry_pb2.RELATIONSHIP_HEAD,
+        )
+        household["head_person_id"] = head["_id"]
+
+        async def work(
+            session: Session,
+        ) -> tuple[registry_pb2.CreateHouseholdResponse, list[Document]]:
+            await self._group(request.unit_id, "unit_id", session)
+            await self._check_unique_cid(head, session)
+            await self.store.insert_household(household, session)
+            await self.store.insert_person(head, session)
+            staged = [
+                events.household_created(self.outbox, household),
+                events.person_registered(
+                    self.outbox, head, events_pb2.REGISTRATION_REASON_HEAD_OF_NEW_HOUSEHOLD
+                ),
+            ]
+            response = registry_pb2.CreateHouseholdResponse(
+                household=household_message(household),
+                head=self.persons.message(head, principal()),
+            )
+            return response, staged
+
+        return await self.commands.run(
+            "CreateHousehold", request, registry_pb2.CreateHouseholdResponse, work
+        )
+
+    async def UpdateHousehold(
+        self, request: registry_pb2.UpdateHouseholdRequest, context: Context
+    ) -> registry_pb2.UpdateHouseholdResponse:
+        fields = list(dict.fromkeys(request.update_fields))
+        if not fields:
+            raise InvalidArgument("update_fields", "name at least one field to change")
+        unknown = [f for f in fields if f not in HOUSEHOLD_FIELDS]
+        if unknown:
+            raise InvalidArgument("update_fields", f"unknown field {unknown[0]!r}")
+        changes: Document = {}
+        if "address" in fields:
+            changes["address"] = domain.normalize_name("address", request.address)
+        if "housing" in fields:
+            changes["housing"] = housing_document(request.housing)
+        if "residence_kind" in fields:
+            changes["residence_kind"] = check_enum(
+                "residence_kind", request.residence_kind, registry_pb2.ResidenceKind
+            )
+        if "location" in fields:
+            if not request.HasField("location"):
+                raise InvalidArgument("location", "is required when named in update_fields")
+            changes["location"] = geo_point("location", request.location)
+
+        async def work(
+            session: Session,
+        ) -> tuple[registry_pb2.UpdateHouseholdResponse, list[Document]]:
+            household = await self._household(request.household_id, session=session)
+            domain.may_register(principal(), household["unit_id"])
+            if "head_person_id" in fields:
+                head = await self.store.person(request.head_person_id, session)
+                if (
+                    head is None
+                    or head["household_id"] != household["_id"]
+                    or head["status"] != RESIDENT
+                ):
+                    raise InvalidArgument("head_person_id", "is not a member of this household")
+                changes["head_person_id"] = head["_id"]
+                await self.store.update_person(
+                    head["_id"], {"relationship": registry_pb2.RELATIONSHIP_HEAD}, session
+                )
+            changes["last_activity_at"] = self.clock()
+            updated = await self.store.update_household(household["_id"], changes, session)
+            if "residence_kind" in changes:
+                renter = changes["residence_kind"] == registry_pb2.RESIDENCE_KIND_RENTER
+                await self.store.set_renter_flag(household["_id"], renter, session)
+            event = events.household_updated(self.outbox, updated, fields)
+            return registry_pb2.UpdateHouseholdResponse(household=household_message(updated)), [
+                event
+            ]
+
+        return await self.commands.run(
+            "UpdateHousehold", request, registry_pb2.UpdateHouseholdResponse, work
+        )
+
+    async def GetHousehold(
+        self, request: registry_pb2.GetHouseholdRequest, context: Context
+    ) -> registry_pb2.GetHouseholdResponse:
+        household = await self._household(request.household_id)
+        domain.may_read_household(principal(), household["unit_id"], household["_id"])
+        members = await self._read_persons(
+            "GetHousehold", await self.store.members(household["_id"])
+        )
+        head = next((m for m in members if m.person_id == household.get("head_person_id")), None)
+        return registry_pb2.GetHouseholdResponse(
+            household=household_message(household), head=head, members=members
+        )
+
+    async def GetHouseholdHistory(
+        self, request: registry_pb2.GetHouseholdHistoryRequest, context: Context
+    ) -> registry_pb2.GetHouseholdHistoryResponse:
+        household = await self._household(request.household_id)
+        domain.may_read_household(principal(), household["unit_id"], household["_id"])
+        entries = [
+            registry_pb2.HouseholdHistoryEntry(
+                event_id=entry["event_id"],
+                event_type=entry["event_type"],
+                occurred_at=timestamp(entry["occurred_at"]),
+                person_id=entry.get("person_id", ""),
+                summary=entry["summary"],
+                actor=entry.get("actor", ""),
+            )
+            for entry in await self.store.history_of(household["_id"])
+        ]
+        return registry_pb2.GetHouseholdHistoryResponse(entries=entries)
+
+    async def VerifyHousehold(
+        self, request: registry_pb2.VerifyHouseholdRequest, context: Context
+    ) -> registry_pb2.VerifyHouseholdResponse:
+        caller = principal()
+
+        async def work(
+            session: Session,
+        ) -> tuple[registry_pb2.VerifyHouseholdResponse, list[Document]]:
+            household = await self._household(request.household_id, session=session)
+            domain.may_register(caller, household["unit_id"])
+            if not household["active"]:
+                raise FailedPrecondition(f"household {household['_id']} is no longer active")
+            now = self.clock()
+            updated = await self.store.update_household(
+                household["_id"],
+                {
+                    "last_verified_at": now,
+                    "last_verified_by": caller.subject,
+                    "last_activity_at": now,
+                    "verification_note": request.note[:500],
+                    "marked_absent": False,
+                },
+                session,
+            )
+            event = self.outbox.event(
+                events_pb2.HouseholdVerified(
+                    household_id=household["_id"],
+                    unit_id=household["unit_id"],
+                    verified_by=caller.subject,
+                ),
+                key=household["_id"],
+            )
+            return registry_pb2.VerifyHouseholdResponse(household=household_message(updated)), [
+                event
+            ]
+
+        return await self.commands.run(
+            "VerifyHousehold", request, registry_pb2.VerifyHouseholdResponse, work
+        )
+
+    # ---- vital and residence events ------------------------------------------------------
+
+    async def _add_person(
+        self,
+        method: str,
+        request: Any,
+        response_type: Any,
+        details: registry_pb2.PersonDetails,
+        detail_field: str,
+        reason: int,
+        extra: Document | None = None,
+        relationship: int | None = None,
+    ) -> Any:
+        if not request.HasField(detail_field):
+            raise InvalidArgument(detail_field, "is required")
+        today = self.today()
+
+        async def work(session: Session) -> tuple[Any, list[Document]]:
+            household = await self._household(request.household_id, session=session)
+            domain.may_register(principal(), household["unit_id"])
+            if not household["active"]:
+                raise FailedPrecondition(f"household {household['_id']} is no longer active")
+            person = self.persons.document(
+                details, household, today=today, field=detail_field, relationship=relationship
+            )
+            if person["relationship"] == registry_pb2.RELATIONSHIP_HEAD and household.get(
+                "head_person_id"
+            ):
+                raise FailedPrecondition(
+                    "the household already has a head; change it with UpdateHousehold"
+                )
+            person.update(extra or {})
+            await self._check_unique_cid(person, session)
+            await self.store.insert_person(person, session)
+            await self.store.touch_household(household["_id"], self.clock(), session)
+            event = events.person_registered(self.outbox, person, reason)
+            return response_type(person=self.persons.message(person, principal())), [event]
+
+        return await self.commands.run(method, request, response_type, work)
+
+    async def RegisterPerson(
+        self, request: registry_pb2.RegisterPersonRequest, context: Context
+    ) -> registry_pb2.RegisterPersonResponse:
+        result: registry_pb2.RegisterPersonResponse = await self._add_person(
+            "RegisterPerson",
+            request,
+            registry_pb2.RegisterPersonResponse,
+            request.person,
+            "person",
+            events_pb2.REGISTRATION_REASON_MOVE_IN,
+        )
+        return result
+
+    async def RegisterBirth(
+        self, request: registry_pb2.RegisterBirthRequest, context: Context
+    ) -> registry_pb2.RegisterBirthResponse:
+        result: registry_pb2.RegisterBirthResponse = await self._add_person(
+            "RegisterBirth",
+            request,
+            registry_pb2.RegisterBirthResponse,
+            request.child,
+            "child",
+            events_pb2.REGISTRATION_REASON_BIRTH,
+            relationship=request.child.relationship or registry_pb2.RELATIONSHIP_CHILD,
+        )
+        return result
+
+    async def RegisterTemporaryStay(
+        self, request: registry_pb2.RegisterTemporaryStayRequest, context: Context
+    ) -> registry_pb2.RegisterTemporaryStayResponse:
+        start = domain.parse_date("stay_start", request.stay_start)
+        end = domain.parse_date("stay_end", request.stay_end)
+        assert start is not None and end is not None
+        domain.check_stay(start, end)
+        result: registry_pb2.RegisterTemporaryStayResponse = await self._add_person(
+            "RegisterTemporaryStay",
+            request,
+            registry_pb2.RegisterTemporaryStayResponse,
+            request.person,
+            "person",
+            events_pb2.REGISTRATION_REASON_TEMPORARY_STAY,
+            extra={
+                "residence_kind": registry_pb2.RESIDENCE_KIND_TEMPORARY,
+                "stay_start": start.isoformat(),
+                "stay_end": end.isoformat(),
+            },
+        )
+        return result
+
+    async def _leave(
+        self,
+        session: Session,
+        person: Document,
+        changes: Document,
+        message: Any,
+    ) -> tuple[Document, list[Document]]:
+        """Ends a person's residence in their household (death, moving away or elsewhere)."""
+        updated = await self.store.update_person(person["_id"], changes, session)
+        staged = [events.keyed_by_person(self.outbox, message, person["_id"])]
+        household = await self._household(person["household_id"], session=session)
+        now = self.clock()
+        if household.get("head_person_id") == person["_id"]:
+            household = await self.store.update_household(
+                household["_id"], {"head_person_id": "", "last_activity_at": now}, session
+            )
+            staged.append(events.household_updated(self.outbox, household, ["head_person_id"]))
+        else:
+            await self.store.touch_household(household["_id"], now, session)
+        return updated, staged
+
+    async def RegisterDeath(
+        self, request: registry_pb2.RegisterDeathRequest, context: Context
+    ) -> registry_pb2.RegisterDeathResponse:
+        died = domain.parse_date("death_date", request.death_date)
+        assert died is not None
+        if died > self.today():
+            raise InvalidArgument("death_date", "is in the future")
+
+        async def work(
+            session: Session,
+        ) -> tuple[registry_pb2.RegisterDeathResponse, list[Document]]:
+            person = await self._resident(request.person_id, session)
+            if died.isoformat() < person["birth_date"]:
+                raise InvalidArgument("death_date", "is before the birth date")
+            message = events_pb2.PersonDied(
+                person_id=person["_id"],
+                household_id=person["household_id"],
+                unit_id=person["unit_id"],
+                death_date=died.isoformat(),
+            )
+            updated, staged = await self._leave(
+                session,
+                person,
+                {"status": PERSON_DECEASED, "death_date": died.isoformat()},
+                message,
+            )
+            return registry_pb2.RegisterDeathResponse(
+                person=self.persons.message(updated, principal())
+            ), staged
+
+        return await self.commands.run(
+            "RegisterDeath", request, registry_pb2.RegisterDeathResponse, work
+        )
+
+    async def MoveOut(
+        self, request: registry_pb2.MoveOutRequest, context: Context
+    ) -> registry_pb2.MoveOutResponse:
+        async def work(session: Session) -> tuple[registry_pb2.MoveOutResponse, list[Document]]:
+            person = await self._resident(request.person_id, session)
+            message = events_pb2.PersonMovedOut(
+                person_id=person["_id"],
+                household_id=person["household_id"],
+                unit_id=person["unit_id"],
+            )
+            updated, staged = await self._leave(
+                session,
+                person,
+                {"status": PERSON_MOVED_OUT, "moved_out_to": request.destination[:200]},
+                message,
+            )
+            return registry_pb2.MoveOutResponse(
+                person=self.persons.message(updated, principal())
+            ), staged
+
+        return await self.commands.run("MoveOut", request, registry_pb2.MoveOutResponse, work)
+
+    async def MovePerson(
+        self, request: registry_pb2.MovePersonRequest, context: Context
+    ) -> registry_pb2.MovePersonResponse:
+        relationship = check_enum("relationship", request.relationship, registry_pb2.Relationship)
+        if relationship == registry_pb2.RELATIONSHIP_HEAD:
+            raise InvalidArgument(
+                "relationship", "move as a member, then make head with UpdateHousehold"
+            )
+
+        async def work(session: Session) -> tuple[registry_pb2.MovePersonResponse, list[Document]]:
+            person = await self._resident(request.person_id, session)
+            target = await self._household(request.to_household_id, "to_household_id", session)
+            domain.may_register(principal(), target["unit_id"])
+            if target["_id"] == person["household_id"]:
+                raise FailedPrecondition("the person already lives in that household")
+            if not target["active"]:
+                raise FailedPrecondition(f"household {target['_id']} is no longer active")
+            message = events_pb2.PersonMoved(
+                person_id=person["_id"],
+                from_household_id=person["household_id"],
+                to_household_id=target["_id"],
+                from_unit_id=person["unit_id"],
+                to_unit_id=target["unit_id"],
+            )
+            changes = {
+                "household_id": target["_id"],
+                "unit_id": target["unit_id"],
+                "relationship": relationship,
+                "residence_kind": target["residence_kind"],
+                "renter": target["residence_kind"] == registry_pb2.RESIDENCE_KIND_RENTER,
+            }
+            updated, staged = await self._leave(session, person, changes, message)
+            await self.store.touch_household(target["_id"], self.clock(), session)
+            return registry_pb2.MovePersonResponse(
+                person=self.persons.message(updated, principal())
+            ), staged
+
+        return await self.commands.run("MovePerson", request, registry_pb2.MovePersonResponse, work)
+
+    async def MarkPersonAbsent(
+        self, request: registry_pb2.MarkPersonAbsentRequest, context: Context
+    ) -> registry_pb2.MarkPersonAbsentResponse:
+        async def work(
+            session: Session,
+        ) -> tuple[registry_pb2.MarkPersonAbsentResponse, list[Document]]:
+            person = await self._resident(request.person_id, session)
+            updated = await self.store.update_person(
+                person["_id"],
+                {"marked_absent": request.absent, "absence_note": request.note[:500]},
+                session,
+            )
+            event = events.keyed_by_person(
+                self.outbox,
+                events_pb2.PersonMarkedAbsent(
+                    person_id=person["_id"],
+                    household_id=person["household_id"],
+                    unit_id=person["unit_id"],
+                    absent=request.absent,
+                ),
+                person["_id"],
+            )
+            return registry_pb2.MarkPersonAbsentResponse(
+                person=self.persons.message(updated, principal())
+            ), [event]
+
+        return await self.commands.run(
+            "MarkPersonAbsent", request, registry_pb2.MarkPersonAbsentResponse, work
+        )
+
+    # ---- queries -------------------------------------------------------------------------
+
+    async def GetPerson(
+        self, request: registry_pb2.GetPersonRequest, context: Context
+    ) -> registry_pb2.GetPersonResponse:
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        person = await self.store.person(request.person_id)
+        if person is None:
+            raise NotFound(f"person {request.person_id} not found")
+        domain.may_read_household(principal(), person["unit_id"], person["household_id"])
+        [message] = await self._read_persons("GetPerson", [person])
+        return registry_pb2.GetPersonResponse(person=message)
+
+    async def FindPersonByCitizenId(
+        self, request: registry_pb2.FindPersonByCitizenIdRequest, context: Context
+    ) -> registry_pb2.FindPersonByCitizenIdResponse:
+        caller = principal()
+        domain.may_read_people(caller, caller.scope)
+        cid = domain.check_citizen_id(request.citizen_id, None, 0)
+        person = await self.store.person_by_cid(self.persons.vault.lookup_hash(cid))
+        # Outside the caller's scope looks the same as absent: existence is personal data too.
+        if person is None or not caller.covers(person["unit_id"]):
+            raise NotFound("no person with this citizen_id in your scope")
+        [message] = await self._read_persons("FindPersonByCitizenId", [person])
+        return registry_pb2.FindPersonByCitizenIdResponse(person=message)
+
+    async def SearchPersons(
+        self, request: registry_pb2.SearchPersonsRequest, context: Context
+    ) -> registry_pb2.SearchPersonsResponse:
+        caller = principal()
+        unit_id = request.unit_id or caller.scope
+        domain.may_read_people(caller, unit_id)
+        as_of = domain.parse_date("as_of", request.as_of, required=False) or self.today()
+        born_from, born_to = domain.birth_dates_for_ages(request.min_age, request.max_age, as_of)
+        if request.sex and request.sex not in registry_pb2.Sex.values():
+            raise InvalidArgument("sex", "is not a known value")
+        found, token = await self.store.search_persons(
+            unit_id,
+            name_folded=domain.fold(request.name),
+            born_from=born_from,
+            born_to=born_to,
+            sex=request.sex,
+            token=request.page.page_token,
+            size=page_size(request.page.page_size),
+        )
+        return registry_pb2.SearchPersonsResponse(
+            persons=await self._read_persons("SearchPersons", found), next_page_token=token
+        )
+
+    async def CountByUnit(
+        self, request: registry_pb2.CountByUnitRequest, context: Context
+    ) -> registry_pb2.CountByUnitResponse:
+        unit = await self._unit(request.unit_id)
+        domain.may_count(principal(), unit["_id"])
+        by_group = await self.store.counts_by_group(unit["_id"])
+        children = await self.store.child_units(unit["_id"], include_inactive=False)
+        names = {child["_id"]: child["name"] for child in children}
+        totals: dict[str, dict[str, int]] = {child_id: {} for child_id in names}
+        total: dict[str, int] = {}
+        for group_id, counts in by_group.items():
+            child_id = _child_containing(unit["_id"], group_id)
+            for bucket in (total, totals.setdefault(child_id, {}) if child_id else None):
+                if bucket is None:
+                    continue
+                for key, value in counts.items():
+                    bucket[key] = bucket.get(key, 0) + value
+
+        def message(unit_id: str, name: str, counts: dict[str, int]) -> registry_pb2.UnitCount:
+            return registry_pb2.UnitCount(unit_id=unit_id, name=name, **counts)
+
+        return registry_pb2.CountByUnitResponse(
+            total=message(unit["_id"], unit["name"], total),
+            children=[
+                message(child_id, names.get(child_id, ""), counts)
+                for child_id, counts in sorted(totals.items())
+            ],
+        )
+
+    async def ListOverdueVerifications(
+        self, request: registry_pb2.ListOverdueVerificationsRequest, context: Context
+    ) -> registry_pb2.ListOverdueVerificationsResponse:
+        caller = principal()
+        unit_id = request.unit_id or caller.scope
+        domain.may_register(caller, unit_id)
+        households, token = await self.store.overdue_households(
+            unit_id,
+            domain.verified_before(self.clock(), request.max_age_days),
+            request.page.page_token,
+            page_size(request.page.page_size),
+        )
+        return registry_pb2.ListOverdueVerificationsResponse(
+            households=[household_message(h) for h in households], next_page_token=token
+        )
+
+    async def ListSuspectedVirtualResidents(
+        self, request: registry_pb2.ListSuspectedVirtualResidentsRequest, context: Context
+    ) -> registry_pb2.ListSuspectedVirtualResidentsResponse:
+        caller = principal()
+        unit_id = request.unit_id or caller.scope
+        domain.may_register(caller, unit_id)
+        since = domain.inactive_since(self.clock(), request.inactive_days)
+        suspect_households = await self.store.suspect_households(unit_id, since)
+        today = self.today().isoformat()
+        persons, token = await self.store.suspect_persons(
+            unit_id,
+            list(suspect_households),
+            today,
+            request.page.page_token,
+            page_size(request.page.page_size),
+        )
+        messages = await self._read_persons("ListSuspectedVirtualResidents", persons)
+        residents = []
+        for person, message in zip(persons, messages, strict=True):
+            reasons = []
+            if person.get("marked_absent"):
+                reasons.append(registry_pb2.VIRTUAL_RESIDENT_REASON_MARKED_ABSENT)
+            household_absent = suspect_households.get(person["household_id"])
+            if household_absent:
+                reasons.append(registry_pb2.VIRTUAL_RESIDENT_REASON_HOUSEHOLD_MARKED_ABSENT)
+            elif household_absent is False:
+                reasons.append(registry_pb2.VIRTUAL_RESIDENT_REASON_NOT_VERIFIED)
+            if "" < person.get("stay_end", "") < today:
+                reasons.append(registry_pb2.VIRTUAL_RESIDENT_REASON_STAY_EXPIRED)
+            residents.append(registry_pb2.SuspectedVirtualResident(person=message, reasons=reasons))
+        return registry_pb2.ListSuspectedVirtualResidentsResponse(
+            residents=residents, next_page_token=token
+        )
+
+    async def ListLikelyDuplicatePersons(
+        self, request: registry_pb2.ListLikelyDuplicatePersonsRequest, context: Context
+    ) -> registry_pb2.ListLikelyDuplicatePersonsResponse:
+        caller = principal()
+        unit_id = request.unit_id or caller.scope
+        domain.may_register(caller, unit_id)
+        duplicates = [
+            registry_pb2.LikelyDuplicate(
+                persons=await self._read_persons("ListLikelyDuplicatePersons", group)
+            )
+            for group in await self.store.likely_duplicates(unit_id)
+        ]
+        return registry_pb2.ListLikelyDuplicatePersonsResponse(duplicates=duplicates)
+
+    async def ListAccessLog(
+        self, request: registry_pb2.ListAccessLogRequest, context: Context
+    ) -> registry_pb2.ListAccessLogResponse:
+        caller = principal()
+        household = await self._household(request.household_id)
+        if caller.role is Role.AUDITOR:
+            caller.require_unit(household["unit_id"])
+        else:
+            caller.require_role(Role.RESIDENT)
+            domain.may_read_household(caller, household["unit_id"], household["_id"])
+        token = request.page.page_token
+        try:
+            entries, next_page = await self.store.access_entries(
+                household["_id"], token, page_size(request.page.page_size)
+            )
+        except InvalidId:
+            raise InvalidArgument("page.page_token", "is not a token this service issued") from None
+        return registry_pb2.ListAccessLogResponse(
+            entries=[
+                registry_pb2.AccessLogEntry(
+                    at=timestamp(entry["at"]),
+                    actor=entry["actor"],
+                    actor_role=entry["actor_role"],
+                    person_id=entry["person_id"],
+                    action=entry["action"],
+                    purpose=entry["purpose"],
+                    citizen_id_shown=entry["citizen_id_shown"],
+                )
+                for entry in entries
+            ],
+            next_page_token=next_page,
+        )
+
+    async def ImportPersons(
+        self, request_iterator: AsyncIterator[registry_pb2.ImportPersonsRequest], context: Context
+    ) -> registry_pb2.ImportPersonsResponse:
+        return await self.importer.run(principal(), request_iterator)
+
+
+def _child_containing(parent_id: str, unit_id: str) -> str:
+    """The child of parent_id on the path down to unit_id ("" when unit_id is the parent)."""
+    if unit_id == parent_id:
+        return ""
+    rest = unit_id[len(parent_id) + 1 :]
+    return f"{parent_id}.{rest.split('.')[0]}"

@@ -1,0 +1,328 @@
+"""Pure rules of the population register: no I/O here."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import unicodedata
+from datetime import date, datetime, timedelta, timezone
+from enum import IntEnum
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from services.common.auth import Principal, Role
+from services.common.errors import InvalidArgument, PermissionDenied
+
+
+class UnitKind(IntEnum):
+    # Values match civic.registry.v1.UnitKind.
+    CITY = 1
+    DISTRICT = 2
+    WARD = 3
+    GROUP = 4
+
+
+UNIT_CODE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+MAX_NAME_LENGTH = 120
+VERIFICATION_INTERVAL_DAYS = 183  # six months
+VIRTUAL_RESIDENT_DAYS = 365
+OLDEST_BIRTH = date(1890, 1, 1)
+
+# Province codes that open a citizen ID (the 63 provinces and cities before the 2025 merger,
+# whose codes stay valid on every card already issued).
+PROVINCE_CODES = frozenset(
+    [
+        "001",
+        "002",
+        "004",
+        "006",
+        "008",
+        "010",
+        "011",
+        "012",
+        "014",
+        "015",
+        "017",
+        "019",
+        "020",
+        "022",
+        "024",
+        "025",
+        "026",
+        "027",
+        "030",
+        "031",
+        "033",
+        "034",
+        "035",
+        "036",
+        "037",
+        "038",
+        "040",
+        "042",
+        "044",
+        "045",
+        "046",
+        "048",
+        "049",
+        "051",
+        "052",
+        "054",
+        "056",
+        "058",
+        "060",
+        "062",
+        "064",
+        "066",
+        "067",
+        "068",
+        "070",
+        "072",
+        "074",
+        "075",
+        "077",
+        "079",
+        "080",
+        "082",
+        "083",
+        "084",
+        "086",
+        "087",
+        "089",
+        "091",
+        "092",
+        "093",
+        "094",
+        "095",
+        "096",
+    ]
+)
+
+
+# ---- administrative units ------------------------------------------------------------------
+
+
+def child_unit_id(parent_id: str, code: str) -> str:
+    if not UNIT_CODE.match(code):
+        raise InvalidArgument("code", "use 1-32 lower-case letters, digits or '-'")
+    return f"{parent_id}.{code}" if parent_id else code
+
+
+def check_child_kind(parent_kind: UnitKind | None, kind: UnitKind) -> None:
+    expected = UnitKind.CITY if parent_kind is None else UnitKind(parent_kind + 1)
+    if parent_kind == UnitKind.GROUP:
+        raise InvalidArgument("parent_id", "a residential group has no child units")
+    if kind != expected:
+        raise InvalidArgument("kind", f"must be {expected.name.lower()} under this parent")
+
+
+def may_manage_units(caller: Principal, parent_or_unit_id: str) -> None:
+    """Ward officers and above shape the tree below their own unit."""
+    caller.require_role(Role.WARD_OFFICER, Role.DISTRICT_OFFICER, Role.CITY_ADMIN)
+    caller.require_unit(parent_or_unit_id)
+
+
+# ---- names ------------------------------------------------------------------------------------
+
+
+def normalize_name(field: str, value: str) -> str:
+    """NFC, single spaces, no control characters; Vietnamese letters kept as written."""
+    name = " ".join(unicodedata.normalize("NFC", value).split())
+    if not name:
+        raise InvalidArgument(field, "must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidArgument(field, f"is longer than {MAX_NAME_LENGTH} characters")
+    if any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise InvalidArgument(field, "contains control characters")
+    return name
+
+
+def fold(text: str) -> str:
+    """Lower case without diacritics, so "Nguyen Thi Be" matches "Nguyễn Thị Bê"."""
+    decomposed = unicodedata.normalize("NFD", text.replace("đ", "d").replace("Đ", "D"))
+    stripped = "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
+    return " ".join(stripped.lower().split())
+
+
+# ---- dates ------------------------------------------------------------------------------------
+
+
+# Vital events are dated by the calendar day in Vietnam (UTC+7, no daylight saving).
+VIETNAM = timezone(timedelta(hours=7))
+
+
+def local_date(moment: datetime) -> date:
+    return moment.astimezone(VIETNAM).date()
+
+
+def parse_date(field: str, value: str, *, required: bool = True) -> date | None:
+    if not value:
+        if required:
+            raise InvalidArgument(field, "is required (YYYY-MM-DD)")
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument(field, f"{value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def check_birth_date(field: str, value: str, today: date) -> date:
+    born = parse_date(field, value)
+    assert born is not None
+    if born > today:
+        raise InvalidArgument(field, "is in the future")
+    if born < OLDEST_BIRTH:
+        raise InvalidArgument(field, "is implausibly early")
+    return born
+
+
+def age_on(born: date, day: date) -> int:
+    return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
+
+
+def birth_dates_for_ages(min_age: int, max_age: int, as_of: date) -> tuple[str | None, str | None]:
+    """Birth-date bounds (inclusive, ISO) of people aged min_age..max_age on as_of."""
+    if min_age < 0 or max_age < 0:
+        raise InvalidArgument("min_age" if min_age < 0 else "max_age", "must not be negative")
+    if max_age and min_age > max_age:
+        raise InvalidArgument("min_age", "is greater than max_age")
+    latest = _years_before(as_of, min_age).isoformat() if min_age else None
+    earliest = (
+        (_years_before(as_of, max_age + 1) + timedelta(days=1)).isoformat() if max_age else None
+    )
+    return earliest, latest
+
+
+def _years_before(day: date, years: int) -> date:
+    try:
+        return day.replace(year=day.year - years)
+    except ValueError:  # 29 February
+        return day.replace(year=day.year - years, day=28)
+
+
+# ---- citizen IDs ------------------------------------------------------------------------------
+
+
+def check_citizen_id(value: str, born: date | None, sex: int) -> str:
+    """Twelve digits: province, century-and-sex digit, birth year's last two digits, serial."""
+    cid = value.strip()
+    if not re.fullmatch(r"\d{12}", cid):
+        raise InvalidArgument("citizen_id", "must be exactly 12 digits")
+    if cid[:3] not in PROVINCE_CODES:
+        raise InvalidArgument("citizen_id", f"{cid[:3]} is not a province code")
+    century_sex = int(cid[3])
+    if century_sex > 9:
+        raise InvalidArgument("citizen_id", "has an invalid century digit")
+    if born is not None:
+        century = 1900 + 100 * (century_sex // 2)
+        if born.year != century + int(cid[4:6]):
+            raise InvalidArgument("citizen_id", "does not match the birth year")
+        if sex in (1, 2) and century_sex % 2 != sex - 1:
+            raise InvalidArgument("citizen_id", "does not match the sex")
+    return cid
+
+
+def mask_citizen_id(cid: str) -> str:
+    return cid[:3] + "*" * (len(cid) - 6) + cid[-3:] if cid else ""
+
+
+class CitizenIdVault:
+    """Citizen IDs at rest: a keyed hash to look them up and refuse duplicates, and AES-GCM
+    ciphertext to show them in full to those allowed. The database never holds them in clear."""
+
+    def __init__(self, data_key: str) -> None:
+        if len(data_key) < 32:
+            raise ValueError("CIVIC_DATA_KEY must be at least 32 characters")
+        material = hashlib.sha256(data_key.encode()).digest()
+        self._lookup_key = hashlib.sha256(b"lookup" + material).digest()
+        self._cipher = AESGCM(hashlib.sha256(b"seal" + material).digest())
+
+    def lookup_hash(self, cid: str) -> str:
+        return hmac.new(self._lookup_key, cid.encode(), hashlib.sha256).hexdigest()
+
+    def seal(self, cid: str) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._cipher.encrypt(nonce, cid.encode(), b"citizen_id")
+
+    def open(self, sealed: bytes) -> str:
+        return self._cipher.decrypt(sealed[:12], sealed[12:], b"citizen_id").decode()
+
+
+def may_see_citizen_id(caller: Principal, household_id: str) -> bool:
+    """Ward officers and above (who certify civil status) see IDs in full, and a household its
+    own; group leaders and everyone else see them masked."""
+    if caller.role in (Role.WARD_OFFICER, Role.DISTRICT_OFFICER, Role.CITY_ADMIN):
+        return True
+    return caller.role is Role.RESIDENT and caller.household_id == household_id
+
+
+# ---- who may read and change what ---------------------------------------------------------
+
+
+def may_read_household(caller: Principal, unit_id: str, household_id: str) -> None:
+    if caller.role is Role.RESIDENT:
+        if caller.household_id != household_id:
+            raise PermissionDenied("residents see only their own household")
+        return
+    may_read_people(caller, unit_id)
+
+
+def may_read_people(caller: Principal, unit_id: str) -> None:
+    if not caller.is_official:
+        raise PermissionDenied(f"role {caller.role.value} may not read personal data")
+    caller.require_unit(unit_id)
+
+
+def may_register(caller: Principal, unit_id: str) -> None:
+    """Group leaders and the officials above them keep the register of their own units."""
+    if not caller.is_official:
+        raise PermissionDenied(f"role {caller.role.value} may not change the register")
+    caller.require_unit(unit_id)
+
+
+def may_count(caller: Principal, unit_id: str) -> None:
+    """Aggregate counts hold no personal data: officials, auditors and integrators in scope."""
+    if caller.role is Role.RESIDENT:
+        raise PermissionDenied("residents may not read unit statistics")
+    caller.require_unit(unit_id)
+
+
+# ---- data quality -----------------------------------------------------------------------------
+
+
+def inactive_since(now: datetime, inactive_days: int) -> datetime:
+    """Households neither verified nor active since this moment hold suspected virtual residents."""
+    if inactive_days < 0:
+        raise InvalidArgument("inactive_days", "must not be negative")
+    return now - timedelta(days=inactive_days or VIRTUAL_RESIDENT_DAYS)
+
+
+def verified_before(now: datetime, max_age_days: int) -> datetime:
+    if max_age_days < 0:
+        raise InvalidArgument("max_age_days", "must not be negative")
+    return now - timedelta(days=max_age_days or VERIFICATION_INTERVAL_DAYS)
+
+
+def check_housing(floor_area_m2: float, storeys: int, sub_households: int) -> None:
+    if floor_area_m2 < 0 or floor_area_m2 > 100_000:
+        raise InvalidArgument("housing.floor_area_m2", "must be between 0 and 100000")
+    if storeys < 0 or storeys > 100:
+        raise InvalidArgument("housing.storeys", "must be between 0 and 100")
+    if sub_households < 0 or sub_households > 50:
+        raise InvalidArgument("housing.sub_households", "must be between 0 and 50")
+
+
+def check_location(latitude: float, longitude: float) -> None:
+    if not -90 <= latitude <= 90:
+        raise InvalidArgument("location.latitude", "must be between -90 and 90")
+    if not -180 <= longitude <= 180:
+        raise InvalidArgument("location.longitude", "must be between -180 and 180")
+
+
+def check_stay(start: date, end: date) -> None:
+    if end < start:
+        raise InvalidArgument("stay_end", "is before stay_start")
+    if (end - start).days > 2 * 366:
+        raise InvalidArgument("stay_end", "a temporary stay lasts at most two years")

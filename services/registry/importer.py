@@ -1,0 +1,244 @@
+"""Bulk onboarding of a ward: rows of persons with their households, applied in batches.
+
+A bad row is reported and skipped, never stops the import. Households are matched by unit and
+household book number, persons by citizen ID (or, without one, by name and birth date in their
+household), so running the same file twice changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from civic.registry.v1 import events_pb2, registry_pb2
+from pymongo import AsyncMongoClient
+from pymongo.errors import DuplicateKeyError
+
+from services.common.auth import Principal
+from services.common.errors import DomainError, InvalidArgument
+from services.common.mongo import Document, Session, in_transaction
+from services.common.outbox import Outbox
+from services.registry import domain, events
+from services.registry.records import PersonCodec, geo_point, housing_document
+from services.registry.store import RESIDENT, RegistryStore, new_id
+
+MAX_ERRORS = 10_000
+BATCH_ROWS = 2_000
+
+
+@dataclass
+class Report:
+    rows: int = 0
+    households_created: int = 0
+    persons_created: int = 0
+    persons_unchanged: int = 0
+    errors: list[registry_pb2.ImportRowError] = field(default_factory=list)
+
+    def error(self, row: int, field_name: str, message: str) -> None:
+        if len(self.errors) < MAX_ERRORS:
+            self.errors.append(
+                registry_pb2.ImportRowError(row_number=row, field=field_name, message=message)
+            )
+
+    def message(self) -> registry_pb2.ImportPersonsResponse:
+        return registry_pb2.ImportPersonsResponse(
+            rows=self.rows,
+            households_created=self.households_created,
+            persons_created=self.persons_created,
+            persons_unchanged=self.persons_unchanged,
+            errors=self.errors,
+        )
+
+
+class Importer:
+    def __init__(
+        self,
+        store: RegistryStore,
+        client: AsyncMongoClient[Document],
+        outbox: Outbox,
+        persons: PersonCodec,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = store
+        self.outbox = outbox
+        self.persons = persons
+        self.clock = clock
+        self._client = client
+
+    async def run(
+        self, caller: Principal, requests: AsyncIterator[registry_pb2.ImportPersonsRequest]
+    ) -> registry_pb2.ImportPersonsResponse:
+        report = Report()
+        groups: dict[str, str] = {}  # unit id -> "" when usable, else why not
+        async for request in requests:
+            rows = list(request.rows)
+            for start in range(0, len(rows), BATCH_ROWS):
+                await self._apply(caller, rows[start : start + BATCH_ROWS], groups, report)
+        return report.message()
+
+    async def _group_problem(self, caller: Principal, unit_id: str, groups: dict[str, str]) -> str:
+        if unit_id not in groups:
+            unit = await self.store.unit(unit_id)
+            if not caller.is_official or not caller.covers(unit_id):
+                groups[unit_id] = "is outside your scope"
+            elif unit is None:
+                groups[unit_id] = "names no known unit"
+            elif unit["kind"] != domain.UnitKind.GROUP:
+                groups[unit_id] = "is not a residential group or village"
+            elif not unit["active"]:
+                groups[unit_id] = f"was merged into {unit['merged_into_id']}"
+            else:
+                groups[unit_id] = ""
+        return groups[unit_id]
+
+    async def _apply(
+        self,
+        caller: Principal,
+        rows: list[registry_pb2.ImportRow],
+        groups: dict[str, str],
+        report: Report,
+    ) -> None:
+        report.rows += len(rows)
+        now = self.clock()
+        today = domain.local_date(now)
+
+        # 1. Households: the existing ones, and new ones from the first row that names them.
+        usable: list[registry_pb2.ImportRow] = []
+        for row in rows:
+            problem = await self._group_problem(caller, row.unit_id, groups)
+            if problem:
+                report.error(row.row_number, "unit_id", f"{row.unit_id or '(empty)'} {problem}")
+            elif not row.household_ref.strip():
+                report.error(row.row_number, "household_ref", "is required")
+            else:
+                usable.append(row)
+        keys = {(row.unit_id, row.household_ref.strip()) for row in usable}
+        existing = await self.store.households.find(
+            {
+                "unit_id": {"$in": list({unit for unit, _ in keys})},
+                "external_ref": {"$in": list({ref for _, ref in keys})},
+            }
+        ).to_list()
+        households = {
+            (h["unit_id"], h["external_ref"]): h
+            for h in existing
+            if (h["unit_id"], h["external_ref"]) in keys
+        }
+        new_households: dict[tuple[str, str], Document] = {}
+        rows_with_household: list[tuple[registry_pb2.ImportRow, Document]] = []
+        for row in usable:
+            key = (row.unit_id, row.household_ref.strip())
+            household = households.get(key) or new_households.get(key)
+            if household is None:
+                try:
+                    household = self._household(row, now)
+                except InvalidArgument as error:
+                    report.error(row.row_number, error.field, error.problem)
+                    continue
+                new_households[key] = household
+            rows_with_household.append((row, household))
+
+        # 2. Persons: build and validate, then drop those already registered.
+        candidates: list[tuple[int, Document]] = []
+        for row, household in rows_with_household:
+            try:
+                person = self.persons.document(row.person, household, today=today, field="person")
+            except InvalidArgument as error:
+                report.error(row.row_number, error.field, error.problem)
+                continue
+            candidates.append((row.row_number, person))
+        known_cids = {
+            p["cid_hash"]: p
+            async for p in self.store.persons.find(
+                {"cid_hash": {"$in": [p["cid_hash"] for _, p in candidates if p["cid_hash"]]}},
+                {"household_id": 1, "name_folded": 1, "cid_hash": 1},
+            )
+        }
+        known_names = {
+            (p["household_id"], p["name_folded"], p["birth_date"])
+            async for p in self.store.persons.find(
+                {
+                    "household_id": {"$in": [h["_id"] for h in households.values()]},
+                    "status": RESIDENT,
+                },
+                {"household_id": 1, "name_folded": 1, "birth_date": 1},
+            )
+        }
+        new_by_id = {h["_id"]: h for h in new_households.values()}
+        new_persons: list[Document] = []
+        for row_number, person in candidates:
+            cid_hash = person["cid_hash"]
+            same = known_cids.get(cid_hash) if cid_hash else None
+            name_key = (person["household_id"], person["name_folded"], person["birth_date"])
+            if same is not None:
+                if (same["household_id"], same["name_folded"]) == name_key[:2]:
+                    report.persons_unchanged += 1
+                else:
+                    report.error(
+                        row_number, "person.citizen_id", "is already registered to another person"
+                    )
+                continue
+            if not cid_hash and name_key in known_names:
+                report.persons_unchanged += 1
+                continue
+            if cid_hash:
+                known_cids[cid_hash] = person
+            known_names.add(name_key)
+            if person["relationship"] == registry_pb2.RELATIONSHIP_HEAD:
+                household = new_by_id.get(person["household_id"])
+                if household is not None and not household["head_person_id"]:
+                    household["head_person_id"] = person["_id"]
+            new_persons.append(person)
+
+        # 3. One transaction: households, persons and their events.
+        created = list(new_households.values())
+        staged = [events.household_created(self.outbox, h) for h in created]
+        staged += [
+            events.person_registered(self.outbox, p, events_pb2.REGISTRATION_REASON_IMPORT)
+            for p in new_persons
+        ]
+
+        async def work(session: Session) -> None:
+            if created:
+                await self.store.households.insert_many(created, ordered=False, session=session)
+            if new_persons:
+                await self.store.persons.insert_many(new_persons, ordered=False, session=session)
+            await self.outbox.stage(session, staged)
+
+        if not staged:
+            return
+        try:
+            await in_transaction(self._client, work)
+        except DuplicateKeyError:
+            # A concurrent import wrote some of these first; nothing of this batch was written.
+            for row_number, _ in candidates:
+                report.error(row_number, "", "conflicted with a concurrent import; run it again")
+            return
+        except DomainError as error:
+            for row_number, _ in candidates:
+                report.error(row_number, "", error.message)
+            return
+        self.outbox.committed()
+        report.households_created += len(created)
+        report.persons_created += len(new_persons)
+
+    def _household(self, row: registry_pb2.ImportRow, now: datetime) -> Document:
+        kind = row.residence_kind or registry_pb2.RESIDENCE_KIND_PERMANENT
+        if kind not in registry_pb2.ResidenceKind.values():
+            raise InvalidArgument("residence_kind", "is not a known value")
+        return {
+            "_id": new_id("hh"),
+            "unit_id": row.unit_id,
+            "address": domain.normalize_name("address", row.address),
+            "housing": housing_document(row.housing),
+            "residence_kind": kind,
+            "location": geo_point("location", row.location) if row.HasField("location") else None,
+            "external_ref": row.household_ref.strip(),
+            "head_person_id": "",
+            "active": True,
+            "marked_absent": False,
+            "last_verified_at": None,
+            "last_activity_at": now,
+            "created_at": now,
+        }

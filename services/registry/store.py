@@ -1,0 +1,329 @@
+"""The register in MongoDB. Every write takes the session of the command's transaction."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.common.commands import ensure_command_indexes
+from services.common.mongo import Document, Session
+from services.common.outbox import ensure_outbox_indexes
+from services.common.paging import after_token, next_token
+
+RESIDENT = 1  # PersonStatus.RESIDENT
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{ObjectId()}"
+
+
+def within(unit_id: str) -> dict[str, Any]:
+    """Matches a unit_id field at unit_id or anywhere below it (an indexed prefix match)."""
+    return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
+
+
+class RegistryStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+        self.units = db["units"]
+        self.households = db["households"]
+        self.persons = db["persons"]
+        self.access_log = db["access_log"]
+        self.history = db["household_history"]
+
+    async def ensure_indexes(self) -> None:
+        await self.units.create_index([("parent_id", ASCENDING), ("name", ASCENDING)])
+        await self.households.create_indexes(
+            [
+                IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
+                IndexModel(
+                    [("unit_id", ASCENDING), ("external_ref", ASCENDING)],
+                    unique=True,
+                    partialFilterExpression={"external_ref": {"$type": "string"}},
+                ),
+                IndexModel([("unit_id", ASCENDING), ("last_verified_at", ASCENDING)]),
+            ]
+        )
+        await self.persons.create_indexes(
+            [
+                IndexModel(
+                    "cid_hash",
+                    unique=True,
+                    partialFilterExpression={"cid_hash": {"$type": "string"}},
+                ),
+                IndexModel([("household_id", ASCENDING), ("status", ASCENDING)]),
+                IndexModel(
+                    [("unit_id", ASCENDING), ("status", ASCENDING), ("birth_date", ASCENDING)]
+                ),
+                IndexModel([("unit_id", ASCENDING), ("name_folded", ASCENDING)]),
+                IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
+            ]
+        )
+        await self.access_log.create_index([("household_id", ASCENDING), ("_id", DESCENDING)])
+        await self.history.create_index([("household_id", ASCENDING), ("occurred_at", ASCENDING)])
+        await ensure_outbox_indexes(self.db)
+        await ensure_command_indexes(self.db)
+
+    # ---- units ---------------------------------------------------------------------------
+
+    async def unit(self, unit_id: str, session: Session | None = None) -> Document | None:
+        return await self.units.find_one({"_id": unit_id}, session=session)
+
+    async def insert_unit(self, unit: Document, session: Session) -> None:
+        await self.units.insert_one(unit, session=session)
+
+    async def set_unit_fields(self, unit_id: str, fields: Document, session: Session) -> Document:
+        updated = await self.units.find_one_and_update(
+            {"_id": unit_id},
+            {"$set": fields},
+            session=session,
+            return_document=True,
+        )
+        assert updated is not None
+        return updated
+
+    async def child_units(self, unit_id: str, include_inactive: bool) -> list[Document]:
+        query: Document = {"parent_id": unit_id}
+        if not include_inactive:
+            query["active"] = True
+        return await self.units.find(query).sort("name", ASCENDING).to_list()
+
+    async def move_group(
+        self, source: str, target: str, now: datetime, session: Session
+    ) -> list[str]:
+        ids = [
+            doc["_id"]
+            async for doc in self.households.find({"unit_id": source}, {"_id": 1}, session=session)
+        ]
+        await self.households.update_many(
+            {"unit_id": source},
+            {"$set": {"unit_id": target, "last_activity_at": now}},
+            session=session,
+        )
+        await self.persons.update_many(
+            {"unit_id": source}, {"$set": {"unit_id": target}}, session=session
+        )
+        return ids
+
+    # ---- households and persons ----------------------------------------------------------
+
+    async def household(self, household_id: str, session: Session | None = None) -> Document | None:
+        return await self.households.find_one({"_id": household_id}, session=session)
+
+    async def insert_household(self, household: Document, session: Session) -> None:
+        await self.households.insert_one(household, session=session)
+
+    async def update_household(
+        self, household_id: str, fields: Document, session: Session
+    ) -> Document:
+        updated = await self.households.find_one_and_update(
+            {"_id": household_id}, {"$set": fields}, session=session, return_document=True
+        )
+        assert updated is not None
+        return updated
+
+    async def touch_household(self, household_id: str, now: datetime, session: Session) -> None:
+        await self.households.update_one(
+            {"_id": household_id}, {"$set": {"last_activity_at": now}}, session=session
+        )
+
+    async def members(self, household_id: str) -> list[Document]:
+        return (
+            await self.persons.find({"household_id": household_id, "status": RESIDENT})
+            .sort("birth_date", ASCENDING)
+            .to_list()
+        )
+
+    async def person(self, person_id: str, session: Session | None = None) -> Document | None:
+        return await self.persons.find_one({"_id": person_id}, session=session)
+
+    async def person_by_cid(self, cid_hash: str, session: Session | None = None) -> Document | None:
+        return await self.persons.find_one({"cid_hash": cid_hash}, session=session)
+
+    async def insert_person(self, person: Document, session: Session) -> None:
+        await self.persons.insert_one(person, session=session)
+
+    async def update_person(self, person_id: str, fields: Document, session: Session) -> Document:
+        updated = await self.persons.find_one_and_update(
+            {"_id": person_id}, {"$set": fields}, session=session, return_document=True
+        )
+        assert updated is not None
+        return updated
+
+    async def set_renter_flag(self, household_id: str, renter: bool, session: Session) -> None:
+        await self.persons.update_many(
+            {"household_id": household_id}, {"$set": {"renter": renter}}, session=session
+        )
+
+    async def search_persons(
+        self,
+        unit_id: str,
+        *,
+        name_folded: str,
+        born_from: str | None,
+        born_to: str | None,
+        sex: int,
+        token: str,
+        size: int,
+    ) -> tuple[list[Document], str]:
+        query: Document = {"unit_id": within(unit_id), "status": RESIDENT}
+        if name_folded:
+            # Each word of the query, in order, at a word start: "thi be" finds "nguyen thi be".
+            words = ".*".join(rf"\b{re.escape(word)}" for word in name_folded.split())
+            query["name_folded"] = {"$regex": words}
+        birth: Document = {}
+        if born_from:
+            birth["$gte"] = born_from
+        if born_to:
+            birth["$lte"] = born_to
+        if birth:
+            query["birth_date"] = birth
+        if sex:
+            query["sex"] = sex
+        items = await self.persons.find(after_token(query, token)).sort("_id").limit(size).to_list()
+        return items, next_token(items, size)
+
+    # ---- counts and data quality ---------------------------------------------------------
+
+    async def counts_by_group(self, unit_id: str) -> dict[str, Counter[str]]:
+        """Per group-level unit: population, households, renters, temporary residents."""
+        counts: dict[str, Counter[str]] = {}
+        people = self.persons.aggregate(
+            [
+                {"$match": {"unit_id": within(unit_id), "status": RESIDENT}},
+                {
+                    "$group": {
+                        "_id": "$unit_id",
+                        "population": {"$sum": 1},
+                        "renters": {"$sum": {"$cond": ["$renter", 1, 0]}},
+                        "temporary": {"$sum": {"$cond": [{"$eq": ["$residence_kind", 2]}, 1, 0]}},
+                    }
+                },
+            ]
+        )
+        async for row in people:
+            counts.setdefault(row["_id"], Counter()).update(
+                population=row["population"],
+                renters=row["renters"],
+                temporary_residents=row["temporary"],
+            )
+        homes = self.households.aggregate(
+            [
+                {"$match": {"unit_id": within(unit_id), "active": True}},
+                {"$group": {"_id": "$unit_id", "households": {"$sum": 1}}},
+            ]
+        )
+        async for row in homes:
+            counts.setdefault(row["_id"], Counter()).update(households=row["households"])
+        return counts
+
+    async def overdue_households(
+        self, unit_id: str, verified_before: datetime, token: str, size: int
+    ) -> tuple[list[Document], str]:
+        query: Document = {
+            "unit_id": within(unit_id),
+            "active": True,
+            "$or": [
+                {"last_verified_at": None},
+                {"last_verified_at": {"$lt": verified_before}},
+            ],
+        }
+        items = (
+            await self.households.find(after_token(query, token)).sort("_id").limit(size).to_list()
+        )
+        return items, next_token(items, size)
+
+    async def suspect_households(self, unit_id: str, inactive_since: datetime) -> dict[str, bool]:
+        """Households that are marked absent (True) or neither verified nor active lately."""
+        query: Document = {
+            "unit_id": within(unit_id),
+            "active": True,
+            "$or": [
+                {"marked_absent": True},
+                {
+                    "$and": [
+                        {
+                            "$or": [
+                                {"last_verified_at": None},
+                                {"last_verified_at": {"$lt": inactive_since}},
+                            ]
+                        },
+                        {"last_activity_at": {"$lt": inactive_since}},
+                    ]
+                },
+            ],
+        }
+        return {
+            doc["_id"]: bool(doc.get("marked_absent"))
+            async for doc in self.households.find(query, {"marked_absent": 1})
+        }
+
+    async def suspect_persons(
+        self, unit_id: str, household_ids: list[str], today: str, token: str, size: int
+    ) -> tuple[list[Document], str]:
+        query: Document = {
+            "unit_id": within(unit_id),
+            "status": RESIDENT,
+            "$or": [
+                {"marked_absent": True},
+                {"household_id": {"$in": household_ids}},
+                {"stay_end": {"$lt": today, "$gt": ""}},
+            ],
+        }
+        items = await self.persons.find(after_token(query, token)).sort("_id").limit(size).to_list()
+        return items, next_token(items, size)
+
+    async def likely_duplicates(self, unit_id: str) -> list[list[Document]]:
+        groups = self.persons.aggregate(
+            [
+                {"$match": {"unit_id": within(unit_id), "status": RESIDENT}},
+                {
+                    "$group": {
+                        "_id": {"name": "$name_folded", "born": "$birth_date"},
+                        "persons": {"$push": "$$ROOT"},
+                        "n": {"$sum": 1},
+                    }
+                },
+                {"$match": {"n": {"$gt": 1}}},
+                {"$sort": {"_id.name": 1}},
+                {"$limit": 1000},
+            ]
+        )
+        return [row["persons"] async for row in groups]
+
+    # ---- privacy ------------------------------------------------------------------------
+
+    async def log_access(self, entries: list[Document]) -> None:
+        if entries:
+            await self.access_log.insert_many(entries, ordered=False)
+
+    async def access_entries(
+        self, household_id: str, token: str, size: int
+    ) -> tuple[list[Document], str]:
+        query: Document = {"household_id": household_id}
+        if token:
+            query["_id"] = {"$lt": ObjectId(token)}
+        items = await self.access_log.find(query).sort("_id", DESCENDING).limit(size).to_list()
+        return items, next_token(items, size)
+
+    # ---- history (projected from the registry's own events) ------------------------------
+
+    async def add_history(self, entry: Document, session: Session) -> None:
+        await self.history.insert_one(entry, session=session)
+
+    async def history_of(self, household_id: str) -> list[Document]:
+        return (
+            await self.history.find({"household_id": household_id})
+            .sort([("occurred_at", ASCENDING), ("_id", ASCENDING)])
+            .to_list()
+        )
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
