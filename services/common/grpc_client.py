@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from urllib.parse import quote
+
 import grpc
 
 from services.common.telemetry import current_trace_headers
@@ -19,7 +21,8 @@ class _Metadata(
     def __init__(self, token: str, purpose: str) -> None:
         self._fixed = [("authorization", f"Bearer {token}")]
         if purpose:
-            self._fixed.append(("x-civic-purpose", purpose))
+            # Metadata must be ASCII; the purpose is often Vietnamese, so it travels percent-encoded.
+            self._fixed.append(("x-civic-purpose", quote(purpose)))
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+from urllib.parse import unquote
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -27,7 +29,7 @@ PURPOSE_HEADER = "x-civic-purpose"
 Around = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
 
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str, around: Around) -> grpc.RpcMethodHandler:
+def _wrap(handler: Any, method: str, around: Around) -> Any:
     """The same handler, with `around` entered for the whole call (streams included)."""
     des, ser = handler.request_deserializer, handler.response_serializer
     if handler.response_streaming:
@@ -61,9 +63,9 @@ class _AroundInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(PUBLIC_PREFIXES):
@@ -133,7 +135,7 @@ class AuthInterceptor(_AroundInterceptor):
         purpose = metadata.get(PURPOSE_HEADER, "")
         principal_token = auth.current_principal.set(caller)
         purpose_token = auth.current_purpose.set(
-            purpose.decode() if isinstance(purpose, bytes) else purpose
+            unquote(purpose.decode() if isinstance(purpose, bytes) else purpose)[:200]
         )
         trace.get_current_span().set_attributes(
             {"enduser.id": caller.subject, "enduser.role": caller.role.value}

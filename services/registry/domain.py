@@ -111,9 +111,9 @@ def child_unit_id(parent_id: str, code: str) -> str:
 
 
 def check_child_kind(parent_kind: UnitKind | None, kind: UnitKind) -> None:
-    expected = UnitKind.CITY if parent_kind is None else UnitKind(parent_kind + 1)
     if parent_kind == UnitKind.GROUP:
         raise InvalidArgument("parent_id", "a residential group has no child units")
+    expected = UnitKind.CITY if parent_kind is None else UnitKind(parent_kind + 1)
     if kind != expected:
         raise InvalidArgument("kind", f"must be {expected.name.lower()} under this parent")
 

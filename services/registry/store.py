@@ -194,7 +194,7 @@ class RegistryStore:
     async def counts_by_group(self, unit_id: str) -> dict[str, Counter[str]]:
         """Per group-level unit: population, households, renters, temporary residents."""
         counts: dict[str, Counter[str]] = {}
-        people = self.persons.aggregate(
+        people = await self.persons.aggregate(
             [
                 {"$match": {"unit_id": within(unit_id), "status": RESIDENT}},
                 {
@@ -213,7 +213,7 @@ class RegistryStore:
                 renters=row["renters"],
                 temporary_residents=row["temporary"],
             )
-        homes = self.households.aggregate(
+        homes = await self.households.aggregate(
             [
                 {"$match": {"unit_id": within(unit_id), "active": True}},
                 {"$group": {"_id": "$unit_id", "households": {"$sum": 1}}},
@@ -280,7 +280,7 @@ class RegistryStore:
         return items, next_token(items, size)
 
     async def likely_duplicates(self, unit_id: str) -> list[list[Document]]:
-        groups = self.persons.aggregate(
+        groups = await self.persons.aggregate(
             [
                 {"$match": {"unit_id": within(unit_id), "status": RESIDENT}},
                 {

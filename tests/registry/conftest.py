@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import pytest
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -35,7 +36,7 @@ class Caller:
         self.channel = civic_channel(target, bearer, purpose)
         self.stub = registry_pb2_grpc.RegistryServiceStub(self.channel)
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.stub, name)
 
 
@@ -74,7 +75,9 @@ class City:
         return self.as_role(Role.GROUP_LEADER, self.other_group)
 
 
-async def create_unit(caller: Caller, parent: str, code: str, name: str, kind: int) -> str:
+async def create_unit(
+    caller: Caller, parent: str, code: str, name: str, kind: registry_pb2.UnitKind.ValueType
+) -> str:
     response = await caller.CreateUnit(
         registry_pb2.CreateUnitRequest(
             request_id=rid(), parent_id=parent, code=code, name=name, kind=kind
@@ -99,9 +102,9 @@ async def city(registry: RegistryService, unique: str) -> City:
 def person(
     name: str = "Nguyễn Thị Bê",
     born: str = "1990-05-17",
-    sex: int = registry_pb2.SEX_FEMALE,
+    sex: registry_pb2.Sex.ValueType = registry_pb2.SEX_FEMALE,
     citizen_id: str = "",
-    relationship: int = registry_pb2.RELATIONSHIP_SPOUSE,
+    relationship: registry_pb2.Relationship.ValueType = registry_pb2.RELATIONSHIP_SPOUSE,
 ) -> registry_pb2.PersonDetails:
     return registry_pb2.PersonDetails(
         full_name=name,
@@ -139,14 +142,14 @@ async def new_household(
         citizen_id(born, registry_pb2.SEX_MALE),
         registry_pb2.RELATIONSHIP_HEAD,
     )
-    request = registry_pb2.CreateHouseholdRequest(
-        request_id=rid(),
-        unit_id=group,
-        address="12 Kiệt 45 Trần Phú",
-        housing=registry_pb2.Housing(floor_area_m2=62.5, storeys=3, sub_households=1),
-        residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
-        head=head,
-        **kw,  # type: ignore[arg-type]
-    )
+    fields: dict[str, Any] = {
+        "request_id": rid(),
+        "unit_id": group,
+        "address": "12 Kiệt 45 Trần Phú",
+        "housing": registry_pb2.Housing(floor_area_m2=62.5, storeys=3, sub_households=1),
+        "residence_kind": registry_pb2.RESIDENCE_KIND_PERMANENT,
+        "head": head,
+    }
+    request = registry_pb2.CreateHouseholdRequest(**(fields | kw))
     response: registry_pb2.CreateHouseholdResponse = await caller.CreateHousehold(request)
     return response

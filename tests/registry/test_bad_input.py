@@ -1,0 +1,215 @@
+"""Bad input gets the right status code, names the field, and writes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import date, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from civic.registry.v1 import registry_pb2
+
+from services.registry.main import RegistryService
+from tests.registry.conftest import City, citizen_id, new_household, person, rid
+
+TOMORROW = (date.today() + timedelta(days=1)).isoformat()
+
+
+async def footprint(registry: RegistryService) -> tuple[int, ...]:
+    db = registry.db
+    return tuple(
+        [
+            await db[name].count_documents({})
+            for name in ("households", "persons", "outbox", "units")
+        ]
+    )
+
+
+def register(
+    household_id: str, details: registry_pb2.PersonDetails
+) -> registry_pb2.RegisterPersonRequest:
+    return registry_pb2.RegisterPersonRequest(
+        request_id=rid(), household_id=household_id, person=details
+    )
+
+
+BAD_PERSONS: list[tuple[str, Callable[[], registry_pb2.PersonDetails], grpc.StatusCode, str]] = [
+    (
+        "empty name",
+        lambda: person(name="   "),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.full_name",
+    ),
+    (
+        "citizen id letters",
+        lambda: person(citizen_id="04819012345A"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.citizen_id",
+    ),
+    (
+        "citizen id short",
+        lambda: person(citizen_id="0481901234"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.citizen_id",
+    ),
+    (
+        "citizen id province",
+        lambda: person(citizen_id="999190123456"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.citizen_id",
+    ),
+    (
+        "citizen id year mismatch",
+        lambda: person(
+            born="1990-05-17", citizen_id=citizen_id("1985-01-01", registry_pb2.SEX_FEMALE)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.citizen_id",
+    ),
+    (
+        "birth date in future",
+        lambda: person(born=TOMORROW),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.birth_date",
+    ),
+    (
+        "birth date malformed",
+        lambda: person(born="17/05/1990"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.birth_date",
+    ),
+    ("no sex", lambda: person(sex=0), grpc.StatusCode.INVALID_ARGUMENT, "person.sex"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "details", "status", "field"), BAD_PERSONS, ids=[c[0] for c in BAD_PERSONS]
+)
+async def test_bad_person_is_refused_and_nothing_written(
+    city: City,
+    registry: RegistryService,
+    case: str,
+    details: Callable[[], registry_pb2.PersonDetails],
+    status: grpc.StatusCode,
+    field: str,
+) -> None:
+    home = await new_household(city.leader, city.group)
+    before = await footprint(registry)
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.leader.RegisterPerson(register(home.household.household_id, details()))
+
+    assert error.value.code() == status
+    assert error.value.details().startswith(field + ":"), error.value.details()
+    assert await footprint(registry) == before
+
+
+async def test_unknown_household_and_duplicate_citizen_id(
+    city: City, registry: RegistryService
+) -> None:
+    home = await new_household(city.leader, city.group)
+    head = await city.ward_officer.GetPerson(
+        registry_pb2.GetPersonRequest(person_id=home.head.person_id)
+    )
+    before = await footprint(registry)
+
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await city.leader.RegisterPerson(register("hh-000000000000000000000000", person()))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    same_id = person(
+        "Người Khác", head.person.birth_date, registry_pb2.SEX_MALE, head.person.citizen_id
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as duplicate:
+        await city.leader.RegisterPerson(register(home.household.household_id, same_id))
+    assert duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    same_head = person(
+        "Người Khác",
+        head.person.birth_date,
+        registry_pb2.SEX_MALE,
+        head.person.citizen_id,
+        registry_pb2.RELATIONSHIP_HEAD,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as duplicate_head:
+        await new_household(city.leader, city.group, head=same_head)
+    assert duplicate_head.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert await footprint(registry) == before
+
+
+BAD_HOUSEHOLDS: list[tuple[str, dict[str, Any], grpc.StatusCode, str]] = [
+    ("no address", {"address": " "}, grpc.StatusCode.INVALID_ARGUMENT, "address"),
+    (
+        "no residence kind",
+        {"residence_kind": 0},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "residence_kind",
+    ),
+    (
+        "negative area",
+        {"housing": registry_pb2.Housing(floor_area_m2=-1)},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "housing.floor_area_m2",
+    ),
+    (
+        "latitude",
+        {
+            "location": registry_pb2.civic_dot_common_dot_v1_dot_types__pb2.GeoPoint(
+                latitude=100, longitude=108
+            )
+        },
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "location.latitude",
+    ),
+    ("no request id", {"request_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+    ("unknown group", {"unit_id": "nowhere.g1"}, grpc.StatusCode.PERMISSION_DENIED, ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "fields", "status", "field"), BAD_HOUSEHOLDS, ids=[c[0] for c in BAD_HOUSEHOLDS]
+)
+async def test_bad_household_is_refused_and_nothing_written(
+    city: City,
+    registry: RegistryService,
+    case: str,
+    fields: dict[str, Any],
+    status: grpc.StatusCode,
+    field: str,
+) -> None:
+    before = await footprint(registry)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await new_household(city.leader, city.group, **fields)
+    assert error.value.code() == status
+    assert error.value.details().startswith(field), error.value.details()
+    assert await footprint(registry) == before
+
+
+async def test_retry_with_same_request_id_changes_nothing(
+    city: City, registry: RegistryService
+) -> None:
+    home = await new_household(city.leader, city.group)
+    request = register(home.household.household_id, person("Đoàn Thị Yến"))
+    first = await city.leader.RegisterPerson(request)
+    after_first = await footprint(registry)
+
+    again = await city.leader.RegisterPerson(request)
+
+    assert again == first
+    assert await footprint(registry) == after_first
+    # The same request_id for a different request is refused rather than silently replayed.
+    request.person.full_name = "Đoàn Thị Khác"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.leader.RegisterPerson(request)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_missing_or_bad_token(city: City) -> None:
+    from tests.registry.conftest import Caller
+
+    for bearer in ("", "not-a-jwt"):
+        caller = Caller(city.target, bearer)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await caller.GetUnit(registry_pb2.GetUnitRequest(unit_id=city.group))
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,220 @@
+"""Vital and residence events, and the queries the pilots use."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import grpc
+import pytest
+from civic.registry.v1 import registry_pb2
+
+from tests.registry.conftest import City, citizen_id, new_household, person, rid
+
+
+def years_ago(years: int, month: int = 1, day: int = 15) -> str:
+    return date(date.today().year - years, month, day).isoformat()
+
+
+async def register(city: City, household_id: str, **details: object) -> registry_pb2.Person:
+    response = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(),
+            household_id=household_id,
+            person=person(**details),  # type: ignore[arg-type]
+        )
+    )
+    return response.person
+
+
+async def test_birth_adds_a_child_to_the_household(city: City) -> None:
+    home = await new_household(city.leader, city.group)
+    born = date.today().isoformat()
+
+    birth = await city.leader.RegisterBirth(
+        registry_pb2.RegisterBirthRequest(
+            request_id=rid(),
+            household_id=home.household.household_id,
+            child=person("Trần Gia Bảo", born, registry_pb2.SEX_MALE, relationship=0),
+        )
+    )
+
+    assert birth.person.relationship == registry_pb2.RELATIONSHIP_CHILD
+    assert birth.person.status == registry_pb2.PERSON_STATUS_RESIDENT
+    got = await city.leader.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=home.household.household_id)
+    )
+    assert birth.person.person_id in {m.person_id for m in got.members}
+
+
+async def test_death_and_moves(city: City) -> None:
+    first = await new_household(city.leader, city.group)
+    second = await new_household(city.leader, city.group, head_name="Phạm Văn Bình")
+    mover = await register(city, first.household.household_id, name="Võ Thị Cúc")
+
+    moved = await city.leader.MovePerson(
+        registry_pb2.MovePersonRequest(
+            request_id=rid(),
+            person_id=mover.person_id,
+            to_household_id=second.household.household_id,
+            relationship=registry_pb2.RELATIONSHIP_OTHER_RELATIVE,
+        )
+    )
+    assert moved.person.household_id == second.household.household_id
+
+    died = await city.leader.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=rid(), person_id=first.head.person_id, death_date=date.today().isoformat()
+        )
+    )
+    assert died.person.status == registry_pb2.PERSON_STATUS_DECEASED
+    left = await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=mover.person_id, destination="Huế")
+    )
+    assert left.person.status == registry_pb2.PERSON_STATUS_MOVED_OUT
+
+    first_home = await city.leader.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=first.household.household_id)
+    )
+    assert list(first_home.members) == []
+    assert first_home.household.head_person_id == ""  # the head died
+    second_home = await city.leader.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=second.household.household_id)
+    )
+    assert [m.person_id for m in second_home.members] == [second.head.person_id]
+
+    # A dead person cannot die again or move.
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.leader.MoveOut(
+            registry_pb2.MoveOutRequest(request_id=rid(), person_id=first.head.person_id)
+        )
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_search_without_diacritics_and_by_age_and_sex(city: City) -> None:
+    home = await new_household(city.leader, city.group)
+    hid = home.household.household_id
+    be = await register(city, hid, name="Nguyễn Thị Bê", born=years_ago(40))
+    await register(city, hid, name="Đặng Văn Đức", born=years_ago(19), sex=registry_pb2.SEX_MALE)
+    await register(city, hid, name="Đặng Văn Long", born=years_ago(8), sex=registry_pb2.SEX_MALE)
+    await register(city, hid, name="Hồ Thị Tư", born=years_ago(82))
+
+    async def names(**query: object) -> list[str]:
+        found = await city.leader.SearchPersons(
+            registry_pb2.SearchPersonsRequest(unit_id=city.group, **query)  # type: ignore[arg-type]
+        )
+        return sorted(p.full_name for p in found.persons)
+
+    assert await names(name="Nguyen Thi Be") == ["Nguyễn Thị Bê"]
+    assert await names(name="thi be") == ["Nguyễn Thị Bê"]
+    assert await names(name="dang van duc") == ["Đặng Văn Đức"]
+    # Military-age young men (18-27), school-age children (6-17), the elderly (70+).
+    assert await names(min_age=18, max_age=27, sex=registry_pb2.SEX_MALE) == ["Đặng Văn Đức"]
+    assert await names(min_age=6, max_age=17) == ["Đặng Văn Long"]
+    assert await names(min_age=70) == ["Hồ Thị Tư"]
+    # The ward sees its groups' people too; the other group's leader does not.
+    ward = await city.ward_officer.SearchPersons(
+        registry_pb2.SearchPersonsRequest(unit_id=city.ward, name="be")
+    )
+    assert be.person_id in {p.person_id for p in ward.persons}
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await city.other_leader.SearchPersons(registry_pb2.SearchPersonsRequest(unit_id=city.group))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_search_pages(city: City) -> None:
+    home = await new_household(city.leader, city.group)
+    for i in range(5):
+        await register(city, home.household.household_id, name=f"Lý Thị Mai {chr(65 + i)}")
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await city.leader.SearchPersons(
+            registry_pb2.SearchPersonsRequest(
+                unit_id=city.group,
+                name="ly thi mai",
+                page=registry_pb2.civic_dot_common_dot_v1_dot_types__pb2.PageRequest(
+                    page_size=2, page_token=token
+                ),
+            )
+        )
+        seen += [p.person_id for p in page.persons]
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == len(set(seen)) == 5
+
+
+async def test_counts_per_unit(city: City) -> None:
+    home = await new_household(city.leader, city.group)
+    await register(city, home.household.household_id)
+    rented = await new_household(
+        city.other_leader,
+        city.other_group,
+        head_name="Mai Văn Thuê",
+        residence_kind=registry_pb2.RESIDENCE_KIND_RENTER,
+    )
+    await city.other_leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=rented.household.household_id,
+            person=person(
+                "Sinh Viên A", "2004-03-03", relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE
+            ),
+            stay_start=date.today().isoformat(),
+            stay_end=date(date.today().year + 1, 1, 1).isoformat(),
+        )
+    )
+
+    counts = await city.ward_officer.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.ward))
+
+    assert (counts.total.population, counts.total.households) == (4, 2)
+    assert counts.total.renters == 2
+    assert counts.total.temporary_residents == 1
+    by_unit = {c.unit_id: c for c in counts.children}
+    assert by_unit[city.group].population == 2 and by_unit[city.group].renters == 0
+    assert by_unit[city.other_group].population == 2
+    district = await city.admin.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.district))
+    assert [(c.unit_id, c.population) for c in district.children] == [(city.ward, 4)]
+
+
+async def test_citizen_id_lookup_is_scoped(city: City) -> None:
+    home = await new_household(city.leader, city.group)
+    assert home.head.citizen_id_masked  # group leaders see citizen IDs masked
+    head = (
+        await city.ward_officer.GetPerson(
+            registry_pb2.GetPersonRequest(person_id=home.head.person_id)
+        )
+    ).person
+    assert not head.citizen_id_masked and len(head.citizen_id) == 12
+    found = await city.ward_officer.FindPersonByCitizenId(
+        registry_pb2.FindPersonByCitizenIdRequest(citizen_id=head.citizen_id)
+    )
+    assert found.person.person_id == head.person_id
+    # Another group's leader cannot learn that the person exists.
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.other_leader.FindPersonByCitizenId(
+            registry_pb2.FindPersonByCitizenIdRequest(citizen_id=head.citizen_id)
+        )
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_likely_duplicates_are_reported(city: City) -> None:
+    first = await new_household(city.leader, city.group)
+    second = await new_household(city.leader, city.group, head_name="Lê Văn Tám")
+    born = "1991-11-11"
+    await register(
+        city,
+        first.household.household_id,
+        name="Trương Thị Lan",
+        born=born,
+        citizen_id=citizen_id(born, registry_pb2.SEX_FEMALE),
+    )
+    await register(city, second.household.household_id, name="Truong Thi  Lan", born=born)
+
+    report = await city.leader.ListLikelyDuplicatePersons(
+        registry_pb2.ListLikelyDuplicatePersonsRequest(unit_id=city.group)
+    )
+
+    assert [sorted(p.household_id for p in d.persons) for d in report.duplicates] == [
+        sorted([first.household.household_id, second.household.household_id])
+    ]

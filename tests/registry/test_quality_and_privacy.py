@@ -1,0 +1,136 @@
+"""Data quality ("correct, complete, clean, live") and who sees personal data."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+import grpc
+import pytest
+from civic.registry.v1 import registry_pb2
+
+from services.common.auth import Role
+from tests.conftest import Clock, token
+from tests.registry.conftest import Caller, City, new_household, person, rid
+
+
+async def test_overdue_verification_after_six_months(city: City, clock: Clock) -> None:
+    verified = await new_household(city.leader, city.group)
+    never = await new_household(city.leader, city.group, head_name="Hà Văn Chưa")
+    await city.leader.VerifyHousehold(
+        registry_pb2.VerifyHouseholdRequest(
+            request_id=rid(), household_id=verified.household.household_id, note="đã kiểm tra"
+        )
+    )
+
+    async def overdue() -> set[str]:
+        found = await city.leader.ListOverdueVerifications(
+            registry_pb2.ListOverdueVerificationsRequest(unit_id=city.group)
+        )
+        return {h.household_id for h in found.households}
+
+    assert await overdue() == {never.household.household_id}
+    clock.advance(days=200)
+    assert await overdue() == {verified.household.household_id, never.household.household_id}
+
+
+async def test_virtual_residents_are_flagged(city: City, clock: Clock) -> None:
+    lively = await new_household(city.leader, city.group)
+    quiet = await new_household(city.leader, city.group, head_name="Lâm Văn Vắng")
+    absent = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=lively.household.household_id, person=person("Đi Xa")
+        )
+    )
+    await city.leader.MarkPersonAbsent(
+        registry_pb2.MarkPersonAbsentRequest(
+            request_id=rid(), person_id=absent.person.person_id, absent=True, note="đi làm xa"
+        )
+    )
+    stay = await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=lively.household.household_id,
+            person=person(
+                "Khách Trọ", "2001-01-01", relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE
+            ),
+            stay_start=date.today().isoformat(),
+            stay_end=(date.today() + timedelta(days=30)).isoformat(),
+        )
+    )
+
+    clock.advance(days=400)
+    await city.leader.VerifyHousehold(
+        registry_pb2.VerifyHouseholdRequest(
+            request_id=rid(), household_id=lively.household.household_id
+        )
+    )
+    found = await city.leader.ListSuspectedVirtualResidents(
+        registry_pb2.ListSuspectedVirtualResidentsRequest(unit_id=city.group)
+    )
+    reasons = {r.person.person_id: set(r.reasons) for r in found.residents}
+
+    assert reasons == {
+        absent.person.person_id: {registry_pb2.VIRTUAL_RESIDENT_REASON_MARKED_ABSENT},
+        stay.person.person_id: {registry_pb2.VIRTUAL_RESIDENT_REASON_STAY_EXPIRED},
+        quiet.head.person_id: {registry_pb2.VIRTUAL_RESIDENT_REASON_NOT_VERIFIED},
+    }
+
+
+async def test_reads_by_officials_are_logged_for_the_household(city: City) -> None:
+    home = await new_household(city.leader, city.group)
+    hid = home.household.household_id
+    purposeful = Caller(city.target, token(Role.WARD_OFFICER, city.ward), purpose="xác nhận cư trú")
+    await purposeful.GetHousehold(registry_pb2.GetHouseholdRequest(household_id=hid))
+    await city.leader.SearchPersons(registry_pb2.SearchPersonsRequest(unit_id=city.group))
+
+    resident = city.as_role(Role.RESIDENT, city.group, household_id=hid)
+    own = await resident.GetHousehold(registry_pb2.GetHouseholdRequest(household_id=hid))
+    assert not own.head.citizen_id_masked  # a household sees its own IDs in full
+    log = await resident.ListAccessLog(registry_pb2.ListAccessLogRequest(household_id=hid))
+
+    entries = [(e.actor_role, e.action, e.purpose, e.citizen_id_shown) for e in log.entries]
+    assert ("ward_officer", "GetHousehold", "xác nhận cư trú", True) in entries
+    assert ("group_leader", "SearchPersons", "census work", False) in entries
+    assert all(e.person_id == home.head.person_id for e in log.entries)
+    assert not any(e.actor_role == "resident" for e in log.entries)  # own reads are not logged
+
+
+async def test_residents_see_only_their_own_household(city: City) -> None:
+    mine = await new_household(city.leader, city.group)
+    theirs = await new_household(city.leader, city.group, head_name="Hàng Xóm")
+    resident = city.as_role(Role.RESIDENT, city.group, household_id=mine.household.household_id)
+    for call in (
+        resident.GetHousehold(
+            registry_pb2.GetHouseholdRequest(household_id=theirs.household.household_id)
+        ),
+        resident.ListAccessLog(
+            registry_pb2.ListAccessLogRequest(household_id=theirs.household.household_id)
+        ),
+        resident.SearchPersons(registry_pb2.SearchPersonsRequest(unit_id=city.group)),
+        resident.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                request_id=rid(), household_id=mine.household.household_id, person=person()
+            )
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await call
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Integrators get counts, never persons.
+    integrator = city.as_role(Role.INTEGRATOR, city.city)
+    counts = await integrator.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.group))
+    assert counts.total.population == 2
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await integrator.GetHousehold(
+            registry_pb2.GetHouseholdRequest(household_id=mine.household.household_id)
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_citizen_ids_are_not_stored_in_clear(city: City, registry: object) -> None:
+    home = await new_household(city.leader, city.group)
+    full = await city.ward_officer.GetPerson(
+        registry_pb2.GetPersonRequest(person_id=home.head.person_id)
+    )
+    stored = await registry.store.persons.find_one({"_id": home.head.person_id})  # type: ignore[attr-defined]
+    assert full.person.citizen_id not in repr(stored)
