@@ -34,10 +34,7 @@ def free_port() -> int:
 def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
     import os
 
-    try:  # TEMP
-        from infra.containers import docker_available, start_containers
-    except ImportError:  # TEMP
-        docker_available = lambda: False  # TEMP
+    from infra.containers import docker_available, start_containers
 
     if not all(os.environ.get(name) for name in EXTERNAL) and docker_available():
         found, stop = start_containers()
@@ -61,7 +58,7 @@ def settings(endpoints: Endpoints) -> Settings:
         database_prefix=f"test{uuid.uuid4().hex[:8]}",
         auth_secret=TEST_SECRET,
         data_key="test-data-key-" + uuid.uuid4().hex,
-        grpc_port=0,
+        grpc_port=free_port(),
         outbox_poll_seconds=0.2,
     )
 

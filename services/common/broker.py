@@ -43,6 +43,7 @@ def subscribe_once(
     *,
     topic: str,
     group_id: str,
+    instance_id: str,
     handle: EventHandler,
 ) -> None:
     """Run `handle` for every event on `topic`, once per event id, in the consumer group.
@@ -55,6 +56,9 @@ def subscribe_once(
     @broker.subscriber(
         topic,
         group_id=group_id,
+        # Static membership: a restarted instance takes its partitions back at once instead of
+        # waiting for the group to notice its old session is gone.
+        group_instance_id=instance_id,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 
 from pydantic import Field
@@ -52,6 +53,20 @@ class Settings(BaseSettings):
     # Seconds between outbox sweeps; new events are also relayed as soon as they commit.
     outbox_poll_seconds: float = 0.5
     kafka_partitions: int = 6
+
+    # Names this process among the service's instances (a pod name in Kubernetes). It must stay
+    # the same across restarts of one instance: Kafka static group membership and the outbox
+    # relay lease both let a restarted instance take over its own place at once.
+    instance_id: str = ""
+
+    def instance_for(self, service: str) -> str:
+        if self.instance_id:
+            return self.instance_id
+        return f"{socket.gethostname()}-{service}-{self.port_for(service)}"
+
+    def consumer_group(self, service: str, purpose: str) -> str:
+        """Consumer groups belong to one deployment, like its databases."""
+        return f"{self.database_prefix}.{service}.{purpose}"
 
     def port_for(self, service: str) -> int:
         return self.grpc_port or GRPC_PORTS[service]

@@ -12,12 +12,7 @@ import grpc
 from services.common.telemetry import current_trace_headers
 
 
-class _Metadata(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _Metadata:
     def __init__(self, token: str, purpose: str) -> None:
         self._fixed = [("authorization", f"Bearer {token}")]
         if purpose:
@@ -32,18 +27,28 @@ class _Metadata(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# grpc.aio files an interceptor under one call kind only, so each kind gets its own class.
+class _UnaryUnary(_Metadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStream(_Metadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamUnary(_Metadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
+
+class _StreamStream(_Metadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return await continuation(self._details(details), requests)
 
 
 def civic_channel(target: str, token: str, purpose: str = "") -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, interceptors=[_Metadata(token, purpose)])
+    kinds = (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
+    return grpc.aio.insecure_channel(target, interceptors=[kind(token, purpose) for kind in kinds])

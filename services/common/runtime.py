@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -14,12 +14,8 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def instance_name(service: str, port: int) -> str:
-    """Stable across restarts of the same instance, distinct between instances."""
-    return f"{socket.gethostname()}:{service}:{port}"
-
-
-async def serve_until_signalled(name: str, service: Service) -> None:
+async def serve_until_signalled(name: str, build: Callable[[], Service]) -> None:
+    """Builds the service inside the running loop (gRPC and Kafka clients bind to it)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -27,6 +23,7 @@ async def serve_until_signalled(name: str, service: Service) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    service = build()
     port = await service.start()
     logging.getLogger(name).info("%s listening on port %d", name, port)
     await stop.wait()

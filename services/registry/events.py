@@ -8,7 +8,9 @@ from typing import Any
 from bson import ObjectId
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import events_pb2, registry_pb2
+from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
+from pymongo import AsyncMongoClient
 
 from services.common.broker import subscribe_once
 from services.common.cloudevents import CloudEvent
@@ -18,7 +20,6 @@ from services.registry.store import RegistryStore
 
 TOPIC = "civic.registry.v1"
 SOURCE = "/civic/registry"
-HISTORY_GROUP = "civic.registry.household-history"
 
 
 def housing(doc: Document) -> registry_pb2.Housing:
@@ -125,7 +126,14 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
     return []
 
 
-def subscribe_history(store: RegistryStore, broker: Any, client: Any) -> None:
+def subscribe_history(
+    store: RegistryStore,
+    broker: KafkaBroker,
+    client: AsyncMongoClient[Document],
+    *,
+    group_id: str,
+    instance_id: str,
+) -> None:
     async def project(event: CloudEvent, message: Message, session: Session) -> None:
         for household_id, person_id, summary in _history_lines(message):
             await store.add_history(
@@ -142,4 +150,12 @@ def subscribe_history(store: RegistryStore, broker: Any, client: Any) -> None:
                 session,
             )
 
-    subscribe_once(broker, client, store.db, topic=TOPIC, group_id=HISTORY_GROUP, handle=project)
+    subscribe_once(
+        broker,
+        client,
+        store.db,
+        topic=TOPIC,
+        group_id=group_id,
+        instance_id=instance_id,
+        handle=project,
+    )

