@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -52,10 +53,10 @@ def start_services(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
     return processes
 
 
-async def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+async def wait_healthy(port: int, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = asyncio.get_running_loop().time() + timeout
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type only sync channels
+        deadline = asyncio.get_running_loop().time() + seconds
         while asyncio.get_running_loop().time() < deadline:
             if process.poll() is not None:
                 raise InfraError(f"service on port {port} exited; see .civic/dev/logs")
@@ -66,7 +67,7 @@ async def wait_healthy(port: int, process: subprocess.Popen[bytes], timeout: flo
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.2)
-    raise InfraError(f"service on port {port} not healthy after {timeout:.0f} s")
+    raise InfraError(f"service on port {port} not healthy after {seconds:.0f} s")
 
 
 def _units() -> Iterator[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]:

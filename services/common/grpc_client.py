@@ -4,7 +4,6 @@ current trace context ride along as metadata on every call."""
 from __future__ import annotations
 
 from typing import Any
-
 from urllib.parse import quote
 
 import grpc
@@ -16,7 +15,7 @@ class _Metadata:
     def __init__(self, token: str, purpose: str) -> None:
         self._fixed = [("authorization", f"Bearer {token}")]
         if purpose:
-            # Metadata must be ASCII; the purpose is often Vietnamese, so it travels percent-encoded.
+            # Metadata is ASCII; a purpose is often Vietnamese, so it travels percent-encoded.
             self._fixed.append(("x-civic-purpose", quote(purpose)))
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:

@@ -9,6 +9,7 @@ event id. One relay per service holds a lease at a time, so events leave in comm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -75,11 +76,9 @@ class Outbox:
         """Tell the relay new events are committed, so it publishes now rather than next sweep."""
         self._committed.set()
 
-    async def wait_committed(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._committed.wait(), timeout)
-        except TimeoutError:
-            pass
+    async def wait_committed(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._committed.wait(), seconds)
         self._committed.clear()
 
 
@@ -140,10 +139,8 @@ class OutboxRelay:
         if self._task is None:
             return
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         self._task = None
 
     async def _run(self) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.registry.main import RegistryService
@@ -79,7 +80,12 @@ BAD_PERSONS: list[tuple[str, Callable[[], registry_pb2.PersonDetails], grpc.Stat
         grpc.StatusCode.INVALID_ARGUMENT,
         "person.birth_date",
     ),
-    ("no sex", lambda: person(sex=0), grpc.StatusCode.INVALID_ARGUMENT, "person.sex"),
+    (
+        "no sex",
+        lambda: person(sex=registry_pb2.SEX_UNSPECIFIED),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.sex",
+    ),
 ]
 
 
@@ -101,7 +107,7 @@ async def test_bad_person_is_refused_and_nothing_written(
         await city.leader.RegisterPerson(register(home.household.household_id, details()))
 
     assert error.value.code() == status
-    assert error.value.details().startswith(field + ":"), error.value.details()
+    assert (error.value.details() or "").startswith(field + ":"), error.value.details()
     assert await footprint(registry) == before
 
 
@@ -154,11 +160,7 @@ BAD_HOUSEHOLDS: list[tuple[str, dict[str, Any], grpc.StatusCode, str]] = [
     ),
     (
         "latitude",
-        {
-            "location": registry_pb2.civic_dot_common_dot_v1_dot_types__pb2.GeoPoint(
-                latitude=100, longitude=108
-            )
-        },
+        {"location": types_pb2.GeoPoint(latitude=100, longitude=108)},
         grpc.StatusCode.INVALID_ARGUMENT,
         "location.latitude",
     ),
@@ -182,7 +184,7 @@ async def test_bad_household_is_refused_and_nothing_written(
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await new_household(city.leader, city.group, **fields)
     assert error.value.code() == status
-    assert error.value.details().startswith(field), error.value.details()
+    assert (error.value.details() or "").startswith(field), error.value.details()
     assert await footprint(registry) == before
 
 

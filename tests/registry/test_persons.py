@@ -6,6 +6,7 @@ from datetime import date
 
 import grpc
 import pytest
+from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 from tests.registry.conftest import City, citizen_id, new_household, person, rid
@@ -23,7 +24,8 @@ async def register(city: City, household_id: str, **details: object) -> registry
             person=person(**details),  # type: ignore[arg-type]
         )
     )
-    return response.person
+    person_message: registry_pb2.Person = response.person
+    return person_message
 
 
 async def test_birth_adds_a_child_to_the_household(city: City) -> None:
@@ -34,7 +36,12 @@ async def test_birth_adds_a_child_to_the_household(city: City) -> None:
         registry_pb2.RegisterBirthRequest(
             request_id=rid(),
             household_id=home.household.household_id,
-            child=person("Trần Gia Bảo", born, registry_pb2.SEX_MALE, relationship=0),
+            child=person(
+                "Trần Gia Bảo",
+                born,
+                registry_pb2.SEX_MALE,
+                relationship=registry_pb2.RELATIONSHIP_UNSPECIFIED,
+            ),
         )
     )
 
@@ -132,9 +139,7 @@ async def test_search_pages(city: City) -> None:
             registry_pb2.SearchPersonsRequest(
                 unit_id=city.group,
                 name="ly thi mai",
-                page=registry_pb2.civic_dot_common_dot_v1_dot_types__pb2.PageRequest(
-                    page_size=2, page_token=token
-                ),
+                page=types_pb2.PageRequest(page_size=2, page_token=token),
             )
         )
         seen += [p.person_id for p in page.persons]

@@ -1,0 +1,118 @@
+"""The shared gRPC server: health and reflection without credentials, errors mapped to status
+codes, and never a stack trace to the client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.common.auth import Role, principal
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.common.grpc_client import civic_channel
+from services.common.grpc_server import GrpcServer
+from tests.conftest import TEST_SECRET, free_port, token
+
+SERVICE = "civic.test.v1.ProbeService"
+
+
+async def probe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    """Behaves as the request says, so each test can pick an outcome."""
+    match request:
+        case b"who":
+            return principal().role.value.encode()
+        case b"invalid":
+            raise InvalidArgument("household_id", "is required")
+        case b"missing":
+            raise NotFound("household hh-1 not found")
+        case b"precondition":
+            raise FailedPrecondition("person is deceased")
+        case b"crash":
+            raise RuntimeError("secret internal detail: /srv/civic/db password=hunter2")
+    return request
+
+
+def register(server: grpc.aio.Server) -> None:
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"Probe": grpc.unary_unary_rpc_method_handler(probe)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+
+
+@pytest.fixture(scope="module")
+async def target() -> AsyncIterator[str]:
+    server = GrpcServer(
+        host="127.0.0.1",
+        port=free_port(),
+        auth_secret=TEST_SECRET,
+        service_names=[SERVICE],
+        register=register,
+    )
+    port = await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(grace=0.1)
+
+
+async def call(target: str, body: bytes, bearer: str | None = None) -> bytes:
+    bearer = token(Role.WARD_OFFICER, "dn.hc.hc1") if bearer is None else bearer
+    async with civic_channel(target, bearer) as channel:
+        method = channel.unary_unary(f"/{SERVICE}/Probe")
+        reply: bytes = await method(body)
+        return reply
+
+
+async def test_caller_is_known_to_the_servicer(target: str) -> None:
+    assert await call(target, b"who") == b"ward_officer"
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "details"),
+    [
+        (b"invalid", grpc.StatusCode.INVALID_ARGUMENT, "household_id: is required"),
+        (b"missing", grpc.StatusCode.NOT_FOUND, "household hh-1 not found"),
+        (b"precondition", grpc.StatusCode.FAILED_PRECONDITION, "person is deceased"),
+    ],
+)
+async def test_domain_errors_map_to_status_codes(
+    target: str, body: bytes, code: grpc.StatusCode, details: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(target, body)
+    assert (error.value.code(), error.value.details()) == (code, details)
+
+
+async def test_unexpected_error_reveals_nothing(target: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(target, b"crash")
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    details = error.value.details() or ""
+    assert details.startswith("internal error (trace ")
+    assert "hunter2" not in details and "Traceback" not in details and "RuntimeError" not in details
+
+
+async def test_credentials_are_required(target: str) -> None:
+    expired = token(Role.CITY_ADMIN, "dn", secret="another-signing-key-entirely-0123456789")
+    for bearer in ("", "garbage", expired):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call(target, b"who", bearer)
+        assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_health_and_reflection_need_no_credentials(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        async for response in responses:
+            names = {s.name for s in response.list_services_response.service}
+            assert {SERVICE, "grpc.health.v1.Health"} <= names
+            break

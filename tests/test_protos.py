@@ -1,0 +1,45 @@
+"""Published messages change only compatibly: `buf breaking` against the committed baseline
+catches an incompatible change, and the protos as committed pass it and `buf lint`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUF = ROOT / "node_modules" / ".bin" / "buf"
+BASELINE = ROOT / "proto" / "baseline.binpb"
+
+
+def buf(*args: str) -> subprocess.CompletedProcess[str]:
+    assert BUF.exists(), "buf is missing: `make test` installs it (npm install)"
+    return subprocess.run([str(BUF), *args], capture_output=True, text=True, check=False)
+
+
+def test_committed_protos_are_compatible_and_lint_clean() -> None:
+    assert buf("breaking", str(ROOT / "proto"), "--against", str(BASELINE)).returncode == 0
+    assert buf("lint", str(ROOT / "proto")).returncode == 0
+
+
+def test_removing_an_event_field_is_caught(tmp_path: Path) -> None:
+    copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", copy)
+    events = copy / "civic" / "registry" / "v1" / "events.proto"
+    text = events.read_text()
+    assert "  string death_date = 4;\n" in text
+    events.write_text(text.replace("  string death_date = 4;\n", ""))
+
+    result = buf("breaking", str(copy), "--against", str(BASELINE))
+
+    assert result.returncode != 0
+    assert "death_date" in result.stdout + result.stderr
+
+
+def test_renumbering_a_field_is_caught(tmp_path: Path) -> None:
+    copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", copy)
+    events = copy / "civic" / "registry" / "v1" / "events.proto"
+    events.write_text(events.read_text().replace("string unit_id = 3;", "string unit_id = 30;", 1))
+
+    assert buf("breaking", str(copy), "--against", str(BASELINE)).returncode != 0
