@@ -1,0 +1,33 @@
+"""Tokens and scope in the administrative tree."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.auth import Principal, Role, mint_token, unit_within, verify_token
+from services.common.errors import PermissionDenied, Unauthenticated
+
+SECRET = "s" * 40
+
+
+def test_scope_is_a_subtree_not_a_string_prefix() -> None:
+    assert unit_within("dn.hc.hc1.t17", "dn.hc")
+    assert unit_within("dn.hc", "dn.hc")
+    assert not unit_within("dn.hc2.x", "dn.hc")  # a sibling whose code starts the same
+    assert not unit_within("dn", "dn.hc")
+    with pytest.raises(PermissionDenied):
+        Principal("u", Role.GROUP_LEADER, "dn.hc.hc1.t17").require_unit("dn.hc.hc1.t18")
+
+
+def test_token_round_trip() -> None:
+    token = mint_token(SECRET, subject="leader-17", role=Role.GROUP_LEADER, scope="dn.hc.hc1.t17")
+    assert verify_token(SECRET, token) == Principal("leader-17", Role.GROUP_LEADER, "dn.hc.hc1.t17")
+
+
+def test_bad_tokens_are_refused() -> None:
+    expired = mint_token(SECRET, subject="a", role=Role.CITY_ADMIN, scope="dn", ttl_seconds=-10)
+    forged = mint_token("f" * 40, subject="a", role=Role.CITY_ADMIN, scope="dn")
+    no_household = mint_token(SECRET, subject="r", role=Role.RESIDENT, scope="dn.hc.hc1.t17")
+    for token in (expired, forged, no_household, "not.a.token"):
+        with pytest.raises(Unauthenticated):
+            verify_token(SECRET, token)

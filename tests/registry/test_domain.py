@@ -1,0 +1,98 @@
+"""Pure rules of the register, without servers."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+import pytest
+
+from services.common.auth import Principal, Role
+from services.common.errors import InvalidArgument
+from services.registry import domain
+
+
+@pytest.mark.parametrize(
+    ("written", "folded"),
+    [
+        ("Nguyễn Thị Bê", "nguyen thi be"),
+        ("ĐẶNG  Văn   Đức", "dang van duc"),
+        ("Nguye\u0302\u0303n", "nguyen"),  # decomposed input folds the same
+    ],
+)
+def test_fold_removes_diacritics(written: str, folded: str) -> None:
+    assert domain.fold(written) == folded
+
+
+def test_names_are_normalised_and_checked() -> None:
+    assert domain.normalize_name("full_name", "  Nguye\u0302\u0303n   Văn A ") == "Nguyễn Văn A"
+    for bad in ("", "   ", "A\x00B", "x" * 121):
+        with pytest.raises(InvalidArgument) as error:
+            domain.normalize_name("full_name", bad)
+        assert error.value.field == "full_name"
+
+
+def test_citizen_id_matches_birth_year_and_sex() -> None:
+    # 048 Đà Nẵng, 0 = male born 1900s, 90 = 1990.
+    assert domain.check_citizen_id("048090123456", date(1990, 5, 1), 1) == "048090123456"
+    assert domain.check_citizen_id("048305123456", date(2005, 5, 1), 2) == "048305123456"
+    for cid, born, sex in [
+        ("04809012345", None, 0),  # 11 digits
+        ("999090123456", None, 0),  # no such province
+        ("048090123456", date(1991, 1, 1), 1),  # year differs
+        ("048090123456", date(1990, 1, 1), 2),  # sex differs
+    ]:
+        with pytest.raises(InvalidArgument):
+            domain.check_citizen_id(cid, born, sex)
+
+
+def test_masking_hides_the_middle() -> None:
+    assert domain.mask_citizen_id("048090123456") == "048******456"
+
+
+def test_vault_seals_and_opens_and_hashes_stably() -> None:
+    vault = domain.CitizenIdVault("k" * 40)
+    sealed = vault.seal("048090123456")
+    assert b"048090123456" not in sealed
+    assert vault.open(sealed) == "048090123456"
+    assert vault.seal("048090123456") != sealed  # a fresh nonce each time
+    assert vault.lookup_hash("048090123456") == domain.CitizenIdVault("k" * 40).lookup_hash(
+        "048090123456"
+    )
+    assert vault.lookup_hash("048090123456") != domain.CitizenIdVault("j" * 40).lookup_hash(
+        "048090123456"
+    )
+
+
+def test_birth_date_bounds_for_age_ranges() -> None:
+    day = date(2026, 3, 10)
+    earliest, latest = domain.birth_dates_for_ages(18, 27, day)
+    assert (earliest, latest) == ("1998-03-11", "2008-03-10")
+    assert domain.age_on(date(2008, 3, 10), day) == 18
+    assert domain.age_on(date(1998, 3, 11), day) == 27
+    assert domain.age_on(date(1998, 3, 10), day) == 28
+    assert domain.birth_dates_for_ages(70, 0, day) == (None, "1956-03-10")
+    with pytest.raises(InvalidArgument):
+        domain.birth_dates_for_ages(30, 20, day)
+
+
+def test_vietnamese_calendar_day() -> None:
+    assert domain.local_date(datetime(2026, 1, 1, 18, 0, tzinfo=UTC)) == date(2026, 1, 2)
+
+
+def test_unit_tree_rules() -> None:
+    assert domain.child_unit_id("dn.hc", "hc1") == "dn.hc.hc1"
+    domain.check_child_kind(domain.UnitKind.WARD, domain.UnitKind.GROUP)
+    with pytest.raises(InvalidArgument):
+        domain.check_child_kind(domain.UnitKind.WARD, domain.UnitKind.WARD)
+    with pytest.raises(InvalidArgument):
+        domain.check_child_kind(domain.UnitKind.GROUP, domain.UnitKind.GROUP)
+    with pytest.raises(InvalidArgument):
+        domain.child_unit_id("dn", "Hải Châu")
+
+
+def test_who_sees_citizen_ids() -> None:
+    assert domain.may_see_citizen_id(Principal("w", Role.WARD_OFFICER, "dn.hc.hc1"), "hh-1")
+    assert not domain.may_see_citizen_id(Principal("g", Role.GROUP_LEADER, "dn.hc.hc1.t17"), "hh-1")
+    own = Principal("r", Role.RESIDENT, "dn.hc.hc1.t17", "hh-1")
+    assert domain.may_see_citizen_id(own, "hh-1")
+    assert not domain.may_see_citizen_id(own, "hh-2")
