@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -15,17 +16,27 @@ class Service(Protocol):
 
 
 async def serve_until_signalled(name: str, build: Callable[[], Service]) -> None:
-    """Builds the service inside the running loop (gRPC and Kafka clients bind to it)."""
+    """Builds the service inside the running loop (gRPC and Kafka clients bind to it), serves
+    until SIGTERM or SIGINT, then stops gracefully. A signal during start-up (say, while the
+    broker is unreachable) ends the start-up too."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    log = logging.getLogger(name)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     service = build()
-    port = await service.start()
-    logging.getLogger(name).info("%s listening on port %d", name, port)
-    await stop.wait()
-    logging.getLogger(name).info("%s stopping", name)
+    starting = asyncio.create_task(service.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        log.info("%s listening on port %d", name, starting.result())
+        await stopping
+    else:
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+    log.info("%s stopping", name)
     await service.stop()

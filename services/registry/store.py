@@ -66,7 +66,9 @@ class RegistryStore:
             ]
         )
         await self.access_log.create_index([("household_id", ASCENDING), ("_id", DESCENDING)])
-        await self.history.create_index([("household_id", ASCENDING), ("occurred_at", ASCENDING)])
+        await self.history.create_index(
+            [("household_id", ASCENDING), ("occurred_at", ASCENDING), ("event_id", ASCENDING)]
+        )
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
 
@@ -320,7 +322,8 @@ class RegistryStore:
     async def history_of(self, household_id: str) -> list[Document]:
         return (
             await self.history.find({"household_id": household_id})
-            .sort([("occurred_at", ASCENDING), ("_id", ASCENDING)])
+            # Event ids are time-ordered and break ties within one transaction's millisecond.
+            .sort([("occurred_at", ASCENDING), ("event_id", ASCENDING)])
             .to_list()
         )
 

@@ -1,0 +1,294 @@
+"""The `civic` operator command (also `python -m services.cli`).
+
+  civic token --role ward_officer --scope dn.hc.hc1     a signed dev bearer token
+  civic import-csv people.csv --token T                 onboard a file of persons and households
+
+Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they are only as good
+as the secret the target services run with. The columns of an import file are described in
+services/registry/csv_rows.py; `civic import-csv --help` lists them.
+
+Exit status: 0 when the command did its work (an import with row errors included: they are
+reported, the other rows are imported), 1 when a call or the file failed half-way, 2 when it
+could not start (bad arguments, unreadable file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import inspect
+import os
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+
+import grpc
+from civic.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.common.auth import Role, mint_token
+from services.common.config import GRPC_PORTS, Settings
+from services.common.grpc_client import civic_channel
+from services.registry import csv_rows
+
+DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
+TOKEN_ENV = "CIVIC_TOKEN"
+PROGRESS_EVERY = 10_000  # rows between progress lines on stderr
+MAX_CHUNK = 5_000  # rows per message; keeps a message well under gRPC's 4 MB default limit
+
+Handler = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return asyncio.run(run(argv))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+async def run(argv: Sequence[str] | None = None) -> int:
+    """The command for argv, in the running event loop (tests call this)."""
+    args = _parser().parse_args(argv)
+    handler: Handler = args.handler
+    return await handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="civic", description="Civic operator commands.", allow_abbrev=False
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    token = commands.add_parser(
+        "token", help="print a signed dev bearer token", description=_token.__doc__
+    )
+    roles = [role.value for role in Role]
+    token.add_argument(
+        "--role", required=True, choices=roles, metavar="ROLE", help=" | ".join(roles)
+    )
+    token.add_argument("--scope", required=True, metavar="UNIT_ID", help="e.g. dn.hc.hc1")
+    token.add_argument("--household", default="", metavar="HH", help="a resident's household")
+    token.add_argument("--subject", default="", help="who the token is for (default: you)")
+    token.add_argument("--ttl-hours", type=_positive(float), default=12.0, metavar="N")
+    token.set_defaults(handler=_token)
+
+    imports = commands.add_parser(
+        "import-csv",
+        help="import a CSV of persons with their households into the registry",
+        description=inspect.cleandoc(_import_csv.__doc__ or ""),
+        epilog=_file_format(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    imports.add_argument("file", type=Path, metavar="FILE")
+    imports.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV, ""), help=f"bearer token (or ${TOKEN_ENV})"
+    )
+    imports.add_argument("--target", default=DEFAULT_TARGET, help="the registry's host:port")
+    imports.add_argument(
+        "--chunk", type=_positive(int, MAX_CHUNK), default=500, metavar="N", help="rows per message"
+    )
+    imports.set_defaults(handler=_import_csv)
+    return parser
+
+
+def _file_format() -> str:
+    """The import file's columns and words, for `civic import-csv --help`."""
+    required = set(csv_rows.REQUIRED)
+    columns = ", ".join(c + ("*" if c in required else "") for c in csv_rows.COLUMNS)
+    tables: dict[str, Mapping[str, int]] = {
+        "sex": csv_rows.SEXES,
+        "relationship": csv_rows.RELATIONSHIPS,
+        "education": csv_rows.EDUCATION_LEVELS,
+        "residence_kind": csv_rows.RESIDENCE_KINDS,
+    }
+    lines = ["columns (named in line 1, any order; * = required):"]
+    lines += textwrap.wrap(columns, 96, initial_indent="  ", subsequent_indent="  ")
+    lines.append("words (an empty cell means not given):")
+    for column, table in tables.items():
+        words = " | ".join(word for word in table if word)
+        lines += textwrap.wrap(
+            words, 96, initial_indent=f"  {column:<16}", subsequent_indent=" " * 18
+        )
+    lines.append("dates are YYYY-MM-DD; errors name the row by its line (the header is line 1)")
+    return "\n".join(lines)
+
+
+def _positive(kind: type[int] | type[float], most: float = float("inf")) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 < value <= most:
+            limit = f" and at most {most:g}" if most < float("inf") else ""
+            raise argparse.ArgumentTypeError(f"must be more than 0{limit}")
+        return value
+
+    return parse
+
+
+# ---- civic token ---------------------------------------------------------------------------------
+
+
+async def _token(args: argparse.Namespace) -> int:
+    """Print a bearer token signed with CIVIC_AUTH_SECRET, for development and operations."""
+    role = Role(args.role)
+    if role is Role.RESIDENT and not args.household:
+        return _fail("a resident's token needs --household", status=2)
+    settings = Settings()
+    if settings.auth_secret == Settings.model_fields["auth_secret"].default:
+        print(
+            "note: signed with the development secret (CIVIC_AUTH_SECRET is not set)",
+            file=sys.stderr,
+        )
+    print(
+        mint_token(
+            settings.auth_secret,
+            subject=args.subject or _operator(),
+            role=role,
+            scope=args.scope,
+            household_id=args.household,
+            ttl_seconds=round(args.ttl_hours * 3600),
+        )
+    )
+    return 0
+
+
+def _operator() -> str:
+    """The login name, so access logs and events show who acted with a CLI-minted token."""
+    try:
+        return f"{getpass.getuser()}@cli"
+    except (OSError, KeyError):  # no login name for this uid (some containers)
+        return "operator@cli"
+
+
+# ---- civic import-csv ---------------------------------------------------------------------------
+
+
+async def _import_csv(args: argparse.Namespace) -> int:
+    """Stream the file's rows to the registry's ImportPersons and report per-row errors. A second
+    run of the same file changes nothing, so an import that failed half-way can be run again."""
+    if not args.token:
+        return _fail(f"--token is required (or set ${TOKEN_ENV})", status=2)
+    path: Path = args.file
+    try:
+        # Read the whole file once first: a broken file fails here, before anything is imported.
+        total = csv_rows.count_records(path)
+    except csv_rows.CsvFileError as error:
+        return _fail(str(error), status=2)
+
+    stream = _RowStream(path, args.chunk, _Progress(total))
+    async with civic_channel(args.target, args.token, purpose="bulk import") as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        try:
+            # civic_channel's interceptor reaches unary calls only (grpc.aio files an interceptor
+            # under the first call kind it implements), so this stream carries its token itself.
+            response = await stub.ImportPersons(
+                stream.requests(), metadata=(("authorization", f"Bearer {args.token}"),)
+            )
+        except grpc.aio.AioRpcError as error:
+            sent = " (rows committed before it stay; running the file again is safe)"
+            return _fail(
+                f"import failed: {error.code().name}: {error.details()}"
+                + (sent if stream.sent else ""),
+                status=1,
+            )
+    _report(path, total, stream, response)
+    if stream.failure is not None:
+        return _fail(f"stopped reading after {stream.read} rows: {stream.failure}", status=1)
+    return 0
+
+
+class _Progress:
+    """A line on stderr every PROGRESS_EVERY rows sent, so a long import shows it is alive."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.started = time.monotonic()
+        self.next_line = PROGRESS_EVERY
+
+    def sent(self, rows: int) -> None:
+        if rows < self.next_line:
+            return
+        self.next_line = rows - rows % PROGRESS_EVERY + PROGRESS_EVERY
+        rate = rows / max(time.monotonic() - self.started, 1e-9)
+        percent = 100 * rows / max(self.total, 1)
+        print(
+            f"import-csv: {rows:,}/{self.total:,} rows sent ({percent:.0f}%), {rate:,.0f} rows/s",
+            file=sys.stderr,
+        )
+
+    def done(self, rows: int) -> None:
+        if rows >= PROGRESS_EVERY:
+            print(f"import-csv: all {rows:,} rows sent; waiting for the registry", file=sys.stderr)
+
+
+class _RowStream:
+    """The file's rows as ImportPersons messages. Rows that fail to parse stay here as errors,
+    and so does a failure to read on (the stream then ends: what was sent is imported)."""
+
+    def __init__(self, path: Path, chunk: int, progress: _Progress) -> None:
+        self.path = path
+        self.chunk = chunk
+        self.progress = progress
+        self.local_errors: list[registry_pb2.ImportRowError] = []
+        self.failure: csv_rows.CsvFileError | None = None
+        self.read = 0
+        self.sent = 0
+
+    async def requests(self) -> AsyncIterator[registry_pb2.ImportPersonsRequest]:
+        rows: list[registry_pb2.ImportRow] = []
+        try:
+            for item in csv_rows.read_rows(self.path):
+                self.read += 1
+                if isinstance(item, registry_pb2.ImportRowError):
+                    self.local_errors.append(item)
+                    continue
+                rows.append(item)
+                if len(rows) == self.chunk:
+                    yield self._message(rows)
+                    rows = []
+        except csv_rows.CsvFileError as error:
+            # An exception here would only cancel the call; end the stream and say why instead.
+            self.failure = error
+        if rows:
+            yield self._message(rows)
+        self.progress.done(self.sent)
+
+    def _message(self, rows: list[registry_pb2.ImportRow]) -> registry_pb2.ImportPersonsRequest:
+        self.sent += len(rows)
+        self.progress.sent(self.sent)
+        return registry_pb2.ImportPersonsRequest(rows=rows)
+
+
+def _report(
+    path: Path, total: int, stream: _RowStream, response: registry_pb2.ImportPersonsResponse
+) -> None:
+    errors = sorted([*stream.local_errors, *response.errors], key=lambda error: error.row_number)
+    print(
+        f"{path}: {total:,} rows, {response.rows:,} sent, {len(stream.local_errors):,} refused here"
+    )
+    print(f"  households created  {response.households_created:,}")
+    print(f"  persons created     {response.persons_created:,}")
+    print(f"  persons unchanged   {response.persons_unchanged:,}")
+    print(f"  rows with errors    {len(errors):,}")
+    # The registry lists at most 10,000 errors; say so rather than let the list look complete.
+    unlisted = response.rows - response.persons_created - response.persons_unchanged
+    unlisted -= len(response.errors)
+    if unlisted > 0:
+        print(f"  ({unlisted:,} more rows failed; the registry did not list them)")
+    for error in errors:
+        column = csv_rows.column_for(error.field)
+        print(f"row {error.row_number}  {column + ': ' if column else ''}{error.message}")
+
+
+def _fail(message: str, *, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Onboarding files: a CSV of persons with their households, read into ImportRow messages.
+
+One record per person. The header names the columns (any order, case-insensitive); COLUMNS lists
+them and REQUIRED those the header must have. A row's number is the line it starts on, the
+header being line 1, so an operator can find it in any editor. Words (sex, relationship,
+education, residence_kind) are the enum names without their prefix, in lower case: "female",
+"other_relative", "lower_secondary", "renter". An empty cell means "not given"; the registry
+decides whether the value is required. Range checks are the registry's too, so a file is judged
+by the same rules as every other way into the register.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from civic.common.v1 import types_pb2
+from civic.registry.v1 import registry_pb2
+
+HOUSEHOLD_COLUMNS = (
+    "unit_id",
+    "household_ref",
+    "address",
+    "floor_area_m2",
+    "storeys",
+    "sub_households",
+    "residence_kind",
+    "latitude",
+    "longitude",
+)
+PERSON_COLUMNS = (
+    "full_name",
+    "birth_date",
+    "sex",
+    "citizen_id",
+    "relationship",
+    "education",
+    "occupation",
+    "phone",
+    "email",
+)
+COLUMNS = HOUSEHOLD_COLUMNS + PERSON_COLUMNS
+REQUIRED = ("unit_id", "household_ref", "full_name", "birth_date", "sex", "relationship")
+
+E = TypeVar("E", bound=int)
+
+
+def _words(items: list[tuple[str, E]], prefix: str) -> dict[str, E]:
+    """Enum values by their name without prefix, lower case; UNSPECIFIED is the empty cell."""
+    return {name.removeprefix(prefix).lower() if value else "": value for name, value in items}
+
+
+SEXES = _words(registry_pb2.Sex.items(), "SEX_")
+RELATIONSHIPS = _words(registry_pb2.Relationship.items(), "RELATIONSHIP_")
+EDUCATION_LEVELS = _words(registry_pb2.EducationLevel.items(), "EDUCATION_LEVEL_")
+RESIDENCE_KINDS = _words(registry_pb2.ResidenceKind.items(), "RESIDENCE_KIND_")
+
+
+class CsvFileError(Exception):
+    """The file as a whole cannot be read (missing, not UTF-8, bad header): one line of why."""
+
+
+class RowProblem(Exception):
+    """A cell that cannot become a field of the row; the row is reported and skipped."""
+
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(f"{column}: {message}")
+        self.column = column
+        self.message = message
+
+
+# ---- one record ---------------------------------------------------------------------------------
+
+
+def import_row(line: int, record: Mapping[str, str]) -> registry_pb2.ImportRow:
+    """The ImportRow for one record (column -> cell); RowProblem names the first bad cell."""
+
+    def cell(column: str) -> str:
+        return record.get(column, "").strip()
+
+    row = registry_pb2.ImportRow(
+        row_number=line,
+        unit_id=cell("unit_id"),
+        household_ref=cell("household_ref"),
+        address=cell("address"),
+        housing=registry_pb2.Housing(
+            floor_area_m2=_number(cell("floor_area_m2"), "floor_area_m2"),
+            storeys=_whole(cell("storeys"), "storeys"),
+            sub_households=_whole(cell("sub_households"), "sub_households"),
+        ),
+        residence_kind=_word(cell("residence_kind"), "residence_kind", RESIDENCE_KINDS),
+        person=registry_pb2.PersonDetails(
+            full_name=cell("full_name"),
+            birth_date=cell("birth_date"),
+            sex=_word(cell("sex"), "sex", SEXES),
+            citizen_id=cell("citizen_id"),
+            relationship=_word(cell("relationship"), "relationship", RELATIONSHIPS),
+            education=_word(cell("education"), "education", EDUCATION_LEVELS),
+            occupation=cell("occupation"),
+            contact=registry_pb2.Contact(phone=cell("phone"), email=cell("email")),
+        ),
+    )
+    location = _location(cell("latitude"), cell("longitude"))
+    if location is not None:
+        row.location.CopyFrom(location)
+    return row
+
+
+def _word(value: str, column: str, words: dict[str, E]) -> E:
+    # An empty cell is UNSPECIFIED: the registry says whether the value is required.
+    try:
+        return words[value.lower()]
+    except KeyError:
+        known = ", ".join(word for word in words if word)
+        raise RowProblem(column, f"{value!r} is not one of {known}") from None
+
+
+def _number(value: str, column: str) -> float:
+    if not value:
+        return 0.0
+    try:
+        number = float(value)
+    except ValueError:
+        hint = f" (write {value.replace(',', '.')})" if value.count(",") == 1 else ""
+        raise RowProblem(column, f"{value!r} is not a number{hint}") from None
+    if not math.isfinite(number):
+        raise RowProblem(column, f"{value!r} is not a number")
+    return number
+
+
+def _whole(value: str, column: str) -> int:
+    if not value:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise RowProblem(column, f"{value!r} is not a whole number") from None
+
+
+def _location(latitude: str, longitude: str) -> types_pb2.GeoPoint | None:
+    if not latitude and not longitude:
+        return None
+    if not latitude or not longitude:
+        missing, given = ("latitude", "longitude") if not latitude else ("longitude", "latitude")
+        raise RowProblem(missing, f"is required when {given} is given")
+    return types_pb2.GeoPoint(
+        latitude=_number(latitude, "latitude"), longitude=_number(longitude, "longitude")
+    )
+
+
+# ---- a file -------------------------------------------------------------------------------------
+
+
+def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
+    """(line, column -> cell) per data record, or the problem of a record with extra cells."""
+    try:
+        # utf-8-sig: spreadsheets often start their CSV exports with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            first = file.readline()
+            # Spreadsheets in locales with a decimal comma separate cells with ";".
+            delimiter = ";" if first.count(";") > first.count(",") else ","
+            header = _header(path, next(csv.reader([first], delimiter=delimiter), []))
+            reader = csv.reader(file, delimiter=delimiter)
+            line = 2  # where the next record starts; the reader counts from after the header
+            for cells in reader:
+                start, line = line, reader.line_num + 2
+                if not any(c.strip() for c in cells):
+                    continue  # blank lines and rows of empty cells
+                if len(cells) > len(header):
+                    yield start, RowProblem("", f"has {len(cells)} cells, the header {len(header)}")
+                    continue
+                yield start, dict(zip(header, cells, strict=False))
+    except FileNotFoundError:
+        raise CsvFileError(f"{path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise CsvFileError(
+            f"{path}: not UTF-8 text near byte {error.start}; save it as CSV UTF-8"
+        ) from None
+    except csv.Error as error:
+        raise CsvFileError(f"{path}: {error}") from None
+    except OSError as error:
+        raise CsvFileError(f"{path}: {error.strerror or error}") from None
+
+
+def _header(path: Path, names: list[str]) -> list[str]:
+    header = [name.strip().lower() for name in names]
+    if not any(header):
+        raise CsvFileError(f"{path}: line 1 must name the columns ({', '.join(REQUIRED)}, ...)")
+    unknown = [name for name in header if name not in COLUMNS]
+    if unknown:
+        raise CsvFileError(
+            f"{path}: unknown column {unknown[0]!r} in line 1 (known: {', '.join(COLUMNS)})"
+        )
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise CsvFileError(f"{path}: column {repeated[0]!r} appears twice in line 1")
+    missing = [name for name in REQUIRED if name not in header]
+    if missing:
+        raise CsvFileError(f"{path}: line 1 lacks the column(s) {', '.join(missing)}")
+    return header
+
+
+def read_rows(path: Path) -> Iterator[registry_pb2.ImportRow | registry_pb2.ImportRowError]:
+    """Every data record in order: its ImportRow, or the error that keeps it out of the import."""
+    for line, record in records(path):
+        try:
+            if isinstance(record, RowProblem):
+                raise record
+            yield import_row(line, record)
+        except RowProblem as problem:
+            yield registry_pb2.ImportRowError(
+                row_number=line, field=problem.column, message=problem.message
+            )
+
+
+def rows_from_csv(path: Path) -> Iterator[registry_pb2.ImportRow]:
+    """Only the records that make rows (for callers that do not report the others)."""
+    return (row for row in read_rows(path) if isinstance(row, registry_pb2.ImportRow))
+
+
+def count_records(path: Path) -> int:
+    """How many data records the file holds; reads it through, so it also fails early on a file
+    that would fail half-way through an import."""
+    return sum(1 for _ in records(path))
+
+
+def column_for(field: str) -> str:
+    """The CSV column a registry field path names ("person.citizen_id" -> "citizen_id")."""
+    last = field.rsplit(".", 1)[-1]
+    return last if last in COLUMNS else field
