@@ -60,7 +60,7 @@ async def target() -> AsyncIterator[str]:
 async def call(target: str, body: bytes, bearer: str | None = None) -> bytes:
     bearer = token(Role.WARD_OFFICER, "dn.hc.hc1") if bearer is None else bearer
     async with civic_channel(target, bearer) as channel:
-        method = channel.unary_unary(f"/{SERVICE}/Probe")
+        method: Any = channel.unary_unary(f"/{SERVICE}/Probe")
         reply: bytes = await method(body)
         return reply
 
@@ -108,7 +108,7 @@ async def test_health_and_reflection_need_no_credentials(target: str) -> None:
         reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
-        reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reflection: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
         responses = reflection.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
         )
