@@ -20,6 +20,8 @@ from infra.local import Endpoints, LocalStack, Ports
 from services.common.auth import Role, mint_token
 from services.common.config import Settings
 
+pytest_plugins = ["tests.registry_fixtures"]
+
 EXTERNAL = ("CIVIC_MONGO_URI", "KAFKA_BOOTSTRAP_SERVERS", "CIVIC_S3_ENDPOINT")
 TEST_SECRET = "test-signing-key-" + uuid.uuid4().hex
 

@@ -17,12 +17,14 @@ from pymongo.errors import DuplicateKeyError
 
 from services.common.cloudevents import CloudEvent
 from services.common.mongo import Document, Session, in_transaction
+from services.common.outbox import Outbox
 from services.common.telemetry import context_from_pairs, tracer
 
 PROCESSED = "processed_events"
 
-# What a consumer does with one event, inside the transaction that records it as processed.
-EventHandler = Callable[[CloudEvent, Message, Session], Awaitable[None]]
+# What a consumer does with one event, inside the transaction that records it as processed;
+# it returns the events it emits in turn (staged in the same transaction), often none.
+EventHandler = Callable[[CloudEvent, Message, Session], Awaitable[list[Document]]]
 
 
 def kafka_broker(bootstrap_servers: str, client_id: str) -> KafkaBroker:
@@ -45,6 +47,7 @@ def subscribe_once(
     group_id: str,
     instance_id: str,
     handle: EventHandler,
+    outbox: Outbox | None = None,
 ) -> None:
     """Run `handle` for every event on `topic`, once per event id, in the consumer group.
 
@@ -88,10 +91,16 @@ def subscribe_once(
                 await processed.insert_one(
                     {"_id": marker, "at": datetime.now(UTC)}, session=session
                 )
-                await handle(event, message, session)
+                emitted = await handle(event, message, session)
+                if emitted:
+                    assert outbox is not None, "a consumer that emits events needs the outbox"
+                    await outbox.stage(session, emitted)
 
             try:
                 await in_transaction(client, work)
             except DuplicateKeyError:
                 # Another member of the group handled it concurrently during a rebalance.
                 span.set_attribute("civic.duplicate", True)
+                return
+            if outbox is not None:
+                outbox.committed()

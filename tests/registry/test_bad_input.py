@@ -12,7 +12,7 @@ from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.registry.main import RegistryService
-from tests.registry.conftest import City, citizen_id, new_household, person, rid
+from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
 TOMORROW = (date.today() + timedelta(days=1)).isoformat()
 
@@ -208,7 +208,7 @@ async def test_retry_with_same_request_id_changes_nothing(
 
 
 async def test_missing_or_bad_token(city: City) -> None:
-    from tests.registry.conftest import Caller
+    from tests.registry_fixtures import Caller
 
     for bearer in ("", "not-a-jwt"):
         caller = Caller(city.target, bearer)

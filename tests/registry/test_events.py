@@ -14,7 +14,7 @@ from services.common.config import Settings
 from services.registry.events import SOURCE, TOPIC
 from services.registry.main import RegistryService
 from tests.kafka_reader import Record, TopicReader, eventually, of_type, with_key
-from tests.registry.conftest import City, citizen_id, person, rid
+from tests.registry_fixtures import City, citizen_id, person, rid
 
 HOUSEHOLD_CREATED = "civic.registry.v1.HouseholdCreated"
 PERSON_REGISTERED = "civic.registry.v1.PersonRegistered"

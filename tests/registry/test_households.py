@@ -6,7 +6,7 @@ import grpc
 import pytest
 from civic.registry.v1 import registry_pb2
 
-from tests.registry.conftest import City, citizen_id, new_household, person, rid
+from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
 
 async def test_household_with_head_and_members(city: City) -> None:

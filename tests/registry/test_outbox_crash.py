@@ -32,7 +32,7 @@ from services.registry.events import TOPIC
 from services.registry.main import NAME
 from tests.conftest import free_port, token
 from tests.kafka_reader import Record, TopicReader, eventually, wait_consumed
-from tests.registry.conftest import Caller, citizen_id, create_unit, person, rid
+from tests.registry_fixtures import Caller, citizen_id, create_unit, person, rid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FAULT_EXIT_CODE = 86  # what services.common.outbox._fault exits with

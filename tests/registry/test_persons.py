@@ -9,7 +9,7 @@ import pytest
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
-from tests.registry.conftest import City, citizen_id, new_household, person, rid
+from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
 
 def years_ago(years: int, month: int = 1, day: int = 15) -> str:

@@ -10,7 +10,7 @@ from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
 from tests.conftest import Clock, token
-from tests.registry.conftest import Caller, City, new_household, person, rid
+from tests.registry_fixtures import Caller, City, new_household, person, rid
 
 
 async def test_overdue_verification_after_six_months(city: City, clock: Clock) -> None:

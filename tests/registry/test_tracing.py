@@ -15,7 +15,7 @@ from services.common.config import Settings
 from services.registry.events import TOPIC
 from services.registry.main import NAME
 from tests.kafka_reader import eventually
-from tests.registry.conftest import City, new_household
+from tests.registry_fixtures import City, new_household
 
 HOUSEHOLD_CREATED = "civic.registry.v1.HouseholdCreated"
 SERVER_SPAN = "civic.registry.v1.RegistryService/CreateHousehold"

@@ -9,7 +9,7 @@ import pytest
 from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
-from tests.registry.conftest import City, create_unit, new_household, rid
+from tests.registry_fixtures import City, create_unit, new_household, rid
 
 
 async def test_tree_is_listed_by_parent(city: City) -> None:

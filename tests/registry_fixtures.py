@@ -1,4 +1,5 @@
-"""A registry service running in-process against the real servers, and a city tree to use."""
+"""A registry service running in-process against the real servers, and a city tree to use
+(a pytest plugin: every test package can ask for `registry` and `city`)."""
 
 from __future__ import annotations
 

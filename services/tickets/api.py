@@ -1,0 +1,707 @@
+"""The tickets service's gRPC servicer."""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+from civic.tickets.v1 import events_pb2, tickets_pb2, tickets_pb2_grpc
+from google.protobuf.message import Message
+from pymongo import AsyncMongoClient
+
+from services.common.auth import Principal, Role, principal
+from services.common.cloudevents import type_name
+from services.common.commands import CommandRunner
+from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.mongo import Document, Session
+from services.common.objects import ObjectStore, check_image_upload
+from services.common.outbox import Outbox
+from services.common.paging import page_size
+from services.tickets import domain
+from services.tickets.escalation import escalate
+from services.tickets.events import ticket_event
+from services.tickets.records import (
+    duration,
+    geo_point,
+    rule_for,
+    rule_from_message,
+    rules_document,
+    rules_message,
+    ticket_message,
+    timestamp,
+)
+from services.tickets.store import TicketStore, new_ticket_id
+
+Context = grpc.aio.ServicerContext[Any, Any]
+R = TypeVar("R", bound=Message)
+# A change to one ticket inside the command's transaction: the new document and its events.
+Mutation = Callable[[Document, Session], Awaitable[tuple[Document, list[Document]]]]
+EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+
+
+class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
+    def __init__(
+        self,
+        store: TicketStore,
+        client: AsyncMongoClient[Document],
+        commands: CommandRunner,
+        outbox: Outbox,
+        photos: ObjectStore,
+        submitter_key: bytes,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.commands = commands
+        self.outbox = outbox
+        self.photos = photos
+        self.submitter_key = submitter_key
+        self.clock = clock
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _message(self, ticket: Document) -> tickets_pb2.Ticket:
+        return ticket_message(ticket, self.clock(), self.photos.view_url)
+
+    async def _ticket(self, ticket_id: str, session: Session | None = None) -> Document:
+        if not ticket_id:
+            raise InvalidArgument("ticket_id", "is required")
+        ticket = await self.store.get(ticket_id, session)
+        if ticket is None:
+            raise NotFound(f"ticket {ticket_id} not found")
+        return ticket
+
+    async def _visible(self, ticket_id: str, caller: Principal) -> Document:
+        ticket = await self._ticket(ticket_id)
+        try:
+            domain.may_see(
+                caller,
+                ticket["origin_unit_id"],
+                ticket.get("assigned_unit_id") or "",
+                ticket["submitter"],
+            )
+        except PermissionDenied:
+            # Outside the caller's scope a ticket looks the same as one that does not exist.
+            raise NotFound(f"ticket {ticket_id} not found") from None
+        return ticket
+
+    async def _act(
+        self,
+        method: str,
+        request: Any,
+        response_type: type[R],
+        action: str,
+        mutate: Mutation,
+        allowed: Callable[[Principal, Document], None],
+    ) -> R:
+        """One ticket command: load, check who and when, change, emit, answer."""
+        caller = principal()
+
+        async def work(session: Session) -> tuple[R, list[Document]]:
+            ticket = await self._ticket(request.ticket_id, session)
+            allowed(caller, ticket)
+            domain.check_transition(action, domain.Status(ticket["status"]))
+            updated, emitted = await mutate(ticket, session)
+            return response_type(ticket=self._message(updated)), emitted
+
+        return await self.commands.run(method, request, response_type, work)
+
+    @staticmethod
+    def _handler(caller: Principal, ticket: Document) -> None:
+        domain.may_handle(caller, ticket["assigned_unit_id"])
+
+    @staticmethod
+    def _submitter(caller: Principal, ticket: Document) -> None:
+        if caller.subject != ticket["submitter"]:
+            raise PermissionDenied("only the submitter may do this")
+
+    async def _rules(self, session: Session | None = None) -> Document:
+        rules = await self.store.current_rules(session)
+        assert rules is not None, "rules are seeded at start-up"
+        return rules
+
+    async def _origin(
+        self, caller: Principal, request: tickets_pb2.SubmitTicketRequest
+    ) -> tuple[str, str, Document | None]:
+        """The group, household and location a new ticket concerns."""
+        household_id = request.household_id
+        if caller.role is Role.RESIDENT:
+            household_id = household_id or caller.household_id
+            if household_id != caller.household_id:
+                raise PermissionDenied("residents file tickets for their own household")
+        household = await self.store.household(household_id) if household_id else None
+        if household_id and household is None and caller.role is not Role.RESIDENT:
+            raise NotFound(f"household {household_id} not found")
+        if household is not None:
+            unit_id = household["unit_id"]
+        elif caller.role is Role.RESIDENT:
+            unit_id = caller.scope
+        else:
+            unit_id = request.unit_id
+            if not unit_id:
+                raise InvalidArgument("unit_id", "name the group (or the household) concerned")
+        domain.may_submit_for(caller, unit_id)
+        unit = await self.store.unit(unit_id)
+        if unit is None:
+            raise NotFound(f"unit {unit_id} is not known to the tickets service")
+        if not unit.get("active", True) and unit.get("merged_into_id"):
+            unit_id = unit["merged_into_id"]
+        elif domain.level_of(unit_id) is not domain.Level.GROUP:
+            raise InvalidArgument("unit_id", "tickets are filed for a residential group or village")
+        location = geo_point(request.location) if request.HasField("location") else None
+        if location is None and household is not None:
+            location = household.get("location")
+        return unit_id, household_id, location
+
+    # ---- submitting ------------------------------------------------------------------------
+
+    async def SubmitTicket(
+        self, request: tickets_pb2.SubmitTicketRequest, context: Context
+    ) -> tickets_pb2.SubmitTicketResponse:
+        caller = principal()
+        description = domain.check_text("description", request.description, domain.MAX_DESCRIPTION)
+        rules = await self._rules()
+        if request.category not in {rule["category"] for rule in rules["rules"]}:
+            raise InvalidArgument("category", f"{request.category!r} is not a known category")
+        unit_id, household_id, location = await self._origin(caller, request)
+
+        async def work(session: Session) -> tuple[tickets_pb2.SubmitTicketResponse, list[Document]]:
+            now = self.clock()
+            ticket: Document = {
+                "_id": new_ticket_id(),
+                "category": request.category,
+                "description": description,
+                "status": int(domain.Status.SUBMITTED),
+                "origin_unit_id": unit_id,
+                "household_id": household_id or None,
+                "location": location,
+                "submitter": caller.subject,
+                "submitter_role": caller.role.value,
+                "photos": [],
+                "comments": [],
+                "supporters": [],
+                "duplicates": [],
+                "duplicate_of": None,
+                "escalations": 0,
+                "submitted_at": now,
+                "resolved_at": None,
+                "next_deadline": None,
+                "last_change": type_name(events_pb2.TicketSubmitted()),
+            }
+            await self.store.insert(ticket, session)
+            event = ticket_event(
+                self.outbox,
+                events_pb2.TicketSubmitted(
+                    ticket_id=ticket["_id"],
+                    category=request.category,
+                    origin_unit_id=unit_id,
+                    location=request.location if request.HasField("location") else None,
+                    submitter_ref=domain.submitter_ref(self.submitter_key, caller.subject),
+                ),
+                ticket["_id"],
+            )
+            return tickets_pb2.SubmitTicketResponse(ticket=self._message(ticket)), [event]
+
+        return await self.commands.run(
+            "SubmitTicket", request, tickets_pb2.SubmitTicketResponse, work
+        )
+
+    async def SupportTicket(
+        self, request: tickets_pb2.SupportTicketRequest, context: Context
+    ) -> tickets_pb2.SupportTicketResponse:
+        def allowed(caller: Principal, ticket: Document) -> None:
+            if caller.role is not Role.RESIDENT or not caller.covers(ticket["origin_unit_id"]):
+                raise PermissionDenied("residents of the ticket's group may support it")
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            supporters = set(ticket.get("supporters", [])) | {principal().subject}
+            updated = await self.store.update(
+                ticket["_id"],
+                {
+                    "supporters": sorted(supporters),
+                    "last_change": type_name(events_pb2.TicketSupported()),
+                },
+                session,
+            )
+            event = events_pb2.TicketSupported(ticket_id=ticket["_id"], supporters=len(supporters))
+            return updated, [ticket_event(self.outbox, event, ticket["_id"])]
+
+        return await self._act(
+            "SupportTicket", request, tickets_pb2.SupportTicketResponse, "support", mutate, allowed
+        )
+
+    async def GetTicket(
+        self, request: tickets_pb2.GetTicketRequest, context: Context
+    ) -> tickets_pb2.GetTicketResponse:
+        ticket = await self._visible(request.ticket_id, principal())
+        linked = await self.store.linked(ticket["_id"])
+        return tickets_pb2.GetTicketResponse(
+            ticket=self._message(ticket), linked=[self._message(t) for t in linked]
+        )
+
+    # ---- photos ----------------------------------------------------------------------------
+
+    async def CreatePhotoUpload(
+        self, request: tickets_pb2.CreatePhotoUploadRequest, context: Context
+    ) -> tickets_pb2.CreatePhotoUploadResponse:
+        caller = principal()
+        ticket = await self._visible(request.ticket_id, caller)
+        if caller.subject != ticket["submitter"]:
+            domain.may_handle(caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"])
+        domain.check_transition("attach", domain.Status(ticket["status"]))
+        check_image_upload(request.content_type, request.size_bytes, domain.MAX_PHOTO_BYTES)
+        key = f"tickets/{ticket['_id']}/{uuid.uuid4().hex}.{EXTENSIONS[request.content_type]}"
+        return tickets_pb2.CreatePhotoUploadResponse(
+            upload_url=self.photos.upload_url(key),
+            object_key=key,
+            expires_at=timestamp(self.clock() + timedelta(minutes=15)),
+        )
+
+    async def AttachPhoto(
+        self, request: tickets_pb2.AttachPhotoRequest, context: Context
+    ) -> tickets_pb2.AttachPhotoResponse:
+        if not request.object_key.startswith(f"tickets/{request.ticket_id}/"):
+            raise InvalidArgument("object_key", "was not issued for this ticket")
+        caller = principal()
+        ticket = await self._visible(request.ticket_id, caller)
+        if len(ticket.get("photos", [])) >= domain.MAX_PHOTOS:
+            raise FailedPrecondition(f"a ticket holds at most {domain.MAX_PHOTOS} photos")
+        stored = await self.photos.accept_image(request.object_key, domain.MAX_PHOTO_BYTES)
+
+        def allowed(caller: Principal, ticket: Document) -> None:
+            if caller.subject != ticket["submitter"]:
+                domain.may_handle(caller, ticket["assigned_unit_id"] or ticket["origin_unit_id"])
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            photo = {"key": stored.key, "content_type": stored.content_type, "size": stored.size}
+            updated = await self.store.update(
+                ticket["_id"],
+                {"last_change": type_name(events_pb2.PhotoAttached())},
+                session,
+                push={"photos": photo},
+            )
+            event = events_pb2.PhotoAttached(ticket_id=ticket["_id"], object_key=stored.key)
+            return updated, [ticket_event(self.outbox, event, ticket["_id"])]
+
+        return await self._act(
+            "AttachPhoto", request, tickets_pb2.AttachPhotoResponse, "attach", mutate, allowed
+        )
+
+    # ---- the lifecycle ---------------------------------------------------------------------
+
+    async def _set_status(
+        self,
+        ticket: Document,
+        session: Session,
+        changes: Document,
+        message: Message,
+    ) -> tuple[Document, list[Document]]:
+        changes["last_change"] = type_name(message)
+        updated = await self.store.update(ticket["_id"], changes, session)
+        return updated, [ticket_event(self.outbox, message, ticket["_id"])]
+
+    async def AcknowledgeTicket(
+        self, request: tickets_pb2.AcknowledgeTicketRequest, context: Context
+    ) -> tickets_pb2.AcknowledgeTicketResponse:
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            return await self._set_status(
+                ticket,
+                session,
+                {
+                    "status": int(domain.Status.ACKNOWLEDGED),
+                    "acknowledge_by": None,
+                    "next_deadline": ticket["resolve_by"],
+                },
+                events_pb2.TicketAcknowledged(
+                    ticket_id=ticket["_id"], assigned_unit_id=ticket["assigned_unit_id"]
+                ),
+            )
+
+        return await self._act(
+            "AcknowledgeTicket",
+            request,
+            tickets_pb2.AcknowledgeTicketResponse,
+            "acknowledge",
+            mutate,
+            self._handler,
+        )
+
+    async def StartWork(
+        self, request: tickets_pb2.StartWorkRequest, context: Context
+    ) -> tickets_pb2.StartWorkResponse:
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            return await self._set_status(
+                ticket,
+                session,
+                {"status": int(domain.Status.IN_PROGRESS)},
+                events_pb2.TicketWorkStarted(
+                    ticket_id=ticket["_id"], assigned_unit_id=ticket["assigned_unit_id"]
+                ),
+            )
+
+        return await self._act(
+            "StartWork", request, tickets_pb2.StartWorkResponse, "start", mutate, self._handler
+        )
+
+    async def ResolveTicket(
+        self, request: tickets_pb2.ResolveTicketRequest, context: Context
+    ) -> tickets_pb2.ResolveTicketResponse:
+        resolution = domain.check_text("resolution", request.resolution, domain.MAX_COMMENT)
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            now = self.clock()
+            emitted: list[Document] = []
+            # The cluster is resolved together: its duplicates describe the same problem.
+            cluster = [ticket, *await self.store.linked(ticket["_id"])]
+            updated = ticket
+            for member in cluster:
+                if member["status"] not in domain.OPEN:
+                    continue
+                changed, events = await self._set_status(
+                    member,
+                    session,
+                    {
+                        "status": int(domain.Status.RESOLVED),
+                        "resolution": resolution,
+                        "resolved_at": now,
+                        "resolved_by": principal().subject,
+                        "next_deadline": None,
+                    },
+                    events_pb2.TicketResolved(
+                        ticket_id=member["_id"],
+                        resolved_by_unit_id=ticket["assigned_unit_id"],
+                        level=ticket["assigned_level"],
+                    ),
+                )
+                emitted += events
+                if member["_id"] == ticket["_id"]:
+                    updated = changed
+            return updated, emitted
+
+        return await self._act(
+            "ResolveTicket",
+            request,
+            tickets_pb2.ResolveTicketResponse,
+            "resolve",
+            mutate,
+            self._handler,
+        )
+
+    async def RejectTicket(
+        self, request: tickets_pb2.RejectTicketRequest, context: Context
+    ) -> tickets_pb2.RejectTicketResponse:
+        reason = domain.check_text("reason", request.reason, domain.MAX_COMMENT)
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            return await self._set_status(
+                ticket,
+                session,
+                {
+                    "status": int(domain.Status.REJECTED),
+                    "rejection_reason": reason,
+                    "resolved_at": self.clock(),
+                    "next_deadline": None,
+                },
+                events_pb2.TicketRejected(
+                    ticket_id=ticket["_id"], rejected_by_unit_id=ticket["assigned_unit_id"]
+                ),
+            )
+
+        return await self._act(
+            "RejectTicket",
+            request,
+            tickets_pb2.RejectTicketResponse,
+            "reject",
+            mutate,
+            self._handler,
+        )
+
+    async def EscalateTicket(
+        self, request: tickets_pb2.EscalateTicketRequest, context: Context
+    ) -> tickets_pb2.EscalateTicketResponse:
+        reason = domain.check_text("reason", request.reason, domain.MAX_COMMENT)
+        caller = principal()
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            if domain.escalation_target(ticket["assigned_unit_id"]) is None:
+                raise FailedPrecondition("the city is the highest level; nobody is above it")
+            await self.store.update(
+                ticket["_id"], {}, session, push={"comments": self._comment(caller, reason)}
+            )
+            return await escalate(
+                self.store,
+                self.outbox,
+                ticket,
+                self.clock(),
+                events_pb2.ESCALATION_CAUSE_BY_OFFICIAL,
+                session,
+            )
+
+        return await self._act(
+            "EscalateTicket",
+            request,
+            tickets_pb2.EscalateTicketResponse,
+            "escalate",
+            mutate,
+            self._handler,
+        )
+
+    async def ReopenTicket(
+        self, request: tickets_pb2.ReopenTicketRequest, context: Context
+    ) -> tickets_pb2.ReopenTicketResponse:
+        reason = domain.check_text("reason", request.reason, domain.MAX_COMMENT)
+        caller = principal()
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            rules = await self.store.rules_version(
+                ticket["rule_version"], session
+            ) or await self._rules(session)
+            now = self.clock()
+            if now - ticket["resolved_at"] > timedelta(seconds=rules["reopen_within_s"]):
+                raise FailedPrecondition("the period for reopening this ticket has passed")
+            level = domain.Level(ticket["assigned_level"])
+            due = domain.deadlines(
+                rule_for(rules, ticket["category"]), level, now, acknowledged=False
+            )
+            await self.store.update(
+                ticket["_id"], {}, session, push={"comments": self._comment(caller, reason)}
+            )
+            return await self._set_status(
+                ticket,
+                session,
+                {
+                    "status": int(domain.Status.ROUTED),
+                    "resolved_at": None,
+                    "level_since": now,
+                    "acknowledge_by": due.acknowledge_by,
+                    "resolve_by": due.resolve_by,
+                    "next_deadline": domain.next_deadline(
+                        domain.Status.ROUTED, due.acknowledge_by, due.resolve_by
+                    ),
+                },
+                events_pb2.TicketReopened(
+                    ticket_id=ticket["_id"], assigned_unit_id=ticket["assigned_unit_id"]
+                ),
+            )
+
+        return await self._act(
+            "ReopenTicket",
+            request,
+            tickets_pb2.ReopenTicketResponse,
+            "reopen",
+            mutate,
+            self._submitter,
+        )
+
+    async def CloseTicket(
+        self, request: tickets_pb2.CloseTicketRequest, context: Context
+    ) -> tickets_pb2.CloseTicketResponse:
+        def allowed(caller: Principal, ticket: Document) -> None:
+            if caller.subject != ticket["submitter"]:
+                domain.may_handle(caller, ticket["assigned_unit_id"])
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            return await self._set_status(
+                ticket,
+                session,
+                {"status": int(domain.Status.CLOSED), "closed_at": self.clock()},
+                events_pb2.TicketClosed(ticket_id=ticket["_id"]),
+            )
+
+        return await self._act(
+            "CloseTicket", request, tickets_pb2.CloseTicketResponse, "close", mutate, allowed
+        )
+
+    def _comment(self, caller: Principal, text: str) -> Document:
+        return {
+            "author": caller.subject,
+            "role": caller.role.value,
+            "text": text,
+            "at": self.clock(),
+        }
+
+    async def AddComment(
+        self, request: tickets_pb2.AddCommentRequest, context: Context
+    ) -> tickets_pb2.AddCommentResponse:
+        text = domain.check_text("text", request.text, domain.MAX_COMMENT)
+        caller = principal()
+
+        def allowed(caller: Principal, ticket: Document) -> None:
+            if caller.subject != ticket["submitter"]:
+                domain.may_handle(
+                    caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
+                )
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            message = events_pb2.TicketCommented(
+                ticket_id=ticket["_id"], author_role=caller.role.value
+            )
+            updated = await self.store.update(
+                ticket["_id"],
+                {"last_change": type_name(message)},
+                session,
+                push={"comments": self._comment(caller, text)},
+            )
+            return updated, [ticket_event(self.outbox, message, ticket["_id"])]
+
+        # Comments are allowed in every state, so the "transition" is a no-op check.
+        async def run(session: Session) -> tuple[tickets_pb2.AddCommentResponse, list[Document]]:
+            ticket = await self._ticket(request.ticket_id, session)
+            allowed(caller, ticket)
+            updated, emitted = await mutate(ticket, session)
+            return tickets_pb2.AddCommentResponse(ticket=self._message(updated)), emitted
+
+        return await self.commands.run("AddComment", request, tickets_pb2.AddCommentResponse, run)
+
+    async def RateResolution(
+        self, request: tickets_pb2.RateResolutionRequest, context: Context
+    ) -> tickets_pb2.RateResolutionResponse:
+        if not 1 <= request.rating <= 5:
+            raise InvalidArgument("rating", "must be from 1 to 5")
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            return await self._set_status(
+                ticket,
+                session,
+                {"rating": request.rating},
+                events_pb2.TicketRated(ticket_id=ticket["_id"], rating=request.rating),
+            )
+
+        return await self._act(
+            "RateResolution",
+            request,
+            tickets_pb2.RateResolutionResponse,
+            "rate",
+            mutate,
+            self._submitter,
+        )
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    async def ListMyTickets(
+        self, request: tickets_pb2.ListMyTicketsRequest, context: Context
+    ) -> tickets_pb2.ListMyTicketsResponse:
+        caller = principal()
+        tickets, token = await self.store.of_submitter(
+            caller.subject, request.page.page_token, page_size(request.page.page_size)
+        )
+        return tickets_pb2.ListMyTicketsResponse(
+            tickets=[self._message(t) for t in tickets], next_page_token=token
+        )
+
+    def _queue_query(self, caller: Principal, unit_id: str, department: str) -> Document:
+        if not caller.is_official:
+            raise PermissionDenied(f"role {caller.role.value} has no queue")
+        unit_id = unit_id or caller.scope
+        caller.require_unit(unit_id)
+        query: Document = {"assigned_unit_id": unit_id}
+        if department:
+            query["department"] = department
+        return query
+
+    async def ListQueue(
+        self, request: tickets_pb2.ListQueueRequest, context: Context
+    ) -> tickets_pb2.ListQueueResponse:
+        caller = principal()
+        query = self._queue_query(caller, request.unit_id, request.department)
+        if request.statuses:
+            query["status"] = {"$in": list(request.statuses)}
+        if request.category:
+            query["category"] = request.category
+        if request.overdue_only:
+            query["status"] = {"$in": [int(s) for s in domain.OPEN]}
+            query["next_deadline"] = {"$lt": self.clock()}
+        tickets, token = await self.store.queue(
+            query, request.page.page_token, page_size(request.page.page_size)
+        )
+        return tickets_pb2.ListQueueResponse(
+            tickets=[self._message(t) for t in tickets], next_page_token=token
+        )
+
+    async def WatchQueue(
+        self, request: tickets_pb2.WatchQueueRequest, context: Context
+    ) -> AsyncIterator[tickets_pb2.WatchQueueResponse]:
+        query = self._queue_query(principal(), request.unit_id, request.department)
+        pipeline = [
+            {"$match": {f"fullDocument.{key}": value for key, value in query.items()}},
+        ]
+        # A change stream sees every instance's writes, not only this one's.
+        async with await self.store.tickets.watch(pipeline, full_document="updateLookup") as stream:
+            async for change in stream:
+                ticket = change["fullDocument"]
+                yield tickets_pb2.WatchQueueResponse(
+                    ticket=self._message(ticket), change=ticket.get("last_change", "")
+                )
+
+    async def GetStatistics(
+        self, request: tickets_pb2.GetStatisticsRequest, context: Context
+    ) -> tickets_pb2.GetStatisticsResponse:
+        caller = principal()
+        if caller.role is Role.RESIDENT:
+            raise PermissionDenied("residents may not read statistics")
+        unit_id = request.unit_id or caller.scope
+        caller.require_unit(unit_id)
+        rows = await self.store.statistics(unit_id, self.clock())
+        return tickets_pb2.GetStatisticsResponse(
+            statistics=[
+                tickets_pb2.CategoryStatistics(
+                    unit_id=row["_id"]["unit"],
+                    category=row["_id"]["category"],
+                    total=row["total"],
+                    open=row["open"],
+                    resolved=row["resolved"],
+                    overdue=row["overdue"],
+                    median_resolution_time=duration(
+                        timedelta(milliseconds=statistics.median(row["resolution_ms"]))
+                    )
+                    if row["resolution_ms"]
+                    else None,
+                )
+                for row in rows
+            ]
+        )
+
+    # ---- routing rules -------------------------------------------------------------------
+
+    async def GetRoutingRules(
+        self, request: tickets_pb2.GetRoutingRulesRequest, context: Context
+    ) -> tickets_pb2.GetRoutingRulesResponse:
+        principal()
+        return tickets_pb2.GetRoutingRulesResponse(rules=rules_message(await self._rules()))
+
+    async def SetRoutingRules(
+        self, request: tickets_pb2.SetRoutingRulesRequest, context: Context
+    ) -> tickets_pb2.SetRoutingRulesResponse:
+        caller = principal()
+        caller.require_role(Role.CITY_ADMIN)
+        rules = [rule_from_message(i, rule) for i, rule in enumerate(request.rules)]
+        reopen_within = (
+            request.reopen_within.ToTimedelta()
+            if request.HasField("reopen_within")
+            else domain.DEFAULT_REOPEN_WITHIN
+        )
+        domain.check_rules(rules, reopen_within)
+
+        async def work(
+            session: Session,
+        ) -> tuple[tickets_pb2.SetRoutingRulesResponse, list[Document]]:
+            current = await self._rules(session)
+            doc = rules_document(
+                current["version"] + 1, rules, reopen_within, self.clock(), caller.subject
+            )
+            await self.store.insert_rules(doc, session)
+            event = self.outbox.event(
+                events_pb2.RoutingRulesChanged(
+                    version=doc["version"], categories=[r.category for r in rules]
+                ),
+                key="routing-rules",
+            )
+            return tickets_pb2.SetRoutingRulesResponse(rules=rules_message(doc)), [event]
+
+        return await self.commands.run(
+            "SetRoutingRules", request, tickets_pb2.SetRoutingRulesResponse, work
+        )

@@ -1,0 +1,217 @@
+"""Pure rules of complaints and requests: routing, the lifecycle, deadlines. No I/O here."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import IntEnum
+
+from services.common.auth import Principal, Role
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+
+
+class Level(IntEnum):
+    # Values match civic.tickets.v1.Level; a unit id has one segment per level from the city.
+    GROUP = 1
+    WARD = 2
+    DISTRICT = 3
+    CITY = 4
+
+
+class Status(IntEnum):
+    # Values match civic.tickets.v1.TicketStatus.
+    SUBMITTED = 1
+    ROUTED = 2
+    ACKNOWLEDGED = 3
+    IN_PROGRESS = 4
+    RESOLVED = 5
+    REJECTED = 6
+    CLOSED = 7
+
+
+OPEN = (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS)
+CATEGORY = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
+DEPARTMENT = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+MAX_DESCRIPTION = 4000
+MAX_COMMENT = 2000
+DUPLICATE_DISTANCE_M = 150
+DUPLICATE_WINDOW = timedelta(days=3)
+MAX_PHOTO_BYTES = 8 * 1024 * 1024
+MAX_PHOTOS = 6
+
+
+def unit_at_level(group_id: str, level: Level) -> str:
+    """The unit at `level` above a residential group: "dn.hc.hc1.t17" at WARD is "dn.hc.hc1"."""
+    parts = group_id.split(".")
+    return ".".join(parts[: len(parts) - (int(level) - 1)])
+
+
+def level_of(unit_id: str) -> Level:
+    return Level(5 - len(unit_id.split(".")))
+
+
+# ---- routing rules ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sla:
+    acknowledge_within: timedelta
+    resolve_within: timedelta
+
+
+@dataclass(frozen=True)
+class Rule:
+    category: str
+    title: str
+    level: Level
+    department: str
+    slas: dict[Level, Sla] = field(default_factory=dict)
+
+    def sla_at(self, level: Level) -> Sla:
+        return self.slas.get(level) or next(iter(self.slas.values()))
+
+
+def check_rules(rules: list[Rule], reopen_within: timedelta) -> None:
+    if not rules:
+        raise InvalidArgument("rules", "name at least one category")
+    seen: set[str] = set()
+    for index, rule in enumerate(rules):
+        where = f"rules[{index}]"
+        if not CATEGORY.match(rule.category):
+            raise InvalidArgument(f"{where}.category", "use 2-40 lower-case letters, digits, '-'")
+        if rule.category in seen:
+            raise InvalidArgument(f"{where}.category", f"{rule.category} appears twice")
+        seen.add(rule.category)
+        if not rule.title.strip():
+            raise InvalidArgument(f"{where}.title", "must not be empty")
+        if rule.department and not DEPARTMENT.match(rule.department):
+            raise InvalidArgument(f"{where}.department", "use lower-case letters, digits, '-'")
+        if not rule.slas:
+            raise InvalidArgument(f"{where}.slas", "name at least one deadline")
+        for sla in rule.slas.values():
+            if sla.acknowledge_within <= timedelta(0) or sla.resolve_within <= timedelta(0):
+                raise InvalidArgument(f"{where}.slas", "deadlines must be positive")
+            if sla.resolve_within < sla.acknowledge_within:
+                raise InvalidArgument(
+                    f"{where}.slas", "resolve_within is before acknowledge_within"
+                )
+    if reopen_within <= timedelta(0):
+        raise InvalidArgument("reopen_within", "must be positive")
+
+
+def _sla(ack_hours: float, resolve_days: float) -> dict[Level, Sla]:
+    sla = Sla(timedelta(hours=ack_hours), timedelta(days=resolve_days))
+    return dict.fromkeys(Level, sla)
+
+
+# The pilots' categories; a city admin replaces them at runtime (SetRoutingRules).
+DEFAULT_RULES = [
+    Rule("sanitation", "Vệ sinh môi trường", Level.GROUP, "", _sla(24, 3)),
+    Rule("groceries-for-quarantine", "Mua hàng cho hộ cách ly", Level.GROUP, "", _sla(4, 1)),
+    Rule("street-light", "Đèn đường hỏng", Level.WARD, "urban-order", _sla(24, 5)),
+    Rule("flooding", "Ngập úng", Level.WARD, "urban-order", _sla(12, 3)),
+    Rule("illegal-construction", "Xây dựng trái phép", Level.WARD, "urban-order", _sla(24, 10)),
+    Rule("noise", "Tiếng ồn, mất trật tự", Level.WARD, "ward-police", _sla(12, 3)),
+    Rule("citizen-id-at-home", "Làm căn cước tại nhà", Level.WARD, "ward-police", _sla(48, 14)),
+    Rule("civil-procedure", "Hỗ trợ thủ tục hộ tịch", Level.WARD, "justice", _sla(24, 7)),
+    Rule("health", "Y tế", Level.WARD, "health-station", _sla(12, 3)),
+]
+DEFAULT_REOPEN_WITHIN = timedelta(days=7)
+
+
+# ---- the lifecycle --------------------------------------------------------------------------
+
+TRANSITIONS: dict[str, tuple[Status, ...]] = {
+    "route": (Status.SUBMITTED,),
+    "acknowledge": (Status.ROUTED,),
+    "start": (Status.ACKNOWLEDGED,),
+    "resolve": (Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
+    "reject": (Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
+    "escalate": (Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
+    "reopen": (Status.RESOLVED, Status.REJECTED),
+    "close": (Status.RESOLVED, Status.REJECTED),
+    "rate": (Status.RESOLVED, Status.CLOSED),
+    "support": (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
+    "attach": (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
+}
+
+
+def check_transition(action: str, status: Status) -> None:
+    if status not in TRANSITIONS[action]:
+        raise FailedPrecondition(f"cannot {action} a ticket that is {status.name.lower()}")
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    acknowledge_by: datetime | None
+    resolve_by: datetime
+
+
+def deadlines(rule: Rule, level: Level, since: datetime, acknowledged: bool) -> Deadlines:
+    """Deadlines at a level, counted from when the ticket reached it."""
+    sla = rule.sla_at(level)
+    return Deadlines(
+        acknowledge_by=None if acknowledged else since + sla.acknowledge_within,
+        resolve_by=since + sla.resolve_within,
+    )
+
+
+def next_deadline(
+    status: Status, acknowledge_by: datetime | None, resolve_by: datetime
+) -> datetime:
+    if status is Status.ROUTED and acknowledge_by is not None:
+        return min(acknowledge_by, resolve_by)
+    return resolve_by
+
+
+def escalation_target(assigned_unit_id: str) -> str | None:
+    """One level up; the city has nobody above it."""
+    if level_of(assigned_unit_id) is Level.CITY:
+        return None
+    return assigned_unit_id.rsplit(".", 1)[0]
+
+
+# ---- who may do what --------------------------------------------------------------------------
+
+
+def may_see(caller: Principal, origin_unit_id: str, assigned_unit_id: str, submitter: str) -> None:
+    """Submitters see their own tickets; officials, integrators and auditors those in scope."""
+    if caller.subject == submitter:
+        return
+    if caller.role is Role.RESIDENT:
+        raise PermissionDenied("residents see only their own tickets")
+    if not (caller.covers(origin_unit_id) or caller.covers(assigned_unit_id)):
+        raise PermissionDenied("the ticket is outside your scope")
+
+
+def may_handle(caller: Principal, assigned_unit_id: str) -> None:
+    """The officials of the unit the ticket is assigned to, or of any unit above it."""
+    if not caller.is_official:
+        raise PermissionDenied(f"role {caller.role.value} may not handle tickets")
+    if not caller.covers(assigned_unit_id):
+        raise PermissionDenied(f"the ticket is assigned to {assigned_unit_id}, outside your scope")
+
+
+def may_submit_for(caller: Principal, unit_id: str) -> None:
+    if caller.role is Role.RESIDENT:
+        return
+    if not caller.is_official:
+        raise PermissionDenied(f"role {caller.role.value} may not file tickets")
+    caller.require_unit(unit_id)
+
+
+def submitter_ref(key: bytes, subject: str) -> str:
+    """A pseudonym for integrators: stable per submitter, says nothing about who it is."""
+    return hmac.new(key, subject.encode(), hashlib.sha256).hexdigest()[:24]
+
+
+def check_text(field_name: str, text: str, limit: int) -> str:
+    cleaned = text.strip()
+    if not cleaned:
+        raise InvalidArgument(field_name, "must not be empty")
+    if len(cleaned) > limit:
+        raise InvalidArgument(field_name, f"is longer than {limit} characters")
+    return cleaned

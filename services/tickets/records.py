@@ -1,0 +1,189 @@
+"""Ticket and rule documents to and from gRPC messages and domain values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from civic.common.v1 import types_pb2
+from civic.tickets.v1 import tickets_pb2
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.errors import InvalidArgument
+from services.common.mongo import Document
+from services.tickets.domain import Level, Rule, Sla, Status
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def duration(value: timedelta) -> Duration:
+    span = Duration()
+    span.FromTimedelta(value)
+    return span
+
+
+def geo_point(point: types_pb2.GeoPoint) -> Document:
+    if not -90 <= point.latitude <= 90:
+        raise InvalidArgument("location.latitude", "must be between -90 and 90")
+    if not -180 <= point.longitude <= 180:
+        raise InvalidArgument("location.longitude", "must be between -180 and 180")
+    return {"type": "Point", "coordinates": [point.longitude, point.latitude]}
+
+
+def point_message(doc: Document | None) -> types_pb2.GeoPoint | None:
+    if not doc:
+        return None
+    longitude, latitude = doc["coordinates"]
+    return types_pb2.GeoPoint(latitude=latitude, longitude=longitude)
+
+
+def ticket_message(
+    doc: Document, now: datetime, photo_url: Callable[[str], str] | None = None
+) -> tickets_pb2.Ticket:
+    status = Status(doc["status"])
+    deadline = doc.get("next_deadline")
+    return tickets_pb2.Ticket(
+        ticket_id=doc["_id"],
+        category=doc["category"],
+        description=doc["description"],
+        status=doc["status"],
+        origin_unit_id=doc["origin_unit_id"],
+        household_id=doc.get("household_id") or "",
+        location=point_message(doc.get("location")),
+        assigned_unit_id=doc.get("assigned_unit_id") or "",
+        assigned_level=doc.get("assigned_level") or 0,  # type: ignore[arg-type]
+        department=doc.get("department") or "",
+        rule_version=doc.get("rule_version") or 0,
+        submitter=doc["submitter"],
+        photos=[
+            tickets_pb2.Photo(
+                object_key=p["key"],
+                content_type=p["content_type"],
+                size_bytes=p["size"],
+                url=photo_url(p["key"]) if photo_url else "",
+            )
+            for p in doc.get("photos", [])
+        ],
+        comments=[
+            tickets_pb2.Comment(
+                author=c["author"], author_role=c["role"], text=c["text"], at=timestamp(c["at"])
+            )
+            for c in doc.get("comments", [])
+        ],
+        duplicate_of=doc.get("duplicate_of") or "",
+        duplicates=doc.get("duplicates", []),
+        supporters=len(doc.get("supporters", [])),
+        resolution=doc.get("resolution", ""),
+        rejection_reason=doc.get("rejection_reason", ""),
+        rating=doc.get("rating", 0),
+        escalations=doc.get("escalations", 0),
+        submitted_at=timestamp(doc["submitted_at"]),
+        acknowledge_by=timestamp(doc.get("acknowledge_by")),
+        resolve_by=timestamp(doc.get("resolve_by")),
+        resolved_at=timestamp(doc.get("resolved_at")),
+        overdue=status in (Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS)
+        and deadline is not None
+        and deadline < now,
+    )
+
+
+# ---- routing rules ------------------------------------------------------------------------
+
+
+def rule_from_message(index: int, rule: tickets_pb2.RoutingRule) -> Rule:
+    if rule.level not in tickets_pb2.Level.values() or rule.level == 0:
+        raise InvalidArgument(f"rules[{index}].level", "is required")
+    slas: dict[Level, Sla] = {}
+    for sla in rule.slas:
+        level = Level(sla.level) if sla.level in tickets_pb2.Level.values() and sla.level else None
+        if level is None:
+            raise InvalidArgument(f"rules[{index}].slas.level", "is required")
+        slas[level] = Sla(sla.acknowledge_within.ToTimedelta(), sla.resolve_within.ToTimedelta())
+    return Rule(rule.category, rule.title.strip(), Level(rule.level), rule.department, slas)
+
+
+def rule_document(rule: Rule) -> Document:
+    return {
+        "category": rule.category,
+        "title": rule.title,
+        "level": int(rule.level),
+        "department": rule.department,
+        "slas": {
+            str(int(level)): {
+                "acknowledge_s": sla.acknowledge_within.total_seconds(),
+                "resolve_s": sla.resolve_within.total_seconds(),
+            }
+            for level, sla in rule.slas.items()
+        },
+    }
+
+
+def rules_document(
+    version: int, rules: list[Rule], reopen_within: timedelta, at: datetime, by: str
+) -> Document:
+    return {
+        "_id": f"rules-{version}",
+        "version": version,
+        "rules": [rule_document(rule) for rule in rules],
+        "reopen_within_s": reopen_within.total_seconds(),
+        "changed_at": at,
+        "changed_by": by,
+    }
+
+
+def rule_from_document(doc: Document) -> Rule:
+    return Rule(
+        doc["category"],
+        doc["title"],
+        Level(doc["level"]),
+        doc["department"],
+        {
+            Level(int(level)): Sla(
+                timedelta(seconds=sla["acknowledge_s"]), timedelta(seconds=sla["resolve_s"])
+            )
+            for level, sla in doc["slas"].items()
+        },
+    )
+
+
+def rule_for(rules_doc: Document, category: str) -> Rule:
+    """The rule for a category in a rules version; a category withdrawn after a ticket was filed
+    goes to the ward's general desk with the first rule's deadlines."""
+    for stored in rules_doc["rules"]:
+        if stored["category"] == category:
+            return rule_from_document(stored)
+    first = rule_from_document(rules_doc["rules"][0])
+    return Rule(category, category, Level.WARD, "", first.slas)
+
+
+def rules_message(doc: Document) -> tickets_pb2.RoutingRules:
+    return tickets_pb2.RoutingRules(
+        version=doc["version"],
+        rules=[
+            tickets_pb2.RoutingRule(
+                category=rule.category,
+                title=rule.title,
+                level=int(rule.level),  # type: ignore[arg-type]
+                department=rule.department,
+                slas=[
+                    tickets_pb2.LevelSla(
+                        level=int(level),  # type: ignore[arg-type]
+                        acknowledge_within=duration(sla.acknowledge_within),
+                        resolve_within=duration(sla.resolve_within),
+                    )
+                    for level, sla in rule.slas.items()
+                ],
+            )
+            for rule in map(rule_from_document, doc["rules"])
+        ],
+        reopen_within=duration(timedelta(seconds=doc["reopen_within_s"])),
+        changed_at=timestamp(doc["changed_at"]),
+        changed_by=doc["changed_by"],
+    )

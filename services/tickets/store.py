@@ -1,0 +1,207 @@
+"""Tickets, routing rules and the service's own view of the administrative tree in MongoDB."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, GEOSPHERE, IndexModel
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.common.commands import ensure_command_indexes
+from services.common.mongo import Document, Session
+from services.common.outbox import ensure_outbox_indexes
+from services.common.paging import after_token, next_token
+from services.tickets.domain import OPEN
+
+EARTH_RADIUS_M = 6_378_100
+
+
+def new_ticket_id() -> str:
+    return f"tk-{ObjectId()}"
+
+
+def within(unit_id: str) -> dict[str, Any]:
+    return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
+
+
+class TicketStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+        self.tickets = db["tickets"]
+        self.rules = db["routing_rules"]
+        self.units = db["units"]  # projected from civic.registry.v1
+        self.households = db["households"]  # projected from civic.registry.v1
+
+    async def ensure_indexes(self) -> None:
+        open_only = {"status": {"$in": [int(s) for s in OPEN]}}
+        await self.tickets.create_indexes(
+            [
+                IndexModel(
+                    [("assigned_unit_id", ASCENDING), ("department", ASCENDING), ("_id", ASCENDING)]
+                ),
+                IndexModel([("origin_unit_id", ASCENDING), ("category", ASCENDING)]),
+                IndexModel([("submitter", ASCENDING), ("_id", DESCENDING)]),
+                IndexModel([("next_deadline", ASCENDING)], partialFilterExpression=open_only),
+                IndexModel([("location", GEOSPHERE), ("category", ASCENDING)]),
+            ]
+        )
+        await self.rules.create_index([("version", DESCENDING)])
+        await ensure_outbox_indexes(self.db)
+        await ensure_command_indexes(self.db)
+
+    # ---- tickets ---------------------------------------------------------------------------
+
+    async def get(self, ticket_id: str, session: Session | None = None) -> Document | None:
+        return await self.tickets.find_one({"_id": ticket_id}, session=session)
+
+    async def insert(self, ticket: Document, session: Session) -> None:
+        await self.tickets.insert_one(ticket, session=session)
+
+    async def update(
+        self, ticket_id: str, changes: Document, session: Session, push: Document | None = None
+    ) -> Document:
+        update: Document = {"$set": changes}
+        if push:
+            update["$push"] = push
+        updated = await self.tickets.find_one_and_update(
+            {"_id": ticket_id}, update, session=session, return_document=True
+        )
+        assert updated is not None
+        return updated
+
+    async def open_nearby(
+        self,
+        *,
+        category: str,
+        point: Document,
+        meters: float,
+        since: datetime,
+        exclude: str,
+        session: Session,
+    ) -> Document | None:
+        """The first-filed open ticket of the category within `meters` since `since`."""
+        return await self.tickets.find_one(
+            {
+                # $geoWithin, unlike $near, is allowed inside transactions.
+                "location": {
+                    "$geoWithin": {"$centerSphere": [point["coordinates"], meters / EARTH_RADIUS_M]}
+                },
+                "category": category,
+                "status": {"$in": [int(s) for s in OPEN]},
+                "duplicate_of": None,
+                "submitted_at": {"$gte": since},
+                "_id": {"$ne": exclude},
+            },
+            sort=[("submitted_at", ASCENDING)],
+            session=session,
+        )
+
+    async def linked(self, ticket_id: str) -> list[Document]:
+        return await self.tickets.find({"duplicate_of": ticket_id}).to_list()
+
+    async def due(self, now: datetime, limit: int = 200) -> list[Document]:
+        return (
+            await self.tickets.find(
+                {"status": {"$in": [int(s) for s in OPEN]}, "next_deadline": {"$lte": now}}
+            )
+            .sort("next_deadline", ASCENDING)
+            .limit(limit)
+            .to_list()
+        )
+
+    async def of_submitter(
+        self, submitter: str, token: str, size: int
+    ) -> tuple[list[Document], str]:
+        query: Document = {"submitter": submitter}
+        if token:
+            query["_id"] = {"$lt": token}
+        items = await self.tickets.find(query).sort("_id", DESCENDING).limit(size).to_list()
+        return items, next_token(items, size)
+
+    async def queue(self, query: Document, token: str, size: int) -> tuple[list[Document], str]:
+        items = await self.tickets.find(after_token(query, token)).sort("_id").limit(size).to_list()
+        return items, next_token(items, size)
+
+    async def statistics(self, unit_id: str, now: datetime) -> list[Document]:
+        """Per origin unit and category: totals, open, resolved, overdue, resolution times."""
+        rows = await self.tickets.aggregate(
+            [
+                {"$match": {"origin_unit_id": within(unit_id), "duplicate_of": None}},
+                {
+                    "$group": {
+                        "_id": {"unit": "$origin_unit_id", "category": "$category"},
+                        "total": {"$sum": 1},
+                        "open": {
+                            "$sum": {"$cond": [{"$in": ["$status", [int(s) for s in OPEN]]}, 1, 0]}
+                        },
+                        "resolved": {"$sum": {"$cond": [{"$ne": ["$resolved_at", None]}, 1, 0]}},
+                        "overdue": {
+                            "$sum": {
+                                "$cond": [
+                                    {
+                                        "$and": [
+                                            {"$in": ["$status", [int(s) for s in OPEN]]},
+                                            {"$lt": ["$next_deadline", now]},
+                                        ]
+                                    },
+                                    1,
+                                    0,
+                                ]
+                            }
+                        },
+                        "resolution_ms": {
+                            "$push": {
+                                "$cond": [
+                                    {"$ne": ["$resolved_at", None]},
+                                    {"$subtract": ["$resolved_at", "$submitted_at"]},
+                                    "$$REMOVE",
+                                ]
+                            }
+                        },
+                    }
+                },
+                {"$sort": {"_id.unit": 1, "_id.category": 1}},
+            ]
+        )
+        return await rows.to_list()
+
+    # ---- routing rules -------------------------------------------------------------------
+
+    async def current_rules(self, session: Session | None = None) -> Document | None:
+        return await self.rules.find_one({}, sort=[("version", DESCENDING)], session=session)
+
+    async def rules_version(self, version: int, session: Session | None = None) -> Document | None:
+        return await self.rules.find_one({"version": version}, session=session)
+
+    async def insert_rules(self, rules: Document, session: Session) -> None:
+        await self.rules.insert_one(rules, session=session)
+
+    # ---- the registry's tree, as this service knows it -------------------------------------
+
+    async def unit(self, unit_id: str) -> Document | None:
+        return await self.units.find_one({"_id": unit_id})
+
+    async def household(self, household_id: str) -> Document | None:
+        return await self.households.find_one({"_id": household_id})
+
+    async def put_unit(self, unit: Document, session: Session) -> None:
+        await self.units.replace_one({"_id": unit["_id"]}, unit, upsert=True, session=session)
+
+    async def retire_group(self, source: str, target: str, session: Session) -> None:
+        await self.units.update_one(
+            {"_id": source},
+            {"$set": {"active": False, "merged_into_id": target}},
+            upsert=True,
+            session=session,
+        )
+        await self.households.update_many(
+            {"unit_id": source}, {"$set": {"unit_id": target}}, session=session
+        )
+
+    async def put_household(self, household_id: str, fields: Document, session: Session) -> None:
+        await self.households.update_one(
+            {"_id": household_id}, {"$set": fields}, upsert=True, session=session
+        )
