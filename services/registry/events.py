@@ -134,7 +134,7 @@ def subscribe_history(
     group_id: str,
     instance_id: str,
 ) -> None:
-    async def project(event: CloudEvent, message: Message, session: Session) -> None:
+    async def project(event: CloudEvent, message: Message, session: Session) -> list[Document]:
         for household_id, person_id, summary in _history_lines(message):
             await store.add_history(
                 {
@@ -149,6 +149,7 @@ def subscribe_history(
                 },
                 session,
             )
+        return []
 
     subscribe_once(
         broker,
