@@ -17,13 +17,19 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from services.common.config import Settings
 
 
+_added: set[SpanProcessor] = set()
+
+
 def setup_telemetry(
     service_name: str, settings: Settings, processor: SpanProcessor | None = None
 ) -> None:
     """Install the global tracer provider once per process; later calls only add a processor."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
-        if processor is not None:
+        # Several services in one process (tests, benchmarks) share the provider: add a given
+        # processor once, or every span would be exported once per service.
+        if processor is not None and processor not in _added:
+            _added.add(processor)
             current.add_span_processor(processor)
         return
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
@@ -33,6 +39,7 @@ def setup_telemetry(
         exporter = OTLPSpanExporter(endpoint=settings.otel_exporter_otlp_endpoint, insecure=True)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     if processor is not None:
+        _added.add(processor)
         provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +42,8 @@ R = TypeVar("R", bound=Message)
 # A change to one ticket inside the command's transaction: the new document and its events.
 Mutation = Callable[[Document, Session], Awaitable[tuple[Document, list[Document]]]]
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+# The name CreatePhotoUpload gives an upload inside its ticket's folder; nothing else attaches.
+PHOTO_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png|webp)")
 
 
 class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
@@ -65,7 +68,13 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     # ---- helpers -------------------------------------------------------------------------
 
     def _message(self, ticket: Document) -> tickets_pb2.Ticket:
-        return ticket_message(ticket, self.clock(), self.photos.view_url)
+        message = ticket_message(ticket, self.clock(), self.photos.view_url)
+        # Who filed it is shown only to the submitter and officials (in scope, or they would not
+        # see the ticket at all); not to integrators, auditors or other residents.
+        caller = principal()
+        if not (caller.is_official or caller.subject == ticket["submitter"]):
+            message.submitter = ""
+        return message
 
     async def _ticket(self, ticket_id: str, session: Session | None = None) -> Document:
         if not ticket_id:
@@ -112,7 +121,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
     @staticmethod
     def _handler(caller: Principal, ticket: Document) -> None:
-        domain.may_handle(caller, ticket["assigned_unit_id"])
+        # Not routed yet: its group's officials pass here and are refused by the transition check.
+        domain.may_handle(caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"])
 
     @staticmethod
     def _submitter(caller: Principal, ticket: Document) -> None:
@@ -264,7 +274,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def AttachPhoto(
         self, request: tickets_pb2.AttachPhotoRequest, context: Context
     ) -> tickets_pb2.AttachPhotoResponse:
-        if not request.object_key.startswith(f"tickets/{request.ticket_id}/"):
+        folder = f"tickets/{request.ticket_id}/"
+        if not (
+            request.object_key.startswith(folder)
+            and PHOTO_NAME.fullmatch(request.object_key.removeprefix(folder))
+        ):
             raise InvalidArgument("object_key", "was not issued for this ticket")
         caller = principal()
         ticket = await self._visible(request.ticket_id, caller)
@@ -274,7 +288,9 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
         def allowed(caller: Principal, ticket: Document) -> None:
             if caller.subject != ticket["submitter"]:
-                domain.may_handle(caller, ticket["assigned_unit_id"] or ticket["origin_unit_id"])
+                domain.may_handle(
+                    caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
+                )
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             photo = {"key": stored.key, "content_type": stored.content_type, "size": stored.size}
@@ -369,6 +385,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                         "resolution": resolution,
                         "resolved_at": now,
                         "resolved_by": principal().subject,
+                        "rejected": False,
                         "next_deadline": None,
                     },
                     events_pb2.TicketResolved(
@@ -403,6 +420,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 {
                     "status": int(domain.Status.REJECTED),
                     "rejection_reason": reason,
+                    # Decided, but not resolved: statistics tell the two apart by this.
+                    "rejected": True,
                     "resolved_at": self.clock(),
                     "next_deadline": None,
                 },

@@ -34,12 +34,12 @@ async def escalate(
     cause: events_pb2.EscalationCause.ValueType,
     session: Session,
 ) -> tuple[Document, list[Document]]:
-    """Moves the ticket one level up with fresh deadlines; at the city it is only marked."""
+    """Moves the ticket one level up with fresh deadlines; at the city it stays as it is."""
     target = domain.escalation_target(ticket["assigned_unit_id"])
     if target is None:
-        # Nobody is above the city: keep it at the top of the city's overdue queue.
-        updated = await store.update(ticket["_id"], {"next_deadline": None}, session)
-        return updated, []
+        # Nobody is above the city: it keeps its passed deadline, so it stays overdue in the
+        # city's queue (the sweep skips city tickets; see TicketStore.due).
+        return ticket, []
     rules_doc = await store.rules_version(ticket["rule_version"], session)
     assert rules_doc is not None
     rule = rule_for(rules_doc, ticket["category"])

@@ -13,6 +13,7 @@ from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
+from services.common.auth import current_principal
 from services.common.broker import subscribe_once
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.mongo import Document, Session
@@ -27,8 +28,15 @@ SOURCE = "/civic/tickets"
 
 
 def ticket_event(outbox: Outbox, message: Message, ticket_id: str) -> Document:
-    """Keyed by ticket, so an integrator reads each ticket's history in order."""
-    return outbox.event(message, key=ticket_id, subject=ticket_id)
+    """Keyed by ticket, so an integrator reads each ticket's history in order.
+
+    The event is public: it names the official who acted (ce_actor) but never a resident, and
+    never the submitter, who appears only as TicketSubmitted's opaque submitter_ref."""
+    event = outbox.event(message, key=ticket_id, subject=ticket_id)
+    caller = current_principal.get(None)
+    if isinstance(message, events_pb2.TicketSubmitted) or caller is None or not caller.is_official:
+        event["actor"] = ""
+    return event
 
 
 def change(message: Message) -> str:
@@ -83,6 +91,7 @@ class Router:
                 meters=self.duplicate_distance_m,
                 since=ticket["submitted_at"] - domain.DUPLICATE_WINDOW,
                 exclude=ticket["_id"],
+                area=assigned,
                 session=session,
             )
         if primary is not None:

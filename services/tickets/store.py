@@ -14,7 +14,7 @@ from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
-from services.tickets.domain import OPEN
+from services.tickets.domain import OPEN, Level
 
 EARTH_RADIUS_M = 6_378_100
 
@@ -80,11 +80,14 @@ class TicketStore:
         meters: float,
         since: datetime,
         exclude: str,
+        area: str,
         session: Session,
     ) -> Document | None:
-        """The first-filed open ticket of the category within `meters` since `since`."""
+        """The first-filed open ticket of the category within `meters` since `since`, filed in
+        `area` (the unit the new ticket goes to: a duplicate never crosses into another's)."""
         return await self.tickets.find_one(
             {
+                "origin_unit_id": within(area),
                 # $geoWithin, unlike $near, is allowed inside transactions.
                 "location": {
                     "$geoWithin": {"$centerSphere": [point["coordinates"], meters / EARTH_RADIUS_M]}
@@ -103,9 +106,15 @@ class TicketStore:
         return await self.tickets.find({"duplicate_of": ticket_id}).to_list()
 
     async def due(self, now: datetime, limit: int = 200) -> list[Document]:
+        """Open tickets past their deadline that can still go up: nobody is above the city, so
+        a city ticket keeps its deadline (and shows overdue) without being swept again."""
         return (
             await self.tickets.find(
-                {"status": {"$in": [int(s) for s in OPEN]}, "next_deadline": {"$lte": now}}
+                {
+                    "status": {"$in": [int(s) for s in OPEN]},
+                    "next_deadline": {"$lte": now},
+                    "assigned_level": {"$ne": int(Level.CITY)},
+                }
             )
             .sort("next_deadline", ASCENDING)
             .limit(limit)
@@ -126,7 +135,9 @@ class TicketStore:
         return items, next_token(items, size)
 
     async def statistics(self, unit_id: str, now: datetime) -> list[Document]:
-        """Per origin unit and category: totals, open, resolved, overdue, resolution times."""
+        """Per origin unit and category: totals, open, resolved, overdue, resolution times.
+        A rejected ticket (closed or not) was decided but not resolved: it counts in neither."""
+        resolved = {"$and": [{"$ne": ["$resolved_at", None]}, {"$ne": ["$rejected", True]}]}
         rows = await self.tickets.aggregate(
             [
                 {"$match": {"origin_unit_id": within(unit_id), "duplicate_of": None}},
@@ -137,7 +148,7 @@ class TicketStore:
                         "open": {
                             "$sum": {"$cond": [{"$in": ["$status", [int(s) for s in OPEN]]}, 1, 0]}
                         },
-                        "resolved": {"$sum": {"$cond": [{"$ne": ["$resolved_at", None]}, 1, 0]}},
+                        "resolved": {"$sum": {"$cond": [resolved, 1, 0]}},
                         "overdue": {
                             "$sum": {
                                 "$cond": [
@@ -155,7 +166,7 @@ class TicketStore:
                         "resolution_ms": {
                             "$push": {
                                 "$cond": [
-                                    {"$ne": ["$resolved_at", None]},
+                                    resolved,
                                     {"$subtract": ["$resolved_at", "$submitted_at"]},
                                     "$$REMOVE",
                                 ]

@@ -135,7 +135,13 @@ async def pilot(city: City, tickets_service: TicketsService) -> Pilot:
     household_id = home.household.household_id
 
     async def known() -> bool:
-        return await tickets_service.store.household(household_id) is not None
+        # Unit and household events travel on different partitions: wait for all of them.
+        store = tickets_service.store
+        return (
+            await store.household(household_id) is not None
+            and await store.unit(city.group) is not None
+            and await store.unit(city.other_group) is not None
+        )
 
     await eventually(known)
     return Pilot(city, household_id, f"127.0.0.1:{tickets_service.port}")

@@ -1,0 +1,239 @@
+"""Photos go from the resident's phone straight to object storage through a presigned URL; the
+service checks what arrived (size, declared type, the bytes themselves) before it attaches it,
+and deletes whatever it refuses. Real SeaweedFS S3, plain HTTP for the upload and the view."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import urllib.error
+import urllib.request
+import zlib
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from civic.tickets.v1 import tickets_pb2
+from minio import Minio
+from minio.error import S3Error
+
+from services.common.config import Settings
+from services.tickets.domain import MAX_PHOTO_BYTES
+from services.tickets.main import PHOTO_BUCKET
+from tests.tickets.conftest import Pilot, TicketCaller, rid
+
+# ---- real image bytes, made here (no imaging library needed) ---------------------------------
+
+
+def png_bytes(width: int = 24, height: int = 16) -> bytes:
+    """A valid RGB PNG (pngcheck: no errors) with a gradient, so each size differs in content."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes((x * 16 % 256, y * 16 % 256, 128)) for x in range(width))
+        for y in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def jpeg_bytes(blocks: int = 4) -> bytes:
+    """A valid baseline JPEG (djpeg decodes it): a grey strip of `blocks` 8x8 blocks, each a flat
+    mid-grey coded as DC difference 0 and end-of-block, with one-code Huffman tables."""
+    bits = "00" * blocks
+    bits += "1" * (-len(bits) % 8)
+    scan = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
+    one_code = b"\x01" + b"\x00" * 15 + b"\x00"
+    return (
+        b"\xff\xd8"
+        + _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+        + _segment(0xDB, b"\x00" + b"\x01" * 64)
+        + _segment(0xC0, struct.pack(">BHHB", 8, 8, 8 * blocks, 1) + b"\x01\x11\x00")
+        + _segment(0xC4, b"\x00" + one_code)
+        + _segment(0xC4, b"\x10" + one_code)
+        + _segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")
+        + scan.replace(b"\xff", b"\xff\x00")
+        + b"\xff\xd9"
+    )
+
+
+# ---- plain HTTP and the bucket, as a phone and an operator see them -------------------------
+
+
+def _http(method: str, url: str, body: bytes | None, content_type: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return int(response.status), response.read()
+
+
+async def put(url: str, body: bytes, content_type: str) -> None:
+    status, _ = await asyncio.to_thread(_http, "PUT", url, body, content_type)
+    assert status == 200
+
+
+async def get(url: str) -> bytes:
+    status, body = await asyncio.to_thread(_http, "GET", url, None, "")
+    assert status == 200
+    return body
+
+
+@pytest.fixture
+def bucket(settings: Settings) -> Minio:
+    return Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=settings.s3_secure,
+    )
+
+
+async def stored(bucket: Minio, key: str) -> bool:
+    """Whether the object is in the photo bucket (asked of the store directly, not the service)."""
+    try:
+        await asyncio.to_thread(bucket.stat_object, PHOTO_BUCKET, key)
+    except S3Error as error:
+        assert error.code == "NoSuchKey", error
+        return False
+    return True
+
+
+async def upload_slot(
+    caller: TicketCaller, ticket_id: str, content_type: str, size: int
+) -> tickets_pb2.CreatePhotoUploadResponse:
+    response: tickets_pb2.CreatePhotoUploadResponse = await caller.CreatePhotoUpload(
+        tickets_pb2.CreatePhotoUploadRequest(
+            ticket_id=ticket_id, content_type=content_type, size_bytes=size
+        )
+    )
+    return response
+
+
+async def attach(caller: TicketCaller, ticket_id: str, key: str) -> tickets_pb2.Ticket:
+    response = await caller.AttachPhoto(
+        tickets_pb2.AttachPhotoRequest(request_id=rid(), ticket_id=ticket_id, object_key=key)
+    )
+    ticket: tickets_pb2.Ticket = response.ticket
+    return ticket
+
+
+async def photos_of(pilot: Pilot, ticket_id: str) -> list[tickets_pb2.Photo]:
+    got = await pilot.resident.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket_id))
+    return list(got.ticket.photos)
+
+
+# ---- the tests ---------------------------------------------------------------------------------
+
+
+async def test_photos_upload_through_presigned_urls_and_are_viewable(pilot: Pilot) -> None:
+    ticket = await pilot.submit()
+    images = [("image/png", png_bytes(), ".png"), ("image/jpeg", jpeg_bytes(), ".jpg")]
+    keys = []
+    for content_type, body, extension in images:
+        before = datetime.now(UTC)
+        slot = await upload_slot(pilot.resident, ticket.ticket_id, content_type, len(body))
+        assert slot.object_key.startswith(f"tickets/{ticket.ticket_id}/")
+        assert slot.object_key.endswith(extension)
+        expires = slot.expires_at.ToDatetime(UTC)
+        assert before + timedelta(minutes=14) < expires < datetime.now(UTC) + timedelta(minutes=16)
+        await put(slot.upload_url, body, content_type)
+        attached = await attach(pilot.resident, ticket.ticket_id, slot.object_key)
+        assert slot.object_key in [photo.object_key for photo in attached.photos]
+        keys.append(slot.object_key)
+
+    photos = await photos_of(pilot, ticket.ticket_id)
+    assert [photo.object_key for photo in photos] == keys
+    for photo, (content_type, body, _) in zip(photos, images, strict=True):
+        assert photo.content_type == content_type
+        assert photo.size_bytes == len(body)
+        # The view link is a presigned GET on the store: the same bytes come back.
+        assert await get(photo.url) == body
+
+
+async def test_create_upload_refuses_non_images_and_oversized_photos(pilot: Pilot) -> None:
+    ticket = await pilot.submit()
+    refused = [
+        ("text/plain", 1000, "content_type"),
+        ("image/gif", 1000, "content_type"),
+        ("image/jpeg", MAX_PHOTO_BYTES + 1, "size_bytes"),
+        ("image/png", 0, "size_bytes"),
+    ]
+    for content_type, size, field in refused:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await upload_slot(pilot.resident, ticket.ticket_id, content_type, size)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (content_type, size)
+        assert (error.value.details() or "").startswith(f"{field}:"), error.value.details()
+    # Exactly at the limit is allowed.
+    slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/jpeg", MAX_PHOTO_BYTES)
+    assert slot.upload_url
+
+
+# What a phone may PUT at a presigned URL that the service must not accept, and the field named
+# in the refusal: text declared as an image, a real image sent as text, an image over the limit.
+PADDED_PNG = png_bytes() + b"\x00" * (MAX_PHOTO_BYTES + 1 - len(png_bytes()))
+BAD_UPLOADS = {
+    "text-declared-as-png": (b"not a photo, just text\n" * 10, "image/png", "object_key"),
+    "png-sent-as-text": (png_bytes(), "text/plain", "content_type"),
+    "png-over-the-limit": (PADDED_PNG, "image/png", "size_bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+async def test_attach_refuses_a_bad_upload_and_deletes_it(
+    pilot: Pilot, bucket: Minio, case: str
+) -> None:
+    body, sent_as, field = BAD_UPLOADS[case]
+    assert len(PADDED_PNG) == MAX_PHOTO_BYTES + 1
+    ticket = await pilot.submit()
+    slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/png", 4096)
+    await put(slot.upload_url, body, sent_as)
+    assert await stored(bucket, slot.object_key)  # the store took it; the service has not yet
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await attach(pilot.resident, ticket.ticket_id, slot.object_key)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith(f"{field}:"), error.value.details()
+    assert not await stored(bucket, slot.object_key)
+    assert await photos_of(pilot, ticket.ticket_id) == []
+
+
+async def test_attach_needs_an_upload_made_for_this_ticket(pilot: Pilot, bucket: Minio) -> None:
+    mine = await pilot.submit("street-light")
+    other = await pilot.submit("noise")
+    body = png_bytes(8, 8)
+    slot = await upload_slot(pilot.resident, other.ticket_id, "image/png", len(body))
+    await put(slot.upload_url, body, "image/png")
+    name = slot.object_key.rsplit("/", 1)[1]
+
+    # Another ticket's upload, named directly or through a path that starts with this ticket's.
+    for key in (slot.object_key, f"tickets/{mine.ticket_id}/../{other.ticket_id}/{name}"):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await attach(pilot.resident, mine.ticket_id, key)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, key
+        assert (error.value.details() or "").startswith("object_key:"), error.value.details()
+    assert await photos_of(pilot, mine.ticket_id) == []
+    # The refusal leaves the other ticket's upload alone: it still attaches there.
+    assert await stored(bucket, slot.object_key)
+    attached = await attach(pilot.resident, other.ticket_id, slot.object_key)
+    assert [photo.object_key for photo in attached.photos] == [slot.object_key]
+
+    # A slot that was never uploaded to: nothing to attach.
+    empty = await upload_slot(pilot.resident, mine.ticket_id, "image/jpeg", 2048)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await attach(pilot.resident, mine.ticket_id, empty.object_key)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await photos_of(pilot, mine.ticket_id) == []

@@ -1,0 +1,192 @@
+"""A ward app watching its queue live (a server stream over a MongoDB change stream), and the
+city dashboard's figures per unit and category."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+from civic.registry.v1 import registry_pb2
+from civic.tickets.v1 import tickets_pb2
+
+from services.common.auth import Role
+from services.tickets.main import TicketsService
+from tests.conftest import Clock
+from tests.registry_fixtures import create_unit
+from tests.tickets.conftest import Pilot, TicketCaller, eventually, point_near, rid
+
+ROUTED = "civic.tickets.v1.TicketRouted"
+ACKNOWLEDGED = "civic.tickets.v1.TicketAcknowledged"
+
+
+async def change_streams_for(service: TicketsService, unit_id: str) -> int:
+    """How many change streams on the tickets collection the server holds open for `unit_id`
+    (asked of MongoDB itself: open cursors, idle or waiting for changes)."""
+    ops = await (
+        await service.client.admin.aggregate(
+            [
+                {"$currentOp": {"idleCursors": True, "allUsers": True}},
+                {"$match": {"ns": f"{service.db.name}.tickets"}},
+            ]
+        )
+    ).to_list()
+
+    def pipeline(op: dict[str, Any]) -> list[Any]:
+        command = op.get("cursor", {}).get("originatingCommand") or op.get("command") or {}
+        return list(command.get("pipeline", []))
+
+    return sum(
+        1
+        for op in ops
+        if any("$changeStream" in stage for stage in pipeline(op)) and unit_id in repr(pipeline(op))
+    )
+
+
+async def next_update(
+    call: Any, ticket_id: str, within: float = 5.0
+) -> tickets_pb2.WatchQueueResponse:
+    """The stream's next update about `ticket_id` (there are no others in this test's ward)."""
+
+    async def read() -> tickets_pb2.WatchQueueResponse:
+        while True:
+            update = await call.read()
+            assert update is not grpc.aio.EOF, "the stream ended"
+            if update.ticket.ticket_id == ticket_id:
+                return update  # type: ignore[no-any-return]
+
+    return await asyncio.wait_for(read(), within)
+
+
+async def test_a_ward_app_watches_its_queue_live(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    ward = pilot.city.ward
+    call = pilot.ward_officer.WatchQueue(tickets_pb2.WatchQueueRequest(unit_id=ward))
+    # The server has opened its change stream once MongoDB shows it; from then on it misses
+    # nothing.
+    await eventually(lambda: change_streams_for(tickets_service, ward))
+
+    ticket = await pilot.submit()
+    routed = await next_update(call, ticket.ticket_id)
+    assert routed.change == ROUTED
+    assert routed.ticket.status == tickets_pb2.TICKET_STATUS_ROUTED
+    assert routed.ticket.assigned_unit_id == ward
+    assert routed.ticket.department == "urban-order"
+    assert routed.ticket.description == "Đèn đường hỏng ở kiệt 45"
+
+    await pilot.ward_officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
+    )
+    acknowledged = await next_update(call, ticket.ticket_id)
+    assert acknowledged.change == ACKNOWLEDGED
+    assert acknowledged.ticket.status == tickets_pb2.TICKET_STATUS_ACKNOWLEDGED
+
+    # The app closes the stream: the call ends as cancelled and the server lets go of its
+    # change stream.
+    assert call.cancel()
+    assert await call.code() == grpc.StatusCode.CANCELLED
+    assert call.cancelled()
+
+    async def closed() -> bool:
+        return await change_streams_for(tickets_service, ward) == 0
+
+    await eventually(closed, within=5)
+
+
+async def test_only_officials_of_the_unit_watch_its_queue(pilot: Pilot) -> None:
+    admin = pilot.city.as_role(Role.CITY_ADMIN, pilot.city.city)
+    other_ward = await create_unit(
+        admin, pilot.city.district, "hc2", "Hải Châu 2", registry_pb2.UNIT_KIND_WARD
+    )
+    refused: list[tuple[TicketCaller, str]] = [
+        (pilot.ward_officer, other_ward),
+        (pilot.resident, pilot.city.ward),
+        (pilot.caller(Role.INTEGRATOR, pilot.city.ward), pilot.city.ward),
+    ]
+    for caller, unit_id in refused:
+        call = caller.WatchQueue(tickets_pb2.WatchQueueRequest(unit_id=unit_id))
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await asyncio.wait_for(call.read(), 5)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED, unit_id
+
+
+def stats_by_key(
+    response: tickets_pb2.GetStatisticsResponse,
+) -> dict[tuple[str, str], tickets_pb2.CategoryStatistics]:
+    return {(row.unit_id, row.category): row for row in response.statistics}
+
+
+async def test_statistics_count_and_time_resolutions_per_unit_and_category(
+    pilot: Pilot, clock: Clock
+) -> None:
+    group, other_group, ward = pilot.city.group, pilot.city.other_group, pilot.city.ward
+    officer = pilot.ward_officer
+    # Four street lights far enough apart not to be one problem, and one that repeats the first.
+    lights = [await pilot.submit(location=point_near(400 * i)) for i in range(4)]
+    repeat = await pilot.submit(location=point_near(20))
+    noise = await pilot.submit("noise")
+    elsewhere = await pilot.submit(caller=officer, unit_id=other_group)
+    for ticket in [*lights, repeat, noise]:
+        await pilot.routed(ticket.ticket_id)
+    await pilot.routed(elsewhere.ticket_id, officer)
+    assert (await pilot.routed(repeat.ticket_id)).duplicate_of == lights[0].ticket_id
+
+    async def resolve(ticket: tickets_pb2.Ticket) -> None:
+        await officer.ResolveTicket(
+            tickets_pb2.ResolveTicketRequest(
+                request_id=rid(), ticket_id=ticket.ticket_id, resolution="Đã xử lý"
+            )
+        )
+
+    clock.advance(hours=1)
+    await resolve(lights[0])  # and its repeat with it
+    clock.advance(hours=1)
+    await resolve(lights[1])
+    clock.advance(hours=7)
+    await resolve(lights[2])
+    await resolve(elsewhere)
+    await officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(
+            request_id=rid(), ticket_id=noise.ticket_id, reason="Không thuộc thẩm quyền"
+        )
+    )
+    # lights[3] stays open.
+
+    response = await officer.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=ward))
+    rows = stats_by_key(response)
+    assert sorted(rows) == [
+        (group, "noise"),
+        (group, "street-light"),
+        (other_group, "street-light"),
+    ]
+
+    lights_row = rows[(group, "street-light")]
+    # The repeat is the same problem as lights[0]: counted once.
+    assert (lights_row.total, lights_row.open, lights_row.resolved) == (4, 1, 3)
+    assert lights_row.overdue == 0
+    # Resolved after 1 h, 2 h and 9 h: the median is 2 h (the mean would be 4 h).
+    median = lights_row.median_resolution_time.ToTimedelta()
+    assert timedelta(hours=2) <= median < timedelta(hours=2, seconds=30), median
+
+    other_row = rows[(other_group, "street-light")]
+    assert (other_row.total, other_row.open, other_row.resolved) == (1, 0, 1)
+    median = other_row.median_resolution_time.ToTimedelta()
+    assert timedelta(hours=9) <= median < timedelta(hours=9, seconds=30), median
+
+    # A rejected ticket is decided, not resolved: no resolution, no resolution time.
+    noise_row = rows[(group, "noise")]
+    assert (noise_row.total, noise_row.open, noise_row.resolved) == (1, 0, 0)
+    assert not noise_row.HasField("median_resolution_time")
+
+    # The group's own figures, for its leader; the ward's are beyond the leader's scope.
+    own = await pilot.leader.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=group))
+    assert sorted(stats_by_key(own)) == [(group, "noise"), (group, "street-light")]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await pilot.leader.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=ward))
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await pilot.resident.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=group))
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
