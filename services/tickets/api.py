@@ -86,16 +86,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
     async def _visible(self, ticket_id: str, caller: Principal) -> Document:
         ticket = await self._ticket(ticket_id)
-        try:
-            domain.may_see(
-                caller,
-                ticket["origin_unit_id"],
-                ticket.get("assigned_unit_id") or "",
-                ticket["submitter"],
-            )
-        except PermissionDenied:
-            # Outside the caller's scope a ticket looks the same as one that does not exist.
-            raise NotFound(f"ticket {ticket_id} not found") from None
+        _check_visible(caller, ticket)
         return ticket
 
     async def _act(
@@ -521,7 +512,9 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tickets_pb2.CloseTicketResponse:
         def allowed(caller: Principal, ticket: Document) -> None:
             if caller.subject != ticket["submitter"]:
-                domain.may_handle(caller, ticket["assigned_unit_id"])
+                domain.may_handle(
+                    caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
+                )
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             return await self._set_status(
@@ -724,3 +717,16 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         return await self.commands.run(
             "SetRoutingRules", request, tickets_pb2.SetRoutingRulesResponse, work
         )
+
+
+def _check_visible(caller: Principal, ticket: Document) -> None:
+    """Outside the caller's scope a ticket looks the same as one that does not exist."""
+    try:
+        domain.may_see(
+            caller,
+            ticket["origin_unit_id"],
+            ticket.get("assigned_unit_id") or "",
+            ticket["submitter"],
+        )
+    except PermissionDenied:
+        raise NotFound(f"ticket {ticket['_id']} not found") from None

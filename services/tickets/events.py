@@ -159,6 +159,8 @@ def subscribe(
         instance_id=instance_id,
         handle=on_ticket_event,
         outbox=outbox,
+        # Its own TicketRouted and the rest pass by without a transaction each.
+        types={type_name(events_pb2.TicketSubmitted())},
     )
     subscribe_once(
         broker,

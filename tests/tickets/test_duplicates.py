@@ -1,0 +1,175 @@
+"""The same problem reported twice: a nearby open ticket of the same category links the new one
+as its duplicate, residents "+1" a ticket instead of filing again, officials see the cluster, and
+resolving the primary resolves its duplicates."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+import grpc
+import pytest
+from civic.registry.v1 import registry_pb2
+from civic.tickets.v1 import events_pb2, tickets_pb2
+
+from services.common.auth import Role
+from services.tickets.main import TicketsService
+from tests.registry_fixtures import create_unit
+from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
+
+
+async def refused(code: grpc.StatusCode, call: Awaitable[Any]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+
+
+async def cluster(caller: TicketCaller, ticket_id: str) -> tickets_pb2.GetTicketResponse:
+    response: tickets_pb2.GetTicketResponse = await caller.GetTicket(
+        tickets_pb2.GetTicketRequest(ticket_id=ticket_id)
+    )
+    return response
+
+
+async def test_a_nearby_report_of_the_same_problem_is_linked_to_the_first(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    primary = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    # 60 m away, by another resident: the same broken light.
+    again = await pilot.submit("street-light", caller=pilot.neighbour, location=point_near(60))
+    duplicate = await pilot.routed(again.ticket_id, pilot.neighbour)
+    # 400 m away, or another category at the same spot: other problems.
+    far = await pilot.routed(
+        (await pilot.submit("street-light", location=point_near(400))).ticket_id
+    )
+    other = await pilot.routed((await pilot.submit("flooding", location=HOME)).ticket_id)
+
+    assert primary.duplicate_of == ""
+    assert duplicate.duplicate_of == primary.ticket_id
+    # A duplicate is routed like any ticket, to the same unit as its primary.
+    assert duplicate.status == tickets_pb2.TICKET_STATUS_ROUTED
+    assert duplicate.assigned_unit_id == primary.assigned_unit_id
+    assert (far.duplicate_of, other.duplicate_of) == ("", "")
+
+    seen = await cluster(pilot.ward_officer, primary.ticket_id)
+    assert list(seen.ticket.duplicates) == [duplicate.ticket_id]
+    assert [t.ticket_id for t in seen.linked] == [duplicate.ticket_id]
+    assert seen.linked[0].submitter == "resident-2"
+    assert not (await cluster(pilot.ward_officer, far.ticket_id)).linked
+
+    linked = [
+        events_pb2.TicketLinked.FromString(bytes(event["data"]))
+        async for entry in tickets_service.db["outbox"].find(
+            {"events.type": "civic.tickets.v1.TicketLinked"}
+        )
+        for event in entry["events"]
+        if event["type"] == "civic.tickets.v1.TicketLinked"
+        and event["key"] in (duplicate.ticket_id, far.ticket_id, other.ticket_id)
+    ]
+    assert [(e.ticket_id, e.duplicate_of) for e in linked] == [
+        (duplicate.ticket_id, primary.ticket_id)
+    ]
+
+
+async def test_residents_support_a_ticket_instead_of_filing_it_again(pilot: Pilot) -> None:
+    city = pilot.city
+    ticket_id = (await pilot.routed((await pilot.submit("flooding")).ticket_id)).ticket_id
+    third = pilot.caller(Role.RESIDENT, city.group, pilot.household_id, f"third-{city.city}")
+
+    async def support(caller: TicketCaller, request_id: str = "") -> tickets_pb2.Ticket:
+        response = await caller.SupportTicket(
+            tickets_pb2.SupportTicketRequest(request_id=request_id or rid(), ticket_id=ticket_id)
+        )
+        ticket: tickets_pb2.Ticket = response.ticket
+        return ticket
+
+    assert (await support(pilot.neighbour)).supporters == 1
+    # Once per resident, however often they press "+1".
+    assert (await support(pilot.neighbour)).supporters == 1
+    again = rid()
+    assert (await support(third, again)).supporters == 2
+    assert (await support(third, again)).supporters == 2
+    assert (await cluster(pilot.ward_officer, ticket_id)).ticket.supporters == 2
+
+    elsewhere = pilot.caller(Role.RESIDENT, city.other_group, "hh-elsewhere", "resident-far")
+    for outsider in (elsewhere, pilot.ward_officer):
+        await refused(grpc.StatusCode.PERMISSION_DENIED, support(outsider))
+
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=ticket_id, resolution="Đã hút nước"
+        )
+    )
+    await refused(grpc.StatusCode.FAILED_PRECONDITION, support(pilot.neighbour))
+    assert (await cluster(pilot.ward_officer, ticket_id)).ticket.supporters == 2
+
+
+async def test_resolving_the_primary_resolves_its_duplicates(pilot: Pilot) -> None:
+    primary = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    duplicates = [
+        await pilot.routed(
+            (await pilot.submit("street-light", location=point_near(meters))).ticket_id
+        )
+        for meters in (30, 90)
+    ]
+    unrelated = await pilot.routed(
+        (await pilot.submit("street-light", location=point_near(900))).ticket_id
+    )
+    assert {d.duplicate_of for d in duplicates} == {primary.ticket_id}
+    # One duplicate has been taken up separately already.
+    await pilot.ward_officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=duplicates[1].ticket_id)
+    )
+
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=primary.ticket_id, resolution="Đã thay bóng"
+        )
+    )
+
+    seen = await cluster(pilot.ward_officer, primary.ticket_id)
+    assert seen.ticket.status == tickets_pb2.TICKET_STATUS_RESOLVED
+    assert {t.ticket_id for t in seen.linked} == {d.ticket_id for d in duplicates}
+    for ticket in seen.linked:
+        assert ticket.status == tickets_pb2.TICKET_STATUS_RESOLVED
+        assert ticket.resolution == "Đã thay bóng"
+    still = (await cluster(pilot.ward_officer, unrelated.ticket_id)).ticket
+    assert still.status == tickets_pb2.TICKET_STATUS_ROUTED
+    # Each duplicate's submitter may rate the resolution of their own ticket.
+    rated = await pilot.resident.RateResolution(
+        tickets_pb2.RateResolutionRequest(
+            request_id=rid(), ticket_id=duplicates[0].ticket_id, rating=5
+        )
+    )
+    assert rated.ticket.rating == 5
+
+
+async def test_a_report_from_another_ward_is_not_linked_across_the_boundary(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """The same spot, reported in a group of a neighbouring ward: that ward handles its own
+    ticket; linking it would hand it, and its submitter's words, to the first ward."""
+    city = pilot.city
+    ward2 = await create_unit(
+        city.admin, city.district, "hc2", "Hải Châu 2", registry_pb2.UNIT_KIND_WARD
+    )
+    group2 = await create_unit(city.admin, ward2, "g01", "Tổ 1", registry_pb2.UNIT_KIND_GROUP)
+
+    async def known() -> bool:
+        return await tickets_service.store.unit(group2) is not None
+
+    await eventually(known)
+    primary = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    leader2 = pilot.caller(Role.GROUP_LEADER, group2)
+    across = await pilot.routed(
+        (
+            await pilot.submit("street-light", caller=leader2, unit_id=group2, location=HOME)
+        ).ticket_id,
+        leader2,
+    )
+
+    assert across.assigned_unit_id == ward2
+    assert across.duplicate_of == ""
+    seen = await cluster(pilot.ward_officer, primary.ticket_id)
+    assert not seen.linked
+    assert not seen.ticket.duplicates

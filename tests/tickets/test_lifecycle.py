@@ -1,0 +1,381 @@
+"""A ticket's life after routing: acknowledged, worked on, resolved or rejected at the level it is
+at, rated and reopened by its submitter, closed; comments; illegal steps refused; the queries of
+residents (ListMyTickets) and officials (ListQueue)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from civic.common.v1 import types_pb2
+from civic.tickets.v1 import events_pb2, tickets_pb2
+from google.protobuf.message import Message
+
+from services.common.auth import Role
+from services.tickets.main import TicketsService
+from tests.conftest import Clock
+from tests.tickets.conftest import HOME, Pilot, TicketCaller, rid
+
+RESOLUTION = "Đã thay bóng đèn mới"
+
+
+async def refused(code: grpc.StatusCode, call: Awaitable[Any]) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+
+
+async def get(caller: TicketCaller, ticket_id: str) -> tickets_pb2.Ticket:
+    response = await caller.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket_id))
+    ticket: tickets_pb2.Ticket = response.ticket
+    return ticket
+
+
+async def events_of(service: TicketsService, ticket_id: str) -> list[Message]:
+    """The ticket's events, in order, as the outbox holds them for the broker."""
+    entries = await service.db["outbox"].find({"events.key": ticket_id}).sort("_id").to_list()
+    found: list[Message] = []
+    for entry in entries:
+        for event in entry["events"]:
+            if event["key"] == ticket_id:
+                message = getattr(events_pb2, event["type"].rsplit(".", 1)[1])()
+                message.ParseFromString(bytes(event["data"]))
+                found.append(message)
+    return found
+
+
+def near(stamp: Any, expected: datetime, slack: timedelta = timedelta(seconds=10)) -> bool:
+    return bool(abs(stamp.ToDatetime(tzinfo=UTC) - expected) < slack)
+
+
+async def test_the_ward_acknowledges_works_on_and_resolves_a_ticket_at_its_level(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    ticket = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    officer = pilot.ward_officer
+    request = {"ticket_id": ticket.ticket_id}
+
+    acknowledged = await officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), **request)
+    )
+    assert acknowledged.ticket.status == tickets_pb2.TICKET_STATUS_ACKNOWLEDGED
+    assert not acknowledged.ticket.HasField("acknowledge_by")
+    assert acknowledged.ticket.resolve_by == ticket.resolve_by
+
+    started = await officer.StartWork(tickets_pb2.StartWorkRequest(request_id=rid(), **request))
+    assert started.ticket.status == tickets_pb2.TICKET_STATUS_IN_PROGRESS
+
+    resolved = await officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(request_id=rid(), resolution=RESOLUTION, **request)
+    )
+    done = resolved.ticket
+    assert done.status == tickets_pb2.TICKET_STATUS_RESOLVED
+    assert done.resolution == RESOLUTION
+    # Resolved where it was, without forwarding.
+    assert (done.assigned_unit_id, done.assigned_level) == (pilot.city.ward, ticket.assigned_level)
+    assert done.escalations == 0
+    assert near(done.resolved_at, datetime.now(UTC))
+    assert not done.overdue
+
+    # The submitter rates the resolution, and closes the ticket; a rating may be revised.
+    rated = await pilot.resident.RateResolution(
+        tickets_pb2.RateResolutionRequest(request_id=rid(), rating=4, **request)
+    )
+    assert rated.ticket.rating == 4
+    closed = await pilot.resident.CloseTicket(
+        tickets_pb2.CloseTicketRequest(request_id=rid(), **request)
+    )
+    assert closed.ticket.status == tickets_pb2.TICKET_STATUS_CLOSED
+    revised = await pilot.resident.RateResolution(
+        tickets_pb2.RateResolutionRequest(request_id=rid(), rating=5, **request)
+    )
+    assert revised.ticket.rating == 5
+    assert (await get(pilot.resident, ticket.ticket_id)).rating == 5
+
+    # Only the submitter rates.
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        officer.RateResolution(
+            tickets_pb2.RateResolutionRequest(request_id=rid(), rating=1, **request)
+        ),
+    )
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        pilot.neighbour.RateResolution(
+            tickets_pb2.RateResolutionRequest(request_id=rid(), rating=1, **request)
+        ),
+    )
+
+    events = await events_of(tickets_service, ticket.ticket_id)
+    assert [type(e).__name__ for e in events] == [
+        "TicketSubmitted",
+        "TicketRouted",
+        "TicketAcknowledged",
+        "TicketWorkStarted",
+        "TicketResolved",
+        "TicketRated",
+        "TicketClosed",
+        "TicketRated",
+    ]
+    resolved_event = events[4]
+    assert isinstance(resolved_event, events_pb2.TicketResolved)
+    assert resolved_event.resolved_by_unit_id == pilot.city.ward
+    assert resolved_event.level == tickets_pb2.LEVEL_WARD
+
+
+async def test_a_ticket_can_be_rejected_with_a_reason(pilot: Pilot) -> None:
+    ticket = await pilot.routed((await pilot.submit("noise")).ticket_id)
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        pilot.ward_officer.RejectTicket(
+            tickets_pb2.RejectTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
+        ),
+    )
+    rejected = await pilot.ward_officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(
+            request_id=rid(), ticket_id=ticket.ticket_id, reason="Không thuộc thẩm quyền"
+        )
+    )
+    assert rejected.ticket.status == tickets_pb2.TICKET_STATUS_REJECTED
+    assert rejected.ticket.rejection_reason == "Không thuộc thẩm quyền"
+    assert rejected.ticket.resolution == ""
+
+
+ILLEGAL: dict[str, list[str]] = {
+    # The state the ticket is in: the actions refused there.
+    "routed": ["start", "reopen", "close", "rate"],
+    "acknowledged": ["acknowledge", "reopen", "close", "rate"],
+    "resolved": ["acknowledge", "start", "resolve", "reject", "escalate", "support"],
+    "closed": ["acknowledge", "resolve", "reopen", "close", "support"],
+}
+
+
+def action(pilot: Pilot, name: str, ticket_id: str) -> Awaitable[Any]:
+    """The call for an action, by someone allowed to take it in the right state."""
+    officer, resident = pilot.ward_officer, pilot.resident
+    common = {"request_id": rid(), "ticket_id": ticket_id}
+    calls = {
+        "acknowledge": lambda: officer.AcknowledgeTicket(
+            tickets_pb2.AcknowledgeTicketRequest(**common)
+        ),
+        "start": lambda: officer.StartWork(tickets_pb2.StartWorkRequest(**common)),
+        "resolve": lambda: officer.ResolveTicket(
+            tickets_pb2.ResolveTicketRequest(resolution=RESOLUTION, **common)
+        ),
+        "reject": lambda: officer.RejectTicket(
+            tickets_pb2.RejectTicketRequest(reason="trùng lặp", **common)
+        ),
+        "escalate": lambda: officer.EscalateTicket(
+            tickets_pb2.EscalateTicketRequest(reason="cần cấp trên", **common)
+        ),
+        "reopen": lambda: resident.ReopenTicket(
+            tickets_pb2.ReopenTicketRequest(reason="vẫn hỏng", **common)
+        ),
+        "close": lambda: resident.CloseTicket(tickets_pb2.CloseTicketRequest(**common)),
+        "rate": lambda: resident.RateResolution(
+            tickets_pb2.RateResolutionRequest(rating=3, **common)
+        ),
+        "support": lambda: pilot.neighbour.SupportTicket(
+            tickets_pb2.SupportTicketRequest(**common)
+        ),
+    }
+    result: Awaitable[Any] = calls[name]()
+    return result
+
+
+async def test_illegal_transitions_fail_the_precondition_and_change_nothing(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    ticket_id = (await pilot.routed((await pilot.submit("flooding")).ticket_id)).ticket_id
+    # Each state, and the legal step to the next one.
+    path = [("routed", "acknowledge"), ("acknowledged", "resolve"), ("resolved", "close")]
+    for state, step in [*path, ("closed", "")]:
+        stored = await tickets_service.store.get(ticket_id)
+        events = len(await events_of(tickets_service, ticket_id))
+        for name in ILLEGAL[state]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await action(pilot, name, ticket_id)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (state, name)
+            assert f"cannot {name}" in (caught.value.details() or ""), (state, name)
+        assert await tickets_service.store.get(ticket_id) == stored, state
+        assert len(await events_of(tickets_service, ticket_id)) == events, state
+        if step:
+            await action(pilot, step, ticket_id)
+    assert (await get(pilot.resident, ticket_id)).status == tickets_pb2.TICKET_STATUS_CLOSED
+
+
+async def test_officials_and_the_submitter_comment_others_may_not(pilot: Pilot) -> None:
+    ticket_id = (await pilot.routed((await pilot.submit("health")).ticket_id)).ticket_id
+
+    async def comment(caller: TicketCaller, text: str) -> tickets_pb2.Ticket:
+        response = await caller.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text=text)
+        )
+        ticket: tickets_pb2.Ticket = response.ticket
+        return ticket
+
+    await comment(pilot.resident, "Tối nào cũng tắt")
+    await comment(pilot.ward_officer, "Đã giao trạm y tế")
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=ticket_id, resolution="Đã xử lý"
+        )
+    )
+    # Comments go on after resolution, and officials above the assigned unit may comment too.
+    last = await comment(pilot.district_officer, "Quận đã kiểm tra")
+
+    assert [(c.author_role, c.text) for c in last.comments] == [
+        ("resident", "Tối nào cũng tắt"),
+        ("ward_officer", "Đã giao trạm y tế"),
+        ("district_officer", "Quận đã kiểm tra"),
+    ]
+    assert last.comments[0].author == "resident-1"
+    assert all(near(c.at, datetime.now(UTC)) for c in last.comments)
+
+    for outsider in (
+        pilot.neighbour,
+        pilot.caller(Role.WARD_OFFICER, f"{pilot.city.district}.other"),
+    ):
+        await refused(grpc.StatusCode.PERMISSION_DENIED, comment(outsider, "xin chào"))
+    await refused(grpc.StatusCode.INVALID_ARGUMENT, comment(pilot.resident, "   "))
+    assert len((await get(pilot.resident, ticket_id)).comments) == 3
+
+
+async def test_the_submitter_reopens_within_the_reopen_period(pilot: Pilot, clock: Clock) -> None:
+    first = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    second = await pilot.routed((await pilot.submit("noise")).ticket_id)
+    for ticket in (first, second):
+        await pilot.ward_officer.ResolveTicket(
+            tickets_pb2.ResolveTicketRequest(
+                request_id=rid(), ticket_id=ticket.ticket_id, resolution=RESOLUTION
+            )
+        )
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        pilot.ward_officer.ReopenTicket(
+            tickets_pb2.ReopenTicketRequest(
+                request_id=rid(), ticket_id=first.ticket_id, reason="vẫn hỏng"
+            )
+        ),
+    )
+
+    clock.advance(days=2)
+    reopened = (
+        await pilot.resident.ReopenTicket(
+            tickets_pb2.ReopenTicketRequest(
+                request_id=rid(), ticket_id=first.ticket_id, reason="Đèn lại tắt"
+            )
+        )
+    ).ticket
+    assert reopened.status == tickets_pb2.TICKET_STATUS_ROUTED
+    assert reopened.assigned_unit_id == pilot.city.ward
+    assert not reopened.HasField("resolved_at")
+    # Fresh deadlines at the same level, from the reopening.
+    assert near(reopened.acknowledge_by, clock() + timedelta(hours=24))
+    assert near(reopened.resolve_by, clock() + timedelta(days=5))
+    assert [(c.author, c.text) for c in reopened.comments] == [("resident-1", "Đèn lại tắt")]
+    # In the ward's queue again, to be acknowledged anew.
+    queue = await pilot.ward_officer.ListQueue(
+        tickets_pb2.ListQueueRequest(statuses=[tickets_pb2.TICKET_STATUS_ROUTED])
+    )
+    assert first.ticket_id in {t.ticket_id for t in queue.tickets}
+
+    # The reopen period (7 days by default) has passed for the second ticket.
+    clock.advance(days=6)
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        pilot.resident.ReopenTicket(
+            tickets_pb2.ReopenTicketRequest(
+                request_id=rid(), ticket_id=second.ticket_id, reason="vẫn ồn"
+            )
+        ),
+    )
+    assert (await get(pilot.resident, second.ticket_id)).status == (
+        tickets_pb2.TICKET_STATUS_RESOLVED
+    )
+
+
+async def test_an_official_files_on_behalf_of_a_resident(pilot: Pilot) -> None:
+    city = pilot.city
+    by_household = await pilot.submit(
+        "citizen-id-at-home", caller=pilot.ward_officer, household_id=pilot.household_id
+    )
+    by_group = await pilot.submit("sanitation", caller=pilot.leader, unit_id=city.group)
+
+    assert by_household.origin_unit_id == city.group
+    assert by_household.household_id == pilot.household_id
+    assert by_household.location == HOME  # the household's, from the registry
+    assert by_household.submitter == f"ward_officer@{city.ward}"
+    assert by_group.origin_unit_id == city.group
+    assert by_group.household_id == ""
+    assert by_group.submitter == f"group_leader@{city.group}"
+
+    routed = await pilot.routed(by_household.ticket_id, pilot.ward_officer)
+    assert (routed.assigned_unit_id, routed.department) == (city.ward, "ward-police")
+    routed = await pilot.routed(by_group.ticket_id, pilot.leader)
+    assert routed.assigned_unit_id == city.group
+
+
+async def test_a_resident_lists_their_own_tickets_newest_first(pilot: Pilot) -> None:
+    city = pilot.city
+    me = pilot.caller(Role.RESIDENT, city.group, pilot.household_id, f"me-{city.city}")
+    other = pilot.caller(Role.RESIDENT, city.group, pilot.household_id, f"other-{city.city}")
+    mine = [(await pilot.submit(c, caller=me)).ticket_id for c in ("noise", "health", "flooding")]
+    theirs = (await pilot.submit("sanitation", caller=other)).ticket_id
+
+    first = await me.ListMyTickets(
+        tickets_pb2.ListMyTicketsRequest(page=types_pb2.PageRequest(page_size=2))
+    )
+    assert [t.ticket_id for t in first.tickets] == mine[:0:-1]
+    assert first.next_page_token
+    rest = await me.ListMyTickets(
+        tickets_pb2.ListMyTicketsRequest(
+            page=types_pb2.PageRequest(page_size=2, page_token=first.next_page_token)
+        )
+    )
+    assert [t.ticket_id for t in rest.tickets] == mine[:1]
+    assert not rest.next_page_token
+
+    listed = await other.ListMyTickets(tickets_pb2.ListMyTicketsRequest())
+    assert [t.ticket_id for t in listed.tickets] == [theirs]
+    for ticket_id in [*mine, theirs]:
+        await pilot.routed(ticket_id, pilot.ward_officer)
+
+
+async def test_the_queue_filters_by_department_status_category_and_deadline(
+    pilot: Pilot,
+) -> None:
+    ids = {}
+    for category in ("street-light", "flooding", "noise", "health"):
+        ids[category] = (await pilot.routed((await pilot.submit(category)).ticket_id)).ticket_id
+    await pilot.ward_officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=ids["noise"])
+    )
+
+    async def queue(**filters: Any) -> set[str]:
+        response = await pilot.ward_officer.ListQueue(tickets_pb2.ListQueueRequest(**filters))
+        by_id = {v: k for k, v in ids.items()}
+        return {by_id[t.ticket_id] for t in response.tickets}
+
+    assert await queue() == set(ids)
+    assert await queue(unit_id=pilot.city.ward) == set(ids)
+    assert await queue(department="urban-order") == {"street-light", "flooding"}
+    assert await queue(category="health") == {"health"}
+    assert await queue(statuses=[tickets_pb2.TICKET_STATUS_ACKNOWLEDGED]) == {"noise"}
+    routed_or_acknowledged = [
+        tickets_pb2.TICKET_STATUS_ROUTED,
+        tickets_pb2.TICKET_STATUS_ACKNOWLEDGED,
+    ]
+    assert await queue(statuses=routed_or_acknowledged) == set(ids)
+    assert await queue(department="ward-police", statuses=[tickets_pb2.TICKET_STATUS_ROUTED]) == (
+        set()
+    )
+    assert await queue(department="urban-order", category="flooding") == {"flooding"}
+    # Nothing is late yet (the city's overdue queue is in test_escalation).
+    assert await queue(overdue_only=True) == set()
+    # A ward's tickets are not in the queue of the level above.
+    district = await pilot.district_officer.ListQueue(tickets_pb2.ListQueueRequest())
+    assert not {t.ticket_id for t in district.tickets} & set(ids.values())

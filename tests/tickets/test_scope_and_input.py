@@ -1,0 +1,391 @@
+"""Who sees and handles which tickets (a ticket outside a caller's scope looks absent), and bad
+input of each kind refused with the right status code, with nothing written."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from civic.common.v1 import types_pb2
+from civic.tickets.v1 import tickets_pb2
+
+from services.common.auth import Role
+from services.tickets.domain import Status
+from services.tickets.main import TicketsService
+from services.tickets.store import within
+from tests.registry_fixtures import new_household
+from tests.tickets.conftest import Pilot, TicketCaller, eventually, rid
+
+
+async def refused(code: grpc.StatusCode, call: Awaitable[Any]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    return caught.value
+
+
+async def get(caller: TicketCaller, ticket_id: str) -> tickets_pb2.Ticket:
+    response = await caller.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket_id))
+    ticket: tickets_pb2.Ticket = response.ticket
+    return ticket
+
+
+async def acknowledge(caller: TicketCaller, ticket_id: str) -> tickets_pb2.Ticket:
+    response = await caller.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=ticket_id)
+    )
+    ticket: tickets_pb2.Ticket = response.ticket
+    return ticket
+
+
+async def test_a_ward_officer_never_sees_another_wards_tickets(pilot: Pilot) -> None:
+    city = pilot.city
+    ticket_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+    stranger = pilot.caller(Role.WARD_OFFICER, f"{city.district}.other")
+
+    # Outside the caller's scope a ticket looks as if it did not exist.
+    await refused(grpc.StatusCode.NOT_FOUND, get(stranger, ticket_id))
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stranger.ListQueue(tickets_pb2.ListQueueRequest(unit_id=city.ward)),
+    )
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        stranger.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=city.ward)),
+    )
+    own = await stranger.ListQueue(tickets_pb2.ListQueueRequest())
+    assert ticket_id not in {t.ticket_id for t in own.tickets}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await acknowledge(stranger, ticket_id)
+    assert caught.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+
+    # Another resident of the same group, even of the same household, sees only their own.
+    await refused(grpc.StatusCode.NOT_FOUND, get(pilot.neighbour, ticket_id))
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED, pilot.neighbour.ListQueue(tickets_pb2.ListQueueRequest())
+    )
+
+    # Everyone in scope sees it: the submitter, and officials of the group, ward and above.
+    for caller in (pilot.resident, pilot.leader, pilot.ward_officer, pilot.district_officer):
+        assert (await get(caller, ticket_id)).ticket_id == ticket_id
+    assert (await get(pilot.resident, ticket_id)).status == tickets_pb2.TICKET_STATUS_ROUTED
+
+
+async def test_a_group_leader_may_not_handle_a_ward_ticket_the_district_may(
+    pilot: Pilot,
+) -> None:
+    ticket_id = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+
+    await refused(grpc.StatusCode.PERMISSION_DENIED, acknowledge(pilot.leader, ticket_id))
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        pilot.leader.ResolveTicket(
+            tickets_pb2.ResolveTicketRequest(
+                request_id=rid(), ticket_id=ticket_id, resolution="xong"
+            )
+        ),
+    )
+    # Residents handle nothing, not even their own tickets.
+    await refused(grpc.StatusCode.PERMISSION_DENIED, acknowledge(pilot.resident, ticket_id))
+    assert (await get(pilot.resident, ticket_id)).status == tickets_pb2.TICKET_STATUS_ROUTED
+
+    # Officials above the assigned unit may act on it, without it leaving the ward.
+    acknowledged = await acknowledge(pilot.district_officer, ticket_id)
+    assert acknowledged.status == tickets_pb2.TICKET_STATUS_ACKNOWLEDGED
+    assert acknowledged.assigned_unit_id == pilot.city.ward
+
+    # A group-level ticket is the group leader's to handle.
+    sanitation = (await pilot.routed((await pilot.submit("sanitation")).ticket_id)).ticket_id
+    assert (await acknowledge(pilot.leader, sanitation)).assigned_unit_id == pilot.city.group
+    other_leader = pilot.caller(Role.GROUP_LEADER, pilot.city.other_group)
+    await refused(grpc.StatusCode.NOT_FOUND, get(other_leader, sanitation))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+async def footprint(service: TicketsService) -> tuple[int, ...]:
+    """How many documents every collection a command writes holds, once the service is quiet."""
+    db = service.db
+
+    async def routed_all() -> bool:
+        return await db["tickets"].count_documents({"status": int(Status.SUBMITTED)}) == 0
+
+    await eventually(routed_all)
+    return tuple(
+        [
+            await db[name].count_documents({})
+            for name in ("tickets", "outbox", "commands", "routing_rules")
+        ]
+    )
+
+
+def submission(**fields: Any) -> tickets_pb2.SubmitTicketRequest:
+    request = {
+        "request_id": rid(),
+        "category": "street-light",
+        "description": "Đèn đường hỏng",
+    }
+    return tickets_pb2.SubmitTicketRequest(**(request | fields))
+
+
+Call = Callable[[Pilot, str], Awaitable[Any]]
+
+
+def as_resident(**fields: Any) -> Call:
+    return lambda pilot, other_household: pilot.resident.SubmitTicket(submission(**fields))
+
+
+def as_ward_officer(**fields: Any) -> Call:
+    return lambda pilot, other_household: pilot.ward_officer.SubmitTicket(submission(**fields))
+
+
+BAD_SUBMISSIONS: list[tuple[str, Call, grpc.StatusCode, str]] = [
+    ("no request id", as_resident(request_id=""), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+    (
+        "blank description",
+        as_resident(description=" \n "),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "description",
+    ),
+    (
+        "description too long",
+        as_resident(description="x" * 4001),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "description",
+    ),
+    (
+        "unknown category",
+        as_resident(category="pothole"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "category",
+    ),
+    ("no category", as_resident(category=""), grpc.StatusCode.INVALID_ARGUMENT, "category"),
+    (
+        "latitude out of range",
+        as_resident(location=types_pb2.GeoPoint(latitude=91, longitude=108.2)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "location.latitude",
+    ),
+    (
+        "longitude out of range",
+        as_resident(location=types_pb2.GeoPoint(latitude=16.07, longitude=-181)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "location.longitude",
+    ),
+    (
+        "someone else's household",
+        lambda pilot, other: pilot.resident.SubmitTicket(submission(household_id=other)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "own household",
+    ),
+    (
+        "official naming no group",
+        as_ward_officer(),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unit_id",
+    ),
+    (
+        "official naming a ward",
+        lambda pilot, other: pilot.ward_officer.SubmitTicket(submission(unit_id=pilot.city.ward)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unit_id",
+    ),
+    (
+        "official outside their scope",
+        lambda pilot, other: pilot.leader.SubmitTicket(submission(unit_id=pilot.city.other_group)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "outside your scope",
+    ),
+    (
+        "unknown household",
+        as_ward_officer(household_id="hh-does-not-exist"),
+        grpc.StatusCode.NOT_FOUND,
+        "hh-does-not-exist",
+    ),
+    (
+        "unknown group",
+        lambda pilot, other: pilot.ward_officer.SubmitTicket(
+            submission(unit_id=f"{pilot.city.ward}.nope")
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "nope",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "code", "mentions"),
+    [case[1:] for case in BAD_SUBMISSIONS],
+    ids=[case[0] for case in BAD_SUBMISSIONS],
+)
+async def test_a_bad_submission_is_refused_and_writes_nothing(
+    pilot: Pilot,
+    tickets_service: TicketsService,
+    call: Call,
+    code: grpc.StatusCode,
+    mentions: str,
+) -> None:
+    other = await new_household(pilot.city.other_leader, pilot.city.other_group)
+    before = await footprint(tickets_service)
+
+    error = await refused(code, call(pilot, other.household.household_id))
+
+    assert mentions in (error.details() or "")
+    assert await footprint(tickets_service) == before
+    in_city = {"origin_unit_id": within(pilot.city.city)}
+    assert await tickets_service.db["tickets"].count_documents(in_city) == 0
+
+
+def spoilt_rules(
+    pilot: Pilot, caller: TicketCaller, spoil: Callable[[list[tickets_pb2.RoutingRule]], Any]
+) -> Callable[[], Awaitable[Any]]:
+    """SetRoutingRules with a copy of the rules in force, spoilt by `spoil`."""
+
+    async def call() -> Any:
+        current = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+        rules = [tickets_pb2.RoutingRule.FromString(r.SerializeToString()) for r in current.rules]
+        spoil(rules)
+        return await caller.SetRoutingRules(
+            tickets_pb2.SetRoutingRulesRequest(request_id=rid(), rules=rules)
+        )
+
+    return call
+
+
+def drop_slas(rules: list[tickets_pb2.RoutingRule]) -> None:
+    del rules[0].slas[:]
+
+
+def resolve_before_acknowledging(rules: list[tickets_pb2.RoutingRule]) -> None:
+    rules[0].slas[0].resolve_within.seconds = 60
+
+
+def no_level(rules: list[tickets_pb2.RoutingRule]) -> None:
+    rules[0].level = tickets_pb2.LEVEL_UNSPECIFIED
+
+
+def bad_category(rules: list[tickets_pb2.RoutingRule]) -> None:
+    rules[0].category = "Street Light"
+
+
+async def test_bad_input_on_existing_tickets_is_refused_and_writes_nothing(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    open_id = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    resolved_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(request_id=rid(), ticket_id=resolved_id, resolution="ok")
+    )
+    stored = {i: await tickets_service.store.get(i) for i in (open_id, resolved_id)}
+    before = await footprint(tickets_service)
+    officer, resident, admin = pilot.ward_officer, pilot.resident, pilot.admin
+    missing = "tk-000000000000000000000000"
+
+    def rate(ticket_id: str, rating: int) -> Callable[[], Awaitable[Any]]:
+        return lambda: resident.RateResolution(
+            tickets_pb2.RateResolutionRequest(request_id=rid(), ticket_id=ticket_id, rating=rating)
+        )
+
+    cases: list[tuple[str, Callable[[], Awaitable[Any]], grpc.StatusCode]] = [
+        ("rating 0", rate(resolved_id, 0), grpc.StatusCode.INVALID_ARGUMENT),
+        ("rating 6", rate(resolved_id, 6), grpc.StatusCode.INVALID_ARGUMENT),
+        ("rating -1", rate(resolved_id, -1), grpc.StatusCode.INVALID_ARGUMENT),
+        ("rate unknown", rate(missing, 3), grpc.StatusCode.NOT_FOUND),
+        ("get unknown", lambda: get(officer, missing), grpc.StatusCode.NOT_FOUND),
+        ("get without id", lambda: get(officer, ""), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "acknowledge unknown",
+            lambda: acknowledge(officer, missing),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            "support unknown",
+            lambda: pilot.neighbour.SupportTicket(
+                tickets_pb2.SupportTicketRequest(request_id=rid(), ticket_id=missing)
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            "acknowledge without request id",
+            lambda: officer.AcknowledgeTicket(
+                tickets_pb2.AcknowledgeTicketRequest(ticket_id=open_id)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "resolve without resolution",
+            lambda: officer.ResolveTicket(
+                tickets_pb2.ResolveTicketRequest(request_id=rid(), ticket_id=open_id)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "escalate without reason",
+            lambda: officer.EscalateTicket(
+                tickets_pb2.EscalateTicketRequest(request_id=rid(), ticket_id=open_id)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "comment too long",
+            lambda: resident.AddComment(
+                tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=open_id, text="x" * 2001)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "reopen without reason",
+            lambda: resident.ReopenTicket(
+                tickets_pb2.ReopenTicketRequest(request_id=rid(), ticket_id=resolved_id)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "queue page size",
+            lambda: officer.ListQueue(
+                tickets_pb2.ListQueueRequest(page=types_pb2.PageRequest(page_size=-1))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules without deadlines",
+            spoilt_rules(pilot, admin, drop_slas),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules naming a category twice",
+            spoilt_rules(pilot, admin, lambda rules: rules.append(rules[0])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules with a malformed category",
+            spoilt_rules(pilot, admin, bad_category),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules resolving before acknowledging",
+            spoilt_rules(pilot, admin, resolve_before_acknowledging),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules without a level",
+            spoilt_rules(pilot, admin, no_level),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules set by a ward officer",
+            spoilt_rules(pilot, officer, lambda rules: None),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+    ]
+    for name, call, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        assert caught.value.code() == code, (name, caught.value.details())
+
+    assert await footprint(tickets_service) == before
+    for ticket_id, document in stored.items():
+        assert await tickets_service.store.get(ticket_id) == document
