@@ -6,13 +6,22 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 
 class Service(Protocol):
     async def start(self) -> int: ...
     async def stop(self) -> None: ...
+
+
+async def stop_within(seconds: float, what: str, stopping: Awaitable[object]) -> None:
+    """One step of a graceful stop, bounded: a broker or peer that does not answer must not
+    keep the process (or a test session) from ending."""
+    try:
+        await asyncio.wait_for(stopping, seconds)
+    except TimeoutError:
+        logging.getLogger(__name__).warning("%s did not stop within %.0f s", what, seconds)
 
 
 async def serve_until_signalled(name: str, build: Callable[[], Service]) -> None:

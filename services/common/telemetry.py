@@ -16,7 +16,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from services.common.config import Settings
 
-
 _added: set[SpanProcessor] = set()
 
 

@@ -15,7 +15,7 @@ from services.common.config import Settings, get_settings
 from services.common.grpc_server import GrpcServer
 from services.common.mongo import mongo_client
 from services.common.outbox import Outbox, OutboxRelay
-from services.common.runtime import serve_until_signalled
+from services.common.runtime import serve_until_signalled, stop_within
 from services.common.telemetry import setup_telemetry
 from services.registry.api import RegistryServicer
 from services.registry.domain import CitizenIdVault
@@ -84,10 +84,10 @@ class RegistryService:
         return port
 
     async def stop(self) -> None:
-        await self.server.stop()
+        await stop_within(10, "gRPC server", self.server.stop())
         if self.relay is not None:
-            await self.relay.stop()
-        await self.broker.stop()
+            await stop_within(10, "outbox relay", self.relay.stop())
+        await stop_within(15, "Kafka clients", self.broker.stop())
         await self.client.close()
 
 

@@ -19,7 +19,7 @@ from services.common.grpc_server import GrpcServer
 from services.common.mongo import mongo_client
 from services.common.objects import ObjectStore
 from services.common.outbox import Outbox, OutboxRelay
-from services.common.runtime import serve_until_signalled
+from services.common.runtime import serve_until_signalled, stop_within
 from services.common.telemetry import setup_telemetry
 from services.tickets import domain
 from services.tickets.api import TicketsServicer
@@ -111,11 +111,11 @@ class TicketsService:
         return self.port
 
     async def stop(self) -> None:
-        await self.server.stop()
+        await stop_within(10, "gRPC server", self.server.stop())
         await self.escalator.stop()
         if self.relay is not None:
-            await self.relay.stop()
-        await self.broker.stop()
+            await stop_within(10, "outbox relay", self.relay.stop())
+        await stop_within(15, "Kafka clients", self.broker.stop())
         await self.client.close()
 
 
