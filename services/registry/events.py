@@ -19,7 +19,6 @@ from services.common.outbox import Outbox
 from services.registry.store import RegistryStore
 
 TOPIC = "civic.registry.v1"
-SOURCE = "/civic/registry"
 
 
 def housing(doc: Document) -> registry_pb2.Housing:

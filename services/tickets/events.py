@@ -24,7 +24,6 @@ from services.tickets.store import TicketStore
 
 TOPIC = "civic.tickets.v1"
 REGISTRY_TOPIC = "civic.registry.v1"
-SOURCE = "/civic/tickets"
 
 
 def ticket_event(outbox: Outbox, message: Message, ticket_id: str) -> Document:
@@ -134,7 +133,8 @@ def subscribe(
     router: Router,
     outbox: Outbox,
     *,
-    group_prefix: str,
+    routing_group: str,
+    registry_group: str,
     instance_id: str,
 ) -> None:
     async def on_ticket_event(
@@ -155,7 +155,7 @@ def subscribe(
         client,
         store.db,
         topic=TOPIC,
-        group_id=f"{group_prefix}.routing",
+        group_id=routing_group,
         instance_id=instance_id,
         handle=on_ticket_event,
         outbox=outbox,
@@ -167,7 +167,7 @@ def subscribe(
         client,
         store.db,
         topic=REGISTRY_TOPIC,
-        group_id=f"{group_prefix}.registry-view",
+        group_id=registry_group,
         instance_id=instance_id,
         handle=on_registry_event,
     )

@@ -1,0 +1,76 @@
+"""What every Civic service process runs around its own domain: MongoDB, commands with the
+transactional outbox and its relay to Kafka, consumers, and the gRPC server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from opentelemetry.sdk.trace import SpanProcessor
+
+from services.common.broker import kafka_broker
+from services.common.commands import CommandRunner
+from services.common.config import Settings
+from services.common.grpc_server import GrpcServer
+from services.common.mongo import mongo_client
+from services.common.outbox import Outbox, OutboxRelay
+from services.common.runtime import stop_within
+from services.common.telemetry import setup_telemetry
+
+
+class ServiceHost:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        *,
+        topic: str,
+        span_processor: SpanProcessor | None = None,
+    ) -> None:
+        setup_telemetry(f"civic-{name}", settings, span_processor)
+        self.name = name
+        self.settings = settings
+        self.client = mongo_client(settings.mongo_uri)
+        self.db = self.client[settings.database_for(name)]
+        self.outbox = Outbox(self.db, source=f"/civic/{name}", topic=topic)
+        self.commands = CommandRunner(self.client, self.db, self.outbox)
+        self.broker = kafka_broker(settings.kafka_bootstrap_servers, f"civic-{name}")
+        self.instance = settings.instance_for(name)
+        self.server: GrpcServer | None = None
+        self.relay: OutboxRelay | None = None
+        self.port = 0
+
+    def consumer_group(self, purpose: str) -> str:
+        return self.settings.consumer_group(self.name, purpose)
+
+    def serve(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
+        self.server = GrpcServer(
+            host=self.settings.grpc_host,
+            port=self.settings.port_for(self.name),
+            auth_secret=self.settings.auth_secret,
+            service_names=[service_name],
+            register=register,
+        )
+
+    async def start(self) -> int:
+        """Kafka first (consumers join their groups), then gRPC, then the relay."""
+        assert self.server is not None, "call serve() before start()"
+        await self.broker.start()
+        self.port = await self.server.start()
+        self.relay = OutboxRelay(
+            self.db,
+            self.outbox,
+            self.broker,
+            owner=self.instance,
+            poll_seconds=self.settings.outbox_poll_seconds,
+        )
+        self.relay.start()
+        return self.port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await stop_within(10, "gRPC server", self.server.stop())
+        if self.relay is not None:
+            await stop_within(10, "outbox relay", self.relay.stop())
+        await stop_within(15, "Kafka clients", self.broker.stop())
+        await self.client.close()
