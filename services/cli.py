@@ -36,6 +36,7 @@ from services.registry import csv_rows
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
 TOKEN_ENV = "CIVIC_TOKEN"
 PROGRESS_EVERY = 10_000  # rows between progress lines on stderr
+WAITING_EVERY = 10.0  # seconds between lines while the registry applies the last rows
 MAX_CHUNK = 5_000  # rows per message; keeps a message well under gRPC's 4 MB default limit
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
@@ -180,22 +181,21 @@ async def _import_csv(args: argparse.Namespace) -> int:
     except csv_rows.CsvFileError as error:
         return _fail(str(error), status=2)
 
-    stream = _RowStream(path, args.chunk, _Progress(total))
+    progress = _Progress(total)
+    stream = _RowStream(path, args.chunk, progress)
     async with civic_channel(args.target, args.token, purpose="bulk import") as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         try:
-            # civic_channel's interceptor reaches unary calls only (grpc.aio files an interceptor
-            # under the first call kind it implements), so this stream carries its token itself.
-            response = await stub.ImportPersons(
-                stream.requests(), metadata=(("authorization", f"Bearer {args.token}"),)
-            )
+            response = await stub.ImportPersons(stream.requests())
         except grpc.aio.AioRpcError as error:
-            sent = " (rows committed before it stay; running the file again is safe)"
+            again = " (rows committed before it stay; running the file again is safe)"
             return _fail(
                 f"import failed: {error.code().name}: {error.details()}"
-                + (sent if stream.sent else ""),
+                + (again if stream.sent else ""),
                 status=1,
             )
+        finally:
+            progress.stop()
     _report(path, total, stream, response)
     if stream.failure is not None:
         return _fail(f"stopped reading after {stream.read} rows: {stream.failure}", status=1)
@@ -203,27 +203,36 @@ async def _import_csv(args: argparse.Namespace) -> int:
 
 
 class _Progress:
-    """A line on stderr every PROGRESS_EVERY rows sent, so a long import shows it is alive."""
+    """Lines on stderr, so a long import shows it is alive: one every PROGRESS_EVERY rows sent,
+    then one every WAITING_EVERY seconds until the registry answers. gRPC buffers what the
+    registry has not read yet, so sending runs ahead of importing and ends well before it."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.started = time.monotonic()
         self.next_line = PROGRESS_EVERY
+        self._waiting: asyncio.Task[None] | None = None
 
     def sent(self, rows: int) -> None:
-        if rows < self.next_line:
-            return
-        self.next_line = rows - rows % PROGRESS_EVERY + PROGRESS_EVERY
-        rate = rows / max(time.monotonic() - self.started, 1e-9)
-        percent = 100 * rows / max(self.total, 1)
-        print(
-            f"import-csv: {rows:,}/{self.total:,} rows sent ({percent:.0f}%), {rate:,.0f} rows/s",
-            file=sys.stderr,
-        )
+        if rows >= self.next_line:
+            self.next_line = rows - rows % PROGRESS_EVERY + PROGRESS_EVERY
+            self._say(f"{rows:,}/{self.total:,} rows sent ({100 * rows / self.total:.0f}%)")
 
-    def done(self, rows: int) -> None:
-        if rows >= PROGRESS_EVERY:
-            print(f"import-csv: all {rows:,} rows sent; waiting for the registry", file=sys.stderr)
+    def all_sent(self, rows: int) -> None:
+        self._waiting = asyncio.create_task(self._wait_lines(rows))
+
+    def stop(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    async def _wait_lines(self, rows: int) -> None:
+        while True:
+            await asyncio.sleep(WAITING_EVERY)
+            self._say(f"all {rows:,} rows sent; waiting for the registry to apply them")
+
+    def _say(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"import-csv: {message} ({elapsed:.0f} s)", file=sys.stderr)
 
 
 class _RowStream:
@@ -256,7 +265,7 @@ class _RowStream:
             self.failure = error
         if rows:
             yield self._message(rows)
-        self.progress.done(self.sent)
+        self.progress.all_sent(self.sent)
 
     def _message(self, rows: list[registry_pb2.ImportRow]) -> registry_pb2.ImportPersonsRequest:
         self.sent += len(rows)
@@ -267,19 +276,18 @@ class _RowStream:
 def _report(
     path: Path, total: int, stream: _RowStream, response: registry_pb2.ImportPersonsResponse
 ) -> None:
+    # Every row sent is created, unchanged or failed; the registry lists at most 10,000 failures.
+    failed_there = response.rows - response.persons_created - response.persons_unchanged
+    failed = len(stream.local_errors) + max(failed_there, len(response.errors))
     errors = sorted([*stream.local_errors, *response.errors], key=lambda error: error.row_number)
-    print(
-        f"{path}: {total:,} rows, {response.rows:,} sent, {len(stream.local_errors):,} refused here"
-    )
+    refused = len(stream.local_errors)
+    print(f"{path}: {total:,} rows, {refused:,} refused before sending, {response.rows:,} sent")
     print(f"  households created  {response.households_created:,}")
     print(f"  persons created     {response.persons_created:,}")
     print(f"  persons unchanged   {response.persons_unchanged:,}")
-    print(f"  rows with errors    {len(errors):,}")
-    # The registry lists at most 10,000 errors; say so rather than let the list look complete.
-    unlisted = response.rows - response.persons_created - response.persons_unchanged
-    unlisted -= len(response.errors)
-    if unlisted > 0:
-        print(f"  ({unlisted:,} more rows failed; the registry did not list them)")
+    print(f"  rows with errors    {failed:,}")
+    if failed > len(errors):
+        print(f"  ({failed - len(errors):,} of them not listed by the registry)")
     for error in errors:
         column = csv_rows.column_for(error.field)
         print(f"row {error.row_number}  {column + ': ' if column else ''}{error.message}")

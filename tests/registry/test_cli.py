@@ -1,0 +1,341 @@
+"""The `civic` command: tokens, and CSV imports against the registry running in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import re
+import sys
+from datetime import date, timedelta
+from pathlib import Path
+
+import jwt
+import pytest
+from civic.common.v1 import types_pb2
+from civic.registry.v1 import registry_pb2
+
+from services import cli
+from services.common.auth import Role, verify_token
+from services.registry import csv_rows
+from tests.conftest import TEST_SECRET, free_port, token
+from tests.registry_fixtures import City, citizen_id
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_csv(path: Path, records: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=csv_rows.COLUMNS)
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def record(
+    unit_id: str, household_ref: str, name: str, born: str, sex: str, **more: str
+) -> dict[str, str]:
+    """A person's row; household columns as the first row of the household gives them."""
+    return {
+        "unit_id": unit_id,
+        "household_ref": household_ref,
+        "address": "12 Kiệt 45 Trần Phú",
+        "floor_area_m2": "62.5",
+        "storeys": "3",
+        "sub_households": "1",
+        "residence_kind": "permanent",
+        "latitude": "16.0678",
+        "longitude": "108.2208",
+        "full_name": name,
+        "birth_date": born,
+        "sex": sex,
+        "relationship": "head",
+        "education": "university",
+        "occupation": "giáo viên",
+        "phone": "0905123456",
+        **more,
+    }
+
+
+def cid(born: str, sex: str) -> str:
+    return citizen_id(born, registry_pb2.SEX_MALE if sex == "male" else registry_pb2.SEX_FEMALE)
+
+
+def good_records(city: City) -> list[dict[str, str]]:
+    """Two households, five persons (two without a citizen ID: matched by name and birth)."""
+    g = city.group
+    return [
+        record(
+            g, "HK-1", "Trần Văn An", "1975-02-03", "male", citizen_id=cid("1975-02-03", "male")
+        ),
+        record(
+            g,
+            "HK-1",
+            "Lê Thị Hoa",
+            "1978-09-09",
+            "female",
+            citizen_id=cid("1978-09-09", "female"),
+            relationship="spouse",
+        ),
+        record(g, "HK-1", "Trần Minh Khôi", "2012-04-30", "male", relationship="child"),
+        record(
+            g,
+            "HK-2",
+            "Nguyễn Thị Bê",
+            "1958-11-20",
+            "female",
+            citizen_id=cid("1958-11-20", "female"),
+            residence_kind="renter",
+        ),
+        record(g, "HK-2", "Võ Ngọc Ánh", "2016-01-15", "female", relationship="grandchild"),
+    ]
+
+
+def good_records_for(group: str) -> list[dict[str, str]]:
+    return [record(group, "HK-1", "Trần Văn An", "1975-02-03", "male")]
+
+
+def summary(output: str, label: str) -> int:
+    found = re.search(rf"^\s+{label}\s+([\d,]+)$", output, re.MULTILINE)
+    assert found, f"no {label!r} in:\n{output}"
+    return int(found.group(1).replace(",", ""))
+
+
+async def import_csv(city: City, path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    bearer = token(Role.WARD_OFFICER, city.ward)
+    status = await cli.run(["import-csv", str(path), "--token", bearer, "--target", city.target])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return out
+
+
+async def residents(city: City) -> list[registry_pb2.Person]:
+    found = await city.ward_officer.SearchPersons(
+        registry_pb2.SearchPersonsRequest(
+            unit_id=city.group, page=types_pb2.PageRequest(page_size=100)
+        )
+    )
+    return list(found.persons)
+
+
+# ---- civic token -----------------------------------------------------------------------------
+
+
+async def test_token_verifies_with_the_services_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CIVIC_AUTH_SECRET", TEST_SECRET)
+
+    status = await cli.run(
+        [
+            *("token", "--role", "resident", "--scope", "dn.hc.hc1.g17", "--household", "hh-1"),
+            *("--subject", "an@example.vn", "--ttl-hours", "2"),
+        ]
+    )
+
+    assert status == 0
+    bearer = capsys.readouterr().out.strip()
+    caller = verify_token(TEST_SECRET, bearer)
+    assert (caller.role, caller.scope, caller.household_id, caller.subject) == (
+        Role.RESIDENT,
+        "dn.hc.hc1.g17",
+        "hh-1",
+        "an@example.vn",
+    )
+    claims = jwt.decode(bearer, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 2 * 3600
+
+
+async def test_resident_token_needs_a_household(capsys: pytest.CaptureFixture[str]) -> None:
+    status = await cli.run(["token", "--role", "resident", "--scope", "dn"])
+
+    assert status == 2
+    assert "--household" in capsys.readouterr().err
+
+
+async def test_token_from_the_command_line() -> None:
+    done = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "services.cli", "token", "--role", "ward_officer", "--scope", "dn.hc.hc1"),
+        cwd=REPO,
+        env={**os.environ, "CIVIC_AUTH_SECRET": TEST_SECRET},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await done.communicate()
+
+    assert done.returncode == 0, err.decode()
+    caller = verify_token(TEST_SECRET, out.decode().strip())
+    assert (caller.role, caller.scope) == (Role.WARD_OFFICER, "dn.hc.hc1")
+    assert caller.subject.endswith("@cli")
+
+
+# ---- civic import-csv ------------------------------------------------------------------------
+
+
+async def test_import_creates_households_and_persons(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_csv(tmp_path / "people.csv", good_records(city))
+
+    out = await import_csv(city, path, capsys)
+
+    assert (summary(out, "households created"), summary(out, "persons created")) == (2, 5)
+    assert summary(out, "rows with errors") == 0
+    persons = await residents(city)
+    assert {p.full_name for p in persons} == {r["full_name"] for r in good_records(city)}
+    head = next(p for p in persons if p.full_name == "Trần Văn An")
+    got = await city.ward_officer.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=head.household_id)
+    )
+    assert got.household.external_ref == "HK-1"
+    assert got.household.unit_id == city.group
+    assert got.household.housing == registry_pb2.Housing(
+        floor_area_m2=62.5, storeys=3, sub_households=1
+    )
+    assert got.household.location.latitude == pytest.approx(16.0678)
+    assert got.head.person_id == head.person_id
+    assert {m.full_name for m in got.members} == {"Trần Văn An", "Lê Thị Hoa", "Trần Minh Khôi"}
+    child = next(m for m in got.members if m.full_name == "Trần Minh Khôi")
+    assert (child.relationship, child.sex, child.education) == (
+        registry_pb2.RELATIONSHIP_CHILD,
+        registry_pb2.SEX_MALE,
+        registry_pb2.EDUCATION_LEVEL_UNIVERSITY,
+    )
+
+
+async def test_bad_rows_are_reported_by_line_and_the_others_imported(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    g, tomorrow = city.group, (date.today() + timedelta(days=2)).isoformat()
+    good = good_records(city)
+    bad = [
+        # line 3: the ID says born in 1991
+        record(
+            g,
+            "HK-1",
+            "Phạm Văn Cường",
+            "1990-06-01",
+            "male",
+            citizen_id=cid("1991-06-01", "male"),
+            relationship="sibling",
+        ),
+        # line 5: born in the future
+        record(g, "HK-1", "Trần Thị Mai", tomorrow, "female", relationship="child"),
+        # line 7: a unit that does not exist (inside the officer's scope)
+        record(f"{city.ward}.nowhere", "HK-9", "Đỗ Văn Hùng", "1980-01-01", "male"),
+        # line 9: a word the file format does not know, refused before sending
+        record(g, "HK-2", "Hồ Thị Lan", "1990-03-03", "nữ", relationship="other_relative"),
+    ]
+    rows = [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3], good[4]]
+    path = write_csv(tmp_path / "people.csv", rows)
+
+    out = await import_csv(city, path, capsys)
+
+    assert summary(out, "persons created") == 5
+    assert summary(out, "rows with errors") == 4
+    errors = re.findall(r"^row (\d+)  (\w+): (.*)$", out, re.MULTILINE)
+    assert [(int(line), column) for line, column, _ in errors] == [
+        (3, "citizen_id"),
+        (5, "birth_date"),
+        (7, "unit_id"),
+        (9, "sex"),
+    ]
+    assert "birth year" in errors[0][2]
+    assert "future" in errors[1][2]
+    assert "no known unit" in errors[2][2]
+    assert "'nữ' is not one of male, female" in errors[3][2]
+    assert len(await residents(city)) == 5
+
+
+async def test_second_run_of_the_same_file_changes_nothing(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = good_records(city)
+    rows.insert(1, record(city.group, "HK-1", "Bùi Văn Tư", "1990-01-01", "robot"))
+    path = write_csv(tmp_path / "people.csv", rows)
+    await import_csv(city, path, capsys)
+
+    out = await import_csv(city, path, capsys)
+
+    assert summary(out, "households created") == 0
+    assert summary(out, "persons created") == 0
+    assert summary(out, "persons unchanged") == 5
+    assert re.findall(r"^row (\d+)  (\w+):", out, re.MULTILINE) == [("3", "sex")]
+    assert len(await residents(city)) == 5
+
+
+async def test_a_failed_call_is_one_line_and_exit_status_1(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "people.csv", good_records_for("dn.x.y.g1"))
+    closed = f"127.0.0.1:{free_port()}"
+
+    done = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "services.cli", "import-csv", str(path), "--target", closed),
+        cwd=REPO,
+        env={**os.environ, "CIVIC_TOKEN": token(Role.WARD_OFFICER, "dn")},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await done.communicate()
+
+    assert done.returncode == 1
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1, err.decode()
+    assert lines[0].startswith("error: import failed: UNAVAILABLE")
+
+
+async def test_a_file_without_a_required_column_is_refused_before_importing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text("unit_id,household_ref,full_name,birth_date,relationship\n", encoding="utf-8")
+
+    status = await cli.run(["import-csv", str(path), "--token", "t", "--target", "127.0.0.1:1"])
+
+    assert status == 2
+    assert "lacks the column(s) sex" in capsys.readouterr().err
+
+
+# ---- the file format -----------------------------------------------------------------------------
+
+
+def test_rows_are_numbered_by_the_line_they_start_on(tmp_path: Path) -> None:
+    # A byte-order mark and ";" as spreadsheets write them; a quoted address over two lines.
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "\ufeffUnit_ID;household_ref;address;full_name;birth_date;sex;relationship;latitude\n"
+        'g1;HK-1;"12 Trần Phú\nHải Châu";Trần Văn An;1975-02-03;male;head;\n'
+        "\n"
+        "g1;HK-1;;Lê Thị Hoa;1978-09-09;Female;spouse;16.1\n"
+        "g1;HK-2;;Hồ Văn Ba;1978-09-09;male;head;;extra\n",
+        encoding="utf-8",
+    )
+
+    rows = list(csv_rows.read_rows(path))
+
+    first, second, third = rows
+    assert isinstance(first, registry_pb2.ImportRow)
+    assert (first.row_number, first.address, first.HasField("location")) == (
+        2,
+        "12 Trần Phú\nHải Châu",
+        False,
+    )
+    assert (first.person.sex, first.person.relationship) == (
+        registry_pb2.SEX_MALE,
+        registry_pb2.RELATIONSHIP_HEAD,
+    )
+    assert second == registry_pb2.ImportRowError(
+        row_number=5, field="longitude", message="is required when latitude is given"
+    )
+    assert isinstance(third, registry_pb2.ImportRowError)
+    assert (third.row_number, third.field) == (6, "")
+    assert csv_rows.count_records(path) == 3
+
+
+def test_registry_fields_name_their_columns() -> None:
+    assert csv_rows.column_for("person.citizen_id") == "citizen_id"
+    assert csv_rows.column_for("housing.floor_area_m2") == "floor_area_m2"
+    assert csv_rows.column_for("location.latitude") == "latitude"
+    assert csv_rows.column_for("unit_id") == "unit_id"
+    assert csv_rows.column_for("") == ""
