@@ -23,6 +23,7 @@ from services.registry import domain, events
 from services.registry.records import PersonCodec, geo_point, housing_document
 from services.registry.store import RESIDENT, RegistryStore, new_id
 
+RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
 MAX_ERRORS = 10_000
 BATCH_ROWS = 2_000
 
@@ -71,10 +72,15 @@ class Importer:
     ) -> registry_pb2.ImportPersonsResponse:
         report = Report()
         groups: dict[str, str] = {}  # unit id -> "" when usable, else why not
+        pending: list[registry_pb2.ImportRow] = []
+        # One transaction per BATCH_ROWS rows, whatever size of chunk the client sends.
         async for request in requests:
-            rows = list(request.rows)
-            for start in range(0, len(rows), BATCH_ROWS):
-                await self._apply(caller, rows[start : start + BATCH_ROWS], groups, report)
+            pending.extend(request.rows)
+            while len(pending) >= BATCH_ROWS:
+                batch, pending = pending[:BATCH_ROWS], pending[BATCH_ROWS:]
+                await self._apply(caller, batch, groups, report)
+        if pending:
+            await self._apply(caller, pending, groups, report)
         return report.message()
 
     async def _group_problem(self, caller: Principal, unit_id: str, groups: dict[str, str]) -> str:
@@ -167,6 +173,7 @@ class Importer:
         }
         new_by_id = {h["_id"]: h for h in new_households.values()}
         new_persons: list[Document] = []
+        new_rows: list[int] = []
         for row_number, person in candidates:
             cid_hash = person["cid_hash"]
             same = known_cids.get(cid_hash) if cid_hash else None
@@ -190,9 +197,12 @@ class Importer:
                 if household is not None and not household["head_person_id"]:
                     household["head_person_id"] = person["_id"]
             new_persons.append(person)
+            new_rows.append(row_number)
 
         # 3. One transaction: households, persons and their events.
-        created = list(new_households.values())
+        # A new household whose every row failed is not created.
+        housed = {p["household_id"] for p in new_persons}
+        created = [h for h in new_households.values() if h["_id"] in housed]
         staged = [events.household_created(self.outbox, h) for h in created]
         staged += [
             events.person_registered(self.outbox, p, events_pb2.REGISTRATION_REASON_IMPORT)
@@ -212,11 +222,11 @@ class Importer:
             await in_transaction(self._client, work)
         except DuplicateKeyError:
             # A concurrent import wrote some of these first; nothing of this batch was written.
-            for row_number, _ in candidates:
+            for row_number in new_rows:
                 report.error(row_number, "", "conflicted with a concurrent import; run it again")
             return
         except DomainError as error:
-            for row_number, _ in candidates:
+            for row_number in new_rows:
                 report.error(row_number, "", error.message)
             return
         self.outbox.committed()
@@ -225,7 +235,7 @@ class Importer:
 
     def _household(self, row: registry_pb2.ImportRow, now: datetime) -> Document:
         kind = row.residence_kind or registry_pb2.RESIDENCE_KIND_PERMANENT
-        if kind not in registry_pb2.ResidenceKind.values():
+        if kind not in RESIDENCE_KINDS:
             raise InvalidArgument("residence_kind", "is not a known value")
         return {
             "_id": new_id("hh"),
