@@ -3,10 +3,13 @@ event exactly once by recording its id in the same transaction as the handler's 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
+from typing import Any
 
+from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from google.protobuf.message import Message
@@ -15,12 +18,19 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.common import kafka_fetch
 from services.common.cloudevents import CloudEvent
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 from services.common.telemetry import context_from_pairs, tracer
 
 PROCESSED = "processed_events"
+FETCH_WAIT_MS = 10
+# A consumer takes what it has fetched, up to this many events, as one batch.
+MAX_BATCH = 100
+# An idle consumer looks for new events this often (faststream waits this long for a batch,
+# then as long again before the next look).
+BATCH_WAIT_MS = 5
 
 # What a consumer does with one event, inside the transaction that records it as processed;
 # it returns the events it emits in turn (staged in the same transaction), often none.
@@ -28,6 +38,7 @@ EventHandler = Callable[[CloudEvent, Message, Session], Awaitable[list[Document]
 
 
 def kafka_broker(bootstrap_servers: str, client_id: str) -> KafkaBroker:
+    kafka_fetch.install()
     return KafkaBroker(
         bootstrap_servers,
         client_id=client_id,
@@ -48,27 +59,22 @@ def subscribe_once(
     instance_id: str,
     handle: EventHandler,
     outbox: Outbox | None = None,
+    types: Collection[str] | None = None,
 ) -> None:
     """Run `handle` for every event on `topic`, once per event id, in the consumer group.
 
     The offset is committed only after the transaction, so a crash redelivers the event; the
-    processed-id record then makes the redelivery a no-op.
+    processed-id record then makes the redelivery a no-op. `types`, if given, names the event
+    types `handle` acts on: any other is passed over without a transaction (handling it would
+    change nothing, so there is nothing to record as done).
     """
     processed = db[PROCESSED]
 
-    @broker.subscriber(
-        topic,
-        group_id=group_id,
-        # Static membership: a restarted instance takes its partitions back at once instead of
-        # waiting for the group to notice its old session is gone.
-        group_instance_id=instance_id,
-        auto_offset_reset="earliest",
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-    )
-    async def on_event(body: bytes, msg: KafkaMessage) -> None:
-        record = msg.raw_message
-        headers = list(record.headers or ())  # type: ignore[union-attr]
-        event = CloudEvent.from_kafka(headers, body)
+    async def handle_once(record: ConsumerRecord[Any, Any]) -> None:
+        headers = list(record.headers or ())
+        event = CloudEvent.from_kafka(headers, record.value or b"")
+        if types is not None and event.type not in types:
+            return
         marker = f"{group_id}:{event.id}"
         with tracer("civic.consumer").start_as_current_span(
             f"{topic} process",
@@ -104,3 +110,36 @@ def subscribe_once(
                 return
             if outbox is not None:
                 outbox.committed()
+
+    async def in_order(records: list[ConsumerRecord[Any, Any]]) -> None:
+        for record in records:
+            await handle_once(record)
+
+    @broker.subscriber(
+        topic,
+        group_id=group_id,
+        # Static membership: a restarted instance takes its partitions back at once instead of
+        # waiting for the group to notice its old session is gone.
+        group_instance_id=instance_id,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        # How long an empty fetch waits (see kafka_fetch): the most a new event waits when idle.
+        fetch_max_wait_ms=FETCH_WAIT_MS,
+        # Whatever has been fetched, as one batch: its partitions are handled side by side, as
+        # instances of the group would, each partition in order; its offsets are committed once,
+        # after all of it. An error rewinds every partition to the batch's first event there.
+        batch=True,
+        max_records=MAX_BATCH,
+        batch_timeout_ms=BATCH_WAIT_MS,
+    )
+    async def on_events(msg: KafkaMessage) -> None:
+        partitions: dict[int, list[ConsumerRecord[Any, Any]]] = {}
+        for record in msg.raw_message:
+            partitions.setdefault(record.partition, []).append(record)
+        # Every partition runs to its end (or its first error) before the batch's outcome.
+        outcomes = await asyncio.gather(
+            *(in_order(records) for records in partitions.values()), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome

@@ -130,6 +130,7 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._lease_seconds = lease_seconds
         self._task: asyncio.Task[None] | None = None
+        self._held_until: datetime | None = None
         self.published = 0
 
     def start(self) -> None:
@@ -158,19 +159,22 @@ class OutboxRelay:
 
     async def _hold_lease(self) -> bool:
         now = datetime.now(UTC)
+        # Renewed once half of it has run out, not on every wake-up: nobody else takes it before
+        # it expires.
+        half = timedelta(seconds=self._lease_seconds / 2)
+        if self._held_until is not None and now < self._held_until - half:
+            return True
+        expires_at = now + timedelta(seconds=self._lease_seconds)
+        self._held_until = None
         try:
             await self._lease.find_one_and_update(
                 {"_id": "relay", "$or": [{"owner": self._owner}, {"expires_at": {"$lt": now}}]},
-                {
-                    "$set": {
-                        "owner": self._owner,
-                        "expires_at": now + timedelta(seconds=self._lease_seconds),
-                    }
-                },
+                {"$set": {"owner": self._owner, "expires_at": expires_at}},
                 upsert=True,
             )
         except DuplicateKeyError:
             return False  # another instance relays
+        self._held_until = expires_at
         return True
 
     async def relay_once(self) -> int:
