@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from opentelemetry.trace import SpanKind
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common import kafka_fetch
 from services.common.cloudevents import CloudEvent
@@ -64,19 +64,15 @@ def subscribe_once(
     """Run `handle` for every event on `topic`, once per event id, in the consumer group.
 
     The offset is committed only after the transaction, so a crash redelivers the event; the
-    processed-id record then makes the redelivery a no-op. `types`, if given, names the event
+    processed-id record then makes the redelivery a no-op. The events a fetch brings for one
+    partition are handled in one transaction, in order. `types`, if given, names the event
     types `handle` acts on: any other is passed over without a transaction (handling it would
     change nothing, so there is nothing to record as done).
     """
     processed = db[PROCESSED]
 
-    async def handle_once(record: ConsumerRecord[Any, Any]) -> None:
-        headers = list(record.headers or ())
-        event = CloudEvent.from_kafka(headers, record.value or b"")
-        if types is not None and event.type not in types:
-            return
-        marker = f"{group_id}:{event.id}"
-        with tracer("civic.consumer").start_as_current_span(
+    def process_span(headers: list[tuple[str, Any]], event: CloudEvent) -> Any:
+        return tracer("civic.consumer").start_as_current_span(
             f"{topic} process",
             context=context_from_pairs(headers),
             kind=SpanKind.CONSUMER,
@@ -87,33 +83,65 @@ def subscribe_once(
                 "messaging.message.id": event.id,
                 "cloudevents.event_type": event.type,
             },
-        ) as span:
-            if await processed.find_one({"_id": marker}, projection={"_id": 1}):
-                span.set_attribute("civic.duplicate", True)
-                return
-            message = event.message()
+        )
 
-            async def work(session: Session) -> None:
-                await processed.insert_one(
-                    {"_id": marker, "at": datetime.now(UTC)}, session=session
-                )
-                emitted = await handle(event, message, session)
-                if emitted:
-                    assert outbox is not None, "a consumer that emits events needs the outbox"
-                    await outbox.stage(session, emitted)
+    async def apply(session: Session, headers: list[tuple[str, Any]], event: CloudEvent) -> None:
+        with process_span(headers, event):
+            emitted = await handle(event, event.message(), session)
+            if emitted:
+                assert outbox is not None, "a consumer that emits events needs the outbox"
+                await outbox.stage(session, emitted)
 
-            try:
-                await in_transaction(client, work)
-            except DuplicateKeyError:
-                # Another member of the group handled it concurrently during a rebalance.
-                span.set_attribute("civic.duplicate", True)
-                return
-            if outbox is not None:
-                outbox.committed()
+    async def in_order(records: list[ConsumerRecord[Any, Any]], retried: bool = False) -> None:
+        """One partition's share of a batch: its new events in one transaction, in order,
+        with their processed-id markers; events already processed are skipped."""
+        fetched = [
+            (headers, CloudEvent.from_kafka(headers, record.value or b""))
+            for record in records
+            for headers in [list(record.headers or ())]
+        ]
+        wanted = [(h, e) for h, e in fetched if types is None or e.type in types]
+        if not wanted:
+            return
+        done = {
+            doc["_id"]
+            async for doc in processed.find(
+                {"_id": {"$in": [f"{group_id}:{e.id}" for _, e in wanted]}}, {"_id": 1}
+            )
+        }
+        todo = []
+        for headers, event in wanted:
+            marker = f"{group_id}:{event.id}"
+            # A relay that crashed before marking its events sent publishes them again, and
+            # both copies can arrive in one fetch: the second is a duplicate too.
+            if marker in done:
+                with process_span(headers, event) as span:
+                    span.set_attribute("civic.duplicate", True)
+                continue
+            done.add(marker)
+            todo.append((headers, event))
+        if not todo:
+            return
 
-    async def in_order(records: list[ConsumerRecord[Any, Any]]) -> None:
-        for record in records:
-            await handle_once(record)
+        async def work(session: Session) -> None:
+            now = datetime.now(UTC)
+            await processed.insert_many(
+                [{"_id": f"{group_id}:{e.id}", "at": now} for _, e in todo], session=session
+            )
+            for headers, event in todo:
+                await apply(session, headers, event)
+
+        try:
+            await in_transaction(client, work)
+        except (DuplicateKeyError, BulkWriteError):
+            if retried:
+                raise
+            # Another member of the group handled some of them during a rebalance: nothing of
+            # this transaction was written; go again, now skipping what the other one did.
+            await in_order(records, retried=True)
+            return
+        if outbox is not None:
+            outbox.committed()
 
     @broker.subscriber(
         topic,
