@@ -33,7 +33,6 @@ import logging
 import multiprocessing
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.write_concern import WriteConcern
 
-from infra.local import Endpoints, LocalStack, Ports
+from infra.local import Endpoints, LocalStack, Ports, isolated_settings
 from services.common.auth import Role, mint_token
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -344,26 +343,8 @@ class Figures:
     history_backlog: int = 0  # events published but not yet projected into household history
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def bench_settings(endpoints: Endpoints) -> Settings:
-    return Settings(
-        mongo_uri=endpoints.mongo_uri,
-        kafka_bootstrap_servers=endpoints.kafka_bootstrap_servers,
-        s3_endpoint=endpoints.s3_endpoint,
-        s3_access_key=endpoints.s3_access_key,
-        s3_secret_key=endpoints.s3_secret_key,
-        s3_secure=endpoints.s3_secure,
-        database_prefix=f"bench{uuid.uuid4().hex[:8]}",
-        auth_secret=uuid.uuid4().hex * 2,
-        data_key=uuid.uuid4().hex * 2,
-        # A free port: grpc_port=0 would mean the registry's fixed port 50051.
-        grpc_port=free_port(),
-    )
+    return isolated_settings(endpoints, "bench")
 
 
 async def create_city(target: str, secret: str, groups: int) -> tuple[str, list[str]]:

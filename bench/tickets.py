@@ -42,7 +42,6 @@ import math
 import multiprocessing
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -61,7 +60,7 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from civic.tickets.v1 import events_pb2, tickets_pb2
 from pymongo import AsyncMongoClient
 
-from infra.local import Endpoints, LocalStack, Ports
+from infra.local import Endpoints, LocalStack, Ports, free_port, isolated_settings
 from services.common.auth import Role, mint_token
 from services.common.cloudevents import type_name
 from services.common.config import Settings
@@ -498,26 +497,8 @@ class Figures:
     quiet_waits: list[float] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def bench_settings(endpoints: Endpoints) -> Settings:
-    return Settings(
-        mongo_uri=endpoints.mongo_uri,
-        kafka_bootstrap_servers=endpoints.kafka_bootstrap_servers,
-        s3_endpoint=endpoints.s3_endpoint,
-        s3_access_key=endpoints.s3_access_key,
-        s3_secret_key=endpoints.s3_secret_key,
-        s3_secure=endpoints.s3_secure,
-        database_prefix=f"bench{uuid.uuid4().hex[:8]}",
-        auth_secret=uuid.uuid4().hex * 2,
-        data_key=uuid.uuid4().hex * 2,
-        # A free port: grpc_port=0 would mean the service's fixed port.
-        grpc_port=free_port(),
-    )
+    return isolated_settings(endpoints, "bench")
 
 
 def head_of_household(serial: int) -> registry_pb2.PersonDetails:

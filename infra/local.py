@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -678,3 +679,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def isolated_settings(endpoints: Endpoints, run: str, **overrides: Any) -> Settings:
+    """Settings for a run (tests, a benchmark) that shares servers but nothing else: its own
+    databases and consumer groups, fresh secrets, and a free gRPC port (0 would mean the
+    service's fixed port)."""
+    fields: dict[str, Any] = {
+        "mongo_uri": endpoints.mongo_uri,
+        "kafka_bootstrap_servers": endpoints.kafka_bootstrap_servers,
+        "s3_endpoint": endpoints.s3_endpoint,
+        "s3_access_key": endpoints.s3_access_key,
+        "s3_secret_key": endpoints.s3_secret_key,
+        "s3_secure": endpoints.s3_secure,
+        "database_prefix": f"{run}{uuid.uuid4().hex[:8]}",
+        "auth_secret": uuid.uuid4().hex * 2,
+        "data_key": uuid.uuid4().hex * 2,
+        "grpc_port": free_port(),
+    }
+    return Settings(**(fields | overrides))

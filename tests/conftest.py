@@ -7,7 +7,6 @@ in a temporary directory, so a test run never touches the data of a running plat
 
 from __future__ import annotations
 
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from infra.local import Endpoints, LocalStack, Ports
+from infra.local import Endpoints, LocalStack, Ports, isolated_settings
 from services.common.auth import Role, mint_token
 from services.common.config import Settings
 
@@ -24,12 +23,6 @@ pytest_plugins = ["tests.registry_fixtures"]
 
 EXTERNAL = ("CIVIC_MONGO_URI", "KAFKA_BOOTSTRAP_SERVERS", "CIVIC_S3_ENDPOINT")
 TEST_SECRET = "test-signing-key-" + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -50,19 +43,7 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
 
 @pytest.fixture(scope="session")
 def settings(endpoints: Endpoints) -> Settings:
-    return Settings(
-        mongo_uri=endpoints.mongo_uri,
-        kafka_bootstrap_servers=endpoints.kafka_bootstrap_servers,
-        s3_endpoint=endpoints.s3_endpoint,
-        s3_access_key=endpoints.s3_access_key,
-        s3_secret_key=endpoints.s3_secret_key,
-        s3_secure=endpoints.s3_secure,
-        database_prefix=f"test{uuid.uuid4().hex[:8]}",
-        auth_secret=TEST_SECRET,
-        data_key="test-data-key-" + uuid.uuid4().hex,
-        grpc_port=free_port(),
-        outbox_poll_seconds=0.2,
-    )
+    return isolated_settings(endpoints, "test", auth_secret=TEST_SECRET, outbox_poll_seconds=0.2)
 
 
 class Clock:

@@ -11,11 +11,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from infra.local import free_port
 from services.common.auth import Role, principal
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.grpc_client import civic_channel
 from services.common.grpc_server import GrpcServer
-from tests.conftest import TEST_SECRET, free_port, token
+from tests.conftest import TEST_SECRET, token
 
 SERVICE = "civic.test.v1.ProbeService"
 

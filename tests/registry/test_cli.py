@@ -15,10 +15,11 @@ import pytest
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
+from infra.local import free_port
 from services import cli
 from services.common.auth import Role, verify_token
 from services.registry import csv_rows
-from tests.conftest import TEST_SECRET, free_port, token
+from tests.conftest import TEST_SECRET, token
 from tests.registry_fixtures import City, citizen_id
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
+from infra.local import free_port
 from services.common.auth import Role
 from services.common.broker import PROCESSED
 from services.common.config import Settings
@@ -30,7 +31,7 @@ from services.common.mongo import Document, mongo_client
 from services.common.outbox import LEASE, OUTBOX
 from services.registry.events import TOPIC
 from services.registry.main import NAME
-from tests.conftest import free_port, token
+from tests.conftest import token
 from tests.kafka_reader import Record, TopicReader, eventually, wait_consumed
 from tests.registry_fixtures import Caller, citizen_id, create_unit, person, rid
 

@@ -14,11 +14,12 @@ from civic.registry.v1 import registry_pb2
 from civic.tickets.v1 import tickets_pb2, tickets_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from infra.local import free_port
 from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.tickets.main import TicketsService
-from tests.conftest import Clock, free_port, token
+from tests.conftest import Clock, token
 from tests.registry_fixtures import City, new_household, rid
 
 __all__ = ["rid"]
