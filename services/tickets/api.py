@@ -121,7 +121,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             raise PermissionDenied("only the submitter may do this")
 
     async def _rules(self, session: Session | None = None) -> Document:
-        rules = await self.store.current_rules(session)
+        rules = await (self.store.current_rules(session) if session else self.store.recent_rules())
         assert rules is not None, "rules are seeded at start-up"
         return rules
 
@@ -146,6 +146,10 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             if not unit_id:
                 raise InvalidArgument("unit_id", "name the group (or the household) concerned")
         domain.may_submit_for(caller, unit_id)
+        location = geo_point(request.location) if request.HasField("location") else None
+        if household is not None:
+            # The view keeps a household's group current through merges: no second read.
+            return unit_id, household_id, location or household.get("location")
         unit = await self.store.unit(unit_id)
         if unit is None:
             raise NotFound(f"unit {unit_id} is not known to the tickets service")
@@ -153,9 +157,6 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             unit_id = unit["merged_into_id"]
         elif domain.level_of(unit_id) is not domain.Level.GROUP:
             raise InvalidArgument("unit_id", "tickets are filed for a residential group or village")
-        location = geo_point(request.location) if request.HasField("location") else None
-        if location is None and household is not None:
-            location = household.get("location")
         return unit_id, household_id, location
 
     # ---- submitting ------------------------------------------------------------------------
@@ -714,9 +715,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             )
             return tickets_pb2.SetRoutingRulesResponse(rules=rules_message(doc)), [event]
 
-        return await self.commands.run(
+        response = await self.commands.run(
             "SetRoutingRules", request, tickets_pb2.SetRoutingRulesResponse, work
         )
+        self.store.forget_rules()
+        return response
 
 
 def _check_visible(caller: Principal, ticket: Document) -> None:

@@ -61,7 +61,7 @@ class Router:
         ticket = await self.store.get(ticket_id, session)
         if ticket is None or ticket["status"] != domain.Status.SUBMITTED:
             return []  # already routed
-        rules_doc = await self.store.current_rules(session)
+        rules_doc = await self.store.recent_rules()
         assert rules_doc is not None, "rules are seeded at start-up"
         rule = rule_for(rules_doc, ticket["category"])
         now = self.clock()

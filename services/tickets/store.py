@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +18,7 @@ from services.common.paging import after_token, next_token
 from services.tickets.domain import OPEN, Level
 
 EARTH_RADIUS_M = 6_378_100
+RULES_CACHE_SECONDS = 1.0
 
 
 def new_ticket_id() -> str:
@@ -34,6 +36,7 @@ class TicketStore:
         self.rules = db["routing_rules"]
         self.units = db["units"]  # projected from civic.registry.v1
         self.households = db["households"]  # projected from civic.registry.v1
+        self._rules_cache: tuple[float, Document | None] | None = None
 
     async def ensure_indexes(self) -> None:
         open_only = {"status": {"$in": [int(s) for s in OPEN]}}
@@ -180,6 +183,17 @@ class TicketStore:
         return await rows.to_list()
 
     # ---- routing rules -------------------------------------------------------------------
+
+    async def recent_rules(self) -> Document | None:
+        """The rules in force, read at most once a RULES_CACHE_SECONDS: every ticket needs them
+        twice and they change rarely (another instance's change shows within that time)."""
+        now = time.monotonic()
+        if self._rules_cache is None or now - self._rules_cache[0] > RULES_CACHE_SECONDS:
+            self._rules_cache = (now, await self.current_rules())
+        return self._rules_cache[1]
+
+    def forget_rules(self) -> None:
+        self._rules_cache = None
 
     async def current_rules(self, session: Session | None = None) -> Document | None:
         return await self.rules.find_one({}, sort=[("version", DESCENDING)], session=session)
