@@ -307,9 +307,12 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         session: Session,
         changes: Document,
         message: Message,
+        comment: Document | None = None,
     ) -> tuple[Document, list[Document]]:
+        """One update per change, so a queue watcher sees each change once, whole."""
         changes["last_change"] = type_name(message)
-        updated = await self.store.update(ticket["_id"], changes, session)
+        push = {"comments": comment} if comment else None
+        updated = await self.store.update(ticket["_id"], changes, session, push=push)
         return updated, [ticket_event(self.outbox, message, ticket["_id"])]
 
     async def AcknowledgeTicket(
@@ -440,9 +443,6 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             if domain.escalation_target(ticket["assigned_unit_id"]) is None:
                 raise FailedPrecondition("the city is the highest level; nobody is above it")
-            await self.store.update(
-                ticket["_id"], {}, session, push={"comments": self._comment(caller, reason)}
-            )
             return await escalate(
                 self.store,
                 self.outbox,
@@ -450,6 +450,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 self.clock(),
                 events_pb2.ESCALATION_CAUSE_BY_OFFICIAL,
                 session,
+                comment=self._comment(caller, reason),
             )
 
         return await self._act(
@@ -478,9 +479,6 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             due = domain.deadlines(
                 rule_for(rules, ticket["category"]), level, now, acknowledged=False
             )
-            await self.store.update(
-                ticket["_id"], {}, session, push={"comments": self._comment(caller, reason)}
-            )
             return await self._set_status(
                 ticket,
                 session,
@@ -497,6 +495,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 events_pb2.TicketReopened(
                     ticket_id=ticket["_id"], assigned_unit_id=ticket["assigned_unit_id"]
                 ),
+                comment=self._comment(caller, reason),
             )
 
         return await self._act(
@@ -639,13 +638,22 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, request: tickets_pb2.WatchQueueRequest, context: Context
     ) -> AsyncIterator[tickets_pb2.WatchQueueResponse]:
         query = self._queue_query(principal(), request.unit_id, request.department)
+
+        def in_queue(image: str) -> Document:
+            return {f"{image}.{key}": value for key, value in query.items()}
+
+        # Tickets entering, changing in, or leaving the queue (escalated elsewhere, say), each as
+        # its change left it. A change stream sees every instance's writes, not only this one's.
         pipeline = [
-            {"$match": {f"fullDocument.{key}": value for key, value in query.items()}},
+            {"$match": {"$or": [in_queue("fullDocument"), in_queue("fullDocumentBeforeChange")]}}
         ]
-        # A change stream sees every instance's writes, not only this one's.
-        async with await self.store.tickets.watch(pipeline, full_document="updateLookup") as stream:
+        async with await self.store.tickets.watch(
+            pipeline, full_document="whenAvailable", full_document_before_change="whenAvailable"
+        ) as stream:
             async for change in stream:
-                ticket = change["fullDocument"]
+                ticket = change.get("fullDocument")
+                if ticket is None:
+                    continue
                 yield tickets_pb2.WatchQueueResponse(
                     ticket=self._message(ticket), change=ticket.get("last_change", "")
                 )

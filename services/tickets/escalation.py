@@ -33,6 +33,7 @@ async def escalate(
     now: datetime,
     cause: events_pb2.EscalationCause.ValueType,
     session: Session,
+    comment: Document | None = None,
 ) -> tuple[Document, list[Document]]:
     """Moves the ticket one level up with fresh deadlines; at the city it stays as it is."""
     target = domain.escalation_target(ticket["assigned_unit_id"])
@@ -58,7 +59,8 @@ async def escalate(
         "escalations": ticket.get("escalations", 0) + 1,
         "last_change": type_name(events_pb2.TicketEscalated()),
     }
-    updated = await store.update(ticket["_id"], changes, session)
+    push = {"comments": comment} if comment else None
+    updated = await store.update(ticket["_id"], changes, session, push=push)
     event = ticket_event(
         outbox,
         events_pb2.TicketEscalated(

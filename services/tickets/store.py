@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from datetime import datetime
@@ -10,6 +11,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, GEOSPHERE, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import CollectionInvalid
 
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session
@@ -39,6 +41,14 @@ class TicketStore:
         self._rules_cache: tuple[float, Document | None] | None = None
 
     async def ensure_indexes(self) -> None:
+        # Change streams carry each change's before and after images, so a queue watcher learns
+        # of a ticket leaving its queue and sees the ticket exactly as that change left it.
+        if "tickets" not in await self.db.list_collection_names():
+            with contextlib.suppress(CollectionInvalid):
+                await self.db.create_collection("tickets")
+        await self.db.command(
+            {"collMod": "tickets", "changeStreamPreAndPostImages": {"enabled": True}}
+        )
         open_only = {"status": {"$in": [int(s) for s in OPEN]}}
         await self.tickets.create_indexes(
             [

@@ -84,6 +84,16 @@ async def test_a_ward_app_watches_its_queue_live(
     assert acknowledged.change == ACKNOWLEDGED
     assert acknowledged.ticket.status == tickets_pb2.TICKET_STATUS_ACKNOWLEDGED
 
+    # A ticket leaving the queue is reported too, as it now stands.
+    await pilot.ward_officer.EscalateTicket(
+        tickets_pb2.EscalateTicketRequest(
+            request_id=rid(), ticket_id=ticket.ticket_id, reason="cần quận xử lý"
+        )
+    )
+    escalated = await next_update(call, ticket.ticket_id)
+    assert escalated.change == "civic.tickets.v1.TicketEscalated"
+    assert escalated.ticket.assigned_unit_id == pilot.city.district
+
     # The app closes the stream: the call ends as cancelled and the server lets go of its
     # change stream.
     assert call.cancel()
