@@ -3,7 +3,7 @@
 One `LocalStack` owns one data directory (`root`), so a dev platform (`.civic/dev`) and any number
 of test runs (pytest tmp dirs with `Ports.free()`) coexist. Every server runs in its own session
 with a PID file, a log file and a data directory under root; `down()` stops it by that PID.
-See /work/shared/INFRA.md for why these particular servers and flags.
+Why these servers and flags: the README (Real servers, everywhere) and the comments below.
 
 CLI: python -m infra.local up|down|status [--env dev] [--root DIR]
 """
