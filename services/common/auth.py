@@ -6,6 +6,7 @@ inside a caller's scope is a prefix test that needs no lookup, in any service.
 
 from __future__ import annotations
 
+import functools
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -91,6 +92,15 @@ def mint_token(
 
 
 def verify_token(secret: str, token: str) -> Principal:
+    caller, expires = _verified(secret, token)
+    if expires <= time.time():
+        raise Unauthenticated("token expired")
+    return caller
+
+
+@functools.lru_cache(maxsize=4096)
+def _verified(secret: str, token: str) -> tuple[Principal, float]:
+    """A token's signature is checked once; its expiry on every call (verify_token)."""
     try:
         claims = jwt.decode(
             token,
@@ -110,7 +120,7 @@ def verify_token(secret: str, token: str) -> Principal:
     household_id = str(claims.get("hh", ""))
     if role is Role.RESIDENT and not household_id:
         raise Unauthenticated("resident token names no household")
-    return Principal(str(claims["sub"]), role, scope, household_id)
+    return Principal(str(claims["sub"]), role, scope, household_id), float(claims["exp"])
 
 
 # The caller of the RPC being served; set by the authentication interceptor.
