@@ -24,6 +24,8 @@ from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 from services.common.telemetry import context_from_pairs, tracer
 
+# A proxy until the provider is installed; fetched once, not per message or call.
+_TRACER = tracer("civic.consumer")
 PROCESSED = "processed_events"
 FETCH_WAIT_MS = 10
 # A consumer takes what it has fetched, up to this many events, as one batch.
@@ -72,7 +74,7 @@ def subscribe_once(
     processed = db[PROCESSED]
 
     def process_span(headers: list[tuple[str, Any]], event: CloudEvent) -> Any:
-        return tracer("civic.consumer").start_as_current_span(
+        return _TRACER.start_as_current_span(
             f"{topic} process",
             context=context_from_pairs(headers),
             kind=SpanKind.CONSUMER,

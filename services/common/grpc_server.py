@@ -20,6 +20,8 @@ from services.common.errors import DomainError, Unauthenticated
 from services.common.telemetry import context_from_pairs, tracer
 
 log = logging.getLogger(__name__)
+# A proxy until the provider is installed; fetched once, not per message or call.
+_TRACER = tracer("civic.grpc")
 
 # Answer these without credentials: load balancers and tooling call them.
 PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
@@ -81,7 +83,7 @@ class TracingInterceptor(_AroundInterceptor):
     ) -> AsyncIterator[None]:
         parent = context_from_pairs(context.invocation_metadata() or ())
         service, _, rpc = method.lstrip("/").partition("/")
-        with tracer("civic.grpc").start_as_current_span(
+        with _TRACER.start_as_current_span(
             method.lstrip("/"),
             context=parent,
             kind=SpanKind.SERVER,

@@ -30,6 +30,8 @@ from services.common.mongo import Document, Session
 from services.common.telemetry import context_from_headers, current_trace_headers, tracer
 
 log = logging.getLogger(__name__)
+# A proxy until the provider is installed; fetched once, not per message or call.
+_TRACER = tracer("civic.outbox")
 
 OUTBOX = "outbox"
 LEASE = "outbox_lease"
@@ -201,7 +203,7 @@ class OutboxRelay:
     async def _publish(self, entry: Document) -> asyncio.Future[Any]:
         """Send one event (without waiting for the broker); its span continues the stored trace."""
         event = _as_cloud_event(entry)
-        with tracer("civic.outbox").start_as_current_span(
+        with _TRACER.start_as_current_span(
             f"{entry['topic']} publish",
             context=context_from_headers(entry.get("trace", {})),
             kind=SpanKind.PRODUCER,
