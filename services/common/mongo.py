@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -13,6 +14,11 @@ from pymongo.write_concern import WriteConcern
 T = TypeVar("T")
 Document = dict[str, Any]
 Session = AsyncClientSession
+
+
+def in_unit(unit_id: str) -> dict[str, Any]:
+    """Matches a unit id field at `unit_id` or below it in the tree (an indexed prefix match)."""
+    return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
 
 
 def mongo_client(uri: str) -> AsyncMongoClient[Document]:

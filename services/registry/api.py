@@ -19,15 +19,14 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.paging import page_size
+from services.common.wire import point_document, timestamp
 from services.registry import domain, events
 from services.registry.importer import Importer
 from services.registry.records import (
     PersonCodec,
     check_enum,
-    geo_point,
     household_message,
     housing_document,
-    timestamp,
     unit_message,
 )
 from services.registry.store import RESIDENT, RegistryStore, new_id
@@ -267,7 +266,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             "address": address,
             "housing": housing_document(request.housing),
             "residence_kind": kind,
-            "location": geo_point("location", request.location)
+            "location": point_document("location", request.location)
             if request.HasField("location")
             else None,
             "external_ref": request.external_ref.strip() or None,
@@ -330,7 +329,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if "location" in fields:
             if not request.HasField("location"):
                 raise InvalidArgument("location", "is required when named in update_fields")
-            changes["location"] = geo_point("location", request.location)
+            changes["location"] = point_document("location", request.location)
 
         async def work(
             session: Session,

@@ -314,13 +314,6 @@ def check_housing(floor_area_m2: float, storeys: int, sub_households: int) -> No
         raise InvalidArgument("housing.sub_households", "must be between 0 and 50")
 
 
-def check_location(latitude: float, longitude: float) -> None:
-    if not -90 <= latitude <= 90:
-        raise InvalidArgument("location.latitude", "must be between -90 and 90")
-    if not -180 <= longitude <= 180:
-        raise InvalidArgument("location.longitude", "must be between -180 and 180")
-
-
 def check_stay(start: date, end: date) -> None:
     if end < start:
         raise InvalidArgument("stay_end", "is before stay_start")

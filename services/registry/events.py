@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from bson import ObjectId
-from civic.common.v1 import types_pb2
 from civic.registry.v1 import events_pb2, registry_pb2
 from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
@@ -16,6 +15,7 @@ from services.common.broker import subscribe_once
 from services.common.cloudevents import CloudEvent
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
+from services.common.wire import point_message
 from services.registry.store import RegistryStore
 
 TOPIC = "civic.registry.v1"
@@ -30,14 +30,6 @@ def housing(doc: Document) -> registry_pb2.Housing:
     )
 
 
-def location(doc: Document) -> types_pb2.GeoPoint | None:
-    point = doc.get("location")
-    if not point:
-        return None
-    longitude, latitude = point["coordinates"]
-    return types_pb2.GeoPoint(latitude=latitude, longitude=longitude)
-
-
 def household_created(outbox: Outbox, household: Document) -> Document:
     return outbox.event(
         events_pb2.HouseholdCreated(
@@ -46,7 +38,7 @@ def household_created(outbox: Outbox, household: Document) -> Document:
             address=household["address"],
             housing=housing(household),
             residence_kind=household["residence_kind"],
-            location=location(household),
+            location=point_message(household.get("location")),
             head_person_id=household.get("head_person_id", ""),
         ),
         key=household["_id"],
@@ -62,7 +54,7 @@ def household_updated(outbox: Outbox, household: Document, fields: list[str]) ->
             address=household["address"],
             housing=housing(household),
             residence_kind=household["residence_kind"],
-            location=location(household),
+            location=point_message(household.get("location")),
             head_person_id=household.get("head_person_id", ""),
         ),
         key=household["_id"],

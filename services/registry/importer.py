@@ -19,8 +19,9 @@ from services.common.auth import Principal
 from services.common.errors import DomainError, InvalidArgument
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
+from services.common.wire import point_document
 from services.registry import domain, events
-from services.registry.records import PersonCodec, geo_point, housing_document
+from services.registry.records import PersonCodec, housing_document
 from services.registry.store import RESIDENT, RegistryStore, new_id
 
 RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
@@ -243,7 +244,9 @@ class Importer:
             "address": domain.normalize_name("address", row.address),
             "housing": housing_document(row.housing),
             "residence_kind": kind,
-            "location": geo_point("location", row.location) if row.HasField("location") else None,
+            "location": point_document("location", row.location)
+            if row.HasField("location")
+            else None,
             "external_ref": row.household_ref.strip(),
             "head_person_id": "",
             "active": True,

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import date
 from typing import Any
 
-from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.auth import Principal
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
+from services.common.wire import point_message, timestamp
 from services.registry import domain, events
 from services.registry.store import RESIDENT, new_id
-
-
-def timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def unit_message(doc: Document) -> registry_pb2.Unit:
@@ -43,20 +34,12 @@ def household_message(doc: Document) -> registry_pb2.Household:
         head_person_id=doc.get("head_person_id", ""),
         housing=events.housing(doc),
         residence_kind=doc["residence_kind"],
-        location=events.location(doc),
+        location=point_message(doc.get("location")),
         last_verified_at=timestamp(doc.get("last_verified_at")),
         marked_absent=doc.get("marked_absent", False),
         external_ref=doc.get("external_ref") or "",
         created_at=timestamp(doc.get("created_at")),
     )
-
-
-def geo_point(field: str, point: types_pb2.GeoPoint) -> Document:
-    try:
-        domain.check_location(point.latitude, point.longitude)
-    except InvalidArgument as error:
-        raise InvalidArgument(f"{field}.{error.field.split('.')[-1]}", "out of range") from None
-    return {"type": "Point", "coordinates": [point.longitude, point.latitude]}
 
 
 def housing_document(housing: registry_pb2.Housing) -> Document:

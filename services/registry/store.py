@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common.commands import ensure_command_indexes
-from services.common.mongo import Document, Session
+from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 
@@ -21,11 +20,6 @@ RESIDENT = 1  # PersonStatus.RESIDENT
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{ObjectId()}"
-
-
-def within(unit_id: str) -> dict[str, Any]:
-    """Matches a unit_id field at unit_id or anywhere below it (an indexed prefix match)."""
-    return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
 
 
 class RegistryStore:
@@ -174,7 +168,7 @@ class RegistryStore:
         token: str,
         size: int,
     ) -> tuple[list[Document], str]:
-        query: Document = {"unit_id": within(unit_id), "status": RESIDENT}
+        query: Document = {"unit_id": in_unit(unit_id), "status": RESIDENT}
         if name_folded:
             # Each word of the query, in order, at a word start: "thi be" finds "nguyen thi be".
             words = ".*".join(rf"\b{re.escape(word)}" for word in name_folded.split())
@@ -198,7 +192,7 @@ class RegistryStore:
         counts: dict[str, Counter[str]] = {}
         people = await self.persons.aggregate(
             [
-                {"$match": {"unit_id": within(unit_id), "status": RESIDENT}},
+                {"$match": {"unit_id": in_unit(unit_id), "status": RESIDENT}},
                 {
                     "$group": {
                         "_id": "$unit_id",
@@ -217,7 +211,7 @@ class RegistryStore:
             )
         homes = await self.households.aggregate(
             [
-                {"$match": {"unit_id": within(unit_id), "active": True}},
+                {"$match": {"unit_id": in_unit(unit_id), "active": True}},
                 {"$group": {"_id": "$unit_id", "households": {"$sum": 1}}},
             ]
         )
@@ -229,7 +223,7 @@ class RegistryStore:
         self, unit_id: str, verified_before: datetime, token: str, size: int
     ) -> tuple[list[Document], str]:
         query: Document = {
-            "unit_id": within(unit_id),
+            "unit_id": in_unit(unit_id),
             "active": True,
             "$or": [
                 {"last_verified_at": None},
@@ -244,7 +238,7 @@ class RegistryStore:
     async def suspect_households(self, unit_id: str, inactive_since: datetime) -> dict[str, bool]:
         """Households that are marked absent (True) or neither verified nor active lately."""
         query: Document = {
-            "unit_id": within(unit_id),
+            "unit_id": in_unit(unit_id),
             "active": True,
             "$or": [
                 {"marked_absent": True},
@@ -270,7 +264,7 @@ class RegistryStore:
         self, unit_id: str, household_ids: list[str], today: str, token: str, size: int
     ) -> tuple[list[Document], str]:
         query: Document = {
-            "unit_id": within(unit_id),
+            "unit_id": in_unit(unit_id),
             "status": RESIDENT,
             "$or": [
                 {"marked_absent": True},
@@ -284,7 +278,7 @@ class RegistryStore:
     async def likely_duplicates(self, unit_id: str) -> list[list[Document]]:
         groups = await self.persons.aggregate(
             [
-                {"$match": {"unit_id": within(unit_id), "status": RESIDENT}},
+                {"$match": {"unit_id": in_unit(unit_id), "status": RESIDENT}},
                 {
                     "$group": {
                         "_id": {"name": "$name_folded", "born": "$birth_date"},

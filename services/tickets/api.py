@@ -22,18 +22,17 @@ from services.common.mongo import Document, Session
 from services.common.objects import ObjectStore, check_image_upload
 from services.common.outbox import Outbox
 from services.common.paging import page_size
+from services.common.wire import point_document, timestamp
 from services.tickets import domain
 from services.tickets.escalation import escalate
 from services.tickets.events import ticket_event
 from services.tickets.records import (
     duration,
-    geo_point,
     rule_for,
     rule_from_message,
     rules_document,
     rules_message,
     ticket_message,
-    timestamp,
 )
 from services.tickets.store import TicketStore, new_ticket_id
 
@@ -146,7 +145,9 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             if not unit_id:
                 raise InvalidArgument("unit_id", "name the group (or the household) concerned")
         domain.may_submit_for(caller, unit_id)
-        location = geo_point(request.location) if request.HasField("location") else None
+        location = (
+            point_document("location", request.location) if request.HasField("location") else None
+        )
         if household is not None:
             # The view keeps a household's group current through merges: no second read.
             return unit_id, household_id, location or household.get("location")

@@ -18,6 +18,7 @@ from services.common.broker import subscribe_once
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
+from services.common.wire import point_document
 from services.tickets import domain
 from services.tickets.records import rule_for
 from services.tickets.store import TicketStore
@@ -36,10 +37,6 @@ def ticket_event(outbox: Outbox, message: Message, ticket_id: str) -> Document:
     if isinstance(message, events_pb2.TicketSubmitted) or caller is None or not caller.is_official:
         event["actor"] = ""
     return event
-
-
-def change(message: Message) -> str:
-    return type_name(message)
 
 
 class Router:
@@ -199,10 +196,7 @@ async def project_registry(store: TicketStore, message: Message, session: Sessio
         case registry_events.HouseholdCreated() | registry_events.HouseholdUpdated():
             fields: Document = {"unit_id": m.unit_id}
             if m.HasField("location"):
-                fields["location"] = {
-                    "type": "Point",
-                    "coordinates": [m.location.longitude, m.location.latitude],
-                }
+                fields["location"] = point_document("location", m.location)
             await store.put_household(m.household_id, fields, session)
         case registry_events.HouseholdMoved():
             await store.put_household(m.household_id, {"unit_id": m.to_unit_id}, session)

@@ -5,43 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from civic.common.v1 import types_pb2
 from civic.tickets.v1 import tickets_pb2
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
+from services.common.wire import point_message, timestamp
 from services.tickets.domain import Level, Rule, Sla, Status
-
-
-def timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def duration(value: timedelta) -> Duration:
     span = Duration()
     span.FromTimedelta(value)
     return span
-
-
-def geo_point(point: types_pb2.GeoPoint) -> Document:
-    if not -90 <= point.latitude <= 90:
-        raise InvalidArgument("location.latitude", "must be between -90 and 90")
-    if not -180 <= point.longitude <= 180:
-        raise InvalidArgument("location.longitude", "must be between -180 and 180")
-    return {"type": "Point", "coordinates": [point.longitude, point.latitude]}
-
-
-def point_message(doc: Document | None) -> types_pb2.GeoPoint | None:
-    if not doc:
-        return None
-    longitude, latitude = doc["coordinates"]
-    return types_pb2.GeoPoint(latitude=latitude, longitude=longitude)
 
 
 def ticket_message(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from datetime import datetime
-from typing import Any
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, GEOSPHERE, IndexModel
@@ -14,10 +12,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid
 
 from services.common.commands import ensure_command_indexes
-from services.common.mongo import Document, Session
+from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 from services.tickets.domain import OPEN, Level
+
+OPEN_STATUSES = [int(status) for status in OPEN]
 
 EARTH_RADIUS_M = 6_378_100
 RULES_CACHE_SECONDS = 1.0
@@ -25,10 +25,6 @@ RULES_CACHE_SECONDS = 1.0
 
 def new_ticket_id() -> str:
     return f"tk-{ObjectId()}"
-
-
-def within(unit_id: str) -> dict[str, Any]:
-    return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
 
 
 class TicketStore:
@@ -49,7 +45,7 @@ class TicketStore:
         await self.db.command(
             {"collMod": "tickets", "changeStreamPreAndPostImages": {"enabled": True}}
         )
-        open_only = {"status": {"$in": [int(s) for s in OPEN]}}
+        open_only = {"status": {"$in": OPEN_STATUSES}}
         await self.tickets.create_indexes(
             [
                 IndexModel(
@@ -100,13 +96,13 @@ class TicketStore:
         `area` (the unit the new ticket goes to: a duplicate never crosses into another's)."""
         return await self.tickets.find_one(
             {
-                "origin_unit_id": within(area),
+                "origin_unit_id": in_unit(area),
                 # $geoWithin, unlike $near, is allowed inside transactions.
                 "location": {
                     "$geoWithin": {"$centerSphere": [point["coordinates"], meters / EARTH_RADIUS_M]}
                 },
                 "category": category,
-                "status": {"$in": [int(s) for s in OPEN]},
+                "status": {"$in": OPEN_STATUSES},
                 "duplicate_of": None,
                 "submitted_at": {"$gte": since},
                 "_id": {"$ne": exclude},
@@ -124,7 +120,7 @@ class TicketStore:
         return (
             await self.tickets.find(
                 {
-                    "status": {"$in": [int(s) for s in OPEN]},
+                    "status": {"$in": OPEN_STATUSES},
                     "next_deadline": {"$lte": now},
                     "assigned_level": {"$ne": int(Level.CITY)},
                 }
@@ -153,21 +149,19 @@ class TicketStore:
         resolved = {"$and": [{"$ne": ["$resolved_at", None]}, {"$ne": ["$rejected", True]}]}
         rows = await self.tickets.aggregate(
             [
-                {"$match": {"origin_unit_id": within(unit_id), "duplicate_of": None}},
+                {"$match": {"origin_unit_id": in_unit(unit_id), "duplicate_of": None}},
                 {
                     "$group": {
                         "_id": {"unit": "$origin_unit_id", "category": "$category"},
                         "total": {"$sum": 1},
-                        "open": {
-                            "$sum": {"$cond": [{"$in": ["$status", [int(s) for s in OPEN]]}, 1, 0]}
-                        },
+                        "open": {"$sum": {"$cond": [{"$in": ["$status", OPEN_STATUSES]}, 1, 0]}},
                         "resolved": {"$sum": {"$cond": [resolved, 1, 0]}},
                         "overdue": {
                             "$sum": {
                                 "$cond": [
                                     {
                                         "$and": [
-                                            {"$in": ["$status", [int(s) for s in OPEN]]},
+                                            {"$in": ["$status", OPEN_STATUSES]},
                                             {"$lt": ["$next_deadline", now]},
                                         ]
                                     },

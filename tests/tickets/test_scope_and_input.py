@@ -12,9 +12,9 @@ from civic.common.v1 import types_pb2
 from civic.tickets.v1 import tickets_pb2
 
 from services.common.auth import Role
+from services.common.mongo import in_unit
 from services.tickets.domain import Status
 from services.tickets.main import TicketsService
-from services.tickets.store import within
 from tests.registry_fixtures import new_household
 from tests.tickets.conftest import Pilot, TicketCaller, eventually, rid
 
@@ -235,7 +235,7 @@ async def test_a_bad_submission_is_refused_and_writes_nothing(
 
     assert mentions in (error.details() or "")
     assert await footprint(tickets_service) == before
-    in_city = {"origin_unit_id": within(pilot.city.city)}
+    in_city = {"origin_unit_id": in_unit(pilot.city.city)}
     assert await tickets_service.db["tickets"].count_documents(in_city) == 0
 
 

@@ -1,0 +1,36 @@
+"""Conversions every service makes between its documents and its gRPC messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from civic.common.v1 import types_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.errors import InvalidArgument
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def point_document(field: str, point: types_pb2.GeoPoint) -> dict[str, Any]:
+    """A WGS84 point as GeoJSON (longitude first), for 2dsphere indexes; `field` names it in
+    errors."""
+    if not -90 <= point.latitude <= 90:
+        raise InvalidArgument(f"{field}.latitude", "must be between -90 and 90")
+    if not -180 <= point.longitude <= 180:
+        raise InvalidArgument(f"{field}.longitude", "must be between -180 and 180")
+    return {"type": "Point", "coordinates": [point.longitude, point.latitude]}
+
+
+def point_message(doc: dict[str, Any] | None) -> types_pb2.GeoPoint | None:
+    if not doc:
+        return None
+    longitude, latitude = doc["coordinates"]
+    return types_pb2.GeoPoint(latitude=latitude, longitude=longitude)
