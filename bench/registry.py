@@ -56,6 +56,7 @@ from services.common.auth import Role, mint_token
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.common.mongo import Document
+from services.common.runtime import run_async
 from services.registry import csv_rows, domain
 from services.registry.importer import BATCH_ROWS
 from services.registry.main import RegistryService
@@ -224,7 +225,7 @@ class LoadResult:
 
 
 def run_load(load: Load) -> LoadResult:
-    return asyncio.run(_run_load(load))
+    return run_async(_run_load(load))
 
 
 async def _run_load(load: Load) -> LoadResult:
@@ -273,7 +274,7 @@ class ImportResult:
 
 
 def run_import(target: str, token: str, path: str) -> ImportResult:
-    return asyncio.run(_run_import(target, token, Path(path)))
+    return run_async(_run_import(target, token, Path(path)))
 
 
 async def _run_import(target: str, token: str, path: Path) -> ImportResult:
@@ -408,7 +409,7 @@ async def idle_cpu_percent(seconds: float = 1.0) -> float:
 
 
 def run_raw_insert(uri: str, database: str, path: str, data_key: str) -> tuple[int, float]:
-    return asyncio.run(_raw_insert(uri, database, Path(path), domain.CitizenIdVault(data_key)))
+    return run_async(_raw_insert(uri, database, Path(path), domain.CitizenIdVault(data_key)))
 
 
 async def _raw_insert(
@@ -704,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                 # faststream's loggers write to the stdout of when they are made: keep stdout
                 # for the report.
                 with contextlib.redirect_stdout(sys.stderr):
-                    figures = asyncio.run(run_benchmark(endpoints, options, workdir, pool))
+                    figures = run_async(run_benchmark(endpoints, options, workdir, pool))
             finally:
                 stack.down()
     say(f"done in {time.monotonic() - started:.0f} s")

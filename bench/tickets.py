@@ -66,6 +66,7 @@ from services.common.cloudevents import type_name
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.common.mongo import Document
+from services.common.runtime import run_async
 from services.registry.main import RegistryService
 from services.tickets import domain
 from services.tickets.events import TOPIC
@@ -315,7 +316,7 @@ async def open_loop(
 
 
 def run_tickets_open(load: OpenLoad) -> Latencies:
-    return asyncio.run(_tickets_open(load))
+    return run_async(_tickets_open(load))
 
 
 async def _tickets_open(load: OpenLoad) -> Latencies:
@@ -362,7 +363,7 @@ async def _tickets_open(load: OpenLoad) -> Latencies:
 
 
 def run_tickets_closed(load: ClosedLoad) -> Capacity:
-    return asyncio.run(_tickets_closed(load))
+    return run_async(_tickets_closed(load))
 
 
 async def _tickets_closed(load: ClosedLoad) -> Capacity:
@@ -416,7 +417,7 @@ class RawLoad:
 
 
 def run_raw(load: RawLoad) -> Latencies:
-    return asyncio.run(_raw(load))
+    return run_async(_raw(load))
 
 
 async def _raw(load: RawLoad) -> Latencies:
@@ -816,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
                 # faststream's loggers write to the stdout of when they are made: keep stdout
                 # for the report.
                 with contextlib.redirect_stdout(sys.stderr):
-                    figures = asyncio.run(run_benchmark(endpoints, options, pool))
+                    figures = run_async(run_benchmark(endpoints, options, pool))
             finally:
                 stack.down()
     say(f"done in {time.monotonic() - started:.0f} s")

@@ -31,6 +31,7 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
+from services.common.runtime import run_async
 from services.registry import csv_rows
 
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
@@ -44,7 +45,7 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return asyncio.run(run(argv))
+        return run_async(run(argv))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from infra.local import InfraError, LocalStack, Ports
 from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
+from services.common.runtime import run_async
 from services.demo import CITY, PILOT, pilot_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,7 +186,7 @@ def main() -> None:
     parser.add_argument("command", choices=["run"])
     parser.parse_args()
     try:
-        asyncio.run(run())
+        run_async(run())
     except InfraError as error:
         print(f"civic: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -7,11 +7,13 @@ in a temporary directory, so a test run never touches the data of a running plat
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import uvloop
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -23,6 +25,13 @@ pytest_plugins = ["tests.registry_fixtures"]
 
 EXTERNAL = ("CIVIC_MONGO_URI", "KAFKA_BOOTSTRAP_SERVERS", "CIVIC_S3_ENDPOINT")
 TEST_SECRET = "test-signing-key-" + uuid.uuid4().hex
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on the event loop the services run on in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, TypeVar
+
+import uvloop
+
+T = TypeVar("T")
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Every Civic process runs its event loop on uvloop: the same Python does markedly more
+    gRPC calls and MongoDB round trips per second on it than on the default loop."""
+    return uvloop.run(main)
 
 
 class Service(Protocol):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
 from typing import Any
@@ -365,10 +364,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetHousehold(
         self, request: registry_pb2.GetHouseholdRequest, context: Context
     ) -> registry_pb2.GetHouseholdResponse:
-        # Both reads at once: members are shown only once the household's scope is checked.
-        household, residents = await asyncio.gather(
-            self._household(request.household_id), self.store.members(request.household_id)
-        )
+        if not request.household_id:
+            raise InvalidArgument("household_id", "is required")
+        # Both read at once: members are shown only once the household's scope is checked.
+        household, residents = await self.store.household_with_members(request.household_id)
+        if household is None:
+            raise NotFound(f"household {request.household_id} not found")
         domain.may_read_household(principal(), household["unit_id"], household["_id"])
         members = await self._read_persons("GetHousehold", residents)
         head = next((m for m in members if m.person_id == household.get("head_person_id")), None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -10,7 +9,7 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from opentelemetry.sdk.trace import SpanProcessor
 
 from services.common.config import Settings, get_settings
-from services.common.runtime import serve_until_signalled
+from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
 from services.registry.api import RegistryServicer
 from services.registry.domain import CitizenIdVault
@@ -67,4 +66,4 @@ class RegistryService:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve_until_signalled(NAME, lambda: RegistryService(get_settings())))
+    run_async(serve_until_signalled(NAME, lambda: RegistryService(get_settings())))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.common.batching import Coalescer
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
@@ -30,6 +32,9 @@ class RegistryStore:
         self.persons = db["persons"]
         self.access_log = db["access_log"]
         self.history = db["household_history"]
+        # Lookups and access-log entries from concurrent requests share round trips.
+        self._household_reads = Coalescer(self._households_with_members)
+        self._access_writes = Coalescer(self._write_access_entries)
 
     async def ensure_indexes(self) -> None:
         await self.units.create_index([("parent_id", ASCENDING), ("name", ASCENDING)])
@@ -129,12 +134,27 @@ class RegistryStore:
             {"_id": household_id}, {"$set": {"last_activity_at": now}}, session=session
         )
 
-    async def members(self, household_id: str) -> list[Document]:
-        return (
-            await self.persons.find({"household_id": household_id, "status": RESIDENT})
+    async def household_with_members(
+        self, household_id: str
+    ) -> tuple[Document | None, list[Document]]:
+        """A household and its residents, oldest first, read at once."""
+        return await self._household_reads.submit(household_id)
+
+    async def _households_with_members(
+        self, household_ids: list[str]
+    ) -> list[tuple[Document | None, list[Document]]]:
+        wanted = list(set(household_ids))
+        households, residents = await asyncio.gather(
+            self.households.find({"_id": {"$in": wanted}}).to_list(),
+            self.persons.find({"household_id": {"$in": wanted}, "status": RESIDENT})
             .sort("birth_date", ASCENDING)
-            .to_list()
+            .to_list(),
         )
+        by_id = {household["_id"]: household for household in households}
+        members: dict[str, list[Document]] = {household_id: [] for household_id in wanted}
+        for person in residents:
+            members[person["household_id"]].append(person)
+        return [(by_id.get(household_id), members[household_id]) for household_id in household_ids]
 
     async def person(self, person_id: str, session: Session | None = None) -> Document | None:
         return await self.persons.find_one({"_id": person_id}, session=session)
@@ -296,8 +316,16 @@ class RegistryStore:
     # ---- privacy ------------------------------------------------------------------------
 
     async def log_access(self, entries: list[Document]) -> None:
+        """Returns once the entries are written: personal data is shown only after its read is
+        on record."""
         if entries:
-            await self.access_log.insert_many(entries, ordered=False)
+            await self._access_writes.submit(entries)
+
+    async def _write_access_entries(self, batches: list[list[Document]]) -> list[None]:
+        await self.access_log.insert_many(
+            [entry for entries in batches for entry in entries], ordered=False
+        )
+        return [None] * len(batches)
 
     async def access_entries(
         self, household_id: str, token: str, size: int

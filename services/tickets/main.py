@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from pymongo.errors import DuplicateKeyError
 
 from services.common.config import Settings, get_settings
 from services.common.objects import ObjectStore
-from services.common.runtime import serve_until_signalled
+from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
 from services.tickets import domain
 from services.tickets.api import TicketsServicer
@@ -97,4 +96,4 @@ class TicketsService:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve_until_signalled(NAME, lambda: TicketsService(get_settings())))
+    run_async(serve_until_signalled(NAME, lambda: TicketsService(get_settings())))
