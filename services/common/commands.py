@@ -1,7 +1,8 @@
 """Commands run once per caller-chosen request_id.
 
 The state change, its events (into the outbox) and the response are written in one transaction;
-a retry with the same request_id gets the stored response and changes nothing.
+a retry with the same request_id gets the stored response and changes nothing: its own
+transaction fails on the stored record (or on the state the first run left) and is rolled back.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.common.auth import principal
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from services.common.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+)
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 
@@ -50,10 +56,6 @@ class CommandRunner:
         key = f"{method}:{principal().subject}:{request_id}"
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
 
-        stored = await self._stored_response(key, fingerprint, response_type)
-        if stored is not None:
-            return stored
-
         async def transaction(session: Session) -> R:
             response, events = await work(session)
             await self._commands.insert_one(
@@ -70,11 +72,14 @@ class CommandRunner:
 
         try:
             response = await in_transaction(self._client, transaction)
-        except DuplicateKeyError as error:
-            if (error.details or {}).get("keyPattern") == {"_id": 1} and (
-                stored := await self._stored_response(key, fingerprint, response_type)
-            ) is not None:
-                return stored  # the same request, committed concurrently
+        except (DomainError, DuplicateKeyError) as error:
+            # Only now look for an earlier run: a retry fails (its record exists, or the state
+            # it changed no longer allows it), and the common first run pays no extra read.
+            stored = await self._stored_response(key, fingerprint, response_type)
+            if stored is not None:
+                return stored
+            if isinstance(error, DomainError):
+                raise
             fields = ", ".join((error.details or {}).get("keyPattern", {}) or ["key"])
             raise AlreadyExists(f"a record with the same {fields} already exists") from error
         self._outbox.committed()

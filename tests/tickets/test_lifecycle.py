@@ -126,6 +126,26 @@ async def test_the_ward_acknowledges_works_on_and_resolves_a_ticket_at_its_level
     assert resolved_event.level == tickets_pb2.LEVEL_WARD
 
 
+async def test_a_retried_step_gets_its_first_answer_though_the_state_has_moved_on(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    ticket = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    acknowledge = tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
+    first = await pilot.ward_officer.AcknowledgeTicket(acknowledge)
+    # Acknowledging again would be an illegal transition; the same request is a retry instead.
+    again = await pilot.ward_officer.AcknowledgeTicket(acknowledge)
+
+    assert again == first
+    events = await events_of(tickets_service, ticket.ticket_id)
+    assert [type(event).__name__ for event in events].count("TicketAcknowledged") == 1
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        pilot.ward_officer.AcknowledgeTicket(
+            tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
+        ),
+    )
+
+
 async def test_a_ticket_can_be_rejected_with_a_reason(pilot: Pilot) -> None:
     ticket = await pilot.routed((await pilot.submit("noise")).ticket_id)
     await refused(
