@@ -190,7 +190,7 @@ class OutboxRelay:
         if not entries:
             return 0
         _fault("CIVIC_FAULT_CRASH_BEFORE_PUBLISH")
-        futures = [await self._publish(event) for entry in entries for event in entry["events"]]
+        futures = [future for entry in entries for future in await self._publish(entry)]
         await asyncio.gather(*futures)
         _fault("CIVIC_FAULT_CRASH_AFTER_PUBLISH")
         await self._collection.update_many(
@@ -200,29 +200,37 @@ class OutboxRelay:
         self.published += len(futures)
         return len(entries)
 
-    async def _publish(self, entry: Document) -> asyncio.Future[Any]:
-        """Send one event (without waiting for the broker); its span continues the stored trace."""
-        event = _as_cloud_event(entry)
+    async def _publish(self, entry: Document) -> list[asyncio.Future[Any]]:
+        """Send one transaction's events (without waiting for the broker) under one span that
+        continues the stored trace: a bulk import's thousands of events are one step of it."""
+        events = entry["events"]
+        first = events[0]
+        attributes: dict[str, str | int] = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": first["topic"],
+            "messaging.batch.message_count": len(events),
+        }
+        if len(events) == 1:
+            attributes["messaging.message.id"] = first["_id"]
+            attributes["cloudevents.event_type"] = first["type"]
         with _TRACER.start_as_current_span(
-            f"{entry['topic']} publish",
-            context=context_from_headers(entry.get("trace", {})),
+            f"{first['topic']} publish",
+            context=context_from_headers(first.get("trace", {})),
             kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.destination.name": entry["topic"],
-                "messaging.message.id": event.id,
-                "cloudevents.event_type": event.type,
-            },
+            attributes=attributes,
         ):
-            headers = event.kafka_headers() | current_trace_headers()
-            future: asyncio.Future[Any] = await self._broker.publish(
-                event.data,
-                entry["topic"],
-                key=entry["key"].encode(),
-                headers=headers,
-                no_confirm=True,
-            )
-            return future
+            trace_headers = current_trace_headers()
+            return [
+                await self._broker.publish(
+                    event.data,
+                    stored["topic"],
+                    key=stored["key"].encode(),
+                    headers=event.kafka_headers() | trace_headers,
+                    no_confirm=True,
+                )
+                for stored in events
+                for event in (_as_cloud_event(stored),)
+            ]
 
 
 def _fault(name: str) -> None:
