@@ -8,6 +8,12 @@ in a temporary directory, so a test run never touches the data of a running plat
 from __future__ import annotations
 
 import asyncio
+import os
+
+# The tests start service processes while gRPC's threads run here; gRPC's fork handlers, run in
+# a child that is about to exec anyway, can crash it. Set before gRPC is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta

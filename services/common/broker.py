@@ -127,8 +127,10 @@ def subscribe_once(
 
         async def work(session: Session) -> None:
             now = datetime.now(UTC)
+            # Which instance handled it: how the work splits across a group shows in the data.
             await processed.insert_many(
-                [{"_id": f"{group_id}:{e.id}", "at": now} for _, e in todo], session=session
+                [{"_id": f"{group_id}:{e.id}", "at": now, "by": instance_id} for _, e in todo],
+                session=session,
             )
             for headers, event in todo:
                 await apply(session, headers, event)
