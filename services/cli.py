@@ -1,7 +1,9 @@
 """The `civic` operator command (also `python -m services.cli`).
 
+  civic stack up|down|status [--env dev]                the local servers (MongoDB, Kafka, S3)
   civic token --role ward_officer --scope dn.hc.hc1     a signed dev bearer token
   civic import-csv people.csv --token T                 onboard a file of persons and households
+  civic tail civic.tickets.v1 [--from-beginning]        a topic's events, decoded, as they come
 
 Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they are only as good
 as the secret the target services run with. The columns of an import file are described in
@@ -26,8 +28,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from pathlib import Path
 
 import grpc
+from aiokafka.errors import KafkaError
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from infra import local
+from services import topic_tail
 from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
@@ -93,6 +98,24 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk", type=_positive(int, MAX_CHUNK), default=500, metavar="N", help="rows per message"
     )
     imports.set_defaults(handler=_import_csv)
+
+    stack = commands.add_parser(
+        "stack", help="start, stop or show the local servers", description=_stack.__doc__
+    )
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("--env", default="dev", help="environment name (default: dev)")
+    stack.set_defaults(handler=_stack)
+
+    tail = commands.add_parser(
+        "tail", help="print a topic's events, decoded", description=topic_tail.__doc__
+    )
+    tail.add_argument("topic", choices=topic_tail.TOPIC_NAMES, metavar="TOPIC")
+    tail.add_argument("--from-beginning", action="store_true", help="not only new events")
+    tail.add_argument("--type", action="append", default=[], help="only this ce_type (repeatable)")
+    tail.add_argument("--key", default="", help="only this aggregate (ticket, household, fund...)")
+    tail.add_argument("--count", type=_positive(int), default=0, metavar="N", help="stop after N")
+    tail.add_argument("--bootstrap", default="", help="Kafka brokers (default: the services')")
+    tail.set_defaults(handler=_tail)
     return parser
 
 
@@ -292,6 +315,31 @@ def _report(
     for error in errors:
         column = csv_rows.column_for(error.field)
         print(f"row {error.row_number}  {column + ': ' if column else ''}{error.message}")
+
+
+# ---- civic stack, civic tail ------------------------------------------------------------------
+
+
+async def _stack(args: argparse.Namespace) -> int:
+    """The local servers of an environment, as `make run` starts them (data in .civic/<env>)."""
+    return local.main([args.action, "--env", args.env])
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    bootstrap = args.bootstrap or Settings().kafka_bootstrap_servers
+    try:
+        await topic_tail.tail(
+            bootstrap,
+            args.topic,
+            sys.stdout,
+            from_beginning=args.from_beginning,
+            types=set(args.type),
+            key=args.key,
+            count=int(args.count),
+        )
+    except KafkaError as error:
+        return _fail(f"Kafka at {bootstrap}: {error}", status=1)
+    return 0
 
 
 def _fail(message: str, *, status: int) -> int:

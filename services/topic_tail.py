@@ -1,0 +1,86 @@
+"""`civic tail`: the events of a topic as they arrive, decoded with the published protos.
+
+One line per event: time, type, key, partition@offset and the message as JSON. The topic's name
+is its proto package (`civic.tickets.v1`), so its events decode with `<topic>.events_pb2`. An
+event type this build does not know (published by a newer service) is shown by type and size.
+It reads without a consumer group: it commits nothing and disturbs no consumer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Collection
+from typing import TextIO
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from google.protobuf import json_format
+
+from services.common import kafka_fetch
+from services.common.cloudevents import CloudEvent
+from services.common.topology import TOPICS
+
+TOPIC_NAMES = tuple(topic.name for topic in TOPICS)
+
+
+class UnknownTopic(ValueError):
+    pass
+
+
+def load_event_types(topic: str) -> None:
+    """Import the topic's event messages, so their type names decode."""
+    if topic not in TOPIC_NAMES:
+        raise UnknownTopic(f"unknown topic {topic!r}; the topics are {', '.join(TOPIC_NAMES)}")
+    importlib.import_module(f"{topic}.events_pb2")
+
+
+def describe(record: ConsumerRecord[bytes, bytes], event: CloudEvent) -> str:
+    key = (record.key or b"").decode(errors="replace")
+    where = f"{event.time.isoformat(timespec='seconds')} {event.type} key={key} "
+    where += f"{record.partition}@{record.offset}"
+    try:
+        message = event.message()
+    except KeyError:
+        return f"{where} (a type this build does not know, {len(event.data)} bytes)"
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return f"{where} {json.dumps(data, ensure_ascii=False, sort_keys=True)}"
+
+
+async def tail(
+    bootstrap_servers: str,
+    topic: str,
+    out: TextIO,
+    *,
+    from_beginning: bool = False,
+    types: Collection[str] = (),
+    key: str = "",
+    count: int = 0,
+) -> int:
+    """Print the topic's events (only `types`, only `key`, if given) until `count` are shown,
+    or forever when `count` is 0. Returns how many were shown."""
+    load_event_types(topic)
+    kafka_fetch.install()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        fetch_max_wait_ms=200,
+    )
+    await consumer.start()
+    shown = 0
+    try:
+        async for record in consumer:
+            if key and (record.key or b"").decode(errors="replace") != key:
+                continue
+            event = CloudEvent.from_kafka(record.headers or (), record.value or b"")
+            if types and event.type not in types:
+                continue
+            print(describe(record, event), file=out, flush=True)
+            shown += 1
+            if shown == count:
+                break
+    finally:
+        await consumer.stop()
+    return shown

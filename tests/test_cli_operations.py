@@ -1,0 +1,82 @@
+"""The `civic` command for operators: a topic tailed as decoded events, the local stack status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+
+import pytest
+
+from infra.local import REPO_ROOT
+from services import cli
+from services.common.config import Settings
+from tests.registry_fixtures import City, new_household
+
+PERSON_REGISTERED = "civic.registry.v1.PersonRegistered"
+
+
+def tail_args(settings: Settings, *args: str) -> list[str]:
+    return ["tail", "civic.registry.v1", "--bootstrap", settings.kafka_bootstrap_servers, *args]
+
+
+async def test_tail_prints_an_aggregates_events_decoded_with_the_published_protos(
+    city: City, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = await new_household(city.leader, city.group, head_name="Lê Thị Tâm")
+    household = created.household
+    capsys.readouterr()
+
+    args = tail_args(settings, "--from-beginning", "--key", household.household_id, "--count", "1")
+    assert await cli.run(args) == 0
+
+    [line] = capsys.readouterr().out.splitlines()
+    _, event_type, key, position, data = line.split(" ", 4)
+    assert event_type == "civic.registry.v1.HouseholdCreated"
+    assert key == f"key={household.household_id}"
+    assert position.split("@")[0].isdigit() and position.split("@")[1].isdigit()
+    decoded = json.loads(data)
+    assert decoded["household_id"] == household.household_id
+    assert decoded["unit_id"] == city.group
+    assert decoded["address"] == household.address
+
+
+async def test_tail_keeps_to_the_types_asked_for(
+    city: City, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created = await new_household(city.leader, city.group, head_name="Phạm Văn Lộc")
+    head = created.household.head_person_id
+    capsys.readouterr()
+
+    args = ["--from-beginning", "--key", head, "--type", PERSON_REGISTERED, "--count", "1"]
+    assert await cli.run(tail_args(settings, *args)) == 0
+
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.split(" ")[1] == PERSON_REGISTERED
+    decoded = json.loads(line.split(" ", 4)[4])
+    assert decoded["person_id"] == head
+    assert decoded["household_id"] == created.household.household_id
+
+
+async def test_tail_of_an_unknown_topic_is_refused_with_the_topics_named(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        await cli.run(["tail", "civic.nothing.v1"])
+    assert exited.value.code == 2
+    assert "civic.tickets.v1" in capsys.readouterr().err
+
+
+async def test_stack_status_of_an_environment_never_started(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env = "t" + uuid.uuid4().hex[:8]
+    try:
+        assert await cli.run(["stack", "status", "--env", env]) == 0
+    finally:
+        root = REPO_ROOT / ".civic" / env
+        if root.exists():
+            shutil.rmtree(root)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["mongo", "kafka", "s3"]
+    assert all(line.split()[1] == "stopped" for line in lines)
