@@ -2,6 +2,7 @@
 
   civic token --role ward_officer --scope dn.hc.hc1     a signed dev bearer token
   civic import-csv people.csv --token T                 onboard a file of persons and households
+  civic replay-ledger --token T [--unit U]              auditors: check the funds from their events
 
 Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they are only as good
 as the secret the target services run with. The columns of an import file are described in
@@ -31,6 +32,7 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
+from services.ledger import replay
 from services.registry import csv_rows
 
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
@@ -92,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk", type=_positive(int, MAX_CHUNK), default=500, metavar="N", help="rows per message"
     )
     imports.set_defaults(handler=_import_csv)
+
+    audit = commands.add_parser(
+        "replay-ledger",
+        help="auditors: rebuild every fund from civic.ledger.v1, check it, compare with live",
+        description=inspect.cleandoc(replay.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_arguments(audit, os.environ.get(TOKEN_ENV, ""))
+    audit.set_defaults(handler=replay.command)
     return parser
 
 
