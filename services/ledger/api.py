@@ -17,7 +17,7 @@ from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import AsyncMongoClient
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import principal, unit_within
 from services.common.commands import CommandRunner
@@ -80,6 +80,16 @@ def _required(field_name: str, value: str) -> str:
     if not value:
         raise InvalidArgument(field_name, "is required")
     return value
+
+
+def _duplicate_key(error: DuplicateKeyError | BulkWriteError) -> Document:
+    """The index a write collided on ({} if it failed otherwise)."""
+    if isinstance(error, DuplicateKeyError):
+        return dict((error.details or {}).get("keyPattern") or {})
+    for failure in (error.details or {}).get("writeErrors", []):
+        if failure.get("code") == 11000:
+            return dict(failure.get("keyPattern") or {})
+    return {}
 
 
 def _millis(moment: datetime) -> datetime:
@@ -235,8 +245,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
         try:
             results = await in_transaction(self.client, work)
-        except DuplicateKeyError as error:
-            pattern = (error.details or {}).get("keyPattern") or {}
+        except (DuplicateKeyError, BulkWriteError) as error:
+            pattern = _duplicate_key(error)
             # The same key committed meanwhile by a concurrent retry: answer as a retry.
             if "request_id" in pattern and (done := await self._already_posted(drafts)) is not None:
                 return done

@@ -62,9 +62,14 @@ class Books:
     target: str
     fund_id: str = ""
     households: dict[str, str] = field(default_factory=dict)  # label -> household id
+    # Callers are kept: a channel no longer referenced is closed under its pending calls.
+    _callers: dict[tuple[Role, str, str], LedgerCaller] = field(default_factory=dict)
 
     def caller(self, role: Role, scope: str, household_id: str = "") -> LedgerCaller:
-        return LedgerCaller(self.target, token(role, scope, household_id))
+        key = (role, scope, household_id)
+        if key not in self._callers:
+            self._callers[key] = LedgerCaller(self.target, token(role, scope, household_id))
+        return self._callers[key]
 
     @cached_property
     def leader(self) -> LedgerCaller:
