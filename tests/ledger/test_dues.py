@@ -3,6 +3,8 @@ has paid and who has not; a household's dues and payments."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from civic.ledger.v1 import ledger_pb2
@@ -202,13 +204,14 @@ async def test_donations_and_a_households_dues_and_payments(books: Books) -> Non
 
 
 async def test_bad_campaigns_name_the_field(books: Books) -> None:
-    for fields, field in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"rate": 0}, "rate"),
         ({"basis": ledger_pb2.DUES_BASIS_UNSPECIFIED}, "basis"),
         ({"period": ""}, "period"),
         ({"name": " "}, "name"),
         ({"exemptions": [9]}, "exemptions[0]"),
-    ]:
+    ]
+    for fields, field in cases:
         request = ledger_pb2.DeclareCampaignRequest(
             request_id=rid(),
             fund_id=books.fund_id,
@@ -219,7 +222,7 @@ async def test_bad_campaigns_name_the_field(books: Books) -> None:
         )
         for key, value in fields.items():
             if key == "exemptions":
-                request.exemptions.extend(value)  # type: ignore[arg-type]
+                request.exemptions.extend(value)
             else:
                 setattr(request, key, value)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
