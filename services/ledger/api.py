@@ -682,17 +682,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def _balances(
         self, fund: Document, as_of: datetime | None = None, sequence: int = 0
     ) -> tuple[int, dict[str, int]]:
-        if sequence:
-            return await self.store.balances_as_of(fund["_id"], {"sequence": {"$lte": sequence}})
         if as_of is not None:
             return await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": as_of}})
-        # The chain's head at this moment, and everything up to it.
-        fresh = await self.store.fund(fund["_id"])
-        assert fresh is not None
-        _, balances = await self.store.balances_as_of(
-            fund["_id"], {"sequence": {"$lte": fresh["sequence"]}}
-        )
-        return fresh["sequence"], balances
+        # The chain's head and the running balances, read at one snapshot.
+        head, balances = await self.store.current(fund["_id"])
+        if not sequence or sequence >= head:
+            return head, balances
+        return await self.store.balances_as_of(fund["_id"], {"sequence": {"$lte": sequence}})
 
     async def GetBalances(
         self, request: ledger_pb2.GetBalancesRequest, context: Context

@@ -178,6 +178,16 @@ class LedgerStore:
             query["account"] = {"$regex": f"^{prefix}"}
         return {doc["account"]: doc["balance"] async for doc in self.balances.find(query)}
 
+    async def current(self, fund_id: str) -> tuple[int, dict[str, int]]:
+        """The fund's chain head and its running balances, as of one snapshot."""
+        async with self.db.client.start_session(snapshot=True) as session:
+            fund = await self.funds.find_one({"_id": fund_id}, session=session)
+            balances = {
+                doc["account"]: doc["balance"]
+                async for doc in self.balances.find({"fund_id": fund_id}, session=session)
+            }
+        return (fund or {}).get("sequence", 0), balances
+
     async def balances_as_of(self, fund_id: str, match: Document) -> tuple[int, dict[str, int]]:
         """Balances summed from the transactions matching `match` (a time or sequence bound),
         with the last sequence included."""
