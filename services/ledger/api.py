@@ -115,6 +115,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self.files = files
         self.registry = registry
         self.clock = clock
+        self._fund_units: dict[str, Document] = {}
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -131,7 +132,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return fund
 
     async def _writable(self, fund_id: str, field_name: str = "fund_id") -> Document:
-        fund = await self._fund(fund_id, field_name)
+        """The fund's id, unit and name (which never change: remembered after the first read),
+        once the caller may change it."""
+        fund = self._fund_units.get(fund_id)
+        if fund is None:
+            found = await self._fund(fund_id, field_name)
+            fund = {key: found[key] for key in ("_id", "unit_id", "name")}
+            if len(self._fund_units) > 100_000:
+                self._fund_units.clear()
+            self._fund_units[fund_id] = fund
         domain.may_keep_books(principal(), fund["unit_id"])
         return fund
 
@@ -170,9 +179,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     async def _post(self, drafts: list[Draft], extra: Extra | None = None) -> list[Document]:
         """Posts the drafts not posted before, all or none, each after the previous one of its
-        fund in the fund's hash chain, with their events; returns every draft's transaction."""
-        if (done := await self._already_posted(drafts)) is not None:
-            return done
+        fund in the fund's hash chain, with their events; returns every draft's transaction.
+        (A retry is found inside the transaction, which then writes nothing.)"""
         caller = principal()
 
         async def work(session: Session) -> list[Document]:

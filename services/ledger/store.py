@@ -103,10 +103,12 @@ class LedgerStore:
         self, keys: Iterable[tuple[str, str]], session: Session | None = None
     ) -> dict[tuple[str, str], Document]:
         """Transactions already posted under these (fund_id, request_id) keys."""
-        pairs = list(keys)
-        if not pairs:
+        by_fund: dict[str, list[str]] = {}
+        for fund_id, request_id in keys:
+            by_fund.setdefault(fund_id, []).append(request_id)
+        if not by_fund:
             return {}
-        query = {"$or": [{"fund_id": f, "request_id": r} for f, r in pairs]}
+        query = {"$or": [{"fund_id": f, "request_id": {"$in": ids}} for f, ids in by_fund.items()]}
         return {
             (doc["fund_id"], doc["request_id"]): doc
             async for doc in self.transactions.find(query, session=session)
