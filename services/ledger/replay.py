@@ -134,7 +134,7 @@ class Replayer:
             if fund_id in self.broken:
                 self.report.bad_events += 1
                 return
-            if (record.key or b"").decode() != fund_id:
+            if record.key != fund_id.encode():
                 raise BadEvent("its Kafka key is not its fund")
             if not seals_bytes(record.value, message.prev_hash, message.hash) and (
                 chain_hash(message) != message.hash
