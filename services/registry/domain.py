@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.common.auth import Principal, Role
 from services.common.errors import InvalidArgument, PermissionDenied
-from services.common.wire import (
-    local_date as local_date,  # dated in Vietnam: used here and by callers
-)
+
+# Vital events are dated by the calendar day in Vietnam; callers use domain.local_date.
+from services.common.wire import local_date as local_date
 
 
 class UnitKind(IntEnum):
