@@ -61,6 +61,20 @@ class Draft:
     def name(self, inner: str) -> str:
         return f"{self.field}.{inner}" if self.field else inner
 
+    @classmethod
+    def of(cls, method: str, request: Any, kind: domain.Kind, memo: str, **more: Any) -> Draft:
+        """The draft of a single-transaction command; its postings may follow later."""
+        return cls(
+            field="",
+            fund_id=request.fund_id,
+            request_id=_check_request_id("request_id", request.request_id),
+            fingerprint=fingerprint(method, request),
+            kind=kind,
+            postings=more.pop("postings", []),
+            memo=memo,
+            **more,
+        )
+
 
 def fingerprint(method: str, request: Message) -> str:
     return hashlib.sha256(
@@ -390,15 +404,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         receipt = domain.check_receipt_number("receipt_number", request.receipt_number)
         paid_on = domain.check_day("paid_on", request.paid_on, local_date(self.clock()))
         memo = domain.check_text("memo", request.memo)
-        draft = Draft(
-            field="",
-            fund_id=fund["_id"],
-            request_id=request.request_id,
-            fingerprint=fingerprint("RecordContribution", request),
-            kind=domain.Kind.CONTRIBUTION,
-            postings=[],
-            memo=memo,
-        )
+        draft = Draft.of("RecordContribution", request, domain.Kind.CONTRIBUTION, memo)
         if (done := await self._already_posted([draft])) is not None:
             return ledger_pb2.RecordContributionResponse(transaction=await self._message(done[0]))
         if request.campaign_id:
@@ -467,14 +473,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("receipt_object_key", "is required: upload the receipt first")
         if not (key.startswith(folder) and RECEIPT_NAME.fullmatch(key.removeprefix(folder))):
             raise InvalidArgument("receipt_object_key", "was not issued for this fund")
-        draft = Draft(
-            field="",
-            fund_id=fund["_id"],
-            request_id=request.request_id,
-            fingerprint=fingerprint("RecordExpense", request),
-            kind=domain.Kind.EXPENSE,
+        draft = Draft.of(
+            "RecordExpense",
+            request,
+            domain.Kind.EXPENSE,
+            domain.check_text("memo", request.memo),
             postings=[(f"expense/{category}", amount), (out_of, -amount)],
-            memo=domain.check_text("memo", request.memo),
             details={
                 "expense": {
                     "category": category,
@@ -498,14 +502,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         fund = await self._writable(request.fund_id)
         _required("transaction_id", request.transaction_id)
         reason = domain.check_text("reason", request.reason, required=True)
-        draft = Draft(
-            field="",
-            fund_id=fund["_id"],
-            request_id=request.request_id,
-            fingerprint=fingerprint("ReverseTransaction", request),
-            kind=domain.Kind.REVERSAL,
-            postings=[],
-            memo=reason,
+        draft = Draft.of(
+            "ReverseTransaction",
+            request,
+            domain.Kind.REVERSAL,
+            reason,
             details={"reverses": request.transaction_id},
         )
         if (done := await self._already_posted([draft])) is None:
@@ -554,15 +555,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if value not in domain.EXEMPTIONS:
                 raise InvalidArgument(f"exemptions[{i}]", "is not a known exemption")
             exemptions.append(domain.Exemption(value))
-        draft = Draft(
-            field="",
-            fund_id=fund["_id"],
-            request_id=request.request_id,
-            fingerprint=fingerprint("DeclareCampaign", request),
-            kind=domain.Kind.ASSESSMENT,
-            postings=[],
-            memo=name,
-        )
+        draft = Draft.of("DeclareCampaign", request, domain.Kind.ASSESSMENT, name)
         if (done := await self._already_posted([draft])) is None:
             read_at = _millis(self.clock())
             households = await self._learn_households(fund["unit_id"])
