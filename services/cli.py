@@ -4,6 +4,7 @@
   civic token --role ward_officer --scope dn.hc.hc1     a signed dev bearer token
   civic import-csv people.csv --token T                 onboard a file of persons and households
   civic tail civic.tickets.v1 [--from-beginning]        a topic's events, decoded, as they come
+  civic replay-ledger --token T [--unit U]              auditors: check the funds from their events
 
 Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they are only as good
 as the secret the target services run with. The columns of an import file are described in
@@ -37,6 +38,7 @@ from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
 from services.common.runtime import run_async
+from services.ledger import replay
 from services.registry import csv_rows
 
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
@@ -116,6 +118,14 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=_positive(int), default=0, metavar="N", help="stop after N")
     tail.add_argument("--bootstrap", default="", help="Kafka brokers (default: the services')")
     tail.set_defaults(handler=_tail)
+    audit = commands.add_parser(
+        "replay-ledger",
+        help="auditors: rebuild every fund from civic.ledger.v1, check it, compare with live",
+        description=inspect.cleandoc(replay.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_arguments(audit, os.environ.get(TOKEN_ENV, ""))
+    audit.set_defaults(handler=replay.command)
     return parser
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -130,6 +131,68 @@ async def load_demo(settings: Settings) -> str:
     )
 
 
+DEMO_FUND = "Quỹ vì người nghèo"
+
+
+async def load_ledger_demo(settings: Settings) -> str:
+    """A poor-relief fund in each pilot group with an opening balance and a year's dues
+    (poor households and those with a war invalid exempt); a second load changes nothing."""
+    opened = 0
+    for group in PILOT:
+        leader = mint_token(
+            settings.auth_secret,
+            subject=f"demo-leader-{group.unit_id}",
+            role=Role.GROUP_LEADER,
+            scope=group.unit_id,
+        )
+        async with civic_channel(f"127.0.0.1:{GRPC_PORTS['ledger']}", leader) as channel:
+            ledger = ledger_pb2_grpc.LedgerServiceStub(channel)
+            funds = await ledger.ListFunds(ledger_pb2.ListFundsRequest(unit_id=group.unit_id))
+            fund = next(
+                (f for f in funds.funds if f.unit_id == group.unit_id and f.name == DEMO_FUND),
+                None,
+            )
+            if fund is None:
+                fund = (
+                    await ledger.OpenFund(
+                        ledger_pb2.OpenFundRequest(
+                            request_id=str(uuid.uuid4()), unit_id=group.unit_id, name=DEMO_FUND
+                        )
+                    )
+                ).fund
+                opened += 1
+
+            def key(what: str, fund_id: str = fund.fund_id) -> str:
+                return str(uuid.uuid5(DEMO_NAMESPACE, f"{fund_id}:{what}"))
+
+            await ledger.PostTransaction(
+                ledger_pb2.PostTransactionRequest(
+                    request_id=key("opening"),
+                    fund_id=fund.fund_id,
+                    memo="Tồn quỹ chuyển sang",
+                    postings=[
+                        ledger_pb2.Posting(account="cash", amount=12_500_000),
+                        ledger_pb2.Posting(account="equity/opening", amount=-12_500_000),
+                    ],
+                )
+            )
+            await ledger.DeclareCampaign(
+                ledger_pb2.DeclareCampaignRequest(
+                    request_id=key("dues-2026"),
+                    fund_id=fund.fund_id,
+                    name="Đóng góp quỹ vì người nghèo năm 2026",
+                    period="2026",
+                    basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+                    rate=100_000,
+                    exemptions=[
+                        ledger_pb2.EXEMPTION_POOR_HOUSEHOLD,
+                        ledger_pb2.EXEMPTION_WAR_INVALID_MEMBER,
+                    ],
+                )
+            )
+    return f"ledger demo: {len(PILOT)} pilot funds ({opened} opened now), 2026 dues declared"
+
+
 def tokens(settings: Settings) -> dict[str, str]:
     group = PILOT[0]
     ward = group.unit_id.rsplit(".", 1)[0]
@@ -138,6 +201,7 @@ def tokens(settings: Settings) -> dict[str, str]:
         Role.DISTRICT_OFFICER: ward.rsplit(".", 1)[0],
         Role.WARD_OFFICER: ward,
         Role.GROUP_LEADER: group.unit_id,
+        Role.TREASURER: group.unit_id,
         Role.AUDITOR: CITY[0],
         Role.INTEGRATOR: CITY[0],
     }
@@ -159,6 +223,8 @@ async def run() -> None:
         for name, process in zip(SERVICES, processes, strict=True):
             await wait_healthy(GRPC_PORTS[name], process)
         print(await load_demo(settings))
+        if "ledger" in SERVICES:
+            print(await load_ledger_demo(settings))
         print("\nCivic is running:")
         for name in SERVICES:
             print(f"  {name:<9} gRPC 127.0.0.1:{GRPC_PORTS[name]}")

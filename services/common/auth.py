@@ -28,6 +28,8 @@ class Role(StrEnum):
     CITY_ADMIN = "city_admin"
     AUDITOR = "auditor"
     INTEGRATOR = "integrator"
+    # Keeps a unit's funds (thủ quỹ) beside its leader; sees no personal data elsewhere.
+    TREASURER = "treasurer"
     # Services calling each other; scope is the whole city.
     SERVICE = "service"
 

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 0  # 0: the service's entry in GRPC_PORTS
+    # Where the registry's gRPC API is, for services that read it (host:port); empty: this host
+    # at the registry's port.
+    registry_target: str = ""
 
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -70,6 +73,9 @@ class Settings(BaseSettings):
 
     def port_for(self, service: str) -> int:
         return self.grpc_port or GRPC_PORTS[service]
+
+    def registry(self) -> str:
+        return self.registry_target or f"{self.grpc_host}:{GRPC_PORTS['registry']}"
 
     def database_for(self, service: str) -> str:
         return f"{self.database_prefix}_{service}"

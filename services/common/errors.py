@@ -42,3 +42,9 @@ class PermissionDenied(DomainError):
 
 class Unauthenticated(DomainError):
     code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Unavailable(DomainError):
+    """A service this one depends on did not answer; the caller may retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE

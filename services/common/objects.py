@@ -7,6 +7,7 @@ straight to the store, and the service then checks what arrived before it accept
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -63,6 +64,17 @@ class ObjectStore:
     def view_url(self, key: str) -> str:
         url: str = self._client.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
         return url
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Stores a file the service made itself (an export)."""
+        await asyncio.to_thread(
+            self._client.put_object,
+            self.bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+        )
 
     async def accept_image(self, key: str, max_bytes: int) -> StoredObject:
         """The uploaded image, if it is one and small enough; otherwise it is deleted."""

@@ -25,6 +25,6 @@ TOPICS: tuple[Topic, ...] = (
 BUCKETS: tuple[str, ...] = (
     "civic-attachments",  # notices
     "civic-photos",  # tickets
-    "civic-statements",  # ledger exports
+    "civic-statements",  # ledger: exported statements, expense receipt images
     "civic-imports",  # CSV files uploaded for onboarding
 )

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from civic.common.v1 import types_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument
+
+# Days are Vietnam's calendar days (UTC+7, no daylight saving): vital events, receipts, statements.
+VIETNAM = timezone(timedelta(hours=7))
+
+
+def local_date(moment: datetime) -> date:
+    return moment.astimezone(VIETNAM).date()
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:

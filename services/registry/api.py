@@ -33,7 +33,7 @@ from services.registry.store import RESIDENT, RegistryStore, new_id
 Context = grpc.aio.ServicerContext[Any, Any]
 PERSON_DECEASED = registry_pb2.PERSON_STATUS_DECEASED
 PERSON_MOVED_OUT = registry_pb2.PERSON_STATUS_MOVED_OUT
-HOUSEHOLD_FIELDS = ("address", "housing", "residence_kind", "location", "head_person_id")
+HOUSEHOLD_FIELDS = ("address", "housing", "residence_kind", "location", "head_person_id", "poor")
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -269,6 +269,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if request.HasField("location")
             else None,
             "external_ref": request.external_ref.strip() or None,
+            "poor": request.poor,
             "active": True,
             "marked_absent": False,
             "last_verified_at": None,
@@ -329,6 +330,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if not request.HasField("location"):
                 raise InvalidArgument("location", "is required when named in update_fields")
             changes["location"] = point_document("location", request.location)
+        if "poor" in fields:
+            changes["poor"] = request.poor
 
         async def work(
             session: Session,
@@ -844,6 +847,38 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 for entry in entries
             ],
             next_page_token=next_page,
+        )
+
+    async def ListHouseholdSummaries(
+        self, request: registry_pb2.ListHouseholdSummariesRequest, context: Context
+    ) -> registry_pb2.ListHouseholdSummariesResponse:
+        caller = principal()
+        if not request.unit_id:
+            raise InvalidArgument("unit_id", "is required")
+        domain.may_list_households(caller, request.unit_id)
+        households, next_page = await self.store.households_page(
+            request.unit_id, request.page.page_token, page_size(request.page.page_size)
+        )
+        summaries, heads = [], []
+        for household in households:
+            residents = household["residents"]
+            head = next((p for p in residents if p["_id"] == household.get("head_person_id")), None)
+            if head is not None:
+                heads.append(head)
+            summaries.append(
+                registry_pb2.HouseholdSummary(
+                    household_id=household["_id"],
+                    unit_id=household["unit_id"],
+                    head_name=head["full_name"] if head else "",
+                    residents=len(residents),
+                    poor=household.get("poor", False),
+                    war_invalid_member=any(p.get("war_invalid") for p in residents),
+                )
+            )
+        # The heads' names are personal data read by an official (or for one): logged.
+        await self.store.log_access(self._log_reads(caller, "ListHouseholdSummaries", heads))
+        return registry_pb2.ListHouseholdSummariesResponse(
+            households=summaries, next_page_token=next_page
         )
 
     async def ImportPersons(

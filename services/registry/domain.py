@@ -7,13 +7,16 @@ import hmac
 import os
 import re
 import unicodedata
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from enum import IntEnum
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.common.auth import Principal, Role
 from services.common.errors import InvalidArgument, PermissionDenied
+
+# Vital events are dated by the calendar day in Vietnam; callers use domain.local_date.
+from services.common.wire import local_date as local_date
 
 
 class UnitKind(IntEnum):
@@ -149,14 +152,6 @@ def fold(text: str) -> str:
 # ---- dates ------------------------------------------------------------------------------------
 
 
-# Vital events are dated by the calendar day in Vietnam (UTC+7, no daylight saving).
-VIETNAM = timezone(timedelta(hours=7))
-
-
-def local_date(moment: datetime) -> date:
-    return moment.astimezone(VIETNAM).date()
-
-
 def parse_date(field: str, value: str, *, required: bool = True) -> date | None:
     if not value:
         if required:
@@ -272,6 +267,14 @@ def may_read_household(caller: Principal, unit_id: str, household_id: str) -> No
 def may_read_people(caller: Principal, unit_id: str) -> None:
     if not caller.is_official:
         raise PermissionDenied(f"role {caller.role.value} may not read personal data")
+    caller.require_unit(unit_id)
+
+
+def may_list_households(caller: Principal, unit_id: str) -> None:
+    """Household summaries (head's name, size, exemptions) for levying dues: officials, and
+    services acting for one (the ledger), within their scope."""
+    if not (caller.is_official or caller.role is Role.SERVICE):
+        raise PermissionDenied(f"role {caller.role.value} may not list households")
     caller.require_unit(unit_id)
 
 

@@ -39,6 +39,7 @@ def household_message(doc: Document) -> registry_pb2.Household:
         marked_absent=doc.get("marked_absent", False),
         external_ref=doc.get("external_ref") or "",
         created_at=timestamp(doc.get("created_at")),
+        poor=doc.get("poor", False),
     )
 
 
@@ -95,6 +96,7 @@ class PersonCodec:
             "residence_kind": household["residence_kind"],
             "renter": household["residence_kind"] == registry_pb2.RESIDENCE_KIND_RENTER,
             "marked_absent": False,
+            "war_invalid": details.war_invalid,
             "cid_hash": None,
         }
         if details.citizen_id:
@@ -134,4 +136,5 @@ class PersonCodec:
             stay_end=doc.get("stay_end", ""),
             marked_absent=doc.get("marked_absent", False),
             death_date=doc.get("death_date", ""),
+            war_invalid=doc.get("war_invalid", False),
         )

@@ -156,6 +156,22 @@ class RegistryStore:
             members[person["household_id"]].append(person)
         return [(by_id.get(household_id), members[household_id]) for household_id in household_ids]
 
+    async def households_page(
+        self, unit_id: str, token: str, size: int
+    ) -> tuple[list[Document], str]:
+        """Active households of a unit's subtree, by id, one page, with their residents (each
+        household's under "residents")."""
+        query = after_token({"unit_id": in_unit(unit_id), "active": True}, token)
+        households = await self.households.find(query).sort("_id", ASCENDING).limit(size).to_list()
+        by_id = {household["_id"]: household for household in households}
+        for household in households:
+            household["residents"] = []
+        async for person in self.persons.find(
+            {"household_id": {"$in": list(by_id)}, "status": RESIDENT}
+        ):
+            by_id[person["household_id"]]["residents"].append(person)
+        return households, next_token(households, size)
+
     async def person(self, person_id: str, session: Session | None = None) -> Document | None:
         return await self.persons.find_one({"_id": person_id}, session=session)
 

@@ -1,0 +1,791 @@
+"""The ledger service's gRPC servicer."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from dataclasses import field as default
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from pymongo import AsyncMongoClient
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from services.common.auth import principal, unit_within
+from services.common.commands import CommandRunner
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.mongo import Document, Session, in_transaction
+from services.common.objects import UPLOAD_WINDOW, ObjectStore, check_image_upload
+from services.common.outbox import Outbox
+from services.common.wire import local_date, timestamp
+from services.ledger import domain, events, statements
+from services.ledger.records import (
+    balances_message,
+    campaign_message,
+    fund_message,
+    transaction_message,
+)
+from services.ledger.registry import RegistryReader
+from services.ledger.store import LedgerStore, new_id
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# What is inserted with a batch of new transactions, in the same MongoDB transaction.
+Extra = Callable[[Session, list[Document]], Awaitable[None]]
+MAX_BATCH = 1000
+MAX_RECEIPT_BYTES = 8 * 1024 * 1024
+EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
+RECEIPT_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png|webp)")
+
+
+@dataclass
+class Draft:
+    """A transaction to post, checked but not yet placed in its fund's chain."""
+
+    field: str  # how errors name it: "" for a single request, "transactions[3]" in a batch
+    fund_id: str
+    request_id: str
+    fingerprint: str
+    kind: domain.Kind
+    postings: domain.Postings
+    memo: str = ""
+    details: Document = default(default_factory=dict)
+
+    def name(self, inner: str) -> str:
+        return f"{self.field}.{inner}" if self.field else inner
+
+    @classmethod
+    def of(cls, method: str, request: Any, kind: domain.Kind, memo: str, **more: Any) -> Draft:
+        """The draft of a single-transaction command; its postings may follow later."""
+        return cls(
+            field="",
+            fund_id=request.fund_id,
+            request_id=_check_request_id("request_id", request.request_id),
+            fingerprint=fingerprint(method, request),
+            kind=kind,
+            postings=more.pop("postings", []),
+            memo=memo,
+            **more,
+        )
+
+
+def fingerprint(method: str, request: Message) -> str:
+    return hashlib.sha256(
+        method.encode() + b"\0" + request.SerializeToString(deterministic=True)
+    ).hexdigest()
+
+
+def _check_request_id(field_name: str, request_id: str) -> str:
+    if not request_id.strip():
+        raise InvalidArgument(field_name, "is required (a new UUID for each user action)")
+    if len(request_id) > 100:
+        raise InvalidArgument(field_name, "is longer than 100 characters")
+    return request_id
+
+
+def _required(field_name: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(field_name, "is required")
+    return value
+
+
+def _duplicate_key(error: DuplicateKeyError | BulkWriteError) -> Document:
+    """The index a write collided on ({} if it failed otherwise)."""
+    if isinstance(error, DuplicateKeyError):
+        return dict((error.details or {}).get("keyPattern") or {})
+    for failure in (error.details or {}).get("writeErrors", []):
+        if failure.get("code") == 11000:
+            return dict(failure.get("keyPattern") or {})
+    return {}
+
+
+def _millis(moment: datetime) -> datetime:
+    """MongoDB keeps milliseconds: a transaction's time is cut to them before it is hashed."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
+    def __init__(
+        self,
+        store: LedgerStore,
+        client: AsyncMongoClient[Document],
+        commands: CommandRunner,
+        outbox: Outbox,
+        files: ObjectStore,
+        registry: RegistryReader,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.commands = commands
+        self.outbox = outbox
+        self.files = files
+        self.registry = registry
+        self.clock = clock
+        self._fund_units: dict[str, Document] = {}
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    async def _fund(self, fund_id: str, field_name: str = "fund_id") -> Document:
+        _required(field_name, fund_id)
+        fund = await self.store.fund(fund_id)
+        if fund is None:
+            raise NotFound(f"fund {fund_id} not found")
+        return fund
+
+    async def _readable(self, fund_id: str) -> Document:
+        fund = await self._fund(fund_id)
+        domain.may_read_fund(principal(), fund["unit_id"])
+        return fund
+
+    async def _writable(self, fund_id: str, field_name: str = "fund_id") -> Document:
+        """The fund's id, unit and name (which never change: remembered after the first read),
+        once the caller may change it."""
+        fund = self._fund_units.get(fund_id)
+        if fund is None:
+            found = await self._fund(fund_id, field_name)
+            fund = {key: found[key] for key in ("_id", "unit_id", "name")}
+            if len(self._fund_units) > 100_000:
+                self._fund_units.clear()
+            self._fund_units[fund_id] = fund
+        domain.may_keep_books(principal(), fund["unit_id"])
+        return fund
+
+    async def _messages(self, docs: list[Document]) -> list[ledger_pb2.Transaction]:
+        names = await self.store.household_names(
+            doc["contribution"]["household_id"]
+            for doc in docs
+            if doc.get("contribution", {}).get("household_id")
+        )
+        return [transaction_message(doc, names, self.files.view_url) for doc in docs]
+
+    async def _message(self, doc: Document) -> ledger_pb2.Transaction:
+        message = (await self._messages([doc]))[0]
+        reversal = await self.store.reversal_of(doc["fund_id"], doc["_id"])
+        if reversal is not None:
+            message.reversed_by_transaction_id = reversal["_id"]
+        return message
+
+    @staticmethod
+    def _same(draft: Draft, posted: Document) -> Document:
+        """A transaction already posted under the draft's key: the original, if it is the same
+        request; anything else reusing the key is refused."""
+        if posted["fingerprint"] != draft.fingerprint:
+            raise FailedPrecondition(
+                f"{draft.name('request_id')}: {draft.request_id} was already used for a different "
+                "transaction in this fund; use a new request_id"
+            )
+        return posted
+
+    async def _already_posted(self, drafts: list[Draft]) -> list[Document] | None:
+        """The originals when every draft was posted before (a retry): no transaction needed."""
+        found = await self.store.by_keys((d.fund_id, d.request_id) for d in drafts)
+        if len(found) < len(drafts):
+            return None
+        return [self._same(d, found[(d.fund_id, d.request_id)]) for d in drafts]
+
+    async def _post(self, drafts: list[Draft], extra: Extra | None = None) -> list[Document]:
+        """Posts the drafts not posted before, all or none, each after the previous one of its
+        fund in the fund's hash chain, with their events; returns every draft's transaction.
+        (A retry is found inside the transaction, which then writes nothing.)"""
+        caller = principal()
+
+        async def work(session: Session) -> list[Document]:
+            found = await self.store.by_keys(((d.fund_id, d.request_id) for d in drafts), session)
+            new = [d for d in drafts if (d.fund_id, d.request_id) not in found]
+            funds = await self.store.funds_by_id({d.fund_id for d in new}, session)
+            guarded = {
+                (d.fund_id, account)
+                for d in new
+                for account, _ in d.postings
+                if domain.non_negative(account)
+            }
+            balances = await self.store.current_balances(guarded, session)
+            changes: dict[tuple[str, str], int] = defaultdict(int)
+            heads: dict[str, tuple[int, int, str]] = {}
+            now = _millis(self.clock())
+            docs, staged = [], []
+            posted: dict[tuple[str, str], Document] = {}
+            for draft in new:
+                fund = funds.get(draft.fund_id)
+                if fund is None:
+                    raise NotFound(f"fund {draft.fund_id} not found")
+                old, sequence, head = heads.get(
+                    draft.fund_id, (fund["sequence"], fund["sequence"], fund["head_hash"])
+                )
+                current = {
+                    account: balances.get((draft.fund_id, account), 0)
+                    + changes[(draft.fund_id, account)]
+                    for account, _ in draft.postings
+                }
+                try:
+                    domain.apply_postings(current, draft.postings)
+                except FailedPrecondition as error:
+                    raise FailedPrecondition(
+                        f"{draft.name('postings')}: {error.message}; nothing was posted"
+                    ) from None
+                for account, amount in draft.postings:
+                    changes[(draft.fund_id, account)] += amount
+                doc: Document = {
+                    "_id": new_id("tx"),
+                    "fund_id": draft.fund_id,
+                    "sequence": sequence + 1,
+                    "kind": int(draft.kind),
+                    "memo": draft.memo,
+                    "postings": [{"account": a, "amount": n} for a, n in draft.postings],
+                    "posted_at": now,
+                    "posted_by": caller.subject,
+                    "request_id": draft.request_id,
+                    "fingerprint": draft.fingerprint,
+                    **draft.details,
+                }
+                event, head = events.transaction_posted(self.outbox, doc, head)
+                doc["hash"] = head
+                heads[draft.fund_id] = (old, sequence + 1, head)
+                docs.append(doc)
+                staged.append(event)
+                posted[(draft.fund_id, draft.request_id)] = doc
+            if docs:
+                await self.store.insert_transactions(docs, session)
+                await self.store.advance_funds(heads, session)
+                await self.store.add_to_balances(changes, session)
+                if extra is not None:
+                    await extra(session, docs)
+                await self.outbox.stage(session, staged)
+            results = []
+            for draft in drafts:
+                key = (draft.fund_id, draft.request_id)
+                results.append(posted[key] if key in posted else self._same(draft, found[key]))
+            return results
+
+        try:
+            results = await in_transaction(self.client, work)
+        except (DuplicateKeyError, BulkWriteError) as error:
+            pattern = _duplicate_key(error)
+            # The same key committed meanwhile by a concurrent retry: answer as a retry.
+            if "request_id" in pattern and (done := await self._already_posted(drafts)) is not None:
+                return done
+            if "contribution.receipt_number" in pattern:
+                raise AlreadyExists(
+                    "receipt_number: this receipt number is already recorded in the fund"
+                ) from None
+            if "reverses" in pattern:
+                raise FailedPrecondition("the transaction was already reversed") from None
+            raise
+        self.outbox.committed()
+        return results
+
+    def _check_posting_request(
+        self, request: ledger_pb2.PostTransactionRequest, field_name: str, method: str
+    ) -> Draft:
+        def name(inner: str) -> str:
+            return f"{field_name}.{inner}" if field_name else inner
+
+        _check_request_id(name("request_id"), request.request_id)
+        _required(name("fund_id"), request.fund_id)
+        postings = domain.check_postings(
+            name("postings"), [(p.account, p.amount) for p in request.postings]
+        )
+        return Draft(
+            field=field_name,
+            fund_id=request.fund_id,
+            request_id=request.request_id,
+            fingerprint=fingerprint(method, request),
+            kind=domain.Kind.GENERAL,
+            postings=postings,
+            memo=domain.check_text(name("memo"), request.memo),
+        )
+
+    # ---- funds ---------------------------------------------------------------------------
+
+    async def OpenFund(
+        self, request: ledger_pb2.OpenFundRequest, context: Context
+    ) -> ledger_pb2.OpenFundResponse:
+        _required("unit_id", request.unit_id)
+        domain.may_keep_books(principal(), request.unit_id)
+        name = domain.check_text("name", request.name, required=True, limit=120)
+        description = domain.check_text("description", request.description)
+
+        async def work(session: Session) -> tuple[ledger_pb2.OpenFundResponse, list[Document]]:
+            fund: Document = {
+                "_id": new_id("fd"),
+                "unit_id": request.unit_id,
+                "name": name,
+                "description": description,
+                "opened_at": _millis(self.clock()),
+            }
+            event, head = events.fund_opened(self.outbox, fund)
+            fund |= {"sequence": 0, "head_hash": head}
+            await self.store.funds.insert_one(fund, session=session)
+            return ledger_pb2.OpenFundResponse(fund=fund_message(fund)), [event]
+
+        return await self.commands.run("OpenFund", request, ledger_pb2.OpenFundResponse, work)
+
+    async def GetFund(
+        self, request: ledger_pb2.GetFundRequest, context: Context
+    ) -> ledger_pb2.GetFundResponse:
+        return ledger_pb2.GetFundResponse(fund=fund_message(await self._readable(request.fund_id)))
+
+    async def ListFunds(
+        self, request: ledger_pb2.ListFundsRequest, context: Context
+    ) -> ledger_pb2.ListFundsResponse:
+        caller = principal()
+        unit_id = request.unit_id or caller.scope
+        domain.may_read_fund(caller, unit_id)
+        # A unit's own funds and those of the units above it (a resident belongs to them too);
+        # officials also see the funds of the units below.
+        parts = unit_id.split(".")
+        above = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        below = unit_id if caller.covers(unit_id) else None
+        funds = await self.store.funds_of(above, below)
+        visible = [f for f in funds if domain.can_read_fund(caller, f["unit_id"])]
+        return ledger_pb2.ListFundsResponse(funds=[fund_message(f) for f in visible])
+
+    # ---- movements -------------------------------------------------------------------------
+
+    async def PostTransaction(
+        self, request: ledger_pb2.PostTransactionRequest, context: Context
+    ) -> ledger_pb2.PostTransactionResponse:
+        draft = self._check_posting_request(request, "", "PostTransaction")
+        await self._writable(request.fund_id)
+        (doc,) = await self._post([draft])
+        return ledger_pb2.PostTransactionResponse(transaction=await self._message(doc))
+
+    async def PostTransactions(
+        self, request: ledger_pb2.PostTransactionsRequest, context: Context
+    ) -> ledger_pb2.PostTransactionsResponse:
+        if not request.transactions:
+            raise InvalidArgument("transactions", "name at least one transaction")
+        if len(request.transactions) > MAX_BATCH:
+            raise InvalidArgument("transactions", f"at most {MAX_BATCH} in one call")
+        drafts = [
+            self._check_posting_request(entry, f"transactions[{i}]", "PostTransaction")
+            for i, entry in enumerate(request.transactions)
+        ]
+        keys = [(d.fund_id, d.request_id) for d in drafts]
+        if len(set(keys)) < len(keys):
+            raise InvalidArgument("transactions", "two transactions of one fund share a request_id")
+        for fund_id in dict.fromkeys(d.fund_id for d in drafts):
+            await self._writable(fund_id)
+        docs = await self._post(drafts)
+        return ledger_pb2.PostTransactionsResponse(transactions=await self._messages(docs))
+
+    async def _household_name(self, fund: Document, household_id: str) -> None:
+        """Makes sure the household lives in the fund's unit, learning its name from the
+        register when the ledger has not seen it yet."""
+        known = await self.store.household(household_id)
+        if known is None:
+            await self._learn_households(fund["unit_id"])
+            known = await self.store.household(household_id)
+        if known is None or not unit_within(known["unit_id"], fund["unit_id"]):
+            raise NotFound(f"household {household_id} is not registered in {fund['unit_id']}")
+
+    async def _learn_households(self, unit_id: str) -> list[domain.HouseholdFacts]:
+        households = await self.registry.households(unit_id)
+        await self.store.remember_households(
+            [{"_id": h.household_id, "name": h.name, "unit_id": h.unit_id} for h in households]
+        )
+        return households
+
+    async def RecordContribution(
+        self, request: ledger_pb2.RecordContributionRequest, context: Context
+    ) -> ledger_pb2.RecordContributionResponse:
+        _check_request_id("request_id", request.request_id)
+        fund = await self._writable(request.fund_id)
+        amount = domain.check_amount("amount", request.amount)
+        into = domain.money_account(request.method)
+        receipt = domain.check_receipt_number("receipt_number", request.receipt_number)
+        paid_on = domain.check_day("paid_on", request.paid_on, local_date(self.clock()))
+        memo = domain.check_text("memo", request.memo)
+        draft = Draft.of("RecordContribution", request, domain.Kind.CONTRIBUTION, memo)
+        if (done := await self._already_posted([draft])) is not None:
+            return ledger_pb2.RecordContributionResponse(transaction=await self._message(done[0]))
+        if request.campaign_id:
+            campaign = await self.store.campaign(fund["_id"], request.campaign_id)
+            if campaign is None:
+                raise NotFound(f"campaign {request.campaign_id} not found in this fund")
+            _required("household_id", request.household_id)
+            due = next(
+                (d for d in campaign["dues"] if d["household_id"] == request.household_id), None
+            )
+            if due is None:
+                raise FailedPrecondition(
+                    f"household_id: {request.household_id} owes nothing to this campaign"
+                )
+            if due["exempt_because"]:
+                raise FailedPrecondition(
+                    f"household_id: {request.household_id} is exempt from this campaign"
+                )
+            owed_by = domain.receivable(campaign["_id"], request.household_id)
+            draft.postings = [(into, amount), (owed_by, -amount)]
+        else:
+            if request.household_id:
+                await self._household_name(fund, request.household_id)
+            draft.postings = [(into, amount), (domain.DONATIONS, -amount)]
+        draft.details = {
+            "campaign_id": request.campaign_id,
+            "contribution": {
+                "household_id": request.household_id or None,
+                "campaign_id": request.campaign_id,
+                "method": request.method,
+                "receipt_number": receipt,
+                "paid_on": paid_on,
+            },
+        }
+        (doc,) = await self._post([draft])
+        return ledger_pb2.RecordContributionResponse(transaction=await self._message(doc))
+
+    async def CreateReceiptUpload(
+        self, request: ledger_pb2.CreateReceiptUploadRequest, context: Context
+    ) -> ledger_pb2.CreateReceiptUploadResponse:
+        fund = await self._writable(request.fund_id)
+        check_image_upload(request.content_type, request.size_bytes, MAX_RECEIPT_BYTES)
+        key = f"receipts/{fund['_id']}/{uuid.uuid4().hex}.{EXTENSIONS[request.content_type]}"
+        return ledger_pb2.CreateReceiptUploadResponse(
+            upload_url=self.files.upload_url(key),
+            object_key=key,
+            expires_at=timestamp(self.clock() + UPLOAD_WINDOW),
+        )
+
+    async def RecordExpense(
+        self, request: ledger_pb2.RecordExpenseRequest, context: Context
+    ) -> ledger_pb2.RecordExpenseResponse:
+        _check_request_id("request_id", request.request_id)
+        fund = await self._writable(request.fund_id)
+        amount = domain.check_amount("amount", request.amount)
+        category = domain.check_category("category", request.category)
+        payee = domain.check_text("payee", request.payee, required=True, limit=200)
+        approved_by = domain.check_text(
+            "approved_by", request.approved_by, required=True, limit=200
+        )
+        out_of = domain.money_account(request.method)
+        spent_on = domain.check_day("spent_on", request.spent_on, local_date(self.clock()))
+        folder = f"receipts/{fund['_id']}/"
+        key = request.receipt_object_key
+        if not key:
+            raise InvalidArgument("receipt_object_key", "is required: upload the receipt first")
+        if not (key.startswith(folder) and RECEIPT_NAME.fullmatch(key.removeprefix(folder))):
+            raise InvalidArgument("receipt_object_key", "was not issued for this fund")
+        draft = Draft.of(
+            "RecordExpense",
+            request,
+            domain.Kind.EXPENSE,
+            domain.check_text("memo", request.memo),
+            postings=[(f"expense/{category}", amount), (out_of, -amount)],
+            details={
+                "expense": {
+                    "category": category,
+                    "payee": payee,
+                    "approved_by": approved_by,
+                    "method": request.method,
+                    "receipt_object_key": key,
+                    "spent_on": spent_on,
+                }
+            },
+        )
+        if (done := await self._already_posted([draft])) is None:
+            await self.files.accept_image(key, MAX_RECEIPT_BYTES)
+            done = await self._post([draft])
+        return ledger_pb2.RecordExpenseResponse(transaction=await self._message(done[0]))
+
+    async def ReverseTransaction(
+        self, request: ledger_pb2.ReverseTransactionRequest, context: Context
+    ) -> ledger_pb2.ReverseTransactionResponse:
+        _check_request_id("request_id", request.request_id)
+        fund = await self._writable(request.fund_id)
+        _required("transaction_id", request.transaction_id)
+        reason = domain.check_text("reason", request.reason, required=True)
+        draft = Draft.of(
+            "ReverseTransaction",
+            request,
+            domain.Kind.REVERSAL,
+            reason,
+            details={"reverses": request.transaction_id},
+        )
+        if (done := await self._already_posted([draft])) is None:
+            original = await self.store.transaction(fund["_id"], request.transaction_id)
+            if original is None:
+                raise NotFound(f"transaction {request.transaction_id} not found in this fund")
+            if original["kind"] == domain.Kind.REVERSAL:
+                raise FailedPrecondition(
+                    "transaction_id: a reversal is not reversed; post the transaction again"
+                )
+            if await self.store.reversal_of(fund["_id"], original["_id"]) is not None:
+                raise FailedPrecondition(f"transaction {original['_id']} was already reversed")
+            draft.postings = domain.reversal_of(
+                (p["account"], p["amount"]) for p in original["postings"]
+            )
+            draft.details["campaign_id"] = original.get("campaign_id", "")
+            done = await self._post([draft])
+        return ledger_pb2.ReverseTransactionResponse(transaction=await self._message(done[0]))
+
+    async def GetTransaction(
+        self, request: ledger_pb2.GetTransactionRequest, context: Context
+    ) -> ledger_pb2.GetTransactionResponse:
+        fund = await self._readable(request.fund_id)
+        _required("transaction_id", request.transaction_id)
+        doc = await self.store.transaction(fund["_id"], request.transaction_id)
+        if doc is None:
+            raise NotFound(f"transaction {request.transaction_id} not found in this fund")
+        return ledger_pb2.GetTransactionResponse(transaction=await self._message(doc))
+
+    # ---- dues ------------------------------------------------------------------------------
+
+    async def DeclareCampaign(
+        self, request: ledger_pb2.DeclareCampaignRequest, context: Context
+    ) -> ledger_pb2.DeclareCampaignResponse:
+        _check_request_id("request_id", request.request_id)
+        fund = await self._writable(request.fund_id)
+        name = domain.check_text("name", request.name, required=True, limit=120)
+        period = domain.check_period("period", request.period)
+        if request.basis not in (int(domain.Basis.PER_HOUSEHOLD), int(domain.Basis.PER_PERSON)):
+            raise InvalidArgument(
+                "basis", "must be DUES_BASIS_PER_HOUSEHOLD or DUES_BASIS_PER_PERSON"
+            )
+        rate = domain.check_amount("rate", request.rate)
+        exemptions = []
+        for i, value in enumerate(request.exemptions):
+            if value not in domain.EXEMPTIONS:
+                raise InvalidArgument(f"exemptions[{i}]", "is not a known exemption")
+            exemptions.append(domain.Exemption(value))
+        draft = Draft.of("DeclareCampaign", request, domain.Kind.ASSESSMENT, name)
+        if (done := await self._already_posted([draft])) is None:
+            read_at = _millis(self.clock())
+            households = await self._learn_households(fund["unit_id"])
+            dues = domain.compute_dues(households, domain.Basis(request.basis), rate, exemptions)
+            total = sum(d.amount for d in dues)
+            if total == 0:
+                raise FailedPrecondition(
+                    f"no household of {fund['unit_id']} owes anything under these terms"
+                )
+            campaign_id = new_id("cp")
+            draft.postings = [
+                *(
+                    (domain.receivable(campaign_id, d.household_id), d.amount)
+                    for d in dues
+                    if d.amount
+                ),
+                ("income/dues", -total),
+            ]
+            draft.details = {"campaign_id": campaign_id}
+            campaign: Document = {
+                "_id": campaign_id,
+                "fund_id": fund["_id"],
+                "unit_id": fund["unit_id"],
+                "name": name,
+                "period": period,
+                "basis": request.basis,
+                "rate": rate,
+                "exemptions": [int(e) for e in exemptions],
+                "registry_read_at": read_at,
+                "dues": [
+                    {
+                        "household_id": d.household_id,
+                        "name": d.name,
+                        "residents": d.residents,
+                        "amount": d.amount,
+                        "exempt_because": int(d.exempt_because or 0),
+                    }
+                    for d in dues
+                ],
+                "total_due": total,
+            }
+
+            async def insert_campaign(session: Session, docs: list[Document]) -> None:
+                await self.store.insert_campaign(
+                    campaign | {"transaction_id": docs[0]["_id"]}, session
+                )
+
+            done = await self._post([draft], insert_campaign)
+        stored = await self.store.campaign(fund["_id"], done[0]["campaign_id"])
+        assert stored is not None
+        return ledger_pb2.DeclareCampaignResponse(campaign=campaign_message(stored))
+
+    async def GetCampaignStatus(
+        self, request: ledger_pb2.GetCampaignStatusRequest, context: Context
+    ) -> ledger_pb2.GetCampaignStatusResponse:
+        fund = await self._readable(request.fund_id)
+        _required("campaign_id", request.campaign_id)
+        campaign = await self.store.campaign(fund["_id"], request.campaign_id)
+        if campaign is None:
+            raise NotFound(f"campaign {request.campaign_id} not found in this fund")
+        owed = await self.store.balances_of(fund["_id"], f"receivable/{campaign['_id']}/")
+        response = ledger_pb2.GetCampaignStatusResponse(campaign=campaign_message(campaign))
+        for due in campaign["dues"]:
+            outstanding = owed.get(domain.receivable(campaign["_id"], due["household_id"]), 0)
+            status = domain.payment_status(due["amount"], outstanding, bool(due["exempt_because"]))
+            response.households.append(
+                ledger_pb2.HouseholdPayment(
+                    household_id=due["household_id"],
+                    household_name=due["name"],
+                    due=due["amount"],
+                    paid=due["amount"] - outstanding,
+                    outstanding=outstanding,
+                    status=status,  # type: ignore[arg-type]
+                    exempt_because=due["exempt_because"],
+                )
+            )
+            if status is domain.PaymentStatus.PAID:
+                response.paid += 1
+            elif status is not domain.PaymentStatus.EXEMPT:
+                response.unpaid += 1
+            response.collected += due["amount"] - outstanding
+            response.outstanding += outstanding
+        return response
+
+    async def GetHouseholdDues(
+        self, request: ledger_pb2.GetHouseholdDuesRequest, context: Context
+    ) -> ledger_pb2.GetHouseholdDuesResponse:
+        fund = await self._fund(request.fund_id)
+        _required("household_id", request.household_id)
+        domain.may_read_household_dues(principal(), fund["unit_id"], request.household_id)
+        owed = await self.store.balances_of(fund["_id"], "receivable/")
+        response = ledger_pb2.GetHouseholdDuesResponse(household_id=request.household_id)
+        for campaign in await self.store.campaigns_of(fund["_id"]):
+            due = next(
+                (d for d in campaign["dues"] if d["household_id"] == request.household_id), None
+            )
+            if due is None:
+                continue
+            response.household_name = due["name"]
+            outstanding = owed.get(domain.receivable(campaign["_id"], request.household_id), 0)
+            response.dues.append(
+                ledger_pb2.CampaignDue(
+                    campaign_id=campaign["_id"],
+                    campaign_name=campaign["name"],
+                    period=campaign["period"],
+                    due=due["amount"],
+                    paid=due["amount"] - outstanding,
+                    outstanding=outstanding,
+                    status=domain.payment_status(  # type: ignore[arg-type]
+                        due["amount"], outstanding, bool(due["exempt_because"])
+                    ),
+                )
+            )
+        payments = await self._messages(
+            await self.store.contributions_of(fund["_id"], request.household_id)
+        )
+        response.payments.extend(payments)
+        if not response.household_name:
+            names = await self.store.household_names([request.household_id])
+            response.household_name = names.get(request.household_id, "")
+        return response
+
+    # ---- reports ---------------------------------------------------------------------------
+
+    async def _balances(
+        self, fund: Document, as_of: datetime | None = None, sequence: int = 0
+    ) -> tuple[int, dict[str, int]]:
+        if as_of is not None:
+            return await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": as_of}})
+        # The chain's head and the running balances, read at one snapshot.
+        head, balances = await self.store.current(fund["_id"])
+        if not sequence or sequence >= head:
+            return head, balances
+        return await self.store.balances_as_of(fund["_id"], {"sequence": {"$lte": sequence}})
+
+    async def GetBalances(
+        self, request: ledger_pb2.GetBalancesRequest, context: Context
+    ) -> ledger_pb2.GetBalancesResponse:
+        fund = await self._readable(request.fund_id)
+        if request.as_of_sequence < 0:
+            raise InvalidArgument("as_of_sequence", "must not be negative")
+        if request.as_of_sequence and request.HasField("as_of"):
+            raise InvalidArgument("as_of_sequence", "give either as_of or as_of_sequence")
+        as_of = None
+        if request.HasField("as_of"):
+            # Everything posted at or before the moment asked about.
+            as_of = request.as_of.ToDatetime(UTC) + timedelta(milliseconds=1)
+        sequence, balances = await self._balances(fund, as_of, request.as_of_sequence)
+        return ledger_pb2.GetBalancesResponse(
+            fund_id=fund["_id"],
+            sequence=sequence,
+            balances=balances_message(balances),
+            available=balances.get("cash", 0) + balances.get("bank", 0),
+        )
+
+    async def _statement(
+        self, fund: Document, start: Timestamp | None, end: Timestamp | None
+    ) -> ledger_pb2.Statement:
+        begin = start.ToDatetime(UTC) if start is not None else None
+        # [from, to): up to now, this moment's transactions included, when `to` is not given.
+        until = end.ToDatetime(UTC) if end is not None else self.clock() + timedelta(milliseconds=1)
+        if begin is not None and begin >= until:
+            raise InvalidArgument("to", "must be after from")
+        opening: dict[str, int] = {}
+        if begin is not None:
+            _, opening = await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": begin}})
+        docs = await self.store.between(fund["_id"], begin, until)
+        _, closing = await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": until}})
+        messages = await self._messages(docs)
+        campaigns = {c["_id"]: c["name"] for c in await self.store.campaigns_of(fund["_id"])}
+        sequences = {doc["_id"]: doc["sequence"] for doc in docs}
+        lines = []
+        for doc, message in zip(docs, messages, strict=True):
+            moved = sum(p["amount"] for p in doc["postings"] if p["account"] in ("cash", "bank"))
+            lines.append(
+                ledger_pb2.StatementLine(
+                    sequence=doc["sequence"],
+                    posted_at=message.posted_at,
+                    kind=message.kind,
+                    description=domain.describe(message, campaigns, sequences),
+                    receipt_number=message.contribution.receipt_number,
+                    money_in=max(moved, 0),
+                    money_out=max(-moved, 0),
+                    transaction_id=doc["_id"],
+                )
+            )
+        statement = ledger_pb2.Statement(
+            fund=fund_message(fund),
+            to=timestamp(until),
+            opening_available=opening.get("cash", 0) + opening.get("bank", 0),
+            closing_available=closing.get("cash", 0) + closing.get("bank", 0),
+            total_in=sum(line.money_in for line in lines),
+            total_out=sum(line.money_out for line in lines),
+            lines=lines,
+            closing_balances=balances_message(closing),
+        )
+        if begin is not None:
+            getattr(statement, "from").CopyFrom(timestamp(begin))
+        elif docs:
+            getattr(statement, "from").CopyFrom(timestamp(docs[0]["posted_at"]))
+        else:
+            getattr(statement, "from").CopyFrom(timestamp(fund["opened_at"]))
+        return statement
+
+    def _period(self, request: Any) -> tuple[Timestamp | None, Timestamp | None]:
+        start = getattr(request, "from") if request.HasField("from") else None
+        end = request.to if request.HasField("to") else None
+        return start, end
+
+    async def GetStatement(
+        self, request: ledger_pb2.GetStatementRequest, context: Context
+    ) -> ledger_pb2.GetStatementResponse:
+        fund = await self._readable(request.fund_id)
+        statement = await self._statement(fund, *self._period(request))
+        return ledger_pb2.GetStatementResponse(statement=statement)
+
+    async def ExportStatement(
+        self, request: ledger_pb2.ExportStatementRequest, context: Context
+    ) -> ledger_pb2.ExportStatementResponse:
+        fund = await self._readable(request.fund_id)
+        statement = await self._statement(fund, *self._period(request))
+        stem = f"statements/{fund['_id']}/{uuid.uuid4().hex}"
+        csv_key, pdf_key = f"{stem}.csv", f"{stem}.pdf"
+        await self.files.put(csv_key, statements.csv_bytes(statement), "text/csv; charset=utf-8")
+        await self.files.put(pdf_key, statements.pdf_bytes(statement), "application/pdf")
+        return ledger_pb2.ExportStatementResponse(
+            statement=statement,
+            csv_object_key=csv_key,
+            csv_url=self.files.view_url(csv_key),
+            pdf_object_key=pdf_key,
+            pdf_url=self.files.view_url(pdf_key),
+            expires_at=timestamp(self.clock() + timedelta(hours=1)),
+        )

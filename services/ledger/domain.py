@@ -1,0 +1,527 @@
+"""The ledger's rules, without I/O: accounts, balanced postings, no overdrafts, dues, and the hash
+chain that lets an auditor check a fund's history from its events alone.
+
+Money is int đồng throughout (VND has no minor unit). A posting's amount debits its account when
+positive and credits it when negative; a transaction's postings sum to zero.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from enum import IntEnum
+
+from civic.ledger.v1 import ledger_pb2
+from google.protobuf.message import Message
+
+from services.common.auth import OFFICIALS, Principal, Role, unit_within
+from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+
+# A quadrillion đồng: far above any neighbourhood fund, far below int64 even summed.
+MAX_AMOUNT = 10**15
+# An assessment posts one receivable per household: a large ward's campaign fits.
+MAX_POSTINGS = 5000
+MAX_TEXT = 500
+ACCOUNT_KINDS = ("cash", "bank", "receivable", "income", "expense", "equity")
+# Accounts that hold money or money owed: they never go below zero.
+NON_NEGATIVE = ("cash", "bank", "receivable")
+_SEGMENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,79}")
+_ID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+_RECEIPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9/._-]{0,39}")
+_PERIOD = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,19}")
+DONATIONS = "income/donations"
+
+
+class Kind(IntEnum):
+    """TransactionKind in the protos."""
+
+    GENERAL = 1
+    CONTRIBUTION = 2
+    EXPENSE = 3
+    ASSESSMENT = 4
+    REVERSAL = 5
+
+
+KINDS = frozenset(int(k) for k in Kind)
+
+
+class Method(IntEnum):
+    """PaymentMethod in the protos: where the money goes in or comes out."""
+
+    CASH = 1
+    TRANSFER = 2
+
+
+class Basis(IntEnum):
+    PER_HOUSEHOLD = 1
+    PER_PERSON = 2
+
+
+class Exemption(IntEnum):
+    POOR_HOUSEHOLD = 1
+    WAR_INVALID_MEMBER = 2
+
+
+EXEMPTIONS = frozenset(int(e) for e in Exemption)
+
+
+class PaymentStatus(IntEnum):
+    PAID = 1
+    PARTLY_PAID = 2
+    UNPAID = 3
+    EXEMPT = 4
+
+
+Postings = list[tuple[str, int]]
+
+
+# ---- accounts and postings ---------------------------------------------------------------------
+
+
+# Account names already found well-formed (they repeat from one transaction to the next).
+_GOOD_ACCOUNTS: set[str] = set()
+
+
+@functools.lru_cache(maxsize=4096)
+def _account_problem(account: str) -> str:
+    """What is wrong with an account name ("" if nothing); names repeat, so it is asked once."""
+    try:
+        _check_account(account)
+    except InvalidArgument as error:
+        return error.problem
+    return ""
+
+
+def check_account(field_name: str, account: str) -> str:
+    if problem := _account_problem(account):
+        raise InvalidArgument(field_name, problem)
+    return account
+
+
+def _check_account(account: str) -> None:
+    field_name = "account"
+    kind, _, rest = account.partition("/")
+    if kind not in ACCOUNT_KINDS:
+        raise InvalidArgument(field_name, f"must start with one of {', '.join(ACCOUNT_KINDS)}")
+    parts = rest.split("/") if rest else []
+    if kind in ("cash", "bank"):
+        if parts:
+            raise InvalidArgument(field_name, f"{kind} takes no sub-account")
+    elif kind == "receivable":
+        if len(parts) != 2 or not all(_ID_SEGMENT.fullmatch(p) for p in parts):
+            raise InvalidArgument(field_name, "must be receivable/<campaign_id>/<household_id>")
+    elif len(parts) != 1 or not _SEGMENT.fullmatch(parts[0]):
+        raise InvalidArgument(field_name, f"must be {kind}/<name> (a-z, 0-9, '-', '_')")
+
+
+def money_account(method: int, field_name: str = "method") -> str:
+    if method == Method.CASH:
+        return "cash"
+    if method == Method.TRANSFER:
+        return "bank"
+    raise InvalidArgument(field_name, "must be PAYMENT_METHOD_CASH or PAYMENT_METHOD_TRANSFER")
+
+
+def receivable(campaign_id: str, household_id: str) -> str:
+    return f"receivable/{campaign_id}/{household_id}"
+
+
+def non_negative(account: str) -> bool:
+    return account.split("/", 1)[0] in NON_NEGATIVE
+
+
+def check_amount(field_name: str, amount: int) -> int:
+    if amount <= 0:
+        raise InvalidArgument(field_name, "must be a positive number of đồng")
+    if amount > MAX_AMOUNT:
+        raise InvalidArgument(field_name, f"must be at most {MAX_AMOUNT} đồng")
+    return amount
+
+
+def check_postings(field_name: str, postings: Sequence[tuple[str, int]]) -> Postings:
+    """Two or more non-zero postings that balance, each account once. (One pass: the auditors'
+    replay runs it for every event.)"""
+    if len(postings) < 2:
+        raise InvalidArgument(field_name, "a transaction needs at least two postings")
+    if len(postings) > MAX_POSTINGS:
+        raise InvalidArgument(field_name, f"at most {MAX_POSTINGS} postings per transaction")
+    seen: set[str] = set()
+    total = 0
+    for i, (account, amount) in enumerate(postings):
+        if account not in _GOOD_ACCOUNTS:
+            if problem := _account_problem(account):
+                raise InvalidArgument(f"{field_name}[{i}].account", problem)
+            if len(_GOOD_ACCOUNTS) > 100_000:
+                _GOOD_ACCOUNTS.clear()
+            _GOOD_ACCOUNTS.add(account)
+        if account in seen:
+            raise InvalidArgument(f"{field_name}[{i}].account", f"{account} appears twice")
+        seen.add(account)
+        if not 0 < abs(amount) <= MAX_AMOUNT:
+            problem = "must not be zero" if amount == 0 else f"is over {MAX_AMOUNT} đồng"
+            raise InvalidArgument(f"{field_name}[{i}].amount", problem)
+        total += amount
+    if total:
+        debits = sum(a for _, a in postings if a > 0)
+        credits = -sum(a for _, a in postings if a < 0)
+        raise InvalidArgument(
+            field_name, f"do not balance: debits {debits} đồng, credits {credits} đồng"
+        )
+    return list(postings)
+
+
+def apply_postings(
+    balances: Mapping[str, int], postings: Iterable[tuple[str, int]]
+) -> dict[str, int]:
+    """The touched accounts' new balances; refuses (FAILED_PRECONDITION) any that would take an
+    account that holds money, or money owed, below zero."""
+    updated: dict[str, int] = {}
+    for account, amount in postings:
+        after = balances.get(account, 0) + amount
+        if after < 0 and non_negative(account):
+            before = balances.get(account, 0)
+            raise FailedPrecondition(
+                f"would overdraw {account}: balance {before} đồng, posting {amount} đồng"
+            )
+        updated[account] = after
+    return updated
+
+
+def reversal_of(postings: Iterable[tuple[str, int]]) -> Postings:
+    return [(account, -amount) for account, amount in postings]
+
+
+def check_text(field_name: str, value: str, required: bool = False, limit: int = MAX_TEXT) -> str:
+    text = " ".join(value.split())
+    if required and not text:
+        raise InvalidArgument(field_name, "is required")
+    if len(text) > limit:
+        raise InvalidArgument(field_name, f"is longer than {limit} characters")
+    return text
+
+
+def check_day(field_name: str, value: str, today: date) -> str:
+    """A YYYY-MM-DD day, not in the future; today if empty."""
+    if not value:
+        return today.isoformat()
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument(field_name, "must be a date as YYYY-MM-DD") from None
+    if day > today:
+        raise InvalidArgument(field_name, "must not be in the future")
+    return day.isoformat()
+
+
+def check_receipt_number(field_name: str, value: str) -> str:
+    if not _RECEIPT.fullmatch(value):
+        raise InvalidArgument(
+            field_name, "is required: letters, digits, '/', '.', '_' or '-', at most 40"
+        )
+    return value
+
+
+def check_period(field_name: str, value: str) -> str:
+    if not _PERIOD.fullmatch(value):
+        raise InvalidArgument(field_name, "is required, e.g. 2026 or 2026-H1 (at most 20)")
+    return value
+
+
+def check_category(field_name: str, value: str) -> str:
+    if not _SEGMENT.fullmatch(value):
+        raise InvalidArgument(field_name, "is required: a-z, 0-9, '-' or '_' (e.g. sanitation)")
+    return value
+
+
+# ---- dues ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HouseholdFacts:
+    """What the register says about a household when dues are levied."""
+
+    household_id: str
+    unit_id: str
+    name: str
+    residents: int
+    poor: bool
+    war_invalid_member: bool
+
+
+@dataclass(frozen=True)
+class Due:
+    household_id: str
+    name: str
+    residents: int
+    amount: int
+    exempt_because: Exemption | None
+
+
+def compute_dues(
+    households: Iterable[HouseholdFacts],
+    basis: Basis,
+    rate: int,
+    exemptions: Iterable[Exemption],
+) -> list[Due]:
+    """What each household owes: the rate per household or per resident, nothing when exempt."""
+    exempt = set(exemptions)
+    dues = []
+    for household in sorted(households, key=lambda h: h.household_id):
+        because = None
+        if Exemption.POOR_HOUSEHOLD in exempt and household.poor:
+            because = Exemption.POOR_HOUSEHOLD
+        elif Exemption.WAR_INVALID_MEMBER in exempt and household.war_invalid_member:
+            because = Exemption.WAR_INVALID_MEMBER
+        units = 1 if basis is Basis.PER_HOUSEHOLD else household.residents
+        amount = 0 if because is not None else rate * units
+        dues.append(
+            Due(household.household_id, household.name, household.residents, amount, because)
+        )
+    return dues
+
+
+def payment_status(due: int, outstanding: int, exempt: bool) -> PaymentStatus:
+    if exempt:
+        return PaymentStatus.EXEMPT
+    if outstanding <= 0:
+        return PaymentStatus.PAID
+    return PaymentStatus.UNPAID if outstanding >= due else PaymentStatus.PARTLY_PAID
+
+
+# ---- who may read and change what ------------------------------------------------------------
+
+
+def can_read_fund(caller: Principal, unit_id: str) -> bool:
+    """Residents read the funds of their unit and of the units above it (they belong to those
+    too); everyone else the funds within their scope."""
+    if caller.role is Role.RESIDENT:
+        return unit_within(caller.scope, unit_id)
+    return caller.covers(unit_id)
+
+
+def may_read_fund(caller: Principal, unit_id: str) -> None:
+    if not can_read_fund(caller, unit_id):
+        raise PermissionDenied(f"the funds of {unit_id} are not yours to read")
+
+
+def may_keep_books(caller: Principal, unit_id: str) -> None:
+    """Only the unit's own leader or treasurer changes its funds (not a neighbour, nor an
+    official above, who reads them)."""
+    if caller.role is not Role.TREASURER and caller.role not in OFFICIALS:
+        raise PermissionDenied(
+            f"role {caller.role.value} may not change funds (needs the leader or treasurer)"
+        )
+    if caller.scope != unit_id:
+        raise PermissionDenied(f"only the leader or treasurer of {unit_id} may change its funds")
+
+
+def may_read_household_dues(caller: Principal, unit_id: str, household_id: str) -> None:
+    if caller.role is Role.RESIDENT and caller.household_id != household_id:
+        raise PermissionDenied("residents see only their own household's dues")
+    may_read_fund(caller, unit_id)
+
+
+def describe(
+    transaction: ledger_pb2.Transaction, campaigns: Mapping[str, str], sequences: Mapping[str, int]
+) -> str:
+    """A statement line's text: who paid for what, what was spent on what (names only)."""
+    kind = Kind(transaction.kind) if transaction.kind in KINDS else None
+    if kind is Kind.CONTRIBUTION:
+        c = transaction.contribution
+        payer = c.household_name or "Người ủng hộ"
+        purpose = campaigns.get(c.campaign_id, "") if c.campaign_id else "ủng hộ"
+        text = f"{payer} — {purpose}"
+    elif kind is Kind.EXPENSE:
+        e = transaction.expense
+        text = f"{e.category} — {e.payee} (duyệt: {e.approved_by})"
+    elif kind is Kind.ASSESSMENT:
+        text = f"Lập sổ thu: {campaigns.get(transaction.campaign_id, transaction.memo)}"
+    elif kind is Kind.REVERSAL:
+        original = transaction.reverses_transaction_id
+        number = sequences.get(original)
+        text = f"Hủy giao dịch {f'số {number}' if number else original}"
+    else:
+        text = "Bút toán"
+    return (
+        f"{text}: {transaction.memo}" if transaction.memo and kind is not Kind.ASSESSMENT else text
+    )
+
+
+# ---- the hash chain ------------------------------------------------------------------------------
+
+
+def chain_hash(event: Message) -> str:
+    """The hash an event of a fund's chain must carry (its `prev_hash` set, `hash` ignored)."""
+    carried: str = event.hash  # type: ignore[attr-defined]
+    event.hash = ""  # type: ignore[attr-defined]
+    try:
+        unsealed = event.SerializeToString(deterministic=True)
+    finally:
+        event.hash = carried  # type: ignore[attr-defined]
+    prev: str = event.prev_hash  # type: ignore[attr-defined]
+    return hashlib.sha256(prev.encode() + unsealed).hexdigest()
+
+
+# How a 64-character `hash` (field 4 of both chain events) looks on the wire: tag, length, text.
+_HASH_FIELD = bytes([4 << 3 | 2, 64])
+
+
+def seals_bytes(raw: bytes, prev_hash: str, hash_: str) -> bool:
+    """Whether an event's bytes as published are sealed by `hash_`: the fast check. Events are
+    serialized in field order, so the bytes without the hash field are exactly what was hashed;
+    bytes that are not in that form are checked by chain_hash instead."""
+    field = _HASH_FIELD + hash_.encode()
+    if raw.count(field) != 1:
+        return False
+    unsealed = raw.replace(field, b"", 1)
+    return hashlib.sha256(prev_hash.encode() + unsealed).hexdigest() == hash_
+
+
+def seal(event: Message, sequence: int, prev_hash: str) -> str:
+    """Links `event` after the fund's event `prev_hash` as number `sequence`; returns its hash."""
+    event.sequence = sequence  # type: ignore[attr-defined]
+    event.prev_hash = prev_hash  # type: ignore[attr-defined]
+    event.hash = chain_hash(event)  # type: ignore[attr-defined]
+    return event.hash  # type: ignore[attr-defined, no-any-return]
+
+
+# ---- books rebuilt from events (auditors, tests) -------------------------------------------------
+
+
+class BadEvent(Exception):
+    """An event that breaks the chain or the rules; `reason` says how."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class FundBooks:
+    fund_id: str
+    unit_id: str
+    sequence: int = -1
+    head_hash: str = ""
+    # The hash at every place of the chain, to tell an event published twice from a fork.
+    hashes: list[str] = field(default_factory=list)
+    balances: dict[str, int] = field(default_factory=dict)
+    transactions: dict[str, Postings] = field(default_factory=dict)
+    reversals: set[str] = field(default_factory=set)
+    reversal_ids: set[str] = field(default_factory=set)
+    transaction_count: int = 0
+
+
+@dataclass
+class Books:
+    """Every fund's balances recomputed from its chain of events, each event checked: the chain
+    (sequence, previous hash, own hash), double entry, no overdraft, reversals that undo exactly
+    what they point at. Feeding the same events twice gives the same books."""
+
+    funds: dict[str, FundBooks] = field(default_factory=dict)
+    events: int = 0
+    duplicates: int = 0
+
+    def open_fund(
+        self, fund_id: str, unit_id: str, sequence: int, prev_hash: str, hash_: str
+    ) -> bool:
+        known = self.funds.get(fund_id)
+        if known is not None:
+            if sequence == 0 and hash_ == known.hashes[0]:
+                self.duplicates += 1
+                return False
+            raise BadEvent(f"fund {fund_id} opened twice")
+        if sequence != 0 or prev_hash:
+            raise BadEvent("a fund's first event must have sequence 0 and no previous hash")
+        self.funds[fund_id] = FundBooks(fund_id, unit_id, 0, hash_, [hash_])
+        self.events += 1
+        return True
+
+    def link(self, fund_id: str, sequence: int, prev_hash: str, hash_: str) -> FundBooks | None:
+        """The fund whose chain this event extends; None for a repeat of an event already seen
+        (a relay may publish an event twice)."""
+        fund = self.funds.get(fund_id)
+        if fund is None:
+            raise BadEvent(f"fund {fund_id} has no FundOpened before it")
+        if sequence <= fund.sequence:
+            if sequence >= 0 and hash_ == fund.hashes[sequence]:
+                self.duplicates += 1
+                return None
+            raise BadEvent(f"sequence {sequence} comes after {fund.sequence}: replayed or forked")
+        if sequence != fund.sequence + 1:
+            raise BadEvent(f"sequence {sequence} skips after {fund.sequence}: an event is missing")
+        if prev_hash != fund.head_hash:
+            raise BadEvent("prev_hash is not the hash of the fund's previous event")
+        return fund
+
+    def post(
+        self,
+        fund: FundBooks,
+        sequence: int,
+        hash_: str,
+        transaction_id: str,
+        postings: Sequence[tuple[str, int]],
+        reverses: str = "",
+    ) -> None:
+        if reverses or not self._post_plain(fund, postings):
+            self._post_checked(fund, postings, reverses)
+        if transaction_id in fund.transactions:
+            raise BadEvent(f"transaction id {transaction_id} used twice")
+        fund.transactions[transaction_id] = list(postings)
+        if reverses:
+            fund.reversals.add(reverses)
+            fund.reversal_ids.add(transaction_id)
+        fund.sequence = sequence
+        fund.head_hash = hash_
+        fund.hashes.append(hash_)
+        fund.transaction_count += 1
+        self.events += 1
+
+    @staticmethod
+    def _post_plain(fund: FundBooks, postings: Sequence[tuple[str, int]]) -> bool:
+        """The common case in one pass: well-known accounts, each once, non-zero amounts that
+        balance, no guarded account below zero. Applies it and says so; otherwise changes
+        nothing, and the full checks find what is wrong."""
+        if not 2 <= len(postings) <= MAX_POSTINGS:
+            return False
+        balances = fund.balances
+        total = 0
+        after = {}
+        for account, amount in postings:
+            if account not in _GOOD_ACCOUNTS or account in after or not amount:
+                return False
+            if amount > MAX_AMOUNT or amount < -MAX_AMOUNT:
+                return False
+            value = balances.get(account, 0) + amount
+            if value < 0 and non_negative(account):
+                return False
+            after[account] = value
+            total += amount
+        if total:
+            return False
+        balances.update(after)
+        return True
+
+    @staticmethod
+    def _post_checked(fund: FundBooks, postings: Sequence[tuple[str, int]], reverses: str) -> None:
+        try:
+            checked = check_postings("postings", postings)
+            if reverses:
+                original = fund.transactions.get(reverses)
+                if original is None:
+                    raise BadEvent(f"reverses {reverses}, which is not a transaction of the fund")
+                if reverses in fund.reversals or reverses in fund.reversal_ids:
+                    raise BadEvent(f"reverses {reverses}, which is reversed or is a reversal")
+                if sorted(checked) != sorted(reversal_of(original)):
+                    raise BadEvent(f"does not undo exactly the postings of {reverses}")
+            updated = apply_postings(fund.balances, checked)
+        except (InvalidArgument, FailedPrecondition) as error:
+            raise BadEvent(error.message) from None
+        fund.balances.update(updated)
+
+    def total(self) -> int:
+        """The sum of every posting ever made: zero while double entry holds."""
+        return sum(sum(fund.balances.values()) for fund in self.funds.values())

@@ -1,0 +1,69 @@
+"""What the ledger reads from the registry, through its gRPC API: the households of a unit with
+the facts dues depend on. The ledger calls as a service, with a short-lived token scoped to the
+unit it levies, and says why (the registry logs the read of heads' names)."""
+
+from __future__ import annotations
+
+import grpc
+from civic.common.v1 import types_pb2
+from civic.registry.v1 import registry_pb2, registry_pb2_grpc
+
+from services.common.auth import Role, mint_token
+from services.common.errors import FailedPrecondition, Unavailable
+from services.common.grpc_client import civic_channel
+from services.ledger.domain import HouseholdFacts
+
+PURPOSE = "lập danh sách thu quỹ (dues list)"
+PAGE = 1000
+TOKEN_SECONDS = 300
+
+
+class RegistryReader:
+    def __init__(self, target: str, auth_secret: str) -> None:
+        self._target = target
+        self._secret = auth_secret
+
+    async def households(self, unit_id: str) -> list[HouseholdFacts]:
+        token = mint_token(
+            self._secret,
+            subject="service:ledger",
+            role=Role.SERVICE,
+            scope=unit_id,
+            ttl_seconds=TOKEN_SECONDS,
+        )
+        found: list[HouseholdFacts] = []
+        async with civic_channel(self._target, token, PURPOSE) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            page_token = ""
+            while True:
+                try:
+                    response = await stub.ListHouseholdSummaries(
+                        registry_pb2.ListHouseholdSummariesRequest(
+                            unit_id=unit_id,
+                            page=types_pb2.PageRequest(page_size=PAGE, page_token=page_token),
+                        ),
+                        timeout=30,
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.code() in (
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ):
+                        raise Unavailable("the registry did not answer; try again") from None
+                    raise FailedPrecondition(
+                        f"the registry refused to list households: {error.details()}"
+                    ) from None
+                found += [
+                    HouseholdFacts(
+                        household_id=h.household_id,
+                        unit_id=h.unit_id,
+                        name=h.head_name,
+                        residents=h.residents,
+                        poor=h.poor,
+                        war_invalid_member=h.war_invalid_member,
+                    )
+                    for h in response.households
+                ]
+                page_token = response.next_page_token
+                if not page_token:
+                    return found

@@ -1,0 +1,117 @@
+"""A fund's statement for a period as CSV (for spreadsheets) and PDF (to print and pin on the
+community house board). Pure rendering: no I/O but reading the bundled font."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+
+import font_roboto
+from civic.ledger.v1 import ledger_pb2
+from fpdf import FPDF
+from fpdf.enums import XPos, YPos
+
+from services.common.wire import VIETNAM
+
+KIND_LABELS = {
+    ledger_pb2.TRANSACTION_KIND_GENERAL: "Bút toán",
+    ledger_pb2.TRANSACTION_KIND_CONTRIBUTION: "Thu",
+    ledger_pb2.TRANSACTION_KIND_EXPENSE: "Chi",
+    ledger_pb2.TRANSACTION_KIND_ASSESSMENT: "Lập sổ thu",
+    ledger_pb2.TRANSACTION_KIND_REVERSAL: "Hủy",
+}
+HEADER = ["Số", "Ngày", "Loại", "Nội dung", "Số biên lai", "Thu (đ)", "Chi (đ)", "Mã giao dịch"]
+
+
+def local_time(stamp: datetime) -> str:
+    return stamp.astimezone(VIETNAM).strftime("%d/%m/%Y %H:%M")
+
+
+def money(amount: int) -> str:
+    """12.500.000 — the Vietnamese way of grouping đồng."""
+    return f"{amount:,}".replace(",", ".")
+
+
+def _rows(statement: ledger_pb2.Statement) -> list[list[str]]:
+    return [
+        [
+            str(line.sequence),
+            local_time(line.posted_at.ToDatetime(UTC)),
+            KIND_LABELS.get(line.kind, ""),
+            line.description,
+            line.receipt_number,
+            money(line.money_in) if line.money_in else "",
+            money(line.money_out) if line.money_out else "",
+            line.transaction_id,
+        ]
+        for line in statement.lines
+    ]
+
+
+def _period(statement: ledger_pb2.Statement) -> str:
+    start = local_time(getattr(statement, "from").ToDatetime(UTC))
+    end = local_time(statement.to.ToDatetime(UTC))
+    return f"{start} – {end}"
+
+
+def csv_bytes(statement: ledger_pb2.Statement) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["Quỹ", statement.fund.name, "Đơn vị", statement.fund.unit_id])
+    writer.writerow(["Kỳ", _period(statement)])
+    writer.writerow(["Tồn đầu kỳ (đ)", statement.opening_available])
+    writer.writerow(HEADER)
+    for line in statement.lines:
+        writer.writerow(
+            [
+                line.sequence,
+                local_time(line.posted_at.ToDatetime(UTC)),
+                KIND_LABELS.get(line.kind, ""),
+                line.description,
+                line.receipt_number,
+                line.money_in,
+                line.money_out,
+                line.transaction_id,
+            ]
+        )
+    writer.writerow(["Tổng thu (đ)", statement.total_in, "Tổng chi (đ)", statement.total_out])
+    writer.writerow(["Tồn cuối kỳ (đ)", statement.closing_available])
+    # A byte-order mark, so spreadsheet programs read the Vietnamese letters as UTF-8.
+    return ("\ufeff" + out.getvalue()).encode()
+
+
+def pdf_bytes(statement: ledger_pb2.Statement) -> bytes:
+    pdf = FPDF(orientation="landscape", format="A4")
+    pdf.set_title(f"Sao kê quỹ {statement.fund.name}")
+    pdf.add_font("Roboto", "", font_roboto.Roboto)
+    pdf.add_font("Roboto", "B", font_roboto.RobotoBold)
+    pdf.add_page()
+    pdf.set_font("Roboto", "B", 15)
+    pdf.cell(0, 9, f"SAO KÊ QUỸ: {statement.fund.name}", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.set_font("Roboto", "", 10)
+    for text in (
+        f"Đơn vị: {statement.fund.unit_id}",
+        f"Kỳ: {_period(statement)}",
+        f"Tồn đầu kỳ: {money(statement.opening_available)} đ",
+    ):
+        pdf.cell(0, 6, text, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.ln(2)
+    pdf.set_font("Roboto", "", 8)
+    with pdf.table(
+        col_widths=(10, 26, 18, 90, 24, 26, 26, 57),
+        text_align=("RIGHT", "LEFT", "LEFT", "LEFT", "LEFT", "RIGHT", "RIGHT", "LEFT"),
+        first_row_as_headings=True,
+    ) as table:
+        for cells in [HEADER, *_rows(statement)]:
+            row = table.row()
+            for cell in cells:
+                row.cell(cell)
+    pdf.ln(3)
+    pdf.set_font("Roboto", "B", 10)
+    for text in (
+        f"Tổng thu: {money(statement.total_in)} đ    Tổng chi: {money(statement.total_out)} đ",
+        f"Tồn cuối kỳ: {money(statement.closing_available)} đ",
+    ):
+        pdf.cell(0, 6, text, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    return bytes(pdf.output())

@@ -1,0 +1,245 @@
+"""Funds, transactions, balances and campaigns in MongoDB. Transactions are inserted, never
+updated; every write takes the session of the command's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.common.commands import ensure_command_indexes
+from services.common.mongo import Document, Session, in_unit
+from services.common.outbox import ensure_outbox_indexes
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{ObjectId()}"
+
+
+class LedgerStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+        self.funds = db["funds"]
+        self.transactions = db["transactions"]
+        self.balances = db["balances"]
+        self.campaigns = db["campaigns"]
+        # Household names as the register gave them (for dues lists and statements).
+        self.households = db["households"]
+
+    async def ensure_indexes(self) -> None:
+        await self.funds.create_index([("unit_id", ASCENDING), ("_id", ASCENDING)])
+        await self.transactions.create_indexes(
+            [
+                # The idempotency key: one transaction per key and fund, for ever.
+                IndexModel([("fund_id", ASCENDING), ("request_id", ASCENDING)], unique=True),
+                IndexModel([("fund_id", ASCENDING), ("sequence", ASCENDING)], unique=True),
+                IndexModel([("fund_id", ASCENDING), ("posted_at", ASCENDING)]),
+                IndexModel(
+                    [("fund_id", ASCENDING), ("contribution.receipt_number", ASCENDING)],
+                    unique=True,
+                    partialFilterExpression={"contribution.receipt_number": {"$type": "string"}},
+                ),
+                # A transaction is reversed at most once.
+                IndexModel(
+                    [("fund_id", ASCENDING), ("reverses", ASCENDING)],
+                    unique=True,
+                    partialFilterExpression={"reverses": {"$type": "string"}},
+                ),
+                IndexModel(
+                    [("contribution.household_id", ASCENDING), ("fund_id", ASCENDING)],
+                    partialFilterExpression={"contribution.household_id": {"$type": "string"}},
+                ),
+            ]
+        )
+        await self.balances.create_index([("fund_id", ASCENDING), ("account", ASCENDING)])
+        await self.campaigns.create_index([("fund_id", ASCENDING), ("_id", ASCENDING)])
+        await ensure_outbox_indexes(self.db)
+        await ensure_command_indexes(self.db)
+
+    # ---- funds -------------------------------------------------------------------------------
+
+    async def fund(self, fund_id: str, session: Session | None = None) -> Document | None:
+        return await self.funds.find_one({"_id": fund_id}, session=session)
+
+    async def funds_by_id(self, fund_ids: Iterable[str], session: Session) -> dict[str, Document]:
+        return {
+            fund["_id"]: fund
+            async for fund in self.funds.find({"_id": {"$in": list(fund_ids)}}, session=session)
+        }
+
+    async def funds_of(self, unit_ids: list[str], below: str | None) -> list[Document]:
+        """Funds of these units, and of every unit under `below` if given."""
+        query: Document = {"unit_id": {"$in": unit_ids}}
+        if below is not None:
+            query = {"$or": [query, {"unit_id": in_unit(below)}]}
+        return (
+            await self.funds.find(query)
+            .sort([("unit_id", ASCENDING), ("_id", ASCENDING)])
+            .to_list()
+        )
+
+    async def advance_funds(self, heads: dict[str, tuple[int, int, str]], session: Session) -> None:
+        """Moves each fund's chain head from its old sequence to (sequence, hash); the old
+        sequence in the filter makes concurrent writers of one fund conflict and retry."""
+        await self.funds.bulk_write(
+            [
+                UpdateOne(
+                    {"_id": fund_id, "sequence": old},
+                    {"$set": {"sequence": new, "head_hash": head}},
+                )
+                for fund_id, (old, new, head) in heads.items()
+            ],
+            ordered=False,
+            session=session,
+        )
+
+    # ---- transactions ------------------------------------------------------------------------
+
+    async def by_keys(
+        self, keys: Iterable[tuple[str, str]], session: Session | None = None
+    ) -> dict[tuple[str, str], Document]:
+        """Transactions already posted under these (fund_id, request_id) keys."""
+        by_fund: dict[str, list[str]] = {}
+        for fund_id, request_id in keys:
+            by_fund.setdefault(fund_id, []).append(request_id)
+        if not by_fund:
+            return {}
+        query = {"$or": [{"fund_id": f, "request_id": {"$in": ids}} for f, ids in by_fund.items()]}
+        return {
+            (doc["fund_id"], doc["request_id"]): doc
+            async for doc in self.transactions.find(query, session=session)
+        }
+
+    async def transaction(
+        self, fund_id: str, transaction_id: str, session: Session | None = None
+    ) -> Document | None:
+        return await self.transactions.find_one(
+            {"_id": transaction_id, "fund_id": fund_id}, session=session
+        )
+
+    async def reversal_of(self, fund_id: str, transaction_id: str) -> Document | None:
+        return await self.transactions.find_one({"fund_id": fund_id, "reverses": transaction_id})
+
+    async def reversed_ids(self, fund_id: str, transaction_ids: list[str]) -> dict[str, str]:
+        """transaction id -> the id of the reversal that undid it."""
+        return {
+            doc["reverses"]: doc["_id"]
+            async for doc in self.transactions.find(
+                {"fund_id": fund_id, "reverses": {"$in": transaction_ids}}, {"reverses": 1}
+            )
+        }
+
+    async def insert_transactions(self, docs: list[Document], session: Session) -> None:
+        await self.transactions.insert_many(docs, ordered=True, session=session)
+
+    async def between(self, fund_id: str, start: datetime | None, end: datetime) -> list[Document]:
+        query: Document = {"fund_id": fund_id, "posted_at": {"$lt": end}}
+        if start is not None:
+            query["posted_at"]["$gte"] = start
+        return await self.transactions.find(query).sort("sequence", ASCENDING).to_list()
+
+    async def contributions_of(self, fund_id: str, household_id: str) -> list[Document]:
+        return (
+            await self.transactions.find(
+                {"contribution.household_id": household_id, "fund_id": fund_id}
+            )
+            .sort("sequence", ASCENDING)
+            .to_list()
+        )
+
+    # ---- balances ----------------------------------------------------------------------------
+
+    async def current_balances(
+        self, fund_accounts: Iterable[tuple[str, str]], session: Session
+    ) -> dict[tuple[str, str], int]:
+        ids = [_balance_id(f, a) for f, a in fund_accounts]
+        return {
+            (doc["fund_id"], doc["account"]): doc["balance"]
+            async for doc in self.balances.find({"_id": {"$in": ids}}, session=session)
+        }
+
+    async def add_to_balances(self, changes: dict[tuple[str, str], int], session: Session) -> None:
+        updates = [
+            UpdateOne(
+                {"_id": _balance_id(f, a)},
+                {"$inc": {"balance": amount}, "$setOnInsert": {"fund_id": f, "account": a}},
+                upsert=True,
+            )
+            for (f, a), amount in changes.items()
+        ]
+        if updates:
+            await self.balances.bulk_write(updates, ordered=False, session=session)
+
+    async def balances_of(self, fund_id: str, prefix: str = "") -> dict[str, int]:
+        query: Document = {"fund_id": fund_id}
+        if prefix:
+            query["account"] = {"$regex": f"^{prefix}"}
+        return {doc["account"]: doc["balance"] async for doc in self.balances.find(query)}
+
+    async def current(self, fund_id: str) -> tuple[int, dict[str, int]]:
+        """The fund's chain head and its running balances, as of one snapshot."""
+        async with self.db.client.start_session(snapshot=True) as session:
+            fund = await self.funds.find_one({"_id": fund_id}, session=session)
+            balances = {
+                doc["account"]: doc["balance"]
+                async for doc in self.balances.find({"fund_id": fund_id}, session=session)
+            }
+        return (fund or {}).get("sequence", 0), balances
+
+    async def balances_as_of(self, fund_id: str, match: Document) -> tuple[int, dict[str, int]]:
+        """Balances summed from the transactions matching `match` (a time or sequence bound),
+        with the last sequence included."""
+        pipeline: list[dict[str, Any]] = [
+            {"$match": {"fund_id": fund_id, **match}},
+            {"$unwind": "$postings"},
+            {
+                "$group": {
+                    "_id": "$postings.account",
+                    "balance": {"$sum": "$postings.amount"},
+                    "sequence": {"$max": "$sequence"},
+                }
+            },
+        ]
+        sequence, balances = 0, {}
+        async for row in await self.transactions.aggregate(pipeline):
+            balances[row["_id"]] = row["balance"]
+            sequence = max(sequence, row["sequence"])
+        return sequence, balances
+
+    # ---- campaigns and households ------------------------------------------------------------
+
+    async def campaign(self, fund_id: str, campaign_id: str) -> Document | None:
+        return await self.campaigns.find_one({"_id": campaign_id, "fund_id": fund_id})
+
+    async def campaigns_of(self, fund_id: str) -> list[Document]:
+        return await self.campaigns.find({"fund_id": fund_id}).sort("_id", ASCENDING).to_list()
+
+    async def insert_campaign(self, campaign: Document, session: Session) -> None:
+        await self.campaigns.insert_one(campaign, session=session)
+
+    async def remember_households(self, households: list[Document]) -> None:
+        if households:
+            await self.households.bulk_write(
+                [UpdateOne({"_id": h["_id"]}, {"$set": h}, upsert=True) for h in households],
+                ordered=False,
+            )
+
+    async def household_names(self, household_ids: Iterable[str]) -> dict[str, str]:
+        ids = list(set(household_ids))
+        if not ids:
+            return {}
+        return {
+            doc["_id"]: doc["name"]
+            async for doc in self.households.find({"_id": {"$in": ids}}, {"name": 1})
+        }
+
+    async def household(self, household_id: str) -> Document | None:
+        return await self.households.find_one({"_id": household_id})
+
+
+def _balance_id(fund_id: str, account: str) -> str:
+    return f"{fund_id}|{account}"

@@ -1,0 +1,132 @@
+"""The ledger's pure rules: dues, accounts, and the books rebuilt from a chain of events."""
+
+from __future__ import annotations
+
+import pytest
+from civic.ledger.v1 import events_pb2, ledger_pb2
+
+from services.common.errors import FailedPrecondition, InvalidArgument
+from services.ledger import domain
+from services.ledger.domain import BadEvent, Basis, Exemption, HouseholdFacts
+
+
+def facts(
+    household_id: str, residents: int, poor: bool = False, war: bool = False
+) -> HouseholdFacts:
+    return HouseholdFacts(household_id, "dn.g", f"Hộ {household_id}", residents, poor, war)
+
+
+def test_dues_per_household_and_per_person_with_exemptions() -> None:
+    households = [facts("a", 4), facts("b", 2, poor=True), facts("c", 3, war=True)]
+    both = [Exemption.POOR_HOUSEHOLD, Exemption.WAR_INVALID_MEMBER]
+    dues = domain.compute_dues(households, Basis.PER_PERSON, 10_000, both)
+    assert [(d.household_id, d.amount, d.exempt_because) for d in dues] == [
+        ("a", 40_000, None),
+        ("b", 0, Exemption.POOR_HOUSEHOLD),
+        ("c", 0, Exemption.WAR_INVALID_MEMBER),
+    ]
+    only_poor = domain.compute_dues(households, Basis.PER_HOUSEHOLD, 50_000, [both[0]])
+    assert [d.amount for d in only_poor] == [50_000, 0, 50_000]
+
+
+def test_payment_status() -> None:
+    assert domain.payment_status(100, 0, False) is domain.PaymentStatus.PAID
+    assert domain.payment_status(100, 40, False) is domain.PaymentStatus.PARTLY_PAID
+    assert domain.payment_status(100, 100, False) is domain.PaymentStatus.UNPAID
+    assert domain.payment_status(0, 0, True) is domain.PaymentStatus.EXEMPT
+
+
+@pytest.mark.parametrize(
+    "account",
+    ["cash/x", "bank/a/b", "receivable/cp-1", "income/Dues", "expense/", "equity", "wallet"],
+)
+def test_bad_account_names(account: str) -> None:
+    with pytest.raises(InvalidArgument):
+        domain.check_account("account", account)
+
+
+def test_overdraft_names_the_account() -> None:
+    with pytest.raises(FailedPrecondition, match="would overdraw bank"):
+        domain.apply_postings({"bank": 10}, [("bank", -11), ("expense/x", 11)])
+    assert domain.apply_postings({}, [("income/x", -5), ("cash", 5)]) == {
+        "income/x": -5,
+        "cash": 5,
+    }
+
+
+class Chain:
+    """One fund's events, sealed as the service seals them."""
+
+    def __init__(self) -> None:
+        opened = events_pb2.FundOpened(fund_id="fd-1", unit_id="dn.g")
+        self.head = domain.seal(opened, 0, "")
+        self.opened = opened
+        self.events: list[events_pb2.TransactionPosted] = []
+
+    def post(self, *postings: tuple[str, int], reverses: str = "") -> events_pb2.TransactionPosted:
+        number = len(self.events) + 1
+        event = events_pb2.TransactionPosted(
+            fund_id="fd-1",
+            transaction=ledger_pb2.Transaction(
+                transaction_id=f"tx-{number}",
+                fund_id="fd-1",
+                sequence=number,
+                reverses_transaction_id=reverses,
+                postings=[ledger_pb2.Posting(account=a, amount=n) for a, n in postings],
+            ),
+        )
+        self.head = domain.seal(event, number, self.head)
+        self.events.append(event)
+        return event
+
+
+def replay(chain: Chain, events: list[events_pb2.TransactionPosted]) -> domain.Books:
+    books = domain.Books()
+    opened = chain.opened
+    books.open_fund("fd-1", "dn.g", 0, opened.prev_hash, opened.hash)
+    for event in events:
+        assert domain.seals_bytes(event.SerializeToString(), event.prev_hash, event.hash)
+        fund = books.link("fd-1", event.sequence, event.prev_hash, event.hash)
+        if fund is not None:
+            books.post(
+                fund,
+                event.sequence,
+                event.hash,
+                event.transaction.transaction_id,
+                [(p.account, p.amount) for p in event.transaction.postings],
+                event.transaction.reverses_transaction_id,
+            )
+    return books
+
+
+def test_books_from_events_repeats_reversals_and_breaks() -> None:
+    chain = Chain()
+    chain.post(("cash", 100), ("income/x", -100))
+    second = chain.post(("expense/y", 30), ("cash", -30))
+    chain.post(("cash", 30), ("expense/y", -30), reverses="tx-2")
+    # The relay published the first two again after a crash: repeats, not forks.
+    books = replay(chain, [*chain.events[:2], *chain.events[:2], chain.events[2]])
+    assert books.duplicates == 2
+    assert books.funds["fd-1"].balances == {"cash": 100, "income/x": -100, "expense/y": 0}
+    assert books.total() == 0
+
+    with pytest.raises(BadEvent, match="an event is missing"):
+        replay(chain, [chain.events[0], chain.events[2]])
+    again = chain.post(("cash", 30), ("expense/y", -30), reverses="tx-2")
+    with pytest.raises(BadEvent, match="reversed or is a reversal"):
+        replay(chain, chain.events)
+    chain.events.remove(again)
+
+    forked = events_pb2.TransactionPosted()
+    forked.CopyFrom(second)
+    forked.transaction.memo = "khác"
+    domain.seal(forked, second.sequence, second.prev_hash)
+    with pytest.raises(BadEvent, match="replayed or forked"):
+        replay(chain, [*chain.events, forked])
+
+
+def test_an_overdraft_on_the_topic_is_a_bad_event() -> None:
+    chain = Chain()
+    chain.post(("expense/y", 30), ("cash", -30))
+    with pytest.raises(BadEvent, match="would overdraw cash"):
+        replay(chain, chain.events)

@@ -1,0 +1,231 @@
+"""Dues campaigns computed from the register, with exemptions; contributions with receipts; who
+has paid and who has not; a household's dues and payments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from civic.ledger.v1 import ledger_pb2
+from civic.registry.v1 import registry_pb2
+
+from tests.ledger.conftest import Books, rid
+
+
+async def declare(
+    books: Books,
+    basis: ledger_pb2.DuesBasis.ValueType = ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+    rate: int = 200_000,
+    exemptions: tuple[ledger_pb2.Exemption.ValueType, ...] = (
+        ledger_pb2.EXEMPTION_POOR_HOUSEHOLD,
+        ledger_pb2.EXEMPTION_WAR_INVALID_MEMBER,
+    ),
+    request_id: str = "",
+) -> ledger_pb2.Campaign:
+    response = await books.leader.DeclareCampaign(
+        ledger_pb2.DeclareCampaignRequest(
+            request_id=request_id or rid(),
+            fund_id=books.fund_id,
+            name="Quỹ vệ sinh môi trường",
+            period="2026",
+            basis=basis,
+            rate=rate,
+            exemptions=exemptions,
+        )
+    )
+    campaign: ledger_pb2.Campaign = response.campaign
+    return campaign
+
+
+async def test_dues_per_household_with_exemptions_from_the_register(books: Books) -> None:
+    campaign = await declare(books)
+    dues = {d.household_id: d for d in campaign.dues}
+    h = books.households
+    assert {hid: dues[hid].amount for hid in h.values()} == {
+        h["an"]: 200_000,
+        h["binh"]: 0,
+        h["cuong"]: 0,
+        h["dung"]: 200_000,
+    }
+    assert dues[h["binh"]].exempt_because == ledger_pb2.EXEMPTION_POOR_HOUSEHOLD
+    assert dues[h["cuong"]].exempt_because == ledger_pb2.EXEMPTION_WAR_INVALID_MEMBER
+    assert dues[h["an"]].household_name == "Trần Văn An"
+    assert dues[h["an"]].residents == 2
+    assert campaign.total_due == 400_000
+    assert campaign.registry_read_at.seconds > 0
+    # The assessment booked what each household owes as a receivable of the fund.
+    balances = await books.balances()
+    assert balances == {
+        f"receivable/{campaign.campaign_id}/{h['an']}": 200_000,
+        f"receivable/{campaign.campaign_id}/{h['dung']}": 200_000,
+        "income/dues": -400_000,
+    }
+
+
+async def test_dues_per_person_and_without_exemptions(books: Books) -> None:
+    campaign = await declare(books, ledger_pb2.DUES_BASIS_PER_PERSON, 50_000, exemptions=())
+    dues = {d.household_id: d.amount for d in campaign.dues}
+    h = books.households
+    # an: head and spouse; cuong: head and the war invalid; no exemption asked for.
+    assert dues == {h["an"]: 100_000, h["binh"]: 50_000, h["cuong"]: 100_000, h["dung"]: 50_000}
+
+
+async def test_a_campaign_follows_the_register_as_it_was_read(books: Books) -> None:
+    first = await declare(books)
+    # The register changes: Dũng's household is certified poor.
+    await books.city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=books.households["dung"],
+            update_fields=["poor"],
+            poor=True,
+        )
+    )
+    second = await declare(books)
+    amount = {d.household_id: d.amount for d in first.dues}
+    assert amount[books.households["dung"]] == 200_000
+    assert {d.household_id: d.amount for d in second.dues}[books.households["dung"]] == 0
+    # The first campaign keeps what it computed then.
+    status = await books.leader.GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=first.campaign_id)
+    )
+    assert status.campaign == first
+
+
+async def test_declaring_is_idempotent(books: Books) -> None:
+    key = rid()
+    campaign = await declare(books, request_id=key)
+    assert await declare(books, request_id=key) == campaign
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await declare(books, rate=300_000, request_id=key)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    balances = await books.balances()
+    assert balances["income/dues"] == -400_000
+
+
+async def test_who_has_paid_and_who_has_not(books: Books) -> None:
+    campaign = await declare(books)
+    cid = campaign.campaign_id
+    paid = await books.contribute(
+        200_000, "an", cid, receipt_number="BL-0001", paid_on="2026-01-05"
+    )
+    assert paid.kind == ledger_pb2.TRANSACTION_KIND_CONTRIBUTION
+    assert paid.contribution.household_name == "Trần Văn An"
+    assert paid.contribution.receipt_number == "BL-0001"
+    assert paid.contribution.paid_on == "2026-01-05"
+    await books.contribute(
+        50_000, "dung", cid, method=ledger_pb2.PAYMENT_METHOD_TRANSFER, receipt_number="BL-0002"
+    )
+    status = await books.resident("binh").GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=cid)
+    )
+    rows = {p.household_name: (p.due, p.paid, p.outstanding, p.status) for p in status.households}
+    assert rows == {
+        "Trần Văn An": (200_000, 200_000, 0, ledger_pb2.PAYMENT_STATUS_PAID),
+        "Hoàng Văn Dũng": (200_000, 50_000, 150_000, ledger_pb2.PAYMENT_STATUS_PARTLY_PAID),
+        "Phạm Thị Bình": (0, 0, 0, ledger_pb2.PAYMENT_STATUS_EXEMPT),
+        "Lê Văn Cường": (0, 0, 0, ledger_pb2.PAYMENT_STATUS_EXEMPT),
+    }
+    assert (status.paid, status.unpaid, status.collected, status.outstanding) == (
+        1,
+        1,
+        250_000,
+        150_000,
+    )
+    balances = await books.balances()
+    assert balances["cash"] == 200_000 and balances["bank"] == 50_000
+
+
+async def test_paying_more_than_owed_or_for_an_exempt_household_is_refused(books: Books) -> None:
+    campaign = await declare(books)
+    cid = campaign.campaign_id
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.contribute(250_000, "an", cid)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "would overdraw receivable/" in (refused.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.contribute(10_000, "binh", cid)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is exempt" in (refused.value.details() or "")
+
+
+async def test_receipt_numbers_are_unique_and_retries_are_safe(books: Books) -> None:
+    campaign = await declare(books)
+    key = rid()
+    first = await books.contribute(
+        100_000, "an", campaign.campaign_id, request_id=key, receipt_number="BL-77"
+    )
+    again = await books.contribute(
+        100_000, "an", campaign.campaign_id, request_id=key, receipt_number="BL-77"
+    )
+    assert again == first
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.contribute(100_000, "dung", campaign.campaign_id, receipt_number="BL-77")
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (refused.value.details() or "").startswith("receipt_number: ")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.contribute(100_000, "an", campaign.campaign_id, receipt_number="")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("receipt_number: ")
+
+
+async def test_donations_and_a_households_dues_and_payments(books: Books) -> None:
+    campaign = await declare(books)
+    await books.contribute(120_000, "an", campaign.campaign_id, receipt_number="BL-1")
+    gift = await books.contribute(500_000, "an", receipt_number="BL-2", memo="Ủng hộ lũ lụt")
+    anonymous = await books.contribute(80_000, receipt_number="BL-3")
+    assert gift.contribution.household_name == "Trần Văn An"
+    assert anonymous.contribution.household_id == ""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.contribute(1_000, household_id="hh-not-here", receipt_number="BL-4")
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+    own = await books.resident("an").GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(
+            fund_id=books.fund_id, household_id=books.households["an"]
+        )
+    )
+    assert own.household_name == "Trần Văn An"
+    assert [(d.due, d.paid, d.outstanding, d.status) for d in own.dues] == [
+        (200_000, 120_000, 80_000, ledger_pb2.PAYMENT_STATUS_PARTLY_PAID)
+    ]
+    assert [p.contribution.receipt_number for p in own.payments] == ["BL-1", "BL-2"]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.resident("an").GetHouseholdDues(
+            ledger_pb2.GetHouseholdDuesRequest(
+                fund_id=books.fund_id, household_id=books.households["dung"]
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    balances = await books.balances()
+    assert balances["income/donations"] == -580_000
+    assert balances["cash"] == 700_000
+
+
+async def test_bad_campaigns_name_the_field(books: Books) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"rate": 0}, "rate"),
+        ({"basis": ledger_pb2.DUES_BASIS_UNSPECIFIED}, "basis"),
+        ({"period": ""}, "period"),
+        ({"name": " "}, "name"),
+        ({"exemptions": [9]}, "exemptions[0]"),
+    ]
+    for fields, field in cases:
+        request = ledger_pb2.DeclareCampaignRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            name="Quỹ khuyến học",
+            period="2026",
+            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+            rate=10_000,
+        )
+        for key, value in fields.items():
+            if key == "exemptions":
+                request.exemptions.extend(value)
+            else:
+                setattr(request, key, value)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await books.leader.DeclareCampaign(request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert (refused.value.details() or "").startswith(f"{field}: ")

@@ -1,0 +1,237 @@
+"""Double entry over gRPC: balanced transactions only, no overdrafts, nothing half-written,
+idempotent retries, reversals, balances at any past moment."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from civic.ledger.v1 import ledger_pb2
+
+from services.ledger.main import LedgerService
+from tests.ledger.conftest import Books, rid
+
+
+async def snapshot(service: LedgerService, fund_id: str) -> tuple[int, int, int, int]:
+    """Transactions, balance rows, the fund's chain head and pending outbox entries."""
+    store = service.store
+    fund = await store.fund(fund_id)
+    assert fund is not None
+    return (
+        await store.transactions.count_documents({"fund_id": fund_id}),
+        await store.balances.count_documents({"fund_id": fund_id, "balance": {"$ne": 0}}),
+        fund["sequence"],
+        await store.db["outbox"].count_documents({}),
+    )
+
+
+async def test_a_balanced_transaction_moves_money(books: Books) -> None:
+    posted = await books.post(("cash", 5_000_000), ("equity/opening", -5_000_000), memo="Tồn quỹ")
+    assert posted.sequence == 1
+    assert posted.kind == ledger_pb2.TRANSACTION_KIND_GENERAL
+    assert posted.posted_by.startswith("treasurer@")
+    assert await books.balances() == {"cash": 5_000_000, "equity/opening": -5_000_000}
+    fund = await books.auditor.GetFund(ledger_pb2.GetFundRequest(fund_id=books.fund_id))
+    assert fund.fund.sequence == 1 and len(fund.fund.head_hash) == 64
+
+
+async def test_unbalanced_is_refused_and_nothing_is_written(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    before = await snapshot(ledger_service, books.fund_id)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.post(("cash", 100_000), ("equity/opening", -90_000))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == (
+        "postings: do not balance: debits 100000 đồng, credits 90000 đồng"
+    )
+    assert await snapshot(ledger_service, books.fund_id) == before
+
+
+async def test_overdrawing_is_refused_whole(books: Books, ledger_service: LedgerService) -> None:
+    await books.post(("cash", 300_000), ("equity/opening", -300_000))
+    before = await snapshot(ledger_service, books.fund_id)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.post(("expense/sanitation", 500_000), ("cash", -500_000))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "would overdraw cash: balance 300000 đồng, posting -500000 đồng" in (
+        refused.value.details() or ""
+    )
+    # A batch whose third transaction overdraws writes none of the three.
+    batch = [
+        ledger_pb2.PostTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            postings=[
+                ledger_pb2.Posting(account="expense/sanitation", amount=100_000),
+                ledger_pb2.Posting(account="cash", amount=-100_000),
+            ],
+        )
+        for _ in range(3)
+    ]
+    batch[2].postings[0].amount = 250_000
+    batch[2].postings[1].amount = -250_000
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.treasurer.PostTransactions(
+            ledger_pb2.PostTransactionsRequest(transactions=batch)
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (refused.value.details() or "").startswith("transactions[2].postings: would overdraw")
+    assert await snapshot(ledger_service, books.fund_id) == before
+    assert await books.balances() == {"cash": 300_000, "equity/opening": -300_000}
+
+
+@pytest.mark.parametrize(
+    ("postings", "field"),
+    [
+        ([("cash", 100)], "postings"),
+        ([("cash", 100), ("cash", -100)], "postings[1].account"),
+        ([("till", 100), ("equity/opening", -100)], "postings[0].account"),
+        ([("cash", 0), ("equity/opening", 0)], "postings[0].amount"),
+        ([("cash", 10**16), ("equity/opening", -(10**16))], "postings[0].amount"),
+        ([("cash", 100), ("receivable/x", -100)], "postings[1].account"),
+        ([("cash", 100), ("income/Dues Money", -100)], "postings[1].account"),
+    ],
+)
+async def test_bad_postings_name_the_field(
+    books: Books, postings: list[tuple[str, int]], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.post(*postings)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith(f"{field}: ")
+
+
+async def test_a_retry_returns_the_original_and_a_reused_key_is_refused(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    key = rid()
+    first = await books.post(("cash", 200_000), ("equity/opening", -200_000), request_id=key)
+    before = await snapshot(ledger_service, books.fund_id)
+    again = await books.post(("cash", 200_000), ("equity/opening", -200_000), request_id=key)
+    assert again == first
+    # Two retries at once, as a flaky network sends them: still one transaction.
+    both = await asyncio.gather(
+        *(books.post(("cash", 200_000), ("equity/opening", -200_000), request_id=key) for _ in "ab")
+    )
+    assert all(t == first for t in both)
+    assert await snapshot(ledger_service, books.fund_id) == before
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.post(("cash", 300_000), ("equity/opening", -300_000), request_id=key)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "was already used for a different transaction" in (refused.value.details() or "")
+    assert await snapshot(ledger_service, books.fund_id) == before
+    # A batch that repeats an entry gets the original for it and posts the rest once.
+    repeat = ledger_pb2.PostTransactionRequest(
+        request_id=key,
+        fund_id=books.fund_id,
+        postings=[
+            ledger_pb2.Posting(account="cash", amount=200_000),
+            ledger_pb2.Posting(account="equity/opening", amount=-200_000),
+        ],
+    )
+    fresh = ledger_pb2.PostTransactionRequest()
+    fresh.CopyFrom(repeat)
+    fresh.request_id = rid()
+    batch = ledger_pb2.PostTransactionsRequest(transactions=[repeat, fresh])
+    answer = await books.treasurer.PostTransactions(batch)
+    assert answer.transactions[0] == first
+    assert answer.transactions[1].sequence == first.sequence + 1
+    assert await books.treasurer.PostTransactions(batch) == answer
+    assert await books.balances() == {"cash": 400_000, "equity/opening": -400_000}
+
+
+async def test_a_reversal_undoes_a_transaction_which_stays_as_it_was(books: Books) -> None:
+    await books.post(("cash", 1_000_000), ("equity/opening", -1_000_000))
+    mistake = await books.post(("expense/events", 400_000), ("cash", -400_000), memo="Trung thu")
+    key = rid()
+    request = ledger_pb2.ReverseTransactionRequest(
+        request_id=key,
+        fund_id=books.fund_id,
+        transaction_id=mistake.transaction_id,
+        reason="nhập nhầm số tiền",
+    )
+    reversal = (await books.treasurer.ReverseTransaction(request)).transaction
+    assert reversal.kind == ledger_pb2.TRANSACTION_KIND_REVERSAL
+    assert reversal.reverses_transaction_id == mistake.transaction_id
+    assert sorted((p.account, p.amount) for p in reversal.postings) == [
+        ("cash", 400_000),
+        ("expense/events", -400_000),
+    ]
+    assert (await books.treasurer.ReverseTransaction(request)).transaction == reversal
+    assert await books.balances() == {"cash": 1_000_000, "equity/opening": -1_000_000}
+    original = await books.auditor.GetTransaction(
+        ledger_pb2.GetTransactionRequest(
+            fund_id=books.fund_id, transaction_id=mistake.transaction_id
+        )
+    )
+    expected = ledger_pb2.Transaction()
+    expected.CopyFrom(mistake)
+    expected.reversed_by_transaction_id = reversal.transaction_id
+    assert original.transaction == expected
+
+    for target, problem in [
+        (mistake.transaction_id, "was already reversed"),
+        (reversal.transaction_id, "a reversal is not reversed"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await books.treasurer.ReverseTransaction(
+                ledger_pb2.ReverseTransactionRequest(
+                    request_id=rid(), fund_id=books.fund_id, transaction_id=target, reason="x"
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert problem in (refused.value.details() or "")
+
+
+async def test_a_reversal_that_would_overdraw_is_refused(books: Books) -> None:
+    income = await books.post(("cash", 500_000), ("income/donations", -500_000))
+    await books.post(("expense/relief", 400_000), ("cash", -400_000))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.treasurer.ReverseTransaction(
+            ledger_pb2.ReverseTransactionRequest(
+                request_id=rid(),
+                fund_id=books.fund_id,
+                transaction_id=income.transaction_id,
+                reason="trả lại",
+            )
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "would overdraw cash" in (refused.value.details() or "")
+
+
+async def test_balances_at_a_past_moment(books: Books) -> None:
+    first = await books.post(("cash", 700_000), ("equity/opening", -700_000))
+    await asyncio.sleep(0.01)
+    second = await books.post(("bank", 300_000), ("cash", -300_000))
+    await asyncio.sleep(0.01)
+    await books.post(("expense/relief", 100_000), ("bank", -100_000))
+
+    at_first = await books.balances(as_of=first.posted_at)
+    assert at_first == {"cash": 700_000, "equity/opening": -700_000}
+    at_second = await books.balances(as_of=second.posted_at)
+    assert at_second == {"cash": 400_000, "bank": 300_000, "equity/opening": -700_000}
+    by_sequence = await books.balances(as_of_sequence=second.sequence)
+    assert by_sequence == at_second
+    now = await books.auditor.GetBalances(ledger_pb2.GetBalancesRequest(fund_id=books.fund_id))
+    assert now.sequence == 3 and now.available == 600_000
+    assert {b.account: b.balance for b in now.balances} == {
+        "cash": 400_000,
+        "bank": 200_000,
+        "expense/relief": 100_000,
+        "equity/opening": -700_000,
+    }
+    before_anything = ledger_pb2.GetBalancesRequest(fund_id=books.fund_id)
+    before_anything.as_of.FromSeconds(first.posted_at.seconds - 60)
+    assert not (await books.auditor.GetBalances(before_anything)).balances
+
+
+async def test_unknown_fund_and_missing_key(books: Books) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.post(("cash", 1), ("equity/opening", -1), request_id="")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("request_id: ")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.post(("cash", 1), ("equity/opening", -1), fund_id="fd-nope")
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,0 +1,257 @@
+"""Auditors replay civic.ledger.v1 into a fresh store: every fund's chain and balances check out
+and match the live service; an event altered on the topic is named."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from civic.ledger.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
+
+from services import cli
+from services.common.auth import Role
+from services.common.cloudevents import type_name
+from services.common.config import Settings
+from services.common.grpc_client import civic_channel
+from services.ledger.events import TOPIC
+from services.ledger.main import LedgerService
+from services.ledger.replay import Report, grpc_balances, replay
+from tests.conftest import token
+from tests.kafka_reader import Record, TopicReader, eventually, with_key
+from tests.ledger.conftest import Books, rid
+
+POSTED = type_name(events_pb2.TransactionPosted())
+
+
+async def busy_fund(books: Books) -> None:
+    """A fund with every kind of transaction."""
+    await books.post(("cash", 2_000_000), ("equity/opening", -2_000_000))
+    campaign = (
+        await books.leader.DeclareCampaign(
+            ledger_pb2.DeclareCampaignRequest(
+                request_id=rid(),
+                fund_id=books.fund_id,
+                name="Quỹ khuyến học",
+                period="2026",
+                basis=ledger_pb2.DUES_BASIS_PER_PERSON,
+                rate=20_000,
+                exemptions=[ledger_pb2.EXEMPTION_POOR_HOUSEHOLD],
+            )
+        )
+    ).campaign
+    await books.contribute(40_000, "an", campaign.campaign_id)
+    mistake = await books.post(("expense/relief", 300_000), ("cash", -300_000))
+    await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=mistake.transaction_id,
+            reason="sai quỹ",
+        )
+    )
+    await books.post(("bank", 500_000), ("cash", -500_000))
+
+
+async def published(service: LedgerService) -> None:
+    async def relayed() -> bool:
+        return await service.store.db["outbox"].count_documents({"pending": True}) == 0
+
+    await eventually(relayed, what="the ledger's outbox is relayed")
+
+
+async def audit(
+    settings: Settings, books: Books, ledger_service: LedgerService, topic: str = TOPIC
+) -> Report:
+    async with civic_channel(
+        f"127.0.0.1:{ledger_service.port}", token(Role.AUDITOR, books.city.city)
+    ) as channel:
+        stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+        return await replay(
+            settings,
+            live=grpc_balances(stub),
+            unit=books.city.city,
+            topic=topic,
+        )
+
+
+async def test_replay_matches_the_live_books_and_twice_the_same(
+    settings: Settings, books: Books, ledger_service: LedgerService
+) -> None:
+    await busy_fund(books)
+    await published(ledger_service)
+    first = await audit(settings, books, ledger_service)
+    assert first.ok, first.text()
+    assert first.first_bad is None and first.postings_total == 0
+    assert first.compared == 1  # this city's one fund
+    second = await audit(settings, books, ledger_service)
+    assert second.text() == first.text()
+    assert "result: OK" in first.text()
+
+
+async def test_the_cli_reports_and_exits_zero(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await busy_fund(books)
+    await published(ledger_service)
+    use_servers(monkeypatch, settings)
+    status = await cli.run(
+        [
+            "replay-ledger",
+            "--token",
+            token(Role.AUDITOR, books.city.city),
+            "--target",
+            f"127.0.0.1:{ledger_service.port}",
+            "--unit",
+            books.city.city,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "live balances: 1 funds compared, 0 differ" in out
+    assert out.strip().endswith("result: OK")
+
+
+def use_servers(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    monkeypatch.setenv("CIVIC_MONGO_URI", settings.mongo_uri)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
+    monkeypatch.setenv("CIVIC_DATABASE_PREFIX", settings.database_prefix)
+
+
+async def copy_topic(
+    settings: Settings, change: Callable[[Record], list[Record]]
+) -> tuple[str, list[Record]]:
+    """The ledger topic copied to a new topic, each record passed through `change` (which may
+    alter, drop or add records), partitions kept."""
+    async with TopicReader(settings.kafka_bootstrap_servers, "civic.ledger.v1") as reader:
+        records = await reader.read_to_end()
+    partitions = 1 + max(r.partition for r in records)
+    topic = f"audit-copy-{uuid.uuid4().hex[:10]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    finally:
+        await admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        ordered = sorted(records, key=lambda r: (r.partition, r.offset))
+        for original in ordered:
+            for record in change(original):
+                await producer.send_and_wait(
+                    topic,
+                    record.value,
+                    key=record.key,
+                    partition=record.partition,
+                    headers=list(record.headers),
+                )
+    finally:
+        await producer.stop()
+    return topic, records
+
+
+def rewrite(
+    event_id: str, change: Callable[[events_pb2.TransactionPosted], None]
+) -> Callable[[Record], list[Record]]:
+    """For copy_topic: the one event changed in place, every other record as it was."""
+
+    def each(record: Record) -> list[Record]:
+        if record.event_id != event_id:
+            return [record]
+        event = events_pb2.TransactionPosted.FromString(record.value)
+        change(event)
+        value = event.SerializeToString()
+        return [Record(record.partition, record.offset, record.key, value, record.headers)]
+
+    return each
+
+
+async def test_an_altered_event_is_named(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await busy_fund(books)
+    await published(ledger_service)
+    async with TopicReader(settings.kafka_bootstrap_servers, "civic.ledger.v1") as reader:
+        mine = with_key(await reader.read_to_end(), books.fund_id)
+    # The contribution: someone makes it 10 times smaller and keeps it balanced.
+    victim = next(
+        r
+        for r in mine
+        if r.event_type == POSTED
+        and events_pb2.TransactionPosted.FromString(r.value).transaction.kind
+        == ledger_pb2.TRANSACTION_KIND_CONTRIBUTION
+    )
+
+    def smaller(event: events_pb2.TransactionPosted) -> None:
+        for posting in event.transaction.postings:
+            posting.amount //= 10
+
+    topic, _ = await copy_topic(settings, rewrite(victim.event_id, smaller))
+    report = await audit(settings, books, ledger_service, topic)
+    assert not report.ok
+    assert report.first_bad is not None
+    assert report.first_bad.event_id == victim.event_id
+    assert report.first_bad.fund_id == books.fund_id
+    assert "hash does not match its content" in report.first_bad.reason
+
+    use_servers(monkeypatch, settings)
+    status = await cli.run(
+        [
+            "replay-ledger",
+            "--token",
+            token(Role.AUDITOR, books.city.city),
+            "--target",
+            f"127.0.0.1:{ledger_service.port}",
+            "--topic",
+            topic,
+            "--unit",
+            books.city.city,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"first bad event: {victim.event_id}" in out
+    assert "result: DIFFERENCES FOUND" in out
+
+
+async def test_a_missing_event_and_a_resealed_forgery_are_found(
+    settings: Settings, books: Books, ledger_service: LedgerService
+) -> None:
+    await busy_fund(books)
+    await published(ledger_service)
+    async with TopicReader(settings.kafka_bootstrap_servers, "civic.ledger.v1") as reader:
+        mine = [
+            r for r in with_key(await reader.read_to_end(), books.fund_id) if r.event_type == POSTED
+        ]
+    dropped, after = mine[1], mine[2]
+    topic, _ = await copy_topic(settings, lambda r: [] if r.event_id == dropped.event_id else [r])
+    report = await audit(settings, books, ledger_service, topic)
+    assert report.first_bad is not None
+    assert report.first_bad.event_id == after.event_id
+    assert "an event is missing" in report.first_bad.reason
+
+    # A forger who also recomputes the altered event's hash breaks the link to the next one.
+    from services.ledger.domain import chain_hash
+
+    victim, successor = mine[2], mine[3]
+
+    def reseal(event: events_pb2.TransactionPosted) -> None:
+        event.transaction.memo = "sửa lại"
+        event.hash = chain_hash(event)
+
+    topic, _ = await copy_topic(settings, rewrite(victim.event_id, reseal))
+    report = await audit(settings, books, ledger_service, topic)
+    assert report.first_bad is not None
+    assert report.first_bad.event_id == successor.event_id
+    assert "prev_hash" in report.first_bad.reason

@@ -1,0 +1,122 @@
+"""The facts dues depend on: certified poor households, war invalids among the members, and a
+unit's households summarised for levying dues (what the ledger reads)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from civic.common.v1 import types_pb2
+from civic.registry.v1 import events_pb2, registry_pb2
+
+from services.common.auth import Role
+from services.common.cloudevents import type_name
+from services.common.config import Settings
+from tests.kafka_reader import TopicReader, of_type, with_key
+from tests.registry_fixtures import City, citizen_id, new_household, person, rid
+
+
+async def test_poor_and_war_invalid_are_recorded_and_published(
+    city: City, settings: Settings
+) -> None:
+    poor = await new_household(city.leader, city.group, head_name="Phạm Thị Bình", poor=True)
+    household_id = poor.household.household_id
+    assert poor.household.poor
+    veteran = person("Lê Văn Công", "1950-04-30", registry_pb2.SEX_MALE)
+    veteran.citizen_id = citizen_id("1950-04-30", registry_pb2.SEX_MALE)
+    veteran.relationship = registry_pb2.RELATIONSHIP_PARENT
+    veteran.war_invalid = True
+    registered = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=household_id, person=veteran
+        )
+    )
+    assert registered.person.war_invalid
+    updated = await city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(), household_id=household_id, update_fields=["poor"], poor=False
+        )
+    )
+    assert not updated.household.poor
+    got = await city.leader.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=household_id)
+    )
+    assert not got.household.poor
+    assert [m.war_invalid for m in got.members if m.full_name == "Lê Văn Công"] == [True]
+
+    async with TopicReader(settings.kafka_bootstrap_servers, "civic.registry.v1") as reader:
+        wanted = (household_id, registered.person.person_id)
+        records = await reader.collect(
+            lambda rs: len(with_key(rs, *wanted)) >= 3, what="the household's events"
+        )
+    mine = with_key(records, *wanted)
+    (created,) = of_type(mine, type_name(events_pb2.HouseholdCreated()))
+    assert events_pb2.HouseholdCreated.FromString(created.value).poor
+    (changed,) = of_type(mine, type_name(events_pb2.HouseholdUpdated()))
+    assert not events_pb2.HouseholdUpdated.FromString(changed.value).poor
+    persons = [
+        events_pb2.PersonRegistered.FromString(r.value)
+        for r in of_type(mine, type_name(events_pb2.PersonRegistered()))
+    ]
+    assert [p.war_invalid for p in persons if p.person_id == registered.person.person_id] == [True]
+
+
+async def test_household_summaries_for_dues(city: City) -> None:
+    first = await new_household(city.leader, city.group, head_name="Trần Văn An", poor=True)
+    await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(),
+            household_id=first.household.household_id,
+            person=person(citizen_id=citizen_id("1990-05-17", registry_pb2.SEX_FEMALE)),
+        )
+    )
+    second = await new_household(city.leader, city.group, head_name="Hoàng Văn Dũng")
+    elsewhere = await new_household(city.other_leader, city.other_group)
+
+    as_service = city.as_role(Role.SERVICE, city.group)
+    page = await as_service.ListHouseholdSummaries(
+        registry_pb2.ListHouseholdSummariesRequest(
+            unit_id=city.group, page=types_pb2.PageRequest(page_size=1)
+        )
+    )
+    rest = await as_service.ListHouseholdSummaries(
+        registry_pb2.ListHouseholdSummariesRequest(
+            unit_id=city.group, page=types_pb2.PageRequest(page_token=page.next_page_token)
+        )
+    )
+    summaries = {s.household_id: s for s in [*page.households, *rest.households]}
+    assert len(page.households) == 1 and not rest.next_page_token
+    assert set(summaries) == {first.household.household_id, second.household.household_id}
+    one = summaries[first.household.household_id]
+    assert (one.head_name, one.residents, one.poor, one.war_invalid_member) == (
+        "Trần Văn An",
+        2,
+        True,
+        False,
+    )
+    ward = await city.ward_officer.ListHouseholdSummaries(
+        registry_pb2.ListHouseholdSummariesRequest(unit_id=city.ward)
+    )
+    assert elsewhere.household.household_id in {s.household_id for s in ward.households}
+
+    # The read of the heads' names is in each household's access log.
+    resident = city.as_role(Role.RESIDENT, city.group, second.household.household_id)
+    log = await resident.ListAccessLog(
+        registry_pb2.ListAccessLogRequest(household_id=second.household.household_id)
+    )
+    assert "ListHouseholdSummaries" in {entry.action for entry in log.entries}
+
+    for caller, unit in [
+        (city.as_role(Role.RESIDENT, city.group, second.household.household_id), city.group),
+        (city.as_role(Role.TREASURER, city.group), city.group),
+        (city.as_role(Role.SERVICE, city.other_group), city.group),
+        (city.other_leader, city.group),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await caller.ListHouseholdSummaries(
+                registry_pb2.ListHouseholdSummariesRequest(unit_id=unit)
+            )
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await city.leader.ListHouseholdSummaries(registry_pb2.ListHouseholdSummariesRequest())
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (bad.value.details() or "").startswith("unit_id: ")
