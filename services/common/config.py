@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # Key for encrypting and indexing citizen IDs at rest (32+ characters).
     data_key: str = "civic-dev-data-key-change-me-in-production"
 
+    # Where a service that calls the registry (with its caller's token) finds it.
+    registry_target: str = "127.0.0.1:50051"
+
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 0  # 0: the service's entry in GRPC_PORTS
 
