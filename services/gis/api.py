@@ -148,12 +148,19 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         return layers
 
     @staticmethod
-    def _layer_filter(caller: Principal, layers: list[Layer]) -> Document:
-        """Public layers everywhere; household points only inside the caller's scope."""
-        public = [layer.key for layer in layers if layer is not Layer.HOUSEHOLD]
+    def _layer_filter(caller: Principal, layers: list[Layer], unit_id: str = "") -> Document:
+        """Public layers everywhere; household points only inside the caller's scope; within a
+        unit, the boundaries of that unit and the units in it (not its parents or neighbours,
+        which its boundary touches too)."""
+        public = [layer.key for layer in layers if layer not in (Layer.HOUSEHOLD, Layer.BOUNDARY)]
         parts: list[Document] = []
         if public:
             parts.append({"layer": {"$in": public}})
+        if Layer.BOUNDARY in layers:
+            boundaries: Document = {"layer": Layer.BOUNDARY.key}
+            if unit_id:
+                boundaries["unit_id"] = in_unit(unit_id)
+            parts.append(boundaries)
         if Layer.HOUSEHOLD in layers:
             parts.append({"layer": Layer.HOUSEHOLD.key, "unit_id": in_unit(caller.scope)})
         return parts[0] if len(parts) == 1 else {"$or": parts}
@@ -298,6 +305,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         try:
             converted = geometry.convert(feature.geometry, transform)
             shaped = geometry.check(converted)
+            converted = geometry.oriented(converted)
         except geometry.GeometryError as error:
             return None, f"geometry: {error}"
         if area is not None:
@@ -384,8 +392,9 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             where: Document = {"$geoIntersects": {"$geometry": box}}
         else:
             boundary = await self._boundary(request.unit_id)
-            where = {"$geoWithin": {"$geometry": boundary["geometry"]}}
-        query = {"$and": [self._layer_filter(caller, layers), {"geometry": where}]}
+            # Inside or across the boundary: a house on the line belongs to both sides' maps.
+            where = {"$geoIntersects": {"$geometry": boundary["geometry"]}}
+        query = {"$and": [self._layer_filter(caller, layers, request.unit_id), {"geometry": where}]}
         items, token = await self.store.page(query, request.page.page_token, size)
         return gis_pb2.ListFeaturesResponse(
             geojson=feature_collection(map(geojson_feature, items)),

@@ -86,6 +86,29 @@ def convert(geometry: dict[str, Any], transform: Transform) -> dict[str, Any]:
     return {"type": geometry["type"], "coordinates": walk(geometry["coordinates"], depth)}
 
 
+def oriented(geometry: dict[str, Any]) -> dict[str, Any]:
+    """Polygons by the right-hand rule of RFC 7946: outer rings counterclockwise, holes
+    clockwise (drawings come either way)."""
+
+    def ring(points: list[list[float]], outer: bool) -> list[list[float]]:
+        twice_area = sum(
+            a[0] * b[1] - b[0] * a[1] for a, b in itertools.pairwise(points)
+        )
+        return points if (twice_area > 0) == outer else points[::-1]
+
+    def polygon(rings: list[list[list[float]]]) -> list[list[list[float]]]:
+        return [ring(r, number == 0) for number, r in enumerate(rings)]
+
+    if geometry["type"] == "Polygon":
+        return {"type": "Polygon", "coordinates": polygon(geometry["coordinates"])}
+    if geometry["type"] == "MultiPolygon":
+        return {
+            "type": "MultiPolygon",
+            "coordinates": [polygon(p) for p in geometry["coordinates"]],
+        }
+    return geometry
+
+
 def check(geometry: dict[str, Any]) -> BaseGeometry:
     """The geometry as shapely's, if it is valid; otherwise GeometryError saying why."""
     kind = geometry["type"]
