@@ -546,7 +546,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             )
         if not 0 <= request.hydrant_radius_m <= 1000:
             raise InvalidArgument(f"{prefix}hydrant_radius_m", "must be between 0 and 1000")
-        if geometry.haversine_m(entry, destination) > MAX_DISTANCE_M / 4:
+        if geometry.distance_m(entry, destination) > MAX_DISTANCE_M / 4:
             raise InvalidArgument(f"{prefix}entry", "is more than 5 km from the destination")
         radius = request.hydrant_radius_m or 100.0
         area = _around([entry, destination], 1000.0)

@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 import shapely
-from pyproj import CRS, Transformer
+from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError
 from shapely.geometry import LineString, Point, shape
 from shapely.geometry.base import BaseGeometry
@@ -29,6 +29,7 @@ WGS84 = "EPSG:4326"
 VIETNAM = (102.0, 8.0, 118.0, 24.0)
 
 Position = tuple[float, float]
+_GEOD = Geod(ellps="WGS84")
 Transform = Callable[[float, float], Position]
 
 
@@ -91,9 +92,7 @@ def oriented(geometry: dict[str, Any]) -> dict[str, Any]:
     clockwise (drawings come either way)."""
 
     def ring(points: list[list[float]], outer: bool) -> list[list[float]]:
-        twice_area = sum(
-            a[0] * b[1] - b[0] * a[1] for a, b in itertools.pairwise(points)
-        )
+        twice_area = sum(a[0] * b[1] - b[0] * a[1] for a, b in itertools.pairwise(points))
         return points if (twice_area > 0) == outer else points[::-1]
 
     def polygon(rings: list[list[list[float]]]) -> list[list[list[float]]]:
@@ -143,13 +142,10 @@ def check(geometry: dict[str, Any]) -> BaseGeometry:
 # ---- metres ----------------------------------------------------------------------------------
 
 
-def haversine_m(a: Position, b: Position) -> float:
-    lon1, lat1, lon2, lat2 = map(math.radians, (*a, *b))
-    h = (
-        math.sin((lat2 - lat1) / 2) ** 2
-        + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
-    )
-    return 2 * EARTH_RADIUS_M * math.asin(math.sqrt(h))
+def distance_m(a: Position, b: Position) -> float:
+    """Along the WGS84 ellipsoid (a geodesic), in metres."""
+    _, _, metres = _GEOD.inv(a[0], a[1], b[0], b[1])
+    return float(metres)
 
 
 @dataclass(frozen=True)
@@ -204,7 +200,7 @@ def outside_extent(geometry: BaseGeometry, extent: tuple[float, float, float, fl
 
 
 def line_length_m(positions: Sequence[Position]) -> float:
-    return sum(haversine_m(a, b) for a, b in itertools.pairwise(positions))
+    return sum(distance_m(a, b) for a, b in itertools.pairwise(positions))
 
 
 def along_and_offset_m(route: Sequence[Position], point: Position) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from services.gis.geometry import (
     LocalFrame,
     Position,
     along_and_offset_m,
-    haversine_m,
+    distance_m,
     line_length_m,
 )
 
@@ -56,7 +56,7 @@ def network(alleys: Iterable[dict[str, Any]], min_width_m: float) -> nx.Graph[Po
         points = [_node(p) for p in alley["geometry"]["coordinates"]]
         for a, b in itertools.pairwise(points):
             if a != b:
-                graph.add_edge(a, b, length=haversine_m(a, b))
+                graph.add_edge(a, b, length=distance_m(a, b))
     return graph
 
 
@@ -78,8 +78,8 @@ def _join(graph: nx.Graph[Position], point: Position, frame: LocalFrame, what: s
     if node in (a, b):
         return node
     graph.remove_edge(a, b)
-    graph.add_edge(a, node, length=haversine_m(a, node))
-    graph.add_edge(node, b, length=haversine_m(node, b))
+    graph.add_edge(a, node, length=distance_m(a, node))
+    graph.add_edge(node, b, length=distance_m(node, b))
     return node
 
 

@@ -9,9 +9,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import ezdxf
 import pytest
 from civic.gis.v1 import gis_pb2
+from ezdxf.document import Drawing
 
 from tests.gis.conftest import Ward, rid
 from tests.gis.vn2000 import DA_NANG_TM3, to_da_nang_tm3, to_utm_49n
@@ -32,7 +32,7 @@ def drawing(ward: Ward, plane: Plane) -> tuple[bytes, dict[str, Any]]:
     """A small map in VN-2000 plane coordinates: two houses labelled with their storeys (one
     drawn with its ring left open), two hydrants with their names, an alley 4 m wide; and the
     WGS84 positions each was drawn from."""
-    doc = ezdxf.new("R2010")
+    doc = Drawing.new("R2010")
     msp = doc.modelspace()
     for name in ("NHA", "TRU_CUU_HOA", "HEM"):
         doc.layers.add(name)

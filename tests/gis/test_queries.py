@@ -172,7 +172,7 @@ async def test_bad_queries_are_refused(ward: Ward) -> None:
         (gis_pb2.ListFeaturesRequest(bbox=box(), unit_id=ward.city.ward), "bbox"),
         (gis_pb2.ListFeaturesRequest(bbox=box(east=west - 0.01)), "bbox.east"),
         (gis_pb2.ListFeaturesRequest(bbox=box(north=91)), "bbox.north"),
-        (gis_pb2.ListFeaturesRequest(bbox=box(), layers=[9]), "layers[0]"),
+        (gis_pb2.ListFeaturesRequest(bbox=box(), layers=[gis_pb2.Layer.ValueType(9)]), "layers[0]"),
         (
             gis_pb2.ListFeaturesRequest(bbox=box(), page=types_pb2.PageRequest(page_size=10_001)),
             "page.page_size",

@@ -168,7 +168,9 @@ async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
             return counts
         return None
 
-    counts = await eventually(counted, what="both groups counted")
+    found = await eventually(counted, what="both groups counted")
+    assert found is not None
+    counts = found
     west = counts[city.group]
     assert (west.households, west.population, west.elderly, west.renters) == (1, 2, 1, 1)
     east = counts[city.other_group]
