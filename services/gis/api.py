@@ -37,7 +37,9 @@ from services.gis.domain import IMPORTABLE, PUBLIC_LAYERS, Layer
 from services.gis.events import features_changed
 from services.gis.records import (
     bbox_of,
+    collection_text,
     feature_collection,
+    feature_text,
     geojson_feature,
     hydrant_message,
     layer_of,
@@ -334,6 +336,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             "properties": properties,
         }
         doc["hash"] = domain.content_hash(doc)
+        doc["geojson"] = feature_text(doc)
         return doc, ""
 
     async def _write_batch(
@@ -395,9 +398,9 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             # Inside or across the boundary: a house on the line belongs to both sides' maps.
             where = {"$geoIntersects": {"$geometry": boundary["geometry"]}}
         query = {"$and": [self._layer_filter(caller, layers, request.unit_id), {"geometry": where}]}
-        items, token = await self.store.page(query, request.page.page_token, size)
+        items, token = await self.store.page(query, request.page.page_token, size, {"geojson": 1})
         return gis_pb2.ListFeaturesResponse(
-            geojson=feature_collection(map(geojson_feature, items)),
+            geojson=collection_text(item["geojson"] for item in items),
             count=len(items),
             next_page_token=token,
         )

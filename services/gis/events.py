@@ -18,6 +18,7 @@ from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.wire import point_document
 from services.gis.domain import Layer, content_hash, household_feature_id
+from services.gis.records import feature_text
 from services.gis.store import GisStore
 
 TOPIC = "civic.gis.v1"
@@ -146,6 +147,7 @@ async def _household(store: GisStore, outbox: Outbox, m: Any, session: Session) 
     if m.HasField("location"):
         doc["geometry"] = point_document("location", m.location)
     doc["hash"] = content_hash(doc)
+    doc["geojson"] = feature_text(doc)
     if previous is not None and previous.get("hash") == doc["hash"]:
         return []
     await store.features.replace_one({"_id": feature_id}, doc, upsert=True, session=session)
@@ -168,6 +170,7 @@ async def _household_moved(
         return []
     changed = previous | {"unit_id": to_unit, "source_unit": to_unit}
     changed["hash"] = content_hash(changed)
+    changed["geojson"] = feature_text(changed)
     await store.features.replace_one({"_id": previous["_id"]}, changed, session=session)
     return [
         features_changed(outbox, to_unit, Layer.HOUSEHOLD, upserted=[previous["_id"]]),
@@ -192,11 +195,11 @@ async def _merge(
     ]
     if not moved:
         return []
-    await store.features.update_many(
-        {"_id": {"$in": moved}},
-        {"$set": {"unit_id": target, "source_unit": target}},
-        session=session,
-    )
+    for doc in await store.features.find({"_id": {"$in": moved}}, session=session).to_list():
+        changed = doc | {"unit_id": target, "source_unit": target}
+        changed["hash"] = content_hash(changed)
+        changed["geojson"] = feature_text(changed)
+        await store.features.replace_one({"_id": doc["_id"]}, changed, session=session)
     return [
         features_changed(outbox, target, Layer.HOUSEHOLD, upserted=moved),
         features_changed(outbox, source, Layer.HOUSEHOLD, removed=moved),

@@ -27,6 +27,16 @@ def geojson_feature(doc: Document) -> dict[str, Any]:
     }
 
 
+def feature_text(doc: Document) -> str:
+    """The feature's GeoJSON text, stored with it at write time so that a listing of thousands
+    of features is assembled from ready strings rather than decoded and encoded again."""
+    return json.dumps(geojson_feature(doc), ensure_ascii=False, separators=(",", ":"))
+
+
+def collection_text(texts: Iterable[str]) -> str:
+    return '{"type":"FeatureCollection","features":[' + ",".join(texts) + "]}"
+
+
 def feature_collection(features: Iterable[dict[str, Any]]) -> str:
     return json.dumps(
         {"type": "FeatureCollection", "features": list(features)},

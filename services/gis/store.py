@@ -101,9 +101,11 @@ class GisStore:
             {"unit_id": 1, "properties": 1},
         ).to_list()
 
-    async def page(self, query: Document, token: str, size: int) -> tuple[list[Document], str]:
+    async def page(
+        self, query: Document, token: str, size: int, shown: Document | None = None
+    ) -> tuple[list[Document], str]:
         items = (
-            await self.features.find(after_token(query, token), SHOWN)
+            await self.features.find(after_token(query, token), shown or SHOWN)
             .sort("_id", ASCENDING)
             .limit(size)
             .to_list()
