@@ -435,6 +435,9 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             request.limit or 3,
             request.max_distance_m or 1000.0,
         )
+        for doc in docs:
+            lon, lat = doc["geometry"]["coordinates"]
+            doc["distance_m"] = geometry.distance_m(point, (lon, lat))
         return gis_pb2.NearestHydrantsResponse(hydrants=[hydrant_message(d) for d in docs])
 
     async def ListResidentsInArea(

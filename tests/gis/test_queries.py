@@ -11,10 +11,12 @@ from typing import Any
 
 import grpc
 import pyogrio
+import pytest
 import shapely
 from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2
 from pyogrio import raw
+from pyproj import Geod
 from shapely.geometry import shape
 
 from services.common.auth import Role
@@ -46,6 +48,11 @@ async def draw(ward: Ward) -> None:
     assert (await ward.import_features(gis_pb2.LAYER_HYDRANT, hydrants)).created == 3
     alleys = [line_feature([ward.at(-600, 0), ward.at(600, 0)], "main", width_m=6, name="Kiệt 45")]
     assert (await ward.import_features(gis_pb2.LAYER_ALLEY, alleys)).created == 1
+
+
+def geodesic(ward: Ward, a: tuple[float, float], b: tuple[float, float]) -> float:
+    (lon1, lat1), (lon2, lat2) = ward.at(*a), ward.at(*b)
+    return float(Geod(ellps="WGS84").inv(lon1, lat1, lon2, lat2)[2])
 
 
 def check_rfc7946(collection: dict[str, Any]) -> None:
@@ -128,8 +135,12 @@ async def test_the_nearest_hydrants_with_their_distances(ward: Ward) -> None:
     answer = await ward.officer.NearestHydrants(
         gis_pb2.NearestHydrantsRequest(point=ward.point(-100, 0), limit=2)
     )
-    got = [(h.name, h.kind, round(h.distance_m)) for h in answer.hydrants]
-    assert got == [("TCH-1", "hydrant", 100), ("", "well", 399)]
+    # Distances along the WGS84 ellipsoid, to the centimetre.
+    got = [(h.name, h.kind, round(h.distance_m, 2)) for h in answer.hydrants]
+    assert got == [
+        ("TCH-1", "hydrant", round(geodesic(ward, (-100, 0), (-100, 100)), 2)),
+        ("", "well", round(geodesic(ward, (-100, 0), (-100, 399)), 2)),
+    ]
     near = await ward.officer.NearestHydrants(
         gis_pb2.NearestHydrantsRequest(point=ward.point(-100, 0), max_distance_m=150)
     )
@@ -137,7 +148,9 @@ async def test_the_nearest_hydrants_with_their_distances(ward: Ward) -> None:
     everything = await ward.officer.NearestHydrants(
         gis_pb2.NearestHydrantsRequest(point=ward.point(-100, 0), limit=5)
     )
-    assert round(everything.hydrants[2].distance_m) == round(math.hypot(400, 100))
+    expected = geodesic(ward, (-100, 0), (300, 100))
+    assert everything.hydrants[2].distance_m == pytest.approx(expected, abs=0.01)
+    assert expected == pytest.approx(math.hypot(400, 100), rel=0.01)
     assert near.hydrants[0].location.latitude == ward.point(-100, 100).latitude
 
 
