@@ -48,13 +48,7 @@ class CommandRunner:
         self._outbox = outbox
 
     async def run(self, method: str, request: Message, response_type: type[R], work: Work[R]) -> R:
-        request_id: str = getattr(request, "request_id", "")
-        if not request_id.strip():
-            raise InvalidArgument("request_id", "is required (a new UUID for each user action)")
-        if len(request_id) > 100:
-            raise InvalidArgument("request_id", "is longer than 100 characters")
-        key = f"{method}:{principal().subject}:{request_id}"
-        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+        key, fingerprint = _identify(method, request)
 
         async def transaction(session: Session) -> R:
             response, events = await work(session)
@@ -85,6 +79,11 @@ class CommandRunner:
         self._outbox.committed()
         return response
 
+    async def answered(self, method: str, request: Message, response_type: type[R]) -> R | None:
+        """The stored response if this request already ran: for a command that does its work in
+        several transactions first and records itself with `run` at the end."""
+        return await self._stored_response(*_identify(method, request), response_type)
+
     async def _stored_response(
         self, key: str, fingerprint: str, response_type: type[R]
     ) -> R | None:
@@ -96,3 +95,15 @@ class CommandRunner:
                 "request_id was already used for a different request; use a new request_id"
             )
         return response_type.FromString(stored["response"])
+
+
+def _identify(method: str, request: Message) -> tuple[str, str]:
+    """The command's key (method, caller, request_id) and the request's fingerprint."""
+    request_id: str = getattr(request, "request_id", "")
+    if not request_id.strip():
+        raise InvalidArgument("request_id", "is required (a new UUID for each user action)")
+    if len(request_id) > 100:
+        raise InvalidArgument("request_id", "is longer than 100 characters")
+    key = f"{method}:{principal().subject}:{request_id}"
+    fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+    return key, fingerprint

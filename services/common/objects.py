@@ -95,6 +95,27 @@ class ObjectStore:
             raise
         return StoredObject(key, stat.size or 0, content_type)
 
+    async def read(self, key: str, max_bytes: int) -> bytes:
+        """The whole object, if it is there and not larger than max_bytes."""
+        try:
+            stat = await asyncio.to_thread(self._client.stat_object, self.bucket, key)
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                raise NotFound(f"nothing was uploaded at {key}") from None
+            raise
+        if (stat.size or 0) > max_bytes:
+            raise InvalidArgument("object_key", f"the file is over the limit of {max_bytes} bytes")
+        return await asyncio.to_thread(self._get, key)
+
+    def _get(self, key: str) -> bytes:
+        response = self._client.get_object(self.bucket, key)
+        try:
+            data: bytes = response.read()
+            return data
+        finally:
+            response.close()
+            response.release_conn()
+
     def _head(self, key: str) -> bytes:
         response = self._client.get_object(self.bucket, key, offset=0, length=16)
         try:

@@ -10,10 +10,12 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
 
-def page_size(requested: int) -> int:
-    if requested < 0 or requested > MAX_PAGE_SIZE:
-        raise InvalidArgument("page.page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
-    return requested or DEFAULT_PAGE_SIZE
+def page_size(
+    requested: int, *, maximum: int = MAX_PAGE_SIZE, default: int = DEFAULT_PAGE_SIZE
+) -> int:
+    if requested < 0 or requested > maximum:
+        raise InvalidArgument("page.page_size", f"must be between 0 and {maximum}")
+    return requested or default
 
 
 def after_token(query: dict[str, Any], token: str) -> dict[str, Any]:

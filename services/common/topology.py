@@ -27,4 +27,5 @@ BUCKETS: tuple[str, ...] = (
     "civic-photos",  # tickets
     "civic-statements",  # ledger: exported statements, expense receipt images
     "civic-imports",  # CSV files uploaded for onboarding
+    "civic-maps",  # GeoJSON and DXF drawings uploaded for the map
 )

@@ -1,0 +1,645 @@
+"""The GIS service's gRPC servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import grpc
+from civic.gis.v1 import events_pb2, gis_pb2, gis_pb2_grpc
+from civic.registry.v1 import registry_pb2, registry_pb2_grpc
+from pymongo import AsyncMongoClient
+from shapely.geometry import shape
+
+from services.common.auth import Principal, principal
+from services.common.commands import CommandRunner
+from services.common.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
+from services.common.grpc_server import PURPOSE_HEADER
+from services.common.mongo import Document, Session, in_transaction, in_unit
+from services.common.objects import ObjectStore
+from services.common.outbox import Outbox
+from services.common.paging import page_size
+from services.common.telemetry import current_trace_headers
+from services.common.wire import point_message
+from services.gis import domain, geometry, render, routing
+from services.gis.domain import IMPORTABLE, PUBLIC_LAYERS, Layer
+from services.gis.events import features_changed
+from services.gis.records import (
+    bbox_of,
+    collection_text,
+    feature_collection,
+    feature_text,
+    geojson_feature,
+    hydrant_message,
+    layer_of,
+    position,
+    required_point,
+)
+from services.gis.sources import RawFeature, SourceError, read_dxf, read_geojson
+from services.gis.store import GisStore
+
+Context = grpc.aio.ServicerContext[Any, Any]
+# Features written per transaction in an import.
+IMPORT_BATCH = 1000
+MAX_INLINE_BYTES = 4 * 1024 * 1024
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+MAX_FEATURES_PAGE = 10_000
+MAX_RESIDENTS_PAGE = 200
+MAX_HYDRANTS = 50
+MAX_DISTANCE_M = 20_000.0
+# Registry look-ups in flight at once for one evacuation list.
+REGISTRY_CONCURRENCY = 16
+FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+EXTENSIONS = (".dxf", ".geojson", ".json")
+
+
+class RegistryUnavailable(DomainError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class RegistryReader:
+    """The registry's GetHousehold with the caller's own credentials: the registry applies its
+    privacy rules and writes its access log as for any official reading a household."""
+
+    def __init__(self, target: str) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = registry_pb2_grpc.RegistryServiceStub(self._channel)
+
+    async def household(
+        self, household_id: str, credentials: list[tuple[str, str]]
+    ) -> registry_pb2.GetHouseholdResponse | None:
+        metadata = [*credentials, *current_trace_headers().items()]
+        try:
+            response: registry_pb2.GetHouseholdResponse = await self._stub.GetHousehold(
+                registry_pb2.GetHouseholdRequest(household_id=household_id),
+                metadata=metadata,
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                return None  # gone meanwhile, or the registry's own rules keep it from the caller
+            raise RegistryUnavailable(f"the registry did not answer: {error.details()}") from None
+        return response
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def _credentials(context: Context) -> list[tuple[str, str]]:
+    forwarded = []
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() in ("authorization", PURPOSE_HEADER):
+            forwarded.append((key.lower(), value.decode() if isinstance(value, bytes) else value))
+    return forwarded
+
+
+class GisServicer(gis_pb2_grpc.GisServiceServicer):
+    def __init__(
+        self,
+        store: GisStore,
+        client: AsyncMongoClient[Document],
+        commands: CommandRunner,
+        outbox: Outbox,
+        uploads: ObjectStore,
+        registry: RegistryReader,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.commands = commands
+        self.outbox = outbox
+        self.uploads = uploads
+        self.registry = registry
+        self.clock = clock
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    async def _known_unit(self, unit_id: str, field: str = "unit_id") -> Document:
+        if not unit_id:
+            raise InvalidArgument(field, "is required")
+        unit = await self.store.unit(unit_id)
+        if unit is None:
+            raise NotFound(f"unit {unit_id} is not known to the GIS service")
+        return unit
+
+    async def _boundary(self, unit_id: str) -> Document:
+        if not unit_id:
+            raise InvalidArgument("unit_id", "is required")
+        boundary = await self.store.boundary(unit_id)
+        if boundary is None:
+            raise NotFound(f"unit {unit_id} has no boundary on the map")
+        return boundary
+
+    def _visible_layers(self, caller: Principal, requested: list[int]) -> list[Layer]:
+        layers = [layer_of(f"layers[{i}]", value) for i, value in enumerate(requested)]
+        if not layers:
+            return [*PUBLIC_LAYERS, *([Layer.HOUSEHOLD] if domain.sees_households(caller) else [])]
+        if Layer.HOUSEHOLD in layers and not domain.sees_households(caller):
+            raise PermissionDenied(f"role {caller.role.value} may not see household points")
+        return layers
+
+    @staticmethod
+    def _layer_filter(caller: Principal, layers: list[Layer], unit_id: str = "") -> Document:
+        """Public layers everywhere; household points only inside the caller's scope; within a
+        unit, the boundaries of that unit and the units in it (not its parents or neighbours,
+        which its boundary touches too)."""
+        public = [layer.key for layer in layers if layer not in (Layer.HOUSEHOLD, Layer.BOUNDARY)]
+        parts: list[Document] = []
+        if public:
+            parts.append({"layer": {"$in": public}})
+        if Layer.BOUNDARY in layers:
+            boundaries: Document = {"layer": Layer.BOUNDARY.key}
+            if unit_id:
+                boundaries["unit_id"] = in_unit(unit_id)
+            parts.append(boundaries)
+        if Layer.HOUSEHOLD in layers:
+            parts.append({"layer": Layer.HOUSEHOLD.key, "unit_id": in_unit(caller.scope)})
+        return parts[0] if len(parts) == 1 else {"$or": parts}
+
+    # ---- imports -----------------------------------------------------------------------------
+
+    async def CreateImportUpload(
+        self, request: gis_pb2.CreateImportUploadRequest, context: Context
+    ) -> gis_pb2.CreateImportUploadResponse:
+        await self._known_unit(request.unit_id)
+        domain.may_edit_map(principal(), request.unit_id)
+        name = request.file_name.strip()
+        if not FILE_NAME.fullmatch(name) or not name.lower().endswith(EXTENSIONS):
+            raise InvalidArgument(
+                "file_name", f"must be a plain file name ending in {', '.join(EXTENSIONS)}"
+            )
+        key = f"{request.unit_id}/{uuid.uuid4().hex}-{name}"
+        return gis_pb2.CreateImportUploadResponse(
+            object_key=key, upload_url=self.uploads.upload_url(key)
+        )
+
+    async def ImportLayer(
+        self, request: gis_pb2.ImportLayerRequest, context: Context
+    ) -> gis_pb2.ImportLayerResponse:
+        caller = principal()
+        answered = await self.commands.answered("ImportLayer", request, gis_pb2.ImportLayerResponse)
+        if answered is not None:
+            return answered
+        await self._known_unit(request.unit_id)
+        domain.may_edit_map(caller, request.unit_id)
+        layer = layer_of("layer", request.layer, IMPORTABLE)
+        if request.format not in (gis_pb2.SOURCE_FORMAT_GEOJSON, gis_pb2.SOURCE_FORMAT_DXF):
+            raise InvalidArgument("format", "must be SOURCE_FORMAT_GEOJSON or SOURCE_FORMAT_DXF")
+        if request.format == gis_pb2.SOURCE_FORMAT_DXF and not request.source_crs.strip():
+            raise InvalidArgument("source_crs", "is required for a DXF drawing (e.g. EPSG:3405)")
+        try:
+            transform = geometry.to_wgs84(request.source_crs)
+        except ValueError as error:
+            raise InvalidArgument("source_crs", str(error)) from None
+        content, field = await self._content(request)
+        try:
+            if request.format == gis_pb2.SOURCE_FORMAT_DXF:
+                raw = read_dxf(content, layer, request.dxf_layer)
+            else:
+                raw = read_geojson(content)
+        except SourceError as error:
+            raise InvalidArgument(field, str(error)) from None
+
+        area = await self.store.nearest_boundary(request.unit_id)
+        area_shape = shape(area["geometry"]) if area else None
+        import_id = (
+            "im-"
+            + hashlib.sha256(f"{caller.subject}\n{request.request_id}".encode()).hexdigest()[:20]
+        )
+        now = self.clock()
+        docs: list[Document] = []
+        rejected: list[gis_pb2.FeatureError] = []
+        seen: set[str] = set()
+        for feature in raw:
+            doc, problem = self._feature(feature, layer, request.unit_id, transform, area_shape)
+            if doc is not None and doc["_id"] in seen:
+                doc, problem = None, f"the id {feature.source_id!r} appears twice in the file"
+            if doc is None:
+                rejected.append(
+                    gis_pb2.FeatureError(
+                        index=feature.index, source_id=feature.source_id, message=problem
+                    )
+                )
+                continue
+            seen.add(doc["_id"])
+            doc["import_id"] = import_id
+            doc["updated_at"] = now
+            docs.append(doc)
+
+        created = updated = unchanged = 0
+        for start in range(0, len(docs), IMPORT_BATCH):
+            batch = docs[start : start + IMPORT_BATCH]
+            made, changed, same = await self._write_batch(batch, layer, import_id)
+            created, updated, unchanged = created + made, updated + changed, unchanged + same
+        removed = 0
+        if request.replace:
+            stale = await self.store.stale(layer, request.unit_id, seen)
+            removed = len(stale)
+            if stale:
+                await self._remove(stale, layer, import_id)
+
+        async def record(session: Session) -> tuple[gis_pb2.ImportLayerResponse, list[Document]]:
+            response = gis_pb2.ImportLayerResponse(
+                import_id=import_id,
+                created=created,
+                updated=updated,
+                unchanged=unchanged,
+                removed=removed,
+                rejected=rejected,
+            )
+            event = self.outbox.event(
+                events_pb2.LayerImported(
+                    import_id=import_id,
+                    unit_id=request.unit_id,
+                    layer=int(layer),  # type: ignore[arg-type]
+                    format=request.format,
+                    source_crs=request.source_crs,
+                    created=created,
+                    updated=updated,
+                    unchanged=unchanged,
+                    removed=removed,
+                    rejected=len(rejected),
+                ),
+                key=request.unit_id,
+                subject=request.unit_id,
+            )
+            return response, [event]
+
+        return await self.commands.run("ImportLayer", request, gis_pb2.ImportLayerResponse, record)
+
+    async def _content(self, request: gis_pb2.ImportLayerRequest) -> tuple[bytes, str]:
+        source = request.WhichOneof("source")
+        if source == "content":
+            if not request.content:
+                raise InvalidArgument("content", "is empty")
+            return request.content, "content"
+        if source == "object_key":
+            if not request.object_key.startswith(f"{request.unit_id}/"):
+                raise InvalidArgument("object_key", "was not handed out for this unit")
+            return await self.uploads.read(request.object_key, MAX_UPLOAD_BYTES), "object_key"
+        raise InvalidArgument("content", "give the file (content) or its upload (object_key)")
+
+    def _feature(
+        self,
+        feature: RawFeature,
+        layer: Layer,
+        unit_id: str,
+        transform: geometry.Transform,
+        area: Any,
+    ) -> tuple[Document | None, str]:
+        """The feature's document, or why it is refused."""
+        if feature.error or feature.geometry is None:
+            return None, feature.error or "has no geometry"
+        allowed = domain.GEOMETRY_TYPES[layer]
+        if feature.geometry["type"] not in allowed:
+            return None, f"geometry: a {layer.key} must be a {' or '.join(allowed)}"
+        try:
+            converted = geometry.convert(feature.geometry, transform)
+            shaped = geometry.check(converted)
+            converted = geometry.oriented(converted)
+        except geometry.GeometryError as error:
+            return None, f"geometry: {error}"
+        if area is not None:
+            outside = geometry.distance_outside_m(shaped, area)
+            if outside > domain.FAR_OUTSIDE_M:
+                return None, f"geometry: lies {outside:,.0f} m outside {unit_id}'s boundary"
+        elif geometry.outside_extent(shaped, geometry.VIETNAM):
+            return None, "geometry: lies outside Vietnam (is the source CRS right?)"
+        local_area = (
+            geometry.frame_at(shaped).project(shaped).area if layer is Layer.BUILDING else 0.0
+        )
+        try:
+            owner, properties = domain.clean_properties(
+                layer, feature.properties, unit_id, local_area
+            )
+        except ValueError as error:
+            return None, str(error)
+        source_id = feature.source_id or domain.geometry_source_id(feature.geometry)
+        doc: Document = {
+            "_id": domain.feature_id(layer, unit_id, source_id),
+            "layer": layer.key,
+            "unit_id": owner,
+            "source_unit": unit_id,
+            "source_id": source_id,
+            "geometry": converted,
+            "properties": properties,
+        }
+        doc["hash"] = domain.content_hash(doc)
+        doc["geojson"] = feature_text(doc)
+        return doc, ""
+
+    async def _write_batch(
+        self, batch: list[Document], layer: Layer, import_id: str
+    ) -> tuple[int, int, int]:
+        async def work(session: Session) -> tuple[int, int, int]:
+            created, updated, unchanged = await self.store.upsert(batch, session)
+            changed = set(created) | set(updated)
+            by_unit: dict[str, list[str]] = {}
+            for doc in batch:
+                if doc["_id"] in changed:
+                    by_unit.setdefault(doc["unit_id"], []).append(doc["_id"])
+            await self.outbox.stage(
+                session,
+                [
+                    features_changed(self.outbox, unit, layer, upserted=ids, import_id=import_id)
+                    for unit, ids in by_unit.items()
+                ],
+            )
+            return len(created), len(updated), len(unchanged)
+
+        counts = await in_transaction(self.client, work)
+        self.outbox.committed()
+        return counts
+
+    async def _remove(self, stale: list[Document], layer: Layer, import_id: str) -> None:
+        by_unit: dict[str, list[str]] = {}
+        for doc in stale:
+            by_unit.setdefault(doc["unit_id"], []).append(doc["_id"])
+
+        async def work(session: Session) -> None:
+            await self.store.remove([doc["_id"] for doc in stale], session)
+            await self.outbox.stage(
+                session,
+                [
+                    features_changed(self.outbox, unit, layer, removed=ids, import_id=import_id)
+                    for unit, ids in by_unit.items()
+                ],
+            )
+
+        await in_transaction(self.client, work)
+        self.outbox.committed()
+
+    # ---- queries -----------------------------------------------------------------------------
+
+    async def ListFeatures(
+        self, request: gis_pb2.ListFeaturesRequest, context: Context
+    ) -> gis_pb2.ListFeaturesResponse:
+        caller = principal()
+        layers = self._visible_layers(caller, list(request.layers))
+        size = page_size(request.page.page_size, maximum=MAX_FEATURES_PAGE)
+        if request.HasField("bbox") == bool(request.unit_id):
+            raise InvalidArgument("bbox", "give exactly one of bbox and unit_id")
+        if request.HasField("bbox"):
+            box = geometry.bbox_polygon(*bbox_of(request.bbox))
+            where: Document = {"$geoIntersects": {"$geometry": box}}
+        else:
+            boundary = await self._boundary(request.unit_id)
+            # Inside or across the boundary: a house on the line belongs to both sides' maps.
+            where = {"$geoIntersects": {"$geometry": boundary["geometry"]}}
+        query = {"$and": [self._layer_filter(caller, layers, request.unit_id), {"geometry": where}]}
+        items, token = await self.store.page(query, request.page.page_token, size, {"geojson": 1})
+        return gis_pb2.ListFeaturesResponse(
+            geojson=collection_text(item["geojson"] for item in items),
+            count=len(items),
+            next_page_token=token,
+        )
+
+    async def LocateUnit(
+        self, request: gis_pb2.LocateUnitRequest, context: Context
+    ) -> gis_pb2.LocateUnitResponse:
+        point = required_point("point", request, "point")
+        found = await self.store.containing({"type": "Point", "coordinates": list(point)})
+        found.sort(key=lambda doc: (-doc["unit_id"].count("."), doc["unit_id"]))
+        names = await self.store.units_named([doc["unit_id"] for doc in found])
+        units = [
+            gis_pb2.LocatedUnit(
+                unit_id=doc["unit_id"],
+                name=names.get(doc["unit_id"]) or doc["properties"].get("name", ""),
+            )
+            for doc in found
+        ]
+        return gis_pb2.LocateUnitResponse(unit_id=units[0].unit_id if units else "", units=units)
+
+    async def NearestHydrants(
+        self, request: gis_pb2.NearestHydrantsRequest, context: Context
+    ) -> gis_pb2.NearestHydrantsResponse:
+        point = required_point("point", request, "point")
+        if not 0 <= request.limit <= MAX_HYDRANTS:
+            raise InvalidArgument("limit", f"must be between 0 and {MAX_HYDRANTS}")
+        if not 0 <= request.max_distance_m <= MAX_DISTANCE_M:
+            raise InvalidArgument("max_distance_m", f"must be between 0 and {MAX_DISTANCE_M:g}")
+        docs = await self.store.nearest(
+            Layer.HYDRANT,
+            {"type": "Point", "coordinates": list(point)},
+            request.limit or 3,
+            request.max_distance_m or 1000.0,
+        )
+        for doc in docs:
+            lon, lat = doc["geometry"]["coordinates"]
+            doc["distance_m"] = geometry.distance_m(point, (lon, lat))
+        return gis_pb2.NearestHydrantsResponse(hydrants=[hydrant_message(d) for d in docs])
+
+    async def ListResidentsInArea(
+        self, request: gis_pb2.ListResidentsInAreaRequest, context: Context
+    ) -> gis_pb2.ListResidentsInAreaResponse:
+        caller = principal()
+        domain.may_list_residents(caller)
+        size = page_size(request.page.page_size, maximum=MAX_RESIDENTS_PAGE, default=50)
+        ring = [list(position(f"ring[{i}]", p)) for i, p in enumerate(request.ring)]
+        if ring and ring[0] != ring[-1]:
+            ring.append(ring[0])
+        if len(ring) < 4:
+            raise InvalidArgument("ring", "needs at least three distinct points")
+        polygon = {"type": "Polygon", "coordinates": [ring]}
+        try:
+            geometry.check(polygon)
+        except geometry.GeometryError as error:
+            raise InvalidArgument("ring", str(error)) from None
+        query = {
+            "layer": Layer.HOUSEHOLD.key,
+            "unit_id": in_unit(caller.scope),
+            "geometry": {"$geoWithin": {"$geometry": polygon}},
+        }
+        items, token = await self.store.page(query, request.page.page_token, size)
+        credentials = _credentials(context)
+        limit = asyncio.Semaphore(REGISTRY_CONCURRENCY)
+        today = self.clock().date()
+
+        async def entry(doc: Document) -> gis_pb2.HouseholdInArea:
+            household_id = doc["properties"]["household_id"]
+            async with limit:
+                found = await self.registry.household(household_id, credentials)
+            residents = []
+            if found is not None:
+                residents = [
+                    gis_pb2.Resident(
+                        person_id=member.person_id,
+                        full_name=member.full_name,
+                        birth_date=member.birth_date,
+                        age=domain.age_on(member.birth_date, today),
+                    )
+                    for member in found.members
+                ]
+            return gis_pb2.HouseholdInArea(
+                household_id=household_id,
+                unit_id=doc["unit_id"],
+                location=point_message(doc["geometry"]),
+                address=doc["properties"].get("address", ""),
+                residents=residents,
+            )
+
+        households = await asyncio.gather(*(entry(doc) for doc in items))
+        return gis_pb2.ListResidentsInAreaResponse(households=households, next_page_token=token)
+
+    async def CountByGroup(
+        self, request: gis_pb2.CountByGroupRequest, context: Context
+    ) -> gis_pb2.CountByGroupResponse:
+        caller = principal()
+        await self._known_unit(request.unit_id)
+        domain.may_count(caller, request.unit_id)
+        born_by = domain.born_on_or_before_age(domain.ELDERLY_AGE, self.clock().date())
+        found = await self.store.counts(request.unit_id, born_by)
+        groups = sorted(
+            {doc["_id"] for doc in await self.store.groups_in(request.unit_id)} | set(found)
+        )
+        counts = [
+            gis_pb2.GroupCount(
+                unit_id=group,
+                households=found.get(group, {}).get("households", 0),
+                population=found.get(group, {}).get("population", 0),
+                elderly=found.get(group, {}).get("elderly", 0),
+                renters=found.get(group, {}).get("renters", 0),
+            )
+            for group in groups
+        ]
+        boundaries = await self.store.all({"layer": Layer.BOUNDARY.key, "unit_id": {"$in": groups}})
+        by_unit = {c.unit_id: c for c in counts}
+        choropleth = []
+        for doc in boundaries:
+            feature = geojson_feature(doc)
+            count = by_unit[doc["unit_id"]]
+            feature["properties"] |= {
+                "households": count.households,
+                "population": count.population,
+                "elderly": count.elderly,
+                "renters": count.renters,
+            }
+            choropleth.append(feature)
+        return gis_pb2.CountByGroupResponse(counts=counts, geojson=feature_collection(choropleth))
+
+    # ---- fire access -------------------------------------------------------------------------
+
+    async def _route(
+        self, caller: Principal, request: gis_pb2.PlanFireRouteRequest, prefix: str = ""
+    ) -> tuple[routing.Route, list[routing.RouteHydrant]]:
+        entry = required_point(f"{prefix}entry", request, "entry")
+        if request.household_id:
+            household = await self.store.household(request.household_id)
+            if household is None or not (
+                domain.sees_households(caller) and caller.covers(household["unit_id"])
+            ):
+                raise NotFound(f"household {request.household_id} is not on your map")
+            if "geometry" not in household:
+                raise FailedPrecondition(f"household {request.household_id} has no location")
+            lon, lat = household["geometry"]["coordinates"]
+            destination = (lon, lat)
+        else:
+            destination = required_point(f"{prefix}destination", request, "destination")
+        if not 0 <= request.min_width_m <= domain.MAX_WIDTH_M:
+            raise InvalidArgument(
+                f"{prefix}min_width_m", f"must be between 0 and {domain.MAX_WIDTH_M:g}"
+            )
+        if not 0 <= request.hydrant_radius_m <= 1000:
+            raise InvalidArgument(f"{prefix}hydrant_radius_m", "must be between 0 and 1000")
+        if geometry.distance_m(entry, destination) > MAX_DISTANCE_M / 4:
+            raise InvalidArgument(f"{prefix}entry", "is more than 5 km from the destination")
+        radius = request.hydrant_radius_m or 100.0
+        area = _around([entry, destination], 1000.0)
+        alleys = await self.store.all(
+            {"layer": Layer.ALLEY.key, "geometry": {"$geoIntersects": {"$geometry": area}}}
+        )
+        try:
+            route = routing.shortest_route(alleys, entry, destination, request.min_width_m)
+        except routing.NoRoute as error:
+            raise FailedPrecondition(str(error)) from None
+        near_route = _around(route.positions, radius)
+        hydrants = await self.store.all(
+            {"layer": Layer.HYDRANT.key, "geometry": {"$geoWithin": {"$geometry": near_route}}}
+        )
+        return route, routing.hydrants_along(route, hydrants, radius)
+
+    async def PlanFireRoute(
+        self, request: gis_pb2.PlanFireRouteRequest, context: Context
+    ) -> gis_pb2.PlanFireRouteResponse:
+        route, hydrants = await self._route(principal(), request)
+        line = {"type": "LineString", "coordinates": [list(p) for p in route.positions]}
+        return gis_pb2.PlanFireRouteResponse(
+            geojson=feature_collection(
+                [
+                    {
+                        "type": "Feature",
+                        "geometry": line,
+                        "properties": {
+                            "length_m": round(route.length_m, 1),
+                            "min_width_m": request.min_width_m,
+                        },
+                    }
+                ]
+            ),
+            length_m=round(route.length_m, 2),
+            hydrants=[
+                gis_pb2.RouteHydrant(
+                    hydrant=hydrant_message(h.feature | {"distance_m": h.offset_m}),
+                    along_m=round(h.along_m, 2),
+                )
+                for h in hydrants
+            ],
+        )
+
+    async def RenderMap(
+        self, request: gis_pb2.RenderMapRequest, context: Context
+    ) -> gis_pb2.RenderMapResponse:
+        caller = principal()
+        if request.format not in (gis_pb2.IMAGE_FORMAT_SVG, gis_pb2.IMAGE_FORMAT_PNG):
+            raise InvalidArgument("format", "must be IMAGE_FORMAT_SVG or IMAGE_FORMAT_PNG")
+        if not 0 <= request.width_px <= render.MAX_WIDTH_PX:
+            raise InvalidArgument("width_px", f"must be between 0 and {render.MAX_WIDTH_PX}")
+        boundary = await self._boundary(request.unit_id)
+        route: list[geometry.Position] = []
+        if request.HasField("route"):
+            route = (await self._route(caller, request.route, "route."))[0].positions
+        inside = await self.store.all(
+            {
+                "layer": {"$in": [Layer.BUILDING.key, Layer.ALLEY.key, Layer.HYDRANT.key]},
+                "geometry": {"$geoIntersects": {"$geometry": boundary["geometry"]}},
+            }
+        )
+        names = await self.store.units_named([request.unit_id])
+        title = names.get(request.unit_id) or boundary["properties"].get("name", request.unit_id)
+        scene = render.scene(
+            title, [boundary, *inside], route, request.width_px or render.DEFAULT_WIDTH_PX
+        )
+        if request.format == gis_pb2.IMAGE_FORMAT_SVG:
+            content, content_type = render.to_svg(scene), "image/svg+xml"
+        else:
+            content, content_type = await asyncio.to_thread(render.to_png, scene), "image/png"
+        return gis_pb2.RenderMapResponse(
+            content=content,
+            content_type=content_type,
+            width_px=scene.width,
+            height_px=scene.height,
+        )
+
+
+def _around(positions: list[geometry.Position], metres: float) -> Document:
+    """A box around the positions, `metres` wider on every side, as a GeoJSON polygon."""
+    frame = geometry.LocalFrame(*positions[0])
+    local = [frame.metres(p) for p in positions]
+    west, south = frame.degrees(
+        (min(x for x, _ in local) - metres, min(y for _, y in local) - metres)
+    )
+    east, north = frame.degrees(
+        (max(x for x, _ in local) + metres, max(y for _, y in local) + metres)
+    )
+    return geometry.bbox_polygon(west, south, east, north)

@@ -1,0 +1,225 @@
+"""Pure geometry: coordinate systems, validity, distances in metres. No I/O.
+
+Stored geometry is GeoJSON in WGS84 (longitude, latitude), as MongoDB's 2dsphere indexes and
+RFC 7946 want it. Distances on a group's or ward's scale (a few kilometres) are computed in a
+local equirectangular frame around the place, which is accurate to well under a metre there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import shapely
+from pyproj import CRS, Geod, Transformer
+from pyproj.exceptions import CRSError
+from shapely.geometry import LineString, Point, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.validation import explain_validity
+
+EARTH_RADIUS_M = 6_371_008.8
+# Stored coordinates are rounded to 1e-7 degrees: about a centimetre.
+DIGITS = 7
+WGS84 = "EPSG:4326"
+# Where Vietnam lies (with its islands), for imports into a unit whose boundary is not known yet.
+VIETNAM = (102.0, 8.0, 118.0, 24.0)
+
+Position = tuple[float, float]
+_GEOD = Geod(ellps="WGS84")
+Transform = Callable[[float, float], Position]
+
+
+class GeometryError(ValueError):
+    """What is wrong with one feature's geometry, in words for the person who drew it."""
+
+
+@lru_cache(maxsize=64)
+def to_wgs84(source_crs: str) -> Transform:
+    """A function taking (x, y) in the source CRS to (longitude, latitude); raises ValueError
+    for an unknown CRS or one that is neither geographic nor projected."""
+    if not source_crs.strip():
+        return lambda x, y: (x, y)
+    try:
+        crs = CRS.from_user_input(source_crs.strip())
+    except CRSError as error:
+        raise ValueError(f"is not a coordinate reference system PROJ knows ({error})") from None
+    if not (crs.is_projected or crs.is_geographic):
+        raise ValueError("must be a projected or geographic CRS (e.g. VN-2000 / UTM zone 48N)")
+    transformer = Transformer.from_crs(crs, WGS84, always_xy=True)
+
+    def transform(x: float, y: float) -> Position:
+        lon, lat = transformer.transform(x, y, errcheck=True)
+        return float(lon), float(lat)
+
+    return transform
+
+
+def convert(geometry: dict[str, Any], transform: Transform) -> dict[str, Any]:
+    """The GeoJSON geometry with every position transformed and rounded."""
+
+    def position(p: Sequence[float]) -> list[float]:
+        if len(p) < 2 or not all(isinstance(v, int | float) for v in p[:2]):
+            raise GeometryError("coordinates must be pairs of numbers")
+        if not all(math.isfinite(v) for v in p[:2]):
+            raise GeometryError("coordinates must be finite numbers")
+        try:
+            lon, lat = transform(float(p[0]), float(p[1]))
+        except Exception:
+            raise GeometryError(f"position {list(p[:2])} cannot be converted to WGS84") from None
+        if not (math.isfinite(lon) and math.isfinite(lat)) or abs(lat) > 90 or abs(lon) > 180:
+            raise GeometryError(f"position {list(p[:2])} does not convert to a place on Earth")
+        return [round(lon, DIGITS), round(lat, DIGITS)]
+
+    def walk(coordinates: Any, depth: int) -> Any:
+        if not isinstance(coordinates, list | tuple):
+            raise GeometryError("coordinates must be nested arrays")
+        if depth == 0:
+            return position(coordinates)
+        return [walk(c, depth - 1) for c in coordinates]
+
+    depth = {"Point": 0, "LineString": 1, "Polygon": 2, "MultiPolygon": 3}.get(geometry["type"])
+    if depth is None:
+        raise GeometryError(f"geometry type {geometry['type']} is not supported here")
+    return {"type": geometry["type"], "coordinates": walk(geometry["coordinates"], depth)}
+
+
+def oriented(geometry: dict[str, Any]) -> dict[str, Any]:
+    """Polygons by the right-hand rule of RFC 7946: outer rings counterclockwise, holes
+    clockwise (drawings come either way)."""
+
+    def ring(points: list[list[float]], outer: bool) -> list[list[float]]:
+        twice_area = sum(a[0] * b[1] - b[0] * a[1] for a, b in itertools.pairwise(points))
+        return points if (twice_area > 0) == outer else points[::-1]
+
+    def polygon(rings: list[list[list[float]]]) -> list[list[list[float]]]:
+        return [ring(r, number == 0) for number, r in enumerate(rings)]
+
+    if geometry["type"] == "Polygon":
+        return {"type": "Polygon", "coordinates": polygon(geometry["coordinates"])}
+    if geometry["type"] == "MultiPolygon":
+        return {
+            "type": "MultiPolygon",
+            "coordinates": [polygon(p) for p in geometry["coordinates"]],
+        }
+    return geometry
+
+
+def check(geometry: dict[str, Any]) -> BaseGeometry:
+    """The geometry as shapely's, if it is valid; otherwise GeometryError saying why."""
+    kind = geometry["type"]
+    coordinates = geometry["coordinates"]
+    if kind == "LineString" and len(coordinates) < 2:
+        raise GeometryError("a line needs at least two positions")
+    polygons = [coordinates] if kind == "Polygon" else coordinates if kind == "MultiPolygon" else []
+    for polygon in polygons:
+        if not polygon:
+            raise GeometryError("a polygon needs an outer ring")
+        for number, ring in enumerate(polygon):
+            which = "outer ring" if number == 0 else f"hole {number}"
+            if len(ring) < 4:
+                raise GeometryError(f"the {which} needs at least four positions (closed)")
+            if ring[0] != ring[-1]:
+                raise GeometryError(
+                    f"the {which} is not closed: its last position is not its first"
+                )
+    shaped = shape(geometry)
+    if shaped.is_empty:
+        raise GeometryError("the geometry is empty")
+    if not shaped.is_valid:
+        reason = explain_validity(shaped)
+        if "Self-intersection" in reason or "Ring Self-intersection" in reason:
+            raise GeometryError(f"the polygon intersects itself ({reason})")
+        raise GeometryError(f"invalid geometry ({reason})")
+    if kind == "LineString" and shapely.length(shaped) == 0:
+        raise GeometryError("the line has no length")
+    return shaped
+
+
+# ---- metres ----------------------------------------------------------------------------------
+
+
+def distance_m(a: Position, b: Position) -> float:
+    """Along the WGS84 ellipsoid (a geodesic), in metres."""
+    _, _, metres = _GEOD.inv(a[0], a[1], b[0], b[1])
+    return float(metres)
+
+
+@dataclass(frozen=True)
+class LocalFrame:
+    """Metres east and north of an origin (equirectangular; exact enough across a ward)."""
+
+    lon0: float
+    lat0: float
+
+    @property
+    def _kx(self) -> float:
+        return math.radians(1) * EARTH_RADIUS_M * math.cos(math.radians(self.lat0))
+
+    @property
+    def _ky(self) -> float:
+        return math.radians(1) * EARTH_RADIUS_M
+
+    def metres(self, p: Position) -> Position:
+        return ((p[0] - self.lon0) * self._kx, (p[1] - self.lat0) * self._ky)
+
+    def degrees(self, p: Position) -> Position:
+        return (self.lon0 + p[0] / self._kx, self.lat0 + p[1] / self._ky)
+
+    def project(self, geometry: BaseGeometry) -> BaseGeometry:
+        kx, ky = self._kx, self._ky
+        return shapely.transform(
+            geometry,
+            lambda xy: (xy - [self.lon0, self.lat0]) * [kx, ky],
+        )
+
+
+def frame_at(geometry: BaseGeometry) -> LocalFrame:
+    centre = geometry.centroid
+    return LocalFrame(centre.x, centre.y)
+
+
+def distance_outside_m(geometry: BaseGeometry, area: BaseGeometry) -> float:
+    """How far the geometry's farthest part lies outside the area, in metres (0 inside)."""
+    frame = frame_at(area)
+    local_area = frame.project(area)
+    local = frame.project(geometry)
+    if local_area.covers(local):
+        return 0.0
+    points = shapely.get_coordinates(local)
+    return float(max(local_area.distance(Point(x, y)) for x, y in points))
+
+
+def outside_extent(geometry: BaseGeometry, extent: tuple[float, float, float, float]) -> bool:
+    west, south, east, north = extent
+    minx, miny, maxx, maxy = geometry.bounds
+    return minx < west or maxx > east or miny < south or maxy > north
+
+
+def line_length_m(positions: Sequence[Position]) -> float:
+    return sum(distance_m(a, b) for a, b in itertools.pairwise(positions))
+
+
+def along_and_offset_m(route: Sequence[Position], point: Position) -> tuple[float, float]:
+    """(distance along the route to the point's nearest spot, distance from the route)."""
+    frame = LocalFrame(*route[0])
+    line = LineString([frame.metres(p) for p in route])
+    local = Point(frame.metres(point))
+    return float(line.project(local)), float(line.distance(local))
+
+
+def bounds_of(geometries: Iterable[dict[str, Any]]) -> tuple[float, float, float, float] | None:
+    coordinates = [c for g in geometries for c in shapely.get_coordinates(shape(g))]
+    if not coordinates:
+        return None
+    xs = [c[0] for c in coordinates]
+    ys = [c[1] for c in coordinates]
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def bbox_polygon(west: float, south: float, east: float, north: float) -> dict[str, Any]:
+    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
+    return {"type": "Polygon", "coordinates": [ring]}

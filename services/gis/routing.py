@@ -1,0 +1,119 @@
+"""The fire access route: the shortest way along the alley network, using only alleys at least
+a given width, from where the engine leaves the street to a household. Pure: the alleys and
+hydrants come in as GeoJSON features, the route goes out as positions."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+from shapely.geometry import LineString, Point
+
+from services.gis.geometry import (
+    LocalFrame,
+    Position,
+    along_and_offset_m,
+    distance_m,
+    line_length_m,
+)
+
+# The entry and the destination join the network at its nearest point within this distance.
+MAX_SNAP_M = 150.0
+NODE_DIGITS = 7
+
+
+class NoRoute(Exception):
+    """Why no route exists, in words for the caller."""
+
+
+@dataclass(frozen=True)
+class Route:
+    positions: list[Position]
+    length_m: float
+
+
+@dataclass(frozen=True)
+class RouteHydrant:
+    feature: dict[str, Any]
+    along_m: float
+    offset_m: float
+
+
+def _node(p: Sequence[float]) -> Position:
+    return (round(float(p[0]), NODE_DIGITS), round(float(p[1]), NODE_DIGITS))
+
+
+def network(alleys: Iterable[dict[str, Any]], min_width_m: float) -> nx.Graph[Position]:
+    """Alleys as a graph: vertices are nodes (alleys meet where they share a vertex), segments
+    are edges weighted by their length in metres; alleys narrower than min_width_m are left out."""
+    graph: nx.Graph[Position] = nx.Graph()
+    for alley in alleys:
+        if float(alley["properties"].get("width_m", 0)) < min_width_m:
+            continue
+        points = [_node(p) for p in alley["geometry"]["coordinates"]]
+        for a, b in itertools.pairwise(points):
+            if a != b:
+                graph.add_edge(a, b, length=distance_m(a, b))
+    return graph
+
+
+def _join(graph: nx.Graph[Position], point: Position, frame: LocalFrame, what: str) -> Position:
+    """Adds the network's nearest spot to `point` as a node (splitting its edge) and returns it."""
+    local = Point(frame.metres(point))
+    best: tuple[float, Position, Position, float] | None = None
+    for a, b in graph.edges():
+        segment = LineString([frame.metres(a), frame.metres(b)])
+        distance = segment.distance(local)
+        if best is None or distance < best[0]:
+            best = (distance, a, b, segment.project(local))
+    if best is None or best[0] > MAX_SNAP_M:
+        raise NoRoute(f"{what}: no alley wide enough within {MAX_SNAP_M:g} m")
+    _, a, b, along = best
+    segment = LineString([frame.metres(a), frame.metres(b)])
+    spot = segment.interpolate(along)
+    node = _node(frame.degrees((spot.x, spot.y)))
+    if node in (a, b):
+        return node
+    graph.remove_edge(a, b)
+    graph.add_edge(a, node, length=distance_m(a, node))
+    graph.add_edge(node, b, length=distance_m(node, b))
+    return node
+
+
+def shortest_route(
+    alleys: Iterable[dict[str, Any]], entry: Position, destination: Position, min_width_m: float
+) -> Route:
+    """From the entry to the destination along alleys at least min_width_m wide. The route
+    starts and ends with the short walk from each point to its nearest spot on the network."""
+    graph = network(alleys, min_width_m)
+    if graph.number_of_edges() == 0:
+        raise NoRoute(f"no alley at least {min_width_m:g} m wide in the area")
+    frame = LocalFrame(*entry)
+    start = _join(graph, entry, frame, "entry")
+    end = _join(graph, destination, frame, "destination")
+    try:
+        path: list[Position] = nx.shortest_path(graph, start, end, weight="length")
+    except nx.NetworkXNoPath:
+        raise NoRoute(
+            f"no way in along alleys at least {min_width_m:g} m wide: the destination is cut off"
+        ) from None
+    positions = [entry, *path, destination]
+    positions = [p for i, p in enumerate(positions) if i == 0 or p != positions[i - 1]]
+    length = line_length_m(positions)
+    return Route(positions, length)
+
+
+def hydrants_along(
+    route: Route, hydrants: Iterable[dict[str, Any]], radius_m: float
+) -> list[RouteHydrant]:
+    """Hydrants within radius_m of the route, in the order the engine passes them."""
+    found = []
+    for hydrant in hydrants:
+        point = tuple(hydrant["geometry"]["coordinates"])
+        along, offset = along_and_offset_m(route.positions, (point[0], point[1]))
+        if offset <= radius_m:
+            found.append(RouteHydrant(hydrant, along, offset))
+    return sorted(found, key=lambda h: (h.along_m, h.offset_m))

@@ -1,0 +1,185 @@
+"""Reading what wards have: GeoJSON files and AutoCAD DXF drawings, into raw features in the
+file's own coordinates. No I/O beyond the bytes given; no checks of the geometry yet."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ezdxf.entities.dxfgfx import DXFGraphic
+from ezdxf.lldxf.const import DXFError
+from ezdxf.recover import read as read_dxf_stream
+from shapely.geometry import Point, shape
+
+from services.gis.domain import Layer, kind_of
+
+
+class SourceError(ValueError):
+    """The file as a whole cannot be read (not a per-feature problem)."""
+
+
+@dataclass
+class RawFeature:
+    index: int
+    source_id: str
+    # GeoJSON geometry in the file's coordinates; None when `error` says why there is none.
+    geometry: dict[str, Any] | None
+    properties: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+# ---- GeoJSON ---------------------------------------------------------------------------------
+
+
+def read_geojson(content: bytes) -> list[RawFeature]:
+    try:
+        document = json.loads(content.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"is not valid GeoJSON ({error})") from None
+    if not isinstance(document, dict) or "type" not in document:
+        raise SourceError("is not a GeoJSON object (no type)")
+    if document["type"] == "FeatureCollection":
+        features = document.get("features")
+        if not isinstance(features, list):
+            raise SourceError("is a FeatureCollection without a features array")
+    elif document["type"] == "Feature":
+        features = [document]
+    else:
+        features = [{"type": "Feature", "geometry": document, "properties": {}}]
+    return [_geojson_feature(index, item) for index, item in enumerate(features)]
+
+
+def _geojson_feature(index: int, item: Any) -> RawFeature:
+    if not isinstance(item, dict) or item.get("type") != "Feature":
+        return RawFeature(index, "", None, error="is not a GeoJSON Feature")
+    properties = item.get("properties") or {}
+    if not isinstance(properties, dict):
+        properties = {}
+    source_id = item.get("id", properties.get("id", properties.get("ref", "")))
+    geometry = item.get("geometry")
+    raw = RawFeature(index, str(source_id) if source_id is not None else "", None, properties)
+    if not isinstance(geometry, dict) or "coordinates" not in geometry or "type" not in geometry:
+        raw.error = "has no geometry"
+        return raw
+    raw.geometry = {"type": geometry["type"], "coordinates": geometry["coordinates"]}
+    return raw
+
+
+# ---- DXF ---------------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"(\d+(?:[.,]\d+)?)")
+# How far a label may stand from the line or point it names, in drawing units (metres).
+LABEL_REACH = 10.0
+
+
+@dataclass(frozen=True)
+class _Label:
+    x: float
+    y: float
+    text: str
+
+
+def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeature]:
+    """Entities of model space that can be features of `layer`: closed polylines as polygons,
+    polylines and lines as lines, points, circles and block references as points. Text labels
+    give properties: a number inside a building is its storeys, inside a boundary its unit
+    code; a width such as "3.5m" next to an alley is its width; a label by a hydrant its name."""
+    try:
+        document, auditor = read_dxf_stream(io.BytesIO(content))
+    except (DXFError, OSError, UnicodeDecodeError, ValueError) as error:
+        raise SourceError(f"is not a readable DXF drawing ({error})") from None
+    if auditor.has_errors:
+        raise SourceError(f"is a damaged DXF drawing ({len(auditor.errors)} errors)")
+    wanted = kind_of(layer)
+    labels: list[_Label] = []
+    entities: list[DXFGraphic] = []
+    for entity in document.modelspace():
+        if dxf_layer and entity.dxf.get("layer", "") != dxf_layer:
+            continue
+        if entity.dxftype() in ("TEXT", "MTEXT"):
+            text = entity.plain_text() if entity.dxftype() == "MTEXT" else entity.dxf.text  # type: ignore[attr-defined]
+            insert = entity.dxf.insert
+            labels.append(_Label(float(insert.x), float(insert.y), str(text).strip()))
+        else:
+            entities.append(entity)
+    features = []
+    for index, entity in enumerate(entities):
+        feature = _dxf_feature(index, entity, wanted)
+        if feature is not None:
+            _label(feature, labels, layer)
+            features.append(feature)
+    return features
+
+
+def _dxf_feature(index: int, entity: DXFGraphic, wanted: str) -> RawFeature | None:
+    kind = entity.dxftype()
+    handle = str(entity.dxf.handle)
+    if wanted == "point":
+        if kind == "POINT":
+            at = entity.dxf.location
+        elif kind in ("CIRCLE", "INSERT"):
+            at = entity.dxf.center if kind == "CIRCLE" else entity.dxf.insert
+        else:
+            return None
+        return RawFeature(index, handle, {"type": "Point", "coordinates": [at.x, at.y]})
+    if kind == "LWPOLYLINE":
+        points = [[float(x), float(y)] for x, y in entity.get_points("xy")]  # type: ignore[attr-defined]
+        closed = bool(entity.closed)  # type: ignore[attr-defined]
+        width = float(entity.dxf.get("const_width", 0.0) or 0.0)
+    elif kind == "POLYLINE":
+        points = [[float(p.x), float(p.y)] for p in entity.points()]  # type: ignore[attr-defined]
+        closed = bool(entity.is_closed)  # type: ignore[attr-defined]
+        width = float(entity.dxf.get("default_start_width", 0.0) or 0.0)
+    elif kind == "LINE" and wanted == "line":
+        start, end = entity.dxf.start, entity.dxf.end
+        points, closed, width = [[start.x, start.y], [end.x, end.y]], False, 0.0
+    else:
+        return None
+    if wanted == "line":
+        properties = {"width_m": width} if width > 0 else {}
+        return RawFeature(index, handle, {"type": "LineString", "coordinates": points}, properties)
+    if closed and points and points[0] != points[-1]:
+        points = [*points, points[0]]
+    return RawFeature(index, handle, {"type": "Polygon", "coordinates": [points]})
+
+
+def _label(feature: RawFeature, labels: list[_Label], layer: Layer) -> None:
+    """Properties from the text labels that belong to the feature."""
+    assert feature.geometry is not None
+    try:
+        geometry = shape(feature.geometry)
+    except (ValueError, TypeError, AttributeError):
+        return
+    if feature.geometry["type"] == "Polygon":
+        try:
+            inside = [
+                label for label in labels if geometry.buffer(0).contains(Point(label.x, label.y))
+            ]
+        except (ValueError, TypeError):
+            inside = []
+        for label in inside:
+            if layer is Layer.BUILDING and (number := NUMBER.search(label.text)):
+                feature.properties.setdefault(
+                    "storeys", int(float(number.group(1).replace(",", ".")))
+                )
+            elif layer is Layer.BOUNDARY:
+                feature.properties.setdefault("unit_code", label.text)
+        return
+    near = sorted(
+        (geometry.distance(Point(label.x, label.y)), label.text)
+        for label in labels
+        if geometry.distance(Point(label.x, label.y)) <= LABEL_REACH
+    )
+    for _, text in near:
+        if layer is Layer.ALLEY and "width_m" not in feature.properties:
+            number = NUMBER.search(text)
+            if number and text.rstrip().lower().endswith("m"):
+                width = float(number.group(1).replace(",", "."))
+                if math.isfinite(width):
+                    feature.properties["width_m"] = width
+        elif layer is Layer.HYDRANT:
+            feature.properties.setdefault("name", text)

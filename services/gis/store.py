@@ -1,0 +1,203 @@
+"""Map layers in MongoDB (GeoJSON in WGS84, 2dsphere-indexed), and the service's own view of
+the registry: units, household points and the few facts about persons that counts need."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pymongo import ASCENDING, GEOSPHERE, IndexModel, ReplaceOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.common.commands import ensure_command_indexes
+from services.common.mongo import Document, Session, in_unit
+from services.common.outbox import ensure_outbox_indexes
+from services.common.paging import after_token, next_token
+from services.gis.domain import RENTER_KINDS, Layer
+
+# What a listing returns of a feature (no bookkeeping fields).
+SHOWN = {"layer": 1, "unit_id": 1, "geometry": 1, "properties": 1}
+GEO_INDEX = "layer_1_geometry_2dsphere"
+
+
+class GisStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+        self.features = db["features"]
+        self.units = db["units"]  # projected from civic.registry.v1
+        self.persons = db["persons"]  # projected from civic.registry.v1: no names
+
+    async def ensure_indexes(self) -> None:
+        await self.features.create_indexes(
+            [
+                # Layer first: a nearest-hydrant search never wades through buildings.
+                IndexModel([("layer", ASCENDING), ("geometry", GEOSPHERE)], name=GEO_INDEX),
+                IndexModel([("layer", ASCENDING), ("unit_id", ASCENDING)]),
+                IndexModel([("source_unit", ASCENDING), ("layer", ASCENDING)]),
+            ]
+        )
+        await self.persons.create_indexes(
+            [IndexModel([("unit_id", ASCENDING)]), IndexModel([("household_id", ASCENDING)])]
+        )
+        await ensure_outbox_indexes(self.db)
+        await ensure_command_indexes(self.db)
+
+    # ---- writing layers ----------------------------------------------------------------------
+
+    async def upsert(
+        self, docs: Sequence[Document], session: Session
+    ) -> tuple[list[str], list[str], list[str]]:
+        """(created, updated, unchanged) ids; a document whose content hash is the stored one
+        is not written again."""
+        stored = {
+            doc["_id"]: doc.get("hash")
+            async for doc in self.features.find(
+                {"_id": {"$in": [d["_id"] for d in docs]}}, {"hash": 1}, session=session
+            )
+        }
+        created, updated, unchanged, writes = [], [], [], []
+        for doc in docs:
+            if doc["_id"] not in stored:
+                created.append(doc["_id"])
+            elif stored[doc["_id"]] != doc["hash"]:
+                updated.append(doc["_id"])
+            else:
+                unchanged.append(doc["_id"])
+                continue
+            writes.append(ReplaceOne({"_id": doc["_id"]}, doc, upsert=True))
+        if writes:
+            await self.features.bulk_write(writes, ordered=False, session=session)
+        return created, updated, unchanged
+
+    async def stale(self, layer: Layer, source_unit: str, keep: set[str]) -> list[Document]:
+        """Features an import into source_unit made earlier that the new one no longer has."""
+        docs = await self.features.find(
+            {"layer": layer.key, "source_unit": source_unit}, {"unit_id": 1}
+        ).to_list()
+        return [doc for doc in docs if doc["_id"] not in keep]
+
+    async def remove(self, ids: list[str], session: Session) -> None:
+        await self.features.delete_many({"_id": {"$in": ids}}, session=session)
+
+    # ---- reading layers ----------------------------------------------------------------------
+
+    async def boundary(self, unit_id: str) -> Document | None:
+        return await self.features.find_one({"layer": Layer.BOUNDARY.key, "unit_id": unit_id})
+
+    async def nearest_boundary(self, unit_id: str) -> Document | None:
+        """The unit's boundary, or failing that its nearest ancestor's."""
+        parts = unit_id.split(".")
+        candidates = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
+        found = {
+            doc["unit_id"]: doc
+            async for doc in self.features.find(
+                {"layer": Layer.BOUNDARY.key, "unit_id": {"$in": candidates}}
+            )
+        }
+        return next((found[c] for c in candidates if c in found), None)
+
+    async def containing(self, point: Document) -> list[Document]:
+        return await self.features.find(
+            {"layer": Layer.BOUNDARY.key, "geometry": {"$geoIntersects": {"$geometry": point}}},
+            {"unit_id": 1, "properties": 1},
+        ).to_list()
+
+    async def page(
+        self, query: Document, token: str, size: int, shown: Document | None = None
+    ) -> tuple[list[Document], str]:
+        """A page of features in id order. `query` must select by geometry: the planner is told
+        to use the layer's geometry index (left to itself it may walk the ids in order and test
+        each feature, several times slower for a box of thousands)."""
+        items = (
+            await self.features.find(after_token(query, token), shown or SHOWN)
+            .hint(GEO_INDEX)
+            .sort("_id", ASCENDING)
+            .limit(size)
+            .to_list()
+        )
+        return items, next_token(items, size)
+
+    async def all(self, query: Document, limit: int = 50_000) -> list[Document]:
+        return await self.features.find(query, SHOWN).limit(limit).to_list()
+
+    async def nearest(
+        self, layer: Layer, point: Document, limit: int, max_distance_m: float
+    ) -> list[Document]:
+        """The nearest features of a layer, nearest first. A find with $near stops once it has
+        `limit` (an aggregation's $geoNear reads every feature within max_distance_m first)."""
+        return (
+            await self.features.find(
+                {
+                    "layer": layer.key,
+                    "geometry": {"$near": {"$geometry": point, "$maxDistance": max_distance_m}},
+                },
+                {"geometry": 1, "properties": 1},
+            )
+            .limit(limit)
+            .to_list()
+        )
+
+    # ---- the registry's facts ----------------------------------------------------------------
+
+    async def unit(self, unit_id: str) -> Document | None:
+        return await self.units.find_one({"_id": unit_id})
+
+    async def units_named(self, unit_ids: list[str]) -> dict[str, str]:
+        return {
+            doc["_id"]: doc.get("name", "")
+            async for doc in self.units.find({"_id": {"$in": unit_ids}}, {"name": 1})
+        }
+
+    async def groups_in(self, unit_id: str) -> list[Document]:
+        return await self.units.find(
+            {"_id": in_unit(unit_id), "kind": 4, "active": True}, {"name": 1}
+        ).to_list()
+
+    async def counts(self, unit_id: str, elderly_born_by: str) -> dict[str, Document]:
+        """Per unit: population, elderly and renters of the persons living there now."""
+        rows = await self.persons.aggregate(
+            [
+                {"$match": {"unit_id": in_unit(unit_id), "active": True}},
+                {
+                    "$group": {
+                        "_id": "$unit_id",
+                        "population": {"$sum": 1},
+                        "elderly": {
+                            "$sum": {
+                                "$cond": [
+                                    {
+                                        "$and": [
+                                            {"$gt": ["$birth_date", ""]},
+                                            {"$lte": ["$birth_date", elderly_born_by]},
+                                        ]
+                                    },
+                                    1,
+                                    0,
+                                ]
+                            }
+                        },
+                        "renters": {
+                            "$sum": {
+                                "$cond": [{"$in": ["$residence_kind", list(RENTER_KINDS)]}, 1, 0]
+                            }
+                        },
+                    }
+                },
+            ]
+        )
+        found = {row["_id"]: row async for row in rows}
+        households = await self.features.aggregate(
+            [
+                {"$match": {"layer": Layer.HOUSEHOLD.key, "unit_id": in_unit(unit_id)}},
+                {"$group": {"_id": "$unit_id", "households": {"$sum": 1}}},
+            ]
+        )
+        async for row in households:
+            found.setdefault(row["_id"], {"_id": row["_id"]})["households"] = row["households"]
+        return found
+
+    async def put_unit(self, unit: Document, session: Session) -> None:
+        await self.units.replace_one({"_id": unit["_id"]}, unit, upsert=True, session=session)
+
+    async def household(self, household_id: str, session: Session | None = None) -> Any:
+        return await self.features.find_one({"_id": f"household-{household_id}"}, session=session)

@@ -1,0 +1,125 @@
+"""AutoCAD DXF drawings in VN-2000, as wards digitised their paper maps, land on the WGS84 map
+within a metre of where they are: the expected positions are computed independently of PROJ
+(tests/gis/vn2000.py), the drawing is built here with ezdxf."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from civic.gis.v1 import gis_pb2
+from ezdxf.document import Drawing
+
+from tests.gis.conftest import Ward, rid
+from tests.gis.vn2000 import DA_NANG_TM3, to_da_nang_tm3, to_utm_49n
+
+Plane = Callable[[float, float], tuple[float, float]]
+
+
+def metres_apart(a: list[float], b: list[float]) -> float:
+    lon1, lat1, lon2, lat2 = map(math.radians, (*a, *b))
+    h = (
+        math.sin((lat2 - lat1) / 2) ** 2
+        + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    )
+    return 2 * 6_371_008.8 * math.asin(math.sqrt(h))
+
+
+def drawing(ward: Ward, plane: Plane) -> tuple[bytes, dict[str, Any]]:
+    """A small map in VN-2000 plane coordinates: two houses labelled with their storeys (one
+    drawn with its ring left open), two hydrants with their names, an alley 4 m wide; and the
+    WGS84 positions each was drawn from."""
+    doc = Drawing.new("R2010")
+    msp = doc.modelspace()
+    for name in ("NHA", "TRU_CUU_HOA", "HEM"):
+        doc.layers.add(name)
+    houses = {
+        "closed": [ward.at(x, y) for x, y in ((-300, 50), (-285, 50), (-285, 62), (-300, 62))],
+        "open": [ward.at(x, y) for x, y in ((-250, 50), (-240, 50), (-240, 58), (-250, 58))],
+    }
+    for corners, storeys, closed in ((houses["closed"], "3T", True), (houses["open"], "2", False)):
+        msp.add_lwpolyline([plane(*c) for c in corners], close=closed, dxfattribs={"layer": "NHA"})
+        middle = (sum(c[0] for c in corners) / 4, sum(c[1] for c in corners) / 4)
+        msp.add_text(storeys, dxfattribs={"layer": "NHA", "insert": plane(*middle)})
+    hydrants = {"TCH-01": ward.at(-200, 0), "TCH-02": ward.at(-100, -150)}
+    for name, at in hydrants.items():
+        x, y = plane(*at)
+        msp.add_circle((x, y), radius=0.5, dxfattribs={"layer": "TRU_CUU_HOA"})
+        msp.add_text(name, dxfattribs={"layer": "TRU_CUU_HOA", "insert": (x + 2, y + 2)})
+    alley = [ward.at(-500, -20), ward.at(-300, -20), ward.at(-300, -200)]
+    msp.add_lwpolyline([plane(*p) for p in alley], dxfattribs={"layer": "HEM", "const_width": 4.0})
+    out = io.StringIO()
+    doc.write(out)
+    return out.getvalue().encode(), {"houses": houses, "hydrants": hydrants, "alley": alley}
+
+
+async def import_dxf(
+    ward: Ward, content: bytes, crs: str, layer: gis_pb2.Layer.ValueType, dxf_layer: str
+) -> gis_pb2.ImportLayerResponse:
+    response: gis_pb2.ImportLayerResponse = await ward.officer.ImportLayer(
+        gis_pb2.ImportLayerRequest(
+            request_id=rid(),
+            unit_id=ward.city.ward,
+            layer=layer,
+            format=gis_pb2.SOURCE_FORMAT_DXF,
+            source_crs=crs,
+            content=content,
+            dxf_layer=dxf_layer,
+        )
+    )
+    return response
+
+
+@pytest.mark.parametrize(
+    ("crs", "plane"),
+    [(DA_NANG_TM3, to_da_nang_tm3), ("EPSG:3406", to_utm_49n)],
+    ids=["tm3-da-nang", "utm-49n"],
+)
+async def test_a_vn2000_drawing_lands_within_a_metre(ward: Ward, crs: str, plane: Plane) -> None:
+    content, truth = drawing(ward, plane)
+
+    houses = await import_dxf(ward, content, crs, gis_pb2.LAYER_BUILDING, "NHA")
+    assert houses.created == 1
+    # The house whose outline was left open is refused, by its entity handle, and not stored.
+    assert len(houses.rejected) == 1 and "not closed" in houses.rejected[0].message
+    assert houses.rejected[0].source_id
+    hydrants = await import_dxf(ward, content, crs, gis_pb2.LAYER_HYDRANT, "TRU_CUU_HOA")
+    alleys = await import_dxf(ward, content, crs, gis_pb2.LAYER_ALLEY, "HEM")
+    assert (hydrants.created, alleys.created) == (2, 1)
+
+    listed = await ward.features(unit_id=ward.city.ward)
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for feature in listed["features"]:
+        by_layer.setdefault(feature["properties"]["layer"], []).append(feature)
+
+    (house,) = by_layer["building"]
+    assert house["properties"]["storeys"] == 3
+    ring = house["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1] and len(ring) == 5
+    for got, expected in zip(ring, truth["houses"]["closed"], strict=False):
+        assert metres_apart(got, expected) < 1.0, (got, expected)
+
+    named = {h["properties"]["name"]: h for h in by_layer["hydrant"]}
+    assert set(named) == set(truth["hydrants"])
+    for name, expected in truth["hydrants"].items():
+        assert metres_apart(named[name]["geometry"]["coordinates"], expected) < 1.0
+
+    (alley,) = by_layer["alley"]
+    assert alley["properties"]["width_m"] == 4.0
+    for got, expected in zip(alley["geometry"]["coordinates"], truth["alley"], strict=True):
+        assert metres_apart(got, expected) < 1.0
+
+    # The same drawing again changes nothing: ids come from the entity handles.
+    again = await import_dxf(ward, content, crs, gis_pb2.LAYER_HYDRANT, "TRU_CUU_HOA")
+    assert (again.created, again.updated, again.unchanged) == (0, 0, 2)
+
+
+async def test_a_drawing_in_the_wrong_crs_is_refused_as_far_away(ward: Ward) -> None:
+    content, _ = drawing(ward, to_da_nang_tm3)
+    # Read as UTM 48N the same numbers lie hundreds of kilometres away.
+    response = await import_dxf(ward, content, "EPSG:3405", gis_pb2.LAYER_HYDRANT, "TRU_CUU_HOA")
+    assert response.created == 0 and len(response.rejected) == 2
+    assert all("outside" in error.message for error in response.rejected)

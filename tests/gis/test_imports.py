@@ -1,0 +1,272 @@
+"""GeoJSON imports: stored in WGS84, idempotent, invalid features refused one by one, every
+change announced on civic.gis.v1, and bad requests refused with nothing written."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import Awaitable
+from typing import Any
+
+import grpc
+import pytest
+from civic.gis.v1 import events_pb2, gis_pb2
+
+from services.common.auth import Role
+from services.common.cloudevents import type_name
+from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
+from tests.kafka_reader import TopicReader, of_type, with_key
+
+TOPIC = "civic.gis.v1"
+
+
+async def refused(code: grpc.StatusCode, call: Awaitable[Any]) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    return str(caught.value.details())
+
+
+def buildings(ward: Ward) -> list[dict[str, Any]]:
+    return [
+        polygon_feature(ward.box(-500, 100, -480, 115), "b1", storeys=3, use="residential"),
+        polygon_feature(ward.box(-450, 100, -430, 120), "b2", storeys="2"),
+        polygon_feature(ward.box(100, -100, 130, -80), "b3", storeys=5, floor_area_m2=2500),
+    ]
+
+
+async def test_a_geojson_import_stores_wgs84_features_once_and_announces_them(
+    ward: Ward, settings: Any
+) -> None:
+    first = await ward.import_features(gis_pb2.LAYER_BUILDING, buildings(ward))
+    assert (first.created, first.updated, first.unchanged, list(first.rejected)) == (3, 0, 0, [])
+
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
+    by_name = {f["properties"]["storeys"]: f for f in listed["features"]}
+    assert set(by_name) == {3, 2, 5}
+    b1 = by_name[3]
+    assert b1["geometry"]["coordinates"][0][0] == ward.at(-500, 100)
+    assert b1["properties"]["unit_id"] == ward.city.ward
+    # 20 m x 15 m footprint, three storeys.
+    assert b1["properties"]["footprint_m2"] == pytest.approx(300, rel=0.01)
+    assert b1["properties"]["floor_area_m2"] == pytest.approx(900, rel=0.01)
+    assert by_name[5]["properties"]["floor_area_m2"] == 2500
+
+    # The same file again (a retry under a new request id): nothing changes, nothing announced.
+    again = await ward.import_features(gis_pb2.LAYER_BUILDING, buildings(ward))
+    assert (again.created, again.updated, again.unchanged) == (0, 0, 3)
+    # One building redrawn taller: only it changes.
+    changed = buildings(ward)
+    changed[1]["properties"]["storeys"] = 4
+    third = await ward.import_features(gis_pb2.LAYER_BUILDING, changed)
+    assert (third.created, third.updated, third.unchanged) == (0, 1, 2)
+
+    async with TopicReader(settings.kafka_bootstrap_servers, TOPIC) as reader:
+        records = await reader.collect(
+            lambda rs: (
+                len(of_type(with_key(rs, ward.city.ward), type_name(events_pb2.LayerImported())))
+                >= 3
+            ),
+            what="three LayerImported events",
+        )
+        records = await reader.read_to_end()
+    mine = with_key(records, ward.city.ward)
+    changes = [
+        events_pb2.FeaturesChanged.FromString(r.value)
+        for r in of_type(mine, type_name(events_pb2.FeaturesChanged()))
+    ]
+    building_changes = [c for c in changes if c.layer == gis_pb2.LAYER_BUILDING]
+    # The first import announced three features, the rerun nothing, the redraw one.
+    assert [len(c.upserted_ids) for c in building_changes] == [3, 1]
+    assert building_changes[0].origin == events_pb2.CHANGE_ORIGIN_IMPORT
+    assert building_changes[1].upserted_ids[0] in {f["id"] for f in listed["features"]}
+    imported = [
+        events_pb2.LayerImported.FromString(r.value)
+        for r in of_type(mine, type_name(events_pb2.LayerImported()))
+    ]
+    assert [(i.created, i.updated, i.unchanged) for i in imported if i.layer == 2] == [
+        (3, 0, 0),
+        (0, 0, 3),
+        (0, 1, 2),
+    ]
+
+
+async def test_a_retried_import_request_returns_the_first_answer(ward: Ward) -> None:
+    request = gis_pb2.ImportLayerRequest(
+        request_id=rid(),
+        unit_id=ward.city.ward,
+        layer=gis_pb2.LAYER_HYDRANT,
+        format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+        content=json.dumps(point_feature(ward.at(10, 10), "h1")).encode(),
+    )
+    first = await ward.officer.ImportLayer(request)
+    second = await ward.officer.ImportLayer(request)
+    assert first == second and first.created == 1
+    other = gis_pb2.ImportLayerRequest()
+    other.CopyFrom(request)
+    other.replace = True
+    await refused(grpc.StatusCode.FAILED_PRECONDITION, ward.officer.ImportLayer(other))
+
+
+async def test_invalid_geometry_is_refused_feature_by_feature(ward: Ward) -> None:
+    bowtie = [
+        ward.at(-100, 0),
+        ward.at(-80, 20),
+        ward.at(-80, 0),
+        ward.at(-100, 20),
+        ward.at(-100, 0),
+    ]
+    unclosed = ward.box(-200, 0, -180, 20)[:-1]
+    features = [
+        polygon_feature(ward.box(-300, 0, -280, 20), "good", storeys=2),
+        polygon_feature(bowtie, "bowtie"),
+        polygon_feature(unclosed, "unclosed"),
+        # 3 km east of the ward's boundary.
+        polygon_feature(
+            [ward.at(3600, 0), ward.at(3620, 0), ward.at(3620, 20), ward.at(3600, 0)], "far"
+        ),
+        point_feature(ward.at(0, 0), "a-point"),
+        polygon_feature(ward.box(-250, 0, -230, 20), "zero-storeys", storeys=0),
+        {"type": "Feature", "id": "nothing", "properties": {}},
+    ]
+    response = await ward.import_features(gis_pb2.LAYER_BUILDING, features)
+    assert response.created == 1
+    errors = {e.source_id: (e.index, e.message) for e in response.rejected}
+    assert set(errors) == {"bowtie", "unclosed", "far", "a-point", "zero-storeys", "nothing"}
+    assert errors["bowtie"][0] == 1 and "intersects itself" in errors["bowtie"][1]
+    assert "not closed" in errors["unclosed"][1]
+    assert "outside" in errors["far"][1] and ward.city.ward in errors["far"][1]
+    assert errors["a-point"][1].startswith("geometry: a building must be a Polygon")
+    assert errors["zero-storeys"][1].startswith("properties.storeys:")
+    assert "no geometry" in errors["nothing"][1]
+
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
+    assert [f["properties"]["storeys"] for f in listed["features"]] == [2]
+
+    hydrants = await ward.import_features(
+        gis_pb2.LAYER_HYDRANT,
+        [point_feature(ward.at(0, 0), "ok"), point_feature(ward.at(0, 5000), "far")],
+    )
+    assert hydrants.created == 1 and [e.source_id for e in hydrants.rejected] == ["far"]
+    alleys = await ward.import_features(
+        gis_pb2.LAYER_ALLEY,
+        [line_feature([ward.at(0, 0), ward.at(0, 50)], "no-width")],
+    )
+    assert alleys.created == 0
+    assert alleys.rejected[0].message.startswith("properties.width_m: is required")
+
+
+async def test_replacing_a_layer_removes_what_the_new_drawing_lacks(ward: Ward) -> None:
+    await ward.import_features(gis_pb2.LAYER_BUILDING, buildings(ward))
+    response = await ward.import_features(gis_pb2.LAYER_BUILDING, buildings(ward)[:1], replace=True)
+    assert (response.unchanged, response.removed) == (1, 2)
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
+    assert len(listed["features"]) == 1
+
+
+async def test_a_large_drawing_is_uploaded_to_object_storage_then_imported(ward: Ward) -> None:
+    upload = await ward.officer.CreateImportUpload(
+        gis_pb2.CreateImportUploadRequest(unit_id=ward.city.ward, file_name="hydrants.geojson")
+    )
+    features = [
+        point_feature(ward.at(-500 + 10 * i, -300), f"h{i}", kind="hydrant") for i in range(80)
+    ]
+    body = json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+    def put() -> int:
+        request = urllib.request.Request(upload.upload_url, data=body, method="PUT")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return int(answer.status)
+
+    assert await asyncio.to_thread(put) == 200
+    response = await ward.officer.ImportLayer(
+        gis_pb2.ImportLayerRequest(
+            request_id=rid(),
+            unit_id=ward.city.ward,
+            layer=gis_pb2.LAYER_HYDRANT,
+            format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+            object_key=upload.object_key,
+        )
+    )
+    assert response.created == 80
+    # An upload key is good only for the unit it was handed out for.
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ward.officer.ImportLayer(
+            gis_pb2.ImportLayerRequest(
+                request_id=rid(),
+                unit_id=ward.city.group,
+                layer=gis_pb2.LAYER_HYDRANT,
+                format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+                object_key=upload.object_key,
+            )
+        ),
+    )
+
+
+async def test_bad_requests_are_refused_with_nothing_written(ward: Ward) -> None:
+    store = ward.service.store
+    before = await store.features.count_documents({})
+    good = json.dumps(point_feature(ward.at(0, 0), "h")).encode()
+
+    def request(**fields: Any) -> gis_pb2.ImportLayerRequest:
+        base: dict[str, Any] = {
+            "request_id": rid(),
+            "unit_id": ward.city.ward,
+            "layer": gis_pb2.LAYER_HYDRANT,
+            "format": gis_pb2.SOURCE_FORMAT_GEOJSON,
+            "content": good,
+        }
+        return gis_pb2.ImportLayerRequest(**(base | fields))
+
+    cases = [
+        (request(request_id=""), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
+        (request(unit_id=""), grpc.StatusCode.INVALID_ARGUMENT, "unit_id"),
+        (request(unit_id=ward.city.ward + ".nowhere"), grpc.StatusCode.NOT_FOUND, "unit"),
+        (request(layer=gis_pb2.LAYER_HOUSEHOLD), grpc.StatusCode.INVALID_ARGUMENT, "layer"),
+        (request(layer=0), grpc.StatusCode.INVALID_ARGUMENT, "layer"),
+        (request(format=0), grpc.StatusCode.INVALID_ARGUMENT, "format"),
+        (request(source_crs="EPSG:999999"), grpc.StatusCode.INVALID_ARGUMENT, "source_crs"),
+        (request(source_crs="nonsense"), grpc.StatusCode.INVALID_ARGUMENT, "source_crs"),
+        (request(content=b"{not json"), grpc.StatusCode.INVALID_ARGUMENT, "content"),
+        (
+            request(content=b'{"type": "FeatureCollection"}'),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "content",
+        ),
+        (request(content=b""), grpc.StatusCode.INVALID_ARGUMENT, "content"),
+        (
+            request(format=gis_pb2.SOURCE_FORMAT_DXF, content=b"0\nEOF\n"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "source_crs",
+        ),
+        (
+            request(format=gis_pb2.SOURCE_FORMAT_DXF, source_crs="EPSG:3405", content=b"garbage"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "content",
+        ),
+        (request(object_key="elsewhere/x.dxf"), grpc.StatusCode.INVALID_ARGUMENT, "object_key"),
+        (
+            request(object_key=f"{ward.city.ward}/missing.geojson"),
+            grpc.StatusCode.NOT_FOUND,
+            "missing",
+        ),
+    ]
+    for bad, code, named in cases:
+        details = await refused(code, ward.officer.ImportLayer(bad))
+        assert named in details, details
+    # Who: a group leader outside the unit, a resident, an integrator.
+    for caller in (
+        ward.other_leader,
+        ward.caller(Role.RESIDENT, ward.city.group, "hh-1"),
+        ward.caller(Role.INTEGRATOR, ward.city.city),
+    ):
+        await refused(grpc.StatusCode.PERMISSION_DENIED, caller.ImportLayer(request()))
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ward.officer.CreateImportUpload(
+            gis_pb2.CreateImportUploadRequest(unit_id=ward.city.ward, file_name="../etc/passwd")
+        ),
+    )
+    assert await store.features.count_documents({}) == before

@@ -1,0 +1,190 @@
+"""Household points kept current from the registry's events; evacuation lists inside a drawn
+polygon with names from the registry under the caller's own scope; counts per group."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from civic.common.v1 import types_pb2
+from civic.gis.v1 import events_pb2, gis_pb2
+from civic.registry.v1 import registry_pb2
+
+from services.common.auth import Role
+from services.common.cloudevents import type_name
+from tests.gis.conftest import Ward, rid
+from tests.gis.test_imports import refused
+from tests.kafka_reader import TopicReader, eventually, of_type, with_key
+from tests.registry_fixtures import new_household, person
+
+
+async def household_at(ward: Ward, household_id: str) -> list[float] | None:
+    collection = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_HOUSEHOLD])
+    for feature in collection["features"]:
+        if feature["properties"]["household_id"] == household_id:
+            coordinates: list[float] = feature["geometry"]["coordinates"]
+            return coordinates
+    return None
+
+
+async def located(ward: Ward, household_id: str, at: list[float]) -> None:
+    async def there() -> bool:
+        return await household_at(ward, household_id) == at
+
+    await eventually(there, what=f"household {household_id} at {at} on the map")
+
+
+async def test_a_new_and_a_moved_household_appear_on_the_map(ward: Ward, settings: Any) -> None:
+    city = ward.city
+    home = await new_household(city.leader, city.group, location=ward.point(-200, 30))
+    household_id = home.household.household_id
+    await located(ward, household_id, ward.at(-200, 30))
+
+    # The family moves house within the ward: the registry's update moves the point.
+    await city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=household_id,
+            update_fields=["location"],
+            location=ward.point(-350, -120),
+        )
+    )
+    await located(ward, household_id, ward.at(-350, -120))
+    located_in = await ward.officer.LocateUnit(
+        gis_pb2.LocateUnitRequest(point=ward.point(-350, -120))
+    )
+    assert located_in.unit_id == city.group
+
+    async with TopicReader(settings.kafka_bootstrap_servers, "civic.gis.v1") as reader:
+        feature_id = f"household-{household_id}"
+
+        def announced(records: list[Any]) -> bool:
+            changes = [
+                events_pb2.FeaturesChanged.FromString(r.value)
+                for r in of_type(
+                    with_key(records, city.group), type_name(events_pb2.FeaturesChanged())
+                )
+            ]
+            return sum(feature_id in c.upserted_ids for c in changes) >= 2
+
+        records = await reader.collect(announced, what="the household's two map changes")
+    change = events_pb2.FeaturesChanged.FromString(
+        of_type(with_key(records, city.group), type_name(events_pb2.FeaturesChanged()))[-1].value
+    )
+    assert change.layer == gis_pb2.LAYER_HOUSEHOLD
+    assert change.origin == events_pb2.CHANGE_ORIGIN_REGISTRY
+
+
+async def evacuation(caller: Any, ring: list[list[float]]) -> list[gis_pb2.HouseholdInArea]:
+    response = await caller.ListResidentsInArea(
+        gis_pb2.ListResidentsInAreaRequest(
+            ring=[types_pb2.GeoPoint(longitude=lon, latitude=lat) for lon, lat in ring[:-1]]
+        )
+    )
+    return list(response.households)
+
+
+async def test_an_evacuation_list_respects_scope_and_privacy(ward: Ward) -> None:
+    city = ward.city
+    west = await new_household(
+        city.leader, city.group, "Lê Văn Tám", "1950-01-01", location=ward.point(-50, 20)
+    )
+    await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=west.household.household_id, person=person()
+        )
+    )
+    east = await new_household(
+        city.other_leader, city.other_group, "Phạm Thị Hoa", location=ward.point(60, -20)
+    )
+    far = await new_household(city.leader, city.group, location=ward.point(-500, 300))
+    for home, at in ((west, (-50, 20)), (east, (60, -20)), (far, (-500, 300))):
+        await located(ward, home.household.household_id, ward.at(*at))
+    area = ward.box(-100, -50, 100, 50)  # across both groups, not the far household
+
+    everyone = await evacuation(ward.officer, area)
+    assert {h.household_id for h in everyone} == {
+        west.household.household_id,
+        east.household.household_id,
+    }
+    by_id = {h.household_id: h for h in everyone}
+    residents = {r.full_name: r.age for r in by_id[west.household.household_id].residents}
+    assert set(residents) == {"Lê Văn Tám", "Nguyễn Thị Bê"}
+    assert residents["Lê Văn Tám"] >= 75
+    assert by_id[west.household.household_id].address == "12 Kiệt 45 Trần Phú"
+
+    # A group leader's list holds only their own group's households, whatever they draw.
+    own = await evacuation(ward.leader, area)
+    assert [h.household_id for h in own] == [west.household.household_id]
+    assert {r.full_name for r in own[0].residents} == {"Lê Văn Tám", "Nguyễn Thị Bê"}
+
+    # The registry logged the read, with the purpose the leader gave, as for any official.
+    family = city.as_role(Role.RESIDENT, city.group, west.household.household_id)
+    log = await family.ListAccessLog(
+        registry_pb2.ListAccessLogRequest(household_id=west.household.household_id)
+    )
+    assert "evacuation list" in {entry.purpose for entry in log.entries}
+
+    for outsider in (
+        ward.caller(Role.RESIDENT, city.group, west.household.household_id),
+        ward.caller(Role.INTEGRATOR, city.city),
+        ward.caller(Role.AUDITOR, city.city),
+    ):
+        await refused(grpc.StatusCode.PERMISSION_DENIED, evacuation(outsider, area))
+    bowtie = [ward.at(0, 0), ward.at(50, 50), ward.at(50, 0), ward.at(0, 50), ward.at(0, 0)]
+    details = await refused(grpc.StatusCode.INVALID_ARGUMENT, evacuation(ward.officer, bowtie))
+    assert details.startswith("ring")
+    details = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT, evacuation(ward.officer, area[:2] + area[-1:])
+    )
+    assert details.startswith("ring")
+
+
+async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
+    city = ward.city
+    elder = await new_household(
+        city.leader, city.group, "Lê Văn Tám", "1940-03-03", location=ward.point(-50, 20)
+    )
+    await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=elder.household.household_id,
+            person=person("Võ Văn Thuê", "2001-02-02"),
+            stay_start="2026-01-01",
+            stay_end="2027-01-01",
+        )
+    )
+    await new_household(city.other_leader, city.other_group, location=ward.point(60, -20))
+
+    async def counted() -> dict[str, gis_pb2.GroupCount] | None:
+        response = await ward.officer.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward))
+        counts = {c.unit_id: c for c in response.counts}
+        west, east = counts.get(city.group), counts.get(city.other_group)
+        if west and east and (west.population, east.population) == (2, 1):
+            choropleth = json.loads(response.geojson)
+            by_unit = {f["properties"]["unit_id"]: f["properties"] for f in choropleth["features"]}
+            assert by_unit[city.group]["population"] == 2
+            return counts
+        return None
+
+    found = await eventually(counted, what="both groups counted")
+    assert found is not None
+    counts = found
+    west = counts[city.group]
+    assert (west.households, west.population, west.elderly, west.renters) == (1, 2, 1, 1)
+    east = counts[city.other_group]
+    assert (east.households, east.population, east.elderly, east.renters) == (1, 1, 0, 0)
+
+    resident = ward.caller(Role.RESIDENT, city.group, elder.household.household_id)
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        resident.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward)),
+    )
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        ward.leader.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward)),
+    )
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT, ward.officer.CountByGroup(gis_pb2.CountByGroupRequest())
+    )
