@@ -4,6 +4,7 @@ resident's listing (unread first, newest first), and who sees a notice at all.""
 from __future__ import annotations
 
 import grpc
+from civic.common.v1 import types_pb2
 from civic.notices.v1 import notices_pb2
 
 from services.common.auth import Role
@@ -88,7 +89,9 @@ async def test_residents_list_unread_first_then_newest_first(town: Town) -> None
     pages, token = [], ""
     while True:
         response = await town.resident(household).ListMyNotices(
-            notices_pb2.ListMyNoticesRequest(page={"page_size": 1, "page_token": token})
+            notices_pb2.ListMyNoticesRequest(
+                page=types_pb2.PageRequest(page_size=1, page_token=token)
+            )
         )
         pages += [n.notice.title for n in response.notices]
         token = response.next_page_token
