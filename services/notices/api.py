@@ -268,7 +268,11 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                 "resend_after_s": (
                     timing.resend_after.total_seconds() if timing.resend_after else None
                 ),
-                "fanout": {"after": "", "delivered": 0, "complete": False},
+                "fanout": {
+                    "after": {"unit": "", "household": ""},
+                    "delivered": 0,
+                    "complete": False,
+                },
                 "created_at": now,
             }
             if timing.publish_at is None:
@@ -421,10 +425,10 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         rows = await self.store.reach(notice["_id"], area)
         groups = [
             notices_pb2.Reach(
-                unit_id=row["_id"],
-                delivered=row["delivered"],
-                opened=row["opened"],
-                acknowledged=row["acknowledged"],
+                unit_id=row["unit_id"],
+                delivered=row.get("delivered", 0),
+                opened=row.get("opened", 0),
+                acknowledged=row.get("acknowledged", 0),
             )
             for row in rows
         ]
@@ -536,6 +540,11 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                 )
                 events.insert(0, read)
             if changes:
+                counted = {
+                    "opened": int("opened_at" in changes),
+                    "acknowledged": int("acked" in changes),
+                }
+                await self.store.count(notice["_id"], {record["unit_id"]: counted}, session)
                 record = await self.store.update_delivery(
                     record["_id"], {"$set": changes, "$unset": {"resend_due": ""}}, session
                 )

@@ -194,7 +194,11 @@ class Deliverer:
             )
             delivered = [h for h in delivered if h not in set(late)]
         complete = len(batch) < self.batch_size
-        last = batch[-1]["_id"] if batch else after
+        last = {"unit": batch[-1]["unit_id"], "household": batch[-1]["_id"]} if batch else after
+        per_group: dict[str, Document] = {}
+        units = {h["_id"]: h["unit_id"] for h in targets}
+        for household_id in delivered:
+            per_group.setdefault(units[household_id], {"delivered": 0})["delivered"] += 1
 
         async def work(session: Session) -> list[Document]:
             update: Document = {
@@ -212,6 +216,7 @@ class Deliverer:
             )
             if moved is None:
                 return []  # another instance delivered this batch
+            await self.store.count(notice_id, per_group, session)
             events = []
             if delivered:
                 await self.store.announce(

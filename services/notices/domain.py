@@ -182,7 +182,7 @@ def check_timing(
     if expires_at is not None and expires_at <= starts:
         raise InvalidArgument("expires_at", "must be after the notice is published")
     if priority is Priority.EMERGENCY:
-        resend_after = resend_after or DEFAULT_RESEND_AFTER
+        resend_after = DEFAULT_RESEND_AFTER if resend_after is None else resend_after
         if not MIN_RESEND_AFTER <= resend_after <= MAX_RESEND_AFTER:
             raise InvalidArgument("resend_after", "must be between 1 minute and 2 days")
     elif resend_after is not None:

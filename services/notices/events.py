@@ -63,7 +63,7 @@ class Reconciler:
                 "withdrawn_at": None,
                 "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
             },
-            {"notice_id": 1, "household_id": 1, "unit_id": 1},
+            {"notice_id": 1, "household_id": 1, "unit_id": 1, "read": 1, "acked": 1},
             session=session,
         ).to_list()
         held = {(d["notice_id"], d["household_id"]): d for d in current}
@@ -84,11 +84,17 @@ class Reconciler:
                     if await self._in_audience(notice, household, now, session):
                         emitted += await self._deliver(notice, household_id, unit_id, now, session)
                 elif record is not None and inside and record["unit_id"] != unit_id:
+                    # Moved between groups of the notice's unit: it counts in its new group.
                     await store.deliveries.update_one(
                         {"_id": record["_id"]}, {"$set": {"unit_id": unit_id}}, session=session
                     )
+                    await store.count(
+                        notice["_id"],
+                        {record["unit_id"]: _counts(record, -1), unit_id: _counts(record, 1)},
+                        session,
+                    )
                 elif record is not None and not inside:
-                    emitted += await self._withdraw(notice, household_id, now, session)
+                    emitted += await self._withdraw(notice, record, now, session)
         return emitted
 
     async def _in_audience(
@@ -112,12 +118,15 @@ class Reconciler:
         doc["late"] = True
         created, _ = doc.pop("_id"), doc.pop("unit_id")
         # A household moving back in gets its old record back, as it was when withdrawn.
-        await self.store.deliveries.update_one(
+        record = await self.store.deliveries.find_one_and_update(
             {"_id": created},
             {"$setOnInsert": doc, "$set": {"unit_id": unit_id, "withdrawn_at": None}},
             upsert=True,
             session=session,
+            return_document=True,
         )
+        assert record is not None
+        await self.store.count(notice["_id"], {unit_id: _counts(record, 1)}, session)
         await self.store.notices.update_one(
             {"_id": notice["_id"]}, {"$inc": {"fanout.delivered": 1}}, session=session
         )
@@ -130,13 +139,15 @@ class Reconciler:
         return [notice_event(self.outbox, message, notice["_id"])]
 
     async def _withdraw(
-        self, notice: Document, household_id: str, now: datetime, session: Session
+        self, notice: Document, record: Document, now: datetime, session: Session
     ) -> list[Document]:
+        household_id = record["household_id"]
         await self.store.deliveries.update_one(
-            {"_id": domain.delivery_id(notice["_id"], household_id)},
+            {"_id": record["_id"]},
             {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
             session=session,
         )
+        await self.store.count(notice["_id"], {record["unit_id"]: _counts(record, -1)}, session)
         await self.store.notices.update_one(
             {"_id": notice["_id"]}, {"$inc": {"fanout.delivered": -1}}, session=session
         )
@@ -145,6 +156,15 @@ class Reconciler:
         )
         message = events_pb2.NoticeWithdrawn(notice_id=notice["_id"], household_id=household_id)
         return [notice_event(self.outbox, message, notice["_id"])]
+
+
+def _counts(record: Document, sign: int) -> Document:
+    """What a delivery record adds to (or, leaving, takes from) its group's reach."""
+    return {
+        "delivered": sign,
+        "opened": sign * int(record["read"]),
+        "acknowledged": sign * int(record["acked"]),
+    }
 
 
 def subscribe(

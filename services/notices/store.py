@@ -4,9 +4,10 @@ view of the registry, in MongoDB."""
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
@@ -36,6 +37,9 @@ class NoticeStore:
         self.deliveries = db["deliveries"]
         # What residents' apps are told, one entry per change (a batch of households at a time).
         self.feed = db["feed"]
+        # Delivered, opened and acknowledged households per notice and group, _id
+        # "<notice>:<group>", counted in the transaction of each change they count.
+        self.reach_counts = db["reach"]
         # Units, households and residents, projected from civic.registry.v1.
         self.view = RegistryView(db, people=True)
 
@@ -68,6 +72,7 @@ class NoticeStore:
             ]
         )
         await self.feed.create_index("at", expireAfterSeconds=int(FEED_KEPT.total_seconds()))
+        await self.reach_counts.create_index([("notice_id", ASCENDING), ("unit_id", ASCENDING)])
         await self.view.ensure_indexes()
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
@@ -125,21 +130,30 @@ class NoticeStore:
     # ---- the audience, from the registry view --------------------------------------------------
 
     async def households_after(
-        self, unit_id: str, audience: domain.Audience, after: str, limit: int
+        self, unit_id: str, audience: domain.Audience, after: Document, limit: int
     ) -> list[Document]:
-        """The next households of the notice's unit with residents, in id order; the member
-        filter is applied by the caller (`with_members`)."""
-        query: Document = {"unit_id": in_unit(unit_id), "residents": {"$gt": 0}}
-        if after:
-            query["_id"] = {"$gt": after}
+        """The next households of the notice's unit with residents, in (group, id) order after
+        `after` ({"unit", "household"}), as the (unit_id, _id) index has them; the member filter
+        is applied by the caller (`with_members`)."""
+        wanted: Document = {"residents": {"$gt": 0}}
         if audience.residence_kinds:
-            query["residence_kind"] = {"$in": list(audience.residence_kinds)}
-        return (
-            await self.view.households.find(query, {"unit_id": 1})
-            .sort("_id", ASCENDING)
-            .limit(limit)
-            .to_list()
-        )
+            wanted["residence_kind"] = {"$in": list(audience.residence_kinds)}
+        order = [("unit_id", ASCENDING), ("_id", ASCENDING)]
+        found: list[Document] = []
+        if after["unit"]:
+            # The rest of the group the last batch ended in.
+            rest = wanted | {"unit_id": after["unit"], "_id": {"$gt": after["household"]}}
+            found = await self._households(rest, order, limit)
+        if len(found) < limit:
+            following = in_unit(unit_id) | ({"$gt": after["unit"]} if after["unit"] else {})
+            found += await self._households(
+                wanted | {"unit_id": following}, order, limit - len(found)
+            )
+        return found
+
+    async def _households(self, query: Document, order: list[Any], limit: int) -> list[Document]:
+        found = self.view.households.find(query, {"unit_id": 1}).sort(order).limit(limit)
+        return await found.to_list()
 
     async def with_members(
         self,
@@ -212,29 +226,24 @@ class NoticeStore:
         items = await self.deliveries.find(query).sort(LISTING_ORDER).limit(size).to_list()
         return items, _listing_token(items[-1]) if len(items) == size else ""
 
+    async def count(self, notice_id: str, changes: dict[str, Document], session: Session) -> None:
+        """Adds to the reach counters of each group: {group: {"delivered": 1, ...}}."""
+        writes = [
+            UpdateOne(
+                {"_id": f"{notice_id}:{unit_id}"},
+                {"$inc": by, "$setOnInsert": {"notice_id": notice_id, "unit_id": unit_id}},
+                upsert=True,
+            )
+            for unit_id, by in changes.items()
+            if any(by.values())
+        ]
+        if writes:
+            await self.reach_counts.bulk_write(writes, ordered=False, session=session)
+
     async def reach(self, notice_id: str, unit_id: str) -> list[Document]:
         """Delivered, opened and acknowledged households per group."""
-        rows = await self.deliveries.aggregate(
-            [
-                {
-                    "$match": {
-                        "notice_id": notice_id,
-                        "unit_id": in_unit(unit_id),
-                        "withdrawn_at": None,
-                    }
-                },
-                {
-                    "$group": {
-                        "_id": "$unit_id",
-                        "delivered": {"$sum": 1},
-                        "opened": {"$sum": {"$cond": ["$read", 1, 0]}},
-                        "acknowledged": {"$sum": {"$cond": ["$acked", 1, 0]}},
-                    }
-                },
-                {"$sort": {"_id": 1}},
-            ]
-        )
-        return await rows.to_list()
+        query = {"notice_id": notice_id, "unit_id": in_unit(unit_id)}
+        return await self.reach_counts.find(query).sort("unit_id", ASCENDING).to_list()
 
     async def not_reached(
         self, notice_id: str, unit_id: str, token: str, size: int
