@@ -315,41 +315,24 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             list(request.attachments), caller, notice["revisions"][-1]["attachments"]
         )
 
-        async def work(session: Session) -> tuple[notices_pb2.ReviseNoticeResponse, list[Document]]:
-            current = await self._get(request.notice_id, session)
-            state = domain.state_at(State(current["state"]), current["expires_at"], now)
-            domain.require_live(state, "revised")
-            revision = current["revisions"][-1]["revision"] + 1
-            updated = await self.store.update(
-                current["_id"],
-                {
-                    "$push": {
-                        "revisions": {
-                            "revision": revision,
-                            "title": title,
-                            "body": body,
-                            "attachments": attachments,
-                            "at": now,
-                            "by": caller.subject,
-                            "note": note,
-                        }
-                    }
-                },
-                session,
-            )
-            if state is State.PUBLISHED:
-                await self.store.announce(
-                    notices_pb2.NOTICE_CHANGE_REVISED, current["_id"], None, now, session
-                )
-            message = events_pb2.NoticeRevised(
-                notice_id=current["_id"], revision=revision, note=note
-            )
-            event = notice_event(self.outbox, message, current["_id"])
-            return notices_pb2.ReviseNoticeResponse(notice=self._notice(updated)), [event]
+        def revision(current: Document, now: datetime) -> tuple[Document, int, Message]:
+            number = current["revisions"][-1]["revision"] + 1
+            added = {
+                "revision": number,
+                "title": title,
+                "body": body,
+                "attachments": attachments,
+                "at": now,
+                "by": caller.subject,
+                "note": note,
+            }
+            message = events_pb2.NoticeRevised(notice_id=current["_id"], revision=number, note=note)
+            return {"$push": {"revisions": added}}, notices_pb2.NOTICE_CHANGE_REVISED, message
 
-        return await self.commands.run(
-            "ReviseNotice", request, notices_pb2.ReviseNoticeResponse, work
+        response: notices_pb2.ReviseNoticeResponse = await self._manage(
+            "ReviseNotice", request, notices_pb2.ReviseNoticeResponse, "revised", revision
         )
+        return response
 
     async def RetractNotice(
         self, request: notices_pb2.RetractNoticeRequest, context: Context
@@ -359,36 +342,47 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         domain.may_manage(caller, notice["publisher"]["unit_id"])
         reason = domain.check_reason("reason", request.reason)
 
-        async def work(
-            session: Session,
-        ) -> tuple[notices_pb2.RetractNoticeResponse, list[Document]]:
+        def retraction(current: Document, now: datetime) -> tuple[Document, int, Message]:
+            update = {
+                "$set": {
+                    "state": int(State.RETRACTED),
+                    "retracted_at": now,
+                    "retraction_reason": reason,
+                },
+                "$unset": {"fanout_pending": ""},
+            }
+            message = events_pb2.NoticeRetracted(notice_id=current["_id"], reason=reason)
+            return update, notices_pb2.NOTICE_CHANGE_RETRACTED, message
+
+        response: notices_pb2.RetractNoticeResponse = await self._manage(
+            "RetractNotice", request, notices_pb2.RetractNoticeResponse, "retracted", retraction
+        )
+        return response
+
+    async def _manage(
+        self,
+        method: str,
+        request: Any,
+        response_type: Any,
+        what: str,
+        change: Callable[[Document, datetime], tuple[Document, int, Message]],
+    ) -> Any:
+        """A publisher's change to a notice that is still live, as one command: the update, the
+        watching apps told (once it is published), its event."""
+
+        async def work(session: Session) -> tuple[Any, list[Document]]:
             now = self.clock()
             current = await self._get(request.notice_id, session)
             state = domain.state_at(State(current["state"]), current["expires_at"], now)
-            domain.require_live(state, "retracted")
-            updated = await self.store.update(
-                current["_id"],
-                {
-                    "$set": {
-                        "state": int(State.RETRACTED),
-                        "retracted_at": now,
-                        "retraction_reason": reason,
-                    },
-                    "$unset": {"fanout_pending": ""},
-                },
-                session,
-            )
+            domain.require_live(state, what)
+            update, told, message = change(current, now)
+            updated = await self.store.update(current["_id"], update, session)
             if state is State.PUBLISHED:
-                await self.store.announce(
-                    notices_pb2.NOTICE_CHANGE_RETRACTED, current["_id"], None, now, session
-                )
-            message = events_pb2.NoticeRetracted(notice_id=current["_id"], reason=reason)
+                await self.store.announce(told, current["_id"], None, now, session)
             event = notice_event(self.outbox, message, current["_id"])
-            return notices_pb2.RetractNoticeResponse(notice=self._notice(updated)), [event]
+            return response_type(notice=self._notice(updated)), [event]
 
-        return await self.commands.run(
-            "RetractNotice", request, notices_pb2.RetractNoticeResponse, work
-        )
+        return await self.commands.run(method, request, response_type, work)
 
     # ---- officials' queries ----------------------------------------------------------------
 

@@ -125,36 +125,40 @@ class Deliverer:
 
     async def publish_due(self) -> int:
         now = self.clock()
-        due = await self.store.due_to_publish(now)
-        for candidate in due:
 
-            async def work(session: Session, notice_id: str = candidate["_id"]) -> list[Document]:
-                notice = await self.store.get(notice_id, session)
-                if notice is None or notice["state"] != State.SCHEDULED:
-                    return []  # retracted meanwhile, or published by another instance
-                changes, event = publication(notice, now)
-                await self.store.update(notice_id, {"$set": changes}, session)
-                return [notice_event(self.outbox, event, notice_id)]
+        async def publish(notice: Document, session: Session) -> list[Document]:
+            changes, event = publication(notice, now)
+            await self.store.update(notice["_id"], {"$set": changes}, session)
+            return [notice_event(self.outbox, event, notice["_id"])]
 
-            await self._commit(work)
-        return len(due)
+        return await self._each(await self.store.due_to_publish(now), State.SCHEDULED, publish)
 
     async def expire_due(self) -> int:
         now = self.clock()
-        due = await self.store.due_to_expire(now)
+
+        async def expire(notice: Document, session: Session) -> list[Document]:
+            update = {"$set": {"state": int(State.EXPIRED)}, "$unset": {"fanout_pending": ""}}
+            await self.store.update(notice["_id"], update, session)
+            message = events_pb2.NoticeExpired(notice_id=notice["_id"])
+            return [notice_event(self.outbox, message, notice["_id"])]
+
+        return await self._each(await self.store.due_to_expire(now), State.PUBLISHED, expire)
+
+    async def _each(
+        self,
+        due: list[Document],
+        state: State,
+        change: Callable[[Document, Session], Awaitable[list[Document]]],
+    ) -> int:
+        """`change` for each notice, in a transaction of its own, if it is still in `state`
+        (it may have been retracted meanwhile, or changed by another instance)."""
         for candidate in due:
 
             async def work(session: Session, notice_id: str = candidate["_id"]) -> list[Document]:
                 notice = await self.store.get(notice_id, session)
-                if notice is None or notice["state"] != State.PUBLISHED:
+                if notice is None or notice["state"] != state:
                     return []
-                await self.store.update(
-                    notice_id,
-                    {"$set": {"state": int(State.EXPIRED)}, "$unset": {"fanout_pending": ""}},
-                    session,
-                )
-                message = events_pb2.NoticeExpired(notice_id=notice_id)
-                return [notice_event(self.outbox, message, notice_id)]
+                return await change(notice, session)
 
             await self._commit(work)
         return len(due)
