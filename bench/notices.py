@@ -32,13 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import logging
-import multiprocessing
 import os
 import sys
-import tempfile
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -53,7 +49,8 @@ from civic.registry.v1 import registry_pb2
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
-from infra.local import Endpoints, LocalStack, Ports, isolated_settings
+from infra.benchmark import run_on_own_servers, say
+from infra.local import Endpoints, isolated_settings
 from services.common.auth import Role, mint_token
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -65,11 +62,6 @@ TARGET_FANOUT_S = 30.0
 CITY = "dn"
 SEED_CHUNK = 20_000
 READY_TIMEOUT_S = 120.0
-
-
-def say(message: str) -> None:
-    """Progress on stderr; stdout carries only the report."""
-    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -383,24 +375,11 @@ def parse_options(argv: list[str] | None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    logging.basicConfig(level=logging.WARNING)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="civic-bench-") as tmp:
-        stack = LocalStack(Path(tmp) / "servers", Ports.free())
-        # spawn: a forked child would inherit this process's gRPC and event-loop state.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pool.submit(warm_up_child).result()
-            try:
-                say("starting servers")
-                endpoints = stack.up()
-                # faststream's loggers write to the stdout of when they are made: keep stdout
-                # for the report.
-                with contextlib.redirect_stdout(sys.stderr):
-                    figures = run_async(run_benchmark(endpoints, options, pool))
-            finally:
-                stack.down()
-    say(f"done in {time.monotonic() - started:.0f} s")
+
+    async def measure(endpoints: Endpoints, pool: ProcessPoolExecutor, workdir: Path) -> Figures:
+        return await run_benchmark(endpoints, options, pool)
+
+    figures = run_on_own_servers(measure, warm_up_child)
     print_report(options, summary(figures), figures.first_error)
     return 0
 

@@ -25,6 +25,29 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
+class BackgroundTask:
+    """One long-running coroutine of a service (a sweep, a worker), started and stopped with it."""
+
+    def __init__(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._name = name
+        self._run = run
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 async def stop_within(seconds: float, what: str, stopping: Awaitable[object]) -> None:
     """One step of a graceful stop, bounded: a broker or peer that does not answer must not
     keep the process (or a test session) from ending."""

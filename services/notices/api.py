@@ -26,6 +26,7 @@ from services.common.mongo import Document, Session
 from services.common.objects import UPLOAD_WINDOW, ObjectStore, check_upload
 from services.common.outbox import Outbox
 from services.common.paging import page_size
+from services.common.runtime import BackgroundTask
 from services.common.wire import timestamp
 from services.notices import domain
 from services.notices.delivery import Deliverer, publication
@@ -53,16 +54,16 @@ class FeedHub:
     def __init__(self, feed: AsyncCollection[Document]) -> None:
         self._feed = feed
         self._queues: dict[str, set[asyncio.Queue[Document]]] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._stream = BackgroundTask("notice-feed", self._run)
         self._open = asyncio.Event()
 
     def watching(self, household_id: str) -> bool:
         return self._open.is_set() and bool(self._queues.get(household_id))
 
     async def subscribe(self, household_id: str) -> AsyncIterator[Document]:
-        if self._task is None or self._task.done():
+        if not self._stream.running:
             self._open.clear()
-            self._task = asyncio.create_task(self._run(), name="notice-feed")
+            self._stream.start()
         await self._open.wait()
         queue: asyncio.Queue[Document] = asyncio.Queue(WATCH_BACKLOG)
         self._queues.setdefault(household_id, set()).add(queue)
@@ -76,10 +77,7 @@ class FeedHub:
                 self._queues.pop(household_id, None)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._stream.stop()
 
     async def _run(self) -> None:
         async with await self._feed.watch([{"$match": {"operationType": "insert"}}]) as stream:

@@ -23,6 +23,7 @@ from pymongo import AsyncMongoClient
 
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
+from services.common.runtime import BackgroundTask
 from services.common.wire import timestamp
 from services.notices import domain
 from services.notices.domain import Priority, State
@@ -72,7 +73,7 @@ class Deliverer:
         self.clock = clock
         self.interval_seconds = interval_seconds
         self.batch_size = batch_size
-        self._task: asyncio.Task[None] | None = None
+        self._working = BackgroundTask("notice-delivery", self._run)
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -80,14 +81,10 @@ class Deliverer:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="notice-delivery")
+        self._working.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._working.stop()
 
     async def _run(self) -> None:
         while True:

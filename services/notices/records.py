@@ -6,10 +6,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from civic.notices.v1 import notices_pb2
-from google.protobuf.duration_pb2 import Duration
 
 from services.common.mongo import Document
-from services.common.wire import timestamp
+from services.common.wire import duration, timestamp
 from services.notices import domain
 from services.notices.domain import Audience, Priority, State
 
@@ -70,14 +69,6 @@ def attachments_message(
     ]
 
 
-def duration(value: timedelta | None) -> Duration | None:
-    if value is None:
-        return None
-    span = Duration()
-    span.FromTimedelta(value)
-    return span
-
-
 def notice_message(
     doc: Document, now: datetime, url_for: UrlFor | None = None
 ) -> notices_pb2.Notice:
@@ -112,7 +103,7 @@ def notice_message(
         ],
         retraction_reason=doc.get("retraction_reason", ""),
         retracted_at=timestamp(doc.get("retracted_at")),
-        resend_after=duration(timedelta(seconds=resend) if resend else None),
+        resend_after=duration(timedelta(seconds=resend)) if resend else None,
         households_delivered=doc["fanout"]["delivered"],
         delivery_complete=doc["fanout"]["complete"],
         created_at=timestamp(doc["created_at"]),
