@@ -1,7 +1,7 @@
 """A service's own view of the registry, built from the events on civic.registry.v1 and never
-from the registry's database: the administrative tree, each household's unit, residence kind,
-address and location and, for a service that targets people (`people=True`), each resident's
-household, birth date and sex, and the number of residents per household. Ids and the facts
+from the registry's database: the administrative tree and each household's unit and location;
+for a service that targets people (`people=True`) also each household's residence kind, address
+and number of residents, and each resident's household, birth date and sex. Ids and the facts
 other services act on only: never names or citizen IDs.
 
 Every event becomes a list of writes (`changes`), so one event is applied inside a consumer's
@@ -92,11 +92,9 @@ class RegistryView:
                     ),
                 ]
             case events_pb2.HouseholdCreated() | events_pb2.HouseholdUpdated():
-                fields: Document = {
-                    "unit_id": m.unit_id,
-                    "residence_kind": m.residence_kind,
-                    "address": m.address,
-                }
+                fields: Document = {"unit_id": m.unit_id}
+                if self.people:  # whom a notice reaches, and whose door to knock on
+                    fields |= {"residence_kind": m.residence_kind, "address": m.address}
                 if m.HasField("location"):
                     fields["location"] = point_document("location", m.location)
                 return [_household(m.household_id, {"$set": fields})]
