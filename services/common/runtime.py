@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -12,6 +13,8 @@ from typing import Any, Protocol, TypeVar
 import uvloop
 
 T = TypeVar("T")
+# What a process ended by `fault` exits with.
+FAULT_EXIT_CODE = 86
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -46,6 +49,14 @@ class BackgroundTask:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def fault(name: str) -> None:
+    """Failure injection for the crash tests: end the process at this exact point when the
+    environment variable `name` is "1"."""
+    if os.environ.get(name) == "1":
+        logging.getLogger(__name__).warning("fault injection %s: exiting", name)
+        os._exit(FAULT_EXIT_CODE)
 
 
 async def stop_within(seconds: float, what: str, stopping: Awaitable[object]) -> None:

@@ -23,7 +23,7 @@ from pymongo import AsyncMongoClient
 
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
-from services.common.runtime import BackgroundTask
+from services.common.runtime import BackgroundTask, fault
 from services.common.wire import timestamp
 from services.notices import domain
 from services.notices.domain import Priority, State
@@ -186,7 +186,9 @@ class Deliverer:
             targets = [h for h in batch if h["_id"] in keep]
         docs = [delivery_document(notice, h["_id"], h["unit_id"], now) for h in targets]
         delivered = [h["_id"] for h in targets]
-        if await self.store.insert_deliveries(docs) < len(docs):
+        inserted = await self.store.insert_deliveries(docs)
+        fault("CIVIC_FAULT_CRASH_MID_DELIVERY")  # records written, the marker not yet moved
+        if inserted < len(docs):
             # Some records were there already: from an interrupted run of this batch (they are
             # this delivery's own) or from households that moved in meanwhile (late: announced
             # on their own).

@@ -4,22 +4,14 @@ de-duplicating consumer records each event once however often it was published."
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 import grpc
 import pytest
 from civic.registry.v1 import registry_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -29,116 +21,18 @@ from services.common.broker import PROCESSED
 from services.common.config import Settings
 from services.common.mongo import Document, mongo_client
 from services.common.outbox import LEASE, OUTBOX
+from services.common.runtime import FAULT_EXIT_CODE
 from services.registry.events import TOPIC
 from services.registry.main import NAME
 from tests.conftest import token
 from tests.kafka_reader import Record, TopicReader, eventually, wait_consumed
 from tests.registry_fixtures import Caller, citizen_id, create_unit, person, rid
+from tests.service_process import ServiceProcess, service_env
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-FAULT_EXIT_CODE = 86  # what services.common.outbox._fault exits with
 CRASH_BEFORE_PUBLISH = "CIVIC_FAULT_CRASH_BEFORE_PUBLISH"
 CRASH_AFTER_PUBLISH = "CIVIC_FAULT_CRASH_AFTER_PUBLISH"
 HOUSEHOLD_CREATED = "civic.registry.v1.HouseholdCreated"
 PERSON_REGISTERED = "civic.registry.v1.PersonRegistered"
-START_TIMEOUT = 30.0
-
-
-class RegistryProcess:
-    """`python -m services.registry.main` as its own process, configured only by environment."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self._env = env
-        self.log = log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> RegistryProcess:
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "services.registry.main",
-                cwd=REPO_ROOT,
-                env=self._env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # signals for the test runner do not reach it
-            )
-        try:
-            await self._wait_serving()
-        except BaseException:
-            await self.end()  # __aexit__ does not run when __aenter__ fails
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.end()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self._env['CIVIC_GRPC_PORT']}"
-
-    def describe(self) -> str:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-30:])
-
-    async def _wait_serving(self) -> None:
-        """Ready once the gRPC health service answers SERVING (no sleeping on a guess)."""
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT
-        async with grpc.aio.insecure_channel(self.target) as channel:
-            # The stubs package declares no methods on HealthStub.
-            health: Any = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc.returncode is not None:
-                    raise AssertionError(
-                        f"registry exited with {self.proc.returncode} while starting:\n"
-                        + self.describe()
-                    )
-                try:
-                    reply: health_pb2.HealthCheckResponse = await health.Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=1
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError:
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"registry not serving in {START_TIMEOUT} s")
-                await asyncio.sleep(0.1)
-
-    async def exited(self, within: float = 15.0) -> int:
-        """Its exit code, once it has ended by itself."""
-        assert self.proc is not None
-        try:
-            return await asyncio.wait_for(self.proc.wait(), within)
-        except TimeoutError:
-            raise AssertionError(f"registry still running after {within} s") from None
-
-    async def stop(self) -> int:
-        """A graceful stop (SIGTERM), as an orchestrator does it."""
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return await self.exited(30.0)
-
-    async def end(self) -> None:
-        """Leave nothing running, whatever happened: SIGTERM, then SIGKILL after 30 s."""
-        if self.proc is None:
-            return
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.proc.wait(), 30.0)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
 
 
 class Deployment:
@@ -158,34 +52,14 @@ class Deployment:
         self.db: AsyncDatabase[Document] = self.client[own.database_for(NAME)]
 
     def env(self, *faults: str) -> dict[str, str]:
-        s = self.settings
-        # Nothing from the outer environment may configure it (another stack, a fault switch).
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("CIVIC_", "KAFKA_", "OTEL_"))
-        }
-        env.update(
-            {
-                "CIVIC_MONGO_URI": s.mongo_uri,
-                "KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers,
-                "CIVIC_S3_ENDPOINT": s.s3_endpoint,
-                "CIVIC_S3_ACCESS_KEY": s.s3_access_key,
-                "CIVIC_S3_SECRET_KEY": s.s3_secret_key,
-                "CIVIC_S3_SECURE": str(s.s3_secure).lower(),
-                "CIVIC_DATABASE_PREFIX": self.prefix,
-                "CIVIC_AUTH_SECRET": s.auth_secret,
-                "CIVIC_DATA_KEY": s.data_key,
-                "CIVIC_GRPC_PORT": str(self.port),
-                "CIVIC_OUTBOX_POLL_SECONDS": "0.2",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        env.update({fault: "1" for fault in faults})
-        return env
+        return service_env(self.settings, self.prefix, self.port, *faults)
 
-    def process(self, *faults: str) -> RegistryProcess:
+    def process(self, *faults: str) -> ServiceProcess:
         self.starts += 1
         name = "-".join(["registry", str(self.starts), *(f.rsplit("_", 2)[-2] for f in faults)])
-        return RegistryProcess(self.env(*faults), self.tmp_path / f"{name}.log")
+        return ServiceProcess(
+            "services.registry.main", self.env(*faults), self.tmp_path / f"{name}.log"
+        )
 
     async def group(self) -> str:
         """A city down to one residential group, built by a healthy process whose events are all
@@ -303,7 +177,7 @@ def expected_records(entry: Document) -> dict[str, tuple[str, str]]:
 
 async def assert_history_once(
     deployment: Deployment,
-    registry: RegistryProcess,
+    registry: ServiceProcess,
     group: str,
     household_id: str,
     entry: Document,
