@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
@@ -42,8 +42,11 @@ from services.notices.records import notice_message as notice_record
 from services.notices.store import NoticeStore, new_notice_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
-# How many changes a watching app may fall behind before it is cut off (it lists again).
+# How many changes a watching app may fall behind before its stream ends (it lists again).
 WATCH_BACKLOG = 1000
+# Put in a watching app's queue when its stream ends.
+_CLOSED: Document = {}
+log = logging.getLogger(__name__)
 
 
 class FeedHub:
@@ -61,15 +64,19 @@ class FeedHub:
         return self._open.is_set() and bool(self._queues.get(household_id))
 
     async def subscribe(self, household_id: str) -> AsyncIterator[Document]:
+        """The feed's entries for the household until the stream ends (the app then lists its
+        notices and watches again)."""
         if not self._stream.running:
             self._open.clear()
             self._stream.start()
         await self._open.wait()
+        if not self._stream.running:
+            return  # the change stream could not be opened
         queue: asyncio.Queue[Document] = asyncio.Queue(WATCH_BACKLOG)
         self._queues.setdefault(household_id, set()).add(queue)
         try:
-            while True:
-                yield await queue.get()
+            while (entry := await queue.get()) is not _CLOSED:
+                yield entry
         finally:
             queues = self._queues.get(household_id, set())
             queues.discard(queue)
@@ -80,21 +87,41 @@ class FeedHub:
         await self._stream.stop()
 
     async def _run(self) -> None:
-        async with await self._feed.watch([{"$match": {"operationType": "insert"}}]) as stream:
+        try:
+            async with await self._feed.watch([{"$match": {"operationType": "insert"}}]) as stream:
+                self._open.set()
+                async for change in stream:
+                    self._dispatch(change["fullDocument"])
+        except Exception:
+            log.exception("the notice feed's change stream failed")
+        finally:
+            # Every app's stream ends with this one; each watches again.
+            for queues in self._queues.values():
+                for queue in queues:
+                    _close(queue)
             self._open.set()
-            async for change in stream:
-                entry = change["fullDocument"]
-                named = entry["households"]
-                if named is None:
-                    households = list(self._queues)
-                elif len(named) > len(self._queues):
-                    households = [h for h in self._queues if h in set(named)]
-                else:
-                    households = [h for h in named if h in self._queues]
-                for household_id in households:
-                    for queue in self._queues.get(household_id, ()):
-                        with contextlib.suppress(asyncio.QueueFull):
-                            queue.put_nowait(entry)
+
+    def _dispatch(self, entry: Document) -> None:
+        named = entry["households"]
+        if named is None:
+            households = list(self._queues)
+        elif len(named) > len(self._queues):
+            wanted = set(named)
+            households = [h for h in self._queues if h in wanted]
+        else:
+            households = [h for h in named if h in self._queues]
+        for household_id in households:
+            for queue in self._queues.get(household_id, ()):
+                try:
+                    queue.put_nowait(entry)
+                except asyncio.QueueFull:
+                    _close(queue)  # fell too far behind: its stream ends
+
+
+def _close(queue: asyncio.Queue[Document]) -> None:
+    while not queue.empty():
+        queue.get_nowait()
+    queue.put_nowait(_CLOSED)
 
 
 class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
