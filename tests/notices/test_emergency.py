@@ -52,7 +52,7 @@ async def test_an_unopened_emergency_is_sent_again(town: Town, clock: Clock) -> 
     )
     assert {h.resent_count for h in not_reached.households} == {1}
 
-    # At most MAX_RESENDS times in all; a retracted emergency is not sent again.
+    # Each round goes to the households still not opened (a retracted one: test_revisions).
     await town.open(unopened[0], notice.notice_id)
     clock.advance(minutes=11)
 
