@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import json
 import logging
-import multiprocessing
 import os
 import random
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,7 +48,8 @@ from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.write_concern import WriteConcern
 
-from infra.local import Endpoints, LocalStack, Ports, isolated_settings
+from infra.benchmark import run_on_own_servers, say
+from infra.local import Endpoints, isolated_settings
 from services.common.auth import Role, mint_token
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -69,11 +67,6 @@ GET_HOUSEHOLD = "/civic.registry.v1.RegistryService/GetHousehold"
 QUIET_TIMEOUT_S = 60.0
 
 T = TypeVar("T")
-
-
-def say(message: str) -> None:
-    """Progress on stderr; stdout carries only the report."""
-    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 # ---- synthetic onboarding data ---------------------------------------------------------------
@@ -690,25 +683,11 @@ def parse_options(argv: list[str] | None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    logging.basicConfig(level=logging.WARNING)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="civic-bench-") as tmp:
-        workdir = Path(tmp)
-        stack = LocalStack(workdir / "servers", Ports.free())
-        # spawn: a forked child would inherit this process's gRPC and event-loop state.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pool.submit(warm_up_child).result()
-            try:
-                say("starting servers")
-                endpoints = stack.up()
-                # faststream's loggers write to the stdout of when they are made: keep stdout
-                # for the report.
-                with contextlib.redirect_stdout(sys.stderr):
-                    figures = run_async(run_benchmark(endpoints, options, workdir, pool))
-            finally:
-                stack.down()
-    say(f"done in {time.monotonic() - started:.0f} s")
+
+    async def measure(endpoints: Endpoints, pool: ProcessPoolExecutor, workdir: Path) -> Figures:
+        return await run_benchmark(endpoints, options, workdir, pool)
+
+    figures = run_on_own_servers(measure, warm_up_child)
     print_report(options, figures, summary(options, figures))
     return 0
 

@@ -39,11 +39,9 @@ import contextlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import random
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -60,7 +58,8 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from civic.tickets.v1 import events_pb2, tickets_pb2
 from pymongo import AsyncMongoClient
 
-from infra.local import Endpoints, LocalStack, Ports, free_port, isolated_settings
+from infra.benchmark import run_on_own_servers, say
+from infra.local import Endpoints, free_port, isolated_settings
 from services.common.auth import Role, mint_token
 from services.common.cloudevents import type_name
 from services.common.config import Settings
@@ -84,11 +83,6 @@ DRAIN_TIMEOUT_S = 30.0  # for the last tickets of a phase to come out routed
 READY_TIMEOUT_S = 60.0
 
 T = TypeVar("T")
-
-
-def say(message: str) -> None:
-    """Progress on stderr; stdout carries only the report."""
-    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 def percentile(samples: list[float], fraction: float, missing: int = 0) -> float:
@@ -803,24 +797,11 @@ def parse_options(argv: list[str] | None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    logging.basicConfig(level=logging.WARNING)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="civic-bench-") as tmp:
-        stack = LocalStack(Path(tmp) / "servers", Ports.free())
-        # spawn: a forked child would inherit this process's gRPC and event-loop state.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pool.submit(warm_up_child).result()
-            try:
-                say("starting servers")
-                endpoints = stack.up()
-                # faststream's loggers write to the stdout of when they are made: keep stdout
-                # for the report.
-                with contextlib.redirect_stdout(sys.stderr):
-                    figures = run_async(run_benchmark(endpoints, options, pool))
-            finally:
-                stack.down()
-    say(f"done in {time.monotonic() - started:.0f} s")
+
+    async def measure(endpoints: Endpoints, pool: ProcessPoolExecutor, workdir: Path) -> Figures:
+        return await run_benchmark(endpoints, options, pool)
+
+    figures = run_on_own_servers(measure, warm_up_child)
     print_report(options, figures, summary(options, figures))
     return 0
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import uvloop
+from minio import Minio
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -83,6 +84,17 @@ def session_clock() -> Clock:
 def clock(session_clock: Clock) -> Iterator[Clock]:
     yield session_clock
     session_clock.offset = timedelta()
+
+
+@pytest.fixture
+def bucket(settings: Settings) -> Minio:
+    """The object store, as an operator sees it: to check what a service kept or deleted."""
+    return Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=settings.s3_secure,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,14 +36,21 @@ class StoredObject:
     content_type: str
 
 
-def check_image_upload(content_type: str, size: int, max_bytes: int) -> None:
-    if content_type not in IMAGE_SIGNATURES:
-        allowed = ", ".join(IMAGE_SIGNATURES)
+def check_upload(
+    content_type: str, size: int, max_bytes: int, signatures: Mapping[str, tuple[bytes, ...]]
+) -> None:
+    """A declared upload: one of the accepted types (the keys of `signatures`), not too big."""
+    if content_type not in signatures:
+        allowed = ", ".join(signatures)
         raise InvalidArgument("content_type", f"must be one of {allowed}")
     if size <= 0:
         raise InvalidArgument("size_bytes", "must be positive")
     if size > max_bytes:
         raise InvalidArgument("size_bytes", f"is over the limit of {max_bytes} bytes")
+
+
+def check_image_upload(content_type: str, size: int, max_bytes: int) -> None:
+    check_upload(content_type, size, max_bytes, IMAGE_SIGNATURES)
 
 
 class ObjectStore:
@@ -78,6 +86,13 @@ class ObjectStore:
 
     async def accept_image(self, key: str, max_bytes: int) -> StoredObject:
         """The uploaded image, if it is one and small enough; otherwise it is deleted."""
+        return await self.accept(key, max_bytes, IMAGE_SIGNATURES)
+
+    async def accept(
+        self, key: str, max_bytes: int, signatures: Mapping[str, tuple[bytes, ...]]
+    ) -> StoredObject:
+        """The upload, if its declared type is accepted (a key of `signatures`), its bytes start
+        as that type's do and it is small enough; otherwise it is deleted."""
         try:
             stat = await asyncio.to_thread(self._client.stat_object, self.bucket, key)
         except S3Error as error:
@@ -86,9 +101,9 @@ class ObjectStore:
             raise
         content_type = (stat.content_type or "").split(";")[0].strip()
         try:
-            check_image_upload(content_type, stat.size or 0, max_bytes)
+            check_upload(content_type, stat.size or 0, max_bytes, signatures)
             head = await asyncio.to_thread(self._head, key)
-            if not head.startswith(IMAGE_SIGNATURES[content_type]):
+            if not head.startswith(signatures[content_type]):
                 raise InvalidArgument("object_key", f"the uploaded file is not a {content_type}")
         except InvalidArgument:
             await asyncio.to_thread(self._client.remove_object, self.bucket, key)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,6 +26,7 @@ from pymongo.errors import DuplicateKeyError
 from services.common.auth import current_principal
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.mongo import Document, Session
+from services.common.runtime import fault
 from services.common.telemetry import context_from_headers, current_trace_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -189,10 +189,10 @@ class OutboxRelay:
         )
         if not entries:
             return 0
-        _fault("CIVIC_FAULT_CRASH_BEFORE_PUBLISH")
+        fault("CIVIC_FAULT_CRASH_BEFORE_PUBLISH")
         futures = [future for entry in entries for future in await self._publish(entry)]
         await asyncio.gather(*futures)
-        _fault("CIVIC_FAULT_CRASH_AFTER_PUBLISH")
+        fault("CIVIC_FAULT_CRASH_AFTER_PUBLISH")
         await self._collection.update_many(
             {"_id": {"$in": [entry["_id"] for entry in entries]}},
             {"$unset": {"pending": ""}, "$set": {"sent_at": datetime.now(UTC)}},
@@ -231,10 +231,3 @@ class OutboxRelay:
                 for stored in events
                 for event in (_as_cloud_event(stored),)
             ]
-
-
-def _fault(name: str) -> None:
-    """Failure injection for the crash tests: end the process at this exact point."""
-    if os.environ.get(name) == "1":
-        log.warning("fault injection %s: exiting", name)
-        os._exit(86)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, TypeVar
@@ -12,6 +13,8 @@ from typing import Any, Protocol, TypeVar
 import uvloop
 
 T = TypeVar("T")
+# What a process ended by `fault` exits with.
+FAULT_EXIT_CODE = 86
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -23,6 +26,37 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 class Service(Protocol):
     async def start(self) -> int: ...
     async def stop(self) -> None: ...
+
+
+class BackgroundTask:
+    """One long-running coroutine of a service (a sweep, a worker), started and stopped with it."""
+
+    def __init__(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        self._name = name
+        self._run = run
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self._name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def fault(name: str) -> None:
+    """Failure injection for the crash tests: end the process at this exact point when the
+    environment variable `name` is "1"."""
+    if os.environ.get(name) == "1":
+        logging.getLogger(__name__).warning("fault injection %s: exiting", name)
+        os._exit(FAULT_EXIT_CODE)
 
 
 async def stop_within(seconds: float, what: str, stopping: Awaitable[object]) -> None:

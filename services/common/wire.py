@@ -6,6 +6,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from civic.common.v1 import types_pb2
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import InvalidArgument
@@ -24,6 +25,12 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
+
+
+def duration(value: timedelta) -> Duration:
+    span = Duration()
+    span.FromTimedelta(value)
+    return span
 
 
 def point_document(field: str, point: types_pb2.GeoPoint) -> dict[str, Any]:

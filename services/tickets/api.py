@@ -22,12 +22,11 @@ from services.common.mongo import Document, Session
 from services.common.objects import ObjectStore, check_image_upload
 from services.common.outbox import Outbox
 from services.common.paging import page_size
-from services.common.wire import point_document, timestamp
+from services.common.wire import duration, point_document, timestamp
 from services.tickets import domain
 from services.tickets.escalation import escalate
 from services.tickets.events import ticket_event
 from services.tickets.records import (
-    duration,
     rule_for,
     rule_from_message,
     rules_document,

@@ -7,7 +7,6 @@ instances sweeping together escalate a ticket once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -18,6 +17,7 @@ from pymongo import AsyncMongoClient
 from services.common.cloudevents import type_name
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
+from services.common.runtime import BackgroundTask
 from services.tickets import domain
 from services.tickets.events import ticket_event
 from services.tickets.records import rule_for
@@ -89,7 +89,7 @@ class Escalator:
         self.outbox = outbox
         self.clock = clock
         self.interval_seconds = interval_seconds
-        self._task: asyncio.Task[None] | None = None
+        self._sweeping = BackgroundTask("ticket-escalation", self._run)
 
     async def sweep(self) -> int:
         """Escalates every ticket past its deadline now; returns how many moved."""
@@ -122,13 +122,10 @@ class Escalator:
         return moved
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ticket-escalation")
+        self._sweeping.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._sweeping.stop()
 
     async def _run(self) -> None:
         while True:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
-from civic.registry.v1 import events_pb2 as registry_events
 from civic.tickets.v1 import events_pb2
 from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
@@ -18,7 +16,6 @@ from services.common.broker import subscribe_once
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
-from services.common.wire import point_document
 from services.tickets import domain
 from services.tickets.records import rule_for
 from services.tickets.store import TicketStore
@@ -144,7 +141,7 @@ def subscribe(
     async def on_registry_event(
         event: CloudEvent, message: Message, session: Session
     ) -> list[Document]:
-        await project_registry(store, message, session)
+        await store.view.apply(message, session)
         return []
 
     subscribe_once(
@@ -168,35 +165,3 @@ def subscribe(
         instance_id=instance_id,
         handle=on_registry_event,
     )
-
-
-async def project_registry(store: TicketStore, message: Message, session: Session) -> None:
-    """The units and households the service needs to place tickets (ids only, no people)."""
-    m: Any = message
-    match message:
-        case registry_events.UnitCreated():
-            unit = m.unit
-            await store.put_unit(
-                {
-                    "_id": unit.unit_id,
-                    "kind": unit.kind,
-                    "name": unit.name,
-                    "parent_id": unit.parent_id,
-                    "active": True,
-                    "merged_into_id": "",
-                },
-                session,
-            )
-        case registry_events.UnitRenamed():
-            await store.units.update_one(
-                {"_id": m.unit_id}, {"$set": {"name": m.new_name}}, session=session
-            )
-        case registry_events.GroupsMerged():
-            await store.retire_group(m.source_unit_id, m.target_unit_id, session)
-        case registry_events.HouseholdCreated() | registry_events.HouseholdUpdated():
-            fields: Document = {"unit_id": m.unit_id}
-            if m.HasField("location"):
-                fields["location"] = point_document("location", m.location)
-            await store.put_household(m.household_id, fields, session)
-        case registry_events.HouseholdMoved():
-            await store.put_household(m.household_id, {"unit_id": m.to_unit_id}, session)

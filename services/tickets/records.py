@@ -6,18 +6,11 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from civic.tickets.v1 import tickets_pb2
-from google.protobuf.duration_pb2 import Duration
 
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
-from services.common.wire import point_message, timestamp
+from services.common.wire import duration, point_message, timestamp
 from services.tickets.domain import Level, Rule, Sla, Status
-
-
-def duration(value: timedelta) -> Duration:
-    span = Duration()
-    span.FromTimedelta(value)
-    return span
 
 
 def ticket_message(

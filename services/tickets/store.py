@@ -15,6 +15,7 @@ from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
+from services.common.registry_view import RegistryView
 from services.tickets.domain import OPEN, Level
 
 OPEN_STATUSES = [int(status) for status in OPEN]
@@ -32,8 +33,8 @@ class TicketStore:
         self.db = db
         self.tickets = db["tickets"]
         self.rules = db["routing_rules"]
-        self.units = db["units"]  # projected from civic.registry.v1
-        self.households = db["households"]  # projected from civic.registry.v1
+        # The units and households, projected from civic.registry.v1.
+        self.view = RegistryView(db)
         self._rules_cache: tuple[float, Document | None] | None = None
 
     async def ensure_indexes(self) -> None:
@@ -58,6 +59,7 @@ class TicketStore:
             ]
         )
         await self.rules.create_index([("version", DESCENDING)])
+        await self.view.ensure_indexes()
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
 
@@ -211,26 +213,7 @@ class TicketStore:
     # ---- the registry's tree, as this service knows it -------------------------------------
 
     async def unit(self, unit_id: str) -> Document | None:
-        return await self.units.find_one({"_id": unit_id})
+        return await self.view.unit(unit_id)
 
     async def household(self, household_id: str) -> Document | None:
-        return await self.households.find_one({"_id": household_id})
-
-    async def put_unit(self, unit: Document, session: Session) -> None:
-        await self.units.replace_one({"_id": unit["_id"]}, unit, upsert=True, session=session)
-
-    async def retire_group(self, source: str, target: str, session: Session) -> None:
-        await self.units.update_one(
-            {"_id": source},
-            {"$set": {"active": False, "merged_into_id": target}},
-            upsert=True,
-            session=session,
-        )
-        await self.households.update_many(
-            {"unit_id": source}, {"$set": {"unit_id": target}}, session=session
-        )
-
-    async def put_household(self, household_id: str, fields: Document, session: Session) -> None:
-        await self.households.update_one(
-            {"_id": household_id}, {"$set": fields}, upsert=True, session=session
-        )
+        return await self.view.household(household_id)

@@ -21,6 +21,7 @@ from services.common.broker import PROCESSED
 from services.common.config import Settings
 from services.common.mongo import Document, mongo_client
 from services.common.outbox import LEASE, OUTBOX
+from services.common.runtime import FAULT_EXIT_CODE
 from services.registry.events import TOPIC
 from services.registry.main import NAME
 from tests.conftest import token
@@ -28,7 +29,6 @@ from tests.kafka_reader import Record, TopicReader, eventually, wait_consumed
 from tests.registry_fixtures import Caller, citizen_id, create_unit, person, rid
 from tests.service_process import ServiceProcess, service_env
 
-FAULT_EXIT_CODE = 86  # what services.common.outbox._fault exits with
 CRASH_BEFORE_PUBLISH = "CIVIC_FAULT_CRASH_BEFORE_PUBLISH"
 CRASH_AFTER_PUBLISH = "CIVIC_FAULT_CRASH_AFTER_PUBLISH"
 HOUSEHOLD_CREATED = "civic.registry.v1.HouseholdCreated"

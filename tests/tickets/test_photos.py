@@ -4,111 +4,22 @@ and deletes whatever it refuses. Real SeaweedFS S3, plain HTTP for the upload an
 
 from __future__ import annotations
 
-import asyncio
-import struct
-import urllib.error
-import urllib.request
-import zlib
 from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
 from civic.tickets.v1 import tickets_pb2
 from minio import Minio
-from minio.error import S3Error
 
-from services.common.config import Settings
 from services.tickets.domain import MAX_PHOTO_BYTES
 from services.tickets.main import PHOTO_BUCKET
+from tests.objects import get, jpeg_bytes, object_exists, png_bytes, put
 from tests.tickets.conftest import Pilot, TicketCaller, rid
-
-# ---- real image bytes, made here (no imaging library needed) ---------------------------------
-
-
-def png_bytes(width: int = 24, height: int = 16) -> bytes:
-    """A valid RGB PNG (pngcheck: no errors) with a gradient, so each size differs in content."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(
-        b"\x00" + b"".join(bytes((x * 16 % 256, y * 16 % 256, 128)) for x in range(width))
-        for y in range(height)
-    )
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
-
-
-def _segment(marker: int, payload: bytes) -> bytes:
-    return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
-
-
-def jpeg_bytes(blocks: int = 4) -> bytes:
-    """A valid baseline JPEG (djpeg decodes it): a grey strip of `blocks` 8x8 blocks, each a flat
-    mid-grey coded as DC difference 0 and end-of-block, with one-code Huffman tables."""
-    bits = "00" * blocks
-    bits += "1" * (-len(bits) % 8)
-    scan = bytes(int(bits[i : i + 8], 2) for i in range(0, len(bits), 8))
-    one_code = b"\x01" + b"\x00" * 15 + b"\x00"
-    return (
-        b"\xff\xd8"
-        + _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
-        + _segment(0xDB, b"\x00" + b"\x01" * 64)
-        + _segment(0xC0, struct.pack(">BHHB", 8, 8, 8 * blocks, 1) + b"\x01\x11\x00")
-        + _segment(0xC4, b"\x00" + one_code)
-        + _segment(0xC4, b"\x10" + one_code)
-        + _segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")
-        + scan.replace(b"\xff", b"\xff\x00")
-        + b"\xff\xd9"
-    )
-
-
-# ---- plain HTTP and the bucket, as a phone and an operator see them -------------------------
-
-
-def _http(method: str, url: str, body: bytes | None, content_type: str) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method=method)
-    if content_type:
-        request.add_header("Content-Type", content_type)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return int(response.status), response.read()
-
-
-async def put(url: str, body: bytes, content_type: str) -> None:
-    status, _ = await asyncio.to_thread(_http, "PUT", url, body, content_type)
-    assert status == 200
-
-
-async def get(url: str) -> bytes:
-    status, body = await asyncio.to_thread(_http, "GET", url, None, "")
-    assert status == 200
-    return body
-
-
-@pytest.fixture
-def bucket(settings: Settings) -> Minio:
-    return Minio(
-        settings.s3_endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
-        secure=settings.s3_secure,
-    )
 
 
 async def stored(bucket: Minio, key: str) -> bool:
     """Whether the object is in the photo bucket (asked of the store directly, not the service)."""
-    try:
-        await asyncio.to_thread(bucket.stat_object, PHOTO_BUCKET, key)
-    except S3Error as error:
-        assert error.code == "NoSuchKey", error
-        return False
-    return True
+    return await object_exists(bucket, PHOTO_BUCKET, key)
 
 
 async def upload_slot(

@@ -1,0 +1,164 @@
+"""A service's own view of the registry, built from the events on civic.registry.v1 and never
+from the registry's database: the administrative tree and each household's unit and location;
+for a service that targets people (`people=True`) also each household's residence kind, address
+and number of residents, and each resident's household, birth date and sex. Ids and the facts
+other services act on only: never names or citizen IDs.
+
+Every event becomes a list of writes (`changes`), so one event is applied inside a consumer's
+transaction (`apply`) and a long run of events in a few bulk writes (`apply_all`) alike. Events
+of different aggregates arrive on different partitions, in any order between them: every write
+is an upsert that commutes with the others (a person may be counted before their household's
+own event arrives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from civic.registry.v1 import events_pb2
+from google.protobuf.message import Message
+from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateMany, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.common.mongo import Document, Session
+from services.common.wire import point_document
+
+# What an event changes: the collection and one write there.
+Change = tuple[str, UpdateOne | UpdateMany | ReplaceOne[Document]]
+
+RESIDENT, GONE = "resident", "gone"
+
+
+class RegistryView:
+    def __init__(self, db: AsyncDatabase[Document], *, people: bool = False) -> None:
+        self.db = db
+        self.people = people
+        self.units = db["units"]
+        self.households = db["households"]
+        self.persons = db["persons"]
+
+    async def ensure_indexes(self) -> None:
+        await self.households.create_index([("unit_id", ASCENDING), ("_id", ASCENDING)])
+        if self.people:
+            await self.persons.create_indexes(
+                [IndexModel([("household_id", ASCENDING), ("status", ASCENDING)])]
+            )
+
+    async def unit(self, unit_id: str, session: Session | None = None) -> Document | None:
+        return await self.units.find_one({"_id": unit_id}, session=session)
+
+    async def household(self, household_id: str, session: Session | None = None) -> Document | None:
+        return await self.households.find_one({"_id": household_id}, session=session)
+
+    async def apply(self, message: Message, session: Session) -> None:
+        """One event, inside the caller's transaction."""
+        await self.apply_all([message], session)
+
+    async def apply_all(self, messages: Iterable[Message], session: Session | None = None) -> None:
+        """Many events in order, as one bulk write per collection."""
+        writes: dict[str, list[Any]] = {}
+        for message in messages:
+            for collection, write in self.changes(message):
+                writes.setdefault(collection, []).append(write)
+        for collection, batch in writes.items():
+            await self.db[collection].bulk_write(batch, ordered=True, session=session)
+
+    def changes(self, message: Message) -> list[Change]:
+        m: Any = message
+        match message:
+            case events_pb2.UnitCreated():
+                unit = m.unit
+                doc = {
+                    "_id": unit.unit_id,
+                    "kind": unit.kind,
+                    "name": unit.name,
+                    "parent_id": unit.parent_id,
+                    "active": True,
+                    "merged_into_id": "",
+                }
+                return [("units", ReplaceOne({"_id": unit.unit_id}, doc, upsert=True))]
+            case events_pb2.UnitRenamed():
+                return [("units", UpdateOne({"_id": m.unit_id}, {"$set": {"name": m.new_name}}))]
+            case events_pb2.GroupsMerged():
+                retired = {"active": False, "merged_into_id": m.target_unit_id}
+                return [
+                    ("units", UpdateOne({"_id": m.source_unit_id}, {"$set": retired}, upsert=True)),
+                    (
+                        "households",
+                        UpdateMany(
+                            {"unit_id": m.source_unit_id}, {"$set": {"unit_id": m.target_unit_id}}
+                        ),
+                    ),
+                ]
+            case events_pb2.HouseholdCreated() | events_pb2.HouseholdUpdated():
+                fields: Document = {"unit_id": m.unit_id}
+                if self.people:  # whom a notice reaches, and whose door to knock on
+                    fields |= {"residence_kind": m.residence_kind, "address": m.address}
+                if m.HasField("location"):
+                    fields["location"] = point_document("location", m.location)
+                return [_household(m.household_id, {"$set": fields})]
+            case events_pb2.HouseholdMoved():
+                return [_household(m.household_id, {"$set": {"unit_id": m.to_unit_id}})]
+        if self.people:
+            return _people_changes(message)
+        return []
+
+
+def households_touched(message: Message) -> list[str]:
+    """The households whose place, kind or residents an event changes."""
+    m: Any = message
+    match message:
+        case (
+            events_pb2.HouseholdCreated()
+            | events_pb2.HouseholdUpdated()
+            | events_pb2.HouseholdMoved()
+            | events_pb2.PersonRegistered()
+            | events_pb2.PersonMovedOut()
+            | events_pb2.PersonDied()
+            | events_pb2.PersonMarkedAbsent()
+        ):
+            return [m.household_id]
+        case events_pb2.GroupsMerged():
+            return list(m.household_ids)
+        case events_pb2.PersonMoved():
+            return [m.from_household_id, m.to_household_id]
+    return []
+
+
+def _household(household_id: str, update: Document) -> Change:
+    return ("households", UpdateOne({"_id": household_id}, update, upsert=True))
+
+
+def _person(person_id: str, fields: Document) -> Change:
+    return ("persons", UpdateOne({"_id": person_id}, {"$set": fields}, upsert=True))
+
+
+def _residents(household_id: str, by: int) -> Change:
+    return _household(household_id, {"$inc": {"residents": by}})
+
+
+def _people_changes(message: Message) -> list[Change]:
+    m: Any = message
+    match message:
+        case events_pb2.PersonRegistered():
+            person = {
+                "household_id": m.household_id,
+                "birth_date": m.birth_date,
+                "sex": m.sex,
+                "residence_kind": m.residence_kind,
+                "status": RESIDENT,
+                "absent": False,
+            }
+            return [_person(m.person_id, person), _residents(m.household_id, 1)]
+        case events_pb2.PersonMoved():
+            return [
+                _person(m.person_id, {"household_id": m.to_household_id}),
+                _residents(m.from_household_id, -1),
+                _residents(m.to_household_id, 1),
+            ]
+        case events_pb2.PersonMovedOut() | events_pb2.PersonDied():
+            return [_person(m.person_id, {"status": GONE}), _residents(m.household_id, -1)]
+        case events_pb2.PersonMarkedAbsent():
+            return [_person(m.person_id, {"absent": m.absent})]
+    return []

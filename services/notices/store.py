@@ -1,0 +1,325 @@
+"""Notices, their delivery records, the change feed residents' apps watch, and the service's own
+view of the registry, in MongoDB."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError
+
+from services.common.commands import ensure_command_indexes
+from services.common.errors import InvalidArgument
+from services.common.mongo import Document, Session, in_unit
+from services.common.outbox import ensure_outbox_indexes
+from services.common.registry_view import RESIDENT, RegistryView
+from services.notices import domain
+from services.notices.domain import State
+
+DUPLICATE_KEY = 11000
+FEED_KEPT = timedelta(days=1)
+# The resident's listing: unread first, then newest first.
+LISTING_ORDER = [("read", ASCENDING), ("at", DESCENDING), ("_id", DESCENDING)]
+
+
+def new_notice_id() -> str:
+    return f"nt-{ObjectId()}"
+
+
+class NoticeStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.db = db
+        self.notices = db["notices"]
+        # One record per notice and household, _id "<notice>:<household>".
+        self.deliveries = db["deliveries"]
+        # What residents' apps are told, one entry per change (a batch of households at a time).
+        self.feed = db["feed"]
+        # Delivered, opened and acknowledged households per notice and group, _id
+        # "<notice>:<group>", counted in the transaction of each change they count.
+        self.reach_counts = db["reach"]
+        # Units, households and residents, projected from civic.registry.v1.
+        self.view = RegistryView(db, people=True)
+
+    async def ensure_indexes(self) -> None:
+        await self.notices.create_indexes(
+            [
+                IndexModel([("unit_id", ASCENDING), ("_id", DESCENDING)]),
+                IndexModel([("state", ASCENDING), ("unit_id", ASCENDING)]),
+                IndexModel([("state", ASCENDING), ("publish_at", ASCENDING)]),
+                IndexModel([("state", ASCENDING), ("expires_at", ASCENDING)]),
+                IndexModel(
+                    [("fanout_pending", ASCENDING), ("priority", DESCENDING), ("_id", ASCENDING)],
+                    sparse=True,
+                ),
+            ]
+        )
+        # Kept few: every index costs time on each of a city-wide notice's 300,000 inserts.
+        await self.deliveries.create_indexes(
+            [
+                IndexModel([("household_id", ASCENDING), *LISTING_ORDER]),
+                IndexModel(
+                    [
+                        ("notice_id", ASCENDING),
+                        ("read", ASCENDING),
+                        ("unit_id", ASCENDING),
+                        ("household_id", ASCENDING),
+                    ]
+                ),
+                IndexModel([("resend_due", ASCENDING)], sparse=True),
+            ]
+        )
+        await self.feed.create_index("at", expireAfterSeconds=int(FEED_KEPT.total_seconds()))
+        await self.reach_counts.create_index([("notice_id", ASCENDING), ("unit_id", ASCENDING)])
+        await self.view.ensure_indexes()
+        await ensure_outbox_indexes(self.db)
+        await ensure_command_indexes(self.db)
+
+    # ---- notices -----------------------------------------------------------------------------
+
+    async def get(self, notice_id: str, session: Session | None = None) -> Document | None:
+        return await self.notices.find_one({"_id": notice_id}, session=session)
+
+    async def update(self, notice_id: str, update: Document, session: Session) -> Document:
+        updated = await self.notices.find_one_and_update(
+            {"_id": notice_id}, update, session=session, return_document=True
+        )
+        assert updated is not None
+        return updated
+
+    async def in_unit(self, unit_id: str, token: str, size: int) -> tuple[list[Document], str]:
+        """Notices targeted at the unit or below it, newest first."""
+        query: Document = {"unit_id": in_unit(unit_id)}
+        if token:
+            query["_id"] = {"$lt": token}
+        items = await self.notices.find(query).sort("_id", DESCENDING).limit(size).to_list()
+        return items, str(items[-1]["_id"]) if len(items) == size else ""
+
+    async def live_over(
+        self, unit_ids: set[str], now: datetime, session: Session | None = None
+    ) -> list[Document]:
+        """Published, unexpired notices whose unit contains any of `unit_ids`."""
+        scopes = {scope for unit_id in unit_ids for scope in domain.ancestors(unit_id)}
+        if not scopes:
+            return []
+        return await self.notices.find(
+            {
+                "state": int(State.PUBLISHED),
+                "unit_id": {"$in": sorted(scopes)},
+                "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
+            },
+            session=session,
+        ).to_list()
+
+    async def due_to_publish(self, now: datetime, limit: int = 100) -> list[Document]:
+        query = {"state": int(State.SCHEDULED), "publish_at": {"$lte": now}}
+        return await self.notices.find(query).sort("publish_at").limit(limit).to_list()
+
+    async def due_to_expire(self, now: datetime, limit: int = 100) -> list[Document]:
+        query = {"state": int(State.PUBLISHED), "expires_at": {"$lte": now}}
+        return await self.notices.find(query).sort("expires_at").limit(limit).to_list()
+
+    async def next_fanout(self) -> Document | None:
+        """The notice to deliver next: emergencies before anything else, then oldest first."""
+        return await self.notices.find_one(
+            {"fanout_pending": True}, sort=[("priority", DESCENDING), ("_id", ASCENDING)]
+        )
+
+    # ---- the audience, from the registry view --------------------------------------------------
+
+    async def households_after(
+        self, unit_id: str, audience: domain.Audience, after: Document, limit: int
+    ) -> list[Document]:
+        """The next households of the notice's unit with residents, in (group, id) order after
+        `after` ({"unit", "household"}), as the (unit_id, _id) index has them; the member filter
+        is applied by the caller (`with_members`)."""
+        wanted: Document = {"residents": {"$gt": 0}}
+        if audience.residence_kinds:
+            wanted["residence_kind"] = {"$in": list(audience.residence_kinds)}
+        order = [("unit_id", ASCENDING), ("_id", ASCENDING)]
+        found: list[Document] = []
+        if after["unit"]:
+            # The rest of the group the last batch ended in.
+            rest = wanted | {"unit_id": after["unit"], "_id": {"$gt": after["household"]}}
+            found = await self._households(rest, order, limit)
+        if len(found) < limit:
+            following = in_unit(unit_id) | ({"$gt": after["unit"]} if after["unit"] else {})
+            found += await self._households(
+                wanted | {"unit_id": following}, order, limit - len(found)
+            )
+        return found
+
+    async def _households(self, query: Document, order: list[Any], limit: int) -> list[Document]:
+        found = self.view.households.find(query, {"unit_id": 1}).sort(order).limit(limit)
+        return await found.to_list()
+
+    async def with_members(
+        self,
+        household_ids: list[str],
+        audience: domain.Audience,
+        day: date,
+        session: Session | None = None,
+    ) -> set[str]:
+        """Those of the households with a present resident matching the audience's bounds."""
+        query: Document = {
+            "household_id": {"$in": household_ids},
+            "status": RESIDENT,
+            "absent": {"$ne": True},
+        }
+        born_by, born_after = domain.birth_date_bounds(audience, day)
+        born: Document = {}
+        if born_by:
+            born["$lte"] = born_by
+        if born_after:
+            born["$gt"] = born_after
+        if born:
+            query["birth_date"] = born
+        if audience.sex:
+            query["sex"] = audience.sex
+        found = await self.view.persons.distinct("household_id", query, session=session)
+        return set(found)
+
+    # ---- deliveries ---------------------------------------------------------------------------
+
+    async def insert_deliveries(self, docs: list[Document]) -> int:
+        """Unordered and idempotent: records already there (from an earlier, interrupted run or a
+        household that moved in meanwhile) are left as they are. Returns how many were new."""
+        if not docs:
+            return 0
+        try:
+            result = await self.deliveries.insert_many(docs, ordered=False)
+            return len(result.inserted_ids)
+        except BulkWriteError as error:
+            errors = error.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+            return int(error.details.get("nInserted", 0))
+
+    async def delivery(
+        self, notice_id: str, household_id: str, session: Session | None = None
+    ) -> Document | None:
+        return await self.deliveries.find_one(
+            {"_id": domain.delivery_id(notice_id, household_id)}, session=session
+        )
+
+    async def update_delivery(
+        self, delivery_id: str, update: Document, session: Session
+    ) -> Document:
+        updated = await self.deliveries.find_one_and_update(
+            {"_id": delivery_id}, update, session=session, return_document=True
+        )
+        assert updated is not None
+        return updated
+
+    async def of_household(
+        self, household_id: str, now: datetime, include_expired: bool, token: str, size: int
+    ) -> tuple[list[Document], str]:
+        """A household's deliveries, unread first, then newest first (keyset paging over that
+        order: the token is the last item's read flag, time and id)."""
+        query: Document = {"household_id": household_id, "withdrawn_at": None}
+        if not include_expired:
+            query["$or"] = [{"expires_at": None}, {"expires_at": {"$gt": now}}]
+        if token:
+            query = {"$and": [query, _after_in_listing(token)]}
+        items = await self.deliveries.find(query).sort(LISTING_ORDER).limit(size).to_list()
+        return items, _listing_token(items[-1]) if len(items) == size else ""
+
+    async def count(self, notice_id: str, changes: dict[str, Document], session: Session) -> None:
+        """Adds to the reach counters of each group: {group: {"delivered": 1, ...}}."""
+        writes = [
+            UpdateOne(
+                {"_id": f"{notice_id}:{unit_id}"},
+                {"$inc": by, "$setOnInsert": {"notice_id": notice_id, "unit_id": unit_id}},
+                upsert=True,
+            )
+            for unit_id, by in changes.items()
+            if any(by.values())
+        ]
+        if writes:
+            await self.reach_counts.bulk_write(writes, ordered=False, session=session)
+
+    async def reach(self, notice_id: str, unit_id: str) -> list[Document]:
+        """Delivered, opened and acknowledged households per group."""
+        query = {"notice_id": notice_id, "unit_id": in_unit(unit_id)}
+        return await self.reach_counts.find(query).sort("unit_id", ASCENDING).to_list()
+
+    async def not_reached(
+        self, notice_id: str, unit_id: str, token: str, size: int
+    ) -> tuple[list[Document], str]:
+        """Households that have not opened the notice, by group then household (the index's
+        order); the token is the last one's delivery id."""
+        query: Document = {
+            "notice_id": notice_id,
+            "read": False,
+            "unit_id": in_unit(unit_id),
+            "withdrawn_at": None,
+        }
+        if token:
+            last = await self.deliveries.find_one({"_id": token}, {"unit_id": 1, "household_id": 1})
+            if last is not None:
+                query["$or"] = [
+                    {"unit_id": {"$gt": last["unit_id"]}},
+                    {"unit_id": last["unit_id"], "household_id": {"$gt": last["household_id"]}},
+                ]
+        items = (
+            await self.deliveries.find(query)
+            .sort([("unit_id", ASCENDING), ("household_id", ASCENDING)])
+            .limit(size)
+            .to_list()
+        )
+        return items, str(items[-1]["_id"]) if len(items) == size else ""
+
+    async def due_resends(self, now: datetime, limit: int) -> list[Document]:
+        return (
+            await self.deliveries.find(
+                {"resend_due": {"$lte": now}}, {"notice_id": 1, "household_id": 1}
+            )
+            .sort("resend_due", ASCENDING)
+            .limit(limit)
+            .to_list()
+        )
+
+    # ---- the feed -----------------------------------------------------------------------------
+
+    async def announce(
+        self,
+        change: int,
+        notice_id: str,
+        household_ids: list[str] | None,
+        now: datetime,
+        session: Session,
+    ) -> None:
+        """Tell watching apps; `household_ids` None means every household of the notice."""
+        await self.feed.insert_one(
+            {
+                "_id": ObjectId(),
+                "change": change,
+                "notice_id": notice_id,
+                "households": household_ids,
+                "at": now,
+            },
+            session=session,
+        )
+
+
+def _listing_token(doc: Document) -> str:
+    return f"{int(doc['read'])}|{doc['at'].isoformat()}|{doc['_id']}"
+
+
+def _after_in_listing(token: str) -> Document:
+    """Items after the token's in the order unread first, newest first, id descending."""
+    try:
+        read_flag, at_text, last_id = token.split("|", 2)
+        read = bool(int(read_flag))
+        at = datetime.fromisoformat(at_text)
+    except ValueError:
+        raise InvalidArgument("page.page_token", "is not a token this listing gave") from None
+    later: list[Document] = [
+        {"read": read, "at": at, "_id": {"$lt": last_id}},
+        {"read": read, "at": {"$lt": at}},
+    ]
+    if not read:
+        later.append({"read": True})
+    return {"$or": later}

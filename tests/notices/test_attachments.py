@@ -1,0 +1,148 @@
+"""Attachments go from the official's browser straight to object storage through a presigned
+URL; publishing (or revising) checks each upload's declared type, its first bytes and its size,
+and refuses the notice, deleting the upload, when one is wrong. Real SeaweedFS S3."""
+
+from __future__ import annotations
+
+import grpc
+from civic.notices.v1 import notices_pb2
+from minio import Minio
+
+from services.notices.domain import MAX_ATTACHMENT_BYTES
+from services.notices.main import ATTACHMENT_BUCKET
+from tests.notices.conftest import NoticeCaller, Town, refused, rid
+from tests.objects import get, object_exists, png_bytes, put
+
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+PDF_TYPE = "application/pdf"
+
+
+async def upload(caller: NoticeCaller, body: bytes, declared: str, sent_as: str = "") -> str:
+    slot = await caller.CreateAttachmentUpload(
+        notices_pb2.CreateAttachmentUploadRequest(content_type=declared, size_bytes=len(body))
+    )
+    await put(slot.upload_url, body, sent_as or declared)
+    return str(slot.object_key)
+
+
+def attach(key: str, name: str) -> notices_pb2.AttachmentUpload:
+    return notices_pb2.AttachmentUpload(object_key=key, file_name=name)
+
+
+async def notices_in(town: Town) -> int:
+    return await town.service.store.notices.count_documents({"unit_id": town.city.ward})
+
+
+async def test_attachments_are_uploaded_checked_and_viewable(town: Town) -> None:
+    officer = town.ward_officer
+    pdf_key = await upload(officer, PDF, PDF_TYPE)
+    png_key = await upload(officer, png_bytes(), "image/png")
+    assert pdf_key.startswith(f"notices/{town.city.ward}/") and pdf_key.endswith(".pdf")
+    notice = await town.publish(
+        attachments=[attach(pdf_key, "ke-hoach.pdf"), attach(png_key, "so-do.png")]
+    )
+    assert [(a.file_name, a.content_type, a.size_bytes) for a in notice.attachments] == [
+        ("ke-hoach.pdf", PDF_TYPE, len(PDF)),
+        ("so-do.png", "image/png", len(png_bytes())),
+    ]
+    await town.delivered(notice.notice_id)
+    household = town.households[town.city.group][0]
+    (mine,) = await town.inbox(household)
+    # The links are presigned GETs on the store: the same bytes come back.
+    assert [await get(a.url) for a in mine.notice.attachments] == [PDF, png_bytes()]
+
+    # A revision keeps an attachment by its key (renamed here) and drops the other.
+    response = await officer.ReviseNotice(
+        notices_pb2.ReviseNoticeRequest(
+            request_id=rid(),
+            notice_id=notice.notice_id,
+            title=notice.title,
+            body=notice.body,
+            attachments=[attach(png_key, "so-do-moi.png")],
+        )
+    )
+    assert [a.file_name for a in response.notice.attachments] == ["so-do-moi.png"]
+    assert [a.file_name for a in response.notice.revisions[0].attachments] == [
+        "ke-hoach.pdf",
+        "so-do.png",
+    ]
+
+
+async def test_a_bad_upload_is_refused_and_deleted_and_nothing_is_published(
+    town: Town, bucket: Minio
+) -> None:
+    officer = town.ward_officer
+    good = await upload(officer, PDF, PDF_TYPE)
+    padded = PDF + b"\x00" * (MAX_ATTACHMENT_BYTES + 1 - len(PDF))
+    cases = [
+        (b"just text, not a document\n" * 10, PDF_TYPE, PDF_TYPE, "object_key"),
+        (png_bytes(), "image/png", "text/plain", "content_type"),
+        (padded, PDF_TYPE, PDF_TYPE, "size_bytes"),
+    ]
+    before = await notices_in(town)
+    for body, declared, sent_as, field in cases:
+        slot = await officer.CreateAttachmentUpload(
+            notices_pb2.CreateAttachmentUploadRequest(content_type=declared, size_bytes=4096)
+        )
+        await put(slot.upload_url, body, sent_as)
+        assert await object_exists(bucket, ATTACHMENT_BUCKET, slot.object_key)
+        await refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            town.publish(attachments=[attach(good, "ok.pdf"), attach(slot.object_key, "x.pdf")]),
+            f"attachments[1].{field}",
+        )
+        assert not await object_exists(bucket, ATTACHMENT_BUCKET, slot.object_key)
+    assert await notices_in(town) == before
+    # The good upload was left alone and still attaches.
+    assert await object_exists(bucket, ATTACHMENT_BUCKET, good)
+
+
+async def test_uploads_are_declared_properly_and_attached_by_their_unit_only(town: Town) -> None:
+    officer = town.ward_officer
+    refusals = [
+        ("text/plain", 1000, "content_type"),
+        ("image/gif", 1000, "content_type"),
+        (PDF_TYPE, MAX_ATTACHMENT_BYTES + 1, "size_bytes"),
+        (PDF_TYPE, 0, "size_bytes"),
+    ]
+    for content_type, size, field in refusals:
+        await refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            officer.CreateAttachmentUpload(
+                notices_pb2.CreateAttachmentUploadRequest(
+                    content_type=content_type, size_bytes=size
+                )
+            ),
+            field,
+        )
+    resident = town.resident(town.households[town.city.group][0])
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        resident.CreateAttachmentUpload(
+            notices_pb2.CreateAttachmentUploadRequest(content_type=PDF_TYPE, size_bytes=100)
+        ),
+    )
+    # Another unit's upload, named directly or through a path under this unit's folder.
+    theirs = await upload(town.other_leader, PDF, PDF_TYPE)
+    name = theirs.rsplit("/", 1)[1]
+    for key in (theirs, f"notices/{town.city.group}/../{town.city.other_group}/{name}"):
+        await refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            town.publish(town.leader, unit_id=town.city.group, attachments=[attach(key, "a")]),
+            "attachments[0].object_key",
+        )
+    # An upload slot nobody uploaded to.
+    slot = await officer.CreateAttachmentUpload(
+        notices_pb2.CreateAttachmentUploadRequest(content_type=PDF_TYPE, size_bytes=100)
+    )
+    await refused(
+        grpc.StatusCode.NOT_FOUND, town.publish(attachments=[attach(slot.object_key, "a")])
+    )
+    # Names are plain file names.
+    mine = await upload(officer, PDF, PDF_TYPE)
+    for bad_name in ("", "../etc/passwd", "a\nb"):
+        await refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            town.publish(attachments=[attach(mine, bad_name)]),
+            "attachments[0].file_name",
+        )

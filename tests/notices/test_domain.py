@@ -1,0 +1,60 @@
+"""Pure rules, alone: ages as birth-date bounds, timing, who may publish and count where."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+
+from services.common.auth import Principal, Role
+from services.common.errors import InvalidArgument, PermissionDenied
+from services.notices import domain
+from services.notices.domain import Audience, Priority
+
+
+def test_age_bounds_are_birth_date_bounds() -> None:
+    on = date(2026, 11, 23)
+    # Aged 18 to 27 on that day: born after 1998-11-23, on or before 2008-11-23.
+    assert domain.birth_date_bounds(Audience(min_age=18, max_age=27), on) == (
+        "2008-11-23",
+        "1998-11-23",
+    )
+    assert domain.birth_date_bounds(Audience(min_age=60), on) == ("1966-11-23", None)
+    assert domain.birth_date_bounds(Audience(max_age=5), on) == (None, "2020-11-23")
+    # 29 February counts from the 28th in other years.
+    assert domain.birth_date_bounds(Audience(min_age=1), date(2024, 2, 29)) == ("2023-02-28", None)
+
+
+def test_timing_rules() -> None:
+    now = datetime(2026, 11, 23, 8, tzinfo=UTC)
+    past = domain.check_timing(now, now - timedelta(hours=1), None, Priority.NORMAL, None)
+    assert past.publish_at is None  # a time already passed means now
+    emergency = domain.check_timing(now, None, None, Priority.EMERGENCY, None)
+    assert emergency.resend_after == domain.DEFAULT_RESEND_AFTER
+    with pytest.raises(InvalidArgument, match=r"^expires_at"):
+        domain.check_timing(
+            now, now + timedelta(hours=2), now + timedelta(hours=1), Priority.NORMAL, None
+        )
+    with pytest.raises(InvalidArgument, match=r"^resend_after"):
+        domain.check_timing(now, None, None, Priority.IMPORTANT, timedelta(minutes=5))
+
+
+def test_publishing_and_reach_scopes() -> None:
+    leader = Principal("l", Role.GROUP_LEADER, "dn.hc.hc1.g17")
+    domain.may_publish(leader, "dn.hc.hc1.g17")
+    for unit in ("dn.hc.hc1", "dn.hc.hc1.g18", "dn.hc.hc1.g171"):
+        with pytest.raises(PermissionDenied):
+            domain.may_publish(leader, unit)
+    # A group leader counts their own group of a ward notice; the ward officer the whole ward.
+    assert domain.reach_area(leader, "dn.hc.hc1", "") == "dn.hc.hc1.g17"
+    officer = Principal("w", Role.WARD_OFFICER, "dn.hc.hc1")
+    assert domain.reach_area(officer, "dn.hc.hc1.g17", "") == "dn.hc.hc1.g17"
+    assert domain.reach_area(officer, "dn.hc.hc1", "dn.hc.hc1.g18") == "dn.hc.hc1.g18"
+    with pytest.raises(InvalidArgument, match=r"^unit_id"):
+        domain.reach_area(officer, "dn.hc.hc1.g17", "dn.hc.hc1.g18")
+
+
+def test_ancestors_and_record_ids() -> None:
+    assert domain.ancestors("dn.hc.hc1") == ["dn", "dn.hc", "dn.hc.hc1"]
+    assert domain.delivery_id("nt-1", "hh-2") == "nt-1:hh-2"
+    assert domain.check_audience(0, 0, 0, [3, 3], False).residence_kinds == (3,)

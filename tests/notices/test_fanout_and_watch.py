@@ -1,0 +1,110 @@
+"""The first delivery is resumable and idempotent: records a crashed run already wrote, or a
+second instance writes at the same time, end up once, and each household is announced in one
+event. A resident's app hears of its notices as they are delivered, revised and retracted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from civic.notices.v1 import notices_pb2
+
+from services.common.auth import Role
+from services.notices.delivery import Deliverer
+from services.notices.records import delivery_document
+from tests.conftest import Clock
+from tests.notices.conftest import FANOUT_BATCH, Town, events_pb2, eventually, refused, rid
+
+
+async def test_a_delivery_interrupted_mid_way_completes_without_duplicates(
+    town: Town, clock: Clock
+) -> None:
+    service = town.service
+    store = service.store
+    await service.deliverer.stop()
+    try:
+        notice = await town.publish(title="Phát gạo hỗ trợ")
+        doc = await store.get(notice.notice_id)
+        assert doc is not None and doc["fanout_pending"]
+        # A run that crashed after writing some records, before moving its marker past them.
+        first = town.households[town.city.group][:2]
+        written = [delivery_document(doc, h, town.city.group, clock()) for h in first]
+        assert await store.insert_deliveries(written) == 2
+        # Two instances then deliver side by side.
+        twin = Deliverer(service.client, store, service.host.outbox, clock, 1.0, FANOUT_BATCH)
+        while (await store.get(notice.notice_id) or {}).get("fanout_pending"):
+            await asyncio.gather(service.deliverer.fan_out_batch(), twin.fan_out_batch())
+    finally:
+        service.deliverer.start()
+
+    records = await store.deliveries.find({"notice_id": notice.notice_id}).to_list()
+    assert sorted(r["household_id"] for r in records) == sorted(town.everyone)
+    batches = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+    named = [h for batch in batches for h in batch.household_ids]
+    assert sorted(named) == sorted(town.everyone)
+    assert len(await town.events(notice.notice_id, events_pb2.NoticeDeliveryCompleted)) == 1
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert reach.total.delivered == 5 and reach.delivery_complete
+
+
+async def next_change(
+    call: Any, notice_id: str, seen: list[str]
+) -> notices_pb2.WatchMyNoticesResponse:
+    """The stream's next update about `notice_id`; every notice it passes on is noted in seen."""
+
+    async def read() -> notices_pb2.WatchMyNoticesResponse:
+        while True:
+            update = await call.read()
+            assert update is not grpc.aio.EOF, "the stream ended"
+            seen.append(update.notice.notice.notice_id)
+            if update.notice.notice.notice_id == notice_id:
+                return update  # type: ignore[no-any-return]
+
+    return await asyncio.wait_for(read(), 10)
+
+
+async def test_a_residents_app_hears_of_its_notices_live(town: Town) -> None:
+    household = town.households[town.city.group][0]
+    call = town.resident(household).WatchMyNotices(notices_pb2.WatchMyNoticesRequest())
+    hub = town.service.servicer.hub
+    await eventually(lambda: _true(hub.watching(household)), what="the app's stream open")
+
+    seen: list[str] = []
+    other_group = await town.publish(town.other_leader, unit_id=town.city.other_group)
+    notice = await town.publish(title="Ngày chủ nhật xanh")
+    delivered = await next_change(call, notice.notice_id, seen)
+    assert delivered.change == notices_pb2.NOTICE_CHANGE_DELIVERED
+    assert delivered.notice.notice.title == "Ngày chủ nhật xanh"
+    assert not delivered.notice.opened
+
+    await town.ward_officer.ReviseNotice(
+        notices_pb2.ReviseNoticeRequest(
+            request_id=rid(),
+            notice_id=notice.notice_id,
+            title="Ngày chủ nhật xanh (8 giờ)",
+            body="Dọn vệ sinh kiệt 45",
+        )
+    )
+    revised = await next_change(call, notice.notice_id, seen)
+    assert revised.change == notices_pb2.NOTICE_CHANGE_REVISED
+    assert revised.notice.notice.revision == 2
+
+    await town.ward_officer.RetractNotice(
+        notices_pb2.RetractNoticeRequest(request_id=rid(), notice_id=notice.notice_id, reason="mưa")
+    )
+    retracted = await next_change(call, notice.notice_id, seen)
+    assert retracted.change == notices_pb2.NOTICE_CHANGE_RETRACTED
+    assert retracted.notice.notice.retraction_reason == "mưa"
+    # The other group's notice never came down this household's stream.
+    await town.delivered(other_group.notice_id)
+    assert other_group.notice_id not in seen
+    call.cancel()
+
+    leader = town.caller(Role.GROUP_LEADER, town.city.group)
+    officials = leader.WatchMyNotices(notices_pb2.WatchMyNoticesRequest())
+    await refused(grpc.StatusCode.PERMISSION_DENIED, officials.read())
+
+
+async def _true(value: bool) -> bool:
+    return value

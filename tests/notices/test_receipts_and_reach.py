@@ -1,0 +1,126 @@
+"""Read receipts and acknowledgements, and what the publisher sees of them: delivered, opened
+and acknowledged households per group, live, and the households not reached yet."""
+
+from __future__ import annotations
+
+import grpc
+from civic.common.v1 import types_pb2
+from civic.notices.v1 import notices_pb2
+
+from services.common.auth import Role
+from tests.notices.conftest import Town, events_pb2, refused, rid
+
+
+async def acknowledge(town: Town, household: str, notice_id: str) -> notices_pb2.HouseholdNotice:
+    response = await town.resident(household).AcknowledgeNotice(
+        notices_pb2.AcknowledgeNoticeRequest(request_id=rid(), notice_id=notice_id)
+    )
+    acknowledged: notices_pb2.HouseholdNotice = response.notice
+    return acknowledged
+
+
+def by_group(reach: notices_pb2.GetReachResponse) -> dict[str, tuple[int, int, int]]:
+    return {g.unit_id: (g.delivered, g.opened, g.acknowledged) for g in reach.groups}
+
+
+async def test_reads_and_acknowledgements_show_in_the_reach_counts(town: Town) -> None:
+    city = town.city
+    notice = await town.publish(requires_acknowledgement=True, title="Họp tổ dân phố")
+    await town.delivered(notice.notice_id)
+    a, b, c = town.households[city.group]
+    d, _ = town.households[city.other_group]
+
+    opened = await town.open(a, notice.notice_id)
+    assert opened.opened and not opened.acknowledged
+    again = await town.open(a, notice.notice_id)  # a second look is no second receipt
+    assert again.opened_at == opened.opened_at
+    acknowledged = await acknowledge(town, b, notice.notice_id)  # acknowledging opens too
+    assert acknowledged.opened and acknowledged.acknowledged
+    await acknowledge(town, d, notice.notice_id)
+    await acknowledge(town, d, notice.notice_id)
+
+    reach = await town.ward_officer.GetReach(
+        notices_pb2.GetReachRequest(notice_id=notice.notice_id)
+    )
+    assert (reach.total.delivered, reach.total.opened, reach.total.acknowledged) == (5, 3, 2)
+    assert by_group(reach) == {city.group: (3, 2, 1), city.other_group: (2, 1, 1)}
+
+    reads = await town.events(notice.notice_id, events_pb2.NoticeRead)
+    assert sorted(e.household_id for e in reads) == sorted([a, b, d])
+    acks = await town.events(notice.notice_id, events_pb2.NoticeAcknowledged)
+    assert sorted(e.household_id for e in acks) == sorted([b, d])
+
+    # A group leader counts their own group of the ward's notice, and knocks on its doors.
+    mine = await town.leader.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert mine.total.unit_id == city.group
+    assert by_group(mine) == {city.group: (3, 2, 1)}
+    not_reached = await town.leader.ListNotReached(
+        notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id)
+    )
+    assert [h.household_id for h in not_reached.households] == [c]
+    assert not_reached.households[0].address == "12 Kiệt 45 Trần Phú"
+    assert not_reached.households[0].unit_id == city.group
+
+    # Page by page across the ward.
+    seen, token = [], ""
+    while True:
+        page = await town.ward_officer.ListNotReached(
+            notices_pb2.ListNotReachedRequest(
+                notice_id=notice.notice_id,
+                page=types_pb2.PageRequest(page_size=1, page_token=token),
+            )
+        )
+        seen += [h.household_id for h in page.households]
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(set(town.everyone) - {a, b, d})
+
+    # Out of reach: another group's leader asking for this group; residents asking at all.
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        town.other_leader.GetReach(
+            notices_pb2.GetReachRequest(notice_id=notice.notice_id, unit_id=city.group)
+        ),
+    )
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        town.resident(a).GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id)),
+    )
+
+
+async def test_receipts_are_for_the_households_own_notices(town: Town) -> None:
+    city = town.city
+    notice = await town.publish(town.leader, unit_id=city.group)
+    await town.delivered(notice.notice_id)
+    outsider = town.households[city.other_group][0]
+    await refused(
+        grpc.StatusCode.NOT_FOUND,
+        town.resident(outsider).OpenNotice(
+            notices_pb2.OpenNoticeRequest(request_id=rid(), notice_id=notice.notice_id)
+        ),
+    )
+    member = town.households[city.group][0]
+    # It does not ask for acknowledgement.
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        town.resident(member).AcknowledgeNotice(
+            notices_pb2.AcknowledgeNoticeRequest(request_id=rid(), notice_id=notice.notice_id)
+        ),
+    )
+    # Officials have no household to open it for.
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        town.leader.OpenNotice(
+            notices_pb2.OpenNoticeRequest(request_id=rid(), notice_id=notice.notice_id)
+        ),
+    )
+    # A retried open (same request_id) answers the same and records one receipt.
+    request = notices_pb2.OpenNoticeRequest(request_id=rid(), notice_id=notice.notice_id)
+    first = await town.resident(member).OpenNotice(request)
+    second = await town.resident(member).OpenNotice(request)
+    assert first == second
+    assert len(await town.events(notice.notice_id, events_pb2.NoticeRead)) == 1
+    auditor = town.caller(Role.AUDITOR, city.ward)
+    reach = await auditor.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert (reach.total.delivered, reach.total.opened) == (3, 1)

@@ -1,0 +1,124 @@
+"""Time and movement: a notice scheduled for later is published when a clock the test moves
+forward reaches its time, and expires; households moving into a live notice's unit receive it,
+households moving out (or left empty) stop seeing it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from civic.notices.v1 import notices_pb2
+from civic.registry.v1 import registry_pb2
+
+from tests.conftest import Clock
+from tests.notices.conftest import Town, events_pb2, eventually, rid, stamp
+
+
+async def state_of(town: Town, notice_id: str) -> int:
+    got = await town.admin.GetNotice(notices_pb2.GetNoticeRequest(notice_id=notice_id))
+    return int(got.notice.state)
+
+
+async def test_a_scheduled_notice_is_published_at_its_time_and_expires(
+    town: Town, clock: Clock
+) -> None:
+    household = town.households[town.city.group][0]
+    notice = await town.publish(
+        publish_at=stamp(clock() + timedelta(hours=2)),
+        expires_at=stamp(clock() + timedelta(days=1)),
+    )
+    assert notice.state == notices_pb2.NOTICE_STATE_SCHEDULED
+    assert [e.notice_id for e in await town.events(notice.notice_id, events_pb2.NoticeScheduled)]
+    clock.advance(hours=1)
+    await town.service.deliverer.run_once()
+    assert await state_of(town, notice.notice_id) == notices_pb2.NOTICE_STATE_SCHEDULED
+    assert await town.inbox(household) == []
+
+    clock.advance(hours=1, minutes=1)
+    reach = await town.delivered(notice.notice_id)
+    assert reach.total.delivered == 5
+    assert await state_of(town, notice.notice_id) == notices_pb2.NOTICE_STATE_PUBLISHED
+    assert len(await town.events(notice.notice_id, events_pb2.NoticePublished)) == 1
+    assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]
+
+    clock.advance(days=1)
+
+    async def expired() -> bool:
+        return await state_of(town, notice.notice_id) == notices_pb2.NOTICE_STATE_EXPIRED
+
+    await eventually(expired, what="expiry")
+    assert await town.inbox(household) == []
+    kept = await town.inbox(household, include_expired=True)
+    assert [n.notice.state for n in kept] == [notices_pb2.NOTICE_STATE_EXPIRED]
+    await eventually(
+        lambda: town.events(notice.notice_id, events_pb2.NoticeExpired), what="NoticeExpired"
+    )
+    # A household arriving after expiry does not get it.
+    late = await town.add_household(town.city.group)
+    assert await town.inbox(late, include_expired=True) == []
+
+
+async def test_households_moving_in_and_out_after_publication(town: Town, clock: Clock) -> None:
+    city = town.city
+    group_notice = await town.publish(town.leader, unit_id=city.group, title="Tổ 17 họp")
+    other_notice = await town.publish(town.other_leader, unit_id=city.other_group, title="Tổ 18")
+    for notice in (group_notice, other_notice):
+        await town.delivered(notice.notice_id)
+
+    # A new household in the group after publication receives the group's notice.
+    newcomer = await town.add_household(city.group)
+
+    async def in_inbox(household: str, notice_id: str) -> bool:
+        return notice_id in [n.notice.notice_id for n in await town.inbox(household)]
+
+    await eventually(lambda: in_inbox(newcomer, group_notice.notice_id), what="move-in")
+    late = await town.events(group_notice.notice_id, events_pb2.NoticeDelivered)
+    assert [(e.household_ids, e.late) for e in late if e.late] == [([newcomer], True)]
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=group_notice.notice_id))
+    assert reach.total.delivered == 4
+
+    # The group merges into the other one: its households move out of the first notice's unit
+    # and into the second's.
+    await city.admin.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
+        )
+    )
+    moved = town.households[city.group]
+
+    async def switched() -> bool:
+        for household in moved:
+            ids = [n.notice.notice_id for n in await town.inbox(household)]
+            if group_notice.notice_id in ids or other_notice.notice_id not in ids:
+                return False
+        return True
+
+    await eventually(switched, what="the merged households' notices")
+    withdrawn = await town.events(group_notice.notice_id, events_pb2.NoticeWithdrawn)
+    assert sorted(e.household_id for e in withdrawn) == sorted(moved)
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=group_notice.notice_id))
+    assert reach.total.delivered == 0
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=other_notice.notice_id))
+    assert reach.total.delivered == 2 + len(moved)
+    # Nothing was deleted: the withdrawn records are still there, marked.
+    kept = await town.service.store.deliveries.count_documents(
+        {"notice_id": group_notice.notice_id, "withdrawn_at": {"$ne": None}}
+    )
+    assert kept == len(moved)
+
+
+async def test_a_household_whose_last_resident_leaves_stops_seeing_notices(town: Town) -> None:
+    household = town.households[town.city.other_group][0]
+    notice = await town.publish()
+    await town.delivered(notice.notice_id)
+    head = await town.service.store.view.persons.find_one({"household_id": household})
+    assert head is not None
+    await town.city.ward_officer.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=head["_id"], destination="Huế")
+    )
+
+    async def gone() -> bool:
+        return await town.inbox(household) == []
+
+    await eventually(gone, what="the empty household's notice withdrawn")
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert reach.total.delivered == 4
