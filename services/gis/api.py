@@ -276,7 +276,12 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             )
             return response, [event]
 
-        return await self.commands.run("ImportLayer", request, gis_pb2.ImportLayerResponse, record)
+        answer = await self.commands.run(
+            "ImportLayer", request, gis_pb2.ImportLayerResponse, record
+        )
+        if layer is Layer.HYDRANT:
+            await self.store.hydrants.reload(request.unit_id)
+        return answer
 
     async def _content(self, request: gis_pb2.ImportLayerRequest) -> tuple[bytes, str]:
         source = request.WhichOneof("source")
@@ -435,9 +440,6 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             request.limit or 3,
             request.max_distance_m or 1000.0,
         )
-        for doc in docs:
-            lon, lat = doc["geometry"]["coordinates"]
-            doc["distance_m"] = geometry.distance_m(point, (lon, lat))
         return gis_pb2.NearestHydrantsResponse(hydrants=[hydrant_message(d) for d in docs])
 
     async def ListResidentsInArea(

@@ -61,10 +61,12 @@ class GisService:
 
     async def start(self) -> int:
         await self.store.ensure_indexes()
+        await self.store.hydrants.start()
         return await self.host.start()
 
     async def stop(self) -> None:
         await self.host.stop()
+        await self.store.hydrants.stop()
         await self.registry.close()
 
 

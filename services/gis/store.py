@@ -3,10 +3,14 @@ the registry: units, household points and the few facts about persons that count
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING, GEOSPHERE, IndexModel, ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common.commands import ensure_command_indexes
@@ -14,10 +18,15 @@ from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 from services.gis.domain import RENTER_KINDS, Layer
+from services.gis.geometry import distance_m
+from services.gis.nearby import Placed, PointGrid
+
+log = logging.getLogger(__name__)
 
 # What a listing returns of a feature (no bookkeeping fields).
 SHOWN = {"layer": 1, "unit_id": 1, "geometry": 1, "properties": 1}
 GEO_INDEX = "layer_1_geometry_2dsphere"
+NEAREST_SHOWN = {"geometry": 1, "properties": 1, "source_unit": 1}
 
 
 class GisStore:
@@ -26,6 +35,7 @@ class GisStore:
         self.features = db["features"]
         self.units = db["units"]  # projected from civic.registry.v1
         self.persons = db["persons"]  # projected from civic.registry.v1: no names
+        self.hydrants = HydrantMirror(self.features)
 
     async def ensure_indexes(self) -> None:
         await self.features.create_indexes(
@@ -123,19 +133,28 @@ class GisStore:
     async def nearest(
         self, layer: Layer, point: Document, limit: int, max_distance_m: float
     ) -> list[Document]:
-        """The nearest features of a layer, nearest first. A find with $near stops once it has
-        `limit` (an aggregation's $geoNear reads every feature within max_distance_m first)."""
-        return (
+        """The nearest features of a layer, nearest first, each with its `distance_m`. Hydrants
+        come from memory; other layers from a find with $near, which stops once it has `limit`
+        (an aggregation's $geoNear reads every feature within max_distance_m first)."""
+        position = (point["coordinates"][0], point["coordinates"][1])
+        if layer is Layer.HYDRANT and self.hydrants.following:
+            found = self.hydrants.grid.nearest(position, limit, max_distance_m, distance_m)
+            return [placed.doc | {"distance_m": metres} for metres, placed in found]
+        docs = (
             await self.features.find(
                 {
                     "layer": layer.key,
                     "geometry": {"$near": {"$geometry": point, "$maxDistance": max_distance_m}},
                 },
-                {"geometry": 1, "properties": 1},
+                NEAREST_SHOWN,
             )
             .limit(limit)
             .to_list()
         )
+        for doc in docs:
+            lon, lat = doc["geometry"]["coordinates"]
+            doc["distance_m"] = distance_m(position, (lon, lat))
+        return docs
 
     # ---- the registry's facts ----------------------------------------------------------------
 
@@ -201,3 +220,75 @@ class GisStore:
 
     async def household(self, household_id: str, session: Session | None = None) -> Any:
         return await self.features.find_one({"_id": f"household-{household_id}"}, session=session)
+
+
+class HydrantMirror:
+    """The hydrant layer in memory, kept equal to MongoDB's: loaded at start, then changed by
+    every insert, replacement and deletion a change stream reports (whichever instance made
+    it); this instance's own imports are applied at once with `reload`, so their callers read
+    their own writes."""
+
+    def __init__(self, features: AsyncCollection[Document]) -> None:
+        self.grid = PointGrid()
+        self._features = features
+        self._task: asyncio.Task[None] | None = None
+        self.following = False
+
+    async def start(self) -> None:
+        # Watch first, then load: nothing that changes in between is missed (replaying a change
+        # the load already saw puts the same point again).
+        stream = await self._watch()
+        await self._load({"layer": Layer.HYDRANT.key}, replace=True)
+        self._task = asyncio.create_task(self._follow(stream), name="hydrant-mirror")
+
+    async def stop(self) -> None:
+        self.following = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def reload(self, source_unit: str) -> None:
+        """The hydrants an import into source_unit left, at once."""
+        await self._load({"layer": Layer.HYDRANT.key, "source_unit": source_unit}, source_unit)
+
+    async def _watch(self) -> Any:
+        match = {"$or": [{"fullDocument.layer": Layer.HYDRANT.key}, {"operationType": "delete"}]}
+        return await self._features.watch([{"$match": match}], full_document="updateLookup")
+
+    async def _load(self, query: Document, source_unit: str = "", replace: bool = False) -> None:
+        placed = [_placed(doc) async for doc in self._features.find(query, NEAREST_SHOWN)]
+        if replace:
+            self.grid = PointGrid()
+            for point in placed:
+                self.grid.put(point)
+        else:
+            self.grid.replace_unit(source_unit, placed)
+
+    async def _follow(self, stream: Any) -> None:
+        while True:
+            self.following = True
+            try:
+                async with stream:
+                    async for change in stream:
+                        if change["operationType"] == "delete":
+                            self.grid.remove(change["documentKey"]["_id"])
+                        elif change.get("fullDocument"):
+                            self.grid.put(_placed(change["fullDocument"]))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # MongoDB away: answer from MongoDB until the mirror is whole again.
+                self.following = False
+                log.exception("hydrant mirror lost its change stream; reloading")
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(Exception):
+                    stream = await self._watch()
+                    await self._load({"layer": Layer.HYDRANT.key}, replace=True)
+
+
+def _placed(doc: Document) -> Placed:
+    lon, lat = doc["geometry"]["coordinates"]
+    shown = {"_id": doc["_id"], "geometry": doc["geometry"], "properties": doc["properties"]}
+    return Placed(doc["_id"], doc.get("source_unit", ""), (lon, lat), shown)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from shapely.geometry import shape
 from services.common.auth import Role
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature
 from tests.gis.test_imports import refused
+from tests.kafka_reader import eventually
 
 
 async def draw(ward: Ward) -> None:
@@ -220,3 +222,50 @@ async def test_bad_queries_are_refused(ward: Ward) -> None:
         grpc.StatusCode.INVALID_ARGUMENT, ward.officer.LocateUnit(gis_pb2.LocateUnitRequest())
     )
     assert details.startswith("point")
+
+
+async def test_hydrants_another_instance_writes_or_removes_are_found_by_this_one(
+    ward: Ward,
+) -> None:
+    """NearestHydrants answers from memory; what another instance writes to the layer (here
+    written to the collection the same way, next to this instance) reaches it too."""
+    hydrant = point_feature(ward.at(-50, 90), "h-model", kind="hydrant", name="TCH-8")
+    assert (await ward.import_features(gis_pb2.LAYER_HYDRANT, [hydrant])).created == 1
+    features = ward.service.store.features
+    model = await features.find_one({"layer": "hydrant", "properties.name": "TCH-8"})
+    assert model is not None
+    written = model | {
+        "_id": model["_id"] + "-other",
+        "geometry": {"type": "Point", "coordinates": ward.at(-50, 60)},
+        "properties": model["properties"] | {"name": "TCH-9"},
+    }
+
+    async def nearest_names() -> list[str]:
+        answer = await ward.officer.NearestHydrants(
+            gis_pb2.NearestHydrantsRequest(point=ward.point(-50, 0), max_distance_m=100)
+        )
+        return [h.name for h in answer.hydrants]
+
+    assert await nearest_names() == ["TCH-8"]
+    assert ward.service.store.hydrants.following  # answered from memory, not by a $near find
+    await features.insert_one(written)
+    await eventually(
+        lambda: _equals(nearest_names(), ["TCH-9", "TCH-8"]), what="the other's hydrant here"
+    )
+    await features.delete_one({"_id": written["_id"]})
+    await eventually(lambda: _equals(nearest_names(), ["TCH-8"]), what="the hydrant gone here")
+
+
+async def test_a_hydrant_import_is_found_at_once_by_the_instance_that_made_it(
+    ward: Ward,
+) -> None:
+    hydrant = point_feature(ward.at(250, -60), "h-own", kind="hydrant", name="TCH-7")
+    assert (await ward.import_features(gis_pb2.LAYER_HYDRANT, [hydrant])).created == 1
+    answer = await ward.officer.NearestHydrants(
+        gis_pb2.NearestHydrantsRequest(point=ward.point(250, 0), max_distance_m=100)
+    )
+    assert [h.name for h in answer.hydrants] == ["TCH-7"]
+
+
+async def _equals(names: Awaitable[list[str]], expected: list[str]) -> bool:
+    return await names == expected
