@@ -27,6 +27,8 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
+import sys
 import tempfile
 import urllib.request
 import uuid
@@ -651,8 +653,21 @@ def _local(moment: datetime) -> str:
 # ---- civic demo ----------------------------------------------------------------------------------
 
 
-async def command(say: Callable[[str], None] = print) -> int:
-    """Play the day on servers of its own; 0 when every step did what it should."""
+async def command() -> int:
+    """Play the day on servers of its own; 0 when every step did what it should. The story goes
+    to stdout; the servers' and consumers' own logging to stderr, warnings only."""
+    story = sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=story, flush=True)
+
+    logging.getLogger("faststream").setLevel(logging.WARNING)
+    # faststream's loggers write to the stdout of when they are made: keep stdout for the story.
+    with contextlib.redirect_stdout(sys.stderr):
+        return await _on_own_servers(say)
+
+
+async def _on_own_servers(say: Callable[[str], None]) -> int:
     outside = Settings()
     with tempfile.TemporaryDirectory(prefix="civic-demo-") as tmp:
         stack = LocalStack(Path(tmp) / "servers", Ports.free())
