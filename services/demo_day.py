@@ -178,7 +178,8 @@ async def until(probe: Callable[[], Awaitable[T | None]], what: str) -> T:
 
 
 async def consumers_caught_up(settings: Settings, topic: str, groups: list[str]) -> None:
-    """Until each consumer group has committed every record on `topic` as it ends now."""
+    """Until each consumer group has committed every record on `topic` as it ends now; an error
+    when they make no progress for a minute."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
     await consumer.start()
@@ -188,15 +189,27 @@ async def consumers_caught_up(settings: Settings, topic: str, groups: list[str])
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
 
-        async def committed() -> bool:
+        async def behind() -> int:
+            lag = 0
             for group in groups:
                 offsets = await admin.list_consumer_group_offsets(group)
                 done = {tp: meta.offset for tp, meta in offsets.items()}
-                if any(done.get(tp, 0) < end for tp, end in ends.items() if end):
-                    return False
-            return True
+                lag += sum(max(0, end - done.get(tp, 0)) for tp, end in ends.items())
+            return lag
 
-        await until(committed, f"{', '.join(groups)} caught up on {topic}")
+        # A topic with a long history takes a while to read: give up only when it stalls.
+        lag = await behind()
+        stalled_since = asyncio.get_running_loop().time()
+        while lag:
+            await asyncio.sleep(0.2)
+            now_behind = await behind()
+            if now_behind < lag:
+                stalled_since = asyncio.get_running_loop().time()
+            elif asyncio.get_running_loop().time() - stalled_since > WAIT_SECONDS:
+                raise TimeoutError(
+                    f"{', '.join(groups)} stopped reading {topic} {now_behind} records short"
+                )
+            lag = now_behind
     finally:
         await admin.close()
         await consumer.stop()
