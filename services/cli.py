@@ -5,6 +5,7 @@
   civic import-csv people.csv --token T                 onboard a file of persons and households
   civic tail civic.tickets.v1 [--from-beginning]        a topic's events, decoded, as they come
   civic replay-ledger --token T [--unit U]              auditors: check the funds from their events
+  civic demo                                            a day in the pilot, step by step
 
 Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they are only as good
 as the secret the target services run with. The columns of an import file are described in
@@ -33,7 +34,8 @@ from aiokafka.errors import KafkaError
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from infra import local
-from services import topic_tail
+from infra.local import InfraError
+from services import demo_day, topic_tail
 from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
@@ -126,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_arguments(audit, os.environ.get(TOKEN_ENV, ""))
     audit.set_defaults(handler=replay.command)
+
+    demo = commands.add_parser(
+        "demo",
+        help="play a day in the pilot through the services' gRPC APIs, printing each step",
+        description=inspect.cleandoc(demo_day.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.set_defaults(handler=_demo)
     return parser
 
 
@@ -350,6 +360,13 @@ async def _tail(args: argparse.Namespace) -> int:
     except KafkaError as error:
         return _fail(f"Kafka at {bootstrap}: {error}", status=1)
     return 0
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    try:
+        return await demo_day.command()
+    except (InfraError, TimeoutError, grpc.aio.AioRpcError, KafkaError) as error:
+        return _fail(f"the demo stopped: {error}", status=1)
 
 
 def _fail(message: str, *, status: int) -> int:

@@ -96,7 +96,7 @@ async def load_demo(settings: Settings) -> str:
     admin = mint_token(
         settings.auth_secret, subject="demo-loader", role=Role.CITY_ADMIN, scope=CITY[0]
     )
-    async with civic_channel(f"127.0.0.1:{GRPC_PORTS['registry']}", admin) as channel:
+    async with civic_channel(settings.registry(), admin) as channel:
         registry = registry_pb2_grpc.RegistryServiceStub(channel)
         for parent, code, name, kind in _units():
             unit_id = f"{parent}.{code}" if parent else code

@@ -16,7 +16,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 import uvloop
@@ -26,9 +26,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from infra.local import Endpoints, LocalStack, Ports, isolated_settings
 from services.common.auth import Role, mint_token
+from services.common.clock import Clock
 from services.common.config import Settings
 
 pytest_plugins = ["tests.registry_fixtures"]
+# Test packages import the clock from here, with the fixtures that share it.
+__all__ = ["Clock"]
 
 EXTERNAL = ("CIVIC_MONGO_URI", "KAFKA_BOOTSTRAP_SERVERS", "CIVIC_S3_ENDPOINT")
 TEST_SECRET = "test-signing-key-" + uuid.uuid4().hex
@@ -60,19 +63,6 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
 @pytest.fixture(scope="session")
 def settings(endpoints: Endpoints) -> Settings:
     return isolated_settings(endpoints, "test", auth_secret=TEST_SECRET, outbox_poll_seconds=0.2)
-
-
-class Clock:
-    """A clock tests can move forward; the services read time only through it."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta()
-
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, **delta: float) -> None:
-        self.offset += timedelta(**delta)
 
 
 @pytest.fixture(scope="session")

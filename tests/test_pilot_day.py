@@ -1,0 +1,116 @@
+"""The pilot's day, as `civic demo` plays it, against the session's servers: every step is
+checked from what the services answer, what object storage holds, what is on the topics and
+which spans were made."""
+
+from __future__ import annotations
+
+import json
+
+from civic.tickets.v1 import events_pb2
+from minio import Minio
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from services.common.cloudevents import type_name
+from services.common.config import Settings
+from services.demo_day import DISTRICT, GROUP, HOME, PAYERS, WARD, Day, PilotDay, pilot_services
+from tests.conftest import Clock
+
+STATEMENTS = "civic-statements"
+
+
+async def play(settings: Settings, span_processor: SimpleSpanProcessor) -> tuple[Day, list[str]]:
+    # Databases and consumer groups of its own: the day's services are not the other tests'.
+    own = settings.model_copy(update={"database_prefix": settings.database_prefix + "day"})
+    clock = Clock()
+    said: list[str] = []
+    async with pilot_services(own, clock, span_processor) as targets:
+        day = await PilotDay(own, targets, clock, said.append).play()
+    return day, said
+
+
+def read_object(bucket: Minio, key: str) -> bytes:
+    response = bucket.get_object(STATEMENTS, key)
+    try:
+        data: bytes = response.read()
+        return data
+    finally:
+        response.close()
+        response.release_conn()
+
+
+async def test_a_day_in_the_pilot(
+    settings: Settings,
+    span_processor: SimpleSpanProcessor,
+    spans: InMemorySpanExporter,
+    bucket: Minio,
+) -> None:
+    day, said = await play(settings, span_processor)
+    text = "\n".join(said)
+
+    # A birth: the new household's point is where the registry put it.
+    assert day.household_id and day.baby_id
+    assert day.map_point == [HOME.longitude, HOME.latitude]
+    assert "appears on the ward's map" in text
+
+    # The storm warning reached exactly the district's households with someone over 70.
+    assert day.elderly_households, "the pilot data has elderly people in the district"
+    assert day.warned_households == day.elderly_households
+    assert day.household_id not in day.warned_households  # a young family and a newborn
+
+    # The flooding ticket went to the ward, then, unacknowledged past its deadline, the district.
+    assert day.routed_to == WARD
+    assert day.escalated_to == DISTRICT
+    assert day.clock_moved.total_seconds() > 12 * 3600  # flooding: 12 hours to acknowledge
+    assert day.photo_key
+
+    # Dues: some households paid, and the exported statement is in object storage.
+    assert len(day.payers) == PAYERS and len(set(day.payers)) == PAYERS
+    assert day.collected == PAYERS * 50_000
+    csv = read_object(bucket, day.statement_csv_key).decode("utf-8-sig")
+    assert str(day.collected) in csv.replace(",", "").replace(".", "")
+    assert read_object(bucket, day.statement_pdf_key).startswith(b"%PDF")
+
+    # The auditor's replay matches the live books, this fund included.
+    report = day.replay_report
+    assert report is not None and report.ok, report.text() if report else ""
+    assert report.compared >= 1 and report.transactions >= 1 + PAYERS
+
+    # The integrator saw the ticket's events, in the order they happened.
+    types = [line.split()[1] for line in day.integrator_lines]
+    name = "civic.tickets.v1."
+    assert types[0] == type_name(events_pb2.TicketSubmitted())
+    assert types[-1] == type_name(events_pb2.TicketEscalated())
+    assert sorted(types) == sorted(
+        name + kind
+        for kind in ("TicketSubmitted", "PhotoAttached", "TicketRouted", "TicketEscalated")
+    )
+    assert all(f"key={day.ticket_id}" in line for line in day.integrator_lines)
+    escalated = json.loads(day.integrator_lines[-1].split(" ", 4)[4])
+    assert (escalated["from_unit_id"], escalated["to_unit_id"]) == (WARD, DISTRICT)
+
+    # Traces: the day is one trace; each step is a span under the day's span, and the calls,
+    # relays and consumers each step set off continue it.
+    finished = spans.get_finished_spans()
+    ours = [s for s in finished if format(s.context.trace_id, "032x") == day.trace_id]
+    root = next(s for s in ours if s.name == "a day in the pilot")
+    assert root.parent is None
+    steps = {
+        s.name: s for s in ours if s.parent is not None and s.parent.span_id == root.context.span_id
+    }
+    assert [step.title for step in day.steps] == list(steps)
+    assert {step.trace_id for step in day.steps} == {day.trace_id}
+    names = {s.name for s in ours}
+    for rpc in (
+        "civic.registry.v1.RegistryService/RegisterBirth",
+        "civic.notices.v1.NoticesService/PublishNotice",
+        "civic.tickets.v1.TicketsService/SubmitTicket",
+        "civic.ledger.v1.LedgerService/ExportStatement",
+        "civic.gis.v1.GisService/ListFeatures",
+    ):
+        assert rpc in names, rpc
+    consumed = {(s.name, (s.attributes or {}).get("cloudevents.event_type")) for s in ours}
+    # The map learnt of the new household, and the ticket was routed, within the day's trace.
+    assert ("civic.registry.v1 process", "civic.registry.v1.HouseholdCreated") in consumed
+    assert ("civic.tickets.v1 process", type_name(events_pb2.TicketSubmitted())) in consumed
+    assert GROUP.unit_id in text and "one trace" in text
