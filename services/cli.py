@@ -4,6 +4,7 @@
   civic token --role ward_officer --scope dn.hc.hc1     a signed dev bearer token
   civic import-csv people.csv --token T                 onboard a file of persons and households
   civic tail civic.tickets.v1 [--from-beginning]        a topic's events, decoded, as they come
+  civic map dn.hc.hc1.t17 group.png --token T           a group's map as a picture to print
   civic replay-ledger --token T [--unit U]              auditors: check the funds from their events
   civic demo                                            a day in the pilot, step by step
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import grpc
 from aiokafka.errors import KafkaError
+from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from infra import local
@@ -44,6 +46,8 @@ from services.ledger import replay
 from services.registry import csv_rows
 
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
+GIS_TARGET = f"127.0.0.1:{GRPC_PORTS['gis']}"
+MAP_FORMATS = {".svg": gis_pb2.IMAGE_FORMAT_SVG, ".png": gis_pb2.IMAGE_FORMAT_PNG}
 TOKEN_ENV = "CIVIC_TOKEN"
 PROGRESS_EVERY = 10_000  # rows between progress lines on stderr
 WAITING_EVERY = 10.0  # seconds between lines while the registry applies the last rows
@@ -120,6 +124,18 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--count", type=_positive(int), default=0, metavar="N", help="stop after N")
     tail.add_argument("--bootstrap", default="", help="Kafka brokers (default: the services')")
     tail.set_defaults(handler=_tail)
+
+    render = commands.add_parser(
+        "map", help="render a unit's map to an SVG or PNG file", description=_map.__doc__
+    )
+    render.add_argument("unit", metavar="UNIT_ID", help="e.g. dn.hc.hc1.t17")
+    render.add_argument("file", type=Path, metavar="FILE", help="where to write it: .svg or .png")
+    render.add_argument("--width", type=_positive(int, 4000), default=1200, metavar="PX")
+    render.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV, ""), help=f"bearer token (or ${TOKEN_ENV})"
+    )
+    render.add_argument("--target", default=GIS_TARGET, help="the GIS service's host:port")
+    render.set_defaults(handler=_map)
     audit = commands.add_parser(
         "replay-ledger",
         help="auditors: rebuild every fund from civic.ledger.v1, check it, compare with live",
@@ -367,6 +383,33 @@ async def _demo(args: argparse.Namespace) -> int:
         return await demo_day.command()
     except (InfraError, TimeoutError, grpc.aio.AioRpcError, KafkaError) as error:
         return _fail(f"the demo stopped: {error}", status=1)
+
+
+async def _map(args: argparse.Namespace) -> int:
+    """Draw a unit's map — buildings shaded by storeys, alleys, hydrants — as the GIS service
+    renders it, into FILE (SVG or PNG by its extension), ready to print or show."""
+    if not args.token:
+        return _fail(f"--token is required (or set ${TOKEN_ENV})", status=2)
+    path: Path = args.file
+    image_format = MAP_FORMATS.get(path.suffix.lower())
+    if image_format is None:
+        return _fail(f"{path}: the file must end in .svg or .png", status=2)
+    async with civic_channel(args.target, args.token) as channel:
+        try:
+            answer = await gis_pb2_grpc.GisServiceStub(channel).RenderMap(
+                gis_pb2.RenderMapRequest(
+                    unit_id=args.unit, format=image_format, width_px=int(args.width)
+                ),
+                timeout=120,
+            )
+        except grpc.aio.AioRpcError as error:
+            return _fail(f"map failed: {error.code().name}: {error.details()}", status=1)
+    try:
+        await asyncio.to_thread(path.write_bytes, answer.content)
+    except OSError as error:
+        return _fail(f"{path}: {error.strerror}", status=1)
+    print(f"{path}: {answer.width_px} x {answer.height_px} px, {len(answer.content):,} bytes")
+    return 0
 
 
 def _fail(message: str, *, status: int) -> int:

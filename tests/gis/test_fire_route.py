@@ -7,6 +7,7 @@ import io
 import json
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +15,9 @@ from civic.gis.v1 import gis_pb2
 from PIL import Image
 from pyproj import Geod
 
+from services import cli
 from services.common.auth import Role
+from tests.conftest import token
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature
 from tests.gis.test_imports import refused
 from tests.gis.test_registry_view import located
@@ -180,3 +183,30 @@ async def test_a_rendered_map_of_the_group(ward: Ward) -> None:
     ):
         details = await refused(grpc.StatusCode.INVALID_ARGUMENT, ward.leader.RenderMap(bad))
         assert details.startswith(field), details
+
+
+async def test_civic_map_writes_the_groups_picture_to_a_file(
+    ward: Ward, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await draw_network(ward)
+    leader = token(Role.GROUP_LEADER, ward.city.group)
+    common = ["--target", ward.target, "--token", leader]
+
+    assert await cli.run(["map", ward.city.group, str(tmp_path / "g.png"), *common]) == 0
+    image = Image.open(tmp_path / "g.png")
+    assert image.format == "PNG" and image.size[0] == 1200
+    assert (
+        await cli.run(["map", ward.city.group, str(tmp_path / "g.svg"), "--width", "600", *common])
+        == 0
+    )
+    root = ElementTree.parse(tmp_path / "g.svg").getroot()
+    assert root.tag == f"{SVG}svg" and root.get("width") == "600"
+    assert "g.svg: 600 x" in capsys.readouterr().out
+
+    # Errors are one line and write nothing: a format it cannot tell, a unit with no map.
+    assert await cli.run(["map", ward.city.group, str(tmp_path / "g.gif"), *common]) == 2
+    nowhere = ward.city.group + ".none"
+    assert await cli.run(["map", nowhere, str(tmp_path / "none.png"), *common]) == 1
+    err = capsys.readouterr().err
+    assert "must end in .svg or .png" in err and "map failed: NOT_FOUND" in err
+    assert "Traceback" not in err and not (tmp_path / "none.png").exists()
