@@ -119,13 +119,16 @@ def person(
 
 
 _serial = iter(range(10_000_000))
+_FIRST_SERIAL = uuid.uuid4().int % 1_000_000
 
 
 def citizen_id(born: str, sex: int, province: str = "048") -> str:
     """A valid ID for this birth year and sex, unique in the test run."""
     year = int(born[:4])
     century_sex = 2 * ((year - 1900) // 100) + (0 if sex == registry_pb2.SEX_MALE else 1)
-    serial = (uuid.uuid4().int + next(_serial)) % 1_000_000
+    # Consecutive from a random start: unique across the run (random serials would collide,
+    # by the birthday paradox, among the thousand heads born on the same default day).
+    serial = (_FIRST_SERIAL + next(_serial)) % 1_000_000
     return f"{province}{century_sex}{year % 100:02d}{serial:06d}"
 
 
