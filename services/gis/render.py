@@ -3,13 +3,15 @@ optionally a fire route. One scene in pixels, written out as SVG (by hand) or PN
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import escape
 
-from PIL import Image, ImageDraw
+import font_roboto
+from PIL import Image, ImageDraw, ImageFont
 
 from services.gis.geometry import LocalFrame, Position
 
@@ -165,6 +167,12 @@ def _svg_legend(s: Scene) -> str:
     return "".join(rows)
 
 
+@functools.cache
+def _font(bold: bool, size: int) -> ImageFont.FreeTypeFont:
+    """Roboto: every Vietnamese letter (Pillow's built-in font has none of the diacritics)."""
+    return ImageFont.truetype(font_roboto.RobotoBold if bold else font_roboto.Roboto, size)
+
+
 def to_png(s: Scene) -> bytes:
     image = Image.new("RGB", (s.width, s.height), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -181,11 +189,12 @@ def to_png(s: Scene) -> bytes:
         draw.ellipse(
             (x - radius, y - radius, x + radius, y + radius), fill=HYDRANT, outline="#ffffff"
         )
-    draw.text((10, 10), s.title, fill="#000000")
+    draw.text((10, 8), s.title, fill="#000000", font=_font(True, 14))
     for number, colour in enumerate(STOREY_COLOURS, start=1):
         y = 14 + number * 16
         draw.rectangle((10, y, 24, y + 12), fill=colour, outline="#5f4b3a")
-        draw.text((30, y), f"{number}{'+' if number == len(STOREY_COLOURS) else ''}", fill="#000")
+        label = f"{number}{'+' if number == len(STOREY_COLOURS) else ''}"
+        draw.text((30, y), label, fill="#000", font=_font(False, 12))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
