@@ -13,6 +13,7 @@ import pytest
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
+from infra.local import free_port
 from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -28,6 +29,14 @@ async def registry(
     await service.start()
     yield service
     await service.stop()
+
+
+def next_to_registry(settings: Settings, registry: RegistryService) -> Settings:
+    """Settings of one more service in the test session: a port of its own, and the session's
+    registry for the calls it makes to it."""
+    return settings.model_copy(
+        update={"grpc_port": free_port(), "registry_target": f"127.0.0.1:{registry.port}"}
+    )
 
 
 class Caller:

@@ -79,12 +79,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def _household(
         self, household_id: str, field: str = "household_id", session: Session | None = None
     ) -> Document:
-        if not household_id:
-            raise InvalidArgument(field, "is required")
-        household = await self.store.household(household_id, session)
-        if household is None:
-            raise NotFound(f"household {household_id} not found")
-        return household
+        _required(field, household_id)
+        return _found(await self.store.household(household_id, session), household_id)
 
     async def _resident(self, person_id: str, session: Session) -> Document:
         if not person_id:
@@ -367,12 +363,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetHousehold(
         self, request: registry_pb2.GetHouseholdRequest, context: Context
     ) -> registry_pb2.GetHouseholdResponse:
-        if not request.household_id:
-            raise InvalidArgument("household_id", "is required")
+        _required("household_id", request.household_id)
         # Both read at once: members are shown only once the household's scope is checked.
-        household, residents = await self.store.household_with_members(request.household_id)
-        if household is None:
-            raise NotFound(f"household {request.household_id} not found")
+        found, residents = await self.store.household_with_members(request.household_id)
+        household = _found(found, request.household_id)
         domain.may_read_household(principal(), household["unit_id"], household["_id"])
         members = await self._read_persons("GetHousehold", residents)
         head = next((m for m in members if m.person_id == household.get("head_person_id")), None)
@@ -893,3 +887,14 @@ def _child_containing(parent_id: str, unit_id: str) -> str:
         return ""
     rest = unit_id[len(parent_id) + 1 :]
     return f"{parent_id}.{rest.split('.')[0]}"
+
+
+def _required(field: str, value: str) -> None:
+    if not value:
+        raise InvalidArgument(field, "is required")
+
+
+def _found(household: Document | None, household_id: str) -> Document:
+    if household is None:
+        raise NotFound(f"household {household_id} not found")
+    return household

@@ -16,7 +16,6 @@ from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from infra.local import free_port
 from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -24,7 +23,7 @@ from services.gis.main import GisService
 from services.registry.main import RegistryService
 from tests.conftest import Clock, token
 from tests.kafka_reader import eventually
-from tests.registry_fixtures import City, rid
+from tests.registry_fixtures import City, next_to_registry, rid
 
 __all__ = ["rid"]
 
@@ -41,9 +40,7 @@ async def gis_service(
     span_processor: SimpleSpanProcessor,
 ) -> AsyncIterator[GisService]:
     service = GisService(
-        settings.model_copy(
-            update={"grpc_port": free_port(), "registry_target": f"127.0.0.1:{registry.port}"}
-        ),
+        next_to_registry(settings, registry),
         clock=session_clock,
         span_processor=span_processor,
     )

@@ -13,14 +13,13 @@ from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from civic.registry.v1 import registry_pb2
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from infra.local import free_port
 from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.ledger.main import LedgerService
 from services.registry.main import RegistryService
 from tests.conftest import Clock, token
-from tests.registry_fixtures import City, citizen_id, new_household, person, rid
+from tests.registry_fixtures import City, citizen_id, new_household, next_to_registry, person, rid
 
 __all__ = ["rid"]
 
@@ -33,9 +32,7 @@ async def ledger_service(
     span_processor: SimpleSpanProcessor,
 ) -> AsyncIterator[LedgerService]:
     service = LedgerService(
-        settings.model_copy(
-            update={"grpc_port": free_port(), "registry_target": f"127.0.0.1:{registry.port}"}
-        ),
+        next_to_registry(settings, registry),
         clock=session_clock,
         span_processor=span_processor,
     )
