@@ -34,9 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -48,7 +46,8 @@ from typing import Any, TypeVar
 from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from pymongo import AsyncMongoClient
 
-from infra.local import Endpoints, LocalStack, Ports, isolated_settings
+from infra.benchmark import run_on_own_servers, say
+from infra.local import Endpoints, isolated_settings
 from services.common.auth import Role, mint_token
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -62,11 +61,6 @@ TARGET_POSTINGS = 5000.0
 TARGET_REPLAY_RATIO = 0.5
 CITY = "bench"
 T = TypeVar("T")
-
-
-def say(message: str) -> None:
-    """Progress on stderr; stdout carries only the report."""
-    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -395,22 +389,11 @@ def parse_options(argv: list[str] | None) -> Options:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_options(argv)
-    logging.basicConfig(level=logging.WARNING)
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="civic-bench-") as tmp:
-        stack = LocalStack(Path(tmp) / "servers", Ports.free())
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            pool.submit(warm_up_child).result()
-            try:
-                say("starting servers")
-                endpoints = stack.up()
-                with contextlib.redirect_stdout(sys.stderr):
-                    figures = run_async(run_benchmark(endpoints, options, pool))
-            finally:
-                stack.down()
-    say(f"done in {time.monotonic() - started:.0f} s")
-    print_report(summary(options, figures))
+
+    async def measure(endpoints: Endpoints, pool: ProcessPoolExecutor, _: Path) -> Figures:
+        return await run_benchmark(endpoints, options, pool)
+
+    print_report(summary(options, run_on_own_servers(measure, warm_up_child)))
     return 0
 
 
