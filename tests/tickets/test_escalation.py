@@ -5,34 +5,20 @@ officials escalate by hand and resolve at the level a ticket has reached; the ci
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from datetime import UTC, timedelta
-from typing import Any
 
 import grpc
-import pytest
 from civic.tickets.v1 import events_pb2, tickets_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.tickets.main import TicketsService
 from tests.conftest import Clock
 from tests.tickets.conftest import Pilot, TicketCaller, eventually, rid
+from tests.tickets.test_lifecycle import get, refused
 
 # street-light: 24 h to acknowledge, 5 days to resolve, at every level.
 ACKNOWLEDGE = timedelta(hours=24)
 RESOLVE = timedelta(days=5)
-
-
-async def refused(code: grpc.StatusCode, call: Awaitable[Any]) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    assert caught.value.code() == code, caught.value.details()
-
-
-async def get(caller: TicketCaller, ticket_id: str) -> tickets_pb2.Ticket:
-    response = await caller.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket_id))
-    ticket: tickets_pb2.Ticket = response.ticket
-    return ticket
 
 
 async def reaches(caller: TicketCaller, ticket_id: str, unit_id: str) -> tickets_pb2.Ticket:
