@@ -413,7 +413,10 @@ class LocalStack:
             pid = int(path.read_text().strip())
         except (OSError, ValueError):
             return None
-        if _alive(pid) and _is_ours(pid, self.data_dir(server)):
+        # A server this process started is ours by construction; just spawned, it may not have
+        # exec'd yet, and its command line would still be this process's.
+        started_here = pid in _CHILDREN
+        if _alive(pid) and (started_here or _is_ours(pid, self.data_dir(server))):
             return pid
         path.unlink(missing_ok=True)  # stale: the process died or the PID was reused
         return None
@@ -484,10 +487,8 @@ def _alive(pid: int) -> bool:
     if child is not None:
         if child.poll() is None:
             return True
-        # Reaped now (so it is no zombie), or another waiter in this process (an event loop's
-        # child watcher) took its status first and poll() reports a live server as ended: the
-        # process table decides.
         del _CHILDREN[pid]
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
