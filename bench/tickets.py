@@ -60,7 +60,9 @@ from pymongo import AsyncMongoClient
 
 from infra.benchmark import run_on_own_servers, say
 from infra.local import Endpoints, free_port, isolated_settings
+from services.common import kafka_fetch
 from services.common.auth import Role, mint_token
+from services.common.broker import FETCH_WAIT_MS
 from services.common.cloudevents import type_name
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -175,12 +177,16 @@ class Watcher:
 
     def __init__(self, bootstrap_servers: str, topic: str) -> None:
         self.topic = topic
+        # As the services' own consumers: a local broker answers empty fetches at once, and an
+        # unpatched consumer would spin on them, taking CPU from the service being measured.
+        kafka_fetch.install()
         self.consumer = AIOKafkaConsumer(
             topic,
             bootstrap_servers=bootstrap_servers,
             group_id=f"bench-outside-{uuid.uuid4().hex}",
             auto_offset_reset="latest",
             enable_auto_commit=False,
+            fetch_max_wait_ms=FETCH_WAIT_MS,
         )
         self.seen: dict[str, dict[str, float]] = {}
         self._task: asyncio.Task[None] | None = None

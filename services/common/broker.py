@@ -4,8 +4,11 @@ event exactly once by recording its id in the same transaction as the handler's 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +16,7 @@ from aiokafka import ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from google.protobuf.message import Message
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
@@ -39,6 +42,21 @@ BATCH_WAIT_MS = 5
 EventHandler = Callable[[CloudEvent, Message, Session], Awaitable[list[Document]]]
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One event of a batch handed to a `BatchHandler`; `span()` is its processing span, under
+    which the handler builds what it emits for this event, so the trace goes on through it."""
+
+    event: CloudEvent
+    message: Message
+    span: Callable[[], AbstractContextManager[Span]]
+
+
+# What a consumer does with one partition's new events at once, in the same transaction: for
+# work that reads and writes many aggregates in a few round trips instead of a few per event.
+BatchHandler = Callable[[list[Delivery], Session], Awaitable[list[Document]]]
+
+
 def kafka_broker(bootstrap_servers: str, client_id: str) -> KafkaBroker:
     kafka_fetch.install()
     return KafkaBroker(
@@ -59,7 +77,8 @@ def subscribe_once(
     topic: str,
     group_id: str,
     instance_id: str,
-    handle: EventHandler,
+    handle: EventHandler | None = None,
+    handle_batch: BatchHandler | None = None,
     outbox: Outbox | None = None,
     types: Collection[str] | None = None,
 ) -> None:
@@ -71,6 +90,8 @@ def subscribe_once(
     types `handle` acts on: any other is passed over without a transaction (handling it would
     change nothing, so there is nothing to record as done).
     """
+    if (handle is None) == (handle_batch is None):
+        raise TypeError("give either handle or handle_batch")
     processed = db[PROCESSED]
 
     def process_span(headers: list[tuple[str, Any]], event: CloudEvent) -> Any:
@@ -87,12 +108,22 @@ def subscribe_once(
             },
         )
 
-    async def apply(session: Session, headers: list[tuple[str, Any]], event: CloudEvent) -> None:
-        with process_span(headers, event):
-            emitted = await handle(event, event.message(), session)
-            if emitted:
-                assert outbox is not None, "a consumer that emits events needs the outbox"
-                await outbox.stage(session, emitted)
+    async def apply(session: Session, todo: list[tuple[list[tuple[str, Any]], CloudEvent]]) -> None:
+        if handle_batch is not None:
+            deliveries = [
+                Delivery(event, event.message(), functools.partial(process_span, headers, event))
+                for headers, event in todo
+            ]
+            emitted = await handle_batch(deliveries, session)
+        else:
+            assert handle is not None
+            emitted = []
+            for headers, event in todo:
+                with process_span(headers, event):
+                    emitted += await handle(event, event.message(), session)
+        if emitted:
+            assert outbox is not None, "a consumer that emits events needs the outbox"
+            await outbox.stage(session, emitted)
 
     async def in_order(records: list[ConsumerRecord[Any, Any]], retried: bool = False) -> None:
         """One partition's share of a batch: its new events in one transaction, in order,
@@ -132,8 +163,7 @@ def subscribe_once(
                 [{"_id": f"{group_id}:{e.id}", "at": now, "by": instance_id} for _, e in todo],
                 session=session,
             )
-            for headers, event in todo:
-                await apply(session, headers, event)
+            await apply(session, todo)
 
         try:
             await in_transaction(client, work)

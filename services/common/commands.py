@@ -3,21 +3,26 @@
 The state change, its events (into the outbox) and the response are written in one transaction;
 a retry with the same request_id gets the stored response and changes nothing: its own
 transaction fails on the stored record (or on the state the first run left) and is rolled back.
+
+A command whose whole change is new documents (filing a ticket) commits together with the other
+such commands in flight: one transaction, and one wait for the journal, for all of them.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import principal
+from services.common.batching import Coalescer
 from services.common.errors import (
     AlreadyExists,
     DomainError,
@@ -44,23 +49,17 @@ class CommandRunner:
         self, client: AsyncMongoClient[Document], db: AsyncDatabase[Document], outbox: Outbox
     ) -> None:
         self._client = client
+        self._db = db
         self._commands = db[COMMANDS]
         self._outbox = outbox
+        self._insertions = Coalescer(self._insert_together)
 
     async def run(self, method: str, request: Message, response_type: type[R], work: Work[R]) -> R:
         key, fingerprint = _identify(method, request)
 
         async def transaction(session: Session) -> R:
             response, events = await work(session)
-            await self._commands.insert_one(
-                {
-                    "_id": key,
-                    "fingerprint": fingerprint,
-                    "response": response.SerializeToString(),
-                    "at": datetime.now(UTC),
-                },
-                session=session,
-            )
+            await self._commands.insert_one(_record(key, fingerprint, response), session=session)
             await self._outbox.stage(session, events)
             return response
 
@@ -79,6 +78,49 @@ class CommandRunner:
         self._outbox.committed()
         return response
 
+    async def insert(
+        self,
+        method: str,
+        request: Message,
+        response: R,
+        *,
+        documents: list[tuple[str, Document]],
+        events: list[Document],
+    ) -> R:
+        """A command whose change is only `documents` (collection name, document), with its
+        events: committed with whatever other insertions are in flight."""
+        key, fingerprint = _identify(method, request)
+        record = _record(key, fingerprint, response)
+        if await self._insertions.submit(Insertion([*documents, (COMMANDS, record)], events)):
+            self._outbox.committed()
+            return response
+
+        # Something in the shared transaction already existed (this request's record, when it
+        # is a retry, or another's): nothing of it was written. Alone now, as any command.
+        async def work(session: Session) -> tuple[R, list[Document]]:
+            for collection, document in documents:
+                await self._db[collection].insert_one(document, session=session)
+            return response, events
+
+        return await self.run(method, request, type(response), work)
+
+    async def _insert_together(self, insertions: list[Insertion]) -> list[bool]:
+        by_collection: dict[str, list[Document]] = {}
+        for insertion in insertions:
+            for collection, document in insertion.documents:
+                by_collection.setdefault(collection, []).append(document)
+
+        async def transaction(session: Session) -> None:
+            for collection, documents in by_collection.items():
+                await self._db[collection].insert_many(documents, session=session)
+            await self._outbox.stage(session, [e for i in insertions for e in i.events])
+
+        try:
+            await in_transaction(self._client, transaction)
+        except (DuplicateKeyError, BulkWriteError):
+            return [False] * len(insertions)
+        return [True] * len(insertions)
+
     async def answered(self, method: str, request: Message, response_type: type[R]) -> R | None:
         """The stored response if this request already ran: for a command that does its work in
         several transactions first and records itself with `run` at the end."""
@@ -95,6 +137,22 @@ class CommandRunner:
                 "request_id was already used for a different request; use a new request_id"
             )
         return response_type.FromString(stored["response"])
+
+
+@dataclass(frozen=True)
+class Insertion:
+    documents: list[tuple[str, Document]]
+    events: list[Document]
+
+
+def _record(key: str, fingerprint: str, response: Message) -> Document:
+    """What a retry of the command is answered from."""
+    return {
+        "_id": key,
+        "fingerprint": fingerprint,
+        "response": response.SerializeToString(),
+        "at": datetime.now(UTC),
+    }
 
 
 def _identify(method: str, request: Message) -> tuple[str, str]:

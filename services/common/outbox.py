@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -201,9 +202,16 @@ class OutboxRelay:
         return len(entries)
 
     async def _publish(self, entry: Document) -> list[asyncio.Future[Any]]:
-        """Send one transaction's events (without waiting for the broker) under one span that
-        continues the stored trace: a bulk import's thousands of events are one step of it."""
-        events = entry["events"]
+        """Send one transaction's events (without waiting for the broker): each run of events
+        that carries one trace goes out under one span that continues it. A bulk import's
+        thousands of events are one step of its trace; a consumer's batch of events, each from
+        the trace of the event that caused it, continues each of those traces."""
+        futures: list[asyncio.Future[Any]] = []
+        for _, run in itertools.groupby(entry["events"], key=_trace_of):
+            futures += await self._publish_run(list(run))
+        return futures
+
+    async def _publish_run(self, events: list[Document]) -> list[asyncio.Future[Any]]:
         first = events[0]
         attributes: dict[str, str | int] = {
             "messaging.system": "kafka",
@@ -231,3 +239,7 @@ class OutboxRelay:
                 for stored in events
                 for event in (_as_cloud_event(stored),)
             ]
+
+
+def _trace_of(event: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(event.get("trace", {}).items()))

@@ -171,45 +171,45 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             raise InvalidArgument("category", f"{request.category!r} is not a known category")
         unit_id, household_id, location = await self._origin(caller, request)
 
-        async def work(session: Session) -> tuple[tickets_pb2.SubmitTicketResponse, list[Document]]:
-            now = self.clock()
-            ticket: Document = {
-                "_id": new_ticket_id(),
-                "category": request.category,
-                "description": description,
-                "status": int(domain.Status.SUBMITTED),
-                "origin_unit_id": unit_id,
-                "household_id": household_id or None,
-                "location": location,
-                "submitter": caller.subject,
-                "submitter_role": caller.role.value,
-                "photos": [],
-                "comments": [],
-                "supporters": [],
-                "duplicates": [],
-                "duplicate_of": None,
-                "escalations": 0,
-                "submitted_at": now,
-                "resolved_at": None,
-                "next_deadline": None,
-                "last_change": type_name(events_pb2.TicketSubmitted()),
-            }
-            await self.store.insert(ticket, session)
-            event = ticket_event(
-                self.outbox,
-                events_pb2.TicketSubmitted(
-                    ticket_id=ticket["_id"],
-                    category=request.category,
-                    origin_unit_id=unit_id,
-                    location=request.location if request.HasField("location") else None,
-                    submitter_ref=domain.submitter_ref(self.submitter_key, caller.subject),
-                ),
-                ticket["_id"],
-            )
-            return tickets_pb2.SubmitTicketResponse(ticket=self._message(ticket)), [event]
-
-        return await self.commands.run(
-            "SubmitTicket", request, tickets_pb2.SubmitTicketResponse, work
+        now = self.clock()
+        ticket: Document = {
+            "_id": new_ticket_id(),
+            "category": request.category,
+            "description": description,
+            "status": int(domain.Status.SUBMITTED),
+            "origin_unit_id": unit_id,
+            "household_id": household_id or None,
+            "location": location,
+            "submitter": caller.subject,
+            "submitter_role": caller.role.value,
+            "photos": [],
+            "comments": [],
+            "supporters": [],
+            "duplicates": [],
+            "duplicate_of": None,
+            "escalations": 0,
+            "submitted_at": now,
+            "resolved_at": None,
+            "next_deadline": None,
+            "last_change": type_name(events_pb2.TicketSubmitted()),
+        }
+        event = ticket_event(
+            self.outbox,
+            events_pb2.TicketSubmitted(
+                ticket_id=ticket["_id"],
+                category=request.category,
+                origin_unit_id=unit_id,
+                location=request.location if request.HasField("location") else None,
+                submitter_ref=domain.submitter_ref(self.submitter_key, caller.subject),
+            ),
+            ticket["_id"],
+        )
+        return await self.commands.insert(
+            "SubmitTicket",
+            request,
+            tickets_pb2.SubmitTicketResponse(ticket=self._message(ticket)),
+            documents=[(self.store.tickets.name, ticket)],
+            events=[event],
         )
 
     async def SupportTicket(

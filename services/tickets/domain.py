@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import IntEnum
+from typing import Any
 
 from services.common.auth import Principal, Role
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -41,6 +44,42 @@ DUPLICATE_DISTANCE_M = 150
 DUPLICATE_WINDOW = timedelta(days=3)
 MAX_PHOTO_BYTES = 8 * 1024 * 1024
 MAX_PHOTOS = 6
+
+
+EARTH_RADIUS_M = 6_378_100  # as MongoDB's $centerSphere distances are reckoned here
+
+
+def distance_m(a: Sequence[float], b: Sequence[float]) -> float:
+    """Great-circle distance between two [longitude, latitude] points."""
+    (lon1, lat1), (lon2, lat2) = (map(math.radians, a), map(math.radians, b))
+    h = math.sin((lat2 - lat1) / 2) ** 2
+    h += math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
+def first_open_nearby(
+    ticket: Mapping[str, Any], candidates: Iterable[Mapping[str, Any]], *, area: str, meters: float
+) -> Mapping[str, Any] | None:
+    """The ticket `ticket` duplicates: the first-filed open, unlinked ticket of its category
+    within `meters` of it, filed in `area` (the unit it goes to: a duplicate never crosses into
+    another unit's) before it, but no longer than DUPLICATE_WINDOW before. Only an earlier one:
+    tickets filed together link to the first of them, whatever order they are routed in."""
+    filed = (ticket["submitted_at"], ticket["_id"])
+    since = ticket["submitted_at"] - DUPLICATE_WINDOW
+    here = ticket["location"]["coordinates"]
+    matches = [
+        other
+        for other in candidates
+        if (other["submitted_at"], other["_id"]) < filed
+        and other["category"] == ticket["category"]
+        and other["status"] in OPEN
+        and other.get("duplicate_of") is None
+        and other["submitted_at"] >= since
+        and (other["origin_unit_id"] + ".").startswith(area + ".")
+        and other.get("location")
+        and distance_m(here, other["location"]["coordinates"]) <= meters
+    ]
+    return min(matches, key=lambda other: (other["submitted_at"], other["_id"]), default=None)
 
 
 def unit_at_level(group_id: str, level: Level) -> str:

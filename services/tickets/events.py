@@ -9,10 +9,10 @@ from datetime import datetime
 from civic.tickets.v1 import events_pb2
 from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal
-from services.common.broker import subscribe_once
+from services.common.broker import Delivery, subscribe_once
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
@@ -37,7 +37,10 @@ def ticket_event(outbox: Outbox, message: Message, ticket_id: str) -> Document:
 
 
 class Router:
-    """Routes a submitted ticket by the rules in force, and links it to an open duplicate."""
+    """Routes submitted tickets by the rules in force, and links each to an open duplicate.
+
+    A fetch's tickets are routed together, in a few round trips whatever their number, with the
+    same outcome as routing them one after the other in order."""
 
     def __init__(
         self,
@@ -51,72 +54,103 @@ class Router:
         self.clock = clock
         self.duplicate_distance_m = duplicate_distance_m
 
-    async def route(self, ticket_id: str, session: Session) -> list[Document]:
-        ticket = await self.store.get(ticket_id, session)
-        if ticket is None or ticket["status"] != domain.Status.SUBMITTED:
-            return []  # already routed
+    async def route(self, deliveries: list[Delivery], session: Session) -> list[Document]:
+        submitted = [
+            (delivery, delivery.message.ticket_id)
+            for delivery in deliveries
+            if isinstance(delivery.message, events_pb2.TicketSubmitted)
+        ]
+        tickets = await self.store.many([ticket_id for _, ticket_id in submitted], session)
+        waiting = [
+            (delivery, ticket)
+            for delivery, ticket_id in submitted
+            # Gone, or routed already (a redelivery after a crash): nothing to do.
+            if (ticket := tickets.get(ticket_id)) and ticket["status"] == domain.Status.SUBMITTED
+        ]
+        if not waiting:
+            return []
         rules_doc = await self.store.recent_rules()
         assert rules_doc is not None, "rules are seeded at start-up"
-        rule = rule_for(rules_doc, ticket["category"])
-        now = self.clock()
-        assigned = domain.unit_at_level(ticket["origin_unit_id"], rule.level)
-        due = domain.deadlines(rule, rule.level, now, acknowledged=False)
-        changes: Document = {
-            "status": int(domain.Status.ROUTED),
-            "assigned_unit_id": assigned,
-            "assigned_level": int(rule.level),
-            "department": rule.department,
-            "rule_version": rules_doc["version"],
-            "level_since": now,
-            "acknowledge_by": due.acknowledge_by,
-            "resolve_by": due.resolve_by,
-            "next_deadline": domain.next_deadline(
-                domain.Status.ROUTED, due.acknowledge_by, due.resolve_by
-            ),
-            "last_change": type_name(events_pb2.TicketRouted()),
-        }
-        emitted = []
-        primary = None
-        if ticket.get("location"):
-            primary = await self.store.open_nearby(
-                category=ticket["category"],
-                point=ticket["location"],
-                meters=self.duplicate_distance_m,
-                since=ticket["submitted_at"] - domain.DUPLICATE_WINDOW,
-                exclude=ticket["_id"],
-                area=assigned,
-                session=session,
-            )
-        if primary is not None:
-            changes["duplicate_of"] = primary["_id"]
-            await self.store.tickets.update_one(
-                {"_id": primary["_id"]},
-                {"$addToSet": {"duplicates": ticket["_id"]}},
-                session=session,
-            )
-        await self.store.update(ticket["_id"], changes, session)
-        emitted.append(
-            ticket_event(
-                self.outbox,
-                events_pb2.TicketRouted(
-                    ticket_id=ticket["_id"],
-                    category=ticket["category"],
-                    assigned_unit_id=assigned,
-                    assigned_level=int(rule.level),  # type: ignore[arg-type]
-                    department=rule.department,
-                    rule_version=rules_doc["version"],
-                ),
-                ticket["_id"],
-            )
-        )
-        if primary is not None:
-            emitted.append(
-                ticket_event(
-                    self.outbox,
-                    events_pb2.TicketLinked(ticket_id=ticket["_id"], duplicate_of=primary["_id"]),
-                    ticket["_id"],
+        located = [ticket for _, ticket in waiting if ticket.get("location")]
+        # Every open ticket near any of these, as each of them would find it: the ones routed
+        # earlier in this batch included, as they are left by their routing below.
+        nearby = (
+            {
+                ticket["_id"]: ticket
+                for ticket in await self.store.open_near_any(
+                    points=[ticket["location"] for ticket in located],
+                    meters=self.duplicate_distance_m,
+                    categories={ticket["category"] for ticket in located},
+                    since=min(t["submitted_at"] for t in located) - domain.DUPLICATE_WINDOW,
+                    session=session,
                 )
-            )
+            }
+            if located
+            else {}
+        )
+        now = self.clock()
+        writes: list[UpdateOne] = []
+        emitted: list[Document] = []
+        for delivery, ticket in waiting:
+            with delivery.span():
+                rule = rule_for(rules_doc, ticket["category"])
+                assigned = domain.unit_at_level(ticket["origin_unit_id"], rule.level)
+                due = domain.deadlines(rule, rule.level, now, acknowledged=False)
+                primary = (
+                    domain.first_open_nearby(
+                        ticket, nearby.values(), area=assigned, meters=self.duplicate_distance_m
+                    )
+                    if ticket.get("location")
+                    else None
+                )
+                changes: Document = {
+                    "status": int(domain.Status.ROUTED),
+                    "assigned_unit_id": assigned,
+                    "assigned_level": int(rule.level),
+                    "department": rule.department,
+                    "rule_version": rules_doc["version"],
+                    "level_since": now,
+                    "acknowledge_by": due.acknowledge_by,
+                    "resolve_by": due.resolve_by,
+                    "next_deadline": domain.next_deadline(
+                        domain.Status.ROUTED, due.acknowledge_by, due.resolve_by
+                    ),
+                    "last_change": type_name(events_pb2.TicketRouted()),
+                    "duplicate_of": primary["_id"] if primary else None,
+                }
+                writes.append(UpdateOne({"_id": ticket["_id"]}, {"$set": changes}))
+                if ticket["_id"] in nearby:
+                    nearby[ticket["_id"]] |= changes
+                emitted.append(
+                    ticket_event(
+                        self.outbox,
+                        events_pb2.TicketRouted(
+                            ticket_id=ticket["_id"],
+                            category=ticket["category"],
+                            assigned_unit_id=assigned,
+                            assigned_level=int(rule.level),  # type: ignore[arg-type]
+                            department=rule.department,
+                            rule_version=rules_doc["version"],
+                        ),
+                        ticket["_id"],
+                    )
+                )
+                if primary is not None:
+                    writes.append(
+                        UpdateOne(
+                            {"_id": primary["_id"]}, {"$addToSet": {"duplicates": ticket["_id"]}}
+                        )
+                    )
+                    emitted.append(
+                        ticket_event(
+                            self.outbox,
+                            events_pb2.TicketLinked(
+                                ticket_id=ticket["_id"], duplicate_of=primary["_id"]
+                            ),
+                            ticket["_id"],
+                        )
+                    )
+        await self.store.tickets.bulk_write(writes, ordered=True, session=session)
         return emitted
 
 
@@ -131,13 +165,6 @@ def subscribe(
     registry_group: str,
     instance_id: str,
 ) -> None:
-    async def on_ticket_event(
-        event: CloudEvent, message: Message, session: Session
-    ) -> list[Document]:
-        if isinstance(message, events_pb2.TicketSubmitted):
-            return await router.route(message.ticket_id, session)
-        return []
-
     async def on_registry_event(
         event: CloudEvent, message: Message, session: Session
     ) -> list[Document]:
@@ -151,7 +178,7 @@ def subscribe(
         topic=TOPIC,
         group_id=routing_group,
         instance_id=instance_id,
-        handle=on_ticket_event,
+        handle_batch=router.route,
         outbox=outbox,
         # Its own TicketRouted and the rest pass by without a transaction each.
         types={type_name(events_pb2.TicketSubmitted())},

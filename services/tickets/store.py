@@ -16,11 +16,10 @@ from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 from services.common.registry_view import RegistryView
-from services.tickets.domain import OPEN, Level
+from services.tickets.domain import EARTH_RADIUS_M, OPEN, Level
 
 OPEN_STATUSES = [int(status) for status in OPEN]
 
-EARTH_RADIUS_M = 6_378_100
 RULES_CACHE_SECONDS = 1.0
 
 
@@ -68,9 +67,6 @@ class TicketStore:
     async def get(self, ticket_id: str, session: Session | None = None) -> Document | None:
         return await self.tickets.find_one({"_id": ticket_id}, session=session)
 
-    async def insert(self, ticket: Document, session: Session) -> None:
-        await self.tickets.insert_one(ticket, session=session)
-
     async def update(
         self, ticket_id: str, changes: Document, session: Session, push: Document | None = None
     ) -> Document:
@@ -83,35 +79,36 @@ class TicketStore:
         assert updated is not None
         return updated
 
-    async def open_nearby(
+    async def many(self, ticket_ids: list[str], session: Session) -> dict[str, Document]:
+        found = self.tickets.find({"_id": {"$in": ticket_ids}}, session=session)
+        return {ticket["_id"]: ticket async for ticket in found}
+
+    async def open_near_any(
         self,
         *,
-        category: str,
-        point: Document,
+        points: list[Document],
         meters: float,
+        categories: set[str],
         since: datetime,
-        exclude: str,
-        area: str,
         session: Session,
-    ) -> Document | None:
-        """The first-filed open ticket of the category within `meters` since `since`, filed in
-        `area` (the unit the new ticket goes to: a duplicate never crosses into another's)."""
-        return await self.tickets.find_one(
+    ) -> list[Document]:
+        """Open, unlinked tickets of these categories filed since `since` within `meters` of any
+        of the points: the candidates `domain.first_open_nearby` chooses from."""
+        radians = meters / EARTH_RADIUS_M
+        return await self.tickets.find(
             {
-                "origin_unit_id": in_unit(area),
                 # $geoWithin, unlike $near, is allowed inside transactions.
-                "location": {
-                    "$geoWithin": {"$centerSphere": [point["coordinates"], meters / EARTH_RADIUS_M]}
-                },
-                "category": category,
+                "$or": [
+                    {"location": {"$geoWithin": {"$centerSphere": [p["coordinates"], radians]}}}
+                    for p in points
+                ],
+                "category": {"$in": sorted(categories)},
                 "status": {"$in": OPEN_STATUSES},
                 "duplicate_of": None,
                 "submitted_at": {"$gte": since},
-                "_id": {"$ne": exclude},
             },
-            sort=[("submitted_at", ASCENDING)],
             session=session,
-        )
+        ).to_list()
 
     async def linked(self, ticket_id: str) -> list[Document]:
         return await self.tickets.find({"duplicate_of": ticket_id}).to_list()

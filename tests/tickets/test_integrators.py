@@ -22,7 +22,7 @@ from civic.tickets.v1 import events_pb2, tickets_pb2
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanContext, SpanKind
 
 from services.common.auth import Role
 from services.common.config import Settings
@@ -301,12 +301,27 @@ async def wait_for_span(
 async def test_the_trace_of_a_submission_continues_into_the_routing_consumer(
     pilot: Pilot, spans: InMemorySpanExporter, settings: Settings
 ) -> None:
-    with trace.get_tracer(__name__).start_as_current_span(
-        "test client", kind=SpanKind.CLIENT
-    ) as client:
-        ticket = await pilot.submit()
-    await pilot.routed(ticket.ticket_id)
-    client_ctx = client.get_span_context()
+    """Tickets filed at once commit in one transaction and are routed in one batch: each one's
+    trace still runs unbroken from its client to the publish of its TicketRouted."""
+
+    async def traced_submission(category: str) -> tuple[SpanContext, str]:
+        with trace.get_tracer(__name__).start_as_current_span(
+            "test client", kind=SpanKind.CLIENT
+        ) as client:
+            ticket = await pilot.submit(category)
+        return client.get_span_context(), ticket.ticket_id
+
+    # Of different categories, so none is linked to another as its duplicate.
+    categories = ("street-light", "flooding", "noise")
+    submissions = await asyncio.gather(*(traced_submission(c) for c in categories))
+    for client_ctx, ticket_id in submissions:
+        await pilot.routed(ticket_id)
+        await check_one_chain(spans, settings, client_ctx)
+
+
+async def check_one_chain(
+    spans: InMemorySpanExporter, settings: Settings, client_ctx: SpanContext
+) -> None:
     assert client_ctx.is_valid
 
     def in_trace(span: ReadableSpan, name: str, event_type: str = "") -> bool:
