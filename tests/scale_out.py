@@ -24,6 +24,8 @@ from tests.service_process import ServiceProcess, service_env
 CALLERS = 4
 # A transaction the killed instance left open holds its documents until MongoDB ends it.
 HANDLED_WITHIN = 120.0
+# A new deployment's consumer groups read their topics from the beginning first.
+CAUGHT_UP_WITHIN = 60.0
 
 
 class Deployment:
@@ -85,7 +87,9 @@ class Deployment:
         async def known() -> bool:
             return await units.count_documents({"_id": {"$in": unit_ids}}) == len(unit_ids)
 
-        await eventually(known, what=f"units {unit_ids} in the {service} view")
+        await eventually(
+            known, what=f"units {unit_ids} in the {service} view", within=CAUGHT_UP_WITHIN
+        )
 
     async def side_by_side(self, service: str, **env: str) -> SideBySide:
         pair = SideBySide(self, service, env)
