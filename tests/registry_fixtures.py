@@ -96,17 +96,22 @@ async def create_unit(
     return str(response.unit.unit_id)
 
 
-@pytest.fixture
-async def city(registry: RegistryService, unique: str) -> City:
-    """A fresh city per test keeps tests independent on the shared servers."""
-    target = f"127.0.0.1:{registry.port}"
-    admin = Caller(target, token(Role.CITY_ADMIN, unique))
-    city_id = await create_unit(admin, "", unique, "Đà Nẵng", registry_pb2.UNIT_KIND_CITY)
+async def new_city(target: str, code: str) -> City:
+    """The city `code` and its tree, created through the registry at `target`."""
+    admin = Caller(target, token(Role.CITY_ADMIN, code))
+    city_id = await create_unit(admin, "", code, "Đà Nẵng", registry_pb2.UNIT_KIND_CITY)
     district = await create_unit(admin, city_id, "hc", "Hải Châu", registry_pb2.UNIT_KIND_DISTRICT)
     ward = await create_unit(admin, district, "hc1", "Hải Châu 1", registry_pb2.UNIT_KIND_WARD)
     group = await create_unit(admin, ward, "g17", "Tổ dân phố 17", registry_pb2.UNIT_KIND_GROUP)
     other = await create_unit(admin, ward, "g18", "Tổ dân phố 18", registry_pb2.UNIT_KIND_GROUP)
+    await admin.channel.close()
     return City(city_id, district, ward, group, other, target)
+
+
+@pytest.fixture
+async def city(registry: RegistryService, unique: str) -> City:
+    """A fresh city per test keeps tests independent on the shared servers."""
+    return await new_city(f"127.0.0.1:{registry.port}", unique)
 
 
 def person(
