@@ -5,7 +5,7 @@ wells along them, laid out around the unit's centre.
 The layout is a street through the middle and one along each side, joined by alleys (kiệt)
 running north-south every few dozen metres; every alley meets the streets at a vertex both
 share, since that is where the GIS joins lines into a network. A household's building stands on
-its point where that is free, else slides along its alley until it overlaps nothing.
+its point where that is free, else at the nearest spot where it overlaps no way and no house.
 
 Deterministic, like the households: the same seed gives the same features with the same ids, so
 importing them again changes nothing.
@@ -147,6 +147,13 @@ def pilot_homes() -> dict[str, list[Home]]:
     return {unit: list(found.values()) for unit, found in homes.items()}
 
 
+def street_entry(group: PilotGroup) -> tuple[float, float]:
+    """Where a fire engine leaves the main road for the unit: the west end of its middle
+    street, as (longitude, latitude)."""
+    lat, lon = group.centre
+    return LocalFrame(lon, lat).degrees((-REACH_M, 0.0))
+
+
 def pilot_maps(seed: int = 2025) -> Iterator[UnitMap]:
     homes = pilot_homes()
     for group in PILOT:
@@ -154,6 +161,7 @@ def pilot_maps(seed: int = 2025) -> Iterator[UnitMap]:
 
 
 def unit_map(group: PilotGroup, homes: list[Home], rng: random.Random) -> UnitMap:
+    """The unit's layers in WGS84, laid out in metres around its centre."""
     layout = URBAN if group.urban else RURAL
     lat, lon = group.centre
     frame = LocalFrame(lon, lat)

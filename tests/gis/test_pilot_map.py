@@ -23,7 +23,7 @@ from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.demo import PILOT
-from services.demo_map import REACH_M, RURAL, URBAN, UnitMap, pilot_homes, pilot_maps
+from services.demo_map import RURAL, URBAN, UnitMap, pilot_homes, pilot_maps, street_entry
 from services.gis.geometry import LocalFrame, Position, distance_m
 from services.gis.main import GisService
 from services.gis.routing import network
@@ -224,7 +224,7 @@ async def test_nearest_water_and_a_fire_route_inside_a_pilot_unit(
         assert metres < 250
 
     # A fire engine from the west end of the middle street to the household farthest from it.
-    entry = frame.degrees((-REACH_M, 0.0))
+    entry = street_entry(unit.group)
     door = max(
         ((home.longitude, home.latitude) for home in homes), key=lambda at: distance_m(entry, at)
     )
