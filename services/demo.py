@@ -14,6 +14,8 @@ from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 CITY = ("dn", "Thành phố Đà Nẵng")
+# The day the demo's ages are counted on: a fixed day, so the same people are generated.
+PILOT_DAY = date(2025, 6, 1)
 
 
 @dataclass(frozen=True)

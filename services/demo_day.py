@@ -3,9 +3,10 @@
 A birth is registered and the household's point appears on the map; the district warns the
 households with a member over 70 of a storm; a resident reports flooding in an alley with a
 photo, the ticket goes to the ward, nobody acknowledges it and it escalates to the district when
-its deadline passes; the group opens a study-promotion campaign, some households pay and the
-statement is exported; an auditor replays the ledger; an outside integrator reads the ticket's
-events from Kafka.
+its deadline passes; the ward finds the water point nearest the flooded alley and a fire
+engine's way to the new family's home on the pilot's map; the group opens a study-promotion
+campaign, some households pay and the statement is exported; an auditor replays the ledger; an
+outside integrator reads the ticket's events from Kafka.
 
 The clock: a ticket's deadline is hours away, so the day cannot pass in real time. The demo runs
 every service in this process (as the tests and benchmarks do), each with its gRPC server, outbox
@@ -59,11 +60,12 @@ from services.common.grpc_client import civic_channel
 from services.common.telemetry import tracer
 from services.common.wire import VIETNAM, local_date, timestamp
 from services.demo import CITY, PILOT
+from services.demo_map import street_entry
 from services.gis.main import GisService
 from services.ledger import replay
 from services.ledger.main import LedgerService
 from services.notices.main import NoticesService
-from services.platform import load_demo
+from services.platform import load_demo, load_map_demo
 from services.registry.main import RegistryService
 from services.tickets.main import TicketsService
 
@@ -158,6 +160,9 @@ class Day:
     statement_pdf_key: str = ""
     replay_report: replay.Report | None = None
     integrator_lines: list[str] = field(default_factory=list)
+    flood_hydrant: gis_pb2.Hydrant | None = None
+    fire_route: gis_pb2.PlanFireRouteResponse | None = None
+    map_png: bytes = b""
 
     @property
     def trace_id(self) -> str:
@@ -290,6 +295,7 @@ class PilotDay:
                 await self._birth()
                 await self._storm_warning()
                 await self._flooding()
+                await self._fire_access()
                 await self._dues()
                 await self._audit()
                 await self._integrator()
@@ -305,6 +311,7 @@ class PilotDay:
             groups = [self.settings.consumer_group(s, "registry-view") for s in REGISTRY_VIEWS]
             await consumers_caught_up(self.settings, "civic.registry.v1", groups)
             self._tell("tickets, notices and the map have read the registry's events")
+            self._tell(await load_map_demo(self.settings, self.targets.gis))
 
     async def _birth(self) -> None:
         registry = self._stub(
@@ -527,6 +534,38 @@ class PilotDay:
             self._tell(
                 f"the tickets service's deadline sweep escalates it to the district "
                 f"{ticket.assigned_unit_id} (escalations: {ticket.escalations})"
+            )
+
+    async def _fire_access(self) -> None:
+        gis = self._stub(gis_pb2_grpc.GisServiceStub, self.targets.gis, Role.WARD_OFFICER, WARD)
+        with self._step("The ward checks water and a fire engine's way in"):
+            nearest = await gis.NearestHydrants(gis_pb2.NearestHydrantsRequest(point=ALLEY))
+            self.day.flood_hydrant = hydrant = nearest.hydrants[0]
+            self._tell(
+                f"the water point nearest the flooded alley: {hydrant.name} "
+                f"({hydrant.kind}), {hydrant.distance_m:.0f} m away"
+            )
+            lon, lat = street_entry(GROUP)
+            route = gis_pb2.PlanFireRouteRequest(
+                entry=types_pb2.GeoPoint(latitude=lat, longitude=lon),
+                household_id=self.day.household_id,
+                min_width_m=3.5,
+            )
+            self.day.fire_route = await gis.PlanFireRoute(route)
+            self._tell(
+                f"a fire engine (3.5 m) reaches the new family's home by alleys wide enough in "
+                f"{self.day.fire_route.length_m:.0f} m, past "
+                f"{len(self.day.fire_route.hydrants)} hydrants"
+            )
+            picture = await gis.RenderMap(
+                gis_pb2.RenderMapRequest(
+                    unit_id=GROUP.unit_id, format=gis_pb2.IMAGE_FORMAT_PNG, route=route
+                )
+            )
+            self.day.map_png = picture.content
+            self._tell(
+                f"the group's map with that route drawn on it: a {picture.width_px}×"
+                f"{picture.height_px} PNG ({len(picture.content):,} bytes)"
             )
 
     async def _dues(self) -> None:

@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import grpc
+from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +28,8 @@ from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
 from services.common.runtime import run_async
-from services.demo import CITY, PILOT, pilot_rows
+from services.demo import CITY, PILOT, PILOT_DAY, pilot_rows
+from services.demo_map import geojson, pilot_maps
 
 ROOT = Path(__file__).resolve().parent.parent
 # The services built so far: each has services/<name>/main.py.
@@ -91,29 +93,38 @@ def _units() -> Iterator[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]:
             parent = unit_id
 
 
-async def load_demo(settings: Settings) -> str:
-    """Creates the pilot tree and imports its households; a second load changes nothing."""
-    admin = mint_token(
+async def create_pilot_units(registry: Any) -> None:
+    """The pilot's administrative tree, each unit created once (a second run finds them)."""
+    for parent, code, name, kind in _units():
+        unit_id = f"{parent}.{code}" if parent else code
+        try:
+            await registry.CreateUnit(
+                registry_pb2.CreateUnitRequest(
+                    request_id=str(uuid.uuid5(DEMO_NAMESPACE, unit_id)),
+                    parent_id=parent,
+                    code=code,
+                    name=name,
+                    kind=kind,
+                )
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+
+def demo_admin(settings: Settings) -> str:
+    """The city admin's token the demo loaders act with."""
+    return mint_token(
         settings.auth_secret, subject="demo-loader", role=Role.CITY_ADMIN, scope=CITY[0]
     )
-    async with civic_channel(settings.registry(), admin) as channel:
+
+
+async def load_demo(settings: Settings) -> str:
+    """Creates the pilot tree and imports its households; a second load changes nothing."""
+    async with civic_channel(settings.registry(), demo_admin(settings)) as channel:
         registry = registry_pb2_grpc.RegistryServiceStub(channel)
-        for parent, code, name, kind in _units():
-            unit_id = f"{parent}.{code}" if parent else code
-            try:
-                await registry.CreateUnit(
-                    registry_pb2.CreateUnitRequest(
-                        request_id=str(uuid.uuid5(DEMO_NAMESPACE, unit_id)),
-                        parent_id=parent,
-                        code=code,
-                        name=name,
-                        kind=kind,
-                    )
-                )
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
-        rows = list(pilot_rows(date(2025, 6, 1)))
+        await create_pilot_units(registry)
+        rows = list(pilot_rows(PILOT_DAY))
         chunks = [
             registry_pb2.ImportPersonsRequest(rows=rows[i : i + 500])
             for i in range(0, len(rows), 500)
@@ -193,6 +204,63 @@ async def load_ledger_demo(settings: Settings) -> str:
     return f"ledger demo: {len(PILOT)} pilot funds ({opened} opened now), 2026 dues declared"
 
 
+# How long the map load waits for the GIS service to learn the pilot units from the registry.
+UNITS_KNOWN_SECONDS = 60.0
+
+
+async def load_map_demo(settings: Settings, target: str = "") -> str:
+    """Each pilot unit's boundary, buildings, alleys and hydrants, imported through the GIS
+    service's ImportLayer. With `replace` each layer of the unit becomes exactly the generated
+    one: a second load finds every feature unchanged and writes nothing to the map."""
+    totals: Counter[str] = Counter()
+    gis_target = target or f"127.0.0.1:{GRPC_PORTS['gis']}"
+    async with civic_channel(gis_target, demo_admin(settings)) as channel:
+        gis = gis_pb2_grpc.GisServiceStub(channel)
+        for unit in pilot_maps():
+            for layer, features in unit.layers():
+                request = gis_pb2.ImportLayerRequest(
+                    request_id=str(uuid.uuid4()),
+                    unit_id=unit.group.unit_id,
+                    layer=layer,
+                    format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+                    content=geojson(features),
+                    replace=True,
+                )
+                done = await _once_unit_known(gis.ImportLayer, request)
+                if done.rejected:
+                    raise InfraError(
+                        f"the GIS service refused {len(done.rejected)} demo features of "
+                        f"{unit.group.unit_id}: {done.rejected[0].message}"
+                    )
+                totals[gis_pb2.Layer.Name(layer)] += len(features)
+                totals["created"] += done.created
+                totals["changed"] += done.updated + done.removed
+                totals["unchanged"] += done.unchanged
+    return (
+        f"map demo: {totals['LAYER_BUILDING']} buildings, {totals['LAYER_ALLEY']} streets and "
+        f"alleys, {totals['LAYER_HYDRANT']} hydrants and wells in {len(PILOT)} units; "
+        f"{totals['created']} features created, {totals['changed']} changed, "
+        f"{totals['unchanged']} already there"
+    )
+
+
+async def _once_unit_known(
+    call: Any, request: gis_pb2.ImportLayerRequest
+) -> gis_pb2.ImportLayerResponse:
+    """The import, retried while the GIS service has not yet read the unit's creation from the
+    registry's events (NOT_FOUND; nothing was imported, so the retry keeps its request_id)."""
+    deadline = asyncio.get_running_loop().time() + UNITS_KNOWN_SECONDS
+    while True:
+        try:
+            response: gis_pb2.ImportLayerResponse = await call(request)
+            return response
+        except grpc.aio.AioRpcError as error:
+            late = asyncio.get_running_loop().time() > deadline
+            if error.code() != grpc.StatusCode.NOT_FOUND or late:
+                raise
+        await asyncio.sleep(0.2)
+
+
 def tokens(settings: Settings) -> dict[str, str]:
     group = PILOT[0]
     ward = group.unit_id.rsplit(".", 1)[0]
@@ -225,6 +293,8 @@ async def run() -> None:
         print(await load_demo(settings))
         if "ledger" in SERVICES:
             print(await load_ledger_demo(settings))
+        if "gis" in SERVICES:
+            print(await load_map_demo(settings))
         print("\nCivic is running:")
         for name in SERVICES:
             print(f"  {name:<9} gRPC 127.0.0.1:{GRPC_PORTS[name]}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from civic.tickets.v1 import events_pb2
 from minio import Minio
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -13,7 +14,19 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.common.cloudevents import type_name
 from services.common.config import Settings
-from services.demo_day import DISTRICT, GROUP, HOME, PAYERS, WARD, Day, PilotDay, pilot_services
+from services.demo_day import (
+    ALLEY,
+    DISTRICT,
+    GROUP,
+    HOME,
+    PAYERS,
+    WARD,
+    Day,
+    PilotDay,
+    pilot_services,
+)
+from services.demo_map import pilot_maps, street_entry
+from services.gis.geometry import distance_m
 from tests.conftest import Clock
 
 STATEMENTS = "civic-statements"
@@ -52,6 +65,24 @@ async def test_a_day_in_the_pilot(
     assert day.household_id and day.baby_id
     assert day.map_point == [HOME.longitude, HOME.latitude]
     assert "appears on the ward's map" in text
+
+    # The map: the water point nearest the flooded alley is the one the pilot map has nearest
+    # to it, and a fire engine's way to the new family's home runs from the street to its door.
+    pilot_map = next(m for m in pilot_maps() if m.group == GROUP)
+    flooded = (ALLEY.longitude, ALLEY.latitude)
+    metres, name = min(
+        (distance_m(flooded, tuple(h["geometry"]["coordinates"])), h["properties"]["name"])
+        for h in pilot_map.hydrants
+    )
+    assert day.flood_hydrant is not None and day.flood_hydrant.name == name
+    assert day.flood_hydrant.distance_m == pytest.approx(metres, abs=0.05)
+    route = day.fire_route
+    assert route is not None and route.hydrants
+    line = json.loads(route.geojson)["features"][0]["geometry"]["coordinates"]
+    assert line[-1] == day.map_point
+    assert route.length_m >= distance_m(street_entry(GROUP), (HOME.longitude, HOME.latitude))
+    assert day.map_png.startswith(b"\x89PNG")
+    assert "nearest the flooded alley" in text
 
     # The storm warning reached exactly the district's households with someone over 70.
     assert day.elderly_households, "the pilot data has elderly people in the district"
@@ -107,6 +138,7 @@ async def test_a_day_in_the_pilot(
         "civic.tickets.v1.TicketsService/SubmitTicket",
         "civic.ledger.v1.LedgerService/ExportStatement",
         "civic.gis.v1.GisService/ListFeatures",
+        "civic.gis.v1.GisService/PlanFireRoute",
     ):
         assert rpc in names, rpc
     consumed = {(s.name, (s.attributes or {}).get("cloudevents.event_type")) for s in ours}
