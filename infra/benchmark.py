@@ -5,8 +5,10 @@ CPU, and stdout kept for the report."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
 import sys
 import tempfile
@@ -52,3 +54,35 @@ def run_on_own_servers(measure: Measure[T], warm_up: Callable[[], None]) -> T:
                 stack.down()
     say(f"done in {time.monotonic() - started:.0f} s")
     return result
+
+
+def percentile(samples: list[float], fraction: float, missing: int = 0) -> float:
+    """The fraction's sample; `missing` samples (never arrived) count as infinitely late."""
+    ordered = sorted(samples) + [math.inf] * missing
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+def ms(value: float, digits: int = 1) -> float | None:
+    """For the JSON line: None stands for "never" (an infinite percentile)."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
+async def open_loop(
+    rate: float, seconds: float, send: Callable[[int, float], Coroutine[Any, Any, None]]
+) -> tuple[int, float, int]:
+    """Call `send(index, scheduled)` every 1/rate s for `seconds`, whatever the answers.
+    Returns (sent, seconds from the first schedule to the last, sends more than 5 ms late)."""
+    count = int(rate * seconds)
+    tasks: list[asyncio.Task[None]] = []
+    late = 0
+    start = time.perf_counter() + 0.05
+    for index in range(count):
+        scheduled = start + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.005:
+            late += 1
+        tasks.append(asyncio.create_task(send(index, scheduled)))
+    await asyncio.gather(*tasks)
+    return count, count / rate, late
