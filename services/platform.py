@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,29 @@ def _units() -> Iterator[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]:
             parent = unit_id
 
 
+Units = Iterable[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]
+
+
+async def create_units(registry: registry_pb2_grpc.RegistryServiceAsyncStub, units: Units) -> None:
+    """CreateUnit for each (parent, code, name, kind), parents first; a unit already there (a
+    second load) is left as it is."""
+    for parent, code, name, kind in units:
+        unit_id = f"{parent}.{code}" if parent else code
+        try:
+            await registry.CreateUnit(
+                registry_pb2.CreateUnitRequest(
+                    request_id=str(uuid.uuid5(DEMO_NAMESPACE, unit_id)),
+                    parent_id=parent,
+                    code=code,
+                    name=name,
+                    kind=kind,
+                )
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+
 async def load_demo(settings: Settings) -> str:
     """Creates the pilot tree and imports its households; a second load changes nothing."""
     admin = mint_token(
@@ -127,21 +150,7 @@ async def load_demo(settings: Settings) -> str:
     )
     async with civic_channel(settings.registry(), admin) as channel:
         registry = registry_pb2_grpc.RegistryServiceStub(channel)
-        for parent, code, name, kind in _units():
-            unit_id = f"{parent}.{code}" if parent else code
-            try:
-                await registry.CreateUnit(
-                    registry_pb2.CreateUnitRequest(
-                        request_id=str(uuid.uuid5(DEMO_NAMESPACE, unit_id)),
-                        parent_id=parent,
-                        code=code,
-                        name=name,
-                        kind=kind,
-                    )
-                )
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
+        await create_units(registry, _units())
         rows = list(pilot_rows(date(2025, 6, 1)))
         chunks = [
             registry_pb2.ImportPersonsRequest(rows=rows[i : i + 500])
