@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -18,10 +19,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from infra.local import Endpoints, LocalStack, Ports
+from infra.local import EXTERNAL_ENV, Endpoints, LocalStack, Ports
 from services.common.runtime import run_async
 
 T = TypeVar("T")
+SERVERS = "servers"  # the run's LocalStack root, under its working directory
 Measure = Callable[[Endpoints, ProcessPoolExecutor, Path], Coroutine[Any, Any, T]]
 
 
@@ -38,7 +40,7 @@ def run_on_own_servers(measure: Measure[T], warm_up: Callable[[], None]) -> T:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="civic-bench-") as tmp:
         workdir = Path(tmp)
-        stack = LocalStack(workdir / "servers", Ports.free())
+        stack = LocalStack(workdir / SERVERS, Ports.free())
         # spawn: a forked child would inherit this process's gRPC and event-loop state.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
@@ -54,6 +56,20 @@ def run_on_own_servers(measure: Measure[T], warm_up: Callable[[], None]) -> T:
                 stack.down()
     say(f"done in {time.monotonic() - started:.0f} s")
     return result
+
+
+def disk_used(workdir: Path, server: str) -> int | None:
+    """Bytes on disk under the data directory of one of the run's own servers ("mongo",
+    "kafka", "s3"); None when the run uses an external server."""
+    if os.environ.get(EXTERNAL_ENV[server]):
+        return None
+    total = 0
+    # A LocalStack keeps each server's data in <root>/<server>.
+    for folder, _, files in os.walk(workdir / SERVERS / server):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # a server may remove files meanwhile
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
 
 
 def percentile(samples: list[float], fraction: float, missing: int = 0) -> float:
