@@ -148,8 +148,9 @@ class Group:
 
 
 def shares(total: int, parts: int) -> list[int]:
-    """`total` split into `parts` whole shares that differ by at most one."""
-    return [total // parts + (1 if index < total % parts else 0) for index in range(parts)]
+    """`total` split into `parts` whole shares that differ by at most one, the larger ones
+    spread evenly (a small city still has households in every ward)."""
+    return [(index + 1) * total // parts - index * total // parts for index in range(parts)]
 
 
 class SyntheticCity:

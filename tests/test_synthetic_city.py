@@ -1,13 +1,16 @@
 """The synthetic city has the size asked for, in the proportions of the full city, the same for
-the same seed, and every record is one the registry's import reads."""
+the same seed, and every record is one the registry's import reads; `civic city` writes it as
+import files."""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from civic.registry.v1 import registry_pb2
 
+from services import cli
 from services.registry import csv_rows
 from services.synthetic_city import SyntheticCity
 
@@ -71,3 +74,16 @@ def test_every_record_imports_and_citizen_ids_are_unique() -> None:
 def test_an_impossible_city_is_refused() -> None:
     with pytest.raises(ValueError, match="households"):
         SyntheticCity(1_000, households=2_000)
+
+
+def test_a_small_city_still_has_households_in_every_ward() -> None:
+    city = SyntheticCity(3_000)
+    wards = {record["unit_id"].rsplit(".", 1)[0] for record in city.records()}
+    assert wards == {ward.unit_id for ward in city.wards}
+
+
+def test_civic_city_writes_an_import_file_per_ward(tmp_path: Path) -> None:
+    assert cli.main(["city", str(tmp_path), "--residents", "3000", "--seed", "2"]) == 0
+    files = sorted(tmp_path.glob("*.csv"))
+    assert [path.stem for path in files] == sorted(w.unit_id for w in SyntheticCity(3_000).wards)
+    assert sum(csv_rows.count_records(path) for path in files) == 3_000
