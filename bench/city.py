@@ -611,10 +611,7 @@ async def run_benchmark(
         await bench.create_units()
         say(f"loading {sum(f.rows for f in files):,} persons, {options.streams} wards at a time")
         await bench.load(files)
-        say(
-            f"loaded: every consumer caught up after {bench.figures.caught_up_s:.1f} s; "
-            f"mixed load for {options.seconds:g} s"
-        )
+        say(f"mixed load for {options.seconds:g} s")
         await bench.mixed()
         bench.figures.peak_memory_mb = services.peak_memory_mb()
         bench.figures.disk_bytes = {
