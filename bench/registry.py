@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import logging
 import os
-import random
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +55,7 @@ from services.common.runtime import run_async
 from services.registry import csv_rows, domain
 from services.registry.importer import BATCH_ROWS
 from services.registry.main import RegistryService
+from services.synthetic_city import synthetic_records, write_csv
 
 IMPORT_TARGET = 20_000  # persons/s
 LOOKUP_TARGET = 0.5  # of the echo rate
@@ -69,111 +67,7 @@ QUIET_TIMEOUT_S = 60.0
 T = TypeVar("T")
 
 
-# ---- synthetic onboarding data ---------------------------------------------------------------
-
-FAMILY = ["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi"]
-FAMILY += ["Đỗ", "Hồ", "Ngô", "Dương", "Lý", "Trương", "Đinh", "Lương", "Mai"]
-MIDDLE = {"male": ["Văn", "Hữu", "Đức", "Minh", "Quốc", "Công"], "female": ["Thị", "Ngọc", "Thu"]}
-MIDDLE["female"] += ["Thanh", "Kim", "Mỹ"]
-GIVEN = {
-    "male": ["An", "Bình", "Cường", "Dũng", "Hùng", "Tuấn", "Khoa", "Long", "Phúc", "Quang"],
-    "female": ["Hoa", "Lan", "Mai", "Hương", "Linh", "Trang", "Thảo", "Ngân", "Yến", "Vy"],
-}
-GIVEN["male"] += ["Sơn", "Thắng", "Trung", "Vinh", "Khôi", "Nam", "Hải", "Đạt", "Bảo", "Tài"]
-GIVEN["female"] += ["Nhung", "Hằng", "Phượng", "Loan", "Oanh", "Tâm", "Hạnh", "Nga", "Ly"]
-STREETS = ["Trần Phú", "Lê Duẩn", "Hùng Vương", "Bạch Đằng", "Phan Châu Trinh", "Hoàng Diệu"]
-STREETS += ["Ông Ích Khiêm", "Nguyễn Văn Linh", "Lê Lợi", "Quang Trung"]
-OCCUPATIONS = ["giáo viên", "kỹ sư", "buôn bán", "công nhân", "nội trợ", "học sinh", "hưu trí"]
-OCCUPATIONS += ["lái xe", "bác sĩ", "kế toán", "thợ may", "nhân viên văn phòng"]
-EDUCATION = [word for word in csv_rows.EDUCATION_LEVELS if word]
-PROVINCES = sorted(domain.PROVINCE_CODES)
-LAST_BIRTH_YEAR = date.today().year - 1
-OTHER_SEX = {"male": "female", "female": "male"}
-
-
-def household_sizes(rng: random.Random, households: int, persons: int) -> list[int]:
-    """`persons` spread over `households`: each has a head, the rest land at random (at most 9)."""
-    if not 0 < households <= persons <= 9 * households:
-        raise SystemExit("need households <= persons <= 9 x households")
-    sizes = [1] * households
-    for _ in range(persons - households):
-        home = rng.randrange(households)
-        while sizes[home] == 9:
-            home = rng.randrange(households)
-        sizes[home] += 1
-    return sizes
-
-
-def synthetic_records(
-    groups: list[str], households: int, persons: int, *, seed: int, first_serial: int = 0
-) -> Iterator[dict[str, str]]:
-    """CSV records of households of Vietnamese families, with valid, unique citizen IDs."""
-    rng = random.Random(seed)
-    serial = first_serial
-    for number, size in enumerate(household_sizes(rng, households, persons)):
-        group = groups[number % len(groups)]
-        home = household_record(rng, group, number, seed)
-        head_year, head_sex = rng.randint(1940, 1995), rng.choice(("male", "female"))
-        family = rng.choice(FAMILY)
-        for member in range(size):
-            relationship, year = member_of(rng, member, head_year)
-            sex = {"head": head_sex, "spouse": OTHER_SEX[head_sex]}.get(relationship)
-            sex = sex or rng.choice(("male", "female"))
-            born = f"{year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
-            # Children under 14 rarely have a card yet: those rows are matched by name and birth.
-            cid = citizen_id(serial, born, sex) if year <= LAST_BIRTH_YEAR - 14 else ""
-            serial += 1
-            yield home | {
-                "full_name": f"{family} {rng.choice(MIDDLE[sex])} {rng.choice(GIVEN[sex])}",
-                "birth_date": born,
-                "sex": sex,
-                "citizen_id": cid,
-                "relationship": relationship,
-                "education": rng.choice(EDUCATION),
-                "occupation": rng.choice(OCCUPATIONS),
-                "phone": f"09{rng.randrange(10**8):08d}",
-                "email": f"nguoidan{serial}@example.vn" if rng.random() < 0.2 else "",
-            }
-
-
-def household_record(rng: random.Random, group: str, number: int, seed: int) -> dict[str, str]:
-    return {
-        "unit_id": group,
-        "household_ref": f"HK{seed}-{number:07d}",
-        "address": f"{rng.randint(1, 300)} Kiệt {rng.randint(1, 120)} {rng.choice(STREETS)}",
-        "floor_area_m2": f"{rng.uniform(25, 250):.1f}",
-        "storeys": str(rng.randint(1, 5)),
-        "sub_households": str(rng.choice((0, 0, 1, 1, 2))),
-        "residence_kind": rng.choices(("permanent", "temporary", "renter"), (85, 5, 10))[0],
-        "latitude": f"{rng.uniform(16.03, 16.09):.5f}",
-        "longitude": f"{rng.uniform(108.19, 108.24):.5f}",
-    }
-
-
-def member_of(rng: random.Random, member: int, head_year: int) -> tuple[str, int]:
-    """(relationship, birth year) of the household's member-th person."""
-    if member == 0:
-        return "head", head_year
-    if member == 1:
-        return "spouse", head_year + rng.randint(-6, 6)
-    kind = rng.choices(("child", "parent", "grandchild", "other_relative"), (70, 10, 15, 5))[0]
-    offset = {"child": (20, 40), "parent": (-35, -18), "grandchild": (42, 60)}.get(kind, (-15, 15))
-    return kind, max(1900, min(LAST_BIRTH_YEAR, head_year + rng.randint(*offset)))
-
-
-def citizen_id(serial: int, born: str, sex: str) -> str:
-    """Province, century-and-sex digit, birth year, six-digit serial: unique per serial."""
-    year = int(born[:4])
-    century_sex = 2 * ((year - 1900) // 100) + (1 if sex == "female" else 0)
-    province = PROVINCES[serial // 1_000_000 % len(PROVINCES)]
-    return f"{province}{century_sex}{year % 100:02d}{serial % 1_000_000:06d}"
-
-
-def write_csv(path: Path, records: Iterator[dict[str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=csv_rows.COLUMNS)
-        writer.writeheader()
-        writer.writerows(records)
+# ---- the file to import ---------------------------------------------------------------------
 
 
 def chunks(path: Path) -> list[registry_pb2.ImportPersonsRequest]:

@@ -44,7 +44,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,7 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from civic.tickets.v1 import events_pb2, tickets_pb2
 from pymongo import AsyncMongoClient
 
-from infra.benchmark import run_on_own_servers, say
+from infra.benchmark import ms, open_loop, percentile, run_on_own_servers, say
 from infra.local import Endpoints, free_port, isolated_settings
 from services.common import kafka_fetch
 from services.common.auth import Role, mint_token
@@ -85,17 +85,6 @@ DRAIN_TIMEOUT_S = 30.0  # for the last tickets of a phase to come out routed
 READY_TIMEOUT_S = 60.0
 
 T = TypeVar("T")
-
-
-def percentile(samples: list[float], fraction: float, missing: int = 0) -> float:
-    """The fraction's sample; `missing` samples (never arrived) count as infinitely late."""
-    ordered = sorted(samples) + [math.inf] * missing
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
-def ms(value: float, digits: int = 1) -> float | None:
-    """For the JSON line: None stands for "never" (an infinite percentile)."""
-    return round(value, digits) if math.isfinite(value) else None
 
 
 # ---- the load (runs in a child process) ------------------------------------------------------
@@ -292,27 +281,6 @@ class Submitters:
     async def close(self) -> None:
         for channel in self.channels:
             await channel.close()
-
-
-async def open_loop(
-    rate: float, seconds: float, send: Callable[[int, float], Coroutine[Any, Any, None]]
-) -> tuple[int, float, int]:
-    """Call `send(index, scheduled)` every 1/rate s for `seconds`, whatever the answers.
-    Returns (sent, seconds from the first schedule to the last, sends more than 5 ms late)."""
-    count = int(rate * seconds)
-    tasks: list[asyncio.Task[None]] = []
-    late = 0
-    start = time.perf_counter() + 0.05
-    for index in range(count):
-        scheduled = start + index / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif delay < -0.005:
-            late += 1
-        tasks.append(asyncio.create_task(send(index, scheduled)))
-    await asyncio.gather(*tasks)
-    return count, count / rate, late
 
 
 def run_tickets_open(load: OpenLoad) -> Latencies:

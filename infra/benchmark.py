@@ -5,9 +5,12 @@ CPU, and stdout kept for the report."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -16,10 +19,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from infra.local import Endpoints, LocalStack, Ports
+from infra.local import EXTERNAL_ENV, Endpoints, LocalStack, Ports
 from services.common.runtime import run_async
 
 T = TypeVar("T")
+SERVERS = "servers"  # the run's LocalStack root, under its working directory
 Measure = Callable[[Endpoints, ProcessPoolExecutor, Path], Coroutine[Any, Any, T]]
 
 
@@ -36,7 +40,7 @@ def run_on_own_servers(measure: Measure[T], warm_up: Callable[[], None]) -> T:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="civic-bench-") as tmp:
         workdir = Path(tmp)
-        stack = LocalStack(workdir / "servers", Ports.free())
+        stack = LocalStack(workdir / SERVERS, Ports.free())
         # spawn: a forked child would inherit this process's gRPC and event-loop state.
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
@@ -52,3 +56,49 @@ def run_on_own_servers(measure: Measure[T], warm_up: Callable[[], None]) -> T:
                 stack.down()
     say(f"done in {time.monotonic() - started:.0f} s")
     return result
+
+
+def disk_used(workdir: Path, server: str) -> int | None:
+    """Bytes on disk under the data directory of one of the run's own servers ("mongo",
+    "kafka", "s3"); None when the run uses an external server."""
+    if os.environ.get(EXTERNAL_ENV[server]):
+        return None
+    total = 0
+    # A LocalStack keeps each server's data in <root>/<server>.
+    for folder, _, files in os.walk(workdir / SERVERS / server):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):  # a server may remove files meanwhile
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
+def percentile(samples: list[float], fraction: float, missing: int = 0) -> float:
+    """The fraction's sample; `missing` samples (never arrived) count as infinitely late."""
+    ordered = sorted(samples) + [math.inf] * missing
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
+
+
+def ms(value: float, digits: int = 1) -> float | None:
+    """For the JSON line: None stands for "never" (an infinite percentile)."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
+async def open_loop(
+    rate: float, seconds: float, send: Callable[[int, float], Coroutine[Any, Any, None]]
+) -> tuple[int, float, int]:
+    """Call `send(index, scheduled)` every 1/rate s for `seconds`, whatever the answers.
+    Returns (sent, seconds from the first schedule to the last, sends more than 5 ms late)."""
+    count = int(rate * seconds)
+    tasks: list[asyncio.Task[None]] = []
+    late = 0
+    start = time.perf_counter() + 0.05
+    for index in range(count):
+        scheduled = start + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.005:
+            late += 1
+        tasks.append(asyncio.create_task(send(index, scheduled)))
+    await asyncio.gather(*tasks)
+    return count, count / rate, late

@@ -3,6 +3,7 @@
   civic stack up|down|status [--env dev]                the local servers (MongoDB, Kafka, S3)
   civic token --role ward_officer --scope dn.hc.hc1     a signed dev bearer token
   civic import-csv people.csv --token T                 onboard a file of persons and households
+  civic city city/ [--residents N] [--token T]          a synthetic city as import files
   civic tail civic.tickets.v1 [--from-beginning]        a topic's events, decoded, as they come
   civic map dn.hc.hc1.t17 group.png --token T           a group's map as a picture to print
   civic replay-ledger --token T [--unit U]              auditors: check the funds from their events
@@ -43,7 +44,9 @@ from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
 from services.common.runtime import run_async
 from services.ledger import replay
+from services.platform import create_units
 from services.registry import csv_rows
+from services.synthetic_city import DEFAULT_GROUPS, DEFAULT_RESIDENTS, SyntheticCity, write_csv
 
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
 GIS_TARGET = f"127.0.0.1:{GRPC_PORTS['gis']}"
@@ -106,6 +109,21 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk", type=_positive(int, MAX_CHUNK), default=500, metavar="N", help="rows per message"
     )
     imports.set_defaults(handler=_import_csv)
+
+    city = commands.add_parser(
+        "city", help="write a synthetic city as import files", description=_city.__doc__
+    )
+    city.add_argument("directory", type=Path, metavar="DIR", help="one CSV per ward goes here")
+    city.add_argument("--residents", type=_positive(int), default=DEFAULT_RESIDENTS, metavar="N")
+    city.add_argument("--groups", type=_positive(int), default=DEFAULT_GROUPS, metavar="N")
+    city.add_argument("--seed", type=int, default=1)
+    city.add_argument(
+        "--token",
+        default="",
+        help="a city admin's token: create the city's units in the registry too",
+    )
+    city.add_argument("--target", default=DEFAULT_TARGET, help="the registry's host:port")
+    city.set_defaults(handler=_city)
 
     stack = commands.add_parser(
         "stack", help="start, stop or show the local servers", description=_stack.__doc__
@@ -351,6 +369,34 @@ def _report(
     for error in errors:
         column = csv_rows.column_for(error.field)
         print(f"row {error.row_number}  {column + ': ' if column else ''}{error.message}")
+
+
+# ---- civic city ---------------------------------------------------------------------------------
+
+
+async def _city(args: argparse.Namespace) -> int:
+    """Write a synthetic city (services/synthetic_city.py: districts, 50 wards, groups, and
+    households of made-up families) as one import file per ward, for `civic import-csv`. With
+    --token, first create the city's units in the registry, which the files' rows belong to."""
+    try:
+        city = SyntheticCity(args.residents, groups=args.groups, seed=args.seed)
+    except ValueError as error:
+        return _fail(str(error), status=2)
+    if args.token:
+        units = [(u.parent_id, u.code, u.name, u.kind) for u in city.units()]
+        async with civic_channel(args.target, args.token) as channel:
+            try:
+                await create_units(registry_pb2_grpc.RegistryServiceStub(channel), units)
+            except grpc.aio.AioRpcError as error:
+                return _fail(f"creating units: {error.code().name}: {error.details()}", status=1)
+        print(f"{len(units):,} units in the registry")
+    directory: Path = args.directory
+    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    for ward in city.wards:
+        path = directory / f"{ward.unit_id}.csv"
+        rows = await asyncio.to_thread(write_csv, path, city.ward_records(ward.unit_id))
+        print(f"{path}: {rows:,} persons")
+    return 0
 
 
 # ---- civic stack, civic tail ------------------------------------------------------------------

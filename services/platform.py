@@ -13,7 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,42 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = [name for name in GRPC_PORTS if (ROOT / "services" / name / "main.py").exists()]
 # Stable per demo: request ids derived from the unit, so a second load is a retry, not a change.
 DEMO_NAMESPACE = uuid.UUID("6f1c63a4-7c55-4a57-9d0e-2f5b0c1d9a11")
+DEV_LOGS = ROOT / ".civic" / "dev" / "logs"
 
 
-def start_services(env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-    logs = ROOT / ".civic" / "dev" / "logs"
+def service_env(settings: Settings, prefix: str, port: int, **extra: str) -> dict[str, str]:
+    """The environment of one service process of the deployment `prefix` on `port`; nothing
+    from the outer environment may configure it (another stack, a fault switch)."""
+    s = settings
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIVIC_", "KAFKA_", "OTEL_"))}
+    env.update(
+        {
+            "CIVIC_MONGO_URI": s.mongo_uri,
+            "KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers,
+            "CIVIC_S3_ENDPOINT": s.s3_endpoint,
+            "CIVIC_S3_ACCESS_KEY": s.s3_access_key,
+            "CIVIC_S3_SECRET_KEY": s.s3_secret_key,
+            "CIVIC_S3_SECURE": str(s.s3_secure).lower(),
+            "CIVIC_DATABASE_PREFIX": prefix,
+            "CIVIC_AUTH_SECRET": s.auth_secret,
+            "CIVIC_DATA_KEY": s.data_key,
+            "CIVIC_GRPC_PORT": str(port),
+            "CIVIC_OUTBOX_POLL_SECONDS": "0.2",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def start_services(
+    envs: Mapping[str, dict[str, str]], logs: Path = DEV_LOGS
+) -> list[subprocess.Popen[bytes]]:
+    """`python -m services.<name>.main` for each named service, with its environment, writing
+    to <logs>/<name>.log."""
     logs.mkdir(parents=True, exist_ok=True)
     processes = []
-    for name in SERVICES:
+    for name, env in envs.items():
         log = (logs / f"{name}.log").open("ab")
         processes.append(
             subprocess.Popen(
@@ -63,7 +92,7 @@ async def wait_healthy(port: int, process: subprocess.Popen[bytes], seconds: flo
         deadline = asyncio.get_running_loop().time() + seconds
         while asyncio.get_running_loop().time() < deadline:
             if process.poll() is not None:
-                raise InfraError(f"service on port {port} exited; see .civic/dev/logs")
+                raise InfraError(f"service on port {port} exited; see its log")
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -93,9 +122,13 @@ def _units() -> Iterator[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]:
             parent = unit_id
 
 
-async def create_pilot_units(registry: Any) -> None:
-    """The pilot's administrative tree, each unit created once (a second run finds them)."""
-    for parent, code, name, kind in _units():
+Units = Iterable[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]
+
+
+async def create_units(registry: registry_pb2_grpc.RegistryServiceAsyncStub, units: Units) -> None:
+    """CreateUnit for each (parent, code, name, kind), parents first; a unit already there (a
+    second load) is left as it is."""
+    for parent, code, name, kind in units:
         unit_id = f"{parent}.{code}" if parent else code
         try:
             await registry.CreateUnit(
@@ -110,6 +143,11 @@ async def create_pilot_units(registry: Any) -> None:
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
+
+
+async def create_pilot_units(registry: registry_pb2_grpc.RegistryServiceAsyncStub) -> None:
+    """The pilot's administrative tree, each unit created once (a second run finds them)."""
+    await create_units(registry, _units())
 
 
 def demo_admin(settings: Settings) -> str:
@@ -286,7 +324,7 @@ async def run() -> None:
     endpoints = stack.up()
     env = os.environ | endpoints.as_env()
     settings = Settings(**{k: v for k, v in endpoints.__dict__.items()})
-    processes = start_services(env)
+    processes = start_services({name: env for name in SERVICES})
     try:
         for name, process in zip(SERVICES, processes, strict=True):
             await wait_healthy(GRPC_PORTS[name], process)

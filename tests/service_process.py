@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
@@ -14,35 +13,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.config import Settings
+# Re-exported: the tests that start service processes import both from here.
+from services.platform import service_env as service_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 30.0
-
-
-def service_env(settings: Settings, prefix: str, port: int, **extra: str) -> dict[str, str]:
-    """The environment of one service process of the deployment `prefix` on `port`; nothing
-    from the outer environment may configure it (another stack, a fault switch)."""
-    s = settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIVIC_", "KAFKA_", "OTEL_"))}
-    env.update(
-        {
-            "CIVIC_MONGO_URI": s.mongo_uri,
-            "KAFKA_BOOTSTRAP_SERVERS": s.kafka_bootstrap_servers,
-            "CIVIC_S3_ENDPOINT": s.s3_endpoint,
-            "CIVIC_S3_ACCESS_KEY": s.s3_access_key,
-            "CIVIC_S3_SECRET_KEY": s.s3_secret_key,
-            "CIVIC_S3_SECURE": str(s.s3_secure).lower(),
-            "CIVIC_DATABASE_PREFIX": prefix,
-            "CIVIC_AUTH_SECRET": s.auth_secret,
-            "CIVIC_DATA_KEY": s.data_key,
-            "CIVIC_GRPC_PORT": str(port),
-            "CIVIC_OUTBOX_POLL_SECONDS": "0.2",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(extra)
-    return env
 
 
 class ServiceProcess:

@@ -1,0 +1,382 @@
+"""A synthetic city for load tests: districts, wards, residential groups, households and their
+Vietnamese families, as onboarding records (no real person's data).
+
+By default the size of Đà Nẵng: 1,200,000 residents in about 350,000 households, 7 districts,
+50 wards and 1,000 groups. A smaller city keeps the proportions (residents per household) and
+the unit tree. Deterministic: the same seed gives the same city. Rows are made one group at a
+time (each group has a random generator of its own, and the serials before it are computed, not
+counted), so any ward can be generated on its own and the whole city is never held in memory.
+
+Records have the columns of an import file (services/registry/csv_rows.py): `write_csv` writes
+them for `civic import-csv`, `csv_rows.import_row` makes ImportRow messages of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from functools import cached_property
+from pathlib import Path
+
+from civic.registry.v1 import registry_pb2
+
+from services.demo import CITY
+from services.registry import csv_rows, domain
+
+DEFAULT_RESIDENTS = 1_200_000
+DEFAULT_GROUPS = 1_000
+# Residents per household (1,200,000 in about 350,000).
+HOUSEHOLDS_PER_RESIDENT = 350_000 / 1_200_000
+MOST_IN_HOUSEHOLD = 9
+
+# ---- names -------------------------------------------------------------------------------------
+
+FAMILY = ["Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi"]
+FAMILY += ["Đỗ", "Hồ", "Ngô", "Dương", "Lý", "Trương", "Đinh", "Lương", "Mai"]
+MIDDLE = {"male": ["Văn", "Hữu", "Đức", "Minh", "Quốc", "Công"], "female": ["Thị", "Ngọc", "Thu"]}
+MIDDLE["female"] += ["Thanh", "Kim", "Mỹ"]
+GIVEN = {
+    "male": ["An", "Bình", "Cường", "Dũng", "Hùng", "Tuấn", "Khoa", "Long", "Phúc", "Quang"],
+    "female": ["Hoa", "Lan", "Mai", "Hương", "Linh", "Trang", "Thảo", "Ngân", "Yến", "Vy"],
+}
+GIVEN["male"] += ["Sơn", "Thắng", "Trung", "Vinh", "Khôi", "Nam", "Hải", "Đạt", "Bảo", "Tài"]
+GIVEN["female"] += ["Nhung", "Hằng", "Phượng", "Loan", "Oanh", "Tâm", "Hạnh", "Nga", "Ly"]
+STREETS = ["Trần Phú", "Lê Duẩn", "Hùng Vương", "Bạch Đằng", "Phan Châu Trinh", "Hoàng Diệu"]
+STREETS += ["Ông Ích Khiêm", "Nguyễn Văn Linh", "Lê Lợi", "Quang Trung"]
+OCCUPATIONS = ["giáo viên", "kỹ sư", "buôn bán", "công nhân", "nội trợ", "học sinh", "hưu trí"]
+OCCUPATIONS += ["lái xe", "bác sĩ", "kế toán", "thợ may", "nhân viên văn phòng"]
+EDUCATION = [word for word in csv_rows.EDUCATION_LEVELS if word]
+PROVINCES = sorted(domain.PROVINCE_CODES)
+LAST_BIRTH_YEAR = date.today().year - 1
+OTHER_SEX = {"male": "female", "female": "male"}
+
+# ---- the unit tree -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class District:
+    code: str
+    name: str
+    centre: tuple[float, float]  # latitude, longitude
+    # Wards (phường) in the urban districts, communes (xã) in the rural one.
+    wards: Sequence[str]
+    urban: bool = True
+
+
+# Đà Nẵng's districts with 50 of their wards and communes.
+DISTRICTS = (
+    District(
+        "hc",
+        "Quận Hải Châu",
+        (16.060, 108.220),
+        (
+            "Hải Châu 1|Hải Châu 2|Thạch Thang|Thanh Bình|Thuận Phước|Hòa Thuận Tây|Hòa Thuận Đông|"
+            "Nam Dương|Phước Ninh|Bình Thuận|Bình Hiên|Hòa Cường Bắc|Hòa Cường Nam"
+        ).split("|"),
+    ),
+    District(
+        "tk",
+        "Quận Thanh Khê",
+        (16.065, 108.190),
+        (
+            "Tam Thuận|Thanh Khê Tây|Thanh Khê Đông|Xuân Hà|Tân Chính|Chính Gián|Vĩnh Trung|"
+            "Thạc Gián|An Khê|Hòa Khê"
+        ).split("|"),
+    ),
+    District(
+        "st",
+        "Quận Sơn Trà",
+        (16.085, 108.240),
+        "Thọ Quang|Nại Hiên Đông|Mân Thái|An Hải Bắc|Phước Mỹ|An Hải Tây|An Hải Đông".split("|"),
+    ),
+    District("nhs", "Quận Ngũ Hành Sơn", (16.010, 108.250), ("Mỹ An", "Khuê Mỹ", "Hòa Quý")),
+    District(
+        "lc",
+        "Quận Liên Chiểu",
+        (16.075, 108.150),
+        ("Hòa Hiệp Bắc", "Hòa Hiệp Nam", "Hòa Khánh Bắc", "Hòa Khánh Nam", "Hòa Minh"),
+    ),
+    District(
+        "cl",
+        "Quận Cẩm Lệ",
+        (16.015, 108.200),
+        ("Khuê Trung", "Hòa Phát", "Hòa An", "Hòa Thọ Tây", "Hòa Thọ Đông", "Hòa Xuân"),
+    ),
+    District(
+        "hv",
+        "Huyện Hòa Vang",
+        (16.000, 108.110),
+        ("Hòa Phước", "Hòa Châu", "Hòa Tiến", "Hòa Nhơn", "Hòa Sơn", "Hòa Bắc"),
+        urban=False,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit as CreateUnit makes it."""
+
+    parent_id: str
+    code: str
+    name: str
+    kind: registry_pb2.UnitKind.ValueType
+
+    @property
+    def unit_id(self) -> str:
+        return f"{self.parent_id}.{self.code}" if self.parent_id else self.code
+
+
+@dataclass(frozen=True)
+class Group:
+    """A residential group and its share of the city: households and residents numbered from
+    `first_household` and `first_resident` across the city."""
+
+    unit: Unit
+    ward_id: str
+    centre: tuple[float, float]
+    households: int
+    residents: int
+    first_household: int
+    first_resident: int
+
+    @property
+    def unit_id(self) -> str:
+        return self.unit.unit_id
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` whole shares that differ by at most one, the larger ones
+    spread evenly (a small city still has households in every ward)."""
+    return [(index + 1) * total // parts - index * total // parts for index in range(parts)]
+
+
+class SyntheticCity:
+    def __init__(
+        self,
+        residents: int = DEFAULT_RESIDENTS,
+        *,
+        groups: int = DEFAULT_GROUPS,
+        households: int | None = None,
+        seed: int = 1,
+    ) -> None:
+        self.residents = residents
+        self.households = households or max(1, round(residents * HOUSEHOLDS_PER_RESIDENT))
+        self.group_count = groups
+        self.seed = seed
+        if not 0 < self.households <= residents <= MOST_IN_HOUSEHOLD * self.households:
+            raise ValueError(f"need households <= residents <= {MOST_IN_HOUSEHOLD} x households")
+        if groups < len(self.wards):
+            raise ValueError(f"need at least one group in each of the {len(self.wards)} wards")
+
+    @cached_property
+    def city(self) -> Unit:
+        return Unit("", CITY[0], CITY[1], registry_pb2.UNIT_KIND_CITY)
+
+    @cached_property
+    def districts(self) -> list[Unit]:
+        return [
+            Unit(self.city.unit_id, d.code, d.name, registry_pb2.UNIT_KIND_DISTRICT)
+            for d in DISTRICTS
+        ]
+
+    @cached_property
+    def _ward_places(self) -> list[tuple[Unit, District]]:
+        return [
+            (
+                Unit(
+                    f"{CITY[0]}.{district.code}",
+                    "-".join(domain.fold(name).split()),
+                    f"{'Phường' if district.urban else 'Xã'} {name}",
+                    registry_pb2.UNIT_KIND_WARD,
+                ),
+                district,
+            )
+            for district in DISTRICTS
+            for name in district.wards
+        ]
+
+    @cached_property
+    def wards(self) -> list[Unit]:
+        return [ward for ward, _ in self._ward_places]
+
+    @cached_property
+    def groups(self) -> list[Group]:
+        """The wards' groups: groups shared out evenly among the wards, households evenly among
+        the groups, residents in proportion to the households."""
+        rng = random.Random(f"{self.seed}:places")
+        households = shares(self.households, self.group_count)
+        found: list[Group] = []
+        before, number = 0, 0
+        for (ward, district), count in zip(
+            self._ward_places, shares(self.group_count, len(self.wards)), strict=True
+        ):
+            ward_centre = near(rng, district.centre, 0.015)
+            for index in range(1, count + 1):
+                homes = households[number]
+                first, after = before * self.residents, (before + homes) * self.residents
+                first_resident = first // self.households
+                found.append(
+                    Group(
+                        unit=Unit(
+                            ward.unit_id,
+                            f"t{index}",
+                            f"{'Tổ dân phố' if district.urban else 'Thôn'} {index}",
+                            registry_pb2.UNIT_KIND_GROUP,
+                        ),
+                        ward_id=ward.unit_id,
+                        centre=near(rng, ward_centre, 0.004),
+                        households=homes,
+                        residents=after // self.households - first_resident,
+                        first_household=before,
+                        first_resident=first_resident,
+                    )
+                )
+                before += homes
+                number += 1
+        return found
+
+    def units(self) -> Iterator[Unit]:
+        """Every unit, parents before their children."""
+        yield self.city
+        yield from self.districts
+        yield from self.wards
+        yield from (group.unit for group in self.groups)
+
+    def records(self, groups: Iterable[Group] | None = None) -> Iterator[dict[str, str]]:
+        """The import records of these groups' households (every group's by default)."""
+        for group in self.groups if groups is None else groups:
+            yield from self.group_records(group)
+
+    def ward_records(self, ward_id: str) -> Iterator[dict[str, str]]:
+        return self.records(group for group in self.groups if group.ward_id == ward_id)
+
+    def group_records(self, group: Group) -> Iterator[dict[str, str]]:
+        rng = random.Random(f"{self.seed}:{group.unit_id}")
+        serial = group.first_resident
+        sizes = household_sizes(rng, group.households, group.residents) if group.households else []
+        for number, size in enumerate(sizes, start=group.first_household):
+            home = household_record(rng, group.unit_id, f"HK{self.seed}-{number:07d}")
+            home |= located(rng, group.centre, (0.0015, 0.0015))
+            yield from family(rng, home, size, serial)
+            serial += size
+
+
+def near(rng: random.Random, centre: tuple[float, float], spread: float) -> tuple[float, float]:
+    return centre[0] + rng.uniform(-spread, spread), centre[1] + rng.uniform(-spread, spread)
+
+
+# ---- households and persons ------------------------------------------------------------------
+
+
+def household_sizes(rng: random.Random, households: int, persons: int) -> list[int]:
+    """`persons` spread over `households`: each has a head, the rest land at random (at most 9)."""
+    if not 0 < households <= persons <= MOST_IN_HOUSEHOLD * households:
+        raise ValueError(f"need households <= persons <= {MOST_IN_HOUSEHOLD} x households")
+    sizes = [1] * households
+    for _ in range(persons - households):
+        home = rng.randrange(households)
+        while sizes[home] == MOST_IN_HOUSEHOLD:
+            home = rng.randrange(households)
+        sizes[home] += 1
+    return sizes
+
+
+# Where households are when no group places them: central Đà Nẵng.
+CENTRAL = (16.06, 108.215)
+CENTRAL_SPREAD = (0.03, 0.025)
+
+
+def synthetic_records(
+    groups: Sequence[str], households: int, persons: int, *, seed: int, first_serial: int = 0
+) -> Iterator[dict[str, str]]:
+    """Records of households of Vietnamese families in central Đà Nẵng, dealt out to `groups`
+    in turn, with valid citizen IDs unique by serial from `first_serial`."""
+    rng = random.Random(seed)
+    serial = first_serial
+    for number, size in enumerate(household_sizes(rng, households, persons)):
+        home = household_record(rng, groups[number % len(groups)], f"HK{seed}-{number:07d}")
+        home |= located(rng, CENTRAL, CENTRAL_SPREAD)
+        yield from family(rng, home, size, serial)
+        serial += size
+
+
+def family(
+    rng: random.Random, home: dict[str, str], size: int, first_serial: int
+) -> Iterator[dict[str, str]]:
+    """The household's `size` members, head first, each a record with the household's cells."""
+    head_year, head_sex = rng.randint(1940, 1995), rng.choice(("male", "female"))
+    surname = rng.choice(FAMILY)
+    for member in range(size):
+        serial = first_serial + member
+        relationship, year = member_of(rng, member, head_year)
+        sex = {"head": head_sex, "spouse": OTHER_SEX[head_sex]}.get(relationship)
+        sex = sex or rng.choice(("male", "female"))
+        born = f"{year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        # Children under 14 rarely have a card yet: those rows are matched by name and birth.
+        cid = citizen_id(serial, born, sex) if year <= LAST_BIRTH_YEAR - 14 else ""
+        yield home | {
+            "full_name": f"{surname} {rng.choice(MIDDLE[sex])} {rng.choice(GIVEN[sex])}",
+            "birth_date": born,
+            "sex": sex,
+            "citizen_id": cid,
+            "relationship": relationship,
+            "education": rng.choice(EDUCATION),
+            "occupation": rng.choice(OCCUPATIONS),
+            "phone": f"09{rng.randrange(10**8):08d}",
+            "email": f"nguoidan{serial + 1}@example.vn" if rng.random() < 0.2 else "",
+        }
+
+
+def household_record(rng: random.Random, group: str, ref: str) -> dict[str, str]:
+    return {
+        "unit_id": group,
+        "household_ref": ref,
+        "address": f"{rng.randint(1, 300)} Kiệt {rng.randint(1, 120)} {rng.choice(STREETS)}",
+        "floor_area_m2": f"{rng.uniform(25, 250):.1f}",
+        "storeys": str(rng.randint(1, 5)),
+        "sub_households": str(rng.choice((0, 0, 1, 1, 2))),
+        "residence_kind": rng.choices(("permanent", "temporary", "renter"), (85, 5, 10))[0],
+    }
+
+
+def located(
+    rng: random.Random, centre: tuple[float, float], spread: tuple[float, float]
+) -> dict[str, str]:
+    return {
+        "latitude": f"{centre[0] + rng.uniform(-spread[0], spread[0]):.5f}",
+        "longitude": f"{centre[1] + rng.uniform(-spread[1], spread[1]):.5f}",
+    }
+
+
+def member_of(rng: random.Random, member: int, head_year: int) -> tuple[str, int]:
+    """(relationship, birth year) of the household's member-th person."""
+    if member == 0:
+        return "head", head_year
+    if member == 1:
+        return "spouse", head_year + rng.randint(-6, 6)
+    kind = rng.choices(("child", "parent", "grandchild", "other_relative"), (70, 10, 15, 5))[0]
+    offset = {"child": (20, 40), "parent": (-35, -18), "grandchild": (42, 60)}.get(kind, (-15, 15))
+    return kind, max(1900, min(LAST_BIRTH_YEAR, head_year + rng.randint(*offset)))
+
+
+def citizen_id(serial: int, born: str, sex: str) -> str:
+    """Province, century-and-sex digit, birth year, six-digit serial: unique per serial."""
+    year = int(born[:4])
+    century_sex = 2 * ((year - 1900) // 100) + (1 if sex == "female" else 0)
+    province = PROVINCES[serial // 1_000_000 % len(PROVINCES)]
+    return f"{province}{century_sex}{year % 100:02d}{serial % 1_000_000:06d}"
+
+
+def write_csv(path: Path, records: Iterable[dict[str, str]]) -> int:
+    """The records as an import file; returns how many were written."""
+    count = 0
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=csv_rows.COLUMNS)
+        writer.writeheader()
+        for record in records:
+            writer.writerow(record)
+            count += 1
+    return count

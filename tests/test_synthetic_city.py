@@ -1,0 +1,89 @@
+"""The synthetic city has the size asked for, in the proportions of the full city, the same for
+the same seed, and every record is one the registry's import reads; `civic city` writes it as
+import files."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from civic.registry.v1 import registry_pb2
+
+from services import cli
+from services.registry import csv_rows
+from services.synthetic_city import SyntheticCity
+
+
+def test_the_default_city_is_the_size_of_da_nang() -> None:
+    city = SyntheticCity()
+    kinds = Counter(unit.kind for unit in city.units())
+    assert kinds[registry_pb2.UNIT_KIND_CITY] == 1
+    assert kinds[registry_pb2.UNIT_KIND_WARD] == 50
+    assert kinds[registry_pb2.UNIT_KIND_GROUP] == 1_000
+    assert city.households == 350_000
+    assert sum(group.households for group in city.groups) == 350_000
+    assert sum(group.residents for group in city.groups) == 1_200_000
+    # Every ward has its share of the groups, and every group about the same households.
+    per_ward = Counter(group.ward_id for group in city.groups)
+    assert set(per_ward.values()) == {20}
+    assert {group.households for group in city.groups} == {350}
+
+
+def test_a_smaller_city_keeps_the_proportions_and_the_tree() -> None:
+    city = SyntheticCity(24_000)
+    records = list(city.records())
+    households = Counter((r["unit_id"], r["household_ref"]) for r in records)
+    assert len(records) == 24_000
+    assert len(households) == 7_000  # 350,000 : 1,200,000
+    assert all(1 <= size <= 9 for size in households.values())
+    assert {unit_id for unit_id, _ in households} == {group.unit_id for group in city.groups}
+    assert len(city.wards) == 50
+
+
+def test_units_come_parents_first_with_unique_ids() -> None:
+    seen: set[str] = set()
+    for unit in SyntheticCity(2_000).units():
+        assert unit.parent_id == "" or unit.parent_id in seen
+        assert unit.unit_id not in seen
+        seen.add(unit.unit_id)
+
+
+def test_the_same_seed_gives_the_same_city_and_another_seed_another() -> None:
+    first = list(SyntheticCity(3_000, seed=4).records())
+    assert first == list(SyntheticCity(3_000, seed=4).records())
+    assert first != list(SyntheticCity(3_000, seed=5).records())
+
+
+def test_a_ward_alone_is_the_same_as_in_the_whole_city() -> None:
+    city = SyntheticCity(5_000)
+    ward = city.wards[17].unit_id
+    alone = list(city.ward_records(ward))
+    assert alone
+    assert alone == [r for r in city.records() if r["unit_id"].startswith(ward + ".")]
+
+
+def test_every_record_imports_and_citizen_ids_are_unique() -> None:
+    records = list(SyntheticCity(6_000).records())
+    rows = [csv_rows.import_row(line, record) for line, record in enumerate(records, 2)]
+    ids = [row.person.citizen_id for row in rows if row.person.citizen_id]
+    assert len(ids) == len(set(ids)) > len(rows) // 2
+    assert sum(row.person.relationship == registry_pb2.RELATIONSHIP_HEAD for row in rows) == 1_750
+
+
+def test_an_impossible_city_is_refused() -> None:
+    with pytest.raises(ValueError, match="households"):
+        SyntheticCity(1_000, households=2_000)
+
+
+def test_a_small_city_still_has_households_in_every_ward() -> None:
+    city = SyntheticCity(3_000)
+    wards = {record["unit_id"].rsplit(".", 1)[0] for record in city.records()}
+    assert wards == {ward.unit_id for ward in city.wards}
+
+
+def test_civic_city_writes_an_import_file_per_ward(tmp_path: Path) -> None:
+    assert cli.main(["city", str(tmp_path), "--residents", "3000", "--seed", "2"]) == 0
+    files = sorted(tmp_path.glob("*.csv"))
+    assert [path.stem for path in files] == sorted(w.unit_id for w in SyntheticCity(3_000).wards)
+    assert sum(csv_rows.count_records(path) for path in files) == 3_000
