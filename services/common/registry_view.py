@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.common.batching import Coalescer
 from services.common.mongo import Document, Session
 from services.common.wire import point_document
 
@@ -37,6 +38,8 @@ class RegistryView:
         self.units = db["units"]
         self.households = db["households"]
         self.persons = db["persons"]
+        # Concurrent requests (every ticket filed looks up its household) share a round trip.
+        self._household_reads = Coalescer(self._households_by_id)
 
     async def ensure_indexes(self) -> None:
         await self.households.create_index([("unit_id", ASCENDING), ("_id", ASCENDING)])
@@ -49,7 +52,15 @@ class RegistryView:
         return await self.units.find_one({"_id": unit_id}, session=session)
 
     async def household(self, household_id: str, session: Session | None = None) -> Document | None:
-        return await self.households.find_one({"_id": household_id}, session=session)
+        if session is not None:
+            return await self.households.find_one({"_id": household_id}, session=session)
+        return await self._household_reads.submit(household_id)
+
+    async def _households_by_id(self, household_ids: list[str]) -> list[Document | None]:
+        found = self.households.find({"_id": {"$in": list(set(household_ids))}})
+        by_id = {household["_id"]: household async for household in found}
+        # Each caller gets its own copy, whoever else asked for the same household.
+        return [dict(by_id[i]) if i in by_id else None for i in household_ids]
 
     async def apply(self, message: Message, session: Session) -> None:
         """One event, inside the caller's transaction."""
