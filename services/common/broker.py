@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from google.protobuf.message import Message
@@ -58,14 +58,25 @@ BatchHandler = Callable[[list[Delivery], Session], Awaitable[list[Document]]]
 
 
 def kafka_broker(bootstrap_servers: str, client_id: str) -> KafkaBroker:
+    """The consumers' side of Kafka."""
     kafka_fetch.install()
     return KafkaBroker(
         bootstrap_servers,
         client_id=client_id,
+        log_level=logging.DEBUG,  # the level of per-message access logs
+    )
+
+
+def outbox_producer(bootstrap_servers: str, client_id: str) -> AIOKafkaProducer:
+    """The relay's producer: idempotent, acknowledged by every in-sync replica. Plain aiokafka,
+    since the relay sends ready-made records and a framework's per-message work would cost
+    more CPU than the sending."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers,
+        client_id=client_id,
         enable_idempotence=True,
         acks="all",
         linger_ms=2,
-        log_level=logging.DEBUG,  # the level of per-message access logs
     )
 
 

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
 from bson import Binary, ObjectId
-from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from opentelemetry.trace import SpanKind
 from pymongo import ASCENDING
@@ -117,7 +117,7 @@ class OutboxRelay:
         self,
         db: AsyncDatabase[Document],
         outbox: Outbox,
-        broker: KafkaBroker,
+        producer: AIOKafkaProducer,
         *,
         owner: str,
         poll_seconds: float,
@@ -127,7 +127,7 @@ class OutboxRelay:
         self._collection = db[OUTBOX]
         self._lease = db[LEASE]
         self._outbox = outbox
-        self._broker = broker
+        self._producer = producer
         self._owner = owner
         self._poll_seconds = poll_seconds
         self._batch_size = batch_size
@@ -227,14 +227,14 @@ class OutboxRelay:
             kind=SpanKind.PRODUCER,
             attributes=attributes,
         ):
-            trace_headers = current_trace_headers()
+            trace_headers = [(k, v.encode()) for k, v in current_trace_headers().items()]
             return [
-                await self._broker.publish(
-                    event.data,
+                await self._producer.send(
                     stored["topic"],
+                    bytes(stored["data"]),
                     key=stored["key"].encode(),
-                    headers=event.kafka_headers() | trace_headers,
-                    no_confirm=True,
+                    headers=[(k, v.encode()) for k, v in event.kafka_headers().items()]
+                    + trace_headers,
                 )
                 for stored in events
                 for event in (_as_cloud_event(stored),)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import grpc
 from opentelemetry.sdk.trace import SpanProcessor
 
-from services.common.broker import kafka_broker
+from services.common.broker import kafka_broker, outbox_producer
 from services.common.commands import CommandRunner
 from services.common.config import Settings
 from services.common.grpc_server import GrpcServer
@@ -35,6 +35,7 @@ class ServiceHost:
         self.outbox = Outbox(self.db, source=f"/civic/{name}", topic=topic)
         self.commands = CommandRunner(self.client, self.db, self.outbox)
         self.broker = kafka_broker(settings.kafka_bootstrap_servers, f"civic-{name}")
+        self.producer = outbox_producer(settings.kafka_bootstrap_servers, f"civic-{name}")
         self.instance = settings.instance_for(name)
         self.server: GrpcServer | None = None
         self.relay: OutboxRelay | None = None
@@ -56,11 +57,12 @@ class ServiceHost:
         """Kafka first (consumers join their groups), then gRPC, then the relay."""
         assert self.server is not None, "call serve() before start()"
         await self.broker.start()
+        await self.producer.start()
         self.port = await self.server.start()
         self.relay = OutboxRelay(
             self.db,
             self.outbox,
-            self.broker,
+            self.producer,
             owner=self.instance,
             poll_seconds=self.settings.outbox_poll_seconds,
         )
@@ -72,5 +74,6 @@ class ServiceHost:
             await stop_within(10, "gRPC server", self.server.stop())
         if self.relay is not None:
             await stop_within(10, "outbox relay", self.relay.stop())
-        await stop_within(15, "Kafka clients", self.broker.stop())
+        await stop_within(15, "Kafka producer", self.producer.stop())
+        await stop_within(15, "Kafka consumers", self.broker.stop())
         await self.client.close()
