@@ -10,12 +10,12 @@ from civic.gis.v1 import events_pb2
 from civic.registry.v1 import events_pb2 as registry_events
 from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, ReplaceOne, UpdateMany, UpdateOne
 
-from services.common.broker import subscribe_once
-from services.common.cloudevents import CloudEvent
+from services.common.broker import Delivery, subscribe_once
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
+from services.common.telemetry import current_trace_headers
 from services.common.wire import point_document
 from services.gis.domain import Layer, content_hash, household_feature_id
 from services.gis.records import feature_text
@@ -58,11 +58,7 @@ def subscribe(
     group_id: str,
     instance_id: str,
 ) -> None:
-    async def on_registry_event(
-        event: CloudEvent, message: Message, session: Session
-    ) -> list[Document]:
-        return await project_registry(store, outbox, message, session)
-
+    projection = RegistryProjection(store, outbox)
     subscribe_once(
         broker,
         client,
@@ -70,137 +66,185 @@ def subscribe(
         topic=REGISTRY_TOPIC,
         group_id=group_id,
         instance_id=instance_id,
-        handle=on_registry_event,
+        handle_batch=projection.apply,
         outbox=outbox,
     )
 
 
-async def project_registry(
-    store: GisStore, outbox: Outbox, message: Message, session: Session
-) -> list[Document]:
-    """Applies one registry event; returns the map changes it makes, as events."""
-    m: Any = message
-    match message:
-        case registry_events.UnitCreated():
-            unit = m.unit
-            await store.put_unit(
-                {
+class RegistryProjection:
+    """Applies a partition's new registry events together: the same outcome as applying them
+    one after the other in order, in a few round trips whatever their number. Household points
+    are read once and changed in memory, event by event; units and persons keep each event's
+    write, in order, in one bulk write per collection. The map changes are announced once per
+    unit: the points now there as upserted, the points that left it as removed."""
+
+    def __init__(self, store: GisStore, outbox: Outbox) -> None:
+        self.store = store
+        self.outbox = outbox
+
+    async def apply(self, deliveries: list[Delivery], session: Session) -> list[Document]:
+        batch = _Batch(self.store, session)
+        await batch.read_points([d.message for d in deliveries])
+        for delivery in deliveries:
+            with delivery.span():
+                await batch.project(delivery.message)
+        return await batch.write(self.outbox)
+
+
+class _Batch:
+    def __init__(self, store: GisStore, session: Session) -> None:
+        self.store = store
+        self.session = session
+        self.units: list[Any] = []
+        self.persons: list[Any] = []
+        # Household points as the events so far leave them (None: not on the map).
+        self.points: dict[str, Document | None] = {}
+        self.changed: set[str] = set()
+        self.left: dict[str, set[str]] = {}  # point -> the units it moved out of
+        # Each unit's map change carries the trace of the last event that changed it there.
+        self.traces: dict[str, dict[str, str]] = {}
+
+    async def read_points(self, messages: list[Message]) -> None:
+        ids = [
+            household_feature_id(m.household_id)
+            for m in messages
+            if isinstance(
+                m,
+                registry_events.HouseholdCreated
+                | registry_events.HouseholdUpdated
+                | registry_events.HouseholdMoved,
+            )
+        ]
+        if not ids:
+            return
+        self.points = dict.fromkeys(ids)
+        async for doc in self.store.features.find({"_id": {"$in": ids}}, session=self.session):
+            self.points[doc["_id"]] = doc
+
+    async def project(self, message: Message) -> None:
+        m: Any = message
+        match message:
+            case registry_events.UnitCreated():
+                unit = m.unit
+                doc = {
                     "_id": unit.unit_id,
                     "kind": unit.kind,
                     "name": unit.name,
                     "parent_id": unit.parent_id,
                     "active": True,
-                },
-                session,
-            )
-        case registry_events.UnitRenamed():
-            await store.units.update_one(
-                {"_id": m.unit_id}, {"$set": {"name": m.new_name}}, session=session
-            )
-        case registry_events.GroupsMerged():
-            return await _merge(store, outbox, m.source_unit_id, m.target_unit_id, session)
-        case registry_events.HouseholdCreated() | registry_events.HouseholdUpdated():
-            return await _household(store, outbox, m, session)
-        case registry_events.HouseholdMoved():
-            return await _household_moved(store, outbox, m.household_id, m.to_unit_id, session)
-        case registry_events.PersonRegistered():
-            await store.persons.replace_one(
-                {"_id": m.person_id},
-                {
+                }
+                self.units.append(ReplaceOne({"_id": unit.unit_id}, doc, upsert=True))
+            case registry_events.UnitRenamed():
+                self.units.append(UpdateOne({"_id": m.unit_id}, {"$set": {"name": m.new_name}}))
+            case registry_events.GroupsMerged():
+                await self._merge(m.source_unit_id, m.target_unit_id)
+            case registry_events.HouseholdCreated() | registry_events.HouseholdUpdated():
+                self._household(m)
+            case registry_events.HouseholdMoved():
+                self.persons.append(
+                    UpdateMany(
+                        {"household_id": m.household_id}, {"$set": {"unit_id": m.to_unit_id}}
+                    )
+                )
+                previous = self.points[household_feature_id(m.household_id)]
+                if previous is not None and previous["unit_id"] != m.to_unit_id:
+                    self._put(previous | {"source_unit": m.to_unit_id}, m.to_unit_id)
+            case registry_events.PersonRegistered():
+                person = {
                     "_id": m.person_id,
                     "household_id": m.household_id,
                     "unit_id": m.unit_id,
                     "birth_date": m.birth_date,
                     "residence_kind": int(m.residence_kind),
                     "active": True,
-                },
-                upsert=True,
-                session=session,
-            )
-        case registry_events.PersonMoved():
-            await store.persons.update_one(
-                {"_id": m.person_id},
-                {"$set": {"household_id": m.to_household_id, "unit_id": m.to_unit_id}},
-                session=session,
-            )
-        case registry_events.PersonMovedOut() | registry_events.PersonDied():
-            await store.persons.update_one(
-                {"_id": m.person_id}, {"$set": {"active": False}}, session=session
-            )
-    return []
+                }
+                self.persons.append(ReplaceOne({"_id": m.person_id}, person, upsert=True))
+            case registry_events.PersonMoved():
+                moved = {"household_id": m.to_household_id, "unit_id": m.to_unit_id}
+                self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": moved}))
+            case registry_events.PersonMovedOut() | registry_events.PersonDied():
+                self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": {"active": False}}))
 
+    def _household(self, m: Any) -> None:
+        feature_id = household_feature_id(m.household_id)
+        doc: Document = {
+            "_id": feature_id,
+            "layer": Layer.HOUSEHOLD.key,
+            "unit_id": m.unit_id,
+            "source_unit": m.unit_id,
+            "properties": {
+                "household_id": m.household_id,
+                "address": m.address,
+                "residence_kind": int(m.residence_kind),
+            },
+        }
+        if m.HasField("location"):
+            doc["geometry"] = point_document("location", m.location)
+        previous = self.points[feature_id]
+        if previous is None or previous.get("hash") != content_hash(doc):
+            self._put(doc, m.unit_id)
 
-async def _household(store: GisStore, outbox: Outbox, m: Any, session: Session) -> list[Document]:
-    feature_id = household_feature_id(m.household_id)
-    previous = await store.household(m.household_id, session)
-    doc: Document = {
-        "_id": feature_id,
-        "layer": Layer.HOUSEHOLD.key,
-        "unit_id": m.unit_id,
-        "source_unit": m.unit_id,
-        "properties": {
-            "household_id": m.household_id,
-            "address": m.address,
-            "residence_kind": int(m.residence_kind),
-        },
-    }
-    if m.HasField("location"):
-        doc["geometry"] = point_document("location", m.location)
-    doc["hash"] = content_hash(doc)
-    doc["geojson"] = feature_text(doc)
-    if previous is not None and previous.get("hash") == doc["hash"]:
-        return []
-    await store.features.replace_one({"_id": feature_id}, doc, upsert=True, session=session)
-    emitted = [features_changed(outbox, m.unit_id, Layer.HOUSEHOLD, upserted=[feature_id])]
-    if previous is not None and previous["unit_id"] != m.unit_id:
-        emitted.append(
-            features_changed(outbox, previous["unit_id"], Layer.HOUSEHOLD, removed=[feature_id])
+    async def _merge(self, source: str, target: str) -> None:
+        self.units.append(
+            UpdateOne({"_id": source}, {"$set": {"active": False, "merged_into_id": target}})
         )
-    return emitted
+        self.persons.append(UpdateMany({"unit_id": source}, {"$set": {"unit_id": target}}))
+        # The source's points as the events so far leave them: those this batch has not
+        # touched are still as stored.
+        async for doc in self.store.features.find(
+            {
+                "layer": Layer.HOUSEHOLD.key,
+                "unit_id": source,
+                "_id": {"$nin": list(self.points)},
+            },
+            session=self.session,
+        ):
+            self.points[doc["_id"]] = doc
+        for point in list(self.points.values()):
+            if point is not None and point["unit_id"] == source:
+                self._put(point | {"source_unit": target}, target)
 
+    def _put(self, doc: Document, unit_id: str) -> None:
+        """The point `doc` now stands in `unit_id`."""
+        previous = self.points[doc["_id"]]
+        if previous is not None and previous["unit_id"] != unit_id:
+            self.left.setdefault(doc["_id"], set()).add(previous["unit_id"])
+        doc = doc | {"unit_id": unit_id}
+        doc["hash"] = content_hash(doc)
+        doc["geojson"] = feature_text(doc)
+        self.points[doc["_id"]] = doc
+        self.changed.add(doc["_id"])
+        trace = current_trace_headers()
+        self.traces[unit_id] = trace
+        if previous is not None and previous["unit_id"] != unit_id:
+            self.traces[previous["unit_id"]] = trace
 
-async def _household_moved(
-    store: GisStore, outbox: Outbox, household_id: str, to_unit: str, session: Session
-) -> list[Document]:
-    await store.persons.update_many(
-        {"household_id": household_id}, {"$set": {"unit_id": to_unit}}, session=session
-    )
-    previous = await store.household(household_id, session)
-    if previous is None or previous["unit_id"] == to_unit:
-        return []
-    changed = previous | {"unit_id": to_unit, "source_unit": to_unit}
-    changed["hash"] = content_hash(changed)
-    changed["geojson"] = feature_text(changed)
-    await store.features.replace_one({"_id": previous["_id"]}, changed, session=session)
-    return [
-        features_changed(outbox, to_unit, Layer.HOUSEHOLD, upserted=[previous["_id"]]),
-        features_changed(outbox, previous["unit_id"], Layer.HOUSEHOLD, removed=[previous["_id"]]),
-    ]
-
-
-async def _merge(
-    store: GisStore, outbox: Outbox, source: str, target: str, session: Session
-) -> list[Document]:
-    await store.units.update_one(
-        {"_id": source}, {"$set": {"active": False, "merged_into_id": target}}, session=session
-    )
-    await store.persons.update_many(
-        {"unit_id": source}, {"$set": {"unit_id": target}}, session=session
-    )
-    moved = [
-        doc["_id"]
-        async for doc in store.features.find(
-            {"layer": Layer.HOUSEHOLD.key, "unit_id": source}, {"_id": 1}, session=session
-        )
-    ]
-    if not moved:
-        return []
-    for doc in await store.features.find({"_id": {"$in": moved}}, session=session).to_list():
-        changed = doc | {"unit_id": target, "source_unit": target}
-        changed["hash"] = content_hash(changed)
-        changed["geojson"] = feature_text(changed)
-        await store.features.replace_one({"_id": doc["_id"]}, changed, session=session)
-    return [
-        features_changed(outbox, target, Layer.HOUSEHOLD, upserted=moved),
-        features_changed(outbox, source, Layer.HOUSEHOLD, removed=moved),
-    ]
+    async def write(self, outbox: Outbox) -> list[Document]:
+        if self.units:
+            await self.store.units.bulk_write(self.units, ordered=True, session=self.session)
+        if self.persons:
+            await self.store.persons.bulk_write(self.persons, ordered=True, session=self.session)
+        upserted: dict[str, list[str]] = {}
+        removed: dict[str, list[str]] = {}
+        writes = []
+        for feature_id in sorted(self.changed):
+            doc = self.points[feature_id]
+            assert doc is not None, "a changed point is on the map"
+            writes.append(ReplaceOne({"_id": feature_id}, doc, upsert=True))
+            upserted.setdefault(doc["unit_id"], []).append(feature_id)
+            for unit_id in sorted(self.left.get(feature_id, set()) - {doc["unit_id"]}):
+                removed.setdefault(unit_id, []).append(feature_id)
+        if writes:
+            await self.store.features.bulk_write(writes, ordered=False, session=self.session)
+        emitted = []
+        for unit_id, trace in self.traces.items():
+            event = features_changed(
+                outbox,
+                unit_id,
+                Layer.HOUSEHOLD,
+                upserted=upserted.get(unit_id),
+                removed=removed.get(unit_id),
+            )
+            event["trace"] = trace
+            emitted.append(event)
+        return emitted

@@ -11,8 +11,7 @@ from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
-from services.common.broker import subscribe_once
-from services.common.cloudevents import CloudEvent
+from services.common.broker import BatchHandler, Delivery, subscribe_once
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.wire import point_message
@@ -120,6 +119,32 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
     return []
 
 
+def history_projection(store: RegistryStore) -> BatchHandler:
+    async def project(deliveries: list[Delivery], session: Session) -> list[Document]:
+        """A partition's new events as one write, in the order they were published."""
+        entries: list[Document] = []
+        for delivery in deliveries:
+            event = delivery.event
+            with delivery.span():  # each event's processing span, as traces expect
+                entries += (
+                    {
+                        "_id": ObjectId(),
+                        "household_id": household_id,
+                        "event_id": event.id,
+                        "event_type": event.type,
+                        "occurred_at": event.time,
+                        "person_id": person_id,
+                        "summary": summary,
+                        "actor": event.actor,
+                    }
+                    for household_id, person_id, summary in _history_lines(delivery.message)
+                )
+        await store.add_history(entries, session)
+        return []
+
+    return project
+
+
 def subscribe_history(
     store: RegistryStore,
     broker: KafkaBroker,
@@ -128,23 +153,6 @@ def subscribe_history(
     group_id: str,
     instance_id: str,
 ) -> None:
-    async def project(event: CloudEvent, message: Message, session: Session) -> list[Document]:
-        for household_id, person_id, summary in _history_lines(message):
-            await store.add_history(
-                {
-                    "_id": ObjectId(),
-                    "household_id": household_id,
-                    "event_id": event.id,
-                    "event_type": event.type,
-                    "occurred_at": event.time,
-                    "person_id": person_id,
-                    "summary": summary,
-                    "actor": event.actor,
-                },
-                session,
-            )
-        return []
-
     subscribe_once(
         broker,
         client,
@@ -152,5 +160,5 @@ def subscribe_history(
         topic=TOPIC,
         group_id=group_id,
         instance_id=instance_id,
-        handle=project,
+        handle_batch=history_projection(store),
     )

@@ -354,8 +354,9 @@ class RegistryStore:
 
     # ---- history (projected from the registry's own events) ------------------------------
 
-    async def add_history(self, entry: Document, session: Session) -> None:
-        await self.history.insert_one(entry, session=session)
+    async def add_history(self, entries: list[Document], session: Session) -> None:
+        if entries:
+            await self.history.insert_many(entries, session=session)
 
     async def history_of(self, household_id: str) -> list[Document]:
         return (

@@ -1,0 +1,146 @@
+"""The registry view applies a partition's events as one batch with the same outcome as one
+event at a time: households created, updated, moved and merged within the batch, persons who
+move and die, and the map changes announced, which leave every unit with the same points."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from civic.common.v1 import types_pb2
+from civic.gis.v1 import events_pb2
+from civic.registry.v1 import events_pb2 as registry_events
+from civic.registry.v1 import registry_pb2
+from google.protobuf.message import Message
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.common.config import Settings
+from services.common.mongo import Document
+from services.common.outbox import Outbox
+from services.gis.domain import household_feature_id
+from services.gis.events import TOPIC, RegistryProjection
+from services.gis.store import GisStore
+from tests.batches import deliveries, handle, scratch_databases
+
+WARD, WEST, EAST = "dn.hc.w1", "dn.hc.w1.g1", "dn.hc.w1.g2"
+
+
+def unit(unit_id: str, name: str) -> registry_events.UnitCreated:
+    return registry_events.UnitCreated(
+        unit=registry_pb2.Unit(
+            unit_id=unit_id, kind=registry_pb2.UNIT_KIND_GROUP, name=name, parent_id=WARD
+        )
+    )
+
+
+def household(
+    household_id: str, unit_id: str, east_m: float, updated: bool = False
+) -> registry_events.HouseholdCreated | registry_events.HouseholdUpdated:
+    fields: dict[str, Any] = {
+        "household_id": household_id,
+        "unit_id": unit_id,
+        "address": f"{household_id} Trần Phú",
+        "residence_kind": registry_pb2.RESIDENCE_KIND_PERMANENT,
+        "location": types_pb2.GeoPoint(latitude=16.06, longitude=108.22 + east_m / 100_000),
+    }
+    if updated:
+        return registry_events.HouseholdUpdated(updated_fields=["location"], **fields)
+    return registry_events.HouseholdCreated(**fields)
+
+
+def registered(person_id: str, household_id: str, unit_id: str) -> Message:
+    return registry_events.PersonRegistered(
+        person_id=person_id,
+        household_id=household_id,
+        unit_id=unit_id,
+        birth_date="1950-01-01",
+        residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
+    )
+
+
+# Before the burst, one household stands in the west group: the merge must carry it along with
+# the points the burst itself puts there.
+BEFORE = [
+    unit(WEST, "Tổ 1"),
+    unit(EAST, "Tổ 2"),
+    household("h0", WEST, 0),
+    registered("p0", "h0", WEST),
+]
+BURST = [
+    household("h1", WEST, 10),
+    household("h2", WEST, 20),
+    registered("p1", "h1", WEST),
+    registered("p2", "h1", WEST),
+    registered("p3", "h2", WEST),
+    household("h1", WEST, 15, updated=True),
+    household("h1", WEST, 15, updated=True),  # nothing new: no change
+    registry_events.HouseholdMoved(household_id="h2", from_unit_id=WEST, to_unit_id=EAST),
+    registry_events.PersonMoved(
+        person_id="p2",
+        from_household_id="h1",
+        to_household_id="h2",
+        from_unit_id=WEST,
+        to_unit_id=EAST,
+    ),
+    registry_events.PersonDied(
+        person_id="p1", household_id="h1", unit_id=WEST, death_date="2026-02-28"
+    ),
+    registry_events.UnitRenamed(unit_id=WEST, old_name="Tổ 1", new_name="Tổ 1 cũ"),
+    registry_events.GroupsMerged(source_unit_id=WEST, target_unit_id=EAST),
+    # Back west again after the merge (the registry would refuse it; the view just follows).
+    registry_events.HouseholdMoved(household_id="h1", from_unit_id=EAST, to_unit_id=WEST),
+    household("h3", EAST, 30),
+]
+
+
+async def contents(db: AsyncDatabase[Document]) -> dict[str, list[Document]]:
+    return {
+        name: await db[name].find().sort("_id").to_list()
+        for name in ("units", "persons", "features")
+    }
+
+
+def replay(events: list[Document], points: dict[str, set[str]]) -> None:
+    """What a reader of FeaturesChanged keeps: each unit's household points."""
+    for event in events:
+        changed = events_pb2.FeaturesChanged.FromString(bytes(event["data"]))
+        here = points.setdefault(event["key"], set())
+        here |= set(changed.upserted_ids)
+        here -= set(changed.removed_ids)
+
+
+async def test_a_burst_as_one_batch_leaves_the_view_and_the_map_as_one_by_one(
+    settings: Settings,
+) -> None:
+    async with scratch_databases(settings, 2) as (one_by_one, together):
+        announced: list[dict[str, set[str]]] = []
+        for db, batches in (
+            (one_by_one, [[message] for message in BURST]),
+            (together, [BURST]),
+        ):
+            projection = RegistryProjection(GisStore(db), Outbox(db, source="gis", topic=TOPIC))
+            points: dict[str, set[str]] = {}
+            for message in BEFORE:
+                replay(await handle(db, projection.apply, deliveries([message])), points)
+            for batch in batches:
+                emitted = await handle(db, projection.apply, deliveries(batch))
+                if len(batches) == 1:
+                    keys = [event["key"] for event in emitted]
+                    assert sorted(keys) == sorted(set(keys)), "one map change per unit"
+                replay(emitted, points)
+            announced.append(points)
+
+        assert await contents(together) == await contents(one_by_one)
+        assert announced[0] == announced[1]
+        point = household_feature_id
+        assert announced[1] == {WEST: {point("h1")}, EAST: {point(h) for h in ("h0", "h2", "h3")}}
+
+        view = await contents(together)
+        persons = {p["_id"]: p for p in view["persons"]}
+        # The dead stay where their household goes, west again; the mover went east with h2.
+        assert (persons["p1"]["active"], persons["p1"]["unit_id"]) == (False, WEST)
+        assert (persons["p2"]["household_id"], persons["p2"]["unit_id"]) == ("h2", EAST)
+        assert persons["p0"]["unit_id"] == EAST
+        features = {f["_id"]: f for f in view["features"]}
+        assert features[point("h1")]["geometry"]["coordinates"][0] == 108.22015
+        units = {u["_id"]: u for u in view["units"]}
+        assert (units[WEST]["name"], units[WEST]["merged_into_id"]) == ("Tổ 1 cũ", EAST)
