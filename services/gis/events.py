@@ -92,6 +92,8 @@ class RegistryProjection:
 
 
 class _Batch:
+    """One batch's changes, gathered event by event and written at the end."""
+
     def __init__(self, store: GisStore, session: Session) -> None:
         self.store = store
         self.session = session
