@@ -5,10 +5,11 @@ and number of residents, and each resident's household, birth date and sex. Ids 
 other services act on only: never names or citizen IDs.
 
 Every event becomes a list of writes (`changes`), so one event is applied inside a consumer's
-transaction (`apply`) and a long run of events in a few bulk writes (`apply_all`) alike. Events
-of different aggregates arrive on different partitions, in any order between them: every write
-is an upsert that commutes with the others (a person may be counted before their household's
-own event arrives).
+transaction (`apply`), a consumer's whole fetch (`apply_batch`, or `write` beside the service's
+own work) and a long run of events (`apply_all`) alike, in a few bulk writes. Events of different
+aggregates arrive on different partitions, in any order between them: every write is an upsert
+that commutes with the others (a person may be counted before their household's own event
+arrives).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from google.protobuf.message import Message
 from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.common.broker import Delivery
 from services.common.mongo import Document, Session
 from services.common.wire import point_document
 
@@ -57,10 +59,24 @@ class RegistryView:
 
     async def apply_all(self, messages: Iterable[Message], session: Session | None = None) -> None:
         """Many events in order, as one bulk write per collection."""
+        await self.write((change for m in messages for change in self.changes(m)), session)
+
+    async def apply_batch(self, deliveries: list[Delivery], session: Session) -> list[Document]:
+        """A `BatchHandler` for a consumer that only keeps the view: a fetch's events in order,
+        in its transaction, in one bulk write per collection; it emits nothing."""
+        changes: list[Change] = []
+        for delivery in deliveries:
+            with delivery.span():
+                changes += self.changes(delivery.message)
+        await self.write(changes, session)
+        return []
+
+    async def write(self, changes: Iterable[Change], session: Session | None = None) -> None:
+        """Changes in order, as one ordered bulk write per collection. No write of one
+        collection depends on another collection's, so only the order within each counts."""
         writes: dict[str, list[Any]] = {}
-        for message in messages:
-            for collection, write in self.changes(message):
-                writes.setdefault(collection, []).append(write)
+        for collection, write in changes:
+            writes.setdefault(collection, []).append(write)
         for collection, batch in writes.items():
             await self.db[collection].bulk_write(batch, ordered=True, session=session)
 
