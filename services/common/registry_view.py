@@ -4,9 +4,9 @@ for a service that targets people (`people=True`) also each household's residenc
 and number of residents, and each resident's household, birth date and sex. Ids and the facts
 other services act on only: never names or citizen IDs.
 
-Every event becomes a list of writes (`changes`), so one event is applied inside a consumer's
-transaction (`apply`), a consumer's whole fetch (`apply_batch`, or `write` beside the service's
-own work) and a long run of events (`apply_all`) alike, in a few bulk writes. Events of different
+Every event becomes a list of writes (`changes`), so a consumer's fetch of events is applied
+inside its transaction (`apply_batch`, or `write` beside the service's own work) and a long run
+of events outside any (`apply_all`) alike, in one bulk write per collection. Events of different
 aggregates arrive on different partitions, in any order between them: every write is an upsert
 that commutes with the others (a person may be counted before their household's own event
 arrives).
@@ -52,10 +52,6 @@ class RegistryView:
 
     async def household(self, household_id: str, session: Session | None = None) -> Document | None:
         return await self.households.find_one({"_id": household_id}, session=session)
-
-    async def apply(self, message: Message, session: Session) -> None:
-        """One event, inside the caller's transaction."""
-        await self.apply_all([message], session)
 
     async def apply_all(self, messages: Iterable[Message], session: Session | None = None) -> None:
         """Many events in order, as one bulk write per collection."""
