@@ -41,10 +41,11 @@ class Reconciler:
     notice; one moving out, or left without residents, has its record marked withdrawn.
 
     A fetch of registry events is reconciled at once, in a few round trips whatever its size
-    (one when no notice is live), from where its events leave each household: the same records,
-    counts and events as reconciling after each event in turn. The one difference, a household
-    passing through a notice's unit within one batch is neither delivered nor withdrawn, is not
-    seen by anyone: the batch commits as one transaction."""
+    (beside the view's writes, a single read when no notice is live), from where its events
+    leave each household: the same records, counts and events as reconciling after each event
+    in turn. The one difference, a household passing through a notice's unit within one batch
+    is neither delivered nor withdrawn, is seen by no one: the batch commits as one
+    transaction."""
 
     def __init__(self, store: NoticeStore, outbox: Outbox, clock: Callable[[], datetime]) -> None:
         self.store = store
