@@ -4,11 +4,12 @@ for a service that targets people (`people=True`) also each household's residenc
 and number of residents, and each resident's household, birth date and sex. Ids and the facts
 other services act on only: never names or citizen IDs.
 
-Every event becomes a list of writes (`changes`), so one event is applied inside a consumer's
-transaction (`apply`) and a long run of events in a few bulk writes (`apply_all`) alike. Events
-of different aggregates arrive on different partitions, in any order between them: every write
-is an upsert that commutes with the others (a person may be counted before their household's
-own event arrives).
+Every event becomes a list of writes (`changes`), so a consumer's fetch of events is applied
+inside its transaction (`apply_batch`, or `write` beside the service's own work) and a long run
+of events outside any (`apply_all`) alike, in one bulk write per collection. Events of different
+aggregates arrive on different partitions, in any order between them: every write is an upsert
+that commutes with the others (a person may be counted before their household's own event
+arrives).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common.batching import Coalescer
+from services.common.broker import Delivery
 from services.common.mongo import Document, Session
 from services.common.wire import point_document
 
@@ -62,16 +64,26 @@ class RegistryView:
         # Each caller gets its own copy, whoever else asked for the same household.
         return [dict(by_id[i]) if i in by_id else None for i in household_ids]
 
-    async def apply(self, message: Message, session: Session) -> None:
-        """One event, inside the caller's transaction."""
-        await self.apply_all([message], session)
-
     async def apply_all(self, messages: Iterable[Message], session: Session | None = None) -> None:
         """Many events in order, as one bulk write per collection."""
+        await self.write((change for m in messages for change in self.changes(m)), session)
+
+    async def apply_batch(self, deliveries: list[Delivery], session: Session) -> list[Document]:
+        """A `BatchHandler` for a consumer that only keeps the view: a fetch's events in order,
+        in its transaction, in one bulk write per collection; it emits nothing."""
+        changes: list[Change] = []
+        for delivery in deliveries:
+            with delivery.span():
+                changes += self.changes(delivery.message)
+        await self.write(changes, session)
+        return []
+
+    async def write(self, changes: Iterable[Change], session: Session | None = None) -> None:
+        """Changes in order, as one ordered bulk write per collection. No write of one
+        collection depends on another collection's, so only the order within each counts."""
         writes: dict[str, list[Any]] = {}
-        for message in messages:
-            for collection, write in self.changes(message):
-                writes.setdefault(collection, []).append(write)
+        for collection, write in changes:
+            writes.setdefault(collection, []).append(write)
         for collection, batch in writes.items():
             await self.db[collection].bulk_write(batch, ordered=True, session=session)
 

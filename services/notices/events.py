@@ -10,11 +10,10 @@ from datetime import datetime
 from civic.notices.v1 import events_pb2, notices_pb2
 from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal, unit_within
-from services.common.broker import subscribe_once
-from services.common.cloudevents import CloudEvent
+from services.common.broker import Delivery, subscribe_once
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.registry_view import households_touched
@@ -39,22 +38,63 @@ def notice_event(outbox: Outbox, message: Message, notice_id: str) -> Document:
 class Reconciler:
     """Keeps live notices' delivery records in step with households that change place or
     residents after publication: one moving into a notice's unit (and in its audience) gets the
-    notice; one moving out, or left without residents, has its record marked withdrawn."""
+    notice; one moving out, or left without residents, has its record marked withdrawn.
+
+    A fetch of registry events is reconciled at once, in a few round trips whatever its size
+    (beside the view's writes, a single read when no notice is live), from where its events
+    leave each household: the same records, counts and events as reconciling after each event
+    in turn. The one difference, a household passing through a notice's unit within one batch
+    is neither delivered nor withdrawn, is seen by no one: the batch commits as one
+    transaction."""
 
     def __init__(self, store: NoticeStore, outbox: Outbox, clock: Callable[[], datetime]) -> None:
         self.store = store
         self.outbox = outbox
         self.clock = clock
 
+    async def reconcile(self, deliveries: list[Delivery], session: Session) -> list[Document]:
+        """The registry-view consumer's `BatchHandler`."""
+        view = self.store.view
+        await view.write(
+            [change for delivery in deliveries for change in view.changes(delivery.message)],
+            session,
+        )
+        # Each household once, under the batch's last event that touched it.
+        last_touch: dict[str, int] = {}
+        for index, delivery in enumerate(deliveries):
+            for household_id in households_touched(delivery.message):
+                if household_id:
+                    last_touch[household_id] = index
+        outcomes = await self.households_changed(list(last_touch), session) if last_touch else {}
+        emitted: list[Document] = []
+        by_event: dict[int, list[str]] = {}
+        for household_id, index in last_touch.items():
+            by_event.setdefault(index, []).append(household_id)
+        for index, delivery in enumerate(deliveries):
+            # Every event gets its span; what a household's change emits continues the trace of
+            # the event that last touched it.
+            with delivery.span():
+                for household_id in by_event.get(index, ()):
+                    for message, notice_id in outcomes.get(household_id, ()):
+                        emitted.append(notice_event(self.outbox, message, notice_id))
+        return emitted
+
     async def households_changed(
         self, household_ids: list[str], session: Session
-    ) -> list[Document]:
+    ) -> dict[str, list[tuple[Message, str]]]:
+        """Brings the households' records for live notices in step with the view; returns the
+        events each household's changes call for, with their notice."""
         now = self.clock()
         store = self.store
+        live_units = await store.live_units(now, session)
+        if not live_units:
+            return {}
         households = {
             h["_id"]: h
             for h in await store.view.households.find(
-                {"_id": {"$in": household_ids}}, session=session
+                {"_id": {"$in": household_ids}},
+                {"unit_id": 1, "residents": 1, "residence_kind": 1},
+                session=session,
             ).to_list()
         }
         current = await store.deliveries.find(
@@ -66,11 +106,16 @@ class Reconciler:
             {"notice_id": 1, "household_id": 1, "unit_id": 1, "read": 1, "acked": 1},
             session=session,
         ).to_list()
-        held = {(d["notice_id"], d["household_id"]): d for d in current}
         places = {h["unit_id"] for h in households.values() if h.get("unit_id")}
-        live = await store.live_over(places | {d["unit_id"] for d in current}, now, session)
-        emitted: list[Document] = []
+        places |= {d["unit_id"] for d in current}
+        if not any(scope in live_units for unit in places for scope in domain.ancestors(unit)):
+            return {}
+        live = await store.live_over(places, now, session)
+        held = {(d["notice_id"], d["household_id"]): d for d in current}
+        changes = _Changes()
+        arrivals: list[tuple[Document, str, str]] = []
         for notice in live:
+            arriving: list[tuple[str, str]] = []
             for household_id in household_ids:
                 household = households.get(household_id) or {}
                 unit_id = household.get("unit_id", "")
@@ -81,90 +126,151 @@ class Reconciler:
                 )
                 record = held.get((notice["_id"], household_id))
                 if record is None and inside:
-                    if await self._in_audience(notice, household, now, session):
-                        emitted += await self._deliver(notice, household_id, unit_id, now, session)
+                    if _kind_fits(notice, household):
+                        arriving.append((household_id, unit_id))
                 elif record is not None and inside and record["unit_id"] != unit_id:
                     # Moved between groups of the notice's unit: it counts in its new group.
-                    await store.deliveries.update_one(
-                        {"_id": record["_id"]}, {"$set": {"unit_id": unit_id}}, session=session
-                    )
-                    await store.count(
-                        notice["_id"],
-                        {record["unit_id"]: _counts(record, -1), unit_id: _counts(record, 1)},
-                        session,
-                    )
+                    changes.moved(notice, record, unit_id)
                 elif record is not None and not inside:
-                    emitted += await self._withdraw(notice, record, now, session)
-        return emitted
+                    changes.withdrawn(notice, record, now)
+            arrivals += [
+                (notice, household_id, unit_id)
+                for household_id, unit_id in await self._in_audience(notice, arriving, now, session)
+            ]
+        await self._deliver(arrivals, changes, now, session)
+        await changes.write(store, now, session)
+        return changes.events
 
     async def _in_audience(
-        self, notice: Document, household: Document, now: datetime, session: Session
-    ) -> bool:
+        self, notice: Document, arriving: list[tuple[str, str]], now: datetime, session: Session
+    ) -> list[tuple[str, str]]:
+        """Those of the arriving households (of the notice's residence kinds) it reaches."""
         audience = audience_of(notice)
-        if audience.residence_kinds and household.get("residence_kind") not in (
-            audience.residence_kinds
-        ):
-            return False
-        if not audience.filters_members:
-            return True
+        if not arriving or not audience.filters_members:
+            return arriving
         day = domain.local_day(now)
-        return bool(await self.store.with_members([household["_id"]], audience, day, session))
+        ids = [household_id for household_id, _ in arriving]
+        members = await self.store.with_members(ids, audience, day, session)
+        return [
+            (household_id, unit_id) for household_id, unit_id in arriving if household_id in members
+        ]
 
     async def _deliver(
-        self, notice: Document, household_id: str, unit_id: str, now: datetime, session: Session
-    ) -> list[Document]:
-        doc = delivery_document(notice, household_id, unit_id, now)
-        # Marked late: the first delivery, if still running, leaves it out of its own events.
-        doc["late"] = True
-        created, _ = doc.pop("_id"), doc.pop("unit_id")
-        # A household moving back in gets its old record back, as it was when withdrawn.
-        record = await self.store.deliveries.find_one_and_update(
-            {"_id": created},
-            {"$setOnInsert": doc, "$set": {"unit_id": unit_id, "withdrawn_at": None}},
-            upsert=True,
-            session=session,
-            return_document=True,
+        self,
+        arrivals: list[tuple[Document, str, str]],
+        changes: _Changes,
+        now: datetime,
+        session: Session,
+    ) -> None:
+        """New records, or a household moving back in gets its old one back, as it was when
+        withdrawn (read or acknowledged, it counts so again)."""
+        if not arrivals:
+            return
+        ids = [domain.delivery_id(notice["_id"], h) for notice, h, _ in arrivals]
+        earlier = {
+            d["_id"]: d
+            for d in await self.store.deliveries.find(
+                {"_id": {"$in": ids}}, {"read": 1, "acked": 1}, session=session
+            ).to_list()
+        }
+        for notice, household_id, unit_id in arrivals:
+            doc = delivery_document(notice, household_id, unit_id, now)
+            # Marked late: the first delivery, if still running, leaves it out of its own events.
+            doc["late"] = True
+            created, _ = doc.pop("_id"), doc.pop("unit_id")
+            record = earlier.get(created, doc)
+            changes.delivered(notice, household_id, unit_id, created, doc, record)
+
+
+def _kind_fits(notice: Document, household: Document) -> bool:
+    kinds = audience_of(notice).residence_kinds
+    return not kinds or household.get("residence_kind") in kinds
+
+
+class _Changes:
+    """A batch's reconciling, gathered for a few bulk writes, and the events each household's
+    changes emit."""
+
+    def __init__(self) -> None:
+        self.records: list[UpdateOne] = []
+        self.counts: dict[tuple[str, str], dict[str, int]] = {}
+        self.fanout: dict[str, int] = {}
+        self.announced: dict[tuple[int, str], list[str]] = {}
+        self.events: dict[str, list[tuple[Message, str]]] = {}
+
+    def delivered(
+        self,
+        notice: Document,
+        household_id: str,
+        unit_id: str,
+        record_id: str,
+        doc: Document,
+        record: Document,
+    ) -> None:
+        notice_id = notice["_id"]
+        self.records.append(
+            UpdateOne(
+                {"_id": record_id},
+                {"$setOnInsert": doc, "$set": {"unit_id": unit_id, "withdrawn_at": None}},
+                upsert=True,
+            )
         )
-        assert record is not None
-        await self.store.count(notice["_id"], {unit_id: _counts(record, 1)}, session)
-        await self.store.notices.update_one(
-            {"_id": notice["_id"]}, {"$inc": {"fanout.delivered": 1}}, session=session
-        )
-        await self.store.announce(
-            notices_pb2.NOTICE_CHANGE_DELIVERED, notice["_id"], [household_id], now, session
-        )
+        self._count(notice_id, unit_id, record, 1)
+        self.fanout[notice_id] = self.fanout.get(notice_id, 0) + 1
+        self._announce(notices_pb2.NOTICE_CHANGE_DELIVERED, notice_id, household_id)
         message = events_pb2.NoticeDelivered(
-            notice_id=notice["_id"], household_ids=[household_id], late=True
+            notice_id=notice_id, household_ids=[household_id], late=True
         )
-        return [notice_event(self.outbox, message, notice["_id"])]
+        self.events.setdefault(household_id, []).append((message, notice_id))
 
-    async def _withdraw(
-        self, notice: Document, record: Document, now: datetime, session: Session
-    ) -> list[Document]:
-        household_id = record["household_id"]
-        await self.store.deliveries.update_one(
-            {"_id": record["_id"]},
-            {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
-            session=session,
-        )
-        await self.store.count(notice["_id"], {record["unit_id"]: _counts(record, -1)}, session)
-        await self.store.notices.update_one(
-            {"_id": notice["_id"]}, {"$inc": {"fanout.delivered": -1}}, session=session
-        )
-        await self.store.announce(
-            notices_pb2.NOTICE_CHANGE_WITHDRAWN, notice["_id"], [household_id], now, session
-        )
-        message = events_pb2.NoticeWithdrawn(notice_id=notice["_id"], household_id=household_id)
-        return [notice_event(self.outbox, message, notice["_id"])]
+    def moved(self, notice: Document, record: Document, unit_id: str) -> None:
+        self.records.append(UpdateOne({"_id": record["_id"]}, {"$set": {"unit_id": unit_id}}))
+        self._count(notice["_id"], record["unit_id"], record, -1)
+        self._count(notice["_id"], unit_id, record, 1)
 
+    def withdrawn(self, notice: Document, record: Document, now: datetime) -> None:
+        notice_id, household_id = notice["_id"], record["household_id"]
+        self.records.append(
+            UpdateOne(
+                {"_id": record["_id"]},
+                {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
+            )
+        )
+        self._count(notice_id, record["unit_id"], record, -1)
+        self.fanout[notice_id] = self.fanout.get(notice_id, 0) - 1
+        self._announce(notices_pb2.NOTICE_CHANGE_WITHDRAWN, notice_id, household_id)
+        message = events_pb2.NoticeWithdrawn(notice_id=notice_id, household_id=household_id)
+        self.events.setdefault(household_id, []).append((message, notice_id))
 
-def _counts(record: Document, sign: int) -> Document:
-    """What a delivery record adds to (or, leaving, takes from) its group's reach."""
-    return {
-        "delivered": sign,
-        "opened": sign * int(record["read"]),
-        "acknowledged": sign * int(record["acked"]),
-    }
+    def _count(self, notice_id: str, unit_id: str, record: Document, sign: int) -> None:
+        """What a delivery record adds to (or, leaving, takes from) its group's reach."""
+        counts = self.counts.setdefault((notice_id, unit_id), {})
+        for name, by in (
+            ("delivered", 1),
+            ("opened", int(record["read"])),
+            ("acknowledged", int(record["acked"])),
+        ):
+            counts[name] = counts.get(name, 0) + sign * by
+
+    def _announce(self, change: int, notice_id: str, household_id: str) -> None:
+        self.announced.setdefault((change, notice_id), []).append(household_id)
+
+    async def write(self, store: NoticeStore, now: datetime, session: Session) -> None:
+        if self.records:
+            await store.deliveries.bulk_write(self.records, ordered=False, session=session)
+        await store.count_many(self.counts, session)
+        delivered = [
+            UpdateOne({"_id": notice_id}, {"$inc": {"fanout.delivered": by}})
+            for notice_id, by in self.fanout.items()
+            if by
+        ]
+        if delivered:
+            await store.notices.bulk_write(delivered, ordered=False, session=session)
+        await store.announce_all(
+            [(change, notice_id, hs) for (change, notice_id), hs in self.announced.items()],
+            now,
+            session,
+        )
 
 
 def subscribe(
@@ -177,15 +283,6 @@ def subscribe(
     registry_group: str,
     instance_id: str,
 ) -> None:
-    async def on_registry_event(
-        event: CloudEvent, message: Message, session: Session
-    ) -> list[Document]:
-        await store.view.apply(message, session)
-        touched = [h for h in households_touched(message) if h]
-        if not touched:
-            return []
-        return await reconciler.households_changed(touched, session)
-
     subscribe_once(
         broker,
         client,
@@ -193,6 +290,6 @@ def subscribe(
         topic=REGISTRY_TOPIC,
         group_id=registry_group,
         instance_id=instance_id,
-        handle=on_registry_event,
+        handle_batch=reconciler.reconcile,
         outbox=outbox,
     )

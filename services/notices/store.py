@@ -113,6 +113,14 @@ class NoticeStore:
             session=session,
         ).to_list()
 
+    async def live_units(self, now: datetime, session: Session | None = None) -> set[str]:
+        """The units of published, unexpired notices."""
+        query = {
+            "state": int(State.PUBLISHED),
+            "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
+        }
+        return set(await self.notices.distinct("unit_id", query, session=session))
+
     async def due_to_publish(self, now: datetime, limit: int = 100) -> list[Document]:
         query = {"state": int(State.SCHEDULED), "publish_at": {"$lte": now}}
         return await self.notices.find(query).sort("publish_at").limit(limit).to_list()
@@ -228,13 +236,19 @@ class NoticeStore:
 
     async def count(self, notice_id: str, changes: dict[str, Document], session: Session) -> None:
         """Adds to the reach counters of each group: {group: {"delivered": 1, ...}}."""
+        await self.count_many(
+            {(notice_id, unit_id): by for unit_id, by in changes.items()}, session
+        )
+
+    async def count_many(self, changes: dict[tuple[str, str], Document], session: Session) -> None:
+        """The same for groups of several notices: {(notice, group): {"delivered": 1, ...}}."""
         writes = [
             UpdateOne(
                 {"_id": f"{notice_id}:{unit_id}"},
                 {"$inc": by, "$setOnInsert": {"notice_id": notice_id, "unit_id": unit_id}},
                 upsert=True,
             )
-            for unit_id, by in changes.items()
+            for (notice_id, unit_id), by in changes.items()
             if any(by.values())
         ]
         if writes:
@@ -292,16 +306,26 @@ class NoticeStore:
         session: Session,
     ) -> None:
         """Tell watching apps; `household_ids` None means every household of the notice."""
-        await self.feed.insert_one(
-            {
-                "_id": ObjectId(),
-                "change": change,
-                "notice_id": notice_id,
-                "households": household_ids,
-                "at": now,
-            },
-            session=session,
-        )
+        await self.announce_all([(change, notice_id, household_ids)], now, session)
+
+    async def announce_all(
+        self, changes: list[tuple[int, str, list[str] | None]], now: datetime, session: Session
+    ) -> None:
+        """Several changes at once: (change, notice, households) each."""
+        if changes:
+            await self.feed.insert_many(
+                [
+                    {
+                        "_id": ObjectId(),
+                        "change": change,
+                        "notice_id": notice_id,
+                        "households": household_ids,
+                        "at": now,
+                    }
+                    for change, notice_id, household_ids in changes
+                ],
+                session=session,
+            )
 
 
 def _listing_token(doc: Document) -> str:

@@ -13,7 +13,7 @@ from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal
 from services.common.broker import Delivery, subscribe_once
-from services.common.cloudevents import CloudEvent, type_name
+from services.common.cloudevents import type_name
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.tickets import domain
@@ -165,12 +165,6 @@ def subscribe(
     registry_group: str,
     instance_id: str,
 ) -> None:
-    async def on_registry_event(
-        event: CloudEvent, message: Message, session: Session
-    ) -> list[Document]:
-        await store.view.apply(message, session)
-        return []
-
     subscribe_once(
         broker,
         client,
@@ -190,5 +184,5 @@ def subscribe(
         topic=REGISTRY_TOPIC,
         group_id=registry_group,
         instance_id=instance_id,
-        handle=on_registry_event,
+        handle_batch=store.view.apply_batch,
     )
