@@ -11,7 +11,8 @@ HouseholdCreated and its head's PersonRegistered are produced, as the registry's
 (CloudEvents keyed by household), and timed from the first one sent until the service's
 registry-view group has committed the topic's end.
 
-The last line of output is one JSON object with the figures.
+The last line of output is one JSON object with the figures; this diagnostic has no target
+of its own (the city benchmark's load time is the target it serves).
 """
 
 from __future__ import annotations
@@ -157,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return await run_benchmark(endpoints, options)
 
     figures = run_on_own_servers(measure, warm_up_child)
-    say(f"{figures.events:,} events in {figures.seconds} s: {figures.events_per_s} events/s")
-    print(json.dumps(asdict(figures)))
+    print("\nNotices' registry-view consumer, catching up with the registry's events\n")
+    print(f"{'events':>10}{'seconds':>10}{'events/s':>10}  notice live")
+    print(f"{figures.events:>10,}{figures.seconds:>10}{figures.events_per_s:>10,}  {options.live}")
+    # A diagnostic behind the city benchmark's catch-up time: no target of its own.
+    print(json.dumps(asdict(figures) | {"targets": {}, "targets_met": True}))
     return 0
 
 
