@@ -57,7 +57,7 @@ test: setup lint check-protos
 	$(PY) -m pytest -q
 
 bench: setup
-	@set -e; for script in bench/*.py; do echo "== $$script"; $(PY) $$script; done
+	@set -e; for script in bench/*.py; do echo "== $$script"; $(PY) -m bench.$$(basename $$script .py); done
 
 clean:
 	rm -rf gen .pytest_cache .mypy_cache .ruff_cache

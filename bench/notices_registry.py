@@ -1,7 +1,7 @@
 """Notices' registry-view consumer: how many civic.registry.v1 events a second the notices
 service takes in, the way a city's onboarding brings them.
 
-    .venv/bin/python bench/notices_registry.py [--households 2000] [--groups 100] [--live]
+    .venv/bin/python -m bench.notices_registry [--households 2000] [--groups 100] [--live]
 
 Starts its own servers (as bench/notices.py; an external server named by CIVIC_MONGO_URI /
 KAFKA_BOOTSTRAP_SERVERS / CIVIC_S3_ENDPOINT is used instead) and the notices service in this
