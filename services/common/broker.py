@@ -37,10 +37,6 @@ MAX_BATCH = 100
 # then as long again before the next look).
 BATCH_WAIT_MS = 5
 
-# What a consumer does with one event, inside the transaction that records it as processed;
-# it returns the events it emits in turn (staged in the same transaction), often none.
-EventHandler = Callable[[CloudEvent, Message, Session], Awaitable[list[Document]]]
-
 
 @dataclass(frozen=True)
 class Delivery:
@@ -52,8 +48,10 @@ class Delivery:
     span: Callable[[], AbstractContextManager[Span]]
 
 
-# What a consumer does with one partition's new events at once, in the same transaction: for
-# work that reads and writes many aggregates in a few round trips instead of a few per event.
+# What a consumer does with one partition's new events of a fetch, in order, inside the
+# transaction that records them as processed: reading and writing for all of them in a few
+# round trips, not a few per event. It returns the events it emits in turn (staged in the same
+# transaction), often none.
 BatchHandler = Callable[[list[Delivery], Session], Awaitable[list[Document]]]
 
 
@@ -88,12 +86,11 @@ def subscribe_once(
     topic: str,
     group_id: str,
     instance_id: str,
-    handle: EventHandler | None = None,
-    handle_batch: BatchHandler | None = None,
+    handle: BatchHandler,
     outbox: Outbox | None = None,
     types: Collection[str] | None = None,
 ) -> None:
-    """Run `handle` for every event on `topic`, once per event id, in the consumer group.
+    """Run `handle` on every event on `topic`, once per event id, in the consumer group.
 
     The offset is committed only after the transaction, so a crash redelivers the event; the
     processed-id record then makes the redelivery a no-op. The events a fetch brings for one
@@ -101,8 +98,6 @@ def subscribe_once(
     types `handle` acts on: any other is passed over without a transaction (handling it would
     change nothing, so there is nothing to record as done).
     """
-    if (handle is None) == (handle_batch is None):
-        raise TypeError("give either handle or handle_batch")
     processed = db[PROCESSED]
 
     def process_span(headers: list[tuple[str, Any]], event: CloudEvent) -> Any:
@@ -120,18 +115,11 @@ def subscribe_once(
         )
 
     async def apply(session: Session, todo: list[tuple[list[tuple[str, Any]], CloudEvent]]) -> None:
-        if handle_batch is not None:
-            deliveries = [
-                Delivery(event, event.message(), functools.partial(process_span, headers, event))
-                for headers, event in todo
-            ]
-            emitted = await handle_batch(deliveries, session)
-        else:
-            assert handle is not None
-            emitted = []
-            for headers, event in todo:
-                with process_span(headers, event):
-                    emitted += await handle(event, event.message(), session)
+        deliveries = [
+            Delivery(event, event.message(), functools.partial(process_span, headers, event))
+            for headers, event in todo
+        ]
+        emitted = await handle(deliveries, session)
         if emitted:
             assert outbox is not None, "a consumer that emits events needs the outbox"
             await outbox.stage(session, emitted)

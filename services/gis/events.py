@@ -66,7 +66,7 @@ def subscribe(
         topic=REGISTRY_TOPIC,
         group_id=group_id,
         instance_id=instance_id,
-        handle_batch=projection.apply,
+        handle=projection.apply,
         outbox=outbox,
     )
 

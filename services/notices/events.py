@@ -290,6 +290,6 @@ def subscribe(
         topic=REGISTRY_TOPIC,
         group_id=registry_group,
         instance_id=instance_id,
-        handle_batch=reconciler.reconcile,
+        handle=reconciler.reconcile,
         outbox=outbox,
     )

@@ -160,5 +160,5 @@ def subscribe_history(
         topic=TOPIC,
         group_id=group_id,
         instance_id=instance_id,
-        handle_batch=history_projection(store),
+        handle=history_projection(store),
     )

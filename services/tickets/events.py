@@ -172,7 +172,7 @@ def subscribe(
         topic=TOPIC,
         group_id=routing_group,
         instance_id=instance_id,
-        handle_batch=router.route,
+        handle=router.route,
         outbox=outbox,
         # Its own TicketRouted and the rest pass by without a transaction each.
         types={type_name(events_pb2.TicketSubmitted())},
@@ -184,5 +184,5 @@ def subscribe(
         topic=REGISTRY_TOPIC,
         group_id=registry_group,
         instance_id=instance_id,
-        handle_batch=store.view.apply_batch,
+        handle=store.view.apply_batch,
     )
