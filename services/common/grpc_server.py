@@ -1,11 +1,11 @@
-"""The asyncio gRPC server every service runs: health, reflection, graceful shutdown, and an
-interceptor chain for tracing, error mapping and authentication (outermost first)."""
+"""The asyncio gRPC server every service runs: health, reflection, graceful shutdown, and one
+interceptor for tracing, error mapping and authentication (outermost first)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import unquote
 
@@ -17,7 +17,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common import auth
 from services.common.errors import DomainError, Unauthenticated
-from services.common.telemetry import context_from_pairs, tracer
+from services.common.telemetry import context_from_headers, tracer
 
 log = logging.getLogger(__name__)
 # A proxy until the provider is installed; fetched once, not per message or call.
@@ -56,91 +56,72 @@ def _wrap(handler: Any, method: str, around: Around) -> Any:
     return grpc.unary_unary_rpc_method_handler(unary, des, ser)
 
 
-class _AroundInterceptor(grpc.aio.ServerInterceptor):
-    def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AbstractAsyncContextManager[None]:
-        raise NotImplementedError
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Around every call but health and reflection, outermost first: a server span continuing
+    the caller's trace from `traceparent` metadata, domain errors mapped to their status code
+    (anything else is INTERNAL with no details), and the bearer token verified, making the
+    caller known to the servicer. One interceptor, and each method's wrapped handler built
+    once: a chain of them cost a sixth of a lookup's CPU."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+        self._handlers: dict[str, Any] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(PUBLIC_PREFIXES):
-            return handler
-        return _wrap(handler, method, self.around)
-
-
-class TracingInterceptor(_AroundInterceptor):
-    """A server span per call, continuing the caller's trace from `traceparent` metadata."""
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None or method.startswith(PUBLIC_PREFIXES):
+                return handler
+            wrapped = self._handlers[method] = _wrap(handler, method, self.around)
+        return wrapped
 
     @asynccontextmanager
     async def around(
         self, method: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[None]:
-        parent = context_from_pairs(context.invocation_metadata() or ())
+        # Binary ("-bin") values carry nothing read here and need not be text.
+        metadata = {
+            key.lower(): value
+            for key, value in context.invocation_metadata() or ()
+            if isinstance(value, str)
+        }
         service, _, rpc = method.lstrip("/").partition("/")
         with _TRACER.start_as_current_span(
             method.lstrip("/"),
-            context=parent,
+            context=context_from_headers(metadata),
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc},
-        ):
-            yield
+        ) as span:
+            try:
+                with self._caller(metadata, span):
+                    yield
+            except grpc.aio.AbortError:
+                raise
+            except DomainError as error:
+                span.set_attribute("rpc.grpc.status_code", error.code.value[0])
+                await context.abort(error.code, error.message)
+            except Exception as error:
+                trace_id = format(span.get_span_context().trace_id, "032x")
+                log.exception("unhandled error in %s (trace %s)", method, trace_id)
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR))
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id})")
 
-
-class ErrorMappingInterceptor(_AroundInterceptor):
-    """Domain errors become their status code; anything else is INTERNAL with no details."""
-
-    @asynccontextmanager
-    async def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
-        span = trace.get_current_span()
-        try:
-            yield
-        except grpc.aio.AbortError:
-            raise
-        except DomainError as error:
-            span.set_attribute("rpc.grpc.status_code", error.code.value[0])
-            await context.abort(error.code, error.message)
-        except Exception as error:
-            trace_id = format(span.get_span_context().trace_id, "032x")
-            log.exception("unhandled error in %s (trace %s)", method, trace_id)
-            span.record_exception(error)
-            span.set_status(Status(StatusCode.ERROR))
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace {trace_id})")
-
-
-class AuthInterceptor(_AroundInterceptor):
-    """Verifies the bearer token and makes the caller known to the servicer."""
-
-    def __init__(self, secret: str) -> None:
-        self._secret = secret
-
-    @asynccontextmanager
-    async def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[None]:
-        metadata = {key.lower(): value for key, value in context.invocation_metadata() or ()}
-        header = metadata.get("authorization", "")
-        if isinstance(header, bytes):
-            header = header.decode()
-        scheme, _, token = header.partition(" ")
+    @contextmanager
+    def _caller(self, metadata: dict[str, str], span: trace.Span) -> Iterator[None]:
+        scheme, _, token = metadata.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("missing bearer token in authorization metadata")
         caller = auth.verify_token(self._secret, token.strip())
-        purpose = metadata.get(PURPOSE_HEADER, "")
         principal_token = auth.current_principal.set(caller)
-        purpose_token = auth.current_purpose.set(
-            unquote(purpose.decode() if isinstance(purpose, bytes) else purpose)[:200]
-        )
-        trace.get_current_span().set_attributes(
-            {"enduser.id": caller.subject, "enduser.role": caller.role.value}
-        )
+        purpose_token = auth.current_purpose.set(unquote(metadata.get(PURPOSE_HEADER, ""))[:200])
+        span.set_attributes({"enduser.id": caller.subject, "enduser.role": caller.role.value})
         try:
             yield
         finally:
@@ -164,11 +145,7 @@ class GrpcServer:
         self._service_names = tuple(service_names)
         self._health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[
-                TracingInterceptor(),
-                ErrorMappingInterceptor(),
-                AuthInterceptor(auth_secret),
-            ],
+            interceptors=[CallInterceptor(auth_secret)],
             options=[("grpc.so_reuseport", 0)],
         )
         register(self.server)

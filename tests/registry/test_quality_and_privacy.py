@@ -95,6 +95,40 @@ async def test_reads_by_officials_are_logged_for_the_household(city: City) -> No
     assert not any(e.actor_role == "resident" for e in log.entries)  # own reads are not logged
 
 
+async def test_each_household_sees_every_person_a_read_showed_and_only_its_own(
+    city: City,
+) -> None:
+    home = await new_household(city.leader, city.group)
+    hid = home.household.household_id
+    child = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=hid, person=person("Con Út", "2015-06-01")
+        )
+    )
+    neighbour = await new_household(city.leader, city.group, head_name="Hàng Xóm")
+    await city.leader.GetHousehold(registry_pb2.GetHouseholdRequest(household_id=hid))
+    # One search shows persons of both households.
+    await city.leader.SearchPersons(registry_pb2.SearchPersonsRequest(unit_id=city.group))
+
+    async def entries(household: registry_pb2.CreateHouseholdResponse) -> set[tuple[str, str]]:
+        resident = city.as_role(
+            Role.RESIDENT, city.group, household_id=household.household.household_id
+        )
+        log = await resident.ListAccessLog(
+            registry_pb2.ListAccessLogRequest(household_id=household.household.household_id)
+        )
+        return {(e.action, e.person_id) for e in log.entries}
+
+    head, young = home.head.person_id, child.person.person_id
+    assert await entries(home) == {
+        ("GetHousehold", head),
+        ("GetHousehold", young),
+        ("SearchPersons", head),
+        ("SearchPersons", young),
+    }
+    assert await entries(neighbour) == {("SearchPersons", neighbour.head.person_id)}
+
+
 async def test_residents_see_only_their_own_household(city: City) -> None:
     mine = await new_household(city.leader, city.group)
     theirs = await new_household(city.leader, city.group, head_name="Hàng Xóm")
