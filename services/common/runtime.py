@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -17,9 +18,17 @@ T = TypeVar("T")
 FAULT_EXIT_CODE = 86
 
 
+# Collect the youngest generation after this many net allocations, not CPython's 700: a
+# service allocates thousands of short-lived objects per request, and collecting that often
+# showed in every request profile (lookups gained 0-25% in A/B runs).
+YOUNG_GENERATION_THRESHOLD = 50_000
+
+
 def run_async(main: Coroutine[Any, Any, T]) -> T:
     """Every Civic process runs its event loop on uvloop: the same Python does markedly more
     gRPC calls and MongoDB round trips per second on it than on the default loop."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, older, oldest)
     return uvloop.run(main)
 
 
