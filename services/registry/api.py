@@ -100,8 +100,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     def _log_reads(self, caller: Principal, action: str, persons: list[Document]) -> list[Document]:
         """Access-log records for an official's read of these persons' data: one per household
-        read, naming each person shown (a record per person made the log a quarter of a
-        lookup's cost)."""
+        read, naming each person shown, so a lookup writes one document, not one per member."""
         if caller.role is Role.RESIDENT:
             return []
         shown: dict[str, list[Document]] = {}
