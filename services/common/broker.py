@@ -3,7 +3,6 @@ event exactly once by recording its id in the same transaction as the handler's 
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -33,6 +32,9 @@ PROCESSED = "processed_events"
 FETCH_WAIT_MS = 10
 # A consumer takes what it has fetched, up to this many events, as one batch.
 MAX_BATCH = 100
+# A fetch whose events were partly handled already is handled again without them; twice, since
+# a rebalance can hand the rest to another member meanwhile.
+RETRIES_ON_DUPLICATE = 2
 # An idle consumer looks for new events this often (faststream waits this long for a batch,
 # then as long again before the next look).
 BATCH_WAIT_MS = 5
@@ -48,7 +50,7 @@ class Delivery:
     span: Callable[[], AbstractContextManager[Span]]
 
 
-# What a consumer does with one partition's new events of a fetch, in order, inside the
+# What a consumer does with the new events of a fetch, each partition's in order, inside the
 # transaction that records them as processed: reading and writing for all of them in a few
 # round trips, not a few per event. It returns the events it emits in turn (staged in the same
 # transaction), often none.
@@ -124,17 +126,10 @@ def subscribe_once(
             assert outbox is not None, "a consumer that emits events needs the outbox"
             await outbox.stage(session, emitted)
 
-    async def in_order(records: list[ConsumerRecord[Any, Any]], retried: bool = False) -> None:
-        """One partition's share of a batch: its new events in one transaction, in order,
-        with their processed-id markers; events already processed are skipped."""
-        fetched = [
-            (headers, CloudEvent.from_kafka(headers, record.value or b""))
-            for record in records
-            for headers in [list(record.headers or ())]
-        ]
-        wanted = [(h, e) for h, e in fetched if types is None or e.type in types]
-        if not wanted:
-            return
+    async def unseen(
+        wanted: list[tuple[list[tuple[str, Any]], CloudEvent]],
+    ) -> list[tuple[list[tuple[str, Any]], CloudEvent]]:
+        """`wanted` without the events already processed (each traced as a duplicate)."""
         done = {
             doc["_id"]
             async for doc in processed.find(
@@ -152,27 +147,43 @@ def subscribe_once(
                 continue
             done.add(marker)
             todo.append((headers, event))
-        if not todo:
-            return
+        return todo
+
+    async def handle_fetch(records: list[ConsumerRecord[Any, Any]]) -> None:
+        """A fetch's new events in one transaction, each partition's in order, with their
+        processed-id markers; events already processed are skipped."""
+        fetched = [
+            (headers, CloudEvent.from_kafka(headers, record.value or b""))
+            for record in records
+            for headers in [list(record.headers or ())]
+        ]
+        todo = [(h, e) for h, e in fetched if types is None or e.type in types]
 
         async def work(session: Session) -> None:
             now = datetime.now(UTC)
             # Which instance handled it: how the work splits across a group shows in the data.
+            # A marker already there fails the insert before anything else is written.
             await processed.insert_many(
                 [{"_id": f"{group_id}:{e.id}", "at": now, "by": instance_id} for _, e in todo],
                 session=session,
             )
             await apply(session, todo)
 
-        try:
-            await in_transaction(client, work)
-        except (DuplicateKeyError, BulkWriteError):
-            if retried:
-                raise
-            # Another member of the group handled some of them during a rebalance: nothing of
-            # this transaction was written; go again, now skipping what the other one did.
-            await in_order(records, retried=True)
-            return
+        # Almost every event is new, so the markers are written without looking first. One
+        # that is there already (a redelivery after a crash, or another member of the group
+        # handled it during a rebalance) fails the transaction, which wrote nothing: then look
+        # up what was done and go again without it.
+        for attempt in range(RETRIES_ON_DUPLICATE + 1):
+            if attempt:
+                todo = await unseen(todo)
+            if not todo:
+                return
+            try:
+                await in_transaction(client, work)
+                break
+            except (DuplicateKeyError, BulkWriteError):
+                if attempt == RETRIES_ON_DUPLICATE:
+                    raise
         if outbox is not None:
             outbox.committed()
 
@@ -186,21 +197,12 @@ def subscribe_once(
         ack_policy=AckPolicy.NACK_ON_ERROR,
         # How long an empty fetch waits (see kafka_fetch): the most a new event waits when idle.
         fetch_max_wait_ms=FETCH_WAIT_MS,
-        # Whatever has been fetched, as one batch: its partitions are handled side by side, as
-        # instances of the group would, each partition in order; its offsets are committed once,
-        # after all of it. An error rewinds every partition to the batch's first event there.
+        # Whatever has been fetched, as one batch in one transaction (each partition's events in
+        # order); its offsets are committed once, after it. An error rewinds every partition to
+        # the batch's first event there.
         batch=True,
         max_records=MAX_BATCH,
         batch_timeout_ms=BATCH_WAIT_MS,
     )
     async def on_events(msg: KafkaMessage) -> None:
-        partitions: dict[int, list[ConsumerRecord[Any, Any]]] = {}
-        for record in msg.raw_message:
-            partitions.setdefault(record.partition, []).append(record)
-        # Every partition runs to its end (or its first error) before the batch's outcome.
-        outcomes = await asyncio.gather(
-            *(in_order(records) for records in partitions.values()), return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await handle_fetch(list(msg.raw_message))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -11,10 +11,12 @@ import pytest
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
+from services.common.wire import local_date
 from services.registry.main import RegistryService
 from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
-TOMORROW = (date.today() + timedelta(days=1)).isoformat()
+# The service's today is Vietnam's: past 17:00 UTC it is already the next day there.
+TOMORROW = (local_date(datetime.now(UTC)) + timedelta(days=1)).isoformat()
 
 
 async def footprint(registry: RegistryService) -> tuple[int, ...]:
