@@ -20,6 +20,11 @@ _fetch = Fetcher._proc_fetch_request
 FIRST_WAIT_S = 0.001
 
 
+def wait_after_empty(empty_in_a_row: int, max_wait_s: float) -> float:
+    """Seconds to wait, in all, after this many empty answers in a row."""
+    return min(max_wait_s, FIRST_WAIT_S * (1 << min(empty_in_a_row - 1, 16)))
+
+
 async def _fetch_waiting_when_empty(self: Any, assignment: Any, node_id: Any, request: Any) -> Any:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -28,8 +33,7 @@ async def _fetch_waiting_when_empty(self: Any, assignment: Any, node_id: Any, re
         self._civic_empty_in_a_row = 0
         return got_records
     empty = self._civic_empty_in_a_row = getattr(self, "_civic_empty_in_a_row", 0) + 1
-    wait = min(self._fetch_max_wait_ms / 1000, FIRST_WAIT_S * 2 ** min(empty - 1, 16))
-    remaining = wait - (loop.time() - started)
+    remaining = wait_after_empty(empty, self._fetch_max_wait_ms / 1000) - (loop.time() - started)
     if remaining > 0:
         try:
             await asyncio.sleep(remaining)

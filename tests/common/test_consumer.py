@@ -1,0 +1,162 @@
+"""A consumer handles each event once, over the real broker and MongoDB: a fetch's events in one
+transaction, and a redelivered event skipped while the new ones beside it are still handled."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from civic.tickets.v1 import events_pb2
+from pymongo import AsyncMongoClient
+
+from services.common.broker import PROCESSED, Delivery, kafka_broker, subscribe_once
+from services.common.cloudevents import CloudEvent, type_name
+from services.common.config import Settings
+from services.common.kafka_fetch import wait_after_empty
+from services.common.mongo import Document, Session, mongo_client
+
+PARTITIONS = 3
+
+
+def submitted(ticket_id: str, event_id: str | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
+    message = events_pb2.TicketSubmitted(ticket_id=ticket_id, category="noise")
+    event = CloudEvent(
+        id=event_id or uuid.uuid4().hex,
+        type=type_name(message),
+        source="/civic/test",
+        time=datetime.now(UTC),
+        data=message.SerializeToString(),
+    )
+    return event.data, [(k, v.encode()) for k, v in event.kafka_headers().items()]
+
+
+class Consumer:
+    """A subscribe_once consumer whose handler writes one document per event it handles."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.client: AsyncMongoClient[Document] = mongo_client(settings.mongo_uri)
+        self.db = self.client[f"{settings.database_prefix}_consumer_{uuid.uuid4().hex[:6]}"]
+        self.broker = kafka_broker(settings.kafka_bootstrap_servers, "test-consumer")
+        self.fetches: list[int] = []
+        subscribe_once(
+            self.broker,
+            self.client,
+            self.db,
+            topic=topic,
+            group_id=f"test-{uuid.uuid4().hex[:8]}",
+            instance_id="test-0",
+            handle=self.handle,
+        )
+
+    async def handle(self, deliveries: list[Delivery], session: Session) -> list[Document]:
+        self.fetches.append(len(deliveries))
+        handled = [
+            {"ticket_id": d.message.ticket_id, "event_id": d.event.id}
+            for d in deliveries
+            if isinstance(d.message, events_pb2.TicketSubmitted)
+        ]
+        await self.db.handled.insert_many(handled, session=session)
+        return []
+
+    async def handled(self) -> list[str]:
+        return sorted([doc["ticket_id"] async for doc in self.db.handled.find()])
+
+    async def until_handled(self, count: int) -> list[str]:
+        for _ in range(300):
+            if len(found := await self.handled()) >= count:
+                return found
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"only {await self.handled()} handled")
+
+
+@pytest.fixture
+async def topic(settings: Settings) -> AsyncIterator[str]:
+    name = f"test.consumer.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
+        yield name
+        await admin.delete_topics([name])
+    finally:
+        await admin.close()
+
+
+async def test_a_redelivered_event_is_skipped_and_the_new_ones_with_it_are_handled(
+    settings: Settings, topic: str
+) -> None:
+    consumer = Consumer(settings, topic)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    await consumer.broker.start()
+    try:
+
+        async def send(*events: tuple[str, tuple[bytes, list[tuple[str, bytes]]]]) -> None:
+            sent = [
+                await producer.send(topic, value, key=key.encode(), headers=headers)
+                for key, (value, headers) in events
+            ]
+            await asyncio.gather(*sent)
+
+        first_id = uuid.uuid4().hex
+        # Keys spread over the partitions.
+        await send(*((f"t{i}", submitted(f"t{i}", first_id if i == 0 else None)) for i in range(6)))
+        assert await consumer.until_handled(6) == [f"t{i}" for i in range(6)]
+
+        # t0's event again (a relay that crashed before marking it sent), sent together with new
+        # events and a second copy of one of them: each new event once, the old one not again.
+        again = uuid.uuid4().hex
+        await send(
+            ("t0", submitted("t0", first_id)),
+            ("t6", submitted("t6", again)),
+            ("t7", submitted("t7")),
+            ("t6", submitted("t6", again)),
+        )
+        assert await consumer.until_handled(8) == [f"t{i}" for i in range(8)]
+        await asyncio.sleep(0.5)  # anything handled twice would show by now
+        assert await consumer.handled() == [f"t{i}" for i in range(8)]
+        assert await consumer.db[PROCESSED].count_documents({}) == 8
+    finally:
+        await consumer.broker.stop()
+        await producer.stop()
+        await consumer.client.drop_database(consumer.db.name)
+        await consumer.client.close()
+
+
+async def test_a_fetch_over_several_partitions_is_handled_in_one_batch(
+    settings: Settings, topic: str
+) -> None:
+    consumer = Consumer(settings, topic)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=50)
+    await producer.start()
+    try:
+        # Waiting before the consumer starts, so its first fetch finds them all.
+        sent = [
+            await producer.send(topic, value, key=f"t{i}".encode(), headers=headers)
+            for i in range(12)
+            for value, headers in [submitted(f"t{i}")]
+        ]
+        partitions = {(await delivered).partition for delivered in sent}
+        assert len(partitions) > 1
+        await consumer.broker.start()
+        await consumer.until_handled(12)
+        # More events in one batch than any one partition holds (one broker serves them all).
+        assert max(consumer.fetches) > max(
+            sum(1 for d in sent if d.result().partition == p) for p in partitions
+        )
+    finally:
+        await consumer.broker.stop()
+        await producer.stop()
+        await consumer.client.drop_database(consumer.db.name)
+        await consumer.client.close()
+
+
+def test_an_idle_consumer_waits_longer_after_each_empty_fetch_up_to_the_fetch_wait() -> None:
+    waits = [wait_after_empty(empty, 0.010) for empty in range(1, 8)]
+    assert waits == [0.001, 0.002, 0.004, 0.008, 0.010, 0.010, 0.010]
+    assert wait_after_empty(10_000, 0.010) == 0.010
