@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
     )
-    # Seconds between outbox sweeps; new events are also relayed as soon as they commit.
+    # Seconds between outbox sweeps; new events are also relayed as soon as they commit, on
+    # whichever instance.
     outbox_poll_seconds: float = 0.5
     kafka_partitions: int = 6
 

@@ -3,7 +3,9 @@ it describes, and a relay publishes it to Kafka afterwards.
 
 Nothing is published that was not committed; nothing committed goes unpublished: a crash before
 the relay marks an event sent only means it is published again, and consumers skip repeats by
-event id. One relay per service holds a lease at a time, so events leave in commit order.
+event id. One relay per service holds a lease at a time, so events leave in commit order. It
+learns of its own instance's commits in memory and of the other instances' through a change
+stream, so an event waits for no sweep whichever instance committed it.
 """
 
 from __future__ import annotations
@@ -47,10 +49,14 @@ def new_event_id() -> str:
 class Outbox:
     """Builds a service's outgoing events and stages them inside the caller's transaction."""
 
-    def __init__(self, db: AsyncDatabase[Document], *, source: str, topic: str) -> None:
+    def __init__(
+        self, db: AsyncDatabase[Document], *, source: str, topic: str, instance: str = ""
+    ) -> None:
         self._collection = db[OUTBOX]
         self.source = source
         self.topic = topic
+        # Which instance staged an entry: the relay hears of its own instance's in memory.
+        self.instance = instance
         self._committed = asyncio.Event()
 
     def event(self, message: Message, *, key: str, subject: str = "") -> Document:
@@ -72,7 +78,8 @@ class Outbox:
         """Stage a transaction's events as one outbox entry (one write, however many events)."""
         if events:
             await self._collection.insert_one(
-                {"_id": events[0]["_id"], "pending": True, "events": events}, session=session
+                {"_id": events[0]["_id"], "pending": True, "by": self.instance, "events": events},
+                session=session,
             )
 
     def committed(self) -> None:
@@ -133,6 +140,7 @@ class OutboxRelay:
         self._batch_size = batch_size
         self._lease_seconds = lease_seconds
         self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._held_until: datetime | None = None
         self.published = 0
 
@@ -140,6 +148,11 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         if self._task is None:
             return
         self._task.cancel()
@@ -151,14 +164,51 @@ class OutboxRelay:
         while True:
             try:
                 if await self._hold_lease():
+                    self._start_watching()
                     while await self.relay_once() == self._batch_size:
                         pass
+                else:
+                    self._stop_watching()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # Broker or database unavailable: keep the events and try again next sweep.
                 log.exception("outbox relay failed; retrying")
             await self._outbox.wait_committed(self._poll_seconds)
+
+    def _start_watching(self) -> None:
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._watch_others(), name="outbox-watch")
+
+    def _stop_watching(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    async def _watch_others(self) -> None:
+        """While this relay holds the lease: wake it when another instance commits events.
+        The database filters out this instance's own entries, which wake it in memory."""
+        pipeline: list[Document] = [
+            {
+                "$match": {
+                    "operationType": "insert",
+                    "fullDocument.by": {"$ne": self._outbox.instance},
+                }
+            },
+            {"$project": {"_id": 1}},  # the resume token alone
+        ]
+        while True:
+            try:
+                async with await self._collection.watch(pipeline) as stream:
+                    # Entries committed before the stream opened are the next sweep's.
+                    self._outbox.committed()
+                    async for _ in stream:
+                        self._outbox.committed()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox change stream failed; sweeps go on meanwhile")
+                await asyncio.sleep(self._poll_seconds)
 
     async def _hold_lease(self) -> bool:
         now = datetime.now(UTC)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
+from aiokafka import AIOKafkaProducer
 from opentelemetry.sdk.trace import SpanProcessor
 
 from services.common.broker import kafka_broker, outbox_producer
@@ -32,12 +33,13 @@ class ServiceHost:
         self.settings = settings
         self.client = mongo_client(settings.mongo_uri)
         self.db = self.client[settings.database_for(name)]
-        self.outbox = Outbox(self.db, source=f"/civic/{name}", topic=topic)
+        self.instance = settings.instance_for(name)
+        self.outbox = Outbox(self.db, source=f"/civic/{name}", topic=topic, instance=self.instance)
         self.commands = CommandRunner(self.client, self.db, self.outbox)
         self.broker = kafka_broker(settings.kafka_bootstrap_servers, f"civic-{name}")
-        self.producer = outbox_producer(settings.kafka_bootstrap_servers, f"civic-{name}")
-        self.instance = settings.instance_for(name)
         self.server: GrpcServer | None = None
+        # Made at start: a producer that was made but never stopped warns when collected.
+        self.producer: AIOKafkaProducer | None = None
         self.relay: OutboxRelay | None = None
         self.port = 0
 
@@ -57,6 +59,7 @@ class ServiceHost:
         """Kafka first (consumers join their groups), then gRPC, then the relay."""
         assert self.server is not None, "call serve() before start()"
         await self.broker.start()
+        self.producer = outbox_producer(self.settings.kafka_bootstrap_servers, f"civic-{self.name}")
         await self.producer.start()
         self.port = await self.server.start()
         self.relay = OutboxRelay(
@@ -74,6 +77,7 @@ class ServiceHost:
             await stop_within(10, "gRPC server", self.server.stop())
         if self.relay is not None:
             await stop_within(10, "outbox relay", self.relay.stop())
-        await stop_within(15, "Kafka producer", self.producer.stop())
+        if self.producer is not None:
+            await stop_within(15, "Kafka producer", self.producer.stop())
         await stop_within(15, "Kafka consumers", self.broker.stop())
         await self.client.close()

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from civic.tickets.v1 import events_pb2
 from pymongo import AsyncMongoClient
 
@@ -19,8 +16,6 @@ from services.common.cloudevents import CloudEvent, type_name
 from services.common.config import Settings
 from services.common.kafka_fetch import wait_after_empty
 from services.common.mongo import Document, Session, mongo_client
-
-PARTITIONS = 3
 
 
 def submitted(ticket_id: str, event_id: str | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -72,19 +67,6 @@ class Consumer:
                 return found
             await asyncio.sleep(0.05)
         raise AssertionError(f"only {await self.handled()} handled")
-
-
-@pytest.fixture
-async def topic(settings: Settings) -> AsyncIterator[str]:
-    name = f"test.consumer.{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, PARTITIONS, 1)])
-        yield name
-        await admin.delete_topics([name])
-    finally:
-        await admin.close()
 
 
 async def test_a_redelivered_event_is_skipped_and_the_new_ones_with_it_are_handled(

@@ -1,0 +1,77 @@
+"""The outbox relay of one instance publishes what another instance of the service commits, at
+once rather than at its next sweep: one relay holds the lease, and a change stream tells it of
+the others' commits."""
+
+from __future__ import annotations
+
+import uuid
+
+from civic.tickets.v1 import events_pb2
+
+from services.common.broker import outbox_producer
+from services.common.config import Settings
+from services.common.mongo import Document, Session, in_transaction, mongo_client
+from services.common.outbox import LEASE, OUTBOX, Outbox, OutboxRelay, ensure_outbox_indexes
+from tests.kafka_reader import Record, TopicReader, eventually
+
+# Longer than the test may take: an event seen on time was not brought by a sweep.
+SWEEP_SECONDS = 60.0
+
+
+async def test_events_another_instance_commits_are_relayed_without_waiting_for_a_sweep(
+    settings: Settings, topic: str
+) -> None:
+    client = mongo_client(settings.mongo_uri)
+    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
+    await ensure_outbox_indexes(db)
+    outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
+    producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
+    relays = {
+        name: OutboxRelay(
+            db, outboxes[name], producers[name], owner=name, poll_seconds=SWEEP_SECONDS
+        )
+        for name in "ab"
+    }
+    try:
+
+        async def a_holds_lease() -> bool:
+            return bool(await db[LEASE].find_one({"_id": "relay", "owner": "a"}))
+
+        for name in "ab":
+            await producers[name].start()
+            relays[name].start()
+            await eventually(a_holds_lease, what="the first instance's relay holds the lease")
+
+        async def commit(outbox: Outbox, ticket_id: str) -> Document:
+            event = outbox.event(events_pb2.TicketSubmitted(ticket_id=ticket_id), key=ticket_id)
+
+            async def stage(session: Session) -> None:
+                await outbox.stage(session, [event])
+
+            await in_transaction(client, stage)
+            outbox.committed()
+            return event
+
+        async with TopicReader(settings.kafka_bootstrap_servers, topic) as reader:
+            # b commits; a, holding the lease, relays it. Then a's own, which it hears of in
+            # memory.
+            for outbox, ticket_id in ((outboxes["b"], "t-b"), (outboxes["a"], "t-a")):
+                event_id: str = (await commit(outbox, ticket_id))["_id"]
+
+                def published(records: list[Record], event_id: str = event_id) -> bool:
+                    return event_id in {record.event_id for record in records}
+
+                await reader.collect(published, within=10, what=f"the event {ticket_id}")
+
+            async def marked_sent() -> bool:
+                return not await db[OUTBOX].count_documents({"pending": True})
+
+            await eventually(marked_sent, what="both entries marked sent", within=10)
+        assert relays["a"].published == 2
+        assert relays["b"].published == 0
+    finally:
+        for name in "ab":
+            await relays[name].stop()
+            await producers[name].stop()
+        await client.drop_database(db.name)
+        await client.close()
