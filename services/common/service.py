@@ -80,4 +80,6 @@ class ServiceHost:
         if self.producer is not None:
             await stop_within(15, "Kafka producer", self.producer.stop())
         await stop_within(15, "Kafka consumers", self.broker.stop())
-        await self.client.close()
+        # Closing ends the client's sessions on the server, and waits out server selection when
+        # MongoDB is already gone.
+        await stop_within(5, "MongoDB client", self.client.close())
