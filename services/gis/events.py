@@ -72,7 +72,7 @@ def subscribe(
 
 
 class RegistryProjection:
-    """Applies a partition's new registry events together: the same outcome as applying them
+    """Applies a fetch's new registry events together: the same outcome as applying them
     one after the other in order, in a few round trips whatever their number. Household points
     are read once and changed in memory, event by event; units and persons keep each event's
     write, in order, in one bulk write per collection. The map changes are announced once per

@@ -121,7 +121,7 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
 
 def history_projection(store: RegistryStore) -> BatchHandler:
     async def project(deliveries: list[Delivery], session: Session) -> list[Document]:
-        """A partition's new events as one write, in the order they were published."""
+        """A fetch's new events as one write, each partition's in the order published."""
         entries: list[Document] = []
         for delivery in deliveries:
             event = delivery.event
