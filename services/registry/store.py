@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections import Counter
 from datetime import UTC, datetime
@@ -18,6 +17,7 @@ from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 
 RESIDENT = 1  # PersonStatus.RESIDENT
+RESIDENTS = "_residents"  # where a read puts a household's residents
 
 
 def new_id(prefix: str) -> str:
@@ -143,18 +143,28 @@ class RegistryStore:
     async def _households_with_members(
         self, household_ids: list[str]
     ) -> list[tuple[Document | None, list[Document]]]:
-        wanted = list(set(household_ids))
-        households, residents = await asyncio.gather(
-            self.households.find({"_id": {"$in": wanted}}).to_list(),
-            self.persons.find({"household_id": {"$in": wanted}, "status": RESIDENT})
-            .sort("birth_date", ASCENDING)
-            .to_list(),
-        )
-        by_id = {household["_id"]: household for household in households}
-        members: dict[str, list[Document]] = {household_id: [] for household_id in wanted}
-        for person in residents:
-            members[person["household_id"]].append(person)
-        return [(by_id.get(household_id), members[household_id]) for household_id in household_ids]
+        # One round trip for the households and their residents.
+        found = await (
+            await self.households.aggregate(
+                [
+                    {"$match": {"_id": {"$in": list(set(household_ids))}}},
+                    {
+                        "$lookup": {
+                            "from": self.persons.name,
+                            "localField": "_id",
+                            "foreignField": "household_id",
+                            "pipeline": [
+                                {"$match": {"status": RESIDENT}},
+                                {"$sort": {"birth_date": ASCENDING}},
+                            ],
+                            "as": RESIDENTS,
+                        }
+                    },
+                ]
+            )
+        ).to_list()
+        by_id = {household["_id"]: (household, household.pop(RESIDENTS)) for household in found}
+        return [by_id.get(household_id, (None, [])) for household_id in household_ids]
 
     async def households_page(
         self, unit_id: str, token: str, size: int
