@@ -148,16 +148,11 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        for task in (self._stop_watching(), self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._task = None
 
     async def _run(self) -> None:
@@ -180,10 +175,12 @@ class OutboxRelay:
         if self._watch is None or self._watch.done():
             self._watch = asyncio.create_task(self._watch_others(), name="outbox-watch")
 
-    def _stop_watching(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+    def _stop_watching(self) -> asyncio.Task[None] | None:
+        """Cancels the change stream's task, if any, and returns it."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+        return watch
 
     async def _watch_others(self) -> None:
         """While this relay holds the lease: wake it when another instance commits events.

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import pytest
 from aiokafka import AIOKafkaProducer
 from civic.tickets.v1 import events_pb2
 from pymongo import AsyncMongoClient
@@ -61,6 +63,11 @@ class Consumer:
     async def handled(self) -> list[str]:
         return sorted([doc["ticket_id"] async for doc in self.db.handled.find()])
 
+    async def close(self) -> None:
+        await self.broker.stop()
+        await self.client.drop_database(self.db.name)
+        await self.client.close()
+
     async def until_handled(self, count: int) -> list[str]:
         for _ in range(300):
             if len(found := await self.handled()) >= count:
@@ -69,10 +76,16 @@ class Consumer:
         raise AssertionError(f"only {await self.handled()} handled")
 
 
-async def test_a_redelivered_event_is_skipped_and_the_new_ones_with_it_are_handled(
-    settings: Settings, topic: str
-) -> None:
+@pytest.fixture
+async def consumer(settings: Settings, topic: str) -> AsyncIterator[Consumer]:
     consumer = Consumer(settings, topic)
+    yield consumer
+    await consumer.close()
+
+
+async def test_a_redelivered_event_is_skipped_and_the_new_ones_with_it_are_handled(
+    settings: Settings, topic: str, consumer: Consumer
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
     await producer.start()
     await consumer.broker.start()
@@ -104,16 +117,12 @@ async def test_a_redelivered_event_is_skipped_and_the_new_ones_with_it_are_handl
         assert await consumer.handled() == [f"t{i}" for i in range(8)]
         assert await consumer.db[PROCESSED].count_documents({}) == 8
     finally:
-        await consumer.broker.stop()
         await producer.stop()
-        await consumer.client.drop_database(consumer.db.name)
-        await consumer.client.close()
 
 
 async def test_a_fetch_over_several_partitions_is_handled_in_one_batch(
-    settings: Settings, topic: str
+    settings: Settings, topic: str, consumer: Consumer
 ) -> None:
-    consumer = Consumer(settings, topic)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, linger_ms=50)
     await producer.start()
     try:
@@ -132,10 +141,7 @@ async def test_a_fetch_over_several_partitions_is_handled_in_one_batch(
             sum(1 for d in sent if d.result().partition == p) for p in partitions
         )
     finally:
-        await consumer.broker.stop()
         await producer.stop()
-        await consumer.client.drop_database(consumer.db.name)
-        await consumer.client.close()
 
 
 def test_an_idle_consumer_waits_longer_after_each_empty_fetch_up_to_the_fetch_wait() -> None:
