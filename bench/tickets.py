@@ -11,7 +11,10 @@ service has projected them from civic.registry.v1; the registry then stops, so t
 measured runs the tickets service alone. Then, from a separate process, in turn:
 
   floor    a plain aiokafka producer and consumer on the same broker, at the same open-loop rate:
-           produce -> consume latency of one record (the producer configured like the services').
+           produce -> consume latency of one record (the producer configured like the services');
+           then plain PyMongo on the same MongoDB: one transaction of two inserts (a document and
+           its outbox entry) per send, committed as the services commit, scheduled send -> commit.
+           A ticket's path holds two such commits and two broker hops, so their tails bound its.
   capacity closed loop: a fixed number of concurrent submitters for a fixed time; tickets/s is
            the tickets they submitted divided by the time until the last one's TicketRouted was
            received, so a pipeline that falls behind the submitters is charged for its backlog.
@@ -66,7 +69,7 @@ from services.common.broker import FETCH_WAIT_MS
 from services.common.cloudevents import type_name
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
-from services.common.mongo import Document
+from services.common.mongo import Document, Session, in_transaction
 from services.common.runtime import run_async
 from services.registry.main import RegistryService
 from services.tickets import domain
@@ -437,6 +440,46 @@ async def _raw(load: RawLoad) -> Latencies:
     )
 
 
+@dataclass(frozen=True)
+class CommitLoad:
+    mongo_uri: str
+    database: str
+    rate: float
+    seconds: float
+
+
+def run_commits(load: CommitLoad) -> Latencies:
+    return run_async(_commits(load))
+
+
+async def _commits(load: CommitLoad) -> Latencies:
+    """One transaction per send, at the rate, shaped like a submitted ticket's: a document and
+    its outbox entry, committed with majority write concern as the services commit."""
+    client: AsyncMongoClient[Document] = AsyncMongoClient(load.mongo_uri)
+    try:
+        records, outbox = (
+            client[load.database]["bench_records"],
+            client[load.database]["bench_outbox"],
+        )
+        payload = os.urandom(600)  # about a ticket document's size
+        latencies: list[float] = []
+
+        async def send(index: int, scheduled: float) -> None:
+            async def work(session: Session) -> None:
+                await records.insert_one({"n": index, "payload": payload}, session=session)
+                await outbox.insert_one({"n": index, "pending": True}, session=session)
+
+            await in_transaction(client, work)
+            latencies.append((time.perf_counter() - scheduled) * 1000)
+
+        await in_transaction(client, lambda session: records.insert_one({}, session=session))
+        sent, seconds, late = await open_loop(load.rate, load.seconds, send)
+        await client.drop_database(load.database)
+    finally:
+        await client.close()
+    return Latencies(sent=sent, seconds=seconds, latencies_ms=latencies, late_sends=late)
+
+
 def warm_up_child() -> None:
     """Import the child's modules before anything is timed."""
 
@@ -458,6 +501,7 @@ class Options:
 @dataclass
 class Figures:
     floor: Latencies | None = None
+    commit_floor: Latencies | None = None
     latency: Latencies | None = None
     capacity: Capacity | None = None
     # The service process (both services) during the open-loop load: CPU, of one core.
@@ -607,6 +651,11 @@ async def run_benchmark(
         figures.floor = await in_child(
             run_raw, RawLoad(kafka, o.rate, o.floor_seconds, settings.kafka_partitions)
         )
+        say(f"floor: raw MongoDB transaction (two inserts), {o.rate:g}/s for {o.floor_seconds:g} s")
+        figures.commit_floor = await in_child(
+            run_commits,
+            CommitLoad(settings.mongo_uri, settings.database_for("floor"), o.rate, o.floor_seconds),
+        )
         say(
             f"capacity: {o.concurrency} concurrent submitters for {o.capacity_seconds:g} s, "
             "closed loop"
@@ -642,7 +691,9 @@ async def drop_databases(settings: Settings) -> None:
 
 def summary(options: Options, figures: Figures) -> dict[str, Any]:
     floor, latency, capacity = figures.floor, figures.latency, figures.capacity
+    commits = figures.commit_floor
     assert floor is not None and latency is not None and capacity is not None
+    assert commits is not None
 
     def pct(samples: list[float], fraction: float, missing: int = 0) -> float:
         return percentile(samples, fraction, missing)
@@ -678,6 +729,9 @@ def summary(options: Options, figures: Figures) -> dict[str, Any]:
         "kafka_floor_p50_ms": ms(floor_p50, 2),
         "kafka_floor_p99_ms": ms(floor_p99, 2),
         "kafka_floor_missing": floor.missing,
+        "commit_floor_p50_ms": ms(pct(commits.latencies_ms, 0.5), 2),
+        "commit_floor_p99_ms": ms(pct(commits.latencies_ms, 0.99), 2),
+        "commit_floor_max_ms": ms(max(commits.latencies_ms, default=0.0), 2),
         "routed_p50_to_floor": ratio(p50, floor_p50),
         "routed_p99_to_floor": ratio(p99, floor_p99),
         "concurrency": capacity.concurrency,
@@ -721,6 +775,7 @@ def print_report(options: Options, figures: Figures, f: dict[str, Any]) -> None:
         ("  submit -> TicketSubmitted at an outside consumer", "submitted_visible"),
         ("  submit -> SubmitTicket answer", "submit_answer"),
         ("raw aiokafka produce -> consume (floor)", "kafka_floor"),
+        ("raw MongoDB transaction, two inserts (floor)", "commit_floor"),
     ]
     for label, key in rows:
         print(f"  {label:<52}{cell(f[key + '_p50_ms'])}{cell(f[key + '_p99_ms'])}")
@@ -730,6 +785,10 @@ def print_report(options: Options, figures: Figures, f: dict[str, Any]) -> None:
         f"{DRAIN_TIMEOUT_S:g} s of the end, "
         f"{f['submit_errors']} errors, {f['late_sends']} sends >5 ms late; service process CPU "
         f"{f['service_cpu_percent']}% of a core"
+    )
+    print(
+        f"  the path holds two commits and two broker hops; the slowest floor commit of "
+        f"{options.floor_seconds:g} s took {cell(f['commit_floor_max_ms']).strip()} ms"
     )
     if latency.first_error:
         print(f"  first error: {latency.first_error}")

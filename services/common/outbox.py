@@ -25,6 +25,7 @@ from opentelemetry.trace import SpanKind
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
+from pymongo.read_concern import ReadConcern
 
 from services.common.auth import current_principal
 from services.common.cloudevents import CloudEvent, type_name
@@ -131,7 +132,9 @@ class OutboxRelay:
         batch_size: int = 100,
         lease_seconds: float = 10.0,
     ) -> None:
-        self._collection = db[OUTBOX]
+        # Only entries the majority has: a transaction is visible on the primary before it is
+        # durable, and an event of one that a failover or crash then undoes must not go out.
+        self._collection = db[OUTBOX].with_options(read_concern=ReadConcern("majority"))
         self._lease = db[LEASE]
         self._outbox = outbox
         self._producer = producer

@@ -1,12 +1,19 @@
-"""The outbox relay of one instance publishes what another instance of the service commits, at
-once rather than at its next sweep: one relay holds the lease, and a change stream tells it of
-the others' commits."""
+"""The outbox relay: it publishes what another instance of the service commits at once rather
+than at its next sweep (one relay holds the lease, and a change stream tells it of the others'
+commits), and it reads only what a majority has committed."""
 
 from __future__ import annotations
 
 import uuid
 
 from civic.tickets.v1 import events_pb2
+from pymongo import AsyncMongoClient
+from pymongo.monitoring import (
+    CommandFailedEvent,
+    CommandListener,
+    CommandStartedEvent,
+    CommandSucceededEvent,
+)
 
 from services.common.broker import outbox_producer
 from services.common.config import Settings
@@ -73,5 +80,41 @@ async def test_events_another_instance_commits_are_relayed_without_waiting_for_a
         for name in "ab":
             await relays[name].stop()
             await producers[name].stop()
+        await client.drop_database(db.name)
+        await client.close()
+
+
+async def test_relay_asks_only_for_entries_the_majority_has_committed(
+    settings: Settings, topic: str
+) -> None:
+    """A transaction is visible on the primary before it is durable on a majority: read there,
+    an event could go out whose change a failover then undoes."""
+    finds: list[Document] = []
+
+    class Finds(CommandListener):
+        def started(self, event: CommandStartedEvent) -> None:
+            if event.command_name == "find" and event.command["find"] == OUTBOX:
+                finds.append(dict(event.command))
+
+        def succeeded(self, event: CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: CommandFailedEvent) -> None:
+            pass
+
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        settings.mongo_uri, event_listeners=[Finds()]
+    )
+    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
+    outbox = Outbox(db, source="/civic/test", topic=topic)
+    producer = outbox_producer(settings.kafka_bootstrap_servers, "a")
+    relay = OutboxRelay(db, outbox, producer, owner="a", poll_seconds=SWEEP_SECONDS)
+    await producer.start()
+    try:
+        assert await relay.relay_once() == 0
+        assert finds, "the relay looked for pending entries"
+        assert all(find.get("readConcern") == {"level": "majority"} for find in finds)
+    finally:
+        await producer.stop()
         await client.drop_database(db.name)
         await client.close()
