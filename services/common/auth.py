@@ -7,9 +7,10 @@ inside a caller's scope is a prefix test that needs no lookup, in any service.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import jwt
@@ -52,6 +53,8 @@ class Principal:
     scope: str
     # A resident's own household.
     household_id: str = ""
+    # When the token ends (Unix time): a stream opened with it ends then too.
+    expires_at: float = field(default=math.inf, compare=False)
 
     @property
     def is_official(self) -> bool:
@@ -63,6 +66,10 @@ class Principal:
     def require_unit(self, unit_id: str) -> None:
         if not self.covers(unit_id):
             raise PermissionDenied(f"unit {unit_id} is outside your scope {self.scope}")
+
+    def require_unexpired(self) -> None:
+        if self.expires_at <= time.time():
+            raise Unauthenticated("token expired")
 
     def require_role(self, *roles: Role) -> None:
         if self.role not in roles:
@@ -94,14 +101,13 @@ def mint_token(
 
 
 def verify_token(secret: str, token: str) -> Principal:
-    caller, expires = _verified(secret, token)
-    if expires <= time.time():
-        raise Unauthenticated("token expired")
+    caller = _verified(secret, token)
+    caller.require_unexpired()
     return caller
 
 
 @functools.lru_cache(maxsize=4096)
-def _verified(secret: str, token: str) -> tuple[Principal, float]:
+def _verified(secret: str, token: str) -> Principal:
     """A token's signature is checked once; its expiry on every call (verify_token)."""
     try:
         claims = jwt.decode(
@@ -122,7 +128,7 @@ def _verified(secret: str, token: str) -> tuple[Principal, float]:
     household_id = str(claims.get("hh", ""))
     if role is Role.RESIDENT and not household_id:
         raise Unauthenticated("resident token names no household")
-    return Principal(str(claims["sub"]), role, scope, household_id), float(claims["exp"])
+    return Principal(str(claims["sub"]), role, scope, household_id, float(claims["exp"]))
 
 
 # The caller of the RPC being served; set by the authentication interceptor.

@@ -39,6 +39,9 @@ def _wrap(handler: Any, method: str, around: Around) -> Any:
         async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with around(method, context):
                 async for item in inner_stream(request, context):
+                    # A stream outlives the check at its start: nothing more once the token
+                    # has expired.
+                    auth.principal().require_unexpired()
                     yield item
 
         if handler.request_streaming:

@@ -14,7 +14,7 @@ from civic.tickets.v1 import events_pb2, tickets_pb2, tickets_pb2_grpc
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
-from services.common.auth import Principal, Role, principal
+from services.common.auth import OFFICIALS, Principal, Role, principal
 from services.common.cloudevents import type_name
 from services.common.commands import CommandRunner
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
@@ -68,10 +68,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     def _message(self, ticket: Document) -> tickets_pb2.Ticket:
         message = ticket_message(ticket, self.clock(), self.photos.view_url)
         # Who filed it is shown only to the submitter and officials (in scope, or they would not
-        # see the ticket at all); not to integrators, auditors or other residents.
+        # see the ticket at all); not to integrators or auditors. Nor who wrote a comment, unless
+        # an official did: the submitter's own comments would name them.
         caller = principal()
         if not (caller.is_official or caller.subject == ticket["submitter"]):
             message.submitter = ""
+            for comment in message.comments:
+                if comment.author_role not in OFFICIALS:
+                    comment.author = ""
         return message
 
     async def _ticket(self, ticket_id: str, session: Session | None = None) -> Document:
@@ -239,8 +243,10 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def GetTicket(
         self, request: tickets_pb2.GetTicketRequest, context: Context
     ) -> tickets_pb2.GetTicketResponse:
-        ticket = await self._visible(request.ticket_id, principal())
-        linked = await self.store.linked(ticket["_id"])
+        caller = principal()
+        ticket = await self._visible(request.ticket_id, caller)
+        # A cluster spans the ward; each linked ticket is shown only to who may see it alone.
+        linked = [t for t in await self.store.linked(ticket["_id"]) if _sees(caller, t)]
         return tickets_pb2.GetTicketResponse(
             ticket=self._message(ticket), linked=[self._message(t) for t in linked]
         )
@@ -728,6 +734,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         )
         self.store.forget_rules()
         return response
+
+
+def _sees(caller: Principal, ticket: Document) -> bool:
+    try:
+        _check_visible(caller, ticket)
+    except NotFound:
+        return False
+    return True
 
 
 def _check_visible(caller: Principal, ticket: Document) -> None:

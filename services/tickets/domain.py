@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from enum import IntEnum
 from typing import Any
 
-from services.common.auth import Principal, Role
+from services.common.auth import OFFICIALS, Principal, Role
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
 
@@ -216,12 +216,18 @@ def escalation_target(assigned_unit_id: str) -> str | None:
 # ---- who may do what --------------------------------------------------------------------------
 
 
+# Who sees the tickets of a unit in their scope (residents see their own only).
+SEES_TICKETS_IN_SCOPE = OFFICIALS | {Role.AUDITOR, Role.INTEGRATOR}
+
+
 def may_see(caller: Principal, origin_unit_id: str, assigned_unit_id: str, submitter: str) -> None:
     """Submitters see their own tickets; officials, integrators and auditors those in scope."""
     if caller.subject == submitter:
         return
     if caller.role is Role.RESIDENT:
         raise PermissionDenied("residents see only their own tickets")
+    if caller.role not in SEES_TICKETS_IN_SCOPE:
+        raise PermissionDenied(f"role {caller.role.value} does not see tickets")
     if not (caller.covers(origin_unit_id) or caller.covers(assigned_unit_id)):
         raise PermissionDenied("the ticket is outside your scope")
 

@@ -14,7 +14,7 @@ from civic.tickets.v1 import events_pb2, tickets_pb2
 
 from services.common.auth import Role
 from services.tickets.main import TicketsService
-from tests.registry_fixtures import create_unit
+from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
 
 
@@ -173,3 +173,34 @@ async def test_a_report_from_another_ward_is_not_linked_across_the_boundary(
     seen = await cluster(pilot.ward_officer, primary.ticket_id)
     assert not seen.linked
     assert not seen.ticket.duplicates
+
+
+async def test_the_cluster_shows_a_linked_ticket_only_to_who_may_see_it_alone(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Duplicates are linked across a ward's groups, but a group leader sees only their group's
+    tickets and a resident only their own: the cluster must not hand them the others."""
+    city = pilot.city
+    home = await new_household(city.other_leader, city.other_group, location=point_near(50))
+    other_household = home.household.household_id
+
+    async def known() -> bool:
+        return await tickets_service.store.household(other_household) is not None
+
+    await eventually(known)
+    primary = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    other_resident = pilot.caller(Role.RESIDENT, city.other_group, other_household, "resident-g")
+    filed = await pilot.submit("street-light", caller=other_resident, location=point_near(40))
+    duplicate = await pilot.routed(filed.ticket_id, other_resident)
+    assert duplicate.duplicate_of == primary.ticket_id
+
+    seen_by_ward = await cluster(pilot.ward_officer, primary.ticket_id)
+    assert [t.ticket_id for t in seen_by_ward.linked] == [duplicate.ticket_id]
+    for caller in (pilot.leader, pilot.resident):
+        seen = await cluster(caller, primary.ticket_id)
+        assert list(seen.ticket.duplicates) == [duplicate.ticket_id]  # the ids, not the tickets
+        assert not seen.linked
+    # Whoever may see a duplicate alone sees it in the cluster too.
+    other_leader = pilot.caller(Role.GROUP_LEADER, city.other_group)
+    await refused(grpc.StatusCode.NOT_FOUND, cluster(other_leader, primary.ticket_id))
+    assert (await cluster(other_leader, duplicate.ticket_id)).ticket.submitter == "resident-g"

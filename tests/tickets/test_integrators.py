@@ -272,6 +272,20 @@ async def test_integrator_in_scope_gets_more_detail_and_outside_scope_nothing(
         tickets_pb2.GetTicketRequest(ticket_id=ticket.ticket_id)
     )
     assert official.ticket.submitter == "resident-1"
+    # Nor does a comment name its author, unless an official wrote it.
+    for caller, text in ((pilot.resident, "vẫn còn hỏng"), (pilot.ward_officer, "đã báo điện lực")):
+        await caller.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket.ticket_id, text=text)
+        )
+    got = await in_scope.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket.ticket_id))
+    assert [(c.author, c.text) for c in got.ticket.comments] == [
+        ("", "vẫn còn hỏng"),
+        (f"ward_officer@{pilot.city.ward}", "đã báo điện lực"),
+    ]
+    official = await pilot.ward_officer.GetTicket(
+        tickets_pb2.GetTicketRequest(ticket_id=ticket.ticket_id)
+    )
+    assert official.ticket.comments[0].author == "resident-1"
 
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await elsewhere.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket.ticket_id))

@@ -67,6 +67,10 @@ async def test_a_ward_officer_never_sees_another_wards_tickets(pilot: Pilot) -> 
         grpc.StatusCode.PERMISSION_DENIED, pilot.neighbour.ListQueue(tickets_pb2.ListQueueRequest())
     )
 
+    # The group's treasurer keeps its funds and sees no residents' tickets.
+    treasurer = pilot.caller(Role.TREASURER, city.group)
+    await refused(grpc.StatusCode.NOT_FOUND, get(treasurer, ticket_id))
+
     # Everyone in scope sees it: the submitter, and officials of the group, ward and above.
     for caller in (pilot.resident, pilot.leader, pilot.ward_officer, pilot.district_officer):
         assert (await get(caller, ticket_id)).ticket_id == ticket_id

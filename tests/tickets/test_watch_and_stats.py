@@ -12,9 +12,9 @@ import pytest
 from civic.registry.v1 import registry_pb2
 from civic.tickets.v1 import tickets_pb2
 
-from services.common.auth import Role
+from services.common.auth import Role, mint_token
 from services.tickets.main import TicketsService
-from tests.conftest import Clock
+from tests.conftest import TEST_SECRET, Clock
 from tests.registry_fixtures import create_unit
 from tests.tickets.conftest import Pilot, TicketCaller, eventually, point_near, rid
 
@@ -200,3 +200,29 @@ async def test_statistics_count_and_time_resolutions_per_unit_and_category(
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await pilot.resident.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=group))
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_queue_watch_ends_when_its_token_expires(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """The token is checked when the stream opens and again before each change it sends."""
+    ward = pilot.city.ward
+    lifetime = 4
+    short = mint_token(
+        TEST_SECRET,
+        subject="officer-short",
+        role=Role.WARD_OFFICER,
+        scope=ward,
+        ttl_seconds=lifetime,
+    )
+    officer = TicketCaller(pilot.target, short)
+    call = officer.WatchQueue(tickets_pb2.WatchQueueRequest(unit_id=ward))
+    await eventually(lambda: change_streams_for(tickets_service, ward))
+    first = await pilot.submit()
+    assert (await next_update(call, first.ticket_id)).ticket.assigned_unit_id == ward
+
+    await asyncio.sleep(lifetime + 0.5)
+    await pilot.submit()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await asyncio.wait_for(call.read(), 10)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
