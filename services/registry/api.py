@@ -305,7 +305,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             ]
             response = registry_pb2.CreateHouseholdResponse(
                 household=household_message(household),
-                head=self.persons.message(head, principal()),
+                head=self.persons.message(head, principal(), stored=True),
             )
             return response, staged
 
@@ -386,8 +386,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def GetHouseholdHistory(
         self, request: registry_pb2.GetHouseholdHistoryRequest, context: Context
     ) -> registry_pb2.GetHouseholdHistoryResponse:
+        caller = principal()
         household = await self._household(request.household_id)
-        domain.may_read_household(principal(), household["unit_id"], household["_id"])
+        domain.may_read_household(caller, household["unit_id"], household["_id"])
+        history = await self.store.history_of(household["_id"])
+        # Births, deaths and moves are personal data: logged, naming each person, before shown.
+        named = dict.fromkeys(e["person_id"] for e in history if e.get("person_id"))
+        shown = [{"_id": person_id, "household_id": household["_id"]} for person_id in named]
+        await self.store.log_access(self._log_reads(caller, "GetHouseholdHistory", shown))
         entries = [
             registry_pb2.HouseholdHistoryEntry(
                 event_id=entry["event_id"],
@@ -397,7 +403,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 summary=entry["summary"],
                 actor=entry.get("actor", ""),
             )
-            for entry in await self.store.history_of(household["_id"])
+            for entry in history
         ]
         return registry_pb2.GetHouseholdHistoryResponse(entries=entries)
 
@@ -477,7 +483,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             await self.store.insert_person(person, session)
             await self.store.touch_household(household["_id"], self.clock(), session)
             event = events.person_registered(self.outbox, person, reason)
-            return response_type(person=self.persons.message(person, principal())), [event]
+            return response_type(person=self.persons.message(person, principal(), stored=True)), [
+                event
+            ]
 
         return await self.commands.run(method, request, response_type, work)
 
@@ -578,7 +586,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 message,
             )
             return registry_pb2.RegisterDeathResponse(
-                person=self.persons.message(updated, principal())
+                person=self.persons.message(updated, principal(), stored=True)
             ), staged
 
         return await self.commands.run(
@@ -602,7 +610,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 message,
             )
             return registry_pb2.MoveOutResponse(
-                person=self.persons.message(updated, principal())
+                person=self.persons.message(updated, principal(), stored=True)
             ), staged
 
         return await self.commands.run("MoveOut", request, registry_pb2.MoveOutResponse, work)
@@ -641,7 +649,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             updated, staged = await self._leave(session, person, changes, message)
             await self.store.touch_household(target["_id"], self.clock(), session)
             return registry_pb2.MovePersonResponse(
-                person=self.persons.message(updated, principal())
+                person=self.persons.message(updated, principal(), stored=True)
             ), staged
 
         return await self.commands.run("MovePerson", request, registry_pb2.MovePersonResponse, work)
@@ -669,7 +677,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person["_id"],
             )
             return registry_pb2.MarkPersonAbsentResponse(
-                person=self.persons.message(updated, principal())
+                person=self.persons.message(updated, principal(), stored=True)
             ), [event]
 
         return await self.commands.run(

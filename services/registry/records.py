@@ -108,11 +108,15 @@ class PersonCodec:
             doc["cid_sealed"] = self.vault.seal(cid)
         return doc
 
-    def message(self, doc: Document, caller: Principal) -> registry_pb2.Person:
+    def message(
+        self, doc: Document, caller: Principal, *, stored: bool = False
+    ) -> registry_pb2.Person:
+        """The person as `caller` may see them. A command's answer is `stored` for its retries:
+        it never holds a citizen ID in full, which is kept only sealed."""
         cid, masked = "", False
         if doc.get("cid_sealed"):
             cid = self.vault.open(doc["cid_sealed"])
-            if not domain.may_see_citizen_id(caller, doc["household_id"]):
+            if stored or not domain.may_see_citizen_id(caller, doc["household_id"]):
                 cid, masked = domain.mask_citizen_id(cid), True
         contact = doc.get("contact") or {}
         return registry_pb2.Person(

@@ -9,6 +9,7 @@ import pytest
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
+from services.registry.main import RegistryService
 from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
 
@@ -223,3 +224,27 @@ async def test_likely_duplicates_are_reported(city: City) -> None:
     assert [sorted(p.household_id for p in d.persons) for d in report.duplicates] == [
         sorted([first.household.household_id, second.household.household_id])
     ]
+
+
+async def test_a_commands_stored_answer_never_holds_a_citizen_id_in_full(
+    city: City, registry: RegistryService
+) -> None:
+    """A command's answer is kept for its retries; the ID itself is kept only sealed."""
+    cid = citizen_id("2001-09-09", registry_pb2.SEX_FEMALE)
+    home = await new_household(city.leader, city.group)
+    request = registry_pb2.RegisterPersonRequest(
+        request_id=rid(),
+        household_id=home.household.household_id,
+        person=person("Lê Thị Hoa", "2001-09-09", citizen_id=cid),
+    )
+    answer = (await city.ward_officer.RegisterPerson(request)).person
+    assert answer.citizen_id_masked and cid not in answer.citizen_id
+    assert (await city.ward_officer.RegisterPerson(request)).person == answer  # a retry
+
+    stored = [bytes(record["response"]) async for record in registry.db["commands"].find()]
+    assert stored and not any(cid.encode() in response for response in stored)
+    # Read, the ID is shown in full to whoever may see it (and the read is logged).
+    read = await city.ward_officer.GetPerson(
+        registry_pb2.GetPersonRequest(person_id=answer.person_id)
+    )
+    assert read.person.citizen_id == cid

@@ -10,6 +10,7 @@ from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
 from tests.conftest import Clock, token
+from tests.kafka_reader import eventually
 from tests.registry_fixtures import Caller, City, new_household, person, rid
 
 
@@ -168,3 +169,25 @@ async def test_citizen_ids_are_not_stored_in_clear(city: City, registry: object)
     )
     stored = await registry.store.persons.find_one({"_id": home.head.person_id})  # type: ignore[attr-defined]
     assert full.person.citizen_id not in repr(stored)
+
+
+async def test_an_officials_read_of_a_households_history_is_logged(city: City) -> None:
+    """Births, deaths and moves are personal data like the register itself."""
+    home = await new_household(city.leader, city.group)
+    hid = home.household.household_id
+    resident = city.as_role(Role.RESIDENT, city.group, household_id=hid)
+
+    async def projected() -> bool:
+        history = await resident.GetHouseholdHistory(
+            registry_pb2.GetHouseholdHistoryRequest(household_id=hid)
+        )
+        return any(e.person_id == home.head.person_id for e in history.entries)
+
+    await eventually(projected, what="the household's creation in its history")
+    await city.ward_officer.GetHouseholdHistory(
+        registry_pb2.GetHouseholdHistoryRequest(household_id=hid)
+    )
+    log = await resident.ListAccessLog(registry_pb2.ListAccessLogRequest(household_id=hid))
+    assert [(e.actor_role, e.action, e.person_id) for e in log.entries] == [
+        ("ward_officer", "GetHouseholdHistory", home.head.person_id)
+    ]
