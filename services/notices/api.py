@@ -465,6 +465,10 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         self, request: notices_pb2.ListNotReachedRequest, context: Context
     ) -> notices_pb2.ListNotReachedResponse:
         caller = principal()
+        # Counts are for anyone who reads reach; the households' addresses, to knock on their
+        # doors, only for officials.
+        if not caller.is_official:
+            raise PermissionDenied(f"role {caller.role.value} may not list households")
         notice = await self._visible(request.notice_id, caller)
         area = domain.reach_area(caller, notice["unit_id"], request.unit_id)
         size = page_size(request.page.page_size)

@@ -87,6 +87,15 @@ async def test_reads_and_acknowledgements_show_in_the_reach_counts(town: Town) -
         grpc.StatusCode.PERMISSION_DENIED,
         town.resident(a).GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id)),
     )
+    # Auditors and the treasurer count reach; the addresses behind it are for officials.
+    for role in (Role.AUDITOR, Role.TREASURER):
+        caller = town.caller(role, city.group)
+        counted = await caller.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+        assert counted.total.delivered == 3
+        await refused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            caller.ListNotReached(notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id)),
+        )
 
 
 async def test_receipts_are_for_the_households_own_notices(town: Town) -> None:
