@@ -40,6 +40,9 @@ _TRACER = tracer("civic.outbox")
 OUTBOX = "outbox"
 LEASE = "outbox_lease"
 SENT_RETENTION = timedelta(days=3)
+# Under the producer's largest record (1 MiB, with key and headers): an event the broker would
+# refuse must fail its transaction, not stop the relay at it for good.
+MAX_EVENT_BYTES = 1_000_000
 
 
 def new_event_id() -> str:
@@ -62,6 +65,12 @@ class Outbox:
 
     def event(self, message: Message, *, key: str, subject: str = "") -> Document:
         """One outbox entry for `message`, keyed by its aggregate id; carries the trace."""
+        data = message.SerializeToString()
+        if len(data) > MAX_EVENT_BYTES:
+            raise ValueError(
+                f"{type_name(message)} of {len(data):,} bytes is over {MAX_EVENT_BYTES:,}: "
+                "split it into several events"
+            )
         return {
             "_id": new_event_id(),
             "topic": self.topic,
@@ -71,7 +80,7 @@ class Outbox:
             "subject": subject,
             "actor": _actor(),
             "time": datetime.now(UTC),
-            "data": Binary(message.SerializeToString()),
+            "data": Binary(data),
             "trace": current_trace_headers(),
         }
 
@@ -163,8 +172,10 @@ class OutboxRelay:
             try:
                 if await self._hold_lease():
                     self._start_watching()
+                    # A long backlog renews the lease as it goes: no second relay joins in.
                     while await self.relay_once() == self._batch_size:
-                        pass
+                        if not await self._hold_lease():
+                            break
                 else:
                     self._stop_watching()
             except asyncio.CancelledError:

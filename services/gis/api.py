@@ -246,8 +246,9 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         if request.replace:
             stale = await self.store.stale(layer, request.unit_id, seen)
             removed = len(stale)
-            if stale:
-                await self._remove(stale, layer, import_id)
+            # In batches like the writes: one event (a Kafka record) names a batch's ids.
+            for start in range(0, len(stale), IMPORT_BATCH):
+                await self._remove(stale[start : start + IMPORT_BATCH], layer, import_id)
 
         async def record(session: Session) -> tuple[gis_pb2.ImportLayerResponse, list[Document]]:
             response = gis_pb2.ImportLayerResponse(

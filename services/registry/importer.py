@@ -13,7 +13,7 @@ from datetime import datetime
 
 from civic.registry.v1 import events_pb2, registry_pb2
 from pymongo import AsyncMongoClient
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import Principal
 from services.common.errors import DomainError, InvalidArgument
@@ -26,6 +26,7 @@ from services.registry.store import RESIDENT, RegistryStore, new_id
 
 RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
 MAX_ERRORS = 10_000
+DUPLICATE_KEY = 11000  # MongoDB's error code
 BATCH_ROWS = 2_000
 
 
@@ -221,8 +222,11 @@ class Importer:
             return
         try:
             await in_transaction(self._client, work)
-        except DuplicateKeyError:
+        except (DuplicateKeyError, BulkWriteError) as error:
             # A concurrent import wrote some of these first; nothing of this batch was written.
+            # (In a transaction, insert_many fails with BulkWriteError.)
+            if not _duplicate_keys_only(error):
+                raise
             for row_number in new_rows:
                 report.error(row_number, "", "conflicted with a concurrent import; run it again")
             return
@@ -255,3 +259,9 @@ class Importer:
             "last_activity_at": now,
             "created_at": now,
         }
+
+
+def _duplicate_keys_only(error: DuplicateKeyError | BulkWriteError) -> bool:
+    if isinstance(error, DuplicateKeyError):
+        return True
+    return all(e.get("code") == DUPLICATE_KEY for e in error.details.get("writeErrors", []))

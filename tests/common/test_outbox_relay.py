@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from civic.tickets.v1 import events_pb2
 from pymongo import AsyncMongoClient
 from pymongo.monitoring import (
@@ -18,7 +19,14 @@ from pymongo.monitoring import (
 from services.common.broker import outbox_producer
 from services.common.config import Settings
 from services.common.mongo import Document, Session, in_transaction, mongo_client
-from services.common.outbox import LEASE, OUTBOX, Outbox, OutboxRelay, ensure_outbox_indexes
+from services.common.outbox import (
+    LEASE,
+    MAX_EVENT_BYTES,
+    OUTBOX,
+    Outbox,
+    OutboxRelay,
+    ensure_outbox_indexes,
+)
 from tests.kafka_reader import Record, TopicReader, eventually
 
 # Longer than the test may take: an event seen on time was not brought by a sweep.
@@ -116,5 +124,71 @@ async def test_relay_asks_only_for_entries_the_majority_has_committed(
         assert all(find.get("readConcern") == {"level": "majority"} for find in finds)
     finally:
         await producer.stop()
+        await client.drop_database(db.name)
+        await client.close()
+
+
+def test_an_event_the_broker_would_refuse_fails_its_transaction_instead() -> None:
+    """Staged, it would stop the relay at it for good: every sweep would fail on it again."""
+    client: AsyncMongoClient[Document] = AsyncMongoClient("mongodb://127.0.0.1:1", connect=False)
+    outbox = Outbox(client["unused"], source="/civic/test", topic="t")
+    fits = events_pb2.TicketSubmitted(ticket_id="t", category="x" * (MAX_EVENT_BYTES - 100))
+    assert outbox.event(fits, key="t")["key"] == "t"
+    too_large = events_pb2.TicketSubmitted(ticket_id="t", category="x" * MAX_EVENT_BYTES)
+    with pytest.raises(ValueError, match="split it"):
+        outbox.event(too_large, key="t")
+
+
+async def test_a_relay_draining_a_backlog_keeps_its_lease(settings: Settings, topic: str) -> None:
+    """The drain outlasts the lease: without renewing it as it goes, the other instance's relay
+    would take the lease midway and publish the same entries a second time."""
+    client = mongo_client(settings.mongo_uri)
+    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
+    await ensure_outbox_indexes(db)
+    outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
+    producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
+    # One entry per batch, a lease of one second, and a drain of a few seconds.
+    relays = {
+        name: OutboxRelay(
+            db,
+            outboxes[name],
+            producers[name],
+            owner=name,
+            poll_seconds=0.05,
+            batch_size=1,
+            lease_seconds=1.0,
+        )
+        for name in "ab"
+    }
+    backlog = 300
+    await db[OUTBOX].insert_many(
+        [
+            {"_id": event["_id"], "pending": True, "by": "a", "events": [event]}
+            for event in (
+                outboxes["a"].event(events_pb2.TicketSubmitted(ticket_id=f"t{n}"), key=f"t{n}")
+                for n in range(backlog)
+            )
+        ]
+    )
+    try:
+        for name in "ab":
+            await producers[name].start()
+        relays["a"].start()
+
+        async def draining() -> bool:
+            return relays["a"].published > 0
+
+        await eventually(draining, what="the first relay draining the backlog")
+        relays["b"].start()
+
+        async def drained() -> bool:
+            return not await db[OUTBOX].count_documents({"pending": True})
+
+        await eventually(drained, what="the backlog published", within=60)
+        assert (relays["a"].published, relays["b"].published) == (backlog, 0)
+    finally:
+        for name in "ab":
+            await relays[name].stop()
+            await producers[name].stop()
         await client.drop_database(db.name)
         await client.close()

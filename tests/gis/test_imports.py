@@ -15,8 +15,10 @@ from civic.gis.v1 import events_pb2, gis_pb2
 
 from services.common.auth import Role
 from services.common.cloudevents import type_name
+from services.common.config import Settings
+from services.gis import api as gis_api
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
-from tests.kafka_reader import TopicReader, of_type, with_key
+from tests.kafka_reader import Record, TopicReader, of_type, with_key
 
 TOPIC = "civic.gis.v1"
 
@@ -157,12 +159,31 @@ async def test_invalid_geometry_is_refused_feature_by_feature(ward: Ward) -> Non
     assert alleys.rejected[0].message.startswith("properties.width_m: is required")
 
 
-async def test_replacing_a_layer_removes_what_the_new_drawing_lacks(ward: Ward) -> None:
+async def test_replacing_a_layer_removes_what_the_new_drawing_lacks(
+    ward: Ward, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await ward.import_features(gis_pb2.LAYER_BUILDING, buildings(ward))
-    response = await ward.import_features(gis_pb2.LAYER_BUILDING, buildings(ward)[:1], replace=True)
+    # Removed in batches like the writes (here of one), so no event outgrows a Kafka record.
+    monkeypatch.setattr(gis_api, "IMPORT_BATCH", 1)
+    async with TopicReader(settings.kafka_bootstrap_servers, TOPIC) as reader:
+        before = len(await reader.read_to_end())
+        response = await ward.import_features(
+            gis_pb2.LAYER_BUILDING, buildings(ward)[:1], replace=True
+        )
+
+        def replace_announced(records: list[Record]) -> bool:
+            mine = with_key(records[before:], ward.city.ward)
+            return bool(of_type(mine, type_name(events_pb2.LayerImported())))
+
+        records = await reader.collect(replace_announced, what="the replace's LayerImported")
     assert (response.unchanged, response.removed) == (1, 2)
     listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
     assert len(listed["features"]) == 1
+    changes = of_type(
+        with_key(records[before:], ward.city.ward), type_name(events_pb2.FeaturesChanged())
+    )
+    removals = [events_pb2.FeaturesChanged.FromString(r.value).removed_ids for r in changes]
+    assert [len(ids) for ids in removals] == [1, 1]
 
 
 async def test_a_large_drawing_is_uploaded_to_object_storage_then_imported(ward: Ward) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 
@@ -71,3 +72,34 @@ async def test_import_reports_bad_rows_and_creates_nothing_for_them(
     assert (again.households_created, again.persons_created, again.persons_unchanged) == (0, 0, 2)
     assert len(again.errors) == 3
     assert await households.count_documents({"unit_id": city.group}) == 1
+
+
+async def test_two_imports_of_one_file_at_once_register_each_person_once(
+    city: City, registry: RegistryService
+) -> None:
+    """Both find nobody registered and write the same persons: one of the two transactions
+    wins, the other reports its rows as conflicts to run again, and neither call fails."""
+    rows = [
+        row(
+            n,
+            city.group,
+            f"HK-C{n // 4}",
+            f"Người Thứ {n}",
+            "1990-01-01",
+            citizen_id=citizen_id("1990-01-01", registry_pb2.SEX_FEMALE),
+        )
+        for n in range(1, 201)
+    ]
+    first, second = await asyncio.gather(
+        city.leader.ImportPersons(chunks(rows, 50)), city.leader.ImportPersons(chunks(rows, 50))
+    )
+
+    assert first.persons_created + second.persons_created == len(rows)
+    for report in (first, second):
+        assert report.persons_created + report.persons_unchanged + len(report.errors) == len(rows)
+        assert all("concurrent import" in e.message for e in report.errors)
+    persons = registry.db["persons"]
+    assert await persons.count_documents({"unit_id": city.group}) == len(rows)
+    # Run again, as the conflicts ask: nothing new, nothing refused.
+    again = await city.leader.ImportPersons(chunks(rows, 50))
+    assert (again.persons_created, again.persons_unchanged, len(again.errors)) == (0, len(rows), 0)
