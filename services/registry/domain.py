@@ -203,7 +203,7 @@ def _years_before(day: date, years: int) -> date:
 def check_citizen_id(value: str, born: date | None, sex: int) -> str:
     """Twelve digits: province, century-and-sex digit, birth year's last two digits, serial."""
     cid = value.strip()
-    if not re.fullmatch(r"\d{12}", cid):
+    if not re.fullmatch(r"[0-9]{12}", cid):  # \d would take other scripts' digits too
         raise InvalidArgument("citizen_id", "must be exactly 12 digits")
     if cid[:3] not in PROVINCE_CODES:
         raise InvalidArgument("citizen_id", f"{cid[:3]} is not a province code")
@@ -309,7 +309,7 @@ def verified_before(now: datetime, max_age_days: int) -> datetime:
 
 
 def check_housing(floor_area_m2: float, storeys: int, sub_households: int) -> None:
-    if floor_area_m2 < 0 or floor_area_m2 > 100_000:
+    if not 0 <= floor_area_m2 <= 100_000:  # NaN is refused too
         raise InvalidArgument("housing.floor_area_m2", "must be between 0 and 100000")
     if storeys < 0 or storeys > 100:
         raise InvalidArgument("housing.storeys", "must be between 0 and 100")

@@ -52,9 +52,13 @@ def housing_document(housing: registry_pb2.Housing) -> Document:
     }
 
 
-def check_enum(field: str, value: int, enum: Any) -> int:
-    if value == 0 or value not in enum.values():
-        raise InvalidArgument(field, "is required")
+def check_enum(field: str, value: int, enum: Any, *, required: bool = True) -> int:
+    if value == 0:
+        if required:
+            raise InvalidArgument(field, "is required")
+        return value
+    if value not in enum.values():
+        raise InvalidArgument(field, f"{value} is not a known value")
     return value
 
 
@@ -77,8 +81,8 @@ class PersonCodec:
         name = domain.normalize_name(f"{field}.full_name", details.full_name)
         born = domain.check_birth_date(f"{field}.birth_date", details.birth_date, today)
         sex = check_enum(f"{field}.sex", details.sex, registry_pb2.Sex)
-        relation = relationship or check_enum(
-            f"{field}.relationship", details.relationship, registry_pb2.Relationship
+        relation = check_enum(
+            f"{field}.relationship", relationship or details.relationship, registry_pb2.Relationship
         )
         doc: Document = {
             "_id": new_id("p"),
@@ -89,7 +93,9 @@ class PersonCodec:
             "birth_date": born.isoformat(),
             "sex": sex,
             "relationship": relation,
-            "education": details.education,
+            "education": check_enum(
+                f"{field}.education", details.education, registry_pb2.EducationLevel, required=False
+            ),
             "occupation": " ".join(details.occupation.split())[:120],
             "contact": {"phone": details.contact.phone.strip(), "email": details.contact.email},
             "status": RESIDENT,

@@ -88,6 +88,31 @@ BAD_PERSONS: list[tuple[str, Callable[[], registry_pb2.PersonDetails], grpc.Stat
         grpc.StatusCode.INVALID_ARGUMENT,
         "person.sex",
     ),
+    (
+        # Fullwidth digits are digits to \d: the same ID again, past the unique check.
+        "citizen id in other digits",
+        lambda: person(citizen_id="048１９０１２３４５６"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.citizen_id",
+    ),
+    (
+        "unknown relationship",
+        lambda: person(relationship=999),  # type: ignore[arg-type]
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.relationship",
+    ),
+    (
+        "unknown education",
+        lambda: registry_pb2.PersonDetails(
+            full_name="Nguyễn Thị Bê",
+            birth_date="1990-05-17",
+            sex=registry_pb2.SEX_FEMALE,
+            relationship=registry_pb2.RELATIONSHIP_SPOUSE,
+            education=777,  # type: ignore[arg-type]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.education",
+    ),
 ]
 
 
@@ -161,6 +186,12 @@ BAD_HOUSEHOLDS: list[tuple[str, dict[str, Any], grpc.StatusCode, str]] = [
         "housing.floor_area_m2",
     ),
     (
+        "area not a number",
+        {"housing": registry_pb2.Housing(floor_area_m2=float("nan"))},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "housing.floor_area_m2",
+    ),
+    (
         "latitude",
         {"location": types_pb2.GeoPoint(latitude=100, longitude=108)},
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -217,3 +248,20 @@ async def test_missing_or_bad_token(city: City) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await caller.GetUnit(registry_pb2.GetUnitRequest(unit_id=city.group))
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_birth_with_an_unknown_relationship_is_refused(
+    city: City, registry: RegistryService
+) -> None:
+    home = await new_household(city.leader, city.group)
+    before = await footprint(registry)
+    child = person("Bé Mới", "2024-01-01", relationship=999)  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.leader.RegisterBirth(
+            registry_pb2.RegisterBirthRequest(
+                request_id=rid(), household_id=home.household.household_id, child=child
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith("child.relationship:"), error.value.details()
+    assert await footprint(registry) == before
