@@ -177,10 +177,15 @@ def age_on(born: date, day: date) -> int:
     return day.year - born.year - ((day.month, day.day) < (born.month, born.day))
 
 
+MAX_AGE = 150  # years, in searches by age
+MAX_DAYS_BACK = 36_500  # how far back "not verified / not active for N days" may look
+
+
 def birth_dates_for_ages(min_age: int, max_age: int, as_of: date) -> tuple[str | None, str | None]:
     """Birth-date bounds (inclusive, ISO) of people aged min_age..max_age on as_of."""
-    if min_age < 0 or max_age < 0:
-        raise InvalidArgument("min_age" if min_age < 0 else "max_age", "must not be negative")
+    for name, age in (("min_age", min_age), ("max_age", max_age)):
+        if not 0 <= age <= MAX_AGE:
+            raise InvalidArgument(name, f"must be between 0 and {MAX_AGE}")
     if max_age and min_age > max_age:
         raise InvalidArgument("min_age", "is greater than max_age")
     latest = _years_before(as_of, min_age).isoformat() if min_age else None
@@ -191,6 +196,8 @@ def birth_dates_for_ages(min_age: int, max_age: int, as_of: date) -> tuple[str |
 
 
 def _years_before(day: date, years: int) -> date:
+    if day.year - years < 1:
+        raise InvalidArgument("as_of", f"is too early to count {years} years back")
     try:
         return day.replace(year=day.year - years)
     except ValueError:  # 29 February
@@ -297,14 +304,14 @@ def may_count(caller: Principal, unit_id: str) -> None:
 
 def inactive_since(now: datetime, inactive_days: int) -> datetime:
     """Households neither verified nor active since this moment hold suspected virtual residents."""
-    if inactive_days < 0:
-        raise InvalidArgument("inactive_days", "must not be negative")
+    if not 0 <= inactive_days <= MAX_DAYS_BACK:
+        raise InvalidArgument("inactive_days", f"must be between 0 and {MAX_DAYS_BACK}")
     return now - timedelta(days=inactive_days or VIRTUAL_RESIDENT_DAYS)
 
 
 def verified_before(now: datetime, max_age_days: int) -> datetime:
-    if max_age_days < 0:
-        raise InvalidArgument("max_age_days", "must not be negative")
+    if not 0 <= max_age_days <= MAX_DAYS_BACK:
+        raise InvalidArgument("max_age_days", f"must be between 0 and {MAX_DAYS_BACK}")
     return now - timedelta(days=max_age_days or VERIFICATION_INTERVAL_DAYS)
 
 

@@ -265,3 +265,37 @@ async def test_a_birth_with_an_unknown_relationship_is_refused(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.value.details() or "").startswith("child.relationship:"), error.value.details()
     assert await footprint(registry) == before
+
+
+BAD_QUERIES: list[tuple[str, Any, str]] = [
+    ("age past any life", registry_pb2.SearchPersonsRequest(max_age=100_000), "max_age"),
+    ("negative age", registry_pb2.SearchPersonsRequest(min_age=-1), "min_age"),
+    (
+        "ages before year one",
+        registry_pb2.SearchPersonsRequest(as_of="0001-01-01", min_age=3),
+        "as_of",
+    ),
+    (
+        "overdue by a million years",
+        registry_pb2.ListOverdueVerificationsRequest(max_age_days=365_000_000),
+        "max_age_days",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "field"), BAD_QUERIES, ids=[c[0] for c in BAD_QUERIES]
+)
+async def test_a_query_out_of_range_is_invalid_not_internal(
+    city: City, case: str, request_: Any, field: str
+) -> None:
+    request_.unit_id = city.group
+    method = (
+        city.leader.SearchPersons
+        if isinstance(request_, registry_pb2.SearchPersonsRequest)
+        else city.leader.ListOverdueVerifications
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await method(request_)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith(field + ":"), error.value.details()
