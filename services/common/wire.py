@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
 from civic.common.v1 import types_pb2
@@ -15,6 +15,11 @@ from services.common.errors import InvalidArgument
 VIETNAM = timezone(timedelta(hours=7))
 
 
+# A moment in a request lies in these years: past them it means nothing here, and near the
+# calendar's ends adding a day to it would overflow.
+YEARS = range(1900, 3000)
+
+
 def local_date(moment: datetime) -> date:
     return moment.astimezone(VIETNAM).date()
 
@@ -25,6 +30,28 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     stamp = Timestamp()
     stamp.FromDatetime(value)
     return stamp
+
+
+def moment(field: str, stamp: Timestamp) -> datetime:
+    """A request's Timestamp as an aware UTC datetime, or INVALID_ARGUMENT naming `field`."""
+    try:
+        value = stamp.ToDatetime(UTC)
+    except (ValueError, OverflowError):
+        value = None
+    if value is None or value.year not in YEARS:
+        raise InvalidArgument(field, f"must lie in the years {YEARS.start}-{YEARS.stop - 1}")
+    return value
+
+
+def span(field: str, value: Duration, *, longest: timedelta) -> timedelta:
+    """A request's Duration, at most `longest` either way, or INVALID_ARGUMENT naming `field`."""
+    try:
+        result = value.ToTimedelta()
+    except (ValueError, OverflowError):
+        result = None
+    if result is None or abs(result) > longest:
+        raise InvalidArgument(field, f"must be at most {longest.days} days")
+    return result
 
 
 def duration(value: timedelta) -> Duration:

@@ -9,7 +9,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from dataclasses import field as default
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -25,7 +25,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.mongo import Document, Session, in_transaction
 from services.common.objects import UPLOAD_WINDOW, ObjectStore, check_image_upload
 from services.common.outbox import Outbox
-from services.common.wire import local_date, timestamp
+from services.common.wire import local_date, moment, timestamp
 from services.ledger import domain, events, statements
 from services.ledger.records import (
     balances_message,
@@ -574,6 +574,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 ),
                 ("income/dues", -total),
             ]
+            try:  # as the auditors' replay will check the transaction
+                domain.check_postings("postings", draft.postings)
+            except InvalidArgument as error:
+                raise InvalidArgument(
+                    "rate", f"gives dues the ledger cannot post ({error.message})"
+                ) from None
             draft.details = {"campaign_id": campaign_id}
             campaign: Document = {
                 "_id": campaign_id,
@@ -702,7 +708,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         as_of = None
         if request.HasField("as_of"):
             # Everything posted at or before the moment asked about.
-            as_of = request.as_of.ToDatetime(UTC) + timedelta(milliseconds=1)
+            as_of = moment("as_of", request.as_of) + timedelta(milliseconds=1)
         sequence, balances = await self._balances(fund, as_of, request.as_of_sequence)
         return ledger_pb2.GetBalancesResponse(
             fund_id=fund["_id"],
@@ -714,9 +720,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def _statement(
         self, fund: Document, start: Timestamp | None, end: Timestamp | None
     ) -> ledger_pb2.Statement:
-        begin = start.ToDatetime(UTC) if start is not None else None
+        begin = moment("from", start) if start is not None else None
         # [from, to): up to now, this moment's transactions included, when `to` is not given.
-        until = end.ToDatetime(UTC) if end is not None else self.clock() + timedelta(milliseconds=1)
+        until = moment("to", end) if end is not None else self.clock() + timedelta(milliseconds=1)
         if begin is not None and begin >= until:
             raise InvalidArgument("to", "must be after from")
         opening: dict[str, int] = {}

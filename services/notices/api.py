@@ -27,7 +27,7 @@ from services.common.objects import UPLOAD_WINDOW, ObjectStore, check_upload
 from services.common.outbox import Outbox
 from services.common.paging import page_size
 from services.common.runtime import BackgroundTask
-from services.common.wire import timestamp
+from services.common.wire import moment, span, timestamp
 from services.notices import domain
 from services.notices.delivery import Deliverer, publication
 from services.notices.domain import State
@@ -247,10 +247,12 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         now = self.clock()
         timing = domain.check_timing(
             now,
-            request.publish_at.ToDatetime(now.tzinfo) if request.HasField("publish_at") else None,
-            request.expires_at.ToDatetime(now.tzinfo) if request.HasField("expires_at") else None,
+            moment("publish_at", request.publish_at) if request.HasField("publish_at") else None,
+            moment("expires_at", request.expires_at) if request.HasField("expires_at") else None,
             priority,
-            request.resend_after.ToTimedelta() if request.HasField("resend_after") else None,
+            span("resend_after", request.resend_after, longest=domain.MAX_RESEND_AFTER)
+            if request.HasField("resend_after")
+            else None,
         )
         unit = await self.store.view.unit(request.unit_id)
         if unit is None:

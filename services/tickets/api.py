@@ -22,7 +22,7 @@ from services.common.mongo import Document, Session
 from services.common.objects import ObjectStore, check_image_upload
 from services.common.outbox import Outbox
 from services.common.paging import page_size
-from services.common.wire import duration, point_document, timestamp
+from services.common.wire import duration, point_document, span, timestamp
 from services.tickets import domain
 from services.tickets.escalation import escalate
 from services.tickets.events import ticket_event
@@ -707,7 +707,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         caller.require_role(Role.CITY_ADMIN)
         rules = [rule_from_message(i, rule) for i, rule in enumerate(request.rules)]
         reopen_within = (
-            request.reopen_within.ToTimedelta()
+            span("reopen_within", request.reopen_within, longest=domain.LONGEST_DEADLINE)
             if request.HasField("reopen_within")
             else domain.DEFAULT_REOPEN_WITHIN
         )

@@ -159,6 +159,9 @@ DEFAULT_RULES = [
     Rule("health", "Y tế", Level.WARD, "health-station", _sla(12, 3)),
 ]
 DEFAULT_REOPEN_WITHIN = timedelta(days=7)
+# The longest deadline or reopening period a rule may set: a year is more than any SLA needs, and
+# a deadline must stay a date that can be computed.
+LONGEST_DEADLINE = timedelta(days=366)
 
 
 # ---- the lifecycle --------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from civic.tickets.v1 import tickets_pb2
 
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
-from services.common.wire import duration, point_message, timestamp
-from services.tickets.domain import Level, Rule, Sla, Status
+from services.common.wire import duration, point_message, span, timestamp
+from services.tickets.domain import LONGEST_DEADLINE, Level, Rule, Sla, Status
 
 
 def ticket_message(
@@ -74,7 +74,11 @@ def rule_from_message(index: int, rule: tickets_pb2.RoutingRule) -> Rule:
         level = Level(sla.level) if sla.level in tickets_pb2.Level.values() and sla.level else None
         if level is None:
             raise InvalidArgument(f"rules[{index}].slas.level", "is required")
-        slas[level] = Sla(sla.acknowledge_within.ToTimedelta(), sla.resolve_within.ToTimedelta())
+        where = f"rules[{index}].slas"
+        slas[level] = Sla(
+            span(f"{where}.acknowledge_within", sla.acknowledge_within, longest=LONGEST_DEADLINE),
+            span(f"{where}.resolve_within", sla.resolve_within, longest=LONGEST_DEADLINE),
+        )
     return Rule(rule.category, rule.title.strip(), Level(rule.level), rule.department, slas)
 
 

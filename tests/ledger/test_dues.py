@@ -9,6 +9,7 @@ import grpc
 import pytest
 from civic.ledger.v1 import ledger_pb2
 from civic.registry.v1 import registry_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from tests.ledger.conftest import Books, rid
 
@@ -210,6 +211,9 @@ async def test_bad_campaigns_name_the_field(books: Books) -> None:
         ({"period": ""}, "period"),
         ({"name": " "}, "name"),
         ({"exemptions": [9]}, "exemptions[0]"),
+        # A rate the ledger takes, times a household's two residents, would be a posting over
+        # the largest amount, which the auditors' replay refuses.
+        ({"basis": ledger_pb2.DUES_BASIS_PER_PERSON, "rate": 10**15}, "rate"),
     ]
     for fields, field in cases:
         request = ledger_pb2.DeclareCampaignRequest(
@@ -227,5 +231,22 @@ async def test_bad_campaigns_name_the_field(books: Books) -> None:
                 setattr(request, key, value)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await books.leader.DeclareCampaign(request)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert (refused.value.details() or "").startswith(f"{field}: ")
+
+
+async def test_a_moment_out_of_the_calendar_is_invalid_not_internal(books: Books) -> None:
+    far = Timestamp(seconds=2**40)
+    for request, field in (
+        (ledger_pb2.GetBalancesRequest(fund_id=books.fund_id, as_of=far), "as_of"),
+        (ledger_pb2.GetStatementRequest(fund_id=books.fund_id, to=far), "to"),
+    ):
+        method = (
+            books.leader.GetBalances
+            if isinstance(request, ledger_pb2.GetBalancesRequest)
+            else books.leader.GetStatement
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await method(request)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert (refused.value.details() or "").startswith(f"{field}: ")

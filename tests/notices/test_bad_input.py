@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from civic.common.v1 import types_pb2
 from civic.notices.v1 import notices_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.notices.domain import MAX_BODY, MAX_TITLE
 from tests.conftest import Clock
@@ -48,6 +49,8 @@ async def test_bad_publish_requests_write_nothing(town: Town, clock: Clock) -> N
             "expires_at",
         ),
         ({"publish_at": stamp(clock() + timedelta(days=400))}, INVALID, "publish_at"),
+        ({"publish_at": Timestamp(seconds=2**40)}, INVALID, "publish_at"),
+        ({"expires_at": Timestamp(seconds=-(2**40))}, INVALID, "expires_at"),
         ({"unit_id": f"{town.city.ward}.nowhere"}, grpc.StatusCode.NOT_FOUND, ""),
     ]
     for fields, code, field in cases:

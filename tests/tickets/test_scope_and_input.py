@@ -271,6 +271,11 @@ def no_level(rules: list[tickets_pb2.RoutingRule]) -> None:
     rules[0].level = tickets_pb2.LEVEL_UNSPECIFIED
 
 
+def resolve_in_nine_thousand_years(rules: list[tickets_pb2.RoutingRule]) -> None:
+    # Its deadline could not even be computed: routing would fail on every ticket after it.
+    rules[0].slas[0].resolve_within.seconds = 9000 * 366 * 86_400
+
+
 def bad_category(rules: list[tickets_pb2.RoutingRule]) -> None:
     rules[0].category = "Street Light"
 
@@ -372,6 +377,11 @@ async def test_bad_input_on_existing_tickets_is_refused_and_writes_nothing(
         (
             "rules resolving before acknowledging",
             spoilt_rules(pilot, admin, resolve_before_acknowledging),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules with a deadline thousands of years away",
+            spoilt_rules(pilot, admin, resolve_in_nine_thousand_years),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         (
