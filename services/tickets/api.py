@@ -570,6 +570,10 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         async def run(session: Session) -> tuple[tickets_pb2.AddCommentResponse, list[Document]]:
             ticket = await self._ticket(request.ticket_id, session)
             allowed(caller, ticket)
+            if len(ticket.get("comments", [])) >= domain.MAX_COMMENTS:
+                raise FailedPrecondition(
+                    f"ticket {ticket['_id']} has {domain.MAX_COMMENTS} comments, the most it keeps"
+                )
             updated, emitted = await mutate(ticket, session)
             return tickets_pb2.AddCommentResponse(ticket=self._message(updated)), emitted
 

@@ -40,6 +40,9 @@ CATEGORY = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
 DEPARTMENT = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 MAX_DESCRIPTION = 4000
 MAX_COMMENT = 2000
+# Comments a ticket keeps: every answer carries them all, within gRPC's 4 MiB and far from
+# MongoDB's 16 MiB per ticket.
+MAX_COMMENTS = 200
 DUPLICATE_DISTANCE_M = 150
 DUPLICATE_WINDOW = timedelta(days=3)
 MAX_PHOTO_BYTES = 8 * 1024 * 1024

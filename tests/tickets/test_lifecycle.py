@@ -15,6 +15,7 @@ from civic.tickets.v1 import events_pb2, tickets_pb2
 from google.protobuf.message import Message
 
 from services.common.auth import Role
+from services.tickets import domain
 from services.tickets.main import TicketsService
 from tests.conftest import Clock
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, rid
@@ -399,3 +400,26 @@ async def test_the_queue_filters_by_department_status_category_and_deadline(
     # A ward's tickets are not in the queue of the level above.
     district = await pilot.district_officer.ListQueue(tickets_pb2.ListQueueRequest())
     assert not {t.ticket_id for t in district.tickets} & set(ids.values())
+
+
+async def test_a_ticket_keeps_a_bounded_number_of_comments(
+    pilot: Pilot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every answer carries the whole ticket: unbounded comments would outgrow gRPC's answer and
+    then MongoDB's document, with the comment written but its answer lost."""
+    monkeypatch.setattr(domain, "MAX_COMMENTS", 3)
+    ticket_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+
+    async def comment(text: str) -> None:
+        await pilot.resident.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text=text)
+        )
+
+    for n in range(3):
+        await comment(f"lần {n}")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await comment("lần nữa")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "3 comments" in (caught.value.details() or "")
+    got = await pilot.resident.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket_id))
+    assert [c.text for c in got.ticket.comments] == ["lần 0", "lần 1", "lần 2"]
