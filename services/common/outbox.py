@@ -46,7 +46,7 @@ MAX_EVENT_BYTES = 1_000_000
 
 
 def new_event_id() -> str:
-    # Time-ordered, so sorting the outbox by id follows commit order per aggregate.
+    # Time-ordered within a process: among entries of one snapshot time, the tie-break.
     return str(ObjectId())
 
 
@@ -86,10 +86,21 @@ class Outbox:
 
     async def stage(self, session: Session, events: list[Document]) -> None:
         """Stage a transaction's events as one outbox entry (one write, however many events)."""
-        if events:
+        if not events:
+            return
+        entry = {"_id": events[0]["_id"], "pending": True, "by": self.instance, "events": events}
+        # The relay publishes in `order`: the server's time of this transaction's snapshot, as
+        # its earlier statements reported it. A later transaction on the same aggregate had to
+        # wait for this one to commit, so it reads, and sorts, after it, whichever instance ran
+        # it. (Event ids follow commit order within one process only.)
+        if session.operation_time is not None:
             await self._collection.insert_one(
-                {"_id": events[0]["_id"], "pending": True, "by": self.instance, "events": events},
-                session=session,
+                entry | {"order": session.operation_time}, session=session
+            )
+        else:  # nothing before it in the transaction: its own write tells the time
+            await self._collection.insert_one(entry, session=session)
+            await self._collection.update_one(
+                {"_id": entry["_id"]}, {"$set": {"order": session.operation_time}}, session=session
             )
 
     def committed(self) -> None:
@@ -104,7 +115,9 @@ class Outbox:
 
 async def ensure_outbox_indexes(db: AsyncDatabase[Document]) -> None:
     outbox = db[OUTBOX]
-    await outbox.create_index([("pending", ASCENDING), ("_id", ASCENDING)], sparse=True)
+    await outbox.create_index(
+        [("pending", ASCENDING), ("order", ASCENDING), ("_id", ASCENDING)], sparse=True
+    )
     await outbox.create_index(
         "sent_at", expireAfterSeconds=int(SENT_RETENTION.total_seconds()), sparse=True
     )
@@ -245,7 +258,7 @@ class OutboxRelay:
         """Publish one batch of pending events; returns how many were published."""
         entries = (
             await self._collection.find({"pending": True})
-            .sort("_id", ASCENDING)
+            .sort([("order", ASCENDING), ("_id", ASCENDING)])
             .limit(self._batch_size)
             .to_list()
         )

@@ -7,7 +7,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from bson import ObjectId
 from civic.tickets.v1 import events_pb2
+from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 from pymongo.monitoring import (
     CommandFailedEvent,
@@ -190,5 +192,48 @@ async def test_a_relay_draining_a_backlog_keeps_its_lease(settings: Settings, to
         for name in "ab":
             await relays[name].stop()
             await producers[name].stop()
+        await client.drop_database(db.name)
+        await client.close()
+
+
+async def test_two_instances_changes_to_one_aggregate_are_published_in_commit_order(
+    settings: Settings, topic: str
+) -> None:
+    """Instance b changes ticket T, then instance a changes it again within the same second.
+    Event ids from two processes in one second sort by each process's random bytes, not by
+    time: sorted by id, a's event could be published before b's."""
+    client = mongo_client(settings.mongo_uri)
+    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
+    await ensure_outbox_indexes(db)
+    await db["tickets"].insert_one({"_id": "T", "changes": 0})
+    outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
+    producer = outbox_producer(settings.kafka_bootstrap_servers, "a")
+    relay = OutboxRelay(db, outboxes["a"], producer, owner="a", poll_seconds=SWEEP_SECONDS)
+
+    async def change(name: str, message: Message) -> str:
+        event = outboxes[name].event(message, key="T")
+        if name == "b":  # what ObjectId() gives in a process whose random bytes sort after ours
+            ours = ObjectId()
+            event["_id"] = str(ObjectId(ours.binary[:4] + b"\xff" * 5 + ours.binary[9:]))
+
+        async def work(session: Session) -> None:
+            await db["tickets"].update_one({"_id": "T"}, {"$inc": {"changes": 1}}, session=session)
+            await outboxes[name].stage(session, [event])
+
+        await in_transaction(client, work)
+        return str(event["_id"])
+
+    try:
+        await producer.start()
+        first = await change("b", events_pb2.TicketAcknowledged(ticket_id="T"))
+        second = await change("a", events_pb2.TicketWorkStarted(ticket_id="T"))
+        assert second < first  # by id alone, the later change would go first
+        async with TopicReader(settings.kafka_bootstrap_servers, topic) as reader:
+            while await relay.relay_once():
+                pass
+            records = await reader.collect(lambda rs: len(rs) >= 2, what="both events")
+        assert [r.event_id for r in records] == [first, second]
+    finally:
+        await producer.stop()
         await client.drop_database(db.name)
         await client.close()
