@@ -179,6 +179,13 @@ class OutboxRelay:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = None
+        if self._held_until is not None:
+            # Hand over at once: another instance relays now, not when the lease runs out.
+            self._held_until = None
+            try:
+                await self._lease.delete_one({"_id": "relay", "owner": self._owner})
+            except Exception:  # the database already gone: the lease runs out by itself
+                log.warning("could not release the outbox relay lease", exc_info=True)
 
     async def _run(self) -> None:
         while True:

@@ -5,6 +5,7 @@ commits), and it reads only what a majority has committed."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
 from bson import ObjectId
@@ -149,7 +150,7 @@ async def test_a_relay_draining_a_backlog_keeps_its_lease(settings: Settings, to
     await ensure_outbox_indexes(db)
     outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
     producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
-    # One entry per batch, a lease of one second, and a drain of a few seconds.
+    # One entry per batch, a lease of two seconds, and a drain of several.
     relays = {
         name: OutboxRelay(
             db,
@@ -158,11 +159,11 @@ async def test_a_relay_draining_a_backlog_keeps_its_lease(settings: Settings, to
             owner=name,
             poll_seconds=0.05,
             batch_size=1,
-            lease_seconds=1.0,
+            lease_seconds=2.0,
         )
         for name in "ab"
     }
-    backlog = 300
+    backlog = 1200
     await db[OUTBOX].insert_many(
         [
             {"_id": event["_id"], "pending": True, "by": "a", "events": [event]}
@@ -235,5 +236,43 @@ async def test_two_instances_changes_to_one_aggregate_are_published_in_commit_or
         assert [r.event_id for r in records] == [first, second]
     finally:
         await producer.stop()
+        await client.drop_database(db.name)
+        await client.close()
+
+
+async def test_a_relay_that_stops_hands_its_lease_over_at_once(
+    settings: Settings, topic: str
+) -> None:
+    """A graceful stop (scaling down, a deploy) must not leave the service's events waiting for
+    the stopped instance's lease to run out."""
+    client = mongo_client(settings.mongo_uri)
+    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
+    await ensure_outbox_indexes(db)
+    outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
+    producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
+    relays = {
+        name: OutboxRelay(
+            db, outboxes[name], producers[name], owner=name, poll_seconds=0.05, lease_seconds=60
+        )
+        for name in "ab"
+    }
+
+    def holds(name: str) -> Callable[[], Awaitable[bool]]:
+        async def probe() -> bool:
+            return bool(await db[LEASE].find_one({"_id": "relay", "owner": name}))
+
+        return probe
+
+    try:
+        for name in "ab":
+            await producers[name].start()
+            relays[name].start()
+            await eventually(holds("a"), what="the first relay holds the lease")
+        await relays["a"].stop()
+        await eventually(holds("b"), what="the second relay took the lease over", within=5)
+    finally:
+        for name in "ab":
+            await relays[name].stop()
+            await producers[name].stop()
         await client.drop_database(db.name)
         await client.close()
