@@ -28,6 +28,9 @@ from services.common.telemetry import context_from_pairs, tracer
 
 # A proxy until the provider is installed; fetched once, not per message or call.
 _TRACER = tracer("civic.consumer")
+# Every event each consumer group handled, kept for good (no TTL): topics keep their history
+# and a group whose offsets the broker has forgotten starts again from the earliest event, so a
+# marker must outlive any offset. (Partition the collection by month to archive it, if ever.)
 PROCESSED = "processed_events"
 FETCH_WAIT_MS = 10
 # A consumer takes what it has fetched, up to this many events, as one batch.
