@@ -243,7 +243,9 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             made, changed, same = await self._write_batch(batch, layer, import_id)
             created, updated, unchanged = created + made, updated + changed, unchanged + same
         removed = 0
-        if request.replace:
+        # A drawing with refused features is not the whole layer (a wrong CRS refuses them all):
+        # replacing would delete what they stand for. Fix the file and import it again.
+        if request.replace and not rejected:
             stale = await self.store.stale(layer, request.unit_id, seen)
             removed = len(stale)
             # In batches like the writes: one event (a Kafka record) names a batch's ids.

@@ -186,6 +186,16 @@ async def test_replacing_a_layer_removes_what_the_new_drawing_lacks(
     assert [len(ids) for ids in removals] == [1, 1]
 
 
+async def test_a_replace_with_refused_features_removes_nothing(ward: Ward) -> None:
+    """A wrong CRS refuses every feature: replacing would empty the layer."""
+    await ward.import_features(gis_pb2.LAYER_BUILDING, buildings(ward))
+    broken = [*buildings(ward)[:1], point_feature(ward.at(0, 0), "a-point")]
+    response = await ward.import_features(gis_pb2.LAYER_BUILDING, broken, replace=True)
+    assert (response.unchanged, len(response.rejected), response.removed) == (1, 1, 0)
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
+    assert len(listed["features"]) == 3
+
+
 async def test_a_large_drawing_is_uploaded_to_object_storage_then_imported(ward: Ward) -> None:
     upload = await ward.officer.CreateImportUpload(
         gis_pb2.CreateImportUploadRequest(unit_id=ward.city.ward, file_name="hydrants.geojson")
