@@ -603,6 +603,9 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             notice = await self.store.get(entry["notice_id"])
             if record is None or notice is None:
                 continue  # a revision or retraction of a notice this household never had
+            withdrawn = record.get("withdrawn_at") is not None
+            if withdrawn and entry["change"] != notices_pb2.NOTICE_CHANGE_WITHDRAWN:
+                continue  # the household moved away: the notice's news is no longer its own
             yield notices_pb2.WatchMyNoticesResponse(
                 change=entry["change"], notice=self._household_notice(record, notice)
             )

@@ -8,7 +8,9 @@ import asyncio
 from typing import Any
 
 import grpc
+import pytest
 from civic.notices.v1 import notices_pb2
+from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
 from services.notices.delivery import Deliverer
@@ -49,7 +51,7 @@ async def test_a_delivery_interrupted_mid_way_completes_without_duplicates(
 
 
 async def next_change(
-    call: Any, notice_id: str, seen: list[str]
+    call: Any, notice_id: str, seen: list[str], within: float = 10
 ) -> notices_pb2.WatchMyNoticesResponse:
     """The stream's next update about `notice_id`; every notice it passes on is noted in seen."""
 
@@ -61,7 +63,7 @@ async def next_change(
             if update.notice.notice.notice_id == notice_id:
                 return update  # type: ignore[no-any-return]
 
-    return await asyncio.wait_for(read(), 10)
+    return await asyncio.wait_for(read(), within)
 
 
 async def test_a_residents_app_hears_of_its_notices_live(town: Town) -> None:
@@ -108,3 +110,32 @@ async def test_a_residents_app_hears_of_its_notices_live(town: Town) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_household_that_moved_away_is_not_streamed_the_notices_later_changes(
+    town: Town,
+) -> None:
+    household = town.households[town.city.other_group][0]
+    notice = await town.publish()
+    await town.delivered(notice.notice_id)
+    head = await town.service.store.view.persons.find_one({"household_id": household})
+    assert head is not None
+    await town.city.ward_officer.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=head["_id"], destination="Huế")
+    )
+
+    async def withdrawn() -> bool:
+        return await town.inbox(household) == []
+
+    await eventually(withdrawn, what="the notice withdrawn from the household that left")
+    call = town.resident(household).WatchMyNotices(notices_pb2.WatchMyNoticesRequest())
+    hub = town.service.servicer.hub
+    await eventually(lambda: _true(hub.watching(household)), what="the stream open")
+    await town.ward_officer.ReviseNotice(
+        notices_pb2.ReviseNoticeRequest(
+            request_id=rid(), notice_id=notice.notice_id, title="Lịch mới", body="Nội dung mới"
+        )
+    )
+    with pytest.raises(TimeoutError):
+        await next_change(call, notice.notice_id, [], within=3)
+    call.cancel()
