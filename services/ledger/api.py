@@ -710,11 +710,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             # Everything posted at or before the moment asked about.
             as_of = moment("as_of", request.as_of) + timedelta(milliseconds=1)
         sequence, balances = await self._balances(fund, as_of, request.as_of_sequence)
+        head = await self.store.fund(fund["_id"]) or fund  # read after: never behind `sequence`
         return ledger_pb2.GetBalancesResponse(
             fund_id=fund["_id"],
             sequence=sequence,
             balances=balances_message(balances),
             available=balances.get("cash", 0) + balances.get("bank", 0),
+            hash=await self.store.hash_at(fund["_id"], sequence),
+            head_sequence=head["sequence"],
         )
 
     async def _statement(

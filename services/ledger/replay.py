@@ -104,8 +104,18 @@ class Report:
         return "\n".join(lines)
 
 
-# What the live service says a fund's balances were after `sequence`: (its sequence, balances).
-LiveBalances = Callable[[str, int], Awaitable[tuple[int, dict[str, int]] | None]]
+@dataclass(frozen=True)
+class LiveFund:
+    """What the live service says of a fund at a sequence of its chain."""
+
+    sequence: int
+    balances: dict[str, int]
+    hash: str  # of the event at `sequence`; "" when the service cannot tell
+    head_sequence: int  # where its chain is now
+
+
+# The live fund at a sequence, or None when the service does not know the fund.
+LiveBalances = Callable[[str, int], Awaitable[LiveFund | None]]
 
 
 class Replayer:
@@ -319,7 +329,7 @@ async def _compare(
     # Asked a few at a time; reported in the funds' order, so every run reads the same.
     limit = asyncio.Semaphore(LIVE_CALLS)
 
-    async def ask(fund: FundBooks) -> tuple[int, dict[str, int]] | None:
+    async def ask(fund: FundBooks) -> LiveFund | None:
         async with limit:
             return await live(fund.fund_id, fund.sequence)
 
@@ -330,11 +340,21 @@ async def _compare(
         if answer is None:
             report.mismatches.append(f"fund {fund.fund_id}: unknown to the live service")
             continue
-        sequence, actual = answer
-        actual = {a: n for a, n in actual.items() if n}
-        if sequence != fund.sequence:
+        actual = {a: n for a, n in answer.balances.items() if n}
+        if answer.sequence != fund.sequence:
             report.mismatches.append(
-                f"fund {fund.fund_id}: live chain at {sequence}, topic at {fund.sequence}"
+                f"fund {fund.fund_id}: live chain at {answer.sequence}, topic at {fund.sequence}"
+            )
+        elif answer.hash and answer.hash != fund.head_hash:
+            # Balances can match while what was paid, by whom and for what was rewritten.
+            report.mismatches.append(
+                f"fund {fund.fund_id}: the live chain's hash at {fund.sequence} is not the "
+                "topic's: the topic's history was altered"
+            )
+        elif answer.head_sequence > fund.sequence:
+            report.mismatches.append(
+                f"fund {fund.fund_id}: the live chain runs to {answer.head_sequence}, the topic "
+                f"only to {fund.sequence} (events missing, or not published yet)"
             )
         elif actual != expected:
             accounts = sorted(
@@ -348,12 +368,13 @@ async def _compare(
 
 
 def grpc_balances(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> LiveBalances:
-    async def live(fund_id: str, sequence: int) -> tuple[int, dict[str, int]] | None:
+    async def live(fund_id: str, sequence: int) -> LiveFund | None:
         try:
             if sequence == 0:
                 # Only opened, as far as the topic shows: nothing posted yet at that point.
-                await stub.GetFund(ledger_pb2.GetFundRequest(fund_id=fund_id))
-                return 0, {}
+                fund = (await stub.GetFund(ledger_pb2.GetFundRequest(fund_id=fund_id))).fund
+                opened_only = fund.sequence == 0
+                return LiveFund(0, {}, fund.head_hash if opened_only else "", fund.sequence)
             answer = await stub.GetBalances(
                 ledger_pb2.GetBalancesRequest(fund_id=fund_id, as_of_sequence=sequence)
             )
@@ -361,7 +382,8 @@ def grpc_balances(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> LiveBalances:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
-        return answer.sequence, {b.account: b.balance for b in answer.balances}
+        balances = {b.account: b.balance for b in answer.balances}
+        return LiveFund(answer.sequence, balances, answer.hash, answer.head_sequence)
 
     return live
 

@@ -190,6 +190,13 @@ class LedgerStore:
             }
         return (fund or {}).get("sequence", 0), balances
 
+    async def hash_at(self, fund_id: str, sequence: int) -> str:
+        """The hash of the fund's transaction at `sequence` ("" for none)."""
+        found = await self.transactions.find_one(
+            {"fund_id": fund_id, "sequence": sequence}, {"hash": 1}
+        )
+        return str(found["hash"]) if found else ""
+
     async def balances_as_of(self, fund_id: str, match: Document) -> tuple[int, dict[str, int]]:
         """Balances summed from the transactions matching `match` (a time or sequence bound),
         with the last sequence included."""

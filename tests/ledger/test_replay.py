@@ -255,3 +255,49 @@ async def test_a_missing_event_and_a_resealed_forgery_are_found(
     assert report.first_bad is not None
     assert report.first_bad.event_id == successor.event_id
     assert "prev_hash" in report.first_bad.reason
+
+
+async def test_a_history_resealed_to_its_end_and_a_missing_tail_are_found(
+    settings: Settings, books: Books, ledger_service: LedgerService
+) -> None:
+    """A forger who reseals every later event too leaves a chain that checks out on its own,
+    with the same balances (a memo and who paid changed): only the live chain's hash shows it.
+    A topic missing the fund's last events shows as the live chain running past it."""
+    from services.ledger.domain import chain_hash
+
+    await busy_fund(books)
+    await published(ledger_service)
+    async with TopicReader(settings.kafka_bootstrap_servers, "civic.ledger.v1") as reader:
+        mine = [
+            r for r in with_key(await reader.read_to_end(), books.fund_id) if r.event_type == POSTED
+        ]
+    victim = mine[1]
+    resealed: list[str] = []  # the hash each rewritten event of the fund now carries
+
+    def reseal_to_the_end(record: Record) -> list[Record]:
+        if record.event_type != POSTED or record.key != books.fund_id.encode():
+            return [record]
+        event = events_pb2.TransactionPosted.FromString(record.value)
+        if record.event_id == victim.event_id:
+            event.transaction.memo = "đã sửa"
+        elif resealed:
+            event.prev_hash = resealed[-1]
+        else:
+            return [record]
+        event.hash = chain_hash(event)
+        resealed.append(event.hash)
+        value = event.SerializeToString()
+        return [Record(record.partition, record.offset, record.key, value, record.headers)]
+
+    topic, _ = await copy_topic(settings, reseal_to_the_end)
+    report = await audit(settings, books, ledger_service, topic)
+    assert report.first_bad is None  # the topic's own chain checks out
+    assert not report.ok
+    assert any("history was altered" in m for m in report.mismatches), report.text()
+
+    last = mine[-1]
+    topic, _ = await copy_topic(settings, lambda r: [] if r.event_id == last.event_id else [r])
+    report = await audit(settings, books, ledger_service, topic)
+    assert report.first_bad is None
+    assert not report.ok
+    assert any(f"the topic only to {len(mine) - 1}" in m for m in report.mismatches), report.text()
