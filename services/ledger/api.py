@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from services.common.auth import principal, unit_within
+from services.common.auth import Principal, principal, unit_within
 from services.common.commands import CommandRunner
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.mongo import Document, Session, in_transaction
@@ -623,7 +623,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if campaign is None:
             raise NotFound(f"campaign {request.campaign_id} not found in this fund")
         owed = await self.store.balances_of(fund["_id"], f"receivable/{campaign['_id']}/")
-        response = ledger_pb2.GetCampaignStatusResponse(campaign=campaign_message(campaign))
+        caller = principal()
+        response = ledger_pb2.GetCampaignStatusResponse(
+            campaign=_as_seen_by(caller, campaign_message(campaign))
+        )
         for due in campaign["dues"]:
             outstanding = owed.get(domain.receivable(campaign["_id"], due["household_id"]), 0)
             status = domain.payment_status(due["amount"], outstanding, bool(due["exempt_because"]))
@@ -635,7 +638,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     paid=due["amount"] - outstanding,
                     outstanding=outstanding,
                     status=status,  # type: ignore[arg-type]
-                    exempt_because=due["exempt_because"],
+                    exempt_because=due["exempt_because"]
+                    if domain.sees_why_exempt(caller, due["household_id"])
+                    else ledger_pb2.EXEMPTION_UNSPECIFIED,
                 )
             )
             if status is domain.PaymentStatus.PAID:
@@ -798,3 +803,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             pdf_url=self.files.view_url(pdf_key),
             expires_at=timestamp(self.clock() + timedelta(hours=1)),
         )
+
+
+def _as_seen_by(caller: Principal, campaign: ledger_pb2.Campaign) -> ledger_pb2.Campaign:
+    for due in campaign.dues:
+        if not domain.sees_why_exempt(caller, due.household_id):
+            due.exempt_because = 0  # type: ignore[assignment]
+            due.residents = 0
+    return campaign

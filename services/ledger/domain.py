@@ -319,6 +319,12 @@ def may_keep_books(caller: Principal, unit_id: str) -> None:
         raise PermissionDenied(f"only the leader or treasurer of {unit_id} may change its funds")
 
 
+def sees_why_exempt(caller: Principal, household_id: str) -> bool:
+    """Why a household is exempt (poverty, a war invalid) and how many live in it are personal
+    data: a resident sees their own household's; the board shows others only as exempt."""
+    return caller.role is not Role.RESIDENT or caller.household_id == household_id
+
+
 def may_read_household_dues(caller: Principal, unit_id: str, household_id: str) -> None:
     if caller.role is Role.RESIDENT and caller.household_id != household_id:
         raise PermissionDenied("residents see only their own household's dues")

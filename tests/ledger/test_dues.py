@@ -136,6 +136,21 @@ async def test_who_has_paid_and_who_has_not(books: Books) -> None:
     )
     balances = await books.balances()
     assert balances["cash"] == 200_000 and balances["bank"] == 50_000
+    # Why a neighbour is exempt (a poor household, a war invalid) is theirs: a resident sees
+    # their own household's reason, and the others only as exempt.
+    why = {p.household_name: p.exempt_because for p in status.households}
+    assert why["Phạm Thị Bình"] == ledger_pb2.EXEMPTION_POOR_HOUSEHOLD  # binh's own
+    assert why["Lê Văn Cường"] == ledger_pb2.EXEMPTION_UNSPECIFIED
+    listed = {d.household_name: d for d in status.campaign.dues}
+    assert listed["Lê Văn Cường"].exempt_because == ledger_pb2.EXEMPTION_UNSPECIFIED
+    assert listed["Lê Văn Cường"].residents == 0
+    assert listed["Phạm Thị Bình"].exempt_because == ledger_pb2.EXEMPTION_POOR_HOUSEHOLD
+    leader = await books.leader.GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=cid)
+    )
+    assert {p.household_name: p.exempt_because for p in leader.households}["Lê Văn Cường"] == (
+        ledger_pb2.EXEMPTION_WAR_INVALID_MEMBER
+    )
 
 
 async def test_paying_more_than_owed_or_for_an_exempt_household_is_refused(books: Books) -> None:
