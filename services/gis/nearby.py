@@ -41,6 +41,9 @@ class PointGrid:
     def __len__(self) -> int:
         return len(self._placed)
 
+    def __contains__(self, feature_id: object) -> bool:
+        return feature_id in self._placed
+
     def put(self, placed: Placed) -> None:
         self.remove(placed.feature_id)
         self._placed[placed.feature_id] = placed

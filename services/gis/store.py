@@ -276,16 +276,33 @@ class HydrantMirror:
                             self.grid.remove(change["documentKey"]["_id"])
                         elif change.get("fullDocument"):
                             self.grid.put(_placed(change["fullDocument"]))
+                log.warning("hydrant mirror's change stream ended; reopening")
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # MongoDB away: answer from MongoDB until the mirror is whole again.
-                self.following = False
                 log.exception("hydrant mirror lost its change stream; reloading")
-                await asyncio.sleep(1.0)
+            # Answer from MongoDB until the mirror is whole again.
+            self.following = False
+            stream = await self._reopen()
+
+    async def _reopen(self) -> Any:
+        """A new change stream and a fresh load, retried every second: a closed stream is never
+        iterated again (it would end at once, and the loop would spin)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                stream = await self._watch()
+            except Exception:
+                log.warning("hydrant mirror cannot watch MongoDB yet", exc_info=True)
+                continue
+            try:
+                await self._load({"layer": Layer.HYDRANT.key}, replace=True)
+            except Exception:
+                log.warning("hydrant mirror cannot load the hydrants yet", exc_info=True)
                 with contextlib.suppress(Exception):
-                    stream = await self._watch()
-                    await self._load({"layer": Layer.HYDRANT.key}, replace=True)
+                    await stream.close()
+                continue
+            return stream
 
 
 def _placed(doc: Document) -> Placed:
