@@ -528,13 +528,27 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def _group_alive(pid: int) -> bool:
+    """Whether any process of the group `pid` leads still runs. A dead child whose parent (a
+    `make run` still in the foreground) has not collected it stays a zombie: that is not alive,
+    or a `make stop` beside it would wait for it for ever."""
     if _alive(pid):
         return True
     try:
         os.killpg(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
-    return True
+    return any(group == pid and state != "Z" for state, group in _process_states())
+
+
+def _process_states() -> Iterator[tuple[str, int]]:
+    """(state, process group) of every process, from /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name, in parentheses, may hold spaces: the fields follow its ")".
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        yield fields[0], int(fields[2])
 
 
 def _last_line(path: Path) -> str:

@@ -11,8 +11,11 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,3 +278,20 @@ def test_missing_binary_is_a_one_line_error(
         LocalStack(tmp_path, Ports.free()).up()
     assert "\n" not in str(caught.value)
     assert not any((tmp_path / "pids").iterdir())
+
+
+def test_a_stopped_servers_uncollected_process_counts_as_stopped() -> None:
+    """`make stop` beside a `make run` still in the foreground: the stopped servers stay
+    zombies until `make run` collects them, and `stop` must not wait for them for ever."""
+    server = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert local._group_alive(server.pid)
+        os.kill(server.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while local._proc_state(server.pid) != "Z":  # dead, not collected
+            assert time.monotonic() < deadline, "the process did not end"
+            time.sleep(0.01)
+        assert not local._group_alive(server.pid)
+    finally:
+        server.kill()
+        server.wait()
