@@ -224,7 +224,7 @@ class LocalStack:
         argvs = {s: self._argv(s) for s in to_start}
         for server in to_start:
             for port in self.ports.of(server):
-                if _port_busy(port):
+                if port_busy(port):
                     raise InfraError(
                         f"port {port} ({server}) is in use by another process; stop it or "
                         f"choose other ports (data dir {self.root})"
@@ -561,7 +561,7 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def _port_busy(port: int) -> bool:
+def port_busy(port: int) -> bool:
     with socket.socket() as sock:
         # SO_REUSEADDR: a port in TIME_WAIT after our own server stopped is not "busy".
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -23,7 +23,7 @@ from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infra.local import InfraError, LocalStack, Ports
+from infra.local import InfraError, LocalStack, Ports, port_busy
 from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
@@ -320,6 +320,13 @@ def tokens(settings: Settings) -> dict[str, str]:
 
 
 async def run() -> None:
+    busy = [f"{name} ({GRPC_PORTS[name]})" for name in SERVICES if port_busy(GRPC_PORTS[name])]
+    if busy:
+        # A second run would start services that fail to bind, after joining (and upsetting)
+        # the first run's consumer groups.
+        raise InfraError(
+            f"Civic is already running (ports of {', '.join(busy)} are taken); `make stop` ends it"
+        )
     stack = LocalStack(ROOT / ".civic" / "dev", Ports.dev())
     endpoints = stack.up()
     env = os.environ | endpoints.as_env()
@@ -351,8 +358,13 @@ async def run() -> None:
     finally:
         for process in processes:
             process.terminate()
-        for process in processes:
-            process.wait(timeout=15)
+        for name, process in zip(SERVICES, processes, strict=True):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                print(f"civic: {name} did not stop within 15 s; killed it", file=sys.stderr)
+                process.kill()
+                process.wait()
 
 
 def main() -> None:
