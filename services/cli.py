@@ -217,6 +217,11 @@ async def _token(args: argparse.Namespace) -> int:
     role = Role(args.role)
     if role is Role.RESIDENT and not args.household:
         return _fail("a resident's token needs --household", status=2)
+    if not args.scope.strip():
+        return _fail(
+            "--scope must name a unit (e.g. dn.hc.hc1): every service refuses a token without one",
+            status=2,
+        )
     settings = Settings()
     if settings.auth_secret == Settings.model_fields["auth_secret"].default:
         print(

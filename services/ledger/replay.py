@@ -407,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser, token_default: str) -> None:
 
 async def command(args: argparse.Namespace, settings: Settings | None = None) -> int:
     if not args.token:
-        print("--token is required", file=sys.stderr)
+        print("error: --token is required (or set $CIVIC_TOKEN)", file=sys.stderr)
         return 2
     settings = settings or Settings()
     async with civic_channel(args.target, args.token, purpose="audit replay") as channel:

@@ -154,6 +154,14 @@ async def test_resident_token_needs_a_household(capsys: pytest.CaptureFixture[st
     assert "--household" in capsys.readouterr().err
 
 
+async def test_a_token_without_a_scope_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    status = await cli.run(["token", "--role", "ward_officer", "--scope", " "])
+
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: --scope") and not captured.out
+
+
 async def test_token_from_the_command_line() -> None:
     done = await asyncio.create_subprocess_exec(
         sys.executable,
