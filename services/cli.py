@@ -185,6 +185,7 @@ def _file_format() -> str:
     }
     lines = ["columns (named in line 1, any order; * = required):"]
     lines += textwrap.wrap(columns, 96, initial_indent="  ", subsequent_indent="  ")
+    lines.append("  a household not registered yet needs its address on its first row")
     lines.append("words (an empty cell means not given):")
     for column, table in tables.items():
         words = " | ".join(word for word in table if word)
