@@ -209,7 +209,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             }
             balances = await self.store.current_balances(guarded, session)
             changes: dict[tuple[str, str], int] = defaultdict(int)
-            heads: dict[str, tuple[int, int, str]] = {}
+            heads: dict[str, tuple[int, int, str, datetime]] = {}
             now = _millis(self.clock())
             docs, staged = [], []
             posted: dict[tuple[str, str], Document] = {}
@@ -217,8 +217,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 fund = funds.get(draft.fund_id)
                 if fund is None:
                     raise NotFound(f"fund {draft.fund_id} not found")
-                old, sequence, head = heads.get(
-                    draft.fund_id, (fund["sequence"], fund["sequence"], fund["head_hash"])
+                # Never before the chain's last posting, whatever this instance's clock says:
+                # balances and statements as of a moment select by time.
+                posted_at = max(now, fund.get("last_posted_at") or now)
+                old, sequence, head, posted_at = heads.get(
+                    draft.fund_id,
+                    (fund["sequence"], fund["sequence"], fund["head_hash"], posted_at),
                 )
                 current = {
                     account: balances.get((draft.fund_id, account), 0)
@@ -240,7 +244,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     "kind": int(draft.kind),
                     "memo": draft.memo,
                     "postings": [{"account": a, "amount": n} for a, n in draft.postings],
-                    "posted_at": now,
+                    "posted_at": posted_at,
                     "posted_by": caller.subject,
                     "request_id": draft.request_id,
                     "fingerprint": draft.fingerprint,
@@ -248,7 +252,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 }
                 event, head = events.transaction_posted(self.outbox, doc, head)
                 doc["hash"] = head
-                heads[draft.fund_id] = (old, sequence + 1, head)
+                heads[draft.fund_id] = (old, sequence + 1, head, posted_at)
                 docs.append(doc)
                 staged.append(event)
                 posted[(draft.fund_id, draft.request_id)] = doc

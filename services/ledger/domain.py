@@ -21,8 +21,11 @@ from google.protobuf.message import Message
 from services.common.auth import OFFICIALS, Principal, Role, unit_within
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 
-# A quadrillion đồng: far above any neighbourhood fund, far below int64 even summed.
+# A quadrillion đồng: far above any neighbourhood fund.
 MAX_AMOUNT = 10**15
+# An account's balance stays within this, so balances and their sums (cash plus bank, a
+# statement's totals) stay far inside int64.
+MAX_BALANCE = 10**17
 # An assessment posts one receivable per household: a large ward's campaign fits.
 MAX_POSTINGS = 5000
 MAX_TEXT = 500
@@ -178,7 +181,7 @@ def apply_postings(
     balances: Mapping[str, int], postings: Iterable[tuple[str, int]]
 ) -> dict[str, int]:
     """The touched accounts' new balances; refuses (FAILED_PRECONDITION) any that would take an
-    account that holds money, or money owed, below zero."""
+    account that holds money, or money owed, below zero, or any account past MAX_BALANCE."""
     updated: dict[str, int] = {}
     for account, amount in postings:
         after = balances.get(account, 0) + amount
@@ -186,6 +189,11 @@ def apply_postings(
             before = balances.get(account, 0)
             raise FailedPrecondition(
                 f"would overdraw {account}: balance {before} đồng, posting {amount} đồng"
+            )
+        if abs(after) > MAX_BALANCE:
+            raise FailedPrecondition(
+                f"would take {account} past {MAX_BALANCE:,} đồng: balance "
+                f"{balances.get(account, 0)} đồng, posting {amount} đồng"
             )
         updated[account] = after
     return updated

@@ -82,16 +82,19 @@ class LedgerStore:
             .to_list()
         )
 
-    async def advance_funds(self, heads: dict[str, tuple[int, int, str]], session: Session) -> None:
-        """Moves each fund's chain head from its old sequence to (sequence, hash); the old
-        sequence in the filter makes concurrent writers of one fund conflict and retry."""
+    async def advance_funds(
+        self, heads: dict[str, tuple[int, int, str, datetime]], session: Session
+    ) -> None:
+        """Moves each fund's chain head from its old sequence to (sequence, hash, time of its
+        last posting); the old sequence in the filter makes concurrent writers of one fund
+        conflict and retry."""
         await self.funds.bulk_write(
             [
                 UpdateOne(
                     {"_id": fund_id, "sequence": old},
-                    {"$set": {"sequence": new, "head_hash": head}},
+                    {"$set": {"sequence": new, "head_hash": head, "last_posted_at": posted_at}},
                 )
-                for fund_id, (old, new, head) in heads.items()
+                for fund_id, (old, new, head, posted_at) in heads.items()
             ],
             ordered=False,
             session=session,

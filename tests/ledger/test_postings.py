@@ -4,12 +4,17 @@ idempotent retries, reversals, balances at any past moment."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import grpc
 import pytest
 from civic.ledger.v1 import ledger_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.errors import FailedPrecondition
+from services.ledger.domain import MAX_BALANCE, apply_postings
 from services.ledger.main import LedgerService
+from tests.conftest import Clock
 from tests.ledger.conftest import Books, rid
 
 
@@ -235,3 +240,23 @@ async def test_unknown_fund_and_missing_key(books: Books) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await books.post(("cash", 1), ("equity/opening", -1), fund_id="fd-nope")
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_clock_set_back_never_posts_before_the_chains_last_posting(
+    books: Books, clock: Clock
+) -> None:
+    """An instance whose clock is behind (an NTP step, a slow host) would date a transaction
+    before the one it follows: balances as of a moment would then show a state that never was,
+    the expense without the money it spent."""
+    first = await books.post(("cash", 100_000), ("equity/opening", -100_000))
+    clock.offset -= timedelta(minutes=10)
+    second = await books.post(("expense/relief", 100_000), ("cash", -100_000))
+    assert second.posted_at.ToDatetime() >= first.posted_at.ToDatetime()
+    moment = Timestamp()
+    moment.FromDatetime(first.posted_at.ToDatetime() + timedelta(minutes=1))
+    assert (await books.balances(as_of=moment)).get("cash", 0) >= 0
+
+
+def test_no_balance_grows_past_what_int64_sums_hold() -> None:
+    with pytest.raises(FailedPrecondition, match="past"):
+        apply_postings({"cash": MAX_BALANCE}, [("cash", 1), ("equity/opening", -1)])
