@@ -184,18 +184,32 @@ class Deliverer:
             day = domain.local_day(notice["published_at"])
             keep = await self.store.with_members([h["_id"] for h in batch], audience, day)
             targets = [h for h in batch if h["_id"] in keep]
-        docs = [delivery_document(notice, h["_id"], h["unit_id"], now) for h in targets]
+        # Each record names the batch that wrote it (by where the batch starts).
+        batch_key = f"{after['unit']}|{after['household']}" if after else ""
+        docs = [
+            delivery_document(notice, h["_id"], h["unit_id"], now) | {"batch": batch_key}
+            for h in targets
+        ]
         delivered = [h["_id"] for h in targets]
         inserted = await self.store.insert_deliveries(docs)
         fault("CIVIC_FAULT_CRASH_MID_DELIVERY")  # records written, the marker not yet moved
         if inserted < len(docs):
-            # Some records were there already: from an interrupted run of this batch (they are
-            # this delivery's own) or from households that moved in meanwhile (late: announced
-            # on their own).
-            late = await self.store.deliveries.distinct(
-                "household_id", {"_id": {"$in": [d["_id"] for d in docs]}, "late": True}
+            # Some records were there already. Only an interrupted run of this very batch wrote
+            # ones that are this batch's to announce; the others were announced already: by an
+            # earlier batch (their group merged into one later in the order) or on their own
+            # (households that moved in meanwhile).
+            ours = await self.store.deliveries.distinct(
+                "household_id",
+                {
+                    "_id": {"$in": [d["_id"] for d in docs]},
+                    "$or": [
+                        {"batch": batch_key},
+                        # Written before records named their batch: as then, all but late ones.
+                        {"batch": {"$exists": False}, "late": {"$ne": True}},
+                    ],
+                },
             )
-            delivered = [h for h in delivered if h not in set(late)]
+            delivered = [h for h in delivered if h in set(ours)]
         complete = len(batch) < self.batch_size
         last = {"unit": batch[-1]["unit_id"], "household": batch[-1]["_id"]} if batch else after
         per_group: dict[str, Document] = {}

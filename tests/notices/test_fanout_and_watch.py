@@ -139,3 +139,43 @@ async def test_a_household_that_moved_away_is_not_streamed_the_notices_later_cha
     with pytest.raises(TimeoutError):
         await next_change(call, notice.notice_id, [], within=3)
     call.cancel()
+
+
+async def test_a_group_merged_during_delivery_has_each_household_announced_once(
+    town: Town,
+) -> None:
+    """Delivery goes group by group in order. The first group, delivered, merges into a later
+    one: its households come round again there, and must not be announced a second time."""
+    city = town.city
+    deliverer = town.service.deliverer
+    await deliverer.stop()
+    try:
+        notice = await town.publish()  # the ward's: its first group, then the other
+        assert await deliverer.fan_out_batch()  # the first group's households
+        await city.admin.MergeGroups(
+            registry_pb2.MergeGroupsRequest(
+                request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
+            )
+        )
+        moved = town.households[city.group]
+
+        async def reconciled() -> bool:
+            in_target = {"notice_id": notice.notice_id, "unit_id": city.other_group}
+            records = town.service.store.deliveries
+            return await records.count_documents(in_target | {"household_id": {"$in": moved}}) == (
+                len(moved)
+            )
+
+        await eventually(reconciled, what="the merged group's records moved with it")
+        while await deliverer.fan_out_batch():
+            pass
+        announced = [
+            h
+            for e in await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+            for h in e.household_ids
+        ]
+        assert sorted(announced) == sorted(town.everyone)
+        reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+        assert reach.total.delivered == len(town.everyone)
+    finally:
+        deliverer.start()
