@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from civic.notices.v1 import events_pb2, notices_pb2
 from pymongo import AsyncMongoClient
 
-from services.common.mongo import Document, Session, in_transaction
+from services.common.mongo import Document, Session, in_transaction, in_unit
 from services.common.outbox import Outbox
 from services.common.runtime import BackgroundTask, fault
 from services.common.wire import timestamp
@@ -212,15 +212,26 @@ class Deliverer:
             delivered = [h for h in delivered if h in set(ours)]
         complete = len(batch) < self.batch_size
         last = {"unit": batch[-1]["unit_id"], "household": batch[-1]["_id"]} if batch else after
-        per_group: dict[str, Document] = {}
         units = {h["_id"]: h["unit_id"] for h in targets}
-        for household_id in delivered:
-            per_group.setdefault(units[household_id], {"delivered": 0})["delivered"] += 1
 
         async def work(session: Session) -> list[Document]:
+            # A household that left the notice's unit while the batch was written found no
+            # record to withdraw when its move was applied: it is withdrawn here, unannounced.
+            staying = (
+                set(
+                    await self.store.view.households.distinct(
+                        "_id",
+                        {"_id": {"$in": delivered}, "unit_id": in_unit(notice["unit_id"])},
+                        session=session,
+                    )
+                )
+                if delivered
+                else set()
+            )
+            announced = [h for h in delivered if h in staying]
             update: Document = {
                 "$set": {"fanout.after": last},
-                "$inc": {"fanout.delivered": len(delivered)},
+                "$inc": {"fanout.delivered": len(announced)},
             }
             if complete:
                 update["$set"]["fanout.complete"] = True
@@ -233,13 +244,22 @@ class Deliverer:
             )
             if moved is None:
                 return []  # another instance delivered this batch
+            if left := [h for h in delivered if h not in staying]:
+                await self.store.deliveries.update_many(
+                    {"_id": {"$in": [domain.delivery_id(notice_id, h) for h in left]}},
+                    {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
+                    session=session,
+                )
+            per_group: dict[str, Document] = {}
+            for household_id in announced:
+                per_group.setdefault(units[household_id], {"delivered": 0})["delivered"] += 1
             await self.store.count(notice_id, per_group, session)
             events = []
-            if delivered:
+            if announced:
                 await self.store.announce(
-                    notices_pb2.NOTICE_CHANGE_DELIVERED, notice_id, delivered, now, session
+                    notices_pb2.NOTICE_CHANGE_DELIVERED, notice_id, announced, now, session
                 )
-                message = events_pb2.NoticeDelivered(notice_id=notice_id, household_ids=delivered)
+                message = events_pb2.NoticeDelivered(notice_id=notice_id, household_ids=announced)
                 events.append(notice_event(self.outbox, message, notice_id))
             if complete:
                 done = events_pb2.NoticeDeliveryCompleted(

@@ -179,3 +179,44 @@ async def test_a_group_merged_during_delivery_has_each_household_announced_once(
         assert reach.total.delivered == len(town.everyone)
     finally:
         deliverer.start()
+
+
+async def test_a_household_that_leaves_while_its_batch_is_written_is_not_delivered_to(
+    town: Town, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group merges away between the batch's read of the households and its write: the
+    merge found no records to withdraw then, and the batch must not leave them standing."""
+    city = town.city
+    deliverer = town.service.deliverer
+    store = town.service.store
+    leaving = list(town.households[city.group])
+    write = store.insert_deliveries
+
+    async def merge_then_write(docs: list[Any]) -> int:
+        await city.admin.MergeGroups(
+            registry_pb2.MergeGroupsRequest(
+                request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
+            )
+        )
+
+        async def merged() -> bool:
+            in_target = {"_id": {"$in": leaving}, "unit_id": city.other_group}
+            return await store.view.households.count_documents(in_target) == len(leaving)
+
+        await eventually(merged, what="the merge in the service's view")
+        return await write(docs)
+
+    await deliverer.stop()
+    try:
+        notice = await town.publish(town.leader, unit_id=city.group)
+        monkeypatch.setattr(store, "insert_deliveries", merge_then_write)
+        await deliverer.fan_out_batch()
+        monkeypatch.setattr(store, "insert_deliveries", write)
+        while await deliverer.fan_out_batch():
+            pass
+        for household in leaving:
+            assert notice.notice_id not in [n.notice.notice_id for n in await town.inbox(household)]
+        announced = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+        assert not [h for e in announced for h in e.household_ids]
+    finally:
+        deliverer.start()
