@@ -4,14 +4,18 @@ commits), and it reads only what a majority has committed."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from bson import ObjectId
 from civic.tickets.v1 import events_pb2
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.monitoring import (
     CommandFailedEvent,
     CommandListener,
@@ -36,29 +40,58 @@ from tests.kafka_reader import Record, TopicReader, eventually
 SWEEP_SECONDS = 60.0
 
 
-async def test_events_another_instance_commits_are_relayed_without_waiting_for_a_sweep(
-    settings: Settings, topic: str
-) -> None:
+@dataclass
+class Instances:
+    """Two instances, "a" and "b", of one service: one database, an outbox, a started producer
+    and a relay (not started) each."""
+
+    client: AsyncMongoClient[Document]
+    db: AsyncDatabase[Document]
+    outboxes: dict[str, Outbox]
+    relays: dict[str, OutboxRelay]
+
+
+@contextlib.asynccontextmanager
+async def two_instances(
+    settings: Settings, topic: str, **relay_options: Any
+) -> AsyncIterator[Instances]:
     client = mongo_client(settings.mongo_uri)
     db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
     await ensure_outbox_indexes(db)
     outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
     producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
     relays = {
-        name: OutboxRelay(
-            db, outboxes[name], producers[name], owner=name, poll_seconds=SWEEP_SECONDS
-        )
+        name: OutboxRelay(db, outboxes[name], producers[name], owner=name, **relay_options)
         for name in "ab"
     }
     try:
-
-        async def a_holds_lease() -> bool:
-            return bool(await db[LEASE].find_one({"_id": "relay", "owner": "a"}))
-
+        for producer in producers.values():
+            await producer.start()
+        yield Instances(client, db, outboxes, relays)
+    finally:
         for name in "ab":
-            await producers[name].start()
-            relays[name].start()
-            await eventually(a_holds_lease, what="the first instance's relay holds the lease")
+            await relays[name].stop()
+            await producers[name].stop()
+        await client.drop_database(db.name)
+        await client.close()
+
+
+def holds_lease(db: AsyncDatabase[Document], name: str) -> Callable[[], Awaitable[bool]]:
+    async def probe() -> bool:
+        return bool(await db[LEASE].find_one({"_id": "relay", "owner": name}))
+
+    return probe
+
+
+async def test_events_another_instance_commits_are_relayed_without_waiting_for_a_sweep(
+    settings: Settings, topic: str
+) -> None:
+    async with two_instances(settings, topic, poll_seconds=SWEEP_SECONDS) as two:
+        for name in "ab":
+            two.relays[name].start()
+            await eventually(
+                holds_lease(two.db, "a"), what="the first instance's relay holds the lease"
+            )
 
         async def commit(outbox: Outbox, ticket_id: str) -> Document:
             event = outbox.event(events_pb2.TicketSubmitted(ticket_id=ticket_id), key=ticket_id)
@@ -66,14 +99,14 @@ async def test_events_another_instance_commits_are_relayed_without_waiting_for_a
             async def stage(session: Session) -> None:
                 await outbox.stage(session, [event])
 
-            await in_transaction(client, stage)
+            await in_transaction(two.client, stage)
             outbox.committed()
             return event
 
         async with TopicReader(settings.kafka_bootstrap_servers, topic) as reader:
             # b commits; a, holding the lease, relays it. Then a's own, which it hears of in
             # memory.
-            for outbox, ticket_id in ((outboxes["b"], "t-b"), (outboxes["a"], "t-a")):
+            for outbox, ticket_id in ((two.outboxes["b"], "t-b"), (two.outboxes["a"], "t-a")):
                 event_id: str = (await commit(outbox, ticket_id))["_id"]
 
                 def published(records: list[Record], event_id: str = event_id) -> bool:
@@ -82,17 +115,11 @@ async def test_events_another_instance_commits_are_relayed_without_waiting_for_a
                 await reader.collect(published, within=10, what=f"the event {ticket_id}")
 
             async def marked_sent() -> bool:
-                return not await db[OUTBOX].count_documents({"pending": True})
+                return not await two.db[OUTBOX].count_documents({"pending": True})
 
             await eventually(marked_sent, what="both entries marked sent", within=10)
-        assert relays["a"].published == 2
-        assert relays["b"].published == 0
-    finally:
-        for name in "ab":
-            await relays[name].stop()
-            await producers[name].stop()
-        await client.drop_database(db.name)
-        await client.close()
+        assert two.relays["a"].published == 2
+        assert two.relays["b"].published == 0
 
 
 async def test_relay_asks_only_for_entries_the_majority_has_committed(
@@ -145,56 +172,34 @@ def test_an_event_the_broker_would_refuse_fails_its_transaction_instead() -> Non
 async def test_a_relay_draining_a_backlog_keeps_its_lease(settings: Settings, topic: str) -> None:
     """The drain outlasts the lease: without renewing it as it goes, the other instance's relay
     would take the lease midway and publish the same entries a second time."""
-    client = mongo_client(settings.mongo_uri)
-    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
-    await ensure_outbox_indexes(db)
-    outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
-    producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
     # One entry per batch, a lease of two seconds, and a drain of several.
-    relays = {
-        name: OutboxRelay(
-            db,
-            outboxes[name],
-            producers[name],
-            owner=name,
-            poll_seconds=0.05,
-            batch_size=1,
-            lease_seconds=2.0,
+    options = {"poll_seconds": 0.05, "batch_size": 1, "lease_seconds": 2.0}
+    async with two_instances(settings, topic, **options) as two:
+        backlog = 1200
+        await two.db[OUTBOX].insert_many(
+            [
+                {"_id": event["_id"], "pending": True, "by": "a", "events": [event]}
+                for event in (
+                    two.outboxes["a"].event(
+                        events_pb2.TicketSubmitted(ticket_id=f"t{n}"), key=f"t{n}"
+                    )
+                    for n in range(backlog)
+                )
+            ]
         )
-        for name in "ab"
-    }
-    backlog = 1200
-    await db[OUTBOX].insert_many(
-        [
-            {"_id": event["_id"], "pending": True, "by": "a", "events": [event]}
-            for event in (
-                outboxes["a"].event(events_pb2.TicketSubmitted(ticket_id=f"t{n}"), key=f"t{n}")
-                for n in range(backlog)
-            )
-        ]
-    )
-    try:
-        for name in "ab":
-            await producers[name].start()
-        relays["a"].start()
+        two.relays["a"].start()
 
         async def draining() -> bool:
-            return relays["a"].published > 0
+            return two.relays["a"].published > 0
 
         await eventually(draining, what="the first relay draining the backlog")
-        relays["b"].start()
+        two.relays["b"].start()
 
         async def drained() -> bool:
-            return not await db[OUTBOX].count_documents({"pending": True})
+            return not await two.db[OUTBOX].count_documents({"pending": True})
 
         await eventually(drained, what="the backlog published", within=60)
-        assert (relays["a"].published, relays["b"].published) == (backlog, 0)
-    finally:
-        for name in "ab":
-            await relays[name].stop()
-            await producers[name].stop()
-        await client.drop_database(db.name)
-        await client.close()
+        assert (two.relays["a"].published, two.relays["b"].published) == (backlog, 0)
 
 
 async def test_two_instances_changes_to_one_aggregate_are_published_in_commit_order(
@@ -203,41 +208,31 @@ async def test_two_instances_changes_to_one_aggregate_are_published_in_commit_or
     """Instance b changes ticket T, then instance a changes it again within the same second.
     Event ids from two processes in one second sort by each process's random bytes, not by
     time: sorted by id, a's event could be published before b's."""
-    client = mongo_client(settings.mongo_uri)
-    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
-    await ensure_outbox_indexes(db)
-    await db["tickets"].insert_one({"_id": "T", "changes": 0})
-    outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
-    producer = outbox_producer(settings.kafka_bootstrap_servers, "a")
-    relay = OutboxRelay(db, outboxes["a"], producer, owner="a", poll_seconds=SWEEP_SECONDS)
+    async with two_instances(settings, topic, poll_seconds=SWEEP_SECONDS) as two:
+        tickets = two.db["tickets"]
+        await tickets.insert_one({"_id": "T", "changes": 0})
 
-    async def change(name: str, message: Message) -> str:
-        event = outboxes[name].event(message, key="T")
-        if name == "b":  # what ObjectId() gives in a process whose random bytes sort after ours
-            ours = ObjectId()
-            event["_id"] = str(ObjectId(ours.binary[:4] + b"\xff" * 5 + ours.binary[9:]))
+        async def change(name: str, message: Message) -> str:
+            event = two.outboxes[name].event(message, key="T")
+            if name == "b":  # what ObjectId() gives in a process whose random bytes sort later
+                ours = ObjectId()
+                event["_id"] = str(ObjectId(ours.binary[:4] + b"\xff" * 5 + ours.binary[9:]))
 
-        async def work(session: Session) -> None:
-            await db["tickets"].update_one({"_id": "T"}, {"$inc": {"changes": 1}}, session=session)
-            await outboxes[name].stage(session, [event])
+            async def work(session: Session) -> None:
+                await tickets.update_one({"_id": "T"}, {"$inc": {"changes": 1}}, session=session)
+                await two.outboxes[name].stage(session, [event])
 
-        await in_transaction(client, work)
-        return str(event["_id"])
+            await in_transaction(two.client, work)
+            return str(event["_id"])
 
-    try:
-        await producer.start()
         first = await change("b", events_pb2.TicketAcknowledged(ticket_id="T"))
         second = await change("a", events_pb2.TicketWorkStarted(ticket_id="T"))
         assert second < first  # by id alone, the later change would go first
         async with TopicReader(settings.kafka_bootstrap_servers, topic) as reader:
-            while await relay.relay_once():
+            while await two.relays["a"].relay_once():
                 pass
             records = await reader.collect(lambda rs: len(rs) >= 2, what="both events")
         assert [r.event_id for r in records] == [first, second]
-    finally:
-        await producer.stop()
-        await client.drop_database(db.name)
-        await client.close()
 
 
 async def test_a_relay_that_stops_hands_its_lease_over_at_once(
@@ -245,34 +240,11 @@ async def test_a_relay_that_stops_hands_its_lease_over_at_once(
 ) -> None:
     """A graceful stop (scaling down, a deploy) must not leave the service's events waiting for
     the stopped instance's lease to run out."""
-    client = mongo_client(settings.mongo_uri)
-    db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
-    await ensure_outbox_indexes(db)
-    outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
-    producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
-    relays = {
-        name: OutboxRelay(
-            db, outboxes[name], producers[name], owner=name, poll_seconds=0.05, lease_seconds=60
+    async with two_instances(settings, topic, poll_seconds=0.05, lease_seconds=60) as two:
+        for name in "ab":
+            two.relays[name].start()
+            await eventually(holds_lease(two.db, "a"), what="the first relay holds the lease")
+        await two.relays["a"].stop()
+        await eventually(
+            holds_lease(two.db, "b"), what="the second relay took the lease over", within=5
         )
-        for name in "ab"
-    }
-
-    def holds(name: str) -> Callable[[], Awaitable[bool]]:
-        async def probe() -> bool:
-            return bool(await db[LEASE].find_one({"_id": "relay", "owner": name}))
-
-        return probe
-
-    try:
-        for name in "ab":
-            await producers[name].start()
-            relays[name].start()
-            await eventually(holds("a"), what="the first relay holds the lease")
-        await relays["a"].stop()
-        await eventually(holds("b"), what="the second relay took the lease over", within=5)
-    finally:
-        for name in "ab":
-            await relays[name].stop()
-            await producers[name].stop()
-        await client.drop_database(db.name)
-        await client.close()

@@ -144,6 +144,19 @@ class Town:
         count = await view.persons.count_documents({"household_id": household_id})
         await self.known(household_id, residents=count + 1)
 
+    async def empty(self, household_id: str) -> None:
+        """Its only resident moves out of the area, and the household's notices go with them."""
+        head = await self.service.store.view.persons.find_one({"household_id": household_id})
+        assert head is not None
+        await self.city.ward_officer.MoveOut(
+            registry_pb2.MoveOutRequest(request_id=rid(), person_id=head["_id"], destination="Huế")
+        )
+
+        async def gone() -> bool:
+            return await self.inbox(household_id) == []
+
+        await eventually(gone, what=f"the notices of the emptied household {household_id}")
+
     async def known(self, household_id: str, residents: int) -> None:
         view = self.service.store.view
 

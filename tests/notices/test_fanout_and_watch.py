@@ -118,16 +118,7 @@ async def test_a_household_that_moved_away_is_not_streamed_the_notices_later_cha
     household = town.households[town.city.other_group][0]
     notice = await town.publish()
     await town.delivered(notice.notice_id)
-    head = await town.service.store.view.persons.find_one({"household_id": household})
-    assert head is not None
-    await town.city.ward_officer.MoveOut(
-        registry_pb2.MoveOutRequest(request_id=rid(), person_id=head["_id"], destination="Huế")
-    )
-
-    async def withdrawn() -> bool:
-        return await town.inbox(household) == []
-
-    await eventually(withdrawn, what="the notice withdrawn from the household that left")
+    await town.empty(household)
     call = town.resident(household).WatchMyNotices(notices_pb2.WatchMyNoticesRequest())
     hub = town.service.servicer.hub
     await eventually(lambda: _true(hub.watching(household)), what="the stream open")

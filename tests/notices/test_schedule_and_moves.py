@@ -110,15 +110,6 @@ async def test_a_household_whose_last_resident_leaves_stops_seeing_notices(town:
     household = town.households[town.city.other_group][0]
     notice = await town.publish()
     await town.delivered(notice.notice_id)
-    head = await town.service.store.view.persons.find_one({"household_id": household})
-    assert head is not None
-    await town.city.ward_officer.MoveOut(
-        registry_pb2.MoveOutRequest(request_id=rid(), person_id=head["_id"], destination="Huế")
-    )
-
-    async def gone() -> bool:
-        return await town.inbox(household) == []
-
-    await eventually(gone, what="the empty household's notice withdrawn")
+    await town.empty(household)
     reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
     assert reach.total.delivered == 4
