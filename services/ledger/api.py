@@ -627,19 +627,25 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if campaign is None:
             raise NotFound(f"campaign {request.campaign_id} not found in this fund")
         owed = await self.store.balances_of(fund["_id"], f"receivable/{campaign['_id']}/")
+        paid_by = await self._paid(
+            fund, await self.store.contributions_to(fund["_id"], campaign["_id"])
+        )
         caller = principal()
         response = ledger_pb2.GetCampaignStatusResponse(
             campaign=_as_seen_by(caller, campaign_message(campaign))
         )
         for due in campaign["dues"]:
             outstanding = owed.get(domain.receivable(campaign["_id"], due["household_id"]), 0)
-            status = domain.payment_status(due["amount"], outstanding, bool(due["exempt_because"]))
+            paid = paid_by.get((campaign["_id"], due["household_id"]), 0)
+            status = domain.payment_status(
+                due["amount"], paid, outstanding, bool(due["exempt_because"])
+            )
             response.households.append(
                 ledger_pb2.HouseholdPayment(
                     household_id=due["household_id"],
                     household_name=due["name"],
                     due=due["amount"],
-                    paid=due["amount"] - outstanding,
+                    paid=paid,
                     outstanding=outstanding,
                     status=status,  # type: ignore[arg-type]
                     exempt_because=due["exempt_because"]
@@ -649,11 +655,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             )
             if status is domain.PaymentStatus.PAID:
                 response.paid += 1
-            elif status is not domain.PaymentStatus.EXEMPT:
+            elif status in (domain.PaymentStatus.UNPAID, domain.PaymentStatus.PARTLY_PAID):
                 response.unpaid += 1
-            response.collected += due["amount"] - outstanding
+            response.collected += paid
             response.outstanding += outstanding
         return response
+
+    async def _paid(
+        self, fund: Document, contributions: list[Document]
+    ) -> dict[tuple[str, str], int]:
+        reversed_ids = await self.store.reversed_ids(
+            fund["_id"], [doc["_id"] for doc in contributions]
+        )
+        return domain.paid_towards_dues(contributions, reversed_ids)
 
     async def GetHouseholdDues(
         self, request: ledger_pb2.GetHouseholdDuesRequest, context: Context
@@ -662,6 +676,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         _required("household_id", request.household_id)
         domain.may_read_household_dues(principal(), fund["unit_id"], request.household_id)
         owed = await self.store.balances_of(fund["_id"], "receivable/")
+        contributions = await self.store.contributions_of(fund["_id"], request.household_id)
+        paid_by = await self._paid(fund, contributions)
         response = ledger_pb2.GetHouseholdDuesResponse(household_id=request.household_id)
         for campaign in await self.store.campaigns_of(fund["_id"]):
             due = next(
@@ -671,22 +687,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 continue
             response.household_name = due["name"]
             outstanding = owed.get(domain.receivable(campaign["_id"], request.household_id), 0)
+            paid = paid_by.get((campaign["_id"], request.household_id), 0)
             response.dues.append(
                 ledger_pb2.CampaignDue(
                     campaign_id=campaign["_id"],
                     campaign_name=campaign["name"],
                     period=campaign["period"],
                     due=due["amount"],
-                    paid=due["amount"] - outstanding,
+                    paid=paid,
                     outstanding=outstanding,
                     status=domain.payment_status(  # type: ignore[arg-type]
-                        due["amount"], outstanding, bool(due["exempt_because"])
+                        due["amount"], paid, outstanding, bool(due["exempt_because"])
                     ),
                 )
             )
-        payments = await self._messages(
-            await self.store.contributions_of(fund["_id"], request.household_id)
-        )
+        payments = await self._messages(contributions)
         response.payments.extend(payments)
         if not response.household_name:
             names = await self.store.household_names([request.household_id])

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from enum import IntEnum
+from typing import Any
 
 from civic.ledger.v1 import ledger_pb2
 from google.protobuf.message import Message
@@ -77,6 +78,7 @@ class PaymentStatus(IntEnum):
     PARTLY_PAID = 2
     UNPAID = 3
     EXEMPT = 4
+    CANCELLED = 5
 
 
 Postings = list[tuple[str, int]]
@@ -292,12 +294,31 @@ def compute_dues(
     return dues
 
 
-def payment_status(due: int, outstanding: int, exempt: bool) -> PaymentStatus:
+def paid_towards_dues(
+    contributions: Iterable[Mapping[str, Any]], reversed_ids: Container[str]
+) -> dict[tuple[str, str], int]:
+    """(campaign id, household id) -> what the household paid towards that due: the part of
+    each contribution, not reversed, that settled its receivable."""
+    paid: dict[tuple[str, str], int] = {}
+    for doc in contributions:
+        details = doc.get("contribution") or {}
+        campaign_id, household_id = details.get("campaign_id"), details.get("household_id")
+        if not (campaign_id and household_id) or doc["_id"] in reversed_ids:
+            continue
+        owed = receivable(campaign_id, household_id)
+        settled = -sum(p["amount"] for p in doc["postings"] if p["account"] == owed)
+        paid[campaign_id, household_id] = paid.get((campaign_id, household_id), 0) + settled
+    return paid
+
+
+def payment_status(due: int, paid: int, outstanding: int, exempt: bool) -> PaymentStatus:
+    """From what the household paid towards the due (its contributions, not reversed) and what
+    it still owes (the receivable): the two differ once a due is cancelled or written off."""
     if exempt:
         return PaymentStatus.EXEMPT
     if outstanding <= 0:
-        return PaymentStatus.PAID
-    return PaymentStatus.UNPAID if outstanding >= due else PaymentStatus.PARTLY_PAID
+        return PaymentStatus.PAID if paid >= due else PaymentStatus.CANCELLED
+    return PaymentStatus.PARTLY_PAID if paid > 0 else PaymentStatus.UNPAID
 
 
 # ---- who may read and change what ------------------------------------------------------------

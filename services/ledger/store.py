@@ -136,6 +136,11 @@ class LedgerStore:
             )
         }
 
+    async def contributions_to(self, fund_id: str, campaign_id: str) -> list[Document]:
+        return await self.transactions.find(
+            {"fund_id": fund_id, "contribution.campaign_id": campaign_id}
+        ).to_list()
+
     async def insert_transactions(self, docs: list[Document], session: Session) -> None:
         await self.transactions.insert_many(docs, ordered=True, session=session)
 

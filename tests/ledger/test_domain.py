@@ -30,10 +30,14 @@ def test_dues_per_household_and_per_person_with_exemptions() -> None:
 
 
 def test_payment_status() -> None:
-    assert domain.payment_status(100, 0, False) is domain.PaymentStatus.PAID
-    assert domain.payment_status(100, 40, False) is domain.PaymentStatus.PARTLY_PAID
-    assert domain.payment_status(100, 100, False) is domain.PaymentStatus.UNPAID
-    assert domain.payment_status(0, 0, True) is domain.PaymentStatus.EXEMPT
+    # (due, paid, outstanding, exempt)
+    assert domain.payment_status(100, 100, 0, False) is domain.PaymentStatus.PAID
+    assert domain.payment_status(100, 60, 40, False) is domain.PaymentStatus.PARTLY_PAID
+    assert domain.payment_status(100, 0, 100, False) is domain.PaymentStatus.UNPAID
+    assert domain.payment_status(0, 0, 0, True) is domain.PaymentStatus.EXEMPT
+    # Cancelled (the assessment reversed) or written off: nothing owed, not all of it paid.
+    assert domain.payment_status(100, 0, 0, False) is domain.PaymentStatus.CANCELLED
+    assert domain.payment_status(100, 30, 0, False) is domain.PaymentStatus.CANCELLED
 
 
 @pytest.mark.parametrize(

@@ -265,3 +265,29 @@ async def test_a_moment_out_of_the_calendar_is_invalid_not_internal(books: Books
             await method(request)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert (refused.value.details() or "").startswith(f"{field}: ")
+
+
+async def test_a_cancelled_campaign_shows_nobody_as_having_paid(books: Books) -> None:
+    """Reversing the assessment settles every receivable; the board must not then show every
+    household as paid, nor money collected that never came in."""
+    campaign = await declare(books, exemptions=())
+    await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=campaign.transaction_id,
+            reason="hủy đợt thu",
+        )
+    )
+    status = await books.leader.GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=campaign.campaign_id)
+    )
+    assert {(p.paid, p.outstanding, p.status) for p in status.households} == {
+        (0, 0, ledger_pb2.PAYMENT_STATUS_CANCELLED)
+    }
+    assert (status.paid, status.unpaid, status.collected) == (0, 0, 0)
+    h = books.households
+    dues = await books.resident("dung").GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(fund_id=books.fund_id, household_id=h["dung"])
+    )
+    assert [(d.paid, d.status) for d in dues.dues] == [(0, ledger_pb2.PAYMENT_STATUS_CANCELLED)]
