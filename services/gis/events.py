@@ -114,8 +114,13 @@ class _Batch:
                 m,
                 registry_events.HouseholdCreated
                 | registry_events.HouseholdUpdated
-                | registry_events.HouseholdMoved,
+                | registry_events.HouseholdMoved
+                | registry_events.PersonRegistered,
             )
+        ] + [
+            household_feature_id(m.to_household_id)
+            for m in messages
+            if isinstance(m, registry_events.PersonMoved)
         ]
         if not ids:
             return
@@ -155,17 +160,25 @@ class _Batch:
                 person = {
                     "_id": m.person_id,
                     "household_id": m.household_id,
-                    "unit_id": m.unit_id,
+                    "unit_id": self._unit_of(m.household_id, m.unit_id),
                     "birth_date": m.birth_date,
                     "residence_kind": int(m.residence_kind),
                     "active": True,
                 }
                 self.persons.append(ReplaceOne({"_id": m.person_id}, person, upsert=True))
             case registry_events.PersonMoved():
-                moved = {"household_id": m.to_household_id, "unit_id": m.to_unit_id}
+                unit_id = self._unit_of(m.to_household_id, m.to_unit_id)
+                moved = {"household_id": m.to_household_id, "unit_id": unit_id}
                 self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": moved}))
             case registry_events.PersonMovedOut() | registry_events.PersonDied():
                 self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": {"active": False}}))
+
+    def _unit_of(self, household_id: str, said: str) -> str:
+        """A person's unit is their household's: as the map has it when it has the household
+        (its move or merge may have arrived first, on another partition), else as the event
+        says."""
+        point = self.points.get(household_feature_id(household_id))
+        return str(point["unit_id"]) if point is not None else said
 
     def _household(self, m: Any) -> None:
         feature_id = household_feature_id(m.household_id)

@@ -144,3 +144,24 @@ async def test_a_burst_as_one_batch_leaves_the_view_and_the_map_as_one_by_one(
         assert features[point("h1")]["geometry"]["coordinates"][0] == 108.22015
         units = {u["_id"]: u for u in view["units"]}
         assert (units[WEST]["name"], units[WEST]["merged_into_id"]) == ("Tổ 1 cũ", EAST)
+
+
+async def test_a_person_registered_before_their_households_move_is_counted_where_it_went(
+    settings: Settings,
+) -> None:
+    """A person's events and their household's travel on different partitions: the move (or a
+    merge) may be applied before the registration that preceded it. Either way the person is
+    counted in the group their household is in now."""
+    created = household("h1", WEST, 0)
+    person = registered("p1", "h1", WEST)
+    merged = registry_events.GroupsMerged(source_unit_id=WEST, target_unit_id=EAST)
+    orders = [[created, person, merged], [created, merged, person]]
+    async with scratch_databases(settings, len(orders)) as dbs:
+        for order, db in zip(orders, dbs, strict=True):
+            store = GisStore(db)
+            projection = RegistryProjection(store, Outbox(db, source="gis", topic=TOPIC))
+            for message in [unit(WEST, "Tổ 1"), unit(EAST, "Tổ 2"), *order]:
+                await handle(db, projection.apply, deliveries([message]))
+            counts = await store.counts(WARD, "9999-12-31")
+            assert counts[EAST].get("population") == 1, order
+            assert counts.get(WEST, {}).get("population", 0) == 0, order
