@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import jwt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from civic.ledger.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
 from google.protobuf.message import DecodeError
@@ -417,11 +418,23 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
                 settings,
                 topic=args.topic,
                 live=grpc_balances(stub),
-                unit=args.unit,
+                unit=args.unit or _scope_of(args.token),
                 keep_store=args.keep_store,
             )
         except grpc.aio.AioRpcError as error:
             print(f"the live service refused: {error.code().name}: {error.details()}")
             return 2
     print(report.text())
+    if not report.events:
+        print(f"error: {args.topic} holds no events: nothing was checked", file=sys.stderr)
+        return 2
     return 0 if report.ok else 1
+
+
+def _scope_of(token: str) -> str:
+    """The unit the caller's own token is for (the service checks the token; this only reads
+    which funds to compare by default)."""
+    try:
+        return str(jwt.decode(token, options={"verify_signature": False}).get("scope", ""))
+    except jwt.InvalidTokenError:
+        return ""

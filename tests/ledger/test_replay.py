@@ -301,3 +301,32 @@ async def test_a_history_resealed_to_its_end_and_a_missing_tail_are_found(
     assert report.first_bad is None
     assert not report.ok
     assert any(f"the topic only to {len(mine) - 1}" in m for m in report.mismatches), report.text()
+
+
+async def test_the_cli_compares_the_tokens_own_funds_and_refuses_an_empty_topic(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A group leader checks their own group's books without naming the unit (the topic holds
+    every city's funds, most of which the leader may not read); a topic without ledger events
+    is no evidence that all is well."""
+    await busy_fund(books)
+    await published(ledger_service)
+    use_servers(monkeypatch, settings)
+    target = f"127.0.0.1:{ledger_service.port}"
+    leader = token(Role.GROUP_LEADER, books.city.group)
+    status = await cli.run(["replay-ledger", "--token", leader, "--target", target])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "live balances: 1 funds compared, 0 differ" in out
+
+    topic, _ = await copy_topic(settings, lambda record: [])
+    status = await cli.run(
+        ["replay-ledger", "--token", leader, "--target", target, "--topic", topic]
+    )
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.err.startswith(f"error: {topic} holds no events")
