@@ -177,6 +177,10 @@ def test_servers_are_set_up_as_the_services_expect(services: dict[str, dict[str,
     assert minio_env["MINIO_ROOT_USER"] == env["CIVIC_S3_ACCESS_KEY"]
     assert minio_env["MINIO_ROOT_PASSWORD"] == env["CIVIC_S3_SECRET_KEY"]
     assert env["CIVIC_S3_ENDPOINT"] == "minio:9000"
+    # Presigned links are for phones and browsers: signed for a published address of MinIO.
+    public = env["CIVIC_S3_PUBLIC_URL"].split(":-", 1)[-1].rstrip("}")
+    assert public.startswith(("http://", "https://")) and "minio" not in public
+    assert "9000:9000" in " ".join(str(p) for p in services["minio"]["ports"])
     # OpenTelemetry: the collector's OTLP gRPC receiver is where the services export.
     collector = yaml.safe_load((ROOT / "infra" / "otel-collector.yaml").read_text())
     grpc = collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]

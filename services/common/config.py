@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     s3_access_key: str = "civic"
     s3_secret_key: str = "civic-dev-secret"
     s3_secure: bool = False
+    # Where phones and browsers reach the store, when not at s3_endpoint (a store inside a
+    # private network behind a public name): presigned links are made for this address.
+    s3_public_url: str = ""
 
     # Signing key for bearer tokens; production sets a long random value.
     auth_secret: str = "civic-dev-signing-key-change-me-in-production"

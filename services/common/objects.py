@@ -11,6 +11,7 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from minio import Minio
 from minio.error import S3Error
@@ -55,22 +56,20 @@ def check_image_upload(content_type: str, size: int, max_bytes: int) -> None:
 
 class ObjectStore:
     def __init__(self, settings: Settings, bucket: str) -> None:
-        # A fixed region: presigning is then pure computation, with no round trip to the store.
-        self._client = Minio(
-            settings.s3_endpoint,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key,
-            secure=settings.s3_secure,
-            region="us-east-1",
+        self._client = _client(settings, settings.s3_endpoint, settings.s3_secure)
+        # Links are signed for the address their users reach: the host is part of the signature.
+        public = urlsplit(settings.s3_public_url) if settings.s3_public_url else None
+        self._presigner = (
+            _client(settings, public.netloc, public.scheme == "https") if public else self._client
         )
         self.bucket = bucket
 
     def upload_url(self, key: str) -> str:
-        url: str = self._client.presigned_put_object(self.bucket, key, expires=UPLOAD_WINDOW)
+        url: str = self._presigner.presigned_put_object(self.bucket, key, expires=UPLOAD_WINDOW)
         return url
 
     def view_url(self, key: str) -> str:
-        url: str = self._client.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
+        url: str = self._presigner.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
         return url
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
@@ -139,3 +138,14 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+
+def _client(settings: Settings, endpoint: str, secure: bool) -> Minio:
+    # A fixed region: presigning is then pure computation, with no round trip to the store.
+    return Minio(
+        endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=secure,
+        region="us-east-1",
+    )
