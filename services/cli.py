@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import getpass
 import inspect
+import logging
 import os
 import sys
 import textwrap
@@ -60,6 +61,10 @@ Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Commands report problems in one line of their own: the clients' logs would repeat them
+    # (aiokafka's connection errors) or bury the story (faststream's per-message lines).
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    logging.getLogger("faststream").setLevel(logging.WARNING)
     try:
         return run_async(run(argv))
     except KeyboardInterrupt:

@@ -68,7 +68,11 @@ async def tail(
         auto_offset_reset="earliest" if from_beginning else "latest",
         fetch_max_wait_ms=200,
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # a consumer that could not start still holds its client
+        raise
     shown = 0
     try:
         async for record in consumer:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import sys
 import uuid
 
 import pytest
@@ -65,6 +67,22 @@ async def test_tail_of_an_unknown_topic_is_refused_with_the_topics_named(
         await cli.run(["tail", "civic.nothing.v1"])
     assert exited.value.code == 2
     assert "civic.tickets.v1" in capsys.readouterr().err
+
+
+async def test_tail_of_an_unreachable_broker_is_one_line() -> None:
+    """Not aiokafka's own log lines and warnings besides: the command's one line."""
+    tail = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "services.cli", "tail", "civic.tickets.v1"),
+        *("--bootstrap", "127.0.0.1:1"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    out, err = await asyncio.wait_for(tail.communicate(), 60)
+    assert tail.returncode == 1
+    lines = err.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Kafka at 127.0.0.1:1"), lines
+    assert not out
 
 
 async def test_stack_status_of_an_environment_never_started(
