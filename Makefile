@@ -34,6 +34,7 @@ run: setup
 	$(PY) -m services.platform run
 
 stop down:
+	$(PY) -m services.platform stop
 	$(PY) -m infra.local down --env dev
 
 status:

@@ -301,7 +301,7 @@ class Services:
             for name, port in self.ports.items()
         }
         self.logs = logs
-        self.processes = dict(zip(SERVICES, start_services(envs, logs), strict=True))
+        self.processes = dict(zip(SERVICES, start_services(envs, logs, logs / "pids"), strict=True))
 
     async def wait_healthy(self) -> None:
         for name, process in self.processes.items():

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
@@ -37,6 +39,9 @@ SERVICES = [name for name in GRPC_PORTS if (ROOT / "services" / name / "main.py"
 # Stable per demo: request ids derived from the unit, so a second load is a retry, not a change.
 DEMO_NAMESPACE = uuid.UUID("6f1c63a4-7c55-4a57-9d0e-2f5b0c1d9a11")
 DEV_LOGS = ROOT / ".civic" / "dev" / "logs"
+# What `make run` started, so `make stop` ends it even when `make run` is no longer attached.
+DEV_PIDS = ROOT / ".civic" / "dev" / "pids" / "platform"
+STOP_SECONDS = 20.0
 
 
 def service_env(settings: Settings, prefix: str, port: int, **extra: str) -> dict[str, str]:
@@ -65,25 +70,59 @@ def service_env(settings: Settings, prefix: str, port: int, **extra: str) -> dic
 
 
 def start_services(
-    envs: Mapping[str, dict[str, str]], logs: Path = DEV_LOGS
+    envs: Mapping[str, dict[str, str]], logs: Path = DEV_LOGS, pids: Path = DEV_PIDS
 ) -> list[subprocess.Popen[bytes]]:
     """`python -m services.<name>.main` for each named service, with its environment, writing
-    to <logs>/<name>.log."""
+    to <logs>/<name>.log and its PID to <pids>/<name>.pid."""
     logs.mkdir(parents=True, exist_ok=True)
+    pids.mkdir(parents=True, exist_ok=True)
     processes = []
     for name, env in envs.items():
         log = (logs / f"{name}.log").open("ab")
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}.main"],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}.main"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        (pids / f"{name}.pid").write_text(str(process.pid))
+        processes.append(process)
     return processes
+
+
+def stop_services(pids: Path = DEV_PIDS) -> list[str]:
+    """Ends the services (and the `make run` process) named in <pids>: SIGTERM, then SIGKILL
+    after STOP_SECONDS. A PID whose process is not that service (a PID reused since) is left
+    alone. Returns the names of those that were running."""
+    running: dict[str, int] = {}
+    for path in sorted(pids.glob("*.pid")) if pids.exists() else []:
+        pid = int(path.read_text() or 0)
+        if pid and _runs(pid, f"services.{path.stem}"):
+            running[path.stem] = pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        path.unlink(missing_ok=True)
+    deadline = time.monotonic() + STOP_SECONDS
+    while (alive := [pid for pid in running.values() if _runs(pid, "")]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sorted(running)
+
+
+def _runs(pid: int, module: str) -> bool:
+    """Whether `pid` is a live process (not a zombie) whose command line names `module`."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z" and module in cmdline
 
 
 async def wait_healthy(port: int, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
@@ -329,6 +368,8 @@ async def run() -> None:
         )
     stack = LocalStack(ROOT / ".civic" / "dev", Ports.dev())
     endpoints = stack.up()
+    DEV_PIDS.mkdir(parents=True, exist_ok=True)
+    (DEV_PIDS / "platform.pid").write_text(str(os.getpid()))
     env = os.environ | endpoints.as_env()
     settings = Settings(**{k: v for k, v in endpoints.__dict__.items()})
     processes = start_services({name: env for name in SERVICES})
@@ -369,8 +410,11 @@ async def run() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m services.platform")
-    parser.add_argument("command", choices=["run"])
-    parser.parse_args()
+    parser.add_argument("command", choices=["run", "stop"])
+    if parser.parse_args().command == "stop":
+        stopped = stop_services()
+        print(f"stopped: {', '.join(stopped)}" if stopped else "no Civic services were running")
+        return
     try:
         run_async(run())
     except InfraError as error:
