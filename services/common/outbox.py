@@ -183,8 +183,11 @@ class OutboxRelay:
             # Hand over at once: another instance relays now, not when the lease runs out.
             self._held_until = None
             try:
-                await self._lease.delete_one({"_id": "relay", "owner": self._owner})
-            except Exception:  # the database already gone: the lease runs out by itself
+                # Briefly: with the database gone, the lease runs out by itself.
+                await asyncio.wait_for(
+                    self._lease.delete_one({"_id": "relay", "owner": self._owner}), 2
+                )
+            except Exception:
                 log.warning("could not release the outbox relay lease", exc_info=True)
 
     async def _run(self) -> None:
