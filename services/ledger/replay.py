@@ -117,6 +117,8 @@ class LiveFund:
 
 # The live fund at a sequence, or None when the service does not know the fund.
 LiveBalances = Callable[[str, int], Awaitable[LiveFund | None]]
+# The ids of the live funds of a unit and the units below it.
+LiveFunds = Callable[[str], Awaitable[list[str]]]
 
 
 class Replayer:
@@ -281,9 +283,11 @@ async def replay(
     live: LiveBalances | None = None,
     unit: str = "",
     keep_store: bool = False,
+    live_funds: LiveFunds | None = None,
 ) -> Report:
     """Replays `topic` into a fresh database and, with `live`, compares the funds under `unit`
-    (all if empty) with the live service."""
+    (all if empty) with the live service; with `live_funds` and a unit, also names any live
+    fund of the unit that the topic lacks."""
     client = mongo_client(settings.mongo_uri)
     database = f"{settings.database_prefix}_ledger_replay_{uuid.uuid4().hex[:12]}"
     replayer = Replayer(client, database)
@@ -303,6 +307,13 @@ async def replay(
         if live is not None:
             started = time.perf_counter()
             await _compare(replayer, balances, live, unit, report)
+            if live_funds is not None and unit:
+                # A fund kept off the topic altogether would escape the audit.
+                report.mismatches += [
+                    f"fund {fund_id}: in the live service, not on the topic"
+                    for fund_id in sorted(await live_funds(unit))
+                    if fund_id not in replayer.books.funds
+                ]
             report.timings["compare"] = time.perf_counter() - started
         return report
     finally:
@@ -368,6 +379,14 @@ async def _compare(
             )
 
 
+def grpc_funds(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> LiveFunds:
+    async def funds(unit: str) -> list[str]:
+        answer = await stub.ListFunds(ledger_pb2.ListFundsRequest(unit_id=unit))
+        return [f.fund_id for f in answer.funds if unit_within(f.unit_id, unit)]
+
+    return funds
+
+
 def grpc_balances(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> LiveBalances:
     async def live(fund_id: str, sequence: int) -> LiveFund | None:
         try:
@@ -420,6 +439,7 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
                 live=grpc_balances(stub),
                 unit=args.unit or _scope_of(args.token),
                 keep_store=args.keep_store,
+                live_funds=grpc_funds(stub),
             )
         except grpc.aio.AioRpcError as error:
             print(f"the live service refused: {error.code().name}: {error.details()}")

@@ -18,7 +18,7 @@ from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.ledger.events import TOPIC
 from services.ledger.main import LedgerService
-from services.ledger.replay import Report, grpc_balances, replay
+from services.ledger.replay import Report, grpc_balances, grpc_funds, replay
 from tests.conftest import token
 from tests.kafka_reader import Record, TopicReader, eventually, with_key
 from tests.ledger.conftest import Books, rid
@@ -74,6 +74,7 @@ async def audit(
             live=grpc_balances(stub),
             unit=books.city.city,
             topic=topic,
+            live_funds=grpc_funds(stub),
         )
 
 
@@ -301,6 +302,12 @@ async def test_a_history_resealed_to_its_end_and_a_missing_tail_are_found(
     assert report.first_bad is None
     assert not report.ok
     assert any(f"the topic only to {len(mine) - 1}" in m for m in report.mismatches), report.text()
+
+    # A fund kept off the topic altogether: every event of it dropped.
+    fund_key = books.fund_id.encode()
+    topic, _ = await copy_topic(settings, lambda r: [] if r.key == fund_key else [r])
+    report = await audit(settings, books, ledger_service, topic)
+    assert f"fund {books.fund_id}: in the live service, not on the topic" in report.mismatches
 
 
 async def test_the_cli_compares_the_tokens_own_funds_and_refuses_an_empty_topic(
