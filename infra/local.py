@@ -506,7 +506,13 @@ def _proc_state(pid: int) -> str:
     return stat.rpartition(")")[2].split()[0]
 
 
-def _is_ours(pid: int, data_dir: Path) -> bool:
+def runs(pid: int, marker: str) -> bool:
+    """Whether `pid` is a live process (not a zombie) whose command line holds `marker`: the
+    process a PID file names, not another that took the PID since."""
+    return _alive(pid) and _is_ours(pid, marker)
+
+
+def _is_ours(pid: int, data_dir: Path | str) -> bool:
     """Whether the process is the server for this data dir (PIDs get reused after reboots)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")

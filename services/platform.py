@@ -25,7 +25,7 @@ from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infra.local import InfraError, LocalStack, Ports, port_busy
+from infra.local import InfraError, LocalStack, Ports, port_busy, runs
 from services.common.auth import Role, mint_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
@@ -99,13 +99,13 @@ def stop_services(pids: Path = DEV_PIDS) -> list[str]:
     running: dict[str, int] = {}
     for path in sorted(pids.glob("*.pid")) if pids.exists() else []:
         pid = int(path.read_text() or 0)
-        if pid and _runs(pid, f"services.{path.stem}"):
+        if pid and runs(pid, f"services.{path.stem}"):
             running[path.stem] = pid
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         path.unlink(missing_ok=True)
     deadline = time.monotonic() + STOP_SECONDS
-    while (alive := [pid for pid in running.values() if _runs(pid, "")]) and (
+    while (alive := [pid for pid in running.values() if runs(pid, "")]) and (
         time.monotonic() < deadline
     ):
         time.sleep(0.1)
@@ -113,16 +113,6 @@ def stop_services(pids: Path = DEV_PIDS) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return sorted(running)
-
-
-def _runs(pid: int, module: str) -> bool:
-    """Whether `pid` is a live process (not a zombie) whose command line names `module`."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z" and module in cmdline
 
 
 async def wait_healthy(port: int, process: subprocess.Popen[bytes], seconds: float = 30) -> None:

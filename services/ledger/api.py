@@ -734,14 +734,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             # Everything posted at or before the moment asked about.
             as_of = moment("as_of", request.as_of) + timedelta(milliseconds=1)
         sequence, balances = await self._balances(fund, as_of, request.as_of_sequence)
-        head = await self.store.fund(fund["_id"]) or fund  # read after: never behind `sequence`
+        # The fund as read above holds the head's hash: a lookup only for an earlier point, or
+        # for a transaction committed since.
+        at_head = sequence == fund["sequence"]
         return ledger_pb2.GetBalancesResponse(
             fund_id=fund["_id"],
             sequence=sequence,
             balances=balances_message(balances),
             available=balances.get("cash", 0) + balances.get("bank", 0),
-            hash=await self.store.hash_at(fund["_id"], sequence),
-            head_sequence=head["sequence"],
+            hash=fund["head_hash"]
+            if at_head and sequence
+            else await self.store.hash_at(fund["_id"], sequence),
+            head_sequence=max(fund["sequence"], sequence),
         )
 
     async def _statement(
