@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -98,12 +98,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if person.get("cid_hash") and await self.store.person_by_cid(person["cid_hash"], session):
             raise AlreadyExists("a person with this citizen_id is already registered")
 
-    def _log_reads(self, caller: Principal, action: str, persons: list[Document]) -> list[Document]:
+    def _log_reads(
+        self,
+        caller: Principal,
+        action: str,
+        persons: list[Document],
+        households: Iterable[str] = (),
+    ) -> list[Document]:
         """Access-log records for an official's read of these persons' data: one per household
-        read, naming each person shown, so a lookup writes one document, not one per member."""
+        read, naming each person shown, so a lookup writes one document, not one per member.
+        A household's own data (address, housing, place) is personal data too: `households`
+        are logged even where no person of theirs is shown."""
         if caller.role is Role.RESIDENT:
             return []
-        shown: dict[str, list[Document]] = {}
+        shown: dict[str, list[Document]] = {household_id: [] for household_id in households}
         for person in persons:
             household_id = person["household_id"]
             shown.setdefault(household_id, []).append(
@@ -130,10 +138,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         ]
 
     async def _read_persons(
-        self, action: str, persons: list[Document]
+        self, action: str, persons: list[Document], households: Iterable[str] = ()
     ) -> list[registry_pb2.Person]:
         caller = principal()
-        await self.store.log_access(self._log_reads(caller, action, persons))
+        await self.store.log_access(self._log_reads(caller, action, persons, households))
         return [self.persons.message(person, caller) for person in persons]
 
     # ---- administrative units ------------------------------------------------------------
@@ -377,7 +385,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         found, residents = await self.store.household_with_members(request.household_id)
         household = _found(found, request.household_id)
         domain.may_read_household(principal(), household["unit_id"], household["_id"])
-        members = await self._read_persons("GetHousehold", residents)
+        members = await self._read_persons("GetHousehold", residents, [household["_id"]])
         head = next((m for m in members if m.person_id == household.get("head_person_id")), None)
         return registry_pb2.GetHouseholdResponse(
             household=household_message(household), head=head, members=members
@@ -393,7 +401,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         # Births, deaths and moves are personal data: logged, naming each person, before shown.
         named = dict.fromkeys(e["person_id"] for e in history if e.get("person_id"))
         shown = [{"_id": person_id, "household_id": household["_id"]} for person_id in named]
-        await self.store.log_access(self._log_reads(caller, "GetHouseholdHistory", shown))
+        await self.store.log_access(
+            self._log_reads(caller, "GetHouseholdHistory", shown, [household["_id"]])
+        )
         entries = [
             registry_pb2.HouseholdHistoryEntry(
                 event_id=entry["event_id"],
@@ -775,6 +785,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             request.page.page_token,
             page_size(request.page.page_size),
         )
+        listed = [h["_id"] for h in households]
+        await self.store.log_access(self._log_reads(caller, "ListOverdueVerifications", [], listed))
         return registry_pb2.ListOverdueVerificationsResponse(
             households=[household_message(h) for h in households], next_page_token=token
         )
@@ -856,8 +868,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     citizen_id_shown=person["citizen_id_shown"],
                 )
                 for record in records
-                # Records written before reads were grouped name one person each.
-                for person in record.get("persons") or [record]
+                for person in _persons_read(record)
             ],
             next_page_token=next_page,
         )
@@ -889,7 +900,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 )
             )
         # The heads' names are personal data read by an official (or for one): logged.
-        await self.store.log_access(self._log_reads(caller, "ListHouseholdSummaries", heads))
+        await self.store.log_access(
+            self._log_reads(caller, "ListHouseholdSummaries", heads, [h["_id"] for h in households])
+        )
         return registry_pb2.ListHouseholdSummariesResponse(
             households=summaries, next_page_token=next_page
         )
@@ -917,3 +930,16 @@ def _found(household: Document | None, household_id: str) -> Document:
     if household is None:
         raise NotFound(f"household {household_id} not found")
     return household
+
+
+def _persons_read(record: Document) -> list[Document]:
+    """The persons an access-log record names; one entry without a person for a read of the
+    household's own data only. Records written before reads were grouped name one person each."""
+    if record.get("persons"):
+        return list(record["persons"])
+    return [
+        {
+            "person_id": record.get("person_id", ""),
+            "citizen_id_shown": record.get("citizen_id_shown", False),
+        }
+    ]

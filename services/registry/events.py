@@ -39,7 +39,6 @@ def household_created(outbox: Outbox, household: Document) -> Document:
             residence_kind=household["residence_kind"],
             location=point_message(household.get("location")),
             head_person_id=household.get("head_person_id", ""),
-            poor=household.get("poor", False),
         ),
         key=household["_id"],
     )
@@ -56,7 +55,6 @@ def household_updated(outbox: Outbox, household: Document, fields: list[str]) ->
             residence_kind=household["residence_kind"],
             location=point_message(household.get("location")),
             head_person_id=household.get("head_person_id", ""),
-            poor=household.get("poor", False),
         ),
         key=household["_id"],
     )
@@ -74,7 +72,6 @@ def person_registered(outbox: Outbox, person: Document, reason: int) -> Document
             relationship=person["relationship"],
             residence_kind=person["residence_kind"],
             stay_end=person.get("stay_end", ""),
-            war_invalid=person.get("war_invalid", False),
         ),
         key=person["_id"],
     )

@@ -34,6 +34,22 @@ async def test_overdue_verification_after_six_months(city: City, clock: Clock) -
     assert await overdue() == {verified.household.household_id, never.household.household_id}
 
 
+async def test_a_leaders_list_of_overdue_households_is_logged_for_each(city: City) -> None:
+    """The list shows each household's address, book number and place: an official's read of
+    personal data, on record for the household though no person of it is shown."""
+    home = await new_household(city.leader, city.group)
+    hid = home.household.household_id
+    found = await city.leader.ListOverdueVerifications(
+        registry_pb2.ListOverdueVerificationsRequest(unit_id=city.group)
+    )
+    assert hid in {h.household_id for h in found.households}
+
+    resident = city.as_role(Role.RESIDENT, city.group, household_id=hid)
+    log = await resident.ListAccessLog(registry_pb2.ListAccessLogRequest(household_id=hid))
+    entries = [(e.actor_role, e.action, e.person_id) for e in log.entries]
+    assert ("group_leader", "ListOverdueVerifications", "") in entries
+
+
 async def test_virtual_residents_are_flagged(city: City, clock: Clock) -> None:
     lively = await new_household(city.leader, city.group)
     quiet = await new_household(city.leader, city.group, head_name="Lâm Văn Vắng")
