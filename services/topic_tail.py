@@ -15,6 +15,7 @@ from typing import TextIO
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from services.common import kafka_fetch
 from services.common.cloudevents import CloudEvent
@@ -42,8 +43,20 @@ def describe(record: ConsumerRecord[bytes, bytes], event: CloudEvent) -> str:
         message = event.message()
     except KeyError:
         return f"{where} (a type this build does not know, {len(event.data)} bytes)"
+    except DecodeError:
+        return f"{where} (a damaged payload, {len(event.data)} bytes)"
     data = json_format.MessageToDict(message, preserving_proto_field_name=True)
     return f"{where} {json.dumps(data, ensure_ascii=False, sort_keys=True)}"
+
+
+def line_for(record: ConsumerRecord[bytes, bytes], types: Collection[str]) -> str | None:
+    """The record's line, or None when `types` leaves it out."""
+    try:
+        event = CloudEvent.from_kafka(record.headers or (), record.value or b"")
+    except ValueError as error:  # another producer's record on the topic
+        where = f"{record.partition}@{record.offset}"
+        return None if types else f"{where} (not a readable CloudEvent: {error})"
+    return None if types and event.type not in types else describe(record, event)
 
 
 async def tail(
@@ -78,10 +91,10 @@ async def tail(
         async for record in consumer:
             if key and (record.key or b"").decode(errors="replace") != key:
                 continue
-            event = CloudEvent.from_kafka(record.headers or (), record.value or b"")
-            if types and event.type not in types:
+            line = line_for(record, types)
+            if line is None:
                 continue
-            print(describe(record, event), file=out, flush=True)
+            print(line, file=out, flush=True)
             shown += 1
             if shown == count:
                 break

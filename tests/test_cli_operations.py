@@ -9,9 +9,10 @@ import sys
 import uuid
 
 import pytest
+from aiokafka import ConsumerRecord
 
 from infra.local import REPO_ROOT
-from services import cli
+from services import cli, topic_tail
 from services.common.config import Settings
 from tests.registry_fixtures import City, new_household
 
@@ -58,6 +59,17 @@ async def test_tail_keeps_to_the_types_asked_for(
     decoded = json.loads(line.split(" ", 4)[4])
     assert decoded["person_id"] == head
     assert decoded["household_id"] == created.household.household_id
+
+
+def test_tail_shows_another_producers_record_as_such_and_goes_on() -> None:
+    record: ConsumerRecord[bytes, bytes] = ConsumerRecord(
+        topic="civic.registry.v1", partition=2, offset=7, timestamp=0, timestamp_type=0,
+        key=b"k", value=b"hello", checksum=None, serialized_key_size=1,
+        serialized_value_size=5, headers=[("x-origin", b"\xfe\xff")],
+    )  # fmt: skip
+    line = topic_tail.line_for(record, ())
+    assert line is not None and line.startswith("2@7 (not a readable CloudEvent")
+    assert topic_tail.line_for(record, (PERSON_REGISTERED,)) is None
 
 
 async def test_tail_of_an_unknown_topic_is_refused_with_the_topics_named(

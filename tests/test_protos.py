@@ -43,3 +43,19 @@ def test_renumbering_a_field_is_caught(tmp_path: Path) -> None:
     events.write_text(events.read_text().replace("string unit_id = 3;", "string unit_id = 30;", 1))
 
     assert buf("breaking", str(copy), "--against", str(BASELINE)).returncode != 0
+
+
+def test_renaming_an_event_message_is_caught(tmp_path: Path) -> None:
+    """An event's ce_type is its message's full name: stored events of the old name would no
+    longer decode, though the bytes on the wire are unchanged."""
+    copy = tmp_path / "proto"
+    shutil.copytree(ROOT / "proto", copy)
+    events = copy / "civic" / "tickets" / "v1" / "events.proto"
+    text = events.read_text()
+    assert "message TicketSubmitted {" in text
+    events.write_text(text.replace("message TicketSubmitted {", "message TicketFiled {"))
+
+    result = buf("breaking", str(copy), "--against", str(BASELINE))
+
+    assert result.returncode != 0
+    assert "TicketSubmitted" in result.stdout + result.stderr

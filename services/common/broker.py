@@ -3,6 +3,8 @@ event exactly once by recording its id in the same transaction as the handler's 
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -14,7 +16,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from opentelemetry.trace import Span, SpanKind
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -41,6 +43,9 @@ RETRIES_ON_DUPLICATE = 2
 # An idle consumer looks for new events this often (faststream waits this long for a batch,
 # then as long again before the next look).
 BATCH_WAIT_MS = 5
+# The longest wait before a fetch whose handling failed is tried again.
+MAX_RETRY_WAIT_S = 5.0
+_LOG = logging.getLogger("civic.consumer")
 
 
 @dataclass(frozen=True)
@@ -119,58 +124,67 @@ def subscribe_once(
             },
         )
 
-    async def apply(session: Session, todo: list[tuple[list[tuple[str, Any]], CloudEvent]]) -> None:
-        deliveries = [
-            Delivery(event, event.message(), functools.partial(process_span, headers, event))
-            for headers, event in todo
-        ]
-        emitted = await handle(deliveries, session)
-        if emitted:
-            assert outbox is not None, "a consumer that emits events needs the outbox"
-            await outbox.stage(session, emitted)
+    def delivery(record: ConsumerRecord[Any, Any]) -> Delivery | None:
+        """The record as an event to handle; None for one of a type not wanted, or one that
+        cannot be read (not a CloudEvent, a type this build does not know, a damaged payload):
+        logged and passed over, since no retry could ever read it and holding the partition
+        for it would stop every event behind it."""
+        headers = list(record.headers or ())
+        try:
+            event = CloudEvent.from_kafka(headers, record.value or b"")
+            if types is not None and event.type not in types:
+                return None
+            message = event.message()
+        except (ValueError, KeyError, DecodeError) as error:
+            _LOG.warning(
+                "%s: passing over record %s[%d]@%d that is not a readable event: %s",
+                group_id,
+                record.topic,
+                record.partition,
+                record.offset,
+                error,
+            )
+            return None
+        return Delivery(event, message, functools.partial(process_span, headers, event))
 
-    async def unseen(
-        wanted: list[tuple[list[tuple[str, Any]], CloudEvent]],
-    ) -> list[tuple[list[tuple[str, Any]], CloudEvent]]:
+    async def unseen(wanted: list[Delivery]) -> list[Delivery]:
         """`wanted` without the events already processed (each traced as a duplicate)."""
         done = {
             doc["_id"]
             async for doc in processed.find(
-                {"_id": {"$in": [f"{group_id}:{e.id}" for _, e in wanted]}}, {"_id": 1}
+                {"_id": {"$in": [f"{group_id}:{d.event.id}" for d in wanted]}}, {"_id": 1}
             )
         }
         todo = []
-        for headers, event in wanted:
-            marker = f"{group_id}:{event.id}"
+        for each in wanted:
+            marker = f"{group_id}:{each.event.id}"
             # A relay that crashed before marking its events sent publishes them again, and
             # both copies can arrive in one fetch: the second is a duplicate too.
             if marker in done:
-                with process_span(headers, event) as span:
+                with each.span() as span:
                     span.set_attribute("civic.duplicate", True)
                 continue
             done.add(marker)
-            todo.append((headers, event))
+            todo.append(each)
         return todo
 
     async def handle_fetch(records: list[ConsumerRecord[Any, Any]]) -> None:
         """A fetch's new events in one transaction, each partition's in order, with their
         processed-id markers; events already processed are skipped."""
-        fetched = [
-            (headers, CloudEvent.from_kafka(headers, record.value or b""))
-            for record in records
-            for headers in [list(record.headers or ())]
-        ]
-        todo = [(h, e) for h, e in fetched if types is None or e.type in types]
+        todo = [d for record in records if (d := delivery(record)) is not None]
 
         async def work(session: Session) -> None:
             now = datetime.now(UTC)
             # Which instance handled it: how the work splits across a group shows in the data.
             # A marker already there fails the insert before anything else is written.
             await processed.insert_many(
-                [{"_id": f"{group_id}:{e.id}", "at": now, "by": instance_id} for _, e in todo],
+                [{"_id": f"{group_id}:{d.event.id}", "at": now, "by": instance_id} for d in todo],
                 session=session,
             )
-            await apply(session, todo)
+            emitted = await handle(todo, session)
+            if emitted:
+                assert outbox is not None, "a consumer that emits events needs the outbox"
+                await outbox.stage(session, emitted)
 
         # Almost every event is new, so the markers are written without looking first. One
         # that is there already (a redelivery after a crash, or another member of the group
@@ -190,6 +204,8 @@ def subscribe_once(
         if outbox is not None:
             outbox.committed()
 
+    failures = 0
+
     @broker.subscriber(
         topic,
         group_id=group_id,
@@ -206,6 +222,39 @@ def subscribe_once(
         batch=True,
         max_records=MAX_BATCH,
         batch_timeout_ms=BATCH_WAIT_MS,
+        parser=_parse_fetch,
     )
     async def on_events(msg: KafkaMessage) -> None:
-        await handle_fetch(list(msg.raw_message))
+        nonlocal failures
+        try:
+            await handle_fetch(list(msg.raw_message))
+        except Exception:
+            # The fetch comes back at once; a fault that outlasts a retry (MongoDB away, a bug
+            # in a handler) is retried less and less often rather than in a tight loop.
+            failures += 1
+            await asyncio.sleep(min(MAX_RETRY_WAIT_S, 0.05 * 2**failures))
+            raise
+        failures = 0
+
+
+async def _parse_fetch(
+    records: tuple[ConsumerRecord[Any, Any], ...], parse: Callable[[Any], Awaitable[Any]]
+) -> Any:
+    """faststream's own parsing of a fetch, shown only the headers it can read: it decodes each
+    as UTF-8, and one producer's binary header would otherwise fail the whole fetch for good."""
+    return await parse(tuple(_readable_headers(record) for record in records))
+
+
+def _readable_headers(record: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]:
+    readable = [(key, value) for key, value in record.headers or () if _is_utf8(value)]
+    if len(readable) == len(record.headers or ()):
+        return record
+    return dataclasses.replace(record, headers=readable)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -46,7 +46,13 @@ class CloudEvent:
 
     @classmethod
     def from_kafka(cls, headers: Iterable[tuple[str, bytes | str]], value: bytes) -> CloudEvent:
-        decoded = {key: raw.decode() if isinstance(raw, bytes) else raw for key, raw in headers}
+        # Only the headers read here are decoded: another producer's binary header is no concern
+        # of ours. A `ce_*` value that is not UTF-8 raises ValueError (UnicodeDecodeError).
+        decoded = {
+            key: raw.decode() if isinstance(raw, bytes) else raw
+            for key, raw in headers
+            if key.startswith("ce_") or key in ("traceparent", "tracestate")
+        }
         missing = [
             name
             for name in ("ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time")

@@ -97,10 +97,7 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
         case events_pb2.HouseholdMoved():
             return [(m.household_id, "", f"moved from {m.from_unit_id} to {m.to_unit_id}")]
         case events_pb2.PersonRegistered():
-            reason = events_pb2.RegistrationReason.Name(m.reason).removeprefix(
-                "REGISTRATION_REASON_"
-            )
-            return [(m.household_id, m.person_id, f"person registered ({reason.lower()})")]
+            return [(m.household_id, m.person_id, f"person registered ({_reason(m.reason)})")]
         case events_pb2.PersonMoved():
             return [
                 (m.from_household_id, m.person_id, f"person moved to {m.to_household_id}"),
@@ -114,6 +111,14 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
             state = "marked absent" if m.absent else "absence mark cleared"
             return [(m.household_id, m.person_id, f"person {state}")]
     return []
+
+
+def _reason(reason: int) -> str:
+    """A newer registry's reason, unknown to this build, is shown by its number, not refused."""
+    names = events_pb2.RegistrationReason
+    if reason not in names.values():
+        return f"reason {reason}"
+    return names.Name(reason).removeprefix("REGISTRATION_REASON_").lower()  # type: ignore[arg-type]
 
 
 def history_projection(store: RegistryStore) -> BatchHandler:

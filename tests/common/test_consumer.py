@@ -144,6 +144,43 @@ async def test_a_fetch_over_several_partitions_is_handled_in_one_batch(
         await producer.stop()
 
 
+async def test_a_record_no_build_can_read_is_passed_over_and_the_rest_are_handled(
+    settings: Settings, topic: str, consumer: Consumer
+) -> None:
+    """A type from a newer producer, a record that is no CloudEvent, a damaged payload, another
+    producer's binary header: none may hold up the events behind it, on its partition or any."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    await consumer.broker.start()
+    try:
+        newer_value, newer = submitted("unknown")
+        newer = [
+            (k, b"civic.tickets.v1.TicketTeleported" if k == "ce_type" else v) for k, v in newer
+        ]
+        _, no_id = submitted("no-id")
+        damaged_headers = submitted("damaged")[1]
+        good_value, good_headers = submitted("t1")
+        records = [
+            ("t0", *submitted("t0")),
+            ("t0", newer_value, newer),
+            ("t0", b"x", [(k, v) for k, v in no_id if k != "ce_id"]),
+            ("t0", b"\xff\xff\xff", damaged_headers),
+            ("t0", good_value, [*good_headers, ("x-origin", b"\xfe\xff")]),
+            *((f"k{i}", *submitted(f"k{i}")) for i in range(6)),  # other partitions
+        ]
+        sent = [
+            await producer.send(topic, value, key=key.encode(), headers=headers)
+            for key, value, headers in records
+        ]
+        await asyncio.gather(*sent)
+        expected = sorted(["t0", "t1", *(f"k{i}" for i in range(6))])
+        assert await consumer.until_handled(len(expected)) == expected
+        await asyncio.sleep(0.3)
+        assert await consumer.handled() == expected
+    finally:
+        await producer.stop()
+
+
 def test_an_idle_consumer_waits_longer_after_each_empty_fetch_up_to_the_fetch_wait() -> None:
     waits = [wait_after_empty(empty, 0.010) for empty in range(1, 8)]
     assert waits == [0.001, 0.002, 0.004, 0.008, 0.010, 0.010, 0.010]

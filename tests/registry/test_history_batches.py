@@ -27,6 +27,8 @@ BURST = [
     events_pb2.HouseholdMoved(household_id="h1", from_unit_id=GROUP, to_unit_id=OTHER),
     events_pb2.UnitRenamed(unit_id=GROUP, new_name="Tổ 1"),  # no household's history
     events_pb2.PersonDied(person_id="p1", household_id="h1", death_date="2026-02-28"),
+    # A reason added by a newer registry than this build: still a line, not a stuck consumer.
+    events_pb2.PersonRegistered(person_id="p3", household_id="h2", unit_id=GROUP, reason=42),  # type: ignore[arg-type]
 ]
 
 EXPECTED = {
@@ -38,7 +40,11 @@ EXPECTED = {
         ("", f"moved from {GROUP} to {OTHER}"),
         ("p1", "person died on 2026-02-28"),
     ],
-    "h2": [("", "household created at 2 Trần Phú"), ("p2", "person moved in from h1")],
+    "h2": [
+        ("", "household created at 2 Trần Phú"),
+        ("p2", "person moved in from h1"),
+        ("p3", "person registered (reason 42)"),
+    ],
 }
 
 
