@@ -162,6 +162,11 @@ def _identify(method: str, request: Message) -> tuple[str, str]:
         raise InvalidArgument("request_id", "is required (a new UUID for each user action)")
     if len(request_id) > 100:
         raise InvalidArgument("request_id", "is longer than 100 characters")
-    key = f"{method}:{principal().subject}:{request_id}"
+    # Escaped so no two (caller, request_id) pairs share a key ("a", "b:r" and "a:b", "r");
+    # the usual subjects and ids, without ':' or '%', keep the key they always had.
+    key = ":".join(
+        part.replace("%", "%25").replace(":", "%3A")
+        for part in (method, principal().subject, request_id)
+    )
     fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
     return key, fingerprint

@@ -3,7 +3,10 @@ interceptor for tracing, error mapping and authentication (outermost first)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any
@@ -38,11 +41,25 @@ def _wrap(handler: Any, method: str, around: Around) -> Any:
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async with around(method, context):
-                async for item in inner_stream(request, context):
-                    # A stream outlives the check at its start: nothing more once the token
-                    # has expired.
-                    auth.principal().require_unexpired()
-                    yield item
+                # A stream outlives the check at its start: it ends when the token expires,
+                # whether or not there is anything more to send.
+                expires_at = auth.principal().expires_at
+                stream = aiter(inner_stream(request, context))
+                try:
+                    while True:
+                        left = expires_at - time.time()
+                        try:
+                            item = await asyncio.wait_for(
+                                anext(stream), None if math.isinf(left) else max(left, 0.0)
+                            )
+                        except StopAsyncIteration:
+                            return
+                        except TimeoutError:
+                            raise Unauthenticated("token expired") from None
+                        auth.principal().require_unexpired()
+                        yield item
+                finally:
+                    await stream.aclose()
 
         if handler.request_streaming:
             return grpc.stream_stream_rpc_method_handler(streaming, des, ser)

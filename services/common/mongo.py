@@ -11,13 +11,22 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
+from services.common.errors import InvalidArgument
+
 T = TypeVar("T")
 Document = dict[str, Any]
 Session = AsyncClientSession
 
 
-def in_unit(unit_id: str) -> dict[str, Any]:
-    """Matches a unit id field at `unit_id` or below it in the tree (an indexed prefix match)."""
+# A unit's id is its path of codes from the city down, e.g. "dn.hc.hc1.g17".
+UNIT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}(\.[a-z0-9][a-z0-9-]{0,31})*")
+
+
+def in_unit(unit_id: str, field: str = "unit_id") -> dict[str, Any]:
+    """Matches a unit id field at `unit_id` or below it in the tree (an indexed prefix match).
+    `unit_id` comes from a request (`field`): only a well-formed id makes a pattern."""
+    if not UNIT_ID.fullmatch(unit_id):
+        raise InvalidArgument(field, f"{unit_id[:80]!r} is not a unit id")
     return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
 
 

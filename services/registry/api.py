@@ -731,9 +731,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         born_from, born_to = domain.birth_dates_for_ages(request.min_age, request.max_age, as_of)
         if request.sex and request.sex not in registry_pb2.Sex.values():
             raise InvalidArgument("sex", "is not a known value")
+        # Searched as a name is written: bounded, no control characters (nor a NUL in a pattern).
+        name = domain.normalize_name("name", request.name) if request.name.strip() else ""
         found, token = await self.store.search_persons(
             unit_id,
-            name_folded=domain.fold(request.name),
+            name_folded=domain.fold(name),
             born_from=born_from,
             born_to=born_to,
             sex=request.sex,

@@ -280,6 +280,8 @@ BAD_QUERIES: list[tuple[str, Any, str]] = [
         registry_pb2.ListOverdueVerificationsRequest(max_age_days=365_000_000),
         "max_age_days",
     ),
+    ("a NUL in a name", registry_pb2.SearchPersonsRequest(name="a\x00b"), "name"),
+    ("a name of 80,000 characters", registry_pb2.SearchPersonsRequest(name="a " * 40_000), "name"),
 ]
 
 
@@ -299,3 +301,18 @@ async def test_a_query_out_of_range_is_invalid_not_internal(
         await method(request_)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.value.details() or "").startswith(field + ":"), error.value.details()
+
+
+@pytest.mark.parametrize("method", ["SearchPersons", "ListOverdueVerifications"])
+async def test_a_unit_id_that_is_no_unit_is_invalid_not_internal(city: City, method: str) -> None:
+    """Within the caller's scope by its prefix, but no id a unit can have (a NUL byte)."""
+    requests = {
+        "SearchPersons": registry_pb2.SearchPersonsRequest(unit_id=city.group + ".\x00"),
+        "ListOverdueVerifications": registry_pb2.ListOverdueVerificationsRequest(
+            unit_id=city.group + ".\x00"
+        ),
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await getattr(city.leader, method)(requests[method])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith("unit_id:"), error.value.details()

@@ -4,6 +4,7 @@ city dashboard's figures per unit and category."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -226,3 +227,20 @@ async def test_a_queue_watch_ends_when_its_token_expires(
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await asyncio.wait_for(call.read(), 10)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_idle_queue_watch_ends_when_its_token_expires(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Nothing to send is no reason to stay open past the token."""
+    ward = pilot.city.ward
+    short = mint_token(
+        TEST_SECRET, subject="officer-idle", role=Role.WARD_OFFICER, scope=ward, ttl_seconds=3
+    )
+    opened = time.monotonic()
+    officer = TicketCaller(pilot.target, short)
+    call = officer.WatchQueue(tickets_pb2.WatchQueueRequest(unit_id=ward))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await asyncio.wait_for(call.read(), 15)
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert time.monotonic() - opened > 1.5  # open while the token held
