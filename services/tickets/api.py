@@ -70,9 +70,15 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         # Who filed it is shown only to the submitter and officials (in scope, or they would not
         # see the ticket at all); not to integrators or auditors. Nor who wrote a comment, unless
         # an official did: the submitter's own comments would name them.
+        # Nor which household filed it, nor the household's place when the ticket took it for
+        # want of one of its own: either would name the submitter as well.
         caller = principal()
         if not (caller.is_official or caller.subject == ticket["submitter"]):
             message.submitter = ""
+            message.household_id = ""
+            # Tickets filed before the flag was kept: any with a household may be at its door.
+            if ticket.get("located_at_home", bool(ticket.get("household_id"))):
+                message.ClearField("location")
             for comment in message.comments:
                 if comment.author_role not in OFFICIALS:
                     comment.author = ""
@@ -184,6 +190,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             "origin_unit_id": unit_id,
             "household_id": household_id or None,
             "location": location,
+            "located_at_home": location is not None and not request.HasField("location"),
             "submitter": caller.subject,
             "submitter_role": caller.role.value,
             "photos": [],

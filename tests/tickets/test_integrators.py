@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer
+from civic.common.v1 import types_pb2
 from civic.tickets.v1 import events_pb2, tickets_pb2
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -266,12 +267,22 @@ async def test_integrator_in_scope_gets_more_detail_and_outside_scope_nothing(
     assert got.ticket.description == DESCRIPTION  # more than the event carries
     assert got.ticket.origin_unit_id == pilot.city.group
     assert got.ticket.submitted_at.seconds > 0
-    # Who filed it is shown only to the submitter and officials in scope (tickets.proto).
+    # Who filed it is shown only to the submitter and officials in scope (tickets.proto); nor
+    # the household, nor its place, which the ticket took for want of a place of its own.
     assert got.ticket.submitter == ""
+    assert got.ticket.household_id == ""
+    assert not got.ticket.HasField("location")
     official = await pilot.ward_officer.GetTicket(
         tickets_pb2.GetTicketRequest(ticket_id=ticket.ticket_id)
     )
     assert official.ticket.submitter == "resident-1"
+    assert official.ticket.household_id == pilot.household_id
+    assert official.ticket.HasField("location")
+    # A place the resident gave is the problem's, not the home's: shown.
+    placed = await pilot.submit(location=types_pb2.GeoPoint(latitude=16.07, longitude=108.22))
+    got = await in_scope.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=placed.ticket_id))
+    assert got.ticket.household_id == ""
+    assert got.ticket.location.latitude == 16.07
     # Nor does a comment name its author, unless an official wrote it.
     for caller, text in ((pilot.resident, "vẫn còn hỏng"), (pilot.ward_officer, "đã báo điện lực")):
         await caller.AddComment(
