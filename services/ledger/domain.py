@@ -350,13 +350,18 @@ def may_keep_books(caller: Principal, unit_id: str) -> None:
 
 def sees_why_exempt(caller: Principal, household_id: str) -> bool:
     """Why a household is exempt (poverty, a war invalid) and how many live in it are personal
-    data: a resident sees their own household's; the board shows others only as exempt."""
-    return caller.role is not Role.RESIDENT or caller.household_id == household_id
+    data: those who levy and check dues see them (officials, treasurers, auditors), a resident
+    their own household's; the board, and an integrator, show others only as exempt."""
+    if caller.role is Role.RESIDENT:
+        return caller.household_id == household_id
+    return caller.role is not Role.INTEGRATOR
 
 
 def may_read_household_dues(caller: Principal, unit_id: str, household_id: str) -> None:
     if caller.role is Role.RESIDENT and caller.household_id != household_id:
         raise PermissionDenied("residents see only their own household's dues")
+    if caller.role is Role.INTEGRATOR:
+        raise PermissionDenied("a household's dues and payments are not for integrators")
     may_read_fund(caller, unit_id)
 
 

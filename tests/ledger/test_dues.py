@@ -11,6 +11,7 @@ from civic.ledger.v1 import ledger_pb2
 from civic.registry.v1 import registry_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.auth import Role
 from tests.ledger.conftest import Books, rid
 
 
@@ -151,6 +152,23 @@ async def test_who_has_paid_and_who_has_not(books: Books) -> None:
     assert {p.household_name: p.exempt_because for p in leader.households}["Lê Văn Cường"] == (
         ledger_pb2.EXEMPTION_WAR_INVALID_MEMBER
     )
+    # An integrator reads the board as residents do: who is exempt, never why, nor a
+    # household's own dues and payments.
+    integrator = books.caller(Role.INTEGRATOR, books.city.ward)
+    board = await integrator.GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=cid)
+    )
+    assert {p.exempt_because for p in board.households} == {ledger_pb2.EXEMPTION_UNSPECIFIED}
+    assert {(d.exempt_because, d.residents) for d in board.campaign.dues} == {
+        (ledger_pb2.EXEMPTION_UNSPECIFIED, 0)
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await integrator.GetHouseholdDues(
+            ledger_pb2.GetHouseholdDuesRequest(
+                fund_id=books.fund_id, household_id=books.households["an"]
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_paying_more_than_owed_or_for_an_exempt_household_is_refused(books: Books) -> None:
