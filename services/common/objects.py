@@ -1,33 +1,40 @@
 """Object storage (MinIO in production, any S3 here) through the `minio` client.
 
-Files never pass through the services: a client gets a short-lived presigned URL, uploads
-straight to the store, and the service then checks what arrived before it accepts it.
+A client gets a short-lived presigned URL and uploads straight to the store; the service then
+checks what arrived before it accepts it. What it accepts is the bytes it checked, stored again
+under `checked/` (a key no upload link is ever signed for) and shown from there: the upload link
+stays valid for its whole window, and a second upload to it must not replace a checked file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Mapping
+import os
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import certifi
+import urllib3
 from minio import Minio
 from minio.error import S3Error
 
 from services.common.config import Settings
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.media import IMAGE_SIGNATURES, check_upload
 
+T = TypeVar("T")
 UPLOAD_WINDOW = timedelta(minutes=15)
 VIEW_WINDOW = timedelta(hours=1)
+STORE_CONNECT_SECONDS = 3.0
+STORE_READ_SECONDS = 30.0
 
-# What each accepted image type's bytes start with: the declared type must match the content.
-IMAGE_SIGNATURES: dict[str, tuple[bytes, ...]] = {
-    "image/jpeg": (b"\xff\xd8\xff",),
-    "image/png": (b"\x89PNG\r\n\x1a\n",),
-    "image/webp": (b"RIFF",),
-}
+# Accepted uploads, and files the services make, are kept and shown under this prefix.
+CHECKED = "checked/"
 
 
 @dataclass(frozen=True)
@@ -35,23 +42,6 @@ class StoredObject:
     key: str
     size: int
     content_type: str
-
-
-def check_upload(
-    content_type: str, size: int, max_bytes: int, signatures: Mapping[str, tuple[bytes, ...]]
-) -> None:
-    """A declared upload: one of the accepted types (the keys of `signatures`), not too big."""
-    if content_type not in signatures:
-        allowed = ", ".join(signatures)
-        raise InvalidArgument("content_type", f"must be one of {allowed}")
-    if size <= 0:
-        raise InvalidArgument("size_bytes", "must be positive")
-    if size > max_bytes:
-        raise InvalidArgument("size_bytes", f"is over the limit of {max_bytes} bytes")
-
-
-def check_image_upload(content_type: str, size: int, max_bytes: int) -> None:
-    check_upload(content_type, size, max_bytes, IMAGE_SIGNATURES)
 
 
 class ObjectStore:
@@ -69,75 +59,89 @@ class ObjectStore:
         return url
 
     def view_url(self, key: str) -> str:
-        url: str = self._presigner.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
+        """A link to the accepted upload, or the service's own file, at `key`."""
+        url: str = self._presigner.presigned_get_object(
+            self.bucket, CHECKED + key, expires=VIEW_WINDOW
+        )
         return url
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Stores a file the service made itself (an export)."""
-        await asyncio.to_thread(
-            self._client.put_object,
-            self.bucket,
-            key,
-            io.BytesIO(data),
-            len(data),
-            content_type=content_type,
-        )
+        """Stores a file the service made itself (an export), to be shown by `view_url`."""
+        await self._io(self._put, CHECKED + key, data, content_type)
 
     async def accept_image(self, key: str, max_bytes: int) -> StoredObject:
         """The uploaded image, if it is one and small enough; otherwise it is deleted."""
         return await self.accept(key, max_bytes, IMAGE_SIGNATURES)
 
     async def accept(
-        self, key: str, max_bytes: int, signatures: Mapping[str, tuple[bytes, ...]]
+        self, key: str, max_bytes: int, signatures: Mapping[str, re.Pattern[bytes]]
     ) -> StoredObject:
-        """The upload, if its declared type is accepted (a key of `signatures`), its bytes start
-        as that type's do and it is small enough; otherwise it is deleted."""
+        """The upload, if its declared type is accepted (a key of `signatures`), its bytes begin
+        as that type's do and it is small enough; otherwise it is deleted. The bytes checked are
+        kept under `checked/` and the upload removed; accepting it again (a retry) gives the
+        same answer."""
         try:
-            stat = await asyncio.to_thread(self._client.stat_object, self.bucket, key)
-        except S3Error as error:
-            if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                raise NotFound(f"nothing was uploaded at {key}") from None
-            raise
-        content_type = (stat.content_type or "").split(";")[0].strip()
+            data, content_type = await self._io(self._get, key, max_bytes + 1)
+        except NotFound:
+            size, content_type = await self._io(self._stat, CHECKED + key)
+            return StoredObject(key, size, content_type)
         try:
-            check_upload(content_type, stat.size or 0, max_bytes, signatures)
-            head = await asyncio.to_thread(self._head, key)
-            if not head.startswith(signatures[content_type]):
+            check_upload(content_type, len(data), max_bytes, signatures)
+            if not signatures[content_type].match(data):
                 raise InvalidArgument("object_key", f"the uploaded file is not a {content_type}")
         except InvalidArgument:
-            await asyncio.to_thread(self._client.remove_object, self.bucket, key)
+            await self._io(self._client.remove_object, self.bucket, key)
             raise
-        return StoredObject(key, stat.size or 0, content_type)
+        await self._io(self._put, CHECKED + key, data, content_type)
+        await self._io(self._client.remove_object, self.bucket, key)
+        return StoredObject(key, len(data), content_type)
 
     async def read(self, key: str, max_bytes: int) -> bytes:
         """The whole object, if it is there and not larger than max_bytes."""
-        try:
-            stat = await asyncio.to_thread(self._client.stat_object, self.bucket, key)
-        except S3Error as error:
-            if error.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                raise NotFound(f"nothing was uploaded at {key}") from None
-            raise
-        if (stat.size or 0) > max_bytes:
+        data, _ = await self._io(self._get, key, max_bytes + 1)
+        if len(data) > max_bytes:
             raise InvalidArgument("object_key", f"the file is over the limit of {max_bytes} bytes")
-        return await asyncio.to_thread(self._get, key)
+        return data
 
-    def _get(self, key: str) -> bytes:
-        response = self._client.get_object(self.bucket, key)
+    async def _io(self, call: Callable[..., T], *args: Any) -> T:
+        """A blocking call to the store, off the event loop. A store that cannot be reached, or
+        has lost its bucket, is UNAVAILABLE (the caller may retry), not an internal error."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except urllib3.exceptions.HTTPError as error:
+            raise Unavailable(f"object storage is unreachable ({type(error).__name__})") from None
+        except S3Error as error:
+            if error.code in MISSING:
+                raise NotFound(f"nothing was uploaded at {error.object_name}") from None
+            if error.code == "NoSuchBucket":
+                raise Unavailable(f"object storage has no bucket {self.bucket}") from None
+            raise
+
+    def _put(self, key: str, data: bytes, content_type: str) -> None:
+        self._client.put_object(
+            self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+        )
+
+    def _stat(self, key: str) -> tuple[int, str]:
+        stat = self._client.stat_object(self.bucket, key)
+        return stat.size or 0, _media_type(stat.content_type)
+
+    def _get(self, key: str, length: int) -> tuple[bytes, str]:
+        """At most `length` bytes of the object, and its media type."""
+        response = self._client.get_object(self.bucket, key, offset=0, length=length)
         try:
             data: bytes = response.read()
-            return data
+            return data, _media_type(response.headers.get("Content-Type"))
         finally:
             response.close()
             response.release_conn()
 
-    def _head(self, key: str) -> bytes:
-        response = self._client.get_object(self.bucket, key, offset=0, length=16)
-        try:
-            data: bytes = response.read()
-            return data
-        finally:
-            response.close()
-            response.release_conn()
+
+MISSING = ("NoSuchKey", "NoSuchObject", "NotFound")
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip()
 
 
 def _client(settings: Settings, endpoint: str, secure: bool) -> Minio:
@@ -148,4 +152,15 @@ def _client(settings: Settings, endpoint: str, secure: bool) -> Minio:
         secret_key=settings.s3_secret_key,
         secure=secure,
         region="us-east-1",
+        # The client's own defaults wait 5 minutes to connect and again to read, 5 times over:
+        # a request's worker thread, and its caller, would hang on a store that is away.
+        http_client=urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=STORE_CONNECT_SECONDS, read=STORE_READ_SECONDS),
+            maxsize=10,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(
+                total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        ),
     )

@@ -22,8 +22,9 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from services.common.auth import Principal, principal, unit_within
 from services.common.commands import CommandRunner
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.media import check_image_upload
 from services.common.mongo import Document, Session, in_transaction
-from services.common.objects import UPLOAD_WINDOW, ObjectStore, check_image_upload
+from services.common.objects import UPLOAD_WINDOW, ObjectStore
 from services.common.outbox import Outbox
 from services.common.wire import local_date, moment, timestamp
 from services.ledger import domain, events, statements

@@ -22,8 +22,9 @@ from services.common.errors import (
     NotFound,
     PermissionDenied,
 )
+from services.common.media import check_upload
 from services.common.mongo import Document, Session
-from services.common.objects import UPLOAD_WINDOW, ObjectStore, check_upload
+from services.common.objects import UPLOAD_WINDOW, ObjectStore
 from services.common.outbox import Outbox
 from services.common.paging import page_size
 from services.common.runtime import BackgroundTask

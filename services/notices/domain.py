@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 from services.common.auth import Principal, Role, unit_within
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.media import IMAGE_SIGNATURES
 
 
 class Priority(IntEnum):
@@ -49,13 +50,13 @@ MAX_SCHEDULE_AHEAD = timedelta(days=366)
 # Ages are counted on the calendar of the residents.
 LOCAL_TIME = ZoneInfo("Asia/Ho_Chi_Minh")
 
-# What each accepted attachment type's bytes start with: the declared type must match the content.
-ATTACHMENT_SIGNATURES: dict[str, tuple[bytes, ...]] = {
-    "application/pdf": (b"%PDF-",),
-    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": (b"PK\x03\x04",),
-    "image/jpeg": (b"\xff\xd8\xff",),
-    "image/png": (b"\x89PNG\r\n\x1a\n",),
-    "image/webp": (b"RIFF",),
+# How each accepted attachment type's bytes begin: the declared type must match the content.
+ATTACHMENT_SIGNATURES: dict[str, re.Pattern[bytes]] = {
+    "application/pdf": re.compile(rb"%PDF-"),
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": re.compile(
+        rb"PK\x03\x04"
+    ),
+    **IMAGE_SIGNATURES,
 }
 EXTENSIONS = {
     "application/pdf": "pdf",

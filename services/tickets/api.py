@@ -18,8 +18,9 @@ from services.common.auth import OFFICIALS, Principal, Role, principal
 from services.common.cloudevents import type_name
 from services.common.commands import CommandRunner
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.media import check_image_upload
 from services.common.mongo import Document, Session
-from services.common.objects import ObjectStore, check_image_upload
+from services.common.objects import ObjectStore
 from services.common.outbox import Outbox
 from services.common.paging import page_size
 from services.common.wire import duration, point_document, span, timestamp
@@ -286,9 +287,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         ):
             raise InvalidArgument("object_key", "was not issued for this ticket")
         caller = principal()
-        ticket = await self._visible(request.ticket_id, caller)
-        if len(ticket.get("photos", [])) >= domain.MAX_PHOTOS:
-            raise FailedPrecondition(f"a ticket holds at most {domain.MAX_PHOTOS} photos")
+        await self._visible(request.ticket_id, caller)
         stored = await self.photos.accept_image(request.object_key, domain.MAX_PHOTO_BYTES)
 
         def allowed(caller: Principal, ticket: Document) -> None:
@@ -298,6 +297,13 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 )
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            # Counted in the command's transaction: attaches at once cannot pass the limit
+            # together, and a retry of the one that reached it gets its stored answer.
+            photos = ticket.get("photos", [])
+            if any(photo["key"] == stored.key for photo in photos):
+                return ticket, []  # a second tap on the same upload: attached once
+            if len(photos) >= domain.MAX_PHOTOS:
+                raise FailedPrecondition(f"a ticket holds at most {domain.MAX_PHOTOS} photos")
             photo = {"key": stored.key, "content_type": stored.content_type, "size": stored.size}
             updated = await self.store.update(
                 ticket["_id"],

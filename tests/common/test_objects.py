@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from urllib.parse import urlsplit
 
+import pytest
+
+from infra.local import free_port
 from services.common.config import Settings
+from services.common.errors import Unavailable
 from services.common.objects import ObjectStore
 
 
@@ -16,7 +21,22 @@ def test_links_are_signed_for_the_stores_public_address_when_it_has_one() -> Non
     public = ObjectStore(
         inside.model_copy(update={"s3_public_url": "https://files.danang.example"}), "civic-photos"
     )
-    for url in (public.upload_url("a.jpg"), public.view_url("a.jpg")):
+    # An upload goes to its own key; what is shown is the checked copy of it.
+    for url, path in (
+        (public.upload_url("a.jpg"), "/civic-photos/a.jpg"),
+        (public.view_url("a.jpg"), "/civic-photos/checked/a.jpg"),
+    ):
         parts = urlsplit(url)
         assert (parts.scheme, parts.netloc) == ("https", "files.danang.example")
-        assert parts.path == "/civic-photos/a.jpg" and "X-Amz-Signature=" in parts.query
+        assert parts.path == path and "X-Amz-Signature=" in parts.query
+
+
+async def test_a_store_that_cannot_be_reached_is_unavailable_within_seconds() -> None:
+    """Not INTERNAL after the client's own five minutes: the caller may try again."""
+    away = ObjectStore(
+        Settings(s3_endpoint=f"127.0.0.1:{free_port()}", s3_secure=False), "civic-photos"
+    )
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await away.accept_image("tickets/t/0.png", 1024)
+    assert time.monotonic() - started < 10

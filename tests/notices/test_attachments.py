@@ -93,8 +93,9 @@ async def test_a_bad_upload_is_refused_and_deleted_and_nothing_is_published(
         )
         assert not await object_exists(bucket, ATTACHMENT_BUCKET, slot.object_key)
     assert await notices_in(town) == before
-    # The good upload was left alone and still attaches.
-    assert await object_exists(bucket, ATTACHMENT_BUCKET, good)
+    # The good upload was accepted, and is kept, and still attaches.
+    published = await town.publish(attachments=[attach(good, "ok.pdf")])
+    assert [(a.object_key, a.size_bytes) for a in published.attachments] == [(good, len(PDF))]
 
 
 async def test_uploads_are_declared_properly_and_attached_by_their_unit_only(town: Town) -> None:

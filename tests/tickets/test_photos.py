@@ -4,6 +4,7 @@ and deletes whatever it refuses. Real SeaweedFS S3, plain HTTP for the upload an
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -11,7 +12,7 @@ import pytest
 from civic.tickets.v1 import tickets_pb2
 from minio import Minio
 
-from services.tickets.domain import MAX_PHOTO_BYTES
+from services.tickets.domain import MAX_PHOTO_BYTES, MAX_PHOTOS
 from services.tickets.main import PHOTO_BUCKET
 from tests.objects import get, jpeg_bytes, object_exists, png_bytes, put
 from tests.tickets.conftest import Pilot, TicketCaller, rid
@@ -99,6 +100,12 @@ BAD_UPLOADS = {
     "text-declared-as-png": (b"not a photo, just text\n" * 10, "image/png", "object_key"),
     "png-sent-as-text": (png_bytes(), "text/plain", "content_type"),
     "png-over-the-limit": (PADDED_PNG, "image/png", "size_bytes"),
+    # RIFF begins WebP, and WAV and AVI too.
+    "wav-declared-as-webp": (
+        b"RIFF\x24\x08\x00\x00WAVEfmt " + b"\x00" * 64,
+        "image/webp",
+        "object_key",
+    ),
 }
 
 
@@ -148,3 +155,49 @@ async def test_attach_needs_an_upload_made_for_this_ticket(pilot: Pilot, bucket:
         await attach(pilot.resident, mine.ticket_id, empty.object_key)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert await photos_of(pilot, mine.ticket_id) == []
+
+
+async def test_a_second_upload_to_the_link_does_not_replace_the_attached_photo(
+    pilot: Pilot,
+) -> None:
+    """The upload link stays valid for its window after the attach: what was checked is what is
+    kept and shown."""
+    ticket = await pilot.submit()
+    body = png_bytes()
+    slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/png", len(body))
+    await put(slot.upload_url, body, "image/png")
+    await attach(pilot.resident, ticket.ticket_id, slot.object_key)
+
+    await put(slot.upload_url, b"<html>not a photo</html>" * 1000, "text/html")
+
+    [photo] = await photos_of(pilot, ticket.ticket_id)
+    assert (photo.content_type, photo.size_bytes) == ("image/png", len(body))
+    assert await get(photo.url) == body
+
+
+async def test_attaches_at_once_stop_at_the_limit_and_each_upload_attaches_once(
+    pilot: Pilot,
+) -> None:
+    ticket = await pilot.submit()
+    keys = []
+    for size in range(MAX_PHOTOS + 3):
+        body = png_bytes(8 + size, 8)
+        slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/png", len(body))
+        await put(slot.upload_url, body, "image/png")
+        keys.append(slot.object_key)
+    requests = [
+        tickets_pb2.AttachPhotoRequest(request_id=rid(), ticket_id=ticket.ticket_id, object_key=k)
+        for k in [keys[0], *keys]  # the first upload twice (a second tap)
+    ]
+    answers = await asyncio.gather(
+        *(pilot.resident.AttachPhoto(r) for r in requests), return_exceptions=True
+    )
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert {a.code() for a in refused} == {grpc.StatusCode.FAILED_PRECONDITION}
+    photos = await photos_of(pilot, ticket.ticket_id)
+    assert len(photos) == MAX_PHOTOS
+    assert len({photo.object_key for photo in photos}) == MAX_PHOTOS
+    # A retry of an attach that went through is answered as it was, limit or not.
+    done = next(r for r, a in zip(requests, answers, strict=True) if not isinstance(a, Exception))
+    again = await pilot.resident.AttachPhoto(done)
+    assert done.object_key in [photo.object_key for photo in again.ticket.photos]
