@@ -56,6 +56,21 @@ def jpeg_bytes(blocks: int = 4) -> bytes:
     )
 
 
+# What a phone writes beside the picture, and no service should keep.
+GPS = b"GPSLatitude 16.0544 N GPSLongitude 108.2022 E Pixel 7 serial 1A2B3C"
+
+
+def jpeg_with_exif() -> tuple[bytes, bytes]:
+    """A JPEG as a phone writes it (Exif in APP1, XMP too, a comment), and the same without."""
+    plain = jpeg_bytes()
+    exif = b"\xff\xe1" + struct.pack(">H", len(b"Exif\x00\x00" + GPS) + 2) + b"Exif\x00\x00" + GPS
+    xmp = b"\xff\xe1" + struct.pack(">H", len(b"http://ns.adobe.com/xap/1.0/\x00" + GPS) + 2)
+    xmp += b"http://ns.adobe.com/xap/1.0/\x00" + GPS
+    comment = b"\xff\xfe" + struct.pack(">H", len(GPS) + 2) + GPS
+    jfif_end = 2 + 2 + int.from_bytes(plain[4:6], "big")
+    return plain[:2] + exif + plain[2:jfif_end] + xmp + comment + plain[jfif_end:], plain
+
+
 def _http(method: str, url: str, body: bytes | None, content_type: str) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body, method=method)
     if content_type:

@@ -31,3 +31,86 @@ def check_upload(
 
 def check_image_upload(content_type: str, size: int, max_bytes: int) -> None:
     check_upload(content_type, size, max_bytes, IMAGE_SIGNATURES)
+
+
+def without_metadata(content_type: str, data: bytes) -> bytes:
+    """The image without what a phone writes beside the picture: where it was taken (GPS),
+    when, the device and its owner (Exif, XMP, IPTC, text chunks). The picture's own bytes are
+    kept as they are. An image whose structure cannot be followed is returned unchanged."""
+    strip = _STRIPPERS.get(content_type)
+    if strip is None:
+        return data
+    try:
+        return strip(data)
+    except (IndexError, ValueError):
+        return data
+
+
+# JPEG segments kept: JFIF (APP0), the colour profile (APP2), Adobe's colour transform (APP14),
+# and everything that is not an application segment or a comment.
+_JPEG_DROPPED = {0xE1, *range(0xE3, 0xEE), 0xEF, 0xFE}
+
+
+def _jpeg(data: bytes) -> bytes:
+    kept, at = [data[:2]], 2
+    while at < len(data):
+        if data[at] != 0xFF:
+            raise ValueError("not at a marker")
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: the picture itself, to the end
+            kept.append(data[at:])
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            kept.append(data[at : at + 2])
+            at += 2
+            continue
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if end > len(data):
+            raise ValueError("segment past the end")
+        if marker not in _JPEG_DROPPED:
+            kept.append(data[at:end])
+        at = end
+    return b"".join(kept)
+
+
+_PNG_DROPPED = {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}
+
+
+def _png(data: bytes) -> bytes:
+    kept, at = [data[:8]], 8
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        end = at + 12 + length  # length, type, data, CRC
+        if end > len(data):
+            raise ValueError("chunk past the end")
+        if data[at + 4 : at + 8] not in _PNG_DROPPED:
+            kept.append(data[at:end])
+        at = end
+    return b"".join(kept)
+
+
+_VP8X_EXIF, _VP8X_XMP = 0x08, 0x04
+
+
+def _webp(data: bytes) -> bytes:
+    kept, at = [], 12
+    while at < len(data):
+        kind = data[at : at + 4]
+        size = int.from_bytes(data[at + 4 : at + 8], "little")
+        if at + 8 + size > len(data):
+            raise ValueError("chunk past the end")
+        end = at + 8 + size + size % 2  # a chunk is padded to an even length
+        chunk = data[at:end]
+        if kind == b"VP8X":  # the flags say which extra chunks follow
+            chunk = chunk[:8] + bytes((chunk[8] & ~(_VP8X_EXIF | _VP8X_XMP),)) + chunk[9:]
+        if kind not in (b"EXIF", b"XMP "):
+            kept.append(chunk)
+        at = end
+    body = b"WEBP" + b"".join(kept)
+    return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+
+_STRIPPERS = {"image/jpeg": _jpeg, "image/png": _png, "image/webp": _webp}

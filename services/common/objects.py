@@ -25,7 +25,7 @@ from minio.error import S3Error
 
 from services.common.config import Settings
 from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.media import IMAGE_SIGNATURES, check_upload
+from services.common.media import IMAGE_SIGNATURES, check_upload, without_metadata
 
 T = TypeVar("T")
 UPLOAD_WINDOW = timedelta(minutes=15)
@@ -78,8 +78,8 @@ class ObjectStore:
     ) -> StoredObject:
         """The upload, if its declared type is accepted (a key of `signatures`), its bytes begin
         as that type's do and it is small enough; otherwise it is deleted. The bytes checked are
-        kept under `checked/` and the upload removed; accepting it again (a retry) gives the
-        same answer."""
+        kept under `checked/` (an image without its metadata: where and when it was taken, the
+        device) and the upload removed; accepting it again (a retry) gives the same answer."""
         try:
             data, content_type = await self._io(self._get, key, max_bytes + 1)
         except NotFound:
@@ -92,9 +92,10 @@ class ObjectStore:
         except InvalidArgument:
             await self._io(self._client.remove_object, self.bucket, key)
             raise
-        await self._io(self._put, CHECKED + key, data, content_type)
+        kept = without_metadata(content_type, data)
+        await self._io(self._put, CHECKED + key, kept, content_type)
         await self._io(self._client.remove_object, self.bucket, key)
-        return StoredObject(key, len(data), content_type)
+        return StoredObject(key, len(kept), content_type)
 
     async def read(self, key: str, max_bytes: int) -> bytes:
         """The whole object, if it is there and not larger than max_bytes."""

@@ -14,7 +14,7 @@ from minio import Minio
 
 from services.tickets.domain import MAX_PHOTO_BYTES, MAX_PHOTOS
 from services.tickets.main import PHOTO_BUCKET
-from tests.objects import get, jpeg_bytes, object_exists, png_bytes, put
+from tests.objects import GPS, get, jpeg_bytes, jpeg_with_exif, object_exists, png_bytes, put
 from tests.tickets.conftest import Pilot, TicketCaller, rid
 
 
@@ -201,3 +201,15 @@ async def test_attaches_at_once_stop_at_the_limit_and_each_upload_attaches_once(
     done = next(r for r, a in zip(requests, answers, strict=True) if not isinstance(a, Exception))
     again = await pilot.resident.AttachPhoto(done)
     assert done.object_key in [photo.object_key for photo in again.ticket.photos]
+
+
+async def test_a_photo_is_kept_without_where_and_with_what_it_was_taken(pilot: Pilot) -> None:
+    """Integrators and officials see the photo; not the GPS of the resident's home in it."""
+    ticket = await pilot.submit()
+    phone, picture = jpeg_with_exif()
+    slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/jpeg", len(phone))
+    await put(slot.upload_url, phone, "image/jpeg")
+    [photo] = (await attach(pilot.resident, ticket.ticket_id, slot.object_key)).photos
+    assert photo.size_bytes == len(picture)
+    kept = await get(photo.url)
+    assert kept == picture and GPS not in kept

@@ -1,0 +1,60 @@
+"""An accepted image keeps its picture and loses what the phone wrote beside it: where it was
+taken, when, the device (Exif, XMP, text chunks)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from services.common.media import IMAGE_SIGNATURES, without_metadata
+from tests.objects import GPS, jpeg_with_exif, png_bytes
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def test_a_jpeg_loses_exif_xmp_and_comments_and_keeps_its_picture() -> None:
+    phone, plain = jpeg_with_exif()
+    assert GPS in phone
+    assert without_metadata("image/jpeg", phone) == plain
+
+
+def test_a_png_loses_its_text_and_exif_chunks() -> None:
+    plain = png_bytes()
+    header_end = 8 + 12 + 13  # signature, IHDR
+    phone = (
+        plain[:header_end]
+        + png_chunk(b"eXIf", b"MM\x00*" + GPS)
+        + png_chunk(b"tEXt", b"Comment\x00" + GPS)
+        + plain[header_end:]
+    )
+    assert without_metadata("image/png", phone) == plain
+
+
+def test_a_webp_loses_its_exif_and_xmp_chunks_and_their_flags() -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return kind + len(data).to_bytes(4, "little") + data + b"\x00" * (len(data) % 2)
+
+    def riff(*chunks: bytes) -> bytes:
+        body = b"WEBP" + b"".join(chunks)
+        return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+    picture = chunk(b"VP8L", b"\x2f\x00\x00\x00\x00\x07")  # any payload: it is kept as it is
+    flags = 0x08 | 0x04 | 0x10  # Exif, XMP, alpha
+    phone = riff(
+        chunk(b"VP8X", bytes((flags, 0, 0, 0)) + b"\x00" * 6),
+        picture,
+        chunk(b"EXIF", GPS + b"!"),  # odd: padded
+        chunk(b"XMP ", GPS),
+    )
+    cleaned = without_metadata("image/webp", phone)
+    assert cleaned == riff(chunk(b"VP8X", bytes((0x10, 0, 0, 0)) + b"\x00" * 6), picture)
+    assert IMAGE_SIGNATURES["image/webp"].match(cleaned)
+
+
+def test_an_image_whose_structure_breaks_off_is_kept_as_it_came() -> None:
+    phone, _ = jpeg_with_exif()
+    cut = phone[:8]  # a segment's length runs past the end
+    assert without_metadata("image/jpeg", cut) == cut
