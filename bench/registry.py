@@ -467,7 +467,7 @@ async def run_benchmark(
 
 async def check_lookup(target: str, token: str, household_id: str) -> None:
     """One real GetHousehold first: a benchmark of errors would measure nothing."""
-    async with civic_channel(target, token) as channel:
+    async with civic_channel(target, token, "benchmark") as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         got = await stub.GetHousehold(registry_pb2.GetHouseholdRequest(household_id=household_id))
     if not got.members:

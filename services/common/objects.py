@@ -2,8 +2,9 @@
 
 A client gets a short-lived presigned URL and uploads straight to the store; the service then
 checks what arrived before it accepts it. What it accepts is the bytes it checked, stored again
-under `checked/` (a key no upload link is ever signed for) and shown from there: the upload link
-stays valid for its whole window, and a second upload to it must not replace a checked file.
+under `checked/` (a key no upload link is ever signed for) and known by that key from then on:
+the upload link stays valid for its whole window, and a second upload to it must not replace a
+checked file.
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ VIEW_WINDOW = timedelta(hours=1)
 STORE_CONNECT_SECONDS = 3.0
 STORE_READ_SECONDS = 30.0
 
-# Accepted uploads, and files the services make, are kept and shown under this prefix.
+# Accepted uploads are kept, and shown, under this prefix; no upload link is signed for it.
 CHECKED = "checked/"
+
+
+def checked(upload_key: str) -> str:
+    """Where an upload is kept once accepted."""
+    return CHECKED + upload_key
 
 
 @dataclass(frozen=True)
@@ -59,15 +65,12 @@ class ObjectStore:
         return url
 
     def view_url(self, key: str) -> str:
-        """A link to the accepted upload, or the service's own file, at `key`."""
-        url: str = self._presigner.presigned_get_object(
-            self.bucket, CHECKED + key, expires=VIEW_WINDOW
-        )
+        url: str = self._presigner.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
         return url
 
     async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Stores a file the service made itself (an export), to be shown by `view_url`."""
-        await self._io(self._put, CHECKED + key, data, content_type)
+        """Stores a file the service made itself (an export)."""
+        await self._io(self._put, key, data, content_type)
 
     async def accept_image(self, key: str, max_bytes: int) -> StoredObject:
         """The uploaded image, if it is one and small enough; otherwise it is deleted."""
@@ -78,13 +81,14 @@ class ObjectStore:
     ) -> StoredObject:
         """The upload, if its declared type is accepted (a key of `signatures`), its bytes begin
         as that type's do and it is small enough; otherwise it is deleted. The bytes checked are
-        kept under `checked/` (an image without its metadata: where and when it was taken, the
-        device) and the upload removed; accepting it again (a retry) gives the same answer."""
+        kept at `checked(key)` (an image without its metadata: where and when it was taken, the
+        device), the key it is known by from then on, and the upload removed; accepting it again
+        (a retry) gives the same answer."""
         try:
             data, content_type = await self._io(self._get, key, max_bytes + 1)
         except NotFound:
-            size, content_type = await self._io(self._stat, CHECKED + key)
-            return StoredObject(key, size, content_type)
+            size, content_type = await self._io(self._stat, checked(key))
+            return StoredObject(checked(key), size, content_type)
         try:
             check_upload(content_type, len(data), max_bytes, signatures)
             if not signatures[content_type].match(data):
@@ -93,9 +97,9 @@ class ObjectStore:
             await self._io(self._client.remove_object, self.bucket, key)
             raise
         kept = without_metadata(content_type, data)
-        await self._io(self._put, CHECKED + key, kept, content_type)
+        await self._io(self._put, checked(key), kept, content_type)
         await self._io(self._client.remove_object, self.bucket, key)
-        return StoredObject(key, len(kept), content_type)
+        return StoredObject(checked(key), len(kept), content_type)
 
     async def read(self, key: str, max_bytes: int) -> bytes:
         """The whole object, if it is there and not larger than max_bytes."""

@@ -24,7 +24,7 @@ from services.common.commands import CommandRunner
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.media import check_image_upload
 from services.common.mongo import Document, Session, in_transaction
-from services.common.objects import UPLOAD_WINDOW, ObjectStore
+from services.common.objects import UPLOAD_WINDOW, ObjectStore, checked
 from services.common.outbox import Outbox
 from services.common.wire import local_date, moment, timestamp
 from services.ledger import domain, events, statements
@@ -490,7 +490,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     "payee": payee,
                     "approved_by": approved_by,
                     "method": request.method,
-                    "receipt_object_key": key,
+                    # Where the receipt is kept once accepted (below, before posting).
+                    "receipt_object_key": checked(key),
                     "spent_on": spent_on,
                 }
             },

@@ -15,6 +15,7 @@ from pymongo import AsyncMongoClient
 from services.common.auth import Principal, Role, current_purpose, principal
 from services.common.commands import CommandRunner
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.paging import page_size
@@ -121,8 +122,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     and domain.may_see_citizen_id(caller, household_id),
                 }
             )
+        # Who, what, when and why: an official states why with each read (x-civic-purpose).
+        purpose = current_purpose.get().strip()
+        if not purpose:
+            raise InvalidArgument(
+                PURPOSE_HEADER, "state why you read this personal data (request metadata)"
+            )
         now = self.clock()
-        purpose = current_purpose.get() or "not stated"
         return [
             {
                 "_id": ObjectId(),

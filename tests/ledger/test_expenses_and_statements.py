@@ -13,6 +13,7 @@ import grpc
 import pytest
 from civic.ledger.v1 import ledger_pb2
 
+from services.common.objects import checked
 from tests.ledger.conftest import Books, rid
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
@@ -58,7 +59,7 @@ async def test_an_expense_with_its_receipt_image(books: Books) -> None:
     request = expense(books, key)
     spent = (await books.treasurer.RecordExpense(request)).transaction
     assert spent.kind == ledger_pb2.TRANSACTION_KIND_EXPENSE
-    assert spent.expense.receipt_object_key == key
+    assert spent.expense.receipt_object_key == checked(key)
     assert spent.expense.approved_by.startswith("Nguyễn Văn")
     assert await asyncio.to_thread(_http, "GET", spent.expense.receipt_url) == PNG
     assert (await books.treasurer.RecordExpense(request)).transaction == spent

@@ -8,6 +8,7 @@ import grpc
 from civic.notices.v1 import notices_pb2
 from minio import Minio
 
+from services.common.objects import checked
 from services.notices.domain import MAX_ATTACHMENT_BYTES
 from services.notices.main import ATTACHMENT_BUCKET
 from tests.notices.conftest import NoticeCaller, Town, refused, rid
@@ -95,7 +96,9 @@ async def test_a_bad_upload_is_refused_and_deleted_and_nothing_is_published(
     assert await notices_in(town) == before
     # The good upload was accepted, and is kept, and still attaches.
     published = await town.publish(attachments=[attach(good, "ok.pdf")])
-    assert [(a.object_key, a.size_bytes) for a in published.attachments] == [(good, len(PDF))]
+    assert [(a.object_key, a.size_bytes) for a in published.attachments] == [
+        (checked(good), len(PDF))
+    ]
 
 
 async def test_uploads_are_declared_properly_and_attached_by_their_unit_only(town: Town) -> None:

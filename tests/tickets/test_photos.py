@@ -12,6 +12,7 @@ import pytest
 from civic.tickets.v1 import tickets_pb2
 from minio import Minio
 
+from services.common.objects import checked
 from services.tickets.domain import MAX_PHOTO_BYTES, MAX_PHOTOS
 from services.tickets.main import PHOTO_BUCKET
 from tests.objects import GPS, get, jpeg_bytes, jpeg_with_exif, object_exists, png_bytes, put
@@ -63,8 +64,9 @@ async def test_photos_upload_through_presigned_urls_and_are_viewable(pilot: Pilo
         assert before + timedelta(minutes=14) < expires < datetime.now(UTC) + timedelta(minutes=16)
         await put(slot.upload_url, body, content_type)
         attached = await attach(pilot.resident, ticket.ticket_id, slot.object_key)
-        assert slot.object_key in [photo.object_key for photo in attached.photos]
-        keys.append(slot.object_key)
+        # Known from now on by where it is kept: a key no upload link reaches.
+        assert checked(slot.object_key) in [photo.object_key for photo in attached.photos]
+        keys.append(checked(slot.object_key))
 
     photos = await photos_of(pilot, ticket.ticket_id)
     assert [photo.object_key for photo in photos] == keys
@@ -147,7 +149,7 @@ async def test_attach_needs_an_upload_made_for_this_ticket(pilot: Pilot, bucket:
     # The refusal leaves the other ticket's upload alone: it still attaches there.
     assert await stored(bucket, slot.object_key)
     attached = await attach(pilot.resident, other.ticket_id, slot.object_key)
-    assert [photo.object_key for photo in attached.photos] == [slot.object_key]
+    assert [photo.object_key for photo in attached.photos] == [checked(slot.object_key)]
 
     # A slot that was never uploaded to: nothing to attach.
     empty = await upload_slot(pilot.resident, mine.ticket_id, "image/jpeg", 2048)
@@ -200,7 +202,7 @@ async def test_attaches_at_once_stop_at_the_limit_and_each_upload_attaches_once(
     # A retry of an attach that went through is answered as it was, limit or not.
     done = next(r for r, a in zip(requests, answers, strict=True) if not isinstance(a, Exception))
     again = await pilot.resident.AttachPhoto(done)
-    assert done.object_key in [photo.object_key for photo in again.ticket.photos]
+    assert checked(done.object_key) in [photo.object_key for photo in again.ticket.photos]
 
 
 async def test_a_photo_is_kept_without_where_and_with_what_it_was_taken(pilot: Pilot) -> None:
