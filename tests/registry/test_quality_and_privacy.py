@@ -34,6 +34,19 @@ async def test_overdue_verification_after_six_months(city: City, clock: Clock) -
     assert await overdue() == {verified.household.household_id, never.household.household_id}
 
 
+async def test_an_official_who_does_not_say_why_reads_nothing(city: City) -> None:
+    home = await new_household(city.leader, city.group)
+    hid = home.household.household_id
+    silent = Caller(city.target, token(Role.WARD_OFFICER, city.ward), purpose="")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await silent.GetHousehold(registry_pb2.GetHouseholdRequest(household_id=hid))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith("x-civic-purpose:")
+    resident = city.as_role(Role.RESIDENT, city.group, household_id=hid)
+    log = await resident.ListAccessLog(registry_pb2.ListAccessLogRequest(household_id=hid))
+    assert not [e for e in log.entries if e.actor_role == "ward_officer"]
+
+
 async def test_a_leaders_list_of_overdue_households_is_logged_for_each(city: City) -> None:
     """The list shows each household's address, book number and place: an official's read of
     personal data, on record for the household though no person of it is shown."""
