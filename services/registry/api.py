@@ -369,6 +369,20 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 await self.store.update_person(
                     head["_id"], {"relationship": registry_pb2.RELATIONSHIP_HEAD}, session
                 )
+                # One head: the former head's relationship to the new one is not known until the
+                # leader states it (a spouse, a parent...).
+                former = await self.store.person(household.get("head_person_id") or "", session)
+                if (
+                    former is not None
+                    and former["_id"] != head["_id"]
+                    and former["status"] == RESIDENT
+                    and former["household_id"] == household["_id"]
+                ):
+                    await self.store.update_person(
+                        former["_id"],
+                        {"relationship": registry_pb2.RELATIONSHIP_UNSPECIFIED},
+                        session,
+                    )
             changes["last_activity_at"] = self.clock()
             updated = await self.store.update_household(household["_id"], changes, session)
             if "residence_kind" in changes:

@@ -39,6 +39,34 @@ async def test_household_with_head_and_members(city: City) -> None:
     }
 
 
+async def test_a_new_head_leaves_the_household_one_head(city: City) -> None:
+    created = await new_household(city.leader, city.group)
+    household_id = created.household.household_id
+    spouse = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=household_id, person=person("Lê Thị Hoa")
+        )
+    )
+    await city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=household_id,
+            update_fields=["head_person_id"],
+            head_person_id=spouse.person.person_id,
+        )
+    )
+    got = await city.leader.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=household_id)
+    )
+    relationships = {m.person_id: m.relationship for m in got.members}
+    assert relationships == {
+        spouse.person.person_id: registry_pb2.RELATIONSHIP_HEAD,
+        # To the new head: not known until the leader says.
+        created.head.person_id: registry_pb2.RELATIONSHIP_UNSPECIFIED,
+    }
+    assert got.head.person_id == spouse.person.person_id
+
+
 async def test_group_leader_of_another_group_is_denied(city: City) -> None:
     created = await new_household(city.leader, city.group)
 
