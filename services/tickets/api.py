@@ -112,7 +112,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
         async def work(session: Session) -> tuple[R, list[Document]]:
             ticket = await self._ticket(request.ticket_id, session)
-            allowed(caller, ticket)
+            try:
+                allowed(caller, ticket)
+            except PermissionDenied:
+                _check_visible(caller, ticket)  # one the caller may not see is not there for them
+                raise
             domain.check_transition(action, domain.Status(ticket["status"]))
             updated, emitted = await mutate(ticket, session)
             return response_type(ticket=self._message(updated)), emitted

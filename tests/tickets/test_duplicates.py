@@ -92,8 +92,10 @@ async def test_residents_support_a_ticket_instead_of_filing_it_again(pilot: Pilo
     assert (await cluster(pilot.ward_officer, ticket_id)).ticket.supporters == 2
 
     elsewhere = pilot.caller(Role.RESIDENT, city.other_group, "hh-elsewhere", "resident-far")
-    for outsider in (elsewhere, pilot.ward_officer):
-        await refused(grpc.StatusCode.PERMISSION_DENIED, support(outsider))
+    # A resident of another group does not see the ticket at all; the ward's officer does, and
+    # handles it rather than supports it.
+    await refused(grpc.StatusCode.NOT_FOUND, support(elsewhere))
+    await refused(grpc.StatusCode.PERMISSION_DENIED, support(pilot.ward_officer))
 
     await pilot.ward_officer.ResolveTicket(
         tickets_pb2.ResolveTicketRequest(

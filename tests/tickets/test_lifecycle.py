@@ -103,8 +103,9 @@ async def test_the_ward_acknowledges_works_on_and_resolves_a_ticket_at_its_level
             tickets_pb2.RateResolutionRequest(request_id=rid(), rating=1, **request)
         ),
     )
+    # Another resident may not see it at all: to them it is not there.
     await refused(
-        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.NOT_FOUND,
         pilot.neighbour.RateResolution(
             tickets_pb2.RateResolutionRequest(request_id=rid(), rating=1, **request)
         ),
