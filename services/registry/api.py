@@ -219,8 +219,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         async def work(session: Session) -> tuple[registry_pb2.MergeGroupsResponse, list[Document]]:
             await self._group(source_id, "source_unit_id", session)
             target = await self._group(target_id, "target_unit_id", session)
-            now = self.clock()
-            moved = await self.store.move_group(source_id, target_id, now, session)
+            moved = await self.store.move_group(source_id, target_id, session)
             await self.store.set_unit_fields(
                 source_id, {"active": False, "merged_into_id": target_id}, session
             )
@@ -386,8 +385,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             changes["last_activity_at"] = self.clock()
             updated = await self.store.update_household(household["_id"], changes, session)
             if "residence_kind" in changes:
-                renter = changes["residence_kind"] == registry_pb2.RESIDENCE_KIND_RENTER
-                await self.store.set_renter_flag(household["_id"], renter, session)
+                await self.store.set_residence_kind(
+                    household["_id"], changes["residence_kind"], session
+                )
             event = events.household_updated(self.outbox, updated, fields)
             return registry_pb2.UpdateHouseholdResponse(household=household_message(updated)), [
                 event
@@ -502,9 +502,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             person = self.persons.document(
                 details, household, today=today, field=detail_field, relationship=relationship
             )
-            if person["relationship"] == registry_pb2.RELATIONSHIP_HEAD and household.get(
-                "head_person_id"
-            ):
+            heads = person["relationship"] == registry_pb2.RELATIONSHIP_HEAD
+            if heads and household.get("head_person_id"):
                 raise FailedPrecondition(
                     "the household already has a head; change it with UpdateHousehold"
                 )
@@ -512,10 +511,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             await self._check_unique_cid(person, session)
             await self.store.insert_person(person, session)
             await self.store.touch_household(household["_id"], self.clock(), session)
-            event = events.person_registered(self.outbox, person, reason)
-            return response_type(person=self.persons.message(person, principal(), stored=True)), [
-                event
-            ]
+            staged = [events.person_registered(self.outbox, person, reason)]
+            if heads:  # a household whose head died or left has one again
+                updated = await self.store.update_household(
+                    household["_id"], {"head_person_id": person["_id"]}, session
+                )
+                staged.append(events.household_updated(self.outbox, updated, ["head_person_id"]))
+            return response_type(
+                person=self.persons.message(person, principal(), stored=True)
+            ), staged
 
         return await self.commands.run(method, request, response_type, work)
 
@@ -673,7 +677,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 "household_id": target["_id"],
                 "unit_id": target["unit_id"],
                 "relationship": relationship,
-                "residence_kind": target["residence_kind"],
+                # Someone on a temporary stay stays temporary wherever they stay: the stay ends on
+                # its date, not by a move.
+                "residence_kind": person["residence_kind"]
+                if person.get("stay_end")
+                else target["residence_kind"],
                 "renter": target["residence_kind"] == registry_pb2.RESIDENCE_KIND_RENTER,
             }
             updated, staged = await self._leave(session, person, changes, message)

@@ -135,9 +135,12 @@ def _whole(value: str, column: str) -> int:
     if not value:
         return 0
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise RowProblem(column, f"{value!r} is not a whole number") from None
+    if not -(2**31) <= number < 2**31:  # the message's int32 (a phone number in the wrong column)
+        raise RowProblem(column, f"{value!r} is out of range")
+    return number
 
 
 def _location(latitude: str, longitude: str) -> types_pb2.GeoPoint | None:

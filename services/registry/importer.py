@@ -16,13 +16,13 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import Principal
-from services.common.errors import DomainError, InvalidArgument
+from services.common.errors import DomainError, FailedPrecondition, InvalidArgument
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 from services.common.wire import point_document
 from services.registry import domain, events
 from services.registry.records import PersonCodec, housing_document
-from services.registry.store import RESIDENT, RegistryStore, new_id
+from services.registry.store import RegistryStore, new_id
 
 RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
 MAX_ERRORS = 10_000
@@ -163,17 +163,18 @@ class Importer:
                 {"household_id": 1, "name_folded": 1, "cid_hash": 1},
             )
         }
+        # Whoever the household has had, living there or not: a second run of a file must not
+        # bring back someone who has died or moved out since the first.
         known_names = {
             (p["household_id"], p["name_folded"], p["birth_date"])
             async for p in self.store.persons.find(
-                {
-                    "household_id": {"$in": [h["_id"] for h in households.values()]},
-                    "status": RESIDENT,
-                },
+                {"household_id": {"$in": [h["_id"] for h in households.values()]}},
                 {"household_id": 1, "name_folded": 1, "birth_date": 1},
             )
         }
         new_by_id = {h["_id"]: h for h in new_households.values()}
+        existing_by_id = {h["_id"]: h for h in households.values()}
+        headed: list[Document] = []  # existing households that get a head from this file
         new_persons: list[Document] = []
         new_rows: list[int] = []
         for row_number, person in candidates:
@@ -191,13 +192,21 @@ class Importer:
             if not cid_hash and name_key in known_names:
                 report.persons_unchanged += 1
                 continue
+            if person["relationship"] == registry_pb2.RELATIONSHIP_HEAD:
+                household = (
+                    new_by_id.get(person["household_id"]) or existing_by_id[person["household_id"]]
+                )
+                if household.get("head_person_id"):
+                    report.error(
+                        row_number, "person.relationship", "the household already has a head"
+                    )
+                    continue
+                household["head_person_id"] = person["_id"]
+                if household["_id"] in existing_by_id:
+                    headed.append(household)
             if cid_hash:
                 known_cids[cid_hash] = person
             known_names.add(name_key)
-            if person["relationship"] == registry_pb2.RELATIONSHIP_HEAD:
-                household = new_by_id.get(person["household_id"])
-                if household is not None and not household["head_person_id"]:
-                    household["head_person_id"] = person["_id"]
             new_persons.append(person)
             new_rows.append(row_number)
 
@@ -210,8 +219,17 @@ class Importer:
             events.person_registered(self.outbox, p, events_pb2.REGISTRATION_REASON_IMPORT)
             for p in new_persons
         ]
+        staged += [events.household_updated(self.outbox, h, ["head_person_id"]) for h in headed]
 
         async def work(session: Session) -> None:
+            for household in headed:
+                named = await self.store.households.update_one(
+                    {"_id": household["_id"], "head_person_id": {"$in": ["", None]}},
+                    {"$set": {"head_person_id": household["head_person_id"]}},
+                    session=session,
+                )
+                if not named.matched_count:
+                    raise FailedPrecondition(f"household {household['_id']} got a head meanwhile")
             if created:
                 await self.store.households.insert_many(created, ordered=False, session=session)
             if new_persons:

@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import UTC, datetime
 
 from bson import ObjectId
+from civic.registry.v1 import registry_pb2
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -95,16 +96,15 @@ class RegistryStore:
             query["active"] = True
         return await self.units.find(query).sort("name", ASCENDING).to_list()
 
-    async def move_group(
-        self, source: str, target: str, now: datetime, session: Session
-    ) -> list[str]:
+    async def move_group(self, source: str, target: str, session: Session) -> list[str]:
         ids = [
             doc["_id"]
             async for doc in self.households.find({"unit_id": source}, {"_id": 1}, session=session)
         ]
         await self.households.update_many(
             {"unit_id": source},
-            {"$set": {"unit_id": target, "last_activity_at": now}},
+            # Not activity: a merge is the city's act, not a sign that anyone lives there.
+            {"$set": {"unit_id": target}},
             session=session,
         )
         await self.persons.update_many(
@@ -198,9 +198,16 @@ class RegistryStore:
         assert updated is not None
         return updated
 
-    async def set_renter_flag(self, household_id: str, renter: bool, session: Session) -> None:
+    async def set_residence_kind(self, household_id: str, kind: int, session: Session) -> None:
+        """The household's members live as it does now; those on a temporary stay keep theirs."""
+        renter = kind == registry_pb2.RESIDENCE_KIND_RENTER
         await self.persons.update_many(
             {"household_id": household_id}, {"$set": {"renter": renter}}, session=session
+        )
+        await self.persons.update_many(
+            {"household_id": household_id, "stay_end": {"$in": ["", None]}},
+            {"$set": {"residence_kind": kind}},
+            session=session,
         )
 
     async def search_persons(

@@ -7,6 +7,7 @@ import csv
 import os
 import re
 import sys
+import uuid
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -348,3 +349,60 @@ def test_registry_fields_name_their_columns() -> None:
     assert csv_rows.column_for("location.latitude") == "latitude"
     assert csv_rows.column_for("unit_id") == "unit_id"
     assert csv_rows.column_for("") == ""
+
+
+async def test_a_number_past_its_field_is_a_row_error_and_the_others_import(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A phone number pasted into `storeys` is the row's problem, not the whole import's."""
+    g = city.group
+    rows = [
+        record(g, "HK-1", "Trần Văn An", "1975-02-03", "male"),
+        record(g, "HK-2", "Lê Văn Bình", "1975-02-03", "male", storeys="3000000000"),
+        record(g, "HK-3", "Lê Văn Cường", "1975-02-03", "male"),
+    ]
+    out = await import_csv(city, write_csv(tmp_path / "people.csv", rows), capsys)
+    assert summary(out, "persons created") == 2
+    assert re.findall(r"^row (\d+)  (\w+):", out, re.MULTILINE) == [("3", "storeys")]
+
+
+async def test_a_second_head_in_a_file_is_a_row_error(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    g = city.group
+    rows = [
+        record(g, "HK-1", "Trần Văn An", "1975-02-03", "male"),
+        record(g, "HK-1", "Trần Văn Bảo", "1976-02-03", "male"),  # "head" too
+    ]
+    out = await import_csv(city, write_csv(tmp_path / "people.csv", rows), capsys)
+    assert re.findall(r"^row (\d+)  (\w+):", out, re.MULTILINE) == [("3", "relationship")]
+    [head] = await residents(city)
+    got = await city.ward_officer.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=head.household_id)
+    )
+    assert got.household.head_person_id == head.person_id
+
+
+async def test_a_second_run_does_not_bring_back_who_has_died_since(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    g = city.group
+    rows = [
+        record(g, "HK-1", "Trần Văn An", "1975-02-03", "male"),
+        record(g, "HK-1", "Hồ Thị Tư", "1940-02-03", "female", relationship="parent"),
+    ]
+    path = write_csv(tmp_path / "people.csv", rows)
+    await import_csv(city, path, capsys)
+    [grandmother] = [p for p in await residents(city) if p.full_name == "Hồ Thị Tư"]
+    await city.ward_officer.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=str(uuid.uuid4()),
+            person_id=grandmother.person_id,
+            death_date=date.today().isoformat(),
+        )
+    )
+
+    out = await import_csv(city, path, capsys)
+
+    assert summary(out, "persons created") == 0
+    assert [p.full_name for p in await residents(city)] == ["Trần Văn An"]
