@@ -168,11 +168,20 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return [transaction_message(doc, names, self.files.view_url) for doc in docs]
 
     async def _message(self, doc: Document) -> ledger_pb2.Transaction:
-        message = (await self._messages([doc]))[0]
-        reversal = await self.store.reversal_of(doc["fund_id"], doc["_id"])
-        if reversal is not None:
-            message.reversed_by_transaction_id = reversal["_id"]
-        return message
+        return (await self._as_read([doc]))[0]
+
+    async def _as_read(self, docs: list[Document]) -> list[ledger_pb2.Transaction]:
+        """The transactions as read now: each names the reversal that undid it, if one has."""
+        messages = await self._messages(docs)
+        by_fund: dict[str, list[str]] = defaultdict(list)
+        for doc in docs:
+            by_fund[doc["fund_id"]].append(doc["_id"])
+        reversed_by: dict[str, str] = {}
+        for fund_id, ids in by_fund.items():
+            reversed_by |= await self.store.reversed_ids(fund_id, ids)
+        for doc, message in zip(docs, messages, strict=True):
+            message.reversed_by_transaction_id = reversed_by.get(doc["_id"], "")
+        return messages
 
     @staticmethod
     def _same(draft: Draft, posted: Document) -> Document:
@@ -202,13 +211,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             found = await self.store.by_keys(((d.fund_id, d.request_id) for d in drafts), session)
             new = [d for d in drafts if (d.fund_id, d.request_id) not in found]
             funds = await self.store.funds_by_id({d.fund_id for d in new}, session)
-            guarded = {
-                (d.fund_id, account)
-                for d in new
-                for account, _ in d.postings
-                if domain.non_negative(account)
-            }
-            balances = await self.store.current_balances(guarded, session)
+            # Every touched account's balance: money may not go below zero, and no account (an
+            # income or expense line too) past MAX_BALANCE, which the replay checks as well.
+            touched = {(d.fund_id, account) for d in new for account, _ in d.postings}
+            balances = await self.store.current_balances(touched, session)
             changes: dict[tuple[str, str], int] = defaultdict(int)
             heads: dict[str, tuple[int, int, str, datetime]] = {}
             now = _millis(self.clock())
@@ -703,7 +709,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     ),
                 )
             )
-        payments = await self._messages(contributions)
+        payments = await self._as_read(contributions)
         response.payments.extend(payments)
         if not response.household_name:
             names = await self.store.household_names([request.household_id])
@@ -762,7 +768,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if begin is not None:
             _, opening = await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": begin}})
         docs = await self.store.between(fund["_id"], begin, until)
-        _, closing = await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": until}})
+        # Closing is opening plus the lines, not a third read: a posting committed meanwhile
+        # would otherwise be in the closing balance and in no line.
+        closing = dict(opening)
+        for doc in docs:
+            for posting in doc["postings"]:
+                closing[posting["account"]] = closing.get(posting["account"], 0) + posting["amount"]
         messages = await self._messages(docs)
         campaigns = {c["_id"]: c["name"] for c in await self.store.campaigns_of(fund["_id"])}
         sequences = {doc["_id"]: doc["sequence"] for doc in docs}

@@ -287,6 +287,8 @@ def compute_dues(
         elif Exemption.WAR_INVALID_MEMBER in exempt and household.war_invalid_member:
             because = Exemption.WAR_INVALID_MEMBER
         units = 1 if basis is Basis.PER_HOUSEHOLD else household.residents
+        if because is None and not units:
+            continue  # nobody lives there: nothing owed, and nobody to show as having paid
         amount = 0 if because is not None else rate * units
         dues.append(
             Due(household.household_id, household.name, household.residents, amount, because)
@@ -536,7 +538,7 @@ class Books:
             if amount > MAX_AMOUNT or amount < -MAX_AMOUNT:
                 return False
             value = balances.get(account, 0) + amount
-            if value < 0 and non_negative(account):
+            if (value < 0 and non_negative(account)) or abs(value) > MAX_BALANCE:
                 return False
             after[account] = value
             total += amount

@@ -55,10 +55,16 @@ def _period(statement: ledger_pb2.Statement) -> str:
     return f"{start} – {end}"
 
 
+def _text(value: str) -> str:
+    """A text cell a spreadsheet shows as text: one that begins like a formula (a fund or a
+    household head may be named "=HYPERLINK(...)") is marked as text with a leading quote."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def csv_bytes(statement: ledger_pb2.Statement) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["Quỹ", statement.fund.name, "Đơn vị", statement.fund.unit_id])
+    writer.writerow(["Quỹ", _text(statement.fund.name), "Đơn vị", statement.fund.unit_id])
     writer.writerow(["Kỳ", _period(statement)])
     writer.writerow(["Tồn đầu kỳ (đ)", statement.opening_available])
     writer.writerow(HEADER)
@@ -68,8 +74,8 @@ def csv_bytes(statement: ledger_pb2.Statement) -> bytes:
                 line.sequence,
                 local_time(line.posted_at.ToDatetime(UTC)),
                 KIND_LABELS.get(line.kind, ""),
-                line.description,
-                line.receipt_number,
+                _text(line.description),
+                _text(line.receipt_number),
                 line.money_in,
                 line.money_out,
                 line.transaction_id,

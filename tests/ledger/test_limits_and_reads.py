@@ -1,0 +1,95 @@
+"""What the books refuse and how they read: no account past the limit, income and expense
+lines included; a reversed payment shows as reversed; a statement's CSV cannot run formulas;
+nobody is shown as having paid a due that nobody owed."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import date
+
+import grpc
+import pytest
+from civic.ledger.v1 import ledger_pb2
+from civic.registry.v1 import registry_pb2
+
+from services.ledger import statements
+from tests.ledger.conftest import Books, rid
+from tests.registry_fixtures import new_household
+
+
+def entry(fund_id: str, *postings: tuple[str, int]) -> ledger_pb2.PostTransactionRequest:
+    return ledger_pb2.PostTransactionRequest(
+        request_id=rid(),
+        fund_id=fund_id,
+        postings=[ledger_pb2.Posting(account=a, amount=n) for a, n in postings],
+    )
+
+
+async def test_no_account_goes_past_the_limit_across_calls(books: Books) -> None:
+    """Each call alone is within it; their sum on an expense line is not (the replay, which
+    checks the sum, would otherwise refuse a history the service accepted)."""
+    big = 10**15
+    batch = [entry(books.fund_id, ("expense/big", big), ("equity/x", -big)) for _ in range(100)]
+    await books.treasurer.PostTransactions(ledger_pb2.PostTransactionsRequest(transactions=batch))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await books.post(("expense/big", big), ("equity/x", -big))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expense/big past" in (error.value.details() or "")
+    assert (await books.balances())["expense/big"] == 100 * big
+
+
+async def test_a_reversed_payment_shows_its_reversal_in_the_households_dues(books: Books) -> None:
+    paid = await books.contribute(50_000, "an")
+    reversal = await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=paid.transaction_id,
+            reason="trả lại",
+        )
+    )
+    own = await books.resident("an").GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(
+            fund_id=books.fund_id, household_id=books.households["an"]
+        )
+    )
+    assert [(p.transaction_id, p.reversed_by_transaction_id) for p in own.payments] == [
+        (paid.transaction_id, reversal.transaction.transaction_id)
+    ]
+
+
+def test_a_statement_csv_shows_formula_like_names_as_text() -> None:
+    statement = ledger_pb2.Statement(
+        fund=ledger_pb2.Fund(name='=HYPERLINK("http://x.example/","Xem")', unit_id="dn.hc"),
+        lines=[ledger_pb2.StatementLine(sequence=1, description="=1+2 — Quỹ khuyến học")],
+    )
+    rows = list(csv.reader(io.StringIO(statements.csv_bytes(statement).decode("utf-8-sig"))))
+    assert rows[0][1] == '\'=HYPERLINK("http://x.example/","Xem")'
+    assert rows[4][3] == "'=1+2 — Quỹ khuyến học"
+
+
+async def test_a_household_nobody_lives_in_owes_nothing_and_has_not_paid(books: Books) -> None:
+    gone = await new_household(books.city.leader, books.city.group, head_name="Đỗ Văn Mất")
+    await books.city.leader.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=rid(), person_id=gone.head.person_id, death_date=date.today().isoformat()
+        )
+    )
+    declared = await books.leader.DeclareCampaign(
+        ledger_pb2.DeclareCampaignRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            name="Khuyến học",
+            period="2026",
+            basis=ledger_pb2.DUES_BASIS_PER_PERSON,
+            rate=20_000,
+        )
+    )
+    status = await books.leader.GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(
+            fund_id=books.fund_id, campaign_id=declared.campaign.campaign_id
+        )
+    )
+    assert gone.household.household_id not in {h.household_id for h in status.households}
+    assert status.paid == 0
