@@ -241,6 +241,12 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         if not request.unit_id:
             raise InvalidArgument("unit_id", "is required")
         domain.may_publish(caller, request.unit_id)
+        # A retry gets its first answer, though the unit was merged or the expiry has passed since.
+        stored = await self.commands.answered(
+            "PublishNotice", request, notices_pb2.PublishNoticeResponse
+        )
+        if stored is not None:
+            return stored
         title = domain.check_title(request.title)
         body = domain.check_body(request.body)
         priority = domain.check_priority(request.priority)
@@ -332,13 +338,9 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         domain.may_manage(caller, notice["publisher"]["unit_id"])
         title = domain.check_title(request.title)
         body = domain.check_body(request.body)
-        note = request.note.strip()
-        if len(note) > domain.MAX_REASON:
-            raise InvalidArgument("note", f"is longer than {domain.MAX_REASON} characters")
-        now = self.clock()
-        domain.require_live(
-            domain.state_at(State(notice["state"]), notice["expires_at"], now), "revised"
-        )
+        note = domain.check_reason("note", request.note) if request.note.strip() else ""
+        # Whether the notice is still live is checked in the command's transaction: a retry of a
+        # revision made before a retraction still gets its first answer.
         attachments = await self._attachments(
             list(request.attachments), caller, notice["revisions"][-1]["attachments"]
         )

@@ -186,8 +186,11 @@ class Deliverer:
             targets = [h for h in batch if h["_id"] in keep]
         # Each record names the batch that wrote it (by where the batch starts).
         batch_key = f"{after['unit']}|{after['household']}" if after else ""
+        # Pending until the marker's transaction below announces and counts them: the registry
+        # consumer, which may see them first, then neither counts nor announces their leaving.
         docs = [
-            delivery_document(notice, h["_id"], h["unit_id"], now) | {"batch": batch_key}
+            delivery_document(notice, h["_id"], h["unit_id"], now)
+            | {"batch": batch_key, "pending": True}
             for h in targets
         ]
         delivered = [h["_id"] for h in targets]
@@ -212,23 +215,38 @@ class Deliverer:
             delivered = [h for h in delivered if h in set(ours)]
         complete = len(batch) < self.batch_size
         last = {"unit": batch[-1]["unit_id"], "household": batch[-1]["_id"]} if batch else after
-        units = {h["_id"]: h["unit_id"] for h in targets}
 
         async def work(session: Session) -> list[Document]:
-            # A household that left the notice's unit while the batch was written found no
-            # record to withdraw when its move was applied: it is withdrawn here, unannounced.
+            # The batch's records as they are now: the registry consumer keeps a pending record's
+            # group current, withdraws it (silently) when its household leaves, and announces it
+            # itself when the household comes back (then it is no longer pending).
+            records = {
+                d["household_id"]: d
+                for d in await self.store.deliveries.find(
+                    {
+                        "_id": {"$in": [domain.delivery_id(notice_id, h) for h in delivered]},
+                        "withdrawn_at": None,
+                        "pending": {"$ne": False},
+                    },
+                    {"household_id": 1, "unit_id": 1},
+                    session=session,
+                ).to_list()
+            }
+            # A household that left the notice's unit, or was left without residents (or of
+            # another kind), while the batch was written: withdrawn here, unannounced.
+            still: Document = {
+                "_id": {"$in": list(records)},
+                "unit_id": in_unit(notice["unit_id"]),
+                "residents": {"$gt": 0},
+            }
+            if audience.residence_kinds:
+                still["residence_kind"] = {"$in": list(audience.residence_kinds)}
             staying = (
-                set(
-                    await self.store.view.households.distinct(
-                        "_id",
-                        {"_id": {"$in": delivered}, "unit_id": in_unit(notice["unit_id"])},
-                        session=session,
-                    )
-                )
-                if delivered
+                set(await self.store.view.households.distinct("_id", still, session=session))
+                if records
                 else set()
             )
-            announced = [h for h in delivered if h in staying]
+            announced = [h for h in delivered if h in records and h in staying]
             update: Document = {
                 "$set": {"fanout.after": last},
                 "$inc": {"fanout.delivered": len(announced)},
@@ -244,15 +262,22 @@ class Deliverer:
             )
             if moved is None:
                 return []  # another instance delivered this batch
-            if left := [h for h in delivered if h not in staying]:
+            if left := [h for h in records if h not in staying]:
                 await self.store.deliveries.update_many(
                     {"_id": {"$in": [domain.delivery_id(notice_id, h) for h in left]}},
                     {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
                     session=session,
                 )
+            if announced:
+                await self.store.deliveries.update_many(
+                    {"_id": {"$in": [domain.delivery_id(notice_id, h) for h in announced]}},
+                    {"$unset": {"pending": ""}},
+                    session=session,
+                )
             per_group: dict[str, Document] = {}
             for household_id in announced:
-                per_group.setdefault(units[household_id], {"delivered": 0})["delivered"] += 1
+                group = records[household_id]["unit_id"]
+                per_group.setdefault(group, {"delivered": 0})["delivered"] += 1
             await self.store.count(notice_id, per_group, session)
             events = []
             if announced:

@@ -103,7 +103,7 @@ class Reconciler:
                 "withdrawn_at": None,
                 "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
             },
-            {"notice_id": 1, "household_id": 1, "unit_id": 1, "read": 1, "acked": 1},
+            {"notice_id": 1, "household_id": 1, "unit_id": 1, "read": 1, "acked": 1, "pending": 1},
             session=session,
         ).to_list()
         places = {h["unit_id"] for h in households.values() if h.get("unit_id")}
@@ -182,6 +182,11 @@ class Reconciler:
             changes.delivered(notice, household_id, unit_id, created, doc, record)
 
 
+def _pending(record: Document) -> bool:
+    """Written by a first delivery that has not yet announced and counted it."""
+    return record.get("pending") is True
+
+
 def _kind_fits(notice: Document, household: Document) -> bool:
     kinds = audience_of(notice).residence_kinds
     return not kinds or household.get("residence_kind") in kinds
@@ -208,10 +213,14 @@ class _Changes:
         record: Document,
     ) -> None:
         notice_id = notice["_id"]
+        # Announced here: a first delivery still running passes it over (pending is False).
         self.records.append(
             UpdateOne(
                 {"_id": record_id},
-                {"$setOnInsert": doc, "$set": {"unit_id": unit_id, "withdrawn_at": None}},
+                {
+                    "$setOnInsert": doc,
+                    "$set": {"unit_id": unit_id, "withdrawn_at": None, "pending": False},
+                },
                 upsert=True,
             )
         )
@@ -225,8 +234,10 @@ class _Changes:
 
     def moved(self, notice: Document, record: Document, unit_id: str) -> None:
         self.records.append(UpdateOne({"_id": record["_id"]}, {"$set": {"unit_id": unit_id}}))
-        self._count(notice["_id"], record["unit_id"], record, -1)
-        self._count(notice["_id"], unit_id, record, 1)
+        # A pending record is counted where it is when its first delivery announces it.
+        delivered = not _pending(record)
+        self._count(notice["_id"], record["unit_id"], record, -1, delivered)
+        self._count(notice["_id"], unit_id, record, 1, delivered)
 
     def withdrawn(self, notice: Document, record: Document, now: datetime) -> None:
         notice_id, household_id = notice["_id"], record["household_id"]
@@ -236,17 +247,23 @@ class _Changes:
                 {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
             )
         )
+        if _pending(record):  # never counted as delivered nor announced: withdrawn silently
+            self._count(notice_id, record["unit_id"], record, -1, delivered=False)
+            return
         self._count(notice_id, record["unit_id"], record, -1)
         self.fanout[notice_id] = self.fanout.get(notice_id, 0) - 1
         self._announce(notices_pb2.NOTICE_CHANGE_WITHDRAWN, notice_id, household_id)
         message = events_pb2.NoticeWithdrawn(notice_id=notice_id, household_id=household_id)
         self.events.setdefault(household_id, []).append((message, notice_id))
 
-    def _count(self, notice_id: str, unit_id: str, record: Document, sign: int) -> None:
-        """What a delivery record adds to (or, leaving, takes from) its group's reach."""
+    def _count(
+        self, notice_id: str, unit_id: str, record: Document, sign: int, delivered: bool = True
+    ) -> None:
+        """What a delivery record adds to (or, leaving, takes from) its group's reach; a
+        pending one only what its household did with it (a resident may open it already)."""
         counts = self.counts.setdefault((notice_id, unit_id), {})
         for name, by in (
-            ("delivered", 1),
+            ("delivered", int(delivered)),
             ("opened", int(record["read"])),
             ("acknowledged", int(record["acked"])),
         ):
