@@ -184,49 +184,38 @@ class Deliverer:
             day = domain.local_day(notice["published_at"])
             keep = await self.store.with_members([h["_id"] for h in batch], audience, day)
             targets = [h for h in batch if h["_id"] in keep]
-        # Each record names the batch that wrote it (by where the batch starts).
-        batch_key = f"{after['unit']}|{after['household']}" if after else ""
-        # Pending until the marker's transaction below announces and counts them: the registry
-        # consumer, which may see them first, then neither counts nor announces their leaving.
+        # Each record names the batch that wrote it (by where the batch starts). Until the
+        # marker's transaction below moves past the batch, its records are pending: the registry
+        # consumer, which may see them first, neither counts nor announces their leaving.
+        batch_key = domain.batch_of(after)
         docs = [
-            delivery_document(notice, h["_id"], h["unit_id"], now)
-            | {"batch": batch_key, "pending": True}
+            delivery_document(notice, h["_id"], h["unit_id"], now) | {"batch": batch_key}
             for h in targets
         ]
         delivered = [h["_id"] for h in targets]
-        inserted = await self.store.insert_deliveries(docs)
+        await self.store.insert_deliveries(docs)
         fault("CIVIC_FAULT_CRASH_MID_DELIVERY")  # records written, the marker not yet moved
-        if inserted < len(docs):
-            # Some records were there already. Only an interrupted run of this very batch wrote
-            # ones that are this batch's to announce; the others were announced already: by an
-            # earlier batch (their group merged into one later in the order) or on their own
-            # (households that moved in meanwhile).
-            ours = await self.store.deliveries.distinct(
-                "household_id",
-                {
-                    "_id": {"$in": [d["_id"] for d in docs]},
-                    "$or": [
-                        {"batch": batch_key},
-                        # Written before records named their batch: as then, all but late ones.
-                        {"batch": {"$exists": False}, "late": {"$ne": True}},
-                    ],
-                },
-            )
-            delivered = [h for h in delivered if h in set(ours)]
         complete = len(batch) < self.batch_size
         last = {"unit": batch[-1]["unit_id"], "household": batch[-1]["_id"]} if batch else after
 
         async def work(session: Session) -> list[Document]:
-            # The batch's records as they are now: the registry consumer keeps a pending record's
-            # group current, withdraws it (silently) when its household leaves, and announces it
-            # itself when the household comes back (then it is no longer pending).
+            # The batch's records as they are now. Some may have been there before it: only an
+            # interrupted run of this very batch wrote ones that are its to announce; the others
+            # were announced already, by an earlier batch (their group merged into one later in
+            # the order) or on their own (households that moved in: late). The registry consumer
+            # keeps a pending record's group current, withdraws it (silently) when its household
+            # leaves, and announces it itself, late, when the household comes back.
             records = {
                 d["household_id"]: d
                 for d in await self.store.deliveries.find(
                     {
                         "_id": {"$in": [domain.delivery_id(notice_id, h) for h in delivered]},
                         "withdrawn_at": None,
-                        "pending": {"$ne": False},
+                        "$or": [
+                            {"batch": batch_key},
+                            # Written before records named their batch: all but late ones.
+                            {"batch": {"$exists": False}, "late": {"$ne": True}},
+                        ],
                     },
                     {"household_id": 1, "unit_id": 1},
                     session=session,
@@ -266,12 +255,6 @@ class Deliverer:
                 await self.store.deliveries.update_many(
                     {"_id": {"$in": [domain.delivery_id(notice_id, h) for h in left]}},
                     {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
-                    session=session,
-                )
-            if announced:
-                await self.store.deliveries.update_many(
-                    {"_id": {"$in": [domain.delivery_id(notice_id, h) for h in announced]}},
-                    {"$unset": {"pending": ""}},
                     session=session,
                 )
             per_group: dict[str, Document] = {}

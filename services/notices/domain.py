@@ -133,6 +133,11 @@ def check_body(body: str) -> str:
     return clean_text("body", body, MAX_BODY, multiline=True)
 
 
+def batch_of(after: dict[str, str] | None) -> str:
+    """The key of the first-delivery batch that starts after `after` (its marker)."""
+    return f"{after['unit']}|{after['household']}" if after else ""
+
+
 def check_reason(name: str, reason: str) -> str:
     return clean_text(name, reason, MAX_REASON, multiline=True)
 

@@ -103,7 +103,7 @@ class Reconciler:
                 "withdrawn_at": None,
                 "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
             },
-            {"notice_id": 1, "household_id": 1, "unit_id": 1, "read": 1, "acked": 1, "pending": 1},
+            {"notice_id": 1, "household_id": 1, "unit_id": 1, "read": 1, "acked": 1, "batch": 1},
             session=session,
         ).to_list()
         places = {h["unit_id"] for h in households.values() if h.get("unit_id")}
@@ -175,16 +175,17 @@ class Reconciler:
         }
         for notice, household_id, unit_id in arrivals:
             doc = delivery_document(notice, household_id, unit_id, now)
-            # Marked late: the first delivery, if still running, leaves it out of its own events.
-            doc["late"] = True
             created, _ = doc.pop("_id"), doc.pop("unit_id")
             record = earlier.get(created, doc)
             changes.delivered(notice, household_id, unit_id, created, doc, record)
 
 
-def _pending(record: Document) -> bool:
-    """Written by a first delivery that has not yet announced and counted it."""
-    return record.get("pending") is True
+def _pending(notice: Document, record: Document) -> bool:
+    """Written by the first delivery's batch now running, which has not yet counted and
+    announced it."""
+    return bool(notice.get("fanout_pending")) and record.get("batch") == domain.batch_of(
+        notice["fanout"]["after"]
+    )
 
 
 def _kind_fits(notice: Document, household: Document) -> bool:
@@ -213,13 +214,15 @@ class _Changes:
         record: Document,
     ) -> None:
         notice_id = notice["_id"]
-        # Announced here: a first delivery still running passes it over (pending is False).
+        # Announced here, and marked late: a first delivery still running leaves it out of its
+        # own count and events (it is no batch's).
         self.records.append(
             UpdateOne(
                 {"_id": record_id},
                 {
                     "$setOnInsert": doc,
-                    "$set": {"unit_id": unit_id, "withdrawn_at": None, "pending": False},
+                    "$set": {"unit_id": unit_id, "withdrawn_at": None, "late": True},
+                    "$unset": {"batch": ""},
                 },
                 upsert=True,
             )
@@ -235,7 +238,7 @@ class _Changes:
     def moved(self, notice: Document, record: Document, unit_id: str) -> None:
         self.records.append(UpdateOne({"_id": record["_id"]}, {"$set": {"unit_id": unit_id}}))
         # A pending record is counted where it is when its first delivery announces it.
-        delivered = not _pending(record)
+        delivered = not _pending(notice, record)
         self._count(notice["_id"], record["unit_id"], record, -1, delivered)
         self._count(notice["_id"], unit_id, record, 1, delivered)
 
@@ -247,7 +250,7 @@ class _Changes:
                 {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
             )
         )
-        if _pending(record):  # never counted as delivered nor announced: withdrawn silently
+        if _pending(notice, record):  # never counted nor announced: withdrawn silently
             self._count(notice_id, record["unit_id"], record, -1, delivered=False)
             return
         self._count(notice_id, record["unit_id"], record, -1)
