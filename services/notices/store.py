@@ -271,12 +271,15 @@ class NoticeStore:
             "withdrawn_at": None,
         }
         if token:
-            last = await self.deliveries.find_one({"_id": token}, {"unit_id": 1, "household_id": 1})
-            if last is not None:
-                query["$or"] = [
-                    {"unit_id": {"$gt": last["unit_id"]}},
-                    {"unit_id": last["unit_id"], "household_id": {"$gt": last["household_id"]}},
-                ]
+            last = await self.deliveries.find_one(
+                {"_id": token, "notice_id": notice_id}, {"unit_id": 1, "household_id": 1}
+            )
+            if last is None:
+                raise InvalidArgument("page.page_token", "is not a token this service issued")
+            query["$or"] = [
+                {"unit_id": {"$gt": last["unit_id"]}},
+                {"unit_id": last["unit_id"], "household_id": {"$gt": last["household_id"]}},
+            ]
         items = (
             await self.deliveries.find(query)
             .sort([("unit_id", ASCENDING), ("household_id", ASCENDING)])

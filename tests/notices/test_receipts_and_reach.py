@@ -75,6 +75,17 @@ async def test_reads_and_acknowledgements_show_in_the_reach_counts(town: Town) -
         if not token:
             break
     assert sorted(seen) == sorted(set(town.everyone) - {a, b, d})
+    # A token it never issued is refused, not taken for the first page.
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        town.ward_officer.ListNotReached(
+            notices_pb2.ListNotReachedRequest(
+                notice_id=notice.notice_id,
+                page=types_pb2.PageRequest(page_size=1, page_token="dl-made-up"),
+            )
+        ),
+        "page.page_token",
+    )
 
     # Out of reach: another group's leader asking for this group; residents asking at all.
     await refused(
