@@ -4,7 +4,7 @@ households and residents; a small town of households to send notices to."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -244,3 +244,26 @@ def unique_title() -> str:
 
 
 __all__ += ["NoticeCaller", "Town", "events_pb2", "refused", "stamp", "unique_title"]
+
+
+async def deliver_by_hand(
+    town: Town,
+    monkeypatch: pytest.MonkeyPatch,
+    first_write: Callable[[list[Any]], Awaitable[int]],
+) -> notices_pb2.Notice:
+    """A notice to the town's group, delivered here with the background deliverer stopped; its
+    first batch's records are written by `first_write`, which may change the registry around
+    the real write (`town.service.store.insert_deliveries` as it was)."""
+    deliverer, store = town.service.deliverer, town.service.store
+    write = store.insert_deliveries
+    await deliverer.stop()
+    try:
+        notice = await town.publish(town.leader, unit_id=town.city.group)
+        monkeypatch.setattr(store, "insert_deliveries", first_write)
+        await deliverer.fan_out_batch()
+        monkeypatch.setattr(store, "insert_deliveries", write)
+        while await deliverer.fan_out_batch():
+            pass
+    finally:
+        deliverer.start()
+    return notice

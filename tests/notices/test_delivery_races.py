@@ -13,7 +13,7 @@ from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
 import services.notices.delivery as delivery_module
-from tests.notices.conftest import Town, eventually, refused, rid
+from tests.notices.conftest import Town, deliver_by_hand, eventually, refused, rid
 
 
 async def live_records(town: Town, notice_id: str) -> int:
@@ -28,7 +28,6 @@ async def test_a_group_merged_after_its_records_are_written_is_counted_once(
     """The merge lands after the batch's records are written and before the batch is counted:
     the registry consumer sees records not yet counted."""
     city = town.city
-    deliverer = town.service.deliverer
     store = town.service.store
     leaving = list(town.households[city.group])
     write = store.insert_deliveries
@@ -49,16 +48,7 @@ async def test_a_group_merged_after_its_records_are_written_is_counted_once(
         await eventually(withdrawn, what="the reconciler withdrew the just-written records")
         return n
 
-    await deliverer.stop()
-    try:
-        notice = await town.publish(town.leader, unit_id=city.group)
-        monkeypatch.setattr(store, "insert_deliveries", write_then_merge)
-        await deliverer.fan_out_batch()
-        monkeypatch.setattr(store, "insert_deliveries", write)
-        while await deliverer.fan_out_batch():
-            pass
-    finally:
-        deliverer.start()
+    notice = await deliver_by_hand(town, monkeypatch, write_then_merge)
     reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
     doc = await store.get(notice.notice_id)
     assert doc is not None
@@ -125,7 +115,6 @@ async def test_a_household_emptied_while_its_batch_is_written_gets_nothing(
     town: Town, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     city = town.city
-    deliverer = town.service.deliverer
     store = town.service.store
     emptied = town.households[city.group][0]
     write = store.insert_deliveries
@@ -144,16 +133,7 @@ async def test_a_household_emptied_while_its_batch_is_written_gets_nothing(
         await eventually(empty, what="emptied in the view")
         return await write(docs)
 
-    await deliverer.stop()
-    try:
-        notice = await town.publish(town.leader, unit_id=city.group)
-        monkeypatch.setattr(store, "insert_deliveries", empty_then_write)
-        await deliverer.fan_out_batch()
-        monkeypatch.setattr(store, "insert_deliveries", write)
-        while await deliverer.fan_out_batch():
-            pass
-    finally:
-        deliverer.start()
+    notice = await deliver_by_hand(town, monkeypatch, empty_then_write)
     record = await store.delivery(notice.notice_id, emptied)
     assert record is None or record.get("withdrawn_at") is not None
 

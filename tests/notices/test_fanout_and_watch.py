@@ -16,7 +16,15 @@ from services.common.auth import Role
 from services.notices.delivery import Deliverer
 from services.notices.records import delivery_document
 from tests.conftest import Clock
-from tests.notices.conftest import FANOUT_BATCH, Town, events_pb2, eventually, refused, rid
+from tests.notices.conftest import (
+    FANOUT_BATCH,
+    Town,
+    deliver_by_hand,
+    events_pb2,
+    eventually,
+    refused,
+    rid,
+)
 
 
 async def test_a_delivery_interrupted_mid_way_completes_without_duplicates(
@@ -178,7 +186,6 @@ async def test_a_household_that_leaves_while_its_batch_is_written_is_not_deliver
     """The group merges away between the batch's read of the households and its write: the
     merge found no records to withdraw then, and the batch must not leave them standing."""
     city = town.city
-    deliverer = town.service.deliverer
     store = town.service.store
     leaving = list(town.households[city.group])
     write = store.insert_deliveries
@@ -197,17 +204,8 @@ async def test_a_household_that_leaves_while_its_batch_is_written_is_not_deliver
         await eventually(merged, what="the merge in the service's view")
         return await write(docs)
 
-    await deliverer.stop()
-    try:
-        notice = await town.publish(town.leader, unit_id=city.group)
-        monkeypatch.setattr(store, "insert_deliveries", merge_then_write)
-        await deliverer.fan_out_batch()
-        monkeypatch.setattr(store, "insert_deliveries", write)
-        while await deliverer.fan_out_batch():
-            pass
-        for household in leaving:
-            assert notice.notice_id not in [n.notice.notice_id for n in await town.inbox(household)]
-        announced = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
-        assert not [h for e in announced for h in e.household_ids]
-    finally:
-        deliverer.start()
+    notice = await deliver_by_hand(town, monkeypatch, merge_then_write)
+    for household in leaving:
+        assert notice.notice_id not in [n.notice.notice_id for n in await town.inbox(household)]
+    announced = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+    assert not [h for e in announced for h in e.household_ids]
