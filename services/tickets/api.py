@@ -45,6 +45,10 @@ EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 PHOTO_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png|webp)")
 
 
+# How many merges in a row a filing for a retired group follows to the group there now.
+MAX_MERGES_FOLLOWED = 10
+
+
 class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     def __init__(
         self,
@@ -168,9 +172,13 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         unit = await self.store.unit(unit_id)
         if unit is None:
             raise NotFound(f"unit {unit_id} is not known to the tickets service")
-        if not unit.get("active", True) and unit.get("merged_into_id"):
+        # A group merged into one since merged in turn: to the group that is there now.
+        for _ in range(MAX_MERGES_FOLLOWED):
+            if unit is None or unit.get("active", True) or not unit.get("merged_into_id"):
+                break
             unit_id = unit["merged_into_id"]
-        elif domain.level_of(unit_id) is not domain.Level.GROUP:
+            unit = await self.store.unit(unit_id)
+        if domain.level_of(unit_id) is not domain.Level.GROUP:
             raise InvalidArgument("unit_id", "tickets are filed for a residential group or village")
         return unit_id, household_id, location
 
@@ -492,12 +500,15 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         caller = principal()
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
-            rules = await self.store.rules_version(
-                ticket["rule_version"], session
-            ) or await self._rules(session)
+            rules = await self._rules_that_routed(ticket, session)
             now = self.clock()
-            if now - ticket["resolved_at"] > timedelta(seconds=rules["reopen_within_s"]):
+            if now > _reopen_until(ticket, rules):
                 raise FailedPrecondition("the period for reopening this ticket has passed")
+            if len(ticket.get("comments", [])) >= domain.MAX_COMMENTS:
+                raise FailedPrecondition(
+                    f"ticket {ticket['_id']} has {domain.MAX_COMMENTS} comments, the most it "
+                    "keeps: file a new ticket"
+                )
             level = domain.Level(ticket["assigned_level"])
             due = domain.deadlines(
                 rule_for(rules, ticket["category"]), level, now, acknowledged=False
@@ -508,6 +519,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 {
                     "status": int(domain.Status.ROUTED),
                     "resolved_at": None,
+                    # The outcome reopened is no longer the ticket's; its events keep it.
+                    "resolution": "",
+                    "rejected": False,
+                    "rejection_reason": "",
+                    "rating": 0,
                     "level_since": now,
                     "acknowledge_by": due.acknowledge_by,
                     "resolve_by": due.resolve_by,
@@ -539,16 +555,33 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
                 )
 
+        caller = principal()
+
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            now = self.clock()
+            if caller.subject != ticket["submitter"]:
+                # Closing ends the submitter's right to reopen: officials wait for its end.
+                until = _reopen_until(ticket, await self._rules_that_routed(ticket, session))
+                if now <= until:
+                    raise FailedPrecondition(
+                        f"the submitter may reopen it until {until:%Y-%m-%d %H:%M} UTC; "
+                        "close it after that"
+                    )
             return await self._set_status(
                 ticket,
                 session,
-                {"status": int(domain.Status.CLOSED), "closed_at": self.clock()},
+                {"status": int(domain.Status.CLOSED), "closed_at": now},
                 events_pb2.TicketClosed(ticket_id=ticket["_id"]),
             )
 
         return await self._act(
             "CloseTicket", request, tickets_pb2.CloseTicketResponse, "close", mutate, allowed
+        )
+
+    async def _rules_that_routed(self, ticket: Document, session: Session) -> Document:
+        """The rules version that routed the ticket (the current one, if it is gone)."""
+        return await self.store.rules_version(ticket["rule_version"], session) or await self._rules(
+            session
         )
 
     def _comment(self, caller: Principal, text: str) -> Document:
@@ -603,6 +636,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             raise InvalidArgument("rating", "must be from 1 to 5")
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            if ticket.get("rejected"):
+                raise FailedPrecondition("a rejected ticket has no resolution to rate")
             return await self._set_status(
                 ticket,
                 session,
@@ -651,8 +686,9 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             query["status"] = {"$in": list(request.statuses)}
         if request.category:
             query["category"] = request.category
-        if request.overdue_only:
-            query["status"] = {"$in": [int(s) for s in domain.OPEN]}
+        if request.overdue_only:  # of the statuses asked for, those with a deadline to miss
+            wanted = set(request.statuses or domain.OPEN) & {int(s) for s in domain.OPEN}
+            query["status"] = {"$in": sorted(wanted)}
             query["next_deadline"] = {"$lt": self.clock()}
         tickets, token = await self.store.queue(
             query, request.page.page_token, page_size(request.page.page_size)
@@ -763,6 +799,11 @@ def _sees(caller: Principal, ticket: Document) -> bool:
     except NotFound:
         return False
     return True
+
+
+def _reopen_until(ticket: Document, rules: Document) -> datetime:
+    """Until when the submitter may reopen a resolved or rejected ticket."""
+    return ticket["resolved_at"] + timedelta(seconds=rules["reopen_within_s"])  # type: ignore[no-any-return]
 
 
 def _check_visible(caller: Principal, ticket: Document) -> None:

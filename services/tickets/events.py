@@ -91,6 +91,10 @@ class Router:
         now = self.clock()
         writes: list[UpdateOne] = []
         emitted: list[Document] = []
+        # Who is linked to whom, as this batch leaves it: a ticket routed before the earlier one
+        # it duplicates links to it while that one is still unrouted; when that one in turn
+        # links to an older primary, its duplicates go with it, so a cluster is never a chain.
+        duplicates = {ticket["_id"]: set(ticket.get("duplicates", [])) for _, ticket in waiting}
         for delivery, ticket in waiting:
             with delivery.span():
                 rule = rule_for(rules_doc, ticket["category"])
@@ -118,6 +122,9 @@ class Router:
                     "last_change": type_name(events_pb2.TicketRouted()),
                     "duplicate_of": primary["_id"] if primary else None,
                 }
+                followers = duplicates.pop(ticket["_id"], set()) if primary else set()
+                if followers:
+                    changes["duplicates"] = []
                 writes.append(UpdateOne({"_id": ticket["_id"]}, {"$set": changes}))
                 if ticket["_id"] in nearby:
                     nearby[ticket["_id"]] |= changes
@@ -136,20 +143,30 @@ class Router:
                     )
                 )
                 if primary is not None:
+                    linked = [ticket["_id"], *sorted(followers)]
+                    duplicates.setdefault(primary["_id"], set()).update(linked)
                     writes.append(
                         UpdateOne(
-                            {"_id": primary["_id"]}, {"$addToSet": {"duplicates": ticket["_id"]}}
+                            {"_id": primary["_id"]},
+                            {"$addToSet": {"duplicates": {"$each": linked}}},
                         )
                     )
-                    emitted.append(
-                        ticket_event(
-                            self.outbox,
-                            events_pb2.TicketLinked(
-                                ticket_id=ticket["_id"], duplicate_of=primary["_id"]
-                            ),
-                            ticket["_id"],
+                    for follower in followers:
+                        writes.append(
+                            UpdateOne({"_id": follower}, {"$set": {"duplicate_of": primary["_id"]}})
                         )
-                    )
+                        if follower in nearby:
+                            nearby[follower]["duplicate_of"] = primary["_id"]
+                    for linked_id in linked:
+                        emitted.append(
+                            ticket_event(
+                                self.outbox,
+                                events_pb2.TicketLinked(
+                                    ticket_id=linked_id, duplicate_of=primary["_id"]
+                                ),
+                                linked_id,
+                            )
+                        )
         await self.store.tickets.bulk_write(writes, ordered=True, session=session)
         return emitted
 

@@ -161,6 +161,9 @@ class TicketStore:
                                     {
                                         "$and": [
                                             {"$in": ["$status", OPEN_STATUSES]},
+                                            # In an expression null sorts below any date: a
+                                            # ticket not yet routed has no deadline to miss.
+                                            {"$gt": ["$next_deadline", None]},
                                             {"$lt": ["$next_deadline", now]},
                                         ]
                                     },

@@ -1,0 +1,223 @@
+"""What a ticket's outcome allows afterwards, and how tickets are counted: a rejection is not
+rated, the submitter's right to reopen outlasts an official's wish to close, a reopened ticket
+carries no old outcome, a cluster is never a chain, and only a ticket with a deadline is
+overdue."""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from bson import ObjectId
+from civic.tickets.v1 import events_pb2, tickets_pb2
+
+from services.common.broker import Delivery
+from services.common.cloudevents import CloudEvent
+from services.common.mongo import Document, Session, in_transaction
+from services.tickets import domain
+from services.tickets.main import TicketsService
+from tests.conftest import Clock
+from tests.tickets.conftest import HOME, Pilot, rid
+from tests.tickets.test_lifecycle import refused
+
+RESOLUTION = "Đã thay bóng đèn"
+
+
+def untraced() -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def ticket_doc(pilot: Pilot, filed: datetime, **fields: Any) -> Document:
+    """A ticket as SubmitTicket stores it, written straight to the service's database."""
+    return {
+        "_id": f"tk-{ObjectId()}",
+        "category": "flooding",
+        "description": "Ngập nước",
+        "status": int(domain.Status.SUBMITTED),
+        "origin_unit_id": pilot.city.group,
+        "household_id": None,
+        "location": None,
+        "located_at_home": False,
+        "submitter": "resident-x",
+        "submitter_role": "resident",
+        "photos": [],
+        "comments": [],
+        "supporters": [],
+        "duplicates": [],
+        "duplicate_of": None,
+        "escalations": 0,
+        "submitted_at": filed,
+        "resolved_at": None,
+        "next_deadline": None,
+        "last_change": "civic.tickets.v1.TicketSubmitted",
+    } | fields
+
+
+async def resolved(pilot: Pilot, category: str = "street-light") -> tickets_pb2.Ticket:
+    ticket = await pilot.routed((await pilot.submit(category)).ticket_id)
+    done = await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=ticket.ticket_id, resolution=RESOLUTION
+        )
+    )
+    result: tickets_pb2.Ticket = done.ticket
+    return result
+
+
+async def test_a_rejected_ticket_is_not_rated_even_once_closed(pilot: Pilot) -> None:
+    ticket = await pilot.routed((await pilot.submit("noise")).ticket_id)
+    await pilot.ward_officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(
+            request_id=rid(), ticket_id=ticket.ticket_id, reason="không thuộc thẩm quyền"
+        )
+    )
+    await pilot.resident.CloseTicket(
+        tickets_pb2.CloseTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
+    )
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        pilot.resident.RateResolution(
+            tickets_pb2.RateResolutionRequest(
+                request_id=rid(), ticket_id=ticket.ticket_id, rating=1
+            )
+        ),
+    )
+
+
+async def test_an_official_closes_only_once_the_submitter_may_no_longer_reopen(
+    pilot: Pilot, clock: Clock
+) -> None:
+    ticket = await resolved(pilot)
+
+    def close() -> Any:
+        return pilot.ward_officer.CloseTicket(
+            tickets_pb2.CloseTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
+        )
+
+    await refused(grpc.StatusCode.FAILED_PRECONDITION, close())
+    clock.advance(days=domain.DEFAULT_REOPEN_WITHIN.days + 1)
+    closed = await close()
+    assert closed.ticket.status == tickets_pb2.TICKET_STATUS_CLOSED
+
+
+async def test_a_reopened_ticket_carries_no_old_outcome(pilot: Pilot) -> None:
+    ticket = await resolved(pilot)
+    await pilot.resident.RateResolution(
+        tickets_pb2.RateResolutionRequest(request_id=rid(), ticket_id=ticket.ticket_id, rating=2)
+    )
+    reopened = await pilot.resident.ReopenTicket(
+        tickets_pb2.ReopenTicketRequest(
+            request_id=rid(), ticket_id=ticket.ticket_id, reason="vẫn hỏng"
+        )
+    )
+    assert (reopened.ticket.resolution, reopened.ticket.rating) == ("", 0)
+
+
+async def test_a_reopen_past_the_comment_limit_is_refused(
+    pilot: Pilot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ticket = await resolved(pilot)
+    await pilot.resident.AddComment(
+        tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket.ticket_id, text="1")
+    )
+    monkeypatch.setattr(domain, "MAX_COMMENTS", 1)
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        pilot.resident.ReopenTicket(
+            tickets_pb2.ReopenTicketRequest(
+                request_id=rid(), ticket_id=ticket.ticket_id, reason="vẫn hỏng"
+            )
+        ),
+    )
+
+
+async def test_a_ticket_not_yet_routed_is_open_but_not_overdue(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    category = f"probe-{ObjectId()}"
+    filed = ticket_doc(pilot, tickets_service.clock(), category=category)
+    await tickets_service.db["tickets"].insert_one(filed)
+    stats = await pilot.ward_officer.GetStatistics(
+        tickets_pb2.GetStatisticsRequest(unit_id=pilot.city.ward)
+    )
+    [row] = [r for r in stats.statistics if r.category == category]
+    assert (row.open, row.overdue) == (1, 0)
+
+
+async def test_overdue_only_keeps_to_the_statuses_asked_for(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    now = tickets_service.clock()
+    category = f"probe-{ObjectId()}"
+    overdue = {
+        "category": category,
+        "assigned_unit_id": pilot.city.city,
+        "assigned_level": int(domain.Level.CITY),
+        "department": "",
+        "rule_version": 1,
+        "next_deadline": now - timedelta(hours=1),
+    }
+    routed = ticket_doc(pilot, now, status=int(domain.Status.ROUTED), **overdue)
+    acknowledged = ticket_doc(pilot, now, status=int(domain.Status.ACKNOWLEDGED), **overdue)
+    await tickets_service.db["tickets"].insert_many([routed, acknowledged])
+    queue = await pilot.admin.ListQueue(
+        tickets_pb2.ListQueueRequest(
+            category=category,
+            statuses=[tickets_pb2.TICKET_STATUS_ACKNOWLEDGED],
+            overdue_only=True,
+        )
+    )
+    assert [t.ticket_id for t in queue.tickets] == [acknowledged["_id"]]
+
+
+async def test_tickets_routed_out_of_order_form_one_cluster_not_a_chain(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """C is open; A (100 m from C) and then B (100 m from A) are filed; B's partition is
+    routed first and links B to A, still unrouted; then A links to C, and takes B with it."""
+    now = tickets_service.clock()
+
+    def point(metres: float) -> Document:  # north of a spot far from the other tests'
+        return {
+            "type": "Point",
+            "coordinates": [HOME.longitude, HOME.latitude + 0.2 + metres / 111_320],
+        }
+
+    primary = ticket_doc(
+        pilot,
+        now - timedelta(hours=2),
+        status=int(domain.Status.ROUTED),
+        assigned_unit_id=pilot.city.ward,
+        assigned_level=int(domain.Level.WARD),
+        rule_version=1,
+        location=point(0),
+        next_deadline=now + timedelta(hours=5),
+    )
+    a = ticket_doc(pilot, now - timedelta(minutes=2), location=point(100))
+    b = ticket_doc(pilot, now - timedelta(minutes=1), location=point(200))
+    tickets = tickets_service.db["tickets"]
+    await tickets.insert_many([primary, a, b])
+
+    for ticket in (b, a):
+        message = events_pb2.TicketSubmitted(ticket_id=ticket["_id"])
+        event = CloudEvent(
+            id=str(ObjectId()), type="", source="", time=now, data=message.SerializeToString()
+        )
+        delivery = Delivery(event, message, untraced)
+
+        async def route(session: Session, delivery: Delivery = delivery) -> list[Document]:
+            return await tickets_service.router.route([delivery], session)
+
+        await in_transaction(tickets_service.client, route)
+
+    found = {
+        t["_id"]: t
+        async for t in tickets.find({"_id": {"$in": [primary["_id"], a["_id"], b["_id"]]}})
+    }
+    assert found[a["_id"]]["duplicate_of"] == found[b["_id"]]["duplicate_of"] == primary["_id"]
+    assert set(found[primary["_id"]]["duplicates"]) == {a["_id"], b["_id"]}
+    assert found[a["_id"]]["duplicates"] == []
