@@ -54,6 +54,8 @@ Context = grpc.aio.ServicerContext[Any, Any]
 IMPORT_BATCH = 1000
 MAX_INLINE_BYTES = 4 * 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+# The GeoJSON text of one ListFeatures page, at most (characters, mostly ASCII).
+MAX_PAGE_TEXT = 3_500_000
 MAX_FEATURES_PAGE = 10_000
 MAX_RESIDENTS_PAGE = 200
 MAX_HYDRANTS = 50
@@ -209,7 +211,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             else:
                 raw = read_geojson(content)
         except SourceError as error:
-            raise InvalidArgument(field, str(error)) from None
+            raise InvalidArgument(error.field or field, str(error)) from None
 
         area = await self.store.nearest_boundary(request.unit_id)
         area_shape = shape(area["geometry"]) if area else None
@@ -245,7 +247,8 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         removed = 0
         # A drawing with refused features is not the whole layer (a wrong CRS refuses them all):
         # replacing would delete what they stand for. Fix the file and import it again.
-        if request.replace and not rejected:
+        # Nor does a drawing that gave no feature at all (the wrong drawing layer, say).
+        if request.replace and not rejected and seen:
             stale = await self.store.stale(layer, request.unit_id, seen)
             removed = len(stale)
             # In batches like the writes: one event (a Kafka record) names a batch's ids.
@@ -407,6 +410,16 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             where = {"$geoIntersects": {"$geometry": boundary["geometry"]}}
         query = {"$and": [self._layer_filter(caller, layers, request.unit_id), {"geometry": where}]}
         items, token = await self.store.page(query, request.page.page_token, size, {"geojson": 1})
+        # Within what a gRPC client takes by default (4 MiB): a page of long lines is shorter.
+        kept: list[Document] = []
+        text = 0
+        for item in items:
+            text += len(item["geojson"])
+            if kept and text > MAX_PAGE_TEXT:
+                token = str(kept[-1]["_id"])
+                break
+            kept.append(item)
+        items = kept
         return gis_pb2.ListFeaturesResponse(
             geojson=collection_text(item["geojson"] for item in items),
             count=len(items),

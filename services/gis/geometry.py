@@ -27,6 +27,10 @@ DIGITS = 7
 WGS84 = "EPSG:4326"
 # Where Vietnam lies (with its islands), for imports into a unit whose boundary is not known yet.
 VIETNAM = (102.0, 8.0, 118.0, 24.0)
+# The most positions one feature may have: a surveyed ward boundary has thousands.
+MAX_POSITIONS = 50_000
+# A box's south and north edges get a position this often (degrees of longitude).
+BOX_EDGE_STEP = 0.01
 
 Position = tuple[float, float]
 _GEOD = Geod(ellps="WGS84")
@@ -129,6 +133,9 @@ def check(geometry: dict[str, Any]) -> BaseGeometry:
     shaped = shape(geometry)
     if shaped.is_empty:
         raise GeometryError("the geometry is empty")
+    positions = shapely.get_num_coordinates(shaped)
+    if positions > MAX_POSITIONS:  # a feature is one document, and a page holds many
+        raise GeometryError(f"has {positions:,} positions, at most {MAX_POSITIONS:,}")
     if not shaped.is_valid:
         reason = explain_validity(shaped)
         if "Self-intersection" in reason or "Ring Self-intersection" in reason:
@@ -206,8 +213,10 @@ def line_length_m(positions: Sequence[Position]) -> float:
 def along_and_offset_m(route: Sequence[Position], point: Position) -> tuple[float, float]:
     """(distance along the route to the point's nearest spot, distance from the route)."""
     frame = LocalFrame(*route[0])
-    line = LineString([frame.metres(p) for p in route])
     local = Point(frame.metres(point))
+    if len(route) < 2:  # the entry is the destination: the route is a spot
+        return 0.0, float(Point(frame.metres(route[0])).distance(local))
+    line = LineString([frame.metres(p) for p in route])
     return float(line.project(local)), float(line.distance(local))
 
 
@@ -221,5 +230,10 @@ def bounds_of(geometries: Iterable[dict[str, Any]]) -> tuple[float, float, float
 
 
 def bbox_polygon(west: float, south: float, east: float, north: float) -> dict[str, Any]:
-    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
+    """The box as a GeoJSON polygon whose south and north edges follow their parallels: MongoDB
+    draws an edge as a great circle, which between distant corners bows towards the pole (65 m
+    for a 1-degree box here), so those edges get a position every BOX_EDGE_STEP degrees."""
+    steps = max(1, math.ceil((east - west) / BOX_EDGE_STEP))
+    xs = [west + (east - west) * i / steps for i in range(steps + 1)]
+    ring = [[x, south] for x in xs] + [[x, north] for x in reversed(xs)] + [[west, south]]
     return {"type": "Polygon", "coordinates": [ring]}

@@ -19,7 +19,12 @@ from services.gis.domain import Layer, kind_of
 
 
 class SourceError(ValueError):
-    """The file as a whole cannot be read (not a per-feature problem)."""
+    """The file as a whole cannot be read (not a per-feature problem); `field` names the
+    request's field at fault, when it is not the file itself."""
+
+    def __init__(self, problem: str, field: str = "") -> None:
+        super().__init__(problem)
+        self.field = field
 
 
 @dataclass
@@ -95,10 +100,14 @@ def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeatu
     if auditor.has_errors:
         raise SourceError(f"is a damaged DXF drawing ({len(auditor.errors)} errors)")
     wanted = kind_of(layer)
+    # Layer names in a drawing are case-insensitive; a layer the drawing lacks is a mistake,
+    # not an empty import (which, replacing, would remove the layer's features).
+    if dxf_layer and not document.layers.has_entry(dxf_layer):
+        raise SourceError(f"has no drawing layer {dxf_layer!r}", "dxf_layer")
     labels: list[_Label] = []
     entities: list[DXFGraphic] = []
     for entity in document.modelspace():
-        if dxf_layer and entity.dxf.get("layer", "") != dxf_layer:
+        if dxf_layer and entity.dxf.get("layer", "").casefold() != dxf_layer.casefold():
             continue
         if entity.dxftype() in ("TEXT", "MTEXT"):
             text = entity.plain_text() if entity.dxftype() == "MTEXT" else entity.dxf.text  # type: ignore[attr-defined]
@@ -109,41 +118,46 @@ def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeatu
     features = []
     for index, entity in enumerate(entities):
         feature = _dxf_feature(index, entity, wanted)
-        if feature is not None:
+        if feature.geometry is None and not dxf_layer:
+            continue  # the whole drawing: its other kinds of entity are not for this layer
+        if feature.geometry is not None:
             _label(feature, labels, layer)
-            features.append(feature)
+        features.append(feature)
     return features
 
 
-def _dxf_feature(index: int, entity: DXFGraphic, wanted: str) -> RawFeature | None:
+def _dxf_feature(index: int, entity: DXFGraphic, wanted: str) -> RawFeature:
+    """The entity as a feature of the layer's kind, in drawing (world) coordinates; one this
+    layer cannot take is refused by its handle, so a replace never removes on its account."""
     kind = entity.dxftype()
     handle = str(entity.dxf.handle)
     if wanted == "point":
         if kind == "POINT":
-            at = entity.dxf.location
+            at = entity.dxf.location  # WCS already
         elif kind in ("CIRCLE", "INSERT"):
-            at = entity.dxf.center if kind == "CIRCLE" else entity.dxf.insert
+            # Stored in the entity's own coordinate system (a mirrored export flips it).
+            at = entity.ocs().to_wcs(entity.dxf.center if kind == "CIRCLE" else entity.dxf.insert)
         else:
-            return None
+            return RawFeature(index, handle, None, error=f"a {kind} cannot be a point feature")
         return RawFeature(index, handle, {"type": "Point", "coordinates": [at.x, at.y]})
     if kind == "LWPOLYLINE":
-        points = [[float(x), float(y)] for x, y in entity.get_points("xy")]  # type: ignore[attr-defined]
+        points = [[float(p.x), float(p.y)] for p in entity.vertices_in_wcs()]  # type: ignore[attr-defined]
         closed = bool(entity.closed)  # type: ignore[attr-defined]
         width = float(entity.dxf.get("const_width", 0.0) or 0.0)
     elif kind == "POLYLINE":
-        points = [[float(p.x), float(p.y)] for p in entity.points()]  # type: ignore[attr-defined]
+        points = [[float(p.x), float(p.y)] for p in entity.points_in_wcs()]  # type: ignore[attr-defined]
         closed = bool(entity.is_closed)  # type: ignore[attr-defined]
         width = float(entity.dxf.get("default_start_width", 0.0) or 0.0)
     elif kind == "LINE" and wanted == "line":
         start, end = entity.dxf.start, entity.dxf.end
         points, closed, width = [[start.x, start.y], [end.x, end.y]], False, 0.0
     else:
-        return None
+        return RawFeature(index, handle, None, error=f"a {kind} cannot be a {wanted} feature")
+    if closed and points and points[0] != points[-1]:  # a loop road, or a ring
+        points = [*points, points[0]]
     if wanted == "line":
         properties = {"width_m": width} if width > 0 else {}
         return RawFeature(index, handle, {"type": "LineString", "coordinates": points}, properties)
-    if closed and points and points[0] != points[-1]:
-        points = [*points, points[0]]
     return RawFeature(index, handle, {"type": "Polygon", "coordinates": [points]})
 
 

@@ -1,0 +1,127 @@
+"""Imports and listings at their edges: a drawing layer named in another case, or not in the
+drawing, never empties a layer; loops stay closed and mirrored drawings land where drawn; a
+feature too long for one document is refused by its index; a page stays within what a client
+takes; a wide box keeps to its parallels; a route that is a spot still finds its hydrants."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+import pytest
+from civic.gis.v1 import gis_pb2
+from ezdxf.document import Drawing
+
+from services.gis import api, geometry
+from services.gis.domain import Layer
+from services.gis.sources import read_dxf
+from tests.gis.conftest import Ward, line_feature, point_feature, rid
+from tests.gis.vn2000 import DA_NANG_TM3, to_da_nang_tm3
+
+
+def drawing_text(doc: Drawing) -> bytes:
+    out = io.StringIO()
+    doc.write(out)
+    return out.getvalue().encode()
+
+
+async def test_a_drawing_layer_is_found_in_any_case_and_one_not_drawn_is_refused(
+    ward: Ward,
+) -> None:
+    spots = [ward.at(-500 + 10 * i, -300) for i in range(3)]
+    hydrants = [point_feature(at, f"h{i}", kind="hydrant") for i, at in enumerate(spots)]
+    assert (await ward.import_features(gis_pb2.LAYER_HYDRANT, hydrants)).created == 3
+    doc = Drawing.new("R2010")
+    doc.layers.add("TRU_CUU_HOA")
+    for at in spots:
+        doc.modelspace().add_circle(
+            to_da_nang_tm3(*at), radius=0.5, dxfattribs={"layer": "TRU_CUU_HOA"}
+        )
+
+    def imported(dxf_layer: str) -> gis_pb2.ImportLayerRequest:
+        return gis_pb2.ImportLayerRequest(
+            request_id=rid(),
+            unit_id=ward.city.ward,
+            layer=gis_pb2.LAYER_HYDRANT,
+            format=gis_pb2.SOURCE_FORMAT_DXF,
+            source_crs=DA_NANG_TM3,
+            content=drawing_text(doc),
+            dxf_layer=dxf_layer,
+            replace=True,
+        )
+
+    replaced = await ward.officer.ImportLayer(imported("tru_cuu_hoa"))
+    assert (replaced.created, replaced.removed, list(replaced.rejected)) == (3, 3, [])
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_HYDRANT])
+    assert len(listed["features"]) == 3
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await ward.officer.ImportLayer(imported("TRU_CUU_HOA_CU"))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith("dxf_layer:")
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_HYDRANT])
+    assert len(listed["features"]) == 3
+
+
+def test_a_closed_polyline_alley_is_a_loop_and_a_mirrored_circle_lands_where_drawn() -> None:
+    doc = Drawing.new("R2010")
+    msp = doc.modelspace()
+    msp.add_lwpolyline([(0, 0), (10, 0), (10, 10), (0, 10)], close=True)
+    # Mirrored export: the centre is stored in the circle's own (flipped) coordinate system.
+    msp.add_circle((-500_000, 1_780_000), radius=0.3, dxfattribs={"extrusion": (0, 0, -1)})
+    content = drawing_text(doc)
+
+    [alley] = read_dxf(content, Layer.ALLEY, "")
+    assert alley.geometry is not None
+    assert alley.geometry["coordinates"] == [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
+    [hydrant] = read_dxf(content, Layer.HYDRANT, "")
+    assert hydrant.geometry is not None
+    assert [round(c) for c in hydrant.geometry["coordinates"]] == [500_000, 1_780_000]
+
+
+async def test_a_feature_with_too_many_positions_is_refused_by_its_index(
+    ward: Ward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(geometry, "MAX_POSITIONS", 100)
+    long = [ward.at(-500 + i, -200 + (i % 2)) for i in range(101)]
+    short = [ward.at(-500, 200), ward.at(-400, 200)]
+    done = await ward.import_features(
+        gis_pb2.LAYER_ALLEY,
+        [line_feature(short, "short", width_m=3), line_feature(long, "long", width_m=3)],
+    )
+    assert done.created == 1
+    assert [(r.index, "positions" in r.message) for r in done.rejected] == [(1, True)]
+
+
+async def test_a_page_of_long_features_is_cut_short_and_goes_on(
+    ward: Ward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alleys = [
+        line_feature([ward.at(-500 + j, -100 + 5 * i) for j in range(0, 50, 5)], f"p{i}", width_m=3)
+        for i in range(6)
+    ]
+    assert (await ward.import_features(gis_pb2.LAYER_ALLEY, alleys)).created == 6
+    monkeypatch.setattr(api, "MAX_PAGE_TEXT", 1_000)  # about two of these per page
+    first = await ward.officer.ListFeatures(
+        gis_pb2.ListFeaturesRequest(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_ALLEY])
+    )
+    assert 0 < first.count < 6 and first.next_page_token
+    everything = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_ALLEY])
+    assert len(everything["features"]) == 6
+
+
+async def test_a_wide_box_keeps_to_its_parallels(ward: Ward) -> None:
+    lon, lat = ward.at(0, -390)
+    await ward.import_features(
+        gis_pb2.LAYER_HYDRANT, [point_feature([lon, lat], "edge", kind="hydrant")]
+    )
+    south = lat - 0.0003  # the hydrant is 33 m inside the box's south edge
+    box = gis_pb2.BoundingBox(west=lon - 0.5, south=south, east=lon + 0.5, north=south + 1.0)
+    found = await ward.features(bbox=box, layers=[gis_pb2.LAYER_HYDRANT])
+    assert [lon, lat] in [f["geometry"]["coordinates"] for f in found["features"]]
+
+
+def test_a_route_that_is_one_spot_measures_from_it() -> None:
+    along, offset = geometry.along_and_offset_m([(108.0, 16.0)], (108.001, 16.0))
+    assert along == 0.0
+    assert 100 < offset < 110
