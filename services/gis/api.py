@@ -54,8 +54,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 IMPORT_BATCH = 1000
 MAX_INLINE_BYTES = 4 * 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
-# The GeoJSON text of one ListFeatures page, at most (characters, mostly ASCII).
-MAX_PAGE_TEXT = 3_500_000
+# The GeoJSON text of one ListFeatures page, at most: a gRPC client's default limit on a
+# message it receives (4 MiB), less room for the rest of the answer.
+MAX_PAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
 MAX_FEATURES_PAGE = 10_000
 MAX_RESIDENTS_PAGE = 200
 MAX_HYDRANTS = 50
@@ -414,8 +415,8 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         kept: list[Document] = []
         text = 0
         for item in items:
-            text += len(item["geojson"])
-            if kept and text > MAX_PAGE_TEXT:
+            text += len(item["geojson"].encode()) + 1  # and its comma
+            if kept and text > MAX_PAGE_BYTES:
                 token = str(kept[-1]["_id"])
                 break
             kept.append(item)

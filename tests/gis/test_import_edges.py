@@ -101,7 +101,7 @@ async def test_a_page_of_long_features_is_cut_short_and_goes_on(
         for i in range(6)
     ]
     assert (await ward.import_features(gis_pb2.LAYER_ALLEY, alleys)).created == 6
-    monkeypatch.setattr(api, "MAX_PAGE_TEXT", 1_000)  # about two of these per page
+    monkeypatch.setattr(api, "MAX_PAGE_BYTES", 1_000)  # about two of these per page
     first = await ward.officer.ListFeatures(
         gis_pb2.ListFeaturesRequest(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_ALLEY])
     )
