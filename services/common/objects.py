@@ -15,13 +15,14 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from services.common.config import Settings
@@ -121,6 +122,30 @@ class ObjectStore:
             if error.code == "NoSuchBucket":
                 raise Unavailable(f"object storage has no bucket {self.bucket}") from None
             raise
+
+    async def written_before(self, prefix: str, moment: datetime) -> list[str]:
+        """Keys under `prefix`, none of them kept under `checked/`, last written before `moment`
+        (by the store's clock)."""
+
+        def listed() -> list[str]:
+            return [
+                str(item.object_name)
+                for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
+                if not str(item.object_name).startswith(CHECKED)
+                and item.last_modified is not None
+                and item.last_modified < moment
+            ]
+
+        return await self._io(listed)
+
+    async def remove(self, keys: list[str]) -> None:
+        def removed() -> None:
+            failed = list(self._client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)))
+            if failed:
+                raise Unavailable(f"object storage kept {len(failed)} objects: {failed[0]}")
+
+        if keys:
+            await self._io(removed)
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
         self._client.put_object(

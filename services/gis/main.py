@@ -12,6 +12,7 @@ from services.common.config import Settings, get_settings
 from services.common.objects import ObjectStore
 from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
+from services.common.uploads import Sweep, UploadSweeper
 from services.gis.api import GisServicer, RegistryReader
 from services.gis.events import TOPIC, subscribe
 from services.gis.store import GisStore
@@ -41,12 +42,15 @@ class GisService:
             instance_id=host.instance,
         )
         self.registry = RegistryReader(settings.registry())
+        uploads = ObjectStore(settings, UPLOAD_BUCKET)
+        # A drawing is read once, by its import; a retried import is answered from its record.
+        self.uploads = UploadSweeper(uploads, [Sweep("")])
         self.servicer = GisServicer(
             self.store,
             host.client,
             host.commands,
             host.outbox,
-            ObjectStore(settings, UPLOAD_BUCKET),
+            uploads,
             self.registry,
             clock,
         )
@@ -62,9 +66,12 @@ class GisService:
     async def start(self) -> int:
         await self.store.ensure_indexes()
         await self.store.hydrants.start()
-        return await self.host.start()
+        port = await self.host.start()
+        self.uploads.start()
+        return port
 
     async def stop(self) -> None:
+        await self.uploads.stop()
         await self.host.stop()
         await self.store.hydrants.stop()
         await self.registry.close()

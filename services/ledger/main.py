@@ -12,6 +12,7 @@ from services.common.config import Settings, get_settings
 from services.common.objects import ObjectStore
 from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
+from services.common.uploads import Sweep, UploadSweeper
 from services.ledger.api import LedgerServicer
 from services.ledger.events import TOPIC
 from services.ledger.registry import RegistryReader
@@ -33,12 +34,18 @@ class LedgerService:
     ) -> None:
         self.host = host = ServiceHost(NAME, settings, topic=TOPIC, span_processor=span_processor)
         self.store = LedgerStore(host.db)
+        files = ObjectStore(settings, BUCKET)
+        # Receipts never recorded as expenses; statements exported (their links last an hour).
+        self.uploads = UploadSweeper(
+            files,
+            [Sweep("receipts/", referenced=self.store.receipts_named), Sweep("statements/")],
+        )
         self.servicer = LedgerServicer(
             self.store,
             host.client,
             host.commands,
             host.outbox,
-            ObjectStore(settings, BUCKET),
+            files,
             RegistryReader(settings.registry(), settings.auth_secret),
             clock,
         )
@@ -55,9 +62,12 @@ class LedgerService:
 
     async def start(self) -> int:
         await self.store.ensure_indexes()
-        return await self.host.start()
+        port = await self.host.start()
+        self.uploads.start()
+        return port
 
     async def stop(self) -> None:
+        await self.uploads.stop()
         await self.host.stop()
 
 

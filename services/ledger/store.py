@@ -30,6 +30,13 @@ class LedgerStore:
         # Household names as the register gave them (for dues lists and statements).
         self.households = db["households"]
 
+    async def receipts_named(self, keys: list[str]) -> set[str]:
+        """Those of the keys an expense's receipt is kept at."""
+        found = self.transactions.find(
+            {"expense.receipt_object_key": {"$in": keys}}, {"expense.receipt_object_key": 1}
+        )
+        return {t["expense"]["receipt_object_key"] async for t in found}
+
     async def ensure_indexes(self) -> None:
         await self.funds.create_index([("unit_id", ASCENDING), ("_id", ASCENDING)])
         await self.transactions.create_indexes(
@@ -38,6 +45,7 @@ class LedgerStore:
                 IndexModel([("fund_id", ASCENDING), ("request_id", ASCENDING)], unique=True),
                 IndexModel([("fund_id", ASCENDING), ("sequence", ASCENDING)], unique=True),
                 IndexModel([("fund_id", ASCENDING), ("posted_at", ASCENDING)]),
+                IndexModel([("expense.receipt_object_key", ASCENDING)], sparse=True),
                 IndexModel(
                     [("fund_id", ASCENDING), ("contribution.receipt_number", ASCENDING)],
                     unique=True,

@@ -12,6 +12,7 @@ from services.common.config import Settings, get_settings
 from services.common.objects import ObjectStore
 from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
+from services.common.uploads import Sweep, UploadSweeper
 from services.notices.api import NoticesServicer
 from services.notices.delivery import FANOUT_BATCH, Deliverer
 from services.notices.events import TOPIC, Reconciler, subscribe
@@ -48,11 +49,15 @@ class NoticesService:
             registry_group=host.consumer_group("registry-view"),
             instance_id=host.instance,
         )
+        files = ObjectStore(settings, ATTACHMENT_BUCKET)
+        self.uploads = UploadSweeper(
+            files, [Sweep("notices/", referenced=self.store.attachments_named)]
+        )
         self.servicer = NoticesServicer(
             self.store,
             host.commands,
             host.outbox,
-            ObjectStore(settings, ATTACHMENT_BUCKET),
+            files,
             self.deliverer,
             clock,
         )
@@ -71,9 +76,11 @@ class NoticesService:
         await self.store.ensure_indexes()
         port = await self.host.start()
         self.deliverer.start()
+        self.uploads.start()
         return port
 
     async def stop(self) -> None:
+        await self.uploads.stop()
         await self.deliverer.stop()
         await self.servicer.hub.stop()
         await self.host.stop()

@@ -43,6 +43,20 @@ class NoticeStore:
         # Units, households and residents, projected from civic.registry.v1.
         self.view = RegistryView(db, people=True)
 
+    async def attachments_named(self, keys: list[str]) -> set[str]:
+        """Those of the keys a notice's attachment, in any revision, is kept at."""
+        wanted = set(keys)
+        found = self.notices.find(
+            {"revisions.attachments.key": {"$in": keys}}, {"revisions.attachments.key": 1}
+        )
+        return {
+            a["key"]
+            async for notice in found
+            for revision in notice["revisions"]
+            for a in revision.get("attachments", [])
+            if a["key"] in wanted
+        }
+
     async def ensure_indexes(self) -> None:
         await self.notices.create_indexes(
             [

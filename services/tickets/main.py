@@ -15,6 +15,7 @@ from services.common.config import Settings, get_settings
 from services.common.objects import ObjectStore
 from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
+from services.common.uploads import Sweep, UploadSweeper
 from services.tickets import domain
 from services.tickets.api import TicketsServicer
 from services.tickets.escalation import Escalator
@@ -54,12 +55,16 @@ class TicketsService:
         self.escalator = Escalator(
             host.client, self.store, host.outbox, clock, escalation_interval_seconds
         )
+        photos = ObjectStore(settings, PHOTO_BUCKET)
+        self.uploads = UploadSweeper(
+            photos, [Sweep("tickets/", referenced=self.store.photos_named)]
+        )
         self.servicer = TicketsServicer(
             self.store,
             host.client,
             host.commands,
             host.outbox,
-            ObjectStore(settings, PHOTO_BUCKET),
+            photos,
             hashlib.sha256(("submitter:" + settings.data_key).encode()).digest(),
             clock,
         )
@@ -88,9 +93,11 @@ class TicketsService:
         await self.seed_rules()
         port = await self.host.start()
         self.escalator.start()
+        self.uploads.start()
         return port
 
     async def stop(self) -> None:
+        await self.uploads.stop()
         await self.escalator.stop()
         await self.host.stop()
 

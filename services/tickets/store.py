@@ -48,6 +48,7 @@ class TicketStore:
         open_only = {"status": {"$in": OPEN_STATUSES}}
         await self.tickets.create_indexes(
             [
+                IndexModel([("photos.key", ASCENDING)], sparse=True),
                 IndexModel(
                     [("assigned_unit_id", ASCENDING), ("department", ASCENDING), ("_id", ASCENDING)]
                 ),
@@ -78,6 +79,13 @@ class TicketStore:
         )
         assert updated is not None
         return updated
+
+    async def photos_named(self, keys: list[str]) -> set[str]:
+        """Those of the keys a ticket's photo is kept at (records from before accepted photos
+        were copied to checked/ name the upload itself)."""
+        wanted = set(keys)
+        found = self.tickets.find({"photos.key": {"$in": keys}}, {"photos.key": 1})
+        return {p["key"] async for t in found for p in t["photos"] if p["key"] in wanted}
 
     async def many(self, ticket_ids: list[str], session: Session) -> dict[str, Document]:
         found = self.tickets.find({"_id": {"$in": ticket_ids}}, session=session)

@@ -13,8 +13,9 @@ from civic.tickets.v1 import tickets_pb2
 from minio import Minio
 
 from services.common.objects import checked
+from services.common.uploads import Sweep, UploadSweeper
 from services.tickets.domain import MAX_PHOTO_BYTES, MAX_PHOTOS
-from services.tickets.main import PHOTO_BUCKET
+from services.tickets.main import PHOTO_BUCKET, TicketsService
 from tests.objects import GPS, get, jpeg_bytes, jpeg_with_exif, object_exists, png_bytes, put
 from tests.tickets.conftest import Pilot, TicketCaller, rid
 
@@ -215,3 +216,40 @@ async def test_a_photo_is_kept_without_where_and_with_what_it_was_taken(pilot: P
     assert photo.size_bytes == len(picture)
     kept = await get(photo.url)
     assert kept == picture and GPS not in kept
+
+
+async def test_uploads_never_attached_are_swept_and_attached_photos_kept(
+    pilot: Pilot, tickets_service: TicketsService, bucket: Minio
+) -> None:
+    ticket = await pilot.submit()
+    keys = []
+    for _ in range(3):
+        body = png_bytes()
+        slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/png", len(body))
+        await put(slot.upload_url, body, "image/png")
+        keys.append(slot.object_key)
+    attached, abandoned, legacy = keys
+    await attach(pilot.resident, ticket.ticket_id, attached)
+    # A photo attached before accepted photos were copied: its record names the upload.
+    photo = {"key": legacy, "content_type": "image/png", "size": len(png_bytes())}
+    await tickets_service.db["tickets"].update_one(
+        {"_id": ticket.ticket_id}, {"$push": {"photos": photo}}
+    )
+    sweeper = UploadSweeper(
+        tickets_service.uploads.store,
+        [
+            Sweep(
+                f"tickets/{ticket.ticket_id}/",
+                keep_for=timedelta(0),
+                referenced=tickets_service.store.photos_named,
+            )
+        ],
+        clock=lambda: datetime.now(UTC) + timedelta(minutes=1),  # everything is old enough
+    )
+
+    assert await sweeper.sweep() == 1
+
+    assert not await stored(bucket, abandoned)
+    assert await stored(bucket, legacy)
+    assert await stored(bucket, checked(attached))
+    assert len(await photos_of(pilot, ticket.ticket_id)) == 2
