@@ -60,6 +60,26 @@ class BackgroundTask:
             self._task = None
 
 
+class Every(BackgroundTask):
+    """`work` every `seconds` for the life of the service. A round that fails is logged and the
+    next one goes on: a sweep catches up with whatever the failed one left."""
+
+    def __init__(self, name: str, seconds: float, work: Callable[[], Awaitable[object]]) -> None:
+        super().__init__(name, self._rounds)
+        self.seconds = seconds
+        self._work = work
+
+    async def _rounds(self) -> None:
+        while True:
+            try:
+                await self._work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logging.getLogger(__name__).exception("%s failed; retrying", self._name)
+            await asyncio.sleep(self.seconds)
+
+
 def fault(name: str) -> None:
     """Failure injection for the crash tests: end the process at this exact point when the
     environment variable `name` is "1"."""

@@ -10,14 +10,13 @@ itself: `referenced` says which of the keys a record still points at, and those 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from services.common.objects import ObjectStore
-from services.common.runtime import BackgroundTask
+from services.common.runtime import Every
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +48,9 @@ class UploadSweeper:
     ) -> None:
         self.store = store
         self.sweeps = sweeps
-        self.interval_seconds = interval_seconds
         # The store's clock dates the objects; this one only says how old is old.
         self.clock = clock
-        self._task = BackgroundTask(f"upload-sweep-{store.bucket}", self._run)
+        self._task = Every(f"upload sweep of {store.bucket}", interval_seconds, self.sweep)
 
     async def sweep(self) -> int:
         """Removes what is due now; returns how many objects went."""
@@ -65,6 +63,8 @@ class UploadSweeper:
             gone = [key for key in old if key not in kept]
             await self.store.remove(gone)
             removed += len(gone)
+        if removed:
+            log.info("removed %d unattached uploads from %s", removed, self.store.bucket)
         return removed
 
     def start(self) -> None:
@@ -72,14 +72,3 @@ class UploadSweeper:
 
     async def stop(self) -> None:
         await self._task.stop()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                if removed := await self.sweep():
-                    log.info("removed %d unattached uploads from %s", removed, self.store.bucket)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the store or MongoDB away: the next sweep catches up
-                log.exception("upload sweep of %s failed; retrying", self.store.bucket)
-            await asyncio.sleep(self.interval_seconds)

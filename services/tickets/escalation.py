@@ -6,8 +6,6 @@ instances sweeping together escalate a ticket once.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 from datetime import datetime
 
@@ -17,13 +15,11 @@ from pymongo import AsyncMongoClient
 from services.common.cloudevents import type_name
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
-from services.common.runtime import BackgroundTask
+from services.common.runtime import Every
 from services.tickets import domain
 from services.tickets.events import ticket_event
 from services.tickets.records import rule_for
 from services.tickets.store import TicketStore
-
-log = logging.getLogger(__name__)
 
 
 async def escalate(
@@ -88,8 +84,7 @@ class Escalator:
         self.store = store
         self.outbox = outbox
         self.clock = clock
-        self.interval_seconds = interval_seconds
-        self._sweeping = BackgroundTask("ticket-escalation", self._run)
+        self._sweeping = Every("ticket escalation sweep", interval_seconds, self.sweep)
 
     async def sweep(self) -> int:
         """Escalates every ticket past its deadline now; returns how many moved."""
@@ -126,13 +121,3 @@ class Escalator:
 
     async def stop(self) -> None:
         await self._sweeping.stop()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("escalation sweep failed; retrying")
-            await asyncio.sleep(self.interval_seconds)
