@@ -86,7 +86,11 @@ def holds_lease(db: AsyncDatabase[Document], name: str) -> Callable[[], Awaitabl
 async def test_events_another_instance_commits_are_relayed_without_waiting_for_a_sweep(
     settings: Settings, topic: str
 ) -> None:
-    async with two_instances(settings, topic, poll_seconds=SWEEP_SECONDS) as two:
+    # A long lease: on a loaded machine a late renewal must not hand the relay to b, which
+    # this test is not about.
+    async with two_instances(
+        settings, topic, poll_seconds=SWEEP_SECONDS, lease_seconds=SWEEP_SECONDS
+    ) as two:
         for name in "ab":
             two.relays[name].start()
             await eventually(
