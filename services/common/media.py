@@ -3,7 +3,9 @@ rules; the store checks an upload against them)."""
 
 from __future__ import annotations
 
+import io
 import re
+import zipfile
 from collections.abc import Mapping
 
 from services.common.errors import InvalidArgument
@@ -31,6 +33,24 @@ def check_upload(
 
 def check_image_upload(content_type: str, size: int, max_bytes: int) -> None:
     check_upload(content_type, size, max_bytes, IMAGE_SIGNATURES)
+
+
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+
+
+def is_a(content_type: str, data: bytes, signatures: Mapping[str, re.Pattern[bytes]]) -> bool:
+    """Whether the file's bytes are of the declared type: they begin as that type's do, and a
+    Word document is a ZIP holding a Word document's parts (any ZIP begins as it does)."""
+    if not signatures[content_type].match(data):
+        return False
+    if content_type == DOCX:
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as package:
+                names = set(package.namelist())
+        except (zipfile.BadZipFile, ValueError):
+            return False
+        return {"[Content_Types].xml", "word/document.xml"} <= names
+    return True
 
 
 def without_metadata(content_type: str, data: bytes) -> bytes:

@@ -27,7 +27,7 @@ from minio.error import S3Error
 
 from services.common.config import Settings
 from services.common.errors import InvalidArgument, NotFound, Unavailable
-from services.common.media import IMAGE_SIGNATURES, check_upload, without_metadata
+from services.common.media import IMAGE_SIGNATURES, check_upload, is_a, without_metadata
 
 T = TypeVar("T")
 UPLOAD_WINDOW = timedelta(minutes=15)
@@ -92,7 +92,7 @@ class ObjectStore:
             return StoredObject(checked(key), size, content_type)
         try:
             check_upload(content_type, len(data), max_bytes, signatures)
-            if not signatures[content_type].match(data):
+            if not is_a(content_type, data, signatures):
                 raise InvalidArgument("object_key", f"the uploaded file is not a {content_type}")
         except InvalidArgument:
             await self._io(self._client.remove_object, self.bucket, key)

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 from services.common.auth import Principal, Role, unit_within
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.common.media import IMAGE_SIGNATURES
+from services.common.media import DOCX, IMAGE_SIGNATURES
 
 
 class Priority(IntEnum):
@@ -53,14 +53,12 @@ LOCAL_TIME = ZoneInfo("Asia/Ho_Chi_Minh")
 # How each accepted attachment type's bytes begin: the declared type must match the content.
 ATTACHMENT_SIGNATURES: dict[str, re.Pattern[bytes]] = {
     "application/pdf": re.compile(rb"%PDF-"),
-    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": re.compile(
-        rb"PK\x03\x04"
-    ),
+    DOCX: re.compile(rb"PK\x03\x04"),
     **IMAGE_SIGNATURES,
 }
 EXTENSIONS = {
     "application/pdf": "pdf",
-    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": "docx",
+    DOCX: "docx",
     "image/jpeg": "jpg",
     "image/png": "png",
     "image/webp": "webp",

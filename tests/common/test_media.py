@@ -3,10 +3,13 @@ taken, when, the device (Exif, XMP, text chunks)."""
 
 from __future__ import annotations
 
+import io
 import struct
+import zipfile
 import zlib
 
-from services.common.media import IMAGE_SIGNATURES, without_metadata
+from services.common.media import DOCX, IMAGE_SIGNATURES, is_a, without_metadata
+from services.notices.domain import ATTACHMENT_SIGNATURES
 from tests.objects import GPS, jpeg_with_exif, png_bytes
 
 
@@ -58,3 +61,20 @@ def test_an_image_whose_structure_breaks_off_is_kept_as_it_came() -> None:
     phone, _ = jpeg_with_exif()
     cut = phone[:8]  # a segment's length runs past the end
     assert without_metadata("image/jpeg", cut) == cut
+
+
+def zip_of(*names: str) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as package:
+        for name in names:
+            package.writestr(name, "<x/>")
+    return out.getvalue()
+
+
+def test_a_word_document_is_a_zip_of_a_word_documents_parts() -> None:
+    docx = zip_of("[Content_Types].xml", "_rels/.rels", "word/document.xml")
+    assert is_a(DOCX, docx, ATTACHMENT_SIGNATURES)
+    # Any other ZIP begins the same way: a spreadsheet, an archive of anything.
+    assert not is_a(DOCX, zip_of("[Content_Types].xml", "xl/workbook.xml"), ATTACHMENT_SIGNATURES)
+    assert not is_a(DOCX, zip_of("payload.exe"), ATTACHMENT_SIGNATURES)
+    assert not is_a(DOCX, b"PK\x03\x04 and then nothing of a ZIP", ATTACHMENT_SIGNATURES)
