@@ -71,6 +71,13 @@ class RegistryUnavailable(DomainError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class RegistryRefusedInput(DomainError):
+    """The registry refused the caller's request as given (no stated purpose, say): the
+    caller's to mend, as the registry put it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
 class RegistryReader:
     """The registry's GetHousehold with the caller's own credentials: the registry applies its
     privacy rules and writes its access log as for any official reading a household."""
@@ -92,6 +99,8 @@ class RegistryReader:
         except grpc.aio.AioRpcError as error:
             if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
                 return None  # gone meanwhile, or the registry's own rules keep it from the caller
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RegistryRefusedInput(error.details() or "refused by the registry") from None
             raise RegistryUnavailable(f"the registry did not answer: {error.details()}") from None
         return response
 

@@ -126,6 +126,13 @@ async def test_an_evacuation_list_respects_scope_and_privacy(ward: Ward) -> None
     )
     assert "evacuation list" in {entry.purpose for entry in log.entries}
 
+    # An official who does not say why is refused, as the registry refuses them.
+    details = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        evacuation(ward.caller(Role.WARD_OFFICER, city.ward), area),
+    )
+    assert details.startswith("x-civic-purpose")
+
     for outsider in (
         ward.caller(Role.RESIDENT, city.group, west.household.household_id),
         ward.caller(Role.INTEGRATOR, city.city),
