@@ -502,9 +502,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 }
             },
         )
+
+        async def one_expense_a_receipt(session: Session, posted: list[Document]) -> None:
+            # Checked in the posting's transaction: two expenses of one fund serialise on its
+            # chain head, so the second sees the first.
+            other = await self.store.expense_with_receipt(
+                fund["_id"], checked(key), posted[0]["_id"], session
+            )
+            if other is not None:
+                raise AlreadyExists(
+                    f"receipt_object_key: the receipt backs transaction {other} already"
+                )
+
         if (done := await self._already_posted([draft])) is None:
             await self.files.accept_image(key, MAX_RECEIPT_BYTES)
-            done = await self._post([draft])
+            done = await self._post([draft], one_expense_a_receipt)
         return ledger_pb2.RecordExpenseResponse(transaction=await self._message(done[0]))
 
     async def ReverseTransaction(

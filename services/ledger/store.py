@@ -30,6 +30,26 @@ class LedgerStore:
         # Household names as the register gave them (for dues lists and statements).
         self.households = db["households"]
 
+    async def expense_with_receipt(
+        self, fund_id: str, key: str, other_than: str, session: Session
+    ) -> str | None:
+        """The id of another expense of the fund backed by the receipt at `key` and not
+        reversed (a mistaken expense, reversed, frees its receipt), if any."""
+        backed = await self.transactions.distinct(
+            "_id",
+            {"fund_id": fund_id, "expense.receipt_object_key": key, "_id": {"$ne": other_than}},
+            session=session,
+        )
+        if not backed:
+            return None
+        undone = await self.transactions.distinct(
+            "reverses", {"fund_id": fund_id, "reverses": {"$in": backed}}, session=session
+        )
+        standing = [
+            str(transaction_id) for transaction_id in backed if transaction_id not in undone
+        ]
+        return standing[0] if standing else None
+
     async def receipts_named(self, keys: list[str]) -> set[str]:
         """Those of the keys an expense's receipt is kept at."""
         found = self.transactions.find(

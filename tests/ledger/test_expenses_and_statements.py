@@ -70,6 +70,28 @@ async def test_an_expense_with_its_receipt_image(books: Books) -> None:
     }
 
 
+async def test_a_receipt_backs_one_expense_until_that_one_is_reversed(books: Books) -> None:
+    await books.post(("cash", 1_000_000), ("equity/opening", -1_000_000))
+    key = await upload_receipt(books)
+    first = (await books.treasurer.RecordExpense(expense(books, key))).transaction
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.treasurer.RecordExpense(expense(books, key, amount=100_000))
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (refused.value.details() or "").startswith("receipt_object_key: ")
+    assert first.transaction_id in (refused.value.details() or "")
+    await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=first.transaction_id,
+            reason="ghi nhầm số tiền",
+        )
+    )
+    again = (await books.treasurer.RecordExpense(expense(books, key, amount=300_000))).transaction
+    assert again.expense.receipt_object_key == checked(key)
+    assert (await books.balances())["cash"] == 700_000
+
+
 async def test_an_expense_needs_a_real_image_and_the_money(books: Books) -> None:
     await books.post(("cash", 100_000), ("equity/opening", -100_000))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
