@@ -240,9 +240,12 @@ def subscribe_once(
 async def _parse_fetch(
     records: tuple[ConsumerRecord[Any, Any], ...], parse: Callable[[Any], Awaitable[Any]]
 ) -> Any:
-    """faststream's own parsing of a fetch, shown only the headers it can read: it decodes each
-    as UTF-8, and one producer's binary header would otherwise fail the whole fetch for good."""
-    return await parse(tuple(_readable_headers(record) for record in records))
+    """faststream's own parsing of a fetch. It decodes every header as UTF-8, so one producer's
+    binary header would fail the whole fetch for good: then it is shown only those it can read."""
+    try:
+        return await parse(records)
+    except UnicodeDecodeError:
+        return await parse(tuple(_readable_headers(record) for record in records))
 
 
 def _readable_headers(record: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, Any]:

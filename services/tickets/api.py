@@ -28,6 +28,7 @@ from services.tickets import domain
 from services.tickets.escalation import escalate
 from services.tickets.events import ticket_event
 from services.tickets.records import (
+    new_ticket,
     rule_for,
     rule_from_message,
     rules_document,
@@ -194,29 +195,18 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             raise InvalidArgument("category", f"{request.category!r} is not a known category")
         unit_id, household_id, location = await self._origin(caller, request)
 
-        now = self.clock()
-        ticket: Document = {
-            "_id": new_ticket_id(),
-            "category": request.category,
-            "description": description,
-            "status": int(domain.Status.SUBMITTED),
-            "origin_unit_id": unit_id,
-            "household_id": household_id or None,
-            "location": location,
-            "located_at_home": location is not None and not request.HasField("location"),
-            "submitter": caller.subject,
-            "submitter_role": caller.role.value,
-            "photos": [],
-            "comments": [],
-            "supporters": [],
-            "duplicates": [],
-            "duplicate_of": None,
-            "escalations": 0,
-            "submitted_at": now,
-            "resolved_at": None,
-            "next_deadline": None,
-            "last_change": type_name(events_pb2.TicketSubmitted()),
-        }
+        ticket = new_ticket(
+            new_ticket_id(),
+            category=request.category,
+            description=description,
+            unit_id=unit_id,
+            household_id=household_id,
+            location=location,
+            located_at_home=location is not None and not request.HasField("location"),
+            submitter=caller.subject,
+            submitter_role=caller.role.value,
+            now=self.clock(),
+        )
         event = ticket_event(
             self.outbox,
             events_pb2.TicketSubmitted(

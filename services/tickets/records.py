@@ -5,12 +5,51 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from civic.tickets.v1 import tickets_pb2
+from civic.tickets.v1 import events_pb2, tickets_pb2
 
+from services.common.cloudevents import type_name
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
 from services.common.wire import duration, point_message, span, timestamp
 from services.tickets.domain import LONGEST_DEADLINE, Level, Rule, Sla, Status
+
+
+def new_ticket(
+    ticket_id: str,
+    *,
+    category: str,
+    description: str,
+    unit_id: str,
+    household_id: str,
+    location: Document | None,
+    located_at_home: bool,
+    submitter: str,
+    submitter_role: str,
+    now: datetime,
+) -> Document:
+    """A ticket as filed: submitted, not yet routed."""
+    return {
+        "_id": ticket_id,
+        "category": category,
+        "description": description,
+        "status": int(Status.SUBMITTED),
+        "origin_unit_id": unit_id,
+        "household_id": household_id or None,
+        "location": location,
+        "located_at_home": located_at_home,
+        "submitter": submitter,
+        "submitter_role": submitter_role,
+        "photos": [],
+        "comments": [],
+        "supporters": [],
+        "duplicates": [],
+        "duplicate_of": None,
+        "escalations": 0,
+        "submitted_at": now,
+        "resolved_at": None,
+        "next_deadline": None,
+        "last_change": type_name(events_pb2.TicketSubmitted()),
+    }
 
 
 def ticket_message(

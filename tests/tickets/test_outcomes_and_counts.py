@@ -20,6 +20,7 @@ from services.common.cloudevents import CloudEvent
 from services.common.mongo import Document, Session, in_transaction
 from services.tickets import domain
 from services.tickets.main import TicketsService
+from services.tickets.records import new_ticket
 from tests.conftest import Clock
 from tests.tickets.conftest import HOME, Pilot, rid
 from tests.tickets.test_lifecycle import refused
@@ -33,28 +34,21 @@ def untraced() -> AbstractContextManager[Any]:
 
 def ticket_doc(pilot: Pilot, filed: datetime, **fields: Any) -> Document:
     """A ticket as SubmitTicket stores it, written straight to the service's database."""
-    return {
-        "_id": f"tk-{ObjectId()}",
-        "category": "flooding",
-        "description": "Ngập nước",
-        "status": int(domain.Status.SUBMITTED),
-        "origin_unit_id": pilot.city.group,
-        "household_id": None,
-        "location": None,
-        "located_at_home": False,
-        "submitter": "resident-x",
-        "submitter_role": "resident",
-        "photos": [],
-        "comments": [],
-        "supporters": [],
-        "duplicates": [],
-        "duplicate_of": None,
-        "escalations": 0,
-        "submitted_at": filed,
-        "resolved_at": None,
-        "next_deadline": None,
-        "last_change": "civic.tickets.v1.TicketSubmitted",
-    } | fields
+    return (
+        new_ticket(
+            f"tk-{ObjectId()}",
+            category="flooding",
+            description="Ngập nước",
+            unit_id=pilot.city.group,
+            household_id="",
+            location=None,
+            located_at_home=False,
+            submitter="resident-x",
+            submitter_role="resident",
+            now=filed,
+        )
+        | fields
+    )
 
 
 async def resolved(pilot: Pilot, category: str = "street-light") -> tickets_pb2.Ticket:
