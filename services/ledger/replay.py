@@ -123,17 +123,58 @@ LiveFunds = Callable[[str], Awaitable[list[str]]]
 
 class Replayer:
     """Applies events in topic order; any event that fails a check is a finding, and its fund's
-    later events are not applied (its chain is broken there)."""
+    later events are not applied (its chain is broken there).
+
+    An event that comes before its fund's chain reaches it (its fund not opened yet, or an
+    earlier sequence still to come) waits for it: a fund's events lie in one partition only
+    while the topic's partition count stays the same, and partitions are read side by side.
+    What still waits when the topic ends is missing its predecessor (see `finish`)."""
 
     def __init__(self, store: AsyncMongoClient[Document] | None, database: str) -> None:
         self.books = Books()
         self.report = Report(topic="")
         self.broken: set[str] = set()
+        self.waiting: dict[str, dict[int, list[Any]]] = {}
         self._db = store[database] if store is not None else None
 
     def apply(self, record: Any) -> None:
         self.report.events += 1
-        event_id, fund_id, sequence = "?", "", -1
+        fund_id = self._apply(record)
+        if fund_id in self.waiting:
+            self._apply_waiting(fund_id)
+
+    def _apply_waiting(self, fund_id: str) -> None:
+        """The events that waited for the fund's chain to reach them, as far as it now does."""
+        while fund_id not in self.broken:
+            fund, waiting = self.books.funds.get(fund_id), self.waiting.get(fund_id)
+            if fund is None or not waiting or fund.sequence + 1 not in waiting:
+                break
+            successors = waiting.pop(fund.sequence + 1)
+            if not waiting:
+                del self.waiting[fund_id]
+            for successor in successors:  # a repeat or a fork of it is checked as it comes
+                self._apply(successor)
+
+    def finish(self) -> None:
+        """Names the events still waiting for a predecessor the topic does not hold."""
+        for fund_id in sorted(self.waiting):
+            waiting = self.waiting.pop(fund_id)
+            self.report.bad_events += sum(len(records) for records in waiting.values())
+            self.broken.add(fund_id)
+            first = min(waiting)
+            record = waiting[first][0]
+            fund = self.books.funds.get(fund_id)
+            reason = (
+                f"fund {fund_id} has no FundOpened before it"
+                if fund is None
+                else f"sequence {first} skips after {fund.sequence}: an event is missing"
+            )
+            self._found(record, _id_and_type(record.headers)[0], fund_id, first, reason)
+
+    def _apply(self, record: Any) -> str:
+        """Applies one event, or sets it to wait; returns its fund ("" when unreadable)."""
+        event_id, sequence = "?", -1
+        fund_id: str = ""
         try:
             event_id, event_type = _id_and_type(record.headers or ())
             message: Any
@@ -146,7 +187,7 @@ class Replayer:
             fund_id, sequence = message.fund_id, message.sequence
             if fund_id in self.broken:
                 self.report.bad_events += 1
-                return
+                return fund_id
             if record.key != fund_id.encode():
                 raise BadEvent("its Kafka key is not its fund")
             if not seals_bytes(record.value, message.prev_hash, message.hash) and (
@@ -157,10 +198,14 @@ class Replayer:
                 self.books.open_fund(
                     fund_id, message.unit_id, sequence, message.prev_hash, message.hash
                 )
-                return
+                return fund_id
+            fund = self.books.funds.get(fund_id)
+            if fund is None or sequence > fund.sequence + 1:
+                self.waiting.setdefault(fund_id, {}).setdefault(sequence, []).append(record)
+                return ""
             fund = self.books.link(fund_id, sequence, message.prev_hash, message.hash)
             if fund is None:
-                return  # the same event published twice
+                return fund_id  # the same event published twice
             transaction = message.transaction
             if transaction.fund_id != fund_id or transaction.sequence != sequence:
                 raise BadEvent("its transaction names another fund or place in the chain")
@@ -172,15 +217,22 @@ class Replayer:
                 [(p.account, p.amount) for p in transaction.postings],
                 transaction.reverses_transaction_id,
             )
+            return fund_id
         except (BadEvent, ValueError, DecodeError) as error:
             reason = error.reason if isinstance(error, BadEvent) else f"unreadable: {error}"
             self.report.bad_events += 1
             if fund_id:
                 self.broken.add(fund_id)
-            if self.report.first_bad is None:
-                self.report.first_bad = Finding(
-                    event_id, fund_id, sequence, record.partition, record.offset, reason
-                )
+                waiting = self.waiting.pop(fund_id, {})
+                self.report.bad_events += sum(len(records) for records in waiting.values())
+            self._found(record, event_id, fund_id, sequence, reason)
+            return fund_id
+
+    def _found(self, record: Any, event_id: str, fund_id: str, sequence: int, reason: str) -> None:
+        if self.report.first_bad is None:
+            self.report.first_bad = Finding(
+                event_id, fund_id, sequence, record.partition, record.offset, reason
+            )
 
     async def store_books(self) -> dict[str, dict[str, int]]:
         """The rebuilt books written to the replay's own database, each fund's chain head and
@@ -296,6 +348,7 @@ async def replay(
     try:
         with _no_cyclic_gc():
             await read_topic(settings.kafka_bootstrap_servers, topic, replayer.apply)
+        replayer.finish()
         report.timings["read_and_check"] = time.perf_counter() - clock
         balances = await replayer.store_books()
         report.timings["store"] = time.perf_counter() - clock - report.timings["read_and_check"]
