@@ -287,6 +287,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if request.HasField("location")
             else None,
             "external_ref": request.external_ref.strip() or None,
+            "ref_unit_id": request.unit_id,  # the group that issued the book number
             "poor": request.poor,
             "active": True,
             "marked_absent": False,
@@ -307,6 +308,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             session: Session,
         ) -> tuple[registry_pb2.CreateHouseholdResponse, list[Document]]:
             await self._group(request.unit_id, "unit_id", session)
+            await self.store.claim_group(request.unit_id, session)
             await self._check_unique_cid(head, session)
             await self.store.insert_household(household, session)
             await self.store.insert_person(head, session)

@@ -122,16 +122,17 @@ class Importer:
             else:
                 usable.append(row)
         keys = {(row.unit_id, row.household_ref.strip()) for row in usable}
+        # Book numbers are matched in the group that issued them (a merge keeps that).
         existing = await self.store.households.find(
             {
-                "unit_id": {"$in": list({unit for unit, _ in keys})},
+                "ref_unit_id": {"$in": list({unit for unit, _ in keys})},
                 "external_ref": {"$in": list({ref for _, ref in keys})},
             }
         ).to_list()
         households = {
-            (h["unit_id"], h["external_ref"]): h
+            (h["ref_unit_id"], h["external_ref"]): h
             for h in existing
-            if (h["unit_id"], h["external_ref"]) in keys
+            if (h["ref_unit_id"], h["external_ref"]) in keys
         }
         new_households: dict[tuple[str, str], Document] = {}
         rows_with_household: list[tuple[registry_pb2.ImportRow, Document]] = []
@@ -222,6 +223,9 @@ class Importer:
         staged += [events.household_updated(self.outbox, h, ["head_person_id"]) for h in headed]
 
         async def work(session: Session) -> None:
+            # The group was checked before the batch; a merge since would leave these behind.
+            for unit_id in sorted({p["unit_id"] for p in new_persons}):
+                await self.store.claim_group(unit_id, session)
             for household in headed:
                 named = await self.store.households.update_one(
                     {"_id": household["_id"], "head_person_id": {"$in": ["", None]}},
@@ -270,6 +274,7 @@ class Importer:
             if row.HasField("location")
             else None,
             "external_ref": row.household_ref.strip(),
+            "ref_unit_id": row.unit_id,
             "head_person_id": "",
             "active": True,
             "marked_absent": False,

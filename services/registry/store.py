@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from datetime import UTC, datetime
@@ -10,15 +11,18 @@ from bson import ObjectId
 from civic.registry.v1 import registry_pb2
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure
 
 from services.common.batching import Coalescer
 from services.common.commands import ensure_command_indexes
+from services.common.errors import FailedPrecondition
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 
 RESIDENT = 1  # PersonStatus.RESIDENT
 RESIDENTS = "_residents"  # where a read puts a household's residents
+BOOK_NUMBER_INDEX = "household_book_number"
 
 
 def new_id(prefix: str) -> str:
@@ -39,13 +43,17 @@ class RegistryStore:
 
     async def ensure_indexes(self) -> None:
         await self.units.create_index([("parent_id", ASCENDING), ("name", ASCENDING)])
+        await self._book_numbers_by_issuing_group()
         await self.households.create_indexes(
             [
                 IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
+                # A household book number is unique in the group that issued it, which a
+                # merge does not change: two merged groups may each have had a "HK-1".
                 IndexModel(
-                    [("unit_id", ASCENDING), ("external_ref", ASCENDING)],
+                    [("ref_unit_id", ASCENDING), ("external_ref", ASCENDING)],
                     unique=True,
                     partialFilterExpression={"external_ref": {"$type": "string"}},
+                    name=BOOK_NUMBER_INDEX,
                 ),
                 IndexModel([("unit_id", ASCENDING), ("last_verified_at", ASCENDING)]),
             ]
@@ -72,6 +80,17 @@ class RegistryStore:
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
 
+    async def _book_numbers_by_issuing_group(self) -> None:
+        """Households written before book numbers were kept per issuing group were unique per
+        current group: that group issued them, unless merged since, which the old index made
+        impossible for a clashing number anyway."""
+        await self.households.update_many(
+            {"external_ref": {"$type": "string"}, "ref_unit_id": {"$exists": False}},
+            [{"$set": {"ref_unit_id": "$unit_id"}}],
+        )
+        with contextlib.suppress(OperationFailure):  # absent: a new store, or already dropped
+            await self.households.drop_index("unit_id_1_external_ref_1")
+
     # ---- units ---------------------------------------------------------------------------
 
     async def unit(self, unit_id: str, session: Session | None = None) -> Document | None:
@@ -95,6 +114,18 @@ class RegistryStore:
         if not include_inactive:
             query["active"] = True
         return await self.units.find(query).sort("name", ASCENDING).to_list()
+
+    async def claim_group(self, unit_id: str, session: Session) -> None:
+        """Writes the group's own document in the session's transaction, so that a merge of the
+        group committing meanwhile conflicts with it: a household is never added to a group
+        that a concurrent merge retires (the merge moves only the households it can see)."""
+        claimed = await self.units.update_one(
+            {"_id": unit_id, "active": True}, {"$inc": {"household_writes": 1}}, session=session
+        )
+        if not claimed.matched_count:
+            unit = await self.unit(unit_id, session)
+            merged_into = unit.get("merged_into_id") if unit else None
+            raise FailedPrecondition(f"group {unit_id} was merged into {merged_into}")
 
     async def move_group(self, source: str, target: str, session: Session) -> list[str]:
         ids = [

@@ -7,8 +7,14 @@ import asyncio
 import grpc
 import pytest
 from civic.registry.v1 import registry_pb2
+from pymongo import AsyncMongoClient
 
 from services.common.auth import Role
+from services.common.config import Settings
+from services.common.mongo import Document
+from services.registry.main import RegistryService
+from services.registry.store import BOOK_NUMBER_INDEX, RegistryStore
+from tests.registry.test_import import chunks, row
 from tests.registry_fixtures import City, create_unit, new_household, rid
 
 
@@ -66,6 +72,127 @@ async def test_merge_moves_households_and_keeps_their_history(city: City) -> Non
     types = [entry.event_type for entry in history.entries]
     assert types[0] == "civic.registry.v1.HouseholdCreated"
     assert "civic.registry.v1.HouseholdMoved" in types
+
+
+def merge(city: City) -> registry_pb2.MergeGroupsRequest:
+    return registry_pb2.MergeGroupsRequest(
+        request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+    )
+
+
+async def test_groups_that_both_issued_a_book_number_merge(city: City) -> None:
+    """Book numbers are unique in the group that issued them: two groups may each have had a
+    "HK-1". They still merge, and an import into the merged group finds its own HK-1."""
+    staying = await new_household(city.leader, city.group, external_ref="HK-1")
+    moving = await new_household(city.other_leader, city.other_group, external_ref="HK-1")
+    merged = await city.ward_officer.MergeGroups(merge(city))
+    assert merged.households_moved == 1
+    got = await city.ward_officer.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=moving.household.household_id)
+    )
+    assert got.household.unit_id == city.group
+    assert got.household.external_ref == "HK-1"
+
+    imported = await city.leader.ImportPersons(
+        chunks([row(1, city.group, "HK-1", "Đỗ Thị Mới", "2001-03-04")], 10)
+    )
+    assert (imported.households_created, imported.persons_created) == (0, 1), imported
+    own = await city.leader.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=staying.household.household_id)
+    )
+    assert "Đỗ Thị Mới" in [member.full_name for member in own.members]
+    # The merged group's book numbers are no longer the import's to name.
+    refused = await city.ward_officer.ImportPersons(
+        chunks([row(1, city.other_group, "HK-1", "Đỗ Văn Cũ", "2001-03-04")], 10)
+    )
+    assert refused.persons_created == 0
+    assert [e.field for e in refused.errors] == ["unit_id"]
+
+
+async def test_a_household_created_while_its_group_merges_is_not_left_behind(
+    city: City, registry: RegistryService
+) -> None:
+    """The merge moves the households it can see; one created in the retired group at the same
+    moment must not be left there."""
+    store = registry.servicer.store
+    insert_household = store.insert_household
+    merged = False
+
+    async def merge_first(household: Document, session: object) -> None:
+        nonlocal merged
+        if not merged:
+            merged = True
+            await city.ward_officer.MergeGroups(merge(city))
+        await insert_household(household, session)  # type: ignore[arg-type]
+
+    store.insert_household = merge_first  # type: ignore[method-assign]
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await new_household(city.other_leader, city.other_group)
+    finally:
+        del store.insert_household
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"merged into {city.group}" in (refused.value.details() or "")
+    assert await registry.db["households"].count_documents({"unit_id": city.other_group}) == 0
+
+    # The importer's batch, checked against the group before its transaction, likewise.
+    importer = registry.servicer.importer
+    group_problem = importer._group_problem
+
+    async def merged_after_the_check(*args: object) -> str:
+        problem = await group_problem(*args)  # type: ignore[arg-type]
+        await city.ward_officer.MergeGroups(
+            registry_pb2.MergeGroupsRequest(
+                request_id=rid(), source_unit_id=city.group, target_unit_id=third
+            )
+        )
+        return problem
+
+    third = await create_unit(city.admin, city.ward, "t19", "Tổ 19", registry_pb2.UNIT_KIND_GROUP)
+    importer._group_problem = merged_after_the_check  # type: ignore[method-assign,assignment]
+    try:
+        late = await city.leader.ImportPersons(
+            chunks([row(1, city.group, "HK-9", "Lý Văn Muộn", "1990-01-01")], 10)
+        )
+    finally:
+        del importer._group_problem
+    assert late.persons_created == 0
+    assert [e.message for e in late.errors] == [f"group {city.group} was merged into {third}"]
+    assert await registry.db["persons"].count_documents({"full_name": "Lý Văn Muộn"}) == 0
+
+
+async def test_a_store_of_book_numbers_per_current_group_is_migrated(
+    settings: Settings, unique: str
+) -> None:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(settings.mongo_uri)
+    db = client[f"{settings.database_prefix}_book_numbers_{unique}"]
+    try:
+        await db["households"].create_index(
+            [("unit_id", 1), ("external_ref", 1)],
+            unique=True,
+            partialFilterExpression={"external_ref": {"$type": "string"}},
+        )
+        await db["households"].insert_many(
+            [
+                {"_id": "hh-1", "unit_id": "dn.a.b.g1", "external_ref": "HK-1"},
+                {"_id": "hh-2", "unit_id": "dn.a.b.g2", "external_ref": "HK-1"},
+                {"_id": "hh-3", "unit_id": "dn.a.b.g2", "external_ref": None},
+            ]
+        )
+        await RegistryStore(db).ensure_indexes()
+        await RegistryStore(db).ensure_indexes()  # again, as every start does
+        by_id = {h["_id"]: h async for h in db["households"].find()}
+        assert by_id["hh-1"]["ref_unit_id"] == "dn.a.b.g1"
+        assert by_id["hh-2"]["ref_unit_id"] == "dn.a.b.g2"
+        assert "ref_unit_id" not in by_id["hh-3"]
+        indexes = await db["households"].index_information()
+        assert "unit_id_1_external_ref_1" not in indexes
+        assert indexes[BOOK_NUMBER_INDEX]["unique"]
+        # Both now live in one group, as after a merge.
+        await db["households"].update_one({"_id": "hh-2"}, {"$set": {"unit_id": "dn.a.b.g1"}})
+    finally:
+        await client.drop_database(db.name)
+        await client.close()
 
 
 async def test_unit_rules(city: City, unique: str) -> None:
