@@ -48,14 +48,17 @@ def _wrap(handler: Any, method: str, around: Around) -> Any:
                 try:
                     while True:
                         left = expires_at - time.time()
+                        # In this task, so the servicer's context (its span) holds across items.
+                        token_lifetime = asyncio.timeout(None if math.isinf(left) else left)
                         try:
-                            item = await asyncio.wait_for(
-                                anext(stream), None if math.isinf(left) else max(left, 0.0)
-                            )
+                            async with token_lifetime:
+                                item = await anext(stream)
                         except StopAsyncIteration:
                             return
                         except TimeoutError:
-                            raise Unauthenticated("token expired") from None
+                            if token_lifetime.expired():
+                                raise Unauthenticated("token expired") from None
+                            raise  # the servicer's own: a fault, not the caller's
                         auth.principal().require_unexpired()
                         yield item
                 finally:

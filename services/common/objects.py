@@ -10,6 +10,7 @@ checked file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import re
@@ -84,12 +85,14 @@ class ObjectStore:
         as that type's do and it is small enough; otherwise it is deleted. The bytes checked are
         kept at `checked(key)` (an image without its metadata: where and when it was taken, the
         device), the key it is known by from then on, and the upload removed; accepting it again
-        (a retry) gives the same answer."""
-        try:
-            data, content_type = await self._io(self._get, key, max_bytes + 1)
-        except NotFound:
+        (a retry) gives the same answer, and a second upload to the same link while it is still
+        valid is dropped: what was checked and accepted stays."""
+        with contextlib.suppress(NotFound):
             size, content_type = await self._io(self._stat, checked(key))
+            with contextlib.suppress(NotFound):
+                await self._io(self._client.remove_object, self.bucket, key)
             return StoredObject(checked(key), size, content_type)
+        data, content_type = await self._io(self._get, key, max_bytes + 1)
         try:
             check_upload(content_type, len(data), max_bytes, signatures)
             if not is_a(content_type, data, signatures):

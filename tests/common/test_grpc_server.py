@@ -3,6 +3,7 @@ codes, and never a stack trace to the client."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,9 +38,22 @@ async def probe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> 
     return request
 
 
+async def probe_stream(
+    request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    yield principal().role.value.encode()
+    if request == b"slow dependency":
+        await asyncio.wait_for(asyncio.sleep(10), 0.01)  # the servicer's own time limit
+    yield request
+
+
 def register(server: grpc.aio.Server) -> None:
     handler = grpc.method_handlers_generic_handler(
-        SERVICE, {"Probe": grpc.unary_unary_rpc_method_handler(probe)}
+        SERVICE,
+        {
+            "Probe": grpc.unary_unary_rpc_method_handler(probe),
+            "ProbeStream": grpc.unary_stream_rpc_method_handler(probe_stream),
+        },
     )
     server.add_generic_rpc_handlers((handler,))
 
@@ -93,6 +107,20 @@ async def test_unexpected_error_reveals_nothing(target: str) -> None:
     details = error.value.details() or ""
     assert details.startswith("internal error (trace ")
     assert "hunter2" not in details and "Traceback" not in details and "RuntimeError" not in details
+
+
+async def test_a_streams_own_time_limit_is_a_fault_not_an_expired_token(target: str) -> None:
+    """The stream ends when the caller's token expires; a servicer's own timeout meanwhile is
+    the server's fault (INTERNAL, logged), not a reason for the caller to sign in again."""
+    async with civic_channel(target, token(Role.WARD_OFFICER, "dn.hc.hc1")) as channel:
+        method: Any = channel.unary_stream(f"/{SERVICE}/ProbeStream")
+        assert [item async for item in method(b"fine")] == [b"ward_officer", b"fine"]
+        received: list[bytes] = []
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for item in method(b"slow dependency"):
+                received.append(item)
+    assert received == [b"ward_officer"]
+    assert error.value.code() == grpc.StatusCode.INTERNAL
 
 
 async def test_credentials_are_required(target: str) -> None:

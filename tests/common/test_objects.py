@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from urllib.parse import urlsplit
 
 import pytest
+from minio import Minio
 
 from infra.local import free_port
 from services.common.config import Settings
 from services.common.errors import Unavailable
-from services.common.objects import ObjectStore
+from services.common.objects import ObjectStore, checked
+from tests.objects import jpeg_bytes, png_bytes, put
 
 
 def test_links_are_signed_for_the_stores_public_address_when_it_has_one() -> None:
@@ -36,3 +40,26 @@ async def test_a_store_that_cannot_be_reached_is_unavailable_within_seconds() ->
     with pytest.raises(Unavailable):
         await away.accept_image("tickets/t/0.png", 1024)
     assert time.monotonic() - started < 10
+
+
+async def test_a_second_upload_to_a_link_still_valid_does_not_replace_what_was_accepted(
+    settings: Settings, bucket: Minio
+) -> None:
+    store = ObjectStore(settings, "civic-statements")
+    key = f"receipts/fd-x/{uuid.uuid4().hex}.png"
+    url = store.upload_url(key)
+    await put(url, png_bytes(), "image/png")
+    accepted = await store.accept_image(key, 1_000_000)
+
+    def read(name: str) -> bytes:
+        return bytes(bucket.get_object("civic-statements", name).read())
+
+    kept = await asyncio.to_thread(read, accepted.key)
+    await put(url, jpeg_bytes(), "image/jpeg")  # the link is valid for minutes more
+    again = await store.accept_image(key, 1_000_000)
+    assert again == accepted
+    assert await asyncio.to_thread(read, checked(key)) == kept
+    names = await asyncio.to_thread(
+        lambda: [o.object_name for o in bucket.list_objects("civic-statements", recursive=True)]
+    )
+    assert key not in names  # the second upload is not left lying about
