@@ -34,7 +34,15 @@ from services.registry.store import RESIDENT, RegistryStore, new_id
 Context = grpc.aio.ServicerContext[Any, Any]
 PERSON_DECEASED = registry_pb2.PERSON_STATUS_DECEASED
 PERSON_MOVED_OUT = registry_pb2.PERSON_STATUS_MOVED_OUT
-HOUSEHOLD_FIELDS = ("address", "housing", "residence_kind", "location", "head_person_id", "poor")
+HOUSEHOLD_FIELDS = (
+    "address",
+    "housing",
+    "residence_kind",
+    "location",
+    "head_person_id",
+    "poor",
+    "marked_absent",
+)
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
@@ -95,8 +103,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise FailedPrecondition(f"person {person_id} is {state.lower().replace('_', ' ')}")
         return person
 
-    async def _check_unique_cid(self, person: Document, session: Session) -> None:
-        if person.get("cid_hash") and await self.store.person_by_cid(person["cid_hash"], session):
+    async def _register(self, person: Document, session: Session) -> None:
+        """Writes a newly registered person. A citizen ID is one person for life: someone who
+        moved away and comes back (to any household) is the same person again, with the same
+        id and what they state now, not a second record."""
+        known = (
+            await self.store.person_by_cid(person["cid_hash"], session)
+            if person.get("cid_hash")
+            else None
+        )
+        if known is None:
+            await self.store.insert_person(person, session)
+        elif known["status"] == PERSON_MOVED_OUT:
+            person["_id"] = known["_id"]
+            await self.store.replace_person(person, session)
+        elif known["status"] == PERSON_DECEASED:
+            raise FailedPrecondition("this citizen_id belongs to a person registered as deceased")
+        else:
             raise AlreadyExists("a person with this citizen_id is already registered")
 
     def _log_reads(
@@ -309,9 +332,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         ) -> tuple[registry_pb2.CreateHouseholdResponse, list[Document]]:
             await self._group(request.unit_id, "unit_id", session)
             await self.store.claim_group(request.unit_id, session)
-            await self._check_unique_cid(head, session)
+            await self._register(head, session)
+            household["head_person_id"] = head["_id"]  # the same person again, if they return
             await self.store.insert_household(household, session)
-            await self.store.insert_person(head, session)
             staged = [
                 events.household_created(self.outbox, household),
                 events.person_registered(
@@ -352,6 +375,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             changes["location"] = point_document("location", request.location)
         if "poor" in fields:
             changes["poor"] = request.poor
+        if "marked_absent" in fields:
+            # The group leader found nobody living there; a verification on the ground clears it.
+            changes["marked_absent"] = request.marked_absent
 
         async def work(
             session: Session,
@@ -510,8 +536,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     "the household already has a head; change it with UpdateHousehold"
                 )
             person.update(extra or {})
-            await self._check_unique_cid(person, session)
-            await self.store.insert_person(person, session)
+            await self._register(person, session)
             await self.store.touch_household(household["_id"], self.clock(), session)
             staged = [events.person_registered(self.outbox, person, reason)]
             if heads:  # a household whose head died or left has one again

@@ -222,6 +222,9 @@ class RegistryStore:
     async def insert_person(self, person: Document, session: Session) -> None:
         await self.persons.insert_one(person, session=session)
 
+    async def replace_person(self, person: Document, session: Session) -> None:
+        await self.persons.replace_one({"_id": person["_id"]}, person, session=session)
+
     async def update_person(self, person_id: str, fields: Document, session: Session) -> Document:
         updated = await self.persons.find_one_and_update(
             {"_id": person_id}, {"$set": fields}, session=session, return_document=True

@@ -98,6 +98,87 @@ async def test_death_and_moves(city: City) -> None:
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_a_person_who_moved_away_and_comes_back_is_the_same_person(city: City) -> None:
+    """A citizen ID is one person for life: back from another city, to any household (or as
+    the head of a new one), they are registered again under the same id, as they state now. The
+    dead cannot be registered again, nor the living twice."""
+    home = await new_household(city.leader, city.group)
+    cid = citizen_id("1990-05-17", registry_pb2.SEX_FEMALE)
+    first = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(),
+            household_id=home.household.household_id,
+            person=person("Võ Thị Về", citizen_id=cid),
+        )
+    )
+    person_id = first.person.person_id
+    await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=person_id, destination="TP HCM")
+    )
+    elsewhere = await new_household(city.other_leader, city.other_group, head_name="Phạm Văn Bình")
+    back = await city.other_leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(),
+            household_id=elsewhere.household.household_id,
+            person=person(
+                "Võ Thị Về", citizen_id=cid, relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE
+            ),
+        )
+    )
+    assert back.person.person_id == person_id
+    assert back.person.status == registry_pb2.PERSON_STATUS_RESIDENT
+    assert back.person.household_id == elsewhere.household.household_id
+    assert back.person.unit_id == city.other_group
+    members = await city.other_leader.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=elsewhere.household.household_id)
+    )
+    assert person_id in [m.person_id for m in members.members]
+    counts = await city.ward_officer.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.ward))
+    population = {c.unit_id: c.population for c in counts.children}
+    assert (population[city.group], population[city.other_group]) == (1, 2)
+
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await city.leader.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                request_id=rid(),
+                household_id=home.household.household_id,
+                person=person("Võ Thị Về", citizen_id=cid),
+            )
+        )
+    assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    # Gone again, and back as the head of a household of her own.
+    await city.other_leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=person_id, destination="Huế")
+    )
+    own = await city.leader.CreateHousehold(
+        registry_pb2.CreateHouseholdRequest(
+            request_id=rid(),
+            unit_id=city.group,
+            address="3 Kiệt 7 Lê Lợi",
+            residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
+            head=person("Võ Thị Về", citizen_id=cid, relationship=registry_pb2.RELATIONSHIP_HEAD),
+        )
+    )
+    assert own.head.person_id == own.household.head_person_id == person_id
+
+    await city.leader.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=rid(), person_id=person_id, death_date=date.today().isoformat()
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as dead:
+        await city.leader.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                request_id=rid(),
+                household_id=home.household.household_id,
+                person=person("Võ Thị Về", citizen_id=cid),
+            )
+        )
+    assert dead.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "deceased" in (dead.value.details() or "")
+
+
 async def test_search_without_diacritics_and_by_age_and_sex(city: City) -> None:
     home = await new_household(city.leader, city.group)
     hid = home.household.household_id

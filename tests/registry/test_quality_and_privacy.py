@@ -106,6 +106,36 @@ async def test_virtual_residents_are_flagged(city: City, clock: Clock) -> None:
     }
 
 
+async def test_a_household_the_leader_found_empty_flags_its_residents(city: City) -> None:
+    home = await new_household(city.leader, city.group, head_name="Lâm Văn Khóa")
+    household_id = home.household.household_id
+
+    async def reasons() -> dict[str, set[int]]:
+        found = await city.leader.ListSuspectedVirtualResidents(
+            registry_pb2.ListSuspectedVirtualResidentsRequest(unit_id=city.group)
+        )
+        return {r.person.person_id: set(r.reasons) for r in found.residents}
+
+    assert await reasons() == {}
+    marked = await city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=household_id,
+            update_fields=["marked_absent"],
+            marked_absent=True,
+        )
+    )
+    assert marked.household.marked_absent
+    assert await reasons() == {
+        home.head.person_id: {registry_pb2.VIRTUAL_RESIDENT_REASON_HOUSEHOLD_MARKED_ABSENT}
+    }
+    # Someone was found living there after all.
+    await city.leader.VerifyHousehold(
+        registry_pb2.VerifyHouseholdRequest(request_id=rid(), household_id=household_id)
+    )
+    assert await reasons() == {}
+
+
 async def test_reads_by_officials_are_logged_for_the_household(city: City) -> None:
     home = await new_household(city.leader, city.group)
     hid = home.household.household_id
