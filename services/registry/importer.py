@@ -1,8 +1,9 @@
 """Bulk onboarding of a ward: rows of persons with their households, applied in batches.
 
-A bad row is reported and skipped, never stops the import. Households are matched by unit and
-household book number, persons by citizen ID (or, without one, by name and birth date in their
-household), so running the same file twice changes nothing the second time.
+A bad row is reported and skipped, never stops the import. Households are matched by the group
+that issued their household book number and that number, persons by citizen ID (or, without one,
+by the row that imported them, or by name and birth date in their household), so running the
+same file twice changes nothing the second time, even for people who moved house in between.
 """
 
 from __future__ import annotations
@@ -156,12 +157,26 @@ class Importer:
             except InvalidArgument as error:
                 report.error(row.row_number, error.field, error.problem)
                 continue
+            if not person["cid_hash"]:
+                person["import_key"] = import_key(row, person)
             candidates.append((row.row_number, person))
         known_cids = {
             p["cid_hash"]: p
             async for p in self.store.persons.find(
                 {"cid_hash": {"$in": [p["cid_hash"] for _, p in candidates if p["cid_hash"]]}},
                 {"household_id": 1, "name_folded": 1, "cid_hash": 1},
+            )
+        }
+        # Someone without a citizen ID whom this file brought in before, wherever they live now.
+        imported_before = {
+            p["import_key"]
+            async for p in self.store.persons.find(
+                {
+                    "import_key": {
+                        "$in": [p["import_key"] for _, p in candidates if "import_key" in p]
+                    }
+                },
+                {"import_key": 1},
             )
         }
         # Whoever the household has had, living there or not: a second run of a file must not
@@ -183,14 +198,17 @@ class Importer:
             same = known_cids.get(cid_hash) if cid_hash else None
             name_key = (person["household_id"], person["name_folded"], person["birth_date"])
             if same is not None:
-                if (same["household_id"], same["name_folded"]) == name_key[:2]:
+                # The same person, though they may have moved since the file was written.
+                if same["name_folded"] == person["name_folded"]:
                     report.persons_unchanged += 1
                 else:
                     report.error(
                         row_number, "person.citizen_id", "is already registered to another person"
                     )
                 continue
-            if not cid_hash and name_key in known_names:
+            if not cid_hash and (
+                name_key in known_names or person["import_key"] in imported_before
+            ):
                 report.persons_unchanged += 1
                 continue
             if person["relationship"] == registry_pb2.RELATIONSHIP_HEAD:
@@ -207,6 +225,8 @@ class Importer:
                     headed.append(household)
             if cid_hash:
                 known_cids[cid_hash] = person
+            else:
+                imported_before.add(person["import_key"])
             known_names.add(name_key)
             new_persons.append(person)
             new_rows.append(row_number)
@@ -282,6 +302,15 @@ class Importer:
             "last_activity_at": now,
             "created_at": now,
         }
+
+
+def import_key(row: registry_pb2.ImportRow, person: Document) -> str:
+    """What names a person without a citizen ID in an import file: the household book number in
+    its issuing group, the name and the birth date. Kept on the person, so that running the file
+    again finds them even after they moved."""
+    return "|".join(
+        (row.unit_id, row.household_ref.strip(), person["name_folded"], person["birth_date"])
+    )
 
 
 def _duplicate_keys_only(error: DuplicateKeyError | BulkWriteError) -> bool:

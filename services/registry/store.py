@@ -71,6 +71,9 @@ class RegistryStore:
                 ),
                 IndexModel([("unit_id", ASCENDING), ("name_folded", ASCENDING)]),
                 IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
+                IndexModel(
+                    "import_key", partialFilterExpression={"import_key": {"$type": "string"}}
+                ),
             ]
         )
         await self.access_log.create_index([("household_id", ASCENDING), ("_id", DESCENDING)])

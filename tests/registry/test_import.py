@@ -9,7 +9,7 @@ from datetime import date, timedelta
 from civic.registry.v1 import registry_pb2
 
 from services.registry.main import RegistryService
-from tests.registry_fixtures import City, citizen_id, person
+from tests.registry_fixtures import City, citizen_id, person, rid
 
 
 def row(
@@ -103,3 +103,53 @@ async def test_two_imports_of_one_file_at_once_register_each_person_once(
     # Run again, as the conflicts ask: nothing new, nothing refused.
     again = await city.leader.ImportPersons(chunks(rows, 50))
     assert (again.persons_created, again.persons_unchanged, len(again.errors)) == (0, len(rows), 0)
+
+
+async def test_a_second_run_leaves_alone_who_moved_since_the_first(
+    city: City, registry: RegistryService
+) -> None:
+    """Running a file again changes nothing, even for people who moved house since: someone
+    without a citizen ID is known by the row that brought them in, someone with one by it."""
+    born_head = "1970-01-01"
+    rows = [
+        row(
+            1,
+            city.group,
+            "HK-7",
+            "Trần Văn Một",
+            born_head,
+            sex=registry_pb2.SEX_MALE,
+            relationship=registry_pb2.RELATIONSHIP_HEAD,
+            citizen_id=citizen_id(born_head, registry_pb2.SEX_MALE),
+        ),
+        row(2, city.group, "HK-7", "Lê Thị Hai", "1972-02-02"),
+    ]
+    first = await city.leader.ImportPersons(chunks(rows, 10))
+    assert first.persons_created == 2
+    other = await city.leader.ImportPersons(
+        chunks([row(1, city.group, "HK-8", "Phạm Văn Ba", "1980-03-03")], 10)
+    )
+    assert other.persons_created == 1
+    new_home = await registry.db["households"].find_one(
+        {"ref_unit_id": city.group, "external_ref": "HK-8"}
+    )
+    assert new_home is not None
+    for name in ("Lê Thị Hai", "Trần Văn Một"):
+        mover = await registry.db["persons"].find_one({"unit_id": city.group, "full_name": name})
+        assert mover is not None
+        await city.leader.MovePerson(
+            registry_pb2.MovePersonRequest(
+                request_id=rid(),
+                person_id=mover["_id"],
+                to_household_id=new_home["_id"],
+                relationship=registry_pb2.RELATIONSHIP_OTHER_RELATIVE,
+            )
+        )
+
+    again = await city.leader.ImportPersons(chunks(rows, 10))
+    assert (again.persons_created, again.persons_unchanged, list(again.errors)) == (0, 2, [])
+    for name in ("Lê Thị Hai", "Trần Văn Một"):
+        assert (
+            await registry.db["persons"].count_documents({"full_name": name, "unit_id": city.group})
+            == 1
+        )
