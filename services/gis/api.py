@@ -7,7 +7,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import grpc
@@ -31,7 +31,7 @@ from services.common.objects import ObjectStore
 from services.common.outbox import Outbox
 from services.common.paging import page_size
 from services.common.telemetry import current_trace_headers
-from services.common.wire import point_message
+from services.common.wire import local_date, point_message
 from services.gis import domain, geometry, render, routing
 from services.gis.domain import IMPORTABLE, PUBLIC_LAYERS, Layer
 from services.gis.events import features_changed
@@ -136,6 +136,11 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         self.clock = clock
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def today(self) -> date:
+        """Ages are counted on Vietnam's calendar, as the registry counts them: until 07:00
+        there the UTC date is still yesterday's."""
+        return local_date(self.clock())
 
     async def _known_unit(self, unit_id: str, field: str = "unit_id") -> Document:
         if not unit_id:
@@ -492,7 +497,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         items, token = await self.store.page(query, request.page.page_token, size)
         credentials = _credentials(context)
         limit = asyncio.Semaphore(REGISTRY_CONCURRENCY)
-        today = self.clock().date()
+        today = self.today()
 
         async def entry(doc: Document) -> gis_pb2.HouseholdInArea:
             household_id = doc["properties"]["household_id"]
@@ -526,7 +531,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         caller = principal()
         await self._known_unit(request.unit_id)
         domain.may_count(caller, request.unit_id)
-        born_by = domain.born_on_or_before_age(domain.ELDERLY_AGE, self.clock().date())
+        born_by = domain.born_on_or_before_age(domain.ELDERLY_AGE, self.today())
         found = await self.store.counts(request.unit_id, born_by)
         groups = sorted(
             {doc["_id"] for doc in await self.store.groups_in(request.unit_id)} | set(found)

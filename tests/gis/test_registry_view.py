@@ -1,9 +1,11 @@
 """Household points kept current from the registry's events; evacuation lists inside a drawn
-polygon with names from the registry under the caller's own scope; counts per group."""
+polygon with names from the registry under the caller's own scope; counts per group, with ages
+on Vietnam's calendar."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import grpc
@@ -13,6 +15,9 @@ from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
 from services.common.cloudevents import type_name
+from services.common.wire import local_date
+from services.gis.domain import ELDERLY_AGE, born_on_or_before_age
+from tests.conftest import Clock
 from tests.gis.conftest import Ward, rid
 from tests.gis.test_imports import refused
 from tests.kafka_reader import TopicReader, eventually, of_type, with_key
@@ -195,3 +200,52 @@ async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
     await refused(
         grpc.StatusCode.INVALID_ARGUMENT, ward.officer.CountByGroup(gis_pb2.CountByGroupRequest())
     )
+
+
+def before_dawn_in_vietnam(clock: Clock) -> date:
+    """Moves the clock to 01:30 in Vietnam (18:30 UTC), when the UTC date is still the day
+    before; returns Vietnam's date, never a 29 February (which a birthday may lack)."""
+    now = clock()
+    moment = datetime.combine(now.date() + timedelta(days=1), time(18, 30), UTC)
+    if local_date(moment).strftime("%m-%d") == "02-29":
+        moment += timedelta(days=1)
+    clock.advance(seconds=(moment - now).total_seconds())
+    today = local_date(clock())
+    assert today != clock().date()
+    return today
+
+
+async def group_count(ward: Ward, group: str, population: int) -> gis_pb2.GroupCount:
+    """The group's count, once its population is as given."""
+
+    async def counted() -> gis_pb2.GroupCount | None:
+        response = await ward.officer.CountByGroup(
+            gis_pb2.CountByGroupRequest(unit_id=ward.city.ward)
+        )
+        found = {c.unit_id: c for c in response.counts}.get(group)
+        return found if found is not None and found.population == population else None
+
+    found = await eventually(counted, what=f"{population} counted in {group}")
+    assert found is not None
+    return found
+
+
+async def test_someone_turning_60_today_in_vietnam_is_elderly_there_before_dawn(
+    ward: Ward, clock: Clock
+) -> None:
+    born = born_on_or_before_age(ELDERLY_AGE, before_dawn_in_vietnam(clock))
+    city = ward.city
+    await new_household(city.leader, city.group, "Lê Văn Sáu", born, location=ward.point(-50, 20))
+    found = await group_count(ward, city.group, 1)
+    assert found.elderly == 1, f"born {born}"
+
+
+async def test_an_evacuation_list_gives_ages_on_vietnams_calendar(ward: Ward, clock: Clock) -> None:
+    born = born_on_or_before_age(ELDERLY_AGE, before_dawn_in_vietnam(clock))
+    city = ward.city
+    home = await new_household(
+        city.leader, city.group, "Lê Văn Sáu", born, location=ward.point(-50, 20)
+    )
+    await located(ward, home.household.household_id, ward.at(-50, 20))
+    listed = await evacuation(ward.officer, ward.box(-100, -50, 100, 50))
+    assert [r.age for h in listed for r in h.residents] == [ELDERLY_AGE], f"born {born}"
