@@ -1,6 +1,7 @@
 """The GIS service's events, and its view of the registry kept from civic.registry.v1: units,
 household points (a new or moved household appears on the map without anyone redrawing it) and
-the persons' facts that counts need (birth date, residence kind; never names)."""
+the persons' facts that counts need (birth date, residence kind, whether on a temporary stay;
+never names)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 from civic.gis.v1 import events_pb2
 from civic.registry.v1 import events_pb2 as registry_events
+from civic.registry.v1 import registry_pb2
 from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, ReplaceOne, UpdateMany, UpdateOne
@@ -23,6 +25,19 @@ from services.gis.store import GisStore
 
 TOPIC = "civic.gis.v1"
 REGISTRY_TOPIC = "civic.registry.v1"
+# The persons who live as their household does, as the registry has it: all but those on a
+# temporary stay, who keep their own kind wherever they stay. A person projected before `stay`
+# was kept is taken to be on a stay if a temporary resident: every stay is one, and only the
+# members of a household of temporary residents are too.
+FOLLOWS_HOUSEHOLD: Document = {
+    "$or": [
+        {"stay": False},
+        {
+            "stay": {"$exists": False},
+            "residence_kind": {"$ne": registry_pb2.RESIDENCE_KIND_TEMPORARY},
+        },
+    ]
+}
 
 
 def features_changed(
@@ -157,12 +172,18 @@ class _Batch:
                 if previous is not None and previous["unit_id"] != m.to_unit_id:
                     self._put(previous | {"source_unit": m.to_unit_id}, m.to_unit_id)
             case registry_events.PersonRegistered():
+                # Unless on a stay, they live as their household does: as the map has it when
+                # it has the household (its update may have arrived first, on another
+                # partition), else as the event says.
+                stay = bool(m.stay_end)
+                kind = None if stay else self._kind_of(m.household_id)
                 person = {
                     "_id": m.person_id,
                     "household_id": m.household_id,
                     "unit_id": self._unit_of(m.household_id, m.unit_id),
                     "birth_date": m.birth_date,
-                    "residence_kind": int(m.residence_kind),
+                    "residence_kind": int(m.residence_kind) if kind is None else kind,
+                    "stay": stay,
                     "active": True,
                 }
                 self.persons.append(ReplaceOne({"_id": m.person_id}, person, upsert=True))
@@ -170,6 +191,11 @@ class _Batch:
                 unit_id = self._unit_of(m.to_household_id, m.to_unit_id)
                 moved = {"household_id": m.to_household_id, "unit_id": unit_id}
                 self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": moved}))
+                # Unless on a stay, the mover lives as the household they joined: as the map has
+                # it, or, while it has not got it, as its first event will say.
+                kind = self._kind_of(m.to_household_id)
+                if kind is not None:
+                    self._live_as({"_id": m.person_id}, kind)
             case registry_events.PersonMovedOut() | registry_events.PersonDied():
                 self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": {"active": False}}))
 
@@ -179,6 +205,16 @@ class _Batch:
         says."""
         point = self.points.get(household_feature_id(household_id))
         return str(point["unit_id"]) if point is not None else said
+
+    def _kind_of(self, household_id: str) -> int | None:
+        """The household's residence kind as the map has it, if it has the household."""
+        point = self.points.get(household_feature_id(household_id))
+        return None if point is None else int(point["properties"]["residence_kind"])
+
+    def _live_as(self, query: Document, kind: int) -> None:
+        """Those `query` finds who are not on a temporary stay live as `kind` says."""
+        update = {"$set": {"residence_kind": kind}}
+        self.persons.append(UpdateMany(query | FOLLOWS_HOUSEHOLD, update))
 
     def _household(self, m: Any) -> None:
         feature_id = household_feature_id(m.household_id)
@@ -196,6 +232,13 @@ class _Batch:
         if m.HasField("location"):
             doc["geometry"] = point_document("location", m.location)
         previous = self.points[feature_id]
+        # The registry sets the members' kind with the household's. Those registered or moved
+        # in before the map had the household took the events' word: its first event sets them.
+        kind_set = isinstance(m, registry_events.HouseholdUpdated) and (
+            "residence_kind" in m.updated_fields
+        )
+        if previous is None or kind_set:
+            self._live_as({"household_id": m.household_id}, int(m.residence_kind))
         if previous is None or previous.get("hash") != content_hash(doc):
             self._put(doc, m.unit_id)
 

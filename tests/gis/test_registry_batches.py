@@ -1,9 +1,12 @@
 """The registry view applies a partition's events as one batch with the same outcome as one
 event at a time: households created, updated, moved and merged within the batch, persons who
-move and die, and the map changes announced, which leave every unit with the same points."""
+move and die, and the map changes announced, which leave every unit with the same points.
+Persons live as their household does, unless on a temporary stay, whatever order a household's
+and its persons' events (on different partitions) arrive in."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from civic.common.v1 import types_pb2
@@ -22,6 +25,9 @@ from services.gis.store import GisStore
 from tests.batches import deliveries, handle, scratch_databases
 
 WARD, WEST, EAST = "dn.hc.w1", "dn.hc.w1.g1", "dn.hc.w1.g2"
+PERMANENT = registry_pb2.RESIDENCE_KIND_PERMANENT
+TEMPORARY = registry_pb2.RESIDENCE_KIND_TEMPORARY
+RENTER = registry_pb2.RESIDENCE_KIND_RENTER
 
 
 def unit(unit_id: str, name: str) -> registry_events.UnitCreated:
@@ -33,27 +39,49 @@ def unit(unit_id: str, name: str) -> registry_events.UnitCreated:
 
 
 def household(
-    household_id: str, unit_id: str, east_m: float, updated: bool = False
+    household_id: str,
+    unit_id: str,
+    east_m: float,
+    updated: str = "",
+    kind: registry_pb2.ResidenceKind.ValueType = PERMANENT,
 ) -> registry_events.HouseholdCreated | registry_events.HouseholdUpdated:
+    """The household's creation, or its update of the field `updated`."""
     fields: dict[str, Any] = {
         "household_id": household_id,
         "unit_id": unit_id,
         "address": f"{household_id} Trần Phú",
-        "residence_kind": registry_pb2.RESIDENCE_KIND_PERMANENT,
+        "residence_kind": kind,
         "location": types_pb2.GeoPoint(latitude=16.06, longitude=108.22 + east_m / 100_000),
     }
     if updated:
-        return registry_events.HouseholdUpdated(updated_fields=["location"], **fields)
+        return registry_events.HouseholdUpdated(updated_fields=[updated], **fields)
     return registry_events.HouseholdCreated(**fields)
 
 
-def registered(person_id: str, household_id: str, unit_id: str) -> Message:
+def registered(
+    person_id: str,
+    household_id: str,
+    unit_id: str,
+    kind: registry_pb2.ResidenceKind.ValueType = PERMANENT,
+    stay_end: str = "",
+) -> Message:
     return registry_events.PersonRegistered(
         person_id=person_id,
         household_id=household_id,
         unit_id=unit_id,
         birth_date="1950-01-01",
-        residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
+        residence_kind=kind,
+        stay_end=stay_end,
+    )
+
+
+def moved(person_id: str, from_household_id: str, to_household_id: str) -> Message:
+    return registry_events.PersonMoved(
+        person_id=person_id,
+        from_household_id=from_household_id,
+        to_household_id=to_household_id,
+        from_unit_id=WEST,
+        to_unit_id=WEST,
     )
 
 
@@ -71,8 +99,8 @@ BURST = [
     registered("p1", "h1", WEST),
     registered("p2", "h1", WEST),
     registered("p3", "h2", WEST),
-    household("h1", WEST, 15, updated=True),
-    household("h1", WEST, 15, updated=True),  # nothing new: no change
+    household("h1", WEST, 15, updated="location"),
+    household("h1", WEST, 15, updated="location"),  # nothing new: no change
     registry_events.HouseholdMoved(household_id="h2", from_unit_id=WEST, to_unit_id=EAST),
     registry_events.PersonMoved(
         person_id="p2",
@@ -165,3 +193,70 @@ async def test_a_person_registered_before_their_households_move_is_counted_where
             counts = await store.counts(WARD, "9999-12-31")
             assert counts[EAST].get("population") == 1, order
             assert counts.get(WEST, {}).get("population", 0) == 0, order
+
+
+async def kinds_after(
+    settings: Settings, orders: Sequence[Sequence[Message]], before: list[Document] | None = None
+) -> list[dict[str, int]]:
+    """Each person's residence kind in the view after each order of the events, one event at a
+    time, with the persons `before` already in it."""
+    async with scratch_databases(settings, len(orders)) as dbs:
+        found = []
+        for order, db in zip(orders, dbs, strict=True):
+            if before:
+                await db["persons"].insert_many([dict(p) for p in before])
+            projection = RegistryProjection(GisStore(db), Outbox(db, source="gis", topic=TOPIC))
+            for message in [unit(WEST, "Tổ 1"), *order]:
+                await handle(db, projection.apply, deliveries([message]))
+            found.append({p["_id"]: p["residence_kind"] async for p in db["persons"].find()})
+        return found
+
+
+async def test_members_take_their_households_new_kind_but_a_temporary_stay_keeps_its_own(
+    settings: Settings,
+) -> None:
+    """The household starts renting after both registrations; the view may get the update
+    before them, or them before the household itself."""
+    created = household("h1", WEST, 0)
+    renting = household("h1", WEST, 0, updated="residence_kind", kind=RENTER)
+    member = registered("p1", "h1", WEST)
+    stay = registered("s1", "h1", WEST, TEMPORARY, stay_end="2027-01-01")
+    orders = [
+        [created, member, stay, renting],
+        [created, renting, member, stay],
+        [created, member, renting, stay],
+        [member, stay, created, renting],
+    ]
+    for order, kinds in zip(orders, await kinds_after(settings, orders), strict=True):
+        assert kinds == {"p1": RENTER, "s1": TEMPORARY}, order
+
+
+async def test_a_mover_takes_the_kind_of_the_household_they_join_unless_on_a_stay(
+    settings: Settings,
+) -> None:
+    """Whether the view has the household they join when they move, or gets it after."""
+    home = household("h1", WEST, 0)
+    rented = household("h2", WEST, 10, kind=RENTER)
+    people = [
+        registered("p1", "h1", WEST),
+        registered("s1", "h1", WEST, TEMPORARY, stay_end="2027-01-01"),
+        moved("p1", "h1", "h2"),
+        moved("s1", "h1", "h2"),
+    ]
+    orders = [[home, rented, *people], [home, *people, rented]]
+    for order, kinds in zip(orders, await kinds_after(settings, orders), strict=True):
+        assert kinds == {"p1": RENTER, "s1": TEMPORARY}, order
+
+
+async def test_persons_projected_before_stays_were_kept_follow_their_household_unless_temporary(
+    settings: Settings,
+) -> None:
+    """Their documents do not say who is on a stay: every stay is a temporary resident."""
+    before = [
+        {"_id": "p1", "household_id": "h1", "unit_id": WEST, "residence_kind": PERMANENT},
+        {"_id": "s1", "household_id": "h1", "unit_id": WEST, "residence_kind": TEMPORARY},
+    ]
+    renting = household("h1", WEST, 0, updated="residence_kind", kind=RENTER)
+    orders = [[household("h1", WEST, 0), renting]]
+    [kinds] = await kinds_after(settings, orders, before)
+    assert kinds == {"p1": RENTER, "s1": TEMPORARY}

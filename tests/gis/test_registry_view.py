@@ -1,6 +1,6 @@
 """Household points kept current from the registry's events; evacuation lists inside a drawn
 polygon with names from the registry under the caller's own scope; counts per group, with ages
-on Vietnam's calendar."""
+on Vietnam's calendar and renters as the registry's changes of residence kind leave them."""
 
 from __future__ import annotations
 
@@ -153,20 +153,27 @@ async def test_an_evacuation_list_respects_scope_and_privacy(ward: Ward) -> None
     assert details.startswith("ring")
 
 
-async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
-    city = ward.city
-    elder = await new_household(
-        city.leader, city.group, "Lê Văn Tám", "1940-03-03", location=ward.point(-50, 20)
-    )
-    await city.leader.RegisterTemporaryStay(
+async def stay(leader: Any, household_id: str) -> registry_pb2.Person:
+    """A temporary resident registered in the household."""
+    response = await leader.RegisterTemporaryStay(
         registry_pb2.RegisterTemporaryStayRequest(
             request_id=rid(),
-            household_id=elder.household.household_id,
+            household_id=household_id,
             person=person("Võ Văn Thuê", "2001-02-02"),
             stay_start="2026-01-01",
             stay_end="2027-01-01",
         )
     )
+    registered: registry_pb2.Person = response.person
+    return registered
+
+
+async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
+    city = ward.city
+    elder = await new_household(
+        city.leader, city.group, "Lê Văn Tám", "1940-03-03", location=ward.point(-50, 20)
+    )
+    await stay(city.leader, elder.household.household_id)
     await new_household(city.other_leader, city.other_group, location=ward.point(60, -20))
 
     async def counted() -> dict[str, gis_pb2.GroupCount] | None:
@@ -249,3 +256,85 @@ async def test_an_evacuation_list_gives_ages_on_vietnams_calendar(ward: Ward, cl
     await located(ward, home.household.household_id, ward.at(-50, 20))
     listed = await evacuation(ward.officer, ward.box(-100, -50, 100, 50))
     assert [r.age for h in listed for r in h.residents] == [ELDERLY_AGE], f"born {born}"
+
+
+async def set_kind(
+    ward: Ward, household_id: str, kind: registry_pb2.ResidenceKind.ValueType
+) -> None:
+    """The registry changes the household's residence kind; returns once the map has it."""
+    await ward.city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=household_id,
+            update_fields=["residence_kind"],
+            residence_kind=kind,
+        )
+    )
+
+    async def on_the_map() -> bool:
+        # The household's persons are written with its point, in one transaction.
+        point = await ward.service.store.household(household_id)
+        return point is not None and point["properties"]["residence_kind"] == kind
+
+    await eventually(on_the_map, what=f"household {household_id} of kind {kind} on the map")
+
+
+async def test_renters_follow_their_household_to_renting_and_back_but_a_stay_keeps_its_kind(
+    ward: Ward,
+) -> None:
+    city = ward.city
+    home = await new_household(city.leader, city.group, location=ward.point(-50, 20))
+    household_id = home.household.household_id
+    await stay(city.leader, household_id)
+    assert (await group_count(ward, city.group, 2)).renters == 1  # the temporary resident
+
+    await set_kind(ward, household_id, registry_pb2.RESIDENCE_KIND_RENTER)
+    registry = await city.leader.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.group))
+    assert registry.total.renters == 2
+    assert (await group_count(ward, city.group, 2)).renters == 2
+
+    # Back to permanent: the head is no longer a renter, the temporary resident still is one.
+    await set_kind(ward, household_id, registry_pb2.RESIDENCE_KIND_PERMANENT)
+    registry = await city.leader.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.group))
+    assert (registry.total.renters, registry.total.temporary_residents) == (0, 1)
+    assert (await group_count(ward, city.group, 2)).renters == 1
+
+
+async def test_a_person_moving_into_a_renting_household_is_counted_a_renter(ward: Ward) -> None:
+    city = ward.city
+    home = await new_household(city.leader, city.group, location=ward.point(-50, 20))
+    member = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=home.household.household_id, person=person()
+        )
+    )
+    rented = await new_household(
+        city.other_leader,
+        city.other_group,
+        "Phạm Văn Bình",
+        location=ward.point(60, -20),
+        residence_kind=registry_pb2.RESIDENCE_KIND_RENTER,
+    )
+    assert (await group_count(ward, city.group, 2)).renters == 0
+    await city.ward_officer.MovePerson(
+        registry_pb2.MovePersonRequest(
+            request_id=rid(),
+            person_id=member.person.person_id,
+            to_household_id=rented.household.household_id,
+            relationship=registry_pb2.RELATIONSHIP_SPOUSE,
+        )
+    )
+    assert (await group_count(ward, city.other_group, 2)).renters == 2
+
+    # Someone on a temporary stay moving into a permanent household stays a temporary resident.
+    lodger = await stay(city.other_leader, rented.household.household_id)
+    await group_count(ward, city.other_group, 3)
+    await city.ward_officer.MovePerson(
+        registry_pb2.MovePersonRequest(
+            request_id=rid(),
+            person_id=lodger.person_id,
+            to_household_id=home.household.household_id,
+            relationship=registry_pb2.RELATIONSHIP_OTHER_RELATIVE,
+        )
+    )
+    assert (await group_count(ward, city.group, 2)).renters == 1
