@@ -21,6 +21,7 @@ from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 
 RESIDENT = 1  # PersonStatus.RESIDENT
+TEMPORARY = registry_pb2.RESIDENCE_KIND_TEMPORARY
 RESIDENTS = "_residents"  # where a read puts a household's residents
 BOOK_NUMBER_INDEX = "household_book_number"
 
@@ -278,35 +279,40 @@ class RegistryStore:
     # ---- counts and data quality ---------------------------------------------------------
 
     async def counts_by_group(self, unit_id: str) -> dict[str, Counter[str]]:
-        """Per group-level unit: population, households, renters, temporary residents."""
+        """Per group-level unit: population, households, renters, temporary residents. A
+        household counts while someone lives in it: one whose people all died or left is an
+        address, not a household of the census."""
         counts: dict[str, Counter[str]] = {}
-        people = await self.persons.aggregate(
+        temporary = {"$cond": [{"$eq": ["$residence_kind", TEMPORARY]}, 1, 0]}
+        rows = await self.persons.aggregate(
             [
                 {"$match": {"unit_id": in_unit(unit_id), "status": RESIDENT}},
                 {
                     "$group": {
-                        "_id": "$unit_id",
+                        "_id": {"unit": "$unit_id", "household": "$household_id"},
                         "population": {"$sum": 1},
                         "renters": {"$sum": {"$cond": ["$renter", 1, 0]}},
-                        "temporary": {"$sum": {"$cond": [{"$eq": ["$residence_kind", 2]}, 1, 0]}},
+                        "temporary": {"$sum": temporary},
+                    }
+                },
+                {
+                    "$group": {
+                        "_id": "$_id.unit",
+                        "population": {"$sum": "$population"},
+                        "households": {"$sum": 1},
+                        "renters": {"$sum": "$renters"},
+                        "temporary": {"$sum": "$temporary"},
                     }
                 },
             ]
         )
-        async for row in people:
+        async for row in rows:
             counts.setdefault(row["_id"], Counter()).update(
                 population=row["population"],
+                households=row["households"],
                 renters=row["renters"],
                 temporary_residents=row["temporary"],
             )
-        homes = await self.households.aggregate(
-            [
-                {"$match": {"unit_id": in_unit(unit_id), "active": True}},
-                {"$group": {"_id": "$unit_id", "households": {"$sum": 1}}},
-            ]
-        )
-        async for row in homes:
-            counts.setdefault(row["_id"], Counter()).update(households=row["households"])
         return counts
 
     async def overdue_households(

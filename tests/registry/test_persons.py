@@ -252,6 +252,12 @@ async def test_counts_per_unit(city: City) -> None:
         )
     )
 
+    # A household whose people all left is an address, not a household of the census.
+    emptied = await new_household(city.leader, city.group, head_name="Hồ Văn Đi")
+    await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=emptied.head.person_id)
+    )
+
     counts = await city.ward_officer.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.ward))
 
     assert (counts.total.population, counts.total.households) == (4, 2)
@@ -259,6 +265,7 @@ async def test_counts_per_unit(city: City) -> None:
     assert counts.total.temporary_residents == 1
     by_unit = {c.unit_id: c for c in counts.children}
     assert by_unit[city.group].population == 2 and by_unit[city.group].renters == 0
+    assert by_unit[city.group].households == by_unit[city.other_group].households == 1
     assert by_unit[city.other_group].population == 2
     district = await city.admin.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.district))
     assert [(c.unit_id, c.population) for c in district.children] == [(city.ward, 4)]
