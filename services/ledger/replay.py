@@ -9,7 +9,9 @@ checks the fund's hash chain (sequence, the previous event's hash, its own hash 
 its content), double entry (postings sum to zero), that no cash, bank or receivable account goes
 below zero, and that a reversal undoes exactly the postings of a transaction not undone before.
 It then compares every fund's recomputed balances with what the live service answers through
-gRPC (GetBalances at the same place in the chain), for the funds under --unit.
+gRPC (GetBalances at the same place in the chain), for the funds under --unit: those the topic
+places there and every fund the live service lists there, whatever unit the topic gives it (a
+fund whose unit differs between the two is itself a difference).
 
 The report is short and the same on every run over the same events. Exit status: 0 when
 everything matches, 1 on any difference (the first bad event is named), 2 when it cannot run.
@@ -117,8 +119,8 @@ class LiveFund:
 
 # The live fund at a sequence, or None when the service does not know the fund.
 LiveBalances = Callable[[str, int], Awaitable[LiveFund | None]]
-# The ids of the live funds of a unit and the units below it.
-LiveFunds = Callable[[str], Awaitable[list[str]]]
+# The live funds of a unit and the units below it: fund id -> the fund's unit.
+LiveFunds = Callable[[str], Awaitable[dict[str, str]]]
 
 
 class Replayer:
@@ -359,14 +361,8 @@ async def replay(
         report.postings_total = sum(sum(b.values()) for b in balances.values())
         if live is not None:
             started = time.perf_counter()
-            await _compare(replayer, balances, live, unit, report)
-            if live_funds is not None and unit:
-                # A fund kept off the topic altogether would escape the audit.
-                report.mismatches += [
-                    f"fund {fund_id}: in the live service, not on the topic"
-                    for fund_id in sorted(await live_funds(unit))
-                    if fund_id not in replayer.books.funds
-                ]
+            listed = await live_funds(unit) if live_funds is not None and unit else None
+            await _compare(replayer, balances, live, unit, report, listed)
             report.timings["compare"] = time.perf_counter() - started
         return report
     finally:
@@ -382,15 +378,16 @@ async def _compare(
     live: LiveBalances,
     unit: str,
     report: Report,
+    listed: dict[str, str] | None = None,
 ) -> None:
-    funds: list[FundBooks] = sorted(
-        (
-            fund
-            for fund in replayer.books.funds.values()
-            if fund.fund_id not in replayer.broken and (not unit or unit_within(fund.unit_id, unit))
-        ),
-        key=lambda f: f.fund_id,
-    )
+    """Compares with the live service the funds the topic places under `unit` (all if empty)
+    and, when `listed`, every live fund of the unit, whatever unit the topic gives it: a
+    forger who rewrote a fund's unit on the topic would otherwise take it out of the audit."""
+    books = replayer.books.funds
+    placed = {f for f, fund in books.items() if not unit or unit_within(fund.unit_id, unit)}
+    chosen = sorted(placed | set(listed or {}))
+    # A broken chain is compared no further: its first bad event is named.
+    funds = [books[f] for f in chosen if f in books and f not in replayer.broken]
     # Asked a few at a time; reported in the funds' order, so every run reads the same.
     limit = asyncio.Semaphore(LIVE_CALLS)
 
@@ -399,43 +396,61 @@ async def _compare(
             return await live(fund.fund_id, fund.sequence)
 
     answers = await asyncio.gather(*(ask(fund) for fund in funds))
-    for fund, answer in zip(funds, answers, strict=True):
-        expected = {a: n for a, n in balances[fund.fund_id].items() if n}
-        report.compared += 1
-        if answer is None:
-            report.mismatches.append(f"fund {fund.fund_id}: unknown to the live service")
+    answered = {fund.fund_id: answer for fund, answer in zip(funds, answers, strict=True)}
+    for fund_id in chosen:
+        if fund_id not in books:
+            # A fund kept off the topic altogether would escape the audit.
+            report.mismatches.append(f"fund {fund_id}: in the live service, not on the topic")
             continue
-        actual = {a: n for a, n in answer.balances.items() if n}
-        if answer.sequence != fund.sequence:
+        if fund_id not in answered:
+            continue
+        fund = books[fund_id]
+        live_unit = (listed or {}).get(fund_id, fund.unit_id)
+        if live_unit != fund.unit_id:
             report.mismatches.append(
-                f"fund {fund.fund_id}: live chain at {answer.sequence}, topic at {fund.sequence}"
+                f"fund {fund_id}: of {live_unit} in the live service, of {fund.unit_id} on the "
+                "topic"
             )
-        elif answer.hash and answer.hash != fund.head_hash:
-            # Balances can match while what was paid, by whom and for what was rewritten.
-            report.mismatches.append(
-                f"fund {fund.fund_id}: the live chain's hash at {fund.sequence} is not the "
-                "topic's: the topic's history was altered"
-            )
-        elif answer.head_sequence > fund.sequence:
-            report.mismatches.append(
-                f"fund {fund.fund_id}: the live chain runs to {answer.head_sequence}, the topic "
-                f"only to {fund.sequence} (events missing, or not published yet)"
-            )
-        elif actual != expected:
-            accounts = sorted(
-                a for a in set(actual) | set(expected) if actual.get(a) != expected.get(a)
-            )
-            first = accounts[0]
-            report.mismatches.append(
-                f"fund {fund.fund_id}: {first} live {actual.get(first, 0)}, "
-                f"replayed {expected.get(first, 0)} ({len(accounts)} accounts differ)"
-            )
+        report.compared += 1
+        if difference := _difference(fund, balances[fund_id], answered[fund_id]):
+            report.mismatches.append(f"fund {fund_id}: {difference}")
+
+
+def _difference(fund: FundBooks, replayed: dict[str, int], answer: LiveFund | None) -> str:
+    """How the live fund differs from the replayed one, first thing first ("" if it does not)."""
+    if answer is None:
+        return "unknown to the live service"
+    expected = {a: n for a, n in replayed.items() if n}
+    actual = {a: n for a, n in answer.balances.items() if n}
+    if answer.sequence != fund.sequence:
+        return f"live chain at {answer.sequence}, topic at {fund.sequence}"
+    if answer.hash and answer.hash != fund.head_hash:
+        # Balances can match while what was paid, by whom and for what was rewritten.
+        return (
+            f"the live chain's hash at {fund.sequence} is not the topic's: the topic's history "
+            "was altered"
+        )
+    if answer.head_sequence > fund.sequence:
+        return (
+            f"the live chain runs to {answer.head_sequence}, the topic only to {fund.sequence} "
+            "(events missing, or not published yet)"
+        )
+    if actual != expected:
+        accounts = sorted(
+            a for a in set(actual) | set(expected) if actual.get(a) != expected.get(a)
+        )
+        first = accounts[0]
+        return (
+            f"{first} live {actual.get(first, 0)}, replayed {expected.get(first, 0)} "
+            f"({len(accounts)} accounts differ)"
+        )
+    return ""
 
 
 def grpc_funds(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> LiveFunds:
-    async def funds(unit: str) -> list[str]:
+    async def funds(unit: str) -> dict[str, str]:
         answer = await stub.ListFunds(ledger_pb2.ListFundsRequest(unit_id=unit))
-        return [f.fund_id for f in answer.funds if unit_within(f.unit_id, unit)]
+        return {f.fund_id: f.unit_id for f in answer.funds if unit_within(f.unit_id, unit)}
 
     return funds
 

@@ -24,6 +24,7 @@ from tests.kafka_reader import Record, TopicReader, eventually, with_key
 from tests.ledger.conftest import Books, rid
 
 POSTED = type_name(events_pb2.TransactionPosted())
+OPENED = type_name(events_pb2.FundOpened())
 
 
 async def busy_fund(books: Books) -> None:
@@ -365,6 +366,51 @@ async def test_a_history_resealed_to_its_end_and_a_missing_tail_are_found(
     topic, _ = await copy_topic(settings, lambda r: [] if r.key == fund_key else [r])
     report = await audit(settings, books, ledger_service, topic)
     assert f"fund {books.fund_id}: in the live service, not on the topic" in report.mismatches
+
+
+async def test_a_fund_given_another_unit_on_the_topic_is_still_compared(
+    settings: Settings, books: Books, ledger_service: LedgerService
+) -> None:
+    """A forger rewrites the fund's FundOpened to another unit and reseals its chain to the end,
+    halving a contribution on the way. The audit of the fund's unit still compares the fund (the
+    live service lists it there, whatever the topic says), names the unit the topic gives it
+    and finds the history altered; and reads the same twice."""
+    from services.ledger.domain import chain_hash
+
+    await busy_fund(books)
+    await published(ledger_service)
+    fund_key = books.fund_id.encode()
+    resealed: list[str] = []  # the hash each rewritten event of the fund now carries
+
+    def moved_and_halved(record: Record) -> list[Record]:
+        if record.key != fund_key:
+            return [record]
+        event: events_pb2.FundOpened | events_pb2.TransactionPosted
+        if record.event_type == OPENED:
+            event = events_pb2.FundOpened.FromString(record.value)
+            event.unit_id = "dn.elsewhere"
+        else:
+            event = events_pb2.TransactionPosted.FromString(record.value)
+            event.prev_hash = resealed[-1]
+            if event.transaction.kind == ledger_pb2.TRANSACTION_KIND_CONTRIBUTION:
+                for posting in event.transaction.postings:
+                    posting.amount //= 2
+        event.hash = chain_hash(event)
+        resealed.append(event.hash)
+        value = event.SerializeToString()
+        return [Record(record.partition, record.offset, record.key, value, record.headers)]
+
+    topic, _ = await copy_topic(settings, moved_and_halved)
+    report = await audit(settings, books, ledger_service, topic)
+    assert report.first_bad is None  # the forged chain checks out on its own
+    assert not report.ok
+    assert report.compared == 1
+    assert report.mismatches[0] == (
+        f"fund {books.fund_id}: of {books.city.group} in the live service, of dn.elsewhere on "
+        "the topic"
+    )
+    assert "the topic's history was altered" in report.mismatches[1], report.text()
+    assert (await audit(settings, books, ledger_service, topic)).text() == report.text()
 
 
 async def test_the_cli_compares_the_tokens_own_funds_and_refuses_an_empty_topic(
