@@ -724,9 +724,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         payments = await self._as_read(contributions)
         response.payments.extend(payments)
         if not response.household_name:
-            names = await self.store.household_names([request.household_id])
-            response.household_name = names.get(request.household_id, "")
+            response.household_name = await self._name_in_unit(fund, request.household_id)
         return response
+
+    async def _name_in_unit(self, fund: Document, household_id: str) -> str:
+        """The household's name as the ledger learned it, when it lives in the fund's unit or is
+        the caller's own. The ledger knows households of other units too (their own funds'): a
+        reader of this fund is told neither their names nor, by a different answer, that they
+        exist."""
+        known = await self.store.household(household_id)
+        mine = principal().household_id == household_id
+        if known is None or not (mine or unit_within(known["unit_id"], fund["unit_id"])):
+            return ""
+        return str(known["name"])
 
     # ---- reports ---------------------------------------------------------------------------
 

@@ -108,6 +108,34 @@ async def test_statements_show_household_names_and_no_other_personal_data(books:
         assert private not in text
 
 
+async def test_a_households_dues_name_no_household_outside_the_funds_unit(books: Books) -> None:
+    """The ledger knows this group's households (a gift from one teaches it them all). The
+    neighbouring group's leader, asking his own fund about one of them, is told no name, which
+    the registry would not show him either, and gets the answer given for a household that does
+    not exist."""
+    await books.contribute(10_000, "an")
+    city = books.city
+    other_leader = books.caller(Role.GROUP_LEADER, city.other_group)
+    other_fund = await open_fund(other_leader, city.other_group)
+
+    async def dues(household_id: str) -> ledger_pb2.GetHouseholdDuesResponse:
+        request = ledger_pb2.GetHouseholdDuesRequest(fund_id=other_fund, household_id=household_id)
+        response: ledger_pb2.GetHouseholdDuesResponse = await other_leader.GetHouseholdDues(request)
+        return response
+
+    for household_id in (books.households["dung"], "hh-nowhere"):
+        assert await dues(household_id) == ledger_pb2.GetHouseholdDuesResponse(
+            household_id=household_id
+        )
+    # In the fund's own unit a household is named, dues or none.
+    own = await books.leader.GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(
+            fund_id=books.fund_id, household_id=books.households["dung"]
+        )
+    )
+    assert own.household_name == "Hoàng Văn Dũng"
+
+
 async def test_missing_credentials(books: Books) -> None:
     from grpc import aio
 
