@@ -286,9 +286,11 @@ def compute_dues(
             because = Exemption.POOR_HOUSEHOLD
         elif Exemption.WAR_INVALID_MEMBER in exempt and household.war_invalid_member:
             because = Exemption.WAR_INVALID_MEMBER
+        if because is None and not household.residents:
+            # Nobody lives there, on either basis: nothing owed, and nobody to show as having
+            # paid (a per-household due would stand unpaid on the board for ever).
+            continue
         units = 1 if basis is Basis.PER_HOUSEHOLD else household.residents
-        if because is None and not units:
-            continue  # nobody lives there: nothing owed, and nobody to show as having paid
         amount = 0 if because is not None else rate * units
         dues.append(
             Due(household.household_id, household.name, household.residents, amount, because)

@@ -29,6 +29,18 @@ def test_dues_per_household_and_per_person_with_exemptions() -> None:
     assert [d.amount for d in only_poor] == [50_000, 0, 50_000]
 
 
+@pytest.mark.parametrize("basis", list(Basis), ids=lambda basis: basis.name.lower())
+def test_a_household_nobody_lives_in_owes_nothing_on_either_basis(basis: Basis) -> None:
+    households = [facts("a", 2), facts("empty", 0), facts("empty-poor", 0, poor=True)]
+    dues = domain.compute_dues(households, basis, 10_000, [Exemption.POOR_HOUSEHOLD])
+    # Left off the list; one exempt stays on it as exempt, as any exempt household does.
+    assert [(d.household_id, d.exempt_because) for d in dues] == [
+        ("a", None),
+        ("empty-poor", Exemption.POOR_HOUSEHOLD),
+    ]
+    assert [d.amount for d in dues] == [10_000 if basis is Basis.PER_HOUSEHOLD else 20_000, 0]
+
+
 def test_payment_status() -> None:
     # (due, paid, outstanding, exempt)
     assert domain.payment_status(100, 100, 0, False) is domain.PaymentStatus.PAID

@@ -1,6 +1,6 @@
 """What the books refuse and how they read: no account past the limit, income and expense
 lines included; a reversed payment shows as reversed; a statement's CSV cannot run formulas;
-nobody is shown as having paid a due that nobody owed."""
+nobody is shown as having paid a due that nobody owed, nor as owing one."""
 
 from __future__ import annotations
 
@@ -13,8 +13,12 @@ import pytest
 from civic.ledger.v1 import ledger_pb2
 from civic.registry.v1 import registry_pb2
 
+from services.common.config import Settings
 from services.ledger import statements
+from services.ledger.main import LedgerService
+from services.ledger.replay import Replayer, read_topic
 from tests.ledger.conftest import Books, rid
+from tests.ledger.test_replay import published
 from tests.registry_fixtures import new_household
 
 
@@ -69,7 +73,19 @@ def test_a_statement_csv_shows_formula_like_names_as_text() -> None:
     assert rows[4][3] == "'=1+2 — Quỹ khuyến học"
 
 
-async def test_a_household_nobody_lives_in_owes_nothing_and_has_not_paid(books: Books) -> None:
+@pytest.mark.parametrize(
+    "basis",
+    [ledger_pb2.DUES_BASIS_PER_PERSON, ledger_pb2.DUES_BASIS_PER_HOUSEHOLD],
+    ids=["per_person", "per_household"],
+)
+async def test_a_household_nobody_lives_in_owes_nothing_and_has_not_paid(
+    books: Books,
+    basis: ledger_pb2.DuesBasis.ValueType,
+    settings: Settings,
+    ledger_service: LedgerService,
+) -> None:
+    """On either basis: the board would otherwise show the household as not having paid for
+    ever, and the fund carry a receivable nobody can pay. The auditors' replay agrees."""
     gone = await new_household(books.city.leader, books.city.group, head_name="Đỗ Văn Mất")
     await books.city.leader.RegisterDeath(
         registry_pb2.RegisterDeathRequest(
@@ -82,10 +98,11 @@ async def test_a_household_nobody_lives_in_owes_nothing_and_has_not_paid(books: 
             fund_id=books.fund_id,
             name="Khuyến học",
             period="2026",
-            basis=ledger_pb2.DUES_BASIS_PER_PERSON,
+            basis=basis,
             rate=20_000,
         )
     )
+    assert gone.household.household_id not in {d.household_id for d in declared.campaign.dues}
     status = await books.leader.GetCampaignStatus(
         ledger_pb2.GetCampaignStatusRequest(
             fund_id=books.fund_id, campaign_id=declared.campaign.campaign_id
@@ -93,3 +110,11 @@ async def test_a_household_nobody_lives_in_owes_nothing_and_has_not_paid(books: 
     )
     assert gone.household.household_id not in {h.household_id for h in status.households}
     assert status.paid == 0
+    live = await books.balances()
+    assert not any(account.endswith(gone.household.household_id) for account in live)
+    await published(ledger_service)
+    replayer = Replayer(None, "")
+    await read_topic(settings.kafka_bootstrap_servers, "civic.ledger.v1", replayer.apply)
+    assert replayer.report.first_bad is None, replayer.report.text()
+    replayed = replayer.books.funds[books.fund_id].balances
+    assert {a: n for a, n in replayed.items() if n} == live
