@@ -388,15 +388,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         docs = await self._post(drafts)
         return ledger_pb2.PostTransactionsResponse(transactions=await self._messages(docs))
 
-    async def _household_name(self, fund: Document, household_id: str) -> None:
-        """Makes sure the household lives in the fund's unit, learning its name from the
-        register when the ledger has not seen it yet."""
-        known = await self.store.household(household_id)
-        if known is None:
+    async def _household_in_unit(self, fund: Document, household_id: str) -> None:
+        """Makes sure the household lives in the fund's unit, asking the register when the
+        ledger has not seen it yet or places it elsewhere: the registry's event of a move (a
+        merge of groups) may not have reached the ledger yet."""
+        if not await self._known_in(fund["unit_id"], household_id):
             await self._learn_households(fund["unit_id"])
-            known = await self.store.household(household_id)
-        if known is None or not unit_within(known["unit_id"], fund["unit_id"]):
-            raise NotFound(f"household {household_id} is not registered in {fund['unit_id']}")
+            if not await self._known_in(fund["unit_id"], household_id):
+                raise NotFound(f"household {household_id} is not registered in {fund['unit_id']}")
+
+    async def _known_in(self, unit_id: str, household_id: str) -> bool:
+        known = await self.store.household(household_id)
+        return known is not None and unit_within(known["unit_id"], unit_id)
 
     async def _learn_households(self, unit_id: str) -> list[domain.HouseholdFacts]:
         households = await self.registry.households(unit_id)
@@ -438,7 +441,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             draft.postings = [(into, amount), (owed_by, -amount)]
         else:
             if request.household_id:
-                await self._household_name(fund, request.household_id)
+                await self._household_in_unit(fund, request.household_id)
             draft.postings = [(into, amount), (domain.DONATIONS, -amount)]
         draft.details = {
             "campaign_id": request.campaign_id,

@@ -15,7 +15,7 @@ from services.common.service import ServiceHost
 from services.common.uploads import Sweep, UploadSweeper
 from services.ledger.api import LedgerServicer
 from services.ledger.events import TOPIC
-from services.ledger.registry import RegistryReader
+from services.ledger.registry import RegistryReader, follow_moves
 from services.ledger.store import LedgerStore
 
 NAME = "ledger"
@@ -34,6 +34,13 @@ class LedgerService:
     ) -> None:
         self.host = host = ServiceHost(NAME, settings, topic=TOPIC, span_processor=span_processor)
         self.store = LedgerStore(host.db)
+        follow_moves(
+            host.broker,
+            host.client,
+            self.store,
+            group_id=host.consumer_group("household-moves"),
+            instance_id=host.instance,
+        )
         files = ObjectStore(settings, BUCKET)
         # Receipts never recorded as expenses; statements exported (their links last an hour).
         self.uploads = UploadSweeper(

@@ -15,6 +15,9 @@ from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 
+# A household moved: (household id, the unit it left, the unit it is in now).
+Move = tuple[str, str, str]
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{ObjectId()}"
@@ -269,6 +272,20 @@ class LedgerStore:
             await self.households.bulk_write(
                 [UpdateOne({"_id": h["_id"]}, {"$set": h}, upsert=True) for h in households],
                 ordered=False,
+            )
+
+    async def move_households(self, moves: list[Move], session: Session) -> None:
+        """Each move, in order, of a household the ledger has learned. A move from a unit the
+        household is not in changes nothing: an old event, arriving after a newer read of the
+        register (or, for a merge, after the household's own event of it)."""
+        if moves:
+            await self.households.bulk_write(
+                [
+                    UpdateOne({"_id": household_id, "unit_id": old}, {"$set": {"unit_id": new}})
+                    for household_id, old, new in moves
+                ],
+                ordered=True,
+                session=session,
             )
 
     async def household_names(self, household_ids: Iterable[str]) -> dict[str, str]:

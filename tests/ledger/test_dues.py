@@ -12,7 +12,10 @@ from civic.registry.v1 import registry_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.auth import Role
-from tests.ledger.conftest import Books, rid
+from services.ledger.main import LedgerService
+from tests.kafka_reader import eventually
+from tests.ledger.conftest import Books, LedgerCaller, open_fund, rid
+from tests.registry_fixtures import new_household
 
 
 async def declare(
@@ -309,3 +312,62 @@ async def test_a_cancelled_campaign_shows_nobody_as_having_paid(books: Books) ->
         ledger_pb2.GetHouseholdDuesRequest(fund_id=books.fund_id, household_id=h["dung"])
     )
     assert [(d.paid, d.status) for d in dues.dues] == [(0, ledger_pb2.PAYMENT_STATUS_CANCELLED)]
+
+
+async def give(caller: LedgerCaller, fund_id: str, household_id: str) -> None:
+    """A household's donation of 10,000 đồng in cash."""
+    await caller.RecordContribution(
+        ledger_pb2.RecordContributionRequest(
+            request_id=rid(),
+            fund_id=fund_id,
+            household_id=household_id,
+            amount=10_000,
+            method=ledger_pb2.PAYMENT_METHOD_CASH,
+            receipt_number=f"BL-{rid()[:8]}",
+        )
+    )
+
+
+async def test_after_a_merge_a_household_gives_to_its_new_groups_fund_not_its_old_ones(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """The ledger learns a household of the other group (a gift to that group's fund); the
+    registry then merges that group into this one. The registry's event of the move reaches the
+    ledger, and the old group's fund no longer takes the household; this group's fund does."""
+    city = books.city
+    moving = await new_household(city.other_leader, city.other_group, head_name="Võ Văn Chuyển")
+    household_id = moving.household.household_id
+    other_leader = books.caller(Role.GROUP_LEADER, city.other_group)
+    other_fund = await open_fund(other_leader, city.other_group)
+    await give(other_leader, other_fund, household_id)
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+        )
+    )
+
+    async def moved() -> bool:
+        known = await ledger_service.store.household(household_id)
+        return known is not None and known["unit_id"] == city.group
+
+    await eventually(moved, what="the ledger follows the registry's merge")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await give(other_leader, other_fund, household_id)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    await give(books.treasurer, books.fund_id, household_id)
+
+
+async def test_a_household_the_ledger_places_elsewhere_is_asked_of_the_registry_again(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """Until the registry's event of a move arrives, the ledger places the household where it
+    was: a fund of its new unit asks the registry again rather than refuse it."""
+    await books.contribute(10_000, "an")
+    household_id = books.households["an"]
+    # As the ledger has it when the household has just moved here from the other group.
+    await ledger_service.store.households.update_one(
+        {"_id": household_id}, {"$set": {"unit_id": books.city.other_group}}
+    )
+    await books.contribute(10_000, "an")
+    known = await ledger_service.store.household(household_id)
+    assert known is not None and known["unit_id"] == books.city.group
