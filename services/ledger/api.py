@@ -58,6 +58,9 @@ class Draft:
     postings: domain.Postings
     memo: str = ""
     details: Document = default(default_factory=dict)
+    # The request's field that decides how much moves: a refusal of the postings (an overdraft,
+    # a balance past the limit) names it, as a contribution has no `postings` but an `amount`.
+    moves: str = "postings"
 
     def name(self, inner: str) -> str:
         return f"{self.field}.{inner}" if self.field else inner
@@ -240,7 +243,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     domain.apply_postings(current, draft.postings)
                 except FailedPrecondition as error:
                     raise FailedPrecondition(
-                        f"{draft.name('postings')}: {error.message}; nothing was posted"
+                        f"{draft.name(draft.moves)}: {error.message}; nothing was posted"
                     ) from None
                 for account, amount in draft.postings:
                     changes[(draft.fund_id, account)] += amount
@@ -288,7 +291,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     "receipt_number: this receipt number is already recorded in the fund"
                 ) from None
             if "reverses" in pattern:
-                raise FailedPrecondition("the transaction was already reversed") from None
+                raise FailedPrecondition(
+                    "transaction_id: the transaction was already reversed"
+                ) from None
             raise
         self.outbox.committed()
         return results
@@ -408,6 +413,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
         return households
 
+    async def _not_cancelled(self, fund: Document, campaign: Document) -> None:
+        """Nothing is owed to a campaign whose assessment was reversed: a payment towards it is
+        refused as that, not as an overdraft of the household's receivable."""
+        if await self.store.reversal_of(fund["_id"], campaign["transaction_id"]) is not None:
+            raise FailedPrecondition(
+                f"campaign_id: campaign {campaign['_id']} was cancelled (its assessment was "
+                "reversed); nothing is owed to it"
+            )
+
     async def RecordContribution(
         self, request: ledger_pb2.RecordContributionRequest, context: Context
     ) -> ledger_pb2.RecordContributionResponse:
@@ -418,7 +432,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         receipt = domain.check_receipt_number("receipt_number", request.receipt_number)
         paid_on = domain.check_day("paid_on", request.paid_on, local_date(self.clock()))
         memo = domain.check_text("memo", request.memo)
-        draft = Draft.of("RecordContribution", request, domain.Kind.CONTRIBUTION, memo)
+        draft = Draft.of(
+            "RecordContribution", request, domain.Kind.CONTRIBUTION, memo, moves="amount"
+        )
         if (done := await self._already_posted([draft])) is not None:
             return ledger_pb2.RecordContributionResponse(transaction=await self._message(done[0]))
         if request.campaign_id:
@@ -437,6 +453,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 raise FailedPrecondition(
                     f"household_id: {request.household_id} is exempt from this campaign"
                 )
+            await self._not_cancelled(fund, campaign)
             owed_by = domain.receivable(campaign["_id"], request.household_id)
             draft.postings = [(into, amount), (owed_by, -amount)]
         else:
@@ -492,6 +509,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             request,
             domain.Kind.EXPENSE,
             domain.check_text("memo", request.memo),
+            moves="amount",
             postings=[(f"expense/{category}", amount), (out_of, -amount)],
             details={
                 "expense": {
@@ -535,6 +553,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             domain.Kind.REVERSAL,
             reason,
             details={"reverses": request.transaction_id},
+            moves="transaction_id",
         )
         if (done := await self._already_posted([draft])) is None:
             original = await self.store.transaction(fund["_id"], request.transaction_id)
@@ -545,7 +564,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     "transaction_id: a reversal is not reversed; post the transaction again"
                 )
             if await self.store.reversal_of(fund["_id"], original["_id"]) is not None:
-                raise FailedPrecondition(f"transaction {original['_id']} was already reversed")
+                raise FailedPrecondition(
+                    f"transaction_id: transaction {original['_id']} was already reversed"
+                )
             draft.postings = domain.reversal_of(
                 (p["account"], p["amount"]) for p in original["postings"]
             )
@@ -582,7 +603,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if value not in domain.EXEMPTIONS:
                 raise InvalidArgument(f"exemptions[{i}]", "is not a known exemption")
             exemptions.append(domain.Exemption(value))
-        draft = Draft.of("DeclareCampaign", request, domain.Kind.ASSESSMENT, name)
+        draft = Draft.of("DeclareCampaign", request, domain.Kind.ASSESSMENT, name, moves="rate")
         if (done := await self._already_posted([draft])) is None:
             read_at = _millis(self.clock())
             households = await self._learn_households(fund["unit_id"])

@@ -43,6 +43,26 @@ async def test_no_account_goes_past_the_limit_across_calls(books: Books) -> None
     assert (await books.balances())["expense/big"] == 100 * big
 
 
+async def test_a_campaign_past_the_limit_names_the_rate(books: Books) -> None:
+    """DeclareCampaignRequest has no `postings`: its rate is what makes the dues too much."""
+    big = 10**15
+    batch = [entry(books.fund_id, ("equity/x", big), ("income/dues", -big)) for _ in range(100)]
+    await books.treasurer.PostTransactions(ledger_pb2.PostTransactionsRequest(transactions=batch))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await books.leader.DeclareCampaign(
+            ledger_pb2.DeclareCampaignRequest(
+                request_id=rid(),
+                fund_id=books.fund_id,
+                name="Khuyến học",
+                period="2026",
+                basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+                rate=20_000,
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (error.value.details() or "").startswith("rate: would take income/dues past")
+
+
 async def test_a_reversed_payment_shows_its_reversal_in_the_households_dues(books: Books) -> None:
     paid = await books.contribute(50_000, "an")
     reversal = await books.treasurer.ReverseTransaction(
