@@ -809,6 +809,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         # [from, to): up to now, this moment's transactions included, when `to` is not given.
         until = moment("to", end) if end is not None else self.clock() + timedelta(milliseconds=1)
         if begin is not None and begin >= until:
+            if end is None:  # `to` is now: it is `from` that is wrong
+                raise InvalidArgument("from", "must not be in the future")
             raise InvalidArgument("to", "must be after from")
         opening: dict[str, int] = {}
         if begin is not None:

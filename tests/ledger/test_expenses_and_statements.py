@@ -7,13 +7,16 @@ import asyncio
 import csv
 import io
 import urllib.request
+from datetime import timedelta
 from typing import Any
 
 import grpc
 import pytest
 from civic.ledger.v1 import ledger_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.objects import checked
+from tests.conftest import Clock
 from tests.ledger.conftest import Books, rid
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 200
@@ -186,3 +189,21 @@ async def test_a_statement_for_a_period_exported_to_object_storage(books: Books)
     assert whole.statement.opening_available == 0
     assert len(whole.statement.lines) == 4  # the assessment, two payments, the expense
     assert whole.statement.lines[0].description == "Lập sổ thu: Quỹ an ninh trật tự"
+
+
+async def test_a_statement_from_a_moment_to_come_names_from(books: Books, clock: Clock) -> None:
+    """Without `to` a statement runs up to now, so a `from` after now is the field at fault;
+    with both given, `to` must come after `from`."""
+    tomorrow = Timestamp()
+    tomorrow.FromDatetime(clock() + timedelta(days=1))
+    request = ledger_pb2.GetStatementRequest(fund_id=books.fund_id)
+    getattr(request, "from").CopyFrom(tomorrow)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.leader.GetStatement(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "from: must not be in the future"
+    request.to.CopyFrom(tomorrow)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.leader.GetStatement(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "to: must be after from"
