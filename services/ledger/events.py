@@ -1,16 +1,32 @@
-"""The ledger's events: each fund's history as a hash chain on civic.ledger.v1, keyed by fund."""
+"""The ledger's events: each fund's history as a hash chain on civic.ledger.v1, keyed by fund;
+and, from civic.registry.v1, where the households it has learned have moved, so that a fund
+stops taking a household that has left its unit."""
 
 from __future__ import annotations
 
-from civic.ledger.v1 import events_pb2
+from typing import Any
 
-from services.common.mongo import Document
+from civic.ledger.v1 import events_pb2
+from civic.registry.v1 import events_pb2 as registry_events
+from faststream.kafka import KafkaBroker
+from google.protobuf.message import Message
+from pymongo import AsyncMongoClient
+
+from services.common.broker import Delivery, subscribe_once
+from services.common.cloudevents import type_name
+from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.wire import timestamp
 from services.ledger import domain
 from services.ledger.records import transaction_message
+from services.ledger.store import LedgerStore, Move
 
 TOPIC = "civic.ledger.v1"
+REGISTRY_TOPIC = "civic.registry.v1"
+# The registry's events that change where a household lives; the rest pass by unread.
+MOVES = frozenset(
+    type_name(m) for m in (registry_events.HouseholdMoved(), registry_events.GroupsMerged())
+)
 
 
 def fund_opened(outbox: Outbox, fund: Document) -> tuple[Document, str]:
@@ -33,3 +49,45 @@ def transaction_posted(outbox: Outbox, doc: Document, prev_hash: str) -> tuple[D
     )
     head = domain.seal(message, doc["sequence"], prev_hash)
     return outbox.event(message, key=doc["fund_id"], subject=doc["_id"]), head
+
+
+def follow_moves(
+    broker: KafkaBroker,
+    client: AsyncMongoClient[Document],
+    store: LedgerStore,
+    *,
+    group_id: str,
+    instance_id: str,
+) -> None:
+    """Keeps the unit of each household the ledger has learned as the registry moves it."""
+
+    async def apply(deliveries: list[Delivery], session: Session) -> list[Document]:
+        moves: list[Move] = []
+        for delivery in deliveries:
+            with delivery.span():
+                moves += _moves(delivery.message)
+        await store.move_households(moves, session)
+        return []
+
+    subscribe_once(
+        broker,
+        client,
+        store.db,
+        topic=REGISTRY_TOPIC,
+        group_id=group_id,
+        instance_id=instance_id,
+        handle=apply,
+        types=MOVES,
+    )
+
+
+def _moves(message: Message) -> list[Move]:
+    """A merge moves each of the source group's households (the registry also publishes each
+    one's HouseholdMoved, on its own partition: whichever arrives first moves it)."""
+    m: Any = message
+    match message:
+        case registry_events.HouseholdMoved():
+            return [(m.household_id, m.from_unit_id, m.to_unit_id)]
+        case registry_events.GroupsMerged():
+            return [(h, m.source_unit_id, m.target_unit_id) for h in m.household_ids]
+    return []

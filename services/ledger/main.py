@@ -14,8 +14,8 @@ from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
 from services.common.uploads import Sweep, UploadSweeper
 from services.ledger.api import LedgerServicer
-from services.ledger.events import TOPIC
-from services.ledger.registry import RegistryReader, follow_moves
+from services.ledger.events import TOPIC, follow_moves
+from services.ledger.registry import RegistryReader
 from services.ledger.store import LedgerStore
 
 NAME = "ledger"
