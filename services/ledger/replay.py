@@ -33,9 +33,11 @@ from typing import Any
 import grpc
 import jwt
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from civic.ledger.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
 from google.protobuf.message import DecodeError
 from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from services.common.auth import unit_within
@@ -52,6 +54,10 @@ FETCH_RECORDS = 5000
 LIVE_CALLS = 16
 # The replay's store is scratch, rebuilt from the topic on every run: no need to wait for disk.
 SCRATCH = WriteConcern(w=1, j=False)
+
+
+class CannotReplay(Exception):
+    """The replay cannot run (as opposed to finding differences)."""
 
 
 @dataclass(frozen=True)
@@ -303,11 +309,17 @@ async def read_topic(bootstrap_servers: str, topic: str, handle: Callable[[Any],
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except KafkaError:
+        await consumer.stop()  # what start() set up before it failed
+        raise
     count = 0
     try:
         await consumer.topics()  # fetches the cluster's metadata
         partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            raise CannotReplay(f"{topic} does not exist on {bootstrap_servers}")
         assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
         consumer.assign(assigned)
         await consumer.seek_to_beginning(*assigned)
@@ -510,13 +522,23 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
                 live_funds=grpc_funds(stub),
             )
         except grpc.aio.AioRpcError as error:
-            print(f"the live service refused: {error.code().name}: {error.details()}")
-            return 2
+            return _cannot(f"the live service refused: {error.code().name}: {error.details()}")
+        except CannotReplay as error:
+            return _cannot(str(error))
+        except KafkaError as error:
+            return _cannot(f"the broker at {settings.kafka_bootstrap_servers}: {error}")
+        except PyMongoError as error:
+            return _cannot(f"the replay's own MongoDB store: {error}")
     print(report.text())
     if not report.events:
         print(f"error: {args.topic} holds no events: nothing was checked", file=sys.stderr)
         return 2
     return 0 if report.ok else 1
+
+
+def _cannot(why: str) -> int:
+    print(f"error: {why}", file=sys.stderr)
+    return 2
 
 
 def _scope_of(token: str) -> str:

@@ -440,3 +440,14 @@ async def test_the_cli_compares_the_tokens_own_funds_and_refuses_an_empty_topic(
     captured = capsys.readouterr()
     assert status == 2
     assert captured.err.startswith(f"error: {topic} holds no events")
+
+    # A topic the broker does not have: one line, not a wait or a traceback.
+    missing = f"audit-missing-{uuid.uuid4().hex[:8]}"
+    status = await cli.run(
+        ["replay-ledger", "--token", leader, "--target", target, "--topic", missing]
+    )
+    captured = capsys.readouterr()
+    assert status == 2
+    assert (
+        captured.err == f"error: {missing} does not exist on {settings.kafka_bootstrap_servers}\n"
+    )
