@@ -234,7 +234,10 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 raise PermissionDenied("residents of the ticket's group may support it")
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
-            supporters = set(ticket.get("supporters", [])) | {principal().subject}
+            supporter = principal().subject
+            if supporter in ticket.get("supporters", []):
+                return ticket, []  # supported already: nothing changes, nothing to tell
+            supporters = {*ticket.get("supporters", []), supporter}
             updated = await self.store.update(
                 ticket["_id"],
                 {

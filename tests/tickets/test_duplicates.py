@@ -16,6 +16,7 @@ from services.common.auth import Role
 from services.tickets.main import TicketsService
 from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
+from tests.tickets.test_lifecycle import events_of
 
 
 async def refused(code: grpc.StatusCode, call: Awaitable[Any]) -> None:
@@ -104,6 +105,31 @@ async def test_residents_support_a_ticket_instead_of_filing_it_again(pilot: Pilo
     )
     await refused(grpc.StatusCode.FAILED_PRECONDITION, support(pilot.neighbour))
     assert (await cluster(pilot.ward_officer, ticket_id)).ticket.supporters == 2
+
+
+async def test_a_repeated_plus_one_changes_nothing_and_emits_nothing(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A resident who already supports the ticket presses "+1" again (a new request, not a
+    retry): the answer is the ticket as it is, with no second TicketSupported nor any update a
+    queue watcher would be told of."""
+    ticket_id = (await pilot.routed((await pilot.submit("flooding")).ticket_id)).ticket_id
+    answers = [
+        (
+            await pilot.neighbour.SupportTicket(
+                tickets_pb2.SupportTicketRequest(request_id=rid(), ticket_id=ticket_id)
+            )
+        ).ticket
+        for _ in range(2)
+    ]
+    assert answers[1] == answers[0]
+    assert answers[1].supporters == 1
+    supported = [
+        event
+        for event in await events_of(tickets_service, ticket_id)
+        if isinstance(event, events_pb2.TicketSupported)
+    ]
+    assert [event.supporters for event in supported] == [1]
 
 
 async def test_resolving_the_primary_resolves_its_duplicates(pilot: Pilot) -> None:
