@@ -17,7 +17,13 @@ from pymongo import AsyncMongoClient
 from services.common.auth import OFFICIALS, Principal, Role, principal
 from services.common.cloudevents import type_name
 from services.common.commands import CommandRunner
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.common.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from services.common.media import check_image_upload
 from services.common.mongo import Document, Session
 from services.common.objects import ObjectStore
@@ -188,7 +194,30 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def SubmitTicket(
         self, request: tickets_pb2.SubmitTicketRequest, context: Context
     ) -> tickets_pb2.SubmitTicketResponse:
-        caller = principal()
+        try:
+            ticket, event = await self._filing(principal(), request)
+        except DomainError:
+            # A retry gets its first answer though the category was withdrawn, or the household
+            # moved, since. Looked up only once refused: a first filing pays no extra read (a
+            # retry that passes the checks is answered by the command runner).
+            stored = await self.commands.answered(
+                "SubmitTicket", request, tickets_pb2.SubmitTicketResponse
+            )
+            if stored is None:
+                raise
+            return stored
+        return await self.commands.insert(
+            "SubmitTicket",
+            request,
+            tickets_pb2.SubmitTicketResponse(ticket=self._message(ticket)),
+            documents=[(self.store.tickets.name, ticket)],
+            events=[event],
+        )
+
+    async def _filing(
+        self, caller: Principal, request: tickets_pb2.SubmitTicketRequest
+    ) -> tuple[Document, Document]:
+        """The new ticket and its TicketSubmitted, if today's rules accept the request."""
         description = domain.check_text("description", request.description, domain.MAX_DESCRIPTION)
         rules = await self._rules()
         if request.category not in {rule["category"] for rule in rules["rules"]}:
@@ -218,13 +247,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             ),
             ticket["_id"],
         )
-        return await self.commands.insert(
-            "SubmitTicket",
-            request,
-            tickets_pb2.SubmitTicketResponse(ticket=self._message(ticket)),
-            documents=[(self.store.tickets.name, ticket)],
-            events=[event],
-        )
+        return ticket, event
 
     async def SupportTicket(
         self, request: tickets_pb2.SupportTicketRequest, context: Context

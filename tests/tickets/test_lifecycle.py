@@ -19,6 +19,7 @@ from services.tickets import domain
 from services.tickets.main import TicketsService
 from tests.conftest import Clock
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, rid
+from tests.tickets.test_routing import replacing, rule, rules_changed
 
 RESOLUTION = "Đã thay bóng đèn mới"
 
@@ -146,6 +147,25 @@ async def test_a_retried_step_gets_its_first_answer_though_the_state_has_moved_o
             tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
         ),
     )
+
+
+async def test_a_retried_filing_gets_its_first_answer_though_its_category_was_withdrawn(
+    pilot: Pilot,
+) -> None:
+    """The app retries a filing whose answer it lost after the category was withdrawn: the
+    retry is answered with the ticket filed, while a new filing in that category is refused."""
+    filing = tickets_pb2.SubmitTicketRequest(
+        request_id=rid(), category="test-withdrawn", description="Cây đổ chắn đường"
+    )
+    withdrawn = rule("test-withdrawn", tickets_pb2.LEVEL_WARD, "", 24)
+    async with rules_changed(pilot.admin, replacing([withdrawn])):
+        first = await pilot.resident.SubmitTicket(filing)
+
+    again = await pilot.resident.SubmitTicket(filing)
+
+    assert again == first
+    filing.request_id = rid()
+    await refused(grpc.StatusCode.INVALID_ARGUMENT, pilot.resident.SubmitTicket(filing))
 
 
 async def test_a_ticket_can_be_rejected_with_a_reason(pilot: Pilot) -> None:
