@@ -782,7 +782,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         reopen_within = (
             span("reopen_within", request.reopen_within, longest=domain.LONGEST_DEADLINE)
             if request.HasField("reopen_within")
-            else domain.DEFAULT_REOPEN_WITHIN
+            else None  # not set: the period in force stays
         )
         domain.check_rules(rules, reopen_within)
 
@@ -790,8 +790,13 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             session: Session,
         ) -> tuple[tickets_pb2.SetRoutingRulesResponse, list[Document]]:
             current = await self._rules(session)
+            within = (
+                timedelta(seconds=current["reopen_within_s"])
+                if reopen_within is None
+                else reopen_within
+            )
             doc = rules_document(
-                current["version"] + 1, rules, reopen_within, self.clock(), caller.subject
+                current["version"] + 1, rules, within, self.clock(), caller.subject
             )
             await self.store.insert_rules(doc, session)
             event = self.outbox.event(

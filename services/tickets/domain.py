@@ -116,7 +116,8 @@ class Rule:
         return self.slas.get(level) or next(iter(self.slas.values()))
 
 
-def check_rules(rules: list[Rule], reopen_within: timedelta) -> None:
+def check_rules(rules: list[Rule], reopen_within: timedelta | None) -> None:
+    """Rules an admin sets, and the reopen period if they set one (None keeps the current)."""
     if not rules:
         raise InvalidArgument("rules", "name at least one category")
     seen: set[str] = set()
@@ -140,7 +141,7 @@ def check_rules(rules: list[Rule], reopen_within: timedelta) -> None:
                 raise InvalidArgument(
                     f"{where}.slas", "resolve_within is before acknowledge_within"
                 )
-    if reopen_within <= timedelta(0):
+    if reopen_within is not None and reopen_within <= timedelta(0):
         raise InvalidArgument("reopen_within", "must be positive")
 
 

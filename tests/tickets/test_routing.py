@@ -188,3 +188,18 @@ async def test_a_rule_change_applies_to_tickets_routed_after_it(pilot: Pilot, cl
 
     restored = await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())
     assert "test-moving" not in {r.category for r in restored.rules.rules}
+
+
+async def test_rules_set_without_a_reopen_period_keep_the_one_in_force(pilot: Pilot) -> None:
+    """An admin changing only the categories leaves the reopen period as it was, not reset to
+    the default."""
+    three_days = Duration(seconds=3 * 86400)
+    async with rules_changed(pilot.admin, lambda current: current):
+        current = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+        await set_rules(pilot.admin, list(current.rules), three_days)
+
+        changed = await pilot.admin.SetRoutingRules(
+            tickets_pb2.SetRoutingRulesRequest(request_id=rid(), rules=current.rules)
+        )
+
+        assert changed.rules.reopen_within == three_days
