@@ -705,7 +705,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         if request.overdue_only:  # of the statuses asked for, those with a deadline to miss
             wanted = set(request.statuses or domain.OPEN) & {int(s) for s in domain.OPEN}
             query["status"] = {"$in": sorted(wanted)}
-            query["next_deadline"] = {"$lt": self.clock()}
+            query["next_deadline"] = {"$lt": self.clock()}  # passed, as domain.missed counts
         tickets, token = await self.store.queue(
             query, request.page.page_token, page_size(request.page.page_size)
         )

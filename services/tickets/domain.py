@@ -213,6 +213,12 @@ def next_deadline(
     return resolve_by
 
 
+def missed(deadline: datetime | None, now: datetime) -> bool:
+    """A deadline is missed once it has passed; at its very moment there is still time. The
+    overdue flag and the sweep count so, as do the store's queries (`$lt`)."""
+    return deadline is not None and deadline < now
+
+
 def escalation_target(assigned_unit_id: str) -> str | None:
     """One level up; the city has nobody above it."""
     if level_of(assigned_unit_id) is Level.CITY:

@@ -94,17 +94,14 @@ class Escalator:
 
             async def work(session: Session, ticket_id: str = candidate["_id"]) -> int:
                 ticket = await self.store.get(ticket_id, session)
-                deadline = ticket.get("next_deadline") if ticket else None
-                if ticket is None or deadline is None or deadline > now:
+                if ticket is None or not domain.missed(ticket.get("next_deadline"), now):
                     return 0  # handled meanwhile, or escalated by another instance
                 if ticket["status"] not in domain.OPEN:
                     return 0
-                acknowledge_by = ticket.get("acknowledge_by")
                 cause = (
                     events_pb2.ESCALATION_CAUSE_NOT_ACKNOWLEDGED_IN_TIME
                     if ticket["status"] == domain.Status.ROUTED
-                    and acknowledge_by is not None
-                    and acknowledge_by <= now
+                    and domain.missed(ticket.get("acknowledge_by"), now)
                     else events_pb2.ESCALATION_CAUSE_NOT_RESOLVED_IN_TIME
                 )
                 _, emitted = await escalate(self.store, self.outbox, ticket, now, cause, session)

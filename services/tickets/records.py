@@ -11,7 +11,7 @@ from services.common.cloudevents import type_name
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
 from services.common.wire import duration, point_message, span, timestamp
-from services.tickets.domain import LONGEST_DEADLINE, Level, Rule, Sla, Status
+from services.tickets.domain import LONGEST_DEADLINE, Level, Rule, Sla, Status, missed
 
 
 def new_ticket(
@@ -56,7 +56,6 @@ def ticket_message(
     doc: Document, now: datetime, photo_url: Callable[[str], str] | None = None
 ) -> tickets_pb2.Ticket:
     status = Status(doc["status"])
-    deadline = doc.get("next_deadline")
     return tickets_pb2.Ticket(
         ticket_id=doc["_id"],
         category=doc["category"],
@@ -97,8 +96,7 @@ def ticket_message(
         resolve_by=timestamp(doc.get("resolve_by")),
         resolved_at=timestamp(doc.get("resolved_at")),
         overdue=status in (Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS)
-        and deadline is not None
-        and deadline < now,
+        and missed(doc.get("next_deadline"), now),
     )
 
 

@@ -128,7 +128,7 @@ class TicketStore:
             await self.tickets.find(
                 {
                     "status": {"$in": OPEN_STATUSES},
-                    "next_deadline": {"$lte": now},
+                    "next_deadline": {"$lt": now},  # passed, as domain.missed counts
                     "assigned_level": {"$ne": int(Level.CITY)},
                 }
             )
@@ -172,7 +172,7 @@ class TicketStore:
                                             # In an expression null sorts below any date: a
                                             # ticket not yet routed has no deadline to miss.
                                             {"$gt": ["$next_deadline", None]},
-                                            {"$lt": ["$next_deadline", now]},
+                                            {"$lt": ["$next_deadline", now]},  # missed
                                         ]
                                     },
                                     1,

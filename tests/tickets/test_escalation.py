@@ -5,13 +5,17 @@ officials escalate by hand and resolve at the level a ticket has reached; the ci
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from civic.tickets.v1 import events_pb2, tickets_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.mongo import Document
+from services.tickets.escalation import Escalator
 from services.tickets.main import TicketsService
+from services.tickets.records import ticket_message
+from services.tickets.store import TicketStore
 from tests.conftest import Clock
 from tests.tickets.conftest import Pilot, TicketCaller, eventually, rid
 from tests.tickets.test_lifecycle import get, refused
@@ -224,3 +228,51 @@ async def test_an_official_escalates_by_hand_and_the_level_above_resolves(
         city.district,
         tickets_pb2.LEVEL_DISTRICT,
     )
+
+
+class Offering(TicketStore):
+    """The service's tickets, of which the sweep is offered one whatever its deadline: as if
+    read as due just before its deadline moved (the sweep decides again in its transaction)."""
+
+    def __init__(self, service: TicketsService, ticket_id: str) -> None:
+        super().__init__(service.db)
+        self.ticket_id = ticket_id
+
+    async def due(self, now: datetime, limit: int = 200) -> list[Document]:
+        ticket = await self.get(self.ticket_id)
+        return [ticket] if ticket else []
+
+
+async def test_a_deadline_is_missed_once_it_has_passed_not_at_its_moment(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """At its deadline to the millisecond a ticket is neither overdue nor due nor escalated; a
+    millisecond later it is all three: the sweep and the overdue flag count alike."""
+    ticket_id = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    store = tickets_service.store
+    ticket = await store.get(ticket_id)
+    assert ticket is not None
+    deadline = ticket["next_deadline"]
+
+    async def escalates_at(now: datetime) -> bool:
+        sweep = Escalator(
+            tickets_service.client,
+            Offering(tickets_service, ticket_id),
+            tickets_service.host.outbox,
+            lambda: now,
+            interval_seconds=60,
+        )
+        return await sweep.sweep() == 1
+
+    async def due_at(now: datetime) -> bool:
+        return ticket_id in {t["_id"] for t in await store.due(now, limit=100_000)}
+
+    assert not ticket_message(ticket, deadline).overdue
+    assert not await due_at(deadline)
+    assert not await escalates_at(deadline)
+
+    just_after = deadline + timedelta(milliseconds=1)
+    assert ticket_message(ticket, just_after).overdue
+    assert await due_at(just_after)
+    assert await escalates_at(just_after)
+    assert (await get(pilot.resident, ticket_id)).assigned_unit_id == pilot.city.district
