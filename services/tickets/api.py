@@ -409,6 +409,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, request: tickets_pb2.ResolveTicketRequest, context: Context
     ) -> tickets_pb2.ResolveTicketResponse:
         resolution = domain.check_text("resolution", request.resolution, domain.MAX_COMMENT)
+        caller = principal()
+        unit_id, level = _deciding(caller)
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             now = self.clock()
@@ -426,14 +428,16 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                         "status": int(domain.Status.RESOLVED),
                         "resolution": resolution,
                         "resolved_at": now,
-                        "resolved_by": principal().subject,
+                        "resolved_by": caller.subject,
+                        "decided_by_unit_id": unit_id,
+                        "decided_level": int(level),
                         "rejected": False,
                         "next_deadline": None,
                     },
                     events_pb2.TicketResolved(
                         ticket_id=member["_id"],
-                        resolved_by_unit_id=ticket["assigned_unit_id"],
-                        level=ticket["assigned_level"],
+                        resolved_by_unit_id=unit_id,
+                        level=int(level),  # type: ignore[arg-type]
                     ),
                 )
                 emitted += events
@@ -454,6 +458,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, request: tickets_pb2.RejectTicketRequest, context: Context
     ) -> tickets_pb2.RejectTicketResponse:
         reason = domain.check_text("reason", request.reason, domain.MAX_COMMENT)
+        unit_id, level = _deciding(principal())
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             return await self._set_status(
@@ -465,10 +470,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     # Decided, but not resolved: statistics tell the two apart by this.
                     "rejected": True,
                     "resolved_at": self.clock(),
+                    "decided_by_unit_id": unit_id,
+                    "decided_level": int(level),
                     "next_deadline": None,
                 },
                 events_pb2.TicketRejected(
-                    ticket_id=ticket["_id"], rejected_by_unit_id=ticket["assigned_unit_id"]
+                    ticket_id=ticket["_id"],
+                    rejected_by_unit_id=unit_id,
+                    level=int(level),  # type: ignore[arg-type]
                 ),
             )
 
@@ -539,6 +548,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     "resolution": "",
                     "rejected": False,
                     "rejection_reason": "",
+                    "decided_by_unit_id": None,
+                    "decided_level": None,
                     "rating": 0,
                     "level_since": now,
                     "acknowledge_by": due.acknowledge_by,
@@ -820,6 +831,12 @@ def _sees(caller: Principal, ticket: Document) -> bool:
     except NotFound:
         return False
     return True
+
+
+def _deciding(caller: Principal) -> tuple[str, domain.Level]:
+    """The unit and level a ticket is resolved or rejected at: the caller's, who may be above
+    the unit it is assigned to (it is decided there, not forwarded)."""
+    return caller.scope, domain.level_of(caller.scope)
 
 
 def _reopen_until(ticket: Document, rules: Document) -> datetime:

@@ -168,6 +168,45 @@ async def test_a_retried_filing_gets_its_first_answer_though_its_category_was_wi
     await refused(grpc.StatusCode.INVALID_ARGUMENT, pilot.resident.SubmitTicket(filing))
 
 
+async def test_an_official_above_the_assigned_unit_decides_at_their_own_level(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A district officer resolving or rejecting a ward's ticket decides it as the district, in
+    the ticket's record and in the event; the ticket stays assigned to the ward."""
+    city = pilot.city
+    street_light, noise = [
+        (await pilot.routed((await pilot.submit(category)).ticket_id)).ticket_id
+        for category in ("street-light", "noise")
+    ]
+    resolved = await pilot.district_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=street_light, resolution="Quận đã thay bóng"
+        )
+    )
+    await pilot.district_officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(
+            request_id=rid(), ticket_id=noise, reason="Không thuộc thẩm quyền"
+        )
+    )
+
+    assert resolved.ticket.assigned_unit_id == city.ward
+    *_, resolved_event = await events_of(tickets_service, street_light)
+    *_, rejected_event = await events_of(tickets_service, noise)
+    assert isinstance(resolved_event, events_pb2.TicketResolved)
+    assert isinstance(rejected_event, events_pb2.TicketRejected)
+    at_district = (city.district, tickets_pb2.LEVEL_DISTRICT)
+    assert (resolved_event.resolved_by_unit_id, resolved_event.level) == at_district
+    assert (rejected_event.rejected_by_unit_id, rejected_event.level) == at_district
+    stored = {
+        ticket["_id"]: ticket
+        async for ticket in tickets_service.db["tickets"].find(
+            {"_id": {"$in": [street_light, noise]}}
+        )
+    }
+    for ticket in stored.values():
+        assert (ticket["decided_by_unit_id"], ticket["decided_level"]) == at_district
+
+
 async def test_a_ticket_can_be_rejected_with_a_reason(pilot: Pilot) -> None:
     ticket = await pilot.routed((await pilot.submit("noise")).ticket_id)
     await refused(
