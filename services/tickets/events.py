@@ -22,6 +22,7 @@ from services.tickets.store import TicketStore
 
 TOPIC = "civic.tickets.v1"
 REGISTRY_TOPIC = "civic.registry.v1"
+LINKED = type_name(events_pb2.TicketLinked())
 
 
 def ticket_event(outbox: Outbox, message: Message, ticket_id: str) -> Document:
@@ -145,15 +146,22 @@ class Router:
                 if primary is not None:
                     linked = [ticket["_id"], *sorted(followers)]
                     duplicates.setdefault(primary["_id"], set()).update(linked)
+                    # The primary and the followers change too: a queue watcher is told why.
                     writes.append(
                         UpdateOne(
                             {"_id": primary["_id"]},
-                            {"$addToSet": {"duplicates": {"$each": linked}}},
+                            {
+                                "$addToSet": {"duplicates": {"$each": linked}},
+                                "$set": {"last_change": LINKED},
+                            },
                         )
                     )
                     for follower in followers:
                         writes.append(
-                            UpdateOne({"_id": follower}, {"$set": {"duplicate_of": primary["_id"]}})
+                            UpdateOne(
+                                {"_id": follower},
+                                {"$set": {"duplicate_of": primary["_id"], "last_change": LINKED}},
+                            )
                         )
                         if follower in nearby:
                             nearby[follower]["duplicate_of"] = primary["_id"]

@@ -16,7 +16,7 @@ from bson import ObjectId
 from civic.tickets.v1 import events_pb2, tickets_pb2
 
 from services.common.broker import Delivery
-from services.common.cloudevents import CloudEvent
+from services.common.cloudevents import CloudEvent, type_name
 from services.common.mongo import Document, Session, in_transaction
 from services.tickets import domain
 from services.tickets.main import TicketsService
@@ -218,3 +218,6 @@ async def test_tickets_routed_out_of_order_form_one_cluster_not_a_chain(
     assert found[a["_id"]]["duplicate_of"] == found[b["_id"]]["duplicate_of"] == primary["_id"]
     assert set(found[primary["_id"]]["duplicates"]) == {a["_id"], b["_id"]}
     assert found[a["_id"]]["duplicates"] == []
+    # Each ticket the last link changed says so to a queue watcher: B moved, C gained two.
+    linked = type_name(events_pb2.TicketLinked())
+    assert found[b["_id"]]["last_change"] == found[primary["_id"]]["last_change"] == linked

@@ -21,6 +21,7 @@ from tests.tickets.conftest import Pilot, TicketCaller, eventually, point_near, 
 
 ROUTED = "civic.tickets.v1.TicketRouted"
 ACKNOWLEDGED = "civic.tickets.v1.TicketAcknowledged"
+LINKED = "civic.tickets.v1.TicketLinked"
 
 
 async def change_streams_for(service: TicketsService, unit_id: str) -> int:
@@ -105,6 +106,32 @@ async def test_a_ward_app_watches_its_queue_live(
         return await change_streams_for(tickets_service, ward) == 0
 
     await eventually(closed, within=5)
+
+
+async def test_a_watcher_is_told_a_duplicate_was_linked_not_an_old_change_again(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Linking a duplicate changes its primary (one more in `duplicates`): the ward app sees
+    that update as TicketLinked, not as the primary's previous change repeated."""
+    ward = pilot.city.ward
+    call = pilot.ward_officer.WatchQueue(tickets_pb2.WatchQueueRequest(unit_id=ward))
+    await eventually(lambda: change_streams_for(tickets_service, ward))
+    primary = (await pilot.submit()).ticket_id
+    assert (await next_update(call, primary)).change == ROUTED
+    await pilot.ward_officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=primary)
+    )
+    assert (await next_update(call, primary)).change == ACKNOWLEDGED
+
+    duplicate = (await pilot.submit(caller=pilot.neighbour, location=point_near(30))).ticket_id
+
+    routed = await next_update(call, duplicate)
+    assert (routed.change, routed.ticket.duplicate_of) == (ROUTED, primary)
+    linked = await next_update(call, primary)
+    assert linked.change == LINKED
+    assert list(linked.ticket.duplicates) == [duplicate]
+    assert linked.ticket.status == tickets_pb2.TICKET_STATUS_ACKNOWLEDGED
+    call.cancel()
 
 
 async def test_only_officials_of_the_unit_watch_its_queue(pilot: Pilot) -> None:
