@@ -31,6 +31,7 @@ from services.common.outbox import Outbox
 from services.common.paging import page_size
 from services.common.wire import duration, point_document, span, timestamp
 from services.tickets import domain
+from services.tickets.clusters import release, unlink
 from services.tickets.escalation import escalate
 from services.tickets.events import ticket_event
 from services.tickets.records import (
@@ -412,38 +413,43 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         caller = principal()
         unit_id, level = _deciding(caller)
 
+        async def resolve(
+            member: Document, now: datetime, session: Session
+        ) -> tuple[Document, list[Document]]:
+            return await self._set_status(
+                member,
+                session,
+                {
+                    "status": int(domain.Status.RESOLVED),
+                    "resolution": resolution,
+                    "resolved_at": now,
+                    "resolved_by": caller.subject,
+                    "decided_by_unit_id": unit_id,
+                    "decided_level": int(level),
+                    "rejected": False,
+                    "next_deadline": None,
+                },
+                events_pb2.TicketResolved(
+                    ticket_id=member["_id"],
+                    resolved_by_unit_id=unit_id,
+                    level=int(level),  # type: ignore[arg-type]
+                ),
+            )
+
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             now = self.clock()
             emitted: list[Document] = []
-            # The cluster is resolved together: its duplicates describe the same problem.
-            cluster = [ticket, *await self.store.linked(ticket["_id"])]
-            updated = ticket
-            for member in cluster:
-                if member["status"] not in domain.OPEN:
-                    continue
-                changed, events = await self._set_status(
-                    member,
-                    session,
-                    {
-                        "status": int(domain.Status.RESOLVED),
-                        "resolution": resolution,
-                        "resolved_at": now,
-                        "resolved_by": caller.subject,
-                        "decided_by_unit_id": unit_id,
-                        "decided_level": int(level),
-                        "rejected": False,
-                        "next_deadline": None,
-                    },
-                    events_pb2.TicketResolved(
-                        ticket_id=member["_id"],
-                        resolved_by_unit_id=unit_id,
-                        level=int(level),  # type: ignore[arg-type]
-                    ),
-                )
+            # The cluster is resolved together: its duplicates describe the same problem. One
+            # assigned beyond the caller's reach is not theirs to resolve: it leaves the cluster,
+            # open where it is. Duplicates first, so the answer shows the primary as they left it.
+            for duplicate in await self.store.open_duplicates(ticket, session):
+                if caller.covers(duplicate["assigned_unit_id"]):
+                    _, events = await resolve(duplicate, now, session)
+                else:
+                    _, events = await release(self.store, self.outbox, duplicate, now, session)
                 emitted += events
-                if member["_id"] == ticket["_id"]:
-                    updated = changed
-            return updated, emitted
+            updated, events = await resolve(ticket, now, session)
+            return updated, emitted + events
 
         return await self._act(
             "ResolveTicket",
@@ -499,7 +505,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             if domain.escalation_target(ticket["assigned_unit_id"]) is None:
                 raise FailedPrecondition("the city is the highest level; nobody is above it")
-            return await escalate(
+            ticket, unlinked = await self._apart(ticket, session)
+            updated, escalated = await escalate(
                 self.store,
                 self.outbox,
                 ticket,
@@ -508,6 +515,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 session,
                 comment=self._comment(caller, reason),
             )
+            return updated, unlinked + escalated
 
         return await self._act(
             "EscalateTicket",
@@ -538,7 +546,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             due = domain.deadlines(
                 rule_for(rules, ticket["category"]), level, now, acknowledged=False
             )
-            return await self._set_status(
+            ticket, unlinked = await self._apart(ticket, session)
+            updated, reopened = await self._set_status(
                 ticket,
                 session,
                 {
@@ -563,6 +572,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 ),
                 comment=self._comment(caller, reason),
             )
+            return updated, unlinked + reopened
 
         return await self._act(
             "ReopenTicket",
@@ -604,6 +614,13 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         return await self._act(
             "CloseTicket", request, tickets_pb2.CloseTicketResponse, "close", mutate, allowed
         )
+
+    async def _apart(self, ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+        """A duplicate escalated or reopened apart from its primary leaves the cluster: from then
+        on it goes up on its own deadlines and is decided on its own."""
+        if not ticket.get("duplicate_of"):
+            return ticket, []
+        return await unlink(self.store, self.outbox, ticket, session)
 
     async def _rules_that_routed(self, ticket: Document, session: Session) -> Document:
         """The rules version that routed the ticket (the current one, if it is gone)."""

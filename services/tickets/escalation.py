@@ -12,6 +12,7 @@ from datetime import datetime
 from civic.tickets.v1 import events_pb2
 from pymongo import AsyncMongoClient
 
+from services.common.auth import unit_within
 from services.common.cloudevents import type_name
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
@@ -31,27 +32,50 @@ async def escalate(
     session: Session,
     comment: Document | None = None,
 ) -> tuple[Document, list[Document]]:
-    """Moves the ticket one level up with fresh deadlines; at the city it stays as it is."""
+    """Moves the ticket one level up with fresh deadlines, and its open duplicates below that
+    level with it; at the city it stays as it is."""
     target = domain.escalation_target(ticket["assigned_unit_id"])
     if target is None:
         # Nobody is above the city: it keeps its passed deadline, so it stays overdue in the
         # city's queue (the sweep skips city tickets; see TicketStore.due).
         return ticket, []
-    rules_doc = await store.rules_version(ticket["rule_version"], session)
-    assert rules_doc is not None
-    rule = rule_for(rules_doc, ticket["category"])
+    updated, emitted = await _move(store, outbox, ticket, target, now, cause, session, comment)
+    # Its duplicates go with it, as the sweep never moves them alone: a cluster is handled in
+    # one place. One at that level or above already (routed by later rules) stays.
+    for duplicate in await store.open_duplicates(ticket, session):
+        if duplicate["assigned_unit_id"] != target and unit_within(
+            duplicate["assigned_unit_id"], target
+        ):
+            _, moved = await _move(
+                store,
+                outbox,
+                duplicate,
+                target,
+                now,
+                events_pb2.ESCALATION_CAUSE_WITH_PRIMARY,
+                session,
+            )
+            emitted += moved
+    return updated, emitted
+
+
+async def _move(
+    store: TicketStore,
+    outbox: Outbox,
+    ticket: Document,
+    target: str,
+    now: datetime,
+    cause: events_pb2.EscalationCause.ValueType,
+    session: Session,
+    comment: Document | None = None,
+) -> tuple[Document, list[Document]]:
+    """The ticket handed to `target`, to acknowledge anew by fresh deadlines there."""
     level = domain.level_of(target)
-    due = domain.deadlines(rule, level, now, acknowledged=False)
     changes: Document = {
         "status": int(domain.Status.ROUTED),
         "assigned_unit_id": target,
         "assigned_level": int(level),
-        "level_since": now,
-        "acknowledge_by": due.acknowledge_by,
-        "resolve_by": due.resolve_by,
-        "next_deadline": domain.next_deadline(
-            domain.Status.ROUTED, due.acknowledge_by, due.resolve_by
-        ),
+        **await fresh_deadlines(store, ticket, level, domain.Status.ROUTED, now, session),
         "escalations": ticket.get("escalations", 0) + 1,
         "last_change": type_name(events_pb2.TicketEscalated()),
     }
@@ -69,6 +93,28 @@ async def escalate(
         ticket["_id"],
     )
     return updated, [event]
+
+
+async def fresh_deadlines(
+    store: TicketStore,
+    ticket: Document,
+    level: domain.Level,
+    status: domain.Status,
+    now: datetime,
+    session: Session,
+) -> Document:
+    """The deadlines of a ticket in `status` at `level`, counted from now by the rules that
+    routed it."""
+    rules_doc = await store.rules_version(ticket["rule_version"], session)
+    assert rules_doc is not None
+    rule = rule_for(rules_doc, ticket["category"])
+    due = domain.deadlines(rule, level, now, acknowledged=status is not domain.Status.ROUTED)
+    return {
+        "level_since": now,
+        "acknowledge_by": due.acknowledge_by,
+        "resolve_by": due.resolve_by,
+        "next_deadline": domain.next_deadline(status, due.acknowledge_by, due.resolve_by),
+    }
 
 
 class Escalator:

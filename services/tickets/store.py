@@ -69,11 +69,18 @@ class TicketStore:
         return await self.tickets.find_one({"_id": ticket_id}, session=session)
 
     async def update(
-        self, ticket_id: str, changes: Document, session: Session, push: Document | None = None
+        self,
+        ticket_id: str,
+        changes: Document,
+        session: Session,
+        push: Document | None = None,
+        pull: Document | None = None,
     ) -> Document:
         update: Document = {"$set": changes}
         if push:
             update["$push"] = push
+        if pull:
+            update["$pull"] = pull
         updated = await self.tickets.find_one_and_update(
             {"_id": ticket_id}, update, session=session, return_document=True
         )
@@ -121,15 +128,29 @@ class TicketStore:
     async def linked(self, ticket_id: str) -> list[Document]:
         return await self.tickets.find({"duplicate_of": ticket_id}).to_list()
 
+    async def open_duplicates(self, primary: Document, session: Session) -> list[Document]:
+        """The primary's duplicates still open, found by the ids it lists."""
+        found = self.tickets.find(
+            {
+                "_id": {"$in": primary.get("duplicates", [])},
+                "duplicate_of": primary["_id"],
+                "status": {"$in": OPEN_STATUSES},
+            },
+            session=session,
+        )
+        return await found.sort("_id").to_list()
+
     async def due(self, now: datetime, limit: int = 200) -> list[Document]:
         """Open tickets past their deadline that can still go up: nobody is above the city, so
-        a city ticket keeps its deadline (and shows overdue) without being swept again."""
+        a city ticket keeps its deadline (and shows overdue) without being swept again; nor is
+        a duplicate, which goes up with its primary (see escalation.escalate)."""
         return (
             await self.tickets.find(
                 {
                     "status": {"$in": OPEN_STATUSES},
                     "next_deadline": {"$lt": now},  # passed, as domain.missed counts
                     "assigned_level": {"$ne": int(Level.CITY)},
+                    "duplicate_of": None,
                 }
             )
             .sort("next_deadline", ASCENDING)
@@ -156,6 +177,7 @@ class TicketStore:
         resolved = {"$and": [{"$ne": ["$resolved_at", None]}, {"$ne": ["$rejected", True]}]}
         rows = await self.tickets.aggregate(
             [
+                # A linked duplicate counts through its primary; one unlinked, on its own.
                 {"$match": {"origin_unit_id": in_unit(unit_id), "duplicate_of": None}},
                 {
                     "$group": {

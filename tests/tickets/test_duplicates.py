@@ -1,6 +1,7 @@
 """The same problem reported twice: a nearby open ticket of the same category links the new one
-as its duplicate, residents "+1" a ticket instead of filing again, officials see the cluster, and
-resolving the primary resolves its duplicates."""
+as its duplicate, residents "+1" a ticket instead of filing again, officials see the cluster,
+resolving the primary resolves the duplicates the resolver may handle, and a duplicate handled
+apart from its primary leaves the cluster."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from services.tickets.main import TicketsService
 from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
 from tests.tickets.test_lifecycle import events_of
+from tests.tickets.test_routing import replacing, rule, rules_changed
 
 
 async def refused(code: grpc.StatusCode, call: Awaitable[Any]) -> None:
@@ -170,6 +172,101 @@ async def test_resolving_the_primary_resolves_its_duplicates(pilot: Pilot) -> No
         )
     )
     assert rated.ticket.rating == 5
+
+
+async def test_a_duplicate_beyond_the_resolvers_reach_leaves_the_cluster_unresolved(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A duplicate routed to the district (its category moved there after the primary was
+    routed) is not the ward's to resolve: the ward resolving the primary resolves the rest of
+    the cluster, and that one leaves it, open at the district."""
+    city = pilot.city
+    at_ward = rule("test-cluster", tickets_pb2.LEVEL_WARD, "", 24)
+    at_district = rule("test-cluster", tickets_pb2.LEVEL_DISTRICT, "", 24)
+    async with rules_changed(pilot.admin, replacing([at_ward])):
+        primary = await pilot.routed((await pilot.submit("test-cluster")).ticket_id)
+        near = await pilot.submit("test-cluster", location=point_near(20))
+        beside = await pilot.routed(near.ticket_id)
+        async with rules_changed(pilot.admin, replacing([at_district])):
+            far = await pilot.submit(
+                "test-cluster", caller=pilot.neighbour, location=point_near(40)
+            )
+            above = await pilot.routed(far.ticket_id, pilot.neighbour)
+    assert {beside.duplicate_of, above.duplicate_of} == {primary.ticket_id}
+    assert above.assigned_unit_id == city.district
+
+    resolved = await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=primary.ticket_id, resolution="Đã xử lý"
+        )
+    )
+
+    assert list(resolved.ticket.duplicates) == [beside.ticket_id]
+    beside_now = (await cluster(pilot.ward_officer, beside.ticket_id)).ticket
+    assert beside_now.status == tickets_pb2.TICKET_STATUS_RESOLVED
+    left = (await cluster(pilot.district_officer, above.ticket_id)).ticket
+    assert (left.status, left.assigned_unit_id, left.duplicate_of) == (
+        tickets_pb2.TICKET_STATUS_ROUTED,
+        city.district,
+        "",
+    )
+    *_, unlinked = await events_of(tickets_service, above.ticket_id)
+    assert unlinked == events_pb2.TicketUnlinked(
+        ticket_id=above.ticket_id, duplicate_of=primary.ticket_id
+    )
+
+
+async def test_a_duplicate_handled_apart_from_its_primary_leaves_the_cluster(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Escalated by hand, or reopened by its submitter after the cluster was resolved, a
+    duplicate is handled on its own from then on: it leaves the cluster."""
+    city = pilot.city
+    primary = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    escalated, reopened = [
+        (
+            await pilot.routed(
+                (
+                    await pilot.submit(
+                        "street-light", caller=pilot.neighbour, location=point_near(meters)
+                    )
+                ).ticket_id,
+                pilot.neighbour,
+            )
+        ).ticket_id
+        for meters in (30, 60)
+    ]
+    await pilot.ward_officer.EscalateTicket(
+        tickets_pb2.EscalateTicketRequest(
+            request_id=rid(), ticket_id=escalated, reason="Cột điện riêng, cần quận xem"
+        )
+    )
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=primary, resolution="Đã thay bóng"
+        )
+    )
+    await pilot.neighbour.ReopenTicket(
+        tickets_pb2.ReopenTicketRequest(request_id=rid(), ticket_id=reopened, reason="Vẫn tối")
+    )
+
+    assert not (await cluster(pilot.ward_officer, primary)).linked
+    on_its_own = {
+        ticket_id: (await cluster(pilot.district_officer, ticket_id)).ticket
+        for ticket_id in (escalated, reopened)
+    }
+    assert {t.ticket_id: (t.status, t.assigned_unit_id) for t in on_its_own.values()} == {
+        escalated: (tickets_pb2.TICKET_STATUS_ROUTED, city.district),
+        reopened: (tickets_pb2.TICKET_STATUS_ROUTED, city.ward),
+    }
+    for ticket_id, ticket in on_its_own.items():
+        assert ticket.duplicate_of == ""
+        unlinked = [
+            event
+            for event in await events_of(tickets_service, ticket_id)
+            if isinstance(event, events_pb2.TicketUnlinked)
+        ]
+        assert [event.duplicate_of for event in unlinked] == [primary]
 
 
 async def test_a_report_from_another_ward_is_not_linked_across_the_boundary(

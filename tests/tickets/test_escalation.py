@@ -1,6 +1,7 @@
-"""Escalation: a ticket not handled in time climbs one level per missed deadline, driven by the
-service's running Escalator (sweeping every 0.2 s in tests) and a clock the test moves forward;
-officials escalate by hand and resolve at the level a ticket has reached; the city is the top."""
+"""Escalation: a ticket not handled in time climbs one level per missed deadline (missed once it
+has passed), driven by the service's running Escalator (sweeping every 0.2 s in tests) and a
+clock the test moves forward; duplicates go up with their primary, never alone; officials
+escalate by hand and resolve at the level a ticket has reached; the city is the top."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from services.tickets.main import TicketsService
 from services.tickets.records import ticket_message
 from services.tickets.store import TicketStore
 from tests.conftest import Clock
-from tests.tickets.conftest import Pilot, TicketCaller, eventually, rid
+from tests.tickets.conftest import Pilot, TicketCaller, eventually, point_near, rid
 from tests.tickets.test_lifecycle import get, refused
 
 # street-light: 24 h to acknowledge, 5 days to resolve, at every level.
@@ -150,6 +151,41 @@ async def test_an_acknowledged_ticket_not_resolved_in_time_goes_up(
     assert moved.escalations == 1
     (event,) = await escalations_of(tickets_service, ticket_id)
     assert event.cause == events_pb2.ESCALATION_CAUSE_NOT_RESOLVED_IN_TIME
+
+
+async def test_duplicates_go_up_with_their_primary_never_on_their_own(
+    pilot: Pilot, clock: Clock, tickets_service: TicketsService
+) -> None:
+    """While the ward works on a ticket, a duplicate nobody acknowledged stays with it, past its
+    own deadline; when the ticket goes up, its duplicates go with it."""
+    city = pilot.city
+    primary = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    filed = await pilot.submit("street-light", caller=pilot.neighbour, location=point_near(30))
+    duplicate = await pilot.routed(filed.ticket_id, pilot.neighbour)
+    assert duplicate.duplicate_of == primary
+    await pilot.ward_officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=primary)
+    )
+
+    clock.advance(hours=25)  # past the duplicate's 24 h to acknowledge, not the primary's 5 days
+    await asyncio.sleep(0.6)  # three sweeps
+    assert (await get(pilot.neighbour, duplicate.ticket_id)).assigned_unit_id == city.ward
+    assert not await escalations_of(tickets_service, duplicate.ticket_id)
+
+    clock.advance(days=4)  # past the primary's 5 days to resolve
+    await reaches(pilot.resident, primary, city.district)
+    moved = await get(pilot.neighbour, duplicate.ticket_id)
+    assert (moved.assigned_unit_id, moved.status) == (
+        city.district,
+        tickets_pb2.TICKET_STATUS_ROUTED,
+    )
+    assert moved.duplicate_of == primary
+    (event,) = await escalations_of(tickets_service, duplicate.ticket_id)
+    assert (event.from_unit_id, event.to_unit_id, event.cause) == (
+        city.ward,
+        city.district,
+        events_pb2.ESCALATION_CAUSE_WITH_PRIMARY,
+    )
 
 
 async def test_an_official_escalates_by_hand_and_the_level_above_resolves(

@@ -1,0 +1,57 @@
+"""A cluster: a ticket and the duplicates linked to it, handled in one place. Its open duplicates
+go up with it, never alone (see escalation.escalate), and are decided with it; a duplicate its
+decision leaves open, or one handled apart from it, leaves the cluster for good."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from civic.tickets.v1 import events_pb2
+
+from services.common.cloudevents import type_name
+from services.common.mongo import Document, Session
+from services.common.outbox import Outbox
+from services.tickets import domain
+from services.tickets.escalation import fresh_deadlines
+from services.tickets.events import ticket_event
+from services.tickets.store import TicketStore
+
+UNLINKED = type_name(events_pb2.TicketUnlinked())
+
+
+async def unlink(
+    store: TicketStore,
+    outbox: Outbox,
+    duplicate: Document,
+    session: Session,
+    changes: Document | None = None,
+) -> tuple[Document, list[Document]]:
+    """The duplicate out of its cluster, a ticket of its own from now on (with `changes`): swept
+    on its own deadlines, counted in the statistics, no longer among its primary's."""
+    primary_id = duplicate["duplicate_of"]
+    updated = await store.update(
+        duplicate["_id"],
+        {**(changes or {}), "duplicate_of": None, "last_change": UNLINKED},
+        session,
+    )
+    await store.update(
+        primary_id, {"last_change": UNLINKED}, session, pull={"duplicates": duplicate["_id"]}
+    )
+    event = events_pb2.TicketUnlinked(ticket_id=duplicate["_id"], duplicate_of=primary_id)
+    return updated, [ticket_event(outbox, event, duplicate["_id"])]
+
+
+async def release(
+    store: TicketStore, outbox: Outbox, duplicate: Document, now: datetime, session: Session
+) -> tuple[Document, list[Document]]:
+    """A duplicate its primary's decision leaves open, on its own where it is. Its deadlines
+    start afresh: while linked nobody was held to them (the sweep left it to its primary)."""
+    deadlines = await fresh_deadlines(
+        store,
+        duplicate,
+        domain.Level(duplicate["assigned_level"]),
+        domain.Status(duplicate["status"]),
+        now,
+        session,
+    )
+    return await unlink(store, outbox, duplicate, session, deadlines)
