@@ -467,7 +467,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         unit_id, level = _deciding(principal())
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
-            return await self._set_status(
+            now = self.clock()
+            emitted: list[Document] = []
+            # A rejection decides this ticket alone: its open duplicates stay to be handled,
+            # each a ticket of its own again. First, so the answer shows the primary without them.
+            for duplicate in await self.store.open_duplicates(ticket, session):
+                _, events = await release(self.store, self.outbox, duplicate, now, session)
+                emitted += events
+            updated, events = await self._set_status(
                 ticket,
                 session,
                 {
@@ -475,7 +482,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     "rejection_reason": reason,
                     # Decided, but not resolved: statistics tell the two apart by this.
                     "rejected": True,
-                    "resolved_at": self.clock(),
+                    "resolved_at": now,
                     "decided_by_unit_id": unit_id,
                     "decided_level": int(level),
                     "next_deadline": None,
@@ -486,6 +493,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     level=int(level),  # type: ignore[arg-type]
                 ),
             )
+            return updated, emitted + events
 
         return await self._act(
             "RejectTicket",

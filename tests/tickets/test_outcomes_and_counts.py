@@ -1,10 +1,11 @@
 """What a ticket's outcome allows afterwards, and how tickets are counted: a rejection is not
 rated, the submitter's right to reopen outlasts an official's wish to close, a reopened ticket
-carries no old outcome, a cluster is never a chain, and only a ticket with a deadline is
-overdue."""
+carries no old outcome, a rejected primary's duplicates stand (and count) on their own, a cluster
+is never a chain, and only a ticket with a deadline is overdue."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
@@ -22,8 +23,8 @@ from services.tickets import domain
 from services.tickets.main import TicketsService
 from services.tickets.records import new_ticket
 from tests.conftest import Clock
-from tests.tickets.conftest import HOME, Pilot, rid
-from tests.tickets.test_lifecycle import refused
+from tests.tickets.conftest import HOME, Pilot, point_near, rid
+from tests.tickets.test_lifecycle import events_of, get, near, refused
 
 RESOLUTION = "Đã thay bóng đèn"
 
@@ -127,6 +128,48 @@ async def test_a_reopen_past_the_comment_limit_is_refused(
             )
         ),
     )
+
+
+async def test_a_rejected_primarys_open_duplicates_stand_on_their_own(
+    pilot: Pilot, clock: Clock, tickets_service: TicketsService
+) -> None:
+    """A rejection decides only the ticket rejected: its open duplicates leave the cluster and
+    stay in the ward's queue as tickets of their own, counted open, with fresh deadlines (while
+    linked their own were not watched, so the ward gets a full period for them)."""
+    city = pilot.city
+    primary = (await pilot.routed((await pilot.submit()).ticket_id)).ticket_id
+    filed = await pilot.submit(caller=pilot.neighbour, location=point_near(30))
+    duplicate = (await pilot.routed(filed.ticket_id, pilot.neighbour)).ticket_id
+    await pilot.ward_officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=primary)
+    )
+    clock.advance(hours=25)  # the duplicate's own 24 h to acknowledge have passed
+
+    rejected = await pilot.ward_officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(
+            request_id=rid(), ticket_id=primary, reason="Đèn trong khuôn viên tư nhân"
+        )
+    )
+
+    assert not rejected.ticket.duplicates
+    await asyncio.sleep(0.6)  # three sweeps: nothing of it is due
+    alone = await get(pilot.ward_officer, duplicate)
+    assert (alone.status, alone.assigned_unit_id, alone.duplicate_of) == (
+        tickets_pb2.TICKET_STATUS_ROUTED,
+        city.ward,
+        "",
+    )
+    assert not alone.overdue
+    assert near(alone.acknowledge_by, clock() + timedelta(hours=24))
+    queue = await pilot.ward_officer.ListQueue(tickets_pb2.ListQueueRequest(unit_id=city.ward))
+    assert duplicate in {t.ticket_id for t in queue.tickets}
+    stats = await pilot.ward_officer.GetStatistics(
+        tickets_pb2.GetStatisticsRequest(unit_id=city.ward)
+    )
+    [row] = [r for r in stats.statistics if r.category == "street-light"]
+    assert (row.total, row.open) == (2, 1)
+    *_, unlinked = await events_of(tickets_service, duplicate)
+    assert unlinked == events_pb2.TicketUnlinked(ticket_id=duplicate, duplicate_of=primary)
 
 
 async def test_a_ticket_not_yet_routed_is_open_but_not_overdue(
