@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from pymongo.errors import ConnectionFailure
 
 from services.common import auth
 from services.common.errors import DomainError, Unauthenticated
@@ -129,6 +130,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             except DomainError as error:
                 span.set_attribute("rpc.grpc.status_code", error.code.value[0])
                 await context.abort(error.code, error.message)
+            except ConnectionFailure as error:
+                # MongoDB out of reach (a failover, a restart): the caller may try again; every
+                # write path is idempotent under retries.
+                log.warning("%s: the database did not answer: %s", method, error)
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR))
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "the database did not answer; try again"
+                )
             except Exception as error:
                 trace_id = format(span.get_span_context().trace_id, "032x")
                 log.exception("unhandled error in %s (trace %s)", method, trace_id)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pymongo.errors import ServerSelectionTimeoutError
 
 from infra.local import free_port
 from services.common.auth import Role, principal
@@ -35,6 +36,8 @@ async def probe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> 
             raise FailedPrecondition("person is deceased")
         case b"crash":
             raise RuntimeError("secret internal detail: /srv/civic/db password=hunter2")
+        case b"database away":
+            raise ServerSelectionTimeoutError("mongo-0.internal:27017: connection refused")
     return request
 
 
@@ -121,6 +124,15 @@ async def test_a_streams_own_time_limit_is_a_fault_not_an_expired_token(target: 
                 received.append(item)
     assert received == [b"ward_officer"]
     assert error.value.code() == grpc.StatusCode.INTERNAL
+
+
+async def test_a_database_out_of_reach_is_unavailable_to_retry_and_names_no_host(
+    target: str,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(target, b"database away")
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "mongo-0" not in (error.value.details() or "")
 
 
 async def test_credentials_are_required(target: str) -> None:
