@@ -37,7 +37,7 @@ import urllib3
 from minio import Minio
 from pymongo.errors import OperationFailure, PyMongoError
 
-from services.common.config import Settings
+from services.common.config import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,32 @@ class Ports:
 
     @classmethod
     def load(cls, path: Path) -> Ports:
-        return cls(**json.loads(path.read_text()))
+        """The ports saved in an environment's ports.json. A port the file lacks (written
+        before that server needed it) gets a free one; a damaged file is an InfraError that
+        says what to do."""
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as exc:  # not JSON, or not text
+            raise _damaged(path, str(exc).splitlines()[0]) from None
+        if not isinstance(saved, dict):
+            raise _damaged(path, "not a JSON object")
+        names = list(cls.__dataclass_fields__)
+        bad = [name for name in names if name in saved and not _is_port(saved[name])]
+        if bad:
+            raise _damaged(path, f"not a port number: {', '.join(bad)}")
+        free = asdict(cls.free()) if any(name not in saved for name in names) else {}
+        return cls(**{name: saved[name] if name in saved else free[name] for name in names})
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def _damaged(path: Path, reason: str) -> InfraError:
+    return InfraError(
+        f"{path} is damaged ({reason}); delete it, then stop and start the environment "
+        f"(down, up): it gets new free ports"
+    )
 
 
 @dataclass(frozen=True)
@@ -225,9 +250,12 @@ class LocalStack:
         for server in to_start:
             for port in self.ports.of(server):
                 if port_busy(port):
+                    # An environment keeps its ports (dev's are fixed): the way out is to free
+                    # the port or to use an environment of its own.
                     raise InfraError(
-                        f"port {port} ({server}) is in use by another process; stop it or "
-                        f"choose other ports (data dir {self.root})"
+                        f"port {port} ({server}) of the environment in {self.root} is in use by "
+                        f"another process; stop that process, or use another environment "
+                        f"(--env NAME gets free ports of its own)"
                     )
         if "s3" in to_start:
             self._write_s3_identities(settings)
@@ -328,7 +356,8 @@ class LocalStack:
 
     def _spawn(self, server: str, argv: list[str]) -> None:
         with self.log_file(server).open("ab") as out:
-            out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n".encode())
+            started = f"{_START_MARKER}{time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}"
+            out.write(f"\n{started}\n".encode())
             out.flush()
             proc = subprocess.Popen(
                 argv,
@@ -350,7 +379,7 @@ class LocalStack:
         def check_alive() -> None:
             if pid is not None and not _alive(pid):
                 raise InfraError(
-                    f"{server} exited while starting: {_last_line(self.log_file(server))} "
+                    f"{server} exited while starting: {self._exit_reason(server)} "
                     f"(log: {self.log_file(server)})"
                 )
 
@@ -360,6 +389,16 @@ class LocalStack:
             _wait_tcp("kafka", self.ports.kafka, deadline, check_alive)
         else:
             _wait_s3(self._s3_client(settings), self.ports.s3, deadline, check_alive)
+
+    def _exit_reason(self, server: str) -> str:
+        """Why the server stopped, from its log. mongod ends with "Shutting down" whatever
+        went wrong: its reason is the last error it logged."""
+        log = self.log_file(server)
+        if server == "mongo":
+            with contextlib.suppress(OSError):
+                if reason := _mongo_error(_log_lines(log)):
+                    return reason
+        return last_line(log)
 
     def _s3_client(self, settings: Settings) -> Minio:
         # No retries and short timeouts: this is a readiness probe, the caller polls.
@@ -557,14 +596,44 @@ def _process_states() -> Iterator[tuple[str, int]]:
         yield fields[0], int(fields[2])
 
 
-def _last_line(path: Path) -> str:
+_START_MARKER = "--- "  # _spawn writes it, with the time and command line, before each start
+_MAX_REASON = 300
+
+
+def last_line(path: Path) -> str:
+    """The log's last meaningful line, for a one-line report of why a process stopped."""
     try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = _log_lines(path)
     except OSError:
         return "no log"
-    # Skip noida-db's harmless glibc "weak version" warning.
-    lines = [ln for ln in lines if "weak version" not in ln]
-    return lines[-1][:300] if lines else "no output"
+    return lines[-1][:_MAX_REASON] if lines else "no output"
+
+
+def _log_lines(path: Path) -> list[str]:
+    """The log's non-empty lines since the last start marker (all of them in a log without
+    one), but noida-db's harmless glibc "weak version" warning."""
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith(_START_MARKER)]
+    current = lines[starts[-1] + 1 :] if starts else lines
+    return [line for line in current if line and "weak version" not in line]
+
+
+def _mongo_error(lines: list[str]) -> str | None:
+    """The last error (severity E) or fatal (F) entry of mongod's JSON log, with its reason."""
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict) or entry.get("s") not in ("E", "F"):
+            continue
+        attr = entry.get("attr")
+        error = attr.get("error") if isinstance(attr, dict) else None
+        if isinstance(error, dict):  # a Status: {code, codeName, errmsg}
+            error = error.get("errmsg") or error.get("codeName")
+        message = f"{entry.get('msg', '')}: {error}" if error else str(entry.get("msg", ""))
+        return message[:_MAX_REASON]
+    return None
 
 
 def port_busy(port: int) -> bool:
@@ -674,16 +743,25 @@ def _stack_for(env: str, root: Path | None) -> LocalStack:
     return LocalStack(root, ports)
 
 
+def command_logging() -> None:
+    """Logging for an infra command: its own lines, at INFO. aiokafka logs every failed
+    attempt to reach a broker and urllib3 every retry of an S3 call; the command reports the
+    outcome in one line of its own."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.local", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--env", default="dev", help="environment name (default: dev)")
     parser.add_argument("--root", type=Path, help="data directory (default: .civic/<env>)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command_logging()
 
-    stack = _stack_for(args.env, args.root)
     try:
+        stack = _stack_for(args.env, args.root)
         if args.command == "up":
             started = time.monotonic()
             endpoints = stack.up()
@@ -698,14 +776,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for server, state in stack.status().items():
                 print(f"{server:<6} {state}")
-    except (InfraError, OSError) as exc:  # one line for the user, no traceback
+    except (InfraError, SettingsError, OSError) as exc:  # one line for the user, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def free_port() -> int:
@@ -731,3 +805,12 @@ def isolated_settings(endpoints: Endpoints, run: str, **overrides: Any) -> Setti
         "grpc_port": free_port(),
     }
     return Settings(**(fields | overrides))
+
+
+if __name__ == "__main__":
+    # Run with -m, this file is the module __main__, apart from the infra.local that
+    # infra.provision imports: main must be that module's, or the InfraError it catches is
+    # another class than the one provisioning raises.
+    from infra.local import main as _main
+
+    sys.exit(_main())

@@ -18,8 +18,8 @@ from aiokafka.errors import KafkaError, for_code
 from minio import Minio
 from minio.error import S3Error
 
-from infra.local import Endpoints, InfraError
-from services.common.config import Settings
+from infra.local import Endpoints, InfraError, command_logging
+from services.common.config import Settings, SettingsError
 from services.common.topology import BUCKETS, TOPICS, Topic
 
 log = logging.getLogger(__name__)
@@ -124,14 +124,12 @@ def _create_buckets(endpoints: Endpoints) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # aiokafka logs every failed attempt while the broker starts; the outcome is reported below.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    settings = Settings()
-    endpoints = Endpoints.from_settings(settings)
+    command_logging()
     try:
+        settings = Settings()
+        endpoints = Endpoints.from_settings(settings)
         asyncio.run(provision(endpoints, settings.kafka_partitions))
-    except InfraError as exc:
+    except (InfraError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(

@@ -264,6 +264,8 @@ def test_busy_port_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFix
     message = str(caught.value)
     assert "\n" not in message
     assert f"port {ports.seaweed_filer} (s3)" in message
+    # The environment keeps its ports (dev's are fixed): the remedies are these two.
+    assert "stop that process" in message and "--env" in message
     assert capsys.readouterr().err == f"error: {message}\n"
     # Nothing was started.
     assert not any((tmp_path / "pids").iterdir())
@@ -295,3 +297,82 @@ def test_a_stopped_servers_uncollected_process_counts_as_stopped() -> None:
     finally:
         server.kill()
         server.wait()
+
+
+def run_local(*args: str, **env: str) -> tuple[int, list[str]]:
+    """`python -m infra.local ARGS` as an operator runs it: (exit status, lines on stderr)."""
+    outer = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    done = subprocess.run(
+        [sys.executable, "-m", "infra.local", *args],
+        env=outer | env,
+        cwd=local.REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.returncode, done.stderr.splitlines()
+
+
+def test_a_provisioning_failure_under_python_m_is_one_line(tmp_path: Path) -> None:
+    """Run as a script the module is __main__, apart from the infra.local that provisioning
+    raises its InfraError from; and aiokafka's log of each failed attempt stays quiet."""
+    closed = f"127.0.0.1:{local.free_port()}"
+    status, err = run_local(
+        *("up", "--env", "opsfail", "--root", str(tmp_path)),
+        CIVIC_MONGO_URI=f"mongodb://{closed}/?replicaSet=rs0",
+        KAFKA_BOOTSTRAP_SERVERS=closed,
+        CIVIC_S3_ENDPOINT=closed,
+    )
+    assert status == 1
+    assert len(err) == 1 and err[0].startswith(f"error: S3 at {closed}"), err
+
+
+def test_a_bad_setting_is_one_line_naming_its_variable(tmp_path: Path) -> None:
+    status, err = run_local(
+        "up", "--env", "opsbad", "--root", str(tmp_path), CIVIC_KAFKA_PARTITIONS="six"
+    )
+    assert status == 1
+    assert len(err) == 1 and err[0].startswith("error: CIVIC_KAFKA_PARTITIONS: "), err
+    assert not list(tmp_path.glob("pids/*"))  # nothing started
+
+
+def test_a_damaged_ports_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "ports.json").write_text('{"mongo": 27017,')
+    for command in ("status", "down", "up"):
+        status, err = run_local(command, "--env", "opsports", "--root", str(tmp_path))
+        assert status == 1
+        assert len(err) == 1, err
+        assert err[0].startswith(f"error: {tmp_path / 'ports.json'} is damaged"), err
+        assert "delete it" in err[0]
+
+
+def test_a_ports_file_of_an_older_version_gets_free_ports_for_what_it_lacks(
+    tmp_path: Path,
+) -> None:
+    old = {"mongo": local.free_port(), "kafka": local.free_port(), "s3": local.free_port()}
+    (tmp_path / "ports.json").write_text(json.dumps(old))
+    for command in ("status", "down"):
+        status, err = run_local(command, "--env", "opsold", "--root", str(tmp_path))
+        assert (status, err) == (0, [])
+    ports = Ports.load(tmp_path / "ports.json")
+    assert (ports.mongo, ports.kafka, ports.s3) == (old["mongo"], old["kafka"], old["s3"])
+    assert all(0 < port < 65536 for port in dataclasses.asdict(ports).values())
+
+
+def test_mongo_that_exits_while_starting_is_reported_by_its_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not mongod's last line ("Shutting down"): the error that made it stop."""
+    closed = f"127.0.0.1:{local.free_port()}"
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", closed)  # only mongo starts
+    monkeypatch.setenv("CIVIC_S3_ENDPOINT", closed)
+    stack = LocalStack(tmp_path, Ports.free())
+    (stack.data_dir("mongo") / "mongod.lock").mkdir(parents=True)  # mongod cannot lock its dir
+
+    with pytest.raises(InfraError) as caught:
+        stack.up()
+
+    message = str(caught.value)
+    assert message.startswith("mongo exited while starting: "), message
+    assert "lock file" in message and "Shutting down" not in message
+    assert not any((tmp_path / "pids").iterdir())

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import socket
 from functools import lru_cache
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Ports each service's gRPC server listens on unless told otherwise.
@@ -16,6 +17,10 @@ GRPC_PORTS: dict[str, int] = {
     "ledger": 50054,
     "gis": 50055,
 }
+
+
+class SettingsError(ValueError):
+    """A setting holds a value of the wrong kind; the message, one line, names its variable."""
 
 
 class Settings(BaseSettings):
@@ -66,6 +71,14 @@ class Settings(BaseSettings):
     # relay lease both let a restarted instance take over its own place at once.
     instance_id: str = ""
 
+    def __init__(self, **values: Any) -> None:
+        # Every command and service reads its settings first: a bad value names the variable
+        # to fix, in a line a command can print, instead of pydantic's report of field paths.
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(_problems(error)) from None
+
     def instance_for(self, service: str) -> str:
         if self.instance_id:
             return self.instance_id
@@ -83,6 +96,23 @@ class Settings(BaseSettings):
 
     def database_for(self, service: str) -> str:
         return f"{self.database_prefix}_{service}"
+
+
+def env_name(field: str) -> str:
+    """The environment variable a Settings field is read from."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, str):
+        return alias
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _problems(error: ValidationError) -> str:
+    problems = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        name = env_name(field) if field in Settings.model_fields else field
+        problems.append(f"{name}: {problem['msg']}")
+    return "; ".join(problems)
 
 
 @lru_cache(maxsize=1)
