@@ -216,6 +216,10 @@ class LocalStack:
         with self._lock():
             self._stop(list(SERVERS))
 
+    def own_servers(self) -> list[str]:
+        """The servers this stack runs itself: those no variable points elsewhere."""
+        return [server for server in SERVERS if not self._external(server)]
+
     def status(self) -> dict[str, str]:
         result: dict[str, str] = {}
         for server in SERVERS:
@@ -243,7 +247,7 @@ class LocalStack:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "ports.json").write_text(json.dumps(asdict(self.ports), indent=2) + "\n")
 
-        wanted = [s for s in SERVERS if not self._external(s)]
+        wanted = self.own_servers()
         to_start = [s for s in wanted if self._running_pid(s) is None]
         # Check everything before starting anything, so a failure leaves nothing behind.
         argvs = {s: self._argv(s) for s in to_start}

@@ -41,12 +41,14 @@ from infra import local
 from infra.local import InfraError
 from services import demo_day, topic_tail
 from services.common.auth import Role, mint_token
-from services.common.config import GRPC_PORTS, Settings
+from services.common.broker import faststream_warnings_only
+from services.common.config import GRPC_PORTS, Settings, SettingsError
 from services.common.grpc_client import civic_channel
 from services.common.runtime import run_async
 from services.ledger import replay
 from services.platform import create_units
 from services.registry import csv_rows
+from services.registry.importer import STARTED_HEADER
 from services.synthetic_city import DEFAULT_GROUPS, DEFAULT_RESIDENTS, SyntheticCity, write_csv
 
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
@@ -56,6 +58,7 @@ TOKEN_ENV = "CIVIC_TOKEN"
 PROGRESS_EVERY = 10_000  # rows between progress lines on stderr
 WAITING_EVERY = 10.0  # seconds between lines while the registry applies the last rows
 MAX_CHUNK = 5_000  # rows per message; keeps a message well under gRPC's 4 MB default limit
+MAX_TTL_HOURS = 366 * 24  # a year: a longer-lived token is a standing credential
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -64,12 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Commands report problems in one line of their own: the clients' logs would repeat them
     # (aiokafka's connection errors) or bury the story (faststream's per-message lines).
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    logging.getLogger("faststream").setLevel(logging.WARNING)
+    faststream_warnings_only()
     try:
         return run_async(run(argv))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SettingsError as error:  # any command's settings, read where it needs them
+        return _fail(str(error), status=2)
 
 
 async def run(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--scope", required=True, metavar="UNIT_ID", help="e.g. dn.hc.hc1")
     token.add_argument("--household", default="", metavar="HH", help="a resident's household")
     token.add_argument("--subject", default="", help="who the token is for (default: you)")
-    token.add_argument("--ttl-hours", type=_positive(float), default=12.0, metavar="N")
+    token.add_argument(
+        "--ttl-hours", type=_positive(float, MAX_TTL_HOURS), default=12.0, metavar="N"
+    )
     token.set_defaults(handler=_token)
 
     imports = commands.add_parser(
@@ -277,10 +284,12 @@ async def _import_csv(args: argparse.Namespace) -> int:
         try:
             response = await stub.ImportPersons(stream.requests())
         except grpc.aio.AioRpcError as error:
+            # Only an import the registry had begun can have committed rows (a refused token
+            # or an unreachable registry imported nothing).
+            begun = any(key == STARTED_HEADER for key, _ in error.initial_metadata() or ())
             again = " (rows committed before it stay; running the file again is safe)"
             return _fail(
-                f"import failed: {error.code().name}: {error.details()}"
-                + (again if stream.sent else ""),
+                f"import failed: {error.code().name}: {error.details()}" + (again if begun else ""),
                 status=1,
             )
         finally:
@@ -393,6 +402,12 @@ async def _city(args: argparse.Namespace) -> int:
         city = SyntheticCity(args.residents, groups=args.groups, seed=args.seed)
     except ValueError as error:
         return _fail(str(error), status=2)
+    directory: Path = args.directory
+    # Before the units go into the registry: a directory that cannot be made leaves no trace.
+    try:
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    except OSError as error:
+        return _fail(f"{directory}: cannot make the directory: {error.strerror or error}", status=2)
     if args.token:
         units = [(u.parent_id, u.code, u.name, u.kind) for u in city.units()]
         async with civic_channel(args.target, args.token) as channel:
@@ -401,11 +416,12 @@ async def _city(args: argparse.Namespace) -> int:
             except grpc.aio.AioRpcError as error:
                 return _fail(f"creating units: {error.code().name}: {error.details()}", status=1)
         print(f"{len(units):,} units in the registry")
-    directory: Path = args.directory
-    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
     for ward in city.wards:
         path = directory / f"{ward.unit_id}.csv"
-        rows = await asyncio.to_thread(write_csv, path, city.ward_records(ward.unit_id))
+        try:
+            rows = await asyncio.to_thread(write_csv, path, city.ward_records(ward.unit_id))
+        except OSError as error:
+            return _fail(f"{path}: {error.strerror or error}", status=1)
         print(f"{path}: {rows:,} persons")
     return 0
 
@@ -432,13 +448,21 @@ async def _tail(args: argparse.Namespace) -> int:
         )
     except KafkaError as error:
         return _fail(f"Kafka at {bootstrap}: {error}", status=1)
+    except topic_tail.MissingTopic as error:
+        return _fail(str(error), status=1)
     return 0
 
 
 async def _demo(args: argparse.Namespace) -> int:
     try:
         return await demo_day.command()
-    except (InfraError, TimeoutError, grpc.aio.AioRpcError, KafkaError) as error:
+    except (
+        InfraError,
+        TimeoutError,
+        grpc.aio.AioRpcError,
+        KafkaError,
+        topic_tail.MissingTopic,
+    ) as error:
         return _fail(f"the demo stopped: {error}", status=1)
 
 

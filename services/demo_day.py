@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 import sys
 import tempfile
 import urllib.request
@@ -54,6 +53,7 @@ from PIL import Image
 from infra.local import LocalStack, Ports, free_port, isolated_settings
 from services import topic_tail
 from services.common.auth import Role, mint_token
+from services.common.broker import faststream_warnings_only
 from services.common.clock import Clock
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
@@ -713,17 +713,28 @@ async def command() -> int:
     def say(line: str) -> None:
         print(line, file=story, flush=True)
 
-    logging.getLogger("faststream").setLevel(logging.WARNING)
+    faststream_warnings_only()
     # faststream's loggers write to the stdout of when they are made: keep stdout for the story.
     with contextlib.redirect_stdout(sys.stderr):
         return await _on_own_servers(say)
+
+
+SERVER_NAMES = {"mongo": "MongoDB", "kafka": "Kafka-protocol broker", "s3": "S3"}
+
+
+def _starting(own_servers: list[str]) -> str:
+    """What the demo starts: the servers no variable points elsewhere, and the services."""
+    if not own_servers:
+        return "Starting the five services on the external servers…"
+    names = ", ".join(SERVER_NAMES[server] for server in own_servers)
+    return f"Starting local servers ({names}) and the five services…"
 
 
 async def _on_own_servers(say: Callable[[str], None]) -> int:
     outside = Settings()
     with tempfile.TemporaryDirectory(prefix="civic-demo-") as tmp:
         stack = LocalStack(Path(tmp) / "servers", Ports.free())
-        say("Starting local servers (MongoDB, Kafka-protocol broker, S3) and the five services…")
+        say(_starting(stack.own_servers()))
         endpoints = await asyncio.to_thread(stack.up)
         try:
             settings = isolated_settings(

@@ -28,6 +28,10 @@ class UnknownTopic(ValueError):
     pass
 
 
+class MissingTopic(LookupError):
+    """The broker has no such topic (not provisioned there)."""
+
+
 def load_event_types(topic: str) -> None:
     """Import the topic's event messages, so their type names decode."""
     if topic not in TOPIC_NAMES:
@@ -74,7 +78,6 @@ async def tail(
     load_event_types(topic)
     kafka_fetch.install()
     consumer = AIOKafkaConsumer(
-        topic,
         bootstrap_servers=bootstrap_servers,
         group_id=None,
         enable_auto_commit=False,
@@ -83,6 +86,15 @@ async def tail(
     )
     try:
         await consumer.start()
+        # Asked for before subscribing: a broker without the topic would leave the tail waiting
+        # in silence, or create it on the subscription's request (noida-db does) with one
+        # partition, which provisioning never changes afterwards.
+        if topic not in await consumer.topics():
+            raise MissingTopic(
+                f"topic {topic} does not exist on {bootstrap_servers}; provision it "
+                f"(python -m infra.provision, or civic stack up)"
+            )
+        consumer.subscribe([topic])
     except BaseException:
         await consumer.stop()  # a consumer that could not start still holds its client
         raise

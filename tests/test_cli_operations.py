@@ -1,15 +1,18 @@
-"""The `civic` command for operators: a topic tailed as decoded events, the local stack status."""
+"""The `civic` command for operators: a topic tailed as decoded events, the local stack status,
+what the demo prints."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 import uuid
 
 import pytest
 from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 
 from infra.local import REPO_ROOT
 from services import cli, topic_tail
@@ -95,6 +98,60 @@ async def test_tail_of_an_unreachable_broker_is_one_line() -> None:
     lines = err.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Kafka at 127.0.0.1:1"), lines
     assert not out
+
+
+async def test_tail_of_a_topic_the_broker_lacks_is_one_line_and_creates_nothing(
+    settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a silent wait for ever; nor a topic made with one partition on a broker that
+    creates topics when asked for them."""
+    absent = f"civic.absent{uuid.uuid4().hex[:8]}.v1"
+    # As if this build knew a topic the servers were never provisioned with.
+    monkeypatch.setattr(topic_tail, "TOPIC_NAMES", (*topic_tail.TOPIC_NAMES, absent))
+    monkeypatch.setattr(topic_tail, "load_event_types", lambda topic: None)
+
+    args = ["tail", absent, "--bootstrap", settings.kafka_bootstrap_servers]
+    status = await asyncio.wait_for(cli.run(args), 60)
+
+    assert status == 1
+    bootstrap = settings.kafka_bootstrap_servers
+    assert capsys.readouterr().err == (
+        f"error: topic {absent} does not exist on {bootstrap}; provision it "
+        "(python -m infra.provision, or civic stack up)\n"
+    )
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        assert absent not in await admin.list_topics()
+    finally:
+        await admin.close()
+
+
+async def test_demo_tells_its_story_on_stdout_and_only_warnings_on_stderr(
+    settings: Settings,
+) -> None:
+    """faststream's access logger (own level, own coloured handler) keeps quiet too; and the
+    demo names only the servers it starts itself: here not MongoDB, which is the session's.
+    (Its own broker: on the session's, the pilot's households would reach other tests.)"""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAFKA_BOOTSTRAP_SERVERS", "CIVIC_S3_ENDPOINT")
+    }
+    demo = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "services.cli", "demo"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env | {"CIVIC_MONGO_URI": settings.mongo_uri},
+    )
+    out, err = await asyncio.wait_for(demo.communicate(), 300)
+
+    assert demo.returncode == 0, err.decode()
+    first = out.decode().splitlines()[0]
+    assert first == "Starting local servers (Kafka-protocol broker, S3) and the five services…"
+    noise = [line for line in err.decode().splitlines() if "INFO" in line or "\x1b[" in line]
+    assert noise == []
 
 
 async def test_stack_status_of_an_environment_never_started(

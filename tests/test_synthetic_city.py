@@ -4,12 +4,17 @@ import files."""
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from civic.registry.v1 import registry_pb2
 
+from infra.local import REPO_ROOT, free_port
 from services import cli
 from services.registry import csv_rows
 from services.synthetic_city import SyntheticCity
@@ -87,3 +92,32 @@ def test_civic_city_writes_an_import_file_per_ward(tmp_path: Path) -> None:
     files = sorted(tmp_path.glob("*.csv"))
     assert [path.stem for path in files] == sorted(w.unit_id for w in SyntheticCity(3_000).wards)
     assert sum(csv_rows.count_records(path) for path in files) == 3_000
+
+
+# A path that is a file, and a path under a file.
+UNMAKEABLE = {"a-file": errno.EEXIST, "a-file/wards": errno.ENOTDIR}
+
+
+@pytest.mark.parametrize("where", list(UNMAKEABLE))
+def test_civic_city_into_a_directory_it_cannot_make_is_one_line_and_does_nothing(
+    tmp_path: Path, where: str
+) -> None:
+    """Checked before the units go to the registry: with --token, the error is the
+    directory's, not the (unreachable) registry's."""
+    (tmp_path / "a-file").write_text("not a directory\n")
+    directory = tmp_path / where
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "services.cli", "city", str(directory), "--residents", "10"),
+            *("--token", "any", "--target", f"127.0.0.1:{free_port()}"),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {directory}: cannot make the directory: {os.strerror(UNMAKEABLE[where])}"
+    ]
+    assert not done.stdout

@@ -46,6 +46,8 @@ BATCH_WAIT_MS = 5
 # The longest wait before a fetch whose handling failed is tried again.
 MAX_RETRY_WAIT_S = 5.0
 _LOG = logging.getLogger("civic.consumer")
+# faststream's per-message logger for Kafka brokers.
+ACCESS_LOGGER = "faststream.access.kafka"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,21 @@ class Delivery:
 # round trips, not a few per event. It returns the events it emits in turn (staged in the same
 # transaction), often none.
 BatchHandler = Callable[[list[Delivery], Session], Awaitable[list[Document]]]
+
+
+def faststream_warnings_only() -> None:
+    """faststream logs only warnings and errors in this process: for commands that run
+    consumers in-process (`civic demo`), whose own lines are the story. Its access logger sets
+    its own level (INFO) whenever a broker starts, and does not propagate, so a level set
+    beforehand would not hold; a filter on that logger does."""
+    logging.getLogger("faststream").setLevel(logging.WARNING)
+    access = logging.getLogger(ACCESS_LOGGER)
+    if _warning_or_worse not in access.filters:
+        access.addFilter(_warning_or_worse)
+
+
+def _warning_or_worse(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def kafka_broker(bootstrap_servers: str, client_id: str) -> KafkaBroker:

@@ -21,7 +21,7 @@ from services.common.outbox import Outbox
 from services.common.paging import page_size
 from services.common.wire import point_document, timestamp
 from services.registry import domain, events
-from services.registry.importer import Importer
+from services.registry.importer import STARTED_HEADER, Importer
 from services.registry.records import (
     PersonCodec,
     check_enum,
@@ -967,6 +967,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ImportPersons(
         self, request_iterator: AsyncIterator[registry_pb2.ImportPersonsRequest], context: Context
     ) -> registry_pb2.ImportPersonsResponse:
+        await context.send_initial_metadata(((STARTED_HEADER, "1"),))
         return await self.importer.run(principal(), request_iterator)
 
 

@@ -29,6 +29,9 @@ RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
 MAX_ERRORS = 10_000
 DUPLICATE_KEY = 11000  # MongoDB's error code
 BATCH_ROWS = 2_000
+# Initial metadata of an ImportPersons call the registry has begun to apply. A failure after it
+# may follow committed batches; a failure without it (a refused token) imported nothing.
+STARTED_HEADER = "x-civic-import-started"
 
 
 @dataclass

@@ -10,6 +10,7 @@ import sys
 import uuid
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -19,7 +20,7 @@ from civic.registry.v1 import registry_pb2
 from infra.local import free_port
 from services import cli
 from services.common.auth import Role, verify_token
-from services.registry import csv_rows
+from services.registry import csv_rows, importer
 from tests.conftest import TEST_SECRET, token
 from tests.registry_fixtures import City, citizen_id
 
@@ -120,6 +121,20 @@ async def residents(city: City) -> list[registry_pb2.Person]:
     return list(found.persons)
 
 
+async def civic(*args: str, **env: str) -> tuple[int, str, list[str]]:
+    """`civic ARGS` as an operator runs it: (exit status, stdout, lines on stderr)."""
+    done = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "services.cli", *args),
+        cwd=REPO,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await done.communicate()
+    assert done.returncode is not None
+    return done.returncode, out.decode(), err.decode().splitlines()
+
+
 # ---- civic token -----------------------------------------------------------------------------
 
 
@@ -164,20 +179,32 @@ async def test_a_token_without_a_scope_is_refused(capsys: pytest.CaptureFixture[
 
 
 async def test_token_from_the_command_line() -> None:
-    done = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "services.cli", "token", "--role", "ward_officer", "--scope", "dn.hc.hc1"),
-        cwd=REPO,
-        env={**os.environ, "CIVIC_AUTH_SECRET": TEST_SECRET},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    status, out, err = await civic(
+        *("token", "--role", "ward_officer", "--scope", "dn.hc.hc1"), CIVIC_AUTH_SECRET=TEST_SECRET
     )
-    out, err = await done.communicate()
 
-    assert done.returncode == 0, err.decode()
-    caller = verify_token(TEST_SECRET, out.decode().strip())
+    assert status == 0, err
+    caller = verify_token(TEST_SECRET, out.strip())
     assert (caller.role, caller.scope) == (Role.WARD_OFFICER, "dn.hc.hc1")
     assert caller.subject.endswith("@cli")
+
+
+@pytest.mark.parametrize("hours", ["inf", "nan", "1e20", "8785"])
+async def test_a_token_lives_a_year_at_most(hours: str) -> None:
+    status, out, err = await civic(
+        *("token", "--role", "ward_officer", "--scope", "dn", "--ttl-hours", hours)
+    )
+    assert (status, out) == (2, "")
+    assert not any("Traceback" in line for line in err), err
+    assert err[-1].endswith("argument --ttl-hours: must be more than 0 and at most 8784"), err
+
+
+async def test_a_bad_setting_is_one_line_naming_its_variable() -> None:
+    status, out, err = await civic(
+        *("token", "--role", "ward_officer", "--scope", "dn"), CIVIC_GRPC_PORT="abc"
+    )
+    assert (status, out) == (2, "")
+    assert len(err) == 1 and err[0].startswith("error: CIVIC_GRPC_PORT: "), err
 
 
 # ---- civic import-csv ------------------------------------------------------------------------
@@ -279,20 +306,56 @@ async def test_a_failed_call_is_one_line_and_exit_status_1(tmp_path: Path) -> No
     path = write_csv(tmp_path / "people.csv", good_records_for("dn.x.y.g1"))
     closed = f"127.0.0.1:{free_port()}"
 
-    done = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "services.cli", "import-csv", str(path), "--target", closed),
-        cwd=REPO,
-        env={**os.environ, "CIVIC_TOKEN": token(Role.WARD_OFFICER, "dn")},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    status, _, err = await civic(
+        "import-csv", str(path), "--target", closed, CIVIC_TOKEN=token(Role.WARD_OFFICER, "dn")
     )
-    _, err = await done.communicate()
 
-    assert done.returncode == 1
-    lines = err.decode().strip().splitlines()
-    assert len(lines) == 1, err.decode()
-    assert lines[0].startswith("error: import failed: UNAVAILABLE")
+    assert status == 1
+    assert len(err) == 1, err
+    assert err[0].startswith("error: import failed: UNAVAILABLE")
+    assert "again" not in err[0]  # nothing reached the registry
+
+
+async def test_a_refused_token_is_not_followed_by_advice_to_run_the_file_again(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_csv(tmp_path / "people.csv", good_records(city))
+
+    status = await cli.run(["import-csv", str(path), "--token", "garbage", "--target", city.target])
+
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: import failed: UNAUTHENTICATED: ")
+    assert "committed" not in err and "again" not in err
+    assert await residents(city) == []
+
+
+async def test_an_import_failing_half_way_says_running_the_file_again_is_safe(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry commits a batch, then fails (a fault of its own) on the next one."""
+    monkeypatch.setattr(importer, "BATCH_ROWS", 2)
+    apply = importer.Importer._apply
+    batches = 0
+
+    async def second_batch_fails(self: importer.Importer, *args: Any) -> None:
+        nonlocal batches
+        batches += 1
+        if batches == 2:
+            raise RuntimeError("a fault in the registry")
+        await apply(self, *args)
+
+    monkeypatch.setattr(importer.Importer, "_apply", second_batch_fails)
+    path = write_csv(tmp_path / "people.csv", good_records(city))
+    bearer = token(Role.WARD_OFFICER, city.ward)
+
+    status = await cli.run(["import-csv", str(path), "--token", bearer, "--target", city.target])
+
+    assert status == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: import failed: INTERNAL: ")
+    assert line.endswith("(rows committed before it stay; running the file again is safe)")
+    assert len(await residents(city)) == 2  # the first batch
 
 
 async def test_a_file_without_a_required_column_is_refused_before_importing(
