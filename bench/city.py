@@ -305,7 +305,7 @@ class Services:
 
     async def wait_healthy(self) -> None:
         for name, process in self.processes.items():
-            await wait_healthy(self.ports[name], process, seconds=60)
+            await wait_healthy(name, self.ports[name], process, self.logs, seconds=60)
 
     def target(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
@@ -25,9 +25,9 @@ from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from infra.local import InfraError, LocalStack, Ports, port_busy, runs
+from infra.local import InfraError, LocalStack, Ports, last_line, port_busy, runs
 from services.common.auth import Role, mint_token
-from services.common.config import GRPC_PORTS, Settings
+from services.common.config import GRPC_PORTS, Settings, SettingsError
 from services.common.grpc_client import civic_channel
 from services.common.runtime import run_async
 from services.demo import CITY, PILOT, PILOT_DAY, pilot_rows
@@ -69,6 +69,10 @@ def service_env(settings: Settings, prefix: str, port: int, **extra: str) -> dic
     return env
 
 
+def service_log(logs: Path, name: str) -> Path:
+    return logs / f"{name}.log"
+
+
 def start_services(
     envs: Mapping[str, dict[str, str]], logs: Path = DEV_LOGS, pids: Path = DEV_PIDS
 ) -> list[subprocess.Popen[bytes]]:
@@ -78,7 +82,7 @@ def start_services(
     pids.mkdir(parents=True, exist_ok=True)
     processes = []
     for name, env in envs.items():
-        log = (logs / f"{name}.log").open("ab")
+        log = service_log(logs, name).open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}.main"],
             env=env,
@@ -115,13 +119,23 @@ def stop_services(pids: Path = DEV_PIDS) -> list[str]:
     return sorted(running)
 
 
-async def wait_healthy(port: int, process: subprocess.Popen[bytes], seconds: float = 30) -> None:
+async def wait_healthy(
+    name: str,
+    port: int,
+    process: subprocess.Popen[bytes],
+    logs: Path = DEV_LOGS,
+    seconds: float = 30,
+) -> None:
+    """Wait until the service start_services started answers SERVING. If it exits first or
+    never answers, raise an InfraError naming it and its log; when it exited, with the log's
+    last line (its reason, as a rule)."""
+    log = service_log(logs, name)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type only sync channels
         deadline = asyncio.get_running_loop().time() + seconds
         while asyncio.get_running_loop().time() < deadline:
             if process.poll() is not None:
-                raise InfraError(f"service on port {port} exited; see its log")
+                raise InfraError(f"{name} exited while starting: {last_line(log)} (log: {log})")
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -129,7 +143,7 @@ async def wait_healthy(port: int, process: subprocess.Popen[bytes], seconds: flo
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.2)
-    raise InfraError(f"service on port {port} not healthy after {seconds:.0f} s")
+    raise InfraError(f"{name} not serving on port {port} after {seconds:.0f} s (log: {log})")
 
 
 def _units() -> Iterator[tuple[str, str, str, registry_pb2.UnitKind.ValueType]]:
@@ -349,6 +363,7 @@ def tokens(settings: Settings) -> dict[str, str]:
 
 
 async def run() -> None:
+    outside = Settings()  # a bad setting stops here, before anything is started
     busy = [f"{name} ({GRPC_PORTS[name]})" for name in SERVICES if port_busy(GRPC_PORTS[name])]
     if busy:
         # A second run would start services that fail to bind, after joining (and upsetting)
@@ -361,11 +376,13 @@ async def run() -> None:
     DEV_PIDS.mkdir(parents=True, exist_ok=True)
     (DEV_PIDS / "platform.pid").write_text(str(os.getpid()))
     env = os.environ | endpoints.as_env()
-    settings = Settings(**{k: v for k, v in endpoints.__dict__.items()})
-    processes = start_services({name: env for name in SERVICES})
+    settings = outside.model_copy(update=endpoints.__dict__)
+    # Each on its own port: a CIVIC_GRPC_PORT exported in the shell would put all five on one.
+    envs = {name: env | {"CIVIC_GRPC_PORT": str(GRPC_PORTS[name])} for name in SERVICES}
+    processes = start_services(envs)
     try:
         for name, process in zip(SERVICES, processes, strict=True):
-            await wait_healthy(GRPC_PORTS[name], process)
+            await wait_healthy(name, GRPC_PORTS[name], process)
         print(await load_demo(settings))
         if "ledger" in SERVICES:
             print(await load_ledger_demo(settings))
@@ -407,9 +424,18 @@ def main() -> None:
         return
     try:
         run_async(run())
-    except InfraError as error:
-        print(f"civic: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C while starting; once running, it ends run() normally
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (InfraError, SettingsError) as error:
+        _fail(str(error))
+    except grpc.aio.AioRpcError as error:  # the demo data's calls
+        _fail(f"loading the demo data: {error.code().name}: {error.details()}")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,23 @@
 """`make run` beside a platform already running refuses at once, starting nothing; `make stop`
 ends the services `make run` started, from their PID files, even when `make run` is no longer
-attached to a terminal, and leaves alone a process that took a stale PID."""
+attached to a terminal, and leaves alone a process that took a stale PID. What goes wrong while
+starting is one line: a service that exits, a failed call, Ctrl-C."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
-from infra.local import InfraError
+from infra.local import REPO_ROOT, Endpoints, InfraError, free_port
 from services import platform
-from services.common.config import GRPC_PORTS
+from services.common.config import GRPC_PORTS, Settings
 
 
 async def test_a_second_run_says_civic_is_already_running(
@@ -53,3 +56,128 @@ def test_stop_ends_the_services_named_in_the_pid_files_and_nothing_else(tmp_path
         for process in (service, stranger):
             process.kill()
             process.wait()
+
+
+async def test_a_service_that_exits_while_starting_is_named_with_its_log_and_reason(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    env = platform.service_env(Settings(data_key="short"), "opsfix", port)
+    logs = tmp_path / "logs"
+    [process] = platform.start_services({"registry": env}, logs, tmp_path / "pids")
+    try:
+        with pytest.raises(InfraError) as caught:
+            await platform.wait_healthy("registry", port, process, logs)
+    finally:
+        process.kill()
+        process.wait()
+
+    log = logs / "registry.log"
+    assert str(caught.value) == (
+        "registry exited while starting: ValueError: CIVIC_DATA_KEY must be at least 32 "
+        f"characters (log: {log})"
+    )
+
+
+class Started(Exception):
+    """Ends run() where the services would start."""
+
+
+async def test_each_service_gets_its_own_port_whatever_the_shell_exports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Stack:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def up(self) -> Endpoints:
+            return Endpoints("mongodb://127.0.0.1:1/", "127.0.0.1:2", "127.0.0.1:3", "a", "s")
+
+    envs: dict[str, dict[str, str]] = {}
+
+    def start_services(wanted: dict[str, dict[str, str]], *args: object) -> None:
+        envs.update(wanted)
+        raise Started
+
+    monkeypatch.setenv("CIVIC_GRPC_PORT", "6000")
+    monkeypatch.setattr(platform, "LocalStack", Stack)
+    monkeypatch.setattr(platform, "port_busy", lambda port: False)
+    monkeypatch.setattr(platform, "DEV_PIDS", tmp_path)
+    monkeypatch.setattr(platform, "start_services", start_services)
+    with pytest.raises(Started):
+        await platform.run()
+
+    ports = {name: env["CIVIC_GRPC_PORT"] for name, env in envs.items()}
+    assert ports == {name: str(GRPC_PORTS[name]) for name in platform.SERVICES}
+
+
+# `make run` with its start-up standing still, as while the servers and services start.
+STARTING = """
+import asyncio, sys
+from services import platform
+
+async def starting() -> None:
+    print("starting", flush=True)
+    await asyncio.sleep(60)
+
+platform.run = starting
+sys.argv = ["platform", "run"]
+platform.main()
+"""
+
+
+def test_ctrl_c_while_starting_says_interrupted() -> None:
+    run = subprocess.Popen(
+        [sys.executable, "-c", STARTING],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert run.stdout is not None and run.stdout.readline() == "starting\n"
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=30)
+    finally:
+        run.kill()
+        run.wait()
+    assert (run.returncode, err) == (130, "interrupted\n")
+
+
+def test_a_failed_call_while_loading_the_demo_data_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def refused() -> None:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="outside your scope",
+        )
+
+    monkeypatch.setattr(platform, "run", refused)
+    monkeypatch.setattr(sys, "argv", ["platform", "run"])
+    with pytest.raises(SystemExit) as exited:
+        platform.main()
+
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: loading the demo data: PERMISSION_DENIED: outside your scope\n"
+    )
+
+
+def test_a_bad_setting_stops_make_run_before_it_starts_anything(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_stack(*args: object) -> None:
+        raise AssertionError("the local servers were started")
+
+    monkeypatch.setattr(platform, "LocalStack", no_stack)
+    monkeypatch.setenv("CIVIC_OUTBOX_POLL_SECONDS", "soon")
+    monkeypatch.setattr(sys, "argv", ["platform", "run"])
+    with pytest.raises(SystemExit) as exited:
+        platform.main()
+
+    assert exited.value.code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: CIVIC_OUTBOX_POLL_SECONDS: ")
