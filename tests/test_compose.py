@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.common.config import GRPC_PORTS, Settings
+from services.common.config import GRPC_PORTS, Settings, env_name
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -72,12 +72,7 @@ def depends_on(service: dict[str, Any]) -> dict[str, str]:
 
 def settings_env_names() -> set[str]:
     """The variable each Settings field is read from (its validation_alias, else prefix+NAME)."""
-    prefix = str(Settings.model_config.get("env_prefix", ""))
-    names = set()
-    for field_name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        names.add(alias if isinstance(alias, str) else prefix + field_name)
-    return {name.upper() for name in names}
+    return {env_name(field).upper() for field in Settings.model_fields}
 
 
 def image_name(service: dict[str, Any]) -> tuple[str, str]:
@@ -197,6 +192,22 @@ def test_registry_waits_for_its_servers(services: dict[str, dict[str, Any]]) -> 
         assert check.get("test") and not check.get("disable"), f"{server} needs a healthcheck"
     assert deps.get("mongo-init") == "service_completed_successfully"
     assert deps.get("provision") == "service_completed_successfully"
+
+
+def test_services_that_call_the_registry_wait_for_it(services: dict[str, dict[str, Any]]) -> None:
+    # A service calls the registry's gRPC API when its wiring asks where the registry is.
+    callers = sorted(
+        path.parent.name
+        for path in (ROOT / "services").glob("*/main.py")
+        if "settings.registry()" in path.read_text()
+    )
+    assert "ledger" in callers
+    registry = depends_on(services["registry"])
+    for name in callers:
+        deps = depends_on(services[name])
+        assert deps.get("registry") == "service_healthy", f"{name} must wait for the registry"
+        # Listing the registry keeps what every Civic service waits for.
+        assert {k: v for k, v in deps.items() if k != "registry"} == registry, name
 
 
 def test_provision_runs_once_from_the_civic_image(services: dict[str, dict[str, Any]]) -> None:
