@@ -16,7 +16,7 @@ ce_type given (read from its headers):
 It needs the Python code generated from the published protos (proto/civic/...) on its path; in
 this repository that is gen/ (`make setup`), elsewhere:
 
-    python -m grpc_tools.protoc -I proto --python_out=gen \\
+    mkdir -p gen && python -m grpc_tools.protoc -I proto --python_out=gen \\
         proto/civic/common/v1/types.proto proto/civic/tickets/v1/*.proto
     PYTHONPATH=gen python docs/decode_ticket_event.py ...
 """
