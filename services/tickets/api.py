@@ -283,7 +283,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         caller = principal()
         ticket = await self._visible(request.ticket_id, caller)
         # A cluster spans the ward; each linked ticket is shown only to who may see it alone.
-        linked = [t for t in await self.store.linked(ticket["_id"]) if _sees(caller, t)]
+        linked = [t for t in await self.store.linked(ticket) if _sees(caller, t)]
         return tickets_pb2.GetTicketResponse(
             ticket=self._message(ticket), linked=[self._message(t) for t in linked]
         )

@@ -125,8 +125,14 @@ class TicketStore:
             session=session,
         ).to_list()
 
-    async def linked(self, ticket_id: str) -> list[Document]:
-        return await self.tickets.find({"duplicate_of": ticket_id}).to_list()
+    async def linked(self, primary: Document) -> list[Document]:
+        """The primary's duplicates, found by the ids it lists (by _id: no scan of every ticket
+        for who names it)."""
+        if not primary.get("duplicates"):
+            return []
+        return await self.tickets.find(
+            {"_id": {"$in": primary["duplicates"]}, "duplicate_of": primary["_id"]}
+        ).to_list()
 
     async def open_duplicates(self, primary: Document, session: Session) -> list[Document]:
         """The primary's duplicates still open, found by the ids it lists."""
