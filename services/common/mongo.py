@@ -6,8 +6,9 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
@@ -28,6 +29,27 @@ def in_unit(unit_id: str, field: str = "unit_id") -> dict[str, Any]:
     if not UNIT_ID.fullmatch(unit_id):
         raise InvalidArgument(field, f"{unit_id[:80]!r} is not a unit id")
     return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
+
+
+def holding_text(field: str) -> Document:
+    """A partial index's filter: documents whose `field` is a non-empty string. Not `$type`: the
+    query planner uses a partial index only for queries that imply its filter, and a plain
+    equality or `$in` on strings implies `$gt: ""` but never `$type: "string"`."""
+    return {field: {"$gt": ""}}
+
+
+async def ensure_indexes(collection: AsyncCollection[Document], models: list[IndexModel]) -> None:
+    """Creates the indexes; one already there under the same name whose partial filter changed
+    is dropped and built again (create_indexes alone refuses to change it)."""
+    existing = await collection.index_information()
+    for model in models:
+        wanted = model.document
+        found = existing.get(wanted["name"])
+        if found is not None and found.get("partialFilterExpression") != wanted.get(
+            "partialFilterExpression"
+        ):
+            await collection.drop_index(wanted["name"])
+    await collection.create_indexes(models)
 
 
 def mongo_client(uri: str) -> AsyncMongoClient[Document]:

@@ -12,7 +12,7 @@ from pymongo import ASCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common.commands import ensure_command_indexes
-from services.common.mongo import Document, Session, in_unit
+from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
 from services.common.outbox import ensure_outbox_indexes
 
 # A household moved: (household id, the unit it left, the unit it is in now).
@@ -62,7 +62,8 @@ class LedgerStore:
 
     async def ensure_indexes(self) -> None:
         await self.funds.create_index([("unit_id", ASCENDING), ("_id", ASCENDING)])
-        await self.transactions.create_indexes(
+        await ensure_indexes(
+            self.transactions,
             [
                 # The idempotency key: one transaction per key and fund, for ever.
                 IndexModel([("fund_id", ASCENDING), ("request_id", ASCENDING)], unique=True),
@@ -72,19 +73,23 @@ class LedgerStore:
                 IndexModel(
                     [("fund_id", ASCENDING), ("contribution.receipt_number", ASCENDING)],
                     unique=True,
-                    partialFilterExpression={"contribution.receipt_number": {"$type": "string"}},
+                    partialFilterExpression=holding_text("contribution.receipt_number"),
                 ),
                 # A transaction is reversed at most once.
                 IndexModel(
                     [("fund_id", ASCENDING), ("reverses", ASCENDING)],
                     unique=True,
-                    partialFilterExpression={"reverses": {"$type": "string"}},
+                    partialFilterExpression=holding_text("reverses"),
                 ),
                 IndexModel(
                     [("contribution.household_id", ASCENDING), ("fund_id", ASCENDING)],
-                    partialFilterExpression={"contribution.household_id": {"$type": "string"}},
+                    partialFilterExpression=holding_text("contribution.household_id"),
                 ),
-            ]
+                IndexModel(
+                    [("fund_id", ASCENDING), ("contribution.campaign_id", ASCENDING)],
+                    partialFilterExpression=holding_text("contribution.campaign_id"),
+                ),
+            ],
         )
         await self.balances.create_index([("fund_id", ASCENDING), ("account", ASCENDING)])
         await self.campaigns.create_index([("fund_id", ASCENDING), ("_id", ASCENDING)])

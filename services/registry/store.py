@@ -16,7 +16,7 @@ from pymongo.errors import OperationFailure
 from services.common.batching import Coalescer
 from services.common.commands import ensure_command_indexes
 from services.common.errors import FailedPrecondition
-from services.common.mongo import Document, Session, in_unit
+from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 
@@ -45,7 +45,8 @@ class RegistryStore:
     async def ensure_indexes(self) -> None:
         await self.units.create_index([("parent_id", ASCENDING), ("name", ASCENDING)])
         await self._book_numbers_by_issuing_group()
-        await self.households.create_indexes(
+        await ensure_indexes(
+            self.households,
             [
                 IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
                 # A household book number is unique in the group that issued it, which a
@@ -53,18 +54,19 @@ class RegistryStore:
                 IndexModel(
                     [("ref_unit_id", ASCENDING), ("external_ref", ASCENDING)],
                     unique=True,
-                    partialFilterExpression={"external_ref": {"$type": "string"}},
+                    partialFilterExpression=holding_text("external_ref"),
                     name=BOOK_NUMBER_INDEX,
                 ),
                 IndexModel([("unit_id", ASCENDING), ("last_verified_at", ASCENDING)]),
-            ]
+            ],
         )
-        await self.persons.create_indexes(
+        await ensure_indexes(
+            self.persons,
             [
                 IndexModel(
                     "cid_hash",
                     unique=True,
-                    partialFilterExpression={"cid_hash": {"$type": "string"}},
+                    partialFilterExpression=holding_text("cid_hash"),
                 ),
                 IndexModel([("household_id", ASCENDING), ("status", ASCENDING)]),
                 IndexModel(
@@ -72,10 +74,8 @@ class RegistryStore:
                 ),
                 IndexModel([("unit_id", ASCENDING), ("name_folded", ASCENDING)]),
                 IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
-                IndexModel(
-                    "import_key", partialFilterExpression={"import_key": {"$type": "string"}}
-                ),
-            ]
+                IndexModel("import_key", partialFilterExpression=holding_text("import_key")),
+            ],
         )
         await self.access_log.create_index([("household_id", ASCENDING), ("_id", DESCENDING)])
         await self.history.create_index(

@@ -52,6 +52,8 @@ class TicketStore:
                 IndexModel(
                     [("assigned_unit_id", ASCENDING), ("department", ASCENDING), ("_id", ASCENDING)]
                 ),
+                # A unit's whole queue, page by page in _id order without sorting it each time.
+                IndexModel([("assigned_unit_id", ASCENDING), ("_id", ASCENDING)]),
                 IndexModel([("origin_unit_id", ASCENDING), ("category", ASCENDING)]),
                 IndexModel([("submitter", ASCENDING), ("_id", DESCENDING)]),
                 IndexModel([("next_deadline", ASCENDING)], partialFilterExpression=open_only),

@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.auth import Role
 from services.ledger.main import LedgerService
+from tests.indexes import index_uses, used_since
 from tests.kafka_reader import eventually
 from tests.ledger.conftest import Books, LedgerCaller, open_fund, rid
 from tests.registry_fixtures import new_household
@@ -391,3 +392,34 @@ async def test_a_household_the_ledger_places_elsewhere_is_asked_of_the_registry_
     await books.contribute(10_000, "an")
     known = await ledger_service.store.household(household_id)
     assert known is not None and known["unit_id"] == books.city.group
+
+
+async def test_a_campaigns_payments_and_a_households_are_found_by_index(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """A fund keeps every transaction for ever: a campaign's board and a reversal's check read by
+    index, not the fund's whole history."""
+    transactions = ledger_service.store.db["transactions"]
+    campaign = await declare(books)
+    payment = await books.contribute(200_000, "an", campaign.campaign_id)
+    before = await index_uses(transactions)
+    await books.leader.GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=campaign.campaign_id)
+    )
+    await books.resident("an").GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(
+            fund_id=books.fund_id, household_id=books.households["an"]
+        )
+    )
+    await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=payment.transaction_id,
+            reason="nhập nhầm",
+        )
+    )
+    assert {
+        "fund_id_1_contribution.campaign_id_1",
+        "fund_id_1_reverses_1",
+    } <= await used_since(transactions, before)

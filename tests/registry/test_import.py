@@ -9,6 +9,8 @@ from datetime import date, timedelta
 from civic.registry.v1 import registry_pb2
 
 from services.registry.main import RegistryService
+from services.registry.store import BOOK_NUMBER_INDEX
+from tests.indexes import index_uses, used_since
 from tests.registry_fixtures import City, citizen_id, person, rid
 
 
@@ -146,8 +148,13 @@ async def test_a_second_run_leaves_alone_who_moved_since_the_first(
             )
         )
 
+    households, persons = registry.db["households"], registry.db["persons"]
+    before = await index_uses(households), await index_uses(persons)
     again = await city.leader.ImportPersons(chunks(rows, 10))
     assert (again.persons_created, again.persons_unchanged, list(again.errors)) == (0, 2, [])
+    # Each batch finds what it knows by index, not by reading the whole register.
+    assert BOOK_NUMBER_INDEX in await used_since(households, before[0])
+    assert {"cid_hash_1", "import_key_1"} <= await used_since(persons, before[1])
     for name in ("Lê Thị Hai", "Trần Văn Một"):
         assert (
             await registry.db["persons"].count_documents({"full_name": name, "unit_id": city.group})

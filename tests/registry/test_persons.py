@@ -10,6 +10,7 @@ from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.registry.main import RegistryService
+from tests.indexes import index_uses, used_since
 from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
 
@@ -290,6 +291,31 @@ async def test_citizen_id_lookup_is_scoped(city: City) -> None:
             registry_pb2.FindPersonByCitizenIdRequest(citizen_id=head.citizen_id)
         )
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_citizen_id_is_found_by_its_index(city: City, registry: RegistryService) -> None:
+    """By its index, not by reading every person of the city: looking one up, and checking a
+    new registration's is not taken."""
+    persons = registry.db["persons"]
+    home = await new_household(city.leader, city.group)
+    head = (
+        await city.ward_officer.GetPerson(
+            registry_pb2.GetPersonRequest(person_id=home.head.person_id)
+        )
+    ).person
+    before = await index_uses(persons)
+    await city.ward_officer.FindPersonByCitizenId(
+        registry_pb2.FindPersonByCitizenIdRequest(citizen_id=head.citizen_id)
+    )
+    assert "cid_hash_1" in await used_since(persons, before)
+    before = await index_uses(persons)
+    await register(
+        city,
+        home.household.household_id,
+        name="Hà Thị Mới",
+        citizen_id=citizen_id("1990-05-17", registry_pb2.SEX_FEMALE),
+    )
+    assert "cid_hash_1" in await used_since(persons, before)
 
 
 async def test_likely_duplicates_are_reported(city: City) -> None:

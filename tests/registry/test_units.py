@@ -172,6 +172,9 @@ async def test_a_store_of_book_numbers_per_current_group_is_migrated(
             unique=True,
             partialFilterExpression={"external_ref": {"$type": "string"}},
         )
+        await db["persons"].create_index(
+            "cid_hash", unique=True, partialFilterExpression={"cid_hash": {"$type": "string"}}
+        )
         await db["households"].insert_many(
             [
                 {"_id": "hh-1", "unit_id": "dn.a.b.g1", "external_ref": "HK-1"},
@@ -188,6 +191,12 @@ async def test_a_store_of_book_numbers_per_current_group_is_migrated(
         indexes = await db["households"].index_information()
         assert "unit_id_1_external_ref_1" not in indexes
         assert indexes[BOOK_NUMBER_INDEX]["unique"]
+        # The partial filter a plain equality query can use (a `$type` filter it never can).
+        assert indexes[BOOK_NUMBER_INDEX]["partialFilterExpression"] == {
+            "external_ref": {"$gt": ""}
+        }
+        persons = await db["persons"].index_information()
+        assert persons["cid_hash_1"]["partialFilterExpression"] == {"cid_hash": {"$gt": ""}}
         # Both now live in one group, as after a merge.
         await db["households"].update_one({"_id": "hh-2"}, {"$set": {"unit_id": "dn.a.b.g1"}})
     finally:

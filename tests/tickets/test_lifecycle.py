@@ -18,6 +18,7 @@ from services.common.auth import Role
 from services.tickets import domain
 from services.tickets.main import TicketsService
 from tests.conftest import Clock
+from tests.indexes import index_uses, used_since
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, rid
 from tests.tickets.test_routing import replacing, rule, rules_changed
 
@@ -427,7 +428,7 @@ async def test_a_resident_lists_their_own_tickets_newest_first(pilot: Pilot) -> 
 
 
 async def test_the_queue_filters_by_department_status_category_and_deadline(
-    pilot: Pilot,
+    pilot: Pilot, tickets_service: TicketsService
 ) -> None:
     ids = {}
     for category in ("street-light", "flooding", "noise", "health"):
@@ -441,7 +442,11 @@ async def test_the_queue_filters_by_department_status_category_and_deadline(
         by_id = {v: k for k, v in ids.items()}
         return {by_id[t.ticket_id] for t in response.tickets}
 
+    tickets = tickets_service.store.tickets
+    before = await index_uses(tickets)
     assert await queue() == set(ids)
+    # Page by page in the index's order: not every ticket the unit ever had, sorted each time.
+    assert "assigned_unit_id_1__id_1" in await used_since(tickets, before)
     assert await queue(unit_id=pilot.city.ward) == set(ids)
     assert await queue(department="urban-order") == {"street-light", "flooding"}
     assert await queue(category="health") == {"health"}
