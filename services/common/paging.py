@@ -1,8 +1,12 @@
-"""Keyset pagination: a page token is the last id of the previous page."""
+"""Keyset pagination: a page token is the last id of the previous page (or, for a listing of a
+unit's subtree, its unit and id)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.asynchronous.collection import AsyncCollection
 
 from services.common.errors import InvalidArgument
 
@@ -25,3 +29,29 @@ def after_token(query: dict[str, Any], token: str) -> dict[str, Any]:
 
 def next_token(items: list[dict[str, Any]], size: int) -> str:
     return str(items[-1]["_id"]) if len(items) == size else ""
+
+
+UNIT_ORDER = [("unit_id", ASCENDING), ("_id", ASCENDING)]
+
+
+async def unit_ordered_page(
+    collection: AsyncCollection[dict[str, Any]], query: dict[str, Any], token: str, size: int
+) -> tuple[list[dict[str, Any]], str]:
+    """One page of what `query` finds in a unit's subtree, in (unit, id) order: the order of the
+    (unit_id, _id) index, so a page is read from where the last one ended instead of the whole
+    subtree being sorted by id for every page (a prefix match on the unit is a range, after
+    which the index is not in id order)."""
+    found: list[dict[str, Any]] = []
+    following = query
+    if token:
+        unit, _, last = token.partition("|")
+        if not unit or not last:
+            raise InvalidArgument("page.page_token", "is not a token this listing gave")
+        rest = {"$and": [query, {"unit_id": unit, "_id": {"$gt": last}}]}
+        found = await collection.find(rest).sort(UNIT_ORDER).limit(size).to_list()
+        following = {"$and": [query, {"unit_id": {"$gt": unit}}]}
+    if len(found) < size:
+        more = collection.find(following).sort(UNIT_ORDER).limit(size - len(found))
+        found += await more.to_list()
+    last_one = found[-1] if len(found) == size else None
+    return found, f"{last_one['unit_id']}|{last_one['_id']}" if last_one else ""

@@ -18,7 +18,7 @@ from services.common.commands import ensure_command_indexes
 from services.common.errors import FailedPrecondition
 from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
 from services.common.outbox import ensure_outbox_indexes
-from services.common.paging import after_token, next_token
+from services.common.paging import next_token, unit_ordered_page
 
 RESIDENT = 1  # PersonStatus.RESIDENT
 TEMPORARY = registry_pb2.RESIDENCE_KIND_TEMPORARY
@@ -206,8 +206,8 @@ class RegistryStore:
     ) -> tuple[list[Document], str]:
         """Active households of a unit's subtree, by id, one page, with their residents (each
         household's under "residents")."""
-        query = after_token({"unit_id": in_unit(unit_id), "active": True}, token)
-        households = await self.households.find(query).sort("_id", ASCENDING).limit(size).to_list()
+        query = {"unit_id": in_unit(unit_id), "active": True}
+        households, next_page = await unit_ordered_page(self.households, query, token, size)
         by_id = {household["_id"]: household for household in households}
         for household in households:
             household["residents"] = []
@@ -215,7 +215,7 @@ class RegistryStore:
             {"household_id": {"$in": list(by_id)}, "status": RESIDENT}
         ):
             by_id[person["household_id"]]["residents"].append(person)
-        return households, next_token(households, size)
+        return households, next_page
 
     async def person(self, person_id: str, session: Session | None = None) -> Document | None:
         return await self.persons.find_one({"_id": person_id}, session=session)
@@ -273,8 +273,7 @@ class RegistryStore:
             query["birth_date"] = birth
         if sex:
             query["sex"] = sex
-        items = await self.persons.find(after_token(query, token)).sort("_id").limit(size).to_list()
-        return items, next_token(items, size)
+        return await unit_ordered_page(self.persons, query, token, size)
 
     # ---- counts and data quality ---------------------------------------------------------
 
@@ -326,10 +325,7 @@ class RegistryStore:
                 {"last_verified_at": {"$lt": verified_before}},
             ],
         }
-        items = (
-            await self.households.find(after_token(query, token)).sort("_id").limit(size).to_list()
-        )
-        return items, next_token(items, size)
+        return await unit_ordered_page(self.households, query, token, size)
 
     async def suspect_households(self, unit_id: str, inactive_since: datetime) -> dict[str, bool]:
         """Households that are marked absent (True) or neither verified nor active lately."""
@@ -368,8 +364,7 @@ class RegistryStore:
                 {"stay_end": {"$lt": today, "$gt": ""}},
             ],
         }
-        items = await self.persons.find(after_token(query, token)).sort("_id").limit(size).to_list()
-        return items, next_token(items, size)
+        return await unit_ordered_page(self.persons, query, token, size)
 
     async def likely_duplicates(self, unit_id: str) -> list[list[Document]]:
         groups = await self.persons.aggregate(

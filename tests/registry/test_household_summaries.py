@@ -11,6 +11,7 @@ from civic.registry.v1 import events_pb2, registry_pb2
 from services.common.auth import Role
 from services.common.cloudevents import type_name
 from services.common.config import Settings
+from services.registry.main import RegistryService
 from tests.kafka_reader import TopicReader, of_type, with_key
 from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
@@ -121,3 +122,52 @@ async def test_household_summaries_for_dues(city: City) -> None:
         await city.leader.ListHouseholdSummaries(registry_pb2.ListHouseholdSummariesRequest())
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (bad.value.details() or "").startswith("unit_id: ")
+
+
+async def test_a_wards_households_are_paged_in_index_order_without_a_sort(
+    city: City, registry: RegistryService
+) -> None:
+    """Every household of the ward once, across its groups, page by page; each page read from
+    where the last ended in the (unit, id) index, never the ward's households sorted again."""
+    homes = {
+        (await new_household(city.leader, city.group)).household.household_id for _ in range(3)
+    }
+    homes |= {
+        (await new_household(city.other_leader, city.other_group)).household.household_id
+        for _ in range(3)
+    }
+    db = registry.db
+    await db.command("profile", 2)
+    try:
+        listed: list[str] = []
+        token = ""
+        while True:
+            page = await city.ward_officer.ListHouseholdSummaries(
+                registry_pb2.ListHouseholdSummariesRequest(
+                    unit_id=city.ward, page=types_pb2.PageRequest(page_size=2, page_token=token)
+                )
+            )
+            listed += [s.household_id for s in page.households]
+            token = page.next_page_token
+            if not token:
+                break
+    finally:
+        await db.command("profile", 0)
+    reads = (
+        await db["system.profile"]
+        .find({"ns": f"{db.name}.households", "op": "query", "command.filter.active": True})
+        .to_list()
+    )
+    await db["system.profile"].drop()
+    assert sorted(listed) == sorted(homes)
+    plans = {r["planSummary"] for r in reads}
+    assert plans == {"IXSCAN { unit_id: 1, _id: 1 }"}, plans
+    assert not [r for r in reads if r.get("hasSortStage")]
+
+    with pytest.raises(grpc.aio.AioRpcError) as forged:
+        await city.ward_officer.ListHouseholdSummaries(
+            registry_pb2.ListHouseholdSummariesRequest(
+                unit_id=city.ward, page=types_pb2.PageRequest(page_token="hh-1")
+            )
+        )
+    assert forged.value.code() == grpc.StatusCode.INVALID_ARGUMENT
