@@ -2,7 +2,8 @@
 
 Stored geometry is GeoJSON in WGS84 (longitude, latitude), as MongoDB's 2dsphere indexes and
 RFC 7946 want it. Distances on a group's or ward's scale (a few kilometres) are computed in a
-local equirectangular frame around the place, which is accurate to well under a metre there.
+local equirectangular frame around the place, scaled by the WGS84 ellipsoid's metres per degree at
+its latitude, which is accurate to well under a metre there.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import shapely
@@ -21,7 +22,6 @@ from shapely.geometry import LineString, Point, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
-EARTH_RADIUS_M = 6_371_008.8
 # Stored coordinates are rounded to 1e-7 degrees: about a centimetre.
 DIGITS = 7
 WGS84 = "EPSG:4326"
@@ -155,29 +155,36 @@ def distance_m(a: Position, b: Position) -> float:
     return float(metres)
 
 
+def metres_per_degree(lat: float) -> tuple[float, float]:
+    """(east-west, north-south) metres per degree at this latitude, on the WGS84 ellipsoid."""
+    phi = math.radians(lat)
+    per_lon = 111_412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
+    per_lat = 111_132.954 - 559.822 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
+    return per_lon, per_lat
+
+
 @dataclass(frozen=True)
 class LocalFrame:
-    """Metres east and north of an origin (equirectangular; exact enough across a ward)."""
+    """Metres east and north of an origin (equirectangular, with the ellipsoid's metres per
+    degree at the origin's latitude: a sphere's would be 0.5% long north-south at 16°N)."""
 
     lon0: float
     lat0: float
 
-    @property
-    def _kx(self) -> float:
-        return math.radians(1) * EARTH_RADIUS_M * math.cos(math.radians(self.lat0))
-
-    @property
-    def _ky(self) -> float:
-        return math.radians(1) * EARTH_RADIUS_M
+    @cached_property
+    def _scale(self) -> tuple[float, float]:
+        return metres_per_degree(self.lat0)
 
     def metres(self, p: Position) -> Position:
-        return ((p[0] - self.lon0) * self._kx, (p[1] - self.lat0) * self._ky)
+        kx, ky = self._scale
+        return ((p[0] - self.lon0) * kx, (p[1] - self.lat0) * ky)
 
     def degrees(self, p: Position) -> Position:
-        return (self.lon0 + p[0] / self._kx, self.lat0 + p[1] / self._ky)
+        kx, ky = self._scale
+        return (self.lon0 + p[0] / kx, self.lat0 + p[1] / ky)
 
     def project(self, geometry: BaseGeometry) -> BaseGeometry:
-        kx, ky = self._kx, self._ky
+        kx, ky = self._scale
         return shapely.transform(
             geometry,
             lambda xy: (xy - [self.lon0, self.lat0]) * [kx, ky],

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common.mongo import Document
+from services.gis.geometry import metres_per_degree
 
 Position = tuple[float, float]
 CELL_DEG = 0.002  # about 220 m north-south
@@ -77,10 +78,10 @@ class PointGrid:
         if not self._cells or limit <= 0:
             return []
         lon0, lat0 = position
-        per_lon, per_lat = _metres_per_degree(lat0)
+        per_lon, per_lat = metres_per_degree(lat0)
         # A cell is at least this many metres across anywhere the search can reach.
         farthest = abs(lat0) + max_distance_m / per_lat + 2 * CELL_DEG
-        cell_m = CELL_DEG * min(per_lat, _metres_per_degree(min(farthest, 89.0))[0])
+        cell_m = CELL_DEG * min(per_lat, metres_per_degree(min(farthest, 89.0))[0])
         reach = max_distance_m * SLACK
         rings = math.ceil(reach / cell_m) + 1
         x0, y0 = _cell(position)
@@ -102,14 +103,6 @@ class PointGrid:
         exact = [pair for pair in exact if pair[0] <= max_distance_m]
         exact.sort(key=lambda pair: (pair[0], pair[1].feature_id))
         return exact[:limit]
-
-
-def _metres_per_degree(lat: float) -> tuple[float, float]:
-    """(east-west, north-south) metres per degree at this latitude, on the WGS84 ellipsoid."""
-    phi = math.radians(lat)
-    per_lon = 111_412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
-    per_lat = 111_132.954 - 559.822 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
-    return per_lon, per_lat
 
 
 def _ring(x0: int, y0: int, ring: int) -> list[tuple[int, int]]:

@@ -1,5 +1,6 @@
 """The width-limited fire access route on a small network with a known answer, the hydrants
-along it, and the rendered map (SVG and PNG) with the route drawn on it."""
+along it (in metres on the ellipsoid), and the rendered map (SVG and PNG) with the route drawn on
+it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -17,6 +19,7 @@ from pyproj import Geod
 
 from services import cli
 from services.common.auth import Role
+from services.gis import geometry, routing
 from tests.conftest import token
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature
 from tests.gis.test_imports import refused
@@ -73,10 +76,12 @@ async def test_the_route_uses_only_alleys_wide_enough(ward: Ward) -> None:
     way_round = [(-550, 0), (-400, 0), (-400, 150), (-100, 150), (-100, 0), (-100, -20)]
     assert truck.length_m == pytest.approx(length(ward, way_round), abs=0.05)
     assert truck.length_m == pytest.approx(770, rel=0.005)
-    assert [(h.hydrant.name, round(h.along_m)) for h in truck.hydrants] == [
-        ("TCH-A", 130),
-        ("TCH-B", 400),
-    ]
+    assert [(h.hydrant.name, round(h.along_m)) for h in truck.hydrants[:1]] == [("TCH-A", 130)]
+    # TCH-B is passed 100 m along P-Q: along the ellipsoid, as the route's length is measured
+    # (the ward's metres north here are 0.6% short of it).
+    assert truck.hydrants[1].hydrant.name == "TCH-B"
+    passed = [*way_round[:3], (-300, 150)]
+    assert truck.hydrants[1].along_m == pytest.approx(length(ward, passed), abs=0.1)
     assert round(truck.hydrants[1].hydrant.distance_m) == 30
     # A motor pump (2 m) takes the narrow alley: 150 + 300 + 20 m; TCH-B is 120 m off it.
     pump = await ward.leader.PlanFireRoute(request(2.0))
@@ -210,3 +215,22 @@ async def test_civic_map_writes_the_groups_picture_to_a_file(
     err = capsys.readouterr().err
     assert "must end in .svg or .png" in err and "map failed: NOT_FOUND" in err
     assert "Traceback" not in err and not (tmp_path / "none.png").exists()
+
+
+def test_distances_along_and_beside_a_route_are_metres_on_the_ellipsoid() -> None:
+    """At 16°N a degree of latitude is 110.7 km: a sphere's 111.2 km would put a hydrant at the
+    end of a 2 km route 10 m beyond it, and one 99.7 m off a route more than 100 m off it."""
+    start = (108.2, 16.05)
+    north = GEOD.fwd(*start, 0, 2000.0)[:2]
+    up = routing.Route([start, north], geometry.line_length_m([start, north]))
+    (at_end,) = routing.hydrants_along(up, [hydrant(north)], 100.0)
+    assert at_end.along_m == pytest.approx(2000.0, abs=0.5)
+    east = GEOD.fwd(*start, 90, 1000.0)[:2]
+    beside = GEOD.fwd(*GEOD.fwd(*start, 90, 500.0)[:2], 0, 99.7)[:2]
+    across = routing.Route([start, east], geometry.line_length_m([start, east]))
+    (off,) = routing.hydrants_along(across, [hydrant(beside)], 100.0)
+    assert (round(off.along_m), round(off.offset_m, 1)) == (500, 99.7)
+
+
+def hydrant(at: tuple[float, float]) -> dict[str, Any]:
+    return {"geometry": {"type": "Point", "coordinates": list(at)}, "properties": {}}

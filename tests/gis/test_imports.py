@@ -1,5 +1,6 @@
 """GeoJSON imports: stored in WGS84, idempotent, invalid features refused one by one, every
-change announced on civic.gis.v1, and bad requests refused with nothing written."""
+change announced on civic.gis.v1, and bad requests refused with nothing written; footprints
+are in square metres on the ellipsoid."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import grpc
 import pytest
 from civic.gis.v1 import events_pb2, gis_pb2
+from pyproj import Geod
+from shapely.geometry import shape
 
 from services.common.auth import Role
 from services.common.cloudevents import type_name
@@ -301,3 +304,21 @@ async def test_bad_requests_are_refused_with_nothing_written(ward: Ward) -> None
         ),
     )
     assert await store.features.count_documents({}) == before
+
+
+async def test_a_footprint_is_its_area_on_the_ellipsoid(ward: Ward) -> None:
+    """100 m by 100 m along the ellipsoid: a sphere's degree of latitude, 0.5% longer than the
+    ellipsoid's here, would make it 50 m² too small."""
+    geod = Geod(ellps="WGS84")
+    lon, lat = ward.at(-300, -300)
+    sw = (lon, lat)
+    se = geod.fwd(lon, lat, 90, 100.0)[:2]
+    ne = geod.fwd(*se, 0, 100.0)[:2]
+    nw = geod.fwd(lon, lat, 0, 100.0)[:2]
+    ring = [[round(lon, 7), round(lat, 7)] for lon, lat in (sw, se, ne, nw, sw)]
+    square = polygon_feature(ring, "square", storeys=1)
+    assert (await ward.import_features(gis_pb2.LAYER_BUILDING, [square])).created == 1
+    truth = abs(geod.geometry_area_perimeter(shape(square["geometry"]))[0])
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
+    (building,) = listed["features"]
+    assert building["properties"]["footprint_m2"] == pytest.approx(truth, abs=1.0)
