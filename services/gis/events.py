@@ -1,7 +1,8 @@
 """The GIS service's events, and its view of the registry kept from civic.registry.v1: units,
 household points (a new or moved household appears on the map without anyone redrawing it) and
 the persons' facts that counts need (birth date, residence kind, whether on a temporary stay;
-never names)."""
+never names). A group's merge and its households' events travel on different partitions: an
+event naming a merged group is taken to mean the group it was merged into."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from services.gis.store import GisStore
 
 TOPIC = "civic.gis.v1"
 REGISTRY_TOPIC = "civic.registry.v1"
+# How many merges in a row are followed (a group merged into one merged in turn since): a
+# bound, should the view ever hold a loop.
+MAX_MERGES = 16
 # The persons who live as their household does, as the registry has it: all but those on a
 # temporary stay, who keep their own kind wherever they stay. A person projected before `stay`
 # was kept is taken to be on a stay if a temporary resident: every stay is one, and only the
@@ -100,6 +104,7 @@ class RegistryProjection:
     async def apply(self, deliveries: list[Delivery], session: Session) -> list[Document]:
         batch = _Batch(self.store, session)
         await batch.read_points([d.message for d in deliveries])
+        await batch.read_merges([d.message for d in deliveries])
         for delivery in deliveries:
             with delivery.span():
                 await batch.project(delivery.message)
@@ -117,6 +122,7 @@ class _Batch:
         # Household points as the events so far leave them (None: not on the map).
         self.points: dict[str, Document | None] = {}
         self.changed: set[str] = set()
+        self.merged: dict[str, str] = {}  # a merged group -> the group it was merged into
         self.left: dict[str, set[str]] = {}  # point -> the units it moved out of
         # Each unit's map change carries the trace of the last event that changed it there.
         self.traces: dict[str, dict[str, str]] = {}
@@ -137,11 +143,47 @@ class _Batch:
             for m in messages
             if isinstance(m, registry_events.PersonMoved)
         ]
+        ids += [
+            household_feature_id(household_id)
+            for m in messages
+            if isinstance(m, registry_events.GroupsMerged)
+            for household_id in m.household_ids
+        ]
         if not ids:
             return
         self.points = dict.fromkeys(ids)
         async for doc in self.store.features.find({"_id": {"$in": ids}}, session=self.session):
             self.points[doc["_id"]] = doc
+
+    async def read_merges(self, messages: list[Message]) -> None:
+        """Where the groups the events place households and persons in were merged, if they
+        were, and where those were merged in turn."""
+        wanted = {unit for m in messages for unit in _units_named(m)}
+        looked: set[str] = set()
+        for _ in range(MAX_MERGES):
+            wanted -= looked
+            if not wanted:
+                return
+            looked |= wanted
+            found = {
+                doc["_id"]: doc["merged_into_id"]
+                async for doc in self.store.units.find(
+                    {"_id": {"$in": sorted(wanted)}, "merged_into_id": {"$exists": True}},
+                    {"merged_into_id": 1},
+                    session=self.session,
+                )
+            }
+            self.merged |= found
+            wanted = set(found.values())
+
+    def _now(self, unit_id: str) -> str:
+        """The group an event naming `unit_id` means now: a merged group's events (from before
+        its merge, arriving after it on another partition) go where it was merged."""
+        for _ in range(MAX_MERGES):
+            if unit_id not in self.merged:
+                break
+            unit_id = self.merged[unit_id]
+        return unit_id
 
     async def project(self, message: Message) -> None:
         m: Any = message
@@ -159,18 +201,17 @@ class _Batch:
             case registry_events.UnitRenamed():
                 self.units.append(UpdateOne({"_id": m.unit_id}, {"$set": {"name": m.new_name}}))
             case registry_events.GroupsMerged():
-                await self._merge(m.source_unit_id, m.target_unit_id)
+                self._merge(m.source_unit_id, m.target_unit_id, list(m.household_ids))
             case registry_events.HouseholdCreated() | registry_events.HouseholdUpdated():
-                self._household(m)
+                self._household(m, self._now(m.unit_id))
             case registry_events.HouseholdMoved():
+                to_unit = self._now(m.to_unit_id)
                 self.persons.append(
-                    UpdateMany(
-                        {"household_id": m.household_id}, {"$set": {"unit_id": m.to_unit_id}}
-                    )
+                    UpdateMany({"household_id": m.household_id}, {"$set": {"unit_id": to_unit}})
                 )
                 previous = self.points[household_feature_id(m.household_id)]
-                if previous is not None and previous["unit_id"] != m.to_unit_id:
-                    self._put(previous | {"source_unit": m.to_unit_id}, m.to_unit_id)
+                if previous is not None and previous["unit_id"] != to_unit:
+                    self._put(previous | {"source_unit": to_unit}, to_unit)
             case registry_events.PersonRegistered():
                 # Unless on a stay, they live as their household does: as the map has it when
                 # it has the household (its update may have arrived first, on another
@@ -180,7 +221,7 @@ class _Batch:
                 person = {
                     "_id": m.person_id,
                     "household_id": m.household_id,
-                    "unit_id": self._unit_of(m.household_id, m.unit_id),
+                    "unit_id": self._unit_of(m.household_id, self._now(m.unit_id)),
                     "birth_date": m.birth_date,
                     "residence_kind": int(m.residence_kind) if kind is None else kind,
                     "stay": stay,
@@ -188,7 +229,7 @@ class _Batch:
                 }
                 self.persons.append(ReplaceOne({"_id": m.person_id}, person, upsert=True))
             case registry_events.PersonMoved():
-                unit_id = self._unit_of(m.to_household_id, m.to_unit_id)
+                unit_id = self._unit_of(m.to_household_id, self._now(m.to_unit_id))
                 moved = {"household_id": m.to_household_id, "unit_id": unit_id}
                 self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": moved}))
                 # Unless on a stay, the mover lives as the household they joined: as the map has
@@ -216,13 +257,14 @@ class _Batch:
         update = {"$set": {"residence_kind": kind}}
         self.persons.append(UpdateMany(query | FOLLOWS_HOUSEHOLD, update))
 
-    def _household(self, m: Any) -> None:
+    def _household(self, m: Any, unit_id: str) -> None:
+        """The household's creation or update, placing it in `unit_id`."""
         feature_id = household_feature_id(m.household_id)
         doc: Document = {
             "_id": feature_id,
             "layer": Layer.HOUSEHOLD.key,
-            "unit_id": m.unit_id,
-            "source_unit": m.unit_id,
+            "unit_id": unit_id,
+            "source_unit": unit_id,
             "properties": {
                 "household_id": m.household_id,
                 "address": m.address,
@@ -240,25 +282,24 @@ class _Batch:
         if previous is None or kind_set:
             self._live_as({"household_id": m.household_id}, int(m.residence_kind))
         if previous is None or previous.get("hash") != content_hash(doc):
-            self._put(doc, m.unit_id)
+            self._put(doc, unit_id)
 
-    async def _merge(self, source: str, target: str) -> None:
+    def _merge(self, source: str, target: str, household_ids: list[str]) -> None:
+        """The registry names the households it moved to the target. Those the map has in the
+        source go, with their members; one it has elsewhere has moved since (or has yet to
+        reach the source), and its own move, on its partition, takes it where it goes."""
+        self.merged[source] = target
         self.units.append(
             UpdateOne({"_id": source}, {"$set": {"active": False, "merged_into_id": target}})
         )
-        self.persons.append(UpdateMany({"unit_id": source}, {"$set": {"unit_id": target}}))
-        # The source's points as the events so far leave them: those this batch has not
-        # touched are still as stored.
-        async for doc in self.store.features.find(
-            {
-                "layer": Layer.HOUSEHOLD.key,
-                "unit_id": source,
-                "_id": {"$nin": list(self.points)},
-            },
-            session=self.session,
-        ):
-            self.points[doc["_id"]] = doc
-        for point in list(self.points.values()):
+        self.persons.append(
+            UpdateMany(
+                {"unit_id": source, "household_id": {"$in": household_ids}},
+                {"$set": {"unit_id": target}},
+            )
+        )
+        for household_id in household_ids:
+            point = self.points[household_feature_id(household_id)]
             if point is not None and point["unit_id"] == source:
                 self._put(point | {"source_unit": target}, target)
 
@@ -306,3 +347,18 @@ class _Batch:
             event["trace"] = trace
             emitted.append(event)
         return emitted
+
+
+def _units_named(message: Message) -> list[str]:
+    """The groups a household's or person's event places them in."""
+    m: Any = message
+    match message:
+        case (
+            registry_events.HouseholdCreated()
+            | registry_events.HouseholdUpdated()
+            | registry_events.PersonRegistered()
+        ):
+            return [m.unit_id]
+        case registry_events.HouseholdMoved() | registry_events.PersonMoved():
+            return [m.to_unit_id]
+    return []

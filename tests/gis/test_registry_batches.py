@@ -113,8 +113,12 @@ BURST = [
         person_id="p1", household_id="h1", unit_id=WEST, death_date="2026-02-28"
     ),
     registry_events.UnitRenamed(unit_id=WEST, old_name="Tổ 1", new_name="Tổ 1 cũ"),
-    registry_events.GroupsMerged(source_unit_id=WEST, target_unit_id=EAST),
-    # Back west again after the merge (the registry would refuse it; the view just follows).
+    # The registry names the households it moves: those in the west group then.
+    registry_events.GroupsMerged(
+        source_unit_id=WEST, target_unit_id=EAST, household_ids=["h0", "h1"]
+    ),
+    # A move into the west group after its merge (one from before it, arriving late): it goes
+    # where the west group went.
     registry_events.HouseholdMoved(household_id="h1", from_unit_id=EAST, to_unit_id=WEST),
     household("h3", EAST, 30),
 ]
@@ -160,12 +164,12 @@ async def test_a_burst_as_one_batch_leaves_the_view_and_the_map_as_one_by_one(
         assert await contents(together) == await contents(one_by_one)
         assert announced[0] == announced[1]
         point = household_feature_id
-        assert announced[1] == {WEST: {point("h1")}, EAST: {point(h) for h in ("h0", "h2", "h3")}}
+        assert announced[1] == {WEST: set(), EAST: {point(h) for h in ("h0", "h1", "h2", "h3")}}
 
         view = await contents(together)
         persons = {p["_id"]: p for p in view["persons"]}
-        # The dead stay where their household goes, west again; the mover went east with h2.
-        assert (persons["p1"]["active"], persons["p1"]["unit_id"]) == (False, WEST)
+        # The dead stay where their household goes, east; the mover went east with h2.
+        assert (persons["p1"]["active"], persons["p1"]["unit_id"]) == (False, EAST)
         assert (persons["p2"]["household_id"], persons["p2"]["unit_id"]) == ("h2", EAST)
         assert persons["p0"]["unit_id"] == EAST
         features = {f["_id"]: f for f in view["features"]}
@@ -182,7 +186,9 @@ async def test_a_person_registered_before_their_households_move_is_counted_where
     counted in the group their household is in now."""
     created = household("h1", WEST, 0)
     person = registered("p1", "h1", WEST)
-    merged = registry_events.GroupsMerged(source_unit_id=WEST, target_unit_id=EAST)
+    merged = registry_events.GroupsMerged(
+        source_unit_id=WEST, target_unit_id=EAST, household_ids=["h1"]
+    )
     orders = [[created, person, merged], [created, merged, person]]
     async with scratch_databases(settings, len(orders)) as dbs:
         for order, db in zip(orders, dbs, strict=True):
@@ -260,3 +266,35 @@ async def test_persons_projected_before_stays_were_kept_follow_their_household_u
     orders = [[household("h1", WEST, 0), renting]]
     [kinds] = await kinds_after(settings, orders, before)
     assert kinds == {"p1": RENTER, "s1": TEMPORARY}
+
+
+async def test_household_events_from_before_a_merge_arriving_after_it_go_where_the_group_went(
+    settings: Settings,
+) -> None:
+    """A household's events, its members' and its group's merge travel on different
+    partitions: its creation may be applied after the merge that followed it, even after the
+    group it went to was merged in turn. One event at a time or in one batch, it lands (with its
+    member) where its group went."""
+    north = "dn.hc.w1.g3"
+    west_east, east_north = [
+        registry_events.GroupsMerged(source_unit_id=a, target_unit_id=b, household_ids=["h1"])
+        for a, b in ((WEST, EAST), (EAST, north))
+    ]
+    created, person = household("h1", WEST, 0), registered("p1", "h1", WEST)
+    orders = [
+        [west_east, east_north, created, person],
+        [west_east, east_north, person, created],
+        [west_east, created, east_north, person],
+    ]
+    runs = [(order, batches) for order in orders for batches in ([[m] for m in order], [order])]
+    async with scratch_databases(settings, len(runs)) as dbs:
+        for (order, batches), db in zip(runs, dbs, strict=True):
+            store = GisStore(db)
+            projection = RegistryProjection(store, Outbox(db, source="gis", topic=TOPIC))
+            units: list[Message] = [unit(WEST, "Tổ 1"), unit(EAST, "Tổ 2"), unit(north, "Tổ 3")]
+            await handle(db, projection.apply, deliveries(units))
+            for batch in batches:
+                await handle(db, projection.apply, deliveries(batch))
+            counts = await store.counts(WARD, "9999-12-31")
+            assert set(counts) == {north}, (order, len(batches), counts)
+            assert (counts[north]["households"], counts[north]["population"]) == (1, 1), order
