@@ -4,6 +4,7 @@ the registry: units, household points and the few facts about persons that count
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 SHOWN = {"layer": 1, "unit_id": 1, "geometry": 1, "properties": 1}
 GEO_INDEX = "layer_1_geometry_2dsphere"
 NEAREST_SHOWN = {"geometry": 1, "properties": 1, "source_unit": 1}
+# MongoDB reckons $near on a sphere of 6,378.1 km: within 0.7% of the geodesic anywhere.
+SPHERE_SLACK = 1.01
 
 
 class GisStore:
@@ -133,28 +136,31 @@ class GisStore:
     async def nearest(
         self, layer: Layer, point: Document, limit: int, max_distance_m: float
     ) -> list[Document]:
-        """The nearest features of a layer, nearest first, each with its `distance_m`. Hydrants
-        come from memory; other layers from a find with $near, which stops once it has `limit`
-        (an aggregation's $geoNear reads every feature within max_distance_m first)."""
+        """The nearest features of a layer by the geodesic, nearest first, each with its
+        `distance_m`. Hydrants come from memory (while it follows the layer); otherwise from a
+        find with $near, read only as far as it can still give one of the nearest (an
+        aggregation's $geoNear reads every feature within max_distance_m first)."""
         position = (point["coordinates"][0], point["coordinates"][1])
         if layer is Layer.HYDRANT and self.hydrants.following:
             found = self.hydrants.grid.nearest(position, limit, max_distance_m, distance_m)
             return [placed.doc | {"distance_m": metres} for metres, placed in found]
-        docs = (
-            await self.features.find(
-                {
-                    "layer": layer.key,
-                    "geometry": {"$near": {"$geometry": point, "$maxDistance": max_distance_m}},
-                },
-                NEAREST_SHOWN,
-            )
-            .limit(limit)
-            .to_list()
-        )
-        for doc in docs:
-            lon, lat = doc["geometry"]["coordinates"]
-            doc["distance_m"] = distance_m(position, (lon, lat))
-        return docs
+        # $near ranks and limits on its sphere: a little wider, then by the geodesic, as the
+        # grid does (a point 100 m north is 100.6 m away on MongoDB's sphere at 16°N).
+        near = {"$geometry": point, "$maxDistance": max_distance_m * SPHERE_SLACK}
+        ranked: list[tuple[float, str, Document]] = []
+        async with self.features.find(
+            {"layer": layer.key, "geometry": {"$near": near}}, NEAREST_SHOWN
+        ) as cursor:
+            async for doc in cursor:
+                lon, lat = doc["geometry"]["coordinates"]
+                metres = distance_m(position, (lon, lat))
+                # Farther on the sphere from here on: none after this one can be nearer than
+                # the nearest `limit` so far.
+                if len(ranked) >= limit and metres > ranked[limit - 1][0] * SPHERE_SLACK**2:
+                    break
+                if metres <= max_distance_m:
+                    bisect.insort(ranked, (metres, doc["_id"], doc), key=lambda r: r[:2])
+        return [doc | {"distance_m": metres} for metres, _, doc in ranked[:limit]]
 
     # ---- the registry's facts ----------------------------------------------------------------
 

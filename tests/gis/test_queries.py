@@ -269,3 +269,30 @@ async def test_a_hydrant_import_is_found_at_once_by_the_instance_that_made_it(
 
 async def _equals(names: Awaitable[list[str]], expected: list[str]) -> bool:
     return await names == expected
+
+
+async def test_nearest_hydrants_from_mongodb_are_ranked_by_the_geodesic_as_from_memory(
+    ward: Ward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the in-memory layer is not following MongoDB's (at start, or reloading after its
+    change stream broke) $near answers, on a sphere that puts a point 100 m north of here
+    100.6 m away: only the geodesic decides what is within reach, and in which order."""
+    geod = Geod(ellps="WGS84")
+    lon, lat = ward.at(-300, 0)
+    north = [round(v, 7) for v in geod.fwd(lon, lat, 0, 100.0)[:2]]
+    east = [round(v, 7) for v in geod.fwd(lon, lat, 90, 100.4)[:2]]
+    hydrants = [point_feature(north, "north", name="N"), point_feature(east, "east", name="E")]
+    assert (await ward.import_features(gis_pb2.LAYER_HYDRANT, hydrants)).created == 2
+
+    async def nearest(limit: int) -> list[tuple[str, float]]:
+        answer = await ward.officer.NearestHydrants(
+            gis_pb2.NearestHydrantsRequest(
+                point=ward.point(-300, 0), limit=limit, max_distance_m=100.5
+            )
+        )
+        return [(h.name, round(h.distance_m, 1)) for h in answer.hydrants]
+
+    from_memory = [await nearest(2), await nearest(1)]
+    assert from_memory == [[("N", 100.0), ("E", 100.4)], [("N", 100.0)]]
+    monkeypatch.setattr(ward.service.store.hydrants, "following", False)
+    assert [await nearest(2), await nearest(1)] == from_memory
