@@ -142,9 +142,12 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         there the UTC date is still yesterday's."""
         return local_date(self.clock())
 
-    async def _known_unit(self, unit_id: str, field: str = "unit_id") -> Document:
+    async def _known_unit(self, unit_id: str, may: Callable[[Principal, str], None]) -> Document:
+        """The unit, once `may` lets the caller act on it: whether a unit exists is told only
+        to those who may."""
         if not unit_id:
-            raise InvalidArgument(field, "is required")
+            raise InvalidArgument("unit_id", "is required")
+        may(principal(), unit_id)
         unit = await self.store.unit(unit_id)
         if unit is None:
             raise NotFound(f"unit {unit_id} is not known to the GIS service")
@@ -189,8 +192,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
     async def CreateImportUpload(
         self, request: gis_pb2.CreateImportUploadRequest, context: Context
     ) -> gis_pb2.CreateImportUploadResponse:
-        await self._known_unit(request.unit_id)
-        domain.may_edit_map(principal(), request.unit_id)
+        await self._known_unit(request.unit_id, domain.may_edit_map)
         name = request.file_name.strip()
         if not FILE_NAME.fullmatch(name) or not name.lower().endswith(EXTENSIONS):
             raise InvalidArgument(
@@ -208,8 +210,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         answered = await self.commands.answered("ImportLayer", request, gis_pb2.ImportLayerResponse)
         if answered is not None:
             return answered
-        await self._known_unit(request.unit_id)
-        domain.may_edit_map(caller, request.unit_id)
+        await self._known_unit(request.unit_id, domain.may_edit_map)
         layer = layer_of("layer", request.layer, IMPORTABLE)
         if request.format not in (gis_pb2.SOURCE_FORMAT_GEOJSON, gis_pb2.SOURCE_FORMAT_DXF):
             raise InvalidArgument("format", "must be SOURCE_FORMAT_GEOJSON or SOURCE_FORMAT_DXF")
@@ -528,9 +529,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
     async def CountByGroup(
         self, request: gis_pb2.CountByGroupRequest, context: Context
     ) -> gis_pb2.CountByGroupResponse:
-        caller = principal()
-        await self._known_unit(request.unit_id)
-        domain.may_count(caller, request.unit_id)
+        await self._known_unit(request.unit_id, domain.may_count)
         born_by = domain.born_on_or_before_age(domain.ELDERLY_AGE, self.today())
         found = await self.store.counts(request.unit_id, born_by)
         groups = sorted(

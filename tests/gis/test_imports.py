@@ -297,6 +297,15 @@ async def test_bad_requests_are_refused_with_nothing_written(ward: Ward) -> None
         ward.caller(Role.INTEGRATOR, ward.city.city),
     ):
         await refused(grpc.StatusCode.PERMISSION_DENIED, caller.ImportLayer(request()))
+    # Whether a unit exists is told only to a caller who may draw it.
+    unknown = request(unit_id=ward.city.ward + ".nowhere")
+    await refused(grpc.StatusCode.PERMISSION_DENIED, ward.other_leader.ImportLayer(unknown))
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        ward.other_leader.CreateImportUpload(
+            gis_pb2.CreateImportUploadRequest(unit_id=unknown.unit_id, file_name="to.dxf")
+        ),
+    )
     await refused(
         grpc.StatusCode.INVALID_ARGUMENT,
         ward.officer.CreateImportUpload(

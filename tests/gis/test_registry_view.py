@@ -204,6 +204,15 @@ async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
         ward.leader.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward)),
     )
+    # Whether a unit exists is told only to a caller who may count it.
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        ward.leader.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward + ".nowhere")),
+    )
+    await refused(
+        grpc.StatusCode.NOT_FOUND,
+        ward.officer.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward + ".nowhere")),
+    )
     await refused(
         grpc.StatusCode.INVALID_ARGUMENT, ward.officer.CountByGroup(gis_pb2.CountByGroupRequest())
     )
