@@ -6,7 +6,8 @@ import asyncio
 import hashlib
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -65,6 +66,38 @@ MAX_DISTANCE_M = 20_000.0
 REGISTRY_CONCURRENCY = 16
 FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
 EXTENSIONS = (".dxf", ".geojson", ".json")
+
+
+# A feature that passed the checks: where it came from in the file, and its document.
+Accepted = tuple[RawFeature, Document]
+
+
+@dataclass
+class Tally:
+    """What an import did to the layer."""
+
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    removed: int = 0
+
+    def __iadd__(self, other: Tally) -> Tally:
+        self.created += other.created
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.removed += other.removed
+        return self
+
+
+def _refusal(feature: RawFeature, problem: str) -> gis_pb2.FeatureError:
+    return gis_pb2.FeatureError(index=feature.index, source_id=feature.source_id, message=problem)
+
+
+def _ids_by_unit(docs: Iterable[Document]) -> dict[str, list[str]]:
+    by_unit: dict[str, list[str]] = {}
+    for doc in docs:
+        by_unit.setdefault(doc["unit_id"], []).append(doc["_id"])
+    return by_unit
 
 
 class RegistryUnavailable(DomainError):
@@ -235,49 +268,37 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             "im-"
             + hashlib.sha256(f"{caller.subject}\n{request.request_id}".encode()).hexdigest()[:20]
         )
+        accepted, rejected = self._accepted(raw, layer, request.unit_id, transform, area_shape)
+        if layer is Layer.BOUNDARY:
+            accepted = await self._bounding_known_units(accepted, rejected)
         now = self.clock()
-        docs: list[Document] = []
-        rejected: list[gis_pb2.FeatureError] = []
-        seen: set[str] = set()
-        for feature in raw:
-            doc, problem = self._feature(feature, layer, request.unit_id, transform, area_shape)
-            if doc is not None and doc["_id"] in seen:
-                doc, problem = None, f"the id {feature.source_id!r} appears twice in the file"
-            if doc is None:
-                rejected.append(
-                    gis_pb2.FeatureError(
-                        index=feature.index, source_id=feature.source_id, message=problem
-                    )
-                )
-                continue
-            seen.add(doc["_id"])
+        for _, doc in accepted:
             doc["import_id"] = import_id
             doc["updated_at"] = now
-            docs.append(doc)
 
-        created = updated = unchanged = 0
-        for start in range(0, len(docs), IMPORT_BATCH):
-            batch = docs[start : start + IMPORT_BATCH]
-            made, changed, same = await self._write_batch(batch, layer, import_id)
-            created, updated, unchanged = created + made, updated + changed, unchanged + same
-        removed = 0
+        tally = Tally()
+        for start in range(0, len(accepted), IMPORT_BATCH):
+            batch = accepted[start : start + IMPORT_BATCH]
+            tally += await self._write_batch([doc for _, doc in batch], layer, import_id)
         # A drawing with refused features is not the whole layer (a wrong CRS refuses them all):
         # replacing would delete what they stand for. Fix the file and import it again.
         # Nor does a drawing that gave no feature at all (the wrong drawing layer, say).
-        if request.replace and not rejected and seen:
-            stale = await self.store.stale(layer, request.unit_id, seen)
-            removed = len(stale)
+        if request.replace and not rejected and accepted:
+            keep = {doc["_id"] for _, doc in accepted}
+            stale = await self.store.stale(layer, request.unit_id, keep)
+            tally.removed += len(stale)
             # In batches like the writes: one event (a Kafka record) names a batch's ids.
             for start in range(0, len(stale), IMPORT_BATCH):
                 await self._remove(stale[start : start + IMPORT_BATCH], layer, import_id)
+        rejected.sort(key=lambda error: error.index)
 
         async def record(session: Session) -> tuple[gis_pb2.ImportLayerResponse, list[Document]]:
             response = gis_pb2.ImportLayerResponse(
                 import_id=import_id,
-                created=created,
-                updated=updated,
-                unchanged=unchanged,
-                removed=removed,
+                created=tally.created,
+                updated=tally.updated,
+                unchanged=tally.unchanged,
+                removed=tally.removed,
                 rejected=rejected,
             )
             event = self.outbox.event(
@@ -287,10 +308,10 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
                     layer=int(layer),  # type: ignore[arg-type]
                     format=request.format,
                     source_crs=request.source_crs,
-                    created=created,
-                    updated=updated,
-                    unchanged=unchanged,
-                    removed=removed,
+                    created=tally.created,
+                    updated=tally.updated,
+                    unchanged=tally.unchanged,
+                    removed=tally.removed,
                     rejected=len(rejected),
                 ),
                 key=request.unit_id,
@@ -316,6 +337,36 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
                 raise InvalidArgument("object_key", "was not handed out for this unit")
             return await self.uploads.read(request.object_key, MAX_UPLOAD_BYTES), "object_key"
         raise InvalidArgument("content", "give the file (content) or its upload (object_key)")
+
+    def _accepted(
+        self,
+        raw: list[RawFeature],
+        layer: Layer,
+        unit_id: str,
+        transform: geometry.Transform,
+        area: Any,
+    ) -> tuple[list[Accepted], list[gis_pb2.FeatureError]]:
+        """The file's features that pass the checks, with their documents; and the others,
+        each with why."""
+        accepted: list[Accepted] = []
+        rejected: list[gis_pb2.FeatureError] = []
+        sources: set[str] = set()
+        ids: dict[str, RawFeature] = {}
+        for feature in raw:
+            doc, problem = self._feature(feature, layer, unit_id, transform, area)
+            if doc is not None and doc["source_id"] in sources:
+                doc, problem = None, f"the id {feature.source_id!r} appears twice in the file"
+            if doc is not None and doc["_id"] in ids:
+                first = ids[doc["_id"]].index
+                problem = f"properties.unit_id: {doc['unit_id']} is bounded by feature {first} too"
+                doc = None
+            if doc is None:
+                rejected.append(_refusal(feature, problem))
+                continue
+            sources.add(doc["source_id"])
+            ids[doc["_id"]] = feature
+            accepted.append((feature, doc))
+        return accepted, rejected
 
     def _feature(
         self,
@@ -354,7 +405,11 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             return None, str(error)
         source_id = feature.source_id or domain.geometry_source_id(feature.geometry)
         doc: Document = {
-            "_id": domain.feature_id(layer, unit_id, source_id),
+            "_id": (
+                domain.boundary_feature_id(owner)
+                if layer is Layer.BOUNDARY
+                else domain.feature_id(layer, unit_id, source_id)
+            ),
             "layer": layer.key,
             "unit_id": owner,
             "source_unit": unit_id,
@@ -366,33 +421,57 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         doc["geojson"] = feature_text(doc)
         return doc, ""
 
-    async def _write_batch(
-        self, batch: list[Document], layer: Layer, import_id: str
-    ) -> tuple[int, int, int]:
-        async def work(session: Session) -> tuple[int, int, int]:
+    async def _bounding_known_units(
+        self, accepted: list[Accepted], rejected: list[gis_pb2.FeatureError]
+    ) -> list[Accepted]:
+        """Boundaries of units the registry has, as the service's view of it has them: a
+        mistyped unit code would otherwise draw a unit that does not exist."""
+        units = await self.store.units_by_id({doc["unit_id"] for _, doc in accepted})
+        kept = []
+        for feature, doc in accepted:
+            problem = domain.not_drawable(doc["unit_id"], units.get(doc["unit_id"]))
+            if problem:
+                rejected.append(_refusal(feature, problem))
+            else:
+                kept.append((feature, doc))
+        return kept
+
+    async def _write_batch(self, batch: list[Document], layer: Layer, import_id: str) -> Tally:
+        async def work(session: Session) -> Tally:
+            # A boundary takes the place of any other its unit had, and of what its outline
+            # bounded before: those units hear of it as removed.
+            displaced = []
+            if layer is Layer.BOUNDARY:
+                displaced = await self.store.displaced(batch, session)
+                await self.store.remove([doc["_id"] for doc in displaced], session)
             created, updated, unchanged = await self.store.upsert(batch, session)
             changed = set(created) | set(updated)
-            by_unit: dict[str, list[str]] = {}
-            for doc in batch:
-                if doc["_id"] in changed:
-                    by_unit.setdefault(doc["unit_id"], []).append(doc["_id"])
+            upserted = _ids_by_unit(doc for doc in batch if doc["_id"] in changed)
+            removed = _ids_by_unit(displaced)
             await self.outbox.stage(
                 session,
                 [
-                    features_changed(self.outbox, unit, layer, upserted=ids, import_id=import_id)
-                    for unit, ids in by_unit.items()
+                    features_changed(
+                        self.outbox,
+                        unit,
+                        layer,
+                        upserted=upserted.get(unit),
+                        removed=removed.get(unit),
+                        import_id=import_id,
+                    )
+                    for unit in dict.fromkeys([*upserted, *removed])
                 ],
             )
-            return len(created), len(updated), len(unchanged)
+            return Tally(len(created), len(updated), len(unchanged), len(displaced))
 
-        counts = await in_transaction(self.client, work)
+        if not batch:
+            return Tally()
+        tally = await in_transaction(self.client, work)
         self.outbox.committed()
-        return counts
+        return tally
 
     async def _remove(self, stale: list[Document], layer: Layer, import_id: str) -> None:
-        by_unit: dict[str, list[str]] = {}
-        for doc in stale:
-            by_unit.setdefault(doc["unit_id"], []).append(doc["_id"])
+        by_unit = _ids_by_unit(stale)
 
         async def work(session: Session) -> None:
             await self.store.remove([doc["_id"] for doc in stale], session)

@@ -57,6 +57,13 @@ def feature_id(layer: Layer, unit_id: str, source_id: str) -> str:
     return f"{layer.key}-{digest}"
 
 
+def boundary_feature_id(bounded_unit: str) -> str:
+    """A unit has one boundary, whoever draws it (its ward, or its own leader): the id comes
+    from the unit it bounds, so drawing it again replaces it."""
+    digest = hashlib.sha256(f"{bounded_unit}\n{Layer.BOUNDARY.key}".encode()).hexdigest()[:24]
+    return f"{Layer.BOUNDARY.key}-{digest}"
+
+
 def household_feature_id(household_id: str) -> str:
     return f"household-{household_id}"
 
@@ -135,6 +142,19 @@ def clean_properties(
             raise ValueError(f"properties.unit_id: {bounded} is not {import_unit} or a unit in it")
         unit_id = bounded
     return unit_id, kept
+
+
+def not_drawable(unit_id: str, unit: dict[str, Any] | None) -> str:
+    """Why no boundary may be drawn for the unit, as the service's view of the registry has it
+    (None: the view has no such unit); "" when one may."""
+    if unit is None:
+        return f"properties.unit_id: {unit_id} is not a known unit"
+    if not unit.get("active"):
+        merged = unit.get("merged_into_id")
+        return f"properties.unit_id: {unit_id} is not a known unit any more" + (
+            f" (it was merged into {merged})" if merged else ""
+        )
+    return ""
 
 
 # ---- who may do what -------------------------------------------------------------------------

@@ -60,19 +60,21 @@ class GisStore:
     async def upsert(
         self, docs: Sequence[Document], session: Session
     ) -> tuple[list[str], list[str], list[str]]:
-        """(created, updated, unchanged) ids; a document whose content hash is the stored one
-        is not written again."""
+        """(created, updated, unchanged) ids; a document whose content hash is the stored one,
+        from the same drawing, is not written again (a boundary another unit's drawing gave is
+        taken over, so that drawing's replace no longer removes it)."""
+        shown = {"hash": 1, "source_unit": 1, "source_id": 1}
         stored = {
-            doc["_id"]: doc.get("hash")
+            doc["_id"]: (doc.get("hash"), doc.get("source_unit"), doc.get("source_id"))
             async for doc in self.features.find(
-                {"_id": {"$in": [d["_id"] for d in docs]}}, {"hash": 1}, session=session
+                {"_id": {"$in": [d["_id"] for d in docs]}}, shown, session=session
             )
         }
         created, updated, unchanged, writes = [], [], [], []
         for doc in docs:
             if doc["_id"] not in stored:
                 created.append(doc["_id"])
-            elif stored[doc["_id"]] != doc["hash"]:
+            elif stored[doc["_id"]] != (doc["hash"], doc["source_unit"], doc["source_id"]):
                 updated.append(doc["_id"])
             else:
                 unchanged.append(doc["_id"])
@@ -82,6 +84,25 @@ class GisStore:
             await self.features.bulk_write(writes, ordered=False, session=session)
         return created, updated, unchanged
 
+    async def displaced(self, boundaries: Sequence[Document], session: Session) -> list[Document]:
+        """The boundaries these take the place of: any other boundary of the units they bound
+        (one stored under an id from its drawing, as ids were made before), and what the same
+        outline of the same drawing bounded when it named another unit."""
+        if not boundaries:
+            return []
+        outlines: dict[str, list[str]] = {}
+        for doc in boundaries:
+            outlines.setdefault(doc["source_unit"], []).append(doc["source_id"])
+        query = {
+            "layer": Layer.BOUNDARY.key,
+            "_id": {"$nin": [doc["_id"] for doc in boundaries]},
+            "$or": [
+                {"unit_id": {"$in": sorted({doc["unit_id"] for doc in boundaries})}},
+                *({"source_unit": s, "source_id": {"$in": ids}} for s, ids in outlines.items()),
+            ],
+        }
+        return await self.features.find(query, {"unit_id": 1}, session=session).to_list()
+
     async def stale(self, layer: Layer, source_unit: str, keep: set[str]) -> list[Document]:
         """Features an import into source_unit made earlier that the new one no longer has."""
         docs = await self.features.find(
@@ -90,7 +111,8 @@ class GisStore:
         return [doc for doc in docs if doc["_id"] not in keep]
 
     async def remove(self, ids: list[str], session: Session) -> None:
-        await self.features.delete_many({"_id": {"$in": ids}}, session=session)
+        if ids:
+            await self.features.delete_many({"_id": {"$in": ids}}, session=session)
 
     # ---- reading layers ----------------------------------------------------------------------
 
@@ -166,6 +188,14 @@ class GisStore:
 
     async def unit(self, unit_id: str) -> Document | None:
         return await self.units.find_one({"_id": unit_id})
+
+    async def units_by_id(self, unit_ids: set[str]) -> dict[str, Document]:
+        return {
+            doc["_id"]: doc
+            async for doc in self.units.find(
+                {"_id": {"$in": sorted(unit_ids)}}, {"active": 1, "merged_into_id": 1}
+            )
+        }
 
     async def units_named(self, unit_ids: list[str]) -> dict[str, str]:
         return {

@@ -1,6 +1,7 @@
 """GeoJSON imports: stored in WGS84, idempotent, invalid features refused one by one, every
-change announced on civic.gis.v1, and bad requests refused with nothing written; footprints
-are in square metres on the ellipsoid."""
+change announced on civic.gis.v1, and bad requests refused with nothing written. A unit has one
+boundary, whoever draws it, and only a unit the registry has; footprints are in square metres
+on the ellipsoid."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from services.common.auth import Role
 from services.common.cloudevents import type_name
 from services.common.config import Settings
 from services.gis import api as gis_api
+from services.gis import domain
+from services.gis.domain import Layer
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
 from tests.kafka_reader import Record, TopicReader, of_type, with_key
 
@@ -313,6 +316,132 @@ async def test_bad_requests_are_refused_with_nothing_written(ward: Ward) -> None
         ),
     )
     assert await store.features.count_documents({}) == before
+
+
+async def test_a_unit_has_one_boundary_whoever_draws_it(ward: Ward, settings: Settings) -> None:
+    """The ward drew its groups' boundaries (the fixture); the group's leader draws the group's
+    own. Before boundaries took their unit's id, each outline of a drawing kept its own: one
+    stored that way (from an earlier drawing of the ward's) is replaced as well."""
+    store = ward.service.store
+    group = ward.city.group
+    drawn = await store.boundary(group)
+    assert drawn is not None
+    earlier_id = domain.feature_id(Layer.BOUNDARY, ward.city.ward, "g17-2019")
+    earlier = drawn | {"_id": earlier_id, "source_id": "g17-2019"}
+    await store.features.insert_one(earlier)
+    async with TopicReader(settings.kafka_bootstrap_servers, TOPIC) as reader:
+        before = len(await reader.read_to_end())
+        done = await ward.import_features(
+            gis_pb2.LAYER_BOUNDARY,
+            [polygon_feature(ward.box(-600, -400, -5, 400), "mine", unit_id=group)],
+            caller=ward.leader,
+            unit_id=group,
+        )
+
+        def imported(records: list[Record]) -> bool:
+            mine = with_key(records[before:], group)
+            return bool(of_type(mine, type_name(events_pb2.LayerImported())))
+
+        records = await reader.collect(imported, what="the leader's LayerImported")
+    assert (done.created, done.updated, done.removed, list(done.rejected)) == (0, 1, 1, [])
+    (change,) = [
+        events_pb2.FeaturesChanged.FromString(r.value)
+        for r in of_type(with_key(records[before:], group), type_name(events_pb2.FeaturesChanged()))
+    ]
+    assert (list(change.upserted_ids), list(change.removed_ids)) == (
+        [drawn["_id"]],
+        [earlier["_id"]],
+    )
+
+    located = await ward.officer.LocateUnit(gis_pb2.LocateUnitRequest(point=ward.point(-300, 0)))
+    assert [u.unit_id for u in located.units] == [group, ward.city.ward]
+    counts = await ward.officer.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=ward.city.ward))
+    shaded = [f["properties"]["unit_id"] for f in json.loads(counts.geojson)["features"]]
+    assert sorted(shaded) == [group, ward.city.other_group]
+
+    # The ward's drawing without the group no longer removes it: it is the leader's now.
+    fixture = [
+        polygon_feature(
+            ward.box(-600, -400, 600, 400), "ward", unit_id=ward.city.ward, name="Phường"
+        ),
+        polygon_feature(ward.box(0, -400, 600, 400), "g18", unit_id=ward.city.other_group),
+    ]
+    again = await ward.import_features(gis_pb2.LAYER_BOUNDARY, fixture, replace=True)
+    assert (again.unchanged, again.removed) == (2, 0)
+    mine = await store.boundary(group)
+    assert mine is not None and (mine["source_unit"], mine["source_id"]) == (group, "mine")
+
+
+async def test_an_outline_redrawn_for_another_unit_is_announced_removed_from_the_one_it_left(
+    ward: Ward, settings: Settings
+) -> None:
+    ring = ward.box(-590, -390, -10, 390)
+    store = ward.service.store
+    await ward.import_features(
+        gis_pb2.LAYER_BOUNDARY, [polygon_feature(ring, "b-x", unit_id=ward.city.group)]
+    )
+    left = await store.boundary(ward.city.group)
+    assert left is not None
+    async with TopicReader(settings.kafka_bootstrap_servers, TOPIC) as reader:
+        before = len(await reader.read_to_end())
+        # The drawing is mended: outline b-x bounds the other group, not this one.
+        fixed = await ward.import_features(
+            gis_pb2.LAYER_BOUNDARY, [polygon_feature(ring, "b-x", unit_id=ward.city.other_group)]
+        )
+
+        def imported(records: list[Record]) -> bool:
+            mine = with_key(records[before:], ward.city.ward)
+            return bool(of_type(mine, type_name(events_pb2.LayerImported())))
+
+        records = await reader.collect(imported, what="the mended drawing's LayerImported")
+    assert (fixed.created, fixed.updated, fixed.removed) == (0, 1, 1)
+    changes = [
+        (r.key_text, events_pb2.FeaturesChanged.FromString(r.value))
+        for r in of_type(records[before:], type_name(events_pb2.FeaturesChanged()))
+        if r.key_text in (ward.city.group, ward.city.other_group)
+    ]
+    assert [key for key, change in changes if change.upserted_ids] == [ward.city.other_group]
+    assert [(key, list(c.removed_ids)) for key, c in changes if c.removed_ids] == [
+        (ward.city.group, [left["_id"]])
+    ]
+    assert await store.boundary(ward.city.group) is None
+
+
+async def test_a_boundary_is_only_for_a_unit_the_registry_has(ward: Ward) -> None:
+    store = ward.service.store
+    merged = ward.city.ward + ".g99"
+    # As the registry's events leave a group merged into another.
+    await store.units.insert_one(
+        {
+            "_id": merged,
+            "kind": 4,
+            "name": "Tổ 99",
+            "active": False,
+            "merged_into_id": ward.city.group,
+        }
+    )
+    response = await ward.import_features(
+        gis_pb2.LAYER_BOUNDARY,
+        [
+            polygon_feature(
+                ward.box(-500, -300, -400, -200), "typo", unit_id=ward.city.ward + ".g71"
+            ),
+            polygon_feature(ward.box(-300, -300, -200, -200), "label", unit_code="Tổ 17"),
+            polygon_feature(ward.box(-100, -300, -50, -200), "gone", unit_id=merged),
+        ],
+    )
+    assert [(r.index, r.message) for r in response.rejected] == [
+        (0, f"properties.unit_id: {ward.city.ward}.g71 is not a known unit"),
+        (1, f"properties.unit_id: {ward.city.ward}.Tổ 17 is not a known unit"),
+        (
+            2,
+            f"properties.unit_id: {merged} is not a known unit any more "
+            f"(it was merged into {ward.city.group})",
+        ),
+    ]
+    assert response.created == 0
+    located = await ward.officer.LocateUnit(gis_pb2.LocateUnitRequest(point=ward.point(-450, -250)))
+    assert located.unit_id == ward.city.group
 
 
 async def test_a_footprint_is_its_area_on_the_ellipsoid(ward: Ward) -> None:
