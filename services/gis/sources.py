@@ -13,6 +13,7 @@ from typing import Any
 from ezdxf.entities.dxfgfx import DXFGraphic
 from ezdxf.lldxf.const import DXFError
 from ezdxf.recover import read as read_dxf_stream
+from shapely import STRtree
 from shapely.geometry import Point, shape
 
 from services.gis.domain import Layer, kind_of
@@ -92,7 +93,9 @@ def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeatu
     """Entities of model space that can be features of `layer`: closed polylines as polygons,
     polylines and lines as lines, points, circles and block references as points. Text labels
     give properties: a number inside a building is its storeys, inside a boundary its unit
-    code; a width such as "3.5m" next to an alley is its width; a label by a hydrant its name."""
+    code (a label belongs to the smallest outline around it: a group's code lies inside its
+    ward's outline too); a width such as "3.5m" next to an alley is its width; a label by a
+    hydrant its name."""
     try:
         document, auditor = read_dxf_stream(io.BytesIO(content))
     except (DXFError, OSError, UnicodeDecodeError, ValueError) as error:
@@ -120,9 +123,14 @@ def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeatu
         feature = _dxf_feature(index, entity, wanted)
         if feature.geometry is None and not dxf_layer:
             continue  # the whole drawing: its other kinds of entity are not for this layer
-        if feature.geometry is not None:
-            _label(feature, labels, layer)
         features.append(feature)
+    if wanted == "polygon":
+        inside = _labels_inside(features, labels)
+        for feature in features:
+            _label_polygon(feature, inside.get(feature.index, []), layer)
+    else:
+        for feature in features:
+            _label_nearby(feature, labels, layer)
     return features
 
 
@@ -161,27 +169,50 @@ def _dxf_feature(index: int, entity: DXFGraphic, wanted: str) -> RawFeature:
     return RawFeature(index, handle, {"type": "Polygon", "coordinates": [points]})
 
 
-def _label(feature: RawFeature, labels: list[_Label], layer: Layer) -> None:
-    """Properties from the text labels that belong to the feature."""
-    assert feature.geometry is not None
+def _labels_inside(features: list[RawFeature], labels: list[_Label]) -> dict[int, list[_Label]]:
+    """Each label inside an outline, given to the smallest outline around it, by the feature's
+    index; in drawing order."""
+    outlines: list[tuple[float, int, Any]] = []
+    for feature in features:
+        if feature.geometry is None:
+            continue
+        try:
+            polygon = shape(feature.geometry).buffer(0)  # a self-crossing ring still has an inside
+        except (ValueError, TypeError, AttributeError):
+            continue
+        outlines.append((polygon.area, feature.index, polygon))
+    outlines.sort(key=lambda outline: outline[0])
+    inside: dict[int, list[_Label]] = {}
+    if not outlines or not labels:
+        return inside
+    tree = STRtree([polygon for _, _, polygon in outlines])
+    points = [Point(label.x, label.y) for label in labels]
+    # Indexes into `outlines` (smallest first) of the outlines around each label.
+    around: dict[int, int] = {}
+    for label_at, outline_at in zip(*tree.query(points, predicate="within"), strict=True):
+        around[int(label_at)] = min(around.get(int(label_at), len(outlines)), int(outline_at))
+    for label_at, label in enumerate(labels):
+        if label_at in around:
+            inside.setdefault(outlines[around[label_at]][1], []).append(label)
+    return inside
+
+
+def _label_polygon(feature: RawFeature, labels: list[_Label], layer: Layer) -> None:
+    """Properties from the labels inside the outline (and in no smaller one)."""
+    for label in labels:
+        if layer is Layer.BUILDING and (number := NUMBER.search(label.text)):
+            feature.properties.setdefault("storeys", int(float(number.group(1).replace(",", "."))))
+        elif layer is Layer.BOUNDARY:
+            feature.properties.setdefault("unit_code", label.text)
+
+
+def _label_nearby(feature: RawFeature, labels: list[_Label], layer: Layer) -> None:
+    """Properties from the labels within reach of the line or point."""
+    if feature.geometry is None:
+        return
     try:
         geometry = shape(feature.geometry)
     except (ValueError, TypeError, AttributeError):
-        return
-    if feature.geometry["type"] == "Polygon":
-        try:
-            inside = [
-                label for label in labels if geometry.buffer(0).contains(Point(label.x, label.y))
-            ]
-        except (ValueError, TypeError):
-            inside = []
-        for label in inside:
-            if layer is Layer.BUILDING and (number := NUMBER.search(label.text)):
-                feature.properties.setdefault(
-                    "storeys", int(float(number.group(1).replace(",", ".")))
-                )
-            elif layer is Layer.BOUNDARY:
-                feature.properties.setdefault("unit_code", label.text)
         return
     near = sorted(
         (geometry.distance(Point(label.x, label.y)), label.text)

@@ -1,6 +1,7 @@
 """AutoCAD DXF drawings in VN-2000, as wards digitised their paper maps, land on the WGS84 map
 within a metre of where they are: the expected positions are computed independently of PROJ
-(tests/gis/vn2000.py), the drawing is built here with ezdxf."""
+(tests/gis/vn2000.py), the drawing is built here with ezdxf. Labels name the outline they lie in
+and no smaller one."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from civic.gis.v1 import gis_pb2
 from ezdxf.document import Drawing
 
 from tests.gis.conftest import Ward, rid
+from tests.gis.test_import_edges import drawing_text
 from tests.gis.vn2000 import DA_NANG_TM3, to_da_nang_tm3, to_utm_49n
 
 Plane = Callable[[float, float], tuple[float, float]]
@@ -123,3 +125,38 @@ async def test_a_drawing_in_the_wrong_crs_is_refused_as_far_away(ward: Ward) -> 
     response = await import_dxf(ward, content, "EPSG:3405", gis_pb2.LAYER_HYDRANT, "TRU_CUU_HOA")
     assert response.created == 0 and len(response.rejected) == 2
     assert all("outside" in error.message for error in response.rejected)
+
+
+async def test_each_label_names_the_smallest_outline_around_it(ward: Ward) -> None:
+    """A ward's drawing of its boundaries: its own outline labelled with its unit id, its
+    groups' outlines inside it labelled with their codes, which lie inside its outline too."""
+    doc = Drawing.new("R2010")
+    msp = doc.modelspace()
+
+    def outline(west: float, south: float, east: float, north: float) -> None:
+        corners = [(west, south), (east, south), (east, north), (west, north)]
+        msp.add_lwpolyline([to_da_nang_tm3(*ward.at(*c)) for c in corners], close=True)
+
+    def label(text: str, east: float, north: float) -> None:
+        msp.add_text(text, dxfattribs={"insert": to_da_nang_tm3(*ward.at(east, north))})
+
+    outline(-610, -410, 610, 410)
+    outline(-600, -400, -5, 400)
+    label(ward.city.group.rsplit(".", 1)[1], -300, 0)
+    outline(5, -400, 600, 400)
+    label(ward.city.other_group.rsplit(".", 1)[1], 300, 0)
+    label(ward.city.ward, 0, 405)  # between the groups' outlines and the ward's
+    done = await import_dxf(ward, drawing_text(doc), DA_NANG_TM3, gis_pb2.LAYER_BOUNDARY, "")
+    assert (done.updated, list(done.rejected)) == (3, [])
+
+    async def units_at(east: float, north: float) -> list[str]:
+        located = await ward.officer.LocateUnit(
+            gis_pb2.LocateUnitRequest(point=ward.point(east, north))
+        )
+        return [unit.unit_id for unit in located.units]
+
+    assert await units_at(-300, 0) == [ward.city.group, ward.city.ward]
+    assert await units_at(300, 0) == [ward.city.other_group, ward.city.ward]
+    # Between the groups, and beyond them: the ward's outline, drawn first, is the ward's.
+    assert await units_at(0, 0) == [ward.city.ward]
+    assert await units_at(605, 0) == [ward.city.ward]
