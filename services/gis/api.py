@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -15,6 +16,7 @@ import grpc
 from civic.gis.v1 import events_pb2, gis_pb2, gis_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from pymongo import AsyncMongoClient
+from pymongo.errors import OperationFailure
 from shapely.geometry import shape
 
 from services.common.auth import Principal, principal
@@ -48,7 +50,7 @@ from services.gis.records import (
     required_point,
 )
 from services.gis.sources import RawFeature, SourceError, read_dxf, read_geojson
-from services.gis.store import GisStore
+from services.gis.store import GeometryRefused, GisStore, refused_geometry
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Features written per transaction in an import.
@@ -98,6 +100,18 @@ def _ids_by_unit(docs: Iterable[Document]) -> dict[str, list[str]]:
     for doc in docs:
         by_unit.setdefault(doc["unit_id"], []).append(doc["_id"])
     return by_unit
+
+
+@contextlib.contextmanager
+def _geometry_given_in(field: str) -> Iterator[None]:
+    """A query geometry MongoDB refuses is the caller's to mend (the checks let it through)."""
+    try:
+        yield
+    except OperationFailure as error:
+        reason = refused_geometry(error)
+        if reason is None:
+            raise
+        raise InvalidArgument(field, f"MongoDB cannot use it ({reason})") from None
 
 
 class RegistryUnavailable(DomainError):
@@ -276,10 +290,13 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             doc["import_id"] = import_id
             doc["updated_at"] = now
 
+        # Every feature was checked above, its geometry as MongoDB's index sees it too: the
+        # writes take each one that passed (one MongoDB refuses all the same is refused alone),
+        # so an import never fails with part of it written.
         tally = Tally()
         for start in range(0, len(accepted), IMPORT_BATCH):
             batch = accepted[start : start + IMPORT_BATCH]
-            tally += await self._write_batch([doc for _, doc in batch], layer, import_id)
+            tally += await self._write_batch(batch, layer, import_id, rejected)
         # A drawing with refused features is not the whole layer (a wrong CRS refuses them all):
         # replacing would delete what they stand for. Fix the file and import it again.
         # Nor does a drawing that gave no feature at all (the wrong drawing layer, say).
@@ -436,7 +453,28 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
                 kept.append((feature, doc))
         return kept
 
-    async def _write_batch(self, batch: list[Document], layer: Layer, import_id: str) -> Tally:
+    async def _write_batch(
+        self,
+        batch: list[Accepted],
+        layer: Layer,
+        import_id: str,
+        rejected: list[gis_pb2.FeatureError],
+    ) -> Tally:
+        """The batch in one transaction. A geometry MongoDB refuses despite the checks is
+        refused like any other feature: the batch is written without it."""
+        while True:
+            try:
+                return await self._write([doc for _, doc in batch], layer, import_id)
+            except GeometryRefused as error:
+                refused = [(f, doc) for f, doc in batch if doc["_id"] in error.reasons]
+                if not refused:
+                    raise
+                for feature, doc in refused:
+                    reason = error.reasons[doc["_id"]]
+                    rejected.append(_refusal(feature, f"geometry: MongoDB refused it ({reason})"))
+                batch = [(f, doc) for f, doc in batch if doc["_id"] not in error.reasons]
+
+    async def _write(self, batch: list[Document], layer: Layer, import_id: str) -> Tally:
         async def work(session: Session) -> Tally:
             # A boundary takes the place of any other its unit had, and of what its outline
             # bounded before: those units hear of it as removed.
@@ -504,7 +542,10 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             # Inside or across the boundary: a house on the line belongs to both sides' maps.
             where = {"$geoIntersects": {"$geometry": boundary["geometry"]}}
         query = {"$and": [self._layer_filter(caller, layers, request.unit_id), {"geometry": where}]}
-        items, token = await self.store.page(query, request.page.page_token, size, {"geojson": 1})
+        with _geometry_given_in("bbox" if request.HasField("bbox") else "unit_id"):
+            items, token = await self.store.page(
+                query, request.page.page_token, size, {"geojson": 1}
+            )
         # Within what a gRPC client takes by default (4 MiB): a page of long lines is shorter.
         kept: list[Document] = []
         text = 0
@@ -574,7 +615,8 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             "unit_id": in_unit(caller.scope),
             "geometry": {"$geoWithin": {"$geometry": polygon}},
         }
-        items, token = await self.store.page(query, request.page.page_token, size)
+        with _geometry_given_in("ring"):
+            items, token = await self.store.page(query, request.page.page_token, size)
         credentials = _credentials(context)
         limit = asyncio.Semaphore(REGISTRY_CONCURRENCY)
         today = self.today()

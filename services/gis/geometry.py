@@ -3,22 +3,26 @@
 Stored geometry is GeoJSON in WGS84 (longitude, latitude), as MongoDB's 2dsphere indexes and
 RFC 7946 want it. Distances on a group's or ward's scale (a few kilometres) are computed in a
 local equirectangular frame around the place, scaled by the WGS84 ellipsoid's metres per degree at
-its latitude, which is accurate to well under a metre there.
+its latitude, which is accurate to well under a metre there. MongoDB's index sees the same
+positions on a sphere, with every edge a great circle: a polygon is checked there too.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import shapely
 from pyproj import CRS, Geod, Transformer
 from pyproj.exceptions import CRSError
-from shapely.geometry import LineString, Point, shape
+from shapely.geometry import LineString, Point, Polygon, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
@@ -143,7 +147,61 @@ def check(geometry: dict[str, Any]) -> BaseGeometry:
         raise GeometryError(f"invalid geometry ({reason})")
     if kind == "LineString" and shapely.length(shaped) == 0:
         raise GeometryError("the line has no length")
+    if kind in ("Polygon", "MultiPolygon"):
+        for polygon in getattr(shaped, "geoms", [shaped]):
+            check_on_sphere(polygon)
     return shaped
+
+
+def check_on_sphere(polygon: Polygon) -> None:
+    """GeometryError unless the polygon is valid as MongoDB's 2dsphere index sees it: on a
+    sphere, each edge the great circle between its ends. A long edge bows towards the pole
+    (2.7 cm over 2 km at 16°N), so a vertex beside it on a flat map may lie across it there, and
+    MongoDB refuses the polygon. Great circles are straight lines in a gnomonic projection:
+    the polygon valid there is the polygon MongoDB takes."""
+    centre = polygon.centroid
+    projection = Gnomonic(centre.x, centre.y)
+    seen = shapely.transform(polygon, projection.forward)
+    if seen.is_valid:
+        return
+    spot = re.search(r"\[(\S+) (\S+)\]", explain_validity(seen))
+    near = ""
+    if spot:
+        lon, lat = projection.inverse(float(spot[1]), float(spot[2]))
+        near = f" near {lon:.7f} {lat:.7f}"
+    raise GeometryError(
+        f"the polygon intersects itself on the sphere, where MongoDB draws each edge as a great "
+        f"circle{near}: a vertex lies too close to a long edge (give the edge a vertex there)"
+    )
+
+
+@dataclass(frozen=True)
+class Gnomonic:
+    """The gnomonic projection of a sphere (longitude and latitude taken as spherical, as MongoDB
+    takes them) onto the plane touching it at (lon0, lat0), in radii: every great circle is a
+    straight line there."""
+
+    lon0: float
+    lat0: float
+
+    def forward(self, lonlat: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        sin0, cos0 = math.sin(math.radians(self.lat0)), math.cos(math.radians(self.lat0))
+        lon, lat = np.radians(lonlat[:, 0] - self.lon0), np.radians(lonlat[:, 1])
+        cos_lat, sin_lat, cos_lon = np.cos(lat), np.sin(lat), np.cos(lon)
+        scale = 1 / (sin0 * sin_lat + cos0 * cos_lat * cos_lon)
+        return np.column_stack(
+            [scale * cos_lat * np.sin(lon), scale * (cos0 * sin_lat - sin0 * cos_lat * cos_lon)]
+        )
+
+    def inverse(self, x: float, y: float) -> Position:
+        rho = math.hypot(x, y)
+        if rho == 0:
+            return self.lon0, self.lat0
+        sin0, cos0 = math.sin(math.radians(self.lat0)), math.cos(math.radians(self.lat0))
+        sin_c, cos_c = math.sin(math.atan(rho)), math.cos(math.atan(rho))
+        lat = math.asin(cos_c * sin0 + y * sin_c * cos0 / rho)
+        lon = math.atan2(x * sin_c, rho * cos0 * cos_c - y * sin0 * sin_c)
+        return self.lon0 + math.degrees(lon), math.degrees(lat)
 
 
 # ---- metres ----------------------------------------------------------------------------------

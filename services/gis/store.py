@@ -7,12 +7,14 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING, GEOSPHERE, IndexModel, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, OperationFailure
 
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
@@ -30,6 +32,31 @@ GEO_INDEX = "layer_1_geometry_2dsphere"
 NEAREST_SHOWN = {"geometry": 1, "properties": 1, "source_unit": 1}
 # MongoDB reckons $near on a sphere of 6,378.1 km: within 0.7% of the geodesic anywhere.
 SPHERE_SLACK = 1.01
+# MongoDB's codes for a geometry it cannot use: a query's (BadValue), a document's geo keys.
+GEOMETRY_REFUSED = (2, 16755)
+
+
+class GeometryRefused(Exception):
+    """MongoDB refused some documents' geometry: their ids, each with MongoDB's reason."""
+
+    def __init__(self, reasons: dict[str, str]) -> None:
+        super().__init__(f"MongoDB refused the geometry of {len(reasons)} features")
+        self.reasons = reasons
+
+
+def refusal_reason(message: str) -> str:
+    """MongoDB's reason for refusing a geometry, without the document and the positions it
+    quotes (a polygon may have 50,000)."""
+    if message.startswith("Can't extract geo keys"):
+        message = message.split("}  ", 1)[-1]
+    return re.sub(r"\[ \[.*?\] \] ?", "", message)[:300]
+
+
+def refused_geometry(error: OperationFailure) -> str | None:
+    """MongoDB's reason, if the error is its refusal of a query's geometry."""
+    if error.code not in GEOMETRY_REFUSED:
+        return None
+    return refusal_reason(str((error.details or {}).get("errmsg", error)))
 
 
 class GisStore:
@@ -62,7 +89,8 @@ class GisStore:
     ) -> tuple[list[str], list[str], list[str]]:
         """(created, updated, unchanged) ids; a document whose content hash is the stored one,
         from the same drawing, is not written again (a boundary another unit's drawing gave is
-        taken over, so that drawing's replace no longer removes it)."""
+        taken over, so that drawing's replace no longer removes it). GeometryRefused names the
+        documents whose geometry MongoDB refused: nothing is written then."""
         shown = {"hash": 1, "source_unit": 1, "source_id": 1}
         stored = {
             doc["_id"]: (doc.get("hash"), doc.get("source_unit"), doc.get("source_id"))
@@ -81,7 +109,17 @@ class GisStore:
                 continue
             writes.append(ReplaceOne({"_id": doc["_id"]}, doc, upsert=True))
         if writes:
-            await self.features.bulk_write(writes, ordered=False, session=session)
+            try:
+                await self.features.bulk_write(writes, ordered=False, session=session)
+            except BulkWriteError as error:
+                refused = {
+                    e["op"]["q"]["_id"]: refusal_reason(str(e.get("errmsg", "")))
+                    for e in error.details.get("writeErrors", [])
+                    if e.get("code") in GEOMETRY_REFUSED
+                }
+                if refused:
+                    raise GeometryRefused(refused) from error
+                raise
         return created, updated, unchanged
 
     async def displaced(self, boundaries: Sequence[Document], session: Session) -> list[Document]:

@@ -1,7 +1,9 @@
 """Imports and listings at their edges: a drawing layer named in another case, or not in the
 drawing, never empties a layer; loops stay closed and mirrored drawings land where drawn; a
 feature too long for one document is refused by its index; a page stays within what a client
-takes; a wide box keeps to its parallels; a route that is a spot still finds its hydrants."""
+takes; a wide box keeps to its parallels; a route that is a spot still finds its hydrants; a
+polygon valid only on a flat map (not on MongoDB's sphere) is refused as a feature, or as a
+query's argument."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ import io
 
 import grpc
 import pytest
+from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2
 from ezdxf.document import Drawing
 
 from services.gis import api, geometry
 from services.gis.domain import Layer
 from services.gis.sources import read_dxf
-from tests.gis.conftest import Ward, line_feature, point_feature, rid
+from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
 from tests.gis.vn2000 import DA_NANG_TM3, to_da_nang_tm3
 
 
@@ -125,3 +128,53 @@ def test_a_route_that_is_one_spot_measures_from_it() -> None:
     along, offset = geometry.along_and_offset_m([(108.0, 16.0)], (108.001, 16.0))
     assert along == 0.0
     assert 100 < offset < 110
+
+
+def notched(ward: Ward) -> list[list[float]]:
+    """A ring valid on a flat map: its south edge, 2.1 km long, passes 1 cm under a vertex of
+    the north side. On MongoDB's sphere that edge is a great circle, which bows 2.7 cm north of
+    its parallel here: it crosses the vertex, and MongoDB refuses the polygon."""
+    (x0, y0), (x1, _) = ward.at(-1050, -450), ward.at(1050, -450)
+    middle, top = round((x0 + x1) / 2, 7), round(y0 + 0.001, 7)
+    return [[x0, y0], [x1, y0], [x1, top], [middle, round(y0 + 1e-7, 7)], [x0, top], [x0, y0]]
+
+
+@pytest.fixture(params=["checked here", "refused by MongoDB"])
+def sphere_check(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Polygons checked on the sphere by the service, or (as if that check let one through)
+    only by MongoDB."""
+    if request.param == "refused by MongoDB":
+        monkeypatch.setattr(geometry, "check_on_sphere", lambda polygon: None)
+    return str(request.param)
+
+
+async def test_a_polygon_valid_only_on_a_flat_map_is_refused_by_its_index_and_the_rest_written(
+    ward: Ward, monkeypatch: pytest.MonkeyPatch, sphere_check: str
+) -> None:
+    monkeypatch.setattr(api, "IMPORT_BATCH", 1)  # as a drawing of thousands is written
+    houses = [
+        polygon_feature(ward.box(-500, 100, -480, 115), "before"),
+        polygon_feature(notched(ward), "notched"),
+        polygon_feature(ward.box(-450, 100, -430, 115), "after"),
+    ]
+    done = await ward.import_features(gis_pb2.LAYER_BUILDING, houses)
+    assert done.created == 2
+    [refusal] = done.rejected
+    assert (refusal.index, refusal.source_id) == (1, "notched")
+    reason = "on the sphere" if sphere_check == "checked here" else "Edges 0 and 2 cross"
+    assert refusal.message.startswith("geometry: ") and reason in refusal.message, refusal
+    assert len(refusal.message) < 400
+    stored = await ward.service.store.features.count_documents(
+        {"source_unit": ward.city.ward, "source_id": {"$in": ["before", "notched", "after"]}}
+    )
+    assert stored == 2
+
+
+async def test_an_evacuation_area_valid_only_on_a_flat_map_is_refused_as_the_callers_ring(
+    ward: Ward, sphere_check: str
+) -> None:
+    ring = [types_pb2.GeoPoint(longitude=lon, latitude=lat) for lon, lat in notched(ward)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ward.officer.ListResidentsInArea(gis_pb2.ListResidentsInAreaRequest(ring=ring))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert str(caught.value.details()).startswith("ring"), caught.value.details()
