@@ -23,12 +23,17 @@ Session = AsyncClientSession
 UNIT_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}(\.[a-z0-9][a-z0-9-]{0,31})*")
 
 
+def check_unit_id(unit_id: str, field: str = "unit_id") -> str:
+    """A unit id from a request (`field`), refused unless well formed."""
+    if not UNIT_ID.fullmatch(unit_id):
+        raise InvalidArgument(field, f"{unit_id[:80]!r} is not a unit id")
+    return unit_id
+
+
 def in_unit(unit_id: str, field: str = "unit_id") -> dict[str, Any]:
     """Matches a unit id field at `unit_id` or below it in the tree (an indexed prefix match).
     `unit_id` comes from a request (`field`): only a well-formed id makes a pattern."""
-    if not UNIT_ID.fullmatch(unit_id):
-        raise InvalidArgument(field, f"{unit_id[:80]!r} is not a unit id")
-    return {"$regex": f"^{re.escape(unit_id)}(\\.|$)"}
+    return {"$regex": f"^{re.escape(check_unit_id(unit_id, field))}(\\.|$)"}
 
 
 def holding_text(field: str) -> Document:

@@ -23,7 +23,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.media import check_upload
-from services.common.mongo import Document, Session
+from services.common.mongo import Document, Session, check_unit_id
 from services.common.objects import UPLOAD_WINDOW, ObjectStore
 from services.common.outbox import Outbox
 from services.common.paging import page_size
@@ -240,6 +240,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         caller = principal()
         if not request.unit_id:
             raise InvalidArgument("unit_id", "is required")
+        check_unit_id(request.unit_id)
         domain.may_publish(caller, request.unit_id)
         # A retry gets its first answer, though the unit was merged or the expiry has passed since.
         stored = await self.commands.answered(

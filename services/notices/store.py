@@ -3,7 +3,8 @@ view of the registry, in MongoDB."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+import re
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -23,6 +24,7 @@ DUPLICATE_KEY = 11000
 FEED_KEPT = timedelta(days=1)
 # The resident's listing: unread first, then newest first.
 LISTING_ORDER = [("read", ASCENDING), ("at", DESCENDING), ("_id", DESCENDING)]
+NOTICE_ID = re.compile(r"nt-[0-9a-f]{24}")
 
 
 def new_notice_id() -> str:
@@ -104,9 +106,12 @@ class NoticeStore:
         return updated
 
     async def in_unit(self, unit_id: str, token: str, size: int) -> tuple[list[Document], str]:
-        """Notices targeted at the unit or below it, newest first."""
+        """Notices targeted at the unit or below it, newest first (the token is the last one's
+        id)."""
         query: Document = {"unit_id": in_unit(unit_id)}
         if token:
+            if not NOTICE_ID.fullmatch(token):
+                raise InvalidArgument("page.page_token", "is not a token this service issued")
             query["_id"] = {"$lt": token}
         items = await self.notices.find(query).sort("_id", DESCENDING).limit(size).to_list()
         return items, str(items[-1]["_id"]) if len(items) == size else ""
@@ -353,9 +358,16 @@ def _after_in_listing(token: str) -> Document:
     """Items after the token's in the order unread first, newest first, id descending."""
     try:
         read_flag, at_text, last_id = token.split("|", 2)
-        read = bool(int(read_flag))
+        if read_flag not in ("0", "1"):
+            raise ValueError(read_flag)
+        read = read_flag == "1"
+        # Its time as this listing wrote it, in UTC; any other must still be a time MongoDB
+        # keeps (a year-1 time east of UTC is not).
         at = datetime.fromisoformat(at_text)
-    except ValueError:
+        if at.tzinfo is None:
+            raise ValueError(at_text)
+        at = at.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise InvalidArgument("page.page_token", "is not a token this listing gave") from None
     later: list[Document] = [
         {"read": read, "at": at, "_id": {"$lt": last_id}},

@@ -42,6 +42,8 @@ async def test_bad_publish_requests_write_nothing(town: Town, clock: Clock) -> N
         ({"priority": notices_pb2.PRIORITY_UNSPECIFIED}, INVALID, "priority"),
         ({"priority": 9}, INVALID, "priority"),
         ({"unit_id": ""}, INVALID, "unit_id"),
+        ({"unit_id": f"{town.city.ward}.Tổ 17"}, INVALID, "unit_id"),
+        ({"unit_id": f"{town.city.ward}..g17"}, INVALID, "unit_id"),
         ({"expires_at": stamp(clock() - timedelta(hours=1))}, INVALID, "expires_at"),
         (
             {"publish_at": stamp(later), "expires_at": stamp(later - timedelta(hours=1))},
@@ -123,12 +125,30 @@ async def test_bad_requests_to_other_calls(town: Town) -> None:
             INVALID,
             "page.page_size",
         ),
-        (
-            resident.ListMyNotices(
-                notices_pb2.ListMyNoticesRequest(page=types_pb2.PageRequest(page_token="junk"))
-            ),
-            INVALID,
-            "page.page_token",
+        *(
+            (
+                resident.ListMyNotices(
+                    notices_pb2.ListMyNoticesRequest(page=types_pb2.PageRequest(page_token=token))
+                ),
+                INVALID,
+                "page.page_token",
+            )
+            for token in (
+                "junk",
+                "0|0001-01-01T00:00:00+01:00|x",  # before year 1 in UTC
+                "0|2026-05-01T08:00:00|x",  # no offset
+                "2|2026-05-01T08:00:00+00:00|x",
+            )
+        ),
+        *(
+            (
+                town.ward_officer.ListNotices(
+                    notices_pb2.ListNoticesRequest(page=types_pb2.PageRequest(page_token=token))
+                ),
+                INVALID,
+                "page.page_token",
+            )
+            for token in ("junk", "nt-6b04f9b641d85dd699ac054a|")
         ),
         (
             town.ward_officer.GetReach(
