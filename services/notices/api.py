@@ -337,11 +337,16 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         caller = principal()
         notice = await self._get(request.notice_id)
         domain.may_manage(caller, notice["publisher"]["unit_id"])
+        # A retry gets its first answer, though the notice was revised (its attachments
+        # dropped) or retracted since.
+        stored = await self.commands.answered(
+            "ReviseNotice", request, notices_pb2.ReviseNoticeResponse
+        )
+        if stored is not None:
+            return stored
         title = domain.check_title(request.title)
         body = domain.check_body(request.body)
         note = domain.check_reason("note", request.note) if request.note.strip() else ""
-        # Whether the notice is still live is checked in the command's transaction: a retry of a
-        # revision made before a retraction still gets its first answer.
         attachments = await self._attachments(
             list(request.attachments), caller, notice["revisions"][-1]["attachments"]
         )

@@ -150,3 +150,26 @@ async def test_uploads_are_declared_properly_and_attached_by_their_unit_only(tow
             town.publish(attachments=[attach(mine, bad_name)]),
             "attachments[0].file_name",
         )
+
+
+async def test_a_revision_retried_after_its_attachment_was_dropped_gets_its_first_answer(
+    town: Town,
+) -> None:
+    """A revision keeps an attachment by the key the notice shows; a later one drops it. The
+    first, retried, is answered as it was, not checked again against the notice of now."""
+    officer = town.ward_officer
+    notice = await town.publish(attachments=[attach(await upload(officer, PDF, PDF_TYPE), "a.pdf")])
+    keep = notices_pb2.ReviseNoticeRequest(
+        request_id=rid(),
+        notice_id=notice.notice_id,
+        title="Lịch mới",
+        body="Nội dung mới",
+        attachments=[attach(notice.attachments[0].object_key, "ke-hoach.pdf")],
+    )
+    first = await officer.ReviseNotice(keep)
+    await officer.ReviseNotice(
+        notices_pb2.ReviseNoticeRequest(
+            request_id=rid(), notice_id=notice.notice_id, title="Lịch mới", body="Bỏ tệp"
+        )
+    )
+    assert await officer.ReviseNotice(keep) == first  # the same request, retried
