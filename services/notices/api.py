@@ -7,7 +7,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import grpc
 from civic.notices.v1 import events_pb2, notices_pb2, notices_pb2_grpc
@@ -119,6 +119,12 @@ class FeedHub:
                     _close(queue)  # fell too far behind: its stream ends
 
 
+def _delivered(record: Document | None) -> TypeGuard[Document]:
+    """The household has the notice: its record is announced (not pending: a resident neither
+    sees nor opens a notice before its delivery is counted and announced) and not withdrawn."""
+    return record is not None and not record.get("pending") and record.get("withdrawn_at") is None
+
+
 def _close(queue: asyncio.Queue[Document]) -> None:
     while not queue.empty():
         queue.get_nowait()
@@ -161,7 +167,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         notice = await self._get(notice_id)
         if caller.role is Role.RESIDENT:
             record = await self.store.delivery(notice_id, caller.household_id)
-            if record is None or record.get("withdrawn_at") is not None:
+            if not _delivered(record):
                 raise NotFound(f"notice {notice_id} not found")
         elif not domain.may_see_as_official(caller, notice["unit_id"]):
             raise NotFound(f"notice {notice_id} not found")
@@ -380,12 +386,13 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
 
         def retraction(current: Document, now: datetime) -> tuple[Document, int, Message]:
             update = {
+                # A first delivery still running is ended by the deliverer, which withdraws
+                # what it wrote and has not announced yet.
                 "$set": {
                     "state": int(State.RETRACTED),
                     "retracted_at": now,
                     "retraction_reason": reason,
                 },
-                "$unset": {"fanout_pending": ""},
             }
             message = events_pb2.NoticeRetracted(notice_id=current["_id"], reason=reason)
             return update, notices_pb2.NOTICE_CHANGE_RETRACTED, message
@@ -548,7 +555,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         async def work(session: Session) -> tuple[Any, list[Document]]:
             now = self.clock()
             record = await self.store.delivery(request.notice_id, household_id, session)
-            if record is None or record.get("withdrawn_at") is not None:
+            if not _delivered(record):
                 raise NotFound(f"notice {request.notice_id} not found")
             notice = await self._get(request.notice_id, session)
             revision = notice["revisions"][-1]["revision"]
@@ -610,8 +617,8 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         async for entry in self.hub.subscribe(household_id):
             record = await self.store.delivery(entry["notice_id"], household_id)
             notice = await self.store.get(entry["notice_id"])
-            if record is None or notice is None:
-                continue  # a revision or retraction of a notice this household never had
+            if record is None or notice is None or record.get("pending"):
+                continue  # a change to a notice this household does not have (or not yet)
             withdrawn = record.get("withdrawn_at") is not None
             if withdrawn and entry["change"] != notices_pb2.NOTICE_CHANGE_WITHDRAWN:
                 continue  # the household moved away: the notice's news is no longer its own

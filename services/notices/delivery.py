@@ -2,11 +2,14 @@
 out to their households, unopened emergencies are sent again, and notices expire.
 
 The first delivery of a notice writes its households' records in large unordered batches, each
-outside any transaction; then one small transaction moves the notice's progress marker past the
-batch and stages the batch's event. Record ids are "<notice>:<household>", so a batch written
-again after a crash, by a second instance, or over a record a household moving in already has,
-adds nothing: a restart continues from the marker and the batch's event is staged exactly once
-(the marker moves only from where the batch began). Every instance runs a Deliverer.
+outside any transaction and marked pending; then one transaction counts and announces the
+batch's pending records as they are then, clearing their mark, stages the batch's event and
+moves the notice's progress marker past the batch. Residents see a record only once it is
+announced. Record ids are "<notice>:<household>", so a batch written again after a crash, by a
+second instance, or over a record a household moving in already has, adds nothing; a restart
+continues from the marker, and a record is announced once, by the transaction that clears its
+mark. A notice retracted or expired meanwhile has its pending records withdrawn unannounced and
+its delivery ended, however far the batch had got. Every instance runs a Deliverer.
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ from services.common.wire import timestamp
 from services.notices import domain
 from services.notices.domain import Priority, State
 from services.notices.events import notice_event
-from services.notices.records import audience_message, audience_of, delivery_document
+from services.notices.records import (
+    audience_message,
+    audience_of,
+    delivery_document,
+    next_resend,
+)
 from services.notices.store import NoticeStore
 
 log = logging.getLogger(__name__)
@@ -134,7 +142,8 @@ class Deliverer:
         now = self.clock()
 
         async def expire(notice: Document, session: Session) -> list[Document]:
-            update = {"$set": {"state": int(State.EXPIRED)}, "$unset": {"fanout_pending": ""}}
+            # A first delivery still running is ended by the deliverer (`_settle`).
+            update = {"$set": {"state": int(State.EXPIRED)}}
             await self.store.update(notice["_id"], update, session)
             message = events_pb2.NoticeExpired(notice_id=notice["_id"])
             return [notice_event(self.outbox, message, notice["_id"])]
@@ -163,121 +172,137 @@ class Deliverer:
     # ---- the first delivery ---------------------------------------------------------------------
 
     async def fan_out_batch(self) -> bool:
-        """Delivers the next batch of the most urgent notice still being delivered."""
+        """Delivers the next batch of the most urgent notice still being delivered; once that
+        notice is retracted or expired, ends its delivery instead."""
         notice = await self.store.next_fanout()
         if notice is None:
             return False
-        notice_id = notice["_id"]
-        if notice["state"] != State.PUBLISHED:
-            await self.store.notices.update_one(
-                {"_id": notice_id}, {"$unset": {"fanout_pending": ""}}
-            )
-            return True
         now = self.clock()
+        last: Document | None = None  # to the end of the notice's households
+        if _live(notice, now):
+            batch = await self._write_batch(notice, now)
+            if len(batch) == self.batch_size:
+                last = {"unit": batch[-1]["unit_id"], "household": batch[-1]["_id"]}
         after = notice["fanout"]["after"]
+        await self._commit(functools.partial(self._settle, notice["_id"], after, last, now))
+        return True
+
+    async def _write_batch(self, notice: Document, now: datetime) -> list[Document]:
+        """The pending records of the next households after the notice's marker; returns those
+        households (the ones its member filter leaves out too, as they count for the order)."""
         audience = audience_of(notice)
         batch = await self.store.households_after(
-            notice["unit_id"], audience, after, self.batch_size
+            notice["unit_id"], audience, notice["fanout"]["after"], self.batch_size
         )
         targets = batch
         if audience.filters_members and batch:
             day = domain.local_day(notice["published_at"])
             keep = await self.store.with_members([h["_id"] for h in batch], audience, day)
             targets = [h for h in batch if h["_id"] in keep]
-        # Each record names the batch that wrote it (by where the batch starts). Until the
-        # marker's transaction below moves past the batch, its records are pending: the registry
-        # consumer, which may see them first, neither counts nor announces their leaving.
-        batch_key = domain.batch_of(after)
-        docs = [
-            delivery_document(notice, h["_id"], h["unit_id"], now) | {"batch": batch_key}
-            for h in targets
-        ]
-        delivered = [h["_id"] for h in targets]
-        await self.store.insert_deliveries(docs)
+        await self.store.insert_deliveries(
+            [delivery_document(notice, h["_id"], h["unit_id"], now, pending=True) for h in targets]
+        )
         fault("CIVIC_FAULT_CRASH_MID_DELIVERY")  # records written, the marker not yet moved
-        complete = len(batch) < self.batch_size
-        last = {"unit": batch[-1]["unit_id"], "household": batch[-1]["_id"]} if batch else after
+        return batch
 
-        async def work(session: Session) -> list[Document]:
-            # The batch's records as they are now. Some may have been there before it: only an
-            # interrupted run of this very batch wrote ones that are its to announce; the others
-            # were announced already, by an earlier batch (their group merged into one later in
-            # the order) or on their own (households that moved in: late). The registry consumer
-            # keeps a pending record's group current, withdraws it (silently) when its household
-            # leaves, and announces it itself, late, when the household comes back.
-            records = {
-                d["household_id"]: d
-                for d in await self.store.deliveries.find(
-                    {
-                        "_id": {"$in": [domain.delivery_id(notice_id, h) for h in delivered]},
-                        "withdrawn_at": None,
-                        "$or": [
-                            {"batch": batch_key},
-                            # Written before records named their batch: all but late ones.
-                            {"batch": {"$exists": False}, "late": {"$ne": True}},
-                        ],
-                    },
-                    {"household_id": 1, "unit_id": 1},
-                    session=session,
-                ).to_list()
-            }
-            # A household that left the notice's unit, or was left without residents (or of
-            # another kind), while the batch was written: withdrawn here, unannounced.
-            still: Document = {
-                "_id": {"$in": list(records)},
-                "unit_id": in_unit(notice["unit_id"]),
-                "residents": {"$gt": 0},
-            }
-            if audience.residence_kinds:
-                still["residence_kind"] = {"$in": list(audience.residence_kinds)}
-            staying = (
-                set(await self.store.view.households.distinct("_id", still, session=session))
-                if records
-                else set()
+    async def _settle(
+        self,
+        notice_id: str,
+        after: Document,
+        last: Document | None,
+        now: datetime,
+        session: Session,
+    ) -> list[Document]:
+        """The batch's transaction: counts and announces the notice's pending records from the
+        marker `after` up to `last` (None: to the end) as they are now, and moves the marker.
+
+        They are this batch's, an interrupted run's, and those the registry consumer wrote for
+        households arriving ahead of the marker; the consumer also keeps their groups current
+        and withdraws them when their households leave. Both write the records they decide on
+        (and the consumer, ahead of the marker, the notice), so when they meet one transaction
+        retries and sees what the other did. Once the notice is no longer live, the pending
+        records are withdrawn unannounced instead and the delivery ends, whichever run of the
+        batch gets here first."""
+        notice = await self.store.get(notice_id, session)
+        assert notice is not None
+        live = _live(notice, now)
+        records = await self.store.pending_between(
+            notice_id, after, last if live else None, session
+        )
+        staying = await self._staying(notice, records, session) if live else set()
+        announced = [r for r in records if r["household_id"] in staying]
+        per_group: dict[str, Document] = {}
+        for record in announced:
+            per_group.setdefault(record["unit_id"], {"delivered": 0})["delivered"] += 1
+        await self.store.count(notice_id, per_group, session)
+        households = [r["household_id"] for r in announced]
+        if households:
+            await self.store.announce(
+                notices_pb2.NOTICE_CHANGE_DELIVERED, notice_id, households, now, session
             )
-            announced = [h for h in delivered if h in records and h in staying]
-            update: Document = {
-                "$set": {"fanout.after": last},
-                "$inc": {"fanout.delivered": len(announced)},
-            }
-            if complete:
-                update["$set"]["fanout.complete"] = True
-                update["$unset"] = {"fanout_pending": ""}
-            moved = await self.store.notices.find_one_and_update(
-                {"_id": notice_id, "fanout_pending": True, "fanout.after": after},
-                update,
+        marker_here = notice.get("fanout_pending") and notice["fanout"]["after"] == after
+        update: Document = {"$inc": {"fanout.delivered": len(announced)}}
+        if live and marker_here:
+            update["$set"] = {"fanout.after": last} if last else {"fanout.complete": True}
+        if not live or (marker_here and last is None):
+            update["$unset"] = {"fanout_pending": ""}
+        updated = await self.store.update(notice_id, update, session)
+        await self._mark(notice, records, announced, now, session)
+        events = []
+        if households:
+            message = events_pb2.NoticeDelivered(notice_id=notice_id, household_ids=households)
+            events.append(notice_event(self.outbox, message, notice_id))
+        if live and marker_here and last is None:
+            done = events_pb2.NoticeDeliveryCompleted(
+                notice_id=notice_id, households=updated["fanout"]["delivered"]
+            )
+            events.append(notice_event(self.outbox, done, notice_id))
+        return events
+
+    async def _staying(
+        self, notice: Document, records: list[Document], session: Session
+    ) -> set[str]:
+        """Those of the records' households still in the notice's unit with residents (and of
+        its residence kinds): one that left while its record was written is not announced."""
+        if not records:
+            return set()
+        still: Document = {
+            "_id": {"$in": [r["household_id"] for r in records]},
+            "unit_id": in_unit(notice["unit_id"]),
+            "residents": {"$gt": 0},
+        }
+        kinds = audience_of(notice).residence_kinds
+        if kinds:
+            still["residence_kind"] = {"$in": list(kinds)}
+        return set(await self.store.view.households.distinct("_id", still, session=session))
+
+    async def _mark(
+        self,
+        notice: Document,
+        records: list[Document],
+        announced: list[Document],
+        now: datetime,
+        session: Session,
+    ) -> None:
+        """Announced records are delivered now (an emergency is sent again from now); the others
+        are withdrawn, never having been seen."""
+        deliveries = self.store.deliveries
+        delivered = {r["_id"] for r in announced}
+        if delivered:
+            await deliveries.update_many(
+                {"_id": {"$in": list(delivered)}},
+                {
+                    "$set": {"delivered_at": now} | next_resend(notice, now),
+                    "$unset": {"pending": ""},
+                },
                 session=session,
-                return_document=True,
             )
-            if moved is None:
-                return []  # another instance delivered this batch
-            if left := [h for h in records if h not in staying]:
-                await self.store.deliveries.update_many(
-                    {"_id": {"$in": [domain.delivery_id(notice_id, h) for h in left]}},
-                    {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
-                    session=session,
-                )
-            per_group: dict[str, Document] = {}
-            for household_id in announced:
-                group = records[household_id]["unit_id"]
-                per_group.setdefault(group, {"delivered": 0})["delivered"] += 1
-            await self.store.count(notice_id, per_group, session)
-            events = []
-            if announced:
-                await self.store.announce(
-                    notices_pb2.NOTICE_CHANGE_DELIVERED, notice_id, announced, now, session
-                )
-                message = events_pb2.NoticeDelivered(notice_id=notice_id, household_ids=announced)
-                events.append(notice_event(self.outbox, message, notice_id))
-            if complete:
-                done = events_pb2.NoticeDeliveryCompleted(
-                    notice_id=notice_id, households=moved["fanout"]["delivered"]
-                )
-                events.append(notice_event(self.outbox, done, notice_id))
-            return events
-
-        await self._commit(work)
-        return True
+        if left := [r["_id"] for r in records if r["_id"] not in delivered]:
+            await deliveries.update_many(
+                {"_id": {"$in": left}},
+                {"$set": {"withdrawn_at": now}, "$unset": {"pending": "", "resend_due": ""}},
+                session=session,
+            )
 
     # ---- re-sending unopened emergencies --------------------------------------------------------
 
@@ -297,19 +322,12 @@ class Deliverer:
         """Sends an emergency again to those of the households that have still not opened it."""
         deliveries = self.store.deliveries
         notice = await self.store.get(notice_id, session)
-        live = (
-            notice is not None
-            and notice["priority"] == Priority.EMERGENCY
-            and domain.state_at(State(notice["state"]), notice.get("expires_at"), now)
-            is State.PUBLISHED
-        )
-        if not live:
+        if notice is None or notice["priority"] != Priority.EMERGENCY or not _live(notice, now):
             # Retracted or expired: nothing is sent again.
             await deliveries.update_many(
                 {"_id": {"$in": record_ids}}, {"$unset": {"resend_due": ""}}, session=session
             )
             return []
-        assert notice is not None
         due = await deliveries.find(
             {"_id": {"$in": record_ids}, "read": False, "resend_due": {"$lte": now}},
             {"household_id": 1, "resent": 1},
@@ -337,3 +355,9 @@ class Deliverer:
         )
         message = events_pb2.NoticeResent(notice_id=notice_id, household_ids=households)
         return [notice_event(self.outbox, message, notice_id)]
+
+
+def _live(notice: Document, now: datetime) -> bool:
+    """Published and not expired: still delivered."""
+    state = domain.state_at(State(notice["state"]), notice.get("expires_at"), now)
+    return state is State.PUBLISHED

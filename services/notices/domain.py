@@ -132,7 +132,8 @@ def check_body(body: str) -> str:
 
 
 def batch_of(after: dict[str, str] | None) -> str:
-    """The key of the first-delivery batch that starts after `after` (its marker)."""
+    """The key of the first-delivery batch that starts after `after` (its marker), which
+    records written before pending marks name (`NoticeStore.ensure_indexes`)."""
     return f"{after['unit']}|{after['household']}" if after else ""
 
 

@@ -40,6 +40,13 @@ class Reconciler:
     residents after publication: one moving into a notice's unit (and in its audience) gets the
     notice; one moving out, or left without residents, has its record marked withdrawn.
 
+    While a notice's first delivery runs, a household it has yet to reach (after its marker) is
+    left to it: one arriving there gets a pending record its batch announces, not a late
+    delivery, and a pending record stays pending while its household moves about there. Only
+    records the first delivery has passed, or announced, are delivered, moved and withdrawn
+    here with counts and events; a pending record whose household leaves is withdrawn
+    silently, and one whose household moves where the delivery has passed is delivered late.
+
     A fetch of registry events is reconciled at once, in a few round trips whatever its size
     (beside the view's writes, a single read when no notice is live), from where its events
     leave each household: the same records, counts and events as reconciling after each event
@@ -103,7 +110,14 @@ class Reconciler:
                 "withdrawn_at": None,
                 "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
             },
-            {"notice_id": 1, "household_id": 1, "unit_id": 1, "read": 1, "acked": 1, "batch": 1},
+            {
+                "notice_id": 1,
+                "household_id": 1,
+                "unit_id": 1,
+                "read": 1,
+                "acked": 1,
+                "pending": 1,
+            },
             session=session,
         ).to_list()
         places = {h["unit_id"] for h in households.values() if h.get("unit_id")}
@@ -130,7 +144,7 @@ class Reconciler:
                         arriving.append((household_id, unit_id))
                 elif record is not None and inside and record["unit_id"] != unit_id:
                     # Moved between groups of the notice's unit: it counts in its new group.
-                    changes.moved(notice, record, unit_id)
+                    changes.moved(notice, record, unit_id, now)
                 elif record is not None and not inside:
                     changes.withdrawn(notice, record, now)
             arrivals += [
@@ -162,8 +176,9 @@ class Reconciler:
         now: datetime,
         session: Session,
     ) -> None:
-        """New records, or a household moving back in gets its old one back, as it was when
-        withdrawn (read or acknowledged, it counts so again)."""
+        """New records: pending ones where the first delivery has yet to come, late ones
+        elsewhere; a household moving back in gets its old one back, as it was when withdrawn
+        (read or acknowledged, it counts so again)."""
         if not arrivals:
             return
         ids = [domain.delivery_id(notice["_id"], h) for notice, h, _ in arrivals]
@@ -174,17 +189,25 @@ class Reconciler:
             ).to_list()
         }
         for notice, household_id, unit_id in arrivals:
-            doc = delivery_document(notice, household_id, unit_id, now)
-            created, _ = doc.pop("_id"), doc.pop("unit_id")
-            record = earlier.get(created, doc)
-            changes.delivered(notice, household_id, unit_id, created, doc, record)
+            record = earlier.get(domain.delivery_id(notice["_id"], household_id))
+            if record is None and _ahead(notice, unit_id, household_id):
+                changes.ahead(notice, household_id, unit_id, now)
+            else:
+                changes.delivered(notice, household_id, unit_id, record, now)
 
 
-def _pending(notice: Document, record: Document) -> bool:
-    """Written by the first delivery's batch now running, which has not yet counted and
-    announced it."""
-    return bool(notice.get("fanout_pending")) and record.get("batch") == domain.batch_of(
-        notice["fanout"]["after"]
+def _pending(record: Document) -> bool:
+    """Written by the first delivery, which has not yet counted and announced it."""
+    return record.get("pending") is True
+
+
+def _ahead(notice: Document, unit_id: str, household_id: str) -> bool:
+    """Where the notice's first delivery, still running, has yet to come: after its marker in
+    its (group, household) order."""
+    after = notice["fanout"]["after"]
+    return bool(notice.get("fanout_pending")) and (unit_id, household_id) > (
+        after["unit"],
+        after["household"],
     )
 
 
@@ -201,6 +224,10 @@ class _Changes:
         self.records: list[UpdateOne] = []
         self.counts: dict[tuple[str, str], dict[str, int]] = {}
         self.fanout: dict[str, int] = {}
+        # Notices whose first delivery has records ahead of its marker changed here: what was
+        # done hangs on where the marker is, so the notice is written too ($inc fanout.touched)
+        # and a batch moving the marker meanwhile conflicts with this transaction.
+        self.touched: set[str] = set()
         self.announced: dict[tuple[int, str], list[str]] = {}
         self.events: dict[str, list[tuple[Message, str]]] = {}
 
@@ -209,25 +236,20 @@ class _Changes:
         notice: Document,
         household_id: str,
         unit_id: str,
-        record_id: str,
-        doc: Document,
-        record: Document,
+        record: Document | None,
+        now: datetime,
     ) -> None:
+        """Delivered here, late: a new record, or the household's earlier one (withdrawn when it
+        left, or pending where the first delivery has passed) as it is, read or acknowledged."""
         notice_id = notice["_id"]
-        # Announced here, and marked late: a first delivery still running leaves it out of its
-        # own count and events (it is no batch's).
-        self.records.append(
-            UpdateOne(
-                {"_id": record_id},
-                {
-                    "$setOnInsert": doc,
-                    "$set": {"unit_id": unit_id, "withdrawn_at": None, "late": True},
-                    "$unset": {"batch": ""},
-                },
-                upsert=True,
-            )
-        )
-        self._count(notice_id, unit_id, record, 1)
+        if record is None:
+            doc = delivery_document(notice, household_id, unit_id, now) | {"late": True}
+            write = UpdateOne({"_id": doc.pop("_id")}, {"$setOnInsert": doc}, upsert=True)
+        else:
+            again = {"unit_id": unit_id, "withdrawn_at": None, "late": True}
+            write = UpdateOne({"_id": record["_id"]}, {"$set": again, "$unset": {"pending": ""}})
+        self.records.append(write)
+        self._count(notice_id, unit_id, record or {"read": False, "acked": False}, 1)
         self.fanout[notice_id] = self.fanout.get(notice_id, 0) + 1
         self._announce(notices_pb2.NOTICE_CHANGE_DELIVERED, notice_id, household_id)
         message = events_pb2.NoticeDelivered(
@@ -235,23 +257,37 @@ class _Changes:
         )
         self.events.setdefault(household_id, []).append((message, notice_id))
 
-    def moved(self, notice: Document, record: Document, unit_id: str) -> None:
+    def ahead(self, notice: Document, household_id: str, unit_id: str, now: datetime) -> None:
+        """Arrived where the first delivery has yet to come: a pending record, counted and
+        announced by the batch that reaches its place (one already past reading households
+        finds it so, too)."""
+        doc = delivery_document(notice, household_id, unit_id, now, pending=True)
+        self.records.append(UpdateOne({"_id": doc.pop("_id")}, {"$setOnInsert": doc}, upsert=True))
+        self.touched.add(notice["_id"])
+
+    def moved(self, notice: Document, record: Document, unit_id: str, now: datetime) -> None:
+        """Moved between groups of the notice's unit: it counts in its new group."""
+        if _pending(record) and not _ahead(notice, unit_id, record["household_id"]):
+            # Where the first delivery has passed, which would never announce it.
+            self.delivered(notice, record["household_id"], unit_id, record, now)
+            return
         self.records.append(UpdateOne({"_id": record["_id"]}, {"$set": {"unit_id": unit_id}}))
-        # A pending record is counted where it is when its first delivery announces it.
-        delivered = not _pending(notice, record)
-        self._count(notice["_id"], record["unit_id"], record, -1, delivered)
-        self._count(notice["_id"], unit_id, record, 1, delivered)
+        if _pending(record):
+            # Still the first delivery's: its batch counts it where it is then.
+            self.touched.add(notice["_id"])
+        else:
+            self._count(notice["_id"], record["unit_id"], record, -1)
+            self._count(notice["_id"], unit_id, record, 1)
 
     def withdrawn(self, notice: Document, record: Document, now: datetime) -> None:
         notice_id, household_id = notice["_id"], record["household_id"]
         self.records.append(
             UpdateOne(
                 {"_id": record["_id"]},
-                {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": ""}},
+                {"$set": {"withdrawn_at": now}, "$unset": {"resend_due": "", "pending": ""}},
             )
         )
-        if _pending(notice, record):  # never counted nor announced: withdrawn silently
-            self._count(notice_id, record["unit_id"], record, -1, delivered=False)
+        if _pending(record):  # never counted, announced nor opened: withdrawn silently
             return
         self._count(notice_id, record["unit_id"], record, -1)
         self.fanout[notice_id] = self.fanout.get(notice_id, 0) - 1
@@ -259,18 +295,23 @@ class _Changes:
         message = events_pb2.NoticeWithdrawn(notice_id=notice_id, household_id=household_id)
         self.events.setdefault(household_id, []).append((message, notice_id))
 
-    def _count(
-        self, notice_id: str, unit_id: str, record: Document, sign: int, delivered: bool = True
-    ) -> None:
-        """What a delivery record adds to (or, leaving, takes from) its group's reach; a
-        pending one only what its household did with it (a resident may open it already)."""
+    def _count(self, notice_id: str, unit_id: str, record: Document, sign: int) -> None:
+        """What a delivery record adds to (or, leaving, takes from) its group's reach."""
         counts = self.counts.setdefault((notice_id, unit_id), {})
         for name, by in (
-            ("delivered", int(delivered)),
+            ("delivered", 1),
             ("opened", int(record["read"])),
             ("acknowledged", int(record["acked"])),
         ):
             counts[name] = counts.get(name, 0) + sign * by
+
+    def _fanout_change(self, notice_id: str) -> dict[str, int]:
+        """What the batch adds to the notice's delivered households, and its touch."""
+        inc = {
+            "fanout.delivered": self.fanout.get(notice_id, 0),
+            "fanout.touched": int(notice_id in self.touched),
+        }
+        return {name: by for name, by in inc.items() if by}
 
     def _announce(self, change: int, notice_id: str, household_id: str) -> None:
         self.announced.setdefault((change, notice_id), []).append(household_id)
@@ -279,13 +320,10 @@ class _Changes:
         if self.records:
             await store.deliveries.bulk_write(self.records, ordered=False, session=session)
         await store.count_many(self.counts, session)
-        delivered = [
-            UpdateOne({"_id": notice_id}, {"$inc": {"fanout.delivered": by}})
-            for notice_id, by in self.fanout.items()
-            if by
-        ]
-        if delivered:
-            await store.notices.bulk_write(delivered, ordered=False, session=session)
+        changed = {n: self._fanout_change(n) for n in sorted(self.fanout.keys() | self.touched)}
+        notices = [UpdateOne({"_id": n}, {"$inc": inc}) for n, inc in changed.items() if inc]
+        if notices:
+            await store.notices.bulk_write(notices, ordered=False, session=session)
         await store.announce_all(
             [(change, notice_id, hs) for (change, notice_id), hs in self.announced.items()],
             now,

@@ -134,8 +134,12 @@ def household_notice(
     )
 
 
-def delivery_document(notice: Document, household_id: str, unit_id: str, now: datetime) -> Document:
-    """A household's new delivery record; an emergency's also says when to send it again."""
+def delivery_document(
+    notice: Document, household_id: str, unit_id: str, now: datetime, *, pending: bool = False
+) -> Document:
+    """A household's new delivery record; an emergency's also says when to send it again. One
+    the first delivery writes is `pending` until its batch counts and announces it: residents do
+    not see it until then."""
     doc: Document = {
         "_id": domain.delivery_id(notice["_id"], household_id),
         "notice_id": notice["_id"],
@@ -147,6 +151,13 @@ def delivery_document(notice: Document, household_id: str, unit_id: str, now: da
         "read": False,
         "acked": False,
     }
-    if notice["priority"] == Priority.EMERGENCY:
-        doc["resend_due"] = now + timedelta(seconds=notice["resend_after_s"])
-    return doc
+    if pending:
+        doc["pending"] = True
+    return doc | next_resend(notice, now)
+
+
+def next_resend(notice: Document, now: datetime) -> Document:
+    """When an emergency delivered (or delivered again) at `now` is next sent again."""
+    if notice["priority"] != Priority.EMERGENCY:
+        return {}
+    return {"resend_due": now + timedelta(seconds=notice["resend_after_s"])}

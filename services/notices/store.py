@@ -24,6 +24,9 @@ DUPLICATE_KEY = 11000
 FEED_KEPT = timedelta(days=1)
 # The resident's listing: unread first, then newest first.
 LISTING_ORDER = [("read", ASCENDING), ("at", DESCENDING), ("_id", DESCENDING)]
+# Records residents see, open and are counted by: not pending, i.e. not written by a batch of
+# the first delivery that has yet to count and announce them.
+SETTLED: Document = {"pending": {"$ne": True}}
 NOTICE_ID = re.compile(r"nt-[0-9a-f]{24}")
 
 
@@ -92,6 +95,23 @@ class NoticeStore:
         await self.view.ensure_indexes()
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
+        await self._interrupted_batches_pending()
+
+    async def _interrupted_batches_pending(self) -> None:
+        """Before pending marks, a batch's records named the batch by its key, which stayed once
+        they were announced. Those of a batch interrupted then (its notice's marker is still
+        where it starts) are marked pending, so the batch, run again, announces them."""
+        async for notice in self.notices.find({"fanout_pending": True}, {"fanout": 1}):
+            await self.deliveries.update_many(
+                {
+                    "notice_id": notice["_id"],
+                    "batch": domain.batch_of(notice["fanout"]["after"]),
+                    "withdrawn_at": None,
+                    "late": {"$ne": True},
+                    "pending": {"$exists": False},
+                },
+                {"$set": {"pending": True}},
+            )
 
     # ---- notices -----------------------------------------------------------------------------
 
@@ -224,6 +244,16 @@ class NoticeStore:
                 raise
             return int(error.details.get("nInserted", 0))
 
+    async def pending_between(
+        self, notice_id: str, after: Document, last: Document | None, session: Session
+    ) -> list[Document]:
+        """The notice's pending records of households after the marker `after` up to `last`
+        (to the end: None), in the first delivery's (group, household) order."""
+        query = {"notice_id": notice_id, "pending": True, "withdrawn_at": None}
+        return await self.deliveries.find(
+            query | _between(after, last), {"household_id": 1, "unit_id": 1}, session=session
+        ).to_list()
+
     async def delivery(
         self, notice_id: str, household_id: str, session: Session | None = None
     ) -> Document | None:
@@ -245,7 +275,7 @@ class NoticeStore:
     ) -> tuple[list[Document], str]:
         """A household's deliveries, unread first, then newest first (keyset paging over that
         order: the token is the last item's read flag, time and id)."""
-        query: Document = {"household_id": household_id, "withdrawn_at": None}
+        query: Document = {"household_id": household_id, "withdrawn_at": None} | SETTLED
         if not include_expired:
             query["$or"] = [{"expires_at": None}, {"expires_at": {"$gt": now}}]
         if token:
@@ -288,7 +318,7 @@ class NoticeStore:
             "read": False,
             "unit_id": in_unit(unit_id),
             "withdrawn_at": None,
-        }
+        } | SETTLED
         if token:
             last = await self.deliveries.find_one(
                 {"_id": token, "notice_id": notice_id}, {"unit_id": 1, "household_id": 1}
@@ -310,7 +340,7 @@ class NoticeStore:
     async def due_resends(self, now: datetime, limit: int) -> list[Document]:
         return (
             await self.deliveries.find(
-                {"resend_due": {"$lte": now}}, {"notice_id": 1, "household_id": 1}
+                {"resend_due": {"$lte": now}} | SETTLED, {"notice_id": 1, "household_id": 1}
             )
             .sort("resend_due", ASCENDING)
             .limit(limit)
@@ -348,6 +378,21 @@ class NoticeStore:
                 ],
                 session=session,
             )
+
+
+def _between(after: Document, last: Document | None) -> Document:
+    """Records of households after `after` up to `last` ({"unit", "household"}; None: to the
+    end) in (group, household) order: the range of a batch of the first delivery."""
+    unit, household = after["unit"], after["household"]
+    if last is not None and last["unit"] == unit:
+        return {"unit_id": unit, "household_id": {"$gt": household, "$lte": last["household"]}}
+    ranges: list[Document] = [{"unit_id": unit, "household_id": {"$gt": household}}]
+    if last is None:
+        ranges.append({"unit_id": {"$gt": unit}})
+    else:
+        ranges.append({"unit_id": {"$gt": unit, "$lt": last["unit"]}})
+        ranges.append({"unit_id": last["unit"], "household_id": {"$lte": last["household"]}})
+    return {"$or": ranges}
 
 
 def _listing_token(doc: Document) -> str:

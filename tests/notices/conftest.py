@@ -250,15 +250,19 @@ async def deliver_by_hand(
     town: Town,
     monkeypatch: pytest.MonkeyPatch,
     first_write: Callable[[list[Any]], Awaitable[int]],
+    **fields: Any,
 ) -> notices_pb2.Notice:
-    """A notice to the town's group, delivered here with the background deliverer stopped; its
-    first batch's records are written by `first_write`, which may change the registry around
-    the real write (`town.service.store.insert_deliveries` as it was)."""
+    """A notice to the town's group (or `unit_id`, with other fields of the request), delivered
+    here with the background deliverer stopped; its first batch's records are written by
+    `first_write`, which may change the registry around the real write
+    (`town.service.store.insert_deliveries` as it was)."""
     deliverer, store = town.service.deliverer, town.service.store
     write = store.insert_deliveries
     await deliverer.stop()
     try:
-        notice = await town.publish(town.leader, unit_id=town.city.group)
+        caller = town.leader if fields.get("unit_id", town.city.group) == town.city.group else None
+        fields.setdefault("unit_id", town.city.group)
+        notice = await town.publish(caller, **fields)
         monkeypatch.setattr(store, "insert_deliveries", first_write)
         await deliverer.fan_out_batch()
         monkeypatch.setattr(store, "insert_deliveries", write)

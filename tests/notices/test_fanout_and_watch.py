@@ -14,6 +14,7 @@ from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
 from services.notices.delivery import Deliverer
+from services.notices.domain import batch_of
 from services.notices.records import delivery_document
 from tests.conftest import Clock
 from tests.notices.conftest import (
@@ -39,7 +40,7 @@ async def test_a_delivery_interrupted_mid_way_completes_without_duplicates(
         assert doc is not None and doc["fanout_pending"]
         # A run that crashed after writing some records, before moving its marker past them.
         first = town.households[town.city.group][:2]
-        written = [delivery_document(doc, h, town.city.group, clock()) for h in first]
+        written = [delivery_document(doc, h, town.city.group, clock(), pending=True) for h in first]
         assert await store.insert_deliveries(written) == 2
         # Two instances then deliver side by side.
         twin = Deliverer(service.client, store, service.host.outbox, clock, 1.0, FANOUT_BATCH)
@@ -209,3 +210,96 @@ async def test_a_household_that_leaves_while_its_batch_is_written_is_not_deliver
         assert notice.notice_id not in [n.notice.notice_id for n in await town.inbox(household)]
     announced = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
     assert not [h for e in announced for h in e.household_ids]
+
+
+async def delivered_to(town: Town, notice_id: str) -> tuple[list[str], list[str]]:
+    """The households the notice's NoticeDelivered events name: in batches, and late."""
+    events = await town.events(notice_id, events_pb2.NoticeDelivered)
+    in_batches = [h for e in events if not e.late for h in e.household_ids]
+    return in_batches, [h for e in events if e.late for h in e.household_ids]
+
+
+async def test_a_household_the_first_delivery_has_yet_to_reach_gets_it_from_the_delivery(
+    town: Town,
+) -> None:
+    """A registry event about a household that never moved, in a group the delivery of a ward's
+    notice has not reached yet: the delivery announces it there, not as a late arrival."""
+    city = town.city
+    deliverer = town.service.deliverer
+    stayer = town.households[city.other_group][0]
+    await deliverer.stop()
+    try:
+        notice = await town.publish()  # the ward's: first group, then the other
+        assert await deliverer.fan_out_batch()  # the first group's three households
+        await town.add_member(stayer, "2010-05-05", registry_pb2.SEX_FEMALE)
+        while await deliverer.fan_out_batch():
+            pass
+    finally:
+        deliverer.start()
+    in_batches, late = await delivered_to(town, notice.notice_id)
+    assert (sorted(in_batches), late) == (sorted(town.everyone), [])
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert reach.total.delivered == len(town.everyone)
+
+
+async def test_a_household_arriving_where_a_batch_is_being_written_is_announced_with_it(
+    town: Town, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It arrives in the group of the last batch after that batch read the households: the
+    batch did not write its record, yet announces it, once, with its own."""
+    city = town.city
+    deliverer = town.service.deliverer
+    store = town.service.store
+    write = store.insert_deliveries
+    arrived: list[str] = []
+
+    async def arrive_then_write(docs: list[Any]) -> int:
+        arrived.append(await town.add_household(city.other_group))
+        return await write(docs)
+
+    await deliverer.stop()
+    try:
+        notice = await town.publish()
+        assert await deliverer.fan_out_batch()  # the first group
+        monkeypatch.setattr(store, "insert_deliveries", arrive_then_write)
+        assert await deliverer.fan_out_batch()  # the other group, the last batch
+        monkeypatch.setattr(store, "insert_deliveries", write)
+        while await deliverer.fan_out_batch():
+            pass
+    finally:
+        deliverer.start()
+    in_batches, late = await delivered_to(town, notice.notice_id)
+    assert len(arrived) == 1
+    assert (sorted(in_batches), late) == (sorted(town.everyone), [])
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert reach.total.delivered == len(town.everyone) and reach.delivery_complete
+
+
+async def test_a_batch_interrupted_before_records_were_marked_pending_is_announced(
+    town: Town, clock: Clock
+) -> None:
+    """An earlier version marked a batch's records with the batch's key only, and left it there
+    once announced: a batch it was interrupted in is announced when delivery resumes."""
+    store = town.service.store
+    deliverer = town.service.deliverer
+    await deliverer.stop()
+    try:
+        notice = await town.publish(town.leader, unit_id=town.city.group)
+        doc = await store.get(notice.notice_id)
+        assert doc is not None
+        key = batch_of(doc["fanout"]["after"])
+        await store.insert_deliveries(
+            [
+                delivery_document(doc, h, town.city.group, clock()) | {"batch": key}
+                for h in town.households[town.city.group]
+            ]
+        )
+        await store.ensure_indexes()  # as the new version starts
+        while await deliverer.fan_out_batch():
+            pass
+    finally:
+        deliverer.start()
+    in_batches, _ = await delivered_to(town, notice.notice_id)
+    assert sorted(in_batches) == sorted(town.households[town.city.group])
+    for household in town.households[town.city.group]:
+        assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]

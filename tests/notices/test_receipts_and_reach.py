@@ -1,14 +1,26 @@
 """Read receipts and acknowledgements, and what the publisher sees of them: delivered, opened
-and acknowledged households per group, live, and the households not reached yet."""
+and acknowledged households per group, live, and the households not reached yet. A notice is a
+household's to see and open once its delivery there is counted and announced."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
+import pytest
 from civic.common.v1 import types_pb2
 from civic.notices.v1 import notices_pb2
+from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
-from tests.notices.conftest import Town, events_pb2, refused, rid
+from tests.notices.conftest import (
+    Town,
+    deliver_by_hand,
+    events_pb2,
+    eventually,
+    refused,
+    rid,
+)
 
 
 async def acknowledge(town: Town, household: str, notice_id: str) -> notices_pb2.HouseholdNotice:
@@ -144,3 +156,86 @@ async def test_receipts_are_for_the_households_own_notices(town: Town) -> None:
     auditor = town.caller(Role.AUDITOR, city.ward)
     reach = await auditor.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
     assert (reach.total.delivered, reach.total.opened) == (3, 1)
+
+
+async def test_a_notice_is_shown_and_opened_only_once_its_delivery_is_announced(
+    town: Town, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the batch's write and its announcement a resident neither lists, reads nor opens
+    the notice (as before its record was written), and it is not yet a door to knock on: the
+    household's receipt can never come before the NoticeDelivered naming it."""
+    store = town.service.store
+    reader = town.households[town.city.group][0]
+    resident = town.resident(reader)
+    write = store.insert_deliveries
+
+    async def write_then_look(docs: list[Any]) -> int:
+        written = await write(docs)
+        notice_id = docs[0]["notice_id"]
+        assert notice_id not in [n.notice.notice_id for n in await town.inbox(reader)]
+        for call in (
+            resident.GetNotice(notices_pb2.GetNoticeRequest(notice_id=notice_id)),
+            resident.OpenNotice(
+                notices_pb2.OpenNoticeRequest(request_id=rid(), notice_id=notice_id)
+            ),
+            resident.AcknowledgeNotice(
+                notices_pb2.AcknowledgeNoticeRequest(request_id=rid(), notice_id=notice_id)
+            ),
+        ):
+            await refused(grpc.StatusCode.NOT_FOUND, call)
+        listed = await town.leader.ListNotReached(
+            notices_pb2.ListNotReachedRequest(notice_id=notice_id)
+        )
+        assert list(listed.households) == []
+        return written
+
+    notice = await deliver_by_hand(
+        town, monkeypatch, write_then_look, requires_acknowledgement=True
+    )
+    await town.open(reader, notice.notice_id)
+    kinds = []
+    async for entry in (
+        town.service.db["outbox"].find({"events.key": notice.notice_id}).sort([("_id", 1)])
+    ):
+        kinds += [e["type"].rsplit(".", 1)[1] for e in entry["events"]]
+    assert kinds.index("NoticeDelivered") < kinds.index("NoticeRead"), kinds
+
+
+async def test_a_batch_withdrawing_its_records_leaves_no_receipt_counted(
+    town: Town, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group merges away between the batch's read of its households and its write; a
+    resident tries to open the notice before the batch withdraws its records unannounced."""
+    city = town.city
+    store = town.service.store
+    leaving = list(town.households[city.group])
+    write = store.insert_deliveries
+
+    async def merge_write_open(docs: list[Any]) -> int:
+        await city.admin.MergeGroups(
+            registry_pb2.MergeGroupsRequest(
+                request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
+            )
+        )
+
+        async def merged() -> bool:
+            in_target = {"_id": {"$in": leaving}, "unit_id": city.other_group}
+            return await store.view.households.count_documents(in_target) == len(leaving)
+
+        await eventually(merged, what="the merge in the service's view")
+        written = await write(docs)
+        await refused(
+            grpc.StatusCode.NOT_FOUND,
+            town.resident(leaving[0]).OpenNotice(
+                notices_pb2.OpenNoticeRequest(request_id=rid(), notice_id=docs[0]["notice_id"])
+            ),
+        )
+        return written
+
+    notice = await deliver_by_hand(town, monkeypatch, merge_write_open)
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    live = await store.deliveries.count_documents(
+        {"notice_id": notice.notice_id, "withdrawn_at": None}
+    )
+    assert (live, reach.total.delivered, reach.total.opened) == (0, 0, 0)
+    assert await town.events(notice.notice_id, events_pb2.NoticeRead) == []
