@@ -18,7 +18,7 @@ from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.registry_view import households_touched
 from services.notices import domain
-from services.notices.records import audience_of, delivery_document
+from services.notices.records import audience_of, delivery_document, next_resend
 from services.notices.store import NoticeStore
 
 TOPIC = "civic.notices.v1"
@@ -116,6 +116,7 @@ class Reconciler:
                 "unit_id": 1,
                 "read": 1,
                 "acked": 1,
+                "resent": 1,
                 "pending": 1,
             },
             session=session,
@@ -185,7 +186,7 @@ class Reconciler:
         earlier = {
             d["_id"]: d
             for d in await self.store.deliveries.find(
-                {"_id": {"$in": ids}}, {"read": 1, "acked": 1}, session=session
+                {"_id": {"$in": ids}}, {"read": 1, "acked": 1, "resent": 1}, session=session
             ).to_list()
         }
         for notice, household_id, unit_id in arrivals:
@@ -240,13 +241,16 @@ class _Changes:
         now: datetime,
     ) -> None:
         """Delivered here, late: a new record, or the household's earlier one (withdrawn when it
-        left, or pending where the first delivery has passed) as it is, read or acknowledged."""
+        left, or pending where the first delivery has passed) as it is, read or acknowledged.
+        Unopened, an emergency is sent again from now."""
         notice_id = notice["_id"]
         if record is None:
             doc = delivery_document(notice, household_id, unit_id, now) | {"late": True}
             write = UpdateOne({"_id": doc.pop("_id")}, {"$setOnInsert": doc}, upsert=True)
         else:
             again = {"unit_id": unit_id, "withdrawn_at": None, "late": True}
+            if not record["read"] and record.get("resent", 0) < domain.MAX_RESENDS:
+                again |= next_resend(notice, now)
             write = UpdateOne({"_id": record["_id"]}, {"$set": again, "$unset": {"pending": ""}})
         self.records.append(write)
         self._count(notice_id, unit_id, record or {"read": False, "acked": False}, 1)

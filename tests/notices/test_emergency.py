@@ -7,10 +7,11 @@ from datetime import timedelta
 
 import grpc
 from civic.notices.v1 import notices_pb2
+from civic.registry.v1 import registry_pb2
 from google.protobuf.duration_pb2 import Duration
 
 from tests.conftest import Clock
-from tests.notices.conftest import Town, events_pb2, eventually, refused
+from tests.notices.conftest import Town, events_pb2, eventually, refused, rid
 
 
 def minutes(value: int) -> Duration:
@@ -99,3 +100,43 @@ async def test_resend_after_is_for_emergencies_and_bounded(town: Town) -> None:
             town.publish(priority=notices_pb2.PRIORITY_EMERGENCY, resend_after=minutes(value)),
             "resend_after",
         )
+
+
+async def test_an_unopened_emergency_is_sent_again_to_a_household_back_in_its_unit(
+    town: Town, clock: Clock
+) -> None:
+    """The household is left without residents (its record withdrawn, no more re-sends), then
+    someone moves in again: it has its record back, and re-sends with it."""
+    household = town.households[town.city.group][0]
+    notice = await town.publish(
+        town.leader,
+        unit_id=town.city.group,
+        priority=notices_pb2.PRIORITY_EMERGENCY,
+        title="Cảnh báo ngập",
+        resend_after=minutes(10),
+    )
+    await town.delivered(notice.notice_id)
+    await town.empty(household)
+    newcomer = registry_pb2.PersonDetails(
+        full_name="Đỗ Thị Lan",
+        birth_date="1990-02-03",
+        sex=registry_pb2.SEX_FEMALE,
+        relationship=registry_pb2.RELATIONSHIP_HEAD,
+    )
+    await town.city.ward_officer.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=household, person=newcomer
+        )
+    )
+
+    async def back() -> bool:
+        return notice.notice_id in [n.notice.notice_id for n in await town.inbox(household)]
+
+    await eventually(back, what="the notice back in the household's inbox")
+    clock.advance(minutes=11)
+
+    async def resent_to() -> list[str]:
+        events = await town.events(notice.notice_id, events_pb2.NoticeResent)
+        return [h for e in events for h in e.household_ids]
+
+    assert household in await eventually(resent_to, what="re-send")
