@@ -73,6 +73,8 @@ class NoticeStore:
                     [("fanout_pending", ASCENDING), ("priority", DESCENDING), ("_id", ASCENDING)],
                     sparse=True,
                 ),
+                # The hourly upload sweep asks which notice keeps an attachment.
+                IndexModel([("revisions.attachments.key", ASCENDING)], sparse=True),
             ]
         )
         # Kept few: every index costs time on each of a city-wide notice's 300,000 inserts.

@@ -4,13 +4,17 @@ and refuses the notice, deleting the upload, when one is wrong. Real SeaweedFS S
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import grpc
 from civic.notices.v1 import notices_pb2
 from minio import Minio
 
 from services.common.objects import checked
+from services.common.uploads import Sweep, UploadSweeper
 from services.notices.domain import MAX_ATTACHMENT_BYTES
 from services.notices.main import ATTACHMENT_BUCKET
+from tests.indexes import index_uses, used_since
 from tests.notices.conftest import NoticeCaller, Town, refused, rid
 from tests.objects import get, object_exists, png_bytes, put
 
@@ -173,3 +177,30 @@ async def test_a_revision_retried_after_its_attachment_was_dropped_gets_its_firs
         )
     )
     assert await officer.ReviseNotice(keep) == first  # the same request, retried
+
+
+async def test_the_upload_sweep_keeps_what_notices_attach_and_removes_the_rest(
+    town: Town, bucket: Minio
+) -> None:
+    """Found by the attachment's index (the sweep runs hourly over every notice kept)."""
+    officer = town.ward_officer
+    kept_key = await upload(officer, PDF, PDF_TYPE)
+    abandoned = await upload(officer, png_bytes(), "image/png")
+    await town.publish(attachments=[attach(kept_key, "ke-hoach.pdf")])
+    notices = town.service.store.notices
+    before = await index_uses(notices)
+    sweeper = UploadSweeper(
+        town.service.uploads.store,
+        [
+            Sweep(
+                f"notices/{town.city.ward}/",
+                keep_for=timedelta(0),
+                referenced=town.service.store.attachments_named,
+            )
+        ],
+        clock=lambda: datetime.now(UTC) + timedelta(minutes=1),  # everything is old enough
+    )
+    assert await sweeper.sweep() == 1
+    assert not await object_exists(bucket, ATTACHMENT_BUCKET, abandoned)
+    assert await object_exists(bucket, ATTACHMENT_BUCKET, checked(kept_key))
+    assert "revisions.attachments.key_1" in await used_since(notices, before)
