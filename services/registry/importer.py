@@ -18,7 +18,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import Principal
 from services.common.errors import DomainError, FailedPrecondition, InvalidArgument
-from services.common.mongo import Document, Session, in_transaction
+from services.common.mongo import Document, Session, in_transaction, in_unit
 from services.common.outbox import Outbox
 from services.common.wire import point_document
 from services.registry import domain, events
@@ -170,18 +170,22 @@ class Importer:
                 {"household_id": 1, "name_folded": 1, "cid_hash": 1},
             )
         }
-        # Someone without a citizen ID whom this file brought in before, wherever they live now.
-        imported_before = {
-            p["import_key"]
+        # Someone without a citizen ID whom this file brought in before, wherever in the ward
+        # they live now: found by the (unit, name) index, not one of their own (an index costs
+        # time on every person a city's import writes).
+        cidless = [p for _, p in candidates if "import_key" in p]
+        imported_before: set[str] = set()
+        if cidless:
+            wards = sorted({p["unit_id"].rpartition(".")[0] or p["unit_id"] for p in cidless})
             async for p in self.store.persons.find(
                 {
-                    "import_key": {
-                        "$in": [p["import_key"] for _, p in candidates if "import_key" in p]
-                    }
+                    "$or": [{"unit_id": in_unit(ward)} for ward in wards],
+                    "name_folded": {"$in": sorted({p["name_folded"] for p in cidless})},
+                    "import_key": {"$in": [p["import_key"] for p in cidless]},
                 },
                 {"import_key": 1},
-            )
-        }
+            ):
+                imported_before.add(p["import_key"])
         # Whoever the household has had, living there or not: a second run of a file must not
         # bring back someone who has died or moved out since the first.
         known_names = {
@@ -246,9 +250,10 @@ class Importer:
         staged += [events.household_updated(self.outbox, h, ["head_person_id"]) for h in headed]
 
         async def work(session: Session) -> None:
-            # The group was checked before the batch; a merge since would leave these behind.
+            # The group was checked when the import first named it; a merge since (an import
+            # runs for minutes) would leave these behind.
             for unit_id in sorted({p["unit_id"] for p in new_persons}):
-                await self.store.claim_group(unit_id, session)
+                await self.store.require_active_group(unit_id, session)
             for household in headed:
                 named = await self.store.households.update_one(
                     {"_id": household["_id"], "head_person_id": {"$in": ["", None]}},

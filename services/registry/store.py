@@ -74,7 +74,6 @@ class RegistryStore:
                 ),
                 IndexModel([("unit_id", ASCENDING), ("name_folded", ASCENDING)]),
                 IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
-                IndexModel("import_key", partialFilterExpression=holding_text("import_key")),
             ],
         )
         await self.access_log.create_index([("household_id", ASCENDING), ("_id", DESCENDING)])
@@ -127,7 +126,15 @@ class RegistryStore:
             {"_id": unit_id, "active": True}, {"$inc": {"household_writes": 1}}, session=session
         )
         if not claimed.matched_count:
-            unit = await self.unit(unit_id, session)
+            await self.require_active_group(unit_id, session)
+
+    async def require_active_group(self, unit_id: str, session: Session) -> None:
+        """The group, as the session's transaction sees it, has not been retired by a merge. Only
+        a read, so that concurrent import batches into one group do not conflict with each other
+        (each conflict re-runs a whole batch); unlike `claim_group`, it misses a merge that
+        commits while the batch's own transaction runs."""
+        unit = await self.unit(unit_id, session)
+        if unit is None or not unit.get("active", True):
             merged_into = unit.get("merged_into_id") if unit else None
             raise FailedPrecondition(f"group {unit_id} was merged into {merged_into}")
 

@@ -154,7 +154,7 @@ async def test_a_second_run_leaves_alone_who_moved_since_the_first(
     assert (again.persons_created, again.persons_unchanged, list(again.errors)) == (0, 2, [])
     # Each batch finds what it knows by index, not by reading the whole register.
     assert BOOK_NUMBER_INDEX in await used_since(households, before[0])
-    assert {"cid_hash_1", "import_key_1"} <= await used_since(persons, before[1])
+    assert {"cid_hash_1", "unit_id_1_name_folded_1"} <= await used_since(persons, before[1])
     for name in ("Lê Thị Hai", "Trần Văn Một"):
         assert (
             await registry.db["persons"].count_documents({"full_name": name, "unit_id": city.group})
