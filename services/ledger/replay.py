@@ -148,7 +148,7 @@ class Replayer:
     def apply(self, record: Any) -> None:
         self.report.events += 1
         fund_id = self._apply(record)
-        if fund_id in self.waiting:
+        if self.waiting and fund_id in self.waiting:
             self._apply_waiting(fund_id)
 
     def _apply_waiting(self, fund_id: str) -> None:
