@@ -290,10 +290,8 @@ async def test_a_moment_out_of_the_calendar_is_invalid_not_internal(books: Books
         assert (refused.value.details() or "").startswith(f"{field}: ")
 
 
-async def test_a_cancelled_campaign_shows_nobody_as_having_paid(books: Books) -> None:
-    """Reversing the assessment settles every receivable; the board must not then show every
-    household as paid, nor money collected that never came in."""
-    campaign = await declare(books, exemptions=())
+async def cancel(books: Books, campaign: ledger_pb2.Campaign) -> None:
+    """The campaign called off: its assessment reversed."""
     await books.treasurer.ReverseTransaction(
         ledger_pb2.ReverseTransactionRequest(
             request_id=rid(),
@@ -302,6 +300,13 @@ async def test_a_cancelled_campaign_shows_nobody_as_having_paid(books: Books) ->
             reason="hủy đợt thu",
         )
     )
+
+
+async def test_a_cancelled_campaign_shows_nobody_as_having_paid(books: Books) -> None:
+    """Reversing the assessment settles every receivable; the board must not then show every
+    household as paid, nor money collected that never came in."""
+    campaign = await declare(books, exemptions=())
+    await cancel(books, campaign)
     status = await books.leader.GetCampaignStatus(
         ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=campaign.campaign_id)
     )
@@ -318,14 +323,7 @@ async def test_a_cancelled_campaign_shows_nobody_as_having_paid(books: Books) ->
 
 async def test_a_payment_into_a_cancelled_campaign_names_the_campaign(books: Books) -> None:
     campaign = await declare(books)
-    await books.treasurer.ReverseTransaction(
-        ledger_pb2.ReverseTransactionRequest(
-            request_id=rid(),
-            fund_id=books.fund_id,
-            transaction_id=campaign.transaction_id,
-            reason="hủy đợt thu",
-        )
-    )
+    await cancel(books, campaign)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await books.contribute(200_000, "an", campaign.campaign_id)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION

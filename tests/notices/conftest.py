@@ -271,3 +271,22 @@ async def deliver_by_hand(
     finally:
         deliverer.start()
     return notice
+
+
+async def merge_group_away(town: Town) -> list[str]:
+    """The town's group merged into the other one, once the service's view has it; returns the
+    households that moved."""
+    city, store = town.city, town.service.store
+    leaving = list(town.households[city.group])
+    await city.admin.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
+        )
+    )
+
+    async def merged() -> bool:
+        in_target = {"_id": {"$in": leaving}, "unit_id": city.other_group}
+        return await store.view.households.count_documents(in_target) == len(leaving)
+
+    await eventually(merged, what="the merge in the service's view")
+    return leaving

@@ -23,6 +23,7 @@ from tests.notices.conftest import (
     deliver_by_hand,
     events_pb2,
     eventually,
+    merge_group_away,
     refused,
     rid,
 )
@@ -192,17 +193,7 @@ async def test_a_household_that_leaves_while_its_batch_is_written_is_not_deliver
     write = store.insert_deliveries
 
     async def merge_then_write(docs: list[Any]) -> int:
-        await city.admin.MergeGroups(
-            registry_pb2.MergeGroupsRequest(
-                request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
-            )
-        )
-
-        async def merged() -> bool:
-            in_target = {"_id": {"$in": leaving}, "unit_id": city.other_group}
-            return await store.view.households.count_documents(in_target) == len(leaving)
-
-        await eventually(merged, what="the merge in the service's view")
+        await merge_group_away(town)
         return await write(docs)
 
     notice = await deliver_by_hand(town, monkeypatch, merge_then_write)

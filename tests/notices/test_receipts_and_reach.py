@@ -10,14 +10,13 @@ import grpc
 import pytest
 from civic.common.v1 import types_pb2
 from civic.notices.v1 import notices_pb2
-from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
 from tests.notices.conftest import (
     Town,
     deliver_by_hand,
     events_pb2,
-    eventually,
+    merge_group_away,
     refused,
     rid,
 )
@@ -212,17 +211,7 @@ async def test_a_batch_withdrawing_its_records_leaves_no_receipt_counted(
     write = store.insert_deliveries
 
     async def merge_write_open(docs: list[Any]) -> int:
-        await city.admin.MergeGroups(
-            registry_pb2.MergeGroupsRequest(
-                request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
-            )
-        )
-
-        async def merged() -> bool:
-            in_target = {"_id": {"$in": leaving}, "unit_id": city.other_group}
-            return await store.view.households.count_documents(in_target) == len(leaving)
-
-        await eventually(merged, what="the merge in the service's view")
+        await merge_group_away(town)
         written = await write(docs)
         await refused(
             grpc.StatusCode.NOT_FOUND,
