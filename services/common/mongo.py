@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -9,12 +10,14 @@ from typing import Any, TypeVar
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
 from services.common.errors import InvalidArgument
 
 T = TypeVar("T")
+INDEX_OPTIONS_CONFLICT, INDEX_KEY_SPECS_CONFLICT = 85, 86  # MongoDB's error codes
 Document = dict[str, Any]
 Session = AsyncClientSession
 
@@ -45,7 +48,8 @@ def holding_text(field: str) -> Document:
 
 async def ensure_indexes(collection: AsyncCollection[Document], models: list[IndexModel]) -> None:
     """Creates the indexes; one already there under the same name whose partial filter changed
-    is dropped and built again (create_indexes alone refuses to change it)."""
+    is dropped and built again (create_indexes alone refuses to change it). Instances starting
+    together may race to do so: whichever is second finds the work done."""
     existing = await collection.index_information()
     for model in models:
         wanted = model.document
@@ -53,8 +57,14 @@ async def ensure_indexes(collection: AsyncCollection[Document], models: list[Ind
         if found is not None and found.get("partialFilterExpression") != wanted.get(
             "partialFilterExpression"
         ):
-            await collection.drop_index(wanted["name"])
-    await collection.create_indexes(models)
+            with contextlib.suppress(OperationFailure):  # dropped by another instance already
+                await collection.drop_index(wanted["name"])
+    try:
+        await collection.create_indexes(models)
+    except OperationFailure as error:
+        if error.code not in (INDEX_OPTIONS_CONFLICT, INDEX_KEY_SPECS_CONFLICT):
+            raise
+        await collection.create_indexes(models)  # another instance built one meanwhile
 
 
 def mongo_client(uri: str) -> AsyncMongoClient[Document]:
