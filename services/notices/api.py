@@ -30,7 +30,7 @@ from services.common.paging import page_size
 from services.common.runtime import BackgroundTask
 from services.common.wire import moment, span, timestamp
 from services.notices import domain
-from services.notices.delivery import Deliverer, publication
+from services.notices.delivery import START, Deliverer, publication
 from services.notices.domain import State
 from services.notices.events import notice_event
 from services.notices.records import (
@@ -310,7 +310,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                     timing.resend_after.total_seconds() if timing.resend_after else None
                 ),
                 "fanout": {
-                    "after": {"unit": "", "household": ""},
+                    "after": dict(START),
                     "delivered": 0,
                     "complete": False,
                 },

@@ -42,6 +42,7 @@ from services.notices.store import NoticeStore
 log = logging.getLogger(__name__)
 
 FANOUT_BATCH = 5_000
+START = {"unit": "", "household": ""}  # the first delivery's marker before its first batch
 RESEND_BATCH = 2_000
 
 
@@ -226,8 +227,13 @@ class Deliverer:
         notice = await self.store.get(notice_id, session)
         assert notice is not None
         live = _live(notice, now)
+        marker_here = notice.get("fanout_pending") and notice["fanout"]["after"] == after
+        # The last batch, or the end of a notice no longer live, takes every pending record of
+        # the notice: one an instance that fell behind wrote behind the marker and then died
+        # with would otherwise stay pending, unseen, for ever.
+        ending = not live or (marker_here and last is None)
         records = await self.store.pending_between(
-            notice_id, after, last if live else None, session
+            notice_id, START if ending else after, last if live else None, session
         )
         staying = await self._staying(notice, records, session) if live else set()
         announced = [r for r in records if r["household_id"] in staying]
@@ -240,7 +246,6 @@ class Deliverer:
             await self.store.announce(
                 notices_pb2.NOTICE_CHANGE_DELIVERED, notice_id, households, now, session
             )
-        marker_here = notice.get("fanout_pending") and notice["fanout"]["after"] == after
         update: Document = {"$inc": {"fanout.delivered": len(announced)}}
         if live and marker_here:
             update["$set"] = {"fanout.after": last} if last else {"fanout.complete": True}

@@ -5,7 +5,7 @@ revision retried after the notice was retracted gets its first answer."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -14,6 +14,8 @@ from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
 import services.notices.delivery as delivery_module
+from services.notices.delivery import FANOUT_BATCH
+from services.notices.records import delivery_document
 from tests.conftest import Clock
 from tests.notices.conftest import (
     Town,
@@ -333,3 +335,39 @@ async def move_out(town: Town, household_id: str) -> None:
     await town.city.ward_officer.MoveOut(
         registry_pb2.MoveOutRequest(request_id=rid(), person_id=head["_id"], destination="Huế")
     )
+
+
+async def test_a_record_left_pending_behind_the_marker_is_settled_when_delivery_ends(
+    town: Town,
+) -> None:
+    """An instance that fell behind wrote a household's record behind where the delivery had
+    got to (its member filter saw an older register), then died before settling it: the last
+    batch settles it, so the household is not left with a notice it can never see."""
+    deliverer = town.service.deliverer
+    store = town.service.store
+    await deliverer.stop()
+    try:
+        notice = await town.publish(
+            audience=notices_pb2.Audience(member=notices_pb2.MemberFilter(min_age=90))
+        )
+        deliverer.batch_size = 2
+        assert await deliverer.fan_out_batch()  # two households, none in the audience
+        doc = await store.get(notice.notice_id)
+        assert doc is not None
+        behind = doc["fanout"]["after"]["household"]
+        assert await store.delivery(notice.notice_id, behind) is None
+        unit = doc["fanout"]["after"]["unit"]
+        await store.deliveries.insert_one(
+            delivery_document(doc, behind, unit, datetime.now(UTC), pending=True)
+        )
+        while await deliverer.fan_out_batch():
+            pass
+    finally:
+        deliverer.batch_size = FANOUT_BATCH
+        deliverer.start()
+    left_pending = await store.deliveries.count_documents(
+        {"notice_id": notice.notice_id, "pending": True}
+    )
+    assert left_pending == 0
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert reach.total.delivered == await live_records(town, notice.notice_id)
