@@ -14,7 +14,6 @@ from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
 import services.notices.delivery as delivery_module
-from services.notices.delivery import FANOUT_BATCH
 from services.notices.records import delivery_document
 from tests.conftest import Clock
 from tests.notices.conftest import (
@@ -345,6 +344,7 @@ async def test_a_record_left_pending_behind_the_marker_is_settled_when_delivery_
     batch settles it, so the household is not left with a notice it can never see."""
     deliverer = town.service.deliverer
     store = town.service.store
+    batch_size = deliverer.batch_size
     await deliverer.stop()
     try:
         notice = await town.publish(
@@ -363,7 +363,7 @@ async def test_a_record_left_pending_behind_the_marker_is_settled_when_delivery_
         while await deliverer.fan_out_batch():
             pass
     finally:
-        deliverer.batch_size = FANOUT_BATCH
+        deliverer.batch_size = batch_size
         deliverer.start()
     left_pending = await store.deliveries.count_documents(
         {"notice_id": notice.notice_id, "pending": True}
