@@ -7,14 +7,15 @@ from __future__ import annotations
 from datetime import datetime
 
 from civic.tickets.v1 import events_pb2
+from pymongo import AsyncMongoClient
 
 from services.common.cloudevents import type_name
-from services.common.mongo import Document, Session
+from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 from services.tickets import domain
 from services.tickets.escalation import fresh_deadlines
 from services.tickets.events import ticket_event
-from services.tickets.store import TicketStore
+from services.tickets.store import OPEN_STATUSES, TicketStore
 
 UNLINKED = type_name(events_pb2.TicketUnlinked())
 
@@ -55,3 +56,36 @@ async def release(
         session,
     )
     return await unlink(store, outbox, duplicate, session, deadlines)
+
+
+async def release_orphans(
+    client: AsyncMongoClient[Document], store: TicketStore, outbox: Outbox, now: datetime
+) -> int:
+    """Releases open duplicates whose primary is decided or closed: tickets linked before a
+    primary's decision released its duplicates, which the sweep (leaving linked duplicates to
+    their primary) would otherwise never move again. Run at start; returns how many."""
+    orphans = [
+        duplicate
+        async for duplicate in store.tickets.find(
+            {"duplicate_of": {"$ne": None}, "status": {"$in": OPEN_STATUSES}},
+            {"_id": 1, "duplicate_of": 1},
+        )
+        if not await store.tickets.find_one(
+            {"_id": duplicate["duplicate_of"], "status": {"$in": OPEN_STATUSES}}, {"_id": 1}
+        )
+    ]
+    for orphan in orphans:
+
+        async def work(session: Session, ticket_id: str = orphan["_id"]) -> None:
+            duplicate = await store.get(ticket_id, session)
+            if duplicate is None or not duplicate.get("duplicate_of"):
+                return  # released meanwhile (another instance starting)
+            primary = await store.get(duplicate["duplicate_of"], session)
+            if primary is not None and primary["status"] in OPEN_STATUSES:
+                return
+            _, events = await release(store, outbox, duplicate, now, session)
+            await outbox.stage(session, events)
+
+        await in_transaction(client, work)
+        outbox.committed()
+    return len(orphans)

@@ -18,6 +18,7 @@ from services.common.service import ServiceHost
 from services.common.uploads import Sweep, UploadSweeper
 from services.tickets import domain
 from services.tickets.api import TicketsServicer
+from services.tickets.clusters import release_orphans
 from services.tickets.escalation import Escalator
 from services.tickets.events import TOPIC, Router, subscribe
 from services.tickets.records import rules_document
@@ -91,6 +92,7 @@ class TicketsService:
     async def start(self) -> int:
         await self.store.ensure_indexes()
         await self.seed_rules()
+        await release_orphans(self.client, self.store, self.host.outbox, self.clock())
         port = await self.host.start()
         self.escalator.start()
         self.uploads.start()

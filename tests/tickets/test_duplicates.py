@@ -14,6 +14,7 @@ from civic.registry.v1 import registry_pb2
 from civic.tickets.v1 import events_pb2, tickets_pb2
 
 from services.common.auth import Role
+from services.tickets.clusters import release_orphans
 from services.tickets.main import TicketsService
 from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
@@ -329,3 +330,36 @@ async def test_the_cluster_shows_a_linked_ticket_only_to_who_may_see_it_alone(
     other_leader = pilot.caller(Role.GROUP_LEADER, city.other_group)
     await refused(grpc.StatusCode.NOT_FOUND, cluster(other_leader, primary.ticket_id))
     assert (await cluster(other_leader, duplicate.ticket_id)).ticket.submitter == "resident-g"
+
+
+async def test_a_duplicate_its_primarys_decision_left_linked_is_released_at_start(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A primary decided before decisions released their duplicates left them linked, open, and
+    now never swept on their own: a start of the service releases them, each with fresh
+    deadlines and TicketUnlinked, once."""
+    service = tickets_service
+    primary = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    again = await pilot.submit("street-light", caller=pilot.neighbour, location=point_near(60))
+    duplicate = await pilot.routed(again.ticket_id, pilot.neighbour)
+    assert duplicate.duplicate_of == primary.ticket_id
+    # As such a decision left it: the primary rejected, its duplicate still in its cluster.
+    await service.store.tickets.update_one(
+        {"_id": primary.ticket_id}, {"$set": {"status": tickets_pb2.TICKET_STATUS_REJECTED}}
+    )
+
+    async def start() -> None:
+        await release_orphans(service.client, service.store, service.host.outbox, service.clock())
+
+    await start()
+    left = (await cluster(pilot.ward_officer, duplicate.ticket_id)).ticket
+    assert (left.status, left.duplicate_of) == (tickets_pb2.TICKET_STATUS_ROUTED, "")
+    assert left.acknowledge_by.ToDatetime() > service.clock().replace(tzinfo=None)
+    was_primary = (await cluster(pilot.ward_officer, primary.ticket_id)).ticket
+    assert duplicate.ticket_id not in was_primary.duplicates
+    after_first = await events_of(service, duplicate.ticket_id)
+    assert after_first[-1] == events_pb2.TicketUnlinked(
+        ticket_id=duplicate.ticket_id, duplicate_of=primary.ticket_id
+    )
+    await start()  # started again: nothing more to release
+    assert await events_of(service, duplicate.ticket_id) == after_first
