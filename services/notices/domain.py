@@ -186,6 +186,8 @@ def check_timing(
     starts = publish_at or now
     if expires_at is not None and expires_at <= starts:
         raise InvalidArgument("expires_at", "must be after the notice is published")
+    if expires_at is not None and expires_at > starts + MAX_SCHEDULE_AHEAD:
+        raise InvalidArgument("expires_at", "is more than a year after the notice is published")
     if priority is Priority.EMERGENCY:
         resend_after = DEFAULT_RESEND_AFTER if resend_after is None else resend_after
         if not MIN_RESEND_AFTER <= resend_after <= MAX_RESEND_AFTER:

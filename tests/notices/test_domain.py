@@ -37,6 +37,12 @@ def test_timing_rules() -> None:
         )
     with pytest.raises(InvalidArgument, match=r"^resend_after"):
         domain.check_timing(now, None, None, Priority.IMPORTANT, timedelta(minutes=5))
+    # Up for a year at most, counted from publication (a scheduled one's too).
+    later = now + timedelta(days=30)
+    year = domain.check_timing(now, later, later + timedelta(days=366), Priority.NORMAL, None)
+    assert year.expires_at == later + timedelta(days=366)
+    with pytest.raises(InvalidArgument, match=r"^expires_at: is more than a year after"):
+        domain.check_timing(now, None, now + timedelta(days=367), Priority.NORMAL, None)
 
 
 def test_publishing_and_reach_scopes() -> None:
