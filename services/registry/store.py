@@ -24,6 +24,7 @@ RESIDENT = 1  # PersonStatus.RESIDENT
 TEMPORARY = registry_pb2.RESIDENCE_KIND_TEMPORARY
 RESIDENTS = "_residents"  # where a read puts a household's residents
 BOOK_NUMBER_INDEX = "household_book_number"
+OLD_BOOK_NUMBER_INDEX = "unit_id_1_external_ref_1"  # unique per current group, before merges
 
 
 def new_id(prefix: str) -> str:
@@ -86,13 +87,16 @@ class RegistryStore:
     async def _book_numbers_by_issuing_group(self) -> None:
         """Households written before book numbers were kept per issuing group were unique per
         current group: that group issued them, unless merged since, which the old index made
-        impossible for a clashing number anyway."""
+        impossible for a clashing number anyway. Done once: while the old index is there (a
+        start of every instance need not read every household)."""
+        if OLD_BOOK_NUMBER_INDEX not in await self.households.index_information():
+            return
         await self.households.update_many(
             {"external_ref": {"$type": "string"}, "ref_unit_id": {"$exists": False}},
             [{"$set": {"ref_unit_id": "$unit_id"}}],
         )
-        with contextlib.suppress(OperationFailure):  # absent: a new store, or already dropped
-            await self.households.drop_index("unit_id_1_external_ref_1")
+        with contextlib.suppress(OperationFailure):  # dropped by an instance starting with us
+            await self.households.drop_index(OLD_BOOK_NUMBER_INDEX)
 
     # ---- units ---------------------------------------------------------------------------
 

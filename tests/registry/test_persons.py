@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 import grpc
 import pytest
@@ -11,7 +12,7 @@ from civic.registry.v1 import registry_pb2
 
 from services.registry.main import RegistryService
 from tests.indexes import index_uses, used_since
-from tests.registry_fixtures import City, citizen_id, new_household, person, rid
+from tests.registry_fixtures import Caller, City, citizen_id, new_household, person, rid
 
 
 def years_ago(years: int, month: int = 1, day: int = 15) -> str:
@@ -105,26 +106,29 @@ async def test_a_person_who_moved_away_and_comes_back_is_the_same_person(city: C
     dead cannot be registered again, nor the living twice."""
     home = await new_household(city.leader, city.group)
     cid = citizen_id("1990-05-17", registry_pb2.SEX_FEMALE)
-    first = await city.leader.RegisterPerson(
-        registry_pb2.RegisterPersonRequest(
-            request_id=rid(),
-            household_id=home.household.household_id,
-            person=person("Võ Thị Về", citizen_id=cid),
+
+    async def register_her(
+        caller: Caller, household_id: str, **details: Any
+    ) -> registry_pb2.RegisterPersonResponse:
+        response: registry_pb2.RegisterPersonResponse = await caller.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                request_id=rid(),
+                household_id=household_id,
+                person=person("Võ Thị Về", citizen_id=cid, **details),
+            )
         )
-    )
+        return response
+
+    first = await register_her(city.leader, home.household.household_id)
     person_id = first.person.person_id
     await city.leader.MoveOut(
         registry_pb2.MoveOutRequest(request_id=rid(), person_id=person_id, destination="TP HCM")
     )
     elsewhere = await new_household(city.other_leader, city.other_group, head_name="Phạm Văn Bình")
-    back = await city.other_leader.RegisterPerson(
-        registry_pb2.RegisterPersonRequest(
-            request_id=rid(),
-            household_id=elsewhere.household.household_id,
-            person=person(
-                "Võ Thị Về", citizen_id=cid, relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE
-            ),
-        )
+    back = await register_her(
+        city.other_leader,
+        elsewhere.household.household_id,
+        relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE,
     )
     assert back.person.person_id == person_id
     assert back.person.status == registry_pb2.PERSON_STATUS_RESIDENT
@@ -139,13 +143,7 @@ async def test_a_person_who_moved_away_and_comes_back_is_the_same_person(city: C
     assert (population[city.group], population[city.other_group]) == (1, 2)
 
     with pytest.raises(grpc.aio.AioRpcError) as twice:
-        await city.leader.RegisterPerson(
-            registry_pb2.RegisterPersonRequest(
-                request_id=rid(),
-                household_id=home.household.household_id,
-                person=person("Võ Thị Về", citizen_id=cid),
-            )
-        )
+        await register_her(city.leader, home.household.household_id)
     assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
     # Gone again, and back as the head of a household of her own.
@@ -169,13 +167,7 @@ async def test_a_person_who_moved_away_and_comes_back_is_the_same_person(city: C
         )
     )
     with pytest.raises(grpc.aio.AioRpcError) as dead:
-        await city.leader.RegisterPerson(
-            registry_pb2.RegisterPersonRequest(
-                request_id=rid(),
-                household_id=home.household.household_id,
-                person=person("Võ Thị Về", citizen_id=cid),
-            )
-        )
+        await register_her(city.leader, home.household.household_id)
     assert dead.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "deceased" in (dead.value.details() or "")
 
