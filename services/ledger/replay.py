@@ -52,6 +52,7 @@ FUND_OPENED = type_name(events_pb2.FundOpened())
 TRANSACTION_POSTED = type_name(events_pb2.TransactionPosted())
 FETCH_RECORDS = 5000
 LIVE_CALLS = 16
+PROGRESS_EVERY = 5.0  # seconds between progress lines while the topic is read
 # The replay's store is scratch, rebuilt from the topic on every run: no need to wait for disk.
 SCRATCH = WriteConcern(w=1, j=False)
 
@@ -111,6 +112,25 @@ class Report:
         lines += [f"differs: {m}" for m in self.mismatches[:20]]
         lines.append("result: " + ("OK" if self.ok else "DIFFERENCES FOUND"))
         return "\n".join(lines)
+
+
+class Progress:
+    """Lines on stderr, so a long replay shows it is alive: each step as it begins and, while
+    the topic is read, how far it has come every PROGRESS_EVERY seconds."""
+
+    def __init__(self) -> None:
+        self.every = PROGRESS_EVERY
+        self.started = time.monotonic()
+        self.next_line = self.started + self.every
+
+    def step(self, message: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"replay-ledger: {message} ({elapsed:.0f} s)", file=sys.stderr)
+
+    def read(self, done: int, total: int) -> None:
+        if time.monotonic() >= self.next_line:
+            self.next_line = time.monotonic() + self.every
+            self.step(f"{done:,}/{total:,} events read ({100 * done / max(total, 1):.0f}%)")
 
 
 @dataclass(frozen=True)
@@ -298,7 +318,12 @@ def _id_and_type(headers: Any) -> tuple[str, str]:
     return event_id, event_type
 
 
-async def read_topic(bootstrap_servers: str, topic: str, handle: Callable[[Any], None]) -> int:
+async def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    handle: Callable[[Any], None],
+    progress: Progress | None = None,
+) -> int:
     """Every record of `topic` from the beginning to the end offsets at the start, in order per
     partition; returns how many were read."""
     consumer = AIOKafkaConsumer(
@@ -324,10 +349,11 @@ async def read_topic(bootstrap_servers: str, topic: str, handle: Callable[[Any],
         consumer.assign(assigned)
         await consumer.seek_to_beginning(*assigned)
         ends = await consumer.end_offsets(assigned)
-        remaining = {tp for tp in assigned if ends[tp] > 0}
-        for tp in assigned:
-            if tp in remaining and await consumer.position(tp) >= ends[tp]:
-                remaining.discard(tp)
+        starts = {tp: await consumer.position(tp) for tp in assigned}
+        remaining = {tp for tp in assigned if starts[tp] < ends[tp]}
+        total = sum(ends[tp] - starts[tp] for tp in remaining)
+        if progress is not None:
+            progress.step(f"reading {total:,} events of {topic}")
         while remaining:
             fetched = await consumer.getmany(*remaining, timeout_ms=500, max_records=FETCH_RECORDS)
             for tp, records in fetched.items():
@@ -337,6 +363,8 @@ async def read_topic(bootstrap_servers: str, topic: str, handle: Callable[[Any],
                         count += 1
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
+            if progress is not None:
+                progress.read(count, total)
     finally:
         await consumer.stop()
     return count
@@ -350,6 +378,7 @@ async def replay(
     unit: str = "",
     keep_store: bool = False,
     live_funds: LiveFunds | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Replays `topic` into a fresh database and, with `live`, compares the funds under `unit`
     (all if empty) with the live service; with `live_funds` and a unit, also names any live
@@ -361,9 +390,11 @@ async def replay(
     clock = time.perf_counter()
     try:
         with _no_cyclic_gc():
-            await read_topic(settings.kafka_bootstrap_servers, topic, replayer.apply)
+            await read_topic(settings.kafka_bootstrap_servers, topic, replayer.apply, progress)
         replayer.finish()
         report.timings["read_and_check"] = time.perf_counter() - clock
+        if progress is not None:
+            progress.step(f"all read and checked; storing {len(replayer.books.funds):,} funds")
         balances = await replayer.store_books()
         report.timings["store"] = time.perf_counter() - clock - report.timings["read_and_check"]
         report.topic = topic
@@ -374,6 +405,8 @@ async def replay(
         if live is not None:
             started = time.perf_counter()
             listed = await live_funds(unit) if live_funds is not None and unit else None
+            if progress is not None:
+                progress.step("comparing with the live service")
             await _compare(replayer, balances, live, unit, report, listed)
             report.timings["compare"] = time.perf_counter() - started
         return report
@@ -520,6 +553,7 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
                 unit=args.unit or _scope_of(args.token),
                 keep_store=args.keep_store,
                 live_funds=grpc_funds(stub),
+                progress=Progress(),
             )
         except grpc.aio.AioRpcError as error:
             return _cannot(f"the live service refused: {error.code().name}: {error.details()}")

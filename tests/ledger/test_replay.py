@@ -3,6 +3,7 @@ and match the live service; an event altered on the topic is named."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from services.common.auth import Role
 from services.common.cloudevents import type_name
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
+from services.ledger import replay as replay_module
 from services.ledger.events import TOPIC
 from services.ledger.main import LedgerService
 from services.ledger.replay import Replayer, Report, grpc_balances, grpc_funds, replay
@@ -118,6 +120,32 @@ async def test_the_cli_reports_and_exits_zero(
     assert status == 0, out
     assert "live balances: 1 funds compared, 0 differ" in out
     assert out.strip().endswith("result: OK")
+
+
+async def test_the_cli_shows_how_far_a_replay_has_come(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await busy_fund(books)
+    await published(ledger_service)
+    use_servers(monkeypatch, settings)
+    monkeypatch.setattr(replay_module, "PROGRESS_EVERY", 0.0)  # a line after every fetch
+    auditor = token(Role.AUDITOR, books.city.city)
+    target = f"127.0.0.1:{ledger_service.port}"
+    status = await cli.run(["replay-ledger", "--token", auditor, "--target", target])
+    captured = capsys.readouterr()
+    assert status == 0, captured.out + captured.err
+    counted = re.search(r": (\d+) events .*, (\d+) funds", captured.out)
+    assert counted is not None, captured.out
+    events, funds = int(counted.group(1)), int(counted.group(2))
+    steps = [line.split(": ", 1)[1] for line in captured.err.splitlines()]
+    assert steps[0].startswith(f"reading {events:,} events of civic.ledger.v1 ("), steps
+    assert steps[-3].startswith(f"{events:,}/{events:,} events read (100%)"), steps
+    assert steps[-2].startswith(f"all read and checked; storing {funds} funds"), steps
+    assert steps[-1].startswith("comparing with the live service"), steps
 
 
 def use_servers(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
@@ -439,7 +467,8 @@ async def test_the_cli_compares_the_tokens_own_funds_and_refuses_an_empty_topic(
     )
     captured = capsys.readouterr()
     assert status == 2
-    assert captured.err.startswith(f"error: {topic} holds no events")
+    # After the progress lines, which are not errors.
+    assert captured.err.splitlines()[-1].startswith(f"error: {topic} holds no events")
 
     # A topic the broker does not have: one line, not a wait or a traceback.
     missing = f"audit-missing-{uuid.uuid4().hex[:8]}"
