@@ -189,7 +189,10 @@ class GrpcServer:
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self._address)
+        try:
+            self.port = self.server.add_insecure_port(self._address)
+        except RuntimeError as error:  # what grpcio raises when the bind fails
+            raise OSError(f"cannot listen on {self._address}: the port is in use") from error
         if self.port == 0:
             raise OSError(f"cannot listen on {self._address}")
         await self.server.start()

@@ -112,13 +112,20 @@ async def serve_until_signalled(name: str, build: Callable[[], Service]) -> None
     service = build()
     starting = asyncio.create_task(service.start())
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if starting.done():
-        log.info("%s listening on port %d", name, starting.result())
-        await stopping
-    else:
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
-    log.info("%s stopping", name)
-    await service.stop()
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            log.info("%s listening on port %d", name, starting.result())
+            await stopping
+        else:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    finally:
+        # Also when start-up failed (a busy port, say): what it had started is stopped, so the
+        # consumers leave their groups now instead of when the broker gives up on them.
+        stopping.cancel()
+        log.info("%s stopping", name)
+        await service.stop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

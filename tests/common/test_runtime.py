@@ -1,0 +1,28 @@
+"""A service process's life: start-up, serving, and stopping, also when start-up fails."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+from services.common.config import Settings
+from services.common.runtime import serve_until_signalled
+from services.registry.main import NAME, RegistryService
+
+
+async def test_a_service_that_cannot_listen_stops_what_it_had_started(
+    settings: Settings, span_processor: SimpleSpanProcessor
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = settings.model_copy(update={"grpc_port": taken.getsockname()[1]})
+        service = RegistryService(busy, span_processor=span_processor)
+        with pytest.raises(OSError, match="cannot listen"):
+            await serve_until_signalled(NAME, lambda: service)
+    # Kafka was up before the port was tried: its producer and consumers are stopped again.
+    producer = service.host.producer
+    assert producer is not None and producer._closed
+    assert not service.host.broker.running
