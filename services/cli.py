@@ -44,6 +44,7 @@ from services.common.auth import Role, mint_token
 from services.common.broker import faststream_warnings_only
 from services.common.config import GRPC_PORTS, Settings, SettingsError
 from services.common.grpc_client import civic_channel
+from services.common.mongo import UNIT_ID
 from services.common.runtime import run_async
 from services.ledger import replay
 from services.platform import create_units
@@ -233,6 +234,13 @@ async def _token(args: argparse.Namespace) -> int:
     if not args.scope.strip():
         return _fail(
             "--scope must name a unit (e.g. dn.hc.hc1): every service refuses a token without one",
+            status=2,
+        )
+    if not UNIT_ID.fullmatch(args.scope):
+        # Such a token would be accepted and then cover nothing: every call would be refused.
+        return _fail(
+            f"--scope {args.scope!r} is not a unit id: lower-case codes joined by dots, "
+            "e.g. dn.hc.hc1",
             status=2,
         )
     settings = Settings()

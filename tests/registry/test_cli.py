@@ -170,8 +170,11 @@ async def test_resident_token_needs_a_household(capsys: pytest.CaptureFixture[st
     assert "--household" in capsys.readouterr().err
 
 
-async def test_a_token_without_a_scope_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    status = await cli.run(["token", "--role", "ward_officer", "--scope", " "])
+@pytest.mark.parametrize("scope", [" ", "DN HC", "dn..hc", "dn.hc."])
+async def test_a_token_without_a_unit_for_scope_is_refused(
+    scope: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = await cli.run(["token", "--role", "ward_officer", "--scope", scope])
 
     assert status == 2
     captured = capsys.readouterr()
