@@ -233,11 +233,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.MergeGroupsRequest, context: Context
     ) -> registry_pb2.MergeGroupsResponse:
         source_id, target_id = request.source_unit_id, request.target_unit_id
+        # A missing unit is bad input, not a unit outside the caller's scope.
+        _required("source_unit_id", source_id)
+        _required("target_unit_id", target_id)
         if source_id == target_id:
             raise InvalidArgument("target_unit_id", "must differ from source_unit_id")
         caller = principal()
-        domain.may_manage_units(caller, source_id or "?")
-        domain.may_manage_units(caller, target_id or "?")
+        domain.may_manage_units(caller, source_id)
+        domain.may_manage_units(caller, target_id)
 
         async def work(session: Session) -> tuple[registry_pb2.MergeGroupsResponse, list[Document]]:
             await self._group(source_id, "source_unit_id", session)

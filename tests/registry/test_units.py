@@ -252,3 +252,21 @@ async def test_unit_rules(city: City, unique: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await create_unit(other_ward, city.ward, "g20", "Tổ 20", registry_pb2.UNIT_KIND_GROUP)
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("missing", ["source_unit_id", "target_unit_id", "both"])
+async def test_a_merge_naming_no_group_is_bad_input(city: City, missing: str) -> None:
+    """A group left out of the request is INVALID_ARGUMENT naming it, not a unit outside the
+    caller's scope; nothing merges."""
+    request = merge(city)
+    if missing in ("source_unit_id", "both"):
+        request.source_unit_id = ""
+    if missing in ("target_unit_id", "both"):
+        request.target_unit_id = ""
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.ward_officer.MergeGroups(request)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field = "source_unit_id" if missing == "both" else missing
+    assert (error.value.details() or "").startswith(f"{field}: is required")
+    groups = await city.admin.ListChildUnits(registry_pb2.ListChildUnitsRequest(unit_id=city.ward))
+    assert [u.unit_id for u in groups.units] == [city.group, city.other_group]
