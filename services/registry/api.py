@@ -128,11 +128,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         action: str,
         persons: list[Document],
         households: Iterable[str] = (),
+        *,
+        shows_citizen_ids: bool = True,
     ) -> list[Document]:
         """Access-log records for an official's read of these persons' data: one per household
         read, naming each person shown, so a lookup writes one document, not one per member.
         A household's own data (address, housing, place) is personal data too: `households`
-        are logged even where no person of theirs is shown."""
+        are logged even where no person of theirs is shown. A read that shows no citizen IDs
+        at all (`shows_citizen_ids=False`) records none as shown, whoever the caller."""
         if caller.role is Role.RESIDENT:
             return []
         shown: dict[str, list[Document]] = {household_id: [] for household_id in households}
@@ -141,7 +144,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             shown.setdefault(household_id, []).append(
                 {
                     "person_id": person["_id"],
-                    "citizen_id_shown": bool(person.get("cid_sealed"))
+                    "citizen_id_shown": shows_citizen_ids
+                    and bool(person.get("cid_sealed"))
                     and domain.may_see_citizen_id(caller, household_id),
                 }
             )
@@ -959,9 +963,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     war_invalid_member=any(p.get("war_invalid") for p in residents),
                 )
             )
-        # The heads' names are personal data read by an official (or for one): logged.
+        # The heads' names are personal data read by an official (or for one): logged. A
+        # summary holds no citizen ID, so none is recorded as shown.
         await self.store.log_access(
-            self._log_reads(caller, "ListHouseholdSummaries", heads, [h["_id"] for h in households])
+            self._log_reads(
+                caller,
+                "ListHouseholdSummaries",
+                heads,
+                [h["_id"] for h in households],
+                shows_citizen_ids=False,
+            )
         )
         return registry_pb2.ListHouseholdSummariesResponse(
             households=summaries, next_page_token=next_page

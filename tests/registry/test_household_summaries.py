@@ -124,6 +124,28 @@ async def test_household_summaries_for_dues(city: City) -> None:
     assert (bad.value.details() or "").startswith("unit_id: ")
 
 
+async def test_a_summary_read_records_no_citizen_id_as_shown(city: City) -> None:
+    """A ward officer may see citizen IDs, but a summary shows only the head's name: the
+    household's access log must not say the head's ID was shown."""
+    home = await new_household(city.leader, city.group)
+    household_id = home.household.household_id
+    await city.ward_officer.ListHouseholdSummaries(
+        registry_pb2.ListHouseholdSummariesRequest(unit_id=city.group)
+    )
+    resident = city.as_role(Role.RESIDENT, city.group, household_id)
+    log = await resident.ListAccessLog(registry_pb2.ListAccessLogRequest(household_id=household_id))
+    read = [
+        (e.actor_role, e.person_id, e.citizen_id_shown)
+        for e in log.entries
+        if e.action == "ListHouseholdSummaries"
+    ]
+    assert read == [("ward_officer", home.head.person_id, False)]
+    # Where the ID is shown to the same officer, it is recorded as shown.
+    await city.ward_officer.GetPerson(registry_pb2.GetPersonRequest(person_id=home.head.person_id))
+    log = await resident.ListAccessLog(registry_pb2.ListAccessLogRequest(household_id=household_id))
+    assert [e.citizen_id_shown for e in log.entries if e.action == "GetPerson"] == [True]
+
+
 async def test_a_wards_households_are_paged_in_index_order_without_a_sort(
     city: City, registry: RegistryService
 ) -> None:
