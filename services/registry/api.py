@@ -981,8 +981,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def ImportPersons(
         self, request_iterator: AsyncIterator[registry_pb2.ImportPersonsRequest], context: Context
     ) -> registry_pb2.ImportPersonsResponse:
+        caller = principal()
+        domain.may_import(caller)  # before the started header: refused, nothing was imported
         await context.send_initial_metadata(((STARTED_HEADER, "1"),))
-        return await self.importer.run(principal(), request_iterator)
+        return await self.importer.run(caller, request_iterator)
 
 
 def _child_containing(parent_id: str, unit_id: str) -> str:

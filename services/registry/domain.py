@@ -292,6 +292,14 @@ def may_register(caller: Principal, unit_id: str) -> None:
     caller.require_unit(unit_id)
 
 
+def may_import(caller: Principal) -> None:
+    """Onboarding a ward is the register's keepers' work: anyone else is refused the whole
+    import, not told row by row that each group is outside their scope (which each row still
+    is checked for)."""
+    if not caller.is_official:
+        raise PermissionDenied(f"role {caller.role.value} may not change the register")
+
+
 def may_count(caller: Principal, unit_id: str) -> None:
     """Aggregate counts hold no personal data: officials, auditors and integrators in scope."""
     if caller.role is Role.RESIDENT:

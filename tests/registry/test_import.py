@@ -6,12 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 
+import grpc
+import pytest
 from civic.registry.v1 import registry_pb2
 
+from services.common.auth import Role
+from services.registry.importer import STARTED_HEADER
 from services.registry.main import RegistryService
 from services.registry.store import BOOK_NUMBER_INDEX
 from tests.indexes import index_uses, used_since
-from tests.registry_fixtures import City, citizen_id, person, rid
+from tests.registry_fixtures import City, citizen_id, new_household, person, rid
 
 
 def row(
@@ -160,3 +164,22 @@ async def test_a_second_run_leaves_alone_who_moved_since_the_first(
             await registry.db["persons"].count_documents({"full_name": name, "unit_id": city.group})
             == 1
         )
+
+
+async def test_a_role_that_keeps_no_register_is_refused_the_whole_import(
+    city: City, registry: RegistryService
+) -> None:
+    """A resident or an integrator may not import at all: PERMISSION_DENIED before any row is
+    applied (no started header), not a report of every row as outside their scope."""
+    home = await new_household(city.leader, city.group)
+    rows = [row(1, city.group, "HK-1", "Đỗ Thị Mới", "2001-03-04")]
+    for caller in (
+        city.as_role(Role.RESIDENT, city.group, home.household.household_id),
+        city.as_role(Role.INTEGRATOR, city.city),
+    ):
+        call = caller.ImportPersons(chunks(rows, 10))
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await call
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert STARTED_HEADER not in {key for key, _ in await call.initial_metadata() or ()}
+    assert await registry.db["persons"].count_documents({"full_name": "Đỗ Thị Mới"}) == 0
