@@ -339,6 +339,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         ) -> tuple[registry_pb2.CreateHouseholdResponse, list[Document]]:
             await self._group(request.unit_id, "unit_id", session)
             await self.store.claim_group(request.unit_id, session)
+            book_number = household["external_ref"]
+            # Said in the request's words: the unique index would name its own fields.
+            if book_number and await self.store.household_by_book_number(
+                request.unit_id, book_number, session
+            ):
+                raise AlreadyExists(
+                    f"external_ref: book number {book_number} is already a household of "
+                    f"{request.unit_id}"
+                )
             await self._register(head, session)
             household["head_person_id"] = head["_id"]  # the same person again, if they return
             await self.store.insert_household(household, session)

@@ -163,6 +163,14 @@ class RegistryStore:
     async def household(self, household_id: str, session: Session | None = None) -> Document | None:
         return await self.households.find_one({"_id": household_id}, session=session)
 
+    async def household_by_book_number(
+        self, ref_unit_id: str, external_ref: str, session: Session
+    ) -> Document | None:
+        """The household `ref_unit_id` issued this book number to, wherever it is now."""
+        return await self.households.find_one(
+            {"ref_unit_id": ref_unit_id, "external_ref": external_ref}, session=session
+        )
+
     async def insert_household(self, household: Document, session: Session) -> None:
         await self.households.insert_one(household, session=session)
 

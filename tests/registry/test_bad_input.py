@@ -171,6 +171,20 @@ async def test_unknown_household_and_duplicate_citizen_id(
     assert await footprint(registry) == before
 
 
+async def test_a_book_number_used_in_the_group_is_refused_naming_it(
+    city: City, registry: RegistryService
+) -> None:
+    await new_household(city.leader, city.group, external_ref="HK-7")
+    before = await footprint(registry)
+    with pytest.raises(grpc.aio.AioRpcError) as duplicate:
+        await new_household(city.leader, city.group, head_name="Lê Văn Hai", external_ref="HK-7")
+    assert duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (duplicate.value.details() or "").startswith("external_ref: "), duplicate.value.details()
+    assert await footprint(registry) == before
+    # Another group issues its own HK-7.
+    await new_household(city.other_leader, city.other_group, external_ref="HK-7")
+
+
 BAD_HOUSEHOLDS: list[tuple[str, dict[str, Any], grpc.StatusCode, str]] = [
     ("no address", {"address": " "}, grpc.StatusCode.INVALID_ARGUMENT, "address"),
     (
