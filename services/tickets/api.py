@@ -671,7 +671,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         # Comments are allowed in every state, so the "transition" is a no-op check.
         async def run(session: Session) -> tuple[tickets_pb2.AddCommentResponse, list[Document]]:
             ticket = await self._ticket(request.ticket_id, session)
-            allowed(caller, ticket)
+            try:
+                allowed(caller, ticket)
+            except PermissionDenied:
+                _check_visible(caller, ticket)  # one the caller may not see is not there for them
+                raise
             if len(ticket.get("comments", [])) >= domain.MAX_COMMENTS:
                 raise FailedPrecondition(
                     f"ticket {ticket['_id']} has {domain.MAX_COMMENTS} comments, the most it keeps"

@@ -321,7 +321,8 @@ async def test_officials_and_the_submitter_comment_others_may_not(pilot: Pilot) 
         pilot.neighbour,
         pilot.caller(Role.WARD_OFFICER, f"{pilot.city.district}.other"),
     ):
-        await refused(grpc.StatusCode.PERMISSION_DENIED, comment(outsider, "xin chào"))
+        # Neither may see it: to them it is not there.
+        await refused(grpc.StatusCode.NOT_FOUND, comment(outsider, "xin chào"))
     await refused(grpc.StatusCode.INVALID_ARGUMENT, comment(pilot.resident, "   "))
     assert len((await get(pilot.resident, ticket_id)).comments) == 3
 

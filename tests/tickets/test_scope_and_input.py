@@ -76,6 +76,30 @@ async def test_a_ward_officer_never_sees_another_wards_tickets(pilot: Pilot) -> 
     assert (await get(pilot.resident, ticket_id)).status == tickets_pb2.TICKET_STATUS_ROUTED
 
 
+async def test_a_comment_on_a_ticket_out_of_sight_finds_no_ticket(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Commenting is acting on the ticket: to a caller who may not see it, it is not there, and
+    the refusal does not name the unit that handles it. One who sees it but may not comment (an
+    auditor) is told so."""
+    ticket_id = (await pilot.routed((await pilot.submit("health")).ticket_id)).ticket_id
+    stored = await tickets_service.store.get(ticket_id)
+
+    async def comment(caller: TicketCaller) -> Any:
+        return await caller.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text="xin chào")
+        )
+
+    stranger = pilot.caller(Role.WARD_OFFICER, f"{pilot.city.district}.other")
+    for outsider in (stranger, pilot.neighbour):
+        error = await refused(grpc.StatusCode.NOT_FOUND, comment(outsider))
+        assert pilot.city.ward not in (error.details() or "")
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED, comment(pilot.caller(Role.AUDITOR, pilot.city.ward))
+    )
+    assert await tickets_service.store.get(ticket_id) == stored
+
+
 async def test_a_group_leader_may_not_handle_a_ward_ticket_the_district_may(
     pilot: Pilot,
 ) -> None:
