@@ -173,6 +173,15 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             raise NotFound(f"notice {notice_id} not found")
         return notice
 
+    async def _managed(self, notice_id: str, caller: Principal) -> Document:
+        """A notice the caller would revise or retract: one outside their sight is not there
+        for them (not a refusal naming who published it); one they see is theirs to change
+        only if their scope covers its publisher's unit."""
+        caller.require_role(*domain.PUBLISHERS)
+        notice = await self._visible(notice_id, caller)
+        domain.may_manage(caller, notice["publisher"]["unit_id"])
+        return notice
+
     async def _attachments(
         self,
         uploads: list[notices_pb2.AttachmentUpload],
@@ -341,8 +350,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         self, request: notices_pb2.ReviseNoticeRequest, context: Context
     ) -> notices_pb2.ReviseNoticeResponse:
         caller = principal()
-        notice = await self._get(request.notice_id)
-        domain.may_manage(caller, notice["publisher"]["unit_id"])
+        notice = await self._managed(request.notice_id, caller)
         # A retry gets its first answer, though the notice was revised (its attachments
         # dropped) or retracted since.
         stored = await self.commands.answered(
@@ -380,8 +388,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         self, request: notices_pb2.RetractNoticeRequest, context: Context
     ) -> notices_pb2.RetractNoticeResponse:
         caller = principal()
-        notice = await self._get(request.notice_id)
-        domain.may_manage(caller, notice["publisher"]["unit_id"])
+        await self._managed(request.notice_id, caller)
         reason = domain.check_reason("reason", request.reason)
 
         def retraction(current: Document, now: datetime) -> tuple[Document, int, Message]:

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from civic.notices.v1 import notices_pb2
 
+from services.common.auth import Role
 from tests.conftest import Clock
 from tests.notices.conftest import Town, events_pb2, refused, rid, stamp
 
@@ -127,3 +128,32 @@ async def test_a_scheduled_notice_retracted_before_its_time_is_never_delivered(
     await town.service.deliverer.run_once()
     assert await town.service.store.deliveries.count_documents({"notice_id": notice.notice_id}) == 0
     assert await town.events(notice.notice_id, events_pb2.NoticePublished) == []
+
+
+async def test_a_notice_out_of_sight_is_not_there_to_revise_or_retract(town: Town) -> None:
+    """Another ward's officer is not told the notice exists, nor who published it; a group
+    leader who sees the ward's notice may still not change it."""
+    notice = await town.publish()
+    stranger = town.caller(Role.WARD_OFFICER, f"{town.city.district}.other")
+    for caller, code in (
+        (stranger, grpc.StatusCode.NOT_FOUND),
+        (town.leader, grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        for call in (
+            caller.ReviseNotice(
+                notices_pb2.ReviseNoticeRequest(
+                    request_id=rid(), notice_id=notice.notice_id, title="Sửa", body="Nội dung"
+                )
+            ),
+            caller.RetractNotice(
+                notices_pb2.RetractNoticeRequest(
+                    request_id=rid(), notice_id=notice.notice_id, reason="nhầm"
+                )
+            ),
+        ):
+            details = await refused(code, call)
+            if code == grpc.StatusCode.NOT_FOUND:
+                assert town.city.ward not in details, details
+    stored = await town.service.store.get(notice.notice_id)
+    assert stored is not None
+    assert (len(stored["revisions"]), stored["state"]) == (1, notice.state)
