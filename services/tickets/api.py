@@ -95,6 +95,13 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             for comment in message.comments:
                 if comment.author_role not in OFFICIALS:
                     comment.author = ""
+        if caller.role is Role.RESIDENT and caller.subject != ticket["submitter"]:
+            # A neighbour who "+1"s it (SupportTicket answers with the ticket) may not see it
+            # otherwise: they learn what the problem is and how it stands, not what another
+            # household wrote, photographed or was told.
+            message.description = ""
+            del message.photos[:]
+            del message.comments[:]
         return message
 
     async def _ticket(self, ticket_id: str, session: Session | None = None) -> Document:

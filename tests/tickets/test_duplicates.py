@@ -16,6 +16,7 @@ from civic.tickets.v1 import events_pb2, tickets_pb2
 from services.common.auth import Role
 from services.tickets.clusters import release_orphans
 from services.tickets.main import TicketsService
+from tests.objects import png_bytes, put
 from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
 from tests.tickets.test_lifecycle import events_of
@@ -108,6 +109,52 @@ async def test_residents_support_a_ticket_instead_of_filing_it_again(pilot: Pilo
     )
     await refused(grpc.StatusCode.FAILED_PRECONDITION, support(pilot.neighbour))
     assert (await cluster(pilot.ward_officer, ticket_id)).ticket.supporters == 2
+
+
+async def test_a_supporter_is_not_shown_what_another_household_wrote_or_photographed(
+    pilot: Pilot,
+) -> None:
+    """A neighbour who "+1"s a ticket may not see it (GetTicket: NOT_FOUND); the answer to the
+    "+1" tells them what it is and how it stands, not its description, photos or comments."""
+    ticket_id = (await pilot.submit("flooding")).ticket_id
+    body = png_bytes()
+    slot = await pilot.resident.CreatePhotoUpload(
+        tickets_pb2.CreatePhotoUploadRequest(
+            ticket_id=ticket_id, content_type="image/png", size_bytes=len(body)
+        )
+    )
+    await put(slot.upload_url, body, "image/png")
+    await pilot.resident.AttachPhoto(
+        tickets_pb2.AttachPhotoRequest(
+            request_id=rid(), ticket_id=ticket_id, object_key=slot.object_key
+        )
+    )
+    await pilot.resident.AddComment(
+        tickets_pb2.AddCommentRequest(
+            request_id=rid(), ticket_id=ticket_id, text="Nhà tôi ở số 12, mẹ tôi 82 tuổi"
+        )
+    )
+    await pilot.routed(ticket_id)
+
+    supported = (
+        await pilot.neighbour.SupportTicket(
+            tickets_pb2.SupportTicketRequest(request_id=rid(), ticket_id=ticket_id)
+        )
+    ).ticket
+    assert (supported.ticket_id, supported.category, supported.supporters) == (
+        ticket_id,
+        "flooding",
+        1,
+    )
+    assert supported.status == tickets_pb2.TICKET_STATUS_ROUTED
+    assert (supported.description, list(supported.photos), list(supported.comments)) == ("", [], [])
+    assert (supported.submitter, supported.household_id) == ("", "")
+    await refused(grpc.StatusCode.NOT_FOUND, cluster(pilot.neighbour, ticket_id))
+    # Its submitter and the ward still see all of it.
+    for caller in (pilot.resident, pilot.ward_officer):
+        seen = (await cluster(caller, ticket_id)).ticket
+        assert seen.description
+        assert (len(seen.photos), len(seen.comments)) == (1, 1)
 
 
 async def test_a_repeated_plus_one_changes_nothing_and_emits_nothing(
