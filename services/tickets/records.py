@@ -107,10 +107,16 @@ def rule_from_message(index: int, rule: tickets_pb2.RoutingRule) -> Rule:
     if rule.level not in tickets_pb2.Level.values() or rule.level == 0:
         raise InvalidArgument(f"rules[{index}].level", "is required")
     slas: dict[Level, Sla] = {}
-    for sla in rule.slas:
+    for position, sla in enumerate(rule.slas):
         level = Level(sla.level) if sla.level in tickets_pb2.Level.values() and sla.level else None
         if level is None:
             raise InvalidArgument(f"rules[{index}].slas.level", "is required")
+        # Two deadlines for one level: which was meant cannot be told, and keeping the last
+        # would silently drop the other.
+        if level in slas:
+            raise InvalidArgument(
+                f"rules[{index}].slas[{position}].level", f"{level.name} has deadlines already"
+            )
         where = f"rules[{index}].slas"
         slas[level] = Sla(
             span(f"{where}.acknowledge_within", sla.acknowledge_within, longest=LONGEST_DEADLINE),

@@ -303,6 +303,14 @@ def bad_category(rules: list[tickets_pb2.RoutingRule]) -> None:
     rules[0].category = "Street Light"
 
 
+def two_deadlines_for_one_level(rules: list[tickets_pb2.RoutingRule]) -> None:
+    # The second, shorter, would silently replace the first.
+    again = tickets_pb2.LevelSla.FromString(rules[0].slas[0].SerializeToString())
+    again.acknowledge_within.seconds = 60
+    again.resolve_within.seconds = 120
+    rules[0].slas.append(again)
+
+
 async def test_bad_input_on_existing_tickets_is_refused_and_writes_nothing(
     pilot: Pilot, tickets_service: TicketsService
 ) -> None:
@@ -405,6 +413,11 @@ async def test_bad_input_on_existing_tickets_is_refused_and_writes_nothing(
         (
             "rules with a deadline thousands of years away",
             spoilt_rules(pilot, admin, resolve_in_nine_thousand_years),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "rules with two deadlines for one level",
+            spoilt_rules(pilot, admin, two_deadlines_for_one_level),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         (
