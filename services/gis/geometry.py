@@ -72,10 +72,14 @@ def convert(geometry: dict[str, Any], transform: Transform) -> dict[str, Any]:
     def position(p: Sequence[float]) -> list[float]:
         if len(p) < 2 or not all(isinstance(v, int | float) for v in p[:2]):
             raise GeometryError("coordinates must be pairs of numbers")
-        if not all(math.isfinite(v) for v in p[:2]):
+        try:
+            x, y = float(p[0]), float(p[1])
+        except OverflowError:  # an integer too long for any float (JSON allows one)
+            raise GeometryError("coordinates must be finite numbers") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
             raise GeometryError("coordinates must be finite numbers")
         try:
-            lon, lat = transform(float(p[0]), float(p[1]))
+            lon, lat = transform(x, y)
         except Exception:
             raise GeometryError(f"position {list(p[:2])} cannot be converted to WGS84") from None
         if not (math.isfinite(lon) and math.isfinite(lat)) or abs(lat) > 90 or abs(lon) > 180:

@@ -44,7 +44,9 @@ class RawFeature:
 def read_geojson(content: bytes) -> list[RawFeature]:
     try:
         document = json.loads(content.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    # Not only malformed JSON: an integer of more digits than Python converts (ValueError), or
+    # arrays nested deeper than the parser recurses, are the file's fault too.
+    except (ValueError, RecursionError) as error:
         raise SourceError(f"is not valid GeoJSON ({error})") from None
     if not isinstance(document, dict) or "type" not in document:
         raise SourceError("is not a GeoJSON object (no type)")

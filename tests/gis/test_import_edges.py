@@ -1,13 +1,15 @@
 """Imports and listings at their edges: a drawing layer named in another case, or not in the
 drawing, never empties a layer; loops stay closed and mirrored drawings land where drawn; a
-feature too long for one document is refused by its index; a page stays within what a client
-takes; a wide box keeps to its parallels; a route that is a spot still finds its hydrants; a
-polygon valid only on a flat map (not on MongoDB's sphere) is refused as a feature, or as a
-query's argument."""
+feature too long for one document is refused by its index, and so is one with a coordinate too
+long for a float (a file Python cannot read is the file's fault); a page stays within what a
+client takes; a wide box keeps to its parallels; a route that is a spot still finds its
+hydrants; a polygon valid only on a flat map (not on MongoDB's sphere) is refused as a feature,
+or as a query's argument."""
 
 from __future__ import annotations
 
 import io
+import json
 
 import grpc
 import pytest
@@ -94,6 +96,41 @@ async def test_a_feature_with_too_many_positions_is_refused_by_its_index(
     )
     assert done.created == 1
     assert [(r.index, "positions" in r.message) for r in done.rejected] == [(1, True)]
+
+
+async def test_a_number_too_long_for_a_float_is_the_files_fault_not_an_internal_error(
+    ward: Ward,
+) -> None:
+    # JSON allows integers of any length: one as a coordinate is that feature's mistake.
+    huge = b'{"type":"Feature","id":"huge","properties":{},"geometry":{"type":"Point",'
+    huge += b'"coordinates":[1' + b"0" * 400 + b",16]}}"
+    good = json.dumps(point_feature(ward.at(0, 0), "good", kind="hydrant")).encode()
+    done = await ward.officer.ImportLayer(
+        gis_pb2.ImportLayerRequest(
+            request_id=rid(),
+            unit_id=ward.city.ward,
+            layer=gis_pb2.LAYER_HYDRANT,
+            format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+            content=b'{"type":"FeatureCollection","features":[' + huge + b"," + good + b"]}",
+        )
+    )
+    assert done.created == 1
+    assert [(r.index, r.source_id) for r in done.rejected] == [(0, "huge")]
+    assert "finite numbers" in done.rejected[0].message
+    # One Python will not read at all, or arrays nested past the parser's depth: the file.
+    for content in (b'{"type":"Point","coordinates":[1' + b"0" * 5000 + b",16]}", b"[" * 100_000):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ward.officer.ImportLayer(
+                gis_pb2.ImportLayerRequest(
+                    request_id=rid(),
+                    unit_id=ward.city.ward,
+                    layer=gis_pb2.LAYER_HYDRANT,
+                    format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+                    content=content,
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith("content: is not valid GeoJSON")
 
 
 async def test_a_page_of_long_features_is_cut_short_and_goes_on(
