@@ -72,6 +72,9 @@ EXTENSIONS = (".dxf", ".geojson", ".json")
 
 # A feature that passed the checks: where it came from in the file, and its document.
 Accepted = tuple[RawFeature, Document]
+# Where an import's features must lie: the unit whose boundary it is, and that boundary (None
+# while no boundary is drawn there or above).
+Area = tuple[str, Any] | None
 
 
 @dataclass
@@ -276,13 +279,18 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         except SourceError as error:
             raise InvalidArgument(error.field or field, str(error)) from None
 
-        area = await self.store.nearest_boundary(request.unit_id)
-        area_shape = shape(area["geometry"]) if area else None
+        area = await self._area(request.unit_id)
+        # The unit's own outline drawn again lies where the units around it say, not where the
+        # outline it replaces does: that may be the mistake being corrected, or the unit may
+        # have grown (a group merged into it).
+        own_area = area
+        if layer is Layer.BOUNDARY and area is not None and area[0] == request.unit_id:
+            own_area = await self._area(request.unit_id.rpartition(".")[0])
         import_id = (
             "im-"
             + hashlib.sha256(f"{caller.subject}\n{request.request_id}".encode()).hexdigest()[:20]
         )
-        accepted, rejected = self._accepted(raw, layer, request.unit_id, transform, area_shape)
+        accepted, rejected = self._accepted(raw, layer, request.unit_id, transform, area, own_area)
         if layer is Layer.BOUNDARY:
             accepted = await self._bounding_known_units(accepted, rejected)
         now = self.clock()
@@ -355,22 +363,29 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             return await self.uploads.read(request.object_key, MAX_UPLOAD_BYTES), "object_key"
         raise InvalidArgument("content", "give the file (content) or its upload (object_key)")
 
+    async def _area(self, unit_id: str) -> Area:
+        """The boundary of the unit, or failing that of its nearest ancestor, if any."""
+        found = await self.store.nearest_boundary(unit_id) if unit_id else None
+        return (found["unit_id"], shape(found["geometry"])) if found else None
+
     def _accepted(
         self,
         raw: list[RawFeature],
         layer: Layer,
         unit_id: str,
         transform: geometry.Transform,
-        area: Any,
+        area: Area,
+        own_area: Area,
     ) -> tuple[list[Accepted], list[gis_pb2.FeatureError]]:
         """The file's features that pass the checks, with their documents; and the others,
-        each with why."""
+        each with why. A feature of the unit itself must lie within `own_area`, one of a unit
+        in it (a group's boundary drawn by its ward) within `area`."""
         accepted: list[Accepted] = []
         rejected: list[gis_pb2.FeatureError] = []
         sources: set[str] = set()
         ids: dict[str, RawFeature] = {}
         for feature in raw:
-            doc, problem = self._feature(feature, layer, unit_id, transform, area)
+            doc, problem = self._feature(feature, layer, unit_id, transform, area, own_area)
             if doc is not None and doc["source_id"] in sources:
                 doc, problem = None, f"the id {feature.source_id!r} appears twice in the file"
             if doc is not None and doc["_id"] in ids:
@@ -391,7 +406,8 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         layer: Layer,
         unit_id: str,
         transform: geometry.Transform,
-        area: Any,
+        area: Area,
+        own_area: Area,
     ) -> tuple[Document | None, str]:
         """The feature's document, or why it is refused."""
         if feature.error or feature.geometry is None:
@@ -405,12 +421,6 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             converted = geometry.oriented(converted)
         except geometry.GeometryError as error:
             return None, f"geometry: {error}"
-        if area is not None:
-            outside = geometry.distance_outside_m(shaped, area)
-            if outside > domain.FAR_OUTSIDE_M:
-                return None, f"geometry: lies {outside:,.0f} m outside {unit_id}'s boundary"
-        elif geometry.outside_extent(shaped, geometry.VIETNAM):
-            return None, "geometry: lies outside Vietnam (is the source CRS right?)"
         local_area = (
             geometry.frame_at(shaped).project(shaped).area if layer is Layer.BUILDING else 0.0
         )
@@ -420,6 +430,14 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             )
         except ValueError as error:
             return None, str(error)
+        within = own_area if owner == unit_id else area
+        if within is not None:
+            bounded, outline = within
+            outside = geometry.distance_outside_m(shaped, outline)
+            if outside > domain.FAR_OUTSIDE_M:
+                return None, f"geometry: lies {outside:,.0f} m outside {bounded}'s boundary"
+        elif geometry.outside_extent(shaped, geometry.VIETNAM):
+            return None, "geometry: lies outside Vietnam (is the source CRS right?)"
         source_id = feature.source_id or domain.geometry_source_id(feature.geometry)
         doc: Document = {
             "_id": (

@@ -372,6 +372,30 @@ async def test_a_unit_has_one_boundary_whoever_draws_it(ward: Ward, settings: Se
     assert mine is not None and (mine["source_unit"], mine["source_id"]) == (group, "mine")
 
 
+async def test_a_units_own_outline_drawn_again_lies_within_the_boundary_around_it(
+    ward: Ward,
+) -> None:
+    """Not within the outline it replaces: a group that took in its neighbour reaches 600 m
+    past its old outline, and a ward's first outline, drawn 1 km off, must be correctable."""
+    group = ward.city.group
+    grown = polygon_feature(ward.box(-600, -400, 600, 400), "merged", unit_id=group)
+    done = await ward.import_features(
+        gis_pb2.LAYER_BOUNDARY, [grown], caller=ward.leader, unit_id=group
+    )
+    assert (done.updated, list(done.rejected)) == (1, [])
+    # Past the ward's boundary, by more than the margin, it is still refused, naming the ward.
+    astray = polygon_feature(ward.box(-1800, -400, 0, 400), "astray", unit_id=group)
+    done = await ward.import_features(
+        gis_pb2.LAYER_BOUNDARY, [astray], caller=ward.leader, unit_id=group
+    )
+    assert done.updated == 0
+    assert f"1,200 m outside {ward.city.ward}'s boundary" in done.rejected[0].message
+    # Nothing is drawn around the ward: its outline only has to lie in Vietnam.
+    moved = polygon_feature(ward.box(-600, 600, 600, 1400), "ward", unit_id=ward.city.ward)
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [moved])
+    assert (done.updated, list(done.rejected)) == (1, [])
+
+
 async def test_an_outline_redrawn_for_another_unit_is_announced_removed_from_the_one_it_left(
     ward: Ward, settings: Settings
 ) -> None:
