@@ -35,6 +35,8 @@ VIETNAM = (102.0, 8.0, 118.0, 24.0)
 MAX_POSITIONS = 50_000
 # A box's south and north edges get a position this often (degrees of longitude).
 BOX_EDGE_STEP = 0.01
+# A box is queried in strips at most this wide, each far smaller than a hemisphere.
+BOX_STRIP_DEGREES = 90.0
 
 Position = tuple[float, float]
 _GEOD = Geod(ellps="WGS84")
@@ -301,8 +303,26 @@ def bounds_of(geometries: Iterable[dict[str, Any]]) -> tuple[float, float, float
 def bbox_polygon(west: float, south: float, east: float, north: float) -> dict[str, Any]:
     """The box as a GeoJSON polygon whose south and north edges follow their parallels: MongoDB
     draws an edge as a great circle, which between distant corners bows towards the pole (65 m
-    for a 1-degree box here), so those edges get a position every BOX_EDGE_STEP degrees."""
+    for a 1-degree box here), so those edges get a position every BOX_EDGE_STEP degrees.
+
+    MongoDB takes a polygon to be the smaller of the two areas its ring bounds: a box 180
+    degrees wide or more (a map zoomed out to the world) would be read as what lies outside it.
+    A box wider than BOX_STRIP_DEGREES is therefore a MultiPolygon of strips no wider."""
+    strips = max(1, math.ceil((east - west) / BOX_STRIP_DEGREES))
+    edges = [west + (east - west) * i / strips for i in range(strips)] + [east]
+    rings = [_box_ring(a, south, b, north) for a, b in itertools.pairwise(edges)]
+    if len(rings) == 1:
+        return {"type": "Polygon", "coordinates": rings}
+    return {"type": "MultiPolygon", "coordinates": [[ring] for ring in rings]}
+
+
+def _box_ring(west: float, south: float, east: float, north: float) -> list[list[float]]:
     steps = max(1, math.ceil((east - west) / BOX_EDGE_STEP))
     xs = [west + (east - west) * i / steps for i in range(steps + 1)]
-    ring = [[x, south] for x in xs] + [[x, north] for x in reversed(xs)] + [[west, south]]
-    return {"type": "Polygon", "coordinates": [ring]}
+
+    def edge(lat: float, xs: list[float]) -> list[list[float]]:
+        # At a pole the parallel is one point: its corners only (thousands of copies of the pole
+        # keep MongoDB busy for minutes).
+        return [[x, lat] for x in (xs if abs(lat) < 90 else [xs[0], xs[-1]])]
+
+    return [*edge(south, xs), *edge(north, xs[::-1]), [west, south]]

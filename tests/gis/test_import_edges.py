@@ -2,12 +2,13 @@
 drawing, never empties a layer; loops stay closed and mirrored drawings land where drawn; a
 feature too long for one document is refused by its index, and so is one with a coordinate too
 long for a float (a file Python cannot read is the file's fault); a page stays within what a
-client takes; a wide box keeps to its parallels; a route that is a spot still finds its
-hydrants; a polygon valid only on a flat map (not on MongoDB's sphere) is refused as a feature,
-or as a query's argument."""
+client takes; a wide box keeps to its parallels, and one as wide as the world holds what lies
+inside it; a route that is a spot still finds its hydrants; a polygon valid only on a flat map
+(not on MongoDB's sphere) is refused as a feature, or as a query's argument."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -159,6 +160,24 @@ async def test_a_wide_box_keeps_to_its_parallels(ward: Ward) -> None:
     box = gis_pb2.BoundingBox(west=lon - 0.5, south=south, east=lon + 0.5, north=south + 1.0)
     found = await ward.features(bbox=box, layers=[gis_pb2.LAYER_HYDRANT])
     assert [lon, lat] in [f["geometry"]["coordinates"] for f in found["features"]]
+
+
+async def test_a_box_as_wide_as_the_world_holds_what_lies_inside_it(ward: Ward) -> None:
+    """A map zoomed out to the world asks for a box 360 degrees wide: MongoDB would read one
+    polygon that wide as what lies outside it (the poles, here). And a box reaching a pole is
+    answered in a moment, not minutes."""
+    at = ward.at(0, 0)
+    await ward.import_features(gis_pb2.LAYER_HYDRANT, [point_feature(at, "h", kind="hydrant")])
+    for west, south, east, north in (
+        (-180, -85.05, 180, 85.05),  # a web map's whole world
+        (-179, -80, 179, 80),
+        (-180, -90, 180, 90),
+    ):
+        box = gis_pb2.BoundingBox(west=west, south=south, east=east, north=north)
+        found = await asyncio.wait_for(
+            ward.features(bbox=box, layers=[gis_pb2.LAYER_HYDRANT]), timeout=20
+        )
+        assert at in [f["geometry"]["coordinates"] for f in found["features"]], (west, east)
 
 
 def test_a_route_that_is_one_spot_measures_from_it() -> None:
