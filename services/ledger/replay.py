@@ -206,10 +206,11 @@ class Replayer:
         try:
             event_id, event_type = _id_and_type(record.headers or ())
             message: Any
+            raw: bytes = record.value or b""  # a record may have no value (a tombstone)
             if event_type == TRANSACTION_POSTED:
-                message = events_pb2.TransactionPosted.FromString(record.value or b"")
+                message = events_pb2.TransactionPosted.FromString(raw)
             elif event_type == FUND_OPENED:
-                message = events_pb2.FundOpened.FromString(record.value or b"")
+                message = events_pb2.FundOpened.FromString(raw)
             else:
                 raise BadEvent(f"unknown event type {event_type!r}")
             fund_id, sequence = message.fund_id, message.sequence
@@ -218,7 +219,7 @@ class Replayer:
                 return fund_id
             if record.key != fund_id.encode():
                 raise BadEvent("its Kafka key is not its fund")
-            if not seals_bytes(record.value, message.prev_hash, message.hash) and (
+            if not seals_bytes(raw, message.prev_hash, message.hash) and (
                 chain_hash(message) != message.hash
             ):
                 raise BadEvent("its hash does not match its content (altered after it was sealed)")
@@ -306,13 +307,14 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 
 def _id_and_type(headers: Any) -> tuple[str, str]:
-    """The CloudEvents id and type of a record (the rest of its headers are not needed)."""
+    """The CloudEvents id and type of a record (the rest of its headers are not needed). Kafka
+    lets a header have no value: such a header is as good as missing."""
     event_id = event_type = ""
     for name, value in headers:
         if name == "ce_id":
-            event_id = value.decode()
+            event_id = (value or b"").decode()
         elif name == "ce_type":
-            event_type = value.decode()
+            event_type = (value or b"").decode()
     if not event_id or not event_type:
         raise BadEvent("not a CloudEvent: no ce_id or ce_type header")
     return event_id, event_type

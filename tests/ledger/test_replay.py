@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -294,6 +295,34 @@ async def test_an_altered_event_is_named(
     assert status == 1
     assert f"first bad event: {victim.event_id}" in out
     assert "result: DIFFERENCES FOUND" in out
+
+
+async def test_a_header_without_a_value_or_a_record_without_one_is_named_not_a_crash(
+    settings: Settings, books: Books, ledger_service: LedgerService
+) -> None:
+    """Kafka lets a header, or a record's value, be null: a forger's record like that is a bad
+    event like any other, not the end of the audit."""
+    await busy_fund(books)
+    await published(ledger_service)
+    async with TopicReader(settings.kafka_bootstrap_servers, "civic.ledger.v1") as reader:
+        victim = with_key(await reader.read_to_end(), books.fund_id)[1]
+    nothing: Any = None
+    headers = tuple((name, nothing if name == "ce_id" else value) for name, value in victim.headers)
+    odd_header = Record(victim.partition, victim.offset, victim.key, victim.value, headers)
+    tombstone = Record(victim.partition, victim.offset, b"", nothing, victim.headers)
+    for odd, reason in (
+        (odd_header, "not a CloudEvent: no ce_id or ce_type header"),
+        (tombstone, "its hash does not match its content (altered after it was sealed)"),
+    ):
+
+        def swapped(record: Record, odd: Record = odd) -> list[Record]:
+            return [odd] if record.event_id == victim.event_id else [record]
+
+        topic, _ = await copy_topic(settings, swapped)
+        report = await audit(settings, books, ledger_service, topic)
+        assert report.first_bad is not None, report.text()
+        assert report.first_bad.reason == reason
+        assert "result: DIFFERENCES FOUND" in report.text()
 
 
 async def test_a_missing_event_and_a_resealed_forgery_are_found(
