@@ -26,7 +26,7 @@ from services.common.errors import (
 )
 from services.common.media import check_image_upload
 from services.common.mongo import Document, Session
-from services.common.objects import ObjectStore
+from services.common.objects import ObjectStore, checked
 from services.common.outbox import Outbox
 from services.common.paging import page_size
 from services.common.wire import duration, point_document, span, timestamp
@@ -131,12 +131,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
         async def work(session: Session) -> tuple[R, list[Document]]:
             ticket = await self._ticket(request.ticket_id, session)
-            try:
-                allowed(caller, ticket)
-            except PermissionDenied:
-                _check_visible(caller, ticket)  # one the caller may not see is not there for them
-                raise
-            domain.check_transition(action, domain.Status(ticket["status"]))
+            _check_may(caller, ticket, action, allowed)
             updated, emitted = await mutate(ticket, session)
             return response_type(ticket=self._message(updated)), emitted
 
@@ -323,8 +318,6 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         ):
             raise InvalidArgument("object_key", "was not issued for this ticket")
         caller = principal()
-        await self._visible(request.ticket_id, caller)
-        stored = await self.photos.accept_image(request.object_key, domain.MAX_PHOTO_BYTES)
 
         def allowed(caller: Principal, ticket: Document) -> None:
             if caller.subject != ticket["submitter"]:
@@ -332,14 +325,27 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
                 )
 
+        # Settled before the upload is accepted: a refused one stays where the upload sweep
+        # removes it, not copied to checked/ with nothing to refer to it.
+        try:
+            ticket = await self._ticket(request.ticket_id)
+            _check_may(caller, ticket, "attach", allowed)
+            domain.attached_already(_photo_keys(ticket), checked(request.object_key))
+        except DomainError:
+            # A retry of an attach made before the ticket was decided or filled up.
+            answer = await self.commands.answered(
+                "AttachPhoto", request, tickets_pb2.AttachPhotoResponse
+            )
+            if answer is None:
+                raise
+            return answer
+        stored = await self.photos.accept_image(request.object_key, domain.MAX_PHOTO_BYTES)
+
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
-            # Counted in the command's transaction: attaches at once cannot pass the limit
+            # Checked again in the command's transaction: attaches at once cannot pass the limit
             # together, and a retry of the one that reached it gets its stored answer.
-            photos = ticket.get("photos", [])
-            if any(photo["key"] == stored.key for photo in photos):
+            if domain.attached_already(_photo_keys(ticket), stored.key):
                 return ticket, []  # a second tap on the same upload: attached once
-            if len(photos) >= domain.MAX_PHOTOS:
-                raise FailedPrecondition(f"a ticket holds at most {domain.MAX_PHOTOS} photos")
             photo = {"key": stored.key, "content_type": stored.content_type, "size": stored.size}
             updated = await self.store.update(
                 ticket["_id"],
@@ -878,6 +884,25 @@ def _deciding(caller: Principal) -> tuple[str, domain.Level]:
 def _reopen_until(ticket: Document, rules: Document) -> datetime:
     """Until when the submitter may reopen a resolved or rejected ticket."""
     return ticket["resolved_at"] + timedelta(seconds=rules["reopen_within_s"])  # type: ignore[no-any-return]
+
+
+def _check_may(
+    caller: Principal,
+    ticket: Document,
+    action: str,
+    allowed: Callable[[Principal, Document], None],
+) -> None:
+    """Whether the caller may take `action` on the ticket as it stands."""
+    try:
+        allowed(caller, ticket)
+    except PermissionDenied:
+        _check_visible(caller, ticket)  # one the caller may not see is not there for them
+        raise
+    domain.check_transition(action, domain.Status(ticket["status"]))
+
+
+def _photo_keys(ticket: Document) -> list[str]:
+    return [photo["key"] for photo in ticket.get("photos", [])]
 
 
 def _check_visible(caller: Principal, ticket: Document) -> None:

@@ -190,6 +190,16 @@ def check_transition(action: str, status: Status) -> None:
         raise FailedPrecondition(f"cannot {action} a ticket that is {status.name.lower()}")
 
 
+def attached_already(photo_keys: Sequence[str], key: str) -> bool:
+    """Whether the photo kept at `key` is one of the ticket's already; if not, whether there is
+    room for it."""
+    if key in photo_keys:
+        return True
+    if len(photo_keys) >= MAX_PHOTOS:
+        raise FailedPrecondition(f"a ticket holds at most {MAX_PHOTOS} photos")
+    return False
+
+
 @dataclass(frozen=True)
 class Deadlines:
     acknowledge_by: datetime | None

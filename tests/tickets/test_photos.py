@@ -253,3 +253,51 @@ async def test_uploads_never_attached_are_swept_and_attached_photos_kept(
     assert await stored(bucket, legacy)
     assert await stored(bucket, checked(attached))
     assert len(await photos_of(pilot, ticket.ticket_id)) == 2
+
+
+async def test_a_refused_attach_keeps_no_checked_copy_and_a_retry_gets_its_first_answer(
+    pilot: Pilot, bucket: Minio
+) -> None:
+    """Who may attach, to a ticket in which state, and whether it has room are settled before
+    the upload is accepted: a refused upload stays where the upload sweep removes it, never
+    copied to `checked/`, where nothing would refer to it."""
+    full, rejected = [
+        (await pilot.routed((await pilot.submit(category)).ticket_id)).ticket_id  # to the ward
+        for category in ("street-light", "noise")
+    ]
+
+    async def uploaded(ticket_id: str) -> str:
+        body = png_bytes()
+        slot = await upload_slot(pilot.resident, ticket_id, "image/png", len(body))
+        await put(slot.upload_url, body, "image/png")
+        return slot.object_key
+
+    async def refused(
+        caller: TicketCaller, ticket_id: str, key: str, code: grpc.StatusCode
+    ) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await attach(caller, ticket_id, key)
+        assert error.value.code() == code, error.value.details()
+        assert not await stored(bucket, checked(key))
+        assert await stored(bucket, key)  # the upload sweep's to remove
+
+    # The group leader sees the ward's ticket but does not handle it.
+    await refused(pilot.leader, full, await uploaded(full), grpc.StatusCode.PERMISSION_DENIED)
+    # No room for a seventh photo.
+    for _ in range(MAX_PHOTOS):
+        await attach(pilot.resident, full, await uploaded(full))
+    await refused(pilot.resident, full, await uploaded(full), grpc.StatusCode.FAILED_PRECONDITION)
+
+    # A decided ticket takes no more photos; a retry of an attach made before is answered as
+    # it was.
+    first = tickets_pb2.AttachPhotoRequest(
+        request_id=rid(), ticket_id=rejected, object_key=await uploaded(rejected)
+    )
+    answer = await pilot.resident.AttachPhoto(first)
+    late = await uploaded(rejected)
+    await pilot.ward_officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(request_id=rid(), ticket_id=rejected, reason="trùng")
+    )
+    await refused(pilot.resident, rejected, late, grpc.StatusCode.FAILED_PRECONDITION)
+    assert await pilot.resident.AttachPhoto(first) == answer
+    assert await stored(bucket, checked(first.object_key))
