@@ -127,14 +127,15 @@ class ObjectStore:
             raise
 
     async def written_before(self, prefix: str, moment: datetime) -> list[str]:
-        """Keys under `prefix`, none of them kept under `checked/`, last written before `moment`
-        (by the store's clock)."""
+        """Keys under `prefix` last written before `moment` (by the store's clock); those kept
+        under `checked/` only when `prefix` is itself there."""
+        uploads_only = not prefix.startswith(CHECKED)
 
         def listed() -> list[str]:
             return [
                 str(item.object_name)
                 for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True)
-                if not str(item.object_name).startswith(CHECKED)
+                if not (uploads_only and str(item.object_name).startswith(CHECKED))
                 and item.last_modified is not None
                 and item.last_modified < moment
             ]

@@ -6,6 +6,9 @@ prefix is what was never attached — a photo taken and abandoned, a receipt for
 never recorded — or refused and not yet gone. The sweeper removes such objects a day after
 they were written. Records written before accepted uploads were copied name the upload key
 itself: `referenced` says which of the keys a record still points at, and those stay.
+
+A sweep of a prefix under `checked/` removes accepted files no record names: an upload accepted
+by a command whose transaction then failed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ log = logging.getLogger(__name__)
 # Longer than any upload link is valid (15 minutes), and than a client takes to attach.
 KEEP_UPLOADS_FOR = timedelta(days=1)
 SWEEP_EVERY_SECONDS = 3600.0
+# Keys asked about at once: a sweep of `checked/` lists every file ever accepted there.
+REFERENCED_BATCH = 1000
 
 
 async def nothing_referenced(keys: list[str]) -> set[str]:
@@ -59,7 +64,9 @@ class UploadSweeper:
             old = await self.store.written_before(sweep.prefix, self.clock() - sweep.keep_for)
             if not old:
                 continue
-            kept = await sweep.referenced(old)
+            kept: set[str] = set()
+            for start in range(0, len(old), REFERENCED_BATCH):
+                kept |= await sweep.referenced(old[start : start + REFERENCED_BATCH])
             gone = [key for key in old if key not in kept]
             await self.store.remove(gone)
             removed += len(gone)

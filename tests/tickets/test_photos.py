@@ -5,6 +5,7 @@ and deletes whatever it refuses. Real SeaweedFS S3, plain HTTP for the upload an
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -301,3 +302,40 @@ async def test_a_refused_attach_keeps_no_checked_copy_and_a_retry_gets_its_first
     await refused(pilot.resident, rejected, late, grpc.StatusCode.FAILED_PRECONDITION)
     assert await pilot.resident.AttachPhoto(first) == answer
     assert await stored(bucket, checked(first.object_key))
+
+
+async def test_a_checked_copy_no_ticket_refers_to_is_swept(
+    pilot: Pilot, tickets_service: TicketsService, bucket: Minio
+) -> None:
+    """An upload accepted by an attach whose transaction then failed (MongoDB away, or another
+    attach took the last place first) is kept under `checked/` and named by no ticket: the
+    service's sweep removes it a day later, as it does an upload never attached."""
+    ticket = await pilot.submit()
+    keys = []
+    for _ in range(2):
+        body = png_bytes()
+        slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/png", len(body))
+        await put(slot.upload_url, body, "image/png")
+        keys.append(slot.object_key)
+    attached, orphaned = keys
+    await attach(pilot.resident, ticket.ticket_id, attached)
+    # The first half of an attach, the copy to checked/, with no transaction after it.
+    await tickets_service.servicer.photos.accept_image(orphaned, MAX_PHOTO_BYTES)
+    assert await stored(bucket, checked(orphaned))
+    # The service's own sweeps, kept to this ticket's objects and with everything old enough.
+    sweeper = UploadSweeper(
+        tickets_service.uploads.store,
+        [
+            replace(sweep, prefix=f"{sweep.prefix}{ticket.ticket_id}/", keep_for=timedelta(0))
+            for sweep in tickets_service.uploads.sweeps
+        ],
+        clock=lambda: datetime.now(UTC) + timedelta(minutes=1),
+    )
+
+    assert await sweeper.sweep() == 1
+
+    assert not await stored(bucket, checked(orphaned))
+    assert await stored(bucket, checked(attached))
+    assert [photo.object_key for photo in await photos_of(pilot, ticket.ticket_id)] == [
+        checked(attached)
+    ]
