@@ -156,13 +156,16 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, caller: Principal, request: tickets_pb2.SubmitTicketRequest
     ) -> tuple[str, str, Document | None]:
         """The group, household and location a new ticket concerns."""
+        domain.may_file(caller)  # before any look-up, so the refusal tells nothing of what exists
         household_id = request.household_id
         if caller.role is Role.RESIDENT:
             household_id = household_id or caller.household_id
             if household_id != caller.household_id:
                 raise PermissionDenied("residents file tickets for their own household")
         household = await self.store.household(household_id) if household_id else None
-        if household_id and household is None and caller.role is not Role.RESIDENT:
+        # For an official, one outside their scope looks the same as one that does not exist.
+        out_of_sight = household is None or not caller.covers(household["unit_id"])
+        if caller.role is not Role.RESIDENT and household_id and out_of_sight:
             raise NotFound(f"household {household_id} not found")
         if household is not None:
             unit_id = household["unit_id"]

@@ -263,12 +263,16 @@ def may_handle(caller: Principal, assigned_unit_id: str) -> None:
         raise PermissionDenied(f"the ticket is assigned to {assigned_unit_id}, outside your scope")
 
 
-def may_submit_for(caller: Principal, unit_id: str) -> None:
-    if caller.role is Role.RESIDENT:
-        return
-    if not caller.is_official:
+def may_file(caller: Principal) -> None:
+    """Residents and officials file tickets; no other role does."""
+    if caller.role is not Role.RESIDENT and not caller.is_official:
         raise PermissionDenied(f"role {caller.role.value} may not file tickets")
-    caller.require_unit(unit_id)
+
+
+def may_submit_for(caller: Principal, unit_id: str) -> None:
+    may_file(caller)
+    if caller.role is not Role.RESIDENT:
+        caller.require_unit(unit_id)
 
 
 def submitter_ref(key: bytes, subject: str) -> str:

@@ -266,6 +266,35 @@ async def test_a_bad_submission_is_refused_and_writes_nothing(
     assert await tickets_service.db["tickets"].count_documents(in_city) == 0
 
 
+async def test_an_official_cannot_tell_a_household_out_of_scope_from_one_that_is_not_there(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A household outside the caller's scope is answered as one that does not exist; a caller
+    who may not file at all is told that, whichever household it names."""
+    other = (await new_household(pilot.city.other_leader, pilot.city.other_group)).household
+    await eventually(lambda: tickets_service.store.household(other.household_id))
+    missing = "hh-000000000000000000000000"
+    before = await footprint(tickets_service)
+
+    async def answer(caller: TicketCaller, household_id: str) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await caller.SubmitTicket(submission(household_id=household_id))
+        return caught.value.code(), (caught.value.details() or "").replace(household_id, "…")
+
+    for caller, code in [
+        (pilot.leader, grpc.StatusCode.NOT_FOUND),
+        (
+            pilot.caller(Role.WARD_OFFICER, f"{pilot.city.district}.other"),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (pilot.caller(Role.TREASURER, pilot.city.city), grpc.StatusCode.PERMISSION_DENIED),
+    ]:
+        outside, absent = await answer(caller, other.household_id), await answer(caller, missing)
+        assert outside == absent
+        assert outside[0] == code, outside
+    assert await footprint(tickets_service) == before
+
+
 def spoilt_rules(
     pilot: Pilot, caller: TicketCaller, spoil: Callable[[list[tickets_pb2.RoutingRule]], Any]
 ) -> Callable[[], Awaitable[Any]]:
