@@ -185,12 +185,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         unit = await self.store.unit(unit_id)
         if unit is None:
             raise NotFound(f"unit {unit_id} is not known to the tickets service")
-        # A group merged into one since merged in turn: to the group that is there now.
+        # A group merged into one since merged in turn: to the group that is there now, which
+        # the caller must hold as well (a merge may cross wards).
         for _ in range(MAX_MERGES_FOLLOWED):
             if unit is None or unit.get("active", True) or not unit.get("merged_into_id"):
                 break
             unit_id = unit["merged_into_id"]
             unit = await self.store.unit(unit_id)
+        domain.may_submit_for(caller, unit_id)
         if domain.level_of(unit_id) is not domain.Level.GROUP:
             raise InvalidArgument("unit_id", "tickets are filed for a residential group or village")
         return unit_id, household_id, location

@@ -9,13 +9,14 @@ from typing import Any
 import grpc
 import pytest
 from civic.common.v1 import types_pb2
+from civic.registry.v1 import registry_pb2
 from civic.tickets.v1 import tickets_pb2
 
 from services.common.auth import Role
 from services.common.mongo import in_unit
 from services.tickets.domain import Status
 from services.tickets.main import TicketsService
-from tests.registry_fixtures import new_household
+from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import Pilot, TicketCaller, eventually, rid
 
 
@@ -293,6 +294,39 @@ async def test_an_official_cannot_tell_a_household_out_of_scope_from_one_that_is
         assert outside == absent
         assert outside[0] == code, outside
     assert await footprint(tickets_service) == before
+
+
+async def test_a_filing_for_a_merged_group_lands_only_where_the_caller_may_file(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A filing naming a group merged away goes to the group it was merged into; the caller's
+    scope must hold that group too, or a merge across wards would let a ward officer file into
+    another ward."""
+    city, admin = pilot.city, pilot.city.admin
+    retired = await create_unit(admin, city.ward, "g19", "Tổ 19", registry_pb2.UNIT_KIND_GROUP)
+    ward = await create_unit(admin, city.district, "hc2", "Hải Châu 2", registry_pb2.UNIT_KIND_WARD)
+    there = await create_unit(admin, ward, "g1", "Tổ 1", registry_pb2.UNIT_KIND_GROUP)
+    await admin.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=retired, target_unit_id=there
+        )
+    )
+
+    async def merged() -> bool:
+        unit = await tickets_service.store.unit(retired)
+        return unit is not None and unit.get("merged_into_id") == there
+
+    await eventually(merged)
+    before = await footprint(tickets_service)
+
+    for caller in (pilot.ward_officer, pilot.caller(Role.WARD_OFFICER, ward)):
+        await refused(
+            grpc.StatusCode.PERMISSION_DENIED, caller.SubmitTicket(submission(unit_id=retired))
+        )
+    assert await footprint(tickets_service) == before
+    # Their district holds both groups.
+    filed = await pilot.submit(caller=pilot.district_officer, unit_id=retired)
+    assert filed.origin_unit_id == there
 
 
 def spoilt_rules(
