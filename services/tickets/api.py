@@ -755,6 +755,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, request: tickets_pb2.ListQueueRequest, context: Context
     ) -> tickets_pb2.ListQueueResponse:
         caller = principal()
+        domain.check_statuses("statuses", request.statuses)
         query = self._queue_query(caller, request.unit_id, request.department)
         if request.statuses:
             query["status"] = {"$in": list(request.statuses)}

@@ -280,6 +280,15 @@ def submitter_ref(key: bytes, subject: str) -> str:
     return hmac.new(key, subject.encode(), hashlib.sha256).hexdigest()[:24]
 
 
+def check_statuses(field_name: str, values: Iterable[int]) -> None:
+    """Statuses to filter by, each one a ticket may have: an unknown one (0 among them) would
+    match nothing and read as an empty queue."""
+    known = {int(status) for status in Status}
+    for i, value in enumerate(values):
+        if value not in known:
+            raise InvalidArgument(f"{field_name}[{i}]", f"{value} is not a ticket status")
+
+
 def check_text(field_name: str, text: str, limit: int) -> str:
     cleaned = text.strip()
     if not cleaned:

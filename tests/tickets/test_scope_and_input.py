@@ -329,6 +329,24 @@ async def test_a_filing_for_a_merged_group_lands_only_where_the_caller_may_file(
     assert filed.origin_unit_id == there
 
 
+@pytest.mark.parametrize(
+    ("statuses", "overdue_only"),
+    [([0], False), ([tickets_pb2.TICKET_STATUS_ROUTED, 99], False), ([99], True)],
+    ids=["unspecified", "unknown", "unknown-overdue"],
+)
+async def test_a_queue_asked_for_an_unknown_status_is_refused(
+    pilot: Pilot, statuses: list[tickets_pb2.TicketStatus.ValueType], overdue_only: bool
+) -> None:
+    """Not an empty queue, which would read as "nothing to do"."""
+    error = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        pilot.ward_officer.ListQueue(
+            tickets_pb2.ListQueueRequest(statuses=statuses, overdue_only=overdue_only)
+        ),
+    )
+    assert (error.details() or "").startswith("statuses["), error.details()
+
+
 def spoilt_rules(
     pilot: Pilot, caller: TicketCaller, spoil: Callable[[list[tickets_pb2.RoutingRule]], Any]
 ) -> Callable[[], Awaitable[Any]]:
