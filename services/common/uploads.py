@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from services.common.objects import ObjectStore
+from services.common.objects import ObjectStore, checked
 from services.common.runtime import Every
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,14 @@ class Sweep:
     prefix: str
     keep_for: timedelta = KEEP_UPLOADS_FOR
     referenced: Callable[[list[str]], Awaitable[set[str]]] = field(default=nothing_referenced)
+
+
+def attached_files(
+    prefix: str, referenced: Callable[[list[str]], Awaitable[set[str]]]
+) -> list[Sweep]:
+    """The sweeps for files records attach under `prefix`: uploads never attached, and
+    accepted copies no record names (accepted by a command whose transaction then failed)."""
+    return [Sweep(prefix, referenced=referenced), Sweep(checked(prefix), referenced=referenced)]
 
 
 class UploadSweeper:

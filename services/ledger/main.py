@@ -12,7 +12,7 @@ from services.common.config import Settings, get_settings
 from services.common.objects import ObjectStore
 from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
-from services.common.uploads import Sweep, UploadSweeper
+from services.common.uploads import Sweep, UploadSweeper, attached_files
 from services.ledger.api import LedgerServicer
 from services.ledger.events import TOPIC, follow_moves
 from services.ledger.registry import RegistryReader
@@ -45,7 +45,7 @@ class LedgerService:
         # Receipts never recorded as expenses; statements exported (their links last an hour).
         self.uploads = UploadSweeper(
             files,
-            [Sweep("receipts/", referenced=self.store.receipts_named), Sweep("statements/")],
+            [*attached_files("receipts/", self.store.receipts_named), Sweep("statements/")],
         )
         self.servicer = LedgerServicer(
             self.store,

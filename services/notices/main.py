@@ -12,7 +12,7 @@ from services.common.config import Settings, get_settings
 from services.common.objects import ObjectStore
 from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
-from services.common.uploads import Sweep, UploadSweeper
+from services.common.uploads import UploadSweeper, attached_files
 from services.notices.api import NoticesServicer
 from services.notices.delivery import FANOUT_BATCH, Deliverer
 from services.notices.events import TOPIC, Reconciler, subscribe
@@ -51,7 +51,7 @@ class NoticesService:
         )
         files = ObjectStore(settings, ATTACHMENT_BUCKET)
         self.uploads = UploadSweeper(
-            files, [Sweep("notices/", referenced=self.store.attachments_named)]
+            files, attached_files("notices/", self.store.attachments_named)
         )
         self.servicer = NoticesServicer(
             self.store,

@@ -12,10 +12,10 @@ from opentelemetry.sdk.trace import SpanProcessor
 from pymongo.errors import DuplicateKeyError
 
 from services.common.config import Settings, get_settings
-from services.common.objects import ObjectStore, checked
+from services.common.objects import ObjectStore
 from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
-from services.common.uploads import Sweep, UploadSweeper
+from services.common.uploads import UploadSweeper, attached_files
 from services.tickets import domain
 from services.tickets.api import TicketsServicer
 from services.tickets.clusters import release_orphans
@@ -59,11 +59,7 @@ class TicketsService:
         photos = ObjectStore(settings, PHOTO_BUCKET)
         self.uploads = UploadSweeper(
             photos,
-            [
-                Sweep("tickets/", referenced=self.store.photos_named),
-                # Accepted by an attach that did not commit: no ticket names it.
-                Sweep(checked("tickets/"), referenced=self.store.photos_named),
-            ],
+            attached_files("tickets/", self.store.photos_named),
         )
         self.servicer = TicketsServicer(
             self.store,

@@ -4,6 +4,7 @@ and refuses the notice, deleting the upload, when one is wrong. Real SeaweedFS S
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -11,8 +12,8 @@ from civic.notices.v1 import notices_pb2
 from minio import Minio
 
 from services.common.objects import checked
-from services.common.uploads import Sweep, UploadSweeper
-from services.notices.domain import MAX_ATTACHMENT_BYTES
+from services.common.uploads import UploadSweeper
+from services.notices.domain import ATTACHMENT_SIGNATURES, MAX_ATTACHMENT_BYTES
 from services.notices.main import ATTACHMENT_BUCKET
 from tests.indexes import index_uses, used_since
 from tests.notices.conftest import NoticeCaller, Town, refused, rid
@@ -182,25 +183,29 @@ async def test_a_revision_retried_after_its_attachment_was_dropped_gets_its_firs
 async def test_the_upload_sweep_keeps_what_notices_attach_and_removes_the_rest(
     town: Town, bucket: Minio
 ) -> None:
-    """Found by the attachment's index (the sweep runs hourly over every notice kept)."""
+    """Found by the attachment's index (the sweep runs hourly over every notice kept). An
+    upload accepted by a publication whose transaction then failed is named by no notice and
+    goes too."""
     officer = town.ward_officer
     kept_key = await upload(officer, PDF, PDF_TYPE)
     abandoned = await upload(officer, png_bytes(), "image/png")
+    orphaned = await upload(officer, PDF, PDF_TYPE)
     await town.publish(attachments=[attach(kept_key, "ke-hoach.pdf")])
+    # The first half of a publication, accepting the file, with no transaction after it.
+    await town.service.servicer.files.accept(orphaned, MAX_ATTACHMENT_BYTES, ATTACHMENT_SIGNATURES)
     notices = town.service.store.notices
     before = await index_uses(notices)
+    # The service's own sweeps, kept to this ward's objects, with everything old enough.
     sweeper = UploadSweeper(
         town.service.uploads.store,
         [
-            Sweep(
-                f"notices/{town.city.ward}/",
-                keep_for=timedelta(0),
-                referenced=town.service.store.attachments_named,
-            )
+            replace(sweep, prefix=f"{sweep.prefix}{town.city.ward}/", keep_for=timedelta(0))
+            for sweep in town.service.uploads.sweeps
         ],
-        clock=lambda: datetime.now(UTC) + timedelta(minutes=1),  # everything is old enough
+        clock=lambda: datetime.now(UTC) + timedelta(minutes=1),
     )
-    assert await sweeper.sweep() == 1
+    assert await sweeper.sweep() == 2
     assert not await object_exists(bucket, ATTACHMENT_BUCKET, abandoned)
+    assert not await object_exists(bucket, ATTACHMENT_BUCKET, checked(orphaned))
     assert await object_exists(bucket, ATTACHMENT_BUCKET, checked(kept_key))
     assert "revisions.attachments.key_1" in await used_since(notices, before)
