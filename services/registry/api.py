@@ -432,10 +432,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 await self.store.set_residence_kind(
                     household["_id"], changes["residence_kind"], session
                 )
-            event = events.household_updated(self.outbox, updated, fields)
-            return registry_pb2.UpdateHouseholdResponse(household=household_message(updated)), [
-                event
-            ]
+            # Whether a household is certified poor is not published, nor that it changed: the
+            # topic is kept for ever. A change of that alone publishes nothing.
+            published = [field for field in fields if field != "poor"]
+            staged = (
+                [events.household_updated(self.outbox, updated, published)] if published else []
+            )
+            return registry_pb2.UpdateHouseholdResponse(
+                household=household_message(updated)
+            ), staged
 
         return await self.commands.run(
             "UpdateHousehold", request, registry_pb2.UpdateHouseholdResponse, work
