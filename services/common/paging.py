@@ -3,6 +3,7 @@ unit's subtree, its unit and id)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pymongo import ASCENDING
@@ -35,23 +36,33 @@ UNIT_ORDER = [("unit_id", ASCENDING), ("_id", ASCENDING)]
 
 
 async def unit_ordered_page(
-    collection: AsyncCollection[dict[str, Any]], query: dict[str, Any], token: str, size: int
+    collection: AsyncCollection[dict[str, Any]],
+    query: dict[str, Any],
+    token: str,
+    size: int,
+    then: Sequence[dict[str, Any]] = (),
 ) -> tuple[list[dict[str, Any]], str]:
     """One page of what `query` finds in a unit's subtree, in (unit, id) order: the order of the
     (unit_id, _id) index, so a page is read from where the last one ended instead of the whole
     subtree being sorted by id for every page (a prefix match on the unit is a range, after
-    which the index is not in id order)."""
+    which the index is not in id order). `then`: aggregation stages that keep or drop each
+    document found, in that order, before the page is counted (a `$lookup` and a `$match`)."""
+
+    async def read(found_by: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+        if not then:
+            return await collection.find(found_by).sort(UNIT_ORDER).limit(limit).to_list()
+        pipeline = [{"$match": found_by}, {"$sort": dict(UNIT_ORDER)}, *then, {"$limit": limit}]
+        return await (await collection.aggregate(pipeline)).to_list()
+
     found: list[dict[str, Any]] = []
     following = query
     if token:
         unit, _, last = token.partition("|")
         if not unit or not last:
             raise InvalidArgument("page.page_token", "is not a token this listing gave")
-        rest = {"$and": [query, {"unit_id": unit, "_id": {"$gt": last}}]}
-        found = await collection.find(rest).sort(UNIT_ORDER).limit(size).to_list()
+        found = await read({"$and": [query, {"unit_id": unit, "_id": {"$gt": last}}]}, size)
         following = {"$and": [query, {"unit_id": {"$gt": unit}}]}
     if len(found) < size:
-        more = collection.find(following).sort(UNIT_ORDER).limit(size - len(found))
-        found += await more.to_list()
+        found += await read(following, size - len(found))
     last_one = found[-1] if len(found) == size else None
     return found, f"{last_one['unit_id']}|{last_one['_id']}" if last_one else ""

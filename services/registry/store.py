@@ -344,7 +344,26 @@ class RegistryStore:
                 {"last_verified_at": {"$lt": verified_before}},
             ],
         }
-        return await unit_ordered_page(self.households, query, token, size)
+        # As in the census, a household counts while someone lives in it: one whose people all
+        # died or left has nobody to verify.
+        lived_in: list[Document] = [
+            {
+                "$lookup": {
+                    "from": self.persons.name,
+                    "localField": "_id",
+                    "foreignField": "household_id",
+                    "pipeline": [
+                        {"$match": {"status": RESIDENT}},
+                        {"$limit": 1},
+                        {"$project": {"_id": 1}},
+                    ],
+                    "as": RESIDENTS,
+                }
+            },
+            {"$match": {RESIDENTS: {"$ne": []}}},
+            {"$unset": RESIDENTS},
+        ]
+        return await unit_ordered_page(self.households, query, token, size, then=lived_in)
 
     async def suspect_households(self, unit_id: str, inactive_since: datetime) -> dict[str, bool]:
         """Households that are marked absent (True) or neither verified nor active lately."""

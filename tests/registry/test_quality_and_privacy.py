@@ -6,10 +6,13 @@ from datetime import date, timedelta
 
 import grpc
 import pytest
+from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
+from services.registry.main import RegistryService
 from tests.conftest import Clock, token
+from tests.indexes import index_uses, used_since
 from tests.kafka_reader import eventually
 from tests.registry_fixtures import Caller, City, new_household, person, rid
 
@@ -250,3 +253,40 @@ async def test_an_officials_read_of_a_households_history_is_logged(city: City) -
     assert [(e.actor_role, e.action, e.person_id) for e in log.entries] == [
         ("ward_officer", "GetHouseholdHistory", home.head.person_id)
     ]
+
+
+async def test_a_household_nobody_lives_in_is_not_due_for_verification(
+    city: City, registry: RegistryService
+) -> None:
+    """As in the census, a household counts while someone lives in it: one whose people all
+    died or left is an address, with nobody to verify."""
+    lived_in = await new_household(city.leader, city.group)
+    left = await new_household(city.leader, city.group, head_name="Hà Văn Đi")
+    died = await new_household(city.leader, city.group, head_name="Hà Văn Mất")
+    await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=left.head.person_id)
+    )
+    await city.leader.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=rid(), person_id=died.head.person_id, death_date="2025-01-02"
+        )
+    )
+    households, persons = registry.store.households, registry.store.persons
+    before = await index_uses(households), await index_uses(persons)
+    listed: list[str] = []
+    page_token = ""
+    while True:  # one a page: an empty household does not cut a page short
+        page = await city.leader.ListOverdueVerifications(
+            registry_pb2.ListOverdueVerificationsRequest(
+                unit_id=city.group, page=types_pb2.PageRequest(page_size=1, page_token=page_token)
+            )
+        )
+        listed += [h.household_id for h in page.households]
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    assert listed == [lived_in.household.household_id]
+    assert "unit_id_1__id_1" in await used_since(households, before[0])
+    assert "household_id_1_status_1" in await used_since(persons, before[1])
+    counts = await city.leader.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.group))
+    assert counts.total.households == len(listed)
