@@ -1,7 +1,9 @@
 """Onboarding files: a CSV of persons with their households, read into ImportRow messages.
 
 One record per person. The header names the columns (any order, case-insensitive); COLUMNS lists
-them and REQUIRED those the header must have. A row's number is the line it starts on, the
+them and REQUIRED those the header must have. A header cell left empty (spreadsheets export the
+empty columns beside a table so) names no column: its cells must be empty too, or their row is
+reported. A row's number is the line it starts on, the
 header being line 1, so an operator can find it in any editor. Words (sex, relationship,
 education, residence_kind) are the enum names without their prefix, in lower case: "female",
 "other_relative", "lower_secondary", "renter". An empty cell means "not given"; the registry
@@ -175,7 +177,11 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
                 if len(cells) > len(header):
                     yield start, RowProblem("", f"has {len(cells)} cells, the header {len(header)}")
                     continue
-                yield start, dict(zip(header, cells, strict=False))
+                stray = _unnamed_value(header, cells)
+                if stray is not None:
+                    yield start, stray
+                    continue
+                yield start, {name: cell for name, cell in zip(header, cells, strict=False) if name}
     except FileNotFoundError:
         raise CsvFileError(f"{path}: no such file") from None
     except UnicodeDecodeError as error:
@@ -189,21 +195,32 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
 
 
 def _header(path: Path, names: list[str]) -> list[str]:
+    """The column names, "" for a cell of the header left empty: spreadsheets export the empty
+    columns beside a table so, and a record may leave such a column empty too."""
     header = [name.strip().lower() for name in names]
     if not any(header):
         raise CsvFileError(f"{path}: line 1 must name the columns ({', '.join(REQUIRED)}, ...)")
-    unknown = [name for name in header if name not in COLUMNS]
+    unknown = [name for name in header if name and name not in COLUMNS]
     if unknown:
         raise CsvFileError(
             f"{path}: unknown column {unknown[0]!r} in line 1 (known: {', '.join(COLUMNS)})"
         )
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
     if repeated:
         raise CsvFileError(f"{path}: column {repeated[0]!r} appears twice in line 1")
     missing = [name for name in REQUIRED if name not in header]
     if missing:
         raise CsvFileError(f"{path}: line 1 lacks the column(s) {', '.join(missing)}")
     return header
+
+
+def _unnamed_value(header: list[str], cells: list[str]) -> RowProblem | None:
+    """A value in a column the header left without a name: meant for some field, so not dropped
+    unread."""
+    for number, (name, cell) in enumerate(zip(header, cells, strict=False), 1):
+        if not name and cell.strip():
+            return RowProblem("", f"cell {number} has a value but no column name in line 1")
+    return None
 
 
 def read_rows(path: Path) -> Iterator[registry_pb2.ImportRow | registry_pb2.ImportRowError]:

@@ -409,6 +409,28 @@ def test_rows_are_numbered_by_the_line_they_start_on(tmp_path: Path) -> None:
     assert csv_rows.count_records(path) == 3
 
 
+def test_empty_columns_a_spreadsheet_adds_are_ignored_unless_they_hold_a_value(
+    tmp_path: Path,
+) -> None:
+    # Spreadsheets export the empty columns right of the table as trailing separators.
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "unit_id,household_ref,full_name,birth_date,sex,relationship,,,\n"
+        "g1,HK-1,Trần Văn An,1975-02-03,male,head,,,\n"
+        "g1,HK-1,Lê Thị Hoa,1978-09-09,female,spouse,,ghi chú,\n"
+        "g1,HK-1,Trần Thị Bé,2010-01-01,female,child\n",
+        encoding="utf-8",
+    )
+
+    first, second, third = csv_rows.read_rows(path)
+
+    assert isinstance(first, registry_pb2.ImportRow) and isinstance(third, registry_pb2.ImportRow)
+    assert (first.person.full_name, third.person.full_name) == ("Trần Văn An", "Trần Thị Bé")
+    assert isinstance(second, registry_pb2.ImportRowError)
+    assert (second.row_number, second.field) == (3, "")
+    assert "cell 8" in second.message and "no column" in second.message, second.message
+
+
 def test_registry_fields_name_their_columns() -> None:
     assert csv_rows.column_for("person.citizen_id") == "citizen_id"
     assert csv_rows.column_for("housing.floor_area_m2") == "floor_area_m2"
