@@ -142,9 +142,14 @@ def normalize_name(field: str, value: str) -> str:
     return name
 
 
+# Letters with no decomposition to strip: Đ and đ, and Ð and ð (eth), which look the same and
+# are often typed for them.
+D_LETTERS = str.maketrans("ĐđÐð", "DdDd")
+
+
 def fold(text: str) -> str:
     """Lower case without diacritics, so "Nguyen Thi Be" matches "Nguyễn Thị Bê"."""
-    decomposed = unicodedata.normalize("NFD", text.replace("đ", "d").replace("Đ", "D"))
+    decomposed = unicodedata.normalize("NFD", text.translate(D_LETTERS))
     stripped = "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
     return " ".join(stripped.lower().split())
 

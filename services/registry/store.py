@@ -19,12 +19,15 @@ from services.common.errors import FailedPrecondition
 from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import next_token, unit_ordered_page
+from services.registry.domain import fold
 
 RESIDENT = 1  # PersonStatus.RESIDENT
 TEMPORARY = registry_pb2.RESIDENCE_KIND_TEMPORARY
 RESIDENTS = "_residents"  # where a read puts a household's residents
 BOOK_NUMBER_INDEX = "household_book_number"
 OLD_BOOK_NUMBER_INDEX = "unit_id_1_external_ref_1"  # unique per current group, before merges
+MIGRATIONS = "migrations"  # one document for each change of stored data done
+REFOLDED_ETH = "name_folded_eth"
 
 
 def new_id(prefix: str) -> str:
@@ -83,6 +86,7 @@ class RegistryStore:
         )
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
+        await self._refold_eth()
 
     async def _book_numbers_by_issuing_group(self) -> None:
         """Households written before book numbers were kept per issuing group were unique per
@@ -97,6 +101,26 @@ class RegistryStore:
         )
         with contextlib.suppress(OperationFailure):  # dropped by an instance starting with us
             await self.households.drop_index(OLD_BOOK_NUMBER_INDEX)
+
+    async def _refold_eth(self) -> None:
+        """Names folded before `fold` took Ð and ð (often typed for Đ, đ) for d kept the ð:
+        folded again, with the import keys made of them, so that a search finds them and a
+        file imported before still matches them. Done once (a start of every instance need not
+        read every name), then recorded."""
+        migrations = self.db[MIGRATIONS]
+        if await migrations.find_one({"_id": REFOLDED_ETH}):
+            return
+        async for person in self.persons.find(
+            {"name_folded": {"$regex": "ð"}}, {"full_name": 1, "name_folded": 1, "import_key": 1}
+        ):
+            old, new = person["name_folded"], fold(person["full_name"])
+            fields = {"name_folded": new}
+            # unit|book number|folded name|birth date: the book number is the file's own text.
+            start, named, end = person.get("import_key", "").rpartition(f"|{old}|")
+            if named:
+                fields["import_key"] = f"{start}|{new}|{end}"
+            await self.persons.update_one({"_id": person["_id"]}, {"$set": fields})
+        await migrations.update_one({"_id": REFOLDED_ETH}, {"$set": {"at": utcnow()}}, upsert=True)
 
     # ---- units ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from services.registry import domain
         ("Nguyễn Thị Bê", "nguyen thi be"),
         ("ĐẶNG  Văn   Đức", "dang van duc"),
         ("Nguye\u0302\u0303n", "nguyen"),  # decomposed input folds the same
+        ("\u00d0inh Thị \u00f0ào", "dinh thi dao"),  # Ð, ð: often typed for Đ, đ
     ],
 )
 def test_fold_removes_diacritics(written: str, folded: str) -> None:

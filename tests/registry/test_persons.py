@@ -9,8 +9,12 @@ import grpc
 import pytest
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
+from pymongo import AsyncMongoClient
 
+from services.common.config import Settings
+from services.common.mongo import Document
 from services.registry.main import RegistryService
+from services.registry.store import RegistryStore
 from tests.indexes import index_uses, used_since
 from tests.registry_fixtures import Caller, City, citizen_id, new_household, person, rid
 
@@ -201,6 +205,49 @@ async def test_search_without_diacritics_and_by_age_and_sex(city: City) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as denied:
         await city.other_leader.SearchPersons(registry_pb2.SearchPersonsRequest(unit_id=city.group))
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_name_typed_with_eth_for_d_is_found_without_diacritics(city: City) -> None:
+    """Ð (U+00D0, Icelandic eth) looks like Đ (U+0110) and is often typed for it."""
+    home = await new_household(city.leader, city.group)
+    typed = await register(city, home.household.household_id, name="\u00d0oàn Thị Hà")
+    found = await city.leader.SearchPersons(
+        registry_pb2.SearchPersonsRequest(unit_id=city.group, name="Doan Thi Ha")
+    )
+    assert [p.person_id for p in found.persons] == [typed.person_id]
+
+
+async def test_names_folded_before_eth_was_known_are_folded_again(
+    settings: Settings, unique: str
+) -> None:
+    client: AsyncMongoClient[Document] = AsyncMongoClient(settings.mongo_uri)
+    db = client[f"{settings.database_prefix}_refold_{unique}"]
+    try:
+        await db["persons"].insert_many(
+            [
+                {
+                    "_id": "p-1",
+                    "full_name": "\u00d0oàn Thị Hà",
+                    "name_folded": "\u00f0oan thi ha",
+                    "birth_date": "1990-05-17",
+                    "import_key": "dn.a.b.g1|HK-\u00f0|\u00f0oan thi ha|1990-05-17",
+                },
+                {"_id": "p-2", "full_name": "Đoàn Văn An", "name_folded": "doan van an"},
+            ]
+        )
+        await RegistryStore(db).ensure_indexes()
+        by_id = {p["_id"]: p async for p in db["persons"].find()}
+        assert by_id["p-1"]["name_folded"] == "doan thi ha"
+        # The book number is the file's own text: only the name in the key is folded again.
+        assert by_id["p-1"]["import_key"] == "dn.a.b.g1|HK-\u00f0|doan thi ha|1990-05-17"
+        assert by_id["p-2"]["name_folded"] == "doan van an"
+        # Once: a name stored since with the old folding (as no build writes any more) stays.
+        await db["persons"].update_one({"_id": "p-2"}, {"$set": {"name_folded": "\u00f0"}})
+        await RegistryStore(db).ensure_indexes()
+        assert (await db["persons"].find_one({"_id": "p-2"}) or {})["name_folded"] == "\u00f0"
+    finally:
+        await client.drop_database(db.name)
+        await client.close()
 
 
 async def test_search_pages(city: City) -> None:
