@@ -224,6 +224,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
         async def work(session: Session) -> tuple[registry_pb2.RenameUnitResponse, list[Document]]:
             unit = await self._unit(request.unit_id, session=session)
+            if unit["name"] == name:  # so named already (a retry, say): nothing to tell
+                return registry_pb2.RenameUnitResponse(unit=unit_message(unit)), []
             renamed = await self.store.set_unit_fields(unit["_id"], {"name": name}, session)
             event = self.outbox.event(
                 events_pb2.UnitRenamed(unit_id=unit["_id"], old_name=unit["name"], new_name=name),
@@ -400,7 +402,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         ) -> tuple[registry_pb2.UpdateHouseholdResponse, list[Document]]:
             household = await self._household(request.household_id, session=session)
             domain.may_register(principal(), household["unit_id"])
-            if "head_person_id" in fields:
+            head_id = household.get("head_person_id")
+            if "head_person_id" in fields and request.head_person_id != head_id:
                 head = await self.store.person(request.head_person_id, session)
                 if (
                     head is None
@@ -414,7 +417,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 )
                 # One head: the former head's relationship to the new one is not known until the
                 # leader states it (a spouse, a parent...).
-                former = await self.store.person(household.get("head_person_id") or "", session)
+                former = await self.store.person(head_id or "", session)
                 if (
                     former is not None
                     and former["_id"] != head["_id"]
@@ -426,6 +429,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                         {"relationship": registry_pb2.RELATIONSHIP_UNSPECIFIED},
                         session,
                     )
+            # A field set to the value it has is no change (a retry under a new request_id, say):
+            # nothing to write or publish, and no sign of life in the household.
+            changed = [f for f in fields if f in changes and changes[f] != household.get(f)]
+            if not changed:
+                return registry_pb2.UpdateHouseholdResponse(
+                    household=household_message(household)
+                ), []
             changes["last_activity_at"] = self.clock()
             updated = await self.store.update_household(household["_id"], changes, session)
             if "residence_kind" in changes:
@@ -434,7 +444,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 )
             # Whether a household is certified poor is not published, nor that it changed: the
             # topic is kept for ever. A change of that alone publishes nothing.
-            published = [field for field in fields if field != "poor"]
+            published = [field for field in changed if field != "poor"]
             staged = (
                 [events.household_updated(self.outbox, updated, published)] if published else []
             )
@@ -762,9 +772,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 ),
                 person["_id"],
             )
+            # Marked as they already were (a retry, say): the note may change, the mark did not.
+            unchanged = person.get("marked_absent", False) == request.absent
             return registry_pb2.MarkPersonAbsentResponse(
                 person=self.persons.message(updated, principal(), stored=True)
-            ), [event]
+            ), [] if unchanged else [event]
 
         return await self.commands.run(
             "MarkPersonAbsent", request, registry_pb2.MarkPersonAbsentResponse, work

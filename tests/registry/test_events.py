@@ -201,3 +201,57 @@ async def wait_sent(registry: RegistryService, event_id: str) -> None:
         lambda: outbox.find_one({"events._id": event_id, "sent_at": {"$exists": True}}),
         what=f"event {event_id} marked sent",
     )
+
+
+async def test_a_command_that_changes_nothing_emits_nothing(
+    city: City, registry: RegistryService
+) -> None:
+    """A client retrying under a new request_id, or a leader repeating what is already so, is
+    answered as usual but adds nothing to the topic, which is kept for ever."""
+    created = await city.leader.CreateHousehold(
+        registry_pb2.CreateHouseholdRequest(
+            request_id=rid(),
+            unit_id=city.group,
+            address="3 Kiệt 9 Lê Lợi",
+            residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
+            head=person(
+                HEAD_NAME, HEAD_BORN, registry_pb2.SEX_MALE, "", registry_pb2.RELATIONSHIP_HEAD
+            ),
+        )
+    )
+    household_id, head_id = created.household.household_id, created.head.person_id
+    households = registry.db["households"]
+    active_at = (await households.find_one({"_id": household_id}) or {})["last_activity_at"]
+
+    for _ in range(2):
+        absent = await city.leader.MarkPersonAbsent(
+            registry_pb2.MarkPersonAbsentRequest(request_id=rid(), person_id=head_id, absent=True)
+        )
+        assert absent.person.marked_absent
+        renamed = await city.ward_officer.RenameUnit(
+            registry_pb2.RenameUnitRequest(request_id=rid(), unit_id=city.group, name="Tổ 17 mới")
+        )
+        assert renamed.unit.name == "Tổ 17 mới"
+        same_head = await city.leader.UpdateHousehold(
+            registry_pb2.UpdateHouseholdRequest(
+                request_id=rid(),
+                household_id=household_id,
+                update_fields=["head_person_id"],
+                head_person_id=head_id,
+            )
+        )
+        assert same_head.household.head_person_id == head_id
+
+    async def staged(key: str) -> list[str]:
+        return [
+            event["type"].rsplit(".", 1)[-1]
+            async for entry in registry.db["outbox"].find({"events.key": key}).sort("order")
+            for event in entry["events"]
+            if event["key"] == key
+        ]
+
+    assert await staged(head_id) == ["PersonRegistered", "PersonMarkedAbsent"]
+    assert await staged(city.group) == ["UnitCreated", "UnitRenamed"]
+    assert await staged(household_id) == ["HouseholdCreated"]
+    # Nor is restating the head a sign of life in the household.
+    assert (await households.find_one({"_id": household_id}) or {})["last_activity_at"] == active_at
