@@ -7,6 +7,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from bson.regex import Regex
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
@@ -34,9 +35,14 @@ def check_unit_id(unit_id: str, field: str = "unit_id") -> str:
 
 
 def in_unit(unit_id: str, field: str = "unit_id") -> dict[str, Any]:
-    """Matches a unit id field at `unit_id` or below it in the tree (an indexed prefix match).
-    `unit_id` comes from a request (`field`): only a well-formed id makes a pattern."""
-    return {"$regex": f"^{re.escape(check_unit_id(unit_id, field))}(\\.|$)"}
+    """Matches a unit id field at `unit_id` or below it in the tree. `unit_id` comes from a
+    request (`field`): only a well-formed id makes a pattern.
+
+    The unit itself, or a plain prefix pattern without options: MongoDB reads only that
+    stretch of a unit index for these. A pattern with an alternation such as `(\\.|$)`, or
+    with the `u` option PyMongo gives a compiled `re` pattern, makes it read the whole index."""
+    unit_id = check_unit_id(unit_id, field)
+    return {"$in": [unit_id, Regex(f"^{re.escape(unit_id)}\\.")]}
 
 
 def holding_text(field: str) -> Document:
