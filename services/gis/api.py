@@ -203,6 +203,13 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             raise NotFound(f"unit {unit_id} is not known to the GIS service")
         return unit
 
+    async def _drawable_unit(self, unit_id: str) -> None:
+        """A unit the caller may draw that still takes drawing: a group merged away is drawn
+        as the group it went into, never again on its own."""
+        unit = await self._known_unit(unit_id, domain.may_edit_map)
+        if gone := domain.retired(unit_id, unit):
+            raise FailedPrecondition(f"unit_id: {gone}")
+
     async def _boundary(self, unit_id: str) -> Document:
         if not unit_id:
             raise InvalidArgument("unit_id", "is required")
@@ -242,7 +249,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
     async def CreateImportUpload(
         self, request: gis_pb2.CreateImportUploadRequest, context: Context
     ) -> gis_pb2.CreateImportUploadResponse:
-        await self._known_unit(request.unit_id, domain.may_edit_map)
+        await self._drawable_unit(request.unit_id)
         name = request.file_name.strip()
         if not FILE_NAME.fullmatch(name) or not name.lower().endswith(EXTENSIONS):
             raise InvalidArgument(
@@ -260,7 +267,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         answered = await self.commands.answered("ImportLayer", request, gis_pb2.ImportLayerResponse)
         if answered is not None:
             return answered
-        await self._known_unit(request.unit_id, domain.may_edit_map)
+        await self._drawable_unit(request.unit_id)
         layer = layer_of("layer", request.layer, IMPORTABLE)
         if request.format not in (gis_pb2.SOURCE_FORMAT_GEOJSON, gis_pb2.SOURCE_FORMAT_DXF):
             raise InvalidArgument("format", "must be SOURCE_FORMAT_GEOJSON or SOURCE_FORMAT_DXF")

@@ -144,17 +144,24 @@ def clean_properties(
     return unit_id, kept
 
 
+def retired(unit_id: str, unit: dict[str, Any]) -> str:
+    """Why a unit the service's view of the registry has takes no more drawing (the registry
+    merged it away: its map is the unit it went into); "" while it is active."""
+    if unit.get("active"):
+        return ""
+    merged = unit.get("merged_into_id")
+    return f"{unit_id} is not a known unit any more" + (
+        f" (it was merged into {merged})" if merged else ""
+    )
+
+
 def not_drawable(unit_id: str, unit: dict[str, Any] | None) -> str:
     """Why no boundary may be drawn for the unit, as the service's view of the registry has it
     (None: the view has no such unit); "" when one may."""
     if unit is None:
         return f"properties.unit_id: {unit_id} is not a known unit"
-    if not unit.get("active"):
-        merged = unit.get("merged_into_id")
-        return f"properties.unit_id: {unit_id} is not a known unit any more" + (
-            f" (it was merged into {merged})" if merged else ""
-        )
-    return ""
+    gone = retired(unit_id, unit)
+    return f"properties.unit_id: {gone}" if gone else ""
 
 
 # ---- who may do what -------------------------------------------------------------------------

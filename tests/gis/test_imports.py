@@ -1,7 +1,7 @@
 """GeoJSON imports: stored in WGS84, idempotent, invalid features refused one by one, every
 change announced on civic.gis.v1, and bad requests refused with nothing written. A unit has one
-boundary, whoever draws it, and only a unit the registry has; footprints are in square metres
-on the ellipsoid."""
+boundary, whoever draws it, and only a unit the registry has; a group merged away takes no more
+imports; footprints are in square metres on the ellipsoid."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 from civic.gis.v1 import events_pb2, gis_pb2
+from civic.registry.v1 import registry_pb2
 from pyproj import Geod
 from shapely.geometry import shape
 
@@ -24,7 +25,7 @@ from services.gis import api as gis_api
 from services.gis import domain
 from services.gis.domain import Layer
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
-from tests.kafka_reader import Record, TopicReader, of_type, with_key
+from tests.kafka_reader import Record, TopicReader, eventually, of_type, with_key
 
 TOPIC = "civic.gis.v1"
 
@@ -466,6 +467,54 @@ async def test_a_boundary_is_only_for_a_unit_the_registry_has(ward: Ward) -> Non
     assert response.created == 0
     located = await ward.officer.LocateUnit(gis_pb2.LocateUnitRequest(point=ward.point(-450, -250)))
     assert located.unit_id == ward.city.group
+
+
+async def test_nothing_is_imported_into_a_group_merged_away(ward: Ward) -> None:
+    """Once the registry merges a group into another, its map is drawn as the other's: an
+    import into it, of any layer, is refused with nothing written."""
+    city = ward.city
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+        )
+    )
+
+    async def retired() -> bool:
+        unit = await ward.service.store.unit(city.other_group)
+        return unit is not None and not unit["active"]
+
+    await eventually(retired, what="the GIS service hears of the merge")
+    store = ward.service.store
+    before = await store.features.count_documents({"source_unit": city.other_group})
+    drawings = {
+        gis_pb2.LAYER_BUILDING: polygon_feature(ward.box(100, 100, 120, 115), "b", storeys=2),
+        gis_pb2.LAYER_HYDRANT: point_feature(ward.at(200, 0), "h", kind="hydrant"),
+        gis_pb2.LAYER_ALLEY: line_feature([ward.at(100, 0), ward.at(300, 0)], "a", width_m=3),
+        gis_pb2.LAYER_BOUNDARY: polygon_feature(
+            ward.box(0, -400, 600, 400), "g18", unit_id=city.other_group
+        ),
+    }
+    for layer, feature in drawings.items():
+        details = await refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ward.import_features(layer, [feature], unit_id=city.other_group),
+        )
+        assert details == (
+            f"unit_id: {city.other_group} is not a known unit any more "
+            f"(it was merged into {city.group})"
+        )
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ward.officer.CreateImportUpload(
+            gis_pb2.CreateImportUploadRequest(unit_id=city.other_group, file_name="map.dxf")
+        ),
+    )
+    assert await store.features.count_documents({"source_unit": city.other_group}) == before
+    # The group it went into is drawn as before.
+    done = await ward.import_features(
+        gis_pb2.LAYER_HYDRANT, [drawings[gis_pb2.LAYER_HYDRANT]], unit_id=city.group
+    )
+    assert done.created == 1
 
 
 async def test_a_footprint_is_its_area_on_the_ellipsoid(ward: Ward) -> None:
