@@ -203,7 +203,12 @@ def _label_polygon(feature: RawFeature, labels: list[_Label], layer: Layer) -> N
     """Properties from the labels inside the outline (and in no smaller one)."""
     for label in labels:
         if layer is Layer.BUILDING and (number := NUMBER.search(label.text)):
-            feature.properties.setdefault("storeys", int(float(number.group(1).replace(",", "."))))
+            storeys = float(number.group(1).replace(",", "."))
+            # 309 digits or more read as infinite, which no int takes: left as it is, the
+            # checks refuse this building alone, as they refuse any impossible storeys.
+            feature.properties.setdefault(
+                "storeys", int(storeys) if math.isfinite(storeys) else storeys
+            )
         elif layer is Layer.BOUNDARY:
             feature.properties.setdefault("unit_code", label.text)
 

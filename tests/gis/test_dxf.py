@@ -160,3 +160,25 @@ async def test_each_label_names_the_smallest_outline_around_it(ward: Ward) -> No
     # Between the groups, and beyond them: the ward's outline, drawn first, is the ward's.
     assert await units_at(0, 0) == [ward.city.ward]
     assert await units_at(605, 0) == [ward.city.ward]
+
+
+async def test_a_storeys_label_too_long_for_a_float_refuses_its_building_alone(
+    ward: Ward,
+) -> None:
+    """A label of 309 digits or more is no float (it reads as infinite): that building is
+    refused by its handle, as for any impossible storeys, and the rest of the drawing stored."""
+    doc = Drawing.new("R2010")
+    msp = doc.modelspace()
+    handles = []
+    for west, label in ((-300, "1" * 400), (-250, "3")):
+        corners = [(west, 50), (west + 15, 50), (west + 15, 62), (west, 62)]
+        house = msp.add_lwpolyline([to_da_nang_tm3(*ward.at(*c)) for c in corners], close=True)
+        handles.append(house.dxf.handle)
+        msp.add_mtext(label, dxfattribs={"insert": to_da_nang_tm3(*ward.at(west + 7, 56))})
+    done = await import_dxf(ward, drawing_text(doc), DA_NANG_TM3, gis_pb2.LAYER_BUILDING, "")
+    assert done.created == 1
+    assert [(r.source_id, r.message) for r in done.rejected] == [
+        (handles[0], "properties.storeys: must be a finite number")
+    ]
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
+    assert [f["properties"]["storeys"] for f in listed["features"]] == [3]
