@@ -278,11 +278,14 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         except ValueError as error:
             raise InvalidArgument("source_crs", str(error)) from None
         content, field = await self._content(request)
+        # Reading and checking every feature of a file of up to 64 MiB is seconds of CPU work:
+        # done in a worker thread, it leaves the event loop to answer other calls meanwhile
+        # (NearestHydrants during a fire).
         try:
             if request.format == gis_pb2.SOURCE_FORMAT_DXF:
-                raw = read_dxf(content, layer, request.dxf_layer)
+                raw = await asyncio.to_thread(read_dxf, content, layer, request.dxf_layer)
             else:
-                raw = read_geojson(content)
+                raw = await asyncio.to_thread(read_geojson, content)
         except SourceError as error:
             raise InvalidArgument(error.field or field, str(error)) from None
 
@@ -297,7 +300,9 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             "im-"
             + hashlib.sha256(f"{caller.subject}\n{request.request_id}".encode()).hexdigest()[:20]
         )
-        accepted, rejected = self._accepted(raw, layer, request.unit_id, transform, area, own_area)
+        accepted, rejected = await asyncio.to_thread(
+            self._accepted, raw, layer, request.unit_id, transform, area, own_area
+        )
         if layer is Layer.BOUNDARY:
             accepted = await self._bounding_known_units(accepted, rejected)
         now = self.clock()

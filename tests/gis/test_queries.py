@@ -1,9 +1,11 @@
 """Reading the map: a bounding box or a unit's boundary as RFC 7946 GeoJSON with paging (and
 the export opens in GDAL/OGR, through pyogrio), the unit containing a point, the nearest
-hydrants with their distances, and bad queries refused."""
+hydrants with their distances (answered while a large import is checked), and bad queries
+refused."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Awaitable
@@ -21,6 +23,7 @@ from pyproj import Geod
 from shapely.geometry import shape
 
 from services.common.auth import Role
+from services.gis import api as gis_api
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature
 from tests.gis.test_imports import refused
 from tests.kafka_reader import eventually
@@ -296,3 +299,43 @@ async def test_nearest_hydrants_from_mongodb_are_ranked_by_the_geodesic_as_from_
     assert from_memory == [[("N", 100.0), ("E", 100.4)], [("N", 100.0)]]
     monkeypatch.setattr(ward.service.store.hydrants, "following", False)
     assert [await nearest(2), await nearest(1)] == from_memory
+
+
+async def test_a_hydrant_is_found_while_a_large_import_is_checked(
+    ward: Ward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking every feature of an import (of up to 64 MiB) is seconds of CPU work: done on
+    the event loop, a fire crew's NearestHydrants would wait for all of it. Only the order of
+    what happens is compared, never how long it took."""
+    hydrant = point_feature(ward.at(-200, 0), "h", kind="hydrant", name="TCH-1")
+    assert (await ward.import_features(gis_pb2.LAYER_HYDRANT, [hydrant])).created == 1
+    happened: list[str] = []
+    checks = gis_api.GisServicer._accepted
+    loop = asyncio.get_running_loop()
+    began = asyncio.Event()
+
+    def watched(servicer: gis_api.GisServicer, *args: Any) -> Any:
+        happened.append("checks began")
+        loop.call_soon_threadsafe(began.set)  # from whichever thread checks
+        try:
+            return checks(servicer, *args)
+        finally:
+            happened.append("checks ended")
+
+    monkeypatch.setattr(gis_api.GisServicer, "_accepted", watched)
+    # 6,000 houses of 8 m x 8 m, 12 m apart, within the ward.
+    houses = [
+        polygon_feature(ward.box(x, y, x + 8, y + 8), f"b{x}-{y}", storeys=2)
+        for x in range(-590, 580, 12)
+        for y in range(-390, 390, 12)
+    ][:6000]
+    importing = asyncio.create_task(ward.import_features(gis_pb2.LAYER_BUILDING, houses))
+    await asyncio.wait_for(began.wait(), 60)
+    answer = await ward.officer.NearestHydrants(
+        gis_pb2.NearestHydrantsRequest(point=ward.point(-200, 10), limit=1)
+    )
+    happened.append("hydrant found")
+    done = await importing
+    assert happened == ["checks began", "hydrant found", "checks ended"]
+    assert [h.name for h in answer.hydrants] == ["TCH-1"]
+    assert (done.created, list(done.rejected)) == (len(houses), [])
