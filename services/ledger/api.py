@@ -7,7 +7,7 @@ import re
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from dataclasses import field as default
 from datetime import datetime, timedelta
 from typing import Any
@@ -89,8 +89,8 @@ def fingerprint(method: str, request: Message) -> str:
 def _check_request_id(field_name: str, request_id: str) -> str:
     if not request_id.strip():
         raise InvalidArgument(field_name, "is required (a new UUID for each user action)")
-    if len(request_id) > 100:
-        raise InvalidArgument(field_name, "is longer than 100 characters")
+    if len(request_id) > domain.MAX_REQUEST_ID:
+        raise InvalidArgument(field_name, f"is longer than {domain.MAX_REQUEST_ID} characters")
     return request_id
 
 
@@ -204,14 +204,22 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             return None
         return [self._same(d, found[(d.fund_id, d.request_id)]) for d in drafts]
 
-    async def _post(self, drafts: list[Draft], extra: Extra | None = None) -> list[Document]:
+    async def _post(
+        self, drafts: list[Draft], extra: Extra | None = None, parts: bool = False
+    ) -> list[Document]:
         """Posts the drafts not posted before, all or none, each after the previous one of its
         fund in the fund's hash chain, with their events; returns every draft's transaction.
-        (A retry is found inside the transaction, which then writes nothing.)"""
+        (A retry is found inside the transaction, which then writes nothing.) With `parts`, the
+        drafts are the parts of one request, the first under its key: once that one is posted,
+        none is posted again (a retry may have read a register that changed meanwhile), and
+        the answer is that first transaction alone."""
         caller = principal()
+        retried = drafts[:1] if parts else drafts
 
         async def work(session: Session) -> list[Document]:
             found = await self.store.by_keys(((d.fund_id, d.request_id) for d in drafts), session)
+            if parts and (key := (drafts[0].fund_id, drafts[0].request_id)) in found:
+                return [self._same(drafts[0], found[key])]
             new = [d for d in drafts if (d.fund_id, d.request_id) not in found]
             funds = await self.store.funds_by_id({d.fund_id for d in new}, session)
             # Every touched account's balance: money may not go below zero, and no account (an
@@ -284,7 +292,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         except (DuplicateKeyError, BulkWriteError) as error:
             pattern = _duplicate_key(error)
             # The same key committed meanwhile by a concurrent retry: answer as a retry.
-            if "request_id" in pattern and (done := await self._already_posted(drafts)) is not None:
+            done = await self._already_posted(retried) if "request_id" in pattern else None
+            if done is not None:
                 return done
             if "contribution.receipt_number" in pattern:
                 raise AlreadyExists(
@@ -567,11 +576,25 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 raise FailedPrecondition(
                     f"transaction_id: transaction {original['_id']} was already reversed"
                 )
-            draft.postings = domain.reversal_of(
-                (p["account"], p["amount"]) for p in original["postings"]
-            )
-            draft.details["campaign_id"] = original.get("campaign_id", "")
-            done = await self._post([draft])
+            # A campaign's assessment booked in several transactions is reversed whole (the
+            # campaign cancelled): the one named first, under the request's key, then the others.
+            others = []
+            if original["kind"] == domain.Kind.ASSESSMENT:
+                others = await self.store.other_parts(fund["_id"], original)
+            drafts = [
+                replace(
+                    draft,
+                    request_id=domain.part_request_id(draft.request_id, number)
+                    if number > 1
+                    else draft.request_id,
+                    postings=domain.reversal_of(
+                        (p["account"], p["amount"]) for p in part["postings"]
+                    ),
+                    details={"reverses": part["_id"], "campaign_id": part.get("campaign_id", "")},
+                )
+                for number, part in enumerate([original, *others], start=1)
+            ]
+            done = await self._post(drafts, parts=True)
         return ledger_pb2.ReverseTransactionResponse(transaction=await self._message(done[0]))
 
     async def GetTransaction(
@@ -608,27 +631,37 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             read_at = _millis(self.clock())
             households = await self._learn_households(fund["unit_id"])
             dues = domain.compute_dues(households, domain.Basis(request.basis), rate, exemptions)
+            if len(dues) > domain.MAX_CAMPAIGN_HOUSEHOLDS:
+                raise FailedPrecondition(
+                    f"fund_id: {fund['unit_id']} has {len(dues):,} households to list; a "
+                    f"campaign lists at most {domain.MAX_CAMPAIGN_HOUSEHOLDS:,}: declare it in "
+                    "the funds of the units below"
+                )
             total = sum(d.amount for d in dues)
             if total == 0:
                 raise FailedPrecondition(
                     f"no household of {fund['unit_id']} owes anything under these terms"
                 )
             campaign_id = new_id("cp")
-            draft.postings = [
-                *(
-                    (domain.receivable(campaign_id, d.household_id), d.amount)
-                    for d in dues
-                    if d.amount
-                ),
-                ("income/dues", -total),
-            ]
-            try:  # as the auditors' replay will check the transaction
-                domain.check_postings("postings", draft.postings)
-            except InvalidArgument as error:
-                raise InvalidArgument(
-                    "rate", f"gives dues the ledger cannot post ({error.message})"
-                ) from None
+            # The assessment: one transaction, or several for a unit with many households.
+            assessment = domain.assessment(campaign_id, dues)
+            for postings in assessment:
+                try:  # as the auditors' replay will check each transaction
+                    domain.check_postings("postings", postings)
+                except InvalidArgument as error:
+                    raise InvalidArgument(
+                        "rate", f"gives dues the ledger cannot post ({error.message})"
+                    ) from None
+            draft.postings = assessment[0]
             draft.details = {"campaign_id": campaign_id}
+            drafts = [draft] + [
+                replace(
+                    draft,
+                    request_id=domain.part_request_id(draft.request_id, number),
+                    postings=postings,
+                )
+                for number, postings in enumerate(assessment[1:], start=2)
+            ]
             campaign: Document = {
                 "_id": campaign_id,
                 "fund_id": fund["_id"],
@@ -653,11 +686,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             }
 
             async def insert_campaign(session: Session, docs: list[Document]) -> None:
+                ids = [doc["_id"] for doc in docs]
                 await self.store.insert_campaign(
-                    campaign | {"transaction_id": docs[0]["_id"]}, session
+                    campaign | {"transaction_id": ids[0], "transaction_ids": ids}, session
                 )
 
-            done = await self._post([draft], insert_campaign)
+            done = await self._post(drafts, insert_campaign, parts=True)
         stored = await self.store.campaign(fund["_id"], done[0]["campaign_id"])
         assert stored is not None
         return ledger_pb2.DeclareCampaignResponse(campaign=campaign_message(stored))

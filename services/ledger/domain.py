@@ -27,8 +27,18 @@ MAX_AMOUNT = 10**15
 # An account's balance stays within this, so balances and their sums (cash plus bank, a
 # statement's totals) stay far inside int64.
 MAX_BALANCE = 10**17
-# An assessment posts one receivable per household: a large ward's campaign fits.
+# The most postings in one transaction. An assessment posts one receivable per household: a
+# campaign with more households is booked in several transactions (`assessment`). An
+# assessment's event, at this many postings of the longest household ids, is under 800 kB: one
+# Kafka record holds it (services.common.outbox.MAX_EVENT_BYTES).
 MAX_POSTINGS = 5000
+# The most households one campaign lists, three times the largest ward's: its dues are one
+# MongoDB document and one gRPC answer (under the 4 MiB a client takes), and its assessment,
+# however many transactions it takes, is written in one MongoDB transaction (10,000 households
+# take about a second).
+MAX_CAMPAIGN_HOUSEHOLDS = 30_000
+# The longest idempotency key a client may send.
+MAX_REQUEST_ID = 100
 MAX_TEXT = 500
 ACCOUNT_KINDS = ("cash", "bank", "receivable", "income", "expense", "equity")
 # Accounts that hold money or money owed: they never go below zero.
@@ -38,6 +48,7 @@ _ID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 _RECEIPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9/._-]{0,39}")
 _PERIOD = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,19}")
 DONATIONS = "income/donations"
+DUES = "income/dues"
 
 
 class Kind(IntEnum):
@@ -201,6 +212,13 @@ def apply_postings(
     return updated
 
 
+def part_request_id(request_id: str, part: int) -> str:
+    """The idempotency key of part `part` (2, 3, ...) of a request booked as several
+    transactions: one to one with the request's own key, and longer than any key a client may
+    send (MAX_REQUEST_ID), so never one of theirs."""
+    return f"part {part} of ".ljust(MAX_REQUEST_ID + 1, "-") + request_id
+
+
 def reversal_of(postings: Iterable[tuple[str, int]]) -> Postings:
     return [(account, -amount) for account, amount in postings]
 
@@ -296,6 +314,16 @@ def compute_dues(
             Due(household.household_id, household.name, household.residents, amount, because)
         )
     return dues
+
+
+def assessment(campaign_id: str, dues: Iterable[Due]) -> list[Postings]:
+    """The transactions that book the dues as receivables: each household's receivable, in
+    household order, MAX_POSTINGS - 1 to a transaction, against the income/dues that balances
+    them."""
+    owed = [(receivable(campaign_id, d.household_id), d.amount) for d in dues if d.amount]
+    size = MAX_POSTINGS - 1
+    parts = [owed[start : start + size] for start in range(0, len(owed), size)]
+    return [[*part, (DUES, -sum(amount for _, amount in part))] for part in parts]
 
 
 def paid_towards_dues(

@@ -97,6 +97,8 @@ def campaign_message(doc: Document) -> ledger_pb2.Campaign:
         ],
         total_due=doc["total_due"],
         transaction_id=doc["transaction_id"],
+        # Campaigns declared before an assessment could take several transactions have one.
+        transaction_ids=doc.get("transaction_ids") or [doc["transaction_id"]],
     )
 
 

@@ -172,6 +172,20 @@ class LedgerStore:
             )
         }
 
+    async def other_parts(self, fund_id: str, assessment: Document) -> list[Document]:
+        """The campaign's other assessment transactions, in the chain's order: a campaign over
+        many households is booked in several."""
+        campaign = await self.campaign(fund_id, assessment.get("campaign_id") or "")
+        ids = (campaign or {}).get("transaction_ids", [])
+        others = [i for i in ids if i != assessment["_id"]]
+        if not others:
+            return []
+        return (
+            await self.transactions.find({"fund_id": fund_id, "_id": {"$in": others}})
+            .sort("sequence", ASCENDING)
+            .to_list()
+        )
+
     async def contributions_to(self, fund_id: str, campaign_id: str) -> list[Document]:
         return await self.transactions.find(
             {"fund_id": fund_id, "contribution.campaign_id": campaign_id}

@@ -6,6 +6,7 @@ import pytest
 from civic.ledger.v1 import events_pb2, ledger_pb2
 
 from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.outbox import MAX_EVENT_BYTES
 from services.ledger import domain
 from services.ledger.domain import BadEvent, Basis, Exemption, HouseholdFacts
 
@@ -39,6 +40,59 @@ def test_a_household_nobody_lives_in_owes_nothing_on_either_basis(basis: Basis) 
         ("empty-poor", Exemption.POOR_HOUSEHOLD),
     ]
     assert [d.amount for d in dues] == [10_000 if basis is Basis.PER_HOUSEHOLD else 20_000, 0]
+
+
+def test_an_assessment_past_the_posting_limit_is_split_into_balanced_transactions() -> None:
+    households = [facts(f"h{i:05d}", 1, poor=i % 7 == 0) for i in range(12_000)]
+    dues = domain.compute_dues(households, Basis.PER_HOUSEHOLD, 30_000, [Exemption.POOR_HOUSEHOLD])
+    parts = domain.assessment("cp-1", dues)
+    assert [len(part) for part in parts] == [domain.MAX_POSTINGS, domain.MAX_POSTINGS, 288]
+    for part in parts:
+        domain.check_postings("postings", part)  # as the auditors' replay checks each
+        assert part[-1][0] == "income/dues"
+    receivables = [account for part in parts for account, _ in part[:-1]]
+    paying = [d for d in dues if d.amount]
+    assert receivables == [domain.receivable("cp-1", d.household_id) for d in paying]
+    assert -sum(part[-1][1] for part in parts) == 30_000 * len(paying)
+    assert len(domain.assessment("cp-1", dues[:10])) == 1
+
+
+def test_an_assessment_of_the_longest_ids_fits_in_one_kafka_record() -> None:
+    campaign_id = "cp-" + "f" * 24
+    dues = [
+        domain.Due(f"{i:05d}" + "h" * 95, "", 1, domain.MAX_AMOUNT, None)
+        for i in range(domain.MAX_POSTINGS)
+    ]
+    part = domain.assessment(campaign_id, dues)[0]
+    assert len(part) == domain.MAX_POSTINGS
+    event = events_pb2.TransactionPosted(
+        fund_id="fd-" + "f" * 24,
+        sequence=2**62,
+        prev_hash="0" * 64,
+        hash="0" * 64,
+        transaction=ledger_pb2.Transaction(
+            transaction_id="tx-" + "f" * 24,
+            fund_id="fd-" + "f" * 24,
+            sequence=2**62,
+            kind=ledger_pb2.TRANSACTION_KIND_ASSESSMENT,
+            memo="Đ" * 120,
+            postings=[ledger_pb2.Posting(account=a, amount=n) for a, n in part],
+            posted_by="x" * 200,
+            request_id=domain.part_request_id("r" * domain.MAX_REQUEST_ID, 99_999),
+            campaign_id=campaign_id,
+        ),
+    )
+    assert event.ByteSize() < 800_000 < MAX_EVENT_BYTES
+
+
+def test_a_parts_key_is_never_a_clients_nor_another_parts() -> None:
+    keys = {
+        domain.part_request_id(request_id, part)
+        for request_id in ("a", "a ", "a-", "part 2 of a", "-" * 100)
+        for part in (2, 3, 12)
+    }
+    assert len(keys) == 15
+    assert all(len(key) > domain.MAX_REQUEST_ID for key in keys)
 
 
 def test_payment_status() -> None:
