@@ -122,8 +122,8 @@ async def serve_until_signalled(name: str, build: Callable[[], Service]) -> None
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
     finally:
-        # Also when start-up failed (a busy port, say): what it had started is stopped, so the
-        # consumers leave their groups now instead of when the broker gives up on them.
+        # Also when start-up failed (a busy port, say): what it had started (Kafka clients,
+        # MongoDB sessions) is closed before the error ends the process.
         stopping.cancel()
         log.info("%s stopping", name)
         await service.stop()

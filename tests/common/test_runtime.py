@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from uuid import uuid4
 
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -18,7 +19,11 @@ async def test_a_service_that_cannot_listen_stops_what_it_had_started(
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = settings.model_copy(update={"grpc_port": taken.getsockname()[1]})
+        # Consumer groups of its own: a static member it leaves in the session's groups would
+        # hold up the session's registry when it joins them.
+        busy = settings.model_copy(
+            update={"grpc_port": taken.getsockname()[1], "database_prefix": f"rt{uuid4().hex[:8]}"}
+        )
         service = RegistryService(busy, span_processor=span_processor)
         with pytest.raises(OSError, match="cannot listen"):
             await serve_until_signalled(NAME, lambda: service)
