@@ -100,6 +100,29 @@ async def test_tail_of_an_unreachable_broker_is_one_line() -> None:
     assert not out
 
 
+async def test_tail_into_a_reader_gone_away_stops_without_a_traceback(
+    city: City, settings: Settings
+) -> None:
+    """`civic tail ... | head`: once head has its lines, the next line meets a closed pipe."""
+    created = await new_household(city.leader, city.group, head_name="Hồ Thị Lan")
+    args = tail_args(settings, "--from-beginning", "--key", created.household.household_id)
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone before the first line
+    try:
+        tail = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "services.cli", *args),
+            stdout=writer,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=REPO_ROOT,
+        )
+    finally:
+        os.close(writer)
+    _, err = await asyncio.wait_for(tail.communicate(), 60)
+
+    assert tail.returncode == 1
+    assert err.decode() == ""
+
+
 async def test_tail_of_a_topic_the_broker_lacks_is_one_line_and_creates_nothing(
     settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
