@@ -105,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--scope", required=True, metavar="UNIT_ID", help="e.g. dn.hc.hc1")
     token.add_argument("--household", default="", metavar="HH", help="a resident's household")
-    token.add_argument("--subject", default="", help="who the token is for (default: you)")
+    token.add_argument(
+        "--subject", default="", help="who the token is for (default: you, as ROLE there)"
+    )
     token.add_argument(
         "--ttl-hours", type=_positive(float, MAX_TTL_HOURS), default=12.0, metavar="N"
     )
@@ -257,7 +259,7 @@ async def _token(args: argparse.Namespace) -> int:
     print(
         mint_token(
             settings.auth_secret,
-            subject=args.subject or _operator(),
+            subject=args.subject or _default_subject(role, args.scope, args.household),
             role=role,
             scope=args.scope,
             household_id=args.household,
@@ -265,6 +267,13 @@ async def _token(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _default_subject(role: Role, scope: str, household_id: str) -> str:
+    """The operator, as this role there: the services take one subject for one person, so the
+    operator's tokens for a resident and an integrator (or for two households) must differ, or
+    the integrator would be shown as the ticket's submitter, a resident another's tickets."""
+    return f"{_operator()}/{role.value}@{household_id or scope}"
 
 
 def _operator() -> str:

@@ -189,7 +189,7 @@ async def test_token_from_the_command_line() -> None:
     assert status == 0, err
     caller = verify_token(TEST_SECRET, out.strip())
     assert (caller.role, caller.scope) == (Role.WARD_OFFICER, "dn.hc.hc1")
-    assert caller.subject.endswith("@cli")
+    assert caller.subject.endswith("@cli/ward_officer@dn.hc.hc1")
 
 
 @pytest.mark.parametrize("hours", ["inf", "nan", "1e20", "8785"])

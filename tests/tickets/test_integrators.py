@@ -25,10 +25,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind
 
+from services import cli
 from services.common.auth import Role
 from services.common.config import Settings
 from services.tickets.events import TOPIC
 from services.tickets.main import NAME, SERVICE_NAME
+from tests.conftest import TEST_SECRET
 from tests.kafka_reader import Record, eventually, with_key
 from tests.registry.test_tracing import parent_id, span_id
 from tests.tickets.conftest import Pilot, TicketCaller, rid
@@ -307,6 +309,36 @@ async def test_integrator_in_scope_gets_more_detail_and_outside_scope_nothing(
             tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=ticket.ticket_id)
         )
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_tokens_the_civic_command_mints_keep_the_submitter_from_an_integrator(
+    pilot: Pilot, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As docs/integrators.md has it in development: one operator mints a resident's token and an
+    integrator's with `civic token`; the integrator is not taken for the ticket's submitter."""
+    monkeypatch.setenv("CIVIC_AUTH_SECRET", TEST_SECRET)
+
+    async def minted(*args: str) -> TicketCaller:
+        assert await cli.run(["token", *args]) == 0
+        return TicketCaller(pilot.target, capsys.readouterr().out.strip())
+
+    resident = await minted(
+        *("--role", "resident", "--scope", pilot.city.group, "--household", pilot.household_id)
+    )
+    integrator = await minted("--role", "integrator", "--scope", pilot.city.ward)
+    ticket = await submit(resident)
+    await pilot.routed(ticket.ticket_id, resident)
+
+    got = await integrator.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket.ticket_id))
+    assert (got.ticket.submitter, got.ticket.household_id) == ("", "")
+    assert not got.ticket.HasField("location")
+    # Nor does another household's resident, minted by the same operator, see it as theirs.
+    neighbour = await minted(
+        *("--role", "resident", "--scope", pilot.city.group, "--household", "hh-neighbour")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await neighbour.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket.ticket_id))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def wait_for_span(
