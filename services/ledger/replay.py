@@ -37,12 +37,12 @@ from aiokafka.errors import KafkaError
 from civic.ledger.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
 from google.protobuf.message import DecodeError
 from pymongo import AsyncMongoClient
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 from pymongo.write_concern import WriteConcern
 
 from services.common.auth import unit_within
 from services.common.cloudevents import type_name
-from services.common.config import GRPC_PORTS, Settings
+from services.common.config import GRPC_PORTS, Settings, env_name
 from services.common.grpc_client import civic_channel
 from services.common.mongo import Document, mongo_client
 from services.ledger.domain import BadEvent, Books, FundBooks, chain_hash, seals_bytes
@@ -391,6 +391,11 @@ async def replay(
     report = replayer.report
     clock = time.perf_counter()
     try:
+        # Before the long read: a refused token, or a service or store out of reach, ends the
+        # replay at once. The funds are listed as the topic's end is taken, so a fund opened
+        # while the topic is read is not named as missing from it.
+        await client.admin.command("ping")
+        listed = await live_funds(unit) if live is not None and live_funds and unit else None
         with _no_cyclic_gc():
             await read_topic(settings.kafka_bootstrap_servers, topic, replayer.apply, progress)
         replayer.finish()
@@ -406,7 +411,6 @@ async def replay(
         report.postings_total = sum(sum(b.values()) for b in balances.values())
         if live is not None:
             started = time.perf_counter()
-            listed = await live_funds(unit) if live_funds is not None and unit else None
             if progress is not None:
                 progress.step("comparing with the live service")
             await _compare(replayer, balances, live, unit, report, listed)
@@ -544,6 +548,10 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
     if not args.token:
         print("error: --token is required (or set $CIVIC_TOKEN)", file=sys.stderr)
         return 2
+    unit = args.unit or _scope_of(args.token)
+    if not unit:
+        print("error: --token is not a Civic token (it names no unit)", file=sys.stderr)
+        return 2
     settings = settings or Settings()
     async with civic_channel(args.target, args.token, purpose="audit replay") as channel:
         stub = ledger_pb2_grpc.LedgerServiceStub(channel)
@@ -552,7 +560,7 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
                 settings,
                 topic=args.topic,
                 live=grpc_balances(stub),
-                unit=args.unit or _scope_of(args.token),
+                unit=unit,
                 keep_store=args.keep_store,
                 live_funds=grpc_funds(stub),
                 progress=Progress(),
@@ -563,6 +571,10 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
             return _cannot(str(error))
         except KafkaError as error:
             return _cannot(f"the broker at {settings.kafka_bootstrap_servers}: {error}")
+        except ConnectionFailure:
+            # Not the error's text: it lists the whole topology the driver saw.
+            where = env_name("mongo_uri")
+            return _cannot(f"the replay's own MongoDB store is out of reach (see {where})")
         except PyMongoError as error:
             return _cannot(f"the replay's own MongoDB store: {error}")
     print(report.text())

@@ -13,6 +13,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from civic.ledger.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
 
+from infra.local import free_port
 from services import cli
 from services.common.auth import Role
 from services.common.cloudevents import type_name
@@ -493,3 +494,39 @@ async def test_the_cli_compares_the_tokens_own_funds_and_refuses_an_empty_topic(
     assert (
         captured.err == f"error: {missing} does not exist on {settings.kafka_bootstrap_servers}\n"
     )
+
+
+async def test_the_cli_stops_before_reading_when_it_cannot_compare_or_store(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A refused token, or a MongoDB out of reach, is one line before the topic is read, not
+    after a long read (and not the driver's whole view of the topology)."""
+    await busy_fund(books)
+    await published(ledger_service)
+    use_servers(monkeypatch, settings)
+    target = f"127.0.0.1:{ledger_service.port}"
+    forged = token(
+        Role.AUDITOR, books.city.city, secret="not the secret this city signs its tokens with"
+    )
+    status = await cli.run(["replay-ledger", "--token", forged, "--target", target])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("error: the live service refused: UNAUTHENTICATED"), err
+    assert "reading" not in err
+    status = await cli.run(["replay-ledger", "--token", "not-a-token", "--target", target])
+    assert status == 2
+    assert capsys.readouterr().err == "error: --token is not a Civic token (it names no unit)\n"
+
+    nowhere = (
+        f"mongodb://127.0.0.1:{free_port()}/?directConnection=true&serverSelectionTimeoutMS=300"
+    )
+    monkeypatch.setenv("CIVIC_MONGO_URI", nowhere)
+    auditor = token(Role.AUDITOR, books.city.city)
+    status = await cli.run(["replay-ledger", "--token", auditor, "--target", target])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == "error: the replay's own MongoDB store is out of reach (see CIVIC_MONGO_URI)\n"
