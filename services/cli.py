@@ -58,6 +58,7 @@ MAP_FORMATS = {".svg": gis_pb2.IMAGE_FORMAT_SVG, ".png": gis_pb2.IMAGE_FORMAT_PN
 TOKEN_ENV = "CIVIC_TOKEN"
 PROGRESS_EVERY = 10_000  # rows between progress lines on stderr
 WAITING_EVERY = 10.0  # seconds between lines while the registry applies the last rows
+UNITS_PER_LINE = 100  # units created between progress lines of `civic city --token`
 MAX_CHUNK = 5_000  # rows per message; keeps a message well under gRPC's 4 MB default limit
 MAX_TTL_HOURS = 366 * 24  # a year: a longer-lived token is a standing credential
 
@@ -433,8 +434,13 @@ async def _city(args: argparse.Namespace) -> int:
     if args.token:
         units = [(u.parent_id, u.code, u.name, u.kind) for u in city.units()]
         async with civic_channel(args.target, args.token) as channel:
+            registry = registry_pb2_grpc.RegistryServiceStub(channel)
             try:
-                await create_units(registry_pb2_grpc.RegistryServiceStub(channel), units)
+                # A line per UNITS_PER_LINE: a city's thousand units take a while.
+                for start in range(0, len(units), UNITS_PER_LINE):
+                    await create_units(registry, units[start : start + UNITS_PER_LINE])
+                    done = min(start + UNITS_PER_LINE, len(units))
+                    print(f"city: {done:,}/{len(units):,} units created", file=sys.stderr)
             except grpc.aio.AioRpcError as error:
                 return _fail(f"creating units: {error.code().name}: {error.details()}", status=1)
         print(f"{len(units):,} units in the registry")
