@@ -41,8 +41,17 @@ def in_unit(unit_id: str, field: str = "unit_id") -> dict[str, Any]:
     The unit itself, or a plain prefix pattern without options: MongoDB reads only that
     stretch of a unit index for these. A pattern with an alternation such as `(\\.|$)`, or
     with the `u` option PyMongo gives a compiled `re` pattern, makes it read the whole index."""
-    unit_id = check_unit_id(unit_id, field)
-    return {"$in": [unit_id, Regex(f"^{re.escape(unit_id)}\\.")]}
+    return in_any_unit([unit_id], field)
+
+
+def in_any_unit(unit_ids: list[str], field: str = "unit_id") -> dict[str, Any]:
+    """Matches a unit id field at or below any of `unit_ids` (as `in_unit`), in one `$in`: an
+    `$or` of subtrees would leave the query planner to weigh every index for each."""
+    matches: list[Any] = []
+    for unit_id in unit_ids:
+        unit_id = check_unit_id(unit_id, field)
+        matches += [unit_id, Regex(f"^{re.escape(unit_id)}\\.")]
+    return {"$in": matches}
 
 
 def holding_text(field: str) -> Document:

@@ -18,12 +18,12 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import Principal
 from services.common.errors import DomainError, FailedPrecondition, InvalidArgument
-from services.common.mongo import Document, Session, in_transaction, in_unit
+from services.common.mongo import Document, Session, in_any_unit, in_transaction
 from services.common.outbox import Outbox
 from services.common.wire import point_document
 from services.registry import domain, events
 from services.registry.records import PersonCodec, housing_document
-from services.registry.store import RegistryStore, new_id
+from services.registry.store import PERSON_NAME_INDEX, RegistryStore, new_id
 
 RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
 MAX_ERRORS = 10_000
@@ -179,12 +179,14 @@ class Importer:
             wards = sorted({p["unit_id"].rpartition(".")[0] or p["unit_id"] for p in cidless})
             async for p in self.store.persons.find(
                 {
-                    "$or": [{"unit_id": in_unit(ward)} for ward in wards],
+                    "unit_id": in_any_unit(wards),
                     "name_folded": {"$in": sorted({p["name_folded"] for p in cidless})},
                     "import_key": {"$in": [p["import_key"] for p in cidless]},
                 },
                 {"import_key": 1},
-            ):
+                # Named: the (unit, status, birth date) index also leads with the unit, and
+                # a planner's trial on a small register may pick it and read a whole ward.
+            ).hint(PERSON_NAME_INDEX):
                 imported_before.add(p["import_key"])
         # Whoever the household has had, living there or not: a second run of a file must not
         # bring back someone who has died or moved out since the first.

@@ -28,6 +28,8 @@ BOOK_NUMBER_INDEX = "household_book_number"
 OLD_BOOK_NUMBER_INDEX = "unit_id_1_external_ref_1"  # unique per current group, before merges
 MIGRATIONS = "migrations"  # one document for each change of stored data done
 REFOLDED_ETH = "name_folded_eth"
+# Searches by name within a unit; and an import finding whom a file brought in before.
+PERSON_NAME_INDEX = [("unit_id", ASCENDING), ("name_folded", ASCENDING)]
 
 
 def new_id(prefix: str) -> str:
@@ -76,7 +78,7 @@ class RegistryStore:
                 IndexModel(
                     [("unit_id", ASCENDING), ("status", ASCENDING), ("birth_date", ASCENDING)]
                 ),
-                IndexModel([("unit_id", ASCENDING), ("name_folded", ASCENDING)]),
+                IndexModel(PERSON_NAME_INDEX),
                 IndexModel([("unit_id", ASCENDING), ("_id", ASCENDING)]),
             ],
         )
