@@ -125,6 +125,12 @@ def _delivered(record: Document | None) -> TypeGuard[Document]:
     return record is not None and not record.get("pending") and record.get("withdrawn_at") is None
 
 
+def _asked_unit(unit_id: str) -> str:
+    """A unit id a request names, if any: a malformed one is bad input, not taken for a unit
+    outside the caller's scope."""
+    return check_unit_id(unit_id) if unit_id else ""
+
+
 def _close(queue: asyncio.Queue[Document]) -> None:
     while not queue.empty():
         queue.get_nowait()
@@ -452,7 +458,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         caller = principal()
         if caller.role is Role.RESIDENT:
             raise PermissionDenied("residents list their own notices with ListMyNotices")
-        unit_id = request.unit_id or caller.scope
+        unit_id = _asked_unit(request.unit_id) or caller.scope
         caller.require_unit(unit_id)
         size = page_size(request.page.page_size)
         items, token = await self.store.in_unit(unit_id, request.page.page_token, size)
@@ -465,7 +471,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
     ) -> notices_pb2.GetReachResponse:
         caller = principal()
         notice = await self._visible(request.notice_id, caller)
-        area = domain.reach_area(caller, notice["unit_id"], request.unit_id)
+        area = domain.reach_area(caller, notice["unit_id"], _asked_unit(request.unit_id))
         rows = await self.store.reach(notice["_id"], area)
         groups = [
             notices_pb2.Reach(
@@ -495,7 +501,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         if not caller.is_official:
             raise PermissionDenied(f"role {caller.role.value} may not list households")
         notice = await self._visible(request.notice_id, caller)
-        area = domain.reach_area(caller, notice["unit_id"], request.unit_id)
+        area = domain.reach_area(caller, notice["unit_id"], _asked_unit(request.unit_id))
         size = page_size(request.page.page_size)
         items, token = await self.store.not_reached(
             notice["_id"], area, request.page.page_token, size

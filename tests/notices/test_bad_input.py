@@ -174,3 +174,18 @@ async def test_bad_requests_to_other_calls(town: Town) -> None:
             notices_pb2.OpenNoticeRequest(request_id=request_id, notice_id=other.notice_id)
         ),
     )
+
+
+async def test_a_malformed_unit_id_is_bad_input_wherever_it_is_asked_for(town: Town) -> None:
+    """Not taken for a unit outside the caller's scope (PERMISSION_DENIED): no unit is named."""
+    notice = await town.publish()
+    officer, notice_id = town.ward_officer, notice.notice_id
+    for unit_id in ("Tổ 17", "a..b", f"{town.city.ward}/t17"):
+        for call in (
+            officer.ListNotices(notices_pb2.ListNoticesRequest(unit_id=unit_id)),
+            officer.GetReach(notices_pb2.GetReachRequest(notice_id=notice_id, unit_id=unit_id)),
+            officer.ListNotReached(
+                notices_pb2.ListNotReachedRequest(notice_id=notice_id, unit_id=unit_id)
+            ),
+        ):
+            await refused(grpc.StatusCode.INVALID_ARGUMENT, call, "unit_id")
