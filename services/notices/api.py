@@ -194,8 +194,9 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         caller: Principal,
         kept: list[Document],
     ) -> list[Document]:
-        """The attachments named, each checked: an earlier revision's as it was, a new upload
-        by its bytes in the store (a bad one is refused and deleted)."""
+        """The attachments named, each checked: an earlier revision's as it was (`kept`, the
+        latest revision's last), a new upload by its bytes in the store (a bad one is refused
+        and deleted)."""
         if len(uploads) > domain.MAX_ATTACHMENTS:
             raise InvalidArgument("attachments", f"at most {domain.MAX_ATTACHMENTS} per notice")
         known = {a["key"]: a for a in kept}
@@ -367,9 +368,9 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         title = domain.check_title(request.title)
         body = domain.check_body(request.body)
         note = domain.check_reason("note", request.note) if request.note.strip() else ""
-        attachments = await self._attachments(
-            list(request.attachments), caller, notice["revisions"][-1]["attachments"]
-        )
+        # Any revision's file may be named again: one dropped by a revision can come back.
+        issued = [a for kept in notice["revisions"] for a in kept.get("attachments", [])]
+        attachments = await self._attachments(list(request.attachments), caller, issued)
 
         def revision(current: Document, now: datetime) -> tuple[Document, int, Message]:
             number = current["revisions"][-1]["revision"] + 1

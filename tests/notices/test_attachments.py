@@ -209,3 +209,28 @@ async def test_the_upload_sweep_keeps_what_notices_attach_and_removes_the_rest(
     assert not await object_exists(bucket, ATTACHMENT_BUCKET, checked(orphaned))
     assert await object_exists(bucket, ATTACHMENT_BUCKET, checked(kept_key))
     assert "revisions.attachments.key_1" in await used_since(notices, before)
+
+
+async def test_an_attachment_a_revision_dropped_can_be_attached_again(town: Town) -> None:
+    officer = town.ward_officer
+    plan = await upload(officer, PDF, PDF_TYPE)
+    notice = await town.publish(attachments=[attach(plan, "ke-hoach.pdf")])
+    kept_key = notice.attachments[0].object_key
+
+    async def revise(*attachments: notices_pb2.AttachmentUpload) -> notices_pb2.Notice:
+        answer: notices_pb2.ReviseNoticeResponse = await officer.ReviseNotice(
+            notices_pb2.ReviseNoticeRequest(
+                request_id=rid(),
+                notice_id=notice.notice_id,
+                title="Lịch mới",
+                body="Nội dung mới",
+                attachments=list(attachments),
+            )
+        )
+        return answer.notice
+
+    assert not (await revise()).attachments
+    restored = await revise(attach(kept_key, "ke-hoach-moi.pdf"))
+    assert [(a.object_key, a.file_name) for a in restored.attachments] == [
+        (kept_key, "ke-hoach-moi.pdf")
+    ]
