@@ -62,15 +62,16 @@ def holding_text(field: str) -> Document:
 
 
 async def ensure_indexes(collection: AsyncCollection[Document], models: list[IndexModel]) -> None:
-    """Creates the indexes; one already there under the same name whose partial filter changed
-    is dropped and built again (create_indexes alone refuses to change it). Instances starting
-    together may race to do so: whichever is second finds the work done."""
+    """Creates the indexes; one already there under the same name whose partial filter or
+    uniqueness changed is dropped and built again (create_indexes alone refuses to change it).
+    Instances starting together may race to do so: whichever is second finds the work done."""
     existing = await collection.index_information()
     for model in models:
         wanted = model.document
         found = existing.get(wanted["name"])
-        if found is not None and found.get("partialFilterExpression") != wanted.get(
-            "partialFilterExpression"
+        if found is not None and (
+            found.get("partialFilterExpression") != wanted.get("partialFilterExpression")
+            or bool(found.get("unique")) != bool(wanted.get("unique"))
         ):
             with contextlib.suppress(OperationFailure):  # dropped by another instance already
                 await collection.drop_index(wanted["name"])

@@ -295,10 +295,6 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             done = await self._already_posted(retried) if "request_id" in pattern else None
             if done is not None:
                 return done
-            if "contribution.receipt_number" in pattern:
-                raise AlreadyExists(
-                    "receipt_number: this receipt number is already recorded in the fund"
-                ) from None
             if "reverses" in pattern:
                 raise FailedPrecondition(
                     "transaction_id: the transaction was already reversed"
@@ -422,6 +418,21 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
         return households
 
+    def _held_once(self, fund: Document, path: str, value: str, what: str) -> Extra:
+        """A check, made with the posting, that no other transaction of the fund holds `value`
+        at `path` unless it was reversed: a receipt backs one expense, a receipt number one
+        payment, and the entry correcting a mistaken one takes it again. Two postings of one
+        fund serialise on its chain head, so the second sees the first."""
+
+        async def check(session: Session, posted: list[Document]) -> None:
+            other = await self.store.standing_with(
+                fund["_id"], path, value, posted[0]["_id"], session
+            )
+            if other is not None:
+                raise AlreadyExists(f"{what} backs transaction {other} already")
+
+        return check
+
     async def _not_cancelled(self, fund: Document, campaign: Document) -> None:
         """Nothing is owed to a campaign whose assessment was reversed: a payment towards it is
         refused as that, not as an overdraft of the household's receivable."""
@@ -479,7 +490,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 "paid_on": paid_on,
             },
         }
-        (doc,) = await self._post([draft])
+        one_payment_a_receipt = self._held_once(
+            fund, "contribution.receipt_number", receipt, "receipt_number: the receipt"
+        )
+        (doc,) = await self._post([draft], one_payment_a_receipt)
         return ledger_pb2.RecordContributionResponse(transaction=await self._message(doc))
 
     async def CreateReceiptUpload(
@@ -532,18 +546,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 }
             },
         )
-
-        async def one_expense_a_receipt(session: Session, posted: list[Document]) -> None:
-            # Checked in the posting's transaction: two expenses of one fund serialise on its
-            # chain head, so the second sees the first.
-            other = await self.store.expense_with_receipt(
-                fund["_id"], checked(key), posted[0]["_id"], session
-            )
-            if other is not None:
-                raise AlreadyExists(
-                    f"receipt_object_key: the receipt backs transaction {other} already"
-                )
-
+        one_expense_a_receipt = self._held_once(
+            fund, "expense.receipt_object_key", checked(key), "receipt_object_key: the receipt"
+        )
         if (done := await self._already_posted([draft])) is None:
             await self.files.accept_image(key, MAX_RECEIPT_BYTES)
             done = await self._post([draft], one_expense_a_receipt)

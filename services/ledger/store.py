@@ -33,23 +33,22 @@ class LedgerStore:
         # Household names as the register gave them (for dues lists and statements).
         self.households = db["households"]
 
-    async def expense_with_receipt(
-        self, fund_id: str, key: str, other_than: str, session: Session
+    async def standing_with(
+        self, fund_id: str, path: str, value: str, other_than: str, session: Session
     ) -> str | None:
-        """The id of another expense of the fund backed by the receipt at `key` and not
-        reversed (a mistaken expense, reversed, frees its receipt), if any."""
-        backed = await self.transactions.distinct(
-            "_id",
-            {"fund_id": fund_id, "expense.receipt_object_key": key, "_id": {"$ne": other_than}},
-            session=session,
+        """The id of another transaction of the fund holding `value` at `path` (an expense's
+        receipt image, a contribution's receipt number) and not reversed, if any: a mistaken
+        transaction, reversed, frees what it held for the one that corrects it."""
+        holding = await self.transactions.distinct(
+            "_id", {"fund_id": fund_id, path: value, "_id": {"$ne": other_than}}, session=session
         )
-        if not backed:
+        if not holding:
             return None
         undone = await self.transactions.distinct(
-            "reverses", {"fund_id": fund_id, "reverses": {"$in": backed}}, session=session
+            "reverses", {"fund_id": fund_id, "reverses": {"$in": holding}}, session=session
         )
         standing = [
-            str(transaction_id) for transaction_id in backed if transaction_id not in undone
+            str(transaction_id) for transaction_id in holding if transaction_id not in undone
         ]
         return standing[0] if standing else None
 
@@ -70,9 +69,10 @@ class LedgerStore:
                 IndexModel([("fund_id", ASCENDING), ("sequence", ASCENDING)], unique=True),
                 IndexModel([("fund_id", ASCENDING), ("posted_at", ASCENDING)]),
                 IndexModel([("expense.receipt_object_key", ASCENDING)], sparse=True),
+                # A receipt number is held by one contribution of the fund until that one is
+                # reversed (LedgerServicer checks it with the posting): found by this index.
                 IndexModel(
                     [("fund_id", ASCENDING), ("contribution.receipt_number", ASCENDING)],
-                    unique=True,
                     partialFilterExpression=holding_text("contribution.receipt_number"),
                 ),
                 # A transaction is reversed at most once.

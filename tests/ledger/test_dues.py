@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.auth import Role
 from services.ledger.main import LedgerService
+from services.ledger.store import LedgerStore
 from tests.indexes import index_uses, used_since
 from tests.kafka_reader import eventually
 from tests.ledger.conftest import Books, LedgerCaller, open_fund, rid
@@ -207,6 +208,59 @@ async def test_receipt_numbers_are_unique_and_retries_are_safe(books: Books) -> 
         await books.contribute(100_000, "an", campaign.campaign_id, receipt_number="")
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (refused.value.details() or "").startswith("receipt_number: ")
+
+
+async def test_a_reversed_payment_frees_its_receipt_number(books: Books) -> None:
+    """A payment entered wrongly (20,000 typed for the 200,000 on the paper receipt) is
+    reversed, and entered again under the number of the receipt the household holds."""
+    campaign = await declare(books)
+    cid = campaign.campaign_id
+    wrong = await books.contribute(20_000, "an", cid, receipt_number="BL-0042")
+    await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=wrong.transaction_id,
+            reason="ghi nhầm số tiền",
+        )
+    )
+    right = await books.contribute(200_000, "an", cid, receipt_number="BL-0042")
+    assert right.contribution.receipt_number == "BL-0042"
+    # While that payment stands, the number is its own.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.contribute(200_000, "dung", cid, receipt_number="BL-0042")
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (refused.value.details() or "").startswith("receipt_number: ")
+    assert right.transaction_id in (refused.value.details() or "")
+    own = await books.resident("an").GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(
+            fund_id=books.fund_id, household_id=books.households["an"]
+        )
+    )
+    assert [(d.paid, d.outstanding, d.status) for d in own.dues] == [
+        (200_000, 0, ledger_pb2.PAYMENT_STATUS_PAID)
+    ]
+
+
+async def test_a_store_built_when_receipt_numbers_were_unique_is_migrated(
+    ledger_service: LedgerService,
+) -> None:
+    """The index that made a receipt number unique for ever gives way, as the service starts,
+    to one that finds it (the rule is now checked with the posting)."""
+    db = ledger_service.store.db.client[f"ledger-migration-{rid()[:8]}"]
+    store = LedgerStore(db)
+    name = "fund_id_1_contribution.receipt_number_1"
+    await store.transactions.create_index(
+        [("fund_id", 1), ("contribution.receipt_number", 1)],
+        name=name,
+        unique=True,
+        partialFilterExpression={"contribution.receipt_number": {"$gt": ""}},
+    )
+    try:
+        await store.ensure_indexes()
+        assert not (await store.transactions.index_information())[name].get("unique")
+    finally:
+        await db.client.drop_database(db.name)
 
 
 async def test_donations_and_a_households_dues_and_payments(books: Books) -> None:
