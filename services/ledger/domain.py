@@ -295,10 +295,13 @@ def compute_dues(
     rate: int,
     exemptions: Iterable[Exemption],
 ) -> list[Due]:
-    """What each household owes: the rate per household or per resident, nothing when exempt."""
+    """What each household owes: the rate per household or per resident, nothing when exempt.
+    A household read twice (the register is read a page at a time, in unit order, and a group
+    merged meanwhile moves its households to a later page) owes once, as last read."""
     exempt = set(exemptions)
+    latest = {household.household_id: household for household in households}
     dues = []
-    for household in sorted(households, key=lambda h: h.household_id):
+    for household in sorted(latest.values(), key=lambda h: h.household_id):
         because = None
         if Exemption.POOR_HOUSEHOLD in exempt and household.poor:
             because = Exemption.POOR_HOUSEHOLD

@@ -6,15 +6,20 @@ auditors' replay agrees with the live books."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
 from civic.ledger.v1 import ledger_pb2
+from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from services.common.auth import Role
 from services.common.config import Settings
 from services.ledger import domain
+from services.ledger import registry as registry_module
 from services.ledger.main import LedgerService
-from tests.ledger.conftest import Books, rid
+from tests.ledger.conftest import Books, open_fund, rid
 from tests.ledger.test_replay import audit, published
 from tests.registry_fixtures import new_household
 
@@ -235,3 +240,58 @@ async def test_a_unit_too_large_for_one_campaign_names_the_fund(
         f"fund_id: {ward.city.group} has 5 households to list; a campaign lists at most 4"
     )
     assert await head(ward) == before
+
+
+async def test_a_household_moved_while_the_register_is_read_is_charged_once(
+    ward: Books, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ward's households come from the registry a page at a time, in (group, id) order. The
+    ward merges its group 17 into group 18 after the first page: group 17's first household,
+    read there already, is read again in group 18. It owes the ward one due, not two, and the
+    campaign is declared (the refusal blamed `rate`)."""
+    city = ward.city
+    ward_fund = await open_fund(ward.caller(Role.WARD_OFFICER, city.ward), city.ward, "Quỹ phường")
+    other = await new_household(city.other_leader, city.other_group, head_name="Đỗ Thị Tám")
+    monkeypatch.setattr(registry_module, "PAGE", 1)
+    merged = asyncio.Event()
+
+    def merging_stub(channel: grpc.aio.Channel) -> Any:
+        """The registry's own stub; the merge is made between its first and second pages."""
+        stub: Any = registry_pb2_grpc.RegistryServiceStub(channel)
+        read = stub.ListHouseholdSummaries
+
+        async def list_page(request: registry_pb2.ListHouseholdSummariesRequest, **kw: Any) -> Any:
+            if request.page.page_token and not merged.is_set():
+                merged.set()
+                await city.ward_officer.MergeGroups(
+                    registry_pb2.MergeGroupsRequest(
+                        request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
+                    )
+                )
+            return await read(request, **kw)
+
+        stub.ListHouseholdSummaries = list_page
+        return stub
+
+    monkeypatch.setattr(
+        registry_module, "registry_pb2_grpc", SimpleNamespace(RegistryServiceStub=merging_stub)
+    )
+    response = await ward.caller(Role.WARD_OFFICER, city.ward).DeclareCampaign(
+        ledger_pb2.DeclareCampaignRequest(
+            request_id=rid(),
+            fund_id=ward_fund,
+            name="Phí vệ sinh",
+            period="2026",
+            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+            rate=RATE,
+        )
+    )
+    assert merged.is_set()
+    campaign = response.campaign
+    households = {*ward.households.values(), other.household.household_id}
+    assert sorted(d.household_id for d in campaign.dues) == sorted(households)
+    assert campaign.total_due == len(households) * RATE
+    balances = await ward.auditor.GetBalances(ledger_pb2.GetBalancesRequest(fund_id=ward_fund))
+    assert {b.account: b.balance for b in balances.balances} == {
+        f"receivable/{campaign.campaign_id}/{h}": RATE for h in households
+    } | {"income/dues": -len(households) * RATE}
