@@ -644,8 +644,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 )
             total = sum(d.amount for d in dues)
             if total == 0:
+                # Nothing to book: the field to change is the exemptions, or the fund (its unit).
+                if dues:
+                    raise FailedPrecondition(
+                        f"exemptions: every household of {fund['unit_id']} is exempt; nothing "
+                        "would be owed"
+                    )
                 raise FailedPrecondition(
-                    f"no household of {fund['unit_id']} owes anything under these terms"
+                    f"fund_id: {fund['unit_id']} has no household anybody lives in; nothing "
+                    "would be owed"
                 )
             campaign_id = new_id("cp")
             # The assessment: one transaction, or several for a unit with many households.

@@ -327,6 +327,30 @@ async def test_bad_campaigns_name_the_field(books: Books) -> None:
         assert (refused.value.details() or "").startswith(f"{field}: ")
 
 
+async def test_a_campaign_nobody_would_owe_anything_to_names_the_field(books: Books) -> None:
+    """In a group where nobody lives the fund's unit is at fault; where every household is
+    exempt, the exemptions asked for."""
+    city = books.city
+    leader = books.caller(Role.GROUP_LEADER, city.other_group)
+    fund_id = await open_fund(leader, city.other_group)
+    request = ledger_pb2.DeclareCampaignRequest(
+        fund_id=fund_id,
+        name="Quỹ khuyến học",
+        period="2026",
+        basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+        rate=10_000,
+        exemptions=[ledger_pb2.EXEMPTION_POOR_HOUSEHOLD],
+    )
+    for field in ("fund_id", "exemptions"):
+        request.request_id = rid()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await leader.DeclareCampaign(request)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, field
+        assert (refused.value.details() or "").startswith(f"{field}: "), field
+        assert city.other_group in (refused.value.details() or "")
+        await new_household(city.other_leader, city.other_group, poor=True)
+
+
 async def test_a_moment_out_of_the_calendar_is_invalid_not_internal(books: Books) -> None:
     far = Timestamp(seconds=2**40)
     for request, field in (
