@@ -173,15 +173,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def _message(self, doc: Document) -> ledger_pb2.Transaction:
         return (await self._as_read([doc]))[0]
 
-    async def _as_read(self, docs: list[Document]) -> list[ledger_pb2.Transaction]:
-        """The transactions as read now: each names the reversal that undid it, if one has."""
+    async def _as_read(
+        self, docs: list[Document], session: Session | None = None
+    ) -> list[ledger_pb2.Transaction]:
+        """The transactions as read now (or in `session`): each names the reversal that undid
+        it, if one has."""
         messages = await self._messages(docs)
         by_fund: dict[str, list[str]] = defaultdict(list)
         for doc in docs:
             by_fund[doc["fund_id"]].append(doc["_id"])
         reversed_by: dict[str, str] = {}
         for fund_id, ids in by_fund.items():
-            reversed_by |= await self.store.reversed_ids(fund_id, ids)
+            reversed_by |= await self.store.reversed_ids(fund_id, ids, session)
         for doc, message in zip(docs, messages, strict=True):
             message.reversed_by_transaction_id = reversed_by.get(doc["_id"], "")
         return messages
@@ -713,13 +716,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.GetCampaignStatusResponse:
         fund = await self._readable(request.fund_id)
         _required("campaign_id", request.campaign_id)
-        campaign = await self.store.campaign(fund["_id"], request.campaign_id)
-        if campaign is None:
-            raise NotFound(f"campaign {request.campaign_id} not found in this fund")
-        owed = await self.store.balances_of(fund["_id"], f"receivable/{campaign['_id']}/")
-        paid_by = await self._paid(
-            fund, await self.store.contributions_to(fund["_id"], campaign["_id"])
-        )
+        # What is owed and what was paid, read at one moment: they add up to the dues.
+        async with self.store.snapshot() as session:
+            campaign = await self.store.campaign(fund["_id"], request.campaign_id, session)
+            if campaign is None:
+                raise NotFound(f"campaign {request.campaign_id} not found in this fund")
+            owed = await self.store.balances_of(
+                fund["_id"], f"receivable/{campaign['_id']}/", session
+            )
+            paid_by = await self._paid(
+                fund,
+                await self.store.contributions_to(fund["_id"], campaign["_id"], session),
+                session,
+            )
         caller = principal()
         response = ledger_pb2.GetCampaignStatusResponse(
             campaign=_as_seen_by(caller, campaign_message(campaign))
@@ -752,10 +761,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return response
 
     async def _paid(
-        self, fund: Document, contributions: list[Document]
+        self, fund: Document, contributions: list[Document], session: Session
     ) -> dict[tuple[str, str], int]:
         reversed_ids = await self.store.reversed_ids(
-            fund["_id"], [doc["_id"] for doc in contributions]
+            fund["_id"], [doc["_id"] for doc in contributions], session
         )
         return domain.paid_towards_dues(contributions, reversed_ids)
 
@@ -765,11 +774,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         fund = await self._fund(request.fund_id)
         _required("household_id", request.household_id)
         domain.may_read_household_dues(principal(), fund["unit_id"], request.household_id)
-        owed = await self.store.balances_of(fund["_id"], "receivable/")
-        contributions = await self.store.contributions_of(fund["_id"], request.household_id)
-        paid_by = await self._paid(fund, contributions)
+        # What is owed, what was paid and which payments were reversed, read at one moment.
+        async with self.store.snapshot() as session:
+            owed = await self.store.balances_of(fund["_id"], "receivable/", session)
+            contributions = await self.store.contributions_of(
+                fund["_id"], request.household_id, session
+            )
+            paid_by = await self._paid(fund, contributions, session)
+            campaigns = await self.store.campaigns_of(fund["_id"], session)
+            payments = await self._as_read(contributions, session)
         response = ledger_pb2.GetHouseholdDuesResponse(household_id=request.household_id)
-        for campaign in await self.store.campaigns_of(fund["_id"]):
+        for campaign in campaigns:
             due = next(
                 (d for d in campaign["dues"] if d["household_id"] == request.household_id), None
             )
@@ -791,7 +806,6 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     ),
                 )
             )
-        payments = await self._as_read(contributions)
         response.payments.extend(payments)
         if not response.household_name:
             response.household_name = await self._name_in_unit(fund, request.household_id)

@@ -163,12 +163,16 @@ class LedgerStore:
     async def reversal_of(self, fund_id: str, transaction_id: str) -> Document | None:
         return await self.transactions.find_one({"fund_id": fund_id, "reverses": transaction_id})
 
-    async def reversed_ids(self, fund_id: str, transaction_ids: list[str]) -> dict[str, str]:
+    async def reversed_ids(
+        self, fund_id: str, transaction_ids: list[str], session: Session | None = None
+    ) -> dict[str, str]:
         """transaction id -> the id of the reversal that undid it."""
         return {
             doc["reverses"]: doc["_id"]
             async for doc in self.transactions.find(
-                {"fund_id": fund_id, "reverses": {"$in": transaction_ids}}, {"reverses": 1}
+                {"fund_id": fund_id, "reverses": {"$in": transaction_ids}},
+                {"reverses": 1},
+                session=session,
             )
         }
 
@@ -186,9 +190,11 @@ class LedgerStore:
             .to_list()
         )
 
-    async def contributions_to(self, fund_id: str, campaign_id: str) -> list[Document]:
+    async def contributions_to(
+        self, fund_id: str, campaign_id: str, session: Session | None = None
+    ) -> list[Document]:
         return await self.transactions.find(
-            {"fund_id": fund_id, "contribution.campaign_id": campaign_id}
+            {"fund_id": fund_id, "contribution.campaign_id": campaign_id}, session=session
         ).to_list()
 
     async def insert_transactions(self, docs: list[Document], session: Session) -> None:
@@ -200,10 +206,12 @@ class LedgerStore:
             query["posted_at"]["$gte"] = start
         return await self.transactions.find(query).sort("sequence", ASCENDING).to_list()
 
-    async def contributions_of(self, fund_id: str, household_id: str) -> list[Document]:
+    async def contributions_of(
+        self, fund_id: str, household_id: str, session: Session | None = None
+    ) -> list[Document]:
         return (
             await self.transactions.find(
-                {"contribution.household_id": household_id, "fund_id": fund_id}
+                {"contribution.household_id": household_id, "fund_id": fund_id}, session=session
             )
             .sort("sequence", ASCENDING)
             .to_list()
@@ -232,15 +240,25 @@ class LedgerStore:
         if updates:
             await self.balances.bulk_write(updates, ordered=False, session=session)
 
-    async def balances_of(self, fund_id: str, prefix: str = "") -> dict[str, int]:
+    async def balances_of(
+        self, fund_id: str, prefix: str = "", session: Session | None = None
+    ) -> dict[str, int]:
         query: Document = {"fund_id": fund_id}
         if prefix:
             query["account"] = {"$regex": f"^{prefix}"}
-        return {doc["account"]: doc["balance"] async for doc in self.balances.find(query)}
+        return {
+            doc["account"]: doc["balance"]
+            async for doc in self.balances.find(query, session=session)
+        }
+
+    def snapshot(self) -> Session:
+        """A session whose reads all see the books as they stood at its first read: a report
+        read in several queries adds up even while postings commit."""
+        return self.db.client.start_session(snapshot=True)
 
     async def current(self, fund_id: str) -> tuple[int, dict[str, int]]:
         """The fund's chain head and its running balances, as of one snapshot."""
-        async with self.db.client.start_session(snapshot=True) as session:
+        async with self.snapshot() as session:
             fund = await self.funds.find_one({"_id": fund_id}, session=session)
             balances = {
                 doc["account"]: doc["balance"]
@@ -277,11 +295,19 @@ class LedgerStore:
 
     # ---- campaigns and households ------------------------------------------------------------
 
-    async def campaign(self, fund_id: str, campaign_id: str) -> Document | None:
-        return await self.campaigns.find_one({"_id": campaign_id, "fund_id": fund_id})
+    async def campaign(
+        self, fund_id: str, campaign_id: str, session: Session | None = None
+    ) -> Document | None:
+        return await self.campaigns.find_one(
+            {"_id": campaign_id, "fund_id": fund_id}, session=session
+        )
 
-    async def campaigns_of(self, fund_id: str) -> list[Document]:
-        return await self.campaigns.find({"fund_id": fund_id}).sort("_id", ASCENDING).to_list()
+    async def campaigns_of(self, fund_id: str, session: Session | None = None) -> list[Document]:
+        return (
+            await self.campaigns.find({"fund_id": fund_id}, session=session)
+            .sort("_id", ASCENDING)
+            .to_list()
+        )
 
     async def insert_campaign(self, campaign: Document, session: Session) -> None:
         await self.campaigns.insert_one(campaign, session=session)

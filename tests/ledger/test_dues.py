@@ -3,6 +3,7 @@ has paid and who has not; a household's dues and payments."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -174,6 +175,44 @@ async def test_who_has_paid_and_who_has_not(books: Books) -> None:
             )
         )
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def paying_while(
+    monkeypatch: pytest.MonkeyPatch, store: LedgerStore, method: str, pay: Awaitable[object]
+) -> None:
+    """The next call of the store's `method` first waits for `pay` to be recorded."""
+    read = getattr(store, method)
+
+    async def paid_meanwhile(*args: Any, **kw: Any) -> Any:
+        monkeypatch.setattr(store, method, read)
+        await pay
+        return await read(*args, **kw)
+
+    monkeypatch.setattr(store, method, paid_meanwhile)
+
+
+async def test_the_board_and_a_households_dues_are_read_at_one_moment(
+    books: Books, ledger_service: LedgerService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A payment the treasurer records while a board is being read shows there wholly or not at
+    all: it was counted as paid but still owed, the household shown as partly paid, and the
+    money collected and outstanding more than the campaign asked for."""
+    campaign = await declare(books)
+    store, cid = ledger_service.store, campaign.campaign_id
+    paying_while(monkeypatch, store, "contributions_to", books.contribute(200_000, "an", cid))
+    status = await books.leader.GetCampaignStatus(
+        ledger_pb2.GetCampaignStatusRequest(fund_id=books.fund_id, campaign_id=cid)
+    )
+    assert all(h.paid + h.outstanding == h.due for h in status.households)
+    assert status.collected + status.outstanding == campaign.total_due
+    paying_while(monkeypatch, store, "contributions_of", books.contribute(200_000, "dung", cid))
+    dues = await books.leader.GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(
+            fund_id=books.fund_id, household_id=books.households["dung"]
+        )
+    )
+    assert [(d.paid + d.outstanding, d.due) for d in dues.dues] == [(200_000, 200_000)]
+    assert sum(p.postings[0].amount for p in dues.payments) == dues.dues[0].paid
 
 
 async def test_paying_more_than_owed_or_for_an_exempt_household_is_refused(books: Books) -> None:
