@@ -258,10 +258,11 @@ async def _parse_fetch(
     records: tuple[ConsumerRecord[Any, Any], ...], parse: Callable[[Any], Awaitable[Any]]
 ) -> Any:
     """faststream's own parsing of a fetch. It decodes every header as UTF-8, so one producer's
-    binary header would fail the whole fetch for good: then it is shown only those it can read."""
+    binary header, or one without a value (Kafka allows null), would fail the whole fetch for
+    good: then it is shown only those it can read."""
     try:
         return await parse(records)
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, AttributeError):  # AttributeError: None.decode()
         return await parse(tuple(_readable_headers(record) for record in records))
 
 
@@ -272,7 +273,9 @@ def _readable_headers(record: ConsumerRecord[Any, Any]) -> ConsumerRecord[Any, A
     return dataclasses.replace(record, headers=readable)
 
 
-def _is_utf8(value: bytes) -> bool:
+def _is_utf8(value: bytes | None) -> bool:
+    if value is None:
+        return False
     try:
         value.decode()
     except UnicodeDecodeError:

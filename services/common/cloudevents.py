@@ -45,13 +45,16 @@ class CloudEvent:
         return headers
 
     @classmethod
-    def from_kafka(cls, headers: Iterable[tuple[str, bytes | str]], value: bytes) -> CloudEvent:
+    def from_kafka(
+        cls, headers: Iterable[tuple[str, bytes | str | None]], value: bytes
+    ) -> CloudEvent:
         # Only the headers read here are decoded: another producer's binary header is no concern
-        # of ours. A `ce_*` value that is not UTF-8 raises ValueError (UnicodeDecodeError).
+        # of ours. A `ce_*` value that is not UTF-8 raises ValueError (UnicodeDecodeError); one
+        # without a value (Kafka allows null) is as good as missing.
         decoded = {
             key: raw.decode() if isinstance(raw, bytes) else raw
             for key, raw in headers
-            if key.startswith("ce_") or key in ("traceparent", "tracestate")
+            if raw is not None and (key.startswith("ce_") or key in ("traceparent", "tracestate"))
         }
         missing = [
             name

@@ -105,6 +105,20 @@ def test_missing_headers_are_named() -> None:
         CloudEvent.from_kafka(as_record_headers(headers), b"")
 
 
+def test_a_header_without_a_value_is_missing() -> None:
+    headers: list[tuple[str, bytes | None]] = [
+        (name, None if name in ("ce_time", "ce_subject") else value)
+        for name, value in as_record_headers(event().kafka_headers())
+    ]
+
+    with pytest.raises(ValueError, match=r"missing headers ce_time$"):
+        CloudEvent.from_kafka(headers, b"")
+    received = CloudEvent.from_kafka(
+        [h for h in headers if h[0] != "ce_time"] + [("ce_time", b"2026-11-23T04:05:06Z")], b""
+    )
+    assert received.subject == ""
+
+
 def test_a_plain_kafka_record_is_not_a_cloud_event() -> None:
     with pytest.raises(ValueError) as error:
         CloudEvent.from_kafka([("content-type", b"application/protobuf")], b"{}")

@@ -185,3 +185,34 @@ def test_an_idle_consumer_waits_longer_after_each_empty_fetch_up_to_the_fetch_wa
     waits = [wait_after_empty(empty, 0.010) for empty in range(1, 8)]
     assert waits == [0.001, 0.002, 0.004, 0.008, 0.010, 0.010, 0.010]
     assert wait_after_empty(10_000, 0.010) == 0.010
+
+
+async def test_a_record_with_a_header_without_a_value_is_handled_or_passed_over(
+    settings: Settings, topic: str, consumer: Consumer
+) -> None:
+    """Kafka lets a header have no value at all (null, not empty): another producer's such
+    header must not stop the fetch it came in, and a CloudEvent header without a value makes
+    the record one no build can read."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    await consumer.broker.start()
+    try:
+        (t0, t0_headers), (t1, t1_headers), (t2, t2_headers), (t3, t3_headers) = (
+            submitted(f"t{i}") for i in range(4)
+        )
+        records: list[tuple[str, bytes, list[tuple[str, bytes | None]]]] = [
+            ("t0", t0, [*t0_headers]),
+            ("t0", t1, [*t1_headers, ("x-origin", None)]),
+            ("t0", t2, [(k, None if k == "ce_time" else v) for k, v in t2_headers]),
+            ("t0", t3, [*t3_headers]),
+        ]
+        sent = [
+            await producer.send(topic, value, key=key.encode(), headers=headers)
+            for key, value, headers in records
+        ]
+        await asyncio.gather(*sent)
+        assert await consumer.until_handled(3) == ["t0", "t1", "t3"]
+        await asyncio.sleep(0.3)
+        assert await consumer.handled() == ["t0", "t1", "t3"]
+    finally:
+        await producer.stop()
