@@ -56,10 +56,12 @@ class CloudEvent:
             for key, raw in headers
             if raw is not None and (key.startswith("ce_") or key in ("traceparent", "tracestate"))
         }
+        # Empty is missing (the spec requires non-empty strings): events with an empty id would
+        # all share one processed marker, and every one after the first be skipped unlogged.
         missing = [
             name
             for name in ("ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time")
-            if name not in decoded
+            if not decoded.get(name)
         ]
         if missing:
             raise ValueError(f"not a CloudEvent: missing headers {', '.join(missing)}")

@@ -105,6 +105,14 @@ def test_missing_headers_are_named() -> None:
         CloudEvent.from_kafka(as_record_headers(headers), b"")
 
 
+def test_an_empty_attribute_is_missing() -> None:
+    """Two other producers' events with an empty id are not one event to skip repeats of."""
+    headers = event().kafka_headers() | {"ce_id": "", "ce_source": ""}
+
+    with pytest.raises(ValueError, match=r"missing headers ce_id, ce_source$"):
+        CloudEvent.from_kafka(as_record_headers(headers), b"")
+
+
 def test_a_header_without_a_value_is_missing() -> None:
     headers: list[tuple[str, bytes | None]] = [
         (name, None if name in ("ce_time", "ce_subject") else value)
