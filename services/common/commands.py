@@ -11,10 +11,10 @@ such commands in flight: one transaction, and one wait for the journal, for all 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
@@ -33,6 +33,7 @@ from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 
 COMMANDS = "commands"
+DUPLICATE_KEY = 11000  # MongoDB's error code
 REMEMBERED_FOR = timedelta(days=7)
 
 R = TypeVar("R", bound=Message)
@@ -65,15 +66,20 @@ class CommandRunner:
 
         try:
             response = await in_transaction(self._client, transaction)
-        except (DomainError, DuplicateKeyError) as error:
+        except (DomainError, DuplicateKeyError, BulkWriteError) as error:
+            # insert_many and bulk_write report a duplicate key as a BulkWriteError; any other
+            # error of theirs is no sign of an earlier run.
+            duplicate = _duplicate_key(error)
+            if duplicate is None and not isinstance(error, DomainError):
+                raise
             # Only now look for an earlier run: a retry fails (its record exists, or the state
             # it changed no longer allows it), and the common first run pays no extra read.
             stored = await self._stored_response(key, fingerprint, response_type)
             if stored is not None:
                 return stored
-            if isinstance(error, DomainError):
+            if duplicate is None:
                 raise
-            fields = ", ".join((error.details or {}).get("keyPattern", {}) or ["key"])
+            fields = ", ".join(duplicate.get("keyPattern", {}) or ["key"])
             raise AlreadyExists(f"a record with the same {fields} already exists") from error
         self._outbox.committed()
         return response
@@ -143,6 +149,17 @@ class CommandRunner:
 class Insertion:
     documents: list[tuple[str, Document]]
     events: list[Document]
+
+
+def _duplicate_key(error: Exception) -> Mapping[str, Any] | None:
+    """The details of the duplicate key `error` reports, if that is what it reports."""
+    if isinstance(error, DuplicateKeyError):
+        return error.details or {}
+    if isinstance(error, BulkWriteError):
+        errors: list[Document] = (error.details or {}).get("writeErrors", [])
+        if errors and all(e.get("code") == DUPLICATE_KEY for e in errors):
+            return errors[0]
+    return None
 
 
 def _record(key: str, fingerprint: str, response: Message) -> Document:
