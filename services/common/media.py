@@ -80,8 +80,8 @@ def _jpeg(data: bytes) -> bytes:
         if marker == 0xFF:  # fill byte
             at += 1
             continue
-        if marker == 0xDA:  # start of scan: the picture itself, to the end
-            kept.append(data[at:])
+        if marker == 0xDA:  # start of scan: the picture itself, to the end of the image
+            kept.append(data[at : _end_of_image(data, at)])
             break
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
             kept.append(data[at : at + 2])
@@ -94,6 +94,29 @@ def _jpeg(data: bytes) -> bytes:
             kept.append(data[at:end])
         at = end
     return b"".join(kept)
+
+
+def _end_of_image(data: bytes, at: int) -> int:
+    """Just past the end-of-image marker of the image whose scan starts at `at` (or the end of
+    `data`). What a phone appends after it is no part of the picture, and carries what it was
+    taken with: a motion photo's video (where it was shot), further images with Exif (MPF)."""
+    while at + 1 < len(data):
+        if data[at + 1] == 0xD9:
+            return at + 2
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")  # a scan's header, tables
+        at = _next_marker(data, at)
+    return len(data)
+
+
+def _next_marker(data: bytes, at: int) -> int:
+    """Past entropy-coded data: the next 0xFF that begins a marker, not a stuffed 0xFF00, a
+    restart marker or a fill byte."""
+    while (at := data.find(b"\xff", at)) != -1 and at + 1 < len(data):
+        follower = data[at + 1]
+        if follower not in (0x00, 0xFF) and not 0xD0 <= follower <= 0xD7:
+            return at
+        at += 1
+    return len(data)
 
 
 _PNG_DROPPED = {b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"tIME"}

@@ -24,6 +24,20 @@ def test_a_jpeg_loses_exif_xmp_and_comments_and_keeps_its_picture() -> None:
     assert without_metadata("image/jpeg", phone) == plain
 
 
+def test_a_jpeg_loses_what_a_phone_appended_after_the_picture() -> None:
+    """A motion photo's video, or a second image with its own Exif (MPF), follows the end of
+    the image, with where it was taken; restart markers and stuffed bytes inside the picture
+    and fill bytes before its end are the picture's."""
+    phone, plain = jpeg_with_exif()
+    end = plain.rindex(b"\xff\xd9")
+    scan = plain.rindex(b"\xff\xda")
+    scan_data = scan + 2 + int.from_bytes(plain[scan + 2 : scan + 4], "big")
+    picture = plain[:scan_data] + b"\xff\x00\xff\xd0" + plain[scan_data:end] + b"\xff\xff\xd9"
+    video = b"\x00\x00\x00\x18ftypmp42" + b"\xa9xyz" + GPS
+    appended = phone.replace(plain[scan:], picture[scan:]) + video + jpeg_with_exif()[0]
+    assert without_metadata("image/jpeg", appended) == picture
+
+
 def test_a_png_loses_its_text_and_exif_chunks() -> None:
     plain = png_bytes()
     header_end = 8 + 12 + 13  # signature, IHDR
