@@ -129,8 +129,11 @@ def _png(data: bytes) -> bytes:
         end = at + 12 + length  # length, type, data, CRC
         if end > len(data):
             raise ValueError("chunk past the end")
-        if data[at + 4 : at + 8] not in _PNG_DROPPED:
+        kind = data[at + 4 : at + 8]
+        if kind not in _PNG_DROPPED:
             kept.append(data[at:end])
+        if kind == b"IEND":  # what follows is no part of the image (an appended video, say)
+            break
         at = end
     return b"".join(kept)
 
@@ -139,11 +142,12 @@ _VP8X_EXIF, _VP8X_XMP = 0x08, 0x04
 
 
 def _webp(data: bytes) -> bytes:
-    kept, at = [], 12
-    while at < len(data):
+    # The image ends where its RIFF header says: what follows is no part of it.
+    kept, at, image_end = [], 12, min(len(data), 8 + int.from_bytes(data[4:8], "little"))
+    while at < image_end:
         kind = data[at : at + 4]
         size = int.from_bytes(data[at + 4 : at + 8], "little")
-        if at + 8 + size > len(data):
+        if at + 8 + size > image_end:
             raise ValueError("chunk past the end")
         end = at + 8 + size + size % 2  # a chunk is padded to an even length
         chunk = data[at:end]

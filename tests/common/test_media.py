@@ -50,6 +50,13 @@ def test_a_png_loses_its_text_and_exif_chunks() -> None:
     assert without_metadata("image/png", phone) == plain
 
 
+def test_a_png_loses_what_follows_its_end() -> None:
+    plain = png_bytes()
+    header_end = 8 + 12 + 13  # signature, IHDR
+    phone = plain[:header_end] + png_chunk(b"eXIf", b"MM\x00*" + GPS) + plain[header_end:]
+    assert without_metadata("image/png", phone + b"\x00\x00\x00\x18ftypmp42" + GPS) == plain
+
+
 def test_a_webp_loses_its_exif_and_xmp_chunks_and_their_flags() -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return kind + len(data).to_bytes(4, "little") + data + b"\x00" * (len(data) % 2)
@@ -69,6 +76,9 @@ def test_a_webp_loses_its_exif_and_xmp_chunks_and_their_flags() -> None:
     cleaned = without_metadata("image/webp", phone)
     assert cleaned == riff(chunk(b"VP8X", bytes((0x10, 0, 0, 0)) + b"\x00" * 6), picture)
     assert IMAGE_SIGNATURES["image/webp"].match(cleaned)
+    # What follows the image's RIFF body is no part of it.
+    appended = phone + chunk(b"EXIF", GPS) + b"\x00\x00\x00\x18ftypmp42" + GPS
+    assert without_metadata("image/webp", appended) == cleaned
 
 
 def test_an_image_whose_structure_breaks_off_is_kept_as_it_came() -> None:
