@@ -65,6 +65,8 @@ class Coalescer(Generic[In, Out]):
     async def _send(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
         try:
             results = await self._run([item for item, _ in batch])
+            # A wrong number of answers fails every caller too, rather than leaving some waiting.
+            answered = list(zip(batch, results, strict=True))
         except Exception as error:  # every caller of the batch learns it failed
             for _, future in batch:
                 if not future.done():
@@ -74,7 +76,7 @@ class Coalescer(Generic[In, Out]):
                 future.cancel()
             raise
         else:
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future), result in answered:
                 if not future.done():
                     future.set_result(result)
         finally:

@@ -77,3 +77,15 @@ async def test_a_caller_that_gave_up_before_its_batch_left_is_not_sent() -> None
     assert await first == "A"
     assert await kept == "C"
     assert recorder.batches == [["a"], ["c"]]
+
+
+async def test_a_batch_answered_with_the_wrong_number_of_results_fails_every_caller() -> None:
+    async def one_short(items: list[str]) -> list[str]:
+        await asyncio.sleep(0.01)
+        return [item.upper() for item in items[1:]]
+
+    coalescer = Coalescer(one_short)
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(coalescer.submit(c) for c in "abc"), return_exceptions=True), 2
+    )
+    assert [type(answer) for answer in answers] == [ValueError] * 3
