@@ -11,6 +11,7 @@ such commands in flight: one transaction, and one wait for the journal, for all 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,8 @@ from services.common.errors import (
 )
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
+
+log = logging.getLogger(__name__)
 
 COMMANDS = "commands"
 DUPLICATE_KEY = 11000  # MongoDB's error code
@@ -79,8 +82,10 @@ class CommandRunner:
                 return stored
             if duplicate is None:
                 raise
+            # The index's fields are the store's names, not the request's: logged, not told.
             fields = ", ".join(duplicate.get("keyPattern", {}) or ["key"])
-            raise AlreadyExists(f"a record with the same {fields} already exists") from error
+            log.info("%s: duplicate key (%s)", method, fields)
+            raise AlreadyExists("what this request would create exists already") from error
         self._outbox.committed()
         return response
 
