@@ -277,12 +277,13 @@ class OutboxRelay:
         fault("CIVIC_FAULT_CRASH_BEFORE_PUBLISH")
         futures = [future for entry in entries for future in await self._publish(entry)]
         await asyncio.gather(*futures)
+        # Counted once the broker has them, so whoever sees them marked sent sees them counted.
+        self.published += len(futures)
         fault("CIVIC_FAULT_CRASH_AFTER_PUBLISH")
         await self._collection.update_many(
             {"_id": {"$in": [entry["_id"] for entry in entries]}},
             {"$unset": {"pending": ""}, "$set": {"sent_at": datetime.now(UTC)}},
         )
-        self.published += len(futures)
         return len(entries)
 
     async def _publish(self, entry: Document) -> list[asyncio.Future[Any]]:
