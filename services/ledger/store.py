@@ -109,11 +109,10 @@ class LedgerStore:
 
     async def funds_of(self, unit_ids: list[str], below: str | None) -> list[Document]:
         """Funds of these units, and of every unit under `below` if given."""
-        query: Document = {"unit_id": {"$in": unit_ids}}
-        if below is not None:
-            query = {"$or": [query, {"unit_id": in_unit(below)}]}
+        # One $in, the subtree's stretch included: the unit index read in stretches, in order.
+        units = [*unit_ids, *(in_unit(below)["$in"] if below is not None else [])]
         return (
-            await self.funds.find(query)
+            await self.funds.find({"unit_id": {"$in": units}})
             .sort([("unit_id", ASCENDING), ("_id", ASCENDING)])
             .to_list()
         )
