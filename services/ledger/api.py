@@ -461,13 +461,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if (done := await self._already_posted([draft])) is not None:
             return ledger_pb2.RecordContributionResponse(transaction=await self._message(done[0]))
         if request.campaign_id:
-            campaign = await self.store.campaign(fund["_id"], request.campaign_id)
+            campaign = await self.store.campaign(fund["_id"], request.campaign_id, with_dues=False)
             if campaign is None:
                 raise NotFound(f"campaign {request.campaign_id} not found in this fund")
             _required("household_id", request.household_id)
-            due = next(
-                (d for d in campaign["dues"] if d["household_id"] == request.household_id), None
-            )
+            due = await self.store.due(fund["_id"], campaign["_id"], request.household_id)
             if due is None:
                 raise FailedPrecondition(
                     f"household_id: {request.household_id} owes nothing to this campaign"
@@ -774,30 +772,33 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         fund = await self._fund(request.fund_id)
         _required("household_id", request.household_id)
         domain.may_read_household_dues(principal(), fund["unit_id"], request.household_id)
-        # What is owed, what was paid and which payments were reversed, read at one moment.
+        # What is owed, what was paid and which payments were reversed, read at one moment:
+        # the household's own dues and receivables, not every campaign's list of thousands.
         async with self.store.snapshot() as session:
-            owed = await self.store.balances_of(fund["_id"], "receivable/", session)
+            dues = await self.store.dues_of(fund["_id"], request.household_id, session)
+            owed = await self.store.current_balances(
+                [
+                    (fund["_id"], domain.receivable(due["campaign_id"], request.household_id))
+                    for due in dues
+                ],
+                session,
+            )
             contributions = await self.store.contributions_of(
                 fund["_id"], request.household_id, session
             )
             paid_by = await self._paid(fund, contributions, session)
-            campaigns = await self.store.campaigns_of(fund["_id"], session)
             payments = await self._as_read(contributions, session)
         response = ledger_pb2.GetHouseholdDuesResponse(household_id=request.household_id)
-        for campaign in campaigns:
-            due = next(
-                (d for d in campaign["dues"] if d["household_id"] == request.household_id), None
-            )
-            if due is None:
-                continue
+        for due in dues:
             response.household_name = due["name"]
-            outstanding = owed.get(domain.receivable(campaign["_id"], request.household_id), 0)
-            paid = paid_by.get((campaign["_id"], request.household_id), 0)
+            owed_by = domain.receivable(due["campaign_id"], request.household_id)
+            outstanding = owed.get((fund["_id"], owed_by), 0)
+            paid = paid_by.get((due["campaign_id"], request.household_id), 0)
             response.dues.append(
                 ledger_pb2.CampaignDue(
-                    campaign_id=campaign["_id"],
-                    campaign_name=campaign["name"],
-                    period=campaign["period"],
+                    campaign_id=due["campaign_id"],
+                    campaign_name=due["campaign_name"],
+                    period=due["period"],
                     due=due["amount"],
                     paid=paid,
                     outstanding=outstanding,
@@ -883,7 +884,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             for posting in doc["postings"]:
                 closing[posting["account"]] = closing.get(posting["account"], 0) + posting["amount"]
         messages = await self._messages(docs)
-        campaigns = {c["_id"]: c["name"] for c in await self.store.campaigns_of(fund["_id"])}
+        # Only the names of the campaigns the lines name, not the campaigns' dues.
+        campaigns = await self.store.campaign_names(
+            fund["_id"], {doc["campaign_id"] for doc in docs if doc.get("campaign_id")}
+        )
         sequences = {doc["_id"]: doc["sequence"] for doc in docs}
         lines = []
         for doc, message in zip(docs, messages, strict=True):

@@ -4,7 +4,7 @@ updated; every write takes the session of the command's transaction."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
@@ -17,6 +17,8 @@ from services.common.outbox import ensure_outbox_indexes
 
 # A household moved: (household id, the unit it left, the unit it is in now).
 Move = tuple[str, str, str]
+MIGRATIONS = "migrations"  # one document for each change of stored data done
+DUES_APART = "dues_by_household"
 
 
 def new_id(prefix: str) -> str:
@@ -30,6 +32,9 @@ class LedgerStore:
         self.transactions = db["transactions"]
         self.balances = db["balances"]
         self.campaigns = db["campaigns"]
+        # Each household's due in each campaign, beside the campaign's own list of them: one
+        # household's dues are read without the thousands of others' a campaign lists.
+        self.dues = db["dues"]
         # Household names as the register gave them (for dues lists and statements).
         self.households = db["households"]
 
@@ -93,8 +98,32 @@ class LedgerStore:
         )
         await self.balances.create_index([("fund_id", ASCENDING), ("account", ASCENDING)])
         await self.campaigns.create_index([("fund_id", ASCENDING), ("_id", ASCENDING)])
+        await self.dues.create_index(
+            [("household_id", ASCENDING), ("fund_id", ASCENDING), ("campaign_id", ASCENDING)]
+        )
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
+        await self._keep_dues_apart()
+
+    async def _keep_dues_apart(self) -> None:
+        """Campaigns declared before each household's due was also kept on its own get theirs
+        (upserts: instances starting together, or a start after a crash halfway, do no harm).
+        Done once (a start of every instance need not read every campaign), then recorded."""
+        migrations = self.db[MIGRATIONS]
+        if await migrations.find_one({"_id": DUES_APART}):
+            return
+        async for campaign in self.campaigns.find(
+            {}, {"fund_id": 1, "name": 1, "period": 1, "dues": 1}
+        ):
+            dues = household_dues(campaign)
+            if dues:
+                await self.dues.bulk_write(
+                    [UpdateOne({"_id": d["_id"]}, {"$setOnInsert": d}, upsert=True) for d in dues],
+                    ordered=False,
+                )
+        await migrations.update_one(
+            {"_id": DUES_APART}, {"$set": {"at": datetime.now(UTC)}}, upsert=True
+        )
 
     # ---- funds -------------------------------------------------------------------------------
 
@@ -178,7 +207,9 @@ class LedgerStore:
     async def other_parts(self, fund_id: str, assessment: Document) -> list[Document]:
         """The campaign's other assessment transactions, in the chain's order: a campaign over
         many households is booked in several."""
-        campaign = await self.campaign(fund_id, assessment.get("campaign_id") or "")
+        campaign = await self.campaign(
+            fund_id, assessment.get("campaign_id") or "", with_dues=False
+        )
         ids = (campaign or {}).get("transaction_ids", [])
         others = [i for i in ids if i != assessment["_id"]]
         if not others:
@@ -295,21 +326,50 @@ class LedgerStore:
     # ---- campaigns and households ------------------------------------------------------------
 
     async def campaign(
-        self, fund_id: str, campaign_id: str, session: Session | None = None
+        self,
+        fund_id: str,
+        campaign_id: str,
+        session: Session | None = None,
+        *,
+        with_dues: bool = True,
     ) -> Document | None:
+        """The campaign; `with_dues=False` leaves out its list of dues (up to 20,000)."""
         return await self.campaigns.find_one(
-            {"_id": campaign_id, "fund_id": fund_id}, session=session
+            {"_id": campaign_id, "fund_id": fund_id},
+            None if with_dues else {"dues": 0},
+            session=session,
         )
 
-    async def campaigns_of(self, fund_id: str, session: Session | None = None) -> list[Document]:
-        return (
-            await self.campaigns.find({"fund_id": fund_id}, session=session)
-            .sort("_id", ASCENDING)
-            .to_list()
-        )
+    async def campaign_names(self, fund_id: str, campaign_ids: Iterable[str]) -> dict[str, str]:
+        return {
+            doc["_id"]: doc["name"]
+            async for doc in self.campaigns.find(
+                {"_id": {"$in": list(campaign_ids)}, "fund_id": fund_id}, {"name": 1}
+            )
+        }
 
     async def insert_campaign(self, campaign: Document, session: Session) -> None:
         await self.campaigns.insert_one(campaign, session=session)
+        if dues := household_dues(campaign):
+            await self.dues.insert_many(dues, session=session)
+
+    async def due(self, fund_id: str, campaign_id: str, household_id: str) -> Document | None:
+        """The household's due in the campaign, if the campaign lists it."""
+        return await self.dues.find_one(
+            {"_id": _due_id(campaign_id, household_id), "fund_id": fund_id}
+        )
+
+    async def dues_of(
+        self, fund_id: str, household_id: str, session: Session | None = None
+    ) -> list[Document]:
+        """The household's due in each campaign of the fund that lists it, in campaign order."""
+        return (
+            await self.dues.find(
+                {"household_id": household_id, "fund_id": fund_id}, session=session
+            )
+            .sort("campaign_id", ASCENDING)
+            .to_list()
+        )
 
     async def remember_households(self, households: list[Document]) -> None:
         if households:
@@ -347,3 +407,23 @@ class LedgerStore:
 
 def _balance_id(fund_id: str, account: str) -> str:
     return f"{fund_id}|{account}"
+
+
+def _due_id(campaign_id: str, household_id: str) -> str:
+    return f"{campaign_id}|{household_id}"
+
+
+def household_dues(campaign: Document) -> list[Document]:
+    """The campaign's dues, one document each, with what a household's read shows of the
+    campaign (which never changes once declared)."""
+    return [
+        {
+            "_id": _due_id(campaign["_id"], due["household_id"]),
+            "fund_id": campaign["fund_id"],
+            "campaign_id": campaign["_id"],
+            "campaign_name": campaign["name"],
+            "period": campaign["period"],
+            **due,
+        }
+        for due in campaign["dues"]
+    ]
