@@ -909,8 +909,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             to=timestamp(until),
             opening_available=opening.get("cash", 0) + opening.get("bank", 0),
             closing_available=closing.get("cash", 0) + closing.get("bank", 0),
-            total_in=sum(line.money_in for line in lines),
-            total_out=sum(line.money_out for line in lines),
+            total_in=domain.statement_total("in", (line.money_in for line in lines)),
+            total_out=domain.statement_total("out", (line.money_out for line in lines)),
             lines=lines,
             closing_balances=balances_message(closing),
         )

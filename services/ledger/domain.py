@@ -24,8 +24,9 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Permissi
 
 # A quadrillion đồng: far above any neighbourhood fund.
 MAX_AMOUNT = 10**15
-# An account's balance stays within this, so balances and their sums (cash plus bank, a
-# statement's totals) stay far inside int64.
+# An account's balance stays within this, so balances and their sums (cash plus bank) stay far
+# inside int64. A statement's totals are sums over its period, which grow with every posting
+# however the balances stand: they are held to it too (`statement_total`).
 MAX_BALANCE = 10**17
 # The most postings in one transaction. An assessment posts one receivable per household: a
 # campaign with more households is booked in several transactions (`assessment`). An
@@ -211,6 +212,19 @@ def apply_postings(
             )
         updated[account] = after
     return updated
+
+
+def statement_total(direction: str, amounts: Iterable[int]) -> int:
+    """The money in (or out) over a statement's lines; refuses (FAILED_PRECONDITION, naming
+    `from`: a later one shortens the period) a total past MAX_BALANCE, the bound every balance
+    keeps, rather than answer a figure no balance could reach or its int64 field hold."""
+    total = sum(amounts)
+    if total > MAX_BALANCE:
+        raise FailedPrecondition(
+            f"from: the money {direction} over the period comes to {total:,} đồng, past the "
+            f"{MAX_BALANCE:,} a statement totals; ask for a shorter period"
+        )
+    return total
 
 
 def part_request_id(request_id: str, part: int) -> str:

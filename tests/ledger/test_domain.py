@@ -169,6 +169,20 @@ def replay(chain: Chain, events: list[events_pb2.TransactionPosted]) -> domain.B
     return books
 
 
+def test_a_statements_totals_are_held_to_the_balance_limit() -> None:
+    """Each line within the limits; lines enough to pass int64 are refused, not summed past
+    what the proto field holds."""
+    lines = [2 * domain.MAX_AMOUNT] * 50
+    assert domain.statement_total("in", lines) == domain.MAX_BALANCE
+    for many in ([*lines, 1], [2 * domain.MAX_AMOUNT] * 5000):
+        with pytest.raises(FailedPrecondition) as refused:
+            domain.statement_total("out", many)
+        assert refused.value.message.startswith(
+            f"from: the money out over the period comes to {sum(many):,} đồng"
+        )
+    assert 5000 * 2 * domain.MAX_AMOUNT > 2**63 - 1
+
+
 def test_books_from_events_repeats_reversals_and_breaks() -> None:
     chain = Chain()
     chain.post(("cash", 100), ("income/x", -100))

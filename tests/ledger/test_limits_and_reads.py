@@ -4,6 +4,7 @@ nobody is shown as having paid a due that nobody owed, nor as owing one."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from datetime import date
@@ -15,6 +16,7 @@ from civic.registry.v1 import registry_pb2
 
 from services.common.config import Settings
 from services.ledger import statements
+from services.ledger.domain import MAX_BALANCE
 from services.ledger.main import LedgerService
 from services.ledger.replay import Replayer, read_topic
 from tests.ledger.conftest import Books, rid
@@ -138,3 +140,43 @@ async def test_a_household_nobody_lives_in_owes_nothing_and_has_not_paid(
     assert replayer.report.first_bad is None, replayer.report.text()
     replayed = replayer.books.funds[books.fund_id].balances
     assert {a: n for a, n in replayed.items() if n} == live
+
+
+async def test_a_statement_whose_totals_would_pass_the_limit_names_the_period(
+    books: Books,
+) -> None:
+    """Every posting and every balance is within the limits, but money that comes in and goes
+    out again adds up over a period: a statement's total past MAX_BALANCE (and, further on,
+    past what its int64 field holds) is refused naming `from`, and a shorter period is
+    answered."""
+    big = 10**15
+    into = [("cash", big), ("bank", big), ("equity/a", -big), ("equity/b", -big)]
+    back = [(account, -amount) for account, amount in into]
+    pairs = MAX_BALANCE // (2 * big)  # money in and out, each up to the limit exactly
+    batch = [entry(books.fund_id, *(into if i % 2 == 0 else back)) for i in range(2 * pairs)]
+    await books.treasurer.PostTransactions(ledger_pb2.PostTransactionsRequest(transactions=batch))
+    within = await books.auditor.GetStatement(ledger_pb2.GetStatementRequest(fund_id=books.fund_id))
+    assert (within.statement.total_in, within.statement.total_out) == (MAX_BALANCE, MAX_BALANCE)
+    await asyncio.sleep(0.01)
+    (late, _) = (
+        await books.treasurer.PostTransactions(
+            ledger_pb2.PostTransactionsRequest(
+                transactions=[entry(books.fund_id, *into), entry(books.fund_id, *back)]
+            )
+        )
+    ).transactions
+    for call, request in (
+        (books.auditor.GetStatement, ledger_pb2.GetStatementRequest(fund_id=books.fund_id)),
+        (books.auditor.ExportStatement, ledger_pb2.ExportStatementRequest(fund_id=books.fund_id)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(request)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (refused.value.details() or "").startswith(
+            f"from: the money in over the period comes to {MAX_BALANCE + 2 * big:,} đồng"
+        ), refused.value.details()
+    shorter = ledger_pb2.GetStatementRequest(fund_id=books.fund_id)
+    getattr(shorter, "from").CopyFrom(late.posted_at)
+    answered = (await books.auditor.GetStatement(shorter)).statement
+    assert (answered.total_in, answered.total_out) == (2 * big, 2 * big)
+    assert answered.opening_available == answered.closing_available == 0
