@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import grpc
 import pytest
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -171,3 +174,29 @@ async def new_household(
     request = registry_pb2.CreateHouseholdRequest(**(fields | kw))
     response: registry_pb2.CreateHouseholdResponse = await caller.CreateHousehold(request)
     return response
+
+
+async def outlive_the_first_page(
+    registry: RegistryService,
+    write: Callable[[], Awaitable[object]],
+    later_page: Callable[[], Awaitable[object]],
+    within: float = 30,
+) -> grpc.aio.AioRpcError:
+    """Waits until the moment a paged listing's first page read the register at is no longer
+    kept, and returns the registry's refusal of `later_page`. MongoDB keeps that past for
+    minSnapshotHistoryWindowInSeconds (300 s), lowered to 1 s meanwhile; it is trimmed as later
+    writes (`write`, one a try) are committed."""
+    admin = registry.db.client.admin
+    await admin.command("setParameter", 1, minSnapshotHistoryWindowInSeconds=1)
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            await write()
+            try:
+                await later_page()
+            except grpc.aio.AioRpcError as error:
+                return error
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.command("setParameter", 1, minSnapshotHistoryWindowInSeconds=300)
+    raise AssertionError(f"not within {within:.0f} s: the first page's moment forgotten")

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from bson.regex import Regex
+from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
@@ -18,7 +19,9 @@ from pymongo.write_concern import WriteConcern
 from services.common.errors import InvalidArgument
 
 T = TypeVar("T")
-INDEX_OPTIONS_CONFLICT, INDEX_KEY_SPECS_CONFLICT = 85, 86  # MongoDB's error codes
+# MongoDB's error codes
+INVALID_OPTIONS, INDEX_OPTIONS_CONFLICT, INDEX_KEY_SPECS_CONFLICT = 72, 85, 86
+SNAPSHOT_TOO_OLD, SNAPSHOT_UNAVAILABLE = 239, 246
 Document = dict[str, Any]
 Session = AsyncClientSession
 
@@ -97,3 +100,56 @@ async def in_transaction(
             read_concern=ReadConcern("snapshot"),
             write_concern=WriteConcern("majority"),
         )
+
+
+class Snapshot:
+    """Reads of the database as it was at one moment, `at`, which outlives a request: the first
+    read fixes it (the latest majority-committed moment) unless it was given, and a later
+    request that gives it back reads as that one did. MongoDB keeps a moment's data for
+    minSnapshotHistoryWindowInSeconds (300 s by default): a read at an older one fails with
+    SNAPSHOT_TOO_OLD (or SNAPSHOT_UNAVAILABLE where a collection or index changed since), and
+    one at a moment still to come with INVALID_OPTIONS."""
+
+    def __init__(self, at: Timestamp | None = None) -> None:
+        self.at = at
+
+    async def find(
+        self,
+        collection: AsyncCollection[Document],
+        query: Document,
+        *,
+        sort: Document | None = None,
+        limit: int = 0,
+    ) -> list[Document]:
+        command: Document = {"find": collection.name, "filter": query}
+        if sort:
+            command["sort"] = sort
+        if limit:
+            command |= {"limit": limit, "batchSize": limit}
+        return await self._read(collection, command)
+
+    async def aggregate(
+        self, collection: AsyncCollection[Document], pipeline: list[Document]
+    ) -> list[Document]:
+        return await self._read(
+            collection, {"aggregate": collection.name, "pipeline": pipeline, "cursor": {}}
+        )
+
+    async def _read(
+        self, collection: AsyncCollection[Document], command: Document
+    ) -> list[Document]:
+        # PyMongo's sessions take no moment to read at (a snapshot session learns its own from
+        # its first read): a later request states it in the command's read concern.
+        database, codecs = collection.database, collection.codec_options
+        if self.at is not None:
+            read_concern = {"level": "snapshot", "atClusterTime": self.at}
+            cursor = await database.cursor_command(
+                command | {"readConcern": read_concern}, codec_options=codecs
+            )
+            return await cursor.to_list()
+        async with database.client.start_session(snapshot=True) as session:
+            cursor = await database.cursor_command(command, codec_options=codecs, session=session)
+            # A snapshot read's operation time is the moment it read at: the command's, before
+            # a getMore for the rest of the cursor answers with one of its own.
+            self.at = session.operation_time
+            return await cursor.to_list()

@@ -16,7 +16,14 @@ from pymongo.errors import OperationFailure
 from services.common.batching import Coalescer
 from services.common.commands import ensure_command_indexes
 from services.common.errors import FailedPrecondition
-from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
+from services.common.mongo import (
+    Document,
+    Session,
+    Snapshot,
+    ensure_indexes,
+    holding_text,
+    in_unit,
+)
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import next_token, unit_ordered_page
 from services.registry.domain import fold
@@ -249,17 +256,21 @@ class RegistryStore:
     async def households_page(
         self, unit_id: str, token: str, size: int
     ) -> tuple[list[Document], str]:
-        """Active households of a unit's subtree, by id, one page, with their residents (each
-        household's under "residents")."""
+        """Active households of a unit's subtree, in (unit, id) order, one page, with their
+        residents (each household's under "residents"), as the register was at the first page:
+        a person who moved house between two pages is a resident once."""
         query = {"unit_id": in_unit(unit_id), "active": True}
-        households, next_page = await unit_ordered_page(self.households, query, token, size)
+        snapshot = Snapshot()
+        households, next_page = await unit_ordered_page(
+            self.households, query, token, size, snapshot=snapshot
+        )
         by_id = {household["_id"]: household for household in households}
         for household in households:
             household["residents"] = []
-        async for person in self.persons.find(
-            {"household_id": {"$in": list(by_id)}, "status": RESIDENT}
-        ):
-            by_id[person["household_id"]]["residents"].append(person)
+        if by_id:
+            residents = {"household_id": {"$in": list(by_id)}, "status": RESIDENT}
+            for person in await snapshot.find(self.persons, residents):
+                by_id[person["household_id"]]["residents"].append(person)
         return households, next_page
 
     async def person(self, person_id: str, session: Session | None = None) -> Document | None:
