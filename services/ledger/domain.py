@@ -311,8 +311,9 @@ def compute_dues(
     exemptions: Iterable[Exemption],
 ) -> list[Due]:
     """What each household owes: the rate per household or per resident, nothing when exempt.
-    A household read twice (the register is read a page at a time, in unit order, and a group
-    merged meanwhile moves its households to a later page) owes once, as last read."""
+    A household listed twice owes once, as last read: a registry from before it read every
+    page of a listing as at the first could list one twice, its group merged into a later one
+    between two pages."""
     exempt = set(exemptions)
     latest = {household.household_id: household for household in households}
     dues = []

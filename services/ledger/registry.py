@@ -1,9 +1,12 @@
 """What the ledger reads from the registry, through its gRPC API: the households of a unit with
 the facts dues depend on. The ledger calls as a service, with a short-lived token scoped to the
-unit it levies, and says why (the registry logs the read of heads' names). Where those households
-move later comes from the registry's events (`events.follow_moves`)."""
+unit it levies, and says why (the registry logs the read of heads' names). The registry reads
+every page of one read as the register was at the first. Where those households move later
+comes from the registry's events (`events.follow_moves`)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import grpc
 from civic.common.v1 import types_pb2
@@ -32,39 +35,65 @@ class RegistryReader:
             scope=unit_id,
             ttl_seconds=TOKEN_SECONDS,
         )
-        found: list[HouseholdFacts] = []
         async with civic_channel(self._target, token, PURPOSE) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
-            page_token = ""
-            while True:
-                try:
-                    response = await stub.ListHouseholdSummaries(
-                        registry_pb2.ListHouseholdSummariesRequest(
-                            unit_id=unit_id,
-                            page=types_pb2.PageRequest(page_size=PAGE, page_token=page_token),
-                        ),
-                        timeout=30,
-                    )
-                except grpc.aio.AioRpcError as error:
-                    if error.code() in (
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                    ):
-                        raise Unavailable("the registry did not answer; try again") from None
-                    raise FailedPrecondition(
-                        f"the registry refused to list households: {error.details()}"
-                    ) from None
-                found += [
-                    HouseholdFacts(
-                        household_id=h.household_id,
-                        unit_id=h.unit_id,
-                        name=h.head_name,
-                        residents=h.residents,
-                        poor=h.poor,
-                        war_invalid_member=h.war_invalid_member,
-                    )
-                    for h in response.households
-                ]
-                page_token = response.next_page_token
-                if not page_token:
-                    return found
+            with contextlib.suppress(_MomentLost):
+                return await self._read(stub, unit_id)
+            # The read took longer than the registry keeps the moment of its first page (about
+            # 5 minutes): read again from the first page, once; one as slow again is refused.
+            try:
+                return await self._read(stub, unit_id)
+            except _MomentLost as lost:
+                raise FailedPrecondition(
+                    f"the registry refused to list households: {lost}"
+                ) from None
+
+    async def _read(
+        self, stub: registry_pb2_grpc.RegistryServiceAsyncStub, unit_id: str
+    ) -> list[HouseholdFacts]:
+        """Every page of one read of the unit's households."""
+        found: list[HouseholdFacts] = []
+        page_token = ""
+        while True:
+            try:
+                response = await stub.ListHouseholdSummaries(
+                    registry_pb2.ListHouseholdSummariesRequest(
+                        unit_id=unit_id,
+                        page=types_pb2.PageRequest(page_size=PAGE, page_token=page_token),
+                    ),
+                    timeout=30,
+                )
+            except grpc.aio.AioRpcError as error:
+                details = error.details() or ""
+                if error.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise Unavailable("the registry did not answer; try again") from None
+                if (
+                    error.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    and page_token
+                    and details.startswith("page.page_token: ")
+                ):
+                    raise _MomentLost(details) from None
+                raise FailedPrecondition(
+                    f"the registry refused to list households: {details}"
+                ) from None
+            found += [
+                HouseholdFacts(
+                    household_id=h.household_id,
+                    unit_id=h.unit_id,
+                    name=h.head_name,
+                    residents=h.residents,
+                    poor=h.poor,
+                    war_invalid_member=h.war_invalid_member,
+                )
+                for h in response.households
+            ]
+            page_token = response.next_page_token
+            if not page_token:
+                return found
+
+
+class _MomentLost(Exception):
+    """The registry no longer keeps the register as it was at the read's first page."""

@@ -19,9 +19,10 @@ from services.common.config import Settings
 from services.ledger import domain
 from services.ledger import registry as registry_module
 from services.ledger.main import LedgerService
+from services.registry.main import RegistryService
 from tests.ledger.conftest import Books, open_fund, rid
 from tests.ledger.test_replay import audit, published
-from tests.registry_fixtures import new_household
+from tests.registry_fixtures import new_household, outlive_the_first_page
 
 RATE = 100_000
 
@@ -247,8 +248,9 @@ async def test_a_household_moved_while_the_register_is_read_is_charged_once(
 ) -> None:
     """A ward's households come from the registry a page at a time, in (group, id) order. The
     ward merges its group 17 into group 18 after the first page: group 17's first household,
-    read there already, is read again in group 18. It owes the ward one due, not two, and the
-    campaign is declared (the refusal blamed `rate`)."""
+    read there already, would be met again in group 18 (its second due made the refusal blame
+    `rate`). The registry reads every page as the register was at the first: each household
+    is listed once and owes the ward one due."""
     city = ward.city
     ward_fund = await open_fund(ward.caller(Role.WARD_OFFICER, city.ward), city.ward, "Quỹ phường")
     other = await new_household(city.other_leader, city.other_group, head_name="Đỗ Thị Tám")
@@ -295,3 +297,41 @@ async def test_a_household_moved_while_the_register_is_read_is_charged_once(
     assert {b.account: b.balance for b in balances.balances} == {
         f"receivable/{campaign.campaign_id}/{h}": RATE for h in households
     } | {"income/dues": -len(households) * RATE}
+
+
+async def test_a_read_of_the_register_that_outlived_its_moment_starts_again_once(
+    ward: Books, registry: RegistryService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry reads every page of a listing as the register was at its first page, and
+    keeps that moment for 5 minutes: a later page asked for after that is refused, naming
+    `page.page_token`. The ledger reads the register again from the first page, once, and the
+    campaign lists the households of that read, each once."""
+    city = ward.city
+    monkeypatch.setattr(registry_module, "PAGE", 1)
+    late: list[str] = []
+
+    async def move_in() -> None:
+        late.append((await new_household(city.leader, city.group)).household.household_id)
+
+    def forgetting_stub(channel: grpc.aio.Channel) -> Any:
+        """The registry's own stub; the first read's moment is forgotten before its second
+        page."""
+        stub: Any = registry_pb2_grpc.RegistryServiceStub(channel)
+        read = stub.ListHouseholdSummaries
+
+        async def list_page(request: registry_pb2.ListHouseholdSummariesRequest, **kw: Any) -> Any:
+            if request.page.page_token and not late:
+                await outlive_the_first_page(registry, move_in, lambda: read(request, **kw))
+            return await read(request, **kw)
+
+        stub.ListHouseholdSummaries = list_page
+        return stub
+
+    monkeypatch.setattr(
+        registry_module, "registry_pb2_grpc", SimpleNamespace(RegistryServiceStub=forgetting_stub)
+    )
+    campaign = await declare(ward)
+    assert late
+    households = [*ward.households.values(), *late]
+    assert sorted(d.household_id for d in campaign.dues) == sorted(households)
+    assert campaign.total_due == len(households) * RATE
