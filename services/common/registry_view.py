@@ -1,8 +1,8 @@
 """A service's own view of the registry, built from the events on civic.registry.v1 and never
 from the registry's database: the administrative tree and each household's unit and location;
-for a service that targets people (`people=True`) also each household's residence kind, address
-and number of residents, and each resident's household, birth date and sex. Ids and the facts
-other services act on only: never names or citizen IDs.
+for a service that targets people (`people=True`) also each household's residence kind, address,
+number of residents and the groups merged away it was in, and each resident's household, birth
+date and sex. Ids and the facts other services act on only: never names or citizen IDs.
 
 Every event becomes a list of writes (`changes`), so a consumer's fetch of events is applied
 inside its transaction (`apply_batch`, or `write` beside the service's own work) and a long run
@@ -105,7 +105,7 @@ class RegistryView:
                 return [("units", UpdateOne({"_id": m.unit_id}, {"$set": {"name": m.new_name}}))]
             case events_pb2.GroupsMerged():
                 retired = {"active": False, "merged_into_id": m.target_unit_id}
-                return [
+                changes: list[Change] = [
                     ("units", UpdateOne({"_id": m.source_unit_id}, {"$set": retired}, upsert=True)),
                     (
                         "households",
@@ -114,6 +114,17 @@ class RegistryView:
                         ),
                     ),
                 ]
+                if self.people:
+                    # Each household merged keeps the groups merged away it was in, and the
+                    # group it was merged into: while it is still there (it has not moved house
+                    # since, whichever of this and its own events comes first), what was
+                    # addressed to such a group still finds it.
+                    merged = {
+                        "$addToSet": {"merged_from": m.source_unit_id},
+                        "$set": {"merged_into": m.target_unit_id},
+                    }
+                    changes += [_household(h, merged) for h in m.household_ids]
+                return changes
             case events_pb2.HouseholdCreated() | events_pb2.HouseholdUpdated():
                 fields: Document = {"unit_id": m.unit_id}
                 if self.people:  # whom a notice reaches, and whose door to knock on

@@ -131,6 +131,13 @@ def _asked_unit(unit_id: str) -> str:
     return check_unit_id(unit_id) if unit_id else ""
 
 
+def _groups_of(notice: Document, area: str) -> str | None:
+    """The groups to count for `area`: all of the notice's records when it is the notice's
+    unit, as households from a group of it merged away are counted in the group they are in
+    now, outside the unit."""
+    return None if area == notice["unit_id"] else area
+
+
 def _close(queue: asyncio.Queue[Document]) -> None:
     while not queue.empty():
         queue.get_nowait()
@@ -292,6 +299,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                 f"unit {request.unit_id} was merged into {unit.get('merged_into_id')}"
             )
         attachments = await self._attachments(list(request.attachments), caller, [])
+        merged = await self.store.merged_away(request.unit_id)
 
         async def work(
             session: Session,
@@ -333,7 +341,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                 "created_at": now,
             }
             if timing.publish_at is None:
-                changes, published = publication(notice, now)
+                changes, published = publication(notice, merged, now)
                 notice |= changes
                 event = notice_event(self.outbox, published, notice["_id"])
             else:
@@ -473,7 +481,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         caller = principal()
         notice = await self._visible(request.notice_id, caller)
         area = domain.reach_area(caller, notice["unit_id"], _asked_unit(request.unit_id))
-        rows = await self.store.reach(notice["_id"], area)
+        rows = await self.store.reach(notice["_id"], _groups_of(notice, area))
         groups = [
             notices_pb2.Reach(
                 unit_id=row["unit_id"],
@@ -505,7 +513,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         area = domain.reach_area(caller, notice["unit_id"], _asked_unit(request.unit_id))
         size = page_size(request.page.page_size)
         items, token = await self.store.not_reached(
-            notice["_id"], area, request.page.page_token, size
+            notice["_id"], _groups_of(notice, area), request.page.page_token, size
         )
         addresses = {
             h["_id"]: h.get("address", "")

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from civic.notices.v1 import events_pb2, notices_pb2
 from pymongo import AsyncMongoClient
 
-from services.common.mongo import Document, Session, in_transaction, in_unit
+from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 from services.common.runtime import BackgroundTask, fault
 from services.common.wire import timestamp
@@ -37,7 +37,7 @@ from services.notices.records import (
     delivery_document,
     next_resend,
 )
-from services.notices.store import NoticeStore
+from services.notices.store import MergedAway, NoticeStore
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ START = {"unit": "", "household": ""}  # the first delivery's marker before its 
 RESEND_BATCH = 2_000
 
 
-def publication(notice: Document, now: datetime) -> tuple[Document, events_pb2.NoticePublished]:
-    """What publishing changes in a notice, and its event; the first delivery is then due."""
+def publication(
+    notice: Document, merged: MergedAway, now: datetime
+) -> tuple[Document, events_pb2.NoticePublished]:
+    """What publishing changes in a notice, and its event; the first delivery is then due. The
+    event names where households of groups merged away from the notice's unit are reached."""
     changes: Document = {
         "state": int(State.PUBLISHED),
         "published_at": now,
@@ -62,6 +65,7 @@ def publication(notice: Document, now: datetime) -> tuple[Document, events_pb2.N
         audience=audience_message(notice),
         expires_at=timestamp(notice.get("expires_at")),
         requires_acknowledgement=notice["requires_ack"],
+        merged_into_unit_ids=merged.into,
     )
     return changes, event
 
@@ -133,7 +137,8 @@ class Deliverer:
         now = self.clock()
 
         async def publish(notice: Document, session: Session) -> list[Document]:
-            changes, event = publication(notice, now)
+            merged = await self.store.merged_away(notice["unit_id"], session)
+            changes, event = publication(notice, merged, now)
             await self.store.update(notice["_id"], {"$set": changes}, session)
             return [notice_event(self.outbox, event, notice["_id"])]
 
@@ -192,8 +197,12 @@ class Deliverer:
         """The pending records of the next households after the notice's marker; returns those
         households (the ones its member filter leaves out too, as they count for the order)."""
         audience = audience_of(notice)
+        # A group merged away still has the notice's households (they did not move house): the
+        # notice follows them into the group they are in now, but not to that group's own, whom
+        # its publisher neither addressed nor, a group leader, could have.
+        merged = await self.store.merged_away(notice["unit_id"])
         batch = await self.store.households_after(
-            notice["unit_id"], audience, notice["fanout"]["after"], self.batch_size
+            notice["unit_id"], merged, audience, notice["fanout"]["after"], self.batch_size
         )
         targets = batch
         if audience.filters_members and batch:
@@ -267,15 +276,15 @@ class Deliverer:
     async def _staying(
         self, notice: Document, records: list[Document], session: Session
     ) -> set[str]:
-        """Those of the records' households still in the notice's unit with residents (and of
+        """Those of the records' households the notice still reaches with residents (and of
         its residence kinds): one that left while its record was written is not announced."""
         if not records:
             return set()
+        merged = await self.store.merged_away(notice["unit_id"], session)
         still: Document = {
             "_id": {"$in": [r["household_id"] for r in records]},
-            "unit_id": in_unit(notice["unit_id"]),
             "residents": {"$gt": 0},
-        }
+        } | merged.households(notice["unit_id"])
         kinds = audience_of(notice).residence_kinds
         if kinds:
             still["residence_kind"] = {"$in": list(kinds)}

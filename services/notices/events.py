@@ -100,7 +100,13 @@ class Reconciler:
             h["_id"]: h
             for h in await store.view.households.find(
                 {"_id": {"$in": household_ids}},
-                {"unit_id": 1, "residents": 1, "residence_kind": 1},
+                {
+                    "unit_id": 1,
+                    "residents": 1,
+                    "residence_kind": 1,
+                    "merged_from": 1,
+                    "merged_into": 1,
+                },
                 session=session,
             ).to_list()
         }
@@ -122,10 +128,15 @@ class Reconciler:
             session=session,
         ).to_list()
         places = {h["unit_id"] for h in households.values() if h.get("unit_id")}
+        places |= {g for h in households.values() for g in h.get("merged_from", ())}
         places |= {d["unit_id"] for d in current}
-        if not any(scope in live_units for unit in places for scope in domain.ancestors(unit)):
+        if not current and not any(
+            scope in live_units for unit in places for scope in domain.ancestors(unit)
+        ):
             return {}
-        live = await store.live_over(places, now, session)
+        # The notices of the records too: one to a group merged away is not over the group
+        # its households are in now.
+        live = await store.live_over(places, now, session, {d["notice_id"] for d in current})
         held = {(d["notice_id"], d["household_id"]): d for d in current}
         changes = _Changes()
         arrivals: list[tuple[Document, str, str]] = []
@@ -136,8 +147,8 @@ class Reconciler:
                 unit_id = household.get("unit_id", "")
                 inside = (
                     bool(unit_id)
-                    and unit_within(unit_id, notice["unit_id"])
                     and household.get("residents", 0) > 0
+                    and _reached(notice, household)
                 )
                 record = held.get((notice["_id"], household_id))
                 if record is None and inside:
@@ -210,6 +221,17 @@ def _ahead(notice: Document, unit_id: str, household_id: str) -> bool:
         after["unit"],
         after["household"],
     )
+
+
+def _reached(notice: Document, household: Document) -> bool:
+    """Whether the household is where the notice reaches: in its unit, or having been in a group
+    of it merged away and still where it was merged into (as `MergedAway.households` finds
+    it)."""
+    unit_id = household["unit_id"]
+    merged_from = (
+        household.get("merged_from", ()) if household.get("merged_into") == unit_id else ()
+    )
+    return any(unit_within(unit, notice["unit_id"]) for unit in (unit_id, *merged_from))
 
 
 def _kind_fits(notice: Document, household: Document) -> bool:

@@ -4,6 +4,7 @@ view of the registry, in MongoDB."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
+from services.common.auth import unit_within
 from services.common.commands import ensure_command_indexes
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document, Session, in_unit
@@ -32,6 +34,31 @@ NOTICE_ID = re.compile(r"nt-[0-9a-f]{24}")
 
 def new_notice_id() -> str:
     return f"nt-{ObjectId()}"
+
+
+@dataclass(frozen=True)
+class MergedAway:
+    """Groups of a notice's unit that were merged into groups outside it, and the groups their
+    households are in now (`into`)."""
+
+    groups: tuple[str, ...] = ()
+    into: tuple[str, ...] = ()
+
+    def households(self, unit_id: str) -> Document:
+        """The households a notice to `unit_id` reaches: those in it, and those that were in
+        one of its groups merged away, where they are now."""
+        inside = {"unit_id": in_unit(unit_id)}
+        if not self.groups:
+            return inside
+        return {"$or": [inside, {"unit_id": {"$in": list(self.into)}} | self.came()]}
+
+    def came(self) -> Document:
+        """Households that were in one of the groups and are still in the group they were
+        merged into: not moved house since (`RegistryView`)."""
+        return {
+            "merged_from": {"$in": list(self.groups)},
+            "$expr": {"$eq": ["$unit_id", "$merged_into"]},
+        }
 
 
 class NoticeStore:
@@ -139,17 +166,27 @@ class NoticeStore:
         return items, str(items[-1]["_id"]) if len(items) == size else ""
 
     async def live_over(
-        self, unit_ids: set[str], now: datetime, session: Session | None = None
+        self,
+        unit_ids: set[str],
+        now: datetime,
+        session: Session | None = None,
+        notice_ids: set[str] | None = None,
     ) -> list[Document]:
-        """Published, unexpired notices whose unit contains any of `unit_ids`."""
+        """Published, unexpired notices whose unit contains any of `unit_ids`, or among
+        `notice_ids`."""
         scopes = {scope for unit_id in unit_ids for scope in domain.ancestors(unit_id)}
-        if not scopes:
+        which: list[Document] = [{"unit_id": {"$in": sorted(scopes)}}] if scopes else []
+        if notice_ids:
+            which.append({"_id": {"$in": sorted(notice_ids)}})
+        if not which:
             return []
         return await self.notices.find(
             {
                 "state": int(State.PUBLISHED),
-                "unit_id": {"$in": sorted(scopes)},
-                "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
+                "$and": [
+                    {"$or": which},
+                    {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
+                ],
             },
             session=session,
         ).to_list()
@@ -178,10 +215,52 @@ class NoticeStore:
 
     # ---- the audience, from the registry view --------------------------------------------------
 
+    async def merged_away(self, unit_id: str, session: Session | None = None) -> MergedAway:
+        """The groups of the unit merged, in turn, into groups outside it (few: merges are
+        rare), and where their households are now."""
+        merged = {
+            u["_id"]: u["merged_into_id"]
+            async for u in self.view.units.find(
+                {"_id": in_unit(unit_id), "merged_into_id": {"$gt": ""}},
+                {"merged_into_id": 1},
+                session=session,
+            )
+        }
+        # Follow the merges out of the unit: a target may have been merged away in its turn.
+        targets = set(merged.values()) - merged.keys()
+        while targets:
+            further = {
+                u["_id"]: u["merged_into_id"]
+                async for u in self.view.units.find(
+                    {"_id": {"$in": sorted(targets)}, "merged_into_id": {"$gt": ""}},
+                    {"merged_into_id": 1},
+                    session=session,
+                )
+            }
+            merged |= further
+            targets = set(further.values()) - merged.keys()
+        groups, into = [], set()
+        for source in merged:
+            if not unit_within(source, unit_id):
+                continue
+            target, seen = merged[source], {source}
+            while target in merged and target not in seen:
+                seen.add(target)
+                target = merged[target]
+            if not unit_within(target, unit_id):
+                groups.append(source)
+                into.add(target)
+        return MergedAway(tuple(sorted(groups)), tuple(sorted(into)))
+
     async def households_after(
-        self, unit_id: str, audience: domain.Audience, after: Document, limit: int
+        self,
+        unit_id: str,
+        merged: MergedAway,
+        audience: domain.Audience,
+        after: Document,
+        limit: int,
     ) -> list[Document]:
-        """The next households of the notice's unit with residents, in (group, id) order after
+        """The next households the notice reaches with residents, in (group, id) order after
         `after` ({"unit", "household"}), as the (unit_id, _id) index has them; the member filter
         is applied by the caller (`with_members`)."""
         wanted: Document = {"residents": {"$gt": 0}}
@@ -192,12 +271,14 @@ class NoticeStore:
         if after["unit"]:
             # The rest of the group the last batch ended in.
             rest = wanted | {"unit_id": after["unit"], "_id": {"$gt": after["household"]}}
+            if not unit_within(after["unit"], unit_id):  # one merged groups went into
+                rest |= merged.came()
             found = await self._households(rest, order, limit)
         if len(found) < limit:
-            following = in_unit(unit_id) | ({"$gt": after["unit"]} if after["unit"] else {})
-            found += await self._households(
-                wanted | {"unit_id": following}, order, limit - len(found)
-            )
+            following = wanted | merged.households(unit_id)
+            if after["unit"]:
+                following = {"$and": [following, {"unit_id": {"$gt": after["unit"]}}]}
+            found += await self._households(following, order, limit - len(found))
         return found
 
     async def _households(self, query: Document, order: list[Any], limit: int) -> list[Document]:
@@ -305,22 +386,22 @@ class NoticeStore:
         if writes:
             await self.reach_counts.bulk_write(writes, ordered=False, session=session)
 
-    async def reach(self, notice_id: str, unit_id: str) -> list[Document]:
-        """Delivered, opened and acknowledged households per group."""
-        query = {"notice_id": notice_id, "unit_id": in_unit(unit_id)}
+    async def reach(self, notice_id: str, unit_id: str | None) -> list[Document]:
+        """Delivered, opened and acknowledged households per group (of `unit_id`; None: every
+        group the notice reached, those its merged-away groups went into too)."""
+        query = {"notice_id": notice_id} | _in_area(unit_id)
         return await self.reach_counts.find(query).sort("unit_id", ASCENDING).to_list()
 
     async def not_reached(
-        self, notice_id: str, unit_id: str, token: str, size: int
+        self, notice_id: str, unit_id: str | None, token: str, size: int
     ) -> tuple[list[Document], str]:
         """Households that have not opened the notice, by group then household (the index's
-        order); the token is the last one's delivery id."""
-        query: Document = {
-            "notice_id": notice_id,
-            "read": False,
-            "unit_id": in_unit(unit_id),
-            "withdrawn_at": None,
-        } | SETTLED
+        order), of `unit_id` as in `reach`; the token is the last one's delivery id."""
+        query: Document = (
+            {"notice_id": notice_id, "read": False, "withdrawn_at": None}
+            | _in_area(unit_id)
+            | SETTLED
+        )
         if token:
             last = await self.deliveries.find_one(
                 {"_id": token, "notice_id": notice_id}, {"unit_id": 1, "household_id": 1}
@@ -380,6 +461,10 @@ class NoticeStore:
                 ],
                 session=session,
             )
+
+
+def _in_area(unit_id: str | None) -> Document:
+    return {} if unit_id is None else {"unit_id": in_unit(unit_id)}
 
 
 def _between(after: Document, last: Document | None) -> Document:

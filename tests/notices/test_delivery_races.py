@@ -37,7 +37,8 @@ async def test_a_group_merged_after_its_records_are_written_is_counted_once(
     town: Town, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The merge lands after the batch's records are written and before the batch is counted:
-    the registry consumer sees records not yet counted."""
+    the registry consumer sees records not yet counted. The group's households keep its notice,
+    counted once, in the group they were merged into."""
     city = town.city
     store = town.service.store
     leaving = list(town.households[city.group])
@@ -51,12 +52,12 @@ async def test_a_group_merged_after_its_records_are_written_is_counted_once(
             )
         )
 
-        async def withdrawn() -> bool:
+        async def moved() -> bool:
             return await store.deliveries.count_documents(
-                {"household_id": {"$in": leaving}, "withdrawn_at": {"$ne": None}}
+                {"household_id": {"$in": leaving}, "unit_id": city.other_group}
             ) == len(leaving)
 
-        await eventually(withdrawn, what="the reconciler withdrew the just-written records")
+        await eventually(moved, what="the reconciler moved the just-written records")
         return n
 
     notice = await deliver_by_hand(town, monkeypatch, write_then_merge)
@@ -64,7 +65,10 @@ async def test_a_group_merged_after_its_records_are_written_is_counted_once(
     doc = await store.get(notice.notice_id)
     assert doc is not None
     live = await live_records(town, notice.notice_id)
-    assert reach.total.delivered == live == doc["fanout"]["delivered"]
+    assert reach.total.delivered == live == doc["fanout"]["delivered"] == len(leaving)
+    assert {g.unit_id: g.delivered for g in reach.groups} == {city.other_group: len(leaving)}
+    assert sorted(await announced(town, notice.notice_id)) == sorted(leaving)
+    assert await town.events(notice.notice_id, events_pb2.NoticeWithdrawn) == []
 
 
 async def test_a_household_emptied_after_a_crash_mid_batch_is_not_counted(

@@ -1,6 +1,7 @@
 """Time and movement: a notice scheduled for later is published when a clock the test moves
 forward reaches its time, and expires; households moving into a live notice's unit receive it,
-households moving out (or left empty) stop seeing it."""
+households moving out (or left empty) stop seeing it, and a group merged away keeps its
+notices."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
 from tests.conftest import Clock
-from tests.notices.conftest import Town, events_pb2, eventually, rid, stamp
+from tests.notices.conftest import Town, events_pb2, eventually, merge_group_away, rid, stamp
 
 
 async def state_of(town: Town, notice_id: str) -> int:
@@ -76,8 +77,8 @@ async def test_households_moving_in_and_out_after_publication(town: Town, clock:
     reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=group_notice.notice_id))
     assert reach.total.delivered == 4
 
-    # The group merges into the other one: its households move out of the first notice's unit
-    # and into the second's.
+    # The group merges into the other one: its households, who moved on paper only, keep the
+    # first notice, counted in the group they are in now, and receive the second's.
     await city.admin.MergeGroups(
         registry_pb2.MergeGroupsRequest(
             request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
@@ -88,22 +89,27 @@ async def test_households_moving_in_and_out_after_publication(town: Town, clock:
     async def switched() -> bool:
         for household in moved:
             ids = [n.notice.notice_id for n in await town.inbox(household)]
-            if group_notice.notice_id in ids or other_notice.notice_id not in ids:
+            if group_notice.notice_id not in ids or other_notice.notice_id not in ids:
                 return False
         return True
 
     await eventually(switched, what="the merged households' notices")
-    withdrawn = await town.events(group_notice.notice_id, events_pb2.NoticeWithdrawn)
-    assert sorted(e.household_id for e in withdrawn) == sorted(moved)
-    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=group_notice.notice_id))
-    assert reach.total.delivered == 0
+    assert await town.events(group_notice.notice_id, events_pb2.NoticeWithdrawn) == []
+
+    async def counted_where_they_are() -> bool:
+        reach = await town.admin.GetReach(
+            notices_pb2.GetReachRequest(notice_id=group_notice.notice_id)
+        )
+        return {g.unit_id: g.delivered for g in reach.groups if g.delivered} == {
+            city.other_group: len(moved)
+        }
+
+    await eventually(counted_where_they_are, what="the group notice's reach after the merge")
     reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=other_notice.notice_id))
     assert reach.total.delivered == 2 + len(moved)
-    # Nothing was deleted: the withdrawn records are still there, marked.
-    kept = await town.service.store.deliveries.count_documents(
-        {"notice_id": group_notice.notice_id, "withdrawn_at": {"$ne": None}}
-    )
-    assert kept == len(moved)
+    # The other group's own households do not get the merged group's notice.
+    for household in town.households[city.other_group]:
+        assert not await in_inbox(household, group_notice.notice_id)
 
 
 async def test_a_household_whose_last_resident_leaves_stops_seeing_notices(town: Town) -> None:
@@ -113,3 +119,32 @@ async def test_a_household_whose_last_resident_leaves_stops_seeing_notices(town:
     await town.empty(household)
     reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
     assert reach.total.delivered == 4
+
+
+async def test_a_notice_scheduled_for_a_group_merged_away_reaches_its_households(
+    town: Town, clock: Clock
+) -> None:
+    """The group merges into the other one before the notice's time: the notice reaches the
+    households that were in it, where they are now, and not the other group's own."""
+    city = town.city
+    staying = list(town.households[city.other_group])
+    notice = await town.publish(
+        town.leader, unit_id=city.group, publish_at=stamp(clock() + timedelta(hours=2))
+    )
+    leaving = await merge_group_away(town)
+
+    clock.advance(hours=2, minutes=1)
+    reach = await town.delivered(notice.notice_id)
+    assert reach.total.delivered == len(leaving)
+    assert {g.unit_id: g.delivered for g in reach.groups} == {city.other_group: len(leaving)}
+    for household in leaving:
+        assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]
+    for household in staying:
+        assert await town.inbox(household) == []
+    delivered = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+    assert sorted(h for e in delivered for h in e.household_ids) == sorted(leaving)
+    (published,) = await town.events(notice.notice_id, events_pb2.NoticePublished)
+    assert (published.unit_id, list(published.merged_into_unit_ids)) == (
+        city.group,
+        [city.other_group],
+    )
