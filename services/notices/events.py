@@ -36,9 +36,14 @@ def notice_event(outbox: Outbox, message: Message, notice_id: str) -> Document:
 
 
 class Reconciler:
-    """Keeps live notices' delivery records in step with households that change place or
-    residents after publication: one moving into a notice's unit (and in its audience) gets the
-    notice; one moving out, or left without residents, has its record marked withdrawn.
+    """Keeps live notices' delivery records in step with households that change place, kind or
+    residents after publication: one moving into a notice's unit, or coming to match its
+    audience there, gets the notice; one moving out, left without residents, or no longer
+    matching its audience (its residence kind changed; the member it asks for died, moved out
+    or was marked absent) has its record marked withdrawn, and gets it back as it was if it
+    comes to match again. A household is looked at again when a registry event touches it,
+    with ages as of that day: one that comes into or out of an age range by a birthday alone
+    is left as it was.
 
     While a notice's first delivery runs, a household it has yet to reach (after its marker) is
     left to it: one arriving there gets a pending record its batch announces, not a late
@@ -142,27 +147,36 @@ class Reconciler:
         arrivals: list[tuple[Document, str, str]] = []
         for notice in live:
             arriving: list[tuple[str, str]] = []
+            staying: list[tuple[Document, str]] = []
             for household_id in household_ids:
                 household = households.get(household_id) or {}
                 unit_id = household.get("unit_id", "")
-                inside = (
+                fits = (
                     bool(unit_id)
                     and household.get("residents", 0) > 0
                     and _reached(notice, household)
+                    and _kind_fits(notice, household)
                 )
                 record = held.get((notice["_id"], household_id))
-                if record is None and inside:
-                    if _kind_fits(notice, household):
+                if record is None:
+                    if fits:
                         arriving.append((household_id, unit_id))
-                elif record is not None and inside and record["unit_id"] != unit_id:
-                    # Moved between groups of the notice's unit: it counts in its new group.
-                    changes.moved(notice, record, unit_id, now)
-                elif record is not None and not inside:
+                elif fits:
+                    staying.append((record, unit_id))
+                else:
+                    # Moved out, left without residents, or no longer of its residence kinds.
                     changes.withdrawn(notice, record, now)
-            arrivals += [
-                (notice, household_id, unit_id)
-                for household_id, unit_id in await self._in_audience(notice, arriving, now, session)
-            ]
+            # The members are looked at once for both: whoever holds the notice must still have
+            # the member it asks for (who may have died, left or been marked absent).
+            holding = [(record["household_id"], unit_id) for record, unit_id in staying]
+            matched = set(await self._in_audience(notice, arriving + holding, now, session))
+            for record, unit_id in staying:
+                if (record["household_id"], unit_id) not in matched:
+                    changes.withdrawn(notice, record, now)
+                elif record["unit_id"] != unit_id:
+                    # Moved between groups the notice reaches: it counts in its new group.
+                    changes.moved(notice, record, unit_id, now)
+            arrivals += [(notice, h, unit_id) for h, unit_id in arriving if (h, unit_id) in matched]
         await self._deliver(arrivals, changes, now, session)
         await changes.write(store, now, session)
         return changes.events
@@ -170,7 +184,8 @@ class Reconciler:
     async def _in_audience(
         self, notice: Document, arriving: list[tuple[str, str]], now: datetime, session: Session
     ) -> list[tuple[str, str]]:
-        """Those of the arriving households (of the notice's residence kinds) it reaches."""
+        """Those of the households (in its unit, of its residence kinds) with a member the
+        notice asks for as of today; every one when it asks for none."""
         audience = audience_of(notice)
         if not arriving or not audience.filters_members:
             return arriving

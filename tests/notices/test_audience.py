@@ -4,12 +4,15 @@ member in an age range and sex, households with a member over some age, renters 
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 import grpc
 from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
-from tests.notices.conftest import Town, eventually, refused
+from services.common.mongo import Session, in_transaction
+from services.notices.events import Reconciler
+from tests.notices.conftest import Town, events_pb2, eventually, refused, rid
 
 MALE, FEMALE = registry_pb2.SEX_MALE, registry_pb2.SEX_FEMALE
 
@@ -105,3 +108,92 @@ async def test_bad_audiences_are_refused(town: Town) -> None:
         town.publish(audience=notices_pb2.Audience(residence_kinds=[9])),  # type: ignore[list-item]
         "audience.residence_kinds[0]",
     )
+
+
+async def inbox_ids(town: Town, household: str) -> list[str]:
+    return [n.notice.notice_id for n in await town.inbox(household)]
+
+
+async def reach_of(town: Town, notice_id: str) -> int:
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice_id))
+    return int(reach.total.delivered)
+
+
+async def change_kind(town: Town, household: str, kind: int) -> None:
+    await town.city.ward_officer.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=household,
+            update_fields=["residence_kind"],
+            residence_kind=kind,  # type: ignore[arg-type]
+        )
+    )
+
+
+async def test_a_household_whose_kind_changes_leaves_or_joins_a_live_notice(town: Town) -> None:
+    """A renters' notice: a renting household that becomes a permanent one stops seeing it
+    (withdrawn, counted out, announced), and one that comes to rent receives it late."""
+    renting = await town.add_household(
+        town.city.group, residence_kind=registry_pb2.RESIDENCE_KIND_RENTER
+    )
+    owning = town.households[town.city.other_group][0]
+    notice = await town.publish(
+        audience=notices_pb2.Audience(residence_kinds=[registry_pb2.RESIDENCE_KIND_RENTER])
+    )
+    assert (await town.delivered(notice.notice_id)).total.delivered == 1
+    assert await inbox_ids(town, renting) == [notice.notice_id]
+
+    await change_kind(town, renting, registry_pb2.RESIDENCE_KIND_PERMANENT)
+    await change_kind(town, owning, registry_pb2.RESIDENCE_KIND_RENTER)
+
+    async def swapped() -> bool:
+        return await inbox_ids(town, renting) == [] and await inbox_ids(town, owning) == [
+            notice.notice_id
+        ]
+
+    await eventually(swapped, what="the notice following the households' kinds")
+    withdrawn = await town.events(notice.notice_id, events_pb2.NoticeWithdrawn)
+    assert [e.household_id for e in withdrawn] == [renting]
+    late = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+    assert [e.household_ids for e in late if e.late] == [[owning]]
+    assert await reach_of(town, notice.notice_id) == 1
+
+
+async def test_a_household_whose_matching_member_dies_loses_the_notice(town: Town) -> None:
+    """A notice to households with someone over 70: the only such member dies, and the
+    household no longer sees it; it is counted out once, however often the registry's change
+    is reconciled again."""
+    household, other = town.households[town.city.group][:2]
+    await town.add_member(household, born(82), FEMALE)
+    await town.add_member(other, born(75), MALE)
+    elderly = notices_pb2.Audience(member=notices_pb2.MemberFilter(min_age=70))
+    notice = await town.publish(audience=elderly)
+    assert (await town.delivered(notice.notice_id)).total.delivered == 2
+
+    view = town.service.store.view
+    person = await view.persons.find_one({"household_id": household, "birth_date": born(82)})
+    assert person is not None
+    await town.city.ward_officer.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=rid(), person_id=person["_id"], death_date=date.today().isoformat()
+        )
+    )
+
+    async def withdrawn() -> bool:
+        return await inbox_ids(town, household) == []
+
+    await eventually(withdrawn, what="the notice withdrawn after the death")
+    assert await inbox_ids(town, other) == [notice.notice_id]
+    assert await reach_of(town, notice.notice_id) == 1
+    events = await town.events(notice.notice_id, events_pb2.NoticeWithdrawn)
+    assert [e.household_id for e in events] == [household]
+
+    # The same change reconciled again (a redelivered event) changes nothing more.
+    service = town.service
+    reconciler = Reconciler(service.store, service.host.outbox, service.clock)
+
+    async def again(session: Session) -> dict[str, Any]:
+        return await reconciler.households_changed([household, other], session)
+
+    assert await in_transaction(service.client, again) == {}
+    assert await reach_of(town, notice.notice_id) == 1
