@@ -95,6 +95,21 @@ class Books:
         transaction: ledger_pb2.Transaction = response.transaction
         return transaction
 
+    async def declare_per_household(self, rate: int, request_id: str = "") -> ledger_pb2.Campaign:
+        """The group leader's campaign of `rate` per household of the fund's unit."""
+        response = await self.leader.DeclareCampaign(
+            ledger_pb2.DeclareCampaignRequest(
+                request_id=request_id or rid(),
+                fund_id=self.fund_id,
+                name="Phí vệ sinh",
+                period="2026",
+                basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+                rate=rate,
+            )
+        )
+        campaign: ledger_pb2.Campaign = response.campaign
+        return campaign
+
     async def balances(self, **kw: Any) -> dict[str, int]:
         response = await self.auditor.GetBalances(
             ledger_pb2.GetBalancesRequest(fund_id=self.fund_id, **kw)

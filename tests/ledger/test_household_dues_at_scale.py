@@ -10,26 +10,11 @@ from services.ledger import domain
 from services.ledger.main import LedgerService
 from services.ledger.store import DUES_APART, MIGRATIONS
 from tests.indexes import Examined, examined
-from tests.ledger.conftest import Books, rid
+from tests.ledger.conftest import Books
 
 RATE = 50_000
 # Other households a large unit's campaign lists besides the group's four.
 OTHERS = 3000
-
-
-async def declare(books: Books) -> ledger_pb2.Campaign:
-    response = await books.leader.DeclareCampaign(
-        ledger_pb2.DeclareCampaignRequest(
-            request_id=rid(),
-            fund_id=books.fund_id,
-            name="Phí vệ sinh",
-            period="2026",
-            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
-            rate=RATE,
-        )
-    )
-    campaign: ledger_pb2.Campaign = response.campaign
-    return campaign
 
 
 def with_others(
@@ -67,11 +52,11 @@ async def test_a_households_dues_are_read_without_the_other_households_dues(
 ) -> None:
     """The read of one due, then of two with a campaign of 3,000 more households between: what
     MongoDB examines and answers grows by the household's second due, not by the others'."""
-    first = await declare(books)
+    first = await books.declare_per_household(RATE)
     one, small = await read_dues(books, ledger_service)
     assert [d.campaign_id for d in one.dues] == [first.campaign_id]
     with_others(ledger_service, books, monkeypatch)
-    second = await declare(books)
+    second = await books.declare_per_household(RATE)
     assert len(second.dues) == 4 + OTHERS
     paid = await books.contribute(RATE, "an", second.campaign_id)
     two, large = await read_dues(books, ledger_service)
@@ -108,7 +93,7 @@ async def test_a_households_payment_reads_its_own_due_alone(
     books: Books, ledger_service: LedgerService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with_others(ledger_service, books, monkeypatch)
-    campaign = await declare(books)
+    campaign = await books.declare_per_household(RATE)
     async with examined(ledger_service.store.db, campaign.campaign_id) as cost:
         await books.contribute(RATE, "an", campaign.campaign_id)
     # Not the campaign's 3,004 dues (about 100 bytes each).
@@ -121,7 +106,7 @@ async def test_campaigns_stored_before_their_dues_were_kept_apart_stay_readable(
     """A campaign as stored before: its list of dues alone. The store's start gives it the
     household's dues once, and they read and take payments as a new campaign's do."""
     store = ledger_service.store
-    campaign = await declare(books)
+    campaign = await books.declare_per_household(RATE)
     await store.dues.delete_many({"campaign_id": campaign.campaign_id})
     await store.db[MIGRATIONS].delete_one({"_id": DUES_APART})
     await store.ensure_indexes()

@@ -37,21 +37,6 @@ async def ward(books: Books, monkeypatch: pytest.MonkeyPatch) -> Books:
     return books
 
 
-async def declare(books: Books, request_id: str = "") -> ledger_pb2.Campaign:
-    response = await books.leader.DeclareCampaign(
-        ledger_pb2.DeclareCampaignRequest(
-            request_id=request_id or rid(),
-            fund_id=books.fund_id,
-            name="Phí vệ sinh",
-            period="2026",
-            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
-            rate=RATE,
-        )
-    )
-    campaign: ledger_pb2.Campaign = response.campaign
-    return campaign
-
-
 async def transaction(books: Books, transaction_id: str) -> ledger_pb2.Transaction:
     response = await books.auditor.GetTransaction(
         ledger_pb2.GetTransactionRequest(fund_id=books.fund_id, transaction_id=transaction_id)
@@ -87,7 +72,7 @@ def receivables(books: Books, campaign: ledger_pb2.Campaign) -> dict[str, int]:
 
 async def test_a_campaign_past_one_transaction_is_booked_in_several(ward: Books) -> None:
     before = await head(ward)
-    campaign = await declare(ward)
+    campaign = await ward.declare_per_household(RATE)
     assert campaign.total_due == 5 * RATE
     assert len(campaign.transaction_ids) == 3
     assert campaign.transaction_id == campaign.transaction_ids[0]
@@ -127,11 +112,11 @@ async def test_a_campaign_past_one_transaction_is_booked_in_several(ward: Books)
 
 async def test_a_retried_declaration_assesses_once(ward: Books) -> None:
     key = rid()
-    first = await declare(ward, key)
+    first = await ward.declare_per_household(RATE, key)
     assert len(first.transaction_ids) == 3
     # A retry after the register changed answers what was declared, and books nothing.
     await new_household(ward.city.leader, ward.city.group, head_name="Lý Văn Sáu")
-    assert await declare(ward, key) == first
+    assert await ward.declare_per_household(RATE, key) == first
     assert await ward.balances() == receivables(ward, first) | {"income/dues": -5 * RATE}
     assert await head(ward) == 3  # opened, then the three parts
 
@@ -157,9 +142,9 @@ async def test_a_retry_racing_the_original_over_a_changed_register_assesses_once
 
     monkeypatch.setattr(registry, "households", slow_register)
     key = rid()
-    original = asyncio.create_task(declare(ward, key))
+    original = asyncio.create_task(ward.declare_per_household(RATE, key))
     await original_reading.wait()
-    retry = asyncio.create_task(declare(ward, key))
+    retry = asyncio.create_task(ward.declare_per_household(RATE, key))
     declared = await original
     for name in ("Lý Văn Sáu", "Đặng Thị Bảy"):
         await new_household(ward.city.leader, ward.city.group, head_name=name)
@@ -171,7 +156,7 @@ async def test_a_retry_racing_the_original_over_a_changed_register_assesses_once
 
 
 async def test_cancelling_reverses_every_part_or_none(ward: Books) -> None:
-    campaign = await declare(ward)
+    campaign = await ward.declare_per_household(RATE)
     # A household has paid: undoing its receivable would overdraw it, so nothing is reversed.
     paid = await ward.contribute(RATE, "em", campaign.campaign_id)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -218,9 +203,9 @@ async def test_the_replay_of_a_campaign_in_several_parts_matches(
     ledger_service: LedgerService,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    kept = await declare(ward)
+    kept = await ward.declare_per_household(RATE)
     await ward.contribute(RATE, "an", kept.campaign_id)
-    cancelled = await declare(ward)
+    cancelled = await ward.declare_per_household(RATE)
     await cancel(ward, cancelled.transaction_ids[2])
     # The auditors check every event of the topic against the ledger's own limit.
     monkeypatch.undo()
@@ -235,7 +220,7 @@ async def test_a_unit_too_large_for_one_campaign_names_the_fund(
     monkeypatch.setattr(domain, "MAX_CAMPAIGN_HOUSEHOLDS", 4)
     before = await head(ward)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await declare(ward)
+        await ward.declare_per_household(RATE)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (refused.value.details() or "").startswith(
         f"fund_id: {ward.city.group} has 5 households to list; a campaign lists at most 4"
@@ -330,7 +315,7 @@ async def test_a_read_of_the_register_that_outlived_its_moment_starts_again_once
     monkeypatch.setattr(
         registry_module, "registry_pb2_grpc", SimpleNamespace(RegistryServiceStub=forgetting_stub)
     )
-    campaign = await declare(ward)
+    campaign = await ward.declare_per_household(RATE)
     assert late
     households = [*ward.households.values(), *late]
     assert sorted(d.household_id for d in campaign.dues) == sorted(households)
