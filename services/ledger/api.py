@@ -873,16 +873,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if end is None:  # `to` is now: it is `from` that is wrong
                 raise InvalidArgument("from", "must not be in the future")
             raise InvalidArgument("to", "must be after from")
-        opening: dict[str, int] = {}
-        if begin is not None:
-            _, opening = await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": begin}})
-        docs = await self.store.between(fund["_id"], begin, until)
-        # Closing is opening plus the lines, not a third read: a posting committed meanwhile
-        # would otherwise be in the closing balance and in no line.
-        closing = dict(opening)
-        for doc in docs:
-            for posting in doc["postings"]:
-                closing[posting["account"]] = closing.get(posting["account"], 0) + posting["amount"]
+        # The chain's head, the balances and the lines read at one moment: a posting committed
+        # meanwhile is in all of them or in none.
+        async with self.store.snapshot() as session:
+            fund = await self.store.fund(fund["_id"], session) or fund
+            through = fund["sequence"]
+            opening, closing = await self.store.statement_balances(
+                fund["_id"], begin, until, through, session
+            )
+            docs = await self.store.between(fund["_id"], begin, until, through, session)
         messages = await self._messages(docs)
         # Only the names of the campaigns the lines name, not the campaigns' dues.
         campaigns = await self.store.campaign_names(

@@ -19,6 +19,7 @@ from services.common.outbox import ensure_outbox_indexes
 Move = tuple[str, str, str]
 MIGRATIONS = "migrations"  # one document for each change of stored data done
 DUES_APART = "dues_by_household"
+POSTED_AT = [("fund_id", ASCENDING), ("posted_at", ASCENDING)]
 
 
 def new_id(prefix: str) -> str:
@@ -72,7 +73,7 @@ class LedgerStore:
                 # The idempotency key: one transaction per key and fund, for ever.
                 IndexModel([("fund_id", ASCENDING), ("request_id", ASCENDING)], unique=True),
                 IndexModel([("fund_id", ASCENDING), ("sequence", ASCENDING)], unique=True),
-                IndexModel([("fund_id", ASCENDING), ("posted_at", ASCENDING)]),
+                IndexModel(POSTED_AT),
                 IndexModel([("expense.receipt_object_key", ASCENDING)], sparse=True),
                 # A receipt number is held by one contribution of the fund until that one is
                 # reversed (LedgerServicer checks it with the posting): found by this index.
@@ -230,11 +231,28 @@ class LedgerStore:
     async def insert_transactions(self, docs: list[Document], session: Session) -> None:
         await self.transactions.insert_many(docs, ordered=True, session=session)
 
-    async def between(self, fund_id: str, start: datetime | None, end: datetime) -> list[Document]:
-        query: Document = {"fund_id": fund_id, "posted_at": {"$lt": end}}
+    async def between(
+        self,
+        fund_id: str,
+        start: datetime | None,
+        end: datetime,
+        through: int,
+        session: Session | None = None,
+    ) -> list[Document]:
+        """The fund's transactions posted in [start, end), up to sequence `through`."""
+        query: Document = {
+            "fund_id": fund_id,
+            "posted_at": {"$lt": end},
+            "sequence": {"$lte": through},
+        }
         if start is not None:
             query["posted_at"]["$gte"] = start
-        return await self.transactions.find(query).sort("sequence", ASCENDING).to_list()
+        return (
+            await self.transactions.find(query, session=session)
+            .sort("sequence", ASCENDING)
+            .hint(POSTED_AT)
+            .to_list()
+        )
 
     async def contributions_of(
         self, fund_id: str, household_id: str, session: Session | None = None
@@ -302,6 +320,56 @@ class LedgerStore:
             {"fund_id": fund_id, "sequence": sequence}, {"hash": 1}
         )
         return str(found["hash"]) if found else ""
+
+    async def statement_balances(
+        self,
+        fund_id: str,
+        start: datetime | None,
+        end: datetime,
+        through: int,
+        session: Session,
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """The fund's balances before and after its transactions posted in [start, end) up to
+        sequence `through` (before: none without a start), read in `session`, a snapshot.
+
+        They are the running balances less what was posted since: reading the transactions of
+        the period and after it, never the fund's history before the period, which a statement
+        of last month would otherwise sum whole."""
+        since = start or end
+        later: Document = {"$or": [{"$gte": ["$posted_at", end]}, {"$gt": ["$sequence", through]}]}
+        pipeline: list[Document] = [
+            # Each side on its own index: the period and after it, and what was posted after
+            # `through` (nothing, unless a page after the first reads it).
+            {
+                "$match": {
+                    "$or": [
+                        {"fund_id": fund_id, "posted_at": {"$gte": since}},
+                        {"fund_id": fund_id, "sequence": {"$gt": through}},
+                    ]
+                }
+            },
+            {"$unwind": "$postings"},
+            {
+                "$group": {
+                    "_id": "$postings.account",
+                    # Decimal sums: a sum in any order never passes what int64 holds midway.
+                    "later": {"$sum": {"$toDecimal": {"$cond": [later, "$postings.amount", 0]}}},
+                    "within": {"$sum": {"$toDecimal": {"$cond": [later, 0, "$postings.amount"]}}},
+                }
+            },
+        ]
+        closing = await self.balances_of(fund_id, session=session)
+        within: dict[str, int] = {}
+        async for row in await self.transactions.aggregate(pipeline, session=session):
+            account = row["_id"]
+            closing[account] = closing.get(account, 0) - int(row["later"].to_decimal())
+            within[account] = int(row["within"].to_decimal())
+        if start is None:
+            return {}, closing
+        opening = {
+            account: balance - within.get(account, 0) for account, balance in closing.items()
+        }
+        return opening, closing
 
     async def balances_as_of(self, fund_id: str, match: Document) -> tuple[int, dict[str, int]]:
         """Balances summed from the transactions matching `match` (a time or sequence bound),
