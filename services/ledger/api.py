@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import uuid
@@ -15,7 +16,6 @@ from typing import Any
 import grpc
 from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
@@ -26,6 +26,7 @@ from services.common.media import check_image_upload
 from services.common.mongo import Document, Session, in_transaction
 from services.common.objects import UPLOAD_WINDOW, ObjectStore, checked
 from services.common.outbox import Outbox
+from services.common.paging import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, page_size
 from services.common.wire import local_date, moment, timestamp
 from services.ledger import domain, events, statements
 from services.ledger.records import (
@@ -856,7 +857,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             fund_id=fund["_id"],
             sequence=sequence,
             balances=balances_message(balances),
-            available=balances.get("cash", 0) + balances.get("bank", 0),
+            available=domain.available(balances),
             hash=fund["head_hash"]
             if at_head and sequence
             else await self.store.hash_at(fund["_id"], sequence),
@@ -864,33 +865,80 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
 
     async def _statement(
-        self, fund: Document, start: Timestamp | None, end: Timestamp | None
-    ) -> ledger_pb2.Statement:
-        begin = moment("from", start) if start is not None else None
-        # [from, to): up to now, this moment's transactions included, when `to` is not given.
-        until = moment("to", end) if end is not None else self.clock() + timedelta(milliseconds=1)
-        if begin is not None and begin >= until:
-            if end is None:  # `to` is now: it is `from` that is wrong
+        self,
+        fund: Document,
+        request: ledger_pb2.GetStatementRequest | ledger_pb2.ExportStatementRequest,
+        token: str = "",
+    ) -> tuple[ledger_pb2.Statement, domain.StatementPeriod, int]:
+        """The statement's header (its lines left to `_lines`), its period pinned, and the
+        transaction after which the page's lines begin: for a first page the period ends at
+        `to` (now, this moment's transactions included, if not given) and is read through the
+        chain's head; a later page's token pins both as its first page had them."""
+        start = moment("from", getattr(request, "from")) if request.HasField("from") else None
+        after, through = 0, None
+        if token:
+            after, end, through = domain.statement_token(token)
+        elif request.HasField("to"):
+            end = moment("to", request.to)
+        else:
+            end = self.clock() + timedelta(milliseconds=1)
+        if start is not None and start >= end:
+            if not request.HasField("to") and not token:  # `to` is now: `from` is wrong
                 raise InvalidArgument("from", "must not be in the future")
             raise InvalidArgument("to", "must be after from")
-        # The chain's head, the balances and the lines read at one moment: a posting committed
-        # meanwhile is in all of them or in none.
+        # The chain's head, its balances and the period's totals read at one moment: a
+        # posting committed meanwhile is in all of them or in none.
         async with self.store.snapshot() as session:
             fund = await self.store.fund(fund["_id"], session) or fund
-            through = fund["sequence"]
-            opening, closing = await self.store.statement_balances(
-                fund["_id"], begin, until, through, session
+            if through is not None and through > fund["sequence"]:
+                raise InvalidArgument("page.page_token", "is not a token this statement gave")
+            period = domain.StatementPeriod(
+                start, end, fund["sequence"] if through is None else through
             )
-            docs = await self.store.between(fund["_id"], begin, until, through, session)
-        messages = await self._messages(docs)
-        # Only the names of the campaigns the lines name, not the campaigns' dues.
-        campaigns = await self.store.campaign_names(
-            fund["_id"], {doc["campaign_id"] for doc in docs if doc.get("campaign_id")}
+            opening, closing = await self.store.statement_balances(fund["_id"], period, session)
+            totals = await self.store.statement_totals(fund["_id"], period, session)
+        period = replace(period, first=totals.first)
+        if period.through < fund["sequence"]:  # the fund as the statement reads it
+            fund = fund | {
+                "sequence": period.through,
+                "head_hash": await self.store.hash_at(fund["_id"], period.through),
+            }
+        statement = ledger_pb2.Statement(
+            fund=fund_message(fund),
+            to=timestamp(end),
+            opening_available=domain.available(opening),
+            closing_available=domain.available(closing),
+            total_in=domain.statement_total("in", totals.money_in),
+            total_out=domain.statement_total("out", totals.money_out),
+            closing_balances=balances_message(closing),
+            line_count=totals.lines,
         )
-        sequences = {doc["_id"]: doc["sequence"] for doc in docs}
+        getattr(statement, "from").CopyFrom(
+            timestamp(start or totals.first_at or fund["opened_at"])
+        )
+        return statement, period, after
+
+    async def _lines(
+        self, fund_id: str, period: domain.StatementPeriod, after: int, size: int
+    ) -> tuple[list[ledger_pb2.StatementLine], bool]:
+        """Up to `size` lines of the period after transaction `after`, and whether more follow."""
+        if not period.first:  # no transaction in the period
+            return [], False
+        docs = await self.store.statement_lines(fund_id, period, after, size + 1)
+        more = len(docs) > size
+        docs = docs[:size]
+        messages = await self._messages(docs)
+        # Only the names of the campaigns the lines name, not the campaigns' dues; the numbers
+        # of the transactions the page's reversals undo, wherever they stand in the chain.
+        campaigns = await self.store.campaign_names(
+            fund_id, {doc["campaign_id"] for doc in docs if doc.get("campaign_id")}
+        )
+        sequences = await self.store.sequences(
+            fund_id, {doc["reverses"] for doc in docs if doc.get("reverses")}
+        )
         lines = []
         for doc, message in zip(docs, messages, strict=True):
-            moved = sum(p["amount"] for p in doc["postings"] if p["account"] in ("cash", "bank"))
+            moved = sum(p["amount"] for p in doc["postings"] if p["account"] in domain.MONEY)
             lines.append(
                 ledger_pb2.StatementLine(
                     sequence=doc["sequence"],
@@ -903,45 +951,42 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     transaction_id=doc["_id"],
                 )
             )
-        statement = ledger_pb2.Statement(
-            fund=fund_message(fund),
-            to=timestamp(until),
-            opening_available=opening.get("cash", 0) + opening.get("bank", 0),
-            closing_available=closing.get("cash", 0) + closing.get("bank", 0),
-            total_in=domain.statement_total("in", (line.money_in for line in lines)),
-            total_out=domain.statement_total("out", (line.money_out for line in lines)),
-            lines=lines,
-            closing_balances=balances_message(closing),
-        )
-        if begin is not None:
-            getattr(statement, "from").CopyFrom(timestamp(begin))
-        elif docs:
-            getattr(statement, "from").CopyFrom(timestamp(docs[0]["posted_at"]))
-        else:
-            getattr(statement, "from").CopyFrom(timestamp(fund["opened_at"]))
-        return statement
-
-    def _period(self, request: Any) -> tuple[Timestamp | None, Timestamp | None]:
-        start = getattr(request, "from") if request.HasField("from") else None
-        end = request.to if request.HasField("to") else None
-        return start, end
+        return lines, more
 
     async def GetStatement(
         self, request: ledger_pb2.GetStatementRequest, context: Context
     ) -> ledger_pb2.GetStatementResponse:
         fund = await self._readable(request.fund_id)
-        statement = await self._statement(fund, *self._period(request))
-        return ledger_pb2.GetStatementResponse(statement=statement)
+        size = page_size(request.page.page_size)
+        statement, period, after = await self._statement(fund, request, request.page.page_token)
+        lines, more = await self._lines(fund["_id"], period, after, size)
+        statement.lines.extend(lines)
+        return ledger_pb2.GetStatementResponse(
+            statement=statement, next_page_token=period.token(lines[-1].sequence) if more else ""
+        )
 
     async def ExportStatement(
         self, request: ledger_pb2.ExportStatementRequest, context: Context
     ) -> ledger_pb2.ExportStatementResponse:
         fund = await self._readable(request.fund_id)
-        statement = await self._statement(fund, *self._period(request))
+        statement, period, after = await self._statement(fund, request)
+        table, printed = statements.CsvStatement(statement), statements.PdfStatement(statement)
+        # The answer is GetStatement's first page; the files take the whole period, read a
+        # page at a time after it.
+        lines, more = await self._lines(fund["_id"], period, after, DEFAULT_PAGE_SIZE)
+        statement.lines.extend(lines)
+        token = period.token(lines[-1].sequence) if more else ""
+        while True:
+            table.add(lines)
+            printed.add(lines)
+            if not more:
+                break
+            lines, more = await self._lines(fund["_id"], period, lines[-1].sequence, MAX_PAGE_SIZE)
         stem = f"statements/{fund['_id']}/{uuid.uuid4().hex}"
         csv_key, pdf_key = f"{stem}.csv", f"{stem}.pdf"
-        await self.files.put(csv_key, statements.csv_bytes(statement), "text/csv; charset=utf-8")
-        await self.files.put(pdf_key, statements.pdf_bytes(statement), "application/pdf")
+        await self.files.put(csv_key, table.finish(), "text/csv; charset=utf-8")
+        # Laying out a long statement's pages takes a while: not on the event loop.
+        await self.files.put(pdf_key, await asyncio.to_thread(printed.finish), "application/pdf")
         return ledger_pb2.ExportStatementResponse(
             statement=statement,
             csv_object_key=csv_key,
@@ -949,6 +994,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             pdf_object_key=pdf_key,
             pdf_url=self.files.view_url(pdf_key),
             expires_at=timestamp(self.clock() + timedelta(hours=1)),
+            next_page_token=token,
         )
 
 

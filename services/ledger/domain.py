@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from enum import IntEnum
 from typing import Any
 
@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from services.common.auth import OFFICIALS, Principal, Role, unit_within
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.wire import YEARS
 
 # A quadrillion đồng: far above any neighbourhood fund.
 MAX_AMOUNT = 10**15
@@ -45,6 +46,8 @@ MAX_TEXT = 500
 ACCOUNT_KINDS = ("cash", "bank", "receivable", "income", "expense", "equity")
 # Accounts that hold money or money owed: they never go below zero.
 NON_NEGATIVE = ("cash", "bank", "receivable")
+# The accounts that hold the fund's money: a statement's money in and out is what moves them.
+MONEY = ("cash", "bank")
 _SEGMENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,79}")
 _ID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 _RECEIPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9/._-]{0,39}")
@@ -126,7 +129,7 @@ def _check_account(account: str) -> None:
     if kind not in ACCOUNT_KINDS:
         raise InvalidArgument(field_name, f"must start with one of {', '.join(ACCOUNT_KINDS)}")
     parts = rest.split("/") if rest else []
-    if kind in ("cash", "bank"):
+    if kind in MONEY:
         if parts:
             raise InvalidArgument(field_name, f"{kind} takes no sub-account")
     elif kind == "receivable":
@@ -214,17 +217,56 @@ def apply_postings(
     return updated
 
 
-def statement_total(direction: str, amounts: Iterable[int]) -> int:
+def available(balances: Mapping[str, int]) -> int:
+    """The money the fund holds: cash plus bank."""
+    return sum(balances.get(account, 0) for account in MONEY)
+
+
+def statement_total(direction: str, total: int) -> int:
     """The money in (or out) over a statement's lines; refuses (FAILED_PRECONDITION, naming
     `from`: a later one shortens the period) a total past MAX_BALANCE, the bound every balance
     keeps, rather than answer a figure no balance could reach or its int64 field hold."""
-    total = sum(amounts)
     if total > MAX_BALANCE:
         raise FailedPrecondition(
             f"from: the money {direction} over the period comes to {total:,} đồng, past the "
             f"{MAX_BALANCE:,} a statement totals; ask for a shorter period"
         )
     return total
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+
+
+@dataclass(frozen=True)
+class StatementPeriod:
+    """A statement's period [start, end) (from the beginning without a start), read through
+    the fund's transaction `through`: the chain's head when its first page was read, so later
+    pages, and the header each carries, read the same transactions whatever was posted since.
+    `first`: the period's first transaction (0 for none), where its lines begin."""
+
+    start: datetime | None
+    end: datetime
+    through: int
+    first: int = 0
+
+    def token(self, after: int) -> str:
+        """The page token for the lines after transaction `after`: it pins the end and the
+        head (the end to the microsecond, as the first page had it)."""
+        return f"{after}.{(self.end - EPOCH) // MICROSECOND}.{self.through}"
+
+
+def statement_token(token: str) -> tuple[int, datetime, int]:
+    """The transaction after which a page token's lines go on, and the period's end and the
+    chain's head it pinned."""
+    try:
+        after, micros, through = (int(part) for part in token.split("."))
+        end = EPOCH + micros * MICROSECOND
+        if after < 0 or through < after or end.year not in YEARS:
+            raise ValueError(token)
+    except (ValueError, OverflowError):
+        raise InvalidArgument("page.page_token", "is not a token this statement gave") from None
+    return after, end, through
 
 
 def part_request_id(request_id: str, part: int) -> str:

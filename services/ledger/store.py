@@ -4,6 +4,7 @@ updated; every write takes the session of the command's transaction."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +15,26 @@ from pymongo.asynchronous.database import AsyncDatabase
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
 from services.common.outbox import ensure_outbox_indexes
+from services.ledger import domain
 
 # A household moved: (household id, the unit it left, the unit it is in now).
 Move = tuple[str, str, str]
 MIGRATIONS = "migrations"  # one document for each change of stored data done
 DUES_APART = "dues_by_household"
 POSTED_AT = [("fund_id", ASCENDING), ("posted_at", ASCENDING)]
+SEQUENCE = [("fund_id", ASCENDING), ("sequence", ASCENDING)]
+
+
+@dataclass(frozen=True)
+class PeriodTotals:
+    """A statement period's transactions: how many, the first (sequence and time), and the
+    money they moved in and out."""
+
+    lines: int = 0
+    first: int = 0
+    first_at: datetime | None = None
+    money_in: int = 0
+    money_out: int = 0
 
 
 def new_id(prefix: str) -> str:
@@ -72,7 +87,7 @@ class LedgerStore:
             [
                 # The idempotency key: one transaction per key and fund, for ever.
                 IndexModel([("fund_id", ASCENDING), ("request_id", ASCENDING)], unique=True),
-                IndexModel([("fund_id", ASCENDING), ("sequence", ASCENDING)], unique=True),
+                IndexModel(SEQUENCE, unique=True),
                 IndexModel(POSTED_AT),
                 IndexModel([("expense.receipt_object_key", ASCENDING)], sparse=True),
                 # A receipt number is held by one contribution of the fund until that one is
@@ -231,28 +246,91 @@ class LedgerStore:
     async def insert_transactions(self, docs: list[Document], session: Session) -> None:
         await self.transactions.insert_many(docs, ordered=True, session=session)
 
-    async def between(
-        self,
-        fund_id: str,
-        start: datetime | None,
-        end: datetime,
-        through: int,
-        session: Session | None = None,
+    async def statement_lines(
+        self, fund_id: str, period: domain.StatementPeriod, after: int, limit: int
     ) -> list[Document]:
-        """The fund's transactions posted in [start, end), up to sequence `through`."""
+        """Up to `limit` of the fund's transactions of the period after sequence `after`, in
+        the chain's order: read on the sequence index from where the last page ended (the
+        period's first transaction for the first page), not sorted from the whole period."""
         query: Document = {
             "fund_id": fund_id,
-            "posted_at": {"$lt": end},
-            "sequence": {"$lte": through},
+            "sequence": {"$gt": max(after, period.first - 1), "$lte": period.through},
+            "posted_at": {"$lt": period.end},
         }
-        if start is not None:
-            query["posted_at"]["$gte"] = start
+        if period.start is not None:
+            query["posted_at"]["$gte"] = period.start
         return (
-            await self.transactions.find(query, session=session)
+            await self.transactions.find(query)
             .sort("sequence", ASCENDING)
-            .hint(POSTED_AT)
+            .hint(SEQUENCE)
+            .limit(limit)
             .to_list()
         )
+
+    async def statement_totals(
+        self, fund_id: str, period: domain.StatementPeriod, session: Session
+    ) -> PeriodTotals:
+        """The fund's transactions of the period: how
+        many, the first, and the money they moved into and out of cash and bank, summed in
+        MongoDB rather than read here. Sums are decimals: past MAX_BALANCE they are refused,
+        never wrapped or rounded."""
+        query: Document = {"fund_id": fund_id, "posted_at": {"$lt": period.end}}
+        if period.start is not None:
+            query["posted_at"]["$gte"] = period.start
+        moved = {
+            "$sum": {
+                "$map": {
+                    "input": {
+                        "$filter": {
+                            "input": "$postings",
+                            "cond": {"$in": ["$$this.account", list(domain.MONEY)]},
+                        }
+                    },
+                    "in": "$$this.amount",
+                }
+            }
+        }
+        pipeline: list[Document] = [
+            {"$match": query | {"sequence": {"$lte": period.through}}},
+            {"$project": {"sequence": 1, "posted_at": 1, "moved": moved}},
+            {
+                "$group": {
+                    "_id": None,
+                    "lines": {"$sum": 1},
+                    "first": {"$min": "$sequence"},
+                    "first_at": {"$min": "$posted_at"},
+                    "in": {"$sum": {"$toDecimal": {"$max": ["$moved", 0]}}},
+                    "out": {"$sum": {"$toDecimal": {"$max": [{"$subtract": [0, "$moved"]}, 0]}}},
+                }
+            },
+        ]
+        # The period's stretch of the time index: the sequence bound alone would span every
+        # transaction before it.
+        rows = await (
+            await self.transactions.aggregate(pipeline, session=session, hint=dict(POSTED_AT))
+        ).to_list()
+        if not rows:
+            return PeriodTotals()
+        row = rows[0]
+        return PeriodTotals(
+            lines=row["lines"],
+            first=row["first"],
+            first_at=row["first_at"],
+            money_in=int(row["in"].to_decimal()),
+            money_out=int(row["out"].to_decimal()),
+        )
+
+    async def sequences(self, fund_id: str, transaction_ids: Iterable[str]) -> dict[str, int]:
+        """transaction id -> its place in the fund's chain."""
+        ids = list(transaction_ids)
+        if not ids:
+            return {}
+        return {
+            doc["_id"]: doc["sequence"]
+            async for doc in self.transactions.find(
+                {"_id": {"$in": ids}, "fund_id": fund_id}, {"sequence": 1}
+            )
+        }
 
     async def contributions_of(
         self, fund_id: str, household_id: str, session: Session | None = None
@@ -322,21 +400,21 @@ class LedgerStore:
         return str(found["hash"]) if found else ""
 
     async def statement_balances(
-        self,
-        fund_id: str,
-        start: datetime | None,
-        end: datetime,
-        through: int,
-        session: Session,
+        self, fund_id: str, period: domain.StatementPeriod, session: Session
     ) -> tuple[dict[str, int], dict[str, int]]:
-        """The fund's balances before and after its transactions posted in [start, end) up to
-        sequence `through` (before: none without a start), read in `session`, a snapshot.
+        """The fund's balances before and after its transactions of the period (before: none
+        without a start), read in `session`, a snapshot.
 
         They are the running balances less what was posted since: reading the transactions of
         the period and after it, never the fund's history before the period, which a statement
         of last month would otherwise sum whole."""
-        since = start or end
-        later: Document = {"$or": [{"$gte": ["$posted_at", end]}, {"$gt": ["$sequence", through]}]}
+        since = period.start or period.end
+        later: Document = {
+            "$or": [
+                {"$gte": ["$posted_at", period.end]},
+                {"$gt": ["$sequence", period.through]},
+            ]
+        }
         pipeline: list[Document] = [
             # Each side on its own index: the period and after it, and what was posted after
             # `through` (nothing, unless a page after the first reads it).
@@ -344,7 +422,7 @@ class LedgerStore:
                 "$match": {
                     "$or": [
                         {"fund_id": fund_id, "posted_at": {"$gte": since}},
-                        {"fund_id": fund_id, "sequence": {"$gt": through}},
+                        {"fund_id": fund_id, "sequence": {"$gt": period.through}},
                     ]
                 }
             },
@@ -364,7 +442,7 @@ class LedgerStore:
             account = row["_id"]
             closing[account] = closing.get(account, 0) - int(row["later"].to_decimal())
             within[account] = int(row["within"].to_decimal())
-        if start is None:
+        if period.start is None:
             return {}, closing
         opening = {
             account: balance - within.get(account, 0) for account, balance in closing.items()
