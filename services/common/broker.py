@@ -94,14 +94,20 @@ def kafka_broker(bootstrap_servers: str, client_id: str) -> KafkaBroker:
 
 def outbox_producer(bootstrap_servers: str, client_id: str) -> AIOKafkaProducer:
     """The relay's producer: idempotent, acknowledged by every in-sync replica. Plain aiokafka,
-    since the relay sends ready-made records and a framework's per-message work would cost
-    more CPU than the sending."""
+    since the relay sends ready-made batches and a framework's per-message work would cost
+    more CPU than the sending.
+
+    Its own retries keep a partition's order: aiokafka has one request in flight per broker and
+    none for a partition while its last batch is unanswered, puts a batch it retries back at the
+    head of the partition's queue, and with idempotence retries a batch until the broker takes it
+    (under its sequence number, so a retry the broker had taken already is not stored twice)
+    rather than giving up after a time. A batch fails only when the broker refuses it for good;
+    what then goes after it the relay decides (see `OutboxRelay`)."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         client_id=client_id,
         enable_idempotence=True,
         acks="all",
-        linger_ms=2,
     )
 
 

@@ -6,6 +6,11 @@ the relay marks an event sent only means it is published again, and consumers sk
 event id. One relay per service holds a lease at a time, so events leave in commit order. It
 learns of its own instance's commits in memory and of the other instances' through a change
 stream, so an event waits for no sweep whichever instance committed it.
+
+Events are keyed by their aggregate, and consumers rely on one aggregate's events arriving in
+order. An event the broker refuses (a record over the topic's size limit, say) holds back only
+the later events of its key: they wait behind it while it is tried again, alone and less and
+less often, and the other keys' events go on.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from bson import Binary, ObjectId
 from google.protobuf.message import Message
 from opentelemetry.trace import SpanKind
@@ -36,13 +45,19 @@ from services.common.telemetry import context_from_headers, current_trace_header
 log = logging.getLogger(__name__)
 # A proxy until the provider is installed; fetched once, not per message or call.
 _TRACER = tracer("civic.outbox")
+# The producer's own: records go where it would put them by their keys.
+_PARTITIONER = DefaultPartitioner()
 
 OUTBOX = "outbox"
 LEASE = "outbox_lease"
 SENT_RETENTION = timedelta(days=3)
 # Under the producer's largest record (1 MiB, with key and headers): an event the broker would
-# refuse must fail its transaction, not stop the relay at it for good.
+# refuse must fail its transaction, not hold its aggregate's later events back for good.
 MAX_EVENT_BYTES = 1_000_000
+# An event the broker refused is tried again after this many seconds, twice as long after each
+# refusal, up to the most: it stays visible in the log without flooding it.
+FIRST_RETRY_SECONDS = 1.0
+MOST_RETRY_SECONDS = 60.0
 
 
 def new_event_id() -> str:
@@ -140,6 +155,29 @@ def _as_cloud_event(entry: Mapping[str, Any]) -> CloudEvent:
     )
 
 
+@dataclass
+class _Refusal:
+    """An event the broker refused: its key's later events wait behind it until it goes out."""
+
+    key: str
+    # How often it was refused alone in its batch (a batch refused with several in it does not
+    # say which one the broker would not take).
+    alone: int
+    retry_at: float  # time.monotonic()
+
+
+@dataclass
+class _Record:
+    """An event as the Kafka record that carries it."""
+
+    event: Document
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    # A retry of a refused event, which goes in a batch of its own.
+    alone: bool
+
+
 class OutboxRelay:
     """Publishes committed events in order with an idempotent producer, then marks them sent."""
 
@@ -147,7 +185,7 @@ class OutboxRelay:
         self,
         db: AsyncDatabase[Document],
         outbox: Outbox,
-        producer: AIOKafkaProducer,
+        producer: Callable[[], AIOKafkaProducer],
         *,
         owner: str,
         poll_seconds: float,
@@ -159,7 +197,11 @@ class OutboxRelay:
         self._collection = db[OUTBOX].with_options(read_concern=ReadConcern("majority"))
         self._lease = db[LEASE]
         self._outbox = outbox
-        self._producer = producer
+        # A refused batch leaves a gap in the idempotent producer's sequence numbers for its
+        # partition, and the broker refuses every later batch there for it: the relay then goes
+        # on with a new producer.
+        self._new_producer = producer
+        self.producer: AIOKafkaProducer | None = None
         self._owner = owner
         self._poll_seconds = poll_seconds
         self._batch_size = batch_size
@@ -167,7 +209,25 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._held_until: datetime | None = None
+        # Events the broker has that are not marked sent yet, their entry waiting for another of
+        # its events: not sent again, so that no later event of their key is followed by a copy.
+        self._delivered: set[str] = set()
+        self._refused: dict[str, _Refusal] = {}
         self.published = 0
+        self.refusals = 0
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """The events the broker refused on their own, which wait to be tried again, with
+        their keys."""
+        return {
+            event_id: refusal.key for event_id, refusal in self._refused.items() if refusal.alone
+        }
+
+    async def connect(self) -> None:
+        """Start the producer now: at start-up, Kafka out of reach stops the service from
+        starting rather than its relay from publishing."""
+        await self._started_producer()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
@@ -189,6 +249,24 @@ class OutboxRelay:
                 )
             except Exception:
                 log.warning("could not release the outbox relay lease", exc_info=True)
+        if self.producer is not None:
+            await self.producer.stop()
+
+    async def _started_producer(self) -> AIOKafkaProducer:
+        if self.producer is None:
+            producer = self._new_producer()
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+            self.producer = producer
+        return self.producer
+
+    async def _renew_producer(self) -> None:
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            await producer.stop()
 
     async def _run(self) -> None:
         while True:
@@ -201,6 +279,9 @@ class OutboxRelay:
                             break
                 else:
                     self._stop_watching()
+                    # Another instance relays, and learns for itself what the broker refuses.
+                    self._delivered.clear()
+                    self._refused.clear()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -265,38 +346,87 @@ class OutboxRelay:
         return True
 
     async def relay_once(self) -> int:
-        """Publish one batch of pending events; returns how many were published."""
-        entries = (
-            await self._collection.find({"pending": True})
-            .sort([("order", ASCENDING), ("_id", ASCENDING)])
-            .limit(self._batch_size)
-            .to_list()
-        )
+        """Publish the next pending entries, at most `batch_size`; returns how many were
+        published and marked sent."""
+        entries, records = await self._next()
         if not entries:
             return 0
         fault("CIVIC_FAULT_CRASH_BEFORE_PUBLISH")
-        futures = [future for entry in entries for future in await self._publish(entry)]
-        await asyncio.gather(*futures)
-        # Counted once the broker has them, so whoever sees them marked sent sees them counted.
-        self.published += len(futures)
+        if records:
+            await self._publish(records)
         fault("CIVIC_FAULT_CRASH_AFTER_PUBLISH")
-        await self._collection.update_many(
-            {"_id": {"$in": [entry["_id"] for entry in entries]}},
-            {"$unset": {"pending": ""}, "$set": {"sent_at": datetime.now(UTC)}},
+        sent = [
+            entry
+            for entry in entries
+            if all(event["_id"] in self._delivered for event in entry["events"])
+        ]
+        if sent:
+            await self._collection.update_many(
+                {"_id": {"$in": [entry["_id"] for entry in sent]}},
+                {"$unset": {"pending": ""}, "$set": {"sent_at": datetime.now(UTC)}},
+            )
+            self._delivered.difference_update(
+                event["_id"] for entry in sent for event in entry["events"]
+            )
+        return len(sent)
+
+    async def _next(self) -> tuple[list[Document], list[_Record]]:
+        """The next pending entries in commit order that have events to publish (or only need
+        marking sent), and those events: all but the ones the broker has already and the ones
+        that wait, a refused event until its next try and every later event of a key that has
+        an earlier one waiting."""
+        now = time.monotonic()
+        waiting: set[str] = set()
+        entries: list[Document] = []
+        records: list[_Record] = []
+        cursor = (
+            self._collection.find({"pending": True})
+            .sort([("order", ASCENDING), ("_id", ASCENDING)])
+            .batch_size(self._batch_size)
         )
-        return len(entries)
+        if not self._refused:
+            cursor = cursor.limit(self._batch_size)  # nothing waits: the first ones will do
+        pending_refused: set[str] = set()
+        try:
+            async for entry in cursor:
+                due: list[Document] = []
+                held = False
+                for event in entry["events"]:
+                    if event["_id"] in self._delivered:
+                        continue
+                    refusal = self._refused.get(event["_id"])
+                    if refusal is not None:
+                        pending_refused.add(event["_id"])
+                    if event["key"] in waiting or (refusal is not None and refusal.retry_at > now):
+                        waiting.add(event["key"])
+                        held = True
+                    else:
+                        due.append(event)
+                if due or not held:
+                    entries.append(entry)
+                    records += self._records(due)
+                    if len(entries) == self._batch_size:
+                        break
+            else:
+                # Every pending entry seen: a refused event not among them is no longer
+                # pending (an operator removed its entry, say), nor anything to report.
+                for event_id in self._refused.keys() - pending_refused:
+                    del self._refused[event_id]
+        finally:
+            await cursor.close()
+        return entries, records
 
-    async def _publish(self, entry: Document) -> list[asyncio.Future[Any]]:
-        """Send one transaction's events (without waiting for the broker): each run of events
-        that carries one trace goes out under one span that continues it. A bulk import's
-        thousands of events are one step of its trace; a consumer's batch of events, each from
-        the trace of the event that caused it, continues each of those traces."""
-        futures: list[asyncio.Future[Any]] = []
-        for _, run in itertools.groupby(entry["events"], key=_trace_of):
-            futures += await self._publish_run(list(run))
-        return futures
+    def _records(self, events: list[Document]) -> list[_Record]:
+        """One transaction's events as records: each run of events that carries one trace goes
+        out under one span that continues it. A bulk import's thousands of events are one step
+        of its trace; a consumer's batch of events, each from the trace of the event that
+        caused it, continues each of those traces."""
+        records: list[_Record] = []
+        for _, run in itertools.groupby(events, key=_trace_of):
+            records += self._traced(list(run))
+        return records
 
-    async def _publish_run(self, events: list[Document]) -> list[asyncio.Future[Any]]:
+    def _traced(self, events: list[Document]) -> list[_Record]:
         first = events[0]
         attributes: dict[str, str | int] = {
             "messaging.system": "kafka",
@@ -314,16 +444,125 @@ class OutboxRelay:
         ):
             trace_headers = [(k, v.encode()) for k, v in current_trace_headers().items()]
             return [
-                await self._producer.send(
-                    stored["topic"],
-                    bytes(stored["data"]),
+                _Record(
+                    event=stored,
                     key=stored["key"].encode(),
+                    value=bytes(stored["data"]),
                     headers=[(k, v.encode()) for k, v in event.kafka_headers().items()]
                     + trace_headers,
+                    alone=stored["_id"] in self._refused,
                 )
                 for stored in events
                 for event in (_as_cloud_event(stored),)
             ]
+
+    async def _publish(self, records: list[_Record]) -> None:
+        """Each partition's records in order, the partitions side by side. A refused batch
+        stops its partition's records for this time; the producer is renewed after it."""
+        producer = await self._started_producer()
+        partitions: dict[str, list[int]] = {}
+        lanes: dict[TopicPartition, list[_Record]] = {}
+        for record in records:
+            topic = record.event["topic"]
+            if topic not in partitions:
+                partitions[topic] = sorted(await producer.partitions_for(topic))
+            partition = _PARTITIONER(record.key, partitions[topic], partitions[topic])
+            lanes.setdefault(TopicPartition(topic, partition), []).append(record)
+        refused = await asyncio.gather(
+            *(self._publish_lane(producer, tp, lane) for tp, lane in lanes.items())
+        )
+        if any(refused):
+            await self._renew_producer()
+
+    async def _publish_lane(
+        self, producer: AIOKafkaProducer, tp: TopicPartition, lane: list[_Record]
+    ) -> bool:
+        """One partition's records, batch after batch, each once the broker has the one before
+        (the producer would not send it sooner either): after a refused batch nothing more goes
+        to the partition, so no later event of a key overtakes the refused one. Returns whether
+        a batch was refused."""
+        for members, batch in _batches(producer, lane):
+            try:
+                await (await producer.send_batch(batch, tp.topic, partition=tp.partition))
+            except KafkaError as error:
+                self._refuse(members, error)
+                return True
+            for record in members:
+                self._delivered.add(record.event["_id"])
+                refusal = self._refused.pop(record.event["_id"], None)
+                if refusal is not None and refusal.alone:
+                    log.warning(
+                        "outbox event %s published after %d refusals",
+                        record.event["_id"],
+                        refusal.alone,
+                    )
+            # Counted once the broker has them, so whoever sees them marked sent sees them counted.
+            self.published += len(members)
+        return False
+
+    def _refuse(self, members: list[_Record], error: KafkaError) -> None:
+        self.refusals += len(members)
+        now = time.monotonic()
+        if len(members) > 1:
+            # Which of them the broker would not take, their batches of one will tell.
+            for record in members:
+                event = record.event
+                before = self._refused.get(event["_id"])
+                self._refused[event["_id"]] = _Refusal(
+                    event["key"], before.alone if before else 0, now
+                )
+            log.error(
+                "the broker refused a batch of %d outbox events (%s … %s): %r; each is tried "
+                "again in a batch of its own",
+                len(members),
+                members[0].event["_id"],
+                members[-1].event["_id"],
+                error,
+            )
+            return
+        event = members[0].event
+        before = self._refused.get(event["_id"])
+        alone = (before.alone if before else 0) + 1
+        wait = min(MOST_RETRY_SECONDS, FIRST_RETRY_SECONDS * 2 ** (alone - 1))
+        self._refused[event["_id"]] = _Refusal(event["key"], alone, now + wait)
+        log.error(
+            "the broker refused outbox event %s (%s, key %s, %d bytes) %d time(s): %r; the "
+            "key's later events wait behind it; tried again in %.0f s",
+            event["_id"],
+            event["type"],
+            event["key"],
+            len(members[0].value),
+            alone,
+            error,
+            wait,
+        )
+
+
+def _batches(
+    producer: AIOKafkaProducer, lane: list[_Record]
+) -> Iterator[tuple[list[_Record], Any]]:
+    """A partition's records in order, in batches as full as the producer makes them; a refused
+    event's retry in one of its own, so that it is refused (or not) alone."""
+    batch = producer.create_batch()
+    members: list[_Record] = []
+    for record in lane:
+        if members and (record.alone or members[-1].alone or not _append(batch, record)):
+            batch.close()
+            yield members, batch
+            batch, members = producer.create_batch(), []
+        if not members:
+            _append(batch, record)  # an empty batch takes any one record
+        members.append(record)
+    if members:
+        batch.close()  # sent as it is, without lingering for more
+        yield members, batch
+
+
+def _append(batch: Any, record: _Record) -> bool:
+    appended = batch.append(
+        key=record.key, value=record.value, timestamp=None, headers=record.headers
+    )
+    return appended is not None
 
 
 def _trace_of(event: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

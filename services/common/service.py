@@ -3,10 +3,10 @@ transactional outbox and its relay to Kafka, consumers, and the gRPC server."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import grpc
-from aiokafka import AIOKafkaProducer
 from opentelemetry.sdk.trace import SpanProcessor
 
 from services.common.broker import kafka_broker, outbox_producer
@@ -38,8 +38,7 @@ class ServiceHost:
         self.commands = CommandRunner(self.client, self.db, self.outbox)
         self.broker = kafka_broker(settings.kafka_bootstrap_servers, f"civic-{name}")
         self.server: GrpcServer | None = None
-        # Made at start: a producer that was made but never stopped warns when collected.
-        self.producer: AIOKafkaProducer | None = None
+        # Made at start: its producer, made but never stopped, would warn when collected.
         self.relay: OutboxRelay | None = None
         self.port = 0
 
@@ -59,16 +58,17 @@ class ServiceHost:
         """Kafka first (consumers join their groups), then gRPC, then the relay."""
         assert self.server is not None, "call serve() before start()"
         await self.broker.start()
-        self.producer = outbox_producer(self.settings.kafka_bootstrap_servers, f"civic-{self.name}")
-        await self.producer.start()
-        self.port = await self.server.start()
         self.relay = OutboxRelay(
             self.db,
             self.outbox,
-            self.producer,
+            functools.partial(
+                outbox_producer, self.settings.kafka_bootstrap_servers, f"civic-{self.name}"
+            ),
             owner=self.instance,
             poll_seconds=self.settings.outbox_poll_seconds,
         )
+        await self.relay.connect()
+        self.port = await self.server.start()
         self.relay.start()
         return self.port
 
@@ -76,9 +76,8 @@ class ServiceHost:
         if self.server is not None:
             await stop_within(10, "gRPC server", self.server.stop())
         if self.relay is not None:
-            await stop_within(10, "outbox relay", self.relay.stop())
-        if self.producer is not None:
-            await stop_within(15, "Kafka producer", self.producer.stop())
+            # Its lease, then its Kafka producer.
+            await stop_within(25, "outbox relay", self.relay.stop())
         await stop_within(15, "Kafka consumers", self.broker.stop())
         # Closing ends the client's sessions on the server, and waits out server selection when
         # MongoDB is already gone.

@@ -5,12 +5,15 @@ commits), and it reads only what a majority has committed."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from bson import ObjectId
 from civic.tickets.v1 import events_pb2
 from google.protobuf.message import Message
@@ -34,16 +37,18 @@ from services.common.outbox import (
     OutboxRelay,
     ensure_outbox_indexes,
 )
-from tests.kafka_reader import Record, TopicReader, eventually
+from tests.kafka_reader import Record, TopicReader, eventually, with_key
 
 # Longer than the test may take: an event seen on time was not brought by a sweep.
 SWEEP_SECONDS = 60.0
+# A topic's max.message.bytes small enough for a test's event to be over it.
+REFUSED_OVER = 10_000
 
 
 @dataclass
 class Instances:
-    """Two instances, "a" and "b", of one service: one database, an outbox, a started producer
-    and a relay (not started) each."""
+    """Two instances, "a" and "b", of one service: one database, an outbox and a relay each (its
+    producer started, the relay not)."""
 
     client: AsyncMongoClient[Document]
     db: AsyncDatabase[Document]
@@ -59,19 +64,23 @@ async def two_instances(
     db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
     await ensure_outbox_indexes(db)
     outboxes = {name: Outbox(db, source="/civic/test", topic=topic, instance=name) for name in "ab"}
-    producers = {name: outbox_producer(settings.kafka_bootstrap_servers, name) for name in "ab"}
     relays = {
-        name: OutboxRelay(db, outboxes[name], producers[name], owner=name, **relay_options)
+        name: OutboxRelay(
+            db,
+            outboxes[name],
+            functools.partial(outbox_producer, settings.kafka_bootstrap_servers, name),
+            owner=name,
+            **relay_options,
+        )
         for name in "ab"
     }
     try:
-        for producer in producers.values():
-            await producer.start()
+        for relay in relays.values():
+            await relay.connect()
         yield Instances(client, db, outboxes, relays)
     finally:
-        for name in "ab":
-            await relays[name].stop()
-            await producers[name].stop()
+        for relay in relays.values():
+            await relay.stop()
         await client.drop_database(db.name)
         await client.close()
 
@@ -149,15 +158,19 @@ async def test_relay_asks_only_for_entries_the_majority_has_committed(
     )
     db = client[f"{settings.database_prefix}_relay_{uuid.uuid4().hex[:6]}"]
     outbox = Outbox(db, source="/civic/test", topic=topic)
-    producer = outbox_producer(settings.kafka_bootstrap_servers, "a")
-    relay = OutboxRelay(db, outbox, producer, owner="a", poll_seconds=SWEEP_SECONDS)
-    await producer.start()
+    relay = OutboxRelay(
+        db,
+        outbox,
+        functools.partial(outbox_producer, settings.kafka_bootstrap_servers, "a"),
+        owner="a",
+        poll_seconds=SWEEP_SECONDS,
+    )
     try:
         assert await relay.relay_once() == 0
         assert finds, "the relay looked for pending entries"
         assert all(find.get("readConcern") == {"level": "majority"} for find in finds)
     finally:
-        await producer.stop()
+        await relay.stop()
         await client.drop_database(db.name)
         await client.close()
 
@@ -252,3 +265,89 @@ async def test_a_relay_that_stops_hands_its_lease_over_at_once(
         await eventually(
             holds_lease(two.db, "b"), what="the second relay took the lease over", within=5
         )
+
+
+async def test_an_event_the_broker_refuses_holds_back_only_the_later_events_of_its_key(
+    settings: Settings,
+) -> None:
+    """A ticket's event the topic refuses for good (over its max.message.bytes): the ticket's
+    later events wait behind it rather than overtake it, while another ticket's events, even in
+    the same partition and the same batch, go on; once the topic takes it, the ticket's events
+    follow in order."""
+    topic = f"test.runtime.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    # One partition: the two tickets' events share it, and their first batch too.
+    await admin.create_topics(
+        [NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": str(REFUSED_OVER)})]
+    )
+    try:
+        async with (
+            two_instances(settings, topic, poll_seconds=0.1, lease_seconds=SWEEP_SECONDS) as two,
+            TopicReader(settings.kafka_bootstrap_servers, topic) as reader,
+        ):
+            relay, outbox = two.relays["a"], two.outboxes["a"]
+
+            async def commit(message: Message, ticket_id: str) -> str:
+                event = outbox.event(message, key=ticket_id)
+
+                async def stage(session: Session) -> None:
+                    await outbox.stage(session, [event])
+
+                await in_transaction(two.client, stage)
+                outbox.committed()
+                return str(event["_id"])
+
+            async def on_topic(ticket_id: str) -> list[str]:
+                """The ticket's events on the topic now, in the order a consumer reads them."""
+                records = await reader.read_to_end()
+                return [record.event_id for record in with_key(records, ticket_id)]
+
+            async def published(event_id: str, ticket_id: str, what: str) -> None:
+                async def there() -> bool:
+                    return event_id in await on_topic(ticket_id)
+
+                await eventually(there, what=what, within=30)
+
+            a1 = await commit(events_pb2.TicketSubmitted(ticket_id="A"), "A")
+            # Under the producer's batch size, over the topic's limit.
+            refused = await commit(
+                events_pb2.TicketSubmitted(ticket_id="A", category="x" * (REFUSED_OVER + 2000)),
+                "A",
+            )
+            a3 = await commit(events_pb2.TicketAcknowledged(ticket_id="A"), "A")
+            b1 = await commit(events_pb2.TicketSubmitted(ticket_id="B"), "B")
+            relay.start()
+
+            await published(b1, "B", "the other ticket's event")
+            assert await on_topic("A") == [a1], "a later event overtook the refused one"
+            assert relay.refused == {refused: "A"}
+            assert relay.refusals >= 1
+            pending = {doc["_id"] async for doc in two.db[OUTBOX].find({"pending": True})}
+            assert pending == {refused, a3}
+
+            # While the refused event waits to be tried again, the other ticket's go on.
+            b2 = await commit(events_pb2.TicketAcknowledged(ticket_id="B"), "B")
+            await published(b2, "B", "the other ticket's next event")
+            assert await on_topic("B") == [b1, b2]
+            assert await on_topic("A") == [a1]
+
+            # The operator raises the topic's limit: the ticket's events follow, in order.
+            await admin.alter_configs(
+                [
+                    ConfigResource(
+                        ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": "1000000"}
+                    )
+                ]
+            )
+            await published(a3, "A", "the ticket's held-back events")
+            assert await on_topic("A") == [a1, refused, a3]
+            assert relay.refused == {}
+
+            async def all_sent() -> bool:
+                return not await two.db[OUTBOX].count_documents({"pending": True})
+
+            await eventually(all_sent, what="every entry marked sent")
+    finally:
+        await admin.delete_topics([topic])
+        await admin.close()

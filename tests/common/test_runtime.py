@@ -28,6 +28,6 @@ async def test_a_service_that_cannot_listen_stops_what_it_had_started(
         with pytest.raises(OSError, match="cannot listen"):
             await serve_until_signalled(NAME, lambda: service)
     # Kafka was up before the port was tried: its producer and consumers are stopped again.
-    producer = service.host.producer
-    assert producer is not None and producer._closed
+    relay = service.host.relay
+    assert relay is not None and relay.producer is not None and relay.producer._closed
     assert not service.host.broker.running
