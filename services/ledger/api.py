@@ -36,7 +36,7 @@ from services.ledger.records import (
     transaction_message,
 )
 from services.ledger.registry import RegistryReader
-from services.ledger.store import LedgerStore, new_id
+from services.ledger.store import LedgerStore, accounts_after, new_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # What is inserted with a batch of new transactions, in the same MongoDB transaction.
@@ -826,17 +826,6 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     # ---- reports ---------------------------------------------------------------------------
 
-    async def _balances(
-        self, fund: Document, as_of: datetime | None = None, sequence: int = 0
-    ) -> tuple[int, dict[str, int]]:
-        if as_of is not None:
-            return await self.store.balances_as_of(fund["_id"], {"posted_at": {"$lt": as_of}})
-        # The chain's head and the running balances, read at one snapshot.
-        head, balances = await self.store.current(fund["_id"])
-        if not sequence or sequence >= head:
-            return head, balances
-        return await self.store.balances_as_of(fund["_id"], {"sequence": {"$lte": sequence}})
-
     async def GetBalances(
         self, request: ledger_pb2.GetBalancesRequest, context: Context
     ) -> ledger_pb2.GetBalancesResponse:
@@ -845,23 +834,51 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("as_of_sequence", "must not be negative")
         if request.as_of_sequence and request.HasField("as_of"):
             raise InvalidArgument("as_of_sequence", "give either as_of or as_of_sequence")
-        as_of = None
-        if request.HasField("as_of"):
-            # Everything posted at or before the moment asked about.
-            as_of = moment("as_of", request.as_of) + timedelta(milliseconds=1)
-        sequence, balances = await self._balances(fund, as_of, request.as_of_sequence)
-        # The fund as read above holds the head's hash: a lookup only for an earlier point, or
-        # for a transaction committed since.
-        at_head = sequence == fund["sequence"]
+        size = page_size(request.page.page_size)
+        prefix = request.account_prefix
+        if len(prefix) > domain.MAX_ACCOUNT:
+            raise InvalidArgument(
+                "account_prefix", f"is longer than {domain.MAX_ACCOUNT} characters"
+            )
+        through, after = 0, ""
+        if request.page.page_token:
+            through, after = domain.balances_position(request.page.page_token, prefix)
+        # The chain's head and the balances read at one moment: a posting committed meanwhile
+        # is in all of them or in none.
+        async with self.store.snapshot() as session:
+            fund = await self.store.fund(fund["_id"], session) or fund
+            head = fund["sequence"]
+            if request.page.page_token:
+                if through > head:
+                    raise InvalidArgument("page.page_token", "is not a token these balances gave")
+            elif request.HasField("as_of"):
+                # Everything posted at or before the moment asked about.
+                end = moment("as_of", request.as_of) + timedelta(milliseconds=1)
+                through = await self.store.last_posted_before(fund["_id"], end, session)
+            elif request.as_of_sequence:
+                through = min(request.as_of_sequence, head)
+            else:
+                through = head
+            balances = await self.store.balances_at(
+                fund["_id"], through, head, accounts_after(after, prefix), session, size + 1
+            )
+            money = await self.store.balances_at(
+                fund["_id"], through, head, {"$in": list(domain.MONEY)}, session
+            )
+        page = list(balances)[:size]
         return ledger_pb2.GetBalancesResponse(
             fund_id=fund["_id"],
-            sequence=sequence,
-            balances=balances_message(balances),
-            available=domain.available(balances),
+            sequence=through,
+            balances=balances_message({account: balances[account] for account in page}),
+            available=domain.available(money),
+            # The fund as read above holds the head's hash: a lookup only for an earlier point.
             hash=fund["head_hash"]
-            if at_head and sequence
-            else await self.store.hash_at(fund["_id"], sequence),
-            head_sequence=max(fund["sequence"], sequence),
+            if through == head and through
+            else await self.store.hash_at(fund["_id"], through),
+            head_sequence=head,
+            next_page_token=domain.balances_token(through, page[-1])
+            if len(balances) > size
+            else "",
         )
 
     async def _statement(

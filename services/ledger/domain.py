@@ -50,6 +50,8 @@ NON_NEGATIVE = ("cash", "bank", "receivable")
 MONEY = ("cash", "bank")
 _SEGMENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,79}")
 _ID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+# The longest account name: receivable/<campaign_id>/<household_id>, each id a segment as above.
+MAX_ACCOUNT = len("receivable//") + 2 * 100
 _RECEIPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9/._-]{0,39}")
 _PERIOD = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,19}")
 DONATIONS = "income/donations"
@@ -267,6 +269,24 @@ def statement_token(token: str) -> tuple[int, datetime, int]:
     except (ValueError, OverflowError):
         raise InvalidArgument("page.page_token", "is not a token this statement gave") from None
     return after, end, through
+
+
+def balances_token(through: int, account: str) -> str:
+    """The page token for the balances after `account`, as of the fund's transaction
+    `through`: the moment the first page read."""
+    return f"{through}|{account}"
+
+
+def balances_position(token: str, prefix: str) -> tuple[int, str]:
+    """The moment (the chain's transaction) a balances page token pinned, and the account
+    after which its page begins."""
+    through, _, account = token.partition("|")
+    try:
+        if not account or not account.startswith(prefix) or int(through) < 0:
+            raise ValueError(token)
+        return int(through), account
+    except ValueError:
+        raise InvalidArgument("page.page_token", "is not a token these balances gave") from None
 
 
 def part_request_id(request_id: str, part: int) -> str:

@@ -34,6 +34,7 @@ import grpc
 import jwt
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
+from civic.common.v1.types_pb2 import PageRequest
 from civic.ledger.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
 from google.protobuf.message import DecodeError
 from pymongo import AsyncMongoClient
@@ -45,6 +46,7 @@ from services.common.cloudevents import type_name
 from services.common.config import GRPC_PORTS, Settings, env_name
 from services.common.grpc_client import civic_channel
 from services.common.mongo import Document, mongo_client
+from services.common.paging import MAX_PAGE_SIZE
 from services.ledger.domain import BadEvent, Books, FundBooks, chain_hash, seals_bytes
 from services.ledger.events import TOPIC
 
@@ -514,14 +516,21 @@ def grpc_balances(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> LiveBalances:
                 fund = (await stub.GetFund(ledger_pb2.GetFundRequest(fund_id=fund_id))).fund
                 opened_only = fund.sequence == 0
                 return LiveFund(0, {}, fund.head_hash if opened_only else "", fund.sequence)
-            answer = await stub.GetBalances(
-                ledger_pb2.GetBalancesRequest(fund_id=fund_id, as_of_sequence=sequence)
+            # Every page, each as of the moment the first one pinned.
+            request = ledger_pb2.GetBalancesRequest(
+                fund_id=fund_id, as_of_sequence=sequence, page=PageRequest(page_size=MAX_PAGE_SIZE)
             )
+            balances: dict[str, int] = {}
+            while True:
+                answer = await stub.GetBalances(request)
+                balances |= {b.account: b.balance for b in answer.balances}
+                if not answer.next_page_token:
+                    break
+                request.page.page_token = answer.next_page_token
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise
-        balances = {b.account: b.balance for b in answer.balances}
         return LiveFund(answer.sequence, balances, answer.hash, answer.head_sequence)
 
     return live

@@ -3,13 +3,14 @@ updated; every write takes the session of the command's transaction."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
-from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common.commands import ensure_command_indexes
@@ -382,16 +383,6 @@ class LedgerStore:
         read in several queries adds up even while postings commit."""
         return self.db.client.start_session(snapshot=True)
 
-    async def current(self, fund_id: str) -> tuple[int, dict[str, int]]:
-        """The fund's chain head and its running balances, as of one snapshot."""
-        async with self.snapshot() as session:
-            fund = await self.funds.find_one({"_id": fund_id}, session=session)
-            balances = {
-                doc["account"]: doc["balance"]
-                async for doc in self.balances.find({"fund_id": fund_id}, session=session)
-            }
-        return (fund or {}).get("sequence", 0), balances
-
     async def hash_at(self, fund_id: str, sequence: int) -> str:
         """The hash of the fund's transaction at `sequence` ("" for none)."""
         found = await self.transactions.find_one(
@@ -448,6 +439,82 @@ class LedgerStore:
             account: balance - within.get(account, 0) for account, balance in closing.items()
         }
         return opening, closing
+
+    async def last_posted_before(self, fund_id: str, end: datetime, session: Session) -> int:
+        """The fund's last transaction posted before `end` (0 for none). None is posted before
+        the chain's last one: those before `end` are the chain up to it."""
+        last = await self.transactions.find_one(
+            {"fund_id": fund_id, "posted_at": {"$lt": end}},
+            {"posted_at": 1},
+            sort=[("posted_at", DESCENDING)],
+            hint=POSTED_AT,
+            session=session,
+        )
+        if last is None:
+            return 0
+        # A batch's transactions share their time: the last of them in the chain.
+        tied = await self.transactions.find_one(
+            {"fund_id": fund_id, "posted_at": last["posted_at"]},
+            {"sequence": 1},
+            sort=[("sequence", DESCENDING)],
+            hint=POSTED_AT,
+            session=session,
+        )
+        return int((tied or last)["sequence"])
+
+    async def balances_at(
+        self,
+        fund_id: str,
+        through: int,
+        head: int,
+        accounts: Document,
+        session: Session,
+        limit: int = 0,
+    ) -> dict[str, int]:
+        """The balances other than zero after the fund's transaction `through` (`head`: the
+        chain's head as `session`, a snapshot, reads it) of the accounts `accounts` selects (a
+        condition on their names, {} for all): in the accounts' order, the first `limit` of
+        them (0: all)."""
+        if through < head:
+            return await self._sums(fund_id, {"$lte": through}, accounts, session, limit)
+        query: Document = {"fund_id": fund_id, "balance": {"$ne": 0}}
+        if accounts:
+            query["account"] = accounts
+        found = self.balances.find(
+            query, {"account": 1, "balance": 1}, sort=[("account", ASCENDING)], session=session
+        ).limit(limit)
+        return {doc["account"]: doc["balance"] async for doc in found}
+
+    async def _sums(
+        self,
+        fund_id: str,
+        sequences: Document,
+        accounts: Document,
+        session: Session,
+        limit: int = 0,
+    ) -> dict[str, int]:
+        """What the fund's transactions whose sequence `sequences` selects posted to each
+        account `accounts` selects, the accounts summing to zero left out, in the accounts'
+        order (the first `limit`, 0: all). Decimal sums: in any order they never pass what
+        int64 holds midway."""
+        pipeline: list[Document] = [
+            {"$match": {"fund_id": fund_id, "sequence": sequences}},
+            {"$unwind": "$postings"},
+            *([{"$match": {"postings.account": accounts}}] if accounts else []),
+            {
+                "$group": {
+                    "_id": "$postings.account",
+                    "sum": {"$sum": {"$toDecimal": "$postings.amount"}},
+                }
+            },
+            {"$match": {"sum": {"$ne": 0}}},
+            {"$sort": {"_id": 1}},
+            *([{"$limit": limit}] if limit else []),
+        ]
+        return {
+            row["_id"]: int(row["sum"].to_decimal())
+            async for row in await self.transactions.aggregate(pipeline, session=session)
+        }
 
     async def balances_as_of(self, fund_id: str, match: Document) -> tuple[int, dict[str, int]]:
         """Balances summed from the transactions matching `match` (a time or sequence bound),
@@ -549,6 +616,15 @@ class LedgerStore:
 
     async def household(self, household_id: str) -> Document | None:
         return await self.households.find_one({"_id": household_id})
+
+
+def accounts_after(account: str, prefix: str) -> Document:
+    """The condition on account names of a page of balances: after `account` (none for a first
+    page), beginning with `prefix` (any if empty), read on the (fund_id, account) index."""
+    condition: Document = {"$gt": account} if account else {}
+    if prefix:
+        condition["$regex"] = "^" + re.escape(prefix)
+    return condition
 
 
 def _balance_id(fund_id: str, account: str) -> str:

@@ -110,11 +110,16 @@ class Books:
         campaign: ledger_pb2.Campaign = response.campaign
         return campaign
 
-    async def balances(self, **kw: Any) -> dict[str, int]:
-        response = await self.auditor.GetBalances(
-            ledger_pb2.GetBalancesRequest(fund_id=self.fund_id, **kw)
-        )
-        return {b.account: b.balance for b in response.balances}
+    async def balances(self, fund_id: str = "", **kw: Any) -> dict[str, int]:
+        """The fund's balances (this one's if not named), every page of them."""
+        request = ledger_pb2.GetBalancesRequest(fund_id=fund_id or self.fund_id, **kw)
+        balances: dict[str, int] = {}
+        while True:
+            response = await self.auditor.GetBalances(request)
+            balances |= {b.account: b.balance for b in response.balances}
+            if not response.next_page_token:
+                return balances
+            request.page.page_token = response.next_page_token
 
     async def contribute(
         self, amount: int, label: str = "", campaign_id: str = "", **kw: Any

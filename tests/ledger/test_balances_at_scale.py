@@ -1,0 +1,143 @@
+"""The balances of a ward's fund, whose accounts include one receivable per household and
+campaign: answered a page at a time, every page as of the moment the first one read."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from civic.common.v1.types_pb2 import PageRequest
+from civic.ledger.v1 import ledger_pb2
+
+from services.ledger import domain
+from services.ledger.main import LedgerService
+from tests.ledger.conftest import Books
+
+DUE = 50_000
+
+
+def receivables(campaign: str, households: list[str]) -> list[tuple[str, int]]:
+    """A campaign's assessment of `households`: each owes DUE, booked against income/dues."""
+    owed = [(domain.receivable(campaign, household), DUE) for household in households]
+    return [*owed, ("income/dues", -DUE * len(owed))]
+
+
+async def read_pages(
+    books: Books, request: ledger_pb2.GetBalancesRequest
+) -> list[ledger_pb2.GetBalancesResponse]:
+    pages = []
+    while True:
+        response = await books.auditor.GetBalances(request)
+        pages.append(response)
+        if not response.next_page_token:
+            return pages
+        request.page.page_token = response.next_page_token
+
+
+async def test_a_ward_funds_balances_past_what_a_grpc_message_holds_come_a_page_at_a_time(
+    books: Books,
+) -> None:
+    """20,000 receivables with the longest ids a campaign and a household may have: their
+    balances are over the 4 MiB a gRPC client takes by default. Each page is well under it,
+    and the pages hold every account once, in order."""
+    campaign = "c" * 100
+    households = [f"{i:05d}".ljust(100, "h") for i in range(20_000)]
+    parts = [households[start : start + 4000] for start in range(0, len(households), 4000)]
+    for part in parts:  # a request of them all would itself be past 4 MiB
+        await books.post(*receivables(campaign, part))
+    expected = {domain.receivable(campaign, h): DUE for h in households}
+    expected["income/dues"] = -DUE * len(households)
+
+    default = await books.auditor.GetBalances(ledger_pb2.GetBalancesRequest(fund_id=books.fund_id))
+    assert len(default.balances) == 100 and default.next_page_token
+    pages = await read_pages(
+        books,
+        ledger_pb2.GetBalancesRequest(fund_id=books.fund_id, page=PageRequest(page_size=1000)),
+    )
+    accounts = [b.account for page in pages for b in page.balances]
+    assert accounts == sorted(expected)
+    assert {b.account: b.balance for page in pages for b in page.balances} == expected
+    assert sum(page.ByteSize() for page in pages) > 4 * 1024 * 1024
+    assert all(page.ByteSize() < 512 * 1024 for page in pages)
+    assert {page.sequence for page in pages} == {len(parts)}
+
+
+async def test_pages_of_balances_show_the_moment_the_first_page_read(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """Postings between pages (a receivable not yet read paid off, one already read paid, a
+    new household's and a new campaign's receivables, cash spent) change no page: every page
+    shows the balances as of the transaction the first one read, each account on one page."""
+    households = [f"h{i:03d}" for i in range(300)]
+    await books.post(("cash", 1_000_000), ("equity/opening", -1_000_000))
+    await books.post(*receivables("c1", households))
+    await books.post(*receivables("c2", households[:100]))
+    between = [
+        (("cash", DUE), (domain.receivable("c2", "h099"), -DUE)),
+        (("cash", DUE), (domain.receivable("c1", "h000"), -DUE)),
+        receivables("c1", ["h000a", "zzz"]),
+        receivables("c0", ["h001"]),
+        (("expense/x", 70_000), ("cash", -70_000)),
+    ]
+    request = ledger_pb2.GetBalancesRequest(fund_id=books.fund_id, page=PageRequest(page_size=50))
+    pages = []
+    while True:
+        response = await books.auditor.GetBalances(request)
+        pages.append(response)
+        if between:
+            await books.post(*between.pop(0))
+        if not response.next_page_token:
+            break
+        request.page.page_token = response.next_page_token
+    assert not between
+    pinned = pages[0].sequence
+    _, then = await ledger_service.store.balances_as_of(
+        books.fund_id, {"sequence": {"$lte": pinned}}
+    )
+    accounts = [b.account for page in pages for b in page.balances]
+    assert accounts == sorted(a for a, n in then.items() if n)
+    assert {b.account: b.balance for page in pages for b in page.balances} == then
+    assert all(
+        (page.sequence, page.available, page.hash) == (pinned, 1_000_000, pages[0].hash)
+        for page in pages
+    )
+    assert pages[-1].head_sequence == pinned + 5
+    # Asked again from its first page, the balances take in what was posted meanwhile.
+    now = await books.balances()
+    assert now["cash"] == 1_000_000 + 2 * DUE - 70_000
+    assert domain.receivable("c1", "zzz") in now
+    assert domain.receivable("c1", "h000") not in now
+
+
+async def test_the_balances_of_one_campaigns_receivables(books: Books) -> None:
+    """account_prefix "receivable/<campaign>/": who still owes that campaign, page by page; a
+    page token is read with the prefix it was given for."""
+    households = [f"h{i:02d}" for i in range(30)]
+    await books.post(*receivables("c1", households))
+    await books.post(*receivables("c2", households))
+    await books.post(("cash", DUE), (domain.receivable("c1", "h07"), -DUE))
+    request = ledger_pb2.GetBalancesRequest(
+        fund_id=books.fund_id, account_prefix="receivable/c1/", page=PageRequest(page_size=10)
+    )
+    pages = await read_pages(books, request)
+    assert [len(page.balances) for page in pages] == [10, 10, 9]
+    owing = {b.account: b.balance for page in pages for b in page.balances}
+    assert owing == {domain.receivable("c1", h): DUE for h in households if h != "h07"}
+    assert all(page.available == DUE for page in pages)
+
+    other = ledger_pb2.GetBalancesRequest(
+        fund_id=books.fund_id,
+        account_prefix="receivable/c2/",
+        page=PageRequest(page_token=pages[0].next_page_token),
+    )
+    for wrong, token in [
+        (other, ""),
+        (request, "not a token"),
+        (request, "-1|receivable/c1/h01"),
+        (request, f"{pages[0].sequence + 1}|receivable/c1/h01"),
+    ]:
+        if token:
+            wrong.page.page_token = token
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await books.auditor.GetBalances(wrong)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "page.page_token" in (error.value.details() or "")
