@@ -474,16 +474,35 @@ class LedgerStore:
         """The balances other than zero after the fund's transaction `through` (`head`: the
         chain's head as `session`, a snapshot, reads it) of the accounts `accounts` selects (a
         condition on their names, {} for all): in the accounts' order, the first `limit` of
-        them (0: all)."""
+        them (0: all).
+
+        Of a recent moment, they are the maintained balances less what was posted since: the
+        transactions after it are read, not the history before it. Of an early one (fewer
+        transactions before it than after), they are the history up to it summed."""
+        later: dict[str, int] = {}
         if through < head:
-            return await self._sums(fund_id, {"$lte": through}, accounts, session, limit)
-        query: Document = {"fund_id": fund_id, "balance": {"$ne": 0}}
+            if through < head - through:
+                return await self._sums(fund_id, {"$lte": through}, accounts, session, limit)
+            later = await self._sums(fund_id, {"$gt": through}, accounts, session)
+        query: Document = {"fund_id": fund_id}
         if accounts:
             query["account"] = accounts
-        found = self.balances.find(
+        # An account at zero now (a household's paid receivable) is read only when it held
+        # something at the moment.
+        query["$or"] = [{"balance": {"$ne": 0}}, {"account": {"$in": list(later)}}]
+        found: dict[str, int] = {}
+        cursor = self.balances.find(
             query, {"account": 1, "balance": 1}, sort=[("account", ASCENDING)], session=session
-        ).limit(limit)
-        return {doc["account"]: doc["balance"] async for doc in found}
+        )
+        try:
+            async for doc in cursor:
+                if balance := doc["balance"] - later.get(doc["account"], 0):
+                    found[doc["account"]] = balance
+                    if len(found) == limit:
+                        break
+        finally:
+            await cursor.close()
+        return found
 
     async def _sums(
         self,

@@ -7,10 +7,15 @@ import grpc
 import pytest
 from civic.common.v1.types_pb2 import PageRequest
 from civic.ledger.v1 import ledger_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.ledger import domain
 from services.ledger.main import LedgerService
+from tests.conftest import Clock
+from tests.indexes import examined
 from tests.ledger.conftest import Books
+from tests.ledger.test_limits_and_reads import entry
+from tests.ledger.test_statements_at_scale import history, nonzero
 
 DUE = 50_000
 
@@ -141,3 +146,55 @@ async def test_the_balances_of_one_campaigns_receivables(books: Books) -> None:
             await books.auditor.GetBalances(wrong)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "page.page_token" in (error.value.details() or "")
+
+
+async def test_balances_at_any_point_of_the_chain_are_its_history_summed(
+    books: Books, ledger_service: LedgerService, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After every transaction of a history of payments and their reversals, campaigns of
+    several transactions, one cancelled, and as of the time each was posted, the balances are
+    what the transactions up to it sum to: whether read from the maintained balances less what
+    was posted since (a recent point) or summed from the history before it (an early one)."""
+    monkeypatch.setattr(domain, "MAX_POSTINGS", 3)  # a campaign of the group's four: two
+    for _ in range(3):
+        await history(books)
+        clock.advance(days=1)
+    store, fund_id = ledger_service.store, books.fund_id
+    head = (await books.auditor.GetFund(ledger_pb2.GetFundRequest(fund_id=fund_id))).fund
+    for sequence in range(1, head.sequence + 2):
+        _, summed = await store.balances_as_of(fund_id, {"sequence": {"$lte": sequence}})
+        assert await books.balances(as_of_sequence=sequence) == nonzero(summed), sequence
+        response = await books.auditor.GetBalances(
+            ledger_pb2.GetBalancesRequest(fund_id=fund_id, as_of_sequence=sequence)
+        )
+        assert response.available == summed.get("cash", 0) + summed.get("bank", 0)
+        assert response.sequence == min(sequence, head.sequence)
+    transactions = await store.transactions.find({"fund_id": fund_id}).to_list()
+    for posted_at in sorted({t["posted_at"] for t in transactions}):
+        at = Timestamp()
+        at.FromDatetime(posted_at)
+        _, summed = await store.balances_as_of(fund_id, {"posted_at": {"$lte": posted_at}})
+        assert await books.balances(as_of=at) == nonzero(summed), posted_at
+
+
+async def test_balances_at_a_recent_moment_do_not_read_the_older_transactions(
+    books: Books, ledger_service: LedgerService, clock: Clock
+) -> None:
+    older = 300
+    batch = [entry(books.fund_id, ("cash", 1_000), ("equity/x", -1_000)) for _ in range(older)]
+    await books.treasurer.PostTransactions(ledger_pb2.PostTransactionsRequest(transactions=batch))
+    clock.advance(days=30)
+    spent = [await books.post(("expense/y", 500), ("cash", -500)) for _ in range(3)]
+    clock.advance(minutes=1)
+    await books.post(("expense/y", 500), ("cash", -500))
+    for request in [
+        ledger_pb2.GetBalancesRequest(fund_id=books.fund_id, as_of=spent[-1].posted_at),
+        ledger_pb2.GetBalancesRequest(fund_id=books.fund_id, as_of_sequence=older + 2),
+    ]:
+        async with examined(ledger_service.store.db, books.fund_id) as cost:
+            response = await books.auditor.GetBalances(request)
+        assert {b.account: b.balance for b in response.balances}["cash"] == response.available
+        assert response.available == older * 1_000 - (response.sequence - older) * 500
+        # The fund, its few balances and the transactions since; not the 300 before.
+        assert cost.docs < 30, cost
+        assert cost.keys < 30, cost
