@@ -33,6 +33,7 @@ from services.ledger.records import (
     balances_message,
     campaign_message,
     fund_message,
+    receivables_message,
     transaction_message,
 )
 from services.ledger.registry import RegistryReader
@@ -920,6 +921,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 "sequence": period.through,
                 "head_hash": await self.store.hash_at(fund["_id"], period.through),
             }
+        # The header holds each campaign's receivables summed: its size does not grow with the
+        # number of households.
+        others, owed = domain.receivables_apart(closing)
         statement = ledger_pb2.Statement(
             fund=fund_message(fund),
             to=timestamp(end),
@@ -927,8 +931,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             closing_available=domain.available(closing),
             total_in=domain.statement_total("in", totals.money_in),
             total_out=domain.statement_total("out", totals.money_out),
-            closing_balances=balances_message(closing),
+            closing_balances=balances_message(others),
             line_count=totals.lines,
+            closing_receivables=receivables_message(owed),
         )
         getattr(statement, "from").CopyFrom(
             timestamp(start or totals.first_at or fund["opened_at"])

@@ -153,6 +153,33 @@ def receivable(campaign_id: str, household_id: str) -> str:
     return f"receivable/{campaign_id}/{household_id}"
 
 
+@dataclass(frozen=True)
+class Owed:
+    """What one campaign's households owe together, and how many of them owe anything."""
+
+    outstanding: int = 0
+    households: int = 0
+
+
+def receivables_apart(balances: Mapping[str, int]) -> tuple[dict[str, int], dict[str, Owed]]:
+    """The balances other than zero of every account but the households' receivables, and
+    those receivables summed per campaign (one per household and campaign: thousands in a
+    ward's fund, which a statement's header would otherwise list one by one)."""
+    others: dict[str, int] = {}
+    owed: dict[str, Owed] = {}
+    for account, balance in balances.items():
+        if not balance:
+            continue
+        kind, _, rest = account.partition("/")
+        if kind != "receivable":
+            others[account] = balance
+            continue
+        campaign = rest.partition("/")[0]
+        so_far = owed.get(campaign, Owed())
+        owed[campaign] = Owed(so_far.outstanding + balance, so_far.households + 1)
+    return others, owed
+
+
 def non_negative(account: str) -> bool:
     return account.split("/", 1)[0] in NON_NEGATIVE
 

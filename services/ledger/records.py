@@ -8,6 +8,7 @@ from civic.ledger.v1 import ledger_pb2
 
 from services.common.mongo import Document
 from services.common.wire import timestamp
+from services.ledger import domain
 
 
 def fund_message(doc: Document) -> ledger_pb2.Fund:
@@ -107,4 +108,14 @@ def balances_message(balances: dict[str, int]) -> list[ledger_pb2.AccountBalance
         ledger_pb2.AccountBalance(account=account, balance=balance)
         for account, balance in sorted(balances.items())
         if balance
+    ]
+
+
+def receivables_message(owed: dict[str, domain.Owed]) -> list[ledger_pb2.CampaignReceivables]:
+    return [
+        ledger_pb2.CampaignReceivables(
+            campaign_id=campaign, outstanding=o.outstanding, households_owing=o.households
+        )
+        for campaign, o in sorted(owed.items())
+        if o.outstanding
     ]

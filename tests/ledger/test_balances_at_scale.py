@@ -198,3 +198,33 @@ async def test_balances_at_a_recent_moment_do_not_read_the_older_transactions(
         # The fund, its few balances and the transactions since; not the 300 before.
         assert cost.docs < 30, cost
         assert cost.keys < 30, cost
+
+
+async def test_a_statements_header_stays_small_however_many_households_owe(
+    books: Books,
+) -> None:
+    """3,000 households owing two campaigns, with the longest ids: the statement's header holds
+    each account but the receivables, and one sum per campaign of what its households still
+    owe, not a balance per household (which would be over 1 MB, on every page)."""
+    households = [f"{i:05d}".ljust(100, "h") for i in range(3_000)]
+    campaigns = ["a" * 100, "b" * 100]
+    await books.post(("cash", 1_000_000), ("equity/opening", -1_000_000))
+    for campaign in campaigns:
+        await books.post(*receivables(campaign, households))
+    await books.post(("cash", DUE), (domain.receivable(campaigns[0], households[7]), -DUE))
+    response = await books.auditor.GetStatement(
+        ledger_pb2.GetStatementRequest(fund_id=books.fund_id, page=PageRequest(page_size=1))
+    )
+    statement = response.statement
+    assert statement.ByteSize() < 2048
+    assert {b.account: b.balance for b in statement.closing_balances} == {
+        "cash": 1_000_000 + DUE,
+        "equity/opening": -1_000_000,
+        "income/dues": -2 * DUE * len(households),
+    }
+    assert [
+        (r.campaign_id, r.outstanding, r.households_owing) for r in statement.closing_receivables
+    ] == [
+        (campaigns[0], DUE * (len(households) - 1), len(households) - 1),
+        (campaigns[1], DUE * len(households), len(households)),
+    ]

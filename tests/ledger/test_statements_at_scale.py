@@ -123,7 +123,13 @@ async def test_a_statements_balances_are_the_sums_before_and_through_its_period(
 
     statement = (await books.auditor.GetStatement(statement_request(books, start, end))).statement
     assert statement.opening_available == before["cash"] + before.get("bank", 0)
-    assert {b.account: b.balance for b in statement.closing_balances} == nonzero(through)
+    others, owed = domain.receivables_apart(through)
+    assert {b.account: b.balance for b in statement.closing_balances} == others
+    assert {
+        r.campaign_id: domain.Owed(r.outstanding, r.households_owing)
+        for r in statement.closing_receivables
+    } == {campaign: o for campaign, o in owed.items() if o.outstanding}
+    assert owed and all(o.outstanding > 0 for o in owed.values())
     assert statement.closing_available == through["cash"] + through.get("bank", 0)
 
 
