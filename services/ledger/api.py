@@ -835,7 +835,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             raise InvalidArgument("as_of_sequence", "must not be negative")
         if request.as_of_sequence and request.HasField("as_of"):
             raise InvalidArgument("as_of_sequence", "give either as_of or as_of_sequence")
-        size = page_size(request.page.page_size)
+        paged = request.HasField("page")
+        size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_BALANCES
         prefix = request.account_prefix
         if len(prefix) > domain.MAX_ACCOUNT:
             raise InvalidArgument(
@@ -865,6 +866,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             )
             money = await self.store.balances_at(
                 fund["_id"], through, head, {"$in": list(domain.MONEY)}, session
+            )
+        if len(balances) > size and not paged:
+            # Not a silent first page: a caller that does not page would take it for the whole.
+            raise FailedPrecondition(
+                f"page: the fund has more than {size} accounts with a balance; "
+                "ask for its balances page by page"
             )
         page = list(balances)[:size]
         return ledger_pb2.GetBalancesResponse(

@@ -52,6 +52,9 @@ _SEGMENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,79}")
 _ID_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 # The longest account name: receivable/<campaign_id>/<household_id>, each id a segment as above.
 MAX_ACCOUNT = len("receivable//") + 2 * 100
+# A GetBalances without a page (as callers from before paging ask) answers every account, up to
+# this many: with the longest account names still well inside a 4 MiB gRPC message.
+MAX_UNPAGED_BALANCES = 10_000
 _RECEIPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9/._-]{0,39}")
 _PERIOD = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,19}")
 DONATIONS = "income/donations"

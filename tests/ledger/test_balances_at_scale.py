@@ -52,8 +52,11 @@ async def test_a_ward_funds_balances_past_what_a_grpc_message_holds_come_a_page_
     expected = {domain.receivable(campaign, h): DUE for h in households}
     expected["income/dues"] = -DUE * len(households)
 
-    default = await books.auditor.GetBalances(ledger_pb2.GetBalancesRequest(fund_id=books.fund_id))
-    assert len(default.balances) == 100 and default.next_page_token
+    # A caller that does not page is told to, not given a first page it would take for all.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.auditor.GetBalances(ledger_pb2.GetBalancesRequest(fund_id=books.fund_id))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (refused.value.details() or "").startswith("page:")
     pages = await read_pages(
         books,
         ledger_pb2.GetBalancesRequest(fund_id=books.fund_id, page=PageRequest(page_size=1000)),
@@ -106,6 +109,9 @@ async def test_pages_of_balances_show_the_moment_the_first_page_read(
         for page in pages
     )
     assert pages[-1].head_sequence == pinned + 5
+    # Asked without a page, as callers from before paging ask: every account in one answer.
+    unpaged = await books.auditor.GetBalances(ledger_pb2.GetBalancesRequest(fund_id=books.fund_id))
+    assert len(unpaged.balances) > 300 and not unpaged.next_page_token
     # Asked again from its first page, the balances take in what was posted meanwhile.
     now = await books.balances()
     assert now["cash"] == 1_000_000 + 2 * DUE - 70_000
