@@ -986,9 +986,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.GetStatementRequest, context: Context
     ) -> ledger_pb2.GetStatementResponse:
         fund = await self._readable(request.fund_id)
-        size = page_size(request.page.page_size)
+        paged = request.HasField("page")
+        size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_LINES
         statement, period, after = await self._statement(fund, request, request.page.page_token)
         lines, more = await self._lines(fund["_id"], period, after, size)
+        if more and not paged:
+            # Not a silent first page: a caller that does not page would take it for the whole.
+            raise FailedPrecondition(
+                f"page: the period has more than {size} lines; ask for its statement page by "
+                "page or for a shorter period"
+            )
         statement.lines.extend(lines)
         return ledger_pb2.GetStatementResponse(
             statement=statement, next_page_token=period.token(lines[-1].sequence) if more else ""

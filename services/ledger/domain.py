@@ -55,6 +55,9 @@ MAX_ACCOUNT = len("receivable//") + 2 * 100
 # A GetBalances without a page (as callers from before paging ask) answers every account, up to
 # this many: with the longest account names still well inside a 4 MiB gRPC message.
 MAX_UNPAGED_BALANCES = 10_000
+# A GetStatement without a page answers every line of the period, up to this many: lines with
+# the longest memos still inside a 4 MiB gRPC message.
+MAX_UNPAGED_LINES = 2_000
 _RECEIPT = re.compile(r"[A-Za-z0-9][A-Za-z0-9/._-]{0,39}")
 _PERIOD = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,19}")
 DONATIONS = "income/donations"

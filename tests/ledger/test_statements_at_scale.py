@@ -35,21 +35,6 @@ def statement_request(
     return request
 
 
-async def declare(books: Books) -> ledger_pb2.Campaign:
-    response = await books.leader.DeclareCampaign(
-        ledger_pb2.DeclareCampaignRequest(
-            request_id=rid(),
-            fund_id=books.fund_id,
-            name="Phí vệ sinh",
-            period="2026",
-            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
-            rate=RATE,
-        )
-    )
-    campaign: ledger_pb2.Campaign = response.campaign
-    return campaign
-
-
 async def reverse(books: Books, transaction_id: str) -> None:
     await books.treasurer.ReverseTransaction(
         ledger_pb2.ReverseTransactionRequest(
@@ -62,13 +47,13 @@ async def history(books: Books) -> None:
     """Money in, a campaign of two transactions with a payment, a reversed payment, another
     campaign cancelled whole, an expense."""
     await books.post(("cash", 1_000_000), ("equity/opening", -1_000_000))
-    campaign = await declare(books)
+    campaign = await books.declare_per_household(RATE)
     assert len(campaign.transaction_ids) == 2
     await books.contribute(RATE, "an", campaign.campaign_id)
     mistaken = await books.contribute(RATE, "dung", campaign.campaign_id)
     await reverse(books, mistaken.transaction_id)
     await books.contribute(RATE, "dung", campaign.campaign_id)
-    cancelled = await declare(books)
+    cancelled = await books.declare_per_household(RATE)
     await reverse(books, cancelled.transaction_ids[-1])
     await books.post(("expense/sanitation", 30_000), ("cash", -30_000))
     await books.contribute(50_000)  # a donation
@@ -224,6 +209,10 @@ async def test_a_statement_read_page_by_page_gives_every_line_once_under_one_hea
     request.page.page_token = ""
     again = (await books.auditor.GetStatement(request)).statement
     assert again.line_count == 250 + 2 * len(pages)
+    # Asked without a page, as callers from before paging ask: every line in one answer.
+    request.ClearField("page")
+    unpaged = await books.auditor.GetStatement(request)
+    assert len(unpaged.statement.lines) == again.line_count and not unpaged.next_page_token
 
 
 async def test_every_page_of_a_long_statement_fits_a_grpc_message(
@@ -248,10 +237,11 @@ async def test_every_page_of_a_long_statement_fits_a_grpc_message(
     clock.advance(minutes=1)
     start = clock()
     await post(250)
-    default = await books.auditor.GetStatement(
-        ledger_pb2.GetStatementRequest(fund_id=books.fund_id)
-    )
-    assert (len(default.statement.lines), default.statement.line_count) == (100, 3250)
+    # A caller that does not page is told to, not given a first page it would take for all.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.auditor.GetStatement(ledger_pb2.GetStatementRequest(fund_id=books.fund_id))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (refused.value.details() or "").startswith("page:")
     request = ledger_pb2.GetStatementRequest(
         fund_id=books.fund_id, page=PageRequest(page_size=1000)
     )
