@@ -930,17 +930,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             }
         # The header holds each campaign's receivables summed: its size does not grow with the
         # number of households.
-        others, owed = domain.receivables_apart(closing)
         statement = ledger_pb2.Statement(
             fund=fund_message(fund),
             to=timestamp(end),
-            opening_available=domain.available(opening),
-            closing_available=domain.available(closing),
+            opening_available=domain.available(opening.balances),
+            closing_available=domain.available(closing.balances),
             total_in=domain.statement_total("in", totals.money_in),
             total_out=domain.statement_total("out", totals.money_out),
-            closing_balances=balances_message(others),
+            closing_balances=balances_message(closing.balances),
             line_count=totals.lines,
-            closing_receivables=receivables_message(owed),
+            closing_receivables=receivables_message(closing.owed),
         )
         getattr(statement, "from").CopyFrom(
             timestamp(start or totals.first_at or fund["opened_at"])

@@ -167,23 +167,33 @@ class Owed:
     households: int = 0
 
 
-def receivables_apart(balances: Mapping[str, int]) -> tuple[dict[str, int], dict[str, Owed]]:
-    """The balances other than zero of every account but the households' receivables, and
-    those receivables summed per campaign (one per household and campaign: thousands in a
-    ward's fund, which a statement's header would otherwise list one by one)."""
-    others: dict[str, int] = {}
-    owed: dict[str, Owed] = {}
+@dataclass(frozen=True)
+class Standing:
+    """A fund's books at a moment as its statement shows them: the balances other than zero of
+    every account but the households' receivables, and those receivables summed per
+    campaign."""
+
+    balances: dict[str, int] = field(default_factory=dict)
+    owed: dict[str, Owed] = field(default_factory=dict)
+
+
+def receivables_apart(balances: Mapping[str, int]) -> Standing:
+    """The balances, one per account, as a statement shows them: the households' receivables
+    (one per household and campaign, thousands in a ward's fund) summed per campaign. The
+    store has MongoDB sum them so (LedgerStore.statement_balances), which must agree with
+    this, the sum done account by account."""
+    standing = Standing()
     for account, balance in balances.items():
         if not balance:
             continue
         kind, _, rest = account.partition("/")
         if kind != "receivable":
-            others[account] = balance
+            standing.balances[account] = balance
             continue
         campaign = rest.partition("/")[0]
-        so_far = owed.get(campaign, Owed())
-        owed[campaign] = Owed(so_far.outstanding + balance, so_far.households + 1)
-    return others, owed
+        so_far = standing.owed.get(campaign, Owed())
+        standing.owed[campaign] = Owed(so_far.outstanding + balance, so_far.households + 1)
+    return standing
 
 
 def non_negative(account: str) -> bool:

@@ -392,13 +392,15 @@ class LedgerStore:
 
     async def statement_balances(
         self, fund_id: str, period: domain.StatementPeriod, session: Session
-    ) -> tuple[dict[str, int], dict[str, int]]:
-        """The fund's balances before and after its transactions of the period (before: none
-        without a start), read in `session`, a snapshot.
+    ) -> tuple[domain.Standing, domain.Standing]:
+        """The fund's books before and after its transactions of the period (before: nothing
+        without a start), read in `session`, a snapshot, as a statement's header shows them:
+        every account but the households' receivables, and those summed per campaign.
 
         They are the running balances less what was posted since: reading the transactions of
-        the period and after it, never the fund's history before the period, which a statement
-        of last month would otherwise sum whole."""
+        the period and after it, never the fund's history before it, which a statement of last
+        month would otherwise sum whole. MongoDB sums them: what it answers grows with the
+        fund's own accounts and campaigns, not with its households' receivables."""
         since = period.start or period.end
         later: Document = {
             "$or": [
@@ -406,6 +408,14 @@ class LedgerStore:
                 {"$gt": ["$sequence", period.through]},
             ]
         }
+        # Decimal sums throughout: a sum in any order never passes what int64 holds midway.
+        amount = {"$toDecimal": "$postings.amount"}
+        account = {"$split": ["$_id", "/"]}
+        receivable = {"$eq": [{"$first": account}, "receivable"]}
+
+        def owing(balance: str) -> Document:
+            return {"$cond": [{"$and": [receivable, {"$ne": [balance, 0]}]}, 1, 0]}
+
         pipeline: list[Document] = [
             # Each side on its own index: the period and after it, and what was posted after
             # `through` (nothing, unless a page after the first reads it).
@@ -419,25 +429,56 @@ class LedgerStore:
             },
             {"$unwind": "$postings"},
             {
-                "$group": {
+                "$project": {
                     "_id": "$postings.account",
-                    # Decimal sums: a sum in any order never passes what int64 holds midway.
-                    "later": {"$sum": {"$toDecimal": {"$cond": [later, "$postings.amount", 0]}}},
-                    "within": {"$sum": {"$toDecimal": {"$cond": [later, 0, "$postings.amount"]}}},
+                    "closing": {"$cond": [later, {"$subtract": [0, amount]}, 0]},
+                    "within": {"$cond": [later, 0, amount]},
+                }
+            },
+            {
+                "$unionWith": {
+                    "coll": self.balances.name,
+                    "pipeline": [
+                        {"$match": {"fund_id": fund_id}},
+                        {"$project": {"_id": "$account", "closing": {"$toDecimal": "$balance"}}},
+                    ],
+                }
+            },
+            {
+                "$group": {
+                    "_id": "$_id",
+                    "closing": {"$sum": "$closing"},
+                    "within": {"$sum": "$within"},
+                }
+            },
+            {"$set": {"opening": {"$subtract": ["$closing", "$within"]}}},
+            {"$match": {"$or": [{"closing": {"$ne": 0}}, {"opening": {"$ne": 0}}]}},
+            # One row for each account but the receivables, one for each campaign's.
+            {
+                "$group": {
+                    "_id": {"$cond": [receivable, {"$arrayElemAt": [account, 1]}, "$_id"]},
+                    "receivables": {"$max": receivable},
+                    "closing": {"$sum": "$closing"},
+                    "opening": {"$sum": "$opening"},
+                    "owing_at_close": {"$sum": owing("$closing")},
+                    "owing_at_open": {"$sum": owing("$opening")},
                 }
             },
         ]
-        closing = await self.balances_of(fund_id, session=session)
-        within: dict[str, int] = {}
+        opening, closing = domain.Standing(), domain.Standing()
         async for row in await self.transactions.aggregate(pipeline, session=session):
-            account = row["_id"]
-            closing[account] = closing.get(account, 0) - int(row["later"].to_decimal())
-            within[account] = int(row["within"].to_decimal())
+            for standing, balance, owing_households in (
+                (opening, row["opening"], row["owing_at_open"]),
+                (closing, row["closing"], row["owing_at_close"]),
+            ):
+                if not (balance := int(balance.to_decimal())):
+                    continue
+                if row["receivables"]:
+                    standing.owed[row["_id"]] = domain.Owed(balance, owing_households)
+                else:
+                    standing.balances[row["_id"]] = balance
         if period.start is None:
-            return {}, closing
-        opening = {
-            account: balance - within.get(account, 0) for account, balance in closing.items()
-        }
+            return domain.Standing(), closing
         return opening, closing
 
     async def last_posted_before(self, fund_id: str, end: datetime, session: Session) -> int:

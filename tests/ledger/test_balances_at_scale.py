@@ -13,7 +13,7 @@ from services.ledger import domain
 from services.ledger.main import LedgerService
 from tests.conftest import Clock
 from tests.indexes import examined
-from tests.ledger.conftest import Books
+from tests.ledger.conftest import Books, rid
 from tests.ledger.test_limits_and_reads import entry
 from tests.ledger.test_statements_at_scale import history, nonzero
 
@@ -234,3 +234,113 @@ async def test_a_statements_header_stays_small_however_many_households_owe(
         (campaigns[0], DUE * (len(households) - 1), len(households) - 1),
         (campaigns[1], DUE * len(households), len(households)),
     ]
+
+
+async def statement_cost(
+    books: Books, ledger_service: LedgerService
+) -> tuple[ledger_pb2.Statement, int]:
+    """A statement's first page of one line, over the fund's whole history, and the bytes
+    MongoDB answered the service with for it."""
+    request = ledger_pb2.GetStatementRequest(fund_id=books.fund_id, page=PageRequest(page_size=1))
+    getattr(request, "from").FromSeconds(1)
+    async with examined(ledger_service.store.db, books.fund_id) as cost:
+        response = await books.auditor.GetStatement(request)
+    return response.statement, cost.bytes_returned
+
+
+async def test_a_statements_header_is_read_summed_whatever_the_number_of_households(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """The header's receivables come from MongoDB already summed per campaign: ten times the
+    households owing moves no more data from it for a page of the statement."""
+    await books.post(("cash", 1_000_000), ("equity/opening", -1_000_000))
+    await books.post(*receivables("c1", [f"h{i:05d}" for i in range(300)]))
+    await books.post(("cash", DUE), (domain.receivable("c1", "h00007"), -DUE))
+    few, before = await statement_cost(books, ledger_service)
+    for start in range(300, 3300, 1000):
+        await books.post(*receivables("c1", [f"h{i:05d}" for i in range(start, start + 1000)]))
+    many, after = await statement_cost(books, ledger_service)
+    assert [(r.outstanding, r.households_owing) for r in few.closing_receivables] == [
+        (299 * DUE, 299)
+    ]
+    assert [(r.outstanding, r.households_owing) for r in many.closing_receivables] == [
+        (3299 * DUE, 3299)
+    ]
+    assert after < before + 1024, (before, after)
+
+
+async def test_statement_headers_are_the_balances_summed_straightforwardly(
+    books: Books, ledger_service: LedgerService, clock: Clock
+) -> None:
+    """Several campaigns, payments in part and in full, a payment reversed, a campaign
+    cancelled, receivables paid off after a period ends: over every period between the days of
+    that history, the header holds what the transactions of and before the period sum to,
+    account by account, the receivables summed per campaign, and so does every later page."""
+    households = [f"h{i:02d}" for i in range(12)]
+    moments = [clock()]
+    await books.post(("cash", 500_000), ("equity/opening", -500_000))
+    await books.post(*receivables("c1", households))
+    await books.post(*receivables("c2", households[:5]))
+    clock.advance(days=1)
+    moments.append(clock())
+    for household in households[:4]:
+        await books.post(("cash", DUE), (domain.receivable("c1", household), -DUE))
+    mistaken = await books.post(("bank", DUE), (domain.receivable("c2", "h00"), -DUE))
+    await books.post(("cash", 20_000), (domain.receivable("c2", "h01"), -20_000))
+    clock.advance(days=1)
+    moments.append(clock())
+    await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=mistaken.transaction_id,
+            reason="nhầm",
+        )
+    )
+    cancelled = await books.post(*receivables("c3", households[6:]))
+    await books.post(("cash", DUE), (domain.receivable("c1", "h11"), -DUE))
+    await books.post(("expense/sanitation", 30_000), ("cash", -30_000))
+    clock.advance(days=1)
+    moments.append(clock())
+    await books.treasurer.ReverseTransaction(
+        ledger_pb2.ReverseTransactionRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            transaction_id=cancelled.transaction_id,
+            reason="hủy",
+        )
+    )
+    await books.post(("cash", 30_000), (domain.receivable("c2", "h01"), -30_000))
+    clock.advance(days=1)
+    moments.append(clock())
+    store = ledger_service.store
+    for i, start in enumerate(moments):
+        for end in moments[i + 1 :]:
+            _, before = await store.balances_as_of(books.fund_id, {"posted_at": {"$lt": start}})
+            _, through = await store.balances_as_of(books.fund_id, {"posted_at": {"$lt": end}})
+            expected = domain.receivables_apart(through)
+            request = ledger_pb2.GetStatementRequest(
+                fund_id=books.fund_id, page=PageRequest(page_size=2)
+            )
+            getattr(request, "from").FromDatetime(start)
+            request.to.FromDatetime(end)
+            while True:
+                response = await books.auditor.GetStatement(request)
+                statement = response.statement
+                assert statement.opening_available == domain.available(before)
+                assert statement.closing_available == domain.available(through)
+                assert {
+                    b.account: b.balance for b in statement.closing_balances
+                } == expected.balances
+                assert [
+                    (r.campaign_id, r.outstanding, r.households_owing)
+                    for r in statement.closing_receivables
+                ] == [
+                    (campaign, o.outstanding, o.households)
+                    for campaign, o in sorted(expected.owed.items())
+                ]
+                if not response.next_page_token:
+                    break
+                request.page.page_token = response.next_page_token
+                # Paid off after the period: no page's header takes it in.
+                await books.post(("cash", 1), (domain.receivable("c1", "h05"), -1))
