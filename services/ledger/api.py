@@ -716,48 +716,70 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.GetCampaignStatusResponse:
         fund = await self._readable(request.fund_id)
         _required("campaign_id", request.campaign_id)
-        # What is owed and what was paid, read at one moment: they add up to the dues.
+        paged = request.HasField("page")
+        size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_HOUSEHOLDS
+        through, after = 0, ""
+        if request.page.page_token:
+            through, after = domain.pinned_position(request.page.page_token, "this status")
+        # The chain's head, what is owed and what was paid, read at one moment: they add up
+        # to the dues. Later pages read as of the head the first one read.
         async with self.store.snapshot() as session:
-            campaign = await self.store.campaign(fund["_id"], request.campaign_id, session)
+            fund = await self.store.fund(fund["_id"], session) or fund
+            if through > fund["sequence"]:
+                raise InvalidArgument("page.page_token", "is not a token this status gave")
+            through = through or fund["sequence"]
+            campaign = await self.store.campaign(
+                fund["_id"], request.campaign_id, session, with_dues=False
+            )
             if campaign is None:
                 raise NotFound(f"campaign {request.campaign_id} not found in this fund")
-            owed = await self.store.balances_of(
-                fund["_id"], f"receivable/{campaign['_id']}/", session
+            dues = await self.store.campaign_dues(
+                fund["_id"], campaign["_id"], after, size + 1, session
             )
-            paid_by = await self._paid(
-                fund,
-                await self.store.contributions_to(fund["_id"], campaign["_id"], session),
-                session,
+            more = len(dues) > size
+            if more and not paged:
+                # Not a silent first page: a caller that does not page would take it for the
+                # whole campaign.
+                raise FailedPrecondition(
+                    f"page: the campaign lists more than {size} households; ask for its status "
+                    "page by page"
+                )
+            dues = dues[:size]
+            standing = await self.store.dues_standing(
+                fund["_id"], campaign["_id"], through, session, [d["household_id"] for d in dues]
+            )
+            totals = await self.store.campaign_totals(
+                fund["_id"], campaign["_id"], through, session
             )
         caller = principal()
         response = ledger_pb2.GetCampaignStatusResponse(
-            campaign=_as_seen_by(caller, campaign_message(campaign))
+            campaign=_as_seen_by(caller, campaign_message(campaign | {"dues": dues})),
+            paid=totals.paid,
+            unpaid=totals.unpaid,
+            collected=totals.collected,
+            outstanding=totals.outstanding,
+            next_page_token=domain.pinned_token(through, dues[-1]["household_id"]) if more else "",
         )
-        for due in campaign["dues"]:
-            outstanding = owed.get(domain.receivable(campaign["_id"], due["household_id"]), 0)
-            paid = paid_by.get((campaign["_id"], due["household_id"]), 0)
-            status = domain.payment_status(
-                due["amount"], paid, outstanding, bool(due["exempt_because"])
-            )
+        for due in dues:
+            figures = standing.get(due["household_id"], domain.DueStanding())
             response.households.append(
                 ledger_pb2.HouseholdPayment(
                     household_id=due["household_id"],
                     household_name=due["name"],
                     due=due["amount"],
-                    paid=paid,
-                    outstanding=outstanding,
-                    status=status,  # type: ignore[arg-type]
+                    paid=figures.paid,
+                    outstanding=figures.outstanding,
+                    status=domain.payment_status(  # type: ignore[arg-type]
+                        due["amount"],
+                        figures.paid,
+                        figures.outstanding,
+                        bool(due["exempt_because"]),
+                    ),
                     exempt_because=due["exempt_because"]
                     if domain.sees_why_exempt(caller, due["household_id"])
                     else ledger_pb2.EXEMPTION_UNSPECIFIED,
                 )
             )
-            if status is domain.PaymentStatus.PAID:
-                response.paid += 1
-            elif status in (domain.PaymentStatus.UNPAID, domain.PaymentStatus.PARTLY_PAID):
-                response.unpaid += 1
-            response.collected += paid
-            response.outstanding += outstanding
         return response
 
     async def _paid(
@@ -884,9 +906,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if through == head and through
             else await self.store.hash_at(fund["_id"], through),
             head_sequence=head,
-            next_page_token=domain.balances_token(through, page[-1])
-            if len(balances) > size
-            else "",
+            next_page_token=domain.pinned_token(through, page[-1]) if len(balances) > size else "",
         )
 
     async def _statement(

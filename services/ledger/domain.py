@@ -35,9 +35,8 @@ MAX_BALANCE = 10**17
 # Kafka record holds it (services.common.outbox.MAX_EVENT_BYTES).
 MAX_POSTINGS = 5000
 # The most households one campaign lists, twice the largest ward's: its dues are one MongoDB
-# document, and GetCampaignStatus answers with them and the household list in one message
-# under the 4 MiB a client takes (10,000 households with usual names: 1.5 MB; 30,000 were over
-# it); its assessment, however many transactions it takes, is written in one MongoDB
+# document (each household's is also kept on its own, which GetCampaignStatus pages through);
+# its assessment, however many transactions it takes, is written in one MongoDB
 # transaction (10,000 households take about a second).
 MAX_CAMPAIGN_HOUSEHOLDS = 20_000
 # The longest idempotency key a client may send.
@@ -55,6 +54,10 @@ MAX_ACCOUNT = len("receivable//") + 2 * 100
 # A GetBalances without a page (as callers from before paging ask) answers every account, up to
 # this many: with the longest account names still well inside a 4 MiB gRPC message.
 MAX_UNPAGED_BALANCES = 10_000
+# A GetCampaignStatus without a page answers every household of the campaign, up to this many:
+# with the dues list beside them and the longest names (120 characters of Vietnamese), still
+# inside a 4 MiB gRPC message; a group's campaign, and most wards', as answered before paging.
+MAX_UNPAGED_HOUSEHOLDS = 4_000
 # A GetStatement without a page answers every line of the period, up to this many: lines with
 # the longest memos still inside a 4 MiB gRPC message.
 MAX_UNPAGED_LINES = 2_000
@@ -314,22 +317,31 @@ def statement_token(token: str) -> tuple[int, datetime, int]:
     return after, end, through
 
 
-def balances_token(through: int, account: str) -> str:
-    """The page token for the balances after `account`, as of the fund's transaction
-    `through`: the moment the first page read."""
-    return f"{through}|{account}"
+def pinned_token(through: int, last: str) -> str:
+    """The page token of a listing read as of the fund's transaction `through` (the moment its
+    first page read), for what comes after `last` (an account, a household)."""
+    return f"{through}|{last}"
+
+
+def pinned_position(token: str, gave: str) -> tuple[int, str]:
+    """The moment (the chain's transaction) a pinned page token holds, and what its page begins
+    after; INVALID_ARGUMENT naming the token if it is not one of these (`gave`: what gives
+    them, for the message)."""
+    through, _, last = token.partition("|")
+    try:
+        if not last or int(through) < 0:
+            raise ValueError(token)
+        return int(through), last
+    except ValueError:
+        raise InvalidArgument("page.page_token", f"is not a token {gave} gave") from None
 
 
 def balances_position(token: str, prefix: str) -> tuple[int, str]:
-    """The moment (the chain's transaction) a balances page token pinned, and the account
-    after which its page begins."""
-    through, _, account = token.partition("|")
-    try:
-        if not account or not account.startswith(prefix) or int(through) < 0:
-            raise ValueError(token)
-        return int(through), account
-    except ValueError:
-        raise InvalidArgument("page.page_token", "is not a token these balances gave") from None
+    """The moment a balances page token pinned, and the account after which its page begins."""
+    through, account = pinned_position(token, "these balances")
+    if not account.startswith(prefix):
+        raise InvalidArgument("page.page_token", "is not a token these balances gave")
+    return through, account
 
 
 def part_request_id(request_id: str, part: int) -> str:
@@ -465,6 +477,25 @@ def paid_towards_dues(
         settled = -sum(p["amount"] for p in doc["postings"] if p["account"] == owed)
         paid[campaign_id, household_id] = paid.get((campaign_id, household_id), 0) + settled
     return paid
+
+
+@dataclass(frozen=True)
+class DueStanding:
+    """What a household had paid towards its due in a campaign, and what it still owed."""
+
+    paid: int = 0
+    outstanding: int = 0
+
+
+@dataclass(frozen=True)
+class CampaignTotals:
+    """A campaign's households counted and summed: those that paid (PAID), those that still
+    owe (UNPAID or PARTLY_PAID), and what all of them paid and still owe."""
+
+    paid: int = 0
+    unpaid: int = 0
+    collected: int = 0
+    outstanding: int = 0
 
 
 def payment_status(due: int, paid: int, outstanding: int, exempt: bool) -> PaymentStatus:

@@ -24,6 +24,7 @@ MIGRATIONS = "migrations"  # one document for each change of stored data done
 DUES_APART = "dues_by_household"
 POSTED_AT = [("fund_id", ASCENDING), ("posted_at", ASCENDING)]
 SEQUENCE = [("fund_id", ASCENDING), ("sequence", ASCENDING)]
+DUES_OF_CAMPAIGN = [("campaign_id", ASCENDING), ("household_id", ASCENDING)]
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class LedgerStore:
         await self.dues.create_index(
             [("household_id", ASCENDING), ("fund_id", ASCENDING), ("campaign_id", ASCENDING)]
         )
+        # A campaign's dues a page at a time, in household order.
+        await self.dues.create_index(DUES_OF_CAMPAIGN)
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
         await self._keep_dues_apart()
@@ -236,13 +239,6 @@ class LedgerStore:
             .sort("sequence", ASCENDING)
             .to_list()
         )
-
-    async def contributions_to(
-        self, fund_id: str, campaign_id: str, session: Session | None = None
-    ) -> list[Document]:
-        return await self.transactions.find(
-            {"fund_id": fund_id, "contribution.campaign_id": campaign_id}, session=session
-        ).to_list()
 
     async def insert_transactions(self, docs: list[Document], session: Session) -> None:
         await self.transactions.insert_many(docs, ordered=True, session=session)
@@ -643,6 +639,187 @@ class LedgerStore:
             .sort("campaign_id", ASCENDING)
             .to_list()
         )
+
+    async def campaign_dues(
+        self, fund_id: str, campaign_id: str, after: str, limit: int, session: Session
+    ) -> list[Document]:
+        """Up to `limit` of the campaign's dues, in household order, after household `after`
+        (from the first if empty): one document each, not the campaign's list of thousands."""
+        query: Document = {"campaign_id": campaign_id, "fund_id": fund_id}
+        if after:
+            query["household_id"] = {"$gt": after}
+        return (
+            await self.dues.find(query, session=session)
+            .sort("household_id", ASCENDING)
+            .hint(DUES_OF_CAMPAIGN)
+            .limit(limit)
+            .to_list()
+        )
+
+    async def dues_standing(
+        self,
+        fund_id: str,
+        campaign_id: str,
+        through: int,
+        session: Session,
+        households: list[str],
+    ) -> dict[str, domain.DueStanding]:
+        """What each of these households of the campaign had paid towards its due, and still
+        owed, after the fund's transaction `through`, read in `session`, a snapshot."""
+        return {
+            row["_id"]: domain.DueStanding(
+                int(row["paid"].to_decimal()), int(row["outstanding"].to_decimal())
+            )
+            async for row in await self.dues.aggregate(
+                self._standing(fund_id, campaign_id, through, households), session=session
+            )
+        }
+
+    async def campaign_totals(
+        self, fund_id: str, campaign_id: str, through: int, session: Session
+    ) -> domain.CampaignTotals:
+        """The campaign's households counted by payment status (domain.payment_status), and
+        what they had paid and still owed together, after the fund's transaction `through`,
+        read in `session`, a snapshot. MongoDB counts and sums them: one row comes back, not
+        one per household."""
+        exempt = {"$ne": ["$exempt_because", 0]}
+        settled = {"$lte": ["$outstanding", 0]}
+        paid = {"$and": [{"$not": [exempt]}, settled, {"$gte": ["$paid", "$due"]}]}
+        unpaid = {"$and": [{"$not": [exempt]}, {"$not": [settled]}]}
+        pipeline = [
+            *self._standing(fund_id, campaign_id, through),
+            {
+                "$group": {
+                    "_id": None,
+                    "paid": {"$sum": {"$cond": [paid, 1, 0]}},
+                    "unpaid": {"$sum": {"$cond": [unpaid, 1, 0]}},
+                    "collected": {"$sum": "$paid"},
+                    "outstanding": {"$sum": "$outstanding"},
+                }
+            },
+        ]
+        async for row in await self.dues.aggregate(pipeline, session=session):
+            return domain.CampaignTotals(
+                paid=row["paid"],
+                unpaid=row["unpaid"],
+                collected=int(row["collected"].to_decimal()),
+                outstanding=int(row["outstanding"].to_decimal()),
+            )
+        return domain.CampaignTotals()
+
+    def _standing(
+        self, fund_id: str, campaign_id: str, through: int, households: list[str] | None = None
+    ) -> list[Document]:
+        """A pipeline on the dues of the campaign (of these households, all if None): one row
+        per household it lists, with its due, exemption, what it had paid (its contributions
+        up to `through` not reversed by then, as domain.paid_towards_dues sums them) and what
+        it still owed (its receivable less what was posted after `through`). Decimal sums:
+        in any order they never pass what int64 holds midway."""
+        prefix = domain.receivable(campaign_id, "")
+        receivables: Document = {"$regex": "^" + re.escape(prefix)}
+        dues: Document = {"campaign_id": campaign_id, "fund_id": fund_id}
+        paying: Document = {"fund_id": fund_id, "contribution.campaign_id": campaign_id}
+        if households is not None:
+            receivables = {"$in": [prefix + household for household in households]}
+            dues["household_id"] = {"$in": households}
+            paying["contribution.household_id"] = {"$in": households}
+        household = {"$substrCP": ["$account", len(prefix), domain.MAX_ACCOUNT]}
+        zero = {"$toDecimal": 0}
+        return [
+            {"$match": dues},
+            {
+                "$project": {
+                    "_id": "$household_id",
+                    "listed": {"$literal": True},
+                    "due": "$amount",
+                    "exempt_because": "$exempt_because",
+                    "paid": zero,
+                    "outstanding": zero,
+                }
+            },
+            {
+                "$unionWith": {
+                    "coll": self.balances.name,
+                    "pipeline": [
+                        {"$match": {"fund_id": fund_id, "account": receivables}},
+                        {
+                            "$project": {
+                                "_id": household,
+                                "outstanding": {"$toDecimal": "$balance"},
+                            }
+                        },
+                    ],
+                }
+            },
+            {
+                # Posted after the moment read: taken off the receivables as they stand now.
+                "$unionWith": {
+                    "coll": self.transactions.name,
+                    "pipeline": [
+                        {"$match": {"fund_id": fund_id, "sequence": {"$gt": through}}},
+                        {"$unwind": "$postings"},
+                        {"$replaceWith": "$postings"},
+                        {"$match": {"account": receivables}},
+                        {
+                            "$project": {
+                                "_id": household,
+                                "outstanding": {"$toDecimal": {"$subtract": [0, "$amount"]}},
+                            }
+                        },
+                    ],
+                }
+            },
+            {
+                "$unionWith": {
+                    "coll": self.transactions.name,
+                    "pipeline": [
+                        {"$match": paying | {"sequence": {"$lte": through}}},
+                        {
+                            "$lookup": {
+                                "from": self.transactions.name,
+                                "localField": "_id",
+                                "foreignField": "reverses",
+                                "pipeline": [
+                                    {"$match": {"fund_id": fund_id, "sequence": {"$lte": through}}},
+                                    {"$project": {"_id": 1}},
+                                ],
+                                "as": "reversed_by",
+                            }
+                        },
+                        {"$match": {"reversed_by": []}},
+                        {"$unwind": "$postings"},
+                        {
+                            "$match": {
+                                "$expr": {
+                                    "$eq": [
+                                        "$postings.account",
+                                        {"$concat": [prefix, "$contribution.household_id"]},
+                                    ]
+                                }
+                            }
+                        },
+                        {
+                            "$project": {
+                                "_id": "$contribution.household_id",
+                                "paid": {"$toDecimal": {"$subtract": [0, "$postings.amount"]}},
+                            }
+                        },
+                    ],
+                }
+            },
+            {
+                "$group": {
+                    "_id": "$_id",
+                    "listed": {"$max": "$listed"},
+                    "due": {"$max": "$due"},
+                    "exempt_because": {"$max": "$exempt_because"},
+                    "paid": {"$sum": "$paid"},
+                    "outstanding": {"$sum": "$outstanding"},
+                }
+            },
+            # A receivable the campaign does not list (posted by hand) counts for no household.
+            {"$match": {"listed": True}},
+        ]
 
     async def remember_households(self, households: list[Document]) -> None:
         if households:

@@ -18,9 +18,12 @@ OTHERS = 3000
 
 
 def with_others(
-    ledger_service: LedgerService, books: Books, monkeypatch: pytest.MonkeyPatch
+    ledger_service: LedgerService,
+    books: Books,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int = OTHERS,
 ) -> None:
-    """The register, as the ledger reads it, lists OTHERS more households in the group."""
+    """The register, as the ledger reads it, lists `count` more households in the group."""
     registry = ledger_service.servicer.registry
     read = registry.households
 
@@ -29,7 +32,7 @@ def with_others(
             domain.HouseholdFacts(
                 f"hh-other-{books.fund_id}-{i:05}", unit_id, f"Hộ {i}", 1, False, False
             )
-            for i in range(OTHERS)
+            for i in range(count)
         ]
         return [*await read(unit_id), *others]
 
