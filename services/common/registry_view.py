@@ -104,9 +104,8 @@ class RegistryView:
             case events_pb2.UnitRenamed():
                 return [("units", UpdateOne({"_id": m.unit_id}, {"$set": {"name": m.new_name}}))]
             case events_pb2.GroupsMerged():
-                retired = {"active": False, "merged_into_id": m.target_unit_id}
                 changes: list[Change] = [
-                    ("units", UpdateOne({"_id": m.source_unit_id}, {"$set": retired}, upsert=True)),
+                    _retired(m.source_unit_id, m.target_unit_id),
                     (
                         "households",
                         UpdateMany(
@@ -115,15 +114,10 @@ class RegistryView:
                     ),
                 ]
                 if self.people:
-                    # Each household merged keeps the groups merged away it was in, and the
-                    # group it was merged into: while it is still there (it has not moved house
-                    # since, whichever of this and its own events comes first), what was
-                    # addressed to such a group still finds it.
-                    merged = {
-                        "$addToSet": {"merged_from": m.source_unit_id},
-                        "$set": {"merged_into": m.target_unit_id},
-                    }
-                    changes += [_household(h, merged) for h in m.household_ids]
+                    changes += [
+                        _household(h, _merged(m.source_unit_id, m.target_unit_id))
+                        for h in m.household_ids
+                    ]
                 return changes
             case events_pb2.HouseholdCreated() | events_pb2.HouseholdUpdated():
                 fields: Document = {"unit_id": m.unit_id}
@@ -133,7 +127,18 @@ class RegistryView:
                     fields["location"] = point_document("location", m.location)
                 return [_household(m.household_id, {"$set": fields})]
             case events_pb2.HouseholdMoved():
-                return [_household(m.household_id, {"$set": {"unit_id": m.to_unit_id}})]
+                moved: Document = {"$set": {"unit_id": m.to_unit_id}}
+                if not m.by_merge:  # a move house, or a merge's from before `by_merge`
+                    return [_household(m.household_id, moved)]
+                # The merge itself, from the household's own partition: whichever of this and
+                # GroupsMerged comes first, the household never looks as if it moved house.
+                if self.people:
+                    merged = _merged(m.from_unit_id, m.to_unit_id)
+                    moved = merged | {"$set": moved["$set"] | merged["$set"]}
+                return [
+                    _retired(m.from_unit_id, m.to_unit_id),
+                    _household(m.household_id, moved),
+                ]
         if self.people:
             return _people_changes(message)
         return []
@@ -162,6 +167,22 @@ def households_touched(message: Message) -> list[str]:
 
 def _household(household_id: str, update: Document) -> Change:
     return ("households", UpdateOne({"_id": household_id}, update, upsert=True))
+
+
+def _retired(source_unit_id: str, target_unit_id: str) -> Change:
+    retired = {"active": False, "merged_into_id": target_unit_id}
+    return ("units", UpdateOne({"_id": source_unit_id}, {"$set": retired}, upsert=True))
+
+
+def _merged(source_unit_id: str, target_unit_id: str) -> Document:
+    """A merged household's marks: the groups merged away it was in, and the group it was
+    merged into. They hold while it is still there (it has not moved house since, whichever of
+    the merge's events and its own later ones come first): what was addressed to such a group
+    still finds it."""
+    return {
+        "$addToSet": {"merged_from": source_unit_id},
+        "$set": {"merged_into": target_unit_id},
+    }
 
 
 def _person(person_id: str, fields: Document) -> Change:

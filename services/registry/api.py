@@ -266,7 +266,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             staged += [
                 self.outbox.event(
                     events_pb2.HouseholdMoved(
-                        household_id=household_id, from_unit_id=source_id, to_unit_id=target_id
+                        household_id=household_id,
+                        from_unit_id=source_id,
+                        to_unit_id=target_id,
+                        by_merge=True,
                     ),
                     key=household_id,
                 )

@@ -94,6 +94,8 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
             return [(m.household_id, "", "updated: " + ", ".join(m.updated_fields))]
         case events_pb2.HouseholdVerified():
             return [(m.household_id, "", f"verified by {m.verified_by}")]
+        case events_pb2.HouseholdMoved() if m.by_merge:  # the household stayed where it was
+            return [(m.household_id, "", f"group {m.from_unit_id} merged into {m.to_unit_id}")]
         case events_pb2.HouseholdMoved():
             return [(m.household_id, "", f"moved from {m.from_unit_id} to {m.to_unit_id}")]
         case events_pb2.PersonRegistered():

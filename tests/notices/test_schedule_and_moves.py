@@ -5,11 +5,17 @@ notices."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 from civic.notices.v1 import notices_pb2
+from civic.registry.v1 import events_pb2 as registry_events
 from civic.registry.v1 import registry_pb2
+from google.protobuf.message import Message
 
+from services.common.mongo import Session, in_transaction
+from services.notices.events import Reconciler
+from tests.batches import deliveries
 from tests.conftest import Clock
 from tests.notices.conftest import Town, events_pb2, eventually, merge_group_away, rid, stamp
 
@@ -148,3 +154,57 @@ async def test_a_notice_scheduled_for_a_group_merged_away_reaches_its_households
         city.group,
         [city.other_group],
     )
+
+
+async def reconciled(town: Town, messages: Sequence[Message]) -> None:
+    """Registry events handed to the service's registry consumer directly, in this order, as
+    one fetch: its transaction, its events staged as the consumer stages them."""
+    service = town.service
+    reconciler = Reconciler(service.store, service.host.outbox, service.clock)
+
+    async def fetch(session: Session) -> None:
+        emitted = await reconciler.reconcile(deliveries(list(messages)), session)
+        await service.host.outbox.stage(session, emitted)
+
+    await in_transaction(service.client, fetch)
+
+
+async def test_a_merged_households_move_seen_before_the_merge_withdraws_nothing(
+    town: Town,
+) -> None:
+    """MergeGroups publishes GroupsMerged, keyed by the group, and each household's
+    HouseholdMoved, keyed by the household: on different partitions, either may come first.
+    A household whose move by the merge is seen before the merge itself never looks as if it
+    moved house: it keeps the group's notice all along, and nothing is withdrawn or delivered
+    again."""
+    city = town.city
+    notice = await town.publish(town.leader, unit_id=city.group)
+    await town.delivered(notice.notice_id)
+    leaving = list(town.households[city.group])
+    moves = [
+        registry_events.HouseholdMoved(
+            household_id=household,
+            from_unit_id=city.group,
+            to_unit_id=city.other_group,
+            by_merge=True,
+        )
+        for household in leaving
+    ]
+    merge = registry_events.GroupsMerged(
+        source_unit_id=city.group, target_unit_id=city.other_group, household_ids=leaving
+    )
+
+    await reconciled(town, moves[:1])
+    assert [n.notice.notice_id for n in await town.inbox(leaving[0])] == [notice.notice_id]
+    await reconciled(town, [merge, *moves[1:]])
+    await reconciled(town, [merge, *moves])  # redelivered: changes nothing
+
+    assert await town.events(notice.notice_id, events_pb2.NoticeWithdrawn) == []
+    delivered = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+    assert [e.household_ids for e in delivered if e.late] == []
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert {g.unit_id: g.delivered for g in reach.groups if g.delivered} == {
+        city.other_group: len(leaving)
+    }
+    for household in leaving:
+        assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]

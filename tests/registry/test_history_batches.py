@@ -29,6 +29,10 @@ BURST = [
     events_pb2.PersonDied(person_id="p1", household_id="h1", death_date="2026-02-28"),
     # A reason added by a newer registry than this build: still a line, not a stuck consumer.
     events_pb2.PersonRegistered(person_id="p3", household_id="h2", unit_id=GROUP, reason=42),  # type: ignore[arg-type]
+    # Moved on paper only: its group merged into another.
+    events_pb2.HouseholdMoved(
+        household_id="h2", from_unit_id=GROUP, to_unit_id=OTHER, by_merge=True
+    ),
 ]
 
 EXPECTED = {
@@ -44,6 +48,7 @@ EXPECTED = {
         ("", "household created at 2 Trần Phú"),
         ("p2", "person moved in from h1"),
         ("p3", "person registered (reason 42)"),
+        ("", f"group {GROUP} merged into {OTHER}"),
     ],
 }
 
