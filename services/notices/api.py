@@ -131,13 +131,6 @@ def _asked_unit(unit_id: str) -> str:
     return check_unit_id(unit_id) if unit_id else ""
 
 
-def _groups_of(notice: Document, area: str) -> str | None:
-    """The groups to count for `area`: all of the notice's records when it is the notice's
-    unit, as households from a group of it merged away are counted in the group they are in
-    now, outside the unit."""
-    return None if area == notice["unit_id"] else area
-
-
 def _close(queue: asyncio.Queue[Document]) -> None:
     while not queue.empty():
         queue.get_nowait()
@@ -183,8 +176,27 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             if not _delivered(record):
                 raise NotFound(f"notice {notice_id} not found")
         elif not domain.may_see_as_official(caller, notice["unit_id"]):
-            raise NotFound(f"notice {notice_id} not found")
+            # Into the caller's scope, if at all, through groups merged away: rare, so the
+            # merges are looked up only then.
+            merged = await self.store.merged_away(notice["unit_id"])
+            if not domain.may_see_as_official(caller, notice["unit_id"], merged.into):
+                raise NotFound(f"notice {notice_id} not found")
         return notice
+
+    async def _reach_area(
+        self, caller: Principal, notice: Document, requested: str
+    ) -> tuple[str, list[str] | None]:
+        """The unit whose reach the caller counts, and the groups to count for it: every
+        record of the notice for its own unit (households from its groups merged away are
+        counted in the group they are in now, outside it); for another, its groups and those
+        its own groups merged away went into, where the caller's scope holds them (not to
+        show one group's households to the leader of a group merged into it)."""
+        merged = await self.store.merged_away(notice["unit_id"])
+        area = domain.reach_area(caller, notice["unit_id"], _asked_unit(requested), merged.into)
+        if area == notice["unit_id"]:
+            return area, None
+        went = (await self.store.merged_away(area)).into
+        return area, [area, *(group for group in went if caller.covers(group))]
 
     async def _managed(self, notice_id: str, caller: Principal) -> Document:
         """A notice the caller would revise or retract: one outside their sight is not there
@@ -480,8 +492,8 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
     ) -> notices_pb2.GetReachResponse:
         caller = principal()
         notice = await self._visible(request.notice_id, caller)
-        area = domain.reach_area(caller, notice["unit_id"], _asked_unit(request.unit_id))
-        rows = await self.store.reach(notice["_id"], _groups_of(notice, area))
+        area, counted = await self._reach_area(caller, notice, request.unit_id)
+        rows = await self.store.reach(notice["_id"], counted)
         groups = [
             notices_pb2.Reach(
                 unit_id=row["unit_id"],
@@ -510,10 +522,10 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         if not caller.is_official:
             raise PermissionDenied(f"role {caller.role.value} may not list households")
         notice = await self._visible(request.notice_id, caller)
-        area = domain.reach_area(caller, notice["unit_id"], _asked_unit(request.unit_id))
+        _, counted = await self._reach_area(caller, notice, request.unit_id)
         size = page_size(request.page.page_size)
         items, token = await self.store.not_reached(
-            notice["_id"], _groups_of(notice, area), request.page.page_token, size
+            notice["_id"], counted, request.page.page_token, size
         )
         addresses = {
             h["_id"]: h.get("address", "")

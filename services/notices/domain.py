@@ -4,6 +4,7 @@ reaches, and when it is live. No I/O here."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from enum import IntEnum
@@ -87,16 +88,25 @@ def may_manage(caller: Principal, notice_publisher_unit: str) -> None:
         )
 
 
-def may_see_as_official(caller: Principal, notice_unit: str) -> bool:
-    """Officials, auditors and integrators see notices that reach into their scope."""
+def may_see_as_official(
+    caller: Principal, notice_unit: str, merged_into: Sequence[str] = ()
+) -> bool:
+    """Officials, auditors and integrators see notices that reach into their scope: to a unit
+    above, at or below it, or to one whose groups merged away went into a group of it
+    (`merged_into`), whose households, its residents now, keep the notice. Seeing is not
+    managing (`may_manage`)."""
     if caller.role is Role.RESIDENT:
         return False
-    return unit_within(notice_unit, caller.scope) or unit_within(caller.scope, notice_unit)
+    return any(_overlap(unit, caller.scope) for unit in (notice_unit, *merged_into))
 
 
-def reach_area(caller: Principal, notice_unit: str, requested: str) -> str:
+def reach_area(
+    caller: Principal, notice_unit: str, requested: str, merged_into: Sequence[str] = ()
+) -> str:
     """The unit whose reach a caller may count: inside both the caller's scope and the notice's
-    unit. A group leader counts their own group of a city-wide notice."""
+    unit, or where the households of its groups merged away are now (`merged_into`). A group
+    leader counts their own group of a city-wide notice, or of a notice to a group merged into
+    theirs."""
     if caller.role in (Role.RESIDENT, Role.INTEGRATOR):
         raise PermissionDenied(f"role {caller.role.value} may not read reach")
     if not requested:
@@ -106,7 +116,14 @@ def reach_area(caller: Principal, notice_unit: str, requested: str) -> str:
         return requested
     if unit_within(notice_unit, requested):
         return notice_unit
+    if any(_overlap(requested, unit) for unit in merged_into):
+        return requested
     raise InvalidArgument("unit_id", f"{requested} is outside the notice's unit {notice_unit}")
+
+
+def _overlap(unit_id: str, other: str) -> bool:
+    """One of the two units holds the other."""
+    return unit_within(unit_id, other) or unit_within(other, unit_id)
 
 
 # ---- what a notice says -----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pymongo.errors import BulkWriteError
 from services.common.auth import unit_within
 from services.common.commands import ensure_command_indexes
 from services.common.errors import InvalidArgument
-from services.common.mongo import Document, Session, in_unit
+from services.common.mongo import Document, Session, in_any_unit, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.registry_view import RESIDENT, RegistryView
 from services.notices import domain
@@ -386,20 +386,20 @@ class NoticeStore:
         if writes:
             await self.reach_counts.bulk_write(writes, ordered=False, session=session)
 
-    async def reach(self, notice_id: str, unit_id: str | None) -> list[Document]:
-        """Delivered, opened and acknowledged households per group (of `unit_id`; None: every
+    async def reach(self, notice_id: str, unit_ids: list[str] | None) -> list[Document]:
+        """Delivered, opened and acknowledged households per group (of `unit_ids`; None: every
         group the notice reached, those its merged-away groups went into too)."""
-        query = {"notice_id": notice_id} | _in_area(unit_id)
+        query = {"notice_id": notice_id} | _in_area(unit_ids)
         return await self.reach_counts.find(query).sort("unit_id", ASCENDING).to_list()
 
     async def not_reached(
-        self, notice_id: str, unit_id: str | None, token: str, size: int
+        self, notice_id: str, unit_ids: list[str] | None, token: str, size: int
     ) -> tuple[list[Document], str]:
         """Households that have not opened the notice, by group then household (the index's
-        order), of `unit_id` as in `reach`; the token is the last one's delivery id."""
+        order), of `unit_ids` as in `reach`; the token is the last one's delivery id."""
         query: Document = (
             {"notice_id": notice_id, "read": False, "withdrawn_at": None}
-            | _in_area(unit_id)
+            | _in_area(unit_ids)
             | SETTLED
         )
         if token:
@@ -463,8 +463,8 @@ class NoticeStore:
             )
 
 
-def _in_area(unit_id: str | None) -> Document:
-    return {} if unit_id is None else {"unit_id": in_unit(unit_id)}
+def _in_area(unit_ids: list[str] | None) -> Document:
+    return {} if unit_ids is None else {"unit_id": in_any_unit(unit_ids)}
 
 
 def _between(after: Document, last: Document | None) -> Document:

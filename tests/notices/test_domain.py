@@ -58,6 +58,17 @@ def test_publishing_and_reach_scopes() -> None:
     assert domain.reach_area(officer, "dn.hc.hc1", "dn.hc.hc1.g18") == "dn.hc.hc1.g18"
     with pytest.raises(InvalidArgument, match=r"^unit_id"):
         domain.reach_area(officer, "dn.hc.hc1.g17", "dn.hc.hc1.g18")
+    # g17 merged into g18: g18's leader sees g17's notices, and counts them in g18.
+    other = Principal("o", Role.GROUP_LEADER, "dn.hc.hc1.g18")
+    assert not domain.may_see_as_official(other, "dn.hc.hc1.g17")
+    assert domain.may_see_as_official(other, "dn.hc.hc1.g17", ["dn.hc.hc1.g18"])
+    assert not domain.may_see_as_official(other, "dn.hc.hc1.g17", ["dn.hc.hc1.g19"])
+    assert domain.reach_area(other, "dn.hc.hc1.g17", "", ["dn.hc.hc1.g18"]) == "dn.hc.hc1.g18"
+    merged_into = ["dn.hc.hc1.g18"]
+    assert domain.reach_area(officer, "dn.hc.hc1.g17", "", merged_into) == "dn.hc.hc1.g17"
+    assert domain.reach_area(officer, "dn.hc.hc1.g17", "dn.hc.hc1.g18", merged_into) == (
+        "dn.hc.hc1.g18"
+    )
 
 
 def test_ancestors_and_record_ids() -> None:

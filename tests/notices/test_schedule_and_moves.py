@@ -8,16 +8,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
+import grpc
 from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import events_pb2 as registry_events
 from civic.registry.v1 import registry_pb2
 from google.protobuf.message import Message
 
+from services.common.auth import Role
 from services.common.mongo import Session, in_transaction
 from services.notices.events import Reconciler
 from tests.batches import deliveries
 from tests.conftest import Clock
-from tests.notices.conftest import Town, events_pb2, eventually, merge_group_away, rid, stamp
+from tests.notices.conftest import (
+    Town,
+    events_pb2,
+    eventually,
+    merge_group_away,
+    refused,
+    rid,
+    stamp,
+)
 
 
 async def state_of(town: Town, notice_id: str) -> int:
@@ -208,3 +218,84 @@ async def test_a_merged_households_move_seen_before_the_merge_withdraws_nothing(
     }
     for household in leaving:
         assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]
+
+
+async def test_the_group_merged_into_sees_the_merged_groups_notice_and_its_reach(
+    town: Town,
+) -> None:
+    """The merged households are the surviving group's residents now: its leader sees the
+    notice they received, its reach in the group and the doors to knock on, read-only; and an
+    official asking for the reach in the surviving group (outside the notice's unit) counts
+    them there."""
+    city = town.city
+    notice = await town.publish(town.leader, unit_id=city.group)
+    await town.delivered(notice.notice_id)
+    leaving = await merge_group_away(town)
+
+    async def moved() -> bool:
+        return await town.service.store.deliveries.count_documents(
+            {"notice_id": notice.notice_id, "unit_id": city.other_group, "withdrawn_at": None}
+        ) == len(leaving)
+
+    await eventually(moved, what="the merged households' records in their present group")
+    await town.open(leaving[0], notice.notice_id)
+
+    got = await town.other_leader.GetNotice(
+        notices_pb2.GetNoticeRequest(notice_id=notice.notice_id)
+    )
+    assert got.notice.notice_id == notice.notice_id
+    for caller, asked in ((town.other_leader, ""), (town.admin, city.other_group)):
+        reach = await caller.GetReach(
+            notices_pb2.GetReachRequest(notice_id=notice.notice_id, unit_id=asked)
+        )
+        assert (reach.total.unit_id, reach.total.delivered, reach.total.opened) == (
+            city.other_group,
+            len(leaving),
+            1,
+        )
+        assert [g.unit_id for g in reach.groups] == [city.other_group]
+    unopened = await town.other_leader.ListNotReached(
+        notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id)
+    )
+    assert sorted(h.household_id for h in unopened.households) == sorted(leaving[1:])
+    # Seeing is not managing: the notice stays its publisher's.
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        town.other_leader.RetractNotice(
+            notices_pb2.RetractNoticeRequest(
+                request_id=rid(), notice_id=notice.notice_id, reason="không phải của tổ"
+            )
+        ),
+    )
+    # A group leader elsewhere still does not see it.
+    stranger = town.caller(Role.GROUP_LEADER, f"{city.ward}.elsewhere")
+    await refused(
+        grpc.StatusCode.NOT_FOUND,
+        stranger.GetNotice(notices_pb2.GetNoticeRequest(notice_id=notice.notice_id)),
+    )
+
+
+async def test_reach_over_a_group_merged_away_counts_its_households_where_they_are(
+    town: Town,
+) -> None:
+    """A ward's notice: asked for the group merged away, the reach is that of the group its
+    households are in now, for an official whose scope holds it."""
+    city = town.city
+    notice = await town.publish()
+    await town.delivered(notice.notice_id)
+    await merge_group_away(town)
+    everyone = len(town.everyone)
+
+    async def counted() -> bool:
+        reach = await town.ward_officer.GetReach(
+            notices_pb2.GetReachRequest(notice_id=notice.notice_id, unit_id=city.group)
+        )
+        return reach.total.unit_id == city.group and [
+            (g.unit_id, g.delivered) for g in reach.groups if g.delivered
+        ] == [(city.other_group, everyone)]
+
+    await eventually(counted, what="the merged group's reach where its households are")
+    unopened = await town.ward_officer.ListNotReached(
+        notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id, unit_id=city.group)
+    )
+    assert len(unopened.households) == everyone
