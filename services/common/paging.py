@@ -1,10 +1,12 @@
 """Keyset pagination: a page token is the last id of the previous page (or, for a listing of a
-unit's subtree, its unit and id, and the moment its first page read the database at)."""
+unit's subtree, its unit and id, the moment its first page read the database at and, where the
+listing's rules read the clock, the clock then)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson.timestamp import Timestamp
@@ -42,15 +44,99 @@ def next_token(items: list[dict[str, Any]], size: int) -> str:
 
 
 UNIT_ORDER = [("unit_id", ASCENDING), ("_id", ASCENDING)]
+NOT_OURS = "is not a token this listing gave"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
+
+
+class UnitListing:
+    """A listing of a unit's subtree in (unit, id) order, as its page token says it was at its
+    first page: the unit and id the last page ended at (`position`), the moment the first page
+    read the database at (`snapshot`, fixed by the first read if no token gave it) and, for a
+    listing whose rules read the clock, the clock then (`now`): a page that worked out which
+    documents are listed from the database or the clock as they are when it is asked for
+    would list a document that moved between two pages twice or never, or list what the
+    first page did not.
+
+    Tokens: `unit|id|seconds.increment`, and `|microseconds since 1970` where the clock is
+    carried. One given before pages were read at their first page's moment (`unit|id`), or
+    before the clock was carried, goes on from the database, or the clock, as it is now, and
+    the pages after it as that one."""
+
+    def __init__(self, token: str, now: datetime | None = None) -> None:
+        """`now`: the clock as it is, for a listing whose rules read it; None for one whose
+        rules do not (its tokens carry no clock)."""
+        self.snapshot = Snapshot()
+        self.position: tuple[str, str] | None = None
+        self.now = now
+        if token:
+            self.position, carried = _read_token(token, self.snapshot, clocked=now is not None)
+            if carried is not None:
+                if now is not None and carried > now:  # a clock not yet reached is none we gave
+                    raise InvalidArgument("page.page_token", NOT_OURS)
+                self.now = carried
+        self._at_the_tokens_moment = self.snapshot.at is not None
+
+    async def find(
+        self,
+        collection: AsyncCollection[dict[str, Any]],
+        query: dict[str, Any],
+        *,
+        sort: dict[str, Any] | None = None,
+        limit: int = 0,
+    ) -> list[dict[str, Any]]:
+        """A read of the database as the listing's first page read it."""
+        with self._as_the_tokens_failure():
+            return await self.snapshot.find(collection, query, sort=sort, limit=limit)
+
+    async def aggregate(
+        self, collection: AsyncCollection[dict[str, Any]], pipeline: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """An aggregation over the database as the listing's first page read it."""
+        with self._as_the_tokens_failure():
+            return await self.snapshot.aggregate(collection, pipeline)
+
+    def token_after(self, last_one: dict[str, Any]) -> str:
+        assert self.snapshot.at is not None  # set by the first read, if the token did not
+        moment = self.snapshot.at
+        token = f"{last_one['unit_id']}|{last_one['_id']}|{moment.time}.{moment.inc}"
+        if self.now is None:
+            return token
+        return f"{token}|{(self.now - EPOCH) // MICROSECOND}"
+
+    @contextlib.contextmanager
+    def _as_the_tokens_failure(self) -> Iterator[None]:
+        """The failures of reads at a token's moment that the token caused, as the caller's."""
+        try:
+            yield
+        except OperationFailure as error:
+            if not self._at_the_tokens_moment:
+                raise
+            if error.code in (SNAPSHOT_TOO_OLD, SNAPSHOT_UNAVAILABLE):
+                raise FailedPrecondition(
+                    "page.page_token: the data as it was at the listing's first page is no "
+                    "longer kept (about 5 minutes on); start the listing again from the first page"
+                ) from None
+            if error.code == INVALID_OPTIONS:  # a moment still to come, or none
+                raise InvalidArgument("page.page_token", NOT_OURS) from None
+            raise
+
+
+class ClockedListing(UnitListing):
+    """A listing whose rules read the clock: `now` is the clock at its first page."""
+
+    now: datetime
+
+    def __init__(self, token: str, now: datetime) -> None:
+        super().__init__(token, now)
 
 
 async def unit_ordered_page(
     collection: AsyncCollection[dict[str, Any]],
     query: dict[str, Any],
-    token: str,
+    listing: UnitListing,
     size: int,
     then: Sequence[dict[str, Any]] = (),
-    snapshot: Snapshot | None = None,
 ) -> tuple[list[dict[str, Any]], str]:
     """One page of what `query` finds in a unit's subtree, in (unit, id) order: the order of the
     (unit_id, _id) index, so a page is read from where the last one ended instead of the whole
@@ -58,69 +144,41 @@ async def unit_ordered_page(
     which the index is not in id order). `then`: aggregation stages that keep or drop each
     document found, in that order, before the page is counted (a `$lookup` and a `$match`).
 
-    Every page reads the database as the listing's first page did (the token carries that
-    moment; `snapshot`, if given, is set to it for the caller's other reads for the page): a
-    document that moves to another unit between two pages, in a merge of groups, would
-    otherwise cross where the listing is and be listed twice or never."""
-    if snapshot is None:
-        snapshot = Snapshot()
+    Every page reads the database as the listing's first page did (`listing`'s snapshot, which
+    the caller's other reads for the page share): a document that moves to another unit
+    between two pages, in a merge of groups, would otherwise cross where the listing is and
+    be listed twice or never."""
 
     async def read(found_by: dict[str, Any], limit: int) -> list[dict[str, Any]]:
         if not then:
-            return await snapshot.find(collection, found_by, sort=dict(UNIT_ORDER), limit=limit)
+            return await listing.find(collection, found_by, sort=dict(UNIT_ORDER), limit=limit)
         pipeline = [{"$match": found_by}, {"$sort": dict(UNIT_ORDER)}, *then, {"$limit": limit}]
-        return await snapshot.aggregate(collection, pipeline)
+        return await listing.aggregate(collection, pipeline)
 
     found: list[dict[str, Any]] = []
     following = query
-    position = _position(token, snapshot) if token else None
-    with _at_the_tokens_moment(snapshot):
-        if position:
-            unit, last = position
-            found = await read({"$and": [query, {"unit_id": unit, "_id": {"$gt": last}}]}, size)
-            following = {"$and": [query, {"unit_id": {"$gt": unit}}]}
-        if len(found) < size:
-            found += await read(following, size - len(found))
-    last_one = found[-1] if len(found) == size else None
-    if last_one is None:
-        return found, ""
-    assert snapshot.at is not None  # set by the first read, if the token did not
-    return found, f"{last_one['unit_id']}|{last_one['_id']}|{snapshot.at.time}.{snapshot.at.inc}"
+    if listing.position:
+        unit, last = listing.position
+        found = await read({"$and": [query, {"unit_id": unit, "_id": {"$gt": last}}]}, size)
+        following = {"$and": [query, {"unit_id": {"$gt": unit}}]}
+    if len(found) < size:
+        found += await read(following, size - len(found))
+    return found, listing.token_after(found[-1]) if len(found) == size else ""
 
 
-NOT_OURS = "is not a token this listing gave"
-
-
-def _position(token: str, snapshot: Snapshot) -> tuple[str, str]:
-    """The unit and id a token names; `snapshot` set to its moment. A token given before pages
-    were read at their first page's moment has none: the listing goes on from the database as
-    it is now, and the pages after it as that one."""
+def _read_token(
+    token: str, snapshot: Snapshot, *, clocked: bool
+) -> tuple[tuple[str, str], datetime | None]:
+    """The unit and id a token names, and the clock it carries if any; `snapshot` set to its
+    moment. Only a listing that reads the clock gave tokens that carry one."""
     try:
-        unit, last, *moment = token.split("|")
-        if not unit or not last or len(moment) > 1:
+        unit, last, *moments = token.split("|")
+        if not unit or not last or len(moments) > (2 if clocked else 1):
             raise ValueError(token)
-        if moment:
-            seconds, increment = (int(part) for part in moment[0].split("."))
+        if moments:
+            seconds, increment = (int(part) for part in moments[0].split("."))
             snapshot.at = Timestamp(seconds, increment)  # a ValueError out of range too
-    except ValueError:
+        now = EPOCH + int(moments[1]) * MICROSECOND if len(moments) == 2 else None
+    except (ValueError, OverflowError):
         raise InvalidArgument("page.page_token", NOT_OURS) from None
-    return unit, last
-
-
-@contextlib.contextmanager
-def _at_the_tokens_moment(snapshot: Snapshot) -> Iterator[None]:
-    """The failures of reads at a token's moment that the token caused, as the caller's."""
-    given = snapshot.at is not None
-    try:
-        yield
-    except OperationFailure as error:
-        if not given:
-            raise
-        if error.code in (SNAPSHOT_TOO_OLD, SNAPSHOT_UNAVAILABLE):
-            raise FailedPrecondition(
-                "page.page_token: the data as it was at the listing's first page is no longer "
-                "kept (about 5 minutes on); start the listing again from the first page"
-            ) from None
-        if error.code == INVALID_OPTIONS:  # a moment still to come, or none
-            raise InvalidArgument("page.page_token", NOT_OURS) from None
-        raise
+    return (unit, last), now

@@ -18,7 +18,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
-from services.common.paging import page_size
+from services.common.paging import ClockedListing, page_size
 from services.common.wire import point_document, timestamp
 from services.registry import domain, events
 from services.registry.importer import STARTED_HEADER, Importer
@@ -890,14 +890,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_register(caller, unit_id)
-        since = domain.inactive_since(self.clock(), request.inactive_days)
-        suspect_households = await self.store.suspect_households(unit_id, since)
-        today = self.today().isoformat()
+        # Who is suspected, and why, as of the first page: its register and its clock.
+        listing = ClockedListing(request.page.page_token, self.clock())
+        since = domain.inactive_since(listing.now, request.inactive_days)
+        suspect_households = await self.store.suspect_households(unit_id, since, listing)
+        today = domain.local_date(listing.now).isoformat()
         persons, token = await self.store.suspect_persons(
             unit_id,
             list(suspect_households),
             today,
-            request.page.page_token,
+            listing,
             page_size(request.page.page_size),
         )
         messages = await self._read_persons("ListSuspectedVirtualResidents", persons)

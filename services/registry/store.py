@@ -16,16 +16,9 @@ from pymongo.errors import OperationFailure
 from services.common.batching import Coalescer
 from services.common.commands import ensure_command_indexes
 from services.common.errors import FailedPrecondition
-from services.common.mongo import (
-    Document,
-    Session,
-    Snapshot,
-    ensure_indexes,
-    holding_text,
-    in_unit,
-)
+from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
 from services.common.outbox import ensure_outbox_indexes
-from services.common.paging import next_token, unit_ordered_page
+from services.common.paging import UnitListing, next_token, unit_ordered_page
 from services.registry.domain import fold
 
 RESIDENT = 1  # PersonStatus.RESIDENT
@@ -260,16 +253,14 @@ class RegistryStore:
         residents (each household's under "residents"), as the register was at the first page:
         a person who moved house between two pages is a resident once."""
         query = {"unit_id": in_unit(unit_id), "active": True}
-        snapshot = Snapshot()
-        households, next_page = await unit_ordered_page(
-            self.households, query, token, size, snapshot=snapshot
-        )
+        listing = UnitListing(token)
+        households, next_page = await unit_ordered_page(self.households, query, listing, size)
         by_id = {household["_id"]: household for household in households}
         for household in households:
             household["residents"] = []
         if by_id:
             residents = {"household_id": {"$in": list(by_id)}, "status": RESIDENT}
-            for person in await snapshot.find(self.persons, residents):
+            for person in await listing.find(self.persons, residents):
                 by_id[person["household_id"]]["residents"].append(person)
         return households, next_page
 
@@ -329,7 +320,7 @@ class RegistryStore:
             query["birth_date"] = birth
         if sex:
             query["sex"] = sex
-        return await unit_ordered_page(self.persons, query, token, size)
+        return await unit_ordered_page(self.persons, query, UnitListing(token), size)
 
     # ---- counts and data quality ---------------------------------------------------------
 
@@ -400,10 +391,15 @@ class RegistryStore:
             {"$match": {RESIDENTS: {"$ne": []}}},
             {"$unset": RESIDENTS},
         ]
-        return await unit_ordered_page(self.households, query, token, size, then=lived_in)
+        listing = UnitListing(token)
+        return await unit_ordered_page(self.households, query, listing, size, then=lived_in)
 
-    async def suspect_households(self, unit_id: str, inactive_since: datetime) -> dict[str, bool]:
-        """Households that are marked absent (True) or neither verified nor active lately."""
+    async def suspect_households(
+        self, unit_id: str, inactive_since: datetime, listing: UnitListing
+    ) -> dict[str, bool]:
+        """Households that are marked absent (True) or neither verified nor active lately, as
+        the register was at the listing's first page: the suspects of every page are of the
+        same households."""
         query: Document = {
             "unit_id": in_unit(unit_id),
             "active": True,
@@ -424,11 +420,18 @@ class RegistryStore:
         }
         return {
             doc["_id"]: bool(doc.get("marked_absent"))
-            async for doc in self.households.find(query, {"marked_absent": 1})
+            for doc in await listing.aggregate(
+                self.households, [{"$match": query}, {"$project": {"marked_absent": 1}}]
+            )
         }
 
     async def suspect_persons(
-        self, unit_id: str, household_ids: list[str], today: str, token: str, size: int
+        self,
+        unit_id: str,
+        household_ids: list[str],
+        today: str,
+        listing: UnitListing,
+        size: int,
     ) -> tuple[list[Document], str]:
         query: Document = {
             "unit_id": in_unit(unit_id),
@@ -439,7 +442,7 @@ class RegistryStore:
                 {"stay_end": {"$lt": today, "$gt": ""}},
             ],
         }
-        return await unit_ordered_page(self.persons, query, token, size)
+        return await unit_ordered_page(self.persons, query, listing, size)
 
     async def likely_duplicates(self, unit_id: str) -> list[list[Document]]:
         groups = await self.persons.aggregate(

@@ -10,11 +10,14 @@ from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
+from services.registry.domain import local_date
 from services.registry.main import RegistryService
 from tests.conftest import Clock, token
 from tests.indexes import index_uses, used_since
 from tests.kafka_reader import eventually
 from tests.registry_fixtures import Caller, City, new_household, person, rid
+
+NON_RELATIVE = registry_pb2.RELATIONSHIP_NON_RELATIVE
 
 
 async def test_overdue_verification_after_six_months(city: City, clock: Clock) -> None:
@@ -290,3 +293,97 @@ async def test_a_household_nobody_lives_in_is_not_due_for_verification(
     assert "household_id_1_status_1" in await used_since(persons, before[1])
     counts = await city.leader.CountByUnit(registry_pb2.CountByUnitRequest(unit_id=city.group))
     assert counts.total.households == len(listed)
+
+
+async def suspects_from(
+    caller: Caller, unit_id: str, token: str, size: int = 0
+) -> tuple[list[tuple[str, list[int]]], str]:
+    """A page of suspected virtual residents: each person with the reasons shown."""
+    page = await caller.ListSuspectedVirtualResidents(
+        registry_pb2.ListSuspectedVirtualResidentsRequest(
+            unit_id=unit_id, page=types_pb2.PageRequest(page_size=size, page_token=token)
+        )
+    )
+    return [(r.person.person_id, sorted(r.reasons)) for r in page.residents], page.next_page_token
+
+
+async def test_a_paged_list_of_suspects_is_the_list_as_of_its_first_page(
+    city: City, clock: Clock
+) -> None:
+    """Which households hold suspects, and why, is worked out again for every page: a household
+    verified or found empty, or a stay that ends, between two pages, changed who the later
+    pages showed and why. Every page now works it out as at the first page (the register and
+    the clock then), so the pages together are the list as it was then."""
+    homes = [await new_household(city.leader, city.group) for _ in "abc"]
+    today = local_date(clock())
+    guest = await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=homes[0].household.household_id,
+            person=person("Khách Trọ", "2001-01-01", relationship=NON_RELATIVE),
+            stay_start=today.isoformat(),
+            stay_end=(today + timedelta(days=420)).isoformat(),
+        )
+    )
+    clock.advance(days=400)  # every household quiet for over a year; the stay not yet over
+    whole, _ = await suspects_from(city.leader, city.group, "", 1000)
+    not_verified = [registry_pb2.VIRTUAL_RESIDENT_REASON_NOT_VERIFIED]
+    assert sorted(whole) == sorted(
+        [(h.head.person_id, not_verified) for h in homes] + [(guest.person.person_id, not_verified)]
+    )
+
+    listed, token = await suspects_from(city.leader, city.group, "", 1)
+    assert token
+    await city.leader.VerifyHousehold(
+        registry_pb2.VerifyHouseholdRequest(
+            request_id=rid(), household_id=homes[1].household.household_id
+        )
+    )
+    await city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=homes[2].household.household_id,
+            update_fields=["marked_absent"],
+            marked_absent=True,
+        )
+    )
+    clock.advance(days=30)  # the guest's stay is over
+    while token:
+        page, token = await suspects_from(city.leader, city.group, token, 1)
+        listed += page
+    assert sorted(listed) == sorted(whole)
+    # A list begun now sees the changes.
+    fresh, _ = await suspects_from(city.leader, city.group, "", 1000)
+    assert sorted(fresh) != sorted(whole)
+
+
+async def test_a_suspects_page_token_from_before_the_clock_was_pinned_still_reads(
+    city: City, clock: Clock
+) -> None:
+    """A token that carries the register's moment but not the clock's (`unit|id|moment`, as
+    given before) reads on at that moment with the clock as it is; one whose clock is not a
+    moment, or one still to come, is refused, naming the token."""
+    homes = [await new_household(city.leader, city.group) for _ in "abc"]
+    clock.advance(days=400)
+    first, token = await suspects_from(city.leader, city.group, "", 1)
+    unit, person_id, moment, _ = token.split("|")  # and the clock
+    rest: list[tuple[str, list[int]]] = []
+    old_token = given = f"{unit}|{person_id}|{moment}"
+    while given:
+        page, given = await suspects_from(city.leader, city.group, given, 1)
+        rest += page
+    assert sorted(p for p, _ in first + rest) == sorted(h.head.person_id for h in homes)
+    for clock_then in ("soon", "1|2", "99999999999999999", str(10**30)):  # the last two to come
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await suspects_from(city.leader, city.group, f"{old_token}|{clock_then}", 1)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (bad.value.details() or "").startswith("page.page_token: ")
+    # A listing that does not read the clock gave no token that carries one.
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await city.leader.SearchPersons(
+            registry_pb2.SearchPersonsRequest(
+                unit_id=city.group, page=types_pb2.PageRequest(page_token=token)
+            )
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (bad.value.details() or "").startswith("page.page_token: ")
