@@ -872,10 +872,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_register(caller, unit_id)
+        # Overdue as of the first page's clock, so that the cutoff stays where it was for
+        # every page.
+        listing = ClockedListing(request.page.page_token, self.clock())
         households, token = await self.store.overdue_households(
             unit_id,
-            domain.verified_before(self.clock(), request.max_age_days),
-            request.page.page_token,
+            domain.verified_before(listing.now, request.max_age_days),
+            listing,
             page_size(request.page.page_size),
         )
         listed = [h["_id"] for h in households]

@@ -362,8 +362,10 @@ class RegistryStore:
         return counts
 
     async def overdue_households(
-        self, unit_id: str, verified_before: datetime, token: str, size: int
+        self, unit_id: str, verified_before: datetime, listing: UnitListing, size: int
     ) -> tuple[list[Document], str]:
+        """Active households of a unit's subtree not verified since `verified_before`, one page,
+        as the register was at the listing's first page."""
         query: Document = {
             "unit_id": in_unit(unit_id),
             "active": True,
@@ -391,7 +393,6 @@ class RegistryStore:
             {"$match": {RESIDENTS: {"$ne": []}}},
             {"$unset": RESIDENTS},
         ]
-        listing = UnitListing(token)
         return await unit_ordered_page(self.households, query, listing, size, then=lived_in)
 
     async def suspect_households(

@@ -387,3 +387,53 @@ async def test_a_suspects_page_token_from_before_the_clock_was_pinned_still_read
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (bad.value.details() or "").startswith("page.page_token: ")
+
+
+async def overdue_from(
+    caller: Caller, unit_id: str, token: str, size: int
+) -> tuple[list[str], str]:
+    page = await caller.ListOverdueVerifications(
+        registry_pb2.ListOverdueVerificationsRequest(
+            unit_id=unit_id, page=types_pb2.PageRequest(page_size=size, page_token=token)
+        )
+    )
+    return [h.household_id for h in page.households], page.next_page_token
+
+
+async def test_a_paged_list_of_overdue_households_is_the_list_as_of_its_first_page(
+    city: City, clock: Clock
+) -> None:
+    """The cutoff, six months before now, was worked out again for every page, it moved
+    on between two pages and brought in households that were not overdue at the first. Every
+    page now reads as the first did, with the clock then: a household verified meanwhile is
+    still listed, one overdue only since is not."""
+    homes = [(await new_household(city.leader, city.group)).household for _ in "abc"]
+
+    async def verify(household: registry_pb2.Household) -> None:
+        await city.leader.VerifyHousehold(
+            registry_pb2.VerifyHouseholdRequest(
+                request_id=rid(), household_id=household.household_id
+            )
+        )
+
+    for household in homes[:2]:
+        await verify(household)
+    clock.advance(days=30)
+    await verify(homes[2])  # overdue a month after the others
+    clock.advance(days=170)
+    whole, _ = await overdue_from(city.leader, city.group, "", 1000)
+    assert whole == [h.household_id for h in homes[:2]]
+
+    listed, token = await overdue_from(city.leader, city.group, "", 1)
+    assert token
+    await verify(homes[1])
+    clock.advance(days=30)
+    while token:
+        page, token = await overdue_from(city.leader, city.group, token, 1)
+        listed += page
+    assert listed == whole
+    # A list begun now sees the changes.
+    assert (await overdue_from(city.leader, city.group, "", 1000))[0] == [
+        homes[0].household_id,
+        homes[2].household_id,
+    ]
