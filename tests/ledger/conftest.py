@@ -110,6 +110,16 @@ class Books:
         campaign: ledger_pb2.Campaign = response.campaign
         return campaign
 
+    async def reverse(self, transaction_id: str, reason: str) -> ledger_pb2.Transaction:
+        """The treasurer's reversal of a transaction of the fund."""
+        response = await self.treasurer.ReverseTransaction(
+            ledger_pb2.ReverseTransactionRequest(
+                request_id=rid(), fund_id=self.fund_id, transaction_id=transaction_id, reason=reason
+            )
+        )
+        reversal: ledger_pb2.Transaction = response.transaction
+        return reversal
+
     async def balances(self, fund_id: str = "", **kw: Any) -> dict[str, int]:
         """The fund's balances (this one's if not named), every page of them."""
         request = ledger_pb2.GetBalancesRequest(fund_id=fund_id or self.fund_id, **kw)

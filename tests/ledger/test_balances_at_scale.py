@@ -13,7 +13,7 @@ from services.ledger import domain
 from services.ledger.main import LedgerService
 from tests.conftest import Clock
 from tests.indexes import examined
-from tests.ledger.conftest import Books, rid
+from tests.ledger.conftest import Books
 from tests.ledger.test_limits_and_reads import entry
 from tests.ledger.test_statements_at_scale import history, nonzero
 
@@ -289,27 +289,13 @@ async def test_statement_headers_are_the_balances_summed_straightforwardly(
     await books.post(("cash", 20_000), (domain.receivable("c2", "h01"), -20_000))
     clock.advance(days=1)
     moments.append(clock())
-    await books.treasurer.ReverseTransaction(
-        ledger_pb2.ReverseTransactionRequest(
-            request_id=rid(),
-            fund_id=books.fund_id,
-            transaction_id=mistaken.transaction_id,
-            reason="nhầm",
-        )
-    )
+    await books.reverse(mistaken.transaction_id, "nhầm")
     cancelled = await books.post(*receivables("c3", households[6:]))
     await books.post(("cash", DUE), (domain.receivable("c1", "h11"), -DUE))
     await books.post(("expense/sanitation", 30_000), ("cash", -30_000))
     clock.advance(days=1)
     moments.append(clock())
-    await books.treasurer.ReverseTransaction(
-        ledger_pb2.ReverseTransactionRequest(
-            request_id=rid(),
-            fund_id=books.fund_id,
-            transaction_id=cancelled.transaction_id,
-            reason="hủy",
-        )
-    )
+    await books.reverse(cancelled.transaction_id, "hủy")
     await books.post(("cash", 30_000), (domain.receivable("c2", "h01"), -30_000))
     clock.advance(days=1)
     moments.append(clock())
