@@ -1033,14 +1033,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         token = period.token(lines[-1].sequence) if more else ""
         while True:
             table.add(lines)
-            printed.add(lines)
+            # Laying out a thousand lines takes a while: not on the event loop.
+            await asyncio.to_thread(printed.add, lines)
             if not more:
                 break
             lines, more = await self._lines(fund["_id"], period, lines[-1].sequence, MAX_PAGE_SIZE)
         stem = f"statements/{fund['_id']}/{uuid.uuid4().hex}"
         csv_key, pdf_key = f"{stem}.csv", f"{stem}.pdf"
         await self.files.put(csv_key, table.finish(), "text/csv; charset=utf-8")
-        # Laying out a long statement's pages takes a while: not on the event loop.
         await self.files.put(pdf_key, await asyncio.to_thread(printed.finish), "application/pdf")
         return ledger_pb2.ExportStatementResponse(
             statement=statement,

@@ -1,0 +1,119 @@
+"""A statement's files as made from its lines, read back: the printed PDF with a standard PDF
+reader, for what a resident at the notice board reads on it."""
+
+from __future__ import annotations
+
+import io
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pypdf
+from civic.ledger.v1 import ledger_pb2
+from pypdf.generic import ArrayObject, DictionaryObject
+
+from services.ledger import domain, statements
+
+WORDED = (
+    "Chi mua bóng đèn và dây điện cho kiệt 45 Trần Phú, thay ba cột đèn hỏng sau bão số 6; "
+    "người nhận: Nguyễn Thị Hường, tổ dân phố 17; duyệt: Võ Minh Khang (tổ trưởng). "
+) * 4
+
+
+def statement_of(count: int) -> ledger_pb2.Statement:
+    """A statement of `count` lines with the longest memos: in words, and in one word (a memo
+    without a space, as long as a memo may be), taking turns."""
+    statement = ledger_pb2.Statement(
+        fund=ledger_pb2.Fund(name="Quỹ vì người nghèo", unit_id="dn.hc.hc1.t17"),
+        opening_available=1_000_000,
+        total_in=count * 50_000,
+        closing_available=1_000_000 + count * 50_000,
+        line_count=count,
+    )
+    getattr(statement, "from").FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
+    statement.to.FromDatetime(datetime(2027, 1, 1, tzinfo=UTC))
+    for i in range(count):
+        line = statement.lines.add(
+            sequence=i + 1,
+            kind=ledger_pb2.TRANSACTION_KIND_CONTRIBUTION,
+            description=(WORDED if i % 2 else "ữ" * domain.MAX_TEXT)[: domain.MAX_TEXT].strip(),
+            receipt_number=f"BL-{i:05d}/" + "9" * 33,  # as long as a receipt number may be
+            money_in=50_000,
+            transaction_id=f"tx-{i:024x}",
+        )
+        line.posted_at.FromDatetime(datetime(2026, 1, 2, tzinfo=UTC) + timedelta(hours=i))
+    return statement
+
+
+def printed(statement: ledger_pb2.Statement) -> list[str]:
+    """The text of each page of the statement's PDF."""
+    pdf = statements.PdfStatement(statement)
+    pdf.add(statement.lines)
+    return [page.extract_text() for page in pypdf.PdfReader(io.BytesIO(pdf.finish())).pages]
+
+
+def letters(text: str) -> str:
+    """Text without the spaces and line ends its wrapping put in or took out."""
+    return re.sub(r"\s+", "", text)
+
+
+def test_a_printed_statement_draws_its_lines_as_they_are_added() -> None:
+    """Each page of lines read for an export is laid out as it is added, not kept, with every
+    line before it, to be laid out at the end."""
+    statement = statement_of(40)
+    pdf = statements.PdfStatement(statement)
+    pdf.add(statement.lines[:20])
+    drawn = pdf.pdf.page_no()
+    assert drawn > 2, drawn
+    pdf.add(statement.lines[20:])
+    assert pdf.pdf.page_no() > drawn
+
+
+def test_a_printed_statement_has_every_line_whole_under_a_heading_on_every_page() -> None:
+    statement = statement_of(40)
+    pages = printed(statement)
+    assert len(pages) > 3
+    heading = " ".join(statements.HEADER)
+    caption = "Sao kê quỹ Quỹ vì người nghèo · Kỳ 01/01/2026 07:00 – 01/01/2027 07:00"
+    for number, page in enumerate(pages, 1):
+        assert heading in page, number
+        assert page.rstrip().endswith(f"{caption} · Trang {number}/{len(pages)}"), page[-200:]
+    # Every line in full, in order, its memo with every letter, Vietnamese ones included.
+    text = letters("".join(pages))
+    at = 0
+    for line in statement.lines:
+        row = letters(
+            f"{line.sequence} {statements.local_time(line.posted_at.ToDatetime(UTC))} Thu"
+            f" {line.description} {line.receipt_number} 50.000 {line.transaction_id}"
+        )
+        found = text.find(row, at)
+        assert found >= 0, line.sequence
+        at = found + len(row)
+    assert "Tồn đầu kỳ: 1.000.000 đ" in pages[0]
+    assert "Tổng thu: 2.000.000 đ    Tổng chi: 0 đ" in pages[-1]
+    assert "Tồn cuối kỳ: 3.000.000 đ" in pages[-1]
+
+
+def test_a_printed_statement_embeds_its_font() -> None:
+    """The PDF carries the font its Vietnamese letters are drawn in: a printer's own fonts may
+    have none of them."""
+    pdf = statements.PdfStatement(statement_of(1))
+    pdf.add(statement_of(1).lines)
+    page = pypdf.PdfReader(io.BytesIO(pdf.finish())).pages[0]
+    fonts = entry(entry(page, "/Resources"), "/Font")
+    embedded = set()
+    for name in fonts:
+        font = entry(fonts, name)
+        descendant = entry(font, "/DescendantFonts")
+        assert isinstance(descendant, ArrayObject)
+        if "/FontFile2" in entry(descendant[0].get_object(), "/FontDescriptor"):
+            embedded.add(str(font["/BaseFont"]).split("+")[-1])
+    assert embedded == {"Roboto", "RobotoBold"}
+
+
+def entry(dictionary: object, key: str) -> Any:
+    """A PDF dictionary's entry, followed if a reference."""
+    assert isinstance(dictionary, DictionaryObject)
+    value = dictionary[key].get_object()
+    assert isinstance(value, DictionaryObject | ArrayObject)
+    return value
