@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import certifi
@@ -70,9 +70,10 @@ class ObjectStore:
         url: str = self._presigner.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
         return url
 
-    async def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Stores a file the service made itself (an export)."""
-        await self._io(self._put, key, data, content_type)
+    async def put(self, key: str, file: BinaryIO, content_type: str) -> None:
+        """Stores a file the service made itself (an export), from its start: read as it is
+        sent, a part at a time, not held whole."""
+        await self._io(self._put_file, key, file, content_type)
 
     async def accept_image(self, key: str, max_bytes: int) -> StoredObject:
         """The uploaded image, if it is one and small enough; otherwise it is deleted."""
@@ -152,9 +153,12 @@ class ObjectStore:
             await self._io(removed)
 
     def _put(self, key: str, data: bytes, content_type: str) -> None:
-        self._client.put_object(
-            self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
-        )
+        self._put_file(key, io.BytesIO(data), content_type)
+
+    def _put_file(self, key: str, file: BinaryIO, content_type: str) -> None:
+        length = file.seek(0, io.SEEK_END)
+        file.seek(0)
+        self._client.put_object(self.bucket, key, file, length, content_type=content_type)
 
     def _stat(self, key: str) -> tuple[int, str]:
         stat = self._client.stat_object(self.bucket, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import tempfile
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -1025,23 +1026,29 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.ExportStatementResponse:
         fund = await self._readable(request.fund_id)
         statement, period, after = await self._statement(fund, request)
-        table, printed = statements.CsvStatement(statement), statements.PdfStatement(statement)
         # The answer is GetStatement's first page; the files take the whole period, read a
-        # page at a time after it.
+        # page at a time after it, each page written to both files as it comes, off the event
+        # loop. Neither file is kept in memory: they are uploaded from temporary files.
         lines, more = await self._lines(fund["_id"], period, after, DEFAULT_PAGE_SIZE)
         statement.lines.extend(lines)
         token = period.token(lines[-1].sequence) if more else ""
-        while True:
-            table.add(lines)
-            # Laying out a thousand lines takes a while: not on the event loop.
-            await asyncio.to_thread(printed.add, lines)
-            if not more:
-                break
-            lines, more = await self._lines(fund["_id"], period, lines[-1].sequence, MAX_PAGE_SIZE)
         stem = f"statements/{fund['_id']}/{uuid.uuid4().hex}"
         csv_key, pdf_key = f"{stem}.csv", f"{stem}.pdf"
-        await self.files.put(csv_key, table.finish(), "text/csv; charset=utf-8")
-        await self.files.put(pdf_key, await asyncio.to_thread(printed.finish), "application/pdf")
+        with tempfile.TemporaryFile() as csv_file, tempfile.TemporaryFile() as pdf_file:
+            table = statements.CsvStatement(statement, csv_file)
+            printed = await asyncio.to_thread(statements.PdfStatement, statement)
+            while True:
+                await asyncio.to_thread(_write_statement_page, table, printed, lines)
+                if not more:
+                    break
+                lines, more = await self._lines(
+                    fund["_id"], period, lines[-1].sequence, MAX_PAGE_SIZE
+                )
+            await asyncio.to_thread(table.finish)
+            await asyncio.to_thread(printed.finish, pdf_file)
+            del printed  # its pages, written out, are let go before the uploads
+            await self.files.put(csv_key, csv_file, "text/csv; charset=utf-8")
+            await self.files.put(pdf_key, pdf_file, "application/pdf")
         return ledger_pb2.ExportStatementResponse(
             statement=statement,
             csv_object_key=csv_key,
@@ -1051,6 +1058,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             expires_at=timestamp(self.clock() + timedelta(hours=1)),
             next_page_token=token,
         )
+
+
+def _write_statement_page(
+    table: statements.CsvStatement,
+    printed: statements.PdfStatement,
+    lines: list[ledger_pb2.StatementLine],
+) -> None:
+    table.add(lines)
+    printed.add(lines)
 
 
 def _as_seen_by(caller: Principal, campaign: ledger_pb2.Campaign) -> ledger_pb2.Campaign:

@@ -7,6 +7,7 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import BinaryIO
 
 import font_roboto
 from civic.ledger.v1 import ledger_pb2
@@ -66,12 +67,15 @@ def _text(value: str) -> str:
 
 
 class CsvStatement:
-    """A statement's CSV, its lines added a page at a time: the header's figures are the whole
-    period's, and no message of every line is needed."""
+    """A statement's CSV, its lines written to `out` a page at a time as they are read: the
+    header's figures are the whole period's, and neither the lines nor the file are held."""
 
-    def __init__(self, statement: ledger_pb2.Statement) -> None:
+    def __init__(self, statement: ledger_pb2.Statement, out: BinaryIO) -> None:
         self.statement = statement
-        self.out = io.StringIO()
+        # newline="": the csv module ends its rows itself.
+        self.out = io.TextIOWrapper(out, encoding="utf-8", newline="")
+        # A byte-order mark, so spreadsheet programs read the Vietnamese letters as UTF-8.
+        self.out.write("\ufeff")
         self.writer = csv.writer(self.out)
         self.writer.writerow(["Quỹ", _text(statement.fund.name), "Đơn vị", statement.fund.unit_id])
         self.writer.writerow(["Kỳ", _period(statement)])
@@ -93,21 +97,23 @@ class CsvStatement:
                 ]
             )
 
-    def finish(self) -> bytes:
+    def finish(self) -> None:
         statement = self.statement
         self.writer.writerow(
             ["Tổng thu (đ)", statement.total_in, "Tổng chi (đ)", statement.total_out]
         )
         self.writer.writerow(["Tồn cuối kỳ (đ)", statement.closing_available])
-        # A byte-order mark, so spreadsheet programs read the Vietnamese letters as UTF-8.
-        return ("\ufeff" + self.out.getvalue()).encode()
+        self.out.flush()
+        self.out.detach()  # `out` stays open for its caller, to be uploaded
 
 
 def csv_bytes(statement: ledger_pb2.Statement) -> bytes:
     """The CSV of a statement whose lines are all in it."""
-    table = CsvStatement(statement)
+    out = io.BytesIO()
+    table = CsvStatement(statement, out)
     table.add(statement.lines)
-    return table.finish()
+    table.finish()
+    return out.getvalue()
 
 
 class _Measure(dict[str, float]):
@@ -258,8 +264,8 @@ class PdfStatement:
             )
             self._row(cells, self.plain)
 
-    def finish(self) -> bytes:
-        """The totals under the table, and the whole document."""
+    def finish(self, out: BinaryIO) -> None:
+        """The totals under the table, and the whole document written to `out`."""
         statement, pdf = self.statement, self.pdf
         pdf.ln(3)
         pdf.set_font(FONT, "B", 10)
@@ -268,4 +274,4 @@ class PdfStatement:
             f"Tồn cuối kỳ: {money(statement.closing_available)} đ",
         ):
             pdf.cell(0, 6, text, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-        return bytes(pdf.output())
+        out.write(pdf.output())

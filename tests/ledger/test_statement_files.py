@@ -49,7 +49,9 @@ def printed(statement: ledger_pb2.Statement) -> list[str]:
     """The text of each page of the statement's PDF."""
     pdf = statements.PdfStatement(statement)
     pdf.add(statement.lines)
-    return [page.extract_text() for page in pypdf.PdfReader(io.BytesIO(pdf.finish())).pages]
+    out = io.BytesIO()
+    pdf.finish(out)
+    return [page.extract_text() for page in pypdf.PdfReader(out).pages]
 
 
 def letters(text: str) -> str:
@@ -99,7 +101,9 @@ def test_a_printed_statement_embeds_its_font() -> None:
     have none of them."""
     pdf = statements.PdfStatement(statement_of(1))
     pdf.add(statement_of(1).lines)
-    page = pypdf.PdfReader(io.BytesIO(pdf.finish())).pages[0]
+    out = io.BytesIO()
+    pdf.finish(out)
+    page = pypdf.PdfReader(out).pages[0]
     fonts = entry(entry(page, "/Resources"), "/Font")
     embedded = set()
     for name in fonts:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
+import pypdf
 import pytest
 from civic.common.v1.types_pb2 import PageRequest
 from civic.ledger.v1 import ledger_pb2
@@ -270,6 +272,13 @@ async def test_every_page_of_a_long_statement_fits_a_grpc_message(
         line.transaction_id for line in exported.statement.lines
     ]
     assert rows[-2][:2] == ["Tổng thu (đ)", str(5 * 250)]
+    # The printed statement has every line of every page read, each memo whole.
+    pdf = await asyncio.to_thread(_http, "GET", exported.pdf_url)
+    printed = await asyncio.to_thread(
+        lambda: "".join(page.extract_text() for page in pypdf.PdfReader(io.BytesIO(pdf)).pages)
+    )
+    assert [row[-1] for row in body] == re.findall(r"tx-\w+", printed)
+    assert printed.count("ữ") == 250 * domain.MAX_TEXT
     # The export's token reads on from its first page, in the statement as exported.
     rest = statement_request(books, start, page=PageRequest(page_token=exported.next_page_token))
     later = await read_pages(books, rest)
