@@ -18,7 +18,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
-from services.common.paging import ClockedListing, page_size
+from services.common.paging import ClockedListing, UnitListing, page_size
 from services.common.wire import point_document, timestamp
 from services.registry import domain, events
 from services.registry.importer import STARTED_HEADER, Importer
@@ -818,7 +818,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_read_people(caller, unit_id)
-        as_of = domain.parse_date("as_of", request.as_of, required=False) or self.today()
+        as_of = domain.parse_date("as_of", request.as_of, required=False)
+        listing: UnitListing
+        if as_of is None and (request.min_age or request.max_age):
+            # Ages on the first page's day, so that nobody comes of age between two pages.
+            clocked = ClockedListing(request.page.page_token, self.clock())
+            listing, as_of = clocked, domain.local_date(clocked.now)
+        else:
+            listing = UnitListing(request.page.page_token)
+            as_of = as_of or self.today()  # no age asked for: the day is not read
         born_from, born_to = domain.birth_dates_for_ages(request.min_age, request.max_age, as_of)
         if request.sex and request.sex not in registry_pb2.Sex.values():
             raise InvalidArgument("sex", "is not a known value")
@@ -830,7 +838,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             born_from=born_from,
             born_to=born_to,
             sex=request.sex,
-            token=request.page.page_token,
+            listing=listing,
             size=page_size(request.page.page_size),
         )
         return registry_pb2.SearchPersonsResponse(

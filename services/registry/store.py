@@ -303,9 +303,11 @@ class RegistryStore:
         born_from: str | None,
         born_to: str | None,
         sex: int,
-        token: str,
+        listing: UnitListing,
         size: int,
     ) -> tuple[list[Document], str]:
+        """Residents of a unit's subtree matching the search, one page, as the register was at
+        the listing's first page."""
         query: Document = {"unit_id": in_unit(unit_id), "status": RESIDENT}
         if name_folded:
             # Each word of the query, in order, at a word start: "thi be" finds "nguyen thi be".
@@ -320,7 +322,7 @@ class RegistryStore:
             query["birth_date"] = birth
         if sex:
             query["sex"] = sex
-        return await unit_ordered_page(self.persons, query, UnitListing(token), size)
+        return await unit_ordered_page(self.persons, query, listing, size)
 
     # ---- counts and data quality ---------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import grpc
@@ -13,8 +13,10 @@ from pymongo import AsyncMongoClient
 
 from services.common.config import Settings
 from services.common.mongo import Document
+from services.registry.domain import local_date
 from services.registry.main import RegistryService
 from services.registry.store import RegistryStore
+from tests.conftest import Clock
 from tests.indexes import index_uses, used_since
 from tests.registry_fixtures import Caller, City, citizen_id, new_household, person, rid
 
@@ -269,6 +271,49 @@ async def test_search_pages(city: City) -> None:
         if not token:
             break
     assert len(seen) == len(set(seen)) == 5
+
+
+async def test_a_paged_search_by_age_is_the_search_as_of_its_first_page(
+    city: City, clock: Clock
+) -> None:
+    """Ages without an `as_of` are on "today": worked out again for every page, a birthday
+    between two pages brought someone in, or took someone out, of the later pages. Every page
+    now has the first page's day."""
+    today = local_date(clock())
+    turns = today + timedelta(days=1)
+    while turns.month == 2 and turns.day == 29:  # a birthday every year
+        turns += timedelta(days=1)
+    home = await new_household(city.leader, city.group)  # the head is in his fifties
+    household_id = home.household.household_id
+
+    def turning(age: int) -> str:
+        return turns.replace(year=turns.year - age).isoformat()
+
+    coming_of_age = await register(city, household_id, name="Đặng Văn Tới", born=turning(18))
+    leaving = await register(city, household_id, name="Hồ Thị Qua", born=turning(61))
+
+    async def search(token: str, size: int) -> tuple[list[str], str]:
+        page = await city.leader.SearchPersons(
+            registry_pb2.SearchPersonsRequest(
+                unit_id=city.group,
+                min_age=18,
+                max_age=60,
+                page=types_pb2.PageRequest(page_size=size, page_token=token),
+            )
+        )
+        return [p.person_id for p in page.persons], page.next_page_token
+
+    whole = [home.head.person_id, leaving.person_id]
+    assert (await search("", 1000))[0] == whole
+    listed, token = await search("", 1)
+    assert token
+    clock.advance(days=(turns - today).days)  # one comes of age, the other is past it
+    while token:
+        page, token = await search(token, 1)
+        listed += page
+    assert listed == whole
+    # A search begun now is on the new day.
+    assert (await search("", 1000))[0] == [home.head.person_id, coming_of_age.person_id]
 
 
 async def test_counts_per_unit(city: City) -> None:
