@@ -59,7 +59,8 @@ class UnitListing:
     first page did not.
 
     Tokens: `unit|id|seconds.increment`, and `|microseconds since 1970` where the clock is
-    carried. One given before pages were read at their first page's moment (`unit|id`), or
+    carried; no unit id or record id holds a `|` (unit codes are letters, digits and '-', record
+    ids generated). One given before pages were read at their first page's moment (`unit|id`), or
     before the clock was carried, goes on from the database, or the clock, as it is now, and
     the pages after it as that one."""
 

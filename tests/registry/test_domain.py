@@ -91,6 +91,14 @@ def test_unit_tree_rules() -> None:
         domain.child_unit_id("dn", "Hải Châu")
 
 
+def test_no_unit_id_holds_the_page_tokens_separator() -> None:
+    """A page token is `unit|id|…`: a unit id is the only caller-chosen part (its code; record
+    ids are generated, `hh-` or `p-` and an ObjectId), so a code with a `|` is refused."""
+    with pytest.raises(InvalidArgument) as refused:
+        domain.child_unit_id("dn", "hc|1")
+    assert refused.value.field == "code"
+
+
 def test_who_sees_citizen_ids() -> None:
     assert domain.may_see_citizen_id(Principal("w", Role.WARD_OFFICER, "dn.hc.hc1"), "hh-1")
     assert not domain.may_see_citizen_id(Principal("g", Role.GROUP_LEADER, "dn.hc.hc1.t17"), "hh-1")
