@@ -39,11 +39,13 @@ class Examined:
 
 
 @asynccontextmanager
-async def examined(db: AsyncDatabase[Document], *mentioning: str) -> AsyncIterator[Examined]:
+async def examined(
+    db: AsyncDatabase[Document], *mentioning: str, collection: str = ""
+) -> AsyncIterator[Examined]:
     """Profiles the database while inside; then sums, over its operations whose command
     mentions any of `mentioning` (an id the test made: the services' own background work, such
-    as the outbox relay, is left out), the index keys and documents examined and the bytes
-    answered."""
+    as the outbox relay, is left out), on `collection` if given, the index keys and documents
+    examined and the bytes answered."""
     await db.command("profile", 0)
     await db.drop_collection("system.profile")
     await db.command("profile", 2)
@@ -54,6 +56,8 @@ async def examined(db: AsyncDatabase[Document], *mentioning: str) -> AsyncIterat
         await db.command("profile", 0)
     async for entry in db["system.profile"].find():
         if not any(text in str(entry) for text in mentioning):
+            continue
+        if collection and entry.get("ns") != f"{db.name}.{collection}":
             continue
         found.keys += int(entry.get("keysExamined", 0))
         found.docs += int(entry.get("docsExamined", 0))

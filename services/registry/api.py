@@ -904,14 +904,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         # Who is suspected, and why, as of the first page: its register and its clock.
         listing = ClockedListing(request.page.page_token, self.clock())
         since = domain.inactive_since(listing.now, request.inactive_days)
-        suspect_households = await self.store.suspect_households(unit_id, since, listing)
         today = domain.local_date(listing.now).isoformat()
-        persons, token = await self.store.suspect_persons(
-            unit_id,
-            list(suspect_households),
-            today,
-            listing,
-            page_size(request.page.page_size),
+        persons, suspect_households, token = await self.store.suspects_page(
+            unit_id, since, today, listing, page_size(request.page.page_size)
         )
         messages = await self._read_persons("ListSuspectedVirtualResidents", persons)
         residents = []

@@ -24,6 +24,7 @@ from services.registry.domain import fold
 RESIDENT = 1  # PersonStatus.RESIDENT
 TEMPORARY = registry_pb2.RESIDENCE_KIND_TEMPORARY
 RESIDENTS = "_residents"  # where a read puts a household's residents
+SUSPECT_HOUSEHOLD = "_suspect_household"  # where a read puts a person's household, if suspect
 BOOK_NUMBER_INDEX = "household_book_number"
 OLD_BOOK_NUMBER_INDEX = "unit_id_1_external_ref_1"  # unique per current group, before merges
 MIGRATIONS = "migrations"  # one document for each change of stored data done
@@ -397,13 +398,18 @@ class RegistryStore:
         ]
         return await unit_ordered_page(self.households, query, listing, size, then=lived_in)
 
-    async def suspect_households(
-        self, unit_id: str, inactive_since: datetime, listing: UnitListing
-    ) -> dict[str, bool]:
-        """Households that are marked absent (True) or neither verified nor active lately, as
-        the register was at the listing's first page: the suspects of every page are of the
-        same households."""
-        query: Document = {
+    async def suspects_page(
+        self, unit_id: str, inactive_since: datetime, today: str, listing: UnitListing, size: int
+    ) -> tuple[list[Document], dict[str, bool], str]:
+        """Residents of a unit's subtree suspected of not living there, one page, as the register
+        was at the listing's first page (marked absent, on a stay that ended before `today`, or
+        in a suspect household), and the page's suspect households: marked absent (True), or
+        neither verified nor active since `inactive_since` (False).
+
+        Each person's household is looked up as the page reads them: the area's suspect
+        households, a district's tens of thousands, are neither all read nor all sent for every
+        page. (MongoDB reads ahead of the lookup a batch, up to 4 MB, of the people in order.)"""
+        suspect_household: Document = {
             "unit_id": in_unit(unit_id),
             "active": True,
             "$or": [
@@ -421,31 +427,37 @@ class RegistryStore:
                 },
             ],
         }
-        return {
-            doc["_id"]: bool(doc.get("marked_absent"))
-            for doc in await listing.aggregate(
-                self.households, [{"$match": query}, {"$project": {"marked_absent": 1}}]
-            )
+        suspected: list[Document] = [
+            {
+                "$lookup": {
+                    "from": self.households.name,
+                    "localField": "household_id",
+                    "foreignField": "_id",
+                    "pipeline": [
+                        {"$match": suspect_household},
+                        {"$project": {"marked_absent": 1}},
+                    ],
+                    "as": SUSPECT_HOUSEHOLD,
+                }
+            },
+            {
+                "$match": {
+                    "$or": [
+                        {"marked_absent": True},
+                        {SUSPECT_HOUSEHOLD: {"$ne": []}},
+                        {"stay_end": {"$lt": today, "$gt": ""}},
+                    ]
+                }
+            },
+        ]
+        query = {"unit_id": in_unit(unit_id), "status": RESIDENT}
+        persons, token = await unit_ordered_page(self.persons, query, listing, size, then=suspected)
+        households = {
+            household["_id"]: bool(household.get("marked_absent"))
+            for person in persons
+            for household in person.pop(SUSPECT_HOUSEHOLD)
         }
-
-    async def suspect_persons(
-        self,
-        unit_id: str,
-        household_ids: list[str],
-        today: str,
-        listing: UnitListing,
-        size: int,
-    ) -> tuple[list[Document], str]:
-        query: Document = {
-            "unit_id": in_unit(unit_id),
-            "status": RESIDENT,
-            "$or": [
-                {"marked_absent": True},
-                {"household_id": {"$in": household_ids}},
-                {"stay_end": {"$lt": today, "$gt": ""}},
-            ],
-        }
-        return await unit_ordered_page(self.persons, query, listing, size)
+        return persons, households, token
 
     async def likely_duplicates(self, unit_id: str) -> list[list[Document]]:
         groups = await self.persons.aggregate(

@@ -13,7 +13,7 @@ from services.common.auth import Role
 from services.registry.domain import local_date
 from services.registry.main import RegistryService
 from tests.conftest import Clock, token
-from tests.indexes import index_uses, used_since
+from tests.indexes import examined, index_uses, used_since
 from tests.kafka_reader import eventually
 from tests.registry_fixtures import Caller, City, new_household, person, rid
 
@@ -387,6 +387,26 @@ async def test_a_suspects_page_token_from_before_the_clock_was_pinned_still_read
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (bad.value.details() or "").startswith("page.page_token: ")
+
+
+async def test_a_page_of_suspects_reads_no_more_of_the_area_than_the_page_needs(
+    city: City, registry: RegistryService, clock: Clock
+) -> None:
+    """Every page read all the area's suspect households and asked for their people in one
+    `$in` of their ids: a district's tens of thousands, for a page of a hundred. A page now
+    reads its people in order and, as it goes, each one's household."""
+    homes = [await new_household(city.leader, city.group) for _ in range(40)]
+    clock.advance(days=400)  # every household a suspect
+    db = registry.store.db
+    async with examined(db, city.group, collection="households") as households_read:
+        listed, token = await suspects_from(city.leader, city.group, "", 2)
+    async with examined(
+        db, *(h.household.household_id for h in homes), collection="persons"
+    ) as named:
+        listed += (await suspects_from(city.leader, city.group, token, 2))[0]
+    assert [p for p, _ in listed] == [h.head.person_id for h in homes[:4]]
+    assert households_read.docs == 0  # each person's household is read with them
+    assert named.operations == 0
 
 
 async def overdue_from(
