@@ -482,7 +482,10 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         unit_id = _asked_unit(request.unit_id) or caller.scope
         caller.require_unit(unit_id)
         size = page_size(request.page.page_size)
-        items, token = await self.store.in_unit(unit_id, request.page.page_token, size)
+        # The notices of groups merged into the unit too: their households are its residents
+        # now, and the caller sees each of those notices (read only) as `GetNotice` does.
+        merged_in = await self.store.merged_in(unit_id)
+        items, token = await self.store.in_unit(unit_id, request.page.page_token, size, merged_in)
         return notices_pb2.ListNoticesResponse(
             notices=[self._notice(n) for n in items], next_page_token=token
         )

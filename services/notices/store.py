@@ -154,10 +154,12 @@ class NoticeStore:
         assert updated is not None
         return updated
 
-    async def in_unit(self, unit_id: str, token: str, size: int) -> tuple[list[Document], str]:
-        """Notices targeted at the unit or below it, newest first (the token is the last one's
-        id)."""
-        query: Document = {"unit_id": in_unit(unit_id)}
+    async def in_unit(
+        self, unit_id: str, token: str, size: int, merged_in: list[str]
+    ) -> tuple[list[Document], str]:
+        """Notices targeted at the unit or below it, or at one of the groups `merged_in` to it,
+        newest first (the token is the last one's id)."""
+        query: Document = {"unit_id": in_any_unit([unit_id, *merged_in])}
         if token:
             if not NOTICE_ID.fullmatch(token):
                 raise InvalidArgument("page.page_token", "is not a token this service issued")
@@ -218,15 +220,53 @@ class NoticeStore:
     async def merged_away(self, unit_id: str, session: Session | None = None) -> MergedAway:
         """The groups of the unit merged, in turn, into groups outside it (few: merges are
         rare), and where their households are now."""
-        merged = {
+        merged = await self._merges_on(
+            {
+                u["_id"]: u["merged_into_id"]
+                async for u in self.view.units.find(
+                    {"_id": in_unit(unit_id), "merged_into_id": {"$gt": ""}},
+                    {"merged_into_id": 1},
+                    session=session,
+                )
+            },
+            session,
+        )
+        groups, into = [], set()
+        for source in merged:
+            if not unit_within(source, unit_id):
+                continue
+            target = _now_in(merged, source)
+            if not unit_within(target, unit_id):
+                groups.append(source)
+                into.add(target)
+        return MergedAway(tuple(sorted(groups)), tuple(sorted(into)))
+
+    async def merged_in(self, unit_id: str) -> list[str]:
+        """The groups outside the unit merged, in turn, into groups of it: their households are
+        its residents now."""
+        merged: dict[str, str] = {}
+        # Back from the unit's groups, through every group merged into one of them...
+        query: Document = {"merged_into_id": in_unit(unit_id)}
+        while found := {
             u["_id"]: u["merged_into_id"]
-            async for u in self.view.units.find(
-                {"_id": in_unit(unit_id), "merged_into_id": {"$gt": ""}},
-                {"merged_into_id": 1},
-                session=session,
-            )
-        }
-        # Follow the merges out of the unit: a target may have been merged away in its turn.
+            async for u in self.view.units.find(query, {"merged_into_id": 1})
+            if u["_id"] not in merged
+        }:
+            merged |= found
+            query = {"merged_into_id": {"$in": sorted(found)}}
+        # ...and on from where they went, which may itself have been merged away since.
+        merged = await self._merges_on(merged)
+        return sorted(
+            source
+            for source in merged
+            if not unit_within(source, unit_id) and unit_within(_now_in(merged, source), unit_id)
+        )
+
+    async def _merges_on(
+        self, merged: dict[str, str], session: Session | None = None
+    ) -> dict[str, str]:
+        """`merged` (a group: the group it was merged into) with the merges of the groups it
+        names, in turn, to the groups that were not merged away."""
         targets = set(merged.values()) - merged.keys()
         while targets:
             further = {
@@ -237,20 +277,9 @@ class NoticeStore:
                     session=session,
                 )
             }
-            merged |= further
+            merged = merged | further
             targets = set(further.values()) - merged.keys()
-        groups, into = [], set()
-        for source in merged:
-            if not unit_within(source, unit_id):
-                continue
-            target, seen = merged[source], {source}
-            while target in merged and target not in seen:
-                seen.add(target)
-                target = merged[target]
-            if not unit_within(target, unit_id):
-                groups.append(source)
-                into.add(target)
-        return MergedAway(tuple(sorted(groups)), tuple(sorted(into)))
+        return merged
 
     async def households_after(
         self,
@@ -461,6 +490,16 @@ class NoticeStore:
                 ],
                 session=session,
             )
+
+
+def _now_in(merged: dict[str, str], group: str) -> str:
+    """The group a group merged away is in now, following `merged` (a group: the group it was
+    merged into) in turn."""
+    target, seen = merged[group], {group}
+    while target in merged and target not in seen:
+        seen.add(target)
+        target = merged[target]
+    return target
 
 
 def _in_area(unit_ids: list[str] | None) -> Document:

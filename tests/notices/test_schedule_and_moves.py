@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import grpc
+from civic.common.v1 import types_pb2
 from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import events_pb2 as registry_events
 from civic.registry.v1 import registry_pb2
@@ -272,6 +273,44 @@ async def test_the_group_merged_into_sees_the_merged_groups_notice_and_its_reach
     await refused(
         grpc.StatusCode.NOT_FOUND,
         stranger.GetNotice(notices_pb2.GetNoticeRequest(notice_id=notice.notice_id)),
+    )
+
+
+async def test_the_group_merged_into_lists_the_merged_groups_notices(town: Town) -> None:
+    """The surviving group's listing holds the notices to the group merged into it, live and
+    past, among its own: newest first, page by page, each once; still read-only for its
+    leader."""
+    city = town.city
+    retracted = await town.publish(town.leader, unit_id=city.group)
+    await town.leader.RetractNotice(
+        notices_pb2.RetractNoticeRequest(
+            request_id=rid(), notice_id=retracted.notice_id, reason="nhầm ngày"
+        )
+    )
+    own = await town.publish(town.other_leader, unit_id=city.other_group)
+    live = await town.publish(town.leader, unit_id=city.group)
+    await merge_group_away(town)
+    since = await town.publish(town.other_leader, unit_id=city.other_group)
+
+    listed: list[str] = []
+    token = ""
+    while True:
+        page = await town.other_leader.ListNotices(
+            notices_pb2.ListNoticesRequest(
+                page=types_pb2.PageRequest(page_size=1, page_token=token)
+            )
+        )
+        listed += [n.notice_id for n in page.notices]
+        if not (token := page.next_page_token):
+            break
+    assert listed == [n.notice_id for n in (since, live, own, retracted)]
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        town.other_leader.RetractNotice(
+            notices_pb2.RetractNoticeRequest(
+                request_id=rid(), notice_id=live.notice_id, reason="không phải của tổ"
+            )
+        ),
     )
 
 
