@@ -114,10 +114,7 @@ class RegistryView:
                     ),
                 ]
                 if self.people:
-                    changes += [
-                        _household(h, _merged(m.source_unit_id, m.target_unit_id))
-                        for h in m.household_ids
-                    ]
+                    changes += [_household(h, _merged(m.source_unit_id)) for h in m.household_ids]
                 return changes
             case events_pb2.HouseholdCreated() | events_pb2.HouseholdUpdated():
                 fields: Document = {"unit_id": m.unit_id}
@@ -133,8 +130,7 @@ class RegistryView:
                 # The merge itself, from the household's own partition: whichever of this and
                 # GroupsMerged comes first, the household never looks as if it moved house.
                 if self.people:
-                    merged = _merged(m.from_unit_id, m.to_unit_id)
-                    moved = merged | {"$set": moved["$set"] | merged["$set"]}
+                    moved |= _merged(m.from_unit_id)
                 return [
                     _retired(m.from_unit_id, m.to_unit_id),
                     _household(m.household_id, moved),
@@ -174,15 +170,12 @@ def _retired(source_unit_id: str, target_unit_id: str) -> Change:
     return ("units", UpdateOne({"_id": source_unit_id}, {"$set": retired}, upsert=True))
 
 
-def _merged(source_unit_id: str, target_unit_id: str) -> Document:
-    """A merged household's marks: the groups merged away it was in, and the group it was
-    merged into. They hold while it is still there (it has not moved house since, whichever of
-    the merge's events and its own later ones come first): what was addressed to such a group
-    still finds it."""
-    return {
-        "$addToSet": {"merged_from": source_unit_id},
-        "$set": {"merged_into": target_unit_id},
-    }
+def _merged(source_unit_id: str) -> Document:
+    """A merged household's mark: it was in the group merged away. Only that, which every
+    merge's events add to in any order; whether it is still among the group's households
+    (not moved house since) the reader judges from where it is now and where the group's
+    merges went (the units' `merged_into_id`), not from which merge's event came last."""
+    return {"$addToSet": {"merged_from": source_unit_id}}
 
 
 def _person(person_id: str, fields: Document) -> Change:

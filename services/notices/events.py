@@ -19,7 +19,7 @@ from services.common.outbox import Outbox
 from services.common.registry_view import households_touched
 from services.notices import domain
 from services.notices.records import audience_of, delivery_document, next_resend
-from services.notices.store import NoticeStore
+from services.notices.store import NoticeStore, still_merged
 
 TOPIC = "civic.notices.v1"
 REGISTRY_TOPIC = "civic.registry.v1"
@@ -110,11 +110,11 @@ class Reconciler:
                     "residents": 1,
                     "residence_kind": 1,
                     "merged_from": 1,
-                    "merged_into": 1,
                 },
                 session=session,
             ).to_list()
         }
+        came_from = {g for h in households.values() for g in h.get("merged_from", ())}
         current = await store.deliveries.find(
             {
                 "household_id": {"$in": household_ids},
@@ -133,12 +133,14 @@ class Reconciler:
             session=session,
         ).to_list()
         places = {h["unit_id"] for h in households.values() if h.get("unit_id")}
-        places |= {g for h in households.values() for g in h.get("merged_from", ())}
+        places |= came_from
         places |= {d["unit_id"] for d in current}
         if not current and not any(
             scope in live_units for unit in places for scope in domain.ancestors(unit)
         ):
             return {}
+        # Where the groups merged away went, to tell whose households the marked ones still are.
+        chains = await store.merge_chains(came_from, session) if came_from else {}
         # The notices of the records too: one to a group merged away is not over the group
         # its households are in now.
         live = await store.live_over(places, now, session, {d["notice_id"] for d in current})
@@ -154,7 +156,7 @@ class Reconciler:
                 fits = (
                     bool(unit_id)
                     and household.get("residents", 0) > 0
-                    and _reached(notice, household)
+                    and _reached(notice, household, chains)
                     and _kind_fits(notice, household)
                 )
                 record = held.get((notice["_id"], household_id))
@@ -238,15 +240,12 @@ def _ahead(notice: Document, unit_id: str, household_id: str) -> bool:
     )
 
 
-def _reached(notice: Document, household: Document) -> bool:
-    """Whether the household is where the notice reaches: in its unit, or having been in a group
-    of it merged away and still where it was merged into (as `MergedAway.households` finds
-    it)."""
-    unit_id = household["unit_id"]
-    merged_from = (
-        household.get("merged_from", ()) if household.get("merged_into") == unit_id else ()
-    )
-    return any(unit_within(unit, notice["unit_id"]) for unit in (unit_id, *merged_from))
+def _reached(notice: Document, household: Document, chains: dict[str, tuple[str, ...]]) -> bool:
+    """Whether the household is where the notice reaches: in its unit, or still among the
+    households of a group of it merged away (`still_merged`, as `MergedAway.households` finds
+    them)."""
+    places = (household["unit_id"], *still_merged(household, chains))
+    return any(unit_within(unit, notice["unit_id"]) for unit in places)
 
 
 def _kind_fits(notice: Document, household: Document) -> bool:

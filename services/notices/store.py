@@ -4,6 +4,7 @@ view of the registry, in MongoDB."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -38,27 +39,50 @@ def new_notice_id() -> str:
 
 @dataclass(frozen=True)
 class MergedAway:
-    """Groups of a notice's unit that were merged into groups outside it, and the groups their
-    households are in now (`into`)."""
+    """Groups of a notice's unit that were merged into groups outside it: for each, its merge
+    chain (`merge_chain`), ending in the group its households are in now."""
 
-    groups: tuple[str, ...] = ()
-    into: tuple[str, ...] = ()
+    chains: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def into(self) -> tuple[str, ...]:
+        """The groups their households are in now."""
+        return tuple(sorted({chain[-1] for chain in self.chains}))
 
     def households(self, unit_id: str) -> Document:
         """The households a notice to `unit_id` reaches: those in it, and those that were in
         one of its groups merged away, where they are now."""
         inside = {"unit_id": in_unit(unit_id)}
-        if not self.groups:
+        if not self.chains:
             return inside
-        return {"$or": [inside, {"unit_id": {"$in": list(self.into)}} | self.came()]}
+        return {"$or": [inside, *self.came()["$or"]]}
 
     def came(self) -> Document:
-        """Households that were in one of the groups and are still in the group they were
-        merged into: not moved house since (`RegistryView`)."""
+        """Households that were in one of the groups and are still where its households went:
+        in a group of its chain (`still_merged`)."""
         return {
-            "merged_from": {"$in": list(self.groups)},
-            "$expr": {"$eq": ["$unit_id", "$merged_into"]},
+            "$or": [
+                {"merged_from": chain[0], "unit_id": {"$in": list(chain)}} for chain in self.chains
+            ]
         }
+
+
+def merge_chain(merged: dict[str, str], group: str) -> tuple[str, ...]:
+    """The group, then the groups it was merged into in turn (`merged`: a group, the group it
+    was merged into), the last the one its households are in now."""
+    chain = [group]
+    while (target := merged.get(chain[-1])) is not None and target not in chain:
+        chain.append(target)
+    return tuple(chain)
+
+
+def still_merged(household: Document, chains: dict[str, tuple[str, ...]]) -> list[str]:
+    """The groups merged away the household was in (`merged_from`) whose households it is
+    still among: it is in a group of the group's merge chain (`chains`), not moved house out
+    of it since. Judged by where the household is, not by which merge's event came last, so
+    merges applied in any order (a later one's GroupsMerged before an earlier one's) agree."""
+    unit_id = household.get("unit_id")
+    return [g for g in household.get("merged_from", ()) if unit_id in chains.get(g, (g,))]
 
 
 class NoticeStore:
@@ -231,15 +255,14 @@ class NoticeStore:
             },
             session,
         )
-        groups, into = [], set()
-        for source in merged:
-            if not unit_within(source, unit_id):
-                continue
-            target = _now_in(merged, source)
-            if not unit_within(target, unit_id):
-                groups.append(source)
-                into.add(target)
-        return MergedAway(tuple(sorted(groups)), tuple(sorted(into)))
+        chains = [merge_chain(merged, source) for source in sorted(merged)]
+        return MergedAway(
+            tuple(
+                chain
+                for chain in chains
+                if unit_within(chain[0], unit_id) and not unit_within(chain[-1], unit_id)
+            )
+        )
 
     async def merged_in(self, unit_id: str) -> list[str]:
         """The groups outside the unit merged, in turn, into groups of it: their households are
@@ -259,15 +282,23 @@ class NoticeStore:
         return sorted(
             source
             for source in merged
-            if not unit_within(source, unit_id) and unit_within(_now_in(merged, source), unit_id)
+            if not unit_within(source, unit_id)
+            and unit_within(merge_chain(merged, source)[-1], unit_id)
         )
 
+    async def merge_chains(
+        self, groups: set[str], session: Session | None = None
+    ) -> dict[str, tuple[str, ...]]:
+        """Each group's merge chain (`merge_chain`): just the group if it was not merged."""
+        merged = await self._merges_on({}, session, groups)
+        return {group: merge_chain(merged, group) for group in groups}
+
     async def _merges_on(
-        self, merged: dict[str, str], session: Session | None = None
+        self, merged: dict[str, str], session: Session | None = None, groups: Iterable[str] = ()
     ) -> dict[str, str]:
         """`merged` (a group: the group it was merged into) with the merges of the groups it
-        names, in turn, to the groups that were not merged away."""
-        targets = set(merged.values()) - merged.keys()
+        names, and of `groups`, in turn, to the groups that were not merged away."""
+        targets = (set(merged.values()) | set(groups)) - merged.keys()
         while targets:
             further = {
                 u["_id"]: u["merged_into_id"]
@@ -490,16 +521,6 @@ class NoticeStore:
                 ],
                 session=session,
             )
-
-
-def _now_in(merged: dict[str, str], group: str) -> str:
-    """The group a group merged away is in now, following `merged` (a group: the group it was
-    merged into) in turn."""
-    target, seen = merged[group], {group}
-    while target in merged and target not in seen:
-        seen.add(target)
-        target = merged[target]
-    return target
 
 
 def _in_area(unit_ids: list[str] | None) -> Document:

@@ -221,6 +221,59 @@ async def test_a_merged_households_move_seen_before_the_merge_withdraws_nothing(
         assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]
 
 
+async def test_chained_merges_seen_out_of_order_withdraw_nothing(town: Town) -> None:
+    """The group merges into the other one, which later merges into a third. The second
+    merge's events (GroupsMerged keyed by its group, on another partition than the first's) may
+    be applied before the first's: the households keep the first group's notice all along, in
+    the group they are in now. One that then moves house stops seeing it, and a merge's event
+    redelivered late does not bring it back."""
+    city = town.city
+    first, second, third = city.group, city.other_group, f"{city.ward}.chain-c"
+    elsewhere = f"{city.ward}.chain-d"
+    notice = await town.publish(town.leader, unit_id=first)
+    await town.delivered(notice.notice_id)
+    leaving = list(town.households[first])
+
+    def moves(source: str, target: str) -> list[Message]:
+        return [
+            registry_events.HouseholdMoved(
+                household_id=household, from_unit_id=source, to_unit_id=target, by_merge=True
+            )
+            for household in leaving
+        ]
+
+    into_second = registry_events.GroupsMerged(
+        source_unit_id=first, target_unit_id=second, household_ids=leaving
+    )
+    into_third = registry_events.GroupsMerged(
+        source_unit_id=second,
+        target_unit_id=third,
+        household_ids=leaving + list(town.households[second]),
+    )
+    for fetch in (moves(first, second), [into_third], moves(second, third), [into_second]):
+        await reconciled(town, fetch)
+        assert await town.events(notice.notice_id, events_pb2.NoticeWithdrawn) == []
+    await reconciled(town, [into_second, into_third])  # redelivered: changes nothing
+
+    assert await town.events(notice.notice_id, events_pb2.NoticeWithdrawn) == []
+    delivered = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+    assert [e.household_ids for e in delivered if e.late] == []
+    reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert {g.unit_id: g.delivered for g in reach.groups if g.delivered} == {third: len(leaving)}
+    for household in leaving:
+        assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]
+
+    mover = leaving[0]
+    move_house = registry_events.HouseholdMoved(
+        household_id=mover, from_unit_id=third, to_unit_id=elsewhere
+    )
+    await reconciled(town, [move_house])
+    await reconciled(town, [into_third, into_second])  # late again, after the move
+    withdrawn = await town.events(notice.notice_id, events_pb2.NoticeWithdrawn)
+    assert [e.household_id for e in withdrawn] == [mover]
+    assert await town.inbox(mover) == []
+
+
 async def test_the_group_merged_into_sees_the_merged_groups_notice_and_its_reach(
     town: Town,
 ) -> None:
