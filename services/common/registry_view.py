@@ -49,6 +49,8 @@ class RegistryView:
             await self.persons.create_indexes(
                 [IndexModel([("household_id", ASCENDING), ("status", ASCENDING)])]
             )
+            # Where groups were merged into: a notice's unit is followed through its merges.
+            await self.units.create_index([("merged_into_id", ASCENDING)])
 
     async def unit(self, unit_id: str, session: Session | None = None) -> Document | None:
         return await self.units.find_one({"_id": unit_id}, session=session)
