@@ -14,8 +14,7 @@ from services.ledger.main import LedgerService
 from tests.conftest import Clock
 from tests.indexes import examined
 from tests.ledger.conftest import Books
-from tests.ledger.test_limits_and_reads import entry
-from tests.ledger.test_statements_at_scale import history, nonzero
+from tests.ledger.test_statements_at_scale import cash_in, history, nonzero
 
 DUE = 50_000
 
@@ -187,8 +186,7 @@ async def test_balances_at_a_recent_moment_do_not_read_the_older_transactions(
     books: Books, ledger_service: LedgerService, clock: Clock
 ) -> None:
     older = 300
-    batch = [entry(books.fund_id, ("cash", 1_000), ("equity/x", -1_000)) for _ in range(older)]
-    await books.treasurer.PostTransactions(ledger_pb2.PostTransactionsRequest(transactions=batch))
+    await cash_in(books, older)
     clock.advance(days=30)
     spent = [await books.post(("expense/y", 500), ("cash", -500)) for _ in range(3)]
     clock.advance(minutes=1)

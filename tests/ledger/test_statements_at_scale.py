@@ -120,12 +120,17 @@ async def test_a_statements_balances_are_the_sums_before_and_through_its_period(
     assert statement.closing_available == through["cash"] + through.get("bank", 0)
 
 
+async def cash_in(books: Books, count: int) -> None:
+    """`count` transactions of 1,000 into cash, in one call."""
+    batch = [entry(books.fund_id, ("cash", 1_000), ("equity/x", -1_000)) for _ in range(count)]
+    await books.treasurer.PostTransactions(ledger_pb2.PostTransactionsRequest(transactions=batch))
+
+
 async def test_a_recent_periods_statement_does_not_read_the_older_transactions(
     books: Books, ledger_service: LedgerService, clock: Clock
 ) -> None:
     older = 300
-    batch = [entry(books.fund_id, ("cash", 1_000), ("equity/x", -1_000)) for _ in range(older)]
-    await books.treasurer.PostTransactions(ledger_pb2.PostTransactionsRequest(transactions=batch))
+    await cash_in(books, older)
     clock.advance(days=30)
     start = clock()
     for _ in range(3):
