@@ -363,17 +363,6 @@ class LedgerStore:
         if updates:
             await self.balances.bulk_write(updates, ordered=False, session=session)
 
-    async def balances_of(
-        self, fund_id: str, prefix: str = "", session: Session | None = None
-    ) -> dict[str, int]:
-        query: Document = {"fund_id": fund_id}
-        if prefix:
-            query["account"] = {"$regex": f"^{prefix}"}
-        return {
-            doc["account"]: doc["balance"]
-            async for doc in self.balances.find(query, session=session)
-        }
-
     def snapshot(self) -> Session:
         """A session whose reads all see the books as they stood at its first read: a report
         read in several queries adds up even while postings commit."""
