@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from bson.timestamp import Timestamp
@@ -21,6 +21,7 @@ from services.common.mongo import (
     SNAPSHOT_UNAVAILABLE,
     Snapshot,
 )
+from services.common.wire import EPOCH, MICROSECOND
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -45,8 +46,6 @@ def next_token(items: list[dict[str, Any]], size: int) -> str:
 
 UNIT_ORDER = [("unit_id", ASCENDING), ("_id", ASCENDING)]
 NOT_OURS = "is not a token this listing gave"
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MICROSECOND = timedelta(microseconds=1)
 
 
 class UnitListing:

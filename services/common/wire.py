@@ -18,6 +18,9 @@ VIETNAM = timezone(timedelta(hours=7))
 # A moment in a request lies in these years: past them it means nothing here, and near the
 # calendar's ends adding a day to it would overflow.
 YEARS = range(1900, 3000)
+# Page tokens carry a moment as whole microseconds since this one.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 
 
 def local_date(moment: datetime) -> date:

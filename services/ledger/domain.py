@@ -12,7 +12,7 @@ import hashlib
 import re
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from enum import IntEnum
 from typing import Any
 
@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from services.common.auth import OFFICIALS, Principal, Role, unit_within
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.common.wire import YEARS
+from services.common.wire import EPOCH, MICROSECOND, YEARS
 
 # A quadrillion đồng: far above any neighbourhood fund.
 MAX_AMOUNT = 10**15
@@ -280,10 +280,6 @@ def statement_total(direction: str, total: int) -> int:
             f"{MAX_BALANCE:,} a statement totals; ask for a shorter period"
         )
     return total
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
