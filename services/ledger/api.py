@@ -140,15 +140,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    async def _fund(self, fund_id: str, field_name: str = "fund_id") -> Document:
+    async def _fund(
+        self, fund_id: str, field_name: str = "fund_id", session: Session | None = None
+    ) -> Document:
         _required(field_name, fund_id)
-        fund = await self.store.fund(fund_id)
+        fund = await self.store.fund(fund_id, session)
         if fund is None:
             raise NotFound(f"fund {fund_id} not found")
         return fund
 
-    async def _readable(self, fund_id: str) -> Document:
-        fund = await self._fund(fund_id)
+    async def _readable(self, fund_id: str, session: Session | None = None) -> Document:
+        """The fund, once the caller may read it; read in `session` if given (a snapshot, whose
+        other reads then see the fund's chain as this read does)."""
+        fund = await self._fund(fund_id, session=session)
         domain.may_read_fund(principal(), fund["unit_id"])
         return fund
 
@@ -715,17 +719,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetCampaignStatus(
         self, request: ledger_pb2.GetCampaignStatusRequest, context: Context
     ) -> ledger_pb2.GetCampaignStatusResponse:
-        fund = await self._readable(request.fund_id)
-        _required("campaign_id", request.campaign_id)
-        paged = request.HasField("page")
-        size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_HOUSEHOLDS
-        through, after = 0, ""
-        if request.page.page_token:
-            through, after = domain.pinned_position(request.page.page_token, "this status")
         # The chain's head, what is owed and what was paid, read at one moment: they add up
         # to the dues. Later pages read as of the head the first one read.
         async with self.store.snapshot() as session:
-            fund = await self.store.fund(fund["_id"], session) or fund
+            fund = await self._readable(request.fund_id, session)
+            _required("campaign_id", request.campaign_id)
+            paged = request.HasField("page")
+            size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_HOUSEHOLDS
+            through, after = 0, ""
+            if request.page.page_token:
+                through, after = domain.pinned_position(request.page.page_token, "this status")
             if through > fund["sequence"]:
                 raise InvalidArgument("page.page_token", "is not a token this status gave")
             through = through or fund["sequence"]
@@ -853,25 +856,24 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetBalances(
         self, request: ledger_pb2.GetBalancesRequest, context: Context
     ) -> ledger_pb2.GetBalancesResponse:
-        fund = await self._readable(request.fund_id)
-        if request.as_of_sequence < 0:
-            raise InvalidArgument("as_of_sequence", "must not be negative")
-        if request.as_of_sequence and request.HasField("as_of"):
-            raise InvalidArgument("as_of_sequence", "give either as_of or as_of_sequence")
-        paged = request.HasField("page")
-        size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_BALANCES
-        prefix = request.account_prefix
-        if len(prefix) > domain.MAX_ACCOUNT:
-            raise InvalidArgument(
-                "account_prefix", f"is longer than {domain.MAX_ACCOUNT} characters"
-            )
-        through, after = 0, ""
-        if request.page.page_token:
-            through, after = domain.balances_position(request.page.page_token, prefix)
         # The chain's head and the balances read at one moment: a posting committed meanwhile
         # is in all of them or in none.
         async with self.store.snapshot() as session:
-            fund = await self.store.fund(fund["_id"], session) or fund
+            fund = await self._readable(request.fund_id, session)
+            if request.as_of_sequence < 0:
+                raise InvalidArgument("as_of_sequence", "must not be negative")
+            if request.as_of_sequence and request.HasField("as_of"):
+                raise InvalidArgument("as_of_sequence", "give either as_of or as_of_sequence")
+            paged = request.HasField("page")
+            size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_BALANCES
+            prefix = request.account_prefix
+            if len(prefix) > domain.MAX_ACCOUNT:
+                raise InvalidArgument(
+                    "account_prefix", f"is longer than {domain.MAX_ACCOUNT} characters"
+                )
+            through, after = 0, ""
+            if request.page.page_token:
+                through, after = domain.balances_position(request.page.page_token, prefix)
             head = fund["sequence"]
             if request.page.page_token:
                 if through > head:
@@ -914,12 +916,17 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self,
         fund: Document,
         request: ledger_pb2.GetStatementRequest | ledger_pb2.ExportStatementRequest,
+        session: Session,
         token: str = "",
     ) -> tuple[ledger_pb2.Statement, domain.StatementPeriod, int]:
         """The statement's header (its lines left to `_lines`), its period pinned, and the
         transaction after which the page's lines begin: for a first page the period ends at
         `to` (now, this moment's transactions included, if not given) and is read through the
-        chain's head; a later page's token pins both as its first page had them."""
+        chain's head; a later page's token pins both as its first page had them.
+
+        `session`: the snapshot the fund was read in. The chain's head, its balances and the
+        period's totals are read at one moment: a posting committed meanwhile is in all of
+        them or in none."""
         start = moment("from", getattr(request, "from")) if request.HasField("from") else None
         after, through = 0, None
         if token:
@@ -932,17 +939,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if not request.HasField("to") and not token:  # `to` is now: `from` is wrong
                 raise InvalidArgument("from", "must not be in the future")
             raise InvalidArgument("to", "must be after from")
-        # The chain's head, its balances and the period's totals read at one moment: a
-        # posting committed meanwhile is in all of them or in none.
-        async with self.store.snapshot() as session:
-            fund = await self.store.fund(fund["_id"], session) or fund
-            if through is not None and through > fund["sequence"]:
-                raise InvalidArgument("page.page_token", "is not a token this statement gave")
-            period = domain.StatementPeriod(
-                start, end, fund["sequence"] if through is None else through
-            )
-            opening, closing = await self.store.statement_balances(fund["_id"], period, session)
-            totals = await self.store.statement_totals(fund["_id"], period, session)
+        if through is not None and through > fund["sequence"]:
+            raise InvalidArgument("page.page_token", "is not a token this statement gave")
+        period = domain.StatementPeriod(
+            start, end, fund["sequence"] if through is None else through
+        )
+        opening, closing = await self.store.statement_balances(fund["_id"], period, session)
+        totals = await self.store.statement_totals(fund["_id"], period, session)
         period = replace(period, first=totals.first)
         if period.through < fund["sequence"]:  # the fund as the statement reads it
             fund = fund | {
@@ -1005,10 +1008,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def GetStatement(
         self, request: ledger_pb2.GetStatementRequest, context: Context
     ) -> ledger_pb2.GetStatementResponse:
-        fund = await self._readable(request.fund_id)
-        paged = request.HasField("page")
-        size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_LINES
-        statement, period, after = await self._statement(fund, request, request.page.page_token)
+        async with self.store.snapshot() as session:
+            fund = await self._readable(request.fund_id, session)
+            paged = request.HasField("page")
+            size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_LINES
+            statement, period, after = await self._statement(
+                fund, request, session, request.page.page_token
+            )
         lines, more = await self._lines(fund["_id"], period, after, size)
         if more and not paged:
             # Not a silent first page: a caller that does not page would take it for the whole.
@@ -1024,8 +1030,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     async def ExportStatement(
         self, request: ledger_pb2.ExportStatementRequest, context: Context
     ) -> ledger_pb2.ExportStatementResponse:
-        fund = await self._readable(request.fund_id)
-        statement, period, after = await self._statement(fund, request)
+        async with self.store.snapshot() as session:
+            fund = await self._readable(request.fund_id, session)
+            statement, period, after = await self._statement(fund, request, session)
         # The answer is GetStatement's first page; the files take the whole period, read a
         # page at a time after it, each page written to both files as it comes, off the event
         # loop. Neither file is kept in memory: they are uploaded from temporary files.
