@@ -53,18 +53,17 @@ class MergedAway:
         """The households a notice to `unit_id` reaches: those in it, and those that were in
         one of its groups merged away, where they are now."""
         inside = {"unit_id": in_unit(unit_id)}
-        if not self.chains:
-            return inside
-        return {"$or": [inside, *self.came()["$or"]]}
+        return {"$or": [inside, *self._came()]} if self.chains else inside
 
     def came(self) -> Document:
         """Households that were in one of the groups and are still where its households went:
-        in a group of its chain (`still_merged`)."""
-        return {
-            "$or": [
-                {"merged_from": chain[0], "unit_id": {"$in": list(chain)}} for chain in self.chains
-            ]
-        }
+        in a group of its chain (`still_merged`). None when there are no groups (a group the
+        delivery got to may since have been merged back into the notice's unit), which MongoDB
+        will not take as an empty `$or`."""
+        return {"$or": self._came()} if self.chains else {"_id": {"$in": []}}
+
+    def _came(self) -> list[Document]:
+        return [{"merged_from": chain[0], "unit_id": {"$in": list(chain)}} for chain in self.chains]
 
 
 def merge_chain(merged: dict[str, str], group: str) -> tuple[str, ...]:

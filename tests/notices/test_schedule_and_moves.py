@@ -391,3 +391,61 @@ async def test_reach_over_a_group_merged_away_counts_its_households_where_they_a
         notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id, unit_id=city.group)
     )
     assert len(unopened.households) == everyone
+
+
+async def test_a_delivery_whose_marker_is_in_a_group_merged_back_into_its_unit_goes_on(
+    town: Town,
+) -> None:
+    """A ward's notice, while its first delivery runs: a group of the ward merged into a group
+    of another ward, where the delivery's marker then stands, which is merged in turn into a
+    group of the ward. No group of the ward is merged away any longer, and the delivery goes on
+    past the marker to every household."""
+    city = town.city
+    first = city.group
+    outside = f"{city.district}.hc0.g01"  # another ward's, before the ward's groups in order
+    back_in = f"{city.ward}.g99"
+    leaving = list(town.households[first])
+    deliverer = town.service.deliverer
+    batch_size = deliverer.batch_size
+    await deliverer.stop()
+    try:
+        notice = await town.publish()
+        await reconciled(
+            town,
+            [
+                registry_events.GroupsMerged(
+                    source_unit_id=first, target_unit_id=outside, household_ids=leaving
+                ),
+                *(
+                    registry_events.HouseholdMoved(
+                        household_id=h, from_unit_id=first, to_unit_id=outside, by_merge=True
+                    )
+                    for h in leaving
+                ),
+            ],
+        )
+        deliverer.batch_size = 1
+        assert await deliverer.fan_out_batch()
+        doc = await town.service.store.get(notice.notice_id)
+        assert doc is not None and doc["fanout"]["after"]["unit"] == outside
+        await reconciled(
+            town,
+            [
+                registry_events.GroupsMerged(
+                    source_unit_id=outside, target_unit_id=back_in, household_ids=leaving
+                ),
+                *(
+                    registry_events.HouseholdMoved(
+                        household_id=h, from_unit_id=outside, to_unit_id=back_in, by_merge=True
+                    )
+                    for h in leaving
+                ),
+            ],
+        )
+        while await deliverer.fan_out_batch():
+            pass
+    finally:
+        deliverer.batch_size = batch_size
+        deliverer.start()
+    reach = await town.delivered(notice.notice_id)
+    assert reach.total.delivered == len(town.everyone)
