@@ -311,7 +311,6 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                 f"unit {request.unit_id} was merged into {unit.get('merged_into_id')}"
             )
         attachments = await self._attachments(list(request.attachments), caller, [])
-        merged = await self.store.merged_away(request.unit_id)
 
         async def work(
             session: Session,
@@ -353,6 +352,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                 "created_at": now,
             }
             if timing.publish_at is None:
+                merged = await self.store.merged_away(request.unit_id, session)
                 changes, published = publication(notice, merged, now)
                 notice |= changes
                 event = notice_event(self.outbox, published, notice["_id"])

@@ -449,3 +449,24 @@ async def test_a_delivery_whose_marker_is_in_a_group_merged_back_into_its_unit_g
         deliverer.start()
     reach = await town.delivered(notice.notice_id)
     assert reach.total.delivered == len(town.everyone)
+
+
+async def test_a_notice_published_now_names_where_its_groups_merged_away_went(
+    town: Town,
+) -> None:
+    """As one published at its time does: its event names the group outside its unit that a
+    group of it was merged into."""
+    city = town.city
+    outside = f"{city.district}.hc0.g01"
+    leaving = list(town.households[city.group])
+    await reconciled(
+        town,
+        [
+            registry_events.GroupsMerged(
+                source_unit_id=city.group, target_unit_id=outside, household_ids=leaving
+            )
+        ],
+    )
+    notice = await town.publish()
+    (published,) = await town.events(notice.notice_id, events_pb2.NoticePublished)
+    assert list(published.merged_into_unit_ids) == [outside]
