@@ -264,9 +264,11 @@ class OutboxRelay:
         return self.producer
 
     async def _renew_producer(self) -> None:
-        producer, self.producer = self.producer, None
-        if producer is not None:
-            await producer.stop()
+        # Kept until stopped: a relay stopped meanwhile (its task cancelled inside the stop)
+        # stops it then, rather than leave it open.
+        if self.producer is not None:
+            await self.producer.stop()
+        self.producer = None
 
     async def _run(self) -> None:
         while True:
