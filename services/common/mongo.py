@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from bson.regex import Regex
@@ -12,6 +13,7 @@ from bson.timestamp import Timestamp
 from pymongo import AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
@@ -84,6 +86,22 @@ async def ensure_indexes(collection: AsyncCollection[Document], models: list[Ind
         if error.code not in (INDEX_OPTIONS_CONFLICT, INDEX_KEY_SPECS_CONFLICT):
             raise
         await collection.create_indexes(models)  # another instance built one meanwhile
+
+
+MIGRATIONS = "migrations"  # one document for each change of stored data done
+
+
+async def once(
+    db: AsyncDatabase[Document], name: str, change: Callable[[], Awaitable[None]]
+) -> None:
+    """A change of stored data, done at a start until it is recorded done: a start of every
+    instance need not read everything again. `change` must be safe to run again (instances
+    starting together, or a start after a crash halfway)."""
+    migrations = db[MIGRATIONS]
+    if await migrations.find_one({"_id": name}):
+        return
+    await change()
+    await migrations.update_one({"_id": name}, {"$set": {"at": datetime.now(UTC)}}, upsert=True)
 
 
 def mongo_client(uri: str) -> AsyncMongoClient[Document]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
@@ -14,13 +14,12 @@ from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common.commands import ensure_command_indexes
-from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
+from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit, once
 from services.common.outbox import ensure_outbox_indexes
 from services.ledger import domain
 
 # A household moved: (household id, the unit it left, the unit it is in now).
 Move = tuple[str, str, str]
-MIGRATIONS = "migrations"  # one document for each change of stored data done
 DUES_APART = "dues_by_household"
 POSTED_AT = [("fund_id", ASCENDING), ("posted_at", ASCENDING)]
 SEQUENCE = [("fund_id", ASCENDING), ("sequence", ASCENDING)]
@@ -123,15 +122,11 @@ class LedgerStore:
         await self.dues.create_index(DUES_OF_CAMPAIGN)
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
-        await self._keep_dues_apart()
+        await once(self.db, DUES_APART, self._keep_dues_apart)
 
     async def _keep_dues_apart(self) -> None:
         """Campaigns declared before each household's due was also kept on its own get theirs
-        (upserts: instances starting together, or a start after a crash halfway, do no harm).
-        Done once (a start of every instance need not read every campaign), then recorded."""
-        migrations = self.db[MIGRATIONS]
-        if await migrations.find_one({"_id": DUES_APART}):
-            return
+        (upserts: instances starting together, or a start after a crash halfway, do no harm)."""
         async for campaign in self.campaigns.find(
             {}, {"fund_id": 1, "name": 1, "period": 1, "dues": 1}
         ):
@@ -141,9 +136,6 @@ class LedgerStore:
                     [UpdateOne({"_id": d["_id"]}, {"$setOnInsert": d}, upsert=True) for d in dues],
                     ordered=False,
                 )
-        await migrations.update_one(
-            {"_id": DUES_APART}, {"$set": {"at": datetime.now(UTC)}}, upsert=True
-        )
 
     # ---- funds -------------------------------------------------------------------------------
 

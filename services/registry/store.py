@@ -16,7 +16,7 @@ from pymongo.errors import OperationFailure
 from services.common.batching import Coalescer
 from services.common.commands import ensure_command_indexes
 from services.common.errors import FailedPrecondition
-from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit
+from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit, once
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import UnitListing, next_token, unit_ordered_page
 from services.registry.domain import fold
@@ -27,7 +27,6 @@ RESIDENTS = "_residents"  # where a read puts a household's residents
 SUSPECT_HOUSEHOLD = "_suspect_household"  # where a read puts a person's household, if suspect
 BOOK_NUMBER_INDEX = "household_book_number"
 OLD_BOOK_NUMBER_INDEX = "unit_id_1_external_ref_1"  # unique per current group, before merges
-MIGRATIONS = "migrations"  # one document for each change of stored data done
 REFOLDED_ETH = "name_folded_eth"
 # Searches by name within a unit; and an import finding whom a file brought in before.
 PERSON_NAME_INDEX = [("unit_id", ASCENDING), ("name_folded", ASCENDING)]
@@ -89,7 +88,7 @@ class RegistryStore:
         )
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
-        await self._refold_eth()
+        await once(self.db, REFOLDED_ETH, self._refold_eth)
 
     async def _book_numbers_by_issuing_group(self) -> None:
         """Households written before book numbers were kept per issuing group were unique per
@@ -108,11 +107,7 @@ class RegistryStore:
     async def _refold_eth(self) -> None:
         """Names folded before `fold` took Ð and ð (often typed for Đ, đ) for d kept the ð:
         folded again, with the import keys made of them, so that a search finds them and a
-        file imported before still matches them. Done once (a start of every instance need not
-        read every name), then recorded."""
-        migrations = self.db[MIGRATIONS]
-        if await migrations.find_one({"_id": REFOLDED_ETH}):
-            return
+        file imported before still matches them."""
         async for person in self.persons.find(
             {"name_folded": {"$regex": "ð"}}, {"full_name": 1, "name_folded": 1, "import_key": 1}
         ):
@@ -123,7 +118,6 @@ class RegistryStore:
             if named:
                 fields["import_key"] = f"{start}|{new}|{end}"
             await self.persons.update_one({"_id": person["_id"]}, {"$set": fields})
-        await migrations.update_one({"_id": REFOLDED_ETH}, {"$set": {"at": utcnow()}}, upsert=True)
 
     # ---- units ---------------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from civic.ledger.v1 import ledger_pb2
 
+from services.common.mongo import MIGRATIONS
 from services.ledger import domain
 from services.ledger.main import LedgerService
-from services.ledger.store import DUES_APART, MIGRATIONS
+from services.ledger.store import DUES_APART
 from tests.indexes import Examined, examined
 from tests.ledger.conftest import Books
 
