@@ -393,6 +393,21 @@ async def test_reach_over_a_group_merged_away_counts_its_households_where_they_a
     assert len(unopened.households) == everyone
 
 
+def merge_events(source: str, target: str, households: list[str]) -> list[Message]:
+    """What the registry publishes for a merge: GroupsMerged, and each household's move by it."""
+    return [
+        registry_events.GroupsMerged(
+            source_unit_id=source, target_unit_id=target, household_ids=households
+        ),
+        *(
+            registry_events.HouseholdMoved(
+                household_id=h, from_unit_id=source, to_unit_id=target, by_merge=True
+            )
+            for h in households
+        ),
+    ]
+
+
 async def test_a_delivery_whose_marker_is_in_a_group_merged_back_into_its_unit_goes_on(
     town: Town,
 ) -> None:
@@ -412,17 +427,7 @@ async def test_a_delivery_whose_marker_is_in_a_group_merged_back_into_its_unit_g
         notice = await town.publish()
         await reconciled(
             town,
-            [
-                registry_events.GroupsMerged(
-                    source_unit_id=first, target_unit_id=outside, household_ids=leaving
-                ),
-                *(
-                    registry_events.HouseholdMoved(
-                        household_id=h, from_unit_id=first, to_unit_id=outside, by_merge=True
-                    )
-                    for h in leaving
-                ),
-            ],
+            merge_events(first, outside, leaving),
         )
         deliverer.batch_size = 1
         assert await deliverer.fan_out_batch()
@@ -430,17 +435,7 @@ async def test_a_delivery_whose_marker_is_in_a_group_merged_back_into_its_unit_g
         assert doc is not None and doc["fanout"]["after"]["unit"] == outside
         await reconciled(
             town,
-            [
-                registry_events.GroupsMerged(
-                    source_unit_id=outside, target_unit_id=back_in, household_ids=leaving
-                ),
-                *(
-                    registry_events.HouseholdMoved(
-                        household_id=h, from_unit_id=outside, to_unit_id=back_in, by_merge=True
-                    )
-                    for h in leaving
-                ),
-            ],
+            merge_events(outside, back_in, leaving),
         )
         while await deliverer.fan_out_batch():
             pass
