@@ -19,7 +19,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from civic.notices.v1 import events_pb2, notices_pb2
 from pymongo import AsyncMongoClient
@@ -30,7 +30,7 @@ from services.common.runtime import BackgroundTask, fault
 from services.common.wire import timestamp
 from services.notices import domain
 from services.notices.domain import Priority, State
-from services.notices.events import notice_event
+from services.notices.events import Reconciler, notice_event
 from services.notices.records import (
     audience_message,
     audience_of,
@@ -77,6 +77,7 @@ class Deliverer:
         store: NoticeStore,
         outbox: Outbox,
         clock: Callable[[], datetime],
+        reconciler: Reconciler,
         interval_seconds: float,
         batch_size: int = FANOUT_BATCH,
     ) -> None:
@@ -84,8 +85,11 @@ class Deliverer:
         self.store = store
         self.outbox = outbox
         self.clock = clock
+        self.reconciler = reconciler
         self.interval_seconds = interval_seconds
         self.batch_size = batch_size
+        # Known here, so a round asks MongoDB only once the local day has changed.
+        self._birthdays_swept: date | None = None
         self._working = BackgroundTask("notice-delivery", self._run)
         self._wake = asyncio.Event()
 
@@ -114,10 +118,12 @@ class Deliverer:
                 self._wake.clear()
 
     async def run_once(self) -> bool:
-        """One round: publish what is due, expire what is over, one batch of first delivery
-        (emergencies first), one batch of re-sends. True when there may be more to do at once."""
+        """One round: publish what is due, expire what is over, once a day the birthdays, one
+        batch of first delivery (emergencies first), one batch of re-sends. True when there may
+        be more to do at once."""
         published = await self.publish_due()
         expired = await self.expire_due()
+        await self.birthdays_due()
         fanned = await self.fan_out_batch()
         resent = await self.resend_due()
         return bool(published or expired or fanned or resent)
@@ -130,6 +136,44 @@ class Deliverer:
 
         await in_transaction(self.client, transaction)
         self.outbox.committed()
+
+    # ---- birthdays ------------------------------------------------------------------------------
+
+    async def birthdays_due(self) -> int:
+        """Once a local day: the households where a birthday since the last sweep took someone
+        into or out of a live notice's age range are reconciled, as a registry event touching
+        them would have them (no such event comes). Returns how many were looked at."""
+        now = self.clock()
+        today = domain.local_day(now)
+        if self._birthdays_swept is not None and today <= self._birthdays_swept:
+            return 0
+        swept = await self.store.birthdays_swept()
+        if swept is None:
+            await self.store.begin_birthdays(today)
+            swept = today
+        if swept >= today:
+            self._birthdays_swept = swept
+            return 0
+        audiences = await self.store.live_age_audiences(now)
+        households = await self.store.households_with_birthdays(
+            domain.birthdays_between(audiences, after=swept, on=today)
+        )
+
+        async def sweep(session: Session) -> list[Document]:
+            if not await self.store.claim_birthdays(swept, today, session):
+                return []  # another instance swept them
+            outcomes = (
+                await self.reconciler.households_changed(households, session) if households else {}
+            )
+            return [
+                notice_event(self.outbox, message, notice_id)
+                for changes in outcomes.values()
+                for message, notice_id in changes
+            ]
+
+        await self._commit(sweep)
+        self._birthdays_swept = today
+        return len(households)
 
     # ---- scheduled publication and expiry -------------------------------------------------------
 

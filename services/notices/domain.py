@@ -4,7 +4,7 @@ reaches, and when it is live. No I/O here."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from enum import IntEnum
@@ -271,6 +271,20 @@ def birth_date_bounds(audience: Audience, on: date) -> tuple[str | None, str | N
     born_by = _years_before(on, audience.min_age).isoformat() if audience.min_age else None
     born_after = _years_before(on, audience.max_age + 1).isoformat() if audience.max_age else None
     return born_by, born_after
+
+
+def birthdays_between(
+    audiences: Iterable[Audience], after: date, on: date
+) -> list[tuple[str, str]]:
+    """Birth dates (after, up to], as ISO strings, of the people whose birthday on a day after
+    `after`, up to `on`, took them across an age bound of one of the audiences: into it at
+    min_age, out of it past max_age."""
+    years = {a.min_age for a in audiences if a.min_age}
+    years |= {a.max_age + 1 for a in audiences if a.max_age}
+    return [
+        (_years_before(after, n).isoformat(), _years_before(on, n).isoformat())
+        for n in sorted(years)
+    ]
 
 
 # ---- when a notice is live --------------------------------------------------------------------

@@ -37,14 +37,21 @@ class NoticesService:
         self.clock = clock
         self.client, self.db = host.client, host.db
         self.store = NoticeStore(self.db)
+        reconciler = Reconciler(self.store, host.outbox, clock)
         self.deliverer = Deliverer(
-            host.client, self.store, host.outbox, clock, sweep_interval_seconds, fanout_batch
+            host.client,
+            self.store,
+            host.outbox,
+            clock,
+            reconciler,
+            sweep_interval_seconds,
+            fanout_batch,
         )
         subscribe(
             host.broker,
             host.client,
             self.store,
-            Reconciler(self.store, host.outbox, clock),
+            reconciler,
             host.outbox,
             registry_group=host.consumer_group("registry-view"),
             instance_id=host.instance,

@@ -3,6 +3,7 @@ view of the registry, in MongoDB."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import unit_within
 from services.common.commands import ensure_command_indexes
@@ -22,8 +23,10 @@ from services.common.outbox import ensure_outbox_indexes
 from services.common.registry_view import RESIDENT, RegistryView
 from services.notices import domain
 from services.notices.domain import State
+from services.notices.records import audience_of
 
 DUPLICATE_KEY = 11000
+BIRTHDAYS = "birthdays"
 FEED_KEPT = timedelta(days=1)
 # The resident's listing: unread first, then newest first.
 LISTING_ORDER = [("read", ASCENDING), ("at", DESCENDING), ("_id", DESCENDING)]
@@ -97,6 +100,8 @@ class NoticeStore:
         self.reach_counts = db["reach"]
         # Units, households and residents, projected from civic.registry.v1.
         self.view = RegistryView(db, people=True)
+        # The last local day whose birthdays were reconciled with live notices' age ranges.
+        self.sweeps = db["sweeps"]
 
     async def attachments_named(self, keys: list[str]) -> set[str]:
         """Those of the keys a notice's attachment, in any revision, is kept at."""
@@ -369,6 +374,51 @@ class NoticeStore:
             query["sex"] = audience.sex
         found = await self.view.persons.distinct("household_id", query, session=session)
         return set(found)
+
+    # ---- birthdays -----------------------------------------------------------------------------
+
+    async def birthdays_swept(self) -> date | None:
+        """The last day whose birthdays were reconciled; None before the first sweep."""
+        doc = await self.sweeps.find_one({"_id": BIRTHDAYS})
+        return date.fromisoformat(doc["day"]) if doc else None
+
+    async def begin_birthdays(self, today: date) -> None:
+        """The first sweep: earlier birthdays were seen by each notice's own delivery."""
+        with contextlib.suppress(DuplicateKeyError):  # another instance began them first
+            await self.sweeps.update_one(
+                {"_id": BIRTHDAYS}, {"$setOnInsert": {"day": today.isoformat()}}, upsert=True
+            )
+
+    async def claim_birthdays(self, swept: date, today: date, session: Session) -> bool:
+        """Moves the sweep on from `swept` to `today`; False when another instance has."""
+        result = await self.sweeps.update_one(
+            {"_id": BIRTHDAYS, "day": swept.isoformat()},
+            {"$set": {"day": today.isoformat()}},
+            session=session,
+        )
+        return result.modified_count == 1
+
+    async def live_age_audiences(self, now: datetime) -> list[domain.Audience]:
+        """The audiences of published, unexpired notices that have an age bound."""
+        found = self.notices.find(
+            {
+                "state": int(State.PUBLISHED),
+                "$and": [
+                    {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
+                    {"$or": [{"audience.min_age": {"$gt": 0}}, {"audience.max_age": {"$gt": 0}}]},
+                ],
+            },
+            {"audience": 1},
+        )
+        return [audience_of(notice) async for notice in found]
+
+    async def households_with_birthdays(self, born: list[tuple[str, str]]) -> list[str]:
+        """Households with a resident born in one of the (after, up to] ranges."""
+        if not born:
+            return []
+        ranges = [{"birth_date": {"$gt": after, "$lte": upto}} for after, upto in born]
+        query = {"status": RESIDENT, "$or": ranges}
+        return sorted(await self.view.persons.distinct("household_id", query))
 
     # ---- deliveries ---------------------------------------------------------------------------
 

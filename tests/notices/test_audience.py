@@ -3,7 +3,7 @@ member in an age range and sex, households with a member over some age, renters 
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
 
 import grpc
@@ -11,7 +11,9 @@ from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.common.mongo import Session, in_transaction
+from services.notices.domain import local_day
 from services.notices.events import Reconciler
+from tests.conftest import Clock
 from tests.notices.conftest import Town, events_pb2, eventually, refused, rid
 
 MALE, FEMALE = registry_pb2.SEX_MALE, registry_pb2.SEX_FEMALE
@@ -197,3 +199,54 @@ async def test_a_household_whose_matching_member_dies_loses_the_notice(town: Tow
 
     assert await in_transaction(service.client, again) == {}
     assert await reach_of(town, notice.notice_id) == 1
+
+
+async def test_a_birthday_alone_brings_a_household_into_or_out_of_a_live_notice(
+    town: Town, clock: Clock
+) -> None:
+    """No registry event comes when someone turns 70 or 16; the day they do, the household of
+    the one turning 70 receives the live notice for the over-70s (late), and that of the one
+    turning 16 stops seeing the notice for children up to 15."""
+    store = town.service.store
+    today = local_day(clock())
+    # The day after any the service has swept already (the test clock goes back after a test).
+    birthday = max(today, await store.birthdays_swept() or today) + timedelta(days=1)
+    elder_home = await town.add_household(town.city.group)
+    child_home = await town.add_household(town.city.group)
+    await town.add_member(elder_home, years_before(birthday, 70), FEMALE)
+    await town.add_member(child_home, years_before(birthday, 16), MALE)
+    over_70 = await town.publish(
+        unit_id=town.city.group,
+        audience=notices_pb2.Audience(member=notices_pb2.MemberFilter(min_age=70)),
+    )
+    children = await town.publish(
+        unit_id=town.city.group,
+        audience=notices_pb2.Audience(member=notices_pb2.MemberFilter(max_age=15)),
+    )
+    await town.delivered(over_70.notice_id)
+    await town.delivered(children.notice_id)
+    assert await inbox_ids(town, elder_home) == []
+    assert await inbox_ids(town, child_home) == [children.notice_id]
+
+    clock.advance(days=(birthday - today).days)
+
+    async def turned() -> bool:
+        return await inbox_ids(town, elder_home) == [over_70.notice_id] and (
+            await inbox_ids(town, child_home) == []
+        )
+
+    await eventually(turned, what="the notices following the birthdays")
+    late = await town.events(over_70.notice_id, events_pb2.NoticeDelivered)
+    assert [e.household_ids for e in late if e.late] == [[elder_home]]
+    withdrawn = await town.events(children.notice_id, events_pb2.NoticeWithdrawn)
+    assert [e.household_id for e in withdrawn] == [child_home]
+    # The day is swept once: a second round that day changes nothing.
+    assert await town.service.deliverer.birthdays_due() == 0
+    assert await reach_of(town, over_70.notice_id) == 1
+
+
+def years_before(day: date, years: int) -> str:
+    try:
+        return day.replace(year=day.year - years).isoformat()
+    except ValueError:  # 29 February in a year without it
+        return day.replace(year=day.year - years, day=28).isoformat()

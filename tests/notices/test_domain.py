@@ -75,3 +75,22 @@ def test_ancestors_and_record_ids() -> None:
     assert domain.ancestors("dn.hc.hc1") == ["dn", "dn.hc", "dn.hc.hc1"]
     assert domain.delivery_id("nt-1", "hh-2") == "nt-1:hh-2"
     assert domain.check_audience(0, 0, 0, [3, 3], False).residence_kinds == (3,)
+
+
+def test_birthdays_between_cross_each_age_bound_once() -> None:
+    """Into a range on the day of turning min_age, out of it on the day of turning max_age + 1;
+    someone born on 29 February turns a year older on 1 March in other years."""
+    over_70 = domain.Audience(min_age=70)
+    up_to_15 = domain.Audience(max_age=15)
+    women = domain.Audience(sex=2)
+    day = date(2026, 11, 24)
+    assert domain.birthdays_between([over_70, up_to_15, women, over_70], day, day) == [
+        ("2010-11-24", "2010-11-24"),
+        ("1956-11-24", "1956-11-24"),
+    ]
+    three_days = domain.birthdays_between([over_70], date(2026, 11, 21), day)
+    assert three_days == [("1956-11-21", "1956-11-24")]
+    # Born 29 February 1956: not yet 70 on 28 February 2026, 70 on 1 March.
+    leap = domain.birthdays_between([over_70], date(2026, 2, 28), date(2026, 3, 1))
+    assert leap == [("1956-02-28", "1956-03-01")]
+    assert domain.birthdays_between([women], date(2026, 1, 1), day) == []

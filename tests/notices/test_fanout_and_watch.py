@@ -44,7 +44,15 @@ async def test_a_delivery_interrupted_mid_way_completes_without_duplicates(
         written = [delivery_document(doc, h, town.city.group, clock(), pending=True) for h in first]
         assert await store.insert_deliveries(written) == 2
         # Two instances then deliver side by side.
-        twin = Deliverer(service.client, store, service.host.outbox, clock, 1.0, FANOUT_BATCH)
+        twin = Deliverer(
+            service.client,
+            store,
+            service.host.outbox,
+            clock,
+            service.deliverer.reconciler,
+            1.0,
+            FANOUT_BATCH,
+        )
         while (await store.get(notice.notice_id) or {}).get("fanout_pending"):
             await asyncio.gather(service.deliverer.fan_out_batch(), twin.fan_out_batch())
     finally:
