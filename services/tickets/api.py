@@ -261,8 +261,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, request: tickets_pb2.SupportTicketRequest, context: Context
     ) -> tickets_pb2.SupportTicketResponse:
         def allowed(caller: Principal, ticket: Document) -> None:
-            if caller.role is not Role.RESIDENT or not caller.covers(ticket["origin_unit_id"]):
-                raise PermissionDenied("residents of the ticket's group may support it")
+            domain.may_support(caller, ticket["origin_unit_id"], ticket["submitter"])
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             supporter = principal().subject

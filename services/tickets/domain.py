@@ -263,6 +263,14 @@ def may_handle(caller: Principal, assigned_unit_id: str) -> None:
         raise PermissionDenied(f"the ticket is assigned to {assigned_unit_id}, outside your scope")
 
 
+def may_support(caller: Principal, origin_unit_id: str, submitter: str) -> None:
+    """Residents of the ticket's group "+1" it; not its submitter, whom it counts already."""
+    if caller.role is not Role.RESIDENT or not caller.covers(origin_unit_id):
+        raise PermissionDenied("residents of the ticket's group may support it")
+    if caller.subject == submitter:
+        raise PermissionDenied("you filed this ticket: it counts you already")
+
+
 def may_file(caller: Principal) -> None:
     """Residents and officials file tickets; no other role does."""
     if caller.role is not Role.RESIDENT and not caller.is_official:

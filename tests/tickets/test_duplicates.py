@@ -111,6 +111,29 @@ async def test_residents_support_a_ticket_instead_of_filing_it_again(pilot: Pilo
     assert (await cluster(pilot.ward_officer, ticket_id)).ticket.supporters == 2
 
 
+async def test_the_submitter_does_not_plus_one_their_own_ticket(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A "+1" counts another resident with the same problem: the submitter counts already, and
+    pressing it on their own ticket would pass for a neighbour's support."""
+    ticket_id = (await pilot.routed((await pilot.submit("flooding")).ticket_id)).ticket_id
+    before = await tickets_service.store.get(ticket_id)
+
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        pilot.resident.SupportTicket(
+            tickets_pb2.SupportTicketRequest(request_id=rid(), ticket_id=ticket_id)
+        ),
+    )
+
+    assert await tickets_service.store.get(ticket_id) == before
+    assert not [
+        event
+        for event in await events_of(tickets_service, ticket_id)
+        if isinstance(event, events_pb2.TicketSupported)
+    ]
+
+
 async def test_a_supporter_is_not_shown_what_another_household_wrote_or_photographed(
     pilot: Pilot,
 ) -> None:
