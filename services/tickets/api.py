@@ -42,7 +42,7 @@ from services.tickets.records import (
     rules_message,
     ticket_message,
 )
-from services.tickets.store import TicketStore, new_ticket_id
+from services.tickets.store import TICKET_ID, TicketStore, new_ticket_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R", bound=Message)
@@ -734,7 +734,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tickets_pb2.ListMyTicketsResponse:
         caller = principal()
         tickets, token = await self.store.of_submitter(
-            caller.subject, request.page.page_token, page_size(request.page.page_size)
+            caller.subject, _page_token(request.page.page_token), page_size(request.page.page_size)
         )
         return tickets_pb2.ListMyTicketsResponse(
             tickets=[self._message(t) for t in tickets], next_page_token=token
@@ -765,7 +765,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             query["status"] = {"$in": sorted(wanted)}
             query["next_deadline"] = {"$lt": self.clock()}  # passed, as domain.missed counts
         tickets, token = await self.store.queue(
-            query, request.page.page_token, page_size(request.page.page_size)
+            query, _page_token(request.page.page_token), page_size(request.page.page_size)
         )
         return tickets_pb2.ListQueueResponse(
             tickets=[self._message(t) for t in tickets], next_page_token=token
@@ -878,6 +878,14 @@ def _sees(caller: Principal, ticket: Document) -> bool:
     except NotFound:
         return False
     return True
+
+
+def _page_token(token: str) -> str:
+    """A listing's page token: the id of the last ticket on the page before. Any other string
+    would still sort somewhere among the ids and answer a page that follows no page."""
+    if token and not TICKET_ID.fullmatch(token):
+        raise InvalidArgument("page.page_token", "is not a token this listing gave")
+    return token
 
 
 def _deciding(caller: Principal) -> tuple[str, domain.Level]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from datetime import datetime
 
@@ -21,6 +22,10 @@ from services.tickets.domain import EARTH_RADIUS_M, OPEN, Level
 OPEN_STATUSES = [int(status) for status in OPEN]
 
 RULES_CACHE_SECONDS = 1.0
+
+
+# A ticket's id, as new_ticket_id makes it; a page token is the last one of the page before.
+TICKET_ID = re.compile(r"tk-[0-9a-f]{24}")
 
 
 def new_ticket_id() -> str:

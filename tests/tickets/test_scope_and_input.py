@@ -347,6 +347,20 @@ async def test_a_queue_asked_for_an_unknown_status_is_refused(
     assert (error.details() or "").startswith("statuses["), error.details()
 
 
+@pytest.mark.parametrize("token", ["garbage", "tk-", "zz-000000000000000000000000"])
+async def test_a_page_token_no_listing_gave_is_refused(pilot: Pilot, token: str) -> None:
+    """Not a page read from wherever the token happens to sort: "garbage" sorts before every
+    ticket id, so a queue would start over from its first ticket and "my tickets" look empty."""
+    await pilot.routed((await pilot.submit("noise")).ticket_id)
+    page = types_pb2.PageRequest(page_size=1, page_token=token)
+    for call in (
+        pilot.ward_officer.ListQueue(tickets_pb2.ListQueueRequest(page=page)),
+        pilot.resident.ListMyTickets(tickets_pb2.ListMyTicketsRequest(page=page)),
+    ):
+        error = await refused(grpc.StatusCode.INVALID_ARGUMENT, call)
+        assert (error.details() or "").startswith("page.page_token"), error.details()
+
+
 def spoilt_rules(
     pilot: Pilot, caller: TicketCaller, spoil: Callable[[list[tickets_pb2.RoutingRule]], Any]
 ) -> Callable[[], Awaitable[Any]]:
