@@ -747,6 +747,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         caller.require_unit(unit_id)
         query: Document = {"assigned_unit_id": unit_id}
         if department:
+            domain.check_name("department", department, domain.DEPARTMENT)
             query["department"] = department
         return query
 
@@ -759,6 +760,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         if request.statuses:
             query["status"] = {"$in": list(request.statuses)}
         if request.category:
+            domain.check_name("category", request.category, domain.CATEGORY)
             query["category"] = request.category
         if request.overdue_only:  # of the statuses asked for, those with a deadline to miss
             wanted = set(request.statuses or domain.OPEN) & {int(s) for s in domain.OPEN}

@@ -36,8 +36,8 @@ class Status(IntEnum):
 
 
 OPEN = (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS)
-CATEGORY = re.compile(r"^[a-z][a-z0-9-]{1,39}$")
-DEPARTMENT = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+CATEGORY = re.compile(r"[a-z][a-z0-9-]{1,39}")
+DEPARTMENT = re.compile(r"[a-z][a-z0-9-]{0,39}")
 MAX_DESCRIPTION = 4000
 MAX_COMMENT = 2000
 # Comments a ticket keeps: every answer carries them all, within gRPC's 4 MiB and far from
@@ -116,6 +116,19 @@ class Rule:
         return self.slas.get(level) or next(iter(self.slas.values()))
 
 
+SPELLING = {
+    CATEGORY: "use 2-40 lower-case letters, digits, '-'",
+    DEPARTMENT: "use lower-case letters, digits, '-'",
+}
+
+
+def check_name(field_name: str, value: str, pattern: re.Pattern[str]) -> None:
+    """A category or department spelt as one can be (CATEGORY or DEPARTMENT): in a rule, and in
+    a queue's filter, where a misspelt one would match nothing and read as an empty queue."""
+    if not pattern.fullmatch(value):
+        raise InvalidArgument(field_name, SPELLING[pattern])
+
+
 def check_rules(rules: list[Rule], reopen_within: timedelta | None) -> None:
     """Rules an admin sets, and the reopen period if they set one (None keeps the current)."""
     if not rules:
@@ -123,15 +136,14 @@ def check_rules(rules: list[Rule], reopen_within: timedelta | None) -> None:
     seen: set[str] = set()
     for index, rule in enumerate(rules):
         where = f"rules[{index}]"
-        if not CATEGORY.match(rule.category):
-            raise InvalidArgument(f"{where}.category", "use 2-40 lower-case letters, digits, '-'")
+        check_name(f"{where}.category", rule.category, CATEGORY)
         if rule.category in seen:
             raise InvalidArgument(f"{where}.category", f"{rule.category} appears twice")
         seen.add(rule.category)
         if not rule.title.strip():
             raise InvalidArgument(f"{where}.title", "must not be empty")
-        if rule.department and not DEPARTMENT.match(rule.department):
-            raise InvalidArgument(f"{where}.department", "use lower-case letters, digits, '-'")
+        if rule.department:
+            check_name(f"{where}.department", rule.department, DEPARTMENT)
         if not rule.slas:
             raise InvalidArgument(f"{where}.slas", "name at least one deadline")
         for sla in rule.slas.values():

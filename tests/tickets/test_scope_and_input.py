@@ -347,6 +347,27 @@ async def test_a_queue_asked_for_an_unknown_status_is_refused(
     assert (error.details() or "").startswith("statuses["), error.details()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("category", "Street Light"), ("category", "đèn-đường"), ("department", "Urban Order")],
+    ids=["category-words", "category-accented", "department-words"],
+)
+async def test_a_queue_filter_no_ticket_could_match_is_refused(
+    pilot: Pilot, field: str, value: str
+) -> None:
+    """A category or department spelt as none can be is a mistake, not an empty queue, which
+    would read as "nothing to do"; the live watch refuses such a department alike."""
+    await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    listing = tickets_pb2.ListQueueRequest()
+    setattr(listing, field, value)
+    error = await refused(grpc.StatusCode.INVALID_ARGUMENT, pilot.ward_officer.ListQueue(listing))
+    assert (error.details() or "").startswith(field), error.details()
+    if field == "department":
+        watch = pilot.ward_officer.WatchQueue(tickets_pb2.WatchQueueRequest(department=value))
+        error = await refused(grpc.StatusCode.INVALID_ARGUMENT, watch.read())
+        assert (error.details() or "").startswith(field), error.details()
+
+
 @pytest.mark.parametrize("token", ["garbage", "tk-", "zz-000000000000000000000000"])
 async def test_a_page_token_no_listing_gave_is_refused(pilot: Pilot, token: str) -> None:
     """Not a page read from wherever the token happens to sort: "garbage" sorts before every
