@@ -146,13 +146,15 @@ def check_rules(rules: list[Rule], reopen_within: timedelta | None) -> None:
             check_name(f"{where}.department", rule.department, DEPARTMENT)
         if not rule.slas:
             raise InvalidArgument(f"{where}.slas", "name at least one deadline")
-        for sla in rule.slas.values():
-            if sla.acknowledge_within <= timedelta(0) or sla.resolve_within <= timedelta(0):
-                raise InvalidArgument(f"{where}.slas", "deadlines must be positive")
+        # In the order given (a level appears once), so each is named by its place.
+        for position, sla in enumerate(rule.slas.values()):
+            deadline = f"{where}.slas[{position}]"
+            if sla.acknowledge_within <= timedelta(0):
+                raise InvalidArgument(f"{deadline}.acknowledge_within", "must be positive")
+            if sla.resolve_within <= timedelta(0):
+                raise InvalidArgument(f"{deadline}.resolve_within", "must be positive")
             if sla.resolve_within < sla.acknowledge_within:
-                raise InvalidArgument(
-                    f"{where}.slas", "resolve_within is before acknowledge_within"
-                )
+                raise InvalidArgument(f"{deadline}.resolve_within", "is before acknowledge_within")
     if reopen_within is not None and reopen_within <= timedelta(0):
         raise InvalidArgument("reopen_within", "must be positive")
 

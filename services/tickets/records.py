@@ -108,16 +108,14 @@ def rule_from_message(index: int, rule: tickets_pb2.RoutingRule) -> Rule:
         raise InvalidArgument(f"rules[{index}].level", "is required")
     slas: dict[Level, Sla] = {}
     for position, sla in enumerate(rule.slas):
+        where = f"rules[{index}].slas[{position}]"
         level = Level(sla.level) if sla.level in tickets_pb2.Level.values() and sla.level else None
         if level is None:
-            raise InvalidArgument(f"rules[{index}].slas.level", "is required")
+            raise InvalidArgument(f"{where}.level", "is required")
         # Two deadlines for one level: which was meant cannot be told, and keeping the last
         # would silently drop the other.
         if level in slas:
-            raise InvalidArgument(
-                f"rules[{index}].slas[{position}].level", f"{level.name} has deadlines already"
-            )
-        where = f"rules[{index}].slas"
+            raise InvalidArgument(f"{where}.level", f"{level.name} has deadlines already")
         slas[level] = Sla(
             span(f"{where}.acknowledge_within", sla.acknowledge_within, longest=LONGEST_DEADLINE),
             span(f"{where}.resolve_within", sla.resolve_within, longest=LONGEST_DEADLINE),

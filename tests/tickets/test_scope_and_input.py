@@ -427,6 +427,48 @@ def two_deadlines_for_one_level(rules: list[tickets_pb2.RoutingRule]) -> None:
     rules[0].slas.append(again)
 
 
+def second_deadline(**spoilt: Any) -> Callable[[list[tickets_pb2.RoutingRule]], None]:
+    """The first rule gets a second level's deadlines, spoilt by `spoilt`."""
+
+    def spoil(rules: list[tickets_pb2.RoutingRule]) -> None:
+        del rules[0].slas[1:]
+        fine = tickets_pb2.LevelSla(level=tickets_pb2.LEVEL_CITY)
+        fine.acknowledge_within.seconds = 3600
+        fine.resolve_within.seconds = 86_400
+        for field, seconds in spoilt.items():
+            if field == "level":
+                fine.level = seconds
+            else:
+                getattr(fine, field).seconds = seconds
+        rules[0].slas.append(fine)
+
+    return spoil
+
+
+@pytest.mark.parametrize(
+    ("spoilt", "field"),
+    [
+        ({"level": 0}, "rules[0].slas[1].level"),
+        ({"acknowledge_within": 0}, "rules[0].slas[1].acknowledge_within"),
+        ({"resolve_within": -60}, "rules[0].slas[1].resolve_within"),
+        ({"resolve_within": 60}, "rules[0].slas[1].resolve_within"),
+        ({"resolve_within": 9000 * 366 * 86_400}, "rules[0].slas[1].resolve_within"),
+    ],
+    ids=["no-level", "zero", "negative", "before-acknowledging", "too-far"],
+)
+async def test_a_bad_deadline_in_the_rules_is_named_by_its_place(
+    pilot: Pilot, tickets_service: TicketsService, spoilt: dict[str, int], field: str
+) -> None:
+    """A rule has a deadline per level: the error names which one is wrong, and what in it."""
+    before = await footprint(tickets_service)
+    error = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        spoilt_rules(pilot, pilot.admin, second_deadline(**spoilt))(),
+    )
+    assert (error.details() or "").startswith(f"{field}:"), error.details()
+    assert await footprint(tickets_service) == before
+
+
 async def test_bad_input_on_existing_tickets_is_refused_and_writes_nothing(
     pilot: Pilot, tickets_service: TicketsService
 ) -> None:
