@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     outbox_poll_seconds: float = 0.5
     kafka_partitions: int = 6
 
+    # Tickets: a new ticket repeats an open one of its category filed within these metres and
+    # hours before it, in the unit it goes to (it is linked to it as a duplicate).
+    tickets_duplicate_meters: float = Field(default=150, gt=0, le=10_000)
+    tickets_duplicate_hours: float = Field(default=72, gt=0, le=24 * 366)
+
     # Names this process among the service's instances (a pod name in Kubernetes). It must stay
     # the same across restarts of one instance: Kafka static group membership and the outbox
     # relay lease both let a restarted instance take over its own place at once.

@@ -43,8 +43,6 @@ MAX_COMMENT = 2000
 # Comments a ticket keeps: every answer carries them all, within gRPC's 4 MiB and far from
 # MongoDB's 16 MiB per ticket.
 MAX_COMMENTS = 200
-DUPLICATE_DISTANCE_M = 150
-DUPLICATE_WINDOW = timedelta(days=3)
 MAX_PHOTO_BYTES = 8 * 1024 * 1024
 MAX_PHOTOS = 6
 
@@ -61,14 +59,19 @@ def distance_m(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def first_open_nearby(
-    ticket: Mapping[str, Any], candidates: Iterable[Mapping[str, Any]], *, area: str, meters: float
+    ticket: Mapping[str, Any],
+    candidates: Iterable[Mapping[str, Any]],
+    *,
+    area: str,
+    meters: float,
+    window: timedelta,
 ) -> Mapping[str, Any] | None:
     """The ticket `ticket` duplicates: the first-filed open, unlinked ticket of its category
     within `meters` of it, filed in `area` (the unit it goes to: a duplicate never crosses into
-    another unit's) before it, but no longer than DUPLICATE_WINDOW before. Only an earlier one:
-    tickets filed together link to the first of them, whatever order they are routed in."""
+    another unit's) before it, but no longer than `window` before. Only an earlier one: tickets
+    filed together link to the first of them, whatever order they are routed in."""
     filed = (ticket["submitted_at"], ticket["_id"])
-    since = ticket["submitted_at"] - DUPLICATE_WINDOW
+    since = ticket["submitted_at"] - window
     here = ticket["location"]["coordinates"]
     matches = [
         other

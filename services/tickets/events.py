@@ -4,7 +4,7 @@ service's own view of the administrative tree from the registry's events."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from civic.tickets.v1 import events_pb2
 from faststream.kafka import KafkaBroker
@@ -49,11 +49,13 @@ class Router:
         outbox: Outbox,
         clock: Callable[[], datetime],
         duplicate_distance_m: float,
+        duplicate_window: timedelta,
     ) -> None:
         self.store = store
         self.outbox = outbox
         self.clock = clock
         self.duplicate_distance_m = duplicate_distance_m
+        self.duplicate_window = duplicate_window
 
     async def route(self, deliveries: list[Delivery], session: Session) -> list[Document]:
         submitted = [
@@ -82,7 +84,7 @@ class Router:
                     points=[ticket["location"] for ticket in located],
                     meters=self.duplicate_distance_m,
                     categories={ticket["category"] for ticket in located},
-                    since=min(t["submitted_at"] for t in located) - domain.DUPLICATE_WINDOW,
+                    since=min(t["submitted_at"] for t in located) - self.duplicate_window,
                     session=session,
                 )
             }
@@ -103,7 +105,11 @@ class Router:
                 due = domain.deadlines(rule, rule.level, now, acknowledged=False)
                 primary = (
                     domain.first_open_nearby(
-                        ticket, nearby.values(), area=assigned, meters=self.duplicate_distance_m
+                        ticket,
+                        nearby.values(),
+                        area=assigned,
+                        meters=self.duplicate_distance_m,
+                        window=self.duplicate_window,
                     )
                     if ticket.get("location")
                     else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from civic.tickets.v1 import tickets_pb2, tickets_pb2_grpc
 from opentelemetry.sdk.trace import SpanProcessor
@@ -42,7 +42,13 @@ class TicketsService:
         self.clock = clock
         self.client, self.db = host.client, host.db
         self.store = TicketStore(self.db)
-        self.router = Router(self.store, host.outbox, clock, domain.DUPLICATE_DISTANCE_M)
+        self.router = Router(
+            self.store,
+            host.outbox,
+            clock,
+            settings.tickets_duplicate_meters,
+            timedelta(hours=settings.tickets_duplicate_hours),
+        )
         subscribe(
             host.broker,
             host.client,

@@ -6,20 +6,29 @@ apart from its primary leaves the cluster."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from datetime import timedelta
 from typing import Any
 
 import grpc
 import pytest
+from bson import ObjectId
 from civic.registry.v1 import registry_pb2
 from civic.tickets.v1 import events_pb2, tickets_pb2
 
 from services.common.auth import Role
+from services.common.broker import Delivery
+from services.common.cloudevents import CloudEvent
+from services.common.config import Settings
+from services.common.mongo import Document, Session, in_transaction
+from services.tickets import domain
 from services.tickets.clusters import release_orphans
+from services.tickets.events import Router
 from services.tickets.main import TicketsService
 from tests.objects import png_bytes, put
 from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
 from tests.tickets.test_lifecycle import events_of
+from tests.tickets.test_outcomes_and_counts import ticket_doc, untraced
 from tests.tickets.test_routing import replacing, rule, rules_changed
 
 
@@ -433,3 +442,58 @@ async def test_a_duplicate_its_primarys_decision_left_linked_is_released_at_star
     )
     await start()  # started again: nothing more to release
     assert await events_of(service, duplicate.ticket_id) == after_first
+
+
+async def test_how_near_and_how_recent_a_duplicate_is_are_configured(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A deployment sets the distance and the time within which a new ticket repeats an open
+    one (CIVIC_TICKETS_DUPLICATE_METERS, CIVIC_TICKETS_DUPLICATE_HOURS): the same two reports,
+    30 m and two hours apart, are one problem or two by that setting."""
+    settings = Settings(tickets_duplicate_meters=20, tickets_duplicate_hours=1)
+    assert (settings.tickets_duplicate_meters, settings.tickets_duplicate_hours) == (20, 1)
+    now = tickets_service.clock()
+
+    def point(metres: float) -> Document:  # a spot far from the other tests'
+        return {
+            "type": "Point",
+            "coordinates": [HOME.longitude + 0.3, HOME.latitude + metres / 111_320],
+        }
+
+    async def linked(meters: float, window: timedelta) -> bool:
+        primary = ticket_doc(
+            pilot,
+            now - timedelta(hours=2),
+            status=int(domain.Status.ROUTED),
+            assigned_unit_id=pilot.city.ward,
+            assigned_level=int(domain.Level.WARD),
+            rule_version=1,
+            location=point(0),
+            next_deadline=now + timedelta(hours=5),
+        )
+        again = ticket_doc(pilot, now, location=point(30))
+        await tickets_service.db["tickets"].insert_many([primary, again])
+        router = Router(
+            tickets_service.store, tickets_service.host.outbox, lambda: now, meters, window
+        )
+        message = events_pb2.TicketSubmitted(ticket_id=again["_id"])
+        event = CloudEvent(
+            id=str(ObjectId()), type="", source="", time=now, data=message.SerializeToString()
+        )
+
+        async def route(session: Session) -> list[Document]:
+            return await router.route([Delivery(event, message, untraced)], session)
+
+        await in_transaction(tickets_service.client, route)
+        routed = await tickets_service.store.get(again["_id"])
+        # Closed again, so the next case finds no open ticket here but its own.
+        await tickets_service.db["tickets"].update_many(
+            {"_id": {"$in": [primary["_id"], again["_id"]]}},
+            {"$set": {"status": int(domain.Status.CLOSED)}},
+        )
+        assert routed is not None
+        return bool(routed["duplicate_of"] == primary["_id"])
+
+    assert await linked(100, timedelta(hours=3))
+    assert not await linked(20, timedelta(hours=3))  # 30 m is too far
+    assert not await linked(100, timedelta(hours=1))  # two hours is too long ago
