@@ -154,6 +154,26 @@ def fold(text: str) -> str:
     return " ".join(stripped.lower().split())
 
 
+# ---- contact ----------------------------------------------------------------------------------
+
+# Digits with the separators people write them with ("0905 123 456", "+84 (236) 3.821.234").
+PHONE = re.compile(r"\+?[0-9 .()-]+")
+PHONE_DIGITS = range(8, 16)  # a landline without its area code at least; E.164 at most
+EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(\.[^@\s.]+)+")
+MAX_EMAIL_LENGTH = 254  # what a mail server takes
+
+
+def check_contact(field: str, phone: str, email: str) -> tuple[str, str]:
+    """Both optional; when given, a number one can call and an address one can write to, as
+    the person stated them (surrounding spaces dropped)."""
+    phone, email = phone.strip(), email.strip()
+    if phone and not (PHONE.fullmatch(phone) and sum(ch.isdigit() for ch in phone) in PHONE_DIGITS):
+        raise InvalidArgument(f"{field}.phone", "must be a phone number of 8 to 15 digits")
+    if email and (len(email) > MAX_EMAIL_LENGTH or not EMAIL.fullmatch(email)):
+        raise InvalidArgument(f"{field}.email", "must be an email address (name@domain)")
+    return phone, email
+
+
 # ---- dates ------------------------------------------------------------------------------------
 
 

@@ -84,6 +84,9 @@ class PersonCodec:
         relation = check_enum(
             f"{field}.relationship", relationship or details.relationship, registry_pb2.Relationship
         )
+        phone, email = domain.check_contact(
+            f"{field}.contact", details.contact.phone, details.contact.email
+        )
         doc: Document = {
             "_id": new_id("p"),
             "household_id": household["_id"],
@@ -97,7 +100,7 @@ class PersonCodec:
                 f"{field}.education", details.education, registry_pb2.EducationLevel, required=False
             ),
             "occupation": " ".join(details.occupation.split())[:120],
-            "contact": {"phone": details.contact.phone.strip(), "email": details.contact.email},
+            "contact": {"phone": phone, "email": email},
             "status": RESIDENT,
             "residence_kind": household["residence_kind"],
             "renter": household["residence_kind"] == registry_pb2.RESIDENCE_KIND_RENTER,

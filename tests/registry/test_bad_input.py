@@ -113,7 +113,32 @@ BAD_PERSONS: list[tuple[str, Callable[[], registry_pb2.PersonDetails], grpc.Stat
         grpc.StatusCode.INVALID_ARGUMENT,
         "person.education",
     ),
+    (
+        "phone that is no number",
+        lambda: with_contact(phone="gọi sau"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.contact.phone",
+    ),
+    (
+        # Not stored for ever in every copy of the person, nor shown to whoever reads them.
+        "phone of a megabyte",
+        lambda: with_contact(phone="0" * 1_000_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.contact.phone",
+    ),
+    (
+        "email that is no address",
+        lambda: with_contact(email="not an email"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.contact.email",
+    ),
 ]
+
+
+def with_contact(phone: str = "", email: str = "") -> registry_pb2.PersonDetails:
+    details = person()
+    details.contact.phone, details.contact.email = phone, email
+    return details
 
 
 @pytest.mark.parametrize(

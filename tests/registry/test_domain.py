@@ -105,3 +105,12 @@ def test_who_sees_citizen_ids() -> None:
     own = Principal("r", Role.RESIDENT, "dn.hc.hc1.t17", "hh-1")
     assert domain.may_see_citizen_id(own, "hh-1")
     assert not domain.may_see_citizen_id(own, "hh-2")
+
+
+def test_contacts_are_taken_as_people_write_them() -> None:
+    assert domain.check_contact("c", " 0905 123 456 ", "") == ("0905 123 456", "")
+    assert domain.check_contact("c", "+84 (236) 3.821.234", "an.nguyen@mail.com.vn") == (
+        "+84 (236) 3.821.234",
+        "an.nguyen@mail.com.vn",
+    )
+    assert domain.check_contact("c", "", "") == ("", "")
