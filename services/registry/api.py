@@ -617,7 +617,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         start = domain.parse_date("stay_start", request.stay_start)
         end = domain.parse_date("stay_end", request.stay_end)
         assert start is not None and end is not None
-        domain.check_stay(start, end)
+        born = domain.parse_date("person.birth_date", request.person.birth_date, required=False)
+        domain.check_stay(start, end, self.today(), born)
         result: registry_pb2.RegisterTemporaryStayResponse = await self._add_person(
             "RegisterTemporaryStay",
             request,

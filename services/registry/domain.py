@@ -357,8 +357,14 @@ def check_housing(floor_area_m2: float, storeys: int, sub_households: int) -> No
         raise InvalidArgument("housing.sub_households", "must be between 0 and 50")
 
 
-def check_stay(start: date, end: date) -> None:
+def check_stay(start: date, end: date, today: date, born: date | None) -> None:
+    """A stay registered is one the guest lives here for now or will: one that has ended would
+    be counted as a resident and be at once a suspect whose stay expired."""
     if end < start:
         raise InvalidArgument("stay_end", "is before stay_start")
+    if end < today:
+        raise InvalidArgument("stay_end", "is in the past: the stay has ended")
+    if born is not None and start < born:
+        raise InvalidArgument("stay_start", "is before the birth date")
     if (end - start).days > 2 * 366:
         raise InvalidArgument("stay_end", "a temporary stay lasts at most two years")

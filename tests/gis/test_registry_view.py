@@ -160,8 +160,9 @@ async def stay(leader: Any, household_id: str) -> registry_pb2.Person:
             request_id=rid(),
             household_id=household_id,
             person=person("Võ Văn Thuê", "2001-02-02"),
-            stay_start="2026-01-01",
-            stay_end="2027-01-01",
+            # A stay the registry takes on any day: under way, not ended.
+            stay_start=(date.today() - timedelta(days=30)).isoformat(),
+            stay_end=(date.today() + timedelta(days=300)).isoformat(),
         )
     )
     registered: registry_pb2.Person = response.person

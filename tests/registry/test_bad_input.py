@@ -355,3 +355,51 @@ async def test_a_unit_id_that_is_no_unit_is_invalid_not_internal(city: City, met
         await getattr(city.leader, method)(requests[method])
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.value.details() or "").startswith("unit_id:"), error.value.details()
+
+
+TODAY = local_date(datetime.now(UTC))
+BAD_STAYS: list[tuple[str, str, str, str, str]] = [
+    # (case, birth date, stay start, stay end, field named)
+    (
+        # Registered as living here now, then at once a suspect whose stay expired.
+        "a stay that has ended",
+        "1990-05-17",
+        (TODAY - timedelta(days=200)).isoformat(),
+        (TODAY - timedelta(days=10)).isoformat(),
+        "stay_end",
+    ),
+    (
+        "a stay begun before the guest was born",
+        (TODAY - timedelta(days=30)).isoformat(),
+        (TODAY - timedelta(days=60)).isoformat(),
+        (TODAY + timedelta(days=60)).isoformat(),
+        "stay_start",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "born", "start", "end", "field"), BAD_STAYS, ids=[c[0] for c in BAD_STAYS]
+)
+async def test_a_stay_out_of_its_dates_is_refused_and_nothing_written(
+    city: City, registry: RegistryService, case: str, born: str, start: str, end: str, field: str
+) -> None:
+    home = await new_household(city.leader, city.group)
+    before = await footprint(registry)
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.leader.RegisterTemporaryStay(
+            registry_pb2.RegisterTemporaryStayRequest(
+                request_id=rid(),
+                household_id=home.household.household_id,
+                person=person(
+                    "Khách Trọ", born, relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE
+                ),
+                stay_start=start,
+                stay_end=end,
+            )
+        )
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith(field + ":"), error.value.details()
+    assert await footprint(registry) == before
