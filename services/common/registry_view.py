@@ -154,6 +154,7 @@ def households_touched(message: Message) -> list[str]:
             | events_pb2.PersonMovedOut()
             | events_pb2.PersonDied()
             | events_pb2.PersonMarkedAbsent()
+            | events_pb2.PersonUpdated()
         ):
             return [m.household_id]
         case events_pb2.GroupsMerged():
@@ -211,4 +212,6 @@ def _people_changes(message: Message) -> list[Change]:
             return [_person(m.person_id, {"status": GONE}), _residents(m.household_id, -1)]
         case events_pb2.PersonMarkedAbsent():
             return [_person(m.person_id, {"absent": m.absent})]
+        case events_pb2.PersonUpdated():  # a birth date or sex corrected, say
+            return [_person(m.person_id, {"birth_date": m.birth_date, "sex": m.sex})]
     return []

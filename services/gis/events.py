@@ -237,6 +237,9 @@ class _Batch:
                 kind = self._kind_of(m.to_household_id)
                 if kind is not None:
                     self._live_as({"_id": m.person_id}, kind)
+            case registry_events.PersonUpdated():  # a birth date corrected, say
+                corrected = {"birth_date": m.birth_date}
+                self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": corrected}))
             case registry_events.PersonMovedOut() | registry_events.PersonDied():
                 self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": {"active": False}}))
 

@@ -34,6 +34,18 @@ from services.registry.store import RESIDENT, RegistryStore, new_id
 Context = grpc.aio.ServicerContext[Any, Any]
 PERSON_DECEASED = registry_pb2.PERSON_STATUS_DECEASED
 PERSON_MOVED_OUT = registry_pb2.PERSON_STATUS_MOVED_OUT
+# PersonDetails fields UpdatePerson changes, and the person document's fields each one sets.
+PERSON_FIELDS = {
+    "full_name": ("full_name", "name_folded"),
+    "birth_date": ("birth_date",),
+    "sex": ("sex",),
+    "citizen_id": ("cid_hash", "cid_sealed"),
+    "relationship": ("relationship",),
+    "education": ("education",),
+    "occupation": ("occupation",),
+    "contact": ("contact",),
+    "war_invalid": ("war_invalid",),
+}
 HOUSEHOLD_FIELDS = (
     "address",
     "housing",
@@ -784,6 +796,115 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
         return await self.commands.run(
             "MarkPersonAbsent", request, registry_pb2.MarkPersonAbsentResponse, work
+        )
+
+    async def UpdatePerson(
+        self, request: registry_pb2.UpdatePersonRequest, context: Context
+    ) -> registry_pb2.UpdatePersonResponse:
+        fields = list(dict.fromkeys(request.update_fields))
+        if not fields:
+            raise InvalidArgument("update_fields", "name at least one field to change")
+        unknown = [f for f in fields if f not in PERSON_FIELDS]
+        if unknown:
+            raise InvalidArgument("update_fields", f"unknown field {unknown[0]!r}")
+        if not request.HasField("person"):
+            raise InvalidArgument("person", "is required")
+        if "citizen_id" in fields and not request.person.citizen_id.strip():
+            raise InvalidArgument("person.citizen_id", "is for life: correct it, never remove it")
+        today = self.today()
+
+        async def work(
+            session: Session,
+        ) -> tuple[registry_pb2.UpdatePersonResponse, list[Document]]:
+            person = await self._resident(request.person_id, session)
+            # The named fields over those on record, checked together as a registration is: a
+            # citizen ID against a corrected birth year or sex too.
+            stated = self.persons.details(person)
+            for name in fields:
+                if name == "contact":
+                    stated.contact.CopyFrom(request.person.contact)
+                else:
+                    setattr(stated, name, getattr(request.person, name))
+            household = {
+                "_id": person["household_id"],
+                "unit_id": person["unit_id"],
+                "residence_kind": person["residence_kind"],
+            }
+            try:
+                corrected = self.persons.document(
+                    stated,
+                    household,
+                    today=today,
+                    field="person",
+                    # A former head's relationship may be unknown yet: required only when named.
+                    relationship=None
+                    if "relationship" in fields
+                    else person["relationship"] or registry_pb2.RELATIONSHIP_OTHER_RELATIVE,
+                )
+            except InvalidArgument as error:
+                if error.field != "person.citizen_id" or "citizen_id" in fields:
+                    raise
+                # The ID on record is not what was asked to change: the correction is wrong.
+                named = "birth_date" if "birth_date" in fields else "sex"
+                raise InvalidArgument(
+                    f"person.{named}", f"the citizen ID on record {error.problem}"
+                ) from None
+            heads = registry_pb2.RELATIONSHIP_HEAD
+            if "relationship" in fields and (corrected["relationship"] == heads) != (
+                person["relationship"] == heads
+            ):
+                raise InvalidArgument(
+                    "person.relationship", "the head is changed with UpdateHousehold"
+                )
+            # Sealed anew each time: a citizen ID is the same one when its hash is.
+            same_id = corrected["cid_hash"] == person.get("cid_hash")
+            changed = [
+                name
+                for name in fields
+                if not (name == "citizen_id" and same_id)
+                and any(corrected[key] != person.get(key) for key in PERSON_FIELDS[name])
+            ]
+            if not changed:
+                return registry_pb2.UpdatePersonResponse(
+                    person=self.persons.message(person, principal(), stored=True)
+                ), []
+            if "citizen_id" in changed:
+                holder = await self.store.person_by_cid(corrected["cid_hash"], session)
+                if holder is not None:
+                    raise AlreadyExists("person.citizen_id: is registered to another person")
+            updated = await self.store.update_person(
+                person["_id"],
+                {key: corrected[key] for name in changed for key in PERSON_FIELDS[name]},
+                session,
+            )
+            # Whether someone is a war invalid is not published (the topic is kept for ever): a
+            # change of that alone publishes nothing.
+            published = [name for name in changed if name != "war_invalid"]
+            staged = (
+                [
+                    events.keyed_by_person(
+                        self.outbox,
+                        events_pb2.PersonUpdated(
+                            person_id=person["_id"],
+                            household_id=person["household_id"],
+                            unit_id=person["unit_id"],
+                            updated_fields=published,
+                            birth_date=updated["birth_date"],
+                            sex=updated["sex"],
+                            relationship=updated["relationship"],
+                        ),
+                        person["_id"],
+                    )
+                ]
+                if published
+                else []
+            )
+            return registry_pb2.UpdatePersonResponse(
+                person=self.persons.message(updated, principal(), stored=True)
+            ), staged
+
+        return await self.commands.run(
+            "UpdatePerson", request, registry_pb2.UpdatePersonResponse, work
         )
 
     # ---- queries -------------------------------------------------------------------------

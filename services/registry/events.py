@@ -109,6 +109,9 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
             return [(m.household_id, m.person_id, "person moved out of the area")]
         case events_pb2.PersonDied():
             return [(m.household_id, m.person_id, f"person died on {m.death_date}")]
+        case events_pb2.PersonUpdated():
+            fields = ", ".join(m.updated_fields)
+            return [(m.household_id, m.person_id, f"person's details corrected: {fields}")]
         case events_pb2.PersonMarkedAbsent():
             state = "marked absent" if m.absent else "absence mark cleared"
             return [(m.household_id, m.person_id, f"person {state}")]

@@ -117,6 +117,24 @@ class PersonCodec:
             doc["cid_sealed"] = self.vault.seal(cid)
         return doc
 
+    def details(self, doc: Document) -> registry_pb2.PersonDetails:
+        """What a person is registered with, as a command states it (their citizen ID opened):
+        a correction of some fields is checked with the others as they are."""
+        contact = doc.get("contact") or {}
+        return registry_pb2.PersonDetails(
+            full_name=doc["full_name"],
+            birth_date=doc["birth_date"],
+            sex=doc["sex"],
+            citizen_id=self.vault.open(doc["cid_sealed"]) if doc.get("cid_sealed") else "",
+            relationship=doc["relationship"],
+            education=doc.get("education", 0),
+            occupation=doc.get("occupation", ""),
+            contact=registry_pb2.Contact(
+                phone=contact.get("phone", ""), email=contact.get("email", "")
+            ),
+            war_invalid=doc.get("war_invalid", False),
+        )
+
     def message(
         self, doc: Document, caller: Principal, *, stored: bool = False
     ) -> registry_pb2.Person:

@@ -112,6 +112,14 @@ BURST = [
     registry_events.PersonDied(
         person_id="p1", household_id="h1", unit_id=WEST, death_date="2026-02-28"
     ),
+    # A birth date registered wrong, corrected: the person is counted by the right age.
+    registry_events.PersonUpdated(
+        person_id="p3",
+        household_id="h2",
+        unit_id=EAST,
+        updated_fields=["birth_date"],
+        birth_date="1960-06-06",
+    ),
     registry_events.UnitRenamed(unit_id=WEST, old_name="Tổ 1", new_name="Tổ 1 cũ"),
     # The registry names the households it moves: those in the west group then.
     registry_events.GroupsMerged(
@@ -172,6 +180,7 @@ async def test_a_burst_as_one_batch_leaves_the_view_and_the_map_as_one_by_one(
         assert (persons["p1"]["active"], persons["p1"]["unit_id"]) == (False, EAST)
         assert (persons["p2"]["household_id"], persons["p2"]["unit_id"]) == ("h2", EAST)
         assert persons["p0"]["unit_id"] == EAST
+        assert persons["p3"]["birth_date"] == "1960-06-06"
         features = {f["_id"]: f for f in view["features"]}
         assert features[point("h1")]["geometry"]["coordinates"][0] == 108.22015
         units = {u["_id"]: u for u in view["units"]}

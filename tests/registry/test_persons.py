@@ -18,6 +18,7 @@ from services.registry.main import RegistryService
 from services.registry.store import RegistryStore
 from tests.conftest import Clock
 from tests.indexes import index_uses, used_since
+from tests.kafka_reader import eventually
 from tests.registry_fixtures import Caller, City, citizen_id, new_household, person, rid
 
 
@@ -446,3 +447,121 @@ async def test_a_commands_stored_answer_never_holds_a_citizen_id_in_full(
         registry_pb2.GetPersonRequest(person_id=answer.person_id)
     )
     assert read.person.citizen_id == cid
+
+
+async def test_a_residents_details_are_corrected_and_a_childs_citizen_id_added_later(
+    city: City, registry: RegistryService
+) -> None:
+    """A newborn is registered without a citizen ID, which is issued later; a name may be
+    misspelt. Only the fields named change, each checked as at registration."""
+    home = await new_household(city.leader, city.group)
+    born = (date.today() - timedelta(days=40)).isoformat()
+    child = (
+        await city.leader.RegisterBirth(
+            registry_pb2.RegisterBirthRequest(
+                request_id=rid(),
+                household_id=home.household.household_id,
+                child=person("Trần Gia Bao", born, registry_pb2.SEX_MALE),
+            )
+        )
+    ).person
+    cid = citizen_id(born, registry_pb2.SEX_MALE)
+    request = registry_pb2.UpdatePersonRequest(
+        request_id=rid(),
+        person_id=child.person_id,
+        update_fields=["citizen_id", "full_name"],
+        person=registry_pb2.PersonDetails(
+            full_name="Trần Gia Bảo", citizen_id=cid, occupation="ignored: not named"
+        ),
+    )
+
+    updated = (await city.leader.UpdatePerson(request)).person
+
+    assert updated.full_name == "Trần Gia Bảo" and updated.occupation == "giáo viên"
+    assert updated.citizen_id_masked and cid not in updated.citizen_id
+    assert (await city.leader.UpdatePerson(request)).person == updated  # a retry
+    found = await city.ward_officer.FindPersonByCitizenId(
+        registry_pb2.FindPersonByCitizenIdRequest(citizen_id=cid)
+    )
+    assert found.person.person_id == child.person_id and found.person.citizen_id == cid
+    search = await city.leader.SearchPersons(
+        registry_pb2.SearchPersonsRequest(unit_id=city.group, name="Tran Gia Bao")
+    )
+    assert [p.person_id for p in search.persons] == [child.person_id]
+    published = [
+        event["type"].rsplit(".", 1)[-1]
+        async for entry in registry.db["outbox"].find({"events.key": child.person_id})
+        for event in entry["events"]
+        if event["key"] == child.person_id
+    ]
+    assert published == ["PersonRegistered", "PersonUpdated"]
+
+    async def corrected() -> list[str]:
+        history = await city.leader.GetHouseholdHistory(
+            registry_pb2.GetHouseholdHistoryRequest(household_id=home.household.household_id)
+        )
+        return [e.summary for e in history.entries if e.person_id == child.person_id][1:]
+
+    assert await eventually(corrected, what="the correction in the household's history") == [
+        "person's details corrected: citizen_id, full_name"
+    ]
+
+    async def refused(fields: list[str], details: registry_pb2.PersonDetails) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await city.leader.UpdatePerson(
+                registry_pb2.UpdatePersonRequest(
+                    request_id=rid(),
+                    person_id=child.person_id,
+                    update_fields=fields,
+                    person=details,
+                )
+            )
+        return f"{error.value.code().name} {error.value.details()}"
+
+    taken = (  # the head's, read in full: a man born in 1975
+        await city.ward_officer.GetPerson(
+            registry_pb2.GetPersonRequest(person_id=home.head.person_id)
+        )
+    ).person.citizen_id
+    assert (await refused(["full_name"], registry_pb2.PersonDetails())).startswith(
+        "INVALID_ARGUMENT person.full_name:"
+    )
+    # The ID on record must still match a corrected birth year.
+    assert (await refused(["birth_date"], person(born="1990-01-01"))).startswith(
+        "INVALID_ARGUMENT person.birth_date: the citizen ID on record does not match"
+    )
+    assert (await refused(["citizen_id"], registry_pb2.PersonDetails())).startswith(
+        "INVALID_ARGUMENT person.citizen_id:"
+    )
+    assert (await refused(["citizen_id"], person(citizen_id=taken))).startswith(
+        "INVALID_ARGUMENT person.citizen_id:"
+    )
+    assert (await refused(["nickname"], person())).startswith("INVALID_ARGUMENT update_fields:")
+    assert (
+        await refused(["relationship"], person(relationship=registry_pb2.RELATIONSHIP_HEAD))
+    ).startswith("INVALID_ARGUMENT person.relationship:")
+    other = await new_household(city.leader, city.group, head_name="Lê Văn Tám", born=born)
+    twin = (
+        await city.ward_officer.GetPerson(
+            registry_pb2.GetPersonRequest(person_id=other.head.person_id)
+        )
+    ).person.citizen_id
+    assert (await refused(["citizen_id"], person(citizen_id=twin))).startswith("ALREADY_EXISTS")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.other_leader.UpdatePerson(
+            registry_pb2.UpdatePersonRequest(
+                request_id=rid(),
+                person_id=child.person_id,
+                update_fields=["occupation"],
+                person=person(),
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    read = await city.ward_officer.GetPerson(
+        registry_pb2.GetPersonRequest(person_id=child.person_id)
+    )
+    assert (read.person.full_name, read.person.citizen_id, read.person.birth_date) == (
+        "Trần Gia Bảo",
+        cid,
+        born,
+    )
