@@ -32,6 +32,11 @@ def new_ticket_id() -> str:
     return f"tk-{ObjectId()}"
 
 
+CANDIDATE_FIELDS = dict.fromkeys(
+    ("submitted_at", "category", "status", "duplicate_of", "origin_unit_id", "location"), 1
+)
+
+
 class TicketStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.db = db
@@ -129,6 +134,9 @@ class TicketStore:
                 "duplicate_of": None,
                 "submitted_at": {"$gte": since},
             },
+            # What the choice looks at: not a primary's list of duplicates, its comments or its
+            # history, which grow with it and would be read for every ticket filed near it.
+            CANDIDATE_FIELDS,
             session=session,
         ).to_list()
 
