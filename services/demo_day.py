@@ -57,7 +57,7 @@ from services.common.broker import faststream_warnings_only
 from services.common.clock import Clock
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
-from services.common.telemetry import tracer
+from services.common.telemetry import setup_telemetry, tracer
 from services.common.wire import VIETNAM, local_date, timestamp
 from services.demo import CITY, PILOT
 from services.demo_map import street_entry
@@ -743,6 +743,8 @@ async def _on_own_servers(say: Callable[[str], None]) -> int:
                 otel_exporter_otlp_endpoint=outside.otel_exporter_otlp_endpoint,
                 outbox_poll_seconds=0.2,
             )
+            # Its spans are recorded, exported or not: the story shows their trace ids.
+            setup_telemetry("civic-demo", settings, record=True)
             clock = Clock()
             async with pilot_services(settings, clock) as targets:
                 day = await PilotDay(settings, targets, clock, say).play()

@@ -20,9 +20,18 @@ _added: set[SpanProcessor] = set()
 
 
 def setup_telemetry(
-    service_name: str, settings: Settings, processor: SpanProcessor | None = None
+    service_name: str,
+    settings: Settings,
+    processor: SpanProcessor | None = None,
+    *,
+    record: bool = False,
 ) -> None:
-    """Install the global tracer provider once per process; later calls only add a processor."""
+    """Install the global tracer provider once per process; later calls only add a processor.
+
+    With no exporter configured, no processor given and no `record` (a caller that shows its
+    trace ids), none is installed: spans nobody could see are not recorded (that cost a service
+    about a tenth of its CPU), and the API's default tracer passes an incoming trace context
+    through unchanged, so a trace still runs across services that do export."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         # Several services in one process (tests, benchmarks) share the provider: add a given
@@ -30,6 +39,8 @@ def setup_telemetry(
         if processor is not None and processor not in _added:
             _added.add(processor)
             current.add_span_processor(processor)
+        return
+    if not (settings.otel_exporter_otlp_endpoint or processor or record):
         return
     provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
     if settings.otel_exporter_otlp_endpoint:
