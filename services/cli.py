@@ -110,7 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         "--subject", default="", help="who the token is for (default: you, as ROLE there)"
     )
     token.add_argument(
-        "--ttl-hours", type=_positive(float, MAX_TTL_HOURS), default=12.0, metavar="N"
+        "--ttl-hours",
+        type=_positive(float, MAX_TTL_HOURS),
+        default=12.0,
+        metavar="N",
+        help=f"how long the token is valid (default: 12; at most {MAX_TTL_HOURS})",
     )
     token.set_defaults(handler=_token)
 
@@ -121,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_file_format(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    imports.add_argument("file", type=Path, metavar="FILE")
+    imports.add_argument("file", type=Path, metavar="FILE", help="the CSV file (UTF-8)")
     imports.add_argument(
         "--token", default=os.environ.get(TOKEN_ENV, ""), help=f"bearer token (or ${TOKEN_ENV})"
     )
@@ -135,9 +139,23 @@ def _parser() -> argparse.ArgumentParser:
         "city", help="write a synthetic city as import files", description=_city.__doc__
     )
     city.add_argument("directory", type=Path, metavar="DIR", help="one CSV per ward goes here")
-    city.add_argument("--residents", type=_positive(int), default=DEFAULT_RESIDENTS, metavar="N")
-    city.add_argument("--groups", type=_positive(int), default=DEFAULT_GROUPS, metavar="N")
-    city.add_argument("--seed", type=int, default=1)
+    city.add_argument(
+        "--residents",
+        type=_positive(int),
+        default=DEFAULT_RESIDENTS,
+        metavar="N",
+        help=f"how many people live in the city (default: {DEFAULT_RESIDENTS:,})",
+    )
+    city.add_argument(
+        "--groups",
+        type=_positive(int),
+        default=DEFAULT_GROUPS,
+        metavar="N",
+        help=f"residential groups, at least one per ward (default: {DEFAULT_GROUPS:,})",
+    )
+    city.add_argument(
+        "--seed", type=int, default=1, help="the same seed writes the same city (default: 1)"
+    )
     city.add_argument(
         "--token",
         default="",
@@ -149,14 +167,24 @@ def _parser() -> argparse.ArgumentParser:
     stack = commands.add_parser(
         "stack", help="start, stop or show the local servers", description=_stack.__doc__
     )
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument(
+        "action",
+        choices=["up", "down", "status"],
+        help="up: start them (again: nothing changes); down: stop them, keeping their data; "
+        "status: show each one",
+    )
     stack.add_argument("--env", default="dev", help="environment name (default: dev)")
     stack.set_defaults(handler=_stack)
 
     tail = commands.add_parser(
         "tail", help="print a topic's events, decoded", description=topic_tail.__doc__
     )
-    tail.add_argument("topic", choices=topic_tail.TOPIC_NAMES, metavar="TOPIC")
+    tail.add_argument(
+        "topic",
+        choices=topic_tail.TOPIC_NAMES,
+        metavar="TOPIC",
+        help=" | ".join(topic_tail.TOPIC_NAMES),
+    )
     tail.add_argument("--from-beginning", action="store_true", help="not only new events")
     tail.add_argument("--type", action="append", default=[], help="only this ce_type (repeatable)")
     tail.add_argument("--key", default="", help="only this aggregate (ticket, household, fund...)")
@@ -169,7 +197,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.add_argument("unit", metavar="UNIT_ID", help="e.g. dn.hc.hc1.t17")
     render.add_argument("file", type=Path, metavar="FILE", help="where to write it: .svg or .png")
-    render.add_argument("--width", type=_positive(int, 4000), default=1200, metavar="PX")
+    render.add_argument(
+        "--width",
+        type=_positive(int, 4000),
+        default=1200,
+        metavar="PX",
+        help="the picture's width in pixels (default: 1200; at most 4000)",
+    )
     render.add_argument(
         "--token", default=os.environ.get(TOKEN_ENV, ""), help=f"bearer token (or ${TOKEN_ENV})"
     )

@@ -3,6 +3,7 @@ what the demo prints."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -190,3 +191,19 @@ async def test_stack_status_of_an_environment_never_started(
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["mongo", "kafka", "s3"]
     assert all(line.split()[1] == "stopped" for line in lines)
+
+
+def test_every_option_and_argument_says_what_it_does() -> None:
+    """`civic <command> --help` is the operator's manual: nothing in it may be a bare name."""
+    commands = next(
+        action
+        for action in cli._parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    bare = [
+        f"{name} {action.dest}"
+        for name, parser in commands.choices.items()
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert bare == []

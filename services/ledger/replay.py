@@ -546,7 +546,9 @@ def add_arguments(parser: argparse.ArgumentParser, token_default: str) -> None:
         default=f"127.0.0.1:{GRPC_PORTS['ledger']}",
         help="the live ledger service's host:port",
     )
-    parser.add_argument("--topic", default=TOPIC)
+    parser.add_argument(
+        "--topic", default=TOPIC, help=f"the topic to replay (default: {TOPIC}, or a copy of it)"
+    )
     parser.add_argument("--unit", default="", help="compare the funds of this unit and below")
     parser.add_argument(
         "--keep-store", action="store_true", help="keep the replay's database afterwards"
