@@ -186,7 +186,13 @@ def _parser() -> argparse.ArgumentParser:
         help=" | ".join(topic_tail.TOPIC_NAMES),
     )
     tail.add_argument("--from-beginning", action="store_true", help="not only new events")
-    tail.add_argument("--type", action="append", default=[], help="only this ce_type (repeatable)")
+    tail.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        help="only this event type, e.g. PersonRegistered or civic.registry.v1.PersonRegistered "
+        "(repeatable)",
+    )
     tail.add_argument("--key", default="", help="only this aggregate (ticket, household, fund...)")
     tail.add_argument("--count", type=_positive(int), default=0, metavar="N", help="stop after N")
     tail.add_argument("--bootstrap", default="", help="Kafka brokers (default: the services')")
@@ -497,6 +503,18 @@ async def _stack(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
+    types = set()
+    if args.type:
+        known = topic_tail.event_types(args.topic)
+        # A type the topic never carries (misspelt, or another topic's) would match nothing,
+        # and the tail would wait in silence for ever.
+        types = {name if "." in name else f"{args.topic}.{name}" for name in args.type}
+        if unknown := sorted(types.difference(known)):
+            return _fail(
+                f"{args.topic} carries no {', '.join(unknown)}; its types are "
+                + ", ".join(name.removeprefix(f"{args.topic}.") for name in known),
+                status=2,
+            )
     bootstrap = args.bootstrap or Settings().kafka_bootstrap_servers
     try:
         await topic_tail.tail(
@@ -504,7 +522,7 @@ async def _tail(args: argparse.Namespace) -> int:
             args.topic,
             sys.stdout,
             from_beginning=args.from_beginning,
-            types=set(args.type),
+            types=types,
             key=args.key,
             count=int(args.count),
         )

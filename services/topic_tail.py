@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Collection
+from types import ModuleType
 from typing import TextIO
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
@@ -32,11 +33,18 @@ class MissingTopic(LookupError):
     """The broker has no such topic (not provisioned there)."""
 
 
-def load_event_types(topic: str) -> None:
+def load_event_types(topic: str) -> ModuleType:
     """Import the topic's event messages, so their type names decode."""
     if topic not in TOPIC_NAMES:
         raise UnknownTopic(f"unknown topic {topic!r}; the topics are {', '.join(TOPIC_NAMES)}")
-    importlib.import_module(f"{topic}.events_pb2")
+    return importlib.import_module(f"{topic}.events_pb2")
+
+
+def event_types(topic: str) -> tuple[str, ...]:
+    """The ce_types the topic carries, as this build's protos define them: every message of the
+    topic's events.proto is one of its events."""
+    messages = load_event_types(topic).DESCRIPTOR.message_types_by_name.values()
+    return tuple(message.full_name for message in messages)
 
 
 def describe(record: ConsumerRecord[bytes, bytes], event: CloudEvent) -> str:

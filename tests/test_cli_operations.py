@@ -55,7 +55,8 @@ async def test_tail_keeps_to_the_types_asked_for(
     head = created.household.head_person_id
     capsys.readouterr()
 
-    args = ["--from-beginning", "--key", head, "--type", PERSON_REGISTERED, "--count", "1"]
+    # The type as its topic's events name it (the short form of PERSON_REGISTERED).
+    args = ["--from-beginning", "--key", head, "--type", "PersonRegistered", "--count", "1"]
     assert await cli.run(tail_args(settings, *args)) == 0
 
     [line] = capsys.readouterr().out.splitlines()
@@ -207,3 +208,16 @@ def test_every_option_and_argument_says_what_it_does() -> None:
         if not isinstance(action, argparse._HelpAction) and not action.help
     ]
     assert bare == []
+
+
+async def test_tail_refuses_an_event_type_its_topic_never_carries(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A misspelt --type would otherwise match nothing, and the tail would wait in silence."""
+    misspelt, elsewhere = "civic.registry.v1.PersonRegisterd", "civic.tickets.v1.TicketClosed"
+    args = ["--type", misspelt, "--type", PERSON_REGISTERED, "--type", elsewhere]
+    assert await cli.run(["tail", "civic.registry.v1", *args]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: civic.registry.v1 carries no {misspelt}, {elsewhere}; its ")
+    assert " PersonRegistered, " in err and len(err.splitlines()) == 1
