@@ -14,7 +14,8 @@ places there and every fund the live service lists there, whatever unit the topi
 fund whose unit differs between the two is itself a difference).
 
 The report is short and the same on every run over the same events. Exit status: 0 when
-everything matches, 1 on any difference (the first bad event is named), 2 when it cannot run.
+everything matches, 1 on any difference (the first bad event is named), 2 when it cannot run
+or has nothing to check: a topic without events, a unit without funds.
 """
 
 from __future__ import annotations
@@ -93,12 +94,19 @@ class Report:
     first_bad: Finding | None = None
     compared: int = 0
     mismatches: list[str] = field(default_factory=list)
+    live_asked: bool = False  # whether the funds were to be compared with the live service
     # Where the time went (seconds), for benchmarks; not part of the report's text.
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.first_bad is None and not self.mismatches and self.postings_total == 0
+
+    @property
+    def nothing_compared(self) -> bool:
+        """Asked to compare with the live service, found no fund to compare, and nothing else
+        wrong: no evidence either way (a unit without funds, or a misspelt one)."""
+        return self.live_asked and self.ok and self.compared == 0
 
     def text(self) -> str:
         lines = [
@@ -112,7 +120,10 @@ class Report:
         if self.first_bad is not None:
             lines.append(self.first_bad.line())
         lines += [f"differs: {m}" for m in self.mismatches[:20]]
-        lines.append("result: " + ("OK" if self.ok else "DIFFERENCES FOUND"))
+        if self.nothing_compared:
+            lines.append("result: NOTHING COMPARED")
+        else:
+            lines.append("result: " + ("OK" if self.ok else "DIFFERENCES FOUND"))
         return "\n".join(lines)
 
 
@@ -412,6 +423,7 @@ async def replay(
         report.transactions = sum(f.transaction_count for f in replayer.books.funds.values())
         report.postings_total = sum(sum(b.values()) for b in balances.values())
         if live is not None:
+            report.live_asked = True
             started = time.perf_counter()
             if progress is not None:
                 progress.step("comparing with the live service")
@@ -591,6 +603,12 @@ async def command(args: argparse.Namespace, settings: Settings | None = None) ->
     print(report.text())
     if not report.events:
         print(f"error: {args.topic} holds no events: nothing was checked", file=sys.stderr)
+        return 2
+    if report.nothing_compared:
+        print(
+            f"error: no fund of {unit} on the topic or in the live service: nothing was compared",
+            file=sys.stderr,
+        )
         return 2
     return 0 if report.ok else 1
 

@@ -530,3 +530,29 @@ async def test_the_cli_stops_before_reading_when_it_cannot_compare_or_store(
     err = capsys.readouterr().err
     assert status == 2
     assert err == "error: the replay's own MongoDB store is out of reach (see CIVIC_MONGO_URI)\n"
+
+
+async def test_the_cli_refuses_a_unit_with_no_fund_to_compare(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A unit without funds, or a misspelt one, compares nothing: no evidence that all is well,
+    so not "result: OK"."""
+    await busy_fund(books)
+    await published(ledger_service)
+    use_servers(monkeypatch, settings)
+    target = f"127.0.0.1:{ledger_service.port}"
+    auditor = token(Role.AUDITOR, books.city.city)
+    for unit in (books.city.other_group, f"{books.city.group}9"):
+        status = await cli.run(
+            ["replay-ledger", "--token", auditor, "--target", target, "--unit", unit]
+        )
+        captured = capsys.readouterr()
+        assert status == 2, captured.out
+        assert "result: OK" not in captured.out
+        assert captured.err.splitlines()[-1] == (
+            f"error: no fund of {unit} on the topic or in the live service: nothing was compared"
+        )
