@@ -13,9 +13,9 @@ Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they ar
 as the secret the target services run with. The columns of an import file are described in
 services/registry/csv_rows.py; `civic import-csv --help` lists them.
 
-Exit status: 0 when the command did its work (an import with row errors included: they are
-reported, the other rows are imported), 1 when a call or the file failed half-way, 2 when it
-could not start (bad arguments, unreadable file).
+Exit status: 0 when the command did its work, 1 when a call or the file failed half-way, 2 when
+it could not start (bad arguments, unreadable file), 3 when an import left rows out: they are
+reported, the other rows are imported.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ WAITING_EVERY = 10.0  # seconds between lines while the registry applies the las
 UNITS_PER_LINE = 100  # units created between progress lines of `civic city --token`
 MAX_CHUNK = 5_000  # rows per message; keeps a message well under gRPC's 4 MB default limit
 MAX_TTL_HOURS = 366 * 24  # a year: a longer-lived token is a standing credential
+# An import's exit status when rows were left out: not 0, or a script would take the file as
+# onboarded; not 1, which says the import itself failed.
+ROWS_LEFT_OUT = 3
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -330,7 +333,9 @@ def _operator() -> str:
 
 async def _import_csv(args: argparse.Namespace) -> int:
     """Stream the file's rows to the registry's ImportPersons and report per-row errors. A second
-    run of the same file changes nothing, so an import that failed half-way can be run again."""
+    run of the same file changes nothing, so an import that failed half-way can be run again.
+    Exit status 0 when every row is in the register, 3 when rows were left out (listed; the
+    others are imported), 1 when the import failed half-way, 2 when it could not start."""
     if not args.token:
         return _fail(f"--token is required (or set ${TOKEN_ENV})", status=2)
     path: Path = args.file
@@ -357,9 +362,16 @@ async def _import_csv(args: argparse.Namespace) -> int:
             )
         finally:
             progress.stop()
-    _report(path, total, stream, response)
+    failed = _report(path, total, stream, response)
     if stream.failure is not None:
         return _fail(f"stopped reading after {stream.read} rows: {stream.failure}", status=1)
+    if failed:
+        rows = f"{failed:,} row{'s' if failed > 1 else ''}"
+        return _fail(
+            f"{rows} not imported (listed above); correct them and run the file again "
+            "(the rows imported stay)",
+            status=ROWS_LEFT_OUT,
+        )
     return 0
 
 
@@ -436,7 +448,8 @@ class _RowStream:
 
 def _report(
     path: Path, total: int, stream: _RowStream, response: registry_pb2.ImportPersonsResponse
-) -> None:
+) -> int:
+    """Prints the import's counts and its row errors; returns how many rows failed."""
     # Every row sent is created, unchanged or failed; the registry lists at most 10,000 failures.
     failed_there = response.rows - response.persons_created - response.persons_unchanged
     failed = len(stream.local_errors) + max(failed_there, len(response.errors))
@@ -452,6 +465,7 @@ def _report(
     for error in errors:
         column = csv_rows.column_for(error.field)
         print(f"row {error.row_number}  {column + ': ' if column else ''}{error.message}")
+    return failed
 
 
 # ---- civic city ---------------------------------------------------------------------------------

@@ -104,11 +104,23 @@ def summary(output: str, label: str) -> int:
     return int(found.group(1).replace(",", ""))
 
 
-async def import_csv(city: City, path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+async def import_csv(
+    city: City, path: Path, capsys: pytest.CaptureFixture[str], *, refused: int = 0
+) -> str:
+    """The report of importing `path`, whose `refused` rows are not imported."""
     bearer = token(Role.WARD_OFFICER, city.ward)
     status = await cli.run(["import-csv", str(path), "--token", bearer, "--target", city.target])
     out, err = capsys.readouterr()
-    assert status == 0, err
+    if refused:
+        # A script running the import must see that rows are missing, not a clean 0.
+        assert status == 3, err
+        rows = f"{refused} row{'s' if refused > 1 else ''}"
+        assert err.splitlines()[-1] == (
+            f"error: {rows} not imported (listed above); correct them and run the file again "
+            "(the rows imported stay)"
+        )
+    else:
+        assert status == 0, err
     return out
 
 
@@ -270,7 +282,7 @@ async def test_bad_rows_are_reported_by_line_and_the_others_imported(
     rows = [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3], good[4]]
     path = write_csv(tmp_path / "people.csv", rows)
 
-    out = await import_csv(city, path, capsys)
+    out = await import_csv(city, path, capsys, refused=4)
 
     assert summary(out, "persons created") == 5
     assert summary(out, "rows with errors") == 4
@@ -294,9 +306,9 @@ async def test_second_run_of_the_same_file_changes_nothing(
     rows = good_records(city)
     rows.insert(1, record(city.group, "HK-1", "Bùi Văn Tư", "1990-01-01", "robot"))
     path = write_csv(tmp_path / "people.csv", rows)
-    await import_csv(city, path, capsys)
+    await import_csv(city, path, capsys, refused=1)
 
-    out = await import_csv(city, path, capsys)
+    out = await import_csv(city, path, capsys, refused=1)
 
     assert summary(out, "households created") == 0
     assert summary(out, "persons created") == 0
@@ -449,7 +461,7 @@ async def test_a_number_past_its_field_is_a_row_error_and_the_others_import(
         record(g, "HK-2", "Lê Văn Bình", "1975-02-03", "male", storeys="3000000000"),
         record(g, "HK-3", "Lê Văn Cường", "1975-02-03", "male"),
     ]
-    out = await import_csv(city, write_csv(tmp_path / "people.csv", rows), capsys)
+    out = await import_csv(city, write_csv(tmp_path / "people.csv", rows), capsys, refused=1)
     assert summary(out, "persons created") == 2
     assert re.findall(r"^row (\d+)  (\w+):", out, re.MULTILINE) == [("3", "storeys")]
 
@@ -462,7 +474,7 @@ async def test_a_second_head_in_a_file_is_a_row_error(
         record(g, "HK-1", "Trần Văn An", "1975-02-03", "male"),
         record(g, "HK-1", "Trần Văn Bảo", "1976-02-03", "male"),  # "head" too
     ]
-    out = await import_csv(city, write_csv(tmp_path / "people.csv", rows), capsys)
+    out = await import_csv(city, write_csv(tmp_path / "people.csv", rows), capsys, refused=1)
     assert re.findall(r"^row (\d+)  (\w+):", out, re.MULTILINE) == [("3", "relationship")]
     [head] = await residents(city)
     got = await city.ward_officer.GetHousehold(
