@@ -221,3 +221,15 @@ async def test_tail_refuses_an_event_type_its_topic_never_carries(
     err = capsys.readouterr().err
     assert err.startswith(f"error: civic.registry.v1 carries no {misspelt}, {elsewhere}; its ")
     assert " PersonRegistered, " in err and len(err.splitlines()) == 1
+
+
+def test_a_short_signing_secret_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tokens signed with a short secret can be forged by whoever guesses it from one token:
+    every command and service refuses to start with one, naming the variable."""
+    monkeypatch.setenv("CIVIC_AUTH_SECRET", "too-short")
+    assert cli.main(["token", "--role", "city_admin", "--scope", "dn"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: CIVIC_AUTH_SECRET:")
+    assert "32 characters" in line

@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     # private network behind a public name): presigned links are made for this address.
     s3_public_url: str = ""
 
-    # Signing key for bearer tokens; production sets a long random value.
-    auth_secret: str = "civic-dev-signing-key-change-me-in-production"
+    # Signing key for bearer tokens; production sets a long random value, of 32 characters at
+    # least as HMAC-SHA256 wants (RFC 7518 3.2): a short one is guessed from any token seen.
+    auth_secret: str = Field(default="civic-dev-signing-key-change-me-in-production", min_length=32)
     # Key for encrypting and indexing citizen IDs at rest (32+ characters).
     data_key: str = "civic-dev-data-key-change-me-in-production"
 
