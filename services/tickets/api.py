@@ -766,6 +766,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             wanted = set(request.statuses or domain.OPEN) & {int(s) for s in domain.OPEN}
             query["status"] = {"$in": sorted(wanted)}
             query["next_deadline"] = {"$lt": self.clock()}  # passed, as domain.missed counts
+            query["duplicate_of"] = None  # late with its primary, not alone: records.overdue
         tickets, token = await self.store.queue(
             query, _page_token(request.page.page_token), page_size(request.page.page_size)
         )

@@ -11,7 +11,7 @@ from services.common.cloudevents import type_name
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
 from services.common.wire import duration, point_message, span, timestamp
-from services.tickets.domain import LONGEST_DEADLINE, Level, Rule, Sla, Status, missed
+from services.tickets.domain import LONGEST_DEADLINE, OPEN, Level, Rule, Sla, Status, missed
 
 
 def new_ticket(
@@ -52,10 +52,21 @@ def new_ticket(
     }
 
 
+def overdue(doc: Document, now: datetime) -> bool:
+    """Whether the ticket is late on its own account. A linked duplicate never is: the sweep
+    leaves it to its primary (see TicketStore.due), so its own deadlines hold nobody, and
+    showing its primary's lateness would count the cluster's once per ticket. The cluster is
+    late once, on the primary, which the same queue lists and the statistics count."""
+    return (
+        doc["status"] in OPEN
+        and not doc.get("duplicate_of")
+        and missed(doc.get("next_deadline"), now)
+    )
+
+
 def ticket_message(
     doc: Document, now: datetime, photo_url: Callable[[str], str] | None = None
 ) -> tickets_pb2.Ticket:
-    status = Status(doc["status"])
     return tickets_pb2.Ticket(
         ticket_id=doc["_id"],
         category=doc["category"],
@@ -95,8 +106,7 @@ def ticket_message(
         acknowledge_by=timestamp(doc.get("acknowledge_by")),
         resolve_by=timestamp(doc.get("resolve_by")),
         resolved_at=timestamp(doc.get("resolved_at")),
-        overdue=status in (Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS)
-        and missed(doc.get("next_deadline"), now),
+        overdue=overdue(doc, now),
     )
 
 

@@ -5,6 +5,7 @@ apart from its primary leaves the cluster."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any
@@ -24,6 +25,7 @@ from services.tickets import domain
 from services.tickets.clusters import release_orphans
 from services.tickets.events import Router
 from services.tickets.main import TicketsService
+from tests.conftest import Clock
 from tests.objects import png_bytes, put
 from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
@@ -497,3 +499,32 @@ async def test_how_near_and_how_recent_a_duplicate_is_are_configured(
     assert await linked(100, timedelta(hours=3))
     assert not await linked(20, timedelta(hours=3))  # 30 m is too far
     assert not await linked(100, timedelta(hours=1))  # two hours is too long ago
+
+
+async def test_a_linked_duplicate_is_not_overdue_on_its_own_deadlines(
+    pilot: Pilot, clock: Clock, tickets_service: TicketsService
+) -> None:
+    """The sweep leaves a linked duplicate to its primary, so its own deadlines hold nobody: it
+    is neither flagged nor listed overdue, and the queue agrees with the dashboard's count."""
+    city = pilot.city
+    primary = (await pilot.routed((await pilot.submit()).ticket_id)).ticket_id
+    filed = await pilot.submit(caller=pilot.neighbour, location=point_near(30))
+    duplicate = (await pilot.routed(filed.ticket_id, pilot.neighbour)).ticket_id
+    await pilot.ward_officer.AcknowledgeTicket(
+        tickets_pb2.AcknowledgeTicketRequest(request_id=rid(), ticket_id=primary)
+    )
+    clock.advance(hours=25)  # past the duplicate's own 24 h to acknowledge, not the primary's
+    await asyncio.sleep(0.6)  # three sweeps: none moves the duplicate
+
+    linked = (await cluster(pilot.ward_officer, duplicate)).ticket
+    assert (linked.duplicate_of, linked.assigned_unit_id) == (primary, city.ward)
+    assert not linked.overdue
+    overdue = await pilot.ward_officer.ListQueue(
+        tickets_pb2.ListQueueRequest(unit_id=city.ward, overdue_only=True)
+    )
+    assert not {t.ticket_id for t in overdue.tickets} & {primary, duplicate}
+    stats = await pilot.ward_officer.GetStatistics(
+        tickets_pb2.GetStatisticsRequest(unit_id=city.ward)
+    )
+    [row] = [r for r in stats.statistics if r.category == "street-light"]
+    assert (row.open, row.overdue) == (1, 0)
