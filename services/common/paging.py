@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from bson.timestamp import Timestamp
+from google.protobuf.message import Message
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
@@ -25,6 +26,11 @@ from services.common.wire import EPOCH, MICROSECOND
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# What one page's items may take together: a gRPC client's default limit on a message it
+# receives (4 MiB), less room for the rest of the answer.
+MAX_PAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+T = TypeVar("T")
 
 
 def page_size(
@@ -42,6 +48,33 @@ def after_token(query: dict[str, Any], token: str) -> dict[str, Any]:
 
 def next_token(items: list[dict[str, Any]], size: int) -> str:
     return str(items[-1]["_id"]) if len(items) == size else ""
+
+
+class PageWithin(Generic[T]):
+    """A page's items, in order, while they fit in `limit` bytes together: a listing whose
+    items vary in size ends a page early, before its answer passes what a client takes, rather
+    than failing. The first item always fits: each listing bounds its items well below that."""
+
+    def __init__(self, limit: int = MAX_PAGE_BYTES) -> None:
+        self.items: list[T] = []
+        self.limit = limit
+        self._bytes = 0
+
+    def add(self, item: T, size: int) -> bool:
+        """The item added, if the page has room for its `size` bytes; False, the page being
+        full, if not (the next page begins with it)."""
+        if self.items and self._bytes + size > self.limit:
+            return False
+        self.items.append(item)
+        self._bytes += size
+        return True
+
+
+def message_bytes(message: Message) -> int:
+    """A message's size as an item of a repeated field of its answer: its own bytes, its field's
+    tag (one or two bytes) and its length (a varint)."""
+    size = message.ByteSize()
+    return size + 2 + max(1, -(-size.bit_length() // 7))
 
 
 UNIT_ORDER = [("unit_id", ASCENDING), ("_id", ASCENDING)]

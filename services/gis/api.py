@@ -32,7 +32,7 @@ from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session, in_transaction, in_unit
 from services.common.objects import ObjectStore
 from services.common.outbox import Outbox
-from services.common.paging import page_size
+from services.common.paging import MAX_PAGE_BYTES, PageWithin, page_size
 from services.common.telemetry import current_trace_headers
 from services.common.wire import local_date, point_message
 from services.gis import domain, geometry, render, routing
@@ -57,9 +57,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 IMPORT_BATCH = 1000
 MAX_INLINE_BYTES = 4 * 1024 * 1024
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
-# The GeoJSON text of one ListFeatures page, at most: a gRPC client's default limit on a
-# message it receives (4 MiB), less room for the rest of the answer.
-MAX_PAGE_BYTES = 4 * 1024 * 1024 - 64 * 1024
 MAX_FEATURES_PAGE = 10_000
 MAX_RESIDENTS_PAGE = 200
 MAX_HYDRANTS = 50
@@ -577,15 +574,12 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
                 query, request.page.page_token, size, {"geojson": 1}
             )
         # Within what a gRPC client takes by default (4 MiB): a page of long lines is shorter.
-        kept: list[Document] = []
-        text = 0
+        kept = PageWithin[Document](MAX_PAGE_BYTES)
         for item in items:
-            text += len(item["geojson"].encode()) + 1  # and its comma
-            if kept and text > MAX_PAGE_BYTES:
-                token = str(kept[-1]["_id"])
+            if not kept.add(item, len(item["geojson"].encode()) + 1):  # and its comma
+                token = str(kept.items[-1]["_id"])
                 break
-            kept.append(item)
-        items = kept
+        items = kept.items
         return gis_pb2.ListFeaturesResponse(
             geojson=collection_text(item["geojson"] for item in items),
             count=len(items),

@@ -13,6 +13,7 @@ import grpc
 from civic.tickets.v1 import events_pb2, tickets_pb2, tickets_pb2_grpc
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.cursor import AsyncCursor
 
 from services.common.auth import OFFICIALS, Principal, Role, principal
 from services.common.cloudevents import type_name
@@ -28,7 +29,7 @@ from services.common.media import check_image_upload
 from services.common.mongo import Document, Session
 from services.common.objects import ObjectStore, checked
 from services.common.outbox import Outbox
-from services.common.paging import page_size
+from services.common.paging import PageWithin, message_bytes, page_size
 from services.common.wire import duration, point_document, span, timestamp
 from services.tickets import domain
 from services.tickets.clusters import release, unlink
@@ -103,6 +104,23 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             del message.photos[:]
             del message.comments[:]
         return message
+
+    async def _page(
+        self, found: AsyncCursor[Document], size: int
+    ) -> tuple[list[tickets_pb2.Ticket], str]:
+        """A listing's page of up to `size` tickets, as the caller sees them, and the token of the
+        next page. Each ticket comes with its comments (up to MAX_COMMENTS of MAX_COMMENT
+        characters), so a page of long discussions ends early, within one answer; the next
+        page goes on from its last ticket."""
+        page = PageWithin[tickets_pb2.Ticket]()
+        try:
+            async for ticket in found:
+                message = self._message(ticket)
+                if not page.add(message, message_bytes(message)):
+                    return page.items, page.items[-1].ticket_id
+        finally:
+            await found.close()
+        return page.items, page.items[-1].ticket_id if len(page.items) == size else ""
 
     async def _ticket(self, ticket_id: str, session: Session | None = None) -> Document:
         if not ticket_id:
@@ -733,12 +751,12 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, request: tickets_pb2.ListMyTicketsRequest, context: Context
     ) -> tickets_pb2.ListMyTicketsResponse:
         caller = principal()
-        tickets, token = await self.store.of_submitter(
-            caller.subject, _page_token(request.page.page_token), page_size(request.page.page_size)
+        size = page_size(request.page.page_size)
+        tickets, token = await self._page(
+            self.store.of_submitter(caller.subject, _page_token(request.page.page_token), size),
+            size,
         )
-        return tickets_pb2.ListMyTicketsResponse(
-            tickets=[self._message(t) for t in tickets], next_page_token=token
-        )
+        return tickets_pb2.ListMyTicketsResponse(tickets=tickets, next_page_token=token)
 
     def _queue_query(self, caller: Principal, unit_id: str, department: str) -> Document:
         if not caller.is_official:
@@ -767,12 +785,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             query["status"] = {"$in": sorted(wanted)}
             query["next_deadline"] = {"$lt": self.clock()}  # passed, as domain.missed counts
             query["duplicate_of"] = None  # late with its primary, not alone: records.overdue
-        tickets, token = await self.store.queue(
-            query, _page_token(request.page.page_token), page_size(request.page.page_size)
+        size = page_size(request.page.page_size)
+        tickets, token = await self._page(
+            self.store.queue(query, _page_token(request.page.page_token), size), size
         )
-        return tickets_pb2.ListQueueResponse(
-            tickets=[self._message(t) for t in tickets], next_page_token=token
-        )
+        return tickets_pb2.ListQueueResponse(tickets=tickets, next_page_token=token)
 
     async def WatchQueue(
         self, request: tickets_pb2.WatchQueueRequest, context: Context

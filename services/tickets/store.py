@@ -9,13 +9,14 @@ from datetime import datetime
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, GEOSPHERE, IndexModel
+from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid
 
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
-from services.common.paging import after_token, next_token
+from services.common.paging import after_token
 from services.common.registry_view import RegistryView
 from services.tickets.domain import EARTH_RADIUS_M, OPEN, Level
 
@@ -179,18 +180,19 @@ class TicketStore:
             .to_list()
         )
 
-    async def of_submitter(
-        self, submitter: str, token: str, size: int
-    ) -> tuple[list[Document], str]:
+    # Listings hand out their tickets as read, not as a list: a page ends early once its
+    # tickets fill an answer (see TicketsServicer._page), and what follows is not read.
+
+    def of_submitter(self, submitter: str, token: str, size: int) -> AsyncCursor[Document]:
+        """A submitter's tickets, newest first, after the page token's."""
         query: Document = {"submitter": submitter}
         if token:
             query["_id"] = {"$lt": token}
-        items = await self.tickets.find(query).sort("_id", DESCENDING).limit(size).to_list()
-        return items, next_token(items, size)
+        return self.tickets.find(query).sort("_id", DESCENDING).limit(size)
 
-    async def queue(self, query: Document, token: str, size: int) -> tuple[list[Document], str]:
-        items = await self.tickets.find(after_token(query, token)).sort("_id").limit(size).to_list()
-        return items, next_token(items, size)
+    def queue(self, query: Document, token: str, size: int) -> AsyncCursor[Document]:
+        """The tickets `query` finds, oldest first, after the page token's."""
+        return self.tickets.find(after_token(query, token)).sort("_id").limit(size)
 
     async def statistics(self, unit_id: str, now: datetime) -> list[Document]:
         """Per origin unit and category: totals, open, resolved, overdue, resolution times.

@@ -10,14 +10,18 @@ from typing import Any
 
 import grpc
 import pytest
+from bson import ObjectId
+from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 from civic.tickets.v1 import tickets_pb2
 
 from services.common.auth import Role, mint_token
+from services.tickets import domain
 from services.tickets.main import TicketsService
 from tests.conftest import TEST_SECRET, Clock
 from tests.registry_fixtures import create_unit
 from tests.tickets.conftest import Pilot, TicketCaller, eventually, point_near, rid
+from tests.tickets.test_outcomes_and_counts import ticket_doc
 
 ROUTED = "civic.tickets.v1.TicketRouted"
 ACKNOWLEDGED = "civic.tickets.v1.TicketAcknowledged"
@@ -271,3 +275,64 @@ async def test_an_idle_queue_watch_ends_when_its_token_expires(
         await asyncio.wait_for(call.read(), 15)
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert time.monotonic() - opened > 1.5  # open while the token held
+
+
+async def test_a_page_of_long_discussions_ends_before_grpcs_limit(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Tickets with their comments in full: a page asked for with room for every one of them
+    ends early, before the 4 MiB a gRPC client takes, and the next goes on from there."""
+    now = tickets_service.clock()
+    category = f"probe-{ObjectId()}"
+    submitter = f"resident-{category}"
+    # The longest comments in bytes: every character three bytes in UTF-8.
+    said = [
+        {"author": submitter, "role": "resident", "text": "ặ" * domain.MAX_COMMENT, "at": now}
+    ] * domain.MAX_COMMENTS
+    crowded = [
+        ticket_doc(
+            pilot,
+            now,
+            category=category,
+            submitter=submitter,
+            status=int(domain.Status.ROUTED),
+            assigned_unit_id=pilot.city.ward,
+            assigned_level=int(domain.Level.WARD),
+            rule_version=1,
+            comments=said,
+        )
+        for _ in range(8)
+    ]
+    expected = sorted(ticket["_id"] for ticket in crowded)
+    await tickets_service.db["tickets"].insert_many(crowded)
+    submitter_caller = pilot.caller(Role.RESIDENT, pilot.city.group, pilot.household_id, submitter)
+
+    async def queue(token: str) -> tuple[list[str], str]:
+        page = await pilot.ward_officer.ListQueue(
+            tickets_pb2.ListQueueRequest(
+                unit_id=pilot.city.ward,
+                category=category,
+                page=types_pb2.PageRequest(page_size=1000, page_token=token),
+            )
+        )
+        return [t.ticket_id for t in page.tickets], page.next_page_token
+
+    async def mine(token: str) -> tuple[list[str], str]:
+        page = await submitter_caller.ListMyTickets(
+            tickets_pb2.ListMyTicketsRequest(
+                page=types_pb2.PageRequest(page_size=1000, page_token=token)
+            )
+        )
+        return [t.ticket_id for t in page.tickets], page.next_page_token
+
+    try:
+        for listing, order in ((queue, expected), (mine, expected[::-1])):
+            pages: list[list[str]] = []
+            token = ""
+            while not pages or token:
+                ids, token = await listing(token)
+                pages.append(ids)
+            assert [i for page in pages for i in page] == order
+            assert len(pages) > 1
+    finally:
+        await tickets_service.db["tickets"].delete_many({"category": category})
