@@ -41,6 +41,7 @@ from services.tickets.records import (
     rule_from_message,
     rules_document,
     rules_message,
+    submitter_of,
     ticket_message,
 )
 from services.tickets.store import TICKET_ID, TicketStore, new_ticket_id
@@ -87,7 +88,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         # Nor which household filed it, nor the household's place when the ticket took it for
         # want of one of its own: either would name the submitter as well.
         caller = principal()
-        if not (caller.is_official or caller.subject == ticket["submitter"]):
+        own = submitter_of(ticket).includes(caller)
+        if not (caller.is_official or own):
             message.submitter = ""
             message.household_id = ""
             # Tickets filed before the flag was kept: any with a household may be at its door.
@@ -96,7 +98,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             for comment in message.comments:
                 if comment.author_role not in OFFICIALS:
                     comment.author = ""
-        if caller.role is Role.RESIDENT and caller.subject != ticket["submitter"]:
+        if caller.role is Role.RESIDENT and not own:
             # A neighbour who "+1"s it (SupportTicket answers with the ticket) may not see it
             # otherwise: they learn what the problem is and how it stands, not what another
             # household wrote, photographed or was told.
@@ -162,8 +164,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
     @staticmethod
     def _submitter(caller: Principal, ticket: Document) -> None:
-        if caller.subject != ticket["submitter"]:
+        if not submitter_of(ticket).includes(caller):
             raise PermissionDenied("only the submitter may do this")
+
+    @classmethod
+    def _submitter_or_handler(cls, caller: Principal, ticket: Document) -> None:
+        """The submitter's side (domain.Submitter), or an official who may handle the ticket."""
+        if not submitter_of(ticket).includes(caller):
+            cls._handler(caller, ticket)
 
     async def _rules(self, session: Session | None = None) -> Document:
         rules = await (self.store.current_rules(session) if session else self.store.recent_rules())
@@ -279,7 +287,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, request: tickets_pb2.SupportTicketRequest, context: Context
     ) -> tickets_pb2.SupportTicketResponse:
         def allowed(caller: Principal, ticket: Document) -> None:
-            domain.may_support(caller, ticket["origin_unit_id"], ticket["submitter"])
+            domain.may_support(caller, ticket["origin_unit_id"], submitter_of(ticket))
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             supporter = principal().subject
@@ -319,8 +327,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tickets_pb2.CreatePhotoUploadResponse:
         caller = principal()
         ticket = await self._visible(request.ticket_id, caller)
-        if caller.subject != ticket["submitter"]:
-            domain.may_handle(caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"])
+        self._submitter_or_handler(caller, ticket)
         domain.check_transition("attach", domain.Status(ticket["status"]))
         check_image_upload(request.content_type, request.size_bytes, domain.MAX_PHOTO_BYTES)
         key = f"tickets/{ticket['_id']}/{uuid.uuid4().hex}.{EXTENSIONS[request.content_type]}"
@@ -341,17 +348,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             raise InvalidArgument("object_key", "was not issued for this ticket")
         caller = principal()
 
-        def allowed(caller: Principal, ticket: Document) -> None:
-            if caller.subject != ticket["submitter"]:
-                domain.may_handle(
-                    caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
-                )
-
         # Settled before the upload is accepted: a refused one stays where the upload sweep
         # removes it, not copied to checked/ with nothing to refer to it.
         try:
             ticket = await self._ticket(request.ticket_id)
-            _check_may(caller, ticket, "attach", allowed)
+            _check_may(caller, ticket, "attach", self._submitter_or_handler)
             domain.attached_already(_photo_keys(ticket), checked(request.object_key))
         except DomainError:
             # A retry of an attach made before the ticket was decided or filled up.
@@ -379,7 +380,12 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             return updated, [ticket_event(self.outbox, event, ticket["_id"])]
 
         return await self._act(
-            "AttachPhoto", request, tickets_pb2.AttachPhotoResponse, "attach", mutate, allowed
+            "AttachPhoto",
+            request,
+            tickets_pb2.AttachPhotoResponse,
+            "attach",
+            mutate,
+            self._submitter_or_handler,
         )
 
     # ---- the lifecycle ---------------------------------------------------------------------
@@ -629,17 +635,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def CloseTicket(
         self, request: tickets_pb2.CloseTicketRequest, context: Context
     ) -> tickets_pb2.CloseTicketResponse:
-        def allowed(caller: Principal, ticket: Document) -> None:
-            if caller.subject != ticket["submitter"]:
-                domain.may_handle(
-                    caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
-                )
-
         caller = principal()
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             now = self.clock()
-            if caller.subject != ticket["submitter"]:
+            if not submitter_of(ticket).includes(caller):
                 # Closing ends the submitter's right to reopen: officials wait for its end.
                 until = _reopen_until(ticket, await self._rules_that_routed(ticket, session))
                 if now <= until:
@@ -655,7 +655,12 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             )
 
         return await self._act(
-            "CloseTicket", request, tickets_pb2.CloseTicketResponse, "close", mutate, allowed
+            "CloseTicket",
+            request,
+            tickets_pb2.CloseTicketResponse,
+            "close",
+            mutate,
+            self._submitter_or_handler,
         )
 
     async def _apart(self, ticket: Document, session: Session) -> tuple[Document, list[Document]]:
@@ -685,12 +690,6 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         text = domain.check_text("text", request.text, domain.MAX_COMMENT)
         caller = principal()
 
-        def allowed(caller: Principal, ticket: Document) -> None:
-            if caller.subject != ticket["submitter"]:
-                domain.may_handle(
-                    caller, ticket.get("assigned_unit_id") or ticket["origin_unit_id"]
-                )
-
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             message = events_pb2.TicketCommented(
                 ticket_id=ticket["_id"], author_role=caller.role.value
@@ -707,7 +706,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         async def run(session: Session) -> tuple[tickets_pb2.AddCommentResponse, list[Document]]:
             ticket = await self._ticket(request.ticket_id, session)
             try:
-                allowed(caller, ticket)
+                self._submitter_or_handler(caller, ticket)
             except PermissionDenied:
                 _check_visible(caller, ticket)  # one the caller may not see is not there for them
                 raise
@@ -752,10 +751,12 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tickets_pb2.ListMyTicketsResponse:
         caller = principal()
         size = page_size(request.page.page_size)
-        tickets, token = await self._page(
-            self.store.of_submitter(caller.subject, _page_token(request.page.page_token), size),
-            size,
+        # A resident's own, and those officials filed on their household's behalf.
+        household_id = caller.household_id if caller.role is Role.RESIDENT else ""
+        found = self.store.of_submitter(
+            caller.subject, household_id, _page_token(request.page.page_token), size
         )
+        tickets, token = await self._page(found, size)
         return tickets_pb2.ListMyTicketsResponse(tickets=tickets, next_page_token=token)
 
     def _queue_query(self, caller: Principal, unit_id: str, department: str) -> Document:
@@ -945,7 +946,7 @@ def _check_visible(caller: Principal, ticket: Document) -> None:
             caller,
             ticket["origin_unit_id"],
             ticket.get("assigned_unit_id") or "",
-            ticket["submitter"],
+            submitter_of(ticket),
         )
     except PermissionDenied:
         raise NotFound(f"ticket {ticket['_id']} not found") from None

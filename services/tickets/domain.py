@@ -260,9 +260,30 @@ def escalation_target(assigned_unit_id: str) -> str | None:
 SEES_TICKETS_IN_SCOPE = OFFICIALS | {Role.AUDITOR, Role.INTEGRATOR}
 
 
-def may_see(caller: Principal, origin_unit_id: str, assigned_unit_id: str, submitter: str) -> None:
+@dataclass(frozen=True)
+class Submitter:
+    """Who filed a ticket (`subject`, in `role`) and for which household, if any."""
+
+    subject: str
+    role: str
+    household_id: str
+
+    def includes(self, caller: Principal) -> bool:
+        """Whether the caller has the submitter's say over the ticket: sees it, comments on it,
+        rates, reopens and closes it at any time. A ticket an official filed on a household's
+        behalf is that household's: its residents have that say, and the official what
+        officials of the unit have (closing at once would take the household's right to
+        reopen away)."""
+        if self.role in OFFICIALS and self.household_id:
+            return caller.role is Role.RESIDENT and caller.household_id == self.household_id
+        return caller.subject == self.subject
+
+
+def may_see(
+    caller: Principal, origin_unit_id: str, assigned_unit_id: str, submitter: Submitter
+) -> None:
     """Submitters see their own tickets; officials, integrators and auditors those in scope."""
-    if caller.subject == submitter:
+    if submitter.includes(caller):
         return
     if caller.role is Role.RESIDENT:
         raise PermissionDenied("residents see only their own tickets")
@@ -280,11 +301,11 @@ def may_handle(caller: Principal, assigned_unit_id: str) -> None:
         raise PermissionDenied(f"the ticket is assigned to {assigned_unit_id}, outside your scope")
 
 
-def may_support(caller: Principal, origin_unit_id: str, submitter: str) -> None:
+def may_support(caller: Principal, origin_unit_id: str, submitter: Submitter) -> None:
     """Residents of the ticket's group "+1" it; not its submitter, whom it counts already."""
     if caller.role is not Role.RESIDENT or not caller.covers(origin_unit_id):
         raise PermissionDenied("residents of the ticket's group may support it")
-    if caller.subject == submitter:
+    if submitter.includes(caller):
         raise PermissionDenied("you filed this ticket: it counts you already")
 
 

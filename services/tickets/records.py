@@ -11,7 +11,16 @@ from services.common.cloudevents import type_name
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document
 from services.common.wire import duration, point_message, span, timestamp
-from services.tickets.domain import LONGEST_DEADLINE, OPEN, Level, Rule, Sla, Status, missed
+from services.tickets.domain import (
+    LONGEST_DEADLINE,
+    OPEN,
+    Level,
+    Rule,
+    Sla,
+    Status,
+    Submitter,
+    missed,
+)
 
 
 def new_ticket(
@@ -50,6 +59,10 @@ def new_ticket(
         "next_deadline": None,
         "last_change": type_name(events_pb2.TicketSubmitted()),
     }
+
+
+def submitter_of(doc: Document) -> Submitter:
+    return Submitter(doc["submitter"], doc.get("submitter_role", ""), doc.get("household_id") or "")
 
 
 def overdue(doc: Document, now: datetime) -> bool:

@@ -13,6 +13,7 @@ from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid
 
+from services.common.auth import OFFICIALS
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
@@ -21,6 +22,7 @@ from services.common.registry_view import RegistryView
 from services.tickets.domain import EARTH_RADIUS_M, OPEN, Level
 
 OPEN_STATUSES = [int(status) for status in OPEN]
+OFFICIAL_ROLES = sorted(role.value for role in OFFICIALS)
 
 RULES_CACHE_SECONDS = 1.0
 
@@ -67,6 +69,8 @@ class TicketStore:
                 IndexModel([("assigned_unit_id", ASCENDING), ("_id", ASCENDING)]),
                 IndexModel([("origin_unit_id", ASCENDING), ("category", ASCENDING)]),
                 IndexModel([("submitter", ASCENDING), ("_id", DESCENDING)]),
+                # A household's tickets filed by officials, beside its residents' own.
+                IndexModel([("household_id", ASCENDING), ("_id", DESCENDING)]),
                 IndexModel([("next_deadline", ASCENDING)], partialFilterExpression=open_only),
                 IndexModel([("location", GEOSPHERE), ("category", ASCENDING)]),
             ]
@@ -183,11 +187,17 @@ class TicketStore:
     # Listings hand out their tickets as read, not as a list: a page ends early once its
     # tickets fill an answer (see TicketsServicer._page), and what follows is not read.
 
-    def of_submitter(self, submitter: str, token: str, size: int) -> AsyncCursor[Document]:
-        """A submitter's tickets, newest first, after the page token's."""
+    def of_submitter(
+        self, submitter: str, household_id: str, token: str, size: int
+    ) -> AsyncCursor[Document]:
+        """A submitter's tickets and, given a household, those officials filed on its behalf
+        (see domain.Submitter): newest first, after the page token's."""
         query: Document = {"submitter": submitter}
+        if household_id:
+            on_behalf = {"household_id": household_id, "submitter_role": {"$in": OFFICIAL_ROLES}}
+            query = {"$or": [query, on_behalf]}
         if token:
-            query["_id"] = {"$lt": token}
+            query = {"$and": [query, {"_id": {"$lt": token}}]}
         return self.tickets.find(query).sort("_id", DESCENDING).limit(size)
 
     def queue(self, query: Document, token: str, size: int) -> AsyncCursor[Document]:

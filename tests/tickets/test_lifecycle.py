@@ -19,6 +19,7 @@ from services.tickets import domain
 from services.tickets.main import TicketsService
 from tests.conftest import Clock
 from tests.indexes import index_uses, used_since
+from tests.registry_fixtures import new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, rid
 from tests.tickets.test_routing import replacing, rule, rules_changed
 
@@ -400,6 +401,74 @@ async def test_an_official_files_on_behalf_of_a_resident(pilot: Pilot) -> None:
     assert (routed.assigned_unit_id, routed.department) == (city.ward, "ward-police")
     routed = await pilot.routed(by_group.ticket_id, pilot.leader)
     assert routed.assigned_unit_id == city.group
+
+
+async def test_a_household_has_a_ticket_filed_on_its_behalf_as_its_own(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Filed by the ward for a household, a ticket is that household's: its residents list, read,
+    comment on, rate and reopen it, and close it when they like; the filing official has what
+    the ward's officials have. Its events name none of the household's residents."""
+    city = pilot.city
+    filed = await pilot.submit("noise", caller=pilot.ward_officer, household_id=pilot.household_id)
+    ticket_id = (await pilot.routed(filed.ticket_id, pilot.ward_officer)).ticket_id
+    elsewhere = await new_household(city.leader, city.group)
+    next_door = pilot.caller(
+        Role.RESIDENT, city.group, elsewhere.household.household_id, f"next-door-{city.city}"
+    )
+
+    mine = await pilot.resident.ListMyTickets(tickets_pb2.ListMyTicketsRequest())
+    assert ticket_id in {t.ticket_id for t in mine.tickets}
+    seen = await get(pilot.resident, ticket_id)
+    assert (seen.description, seen.household_id) == (filed.description, pilot.household_id)
+    theirs = await next_door.ListMyTickets(tickets_pb2.ListMyTicketsRequest())
+    assert ticket_id not in {t.ticket_id for t in theirs.tickets}
+    await refused(grpc.StatusCode.NOT_FOUND, get(next_door, ticket_id))
+
+    commented = await pilot.resident.AddComment(
+        tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text="Ồn cả đêm")
+    )
+    assert [(c.author, c.text) for c in commented.ticket.comments] == [("resident-1", "Ồn cả đêm")]
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        pilot.neighbour.SupportTicket(
+            tickets_pb2.SupportTicketRequest(request_id=rid(), ticket_id=ticket_id)
+        ),
+    )
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(
+            request_id=rid(), ticket_id=ticket_id, resolution="Đã nhắc"
+        )
+    )
+    # Rating and closing at once are the household's: the ward waits for the reopening period.
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        pilot.ward_officer.RateResolution(
+            tickets_pb2.RateResolutionRequest(request_id=rid(), ticket_id=ticket_id, rating=5)
+        ),
+    )
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        pilot.ward_officer.CloseTicket(
+            tickets_pb2.CloseTicketRequest(request_id=rid(), ticket_id=ticket_id)
+        ),
+    )
+    rated = await pilot.neighbour.RateResolution(
+        tickets_pb2.RateResolutionRequest(request_id=rid(), ticket_id=ticket_id, rating=2)
+    )
+    assert rated.ticket.rating == 2
+    reopened = await pilot.resident.ReopenTicket(
+        tickets_pb2.ReopenTicketRequest(request_id=rid(), ticket_id=ticket_id, reason="Vẫn ồn")
+    )
+    assert reopened.ticket.status == tickets_pb2.TICKET_STATUS_ROUTED
+
+    entries = await tickets_service.db["outbox"].find({"events.key": ticket_id}).to_list()
+    published = [event for entry in entries for event in entry["events"]]
+    assert len(published) >= 6
+    for event in published:
+        told = bytes(event["data"]) + str(event.get("actor", "")).encode()
+        for resident in ("resident-1", "resident-2", pilot.household_id):
+            assert resident.encode() not in told
 
 
 async def test_a_resident_lists_their_own_tickets_newest_first(pilot: Pilot) -> None:
