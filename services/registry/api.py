@@ -758,8 +758,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 else target["residence_kind"],
                 "renter": target["residence_kind"] == registry_pb2.RESIDENCE_KIND_RENTER,
             }
+            # Moving in is evidence that they live there: a mark of absence from where they
+            # were does not follow them.
+            absent = person.get("marked_absent", False)
+            if absent:
+                changes |= {"marked_absent": False, "absence_note": ""}
             updated, staged = await self._leave(session, person, changes, message)
             await self.store.touch_household(target["_id"], self.clock(), session)
+            if absent:
+                # Told as the mark's own event, after the move on the person's partition, so
+                # that every consumer (those built before moves cleared it too) clears it.
+                staged.append(events.person_marked_absent(self.outbox, updated, absent=False))
             return registry_pb2.MovePersonResponse(
                 person=self.persons.message(updated, principal(), stored=True)
             ), staged
@@ -778,16 +787,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 {"marked_absent": request.absent, "absence_note": request.note[:500]},
                 session,
             )
-            event = events.keyed_by_person(
-                self.outbox,
-                events_pb2.PersonMarkedAbsent(
-                    person_id=person["_id"],
-                    household_id=person["household_id"],
-                    unit_id=person["unit_id"],
-                    absent=request.absent,
-                ),
-                person["_id"],
-            )
+            event = events.person_marked_absent(self.outbox, person, absent=request.absent)
             # Marked as they already were (a retry, say): the note may change, the mark did not.
             unchanged = person.get("marked_absent", False) == request.absent
             return registry_pb2.MarkPersonAbsentResponse(

@@ -77,6 +77,19 @@ def person_registered(outbox: Outbox, person: Document, reason: int) -> Document
     )
 
 
+def person_marked_absent(outbox: Outbox, person: Document, *, absent: bool) -> Document:
+    """The person's mark of absence set or cleared, where they live now."""
+    return outbox.event(
+        events_pb2.PersonMarkedAbsent(
+            person_id=person["_id"],
+            household_id=person["household_id"],
+            unit_id=person["unit_id"],
+            absent=absent,
+        ),
+        key=person["_id"],
+    )
+
+
 def keyed_by_person(outbox: Outbox, message: Message, person_id: str) -> Document:
     return outbox.event(message, key=person_id)
 

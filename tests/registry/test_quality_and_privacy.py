@@ -7,11 +7,15 @@ from datetime import date, timedelta
 import grpc
 import pytest
 from civic.common.v1 import types_pb2
-from civic.registry.v1 import registry_pb2
+from civic.registry.v1 import events_pb2, registry_pb2
 
 from services.common.auth import Role
+from services.common.cloudevents import decode
+from services.common.config import Settings
+from services.common.registry_view import RegistryView
 from services.registry.domain import local_date
 from services.registry.main import RegistryService
+from tests.batches import scratch_databases
 from tests.conftest import Clock, token
 from tests.indexes import examined, index_uses, used_since
 from tests.kafka_reader import eventually
@@ -110,6 +114,78 @@ async def test_virtual_residents_are_flagged(city: City, clock: Clock) -> None:
         stay.person.person_id: {registry_pb2.VIRTUAL_RESIDENT_REASON_STAY_EXPIRED},
         quiet.head.person_id: {registry_pb2.VIRTUAL_RESIDENT_REASON_NOT_VERIFIED},
     }
+
+
+async def test_a_move_into_a_household_clears_the_movers_absent_mark(
+    city: City, registry: RegistryService, settings: Settings
+) -> None:
+    """Marked absent where they were registered, then moved into another household: the move
+    is the evidence that they live there, so they are no longer a suspect, and consumers built
+    before the move cleared the mark (the services' views of the registry) learn it from the
+    PersonMarkedAbsent they already know, in the move's transaction."""
+    home = await new_household(city.leader, city.group)
+    new_home = await new_household(city.other_leader, city.other_group, head_name="Lê Văn Mới")
+    mover = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(), household_id=home.household.household_id, person=person("Đi Xa")
+        )
+    )
+    person_id = mover.person.person_id
+    await city.leader.MarkPersonAbsent(
+        registry_pb2.MarkPersonAbsentRequest(
+            request_id=rid(), person_id=person_id, absent=True, note="đi làm xa"
+        )
+    )
+    moved = await city.ward_officer.MovePerson(
+        registry_pb2.MovePersonRequest(
+            request_id=rid(),
+            person_id=person_id,
+            to_household_id=new_home.household.household_id,
+            relationship=NON_RELATIVE,
+        )
+    )
+
+    assert not moved.person.marked_absent
+    found = await city.other_leader.ListSuspectedVirtualResidents(
+        registry_pb2.ListSuspectedVirtualResidentsRequest(unit_id=city.other_group)
+    )
+    assert person_id not in {r.person.person_id for r in found.residents}
+    # A move of someone not marked absent tells nothing more.
+    await city.ward_officer.MovePerson(
+        registry_pb2.MovePersonRequest(
+            request_id=rid(),
+            person_id=person_id,
+            to_household_id=home.household.household_id,
+            relationship=NON_RELATIVE,
+        )
+    )
+    staged = [
+        event
+        async for entry in registry.db["outbox"].find({"events.key": person_id}).sort("order")
+        for event in entry["events"]
+        if event["key"] == person_id
+    ]
+    assert [event["type"].rsplit(".", 1)[-1] for event in staged] == [
+        "PersonRegistered",
+        "PersonMarkedAbsent",
+        "PersonMoved",
+        "PersonMarkedAbsent",
+        "PersonMoved",
+    ]
+    messages = [decode(event["type"], event["data"]) for event in staged]
+    cleared = messages[3]
+    assert isinstance(cleared, events_pb2.PersonMarkedAbsent)
+    assert (cleared.absent, cleared.household_id, cleared.unit_id) == (
+        False,
+        new_home.household.household_id,
+        city.other_group,
+    )
+    # A consumer's view of the registry, as every service keeps it, has them present.
+    async with scratch_databases(settings, 1) as [db]:
+        view = RegistryView(db, people=True)
+        await view.apply_all(messages[:4])
+        seen = await db["persons"].find_one({"_id": person_id}) or {}
+    assert (seen["household_id"], seen["absent"]) == (new_home.household.household_id, False)
 
 
 async def test_a_household_the_leader_found_empty_flags_its_residents(city: City) -> None:
