@@ -18,7 +18,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
-from services.common.paging import ClockedListing, UnitListing, page_size
+from services.common.paging import ClockedListing, page_size
 from services.common.wire import point_document, timestamp
 from services.registry import domain, events
 from services.registry.importer import STARTED_HEADER, Importer
@@ -941,14 +941,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         unit_id = request.unit_id or caller.scope
         domain.may_read_people(caller, unit_id)
         as_of = domain.parse_date("as_of", request.as_of, required=False)
-        listing: UnitListing
-        if as_of is None and (request.min_age or request.max_age):
-            # Ages on the first page's day, so that nobody comes of age between two pages.
-            clocked = ClockedListing(request.page.page_token, self.clock())
-            listing, as_of = clocked, domain.local_date(clocked.now)
-        else:
-            listing = UnitListing(request.page.page_token)
-            as_of = as_of or self.today()  # no age asked for: the day is not read
+        # Who lives here, and ages without as_of, on the first page's day: nobody's stay ends,
+        # nor anybody comes of age, between two pages.
+        listing = ClockedListing(request.page.page_token, self.clock())
+        today = domain.local_date(listing.now)
+        as_of = as_of or today
         born_from, born_to = domain.birth_dates_for_ages(request.min_age, request.max_age, as_of)
         if request.sex and request.sex not in registry_pb2.Sex.values():
             raise InvalidArgument("sex", "is not a known value")
@@ -960,6 +957,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             born_from=born_from,
             born_to=born_to,
             sex=request.sex,
+            today=today.isoformat(),
             listing=listing,
             size=page_size(request.page.page_size),
         )
@@ -972,7 +970,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.CountByUnitResponse:
         unit = await self._unit(request.unit_id)
         domain.may_count(principal(), unit["_id"])
-        by_group = await self.store.counts_by_group(unit["_id"])
+        by_group = await self.store.counts_by_group(unit["_id"], self.today().isoformat())
         children = await self.store.child_units(unit["_id"], include_inactive=False)
         names = {child["_id"]: child["name"] for child in children}
         totals: dict[str, dict[str, int]] = {child_id: {} for child_id in names}

@@ -359,7 +359,7 @@ def check_housing(floor_area_m2: float, storeys: int, sub_households: int) -> No
 
 def check_stay(start: date, end: date, today: date, born: date | None) -> None:
     """A stay registered is one the guest lives here for now or will: one that has ended would
-    be counted as a resident and be at once a suspect whose stay expired."""
+    be on the register and at once a suspect whose stay expired, not living here."""
     if end < start:
         raise InvalidArgument("stay_end", "is before stay_start")
     if end < today:

@@ -32,6 +32,18 @@ REFOLDED_ETH = "name_folded_eth"
 PERSON_NAME_INDEX = [("unit_id", ASCENDING), ("name_folded", ASCENDING)]
 
 
+def stay_ended(today: str) -> Document:
+    """Those whose temporary stay's last day is before `today` (ISO): on the register still,
+    suspects for the leader to act on, but no longer living here."""
+    return {"stay_end": {"$lt": today, "$gt": ""}}
+
+
+def living_here(today: str) -> Document:
+    """Residents who live here on `today`, as the census counts them and searches find them:
+    everyone registered as resident but a guest whose stay has ended (a "virtual resident")."""
+    return {"status": RESIDENT, "stay_end": {"$not": stay_ended(today)["stay_end"]}}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{ObjectId()}"
 
@@ -298,12 +310,13 @@ class RegistryStore:
         born_from: str | None,
         born_to: str | None,
         sex: int,
+        today: str,
         listing: UnitListing,
         size: int,
     ) -> tuple[list[Document], str]:
-        """Residents of a unit's subtree matching the search, one page, as the register was at
-        the listing's first page."""
-        query: Document = {"unit_id": in_unit(unit_id), "status": RESIDENT}
+        """Those living in a unit's subtree on `today` matching the search, one page, as the
+        register was at the listing's first page."""
+        query: Document = {"unit_id": in_unit(unit_id), **living_here(today)}
         if name_folded:
             # Each word of the query, in order, at a word start: "thi be" finds "nguyen thi be".
             words = ".*".join(rf"\b{re.escape(word)}" for word in name_folded.split())
@@ -321,15 +334,16 @@ class RegistryStore:
 
     # ---- counts and data quality ---------------------------------------------------------
 
-    async def counts_by_group(self, unit_id: str) -> dict[str, Counter[str]]:
-        """Per group-level unit: population, households, renters, temporary residents. A
-        household counts while someone lives in it: one whose people all died or left is an
-        address, not a household of the census."""
+    async def counts_by_group(self, unit_id: str, today: str) -> dict[str, Counter[str]]:
+        """Per group-level unit: population, households, renters, temporary residents, of those
+        living there on `today`. A household counts while someone lives in it: one whose people
+        all died or left, or whose guests' stays all ended, is an address, not a household of
+        the census."""
         counts: dict[str, Counter[str]] = {}
         temporary = {"$cond": [{"$eq": ["$residence_kind", TEMPORARY]}, 1, 0]}
         rows = await self.persons.aggregate(
             [
-                {"$match": {"unit_id": in_unit(unit_id), "status": RESIDENT}},
+                {"$match": {"unit_id": in_unit(unit_id), **living_here(today)}},
                 {
                     "$group": {
                         "_id": {"unit": "$unit_id", "household": "$household_id"},
@@ -439,7 +453,7 @@ class RegistryStore:
                     "$or": [
                         {"marked_absent": True},
                         {SUSPECT_HOUSEHOLD: {"$ne": []}},
-                        {"stay_end": {"$lt": today, "$gt": ""}},
+                        stay_ended(today),
                     ]
                 }
             },

@@ -188,6 +188,70 @@ async def test_a_move_into_a_household_clears_the_movers_absent_mark(
     assert (seen["household_id"], seen["absent"]) == (new_home.household.household_id, False)
 
 
+async def test_a_guest_whose_stay_has_ended_is_neither_counted_nor_found_but_flagged(
+    city: City, clock: Clock
+) -> None:
+    """A temporary resident lives here until the stay's last day. After it they are not a
+    resident the census counts or a search finds (a "virtual resident" otherwise), but they
+    stay on the register, listed as a suspect whose stay expired, until the leader acts."""
+    today = local_date(clock())
+    host = await new_household(city.leader, city.group)
+    lodging = await new_household(
+        city.leader,
+        city.group,
+        head_name="Chủ Nhà Trọ",
+        residence_kind=registry_pb2.RESIDENCE_KIND_RENTER,
+    )
+    guest = await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=lodging.household.household_id,
+            person=person("Khách Trọ", "2001-01-01", relationship=NON_RELATIVE),
+            stay_start=today.isoformat(),
+            stay_end=(today + timedelta(days=30)).isoformat(),
+        )
+    )
+    guest_id = guest.person.person_id
+    # The guest alone lives in the lodging house now.
+    await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=lodging.head.person_id)
+    )
+
+    async def counted() -> tuple[int, int, int, int]:
+        counts = await city.ward_officer.CountByUnit(
+            registry_pb2.CountByUnitRequest(unit_id=city.ward)
+        )
+        group = next(c for c in counts.children if c.unit_id == city.group)
+        return group.population, group.households, group.renters, group.temporary_residents
+
+    async def found(**search: object) -> list[str]:
+        page = await city.leader.SearchPersons(
+            registry_pb2.SearchPersonsRequest(unit_id=city.group, **search)  # type: ignore[arg-type]
+        )
+        return [p.person_id for p in page.persons]
+
+    clock.advance(days=30)  # the stay's last day: still living here
+    assert await counted() == (2, 2, 1, 1)
+    assert await found(name="Khach Tro") == [guest_id]
+    first = await city.leader.SearchPersons(
+        registry_pb2.SearchPersonsRequest(
+            unit_id=city.group, page=types_pb2.PageRequest(page_size=1)
+        )
+    )
+    clock.advance(days=1)  # the stay has ended
+    assert await counted() == (1, 1, 0, 0)
+    assert await found(name="Khach Tro") == []
+    # A search's later pages are on its first page's day, when the guest still lived here.
+    assert await found(page=types_pb2.PageRequest(page_token=first.next_page_token)) == [guest_id]
+    assert await found(min_age=18) == [host.head.person_id]
+    suspects = await city.leader.ListSuspectedVirtualResidents(
+        registry_pb2.ListSuspectedVirtualResidentsRequest(unit_id=city.group)
+    )
+    assert {r.person.person_id: list(r.reasons) for r in suspects.residents} == {
+        guest_id: [registry_pb2.VIRTUAL_RESIDENT_REASON_STAY_EXPIRED]
+    }
+
+
 async def test_a_household_the_leader_found_empty_flags_its_residents(city: City) -> None:
     home = await new_household(city.leader, city.group, head_name="Lâm Văn Khóa")
     household_id = home.household.household_id
@@ -456,8 +520,8 @@ async def test_a_suspects_page_token_from_before_the_clock_was_pinned_still_read
         assert (bad.value.details() or "").startswith("page.page_token: ")
     # A listing that does not read the clock gave no token that carries one.
     with pytest.raises(grpc.aio.AioRpcError) as bad:
-        await city.leader.SearchPersons(
-            registry_pb2.SearchPersonsRequest(
+        await city.leader.ListHouseholdSummaries(
+            registry_pb2.ListHouseholdSummariesRequest(
                 unit_id=city.group, page=types_pb2.PageRequest(page_token=token)
             )
         )
