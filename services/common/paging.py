@@ -130,9 +130,15 @@ class UnitListing:
             return await self.snapshot.aggregate(collection, pipeline)
 
     def token_after(self, last_one: dict[str, Any]) -> str:
+        return self.token_at((str(last_one["unit_id"]), str(last_one["_id"])))
+
+    def token_at(self, position: tuple[str, str]) -> str:
+        """The token of the page after `position`: the unit and id the page ended at or, for a
+        listing of the subtree in an order of its own, the two texts that say where it ended
+        (neither empty nor holding a `|`)."""
         assert self.snapshot.at is not None  # set by the first read, if the token did not
         moment = self.snapshot.at
-        token = f"{last_one['unit_id']}|{last_one['_id']}|{moment.time}.{moment.inc}"
+        token = f"{position[0]}|{position[1]}|{moment.time}.{moment.inc}"
         if self.now is None:
             return token
         return f"{token}|{(self.now - EPOCH) // MICROSECOND}"

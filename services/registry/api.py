@@ -18,7 +18,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
-from services.common.paging import ClockedListing, page_size
+from services.common.paging import ClockedListing, UnitListing, page_size
 from services.common.wire import point_document, timestamp
 from services.registry import domain, events
 from services.registry.importer import STARTED_HEADER, Importer
@@ -1052,13 +1052,29 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_register(caller, unit_id)
-        duplicates = [
-            registry_pb2.LikelyDuplicate(
-                persons=await self._read_persons("ListLikelyDuplicatePersons", group)
+        paged = request.HasField("page")
+        size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_DUPLICATES
+        groups, token = await self.store.likely_duplicates(
+            unit_id, UnitListing(request.page.page_token), size
+        )
+        if token and not paged:
+            # Not a silent first part: a caller that does not page would take it for the whole.
+            raise FailedPrecondition(
+                f"page: the unit has more than {size} groups of likely duplicates; ask for "
+                "them page by page"
             )
-            for group in await self.store.likely_duplicates(unit_id)
-        ]
-        return registry_pb2.ListLikelyDuplicatePersonsResponse(duplicates=duplicates)
+        shown = iter(
+            await self._read_persons(
+                "ListLikelyDuplicatePersons", [person for group in groups for person in group]
+            )
+        )
+        return registry_pb2.ListLikelyDuplicatePersonsResponse(
+            duplicates=[
+                registry_pb2.LikelyDuplicate(persons=[next(shown) for _ in group])
+                for group in groups
+            ],
+            next_page_token=token,
+        )
 
     async def ListAccessLog(
         self, request: registry_pb2.ListAccessLogRequest, context: Context

@@ -32,6 +32,9 @@ MAX_NAME_LENGTH = 120
 VERIFICATION_INTERVAL_DAYS = 183  # six months
 VIRTUAL_RESIDENT_DAYS = 365
 OLDEST_BIRTH = date(1890, 1, 1)
+# A ListLikelyDuplicatePersons without a page (as callers ask from before paging) answers every
+# group, up to this many: as many as it answered then, refused rather than cut short beyond.
+MAX_UNPAGED_DUPLICATES = 1000
 
 # Province codes that open a citizen ID (the 63 provinces and cities before the 2025 merger,
 # whose codes stay valid on every card already issued).

@@ -6,6 +6,7 @@ import contextlib
 import re
 from collections import Counter
 from datetime import UTC, datetime
+from urllib.parse import quote, unquote
 
 from bson import ObjectId
 from civic.registry.v1 import registry_pb2
@@ -467,23 +468,36 @@ class RegistryStore:
         }
         return persons, households, token
 
-    async def likely_duplicates(self, unit_id: str) -> list[list[Document]]:
-        groups = await self.persons.aggregate(
-            [
-                {"$match": {"unit_id": in_unit(unit_id), "status": RESIDENT}},
-                {
-                    "$group": {
-                        "_id": {"name": "$name_folded", "born": "$birth_date"},
-                        "persons": {"$push": "$$ROOT"},
-                        "n": {"$sum": 1},
-                    }
-                },
-                {"$match": {"n": {"$gt": 1}}},
-                {"$sort": {"_id.name": 1}},
-                {"$limit": 1000},
-            ]
-        )
-        return [row["persons"] async for row in groups]
+    async def likely_duplicates(
+        self, unit_id: str, listing: UnitListing, size: int
+    ) -> tuple[list[list[Document]], str]:
+        """Residents of a unit's subtree sharing a folded name and birth date, a group each, in
+        that order: up to `size` groups after where the listing's token ended, as the register
+        was at its first page, and the token of the page after if more follow."""
+        pipeline: list[Document] = [
+            {"$match": {"unit_id": in_unit(unit_id), "status": RESIDENT}},
+            {
+                "$group": {
+                    "_id": {"name": "$name_folded", "born": "$birth_date"},
+                    "persons": {"$push": "$$ROOT"},
+                    "n": {"$sum": 1},
+                }
+            },
+            {"$match": {"n": {"$gt": 1}}},
+        ]
+        if listing.position:
+            # A folded name may hold a `|`, which ends a token's part: it is there quoted.
+            name, born = unquote(listing.position[0]), listing.position[1]
+            after = [{"_id.name": {"$gt": name}}, {"_id.name": name, "_id.born": {"$gt": born}}]
+            pipeline.append({"$match": {"$or": after}})
+        # One more than the page: a token only where a page follows.
+        pipeline += [{"$sort": {"_id.name": 1, "_id.born": 1}}, {"$limit": size + 1}]
+        rows = await listing.aggregate(self.persons, pipeline)
+        groups = [row["persons"] for row in rows[:size]]
+        if len(rows) <= size:
+            return groups, ""
+        last = rows[size - 1]["_id"]
+        return groups, listing.token_at((quote(last["name"], safe=""), last["born"]))
 
     # ---- privacy ------------------------------------------------------------------------
 

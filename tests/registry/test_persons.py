@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from typing import Any
 
@@ -423,6 +424,79 @@ async def test_likely_duplicates_are_reported(city: City) -> None:
     assert [sorted(p.household_id for p in d.persons) for d in report.duplicates] == [
         sorted([first.household.household_id, second.household.household_id])
     ]
+
+
+async def test_likely_duplicates_come_in_pages_and_are_never_cut_short(city: City) -> None:
+    """The report stopped at 1000 groups without a word. It now comes page by page, each read
+    as the register was at the first; asked for without a page, as before paging, it is the
+    whole report, or refused where it holds more groups than are answered at once."""
+    born = "1988-08-08"
+    names = [f"Trùng Tên {n:04d}" for n in range(1001)]
+    rows = [
+        registry_pb2.ImportRow(
+            row_number=number,
+            unit_id=city.group,
+            household_ref=book,
+            address=f"{book} Lê Duẩn",
+            residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
+            person=person(name, born, relationship=registry_pb2.RELATIONSHIP_OTHER_RELATIVE),
+        )
+        for number, (book, name) in enumerate(
+            ((book, name) for book in ("HK-A", "HK-B") for name in names), start=1
+        )
+    ]
+
+    async def chunks() -> AsyncIterator[registry_pb2.ImportPersonsRequest]:
+        for start in range(0, len(rows), 500):
+            yield registry_pb2.ImportPersonsRequest(rows=rows[start : start + 500])
+
+    imported = await city.leader.ImportPersons(chunks())
+    assert (imported.persons_created, list(imported.errors)) == (len(rows), [])
+
+    with pytest.raises(grpc.aio.AioRpcError) as unpaged:
+        await city.leader.ListLikelyDuplicatePersons(
+            registry_pb2.ListLikelyDuplicatePersonsRequest(unit_id=city.group)
+        )
+    assert unpaged.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (unpaged.value.details() or "").startswith("page: ")
+
+    async def page_of(token: str) -> registry_pb2.ListLikelyDuplicatePersonsResponse:
+        response: registry_pb2.ListLikelyDuplicatePersonsResponse = (
+            await city.leader.ListLikelyDuplicatePersons(
+                registry_pb2.ListLikelyDuplicatePersonsRequest(
+                    unit_id=city.group, page=types_pb2.PageRequest(page_size=300, page_token=token)
+                )
+            )
+        )
+        return response
+
+    first = await page_of("")
+    listed = list(first.duplicates)
+    # Gone since the first page, still in the report it began.
+    last = await city.leader.SearchPersons(
+        registry_pb2.SearchPersonsRequest(unit_id=city.group, name=names[-1])
+    )
+    await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=last.persons[0].person_id)
+    )
+    token = first.next_page_token
+    while token:
+        page = await page_of(token)
+        assert len(page.duplicates) <= 300
+        listed += page.duplicates
+        token = page.next_page_token
+    assert [{p.full_name for p in group.persons} for group in listed] == [{n} for n in names]
+    assert {len(group.persons) for group in listed} == {2}
+    for asked, field in (
+        (types_pb2.PageRequest(page_token="soon"), "page.page_token"),
+        (types_pb2.PageRequest(page_size=1001), "page.page_size"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await city.leader.ListLikelyDuplicatePersons(
+                registry_pb2.ListLikelyDuplicatePersonsRequest(unit_id=city.group, page=asked)
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith(f"{field}: ")
 
 
 async def test_a_commands_stored_answer_never_holds_a_citizen_id_in_full(
