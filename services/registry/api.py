@@ -646,6 +646,49 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         )
         return result
 
+    async def ExtendTemporaryStay(
+        self, request: registry_pb2.ExtendTemporaryStayRequest, context: Context
+    ) -> registry_pb2.ExtendTemporaryStayResponse:
+        end = domain.parse_date("stay_end", request.stay_end)
+        assert end is not None
+        today = self.today()
+
+        async def work(
+            session: Session,
+        ) -> tuple[registry_pb2.ExtendTemporaryStayResponse, list[Document]]:
+            person = await self._resident(request.person_id, session)
+            if not person.get("stay_end"):
+                raise FailedPrecondition(f"person {person['_id']} is not on a temporary stay")
+            # The stay is checked whole, as at registration: its start stays as registered (and
+            # was checked against the birth date then); only the guest's last day moves.
+            domain.check_stay(date.fromisoformat(person["stay_start"]), end, today, None)
+            if person["stay_end"] == end.isoformat():  # so registered already: nothing to tell
+                return registry_pb2.ExtendTemporaryStayResponse(
+                    person=self.persons.message(person, principal(), stored=True)
+                ), []
+            updated = await self.store.update_person(
+                person["_id"], {"stay_end": end.isoformat()}, session
+            )
+            # A stay renewed is a residence event, as its registration was: a sign of life.
+            await self.store.touch_household(person["household_id"], self.clock(), session)
+            event = events.keyed_by_person(
+                self.outbox,
+                events_pb2.TemporaryStayExtended(
+                    person_id=person["_id"],
+                    household_id=person["household_id"],
+                    unit_id=person["unit_id"],
+                    stay_end=end.isoformat(),
+                ),
+                person["_id"],
+            )
+            return registry_pb2.ExtendTemporaryStayResponse(
+                person=self.persons.message(updated, principal(), stored=True)
+            ), [event]
+
+        return await self.commands.run(
+            "ExtendTemporaryStay", request, registry_pb2.ExtendTemporaryStayResponse, work
+        )
+
     async def _leave(
         self,
         session: Session,

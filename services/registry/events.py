@@ -125,6 +125,8 @@ def _history_lines(message: Message) -> list[tuple[str, str, str]]:
         case events_pb2.PersonUpdated():
             fields = ", ".join(m.updated_fields)
             return [(m.household_id, m.person_id, f"person's details corrected: {fields}")]
+        case events_pb2.TemporaryStayExtended():
+            return [(m.household_id, m.person_id, f"temporary stay extended to {m.stay_end}")]
         case events_pb2.PersonMarkedAbsent():
             state = "marked absent" if m.absent else "absence mark cleared"
             return [(m.household_id, m.person_id, f"person {state}")]

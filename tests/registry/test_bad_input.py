@@ -403,3 +403,58 @@ async def test_a_stay_out_of_its_dates_is_refused_and_nothing_written(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.value.details() or "").startswith(field + ":"), error.value.details()
     assert await footprint(registry) == before
+
+
+# (case, the stay's start and end from today, the new end from today or as written, field)
+BAD_EXTENSIONS: list[tuple[str, tuple[int, int], int | str, str]] = [
+    ("no request id", (0, 30), 60, "request_id"),
+    ("no person", (0, 30), 60, "person_id"),
+    ("no end", (0, 30), "", "stay_end"),
+    ("an end that is no date", (0, 30), "2026-02-30", "stay_end"),
+    ("an end already past", (0, 30), -1, "stay_end"),
+    ("an end before a stay yet to begin", (10, 40), 5, "stay_end"),
+    # Two years counted from the stay's start, as at registration, not from the extension.
+    ("a stay longer than two years", (0, 30), 2 * 366 + 1, "stay_end"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "stay", "new_end", "field"), BAD_EXTENSIONS, ids=[c[0] for c in BAD_EXTENSIONS]
+)
+async def test_a_stay_extended_out_of_its_dates_is_refused_and_nothing_written(
+    city: City,
+    registry: RegistryService,
+    case: str,
+    stay: tuple[int, int],
+    new_end: int | str,
+    field: str,
+) -> None:
+    home = await new_household(city.leader, city.group)
+    guest = await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=home.household.household_id,
+            person=person("Khách Trọ", relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE),
+            stay_start=(TODAY + timedelta(days=stay[0])).isoformat(),
+            stay_end=(TODAY + timedelta(days=stay[1])).isoformat(),
+        )
+    )
+    request = registry_pb2.ExtendTemporaryStayRequest(
+        request_id=rid(),
+        person_id=guest.person.person_id,
+        stay_end=(TODAY + timedelta(days=new_end)).isoformat()
+        if isinstance(new_end, int)
+        else new_end,
+    )
+    if field in ("request_id", "person_id"):
+        setattr(request, field, "")
+    before = await footprint(registry)
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.leader.ExtendTemporaryStay(request)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith(field + ":"), error.value.details()
+    assert await footprint(registry) == before
+    stored = await registry.db["persons"].find_one({"_id": guest.person.person_id}) or {}
+    assert stored["stay_end"] == guest.person.stay_end
