@@ -29,9 +29,9 @@ def setup_telemetry(
     """Install the global tracer provider once per process; later calls only add a processor.
 
     With no exporter configured, no processor given and no `record` (a caller that shows its
-    trace ids), none is installed: spans nobody could see are not recorded (that cost a service
-    about a tenth of its CPU), and the API's default tracer passes an incoming trace context
-    through unchanged, so a trace still runs across services that do export."""
+    trace ids), none is installed: spans nobody could see are not recorded (a few percent of a
+    busy service's CPU), and the API's default tracer passes an incoming trace context through
+    unchanged, so a trace still runs across services that do export."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         # Several services in one process (tests, benchmarks) share the provider: add a given
