@@ -387,12 +387,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def UpdateHousehold(
         self, request: registry_pb2.UpdateHouseholdRequest, context: Context
     ) -> registry_pb2.UpdateHouseholdResponse:
-        fields = list(dict.fromkeys(request.update_fields))
-        if not fields:
-            raise InvalidArgument("update_fields", "name at least one field to change")
-        unknown = [f for f in fields if f not in HOUSEHOLD_FIELDS]
-        if unknown:
-            raise InvalidArgument("update_fields", f"unknown field {unknown[0]!r}")
+        fields = domain.fields_to_update(request.update_fields, HOUSEHOLD_FIELDS)
         changes: Document = {}
         if "address" in fields:
             changes["address"] = domain.normalize_name("address", request.address)
@@ -844,12 +839,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def UpdatePerson(
         self, request: registry_pb2.UpdatePersonRequest, context: Context
     ) -> registry_pb2.UpdatePersonResponse:
-        fields = list(dict.fromkeys(request.update_fields))
-        if not fields:
-            raise InvalidArgument("update_fields", "name at least one field to change")
-        unknown = [f for f in fields if f not in PERSON_FIELDS]
-        if unknown:
-            raise InvalidArgument("update_fields", f"unknown field {unknown[0]!r}")
+        fields = domain.fields_to_update(request.update_fields, PERSON_FIELDS)
         if not request.HasField("person"):
             raise InvalidArgument("person", "is required")
         if "citizen_id" in fields and not request.person.citizen_id.strip():

@@ -7,6 +7,7 @@ import hmac
 import os
 import re
 import unicodedata
+from collections.abc import Container, Iterable
 from datetime import date, datetime, timedelta
 from enum import IntEnum
 
@@ -131,6 +132,17 @@ def may_manage_units(caller: Principal, parent_or_unit_id: str) -> None:
 
 
 # ---- names ------------------------------------------------------------------------------------
+
+
+def fields_to_update(named: Iterable[str], known: Container[str]) -> list[str]:
+    """The fields an update names, each once in the order named: at least one, all known."""
+    fields = list(dict.fromkeys(named))
+    if not fields:
+        raise InvalidArgument("update_fields", "name at least one field to change")
+    unknown = [field for field in fields if field not in known]
+    if unknown:
+        raise InvalidArgument("update_fields", f"unknown field {unknown[0]!r}")
+    return fields
 
 
 def normalize_name(field: str, value: str) -> str:

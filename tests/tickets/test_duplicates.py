@@ -30,7 +30,7 @@ from tests.objects import png_bytes, put
 from tests.registry_fixtures import create_unit, new_household
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, eventually, point_near, rid
 from tests.tickets.test_lifecycle import events_of
-from tests.tickets.test_outcomes_and_counts import ticket_doc, untraced
+from tests.tickets.test_outcomes_and_counts import routed_to_ward, ticket_doc, untraced
 from tests.tickets.test_routing import replacing, rule, rules_changed
 
 
@@ -463,13 +463,9 @@ async def test_how_near_and_how_recent_a_duplicate_is_are_configured(
         }
 
     async def linked(meters: float, window: timedelta) -> bool:
-        primary = ticket_doc(
+        primary = routed_to_ward(
             pilot,
             now - timedelta(hours=2),
-            status=int(domain.Status.ROUTED),
-            assigned_unit_id=pilot.city.ward,
-            assigned_level=int(domain.Level.WARD),
-            rule_version=1,
             location=point(0),
             next_deadline=now + timedelta(hours=5),
         )

@@ -29,6 +29,19 @@ from tests.tickets.test_lifecycle import events_of, get, near, refused
 RESOLUTION = "Đã thay bóng đèn"
 
 
+def routed_to_ward(pilot: Pilot, filed: datetime, **fields: Any) -> Document:
+    """A ticket the rules' first version routed to the pilot's ward, as stored."""
+    return ticket_doc(
+        pilot,
+        filed,
+        status=int(domain.Status.ROUTED),
+        assigned_unit_id=pilot.city.ward,
+        assigned_level=int(domain.Level.WARD),
+        rule_version=1,
+        **fields,
+    )
+
+
 def untraced() -> AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
@@ -227,15 +240,8 @@ async def test_tickets_routed_out_of_order_form_one_cluster_not_a_chain(
             "coordinates": [HOME.longitude, HOME.latitude + 0.2 + metres / 111_320],
         }
 
-    primary = ticket_doc(
-        pilot,
-        now - timedelta(hours=2),
-        status=int(domain.Status.ROUTED),
-        assigned_unit_id=pilot.city.ward,
-        assigned_level=int(domain.Level.WARD),
-        rule_version=1,
-        location=point(0),
-        next_deadline=now + timedelta(hours=5),
+    primary = routed_to_ward(
+        pilot, now - timedelta(hours=2), location=point(0), next_deadline=now + timedelta(hours=5)
     )
     a = ticket_doc(pilot, now - timedelta(minutes=2), location=point(100))
     b = ticket_doc(pilot, now - timedelta(minutes=1), location=point(200))
