@@ -118,14 +118,18 @@ class Deliverer:
                 self._wake.clear()
 
     async def run_once(self) -> bool:
-        """One round: publish what is due, expire what is over, once a day the birthdays, one
-        batch of first delivery (emergencies first), one batch of re-sends. True when there may
-        be more to do at once."""
+        """One round: publish what is due, expire what is over, one batch of first delivery
+        (emergencies first), one batch of re-sends, once a day the birthdays. True when there
+        may be more to do at once."""
         published = await self.publish_due()
         expired = await self.expire_due()
-        await self.birthdays_due()
         fanned = await self.fan_out_batch()
         resent = await self.resend_due()
+        try:
+            await self.birthdays_due()
+        except Exception:
+            # Tried again next round; deliveries go on meanwhile.
+            log.exception("the birthday sweep failed; retrying")
         return bool(published or expired or fanned or resent)
 
     async def _commit(self, work: Callable[[Session], Awaitable[list[Document]]]) -> None:
