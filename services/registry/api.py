@@ -1072,7 +1072,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 reasons.append(registry_pb2.VIRTUAL_RESIDENT_REASON_HOUSEHOLD_MARKED_ABSENT)
             elif household_absent is False:
                 reasons.append(registry_pb2.VIRTUAL_RESIDENT_REASON_NOT_VERIFIED)
-            if "" < person.get("stay_end", "") < today:
+            if domain.stay_has_ended(person, today):
                 reasons.append(registry_pb2.VIRTUAL_RESIDENT_REASON_STAY_EXPIRED)
             residents.append(registry_pb2.SuspectedVirtualResident(person=message, reasons=reasons))
         return registry_pb2.ListSuspectedVirtualResidentsResponse(
@@ -1153,20 +1153,24 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         households, next_page = await self.store.households_page(
             request.unit_id, request.page.page_token, page_size(request.page.page_size)
         )
+        today = self.today().isoformat()
         summaries, heads = [], []
         for household in households:
             residents = household["residents"]
             head = next((p for p in residents if p["_id"] == household.get("head_person_id")), None)
             if head is not None:
                 heads.append(head)
+            # A levy counts those who live here, as the census does: not a guest whose stay
+            # has ended.
+            living = [p for p in residents if not domain.stay_has_ended(p, today)]
             summaries.append(
                 registry_pb2.HouseholdSummary(
                     household_id=household["_id"],
                     unit_id=household["unit_id"],
                     head_name=head["full_name"] if head else "",
-                    residents=len(residents),
+                    residents=len(living),
                     poor=household.get("poor", False),
-                    war_invalid_member=any(p.get("war_invalid") for p in residents),
+                    war_invalid_member=any(p.get("war_invalid") for p in living),
                 )
             )
         # The heads' names are personal data read by an official (or for one): logged. A

@@ -7,9 +7,10 @@ import hmac
 import os
 import re
 import unicodedata
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 from datetime import date, datetime, timedelta
 from enum import IntEnum
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -370,6 +371,13 @@ def check_housing(floor_area_m2: float, storeys: int, sub_households: int) -> No
         raise InvalidArgument("housing.storeys", "must be between 0 and 100")
     if sub_households < 0 or sub_households > 50:
         raise InvalidArgument("housing.sub_households", "must be between 0 and 50")
+
+
+def stay_has_ended(person: Mapping[str, Any], today: str) -> bool:
+    """A guest whose temporary stay's last day is before `today` (ISO): on the register still,
+    a suspect for the leader to act on, but no longer living here (the census's rule, as
+    `store.living_here` asks MongoDB)."""
+    return "" < (person.get("stay_end") or "") < today
 
 
 def check_stay(start: date, end: date, today: date, born: date | None) -> None:

@@ -3,6 +3,7 @@ unit's households summarised for levying dues (what the ledger reads)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -13,7 +14,9 @@ from civic.registry.v1 import events_pb2, registry_pb2
 from services.common.auth import Role
 from services.common.cloudevents import type_name
 from services.common.config import Settings
+from services.common.wire import local_date
 from services.registry.main import RegistryService
+from tests.conftest import Clock
 from tests.kafka_reader import TopicReader, eventually, of_type, with_key
 from tests.registry_fixtures import (
     Caller,
@@ -175,6 +178,36 @@ async def test_household_summaries_for_dues(city: City) -> None:
         await city.leader.ListHouseholdSummaries(registry_pb2.ListHouseholdSummariesRequest())
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (bad.value.details() or "").startswith("unit_id: ")
+
+
+async def test_a_guest_whose_stay_has_ended_is_not_levied_on(city: City, clock: Clock) -> None:
+    """A summary counts who lives in the household, as the census does: a guest counts up to
+    the stay's last day, and not after it (a war invalid among them neither)."""
+    today = local_date(clock())
+    lodging = await new_household(city.leader, city.group, head_name="Chủ Nhà Trọ")
+    guest = person("Khách Trọ", "1950-01-01", relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE)
+    guest.war_invalid = True
+    await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=lodging.household.household_id,
+            person=guest,
+            stay_start=today.isoformat(),
+            stay_end=(today + timedelta(days=30)).isoformat(),
+        )
+    )
+
+    async def summary() -> tuple[int, bool]:
+        page = await city.leader.ListHouseholdSummaries(
+            registry_pb2.ListHouseholdSummariesRequest(unit_id=city.group)
+        )
+        [one] = [s for s in page.households if s.household_id == lodging.household.household_id]
+        return one.residents, one.war_invalid_member
+
+    clock.advance(days=30)  # the stay's last day
+    assert await summary() == (2, True)
+    clock.advance(days=1)
+    assert await summary() == (1, False)
 
 
 async def test_a_summary_read_records_no_citizen_id_as_shown(city: City) -> None:
