@@ -87,6 +87,14 @@ def still_merged(household: Document, chains: dict[str, tuple[str, ...]]) -> lis
     return [g for g in household.get("merged_from", ()) if unit_id in chains.get(g, (g,))]
 
 
+def live(now: datetime) -> Document:
+    """Notices published and not expired at `now` (no expiry: live until retracted)."""
+    return {
+        "state": int(State.PUBLISHED),
+        "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
+    }
+
+
 class NoticeStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.db = db
@@ -211,23 +219,12 @@ class NoticeStore:
         if not which:
             return []
         return await self.notices.find(
-            {
-                "state": int(State.PUBLISHED),
-                "$and": [
-                    {"$or": which},
-                    {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
-                ],
-            },
-            session=session,
+            {"$and": [live(now), {"$or": which}]}, session=session
         ).to_list()
 
     async def live_units(self, now: datetime, session: Session | None = None) -> set[str]:
         """The units of published, unexpired notices."""
-        query = {
-            "state": int(State.PUBLISHED),
-            "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}],
-        }
-        return set(await self.notices.distinct("unit_id", query, session=session))
+        return set(await self.notices.distinct("unit_id", live(now), session=session))
 
     async def due_to_publish(self, now: datetime, limit: int = 100) -> list[Document]:
         query = {"state": int(State.SCHEDULED), "publish_at": {"$lte": now}}
@@ -402,11 +399,10 @@ class NoticeStore:
         """The audiences of published, unexpired notices that have an age bound."""
         found = self.notices.find(
             {
-                "state": int(State.PUBLISHED),
                 "$and": [
-                    {"$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]},
+                    live(now),
                     {"$or": [{"audience.min_age": {"$gt": 0}}, {"audience.max_age": {"$gt": 0}}]},
-                ],
+                ]
             },
             {"audience": 1},
         )
