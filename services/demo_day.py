@@ -676,12 +676,10 @@ class PilotDay:
 async def _tail(settings: Settings, topic: str, key: str, count: int) -> list[str]:
     """The first `count` events of one aggregate, as `civic tail` prints them."""
     out = io.StringIO()
-    await asyncio.wait_for(
-        topic_tail.tail(
+    async with asyncio.timeout(WAIT_SECONDS):
+        await topic_tail.tail(
             settings.kafka_bootstrap_servers, topic, out, from_beginning=True, key=key, count=count
-        ),
-        WAIT_SECONDS,
-    )
+        )
     return out.getvalue().splitlines()
 
 

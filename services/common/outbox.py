@@ -16,7 +16,6 @@ less often, and the other keys' events go on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -39,7 +38,7 @@ from pymongo.read_concern import ReadConcern
 from services.common.auth import current_principal
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.mongo import Document, Session
-from services.common.runtime import fault
+from services.common.runtime import cancel_and_wait, fault, woken_or_after
 from services.common.telemetry import context_from_headers, current_trace_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -123,9 +122,7 @@ class Outbox:
         self._committed.set()
 
     async def wait_committed(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._committed.wait(), seconds)
-        self._committed.clear()
+        await woken_or_after(self._committed, seconds)
 
 
 async def ensure_outbox_indexes(db: AsyncDatabase[Document]) -> None:
@@ -233,20 +230,17 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def stop(self) -> None:
-        for task in (self._stop_watching(), self._task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._task = None
+        # The sweep first: left running while the change stream closes, it would open another.
+        sweep, self._task = self._task, None
+        await cancel_and_wait(sweep)
+        await self._stop_watching()
         if self._held_until is not None:
             # Hand over at once: another instance relays now, not when the lease runs out.
             self._held_until = None
             try:
                 # Briefly: with the database gone, the lease runs out by itself.
-                await asyncio.wait_for(
-                    self._lease.delete_one({"_id": "relay", "owner": self._owner}), 2
-                )
+                async with asyncio.timeout(2):
+                    await self._lease.delete_one({"_id": "relay", "owner": self._owner})
             except Exception:
                 log.warning("could not release the outbox relay lease", exc_info=True)
         if self.producer is not None:
@@ -280,7 +274,7 @@ class OutboxRelay:
                         if not await self._hold_lease():
                             break
                 else:
-                    self._stop_watching()
+                    await self._stop_watching()
                     # Another instance relays, and learns for itself what the broker refuses.
                     self._delivered.clear()
                     self._refused.clear()
@@ -295,12 +289,10 @@ class OutboxRelay:
         if self._watch is None or self._watch.done():
             self._watch = asyncio.create_task(self._watch_others(), name="outbox-watch")
 
-    def _stop_watching(self) -> asyncio.Task[None] | None:
-        """Cancels the change stream's task, if any, and returns it."""
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.cancel()
-        return watch
+    async def _stop_watching(self) -> None:
+        # Forgotten only once it has ended: a stop that cuts this one short ends it still.
+        await cancel_and_wait(self._watch)
+        self._watch = None
 
     async def _watch_others(self) -> None:
         """While this relay holds the lease: wake it when another instance commits events.

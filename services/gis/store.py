@@ -20,6 +20,7 @@ from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
+from services.common.runtime import cancel_and_wait
 from services.gis.domain import RENTER_KINDS, Layer
 from services.gis.geometry import distance_m
 from services.gis.nearby import Placed, PointGrid
@@ -317,11 +318,8 @@ class HydrantMirror:
 
     async def stop(self) -> None:
         self.following = False
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def reload(self, source_unit: str) -> None:
         """The hydrants an import into source_unit left, at once."""

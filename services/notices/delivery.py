@@ -15,7 +15,6 @@ its delivery ended, however far the batch had got. Every instance runs a Deliver
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from pymongo import AsyncMongoClient
 
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
-from services.common.runtime import BackgroundTask, fault
+from services.common.runtime import BackgroundTask, fault, woken_or_after
 from services.common.wire import timestamp
 from services.notices import domain
 from services.notices.domain import Priority, State
@@ -113,9 +112,7 @@ class Deliverer:
             except Exception:
                 log.exception("notice delivery failed; retrying")
             if not busy:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.interval_seconds)
-                self._wake.clear()
+                await woken_or_after(self._wake, self.interval_seconds)
 
     async def run_once(self) -> bool:
         """One round: publish what is due, expire what is over, one batch of first delivery

@@ -4,6 +4,7 @@ commits), and it reads only what a majority has committed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import uuid
@@ -229,12 +230,7 @@ async def test_two_instances_changes_to_one_aggregate_are_published_in_commit_or
         tickets = two.db["tickets"]
         await tickets.insert_one({"_id": "T", "changes": 0})
 
-        async def change(name: str, message: Message) -> str:
-            event = two.outboxes[name].event(message, key="T")
-            if name == "b":  # what ObjectId() gives in a process whose random bytes sort later
-                ours = ObjectId()
-                event["_id"] = str(ObjectId(ours.binary[:4] + b"\xff" * 5 + ours.binary[9:]))
-
+        async def change(name: str, event: Document) -> str:
             async def work(session: Session) -> None:
                 await tickets.update_one({"_id": "T"}, {"$inc": {"changes": 1}}, session=session)
                 await two.outboxes[name].stage(session, [event])
@@ -242,8 +238,13 @@ async def test_two_instances_changes_to_one_aggregate_are_published_in_commit_or
             await in_transaction(two.client, work)
             return str(event["_id"])
 
-        first = await change("b", events_pb2.TicketAcknowledged(ticket_id="T"))
-        second = await change("a", events_pb2.TicketWorkStarted(ticket_id="T"))
+        later = two.outboxes["a"].event(events_pb2.TicketWorkStarted(ticket_id="T"), key="T")
+        earlier = two.outboxes["b"].event(events_pb2.TicketAcknowledged(ticket_id="T"), key="T")
+        # What b's ObjectId() gives in the same second, its process's random bytes sorting later.
+        ours = ObjectId(later["_id"])
+        earlier["_id"] = str(ObjectId(ours.binary[:4] + b"\xff" * 5 + ours.binary[9:]))
+        first = await change("b", earlier)
+        second = await change("a", later)
         assert second < first  # by id alone, the later change would go first
         async with TopicReader(settings.kafka_bootstrap_servers, topic) as reader:
             while await two.relays["a"].relay_once():
@@ -265,6 +266,26 @@ async def test_a_relay_that_stops_hands_its_lease_over_at_once(
         await eventually(
             holds_lease(two.db, "b"), what="the second relay took the lease over", within=5
         )
+
+
+async def test_a_stopped_relay_leaves_no_change_stream_open(settings: Settings, topic: str) -> None:
+    """Events committed as the relay stops wake its sweep while the change stream closes: the
+    sweep must not open another one that nothing stops."""
+    async with two_instances(settings, topic, poll_seconds=SWEEP_SECONDS) as two:
+        relay = two.relays["a"]
+        relay.start()
+        await eventually(holds_lease(two.db, "a"), what="the relay holds the lease")
+
+        def watching() -> set[asyncio.Task[Any]]:
+            return {t for t in asyncio.all_tasks() if t.get_name() == "outbox-watch"}
+
+        async def watch_started() -> bool:
+            return bool(watching())
+
+        await eventually(watch_started, what="the relay watching for other instances' events")
+        two.outboxes["a"].committed()
+        await relay.stop()
+        assert not {t for t in watching() if not t.done()}
 
 
 async def test_an_event_the_broker_refuses_holds_back_only_the_later_events_of_its_key(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from uuid import uuid4
 
@@ -9,7 +10,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from services.common.config import Settings
-from services.common.runtime import serve_until_signalled
+from services.common.runtime import cancel_and_wait, serve_until_signalled, woken_or_after
 from services.registry.main import NAME, RegistryService
 
 
@@ -31,3 +32,58 @@ async def test_a_service_that_cannot_listen_stops_what_it_had_started(
     relay = service.host.relay
     assert relay is not None and relay.producer is not None and relay.producer._closed
     assert not service.host.broker.running
+
+
+async def test_a_sweep_stopped_as_it_is_woken_stops() -> None:
+    """Work arrives (the wake is set) in the very moment the service stops the sweep: the
+    sweep must stop, or stopping the service waits for it forever."""
+    wake = asyncio.Event()
+    sleeping = asyncio.create_task(woken_or_after(wake, 60))
+    await asyncio.sleep(0)  # asleep on the wake
+    wake.set()
+    sleeping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(sleeping, 5)
+
+
+async def test_a_sweep_sleeps_until_woken_or_its_time_is_up() -> None:
+    wake = asyncio.Event()
+    woken = asyncio.create_task(woken_or_after(wake, 60))
+    await asyncio.sleep(0)
+    assert not woken.done()
+    wake.set()
+    await asyncio.wait_for(woken, 5)
+    assert not wake.is_set(), "the wake is cleared for the next sleep"
+    await asyncio.wait_for(woken_or_after(wake, 0.01), 5)  # nobody wakes it: its time is up
+
+
+async def test_a_task_that_drops_a_cancellation_is_cancelled_again_until_it_ends() -> None:
+    """As PyMongo now and then does mid-operation: the sweep's loop would run on, and stopping
+    the service would wait for it forever."""
+    dropped = 0
+
+    async def sweep() -> None:
+        nonlocal dropped
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if dropped == 2:
+                    raise
+                dropped += 1
+
+    task = asyncio.create_task(sweep())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(cancel_and_wait(task), 10)
+    assert task.cancelled() and dropped == 2
+
+
+async def test_stopping_a_task_raises_what_it_failed_with() -> None:
+    async def fails() -> None:
+        raise ValueError("the sweep's own error")
+
+    task = asyncio.create_task(fails())
+    await asyncio.sleep(0)
+    with pytest.raises(ValueError, match="own error"):
+        await cancel_and_wait(task)
+    await cancel_and_wait(None)  # nothing started: nothing to stop
