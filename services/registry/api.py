@@ -979,7 +979,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         listing = ClockedListing(request.page.page_token, self.clock())
         today = domain.local_date(listing.now)
         as_of = as_of or today
-        born_from, born_to = domain.birth_dates_for_ages(request.min_age, request.max_age, as_of)
+        max_age = request.max_age if request.HasField("max_age") else None
+        born_from, born_to = domain.birth_dates_for_ages(request.min_age, max_age, as_of)
         if request.sex and request.sex not in registry_pb2.Sex.values():
             raise InvalidArgument("sex", "is not a known value")
         # Searched as a name is written: bounded, no control characters (nor a NUL in a pattern).

@@ -222,16 +222,21 @@ MAX_AGE = 150  # years, in searches by age
 MAX_DAYS_BACK = 36_500  # how far back "not verified / not active for N days" may look
 
 
-def birth_dates_for_ages(min_age: int, max_age: int, as_of: date) -> tuple[str | None, str | None]:
-    """Birth-date bounds (inclusive, ISO) of people aged min_age..max_age on as_of."""
-    for name, age in (("min_age", min_age), ("max_age", max_age)):
+def birth_dates_for_ages(
+    min_age: int, max_age: int | None, as_of: date
+) -> tuple[str | None, str | None]:
+    """Birth-date bounds (inclusive, ISO) of people aged min_age..max_age on as_of; no
+    max_age is no upper bound, and max_age 0 is the infants not yet a year old."""
+    for name, age in (("min_age", min_age), ("max_age", max_age or 0)):
         if not 0 <= age <= MAX_AGE:
             raise InvalidArgument(name, f"must be between 0 and {MAX_AGE}")
-    if max_age and min_age > max_age:
+    if max_age is not None and min_age > max_age:
         raise InvalidArgument("min_age", "is greater than max_age")
     latest = _years_before(as_of, min_age).isoformat() if min_age else None
     earliest = (
-        (_years_before(as_of, max_age + 1) + timedelta(days=1)).isoformat() if max_age else None
+        (_years_before(as_of, max_age + 1) + timedelta(days=1)).isoformat()
+        if max_age is not None
+        else None
     )
     return earliest, latest
 

@@ -71,7 +71,9 @@ def test_birth_date_bounds_for_age_ranges() -> None:
     assert domain.age_on(date(2008, 3, 10), day) == 18
     assert domain.age_on(date(1998, 3, 11), day) == 27
     assert domain.age_on(date(1998, 3, 10), day) == 28
-    assert domain.birth_dates_for_ages(70, 0, day) == (None, "1956-03-10")
+    assert domain.birth_dates_for_ages(70, None, day) == (None, "1956-03-10")
+    # Under a year old: born within the last year, up to as_of itself.
+    assert domain.birth_dates_for_ages(0, 0, day) == ("2025-03-11", None)
     with pytest.raises(InvalidArgument):
         domain.birth_dates_for_ages(30, 20, day)
 

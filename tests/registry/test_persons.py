@@ -187,6 +187,8 @@ async def test_search_without_diacritics_and_by_age_and_sex(city: City) -> None:
     await register(city, hid, name="Đặng Văn Đức", born=years_ago(19), sex=registry_pb2.SEX_MALE)
     await register(city, hid, name="Đặng Văn Long", born=years_ago(8), sex=registry_pb2.SEX_MALE)
     await register(city, hid, name="Hồ Thị Tư", born=years_ago(82))
+    infant = (date.today() - timedelta(days=100)).isoformat()
+    await register(city, hid, name="Đặng Bảo An", born=infant)
 
     async def names(**query: object) -> list[str]:
         found = await city.leader.SearchPersons(
@@ -201,6 +203,9 @@ async def test_search_without_diacritics_and_by_age_and_sex(city: City) -> None:
     assert await names(min_age=18, max_age=27, sex=registry_pb2.SEX_MALE) == ["Đặng Văn Đức"]
     assert await names(min_age=6, max_age=17) == ["Đặng Văn Long"]
     assert await names(min_age=70) == ["Hồ Thị Tư"]
+    # Infants not yet a year old, for their vaccinations: max_age 0, set, is not "no bound".
+    assert await names(max_age=0) == ["Đặng Bảo An"]
+    assert await names(max_age=1) == ["Đặng Bảo An"]
     # The ward sees its groups' people too; the other group's leader does not.
     ward = await city.ward_officer.SearchPersons(
         registry_pb2.SearchPersonsRequest(unit_id=city.ward, name="be")
