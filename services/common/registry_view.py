@@ -2,7 +2,8 @@
 from the registry's database: the administrative tree and each household's unit and location;
 for a service that targets people (`people=True`) also each household's residence kind, address,
 number of residents and the groups merged away it was in, and each resident's household, birth
-date and sex. Ids and the facts other services act on only: never names or citizen IDs.
+date, sex and, for a guest, the last day of their stay. Ids and the facts other services act on
+only: never names or citizen IDs.
 
 Every event becomes a list of writes (`changes`), so a consumer's fetch of events is applied
 inside its transaction (`apply_batch`, or `write` beside the service's own work) and a long run
@@ -31,6 +32,12 @@ from services.common.wire import point_document
 Change = tuple[str, UpdateOne | UpdateMany | ReplaceOne[Document]]
 
 RESIDENT, GONE = "resident", "gone"
+
+
+def living(today: str) -> Document:
+    """The view's persons who live in their household on `today` (ISO), as the registry counts
+    them: residents, but for a guest whose temporary stay ended before it."""
+    return {"status": RESIDENT, "stay_end": {"$not": {"$lt": today, "$gt": ""}}}
 
 
 class RegistryView:
@@ -155,6 +162,7 @@ def households_touched(message: Message) -> list[str]:
             | events_pb2.PersonDied()
             | events_pb2.PersonMarkedAbsent()
             | events_pb2.PersonUpdated()
+            | events_pb2.TemporaryStayExtended()
         ):
             return [m.household_id]
         case events_pb2.GroupsMerged():
@@ -200,6 +208,7 @@ def _people_changes(message: Message) -> list[Change]:
                 "residence_kind": m.residence_kind,
                 "status": RESIDENT,
                 "absent": False,
+                "stay_end": m.stay_end,  # a guest's last day; none for a permanent resident
             }
             return [_person(m.person_id, person), _residents(m.household_id, 1)]
         case events_pb2.PersonMoved():
@@ -214,4 +223,6 @@ def _people_changes(message: Message) -> list[Change]:
             return [_person(m.person_id, {"absent": m.absent})]
         case events_pb2.PersonUpdated():  # a birth date or sex corrected, say
             return [_person(m.person_id, {"birth_date": m.birth_date, "sex": m.sex})]
+        case events_pb2.TemporaryStayExtended():
+            return [_person(m.person_id, {"stay_end": m.stay_end})]
     return []

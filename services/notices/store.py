@@ -20,7 +20,7 @@ from services.common.commands import ensure_command_indexes
 from services.common.errors import InvalidArgument
 from services.common.mongo import Document, Session, in_any_unit, in_unit
 from services.common.outbox import ensure_outbox_indexes
-from services.common.registry_view import RESIDENT, RegistryView
+from services.common.registry_view import RESIDENT, RegistryView, living
 from services.notices import domain
 from services.notices.domain import State
 from services.notices.records import audience_of
@@ -356,7 +356,7 @@ class NoticeStore:
         """Those of the households with a present resident matching the audience's bounds."""
         query: Document = {
             "household_id": {"$in": household_ids},
-            "status": RESIDENT,
+            **living(day.isoformat()),
             "absent": {"$ne": True},
         }
         born_by, born_after = domain.birth_date_bounds(audience, day)

@@ -94,6 +94,50 @@ async def test_a_member_who_left_no_longer_counts(town: Town) -> None:
     assert household not in await audience_of(town, young_men)
 
 
+async def test_a_guest_whose_stay_has_ended_no_longer_counts_until_it_is_extended(
+    town: Town, clock: Clock
+) -> None:
+    """A lodger registered for a term is a "virtual resident" once it is over: notices for
+    young men no longer go to the house they left, until the stay is extended."""
+    household = await town.add_household(town.city.group)
+    today = local_day(clock())
+    guest = await town.city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=household,
+            person=registry_pb2.PersonDetails(
+                full_name="Trần Văn Khách",
+                birth_date=born(20),
+                sex=MALE,
+                relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE,
+            ),
+            stay_start=today.isoformat(),
+            stay_end=(today + timedelta(days=10)).isoformat(),
+        )
+    )
+    await town.known(household, residents=2)
+    young_men = notices_pb2.Audience(member=notices_pb2.MemberFilter(max_age=25, sex=MALE))
+    assert household in await audience_of(town, young_men)
+
+    clock.advance(days=11)
+    assert household not in await audience_of(town, young_men)
+
+    extended_to = (local_day(clock()) + timedelta(days=30)).isoformat()
+    await town.city.leader.ExtendTemporaryStay(
+        registry_pb2.ExtendTemporaryStayRequest(
+            request_id=rid(), person_id=guest.person.person_id, stay_end=extended_to
+        )
+    )
+    view = town.service.store.view
+
+    async def extended() -> bool:
+        found = await view.persons.find_one({"_id": guest.person.person_id})
+        return found is not None and found.get("stay_end") == extended_to
+
+    await eventually(extended, what="the extended stay in the notices view")
+    assert household in await audience_of(town, young_men)
+
+
 async def test_bad_audiences_are_refused(town: Town) -> None:
     cases = [
         (notices_pb2.MemberFilter(min_age=30, max_age=20), "audience.member.max_age"),
