@@ -223,13 +223,13 @@ class Audience:
     given residence kinds (when any is given)."""
 
     min_age: int = 0
-    max_age: int = 0
+    max_age: int | None = None  # None: no upper bound; 0: not yet a year old
     sex: int = 0
     residence_kinds: tuple[int, ...] = field(default=())
 
     @property
     def filters_members(self) -> bool:
-        return bool(self.min_age or self.max_age or self.sex)
+        return bool(self.min_age or self.max_age is not None or self.sex)
 
     @property
     def everyone(self) -> bool:
@@ -237,16 +237,16 @@ class Audience:
 
 
 def check_audience(
-    min_age: int, max_age: int, sex: int, residence_kinds: list[int], member_set: bool
+    min_age: int, max_age: int | None, sex: int, residence_kinds: list[int], member_set: bool
 ) -> Audience:
-    for name, age in (("min_age", min_age), ("max_age", max_age)):
+    for name, age in (("min_age", min_age), ("max_age", max_age or 0)):
         if not 0 <= age <= MAX_AGE:
             raise InvalidArgument(f"audience.member.{name}", f"must be between 0 and {MAX_AGE}")
-    if max_age and min_age > max_age:
+    if max_age is not None and min_age > max_age:
         raise InvalidArgument("audience.member.max_age", "must not be below min_age")
     if sex and sex not in SEXES:
         raise InvalidArgument("audience.member.sex", "must be SEX_MALE or SEX_FEMALE")
-    if member_set and not (min_age or max_age or sex):
+    if member_set and not (min_age or max_age is not None or sex):
         raise InvalidArgument("audience.member", "set an age bound or a sex, or leave it out")
     for i, kind in enumerate(residence_kinds):
         if kind not in RESIDENCE_KINDS:
@@ -269,7 +269,11 @@ def birth_date_bounds(audience: Audience, on: date) -> tuple[str | None, str | N
     """Birth dates (ISO strings, which sort as dates) of people aged min..max on `on`: born on
     or before the first bound and after the second."""
     born_by = _years_before(on, audience.min_age).isoformat() if audience.min_age else None
-    born_after = _years_before(on, audience.max_age + 1).isoformat() if audience.max_age else None
+    born_after = (
+        _years_before(on, audience.max_age + 1).isoformat()
+        if audience.max_age is not None
+        else None
+    )
     return born_by, born_after
 
 
@@ -280,7 +284,7 @@ def birthdays_between(
     `after`, up to `on`, took them across an age bound of one of the audiences: into it at
     min_age, out of it past max_age."""
     years = {a.min_age for a in audiences if a.min_age}
-    years |= {a.max_age + 1 for a in audiences if a.max_age}
+    years |= {a.max_age + 1 for a in audiences if a.max_age is not None}
     return [
         (_years_before(after, n).isoformat(), _years_before(on, n).isoformat())
         for n in sorted(years)

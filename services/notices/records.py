@@ -19,7 +19,7 @@ def audience_from_message(message: notices_pb2.Audience) -> Audience:
     member = message.member
     return domain.check_audience(
         member.min_age,
-        member.max_age,
+        member.max_age if member.HasField("max_age") else None,
         member.sex,
         list(message.residence_kinds),
         message.HasField("member"),
@@ -27,9 +27,12 @@ def audience_from_message(message: notices_pb2.Audience) -> Audience:
 
 
 def audience_document(audience: Audience) -> Document:
+    # The upper bound is stored as "under_age", younger than which (None: none): notices
+    # stored before infants could be an audience have a "max_age" whose 0 meant no bound.
+    under_age = None if audience.max_age is None else audience.max_age + 1
     return {
         "min_age": audience.min_age,
-        "max_age": audience.max_age,
+        "under_age": under_age,
         "sex": audience.sex,
         "residence_kinds": list(audience.residence_kinds),
     }
@@ -37,7 +40,11 @@ def audience_document(audience: Audience) -> Document:
 
 def audience_of(doc: Document) -> Audience:
     a = doc["audience"]
-    return Audience(a["min_age"], a["max_age"], a["sex"], tuple(a["residence_kinds"]))
+    if "under_age" in a:
+        max_age = None if a["under_age"] is None else a["under_age"] - 1
+    else:
+        max_age = a["max_age"] or None
+    return Audience(a["min_age"], max_age, a["sex"], tuple(a["residence_kinds"]))
 
 
 def audience_message(doc: Document) -> notices_pb2.Audience:
@@ -47,7 +54,7 @@ def audience_message(doc: Document) -> notices_pb2.Audience:
         message.member.CopyFrom(
             notices_pb2.MemberFilter(
                 min_age=audience.min_age,
-                max_age=audience.max_age,
+                max_age=audience.max_age,  # unset when None
                 sex=audience.sex,  # type: ignore[arg-type]
             )
         )

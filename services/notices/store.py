@@ -401,7 +401,13 @@ class NoticeStore:
             {
                 "$and": [
                     live(now),
-                    {"$or": [{"audience.min_age": {"$gt": 0}}, {"audience.max_age": {"$gt": 0}}]},
+                    {
+                        "$or": [
+                            {"audience.min_age": {"$gt": 0}},
+                            {"audience.under_age": {"$gt": 0}},
+                            {"audience.max_age": {"$gt": 0}},  # stored before "under_age"
+                        ]
+                    },
                 ]
             },
             {"audience": 1},

@@ -138,6 +138,21 @@ async def test_a_guest_whose_stay_has_ended_no_longer_counts_until_it_is_extende
     assert household in await audience_of(town, young_men)
 
 
+async def test_a_notice_for_infants_reaches_only_households_with_a_baby(town: Town) -> None:
+    """Vaccinations for babies not yet a year old: max_age 0, set, is not "any age"."""
+    with_baby = await town.add_household(town.city.group)
+    with_toddler = await town.add_household(town.city.group)
+    baby = (date.today() - timedelta(days=120)).isoformat()
+    await town.add_member(with_baby, baby, FEMALE)
+    await town.add_member(with_toddler, born(2), MALE)
+    infants = notices_pb2.Audience(member=notices_pb2.MemberFilter(max_age=0))
+    reached = await audience_of(town, infants)
+    assert with_baby in reached
+    assert with_toddler not in reached
+    unbounded = notices_pb2.Audience(member=notices_pb2.MemberFilter(min_age=1))
+    assert with_toddler in await audience_of(town, unbounded)
+
+
 async def test_bad_audiences_are_refused(town: Town) -> None:
     cases = [
         (notices_pb2.MemberFilter(min_age=30, max_age=20), "audience.member.max_age"),

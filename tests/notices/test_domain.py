@@ -10,6 +10,7 @@ from services.common.auth import Principal, Role
 from services.common.errors import InvalidArgument, PermissionDenied
 from services.notices import domain
 from services.notices.domain import Audience, Priority
+from services.notices.records import audience_document, audience_of
 
 
 def test_age_bounds_are_birth_date_bounds() -> None:
@@ -23,6 +24,21 @@ def test_age_bounds_are_birth_date_bounds() -> None:
     assert domain.birth_date_bounds(Audience(max_age=5), on) == (None, "2020-11-23")
     # 29 February counts from the 28th in other years.
     assert domain.birth_date_bounds(Audience(min_age=1), date(2024, 2, 29)) == ("2023-02-28", None)
+    # Infants not yet a year old: max_age 0, set.
+    infants = Audience(max_age=0)
+    assert infants.filters_members
+    assert domain.birth_date_bounds(infants, on) == (None, "2025-11-23")
+    assert domain.birthdays_between([infants], on - timedelta(days=1), on) == [
+        ("2025-11-22", "2025-11-23")
+    ]
+
+
+def test_an_audience_stored_before_infants_could_be_one_reads_as_it_was_meant() -> None:
+    """Stored then, max_age 0 meant no upper bound."""
+    old = {"min_age": 60, "max_age": 0, "sex": 0, "residence_kinds": []}
+    assert audience_of({"audience": old}) == Audience(min_age=60)
+    for audience in (Audience(max_age=0), Audience(min_age=60), Audience(min_age=6, max_age=17)):
+        assert audience_of({"audience": audience_document(audience)}) == audience
 
 
 def test_timing_rules() -> None:
