@@ -663,6 +663,57 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             self._submitter_or_handler,
         )
 
+    async def WithdrawTicket(
+        self, request: tickets_pb2.WithdrawTicketRequest, context: Context
+    ) -> tickets_pb2.WithdrawTicketResponse:
+        reason = request.reason.strip()
+        if reason:
+            reason = domain.check_text("reason", reason, domain.MAX_COMMENT)
+        caller = principal()
+
+        async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
+            if supporters := len(ticket.get("supporters", [])):
+                raise FailedPrecondition(
+                    f"{supporters} other resident(s) support this ticket: it stays open for "
+                    "them; add a comment instead"
+                )
+            if reason and len(ticket.get("comments", [])) >= domain.MAX_COMMENTS:
+                raise FailedPrecondition(
+                    f"ticket {ticket['_id']} has {domain.MAX_COMMENTS} comments, the most it "
+                    "keeps: withdraw it without a reason"
+                )
+            now = self.clock()
+            # Its duplicates are others' reports of a problem they may still have: released,
+            # they go on on their own.
+            released: list[Document] = []
+            for duplicate in await self.store.open_duplicates(ticket, session):
+                released += (await release(self.store, self.outbox, duplicate, now, session))[1]
+            ticket, unlinked = await self._apart(ticket, session)
+            updated, withdrawn = await self._set_status(
+                ticket,
+                session,
+                {
+                    "status": int(domain.Status.CLOSED),
+                    "withdrawn": True,
+                    "closed_at": now,
+                    "next_deadline": None,
+                },
+                events_pb2.TicketWithdrawn(
+                    ticket_id=ticket["_id"], assigned_unit_id=ticket.get("assigned_unit_id") or ""
+                ),
+                comment=self._comment(caller, reason) if reason else None,
+            )
+            return updated, released + unlinked + withdrawn
+
+        return await self._act(
+            "WithdrawTicket",
+            request,
+            tickets_pb2.WithdrawTicketResponse,
+            "withdraw",
+            mutate,
+            self._submitter,
+        )
+
     async def _apart(self, ticket: Document, session: Session) -> tuple[Document, list[Document]]:
         """A duplicate escalated or reopened apart from its primary leaves the cluster: from then
         on it goes up on its own deadlines and is decided on its own."""
@@ -728,6 +779,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             if ticket.get("rejected"):
                 raise FailedPrecondition("a rejected ticket has no resolution to rate")
+            if ticket.get("withdrawn"):
+                raise FailedPrecondition("a withdrawn ticket has no resolution to rate")
             return await self._set_status(
                 ticket,
                 session,

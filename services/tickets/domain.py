@@ -196,6 +196,7 @@ TRANSITIONS: dict[str, tuple[Status, ...]] = {
     "escalate": (Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
     "reopen": (Status.RESOLVED, Status.REJECTED),
     "close": (Status.RESOLVED, Status.REJECTED),
+    "withdraw": (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
     "rate": (Status.RESOLVED, Status.CLOSED),
     "support": (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
     "attach": (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),

@@ -120,6 +120,7 @@ def ticket_message(
         resolve_by=timestamp(doc.get("resolve_by")),
         resolved_at=timestamp(doc.get("resolved_at")),
         overdue=overdue(doc, now),
+        withdrawn=bool(doc.get("withdrawn")),
     )
 
 

@@ -524,3 +524,21 @@ async def test_a_linked_duplicate_is_not_overdue_on_its_own_deadlines(
     )
     [row] = [r for r in stats.statistics if r.category == "street-light"]
     assert (row.open, row.overdue) == (1, 0)
+
+
+async def test_a_withdrawn_primary_leaves_its_duplicates_open_on_their_own(pilot: Pilot) -> None:
+    """The first reporter's light was fixed, say; the neighbour's report of theirs stands."""
+    primary = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    again = await pilot.submit("street-light", caller=pilot.neighbour, location=point_near(60))
+    duplicate = await pilot.routed(again.ticket_id, pilot.neighbour)
+    assert duplicate.duplicate_of == primary.ticket_id
+
+    await pilot.resident.WithdrawTicket(
+        tickets_pb2.WithdrawTicketRequest(request_id=rid(), ticket_id=primary.ticket_id)
+    )
+    left = (await cluster(pilot.neighbour, duplicate.ticket_id)).ticket
+    assert left.duplicate_of == ""
+    assert left.status == tickets_pb2.TICKET_STATUS_ROUTED
+    assert left.resolve_by.seconds > 0  # held to its own deadlines again
+    withdrawn = (await cluster(pilot.resident, primary.ticket_id)).ticket
+    assert withdrawn.withdrawn and list(withdrawn.duplicates) == []

@@ -231,8 +231,8 @@ ILLEGAL: dict[str, list[str]] = {
     # The state the ticket is in: the actions refused there.
     "routed": ["start", "reopen", "close", "rate"],
     "acknowledged": ["acknowledge", "reopen", "close", "rate"],
-    "resolved": ["acknowledge", "start", "resolve", "reject", "escalate", "support"],
-    "closed": ["acknowledge", "resolve", "reopen", "close", "support"],
+    "resolved": ["acknowledge", "start", "resolve", "reject", "escalate", "support", "withdraw"],
+    "closed": ["acknowledge", "resolve", "reopen", "close", "support", "withdraw"],
 }
 
 
@@ -258,6 +258,7 @@ def action(pilot: Pilot, name: str, ticket_id: str) -> Awaitable[Any]:
             tickets_pb2.ReopenTicketRequest(reason="vẫn hỏng", **common)
         ),
         "close": lambda: resident.CloseTicket(tickets_pb2.CloseTicketRequest(**common)),
+        "withdraw": lambda: resident.WithdrawTicket(tickets_pb2.WithdrawTicketRequest(**common)),
         "rate": lambda: resident.RateResolution(
             tickets_pb2.RateResolutionRequest(rating=3, **common)
         ),
@@ -288,6 +289,62 @@ async def test_illegal_transitions_fail_the_precondition_and_change_nothing(
         if step:
             await action(pilot, step, ticket_id)
     assert (await get(pilot.resident, ticket_id)).status == tickets_pb2.TICKET_STATUS_CLOSED
+
+
+async def test_the_submitter_withdraws_an_open_ticket(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    ticket_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+    request = {"request_id": rid(), "ticket_id": ticket_id, "reason": "Hàng xóm đã tắt loa"}
+    # Only the submitter: not the official handling it, and to a neighbour it is not there.
+    await refused(
+        grpc.StatusCode.PERMISSION_DENIED,
+        pilot.ward_officer.WithdrawTicket(tickets_pb2.WithdrawTicketRequest(**request)),
+    )
+    await refused(
+        grpc.StatusCode.NOT_FOUND,
+        pilot.neighbour.WithdrawTicket(tickets_pb2.WithdrawTicketRequest(**request)),
+    )
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        pilot.resident.WithdrawTicket(
+            tickets_pb2.WithdrawTicketRequest(
+                request_id=rid(), ticket_id=ticket_id, reason="x" * 5000
+            )
+        ),
+    )
+
+    withdrawn = (
+        await pilot.resident.WithdrawTicket(tickets_pb2.WithdrawTicketRequest(**request))
+    ).ticket
+    assert withdrawn.status == tickets_pb2.TICKET_STATUS_CLOSED and withdrawn.withdrawn
+    assert withdrawn.comments[-1].text == "Hàng xóm đã tắt loa"
+    assert not withdrawn.overdue and withdrawn.resolution == ""
+    # A retry answers as the first time, and writes nothing more.
+    again = await pilot.resident.WithdrawTicket(tickets_pb2.WithdrawTicketRequest(**request))
+    assert again.ticket == withdrawn
+    events = await events_of(tickets_service, ticket_id)
+    assert [type(e).__name__ for e in events][-1] == "TicketWithdrawn"
+    assert [type(e).__name__ for e in events].count("TicketWithdrawn") == 1
+    # Nothing was decided: nothing to rate, nothing to reopen.
+    for name in ("rate", "reopen"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await action(pilot, name, ticket_id)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION, name
+
+
+async def test_a_ticket_other_residents_support_is_not_withdrawn(pilot: Pilot) -> None:
+    ticket_id = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    await pilot.neighbour.SupportTicket(
+        tickets_pb2.SupportTicketRequest(request_id=rid(), ticket_id=ticket_id)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pilot.resident.WithdrawTicket(
+            tickets_pb2.WithdrawTicketRequest(request_id=rid(), ticket_id=ticket_id)
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "support" in (caught.value.details() or "")
+    assert (await get(pilot.resident, ticket_id)).status == tickets_pb2.TICKET_STATUS_ROUTED
 
 
 async def test_officials_and_the_submitter_comment_others_may_not(pilot: Pilot) -> None:
