@@ -26,6 +26,7 @@ import getpass
 import inspect
 import logging
 import os
+import re
 import sys
 import textwrap
 import time
@@ -61,6 +62,8 @@ WAITING_EVERY = 10.0  # seconds between lines while the registry applies the las
 UNITS_PER_LINE = 100  # units created between progress lines of `civic city --token`
 MAX_CHUNK = 5_000  # rows per message; keeps a message well under gRPC's 4 MB default limit
 MAX_TTL_HOURS = 366 * 24  # a year: a longer-lived token is a standing credential
+MIN_TTL_SECONDS = 60  # a shorter-lived token expires before anyone can use it
+HOUSEHOLD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # An import's exit status when rows were left out: not 0, or a script would take the file as
 # onboarded; not 1, which says the import itself failed.
 ROWS_LEFT_OUT = 3
@@ -282,6 +285,17 @@ async def _token(args: argparse.Namespace) -> int:
     role = Role(args.role)
     if role is Role.RESIDENT and not args.household:
         return _fail("a resident's token needs --household", status=2)
+    if args.household and role is not Role.RESIDENT:
+        return _fail(f"--household is for a resident's token, not a {role.value}'s", status=2)
+    if args.household and not HOUSEHOLD_ID.fullmatch(args.household):
+        return _fail(f"--household {args.household!r} is not a household id", status=2)
+    ttl_seconds = round(args.ttl_hours * 3600)
+    if ttl_seconds < MIN_TTL_SECONDS:
+        return _fail(
+            f"--ttl-hours {args.ttl_hours:g} is under a minute: the token would expire before "
+            "it is used",
+            status=2,
+        )
     if not args.scope.strip():
         return _fail(
             "--scope must name a unit (e.g. dn.hc.hc1): every service refuses a token without one",
@@ -307,7 +321,7 @@ async def _token(args: argparse.Namespace) -> int:
             role=role,
             scope=args.scope,
             household_id=args.household,
-            ttl_seconds=round(args.ttl_hours * 3600),
+            ttl_seconds=ttl_seconds,
         )
     )
     return 0

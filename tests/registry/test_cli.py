@@ -182,6 +182,24 @@ async def test_resident_token_needs_a_household(capsys: pytest.CaptureFixture[st
     assert "--household" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (("--role", "ward_officer", "--household", "hh-1"), "--household is for a resident"),
+        (("--role", "resident", "--household", "hh 1; x"), "is not a household id"),
+        (("--role", "ward_officer", "--ttl-hours", "0.01"), "under a minute"),
+    ],
+)
+async def test_a_token_that_could_not_serve_is_refused(
+    args: tuple[str, ...], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = await cli.run(["token", "--scope", "dn.hc.hc1", *args])
+
+    assert status == 2
+    captured = capsys.readouterr()
+    assert complaint in captured.err and not captured.out
+
+
 @pytest.mark.parametrize("scope", [" ", "DN HC", "dn..hc", "dn.hc."])
 async def test_a_token_without_a_unit_for_scope_is_refused(
     scope: str, capsys: pytest.CaptureFixture[str]
