@@ -46,7 +46,7 @@ from services.common.auth import unit_within
 from services.common.cloudevents import type_name
 from services.common.config import GRPC_PORTS, Settings, env_name
 from services.common.grpc_client import civic_channel
-from services.common.mongo import Document, mongo_client
+from services.common.mongo import UNIT_ID, Document, mongo_client
 from services.common.paging import MAX_PAGE_SIZE
 from services.ledger.domain import BadEvent, Books, FundBooks, chain_hash, seals_bytes
 from services.ledger.events import TOPIC
@@ -570,6 +570,10 @@ def add_arguments(parser: argparse.ArgumentParser, token_default: str) -> None:
 async def command(args: argparse.Namespace, settings: Settings | None = None) -> int:
     if not args.token:
         print("error: --token is required (or set $CIVIC_TOKEN)", file=sys.stderr)
+        return 2
+    if args.unit and not UNIT_ID.fullmatch(args.unit):
+        # Not asked of the service, which would refuse it as out of the token's scope.
+        print(f"error: --unit {args.unit!r} is not a unit id (e.g. dn.hc.hc1)", file=sys.stderr)
         return 2
     unit = args.unit or _scope_of(args.token)
     if not unit:

@@ -520,12 +520,16 @@ async def test_the_cli_stops_before_reading_when_it_cannot_compare_or_store(
     status = await cli.run(["replay-ledger", "--token", "not-a-token", "--target", target])
     assert status == 2
     assert capsys.readouterr().err == "error: --token is not a Civic token (it names no unit)\n"
+    auditor = token(Role.AUDITOR, books.city.city)
+    misspelt = ["--unit", "DN HC", "--target", target]
+    status = await cli.run(["replay-ledger", "--token", auditor, *misspelt])
+    assert status == 2
+    assert capsys.readouterr().err == "error: --unit 'DN HC' is not a unit id (e.g. dn.hc.hc1)\n"
 
     nowhere = (
         f"mongodb://127.0.0.1:{free_port()}/?directConnection=true&serverSelectionTimeoutMS=300"
     )
     monkeypatch.setenv("CIVIC_MONGO_URI", nowhere)
-    auditor = token(Role.AUDITOR, books.city.city)
     status = await cli.run(["replay-ledger", "--token", auditor, "--target", target])
     err = capsys.readouterr().err
     assert status == 2
