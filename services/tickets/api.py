@@ -586,11 +586,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             now = self.clock()
             if now > _reopen_until(ticket, rules):
                 raise FailedPrecondition("the period for reopening this ticket has passed")
-            if len(ticket.get("comments", [])) >= domain.MAX_COMMENTS:
-                raise FailedPrecondition(
-                    f"ticket {ticket['_id']} has {domain.MAX_COMMENTS} comments, the most it "
-                    "keeps: file a new ticket"
-                )
+            domain.check_room_for_comment(ticket, "file a new ticket")
             level = domain.Level(ticket["assigned_level"])
             due = domain.deadlines(
                 rule_for(rules, ticket["category"]), level, now, acknowledged=False
@@ -677,11 +673,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     f"{supporters} other resident(s) support this ticket: it stays open for "
                     "them; add a comment instead"
                 )
-            if reason and len(ticket.get("comments", [])) >= domain.MAX_COMMENTS:
-                raise FailedPrecondition(
-                    f"ticket {ticket['_id']} has {domain.MAX_COMMENTS} comments, the most it "
-                    "keeps: withdraw it without a reason"
-                )
+            if reason:
+                domain.check_room_for_comment(ticket, "withdraw it without a reason")
             now = self.clock()
             # Its duplicates are others' reports of a problem they may still have: released,
             # they go on on their own.
@@ -761,10 +754,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             except PermissionDenied:
                 _check_visible(caller, ticket)  # one the caller may not see is not there for them
                 raise
-            if len(ticket.get("comments", [])) >= domain.MAX_COMMENTS:
-                raise FailedPrecondition(
-                    f"ticket {ticket['_id']} has {domain.MAX_COMMENTS} comments, the most it keeps"
-                )
+            domain.check_room_for_comment(ticket)
             updated, emitted = await mutate(ticket, session)
             return tickets_pb2.AddCommentResponse(ticket=self._message(updated)), emitted
 

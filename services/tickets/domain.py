@@ -336,6 +336,15 @@ def check_statuses(field_name: str, values: Iterable[int]) -> None:
             raise InvalidArgument(f"{field_name}[{i}]", f"{value} is not a ticket status")
 
 
+def check_room_for_comment(ticket: Mapping[str, Any], instead: str = "") -> None:
+    """A ticket keeps at most MAX_COMMENTS comments; `instead` says what to do then."""
+    if len(ticket.get("comments", [])) >= MAX_COMMENTS:
+        advice = f": {instead}" if instead else ""
+        raise FailedPrecondition(
+            f"ticket {ticket['_id']} has {MAX_COMMENTS} comments, the most it keeps{advice}"
+        )
+
+
 def check_text(field_name: str, text: str, limit: int) -> str:
     cleaned = text.strip()
     if not cleaned:
