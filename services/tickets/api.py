@@ -44,7 +44,7 @@ from services.tickets.records import (
     submitter_of,
     ticket_message,
 )
-from services.tickets.store import TICKET_ID, TicketStore, new_ticket_id
+from services.tickets.store import DISTANCE, TICKET_ID, TicketStore, new_ticket_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R", bound=Message)
@@ -69,6 +69,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         photos: ObjectStore,
         submitter_key: bytes,
         clock: Callable[[], datetime],
+        duplicate_meters: float,
     ) -> None:
         self.store = store
         self.client = client
@@ -77,6 +78,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self.photos = photos
         self.submitter_key = submitter_key
         self.clock = clock
+        self.duplicate_meters = duplicate_meters
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -178,6 +180,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         assert rules is not None, "rules are seeded at start-up"
         return rules
 
+    async def _known_category(self, category: str) -> None:
+        rules = await self._rules()
+        if category not in {rule["category"] for rule in rules["rules"]}:
+            raise InvalidArgument("category", f"{category!r} is not a known category")
+
     async def _origin(
         self, caller: Principal, request: tickets_pb2.SubmitTicketRequest
     ) -> tuple[str, str, Document | None]:
@@ -253,9 +260,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tuple[Document, Document]:
         """The new ticket and its TicketSubmitted, if today's rules accept the request."""
         description = domain.check_text("description", request.description, domain.MAX_DESCRIPTION)
-        rules = await self._rules()
-        if request.category not in {rule["category"] for rule in rules["rules"]}:
-            raise InvalidArgument("category", f"{request.category!r} is not a known category")
+        await self._known_category(request.category)
         unit_id, household_id, location = await self._origin(caller, request)
 
         ticket = new_ticket(
@@ -315,7 +320,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         caller = principal()
         ticket = await self._visible(request.ticket_id, caller)
         # A cluster spans the ward; each linked ticket is shown only to who may see it alone.
-        linked = [t for t in await self.store.linked(ticket) if _sees(caller, t)]
+        # Without their comments, and so many at most, so that a cluster of many much-discussed
+        # reports still fits one answer (a gRPC message is at most 4 MB).
+        linked = [
+            t for t in await self.store.linked(ticket, domain.MAX_LINKED_SHOWN) if _sees(caller, t)
+        ]
         return tickets_pb2.GetTicketResponse(
             ticket=self._message(ticket), linked=[self._message(t) for t in linked]
         )
@@ -801,6 +810,45 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         )
         tickets, token = await self._page(found, size)
         return tickets_pb2.ListMyTicketsResponse(tickets=tickets, next_page_token=token)
+
+    async def ListNearbyTickets(
+        self, request: tickets_pb2.ListNearbyTicketsRequest, context: Context
+    ) -> tickets_pb2.ListNearbyTicketsResponse:
+        caller = principal()
+        domain.may_list_nearby(caller)
+        meters = domain.nearby_radius(request.radius_m, self.duplicate_meters)
+        limit = domain.nearby_limit(request.limit)
+        if request.category:
+            await self._known_category(request.category)
+        resident = caller.role is Role.RESIDENT
+        if request.HasField("location"):
+            point = point_document("location", request.location)
+        else:
+            household = await self.store.household(caller.household_id) if resident else None
+            if household is None or not household.get("location"):
+                raise InvalidArgument(
+                    "location",
+                    "is required (your household has no location on the register)"
+                    if resident
+                    else "is required",
+                )
+            point = household["location"]
+        found = await self.store.open_near(
+            point,
+            meters=meters,
+            within=caller.scope,
+            category=request.category,
+            limit=limit,
+            doors_of=caller if resident else None,
+        )
+        return tickets_pb2.ListNearbyTicketsResponse(
+            tickets=[
+                tickets_pb2.NearbyTicket(
+                    distance_m=ticket.pop(DISTANCE), ticket=self._message(ticket)
+                )
+                for ticket in found
+            ]
+        )
 
     def _queue_query(self, caller: Principal, unit_id: str, department: str) -> Document:
         if not caller.is_official:

@@ -45,6 +45,8 @@ MAX_COMMENT = 2000
 MAX_COMMENTS = 200
 MAX_PHOTO_BYTES = 8 * 1024 * 1024
 MAX_PHOTOS = 6
+# Duplicates GetTicket shows with a ticket, the first filed first (the ticket lists them all).
+MAX_LINKED_SHOWN = 100
 
 
 EARTH_RADIUS_M = 6_378_100  # as MongoDB's $centerSphere distances are reckoned here
@@ -259,6 +261,8 @@ def escalation_target(assigned_unit_id: str) -> str | None:
 
 # Who sees the tickets of a unit in their scope (residents see their own only).
 SEES_TICKETS_IN_SCOPE = OFFICIALS | {Role.AUDITOR, Role.INTEGRATOR}
+MAX_NEARBY_RADIUS_M = 5_000
+DEFAULT_NEARBY, MAX_NEARBY = 20, 100
 
 
 @dataclass(frozen=True)
@@ -300,6 +304,28 @@ def may_handle(caller: Principal, assigned_unit_id: str) -> None:
         raise PermissionDenied(f"role {caller.role.value} may not handle tickets")
     if not caller.covers(assigned_unit_id):
         raise PermissionDenied(f"the ticket is assigned to {assigned_unit_id}, outside your scope")
+
+
+def may_list_nearby(caller: Principal) -> None:
+    """Residents, to "+1" a ticket of their group; and whoever sees the tickets in a scope."""
+    if caller.role is not Role.RESIDENT and caller.role not in SEES_TICKETS_IN_SCOPE:
+        raise PermissionDenied(f"role {caller.role.value} does not see tickets")
+
+
+def nearby_radius(radius_m: int, default_m: float) -> float:
+    if radius_m == 0:
+        return default_m
+    if not 1 <= radius_m <= MAX_NEARBY_RADIUS_M:
+        raise InvalidArgument("radius_m", f"must be between 1 and {MAX_NEARBY_RADIUS_M:,} metres")
+    return float(radius_m)
+
+
+def nearby_limit(limit: int) -> int:
+    if limit == 0:
+        return DEFAULT_NEARBY
+    if not 1 <= limit <= MAX_NEARBY:
+        raise InvalidArgument("limit", f"must be between 1 and {MAX_NEARBY}")
+    return limit
 
 
 def may_support(caller: Principal, origin_unit_id: str, submitter: Submitter) -> None:

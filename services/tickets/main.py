@@ -75,6 +75,7 @@ class TicketsService:
             photos,
             hashlib.sha256(("submitter:" + settings.data_key).encode()).digest(),
             clock,
+            settings.tickets_duplicate_meters,
         )
         host.serve(
             SERVICE_NAME,

@@ -13,7 +13,7 @@ from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import CollectionInvalid
 
-from services.common.auth import OFFICIALS
+from services.common.auth import OFFICIALS, Principal
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
@@ -35,6 +35,7 @@ def new_ticket_id() -> str:
     return f"tk-{ObjectId()}"
 
 
+DISTANCE = "_distance_m"  # where a nearby listing puts a ticket's distance
 CANDIDATE_FIELDS = dict.fromkeys(
     ("submitted_at", "category", "status", "duplicate_of", "origin_unit_id", "location"), 1
 )
@@ -145,14 +146,64 @@ class TicketStore:
             session=session,
         ).to_list()
 
-    async def linked(self, primary: Document) -> list[Document]:
-        """The primary's duplicates, found by the ids it lists (by _id: no scan of every ticket
-        for who names it)."""
+    async def open_near(
+        self,
+        point: Document,
+        *,
+        meters: float,
+        within: str,
+        category: str,
+        limit: int,
+        doors_of: Principal | None = None,
+    ) -> list[Document]:
+        """Open tickets that are no one's duplicate, filed in `within` or below it, within
+        `meters` of `point`, nearest first, each with its distance in DISTANCE. With
+        `doors_of`, a ticket filed at a household's door only if it is theirs."""
+        query: Document = {
+            "status": {"$in": OPEN_STATUSES},
+            "duplicate_of": None,
+            "origin_unit_id": in_unit(within, "unit_id"),
+        }
+        if category:
+            query["category"] = category
+        if doors_of is not None:
+            query["$or"] = [
+                {"located_at_home": False},
+                # Filed before the flag was kept: any with a household may be at its door.
+                {"located_at_home": {"$exists": False}, "household_id": {"$in": ["", None]}},
+                {"submitter": doors_of.subject},
+                *([{"household_id": doors_of.household_id}] if doors_of.household_id else []),
+            ]
+        pipeline: list[Document] = [
+            {
+                # $geoNear, unlike a find with $nearSphere, takes any filter and tells distances.
+                "$geoNear": {
+                    "near": point,
+                    "key": "location",
+                    "spherical": True,
+                    "maxDistance": meters,
+                    "query": query,
+                    "distanceField": DISTANCE,
+                }
+            },
+            {"$limit": limit},
+        ]
+        return await (await self.tickets.aggregate(pipeline)).to_list()
+
+    async def linked(self, primary: Document, limit: int) -> list[Document]:
+        """The primary's first `limit` duplicates, the first filed first, without their
+        comments: found by the ids it lists (by _id: no scan of every ticket for who names it)."""
         if not primary.get("duplicates"):
             return []
-        return await self.tickets.find(
-            {"_id": {"$in": primary["duplicates"]}, "duplicate_of": primary["_id"]}
-        ).to_list()
+        return (
+            await self.tickets.find(
+                {"_id": {"$in": primary["duplicates"]}, "duplicate_of": primary["_id"]},
+                {"comments": 0},
+            )
+            .sort([("submitted_at", ASCENDING), ("_id", ASCENDING)])
+            .limit(limit)
+            .to_list()
+        )
 
     async def open_duplicates(self, primary: Document, session: Session) -> list[Document]:
         """The primary's duplicates still open, found by the ids it lists."""

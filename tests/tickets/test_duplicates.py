@@ -542,3 +542,49 @@ async def test_a_withdrawn_primary_leaves_its_duplicates_open_on_their_own(pilot
     assert left.resolve_by.seconds > 0  # held to its own deadlines again
     withdrawn = (await cluster(pilot.resident, primary.ticket_id)).ticket
     assert withdrawn.withdrawn and list(withdrawn.duplicates) == []
+
+
+async def test_a_large_much_discussed_cluster_still_fits_one_answer(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Each duplicate may hold 200 comments of 2,000 characters: shown with their comments, a
+    handful of them would pass gRPC's 4 MB, and the first ticket could no longer be opened."""
+    primary = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    again = await pilot.submit("street-light", caller=pilot.neighbour, location=point_near(30))
+    assert (await pilot.routed(again.ticket_id, pilot.neighbour)).duplicate_of == primary.ticket_id
+    tickets = tickets_service.db["tickets"]
+    # Arranged in the database: 120 more duplicates, the first five with 200 much-written
+    # comments each (6 MB together).
+    template = await tickets.find_one({"_id": again.ticket_id})
+    assert template is not None
+    comments = [
+        {"author": "resident-2", "role": "resident", "text": "ệ" * domain.MAX_COMMENT, "at": when}
+        for when in [template["submitted_at"]] * domain.MAX_COMMENTS
+    ]
+    more = [
+        template
+        | {
+            "_id": f"tk-{ObjectId()}",
+            "comments": comments if n < 5 else [],
+            "submitted_at": template["submitted_at"] + timedelta(seconds=n + 1),
+        }
+        for n in range(120)
+    ]
+    await tickets.insert_many(more)
+    await tickets.update_one(
+        {"_id": primary.ticket_id},
+        {"$push": {"duplicates": {"$each": [doc["_id"] for doc in more]}}},
+    )
+
+    seen = await cluster(pilot.ward_officer, primary.ticket_id)
+
+    assert len(seen.ticket.duplicates) == 121
+    # The first filed, in the order they were filed, without their comments.
+    assert [t.ticket_id for t in seen.linked] == [
+        again.ticket_id,
+        *[doc["_id"] for doc in more[: domain.MAX_LINKED_SHOWN - 1]],
+    ]
+    assert not any(t.comments for t in seen.linked)
+    # Each shows its own comments when opened alone.
+    alone = await cluster(pilot.ward_officer, more[0]["_id"])
+    assert len(alone.ticket.comments) == domain.MAX_COMMENTS
