@@ -37,7 +37,13 @@ RESIDENT, GONE = "resident", "gone"
 def living(today: str) -> Document:
     """The view's persons who live in their household on `today` (ISO), as the registry counts
     them: residents, but for a guest whose temporary stay ended before it."""
-    return {"status": RESIDENT, "stay_end": {"$not": {"$lt": today, "$gt": ""}}}
+    return {"status": RESIDENT} | stay_not_ended(today)
+
+
+def stay_not_ended(today: str) -> Document:
+    """Persons but a guest whose temporary stay's last day (`stay_end`, ISO) is before `today`;
+    one projected before the view kept the day counts as staying."""
+    return {"stay_end": {"$not": {"$lt": today, "$gt": ""}}}
 
 
 class RegistryView:

@@ -675,8 +675,9 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         self, request: gis_pb2.CountByGroupRequest, context: Context
     ) -> gis_pb2.CountByGroupResponse:
         await self._known_unit(request.unit_id, domain.may_count)
-        born_by = domain.born_on_or_before_age(domain.ELDERLY_AGE, self.today())
-        found = await self.store.counts(request.unit_id, born_by)
+        today = self.today()
+        born_by = domain.born_on_or_before_age(domain.ELDERLY_AGE, today)
+        found = await self.store.counts(request.unit_id, born_by, today.isoformat())
         groups = sorted(
             {doc["_id"] for doc in await self.store.groups_in(request.unit_id)} | set(found)
         )

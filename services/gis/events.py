@@ -225,6 +225,8 @@ class _Batch:
                     "birth_date": m.birth_date,
                     "residence_kind": int(m.residence_kind) if kind is None else kind,
                     "stay": stay,
+                    # A guest's last day: counted until then, as the registry's census counts.
+                    "stay_end": m.stay_end,
                     "active": True,
                 }
                 self.persons.append(ReplaceOne({"_id": m.person_id}, person, upsert=True))
@@ -237,6 +239,9 @@ class _Batch:
                 kind = self._kind_of(m.to_household_id)
                 if kind is not None:
                     self._live_as({"_id": m.person_id}, kind)
+            case registry_events.TemporaryStayExtended():
+                extended = {"stay_end": m.stay_end}
+                self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": extended}))
             case registry_events.PersonUpdated():  # a birth date corrected, say
                 corrected = {"birth_date": m.birth_date}
                 self.persons.append(UpdateOne({"_id": m.person_id}, {"$set": corrected}))

@@ -20,6 +20,7 @@ from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
+from services.common.registry_view import stay_not_ended
 from services.common.runtime import cancel_and_wait
 from services.gis.domain import RENTER_KINDS, Layer
 from services.gis.geometry import distance_m
@@ -247,11 +248,12 @@ class GisStore:
             {"_id": in_unit(unit_id), "kind": 4, "active": True}, {"name": 1}
         ).to_list()
 
-    async def counts(self, unit_id: str, elderly_born_by: str) -> dict[str, Document]:
-        """Per unit: population, elderly and renters of the persons living there now."""
+    async def counts(self, unit_id: str, elderly_born_by: str, today: str) -> dict[str, Document]:
+        """Per unit: population, elderly and renters of the persons living there on `today`
+        (ISO): not a guest whose temporary stay has ended."""
         rows = await self.persons.aggregate(
             [
-                {"$match": {"unit_id": in_unit(unit_id), "active": True}},
+                {"$match": {"unit_id": in_unit(unit_id), "active": True} | stay_not_ended(today)},
                 {
                     "$group": {
                         "_id": "$unit_id",

@@ -219,6 +219,37 @@ async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
     )
 
 
+async def test_a_guest_is_counted_until_their_stay_ends_and_again_once_it_is_extended(
+    ward: Ward, clock: Clock
+) -> None:
+    """As the registry's census counts: a guest whose stay has ended lives here no longer,
+    though nothing happened on the day (no event says so); extended, they are back."""
+    city = ward.city
+    home = await new_household(city.leader, city.group, location=ward.point(-70, 10))
+    guest = await stay(city.leader, home.household.household_id)
+
+    async def group_counted() -> tuple[int, int]:
+        response = await ward.officer.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward))
+        (group,) = [c for c in response.counts if c.unit_id == city.group]
+        return group.population, group.renters
+
+    async def counted(expected: tuple[int, int]) -> bool:
+        return await group_counted() == expected
+
+    await eventually(lambda: counted((2, 1)), what="the head and the guest counted")
+    clock.advance(days=301)  # a day after the stay's last
+    assert await group_counted() == (1, 0)
+
+    await city.leader.ExtendTemporaryStay(
+        registry_pb2.ExtendTemporaryStayRequest(
+            request_id=rid(),
+            person_id=guest.person_id,
+            stay_end=(local_date(clock()) + timedelta(days=60)).isoformat(),
+        )
+    )
+    await eventually(lambda: counted((2, 1)), what="the extended guest counted again")
+
+
 def before_dawn_in_vietnam(clock: Clock) -> date:
     """Moves the clock to 01:30 in Vietnam (18:30 UTC), when the UTC date is still the day
     before; returns Vietnam's date, never a 29 February (which a birthday may lack)."""
