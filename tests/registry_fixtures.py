@@ -117,6 +117,15 @@ async def city(registry: RegistryService, unique: str) -> City:
     return await new_city(f"127.0.0.1:{registry.port}", unique)
 
 
+# Digits spelt out: a name is written in letters, and tests number many people.
+DIGIT_WORDS = ("Không", "Một", "Hai", "Ba", "Bốn", "Năm", "Sáu", "Bảy", "Tám", "Chín")
+
+
+def numbered(name: str, number: int, width: int = 0) -> str:
+    """`name` followed by `number` spelt digit by digit ("Số" 12 is "Số Một Hai")."""
+    return " ".join([name, *(DIGIT_WORDS[int(d)] for d in f"{number:0{width}d}")])
+
+
 def person(
     name: str = "Nguyễn Thị Bê",
     born: str = "1990-05-17",

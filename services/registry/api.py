@@ -875,6 +875,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     else person["relationship"] or registry_pb2.RELATIONSHIP_OTHER_RELATIVE,
                 )
             except InvalidArgument as error:
+                if error.field == "person.full_name" and "full_name" not in fields:
+                    # Registered before names were checked: corrected with this change, or none.
+                    raise InvalidArgument(
+                        "person.full_name", f"the name on record {error.problem}: correct it too"
+                    ) from None
                 if error.field != "person.citizen_id" or "citizen_id" in fields:
                     raise
                 # The ID on record is not what was asked to change: the correction is wrong.

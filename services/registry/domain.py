@@ -158,6 +158,29 @@ def normalize_name(field: str, value: str) -> str:
     return name
 
 
+# Besides letters and spaces, what a person's name may hold: ethnic minority names such as
+# "H'Hen Niê" or "Y-Ngông" are written with an apostrophe or a hyphen.
+NAME_MARKS = frozenset("'’-.")
+
+
+def person_name(field: str, value: str) -> str:
+    """A person's full name as `normalize_name` keeps it, made of letters: a digit or a sign in
+    it is a slip (a phone number or a date in the name column of an import file, say)."""
+    name = normalize_name(field, value)
+    odd = sorted(
+        {ch for ch in name if not (ch == " " or ch in NAME_MARKS or _is_letter_or_mark(ch))}
+    )
+    if odd:
+        raise InvalidArgument(field, f"holds {''.join(odd)!r}: a name is written in letters")
+    if not any(unicodedata.category(ch).startswith("L") for ch in name):
+        raise InvalidArgument(field, "has no letters")
+    return name
+
+
+def _is_letter_or_mark(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LM"
+
+
 # Letters with no decomposition to strip: Đ and đ, and Ð and ð (eth), which look the same and
 # are often typed for them.
 D_LETTERS = str.maketrans("ĐđÐð", "DdDd")

@@ -78,7 +78,7 @@ class PersonCodec:
         field: str,
         relationship: int | None = None,
     ) -> Document:
-        name = domain.normalize_name(f"{field}.full_name", details.full_name)
+        name = domain.person_name(f"{field}.full_name", details.full_name)
         born = domain.check_birth_date(f"{field}.birth_date", details.birth_date, today)
         sex = check_enum(f"{field}.sex", details.sex, registry_pb2.Sex)
         relation = check_enum(

@@ -14,7 +14,7 @@ from civic.registry.v1 import registry_pb2
 from services.registry.main import RegistryService
 from services.registry.store import RESIDENT
 from tests.notices.conftest import Town, events_pb2, eventually, rid
-from tests.registry_fixtures import citizen_id, person
+from tests.registry_fixtures import citizen_id, numbered, person
 
 HOUSEHOLDS = 40
 ELDERLY = "1930-03-04"
@@ -28,14 +28,16 @@ def rows(town: Town) -> list[registry_pb2.ImportRow]:
         group = (town.city.group, town.city.other_group)[number % 2]
         ref = f"BURST-{number}"
         head = person(
-            f"Trần Văn Số {number}",
+            numbered("Trần Văn Số", number),
             "1980-01-01",
             registry_pb2.SEX_MALE,
             citizen_id("1980-01-01", registry_pb2.SEX_MALE),
             registry_pb2.RELATIONSHIP_HEAD,
         )
         born = ELDERLY if number % 3 == 0 else "2001-06-07"
-        member = person(f"Lê Thị Số {number}", born, relationship=registry_pb2.RELATIONSHIP_PARENT)
+        member = person(
+            numbered("Lê Thị Số", number), born, relationship=registry_pb2.RELATIONSHIP_PARENT
+        )
         for index, details in enumerate((head, member)):
             found.append(
                 registry_pb2.ImportRow(

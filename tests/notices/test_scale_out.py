@@ -18,7 +18,7 @@ from services.notices.main import NAME
 from tests.conftest import token
 from tests.kafka_reader import eventually
 from tests.notices.conftest import NoticeCaller, rid
-from tests.registry_fixtures import new_city, new_household
+from tests.registry_fixtures import new_city, new_household, numbered
 from tests.scale_out import Deployment, committed_events
 
 HOUSEHOLDS = 60
@@ -57,7 +57,9 @@ async def test_two_instances_split_the_registry_events_and_a_killed_one_reaches_
         leader = city.leader
         await notices.under_load(
             HOUSEHOLDS,
-            lambda number: new_household(leader, city.group, head_name=f"Phạm Thị Số {number}"),
+            lambda number: new_household(
+                leader, city.group, head_name=numbered("Phạm Thị Số", number)
+            ),
         )
         await leader.channel.close()
 

@@ -45,6 +45,25 @@ BAD_PERSONS: list[tuple[str, Callable[[], registry_pb2.PersonDetails], grpc.Stat
         "person.full_name",
     ),
     (
+        # A shifted column of an import file puts a phone number or a date in the name.
+        "a phone number for a name",
+        lambda: person(name="0905 123 456"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.full_name",
+    ),
+    (
+        "a digit in a name",
+        lambda: person(name="Nguyễn Văn 2"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.full_name",
+    ),
+    (
+        "signs for a name",
+        lambda: person(name="<b>Bê</b>"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.full_name",
+    ),
+    (
         "citizen id letters",
         lambda: person(citizen_id="04819012345A"),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -116,3 +116,26 @@ def test_contacts_are_taken_as_people_write_them() -> None:
         "an.nguyen@mail.com.vn",
     )
     assert domain.check_contact("c", "", "") == ("", "")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Nguyễn Thị Bê", "H'Hen Niê", "Y-Ngông Niê Kdăm", "Hồ Thị H’Linh", "Trần V. An", "Ksor Ơi"],
+)
+def test_a_persons_name_in_letters_is_kept_as_written(name: str) -> None:
+    assert domain.person_name("full_name", f"  {name} ") == name
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        ("0905123456", "holds '01234569': a name is written in letters"),
+        ("Nguyễn Văn 2", "holds '2': a name is written in letters"),
+        ("An@home", "holds '@': a name is written in letters"),
+        ("- . '", "has no letters"),
+    ],
+)
+def test_a_persons_name_with_other_than_letters_is_refused(written: str, problem: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        domain.person_name("full_name", written)
+    assert (refused.value.field, refused.value.problem) == ("full_name", problem)

@@ -15,7 +15,7 @@ from services.registry.importer import STARTED_HEADER
 from services.registry.main import RegistryService
 from services.registry.store import BOOK_NUMBER_INDEX
 from tests.indexes import index_uses, used_since
-from tests.registry_fixtures import City, citizen_id, new_household, person, rid
+from tests.registry_fixtures import City, citizen_id, new_household, numbered, person, rid
 
 
 def row(
@@ -90,7 +90,7 @@ async def test_two_imports_of_one_file_at_once_register_each_person_once(
             n,
             city.group,
             f"HK-C{n // 4}",
-            f"Người Thứ {n}",
+            numbered("Người Thứ", n),
             "1990-01-01",
             citizen_id=citizen_id("1990-01-01", registry_pb2.SEX_FEMALE),
         )

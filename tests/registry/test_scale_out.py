@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.common.config import Settings
 from services.registry.main import NAME
-from tests.registry_fixtures import new_city, new_household
+from tests.registry_fixtures import new_city, new_household, numbered
 from tests.scale_out import Deployment, committed_events
 
 HOUSEHOLDS = 60
@@ -26,7 +26,9 @@ async def test_two_instances_split_the_work_and_a_killed_one_repeats_and_loses_n
         leader = city.leader
         await registry.under_load(
             HOUSEHOLDS,
-            lambda number: new_household(leader, city.group, head_name=f"Nguyễn Văn Số {number}"),
+            lambda number: new_household(
+                leader, city.group, head_name=numbered("Nguyễn Văn Số", number)
+            ),
         )
         await leader.channel.close()
 
