@@ -48,6 +48,7 @@ def run_on_own_servers(measure: Measure[T], warm_up: Callable[[], None]) -> T:
             try:
                 say("starting servers")
                 endpoints = stack.up()
+                stack.stop_with(os.getpid())
                 # faststream's loggers write to the stdout of when they are made: keep stdout
                 # for the report.
                 with contextlib.redirect_stdout(sys.stderr):

@@ -42,6 +42,7 @@ from services.common.config import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+WATCHDOG_POLL_S = 1.0  # how often infra.watchdog looks for the run it watches
 HOST = "127.0.0.1"
 REPLICA_SET = "rs0"
 
@@ -184,6 +185,7 @@ class LocalStack:
     def __init__(self, root: Path, ports: Ports) -> None:
         self.root = root.resolve()  # the servers need absolute paths
         self.ports = ports
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -215,6 +217,24 @@ class LocalStack:
         """Stop every server this root has a live PID file for (external servers are untouched)."""
         with self._lock():
             self._stop(list(SERVERS))
+        if self._watchdog is not None:
+            # It sees the servers stopped within a second, and ends.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(timeout=2 * WATCHDOG_POLL_S + 1)
+            self._watchdog = None
+
+    def stop_with(self, owner_pid: int) -> None:
+        """Stop the servers when process `owner_pid` ends, however it ends: a run killed before
+        its own down() leaves nothing running (see infra.watchdog)."""
+        with self.log_file("watchdog").open("ab") as out:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "infra.watchdog", str(owner_pid), str(self.root)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                start_new_session=True,  # not stopped with the run it watches
+            )
 
     def own_servers(self) -> list[str]:
         """The servers this stack runs itself: those no variable points elsewhere."""

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import sys
 import tempfile
 import urllib.request
@@ -734,6 +735,7 @@ async def _on_own_servers(say: Callable[[str], None]) -> int:
         stack = LocalStack(Path(tmp) / "servers", Ports.free())
         say(_starting(stack.own_servers()))
         endpoints = await asyncio.to_thread(stack.up)
+        stack.stop_with(os.getpid())
         try:
             settings = isolated_settings(
                 endpoints,

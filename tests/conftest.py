@@ -56,7 +56,9 @@ def endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoints]:
         stop()
         return
     stack = LocalStack(tmp_path_factory.mktemp("servers"), Ports.free())
-    yield stack.up()
+    endpoints = stack.up()
+    stack.stop_with(os.getpid())  # a killed run leaves no server behind
+    yield endpoints
     stack.down()
 
 

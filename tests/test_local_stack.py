@@ -376,3 +376,53 @@ def test_mongo_that_exits_while_starting_is_reported_by_its_error(
     assert message.startswith("mongo exited while starting: "), message
     assert "lock file" in message and "Shutting down" not in message
     assert not any((tmp_path / "pids").iterdir())
+
+
+# A run that starts its own MongoDB and is killed before it can stop it.
+KILLED_RUN = """
+import os, sys, time
+from pathlib import Path
+from infra.local import LocalStack, Ports
+stack = LocalStack(Path(sys.argv[1]), Ports.free())
+stack.up()
+stack.stop_with(os.getpid())
+print(stack.pid_file("mongo").read_text().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_servers_of_a_run_killed_before_stopping_them_are_stopped_by_its_watchdog(
+    running: tuple[LocalStack, Endpoints], tmp_path: Path
+) -> None:
+    """A CI job's time limit or a SIGKILL ends a test run without its down(): its servers, each
+    in a session of its own, would run on."""
+    _, endpoints = running
+    env = {
+        **os.environ,
+        # Only mongo of its own: the broker and the object store are the module's.
+        "KAFKA_BOOTSTRAP_SERVERS": endpoints.kafka_bootstrap_servers,
+        "CIVIC_S3_ENDPOINT": endpoints.s3_endpoint,
+        "CIVIC_S3_ACCESS_KEY": endpoints.s3_access_key,
+        "CIVIC_S3_SECRET_KEY": endpoints.s3_secret_key,
+        "CIVIC_KAFKA_PARTITIONS": str(PARTITIONS),
+    }
+    run = subprocess.Popen(
+        [sys.executable, "-c", KILLED_RUN, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        cwd=local.REPO_ROOT,
+    )
+    try:
+        assert run.stdout is not None
+        mongod = int(run.stdout.readline())
+        assert local._alive(mongod)
+        run.kill()
+        run.wait()
+        deadline = time.monotonic() + 30
+        while local._group_alive(mongod) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not local._group_alive(mongod), "mongod still runs after its run was killed"
+        assert not any((tmp_path / "pids").glob("*.pid"))
+    finally:
+        run.kill()
+        LocalStack(tmp_path, Ports.load(tmp_path / "ports.json")).down()
