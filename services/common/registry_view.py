@@ -15,13 +15,15 @@ arrives).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
 from civic.registry.v1 import events_pb2
 from google.protobuf.message import Message
-from pymongo import ASCENDING, IndexModel, ReplaceOne, UpdateMany, UpdateOne
+from pymongo import ASCENDING, ReplaceOne, UpdateMany, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure
 
 from services.common.batching import Coalescer
 from services.common.broker import Delivery
@@ -59,9 +61,13 @@ class RegistryView:
     async def ensure_indexes(self) -> None:
         await self.households.create_index([("unit_id", ASCENDING), ("_id", ASCENDING)])
         if self.people:
-            await self.persons.create_indexes(
-                [IndexModel([("household_id", ASCENDING), ("status", ASCENDING)])]
+            # Who lives in a household on a day (`living`) is read from the index alone.
+            await self.persons.create_index(
+                [("household_id", ASCENDING), ("status", ASCENDING), ("stay_end", ASCENDING)]
             )
+            # Its prefix, the index before: dropped once (or by another instance already).
+            with contextlib.suppress(OperationFailure):
+                await self.persons.drop_index("household_id_1_status_1")
             # Where groups were merged into: a notice's unit is followed through its merges.
             await self.units.create_index([("merged_into_id", ASCENDING)])
 

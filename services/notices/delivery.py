@@ -250,9 +250,13 @@ class Deliverer:
             notice["unit_id"], merged, audience, notice["fanout"]["after"], self.batch_size
         )
         targets = batch
-        if audience.filters_members and batch:
+        if batch:
             day = domain.local_day(notice["published_at"])
-            keep = await self.store.with_members([h["_id"] for h in batch], audience, day)
+            ids = [h["_id"] for h in batch]
+            if audience.filters_members:
+                keep = await self.store.with_members(ids, audience, day)
+            else:
+                keep = await self.store.inhabited(ids, day)
             targets = [h for h in batch if h["_id"] in keep]
         await self.store.insert_deliveries(
             [delivery_document(notice, h["_id"], h["unit_id"], now, pending=True) for h in targets]

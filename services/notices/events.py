@@ -107,7 +107,6 @@ class Reconciler:
                 {"_id": {"$in": household_ids}},
                 {
                     "unit_id": 1,
-                    "residents": 1,
                     "residence_kind": 1,
                     "merged_from": 1,
                 },
@@ -139,6 +138,8 @@ class Reconciler:
             scope in live_units for unit in places for scope in domain.ancestors(unit)
         ):
             return {}
+        # Someone lives there: not only guests whose stay has ended.
+        inhabited = await store.inhabited(household_ids, domain.local_day(now), session)
         # Where the groups merged away went, to tell whose households the marked ones still are.
         chains = await store.merge_chains(came_from, session) if came_from else {}
         # The notices of the records too: one to a group merged away is not over the group
@@ -155,7 +156,7 @@ class Reconciler:
                 unit_id = household.get("unit_id", "")
                 fits = (
                     bool(unit_id)
-                    and household.get("residents", 0) > 0
+                    and household_id in inhabited
                     and _reached(notice, household, chains)
                     and _kind_fits(notice, household)
                 )

@@ -346,6 +346,15 @@ class NoticeStore:
         found = self.view.households.find(query, {"unit_id": 1}).sort(order).limit(limit)
         return await found.to_list()
 
+    async def inhabited(
+        self, household_ids: list[str], day: date, session: Session | None = None
+    ) -> set[str]:
+        """Those of the households someone lives in on `day`: one whose only residents are
+        guests whose stay has ended is nobody's home now, however many the register still
+        names."""
+        query = {"household_id": {"$in": household_ids}, **living(day.isoformat())}
+        return set(await self.view.persons.distinct("household_id", query, session=session))
+
     async def with_members(
         self,
         household_ids: list[str],

@@ -157,6 +157,24 @@ class Town:
 
         await eventually(gone, what=f"the notices of the emptied household {household_id}")
 
+    async def empty_of_head(self, household_id: str) -> None:
+        """The head moves out of the area; whoever else lives there stays."""
+        view = self.service.store.view
+        before = await view.persons.count_documents({"household_id": household_id})
+        head = await view.persons.find_one(
+            {"household_id": household_id, "stay_end": {"$in": ["", None]}}
+        )
+        assert head is not None
+        await self.city.ward_officer.MoveOut(
+            registry_pb2.MoveOutRequest(request_id=rid(), person_id=head["_id"], destination="Huế")
+        )
+
+        async def left() -> bool:
+            household = await view.household(household_id)
+            return household is not None and household.get("residents") == before - 1
+
+        await eventually(left, what=f"the head of {household_id} gone from the notices view")
+
     async def known(self, household_id: str, residents: int) -> None:
         view = self.service.store.view
 

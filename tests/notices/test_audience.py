@@ -138,6 +138,72 @@ async def test_a_guest_whose_stay_has_ended_no_longer_counts_until_it_is_extende
     assert household in await audience_of(town, young_men)
 
 
+async def test_a_house_left_to_guests_whose_stay_has_ended_is_not_sent_notices(
+    town: Town, clock: Clock
+) -> None:
+    """Everyone's notices too: a house whose only residents are lodgers past their term has
+    nobody living there, until a stay is extended."""
+    household = await town.add_household(town.city.group)
+    today = local_day(clock())
+    guest = await town.city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=household,
+            person=registry_pb2.PersonDetails(
+                full_name="Trần Thị Trọ",
+                birth_date=born(30),
+                sex=FEMALE,
+                relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE,
+            ),
+            stay_start=today.isoformat(),
+            stay_end=(today + timedelta(days=10)).isoformat(),
+        )
+    )
+    await town.known(household, residents=2)
+    await town.empty_of_head(household)
+    assert household in await audience_of(town, notices_pb2.Audience())
+
+    clock.advance(days=11)
+    notice = await town.publish()
+    await town.delivered(notice.notice_id)
+    records = town.service.store.deliveries
+    assert await records.count_documents({"notice_id": notice.notice_id}) > 0
+    assert (
+        await records.find_one({"notice_id": notice.notice_id, "household_id": household}) is None
+    )
+
+    # A change to the house that leaves it empty does not bring the notice either.
+    await town.city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(), household_id=household, update_fields=["address"], address="Kiệt 9"
+        )
+    )
+
+    async def readdressed() -> bool:
+        found = await town.service.store.view.household(household)
+        return found is not None and found.get("address") == "Kiệt 9"
+
+    await eventually(readdressed, what="the new address in the notices view")
+    assert (
+        await records.find_one({"notice_id": notice.notice_id, "household_id": household}) is None
+    )
+
+    # The stay extended, the live notice arrives (the registry's event, not a new notice).
+    await town.city.leader.ExtendTemporaryStay(
+        registry_pb2.ExtendTemporaryStayRequest(
+            request_id=rid(),
+            person_id=guest.person.person_id,
+            stay_end=(local_day(clock()) + timedelta(days=30)).isoformat(),
+        )
+    )
+
+    async def arrived() -> bool:
+        found = {"notice_id": notice.notice_id, "household_id": household, "withdrawn_at": None}
+        return await records.find_one(found | {"pending": {"$exists": False}}) is not None
+
+    await eventually(arrived, what="the notice at the house whose guest stays on")
+
+
 async def test_a_notice_for_infants_reaches_only_households_with_a_baby(town: Town) -> None:
     """Vaccinations for babies not yet a year old: max_age 0, set, is not "any age"."""
     with_baby = await town.add_household(town.city.group)
