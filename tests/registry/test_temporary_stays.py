@@ -178,3 +178,28 @@ async def test_only_a_guest_in_the_callers_scope_has_a_stay_to_extend(
         "PersonRegistered",
         "PersonMovedOut",
     ]
+
+
+async def test_a_stay_registration_retried_after_its_last_day_gets_its_first_answer(
+    city: City, clock: Clock
+) -> None:
+    """The answer was lost on a stay ending today; the app retries after midnight."""
+    today = local_date(clock())
+    household_id = (await new_household(city.leader, city.group)).household.household_id
+    request = registry_pb2.RegisterTemporaryStayRequest(
+        request_id=rid(),
+        household_id=household_id,
+        person=person("Khách Một Ngày", "2001-01-01"),
+        stay_start=today.isoformat(),
+        stay_end=today.isoformat(),
+    )
+    first = await city.leader.RegisterTemporaryStay(request)
+    clock.advance(days=1)
+    again = await city.leader.RegisterTemporaryStay(request)
+    assert again.person.person_id == first.person.person_id
+    # A new registration of the same past stay is still refused.
+    request.request_id = rid()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await city.leader.RegisterTemporaryStay(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stay_end" in (refused.value.details() or "")
