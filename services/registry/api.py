@@ -263,6 +263,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         async def work(session: Session) -> tuple[registry_pb2.MergeGroupsResponse, list[Document]]:
             await self._group(source_id, "source_unit_id", session)
             target = await self._group(target_id, "target_unit_id", session)
+            # Written, not only read: a merge of the target committing meanwhile (into a third
+            # group, or into the source) conflicts, so households never land in a retired group.
+            await self.store.claim_group(target_id, session)
             moved = await self.store.move_group(source_id, target_id, session)
             await self.store.set_unit_fields(
                 source_id, {"active": False, "merged_into_id": target_id}, session

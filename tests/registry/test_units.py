@@ -82,6 +82,43 @@ def merge(city: City) -> registry_pb2.MergeGroupsRequest:
     )
 
 
+async def test_a_group_merging_away_is_not_merged_into_at_the_same_moment(
+    city: City, registry: RegistryService
+) -> None:
+    """Two merges at once, the other group into this one and this one into a third: the
+    second to commit is refused, and no household is left in a retired group."""
+    third = await create_unit(city.admin, city.ward, "t19", "Tổ 19", registry_pb2.UNIT_KIND_GROUP)
+    await new_household(city.other_leader, city.other_group)
+    store = registry.servicer.store
+    read_unit = store.unit
+    interleaved = False
+
+    async def merged_away_meanwhile(unit_id: str, session: object = None) -> Document | None:
+        nonlocal interleaved
+        if unit_id == city.group and session is not None and not interleaved:
+            interleaved = True  # the first merge has read its source; this one commits now
+            await city.ward_officer.MergeGroups(
+                registry_pb2.MergeGroupsRequest(
+                    request_id=rid(), source_unit_id=city.group, target_unit_id=third
+                )
+            )
+        return await read_unit(unit_id, session)  # type: ignore[arg-type]
+
+    store.unit = merged_away_meanwhile  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await city.ward_officer.MergeGroups(merge(city))
+    finally:
+        del store.unit
+    assert interleaved
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"{city.group} was merged into {third}" in (refused.value.details() or "")
+    retired = {"_id": {"$in": [city.group]}, "active": False}
+    assert await registry.db["units"].count_documents(retired) == 1
+    assert await registry.db["households"].count_documents({"unit_id": city.group}) == 0
+    assert await registry.db["households"].count_documents({"unit_id": city.other_group}) == 1
+
+
 async def test_groups_that_both_issued_a_book_number_merge(city: City) -> None:
     """Book numbers are unique in the group that issued them: two groups may each have had a
     "HK-1". They still merge, and an import into the merged group finds its own HK-1."""
