@@ -109,7 +109,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         person = await self.store.person(person_id, session)
         if person is None:
             raise NotFound(f"person {person_id} not found")
-        domain.may_register(principal(), person["unit_id"])
+        domain.may_keep(principal(), person["unit_id"], f"person {person_id}")
         if person["status"] != RESIDENT:
             state = registry_pb2.PersonStatus.Name(person["status"]).removeprefix("PERSON_STATUS_")
             raise FailedPrecondition(f"person {person_id} is {state.lower().replace('_', ' ')}")
@@ -414,7 +414,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             session: Session,
         ) -> tuple[registry_pb2.UpdateHouseholdResponse, list[Document]]:
             household = await self._household(request.household_id, session=session)
-            domain.may_register(principal(), household["unit_id"])
+            domain.may_keep(principal(), household["unit_id"], f"household {household['_id']}")
             head_id = household.get("head_person_id")
             if "head_person_id" in fields and request.head_person_id != head_id:
                 head = await self.store.person(request.head_person_id, session)
@@ -476,7 +476,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         # Both read at once: members are shown only once the household's scope is checked.
         found, residents = await self.store.household_with_members(request.household_id)
         household = _found(found, request.household_id)
-        domain.may_read_household(principal(), household["unit_id"], household["_id"])
+        _may_read(principal(), household)
         members = await self._read_persons("GetHousehold", residents, [household["_id"]])
         head = next((m for m in members if m.person_id == household.get("head_person_id")), None)
         return registry_pb2.GetHouseholdResponse(
@@ -488,7 +488,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     ) -> registry_pb2.GetHouseholdHistoryResponse:
         caller = principal()
         household = await self._household(request.household_id)
-        domain.may_read_household(caller, household["unit_id"], household["_id"])
+        _may_read(caller, household)
         history = await self.store.history_of(household["_id"])
         # Births, deaths and moves are personal data: logged, naming each person, before shown.
         named = dict.fromkeys(e["person_id"] for e in history if e.get("person_id"))
@@ -518,7 +518,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             session: Session,
         ) -> tuple[registry_pb2.VerifyHouseholdResponse, list[Document]]:
             household = await self._household(request.household_id, session=session)
-            domain.may_register(caller, household["unit_id"])
+            domain.may_keep(caller, household["unit_id"], f"household {household['_id']}")
             if not household["active"]:
                 raise FailedPrecondition(f"household {household['_id']} is no longer active")
             now = self.clock()
@@ -568,7 +568,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
         async def work(session: Session) -> tuple[Any, list[Document]]:
             household = await self._household(request.household_id, session=session)
-            domain.may_register(principal(), household["unit_id"])
+            domain.may_keep(principal(), household["unit_id"], f"household {household['_id']}")
             if not household["active"]:
                 raise FailedPrecondition(f"household {household['_id']} is no longer active")
             person = self.persons.document(
@@ -782,7 +782,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         async def work(session: Session) -> tuple[registry_pb2.MovePersonResponse, list[Document]]:
             person = await self._resident(request.person_id, session)
             target = await self._household(request.to_household_id, "to_household_id", session)
-            domain.may_register(principal(), target["unit_id"])
+            domain.may_keep(principal(), target["unit_id"], f"household {target['_id']}")
             if target["_id"] == person["household_id"]:
                 raise FailedPrecondition("the person already lives in that household")
             if not target["active"]:
@@ -964,7 +964,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         person = await self.store.person(request.person_id)
         if person is None:
             raise NotFound(f"person {request.person_id} not found")
-        domain.may_read_household(principal(), person["unit_id"], person["household_id"])
+        domain.may_read_household(
+            principal(), person["unit_id"], person["household_id"], f"person {person['_id']}"
+        )
         [message] = await self._read_persons("GetPerson", [person])
         return registry_pb2.GetPersonResponse(person=message)
 
@@ -1130,10 +1132,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         household = await self._household(request.household_id)
         if caller.role is Role.AUDITOR:
-            caller.require_unit(household["unit_id"])
+            if not caller.covers(household["unit_id"]):
+                raise NotFound(f"household {household['_id']} not found")
         else:
             caller.require_role(Role.RESIDENT)
-            domain.may_read_household(caller, household["unit_id"], household["_id"])
+            _may_read(caller, household)
         token = request.page.page_token
         try:
             records, next_page = await self.store.access_entries(
@@ -1223,6 +1226,12 @@ def _child_containing(parent_id: str, unit_id: str) -> str:
 def _required(field: str, value: str) -> None:
     if not value:
         raise InvalidArgument(field, "is required")
+
+
+def _may_read(caller: Principal, household: Document) -> None:
+    domain.may_read_household(
+        caller, household["unit_id"], household["_id"], f"household {household['_id']}"
+    )
 
 
 def _found(household: Document | None, household_id: str) -> Document:

@@ -15,7 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.common.auth import Principal, Role
-from services.common.errors import InvalidArgument, PermissionDenied
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied
 
 # Vital events are dated by the calendar day in Vietnam; callers use domain.local_date.
 from services.common.wire import local_date as local_date
@@ -332,12 +332,27 @@ def may_see_citizen_id(caller: Principal, household_id: str) -> bool:
 # ---- who may read and change what ---------------------------------------------------------
 
 
-def may_read_household(caller: Principal, unit_id: str, household_id: str) -> None:
+def may_read_household(caller: Principal, unit_id: str, household_id: str, record: str) -> None:
+    """A household's data, or a person's (`record` names which): its own residents, and the
+    officials whose scope it lies in. To anyone else in a role that may read personal data, it
+    is not found, as if it did not exist: an id guessed tells nothing."""
     if caller.role is Role.RESIDENT:
         if caller.household_id != household_id:
-            raise PermissionDenied("residents see only their own household")
+            raise NotFound(f"{record} not found")
         return
-    may_read_people(caller, unit_id)
+    may_keep(caller, unit_id, record, "read personal data")
+
+
+def may_keep(
+    caller: Principal, unit_id: str, record: str, what: str = "change the register"
+) -> None:
+    """A person or household on the register (`record` names it) read or changed by an
+    official: outside the official's scope it is not found. A role that may not do `what` at
+    all is refused as such."""
+    if not caller.is_official:
+        raise PermissionDenied(f"role {caller.role.value} may not {what}")
+    if not caller.covers(unit_id):
+        raise NotFound(f"{record} not found")
 
 
 def may_read_people(caller: Principal, unit_id: str) -> None:

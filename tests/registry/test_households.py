@@ -67,11 +67,35 @@ async def test_a_new_head_leaves_the_household_one_head(city: City) -> None:
     assert got.head.person_id == spouse.person.person_id
 
 
-async def test_group_leader_of_another_group_is_denied(city: City) -> None:
+async def test_a_household_of_another_group_is_not_found_by_its_leader(city: City) -> None:
+    """Outside the caller's scope a household is answered as one that does not exist: the
+    answer tells nothing of whether the id is real."""
     created = await new_household(city.leader, city.group)
+    household_id = created.household.household_id
 
-    with pytest.raises(grpc.aio.AioRpcError) as denied:
-        await city.other_leader.GetHousehold(
-            registry_pb2.GetHouseholdRequest(household_id=created.household.household_id)
-        )
-    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    async def answer(household: str) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await city.other_leader.GetHousehold(
+                registry_pb2.GetHouseholdRequest(household_id=household)
+            )
+        return refused.value.code(), (refused.value.details() or "").replace(household, "<id>")
+
+    made_up = "hh-" + "0" * 24
+    assert await answer(household_id) == await answer(made_up)
+    assert await answer(household_id) == (grpc.StatusCode.NOT_FOUND, "household <id> not found")
+    for refused_call in (
+        city.other_leader.GetHouseholdHistory(
+            registry_pb2.GetHouseholdHistoryRequest(household_id=household_id)
+        ),
+        city.other_leader.VerifyHousehold(
+            registry_pb2.VerifyHouseholdRequest(request_id=rid(), household_id=household_id)
+        ),
+        city.other_leader.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                request_id=rid(), household_id=household_id, person=person()
+            )
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await refused_call
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND

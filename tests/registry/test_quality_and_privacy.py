@@ -339,6 +339,7 @@ async def test_residents_see_only_their_own_household(city: City) -> None:
     mine = await new_household(city.leader, city.group)
     theirs = await new_household(city.leader, city.group, head_name="Hàng Xóm")
     resident = city.as_role(Role.RESIDENT, city.group, household_id=mine.household.household_id)
+    # The neighbours' household is not found, as one that does not exist.
     for call in (
         resident.GetHousehold(
             registry_pb2.GetHouseholdRequest(household_id=theirs.household.household_id)
@@ -346,6 +347,14 @@ async def test_residents_see_only_their_own_household(city: City) -> None:
         resident.ListAccessLog(
             registry_pb2.ListAccessLogRequest(household_id=theirs.household.household_id)
         ),
+        resident.GetPerson(registry_pb2.GetPersonRequest(person_id=theirs.head.person_id)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await call
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (hidden.value.details() or "").endswith(" not found")
+    # What a resident may not do at all is refused as such.
+    for call in (
         resident.SearchPersons(registry_pb2.SearchPersonsRequest(unit_id=city.group)),
         resident.RegisterPerson(
             registry_pb2.RegisterPersonRequest(

@@ -166,8 +166,8 @@ async def test_only_a_guest_in_the_callers_scope_has_a_stay_to_extend(
 
     # A resident for good has no stay to extend.
     assert await refused("leader", home.head.person_id) == grpc.StatusCode.FAILED_PRECONDITION
-    # Another group's leader may not change this group's register.
-    assert await refused("other_leader", guest.person_id) == grpc.StatusCode.PERMISSION_DENIED
+    # Another group's leader does not find this group's guest.
+    assert await refused("other_leader", guest.person_id) == grpc.StatusCode.NOT_FOUND
     assert await refused("leader", "p-nobody") == grpc.StatusCode.NOT_FOUND
     # A guest who moved out is no longer here to stay on: registered again, if they return.
     await city.leader.MoveOut(
