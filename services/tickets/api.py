@@ -839,7 +839,9 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             within=caller.scope,
             category=request.category,
             limit=limit,
-            doors_of=caller if resident else None,
+            # Only officials see tickets at a household's door: to anyone else a ticket's
+            # distance from a few points would tell where its submitter lives.
+            doors_of=None if caller.is_official else caller,
         )
         return tickets_pb2.ListNearbyTicketsResponse(
             tickets=[

@@ -91,6 +91,10 @@ async def test_a_ticket_filed_at_a_households_door_is_listed_only_to_that_househ
     mine = await nearby(pilot.neighbour)
     assert ids(mine) == [at_home.ticket_id]
     assert mine[0].distance_m == pytest.approx(0, abs=1)
+    # Nor is it listed to an integrator or an auditor, who are not shown where it is.
+    for role in (Role.INTEGRATOR, Role.AUDITOR):
+        outsider = pilot.caller(role, pilot.city.ward)
+        assert at_home.ticket_id not in ids(await nearby(outsider, location=HOME, radius_m=5000))
     # An official in scope sees it, and who filed it.
     (seen,) = await nearby(pilot.ward_officer, location=HOME)
     assert (seen.ticket.ticket_id, seen.ticket.submitter) == (at_home.ticket_id, "resident-1")
