@@ -3,9 +3,11 @@ service's own view of the administrative tree from the registry's events."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from civic.registry.v1 import events_pb2 as registry_events_pb2
 from civic.tickets.v1 import events_pb2
 from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
@@ -23,6 +25,7 @@ from services.tickets.store import TicketStore
 TOPIC = "civic.tickets.v1"
 REGISTRY_TOPIC = "civic.registry.v1"
 LINKED = type_name(events_pb2.TicketLinked())
+MERGED = type_name(events_pb2.TicketGroupMerged())
 
 
 def ticket_event(outbox: Outbox, message: Message, ticket_id: str) -> Document:
@@ -185,6 +188,52 @@ class Router:
         return emitted
 
 
+async def follow_registry(
+    store: TicketStore, outbox: Outbox, deliveries: list[Delivery], session: Session
+) -> list[Document]:
+    """The registry's events keep the service's view of the tree and households; a merge of
+    groups also moves the tickets of the group merged away into the group it went into, as
+    the registry moves its households: its leader's queue, its residents' "+1"s and the
+    duplicates filed there find them, where otherwise they would wait in a retired group
+    for the deadline to send them up."""
+    await store.view.apply_batch(deliveries, session)
+    emitted: list[Document] = []
+    for delivery in deliveries:
+        if isinstance(delivery.message, registry_events_pb2.GroupsMerged):
+            with delivery.span():
+                merge = delivery.message
+                emitted += await _follow_merge(
+                    store, outbox, merge.source_unit_id, merge.target_unit_id, session
+                )
+    return emitted
+
+
+async def _follow_merge(
+    store: TicketStore, outbox: Outbox, source: str, target: str, session: Session
+) -> list[Document]:
+    writes: list[UpdateOne] = []
+    emitted: list[Document] = []
+    for ticket in await store.of_group(source, session):
+        moved = {
+            unit: target
+            for unit in ("origin_unit_id", "assigned_unit_id")
+            if ticket.get(unit) == source
+        }
+        now = ticket | moved
+        writes.append(UpdateOne({"_id": ticket["_id"]}, {"$set": moved | {"last_change": MERGED}}))
+        message = events_pb2.TicketGroupMerged(
+            ticket_id=ticket["_id"],
+            from_unit_id=source,
+            to_unit_id=target,
+            origin_unit_id=now["origin_unit_id"],
+            assigned_unit_id=now.get("assigned_unit_id") or "",
+        )
+        emitted.append(ticket_event(outbox, message, ticket["_id"]))
+    if writes:
+        await store.tickets.bulk_write(writes, ordered=False, session=session)
+    return emitted
+
+
 def subscribe(
     broker: KafkaBroker,
     client: AsyncMongoClient[Document],
@@ -215,5 +264,6 @@ def subscribe(
         topic=REGISTRY_TOPIC,
         group_id=registry_group,
         instance_id=instance_id,
-        handle=store.view.apply_batch,
+        handle=functools.partial(follow_registry, store, outbox),
+        outbox=outbox,
     )

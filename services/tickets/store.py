@@ -146,6 +146,14 @@ class TicketStore:
             session=session,
         ).to_list()
 
+    async def of_group(self, unit_id: str, session: Session) -> list[Document]:
+        """The tickets filed in the group or assigned to it, with those two units."""
+        return await self.tickets.find(
+            {"$or": [{"origin_unit_id": unit_id}, {"assigned_unit_id": unit_id}]},
+            {"origin_unit_id": 1, "assigned_unit_id": 1},
+            session=session,
+        ).to_list()
+
     async def open_near(
         self,
         point: Document,
