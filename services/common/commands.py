@@ -177,13 +177,20 @@ def _record(key: str, fingerprint: str, response: Message) -> Document:
     }
 
 
-def _identify(method: str, request: Message) -> tuple[str, str]:
-    """The command's key (method, caller, request_id) and the request's fingerprint."""
+def check_request_id(request: Message) -> str:
+    """The request's request_id, checked: for a command that does work before it runs (an
+    upload accepted), so bad input is refused before anything is done."""
     request_id: str = getattr(request, "request_id", "")
     if not request_id.strip():
         raise InvalidArgument("request_id", "is required (a new UUID for each user action)")
     if len(request_id) > 100:
         raise InvalidArgument("request_id", "is longer than 100 characters")
+    return request_id
+
+
+def _identify(method: str, request: Message) -> tuple[str, str]:
+    """The command's key (method, caller, request_id) and the request's fingerprint."""
+    request_id = check_request_id(request)
     # Escaped so no two (caller, request_id) pairs share a key ("a", "b:r" and "a:b", "r");
     # the usual subjects and ids, without ':' or '%', keep the key they always had.
     key = ":".join(

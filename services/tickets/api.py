@@ -17,7 +17,7 @@ from pymongo.asynchronous.cursor import AsyncCursor
 
 from services.common.auth import OFFICIALS, Principal, Role, principal
 from services.common.cloudevents import type_name
-from services.common.commands import CommandRunner
+from services.common.commands import CommandRunner, check_request_id
 from services.common.errors import (
     DomainError,
     FailedPrecondition,
@@ -338,6 +338,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         ticket = await self._visible(request.ticket_id, caller)
         self._submitter_or_handler(caller, ticket)
         domain.check_transition("attach", domain.Status(ticket["status"]))
+        domain.require_room_for_photo(_photo_keys(ticket))  # no upload that cannot be attached
         check_image_upload(request.content_type, request.size_bytes, domain.MAX_PHOTO_BYTES)
         key = f"tickets/{ticket['_id']}/{uuid.uuid4().hex}.{EXTENSIONS[request.content_type]}"
         return tickets_pb2.CreatePhotoUploadResponse(
@@ -349,6 +350,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def AttachPhoto(
         self, request: tickets_pb2.AttachPhotoRequest, context: Context
     ) -> tickets_pb2.AttachPhotoResponse:
+        check_request_id(request)
         folder = f"tickets/{request.ticket_id}/"
         if not (
             request.object_key.startswith(folder)

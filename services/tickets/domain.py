@@ -215,9 +215,13 @@ def attached_already(photo_keys: Sequence[str], key: str) -> bool:
     room for it."""
     if key in photo_keys:
         return True
+    require_room_for_photo(photo_keys)
+    return False
+
+
+def require_room_for_photo(photo_keys: Sequence[str]) -> None:
     if len(photo_keys) >= MAX_PHOTOS:
         raise FailedPrecondition(f"a ticket holds at most {MAX_PHOTOS} photos")
-    return False
 
 
 @dataclass(frozen=True)

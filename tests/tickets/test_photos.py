@@ -284,10 +284,24 @@ async def test_a_refused_attach_keeps_no_checked_copy_and_a_retry_gets_its_first
 
     # The group leader sees the ward's ticket but does not handle it.
     await refused(pilot.leader, full, await uploaded(full), grpc.StatusCode.PERMISSION_DENIED)
-    # No room for a seventh photo.
+    # An attach without its request_id is bad input, refused before the upload is touched.
+    spare = await uploaded(full)
+    with pytest.raises(grpc.aio.AioRpcError) as unnamed:
+        await pilot.resident.AttachPhoto(
+            tickets_pb2.AttachPhotoRequest(ticket_id=full, object_key=spare)
+        )
+    assert unnamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (unnamed.value.details() or "").startswith("request_id: ")
+    assert not await stored(bucket, checked(spare))
+    assert await stored(bucket, spare)
+    # No room for a seventh photo: the one uploaded before the ticket filled up is refused, and
+    # no upload is handed out for another.
     for _ in range(MAX_PHOTOS):
         await attach(pilot.resident, full, await uploaded(full))
-    await refused(pilot.resident, full, await uploaded(full), grpc.StatusCode.FAILED_PRECONDITION)
+    await refused(pilot.resident, full, spare, grpc.StatusCode.FAILED_PRECONDITION)
+    with pytest.raises(grpc.aio.AioRpcError) as no_room:
+        await upload_slot(pilot.resident, full, "image/png", 100)
+    assert no_room.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     # A decided ticket takes no more photos; a retry of an attach made before is answered as
     # it was.
