@@ -26,7 +26,7 @@ from services.common.errors import (
     PermissionDenied,
 )
 from services.common.media import check_image_upload
-from services.common.mongo import Document, Session
+from services.common.mongo import Document, Session, check_unit_id
 from services.common.objects import ObjectStore, checked
 from services.common.outbox import Outbox
 from services.common.paging import PageWithin, message_bytes, page_size
@@ -854,9 +854,21 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             ]
         )
 
-    def _queue_query(self, caller: Principal, unit_id: str, department: str) -> Document:
+    async def _queue_query(self, caller: Principal, unit_id: str, department: str) -> Document:
         if not caller.is_official:
             raise PermissionDenied(f"role {caller.role.value} has no queue")
+        if unit_id:
+            # A mistyped unit is said to be one, not answered with an empty queue (and a watch
+            # that never tells anything); a group merged away has its tickets where it went.
+            caller.require_unit(check_unit_id(unit_id))
+            unit = await self.store.unit(unit_id)
+            if unit is None:
+                raise NotFound(f"unit {unit_id} not found")
+            if not unit.get("active", True):
+                raise FailedPrecondition(
+                    f"group {unit_id} was merged into {unit.get('merged_into_id')}: its tickets "
+                    "are that group's"
+                )
         unit_id = unit_id or caller.scope
         caller.require_unit(unit_id)
         query: Document = {"assigned_unit_id": unit_id}
@@ -870,7 +882,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tickets_pb2.ListQueueResponse:
         caller = principal()
         domain.check_statuses("statuses", request.statuses)
-        query = self._queue_query(caller, request.unit_id, request.department)
+        query = await self._queue_query(caller, request.unit_id, request.department)
         if request.statuses:
             query["status"] = {"$in": list(request.statuses)}
         if request.category:
@@ -890,7 +902,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def WatchQueue(
         self, request: tickets_pb2.WatchQueueRequest, context: Context
     ) -> AsyncIterator[tickets_pb2.WatchQueueResponse]:
-        query = self._queue_query(principal(), request.unit_id, request.department)
+        query = await self._queue_query(principal(), request.unit_id, request.department)
 
         def in_queue(image: str) -> Document:
             return {f"{image}.{key}": value for key, value in query.items()}

@@ -62,6 +62,12 @@ async def test_a_merged_groups_open_tickets_go_to_the_group_it_joined(
         await pilot.leader.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=at_group.ticket_id))
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
+    # The retired group's queue is no more: asked for, it says where its tickets went.
+    with pytest.raises(grpc.aio.AioRpcError) as retired:
+        await pilot.ward_officer.ListQueue(tickets_pb2.ListQueueRequest(unit_id=city.group))
+    assert retired.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"merged into {city.other_group}" in (retired.value.details() or "")
+
     # Integrators are told, once per ticket.
     (told,) = await merged_events(tickets_service, at_group.ticket_id)
     assert (told.from_unit_id, told.to_unit_id) == (city.group, city.other_group)

@@ -368,6 +368,23 @@ async def test_a_queue_filter_no_ticket_could_match_is_refused(
         assert (error.details() or "").startswith(field), error.details()
 
 
+async def test_a_queue_of_a_unit_that_does_not_exist_is_refused(pilot: Pilot) -> None:
+    """A unit mistyped (group 71 for 17) is not an empty queue, nor a watch that never tells."""
+    officer = pilot.ward_officer
+    typo = f"{pilot.city.ward}.t71"
+    error = await refused(
+        grpc.StatusCode.NOT_FOUND, officer.ListQueue(tickets_pb2.ListQueueRequest(unit_id=typo))
+    )
+    assert typo in (error.details() or "")
+    watch = officer.WatchQueue(tickets_pb2.WatchQueueRequest(unit_id=typo))
+    await refused(grpc.StatusCode.NOT_FOUND, watch.read())
+    malformed = officer.ListQueue(tickets_pb2.ListQueueRequest(unit_id=f"{pilot.city.ward}..t"))
+    error = await refused(grpc.StatusCode.INVALID_ARGUMENT, malformed)
+    assert (error.details() or "").startswith("unit_id"), error.details()
+    # The units that exist answer as before.
+    await officer.ListQueue(tickets_pb2.ListQueueRequest(unit_id=pilot.city.group))
+
+
 @pytest.mark.parametrize("token", ["garbage", "tk-", "zz-000000000000000000000000"])
 async def test_a_page_token_no_listing_gave_is_refused(pilot: Pilot, token: str) -> None:
     """Not a page read from wherever the token happens to sort: "garbage" sorts before every
