@@ -36,6 +36,13 @@ class FailedPrecondition(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Aborted(DomainError):
+    """A change made on what the caller read, which someone else has changed since: read again
+    and redo it."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class PermissionDenied(DomainError):
     code = grpc.StatusCode.PERMISSION_DENIED
 

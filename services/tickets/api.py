@@ -19,6 +19,7 @@ from services.common.auth import OFFICIALS, Principal, Role, principal
 from services.common.cloudevents import type_name
 from services.common.commands import CommandRunner, check_request_id
 from services.common.errors import (
+    Aborted,
     DomainError,
     FailedPrecondition,
     InvalidArgument,
@@ -976,6 +977,12 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             session: Session,
         ) -> tuple[tickets_pb2.SetRoutingRulesResponse, list[Document]]:
             current = await self._rules(session)
+            if request.based_on_version and request.based_on_version != current["version"]:
+                raise Aborted(
+                    f"based_on_version: the rules were changed since version "
+                    f"{request.based_on_version} (now {current['version']}, by "
+                    f"{current.get('changed_by') or 'the service'}): read them again"
+                )
             within = (
                 timedelta(seconds=current["reopen_within_s"])
                 if reopen_within is None

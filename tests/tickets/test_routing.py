@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import grpc
+import pytest
 from civic.tickets.v1 import tickets_pb2
 from google.protobuf.duration_pb2 import Duration
 
+from services.common.auth import Role
 from services.tickets import domain
 from tests.conftest import Clock
 from tests.tickets.conftest import Pilot, TicketCaller, eventually, point_near, rid
@@ -203,3 +206,39 @@ async def test_rules_set_without_a_reopen_period_keep_the_one_in_force(pilot: Pi
         )
 
         assert changed.rules.reopen_within == three_days
+
+
+async def test_an_edit_of_rules_changed_meanwhile_by_another_admin_is_aborted(
+    pilot: Pilot,
+) -> None:
+    """Two admins edit the rules they read: the second to save does not silently undo the
+    first's change, it is told to read them again."""
+    other_admin = pilot.caller(Role.CITY_ADMIN, pilot.city.city, subject="admin-2")
+    async with rules_changed(pilot.admin, lambda current: current):
+        read = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+        added = rule("stray-dogs", tickets_pb2.LEVEL_WARD, "urban-order", 24)
+        first = await other_admin.SetRoutingRules(
+            tickets_pb2.SetRoutingRulesRequest(
+                request_id=rid(), rules=[*read.rules, added], based_on_version=read.version
+            )
+        )
+        assert first.rules.version == read.version + 1
+
+        stale = tickets_pb2.SetRoutingRulesRequest(
+            request_id=rid(), rules=read.rules, based_on_version=read.version
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as aborted:
+            await pilot.admin.SetRoutingRules(stale)
+        assert aborted.value.code() == grpc.StatusCode.ABORTED
+        assert (aborted.value.details() or "").startswith("based_on_version: ")
+        now = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+        assert now.version == first.rules.version
+        assert "stray-dogs" in {r.category for r in now.rules}
+
+        # Read again, the edit goes through; a retry of it gets its answer, not ABORTED.
+        redo = tickets_pb2.SetRoutingRulesRequest(
+            request_id=rid(), rules=now.rules, based_on_version=now.version
+        )
+        saved = await pilot.admin.SetRoutingRules(redo)
+        assert saved.rules.version == now.version + 1
+        assert (await pilot.admin.SetRoutingRules(redo)).rules.version == saved.rules.version
