@@ -464,8 +464,14 @@ def _report(
     path: Path, total: int, stream: _RowStream, response: registry_pb2.ImportPersonsResponse
 ) -> int:
     """Prints the import's counts and its row errors; returns how many rows failed."""
-    # Every row sent is created, unchanged or failed; the registry lists at most 10,000 failures.
-    failed_there = response.rows - response.persons_created - response.persons_unchanged
+    # Every row sent is created, unchanged, gives someone their citizen ID or failed; the
+    # registry lists at most 10,000 failures.
+    failed_there = (
+        response.rows
+        - response.persons_created
+        - response.persons_unchanged
+        - response.citizen_ids_added
+    )
     failed = len(stream.local_errors) + max(failed_there, len(response.errors))
     errors = sorted([*stream.local_errors, *response.errors], key=lambda error: error.row_number)
     refused = len(stream.local_errors)
@@ -473,6 +479,8 @@ def _report(
     print(f"  households created  {response.households_created:,}")
     print(f"  persons created     {response.persons_created:,}")
     print(f"  persons unchanged   {response.persons_unchanged:,}")
+    if response.citizen_ids_added:
+        print(f"  citizen IDs added   {response.citizen_ids_added:,}")
     print(f"  rows with errors    {failed:,}")
     if failed > len(errors):
         print(f"  ({failed - len(errors):,} of them not listed by the registry)")

@@ -40,6 +40,7 @@ class Report:
     households_created: int = 0
     persons_created: int = 0
     persons_unchanged: int = 0
+    citizen_ids_added: int = 0
     errors: list[registry_pb2.ImportRowError] = field(default_factory=list)
 
     def error(self, row: int, field_name: str, message: str) -> None:
@@ -54,6 +55,7 @@ class Report:
             households_created=self.households_created,
             persons_created=self.persons_created,
             persons_unchanged=self.persons_unchanged,
+            citizen_ids_added=self.citizen_ids_added,
             errors=self.errors,
         )
 
@@ -190,11 +192,19 @@ class Importer:
                 imported_before.add(p["import_key"])
         # Whoever the household has had, living there or not: a second run of a file must not
         # bring back someone who has died or moved out since the first.
-        known_names = {
-            (p["household_id"], p["name_folded"], p["birth_date"])
+        known_names: dict[tuple[str, str, str], Document] = {
+            (p["household_id"], p["name_folded"], p["birth_date"]): p
             async for p in self.store.persons.find(
                 {"household_id": {"$in": [h["_id"] for h in households.values()]}},
-                {"household_id": 1, "name_folded": 1, "birth_date": 1},
+                {
+                    "household_id": 1,
+                    "unit_id": 1,
+                    "name_folded": 1,
+                    "birth_date": 1,
+                    "sex": 1,
+                    "relationship": 1,
+                    "cid_hash": 1,
+                },
             )
         }
         new_by_id = {h["_id"]: h for h in new_households.values()}
@@ -202,6 +212,8 @@ class Importer:
         headed: list[Document] = []  # existing households that get a head from this file
         new_persons: list[Document] = []
         new_rows: list[int] = []
+        # Registered before without a citizen ID, given theirs now: (on record, as this row has it).
+        identified: list[tuple[Document, Document]] = []
         for row_number, person in candidates:
             cid_hash = person["cid_hash"]
             same = known_cids.get(cid_hash) if cid_hash else None
@@ -215,9 +227,23 @@ class Importer:
                         row_number, "person.citizen_id", "is already registered to another person"
                     )
                 continue
-            if not cid_hash and (
-                name_key in known_names or person["import_key"] in imported_before
-            ):
+            known = known_names.get(name_key)
+            if cid_hash and known is not None:
+                # The same person registered before: the ID is theirs, not a second record's.
+                if known.get("cid_hash"):
+                    report.error(
+                        row_number,
+                        "person.citizen_id",
+                        "the household has a person of this name and birth date with another",
+                    )
+                elif known["sex"] != person["sex"]:
+                    report.error(row_number, "person.sex", "differs from the person on record")
+                else:
+                    identified.append((known, person))
+                    new_rows.append(row_number)
+                    known_cids[cid_hash] = known
+                continue
+            if not cid_hash and (known is not None or person["import_key"] in imported_before):
                 report.persons_unchanged += 1
                 continue
             if person["relationship"] == registry_pb2.RELATIONSHIP_HEAD:
@@ -236,7 +262,7 @@ class Importer:
                 known_cids[cid_hash] = person
             else:
                 imported_before.add(person["import_key"])
-            known_names.add(name_key)
+            known_names[name_key] = person
             new_persons.append(person)
             new_rows.append(row_number)
 
@@ -250,6 +276,22 @@ class Importer:
             for p in new_persons
         ]
         staged += [events.household_updated(self.outbox, h, ["head_person_id"]) for h in headed]
+        staged += [
+            events.keyed_by_person(
+                self.outbox,
+                events_pb2.PersonUpdated(
+                    person_id=known["_id"],
+                    household_id=known["household_id"],
+                    unit_id=known["unit_id"],
+                    updated_fields=["citizen_id"],
+                    birth_date=known["birth_date"],
+                    sex=known["sex"],
+                    relationship=known["relationship"],
+                ),
+                known["_id"],
+            )
+            for known, _ in identified
+        ]
 
         async def work(session: Session) -> None:
             # The group was checked when the import first named it; a merge since (an import
@@ -268,6 +310,14 @@ class Importer:
                 await self.store.households.insert_many(created, ordered=False, session=session)
             if new_persons:
                 await self.store.persons.insert_many(new_persons, ordered=False, session=session)
+            for known, person in identified:
+                given = await self.store.persons.update_one(
+                    {"_id": known["_id"], "cid_hash": {"$in": ["", None]}},
+                    {"$set": {key: person[key] for key in ("cid_hash", "cid_sealed")}},
+                    session=session,
+                )
+                if not given.matched_count:
+                    raise FailedPrecondition(f"person {known['_id']} got a citizen ID meanwhile")
             await self.outbox.stage(session, staged)
 
         if not staged:
@@ -289,6 +339,7 @@ class Importer:
         self.outbox.committed()
         report.households_created += len(created)
         report.persons_created += len(new_persons)
+        report.citizen_ids_added += len(identified)
 
     def _household(self, row: registry_pb2.ImportRow, now: datetime) -> Document:
         kind = row.residence_kind or registry_pb2.RESIDENCE_KIND_PERMANENT

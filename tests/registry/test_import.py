@@ -166,6 +166,63 @@ async def test_a_second_run_leaves_alone_who_moved_since_the_first(
         )
 
 
+async def test_a_corrected_file_gives_citizen_ids_to_those_imported_without_one(
+    city: City, registry: RegistryService
+) -> None:
+    """Onboarding: a ward imports its households, the children's IDs still missing, then runs
+    the file again with them filled in. Each child gets their ID; nobody is registered twice."""
+    child_born = "2012-06-01"
+    child_id = citizen_id(child_born, registry_pb2.SEX_MALE)
+    twin_born = "2012-06-02"
+    first_rows = [
+        row(1, city.group, "HK-3", "Đỗ Văn Con", child_born, sex=registry_pb2.SEX_MALE),
+        row(2, city.group, "HK-3", "Đỗ Thị Út", twin_born),
+    ]
+    first = await city.leader.ImportPersons(chunks(first_rows, 10))
+    assert first.persons_created == 2
+
+    corrected = [
+        row(
+            1,
+            city.group,
+            "HK-3",
+            "Đỗ Văn Con",
+            child_born,
+            sex=registry_pb2.SEX_MALE,
+            citizen_id=child_id,
+        ),
+        # An ID whose sex digit is not the sex on record: refused, nothing changed.
+        row(
+            2,
+            city.group,
+            "HK-3",
+            "Đỗ Thị Út",
+            twin_born,
+            sex=registry_pb2.SEX_MALE,
+            citizen_id=citizen_id(twin_born, registry_pb2.SEX_MALE),
+        ),
+    ]
+    again = await city.leader.ImportPersons(chunks(corrected, 10))
+    assert (again.persons_created, again.citizen_ids_added) == (0, 1)
+    assert [(e.row_number, e.field) for e in again.errors] == [(2, "person.sex")]
+    persons = registry.db["persons"]
+    assert await persons.count_documents({"full_name": "Đỗ Văn Con"}) == 1
+    assert await persons.count_documents({"full_name": "Đỗ Thị Út"}) == 1
+    found = await city.ward_officer.FindPersonByCitizenId(
+        registry_pb2.FindPersonByCitizenIdRequest(citizen_id=child_id)
+    )
+    assert found.person.full_name == "Đỗ Văn Con"
+    assert found.person.citizen_id == child_id
+    # The change is published as the person's, as UpdatePerson publishes it.
+    entries = await registry.db["outbox"].find({"events.key": found.person.person_id}).to_list()
+    types = [e["type"] for entry in entries for e in entry["events"]]
+    assert types[-1] == "civic.registry.v1.PersonUpdated"
+
+    # A third run changes nothing.
+    third = await city.leader.ImportPersons(chunks(corrected[:1], 10))
+    assert (third.persons_created, third.citizen_ids_added, third.persons_unchanged) == (0, 0, 1)
+
+
 async def test_a_role_that_keeps_no_register_is_refused_the_whole_import(
     city: City, registry: RegistryService
 ) -> None:
