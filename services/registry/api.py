@@ -10,10 +10,11 @@ import grpc
 from bson import ObjectId
 from bson.errors import InvalidId
 from civic.registry.v1 import events_pb2, registry_pb2, registry_pb2_grpc
+from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
 from services.common.auth import Principal, Role, current_purpose, principal
-from services.common.commands import CommandRunner
+from services.common.commands import CommandRunner, R, Work
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session
@@ -142,6 +143,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         households: Iterable[str] = (),
         *,
         shows_citizen_ids: bool = True,
+        purpose: str = "",
     ) -> list[Document]:
         """Access-log records for an official's read of these persons' data: one per household
         read, naming each person shown, so a lookup writes one document, not one per member.
@@ -161,8 +163,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     and domain.may_see_citizen_id(caller, household_id),
                 }
             )
-        # Who, what, when and why: an official states why with each read (x-civic-purpose).
-        purpose = current_purpose.get().strip()
+        # Who, what, when and why: an official states why with each read (x-civic-purpose);
+        # a command's answer may go without, its command being why.
+        purpose = current_purpose.get().strip() or purpose
         if not purpose:
             raise InvalidArgument(
                 PURPOSE_HEADER, "state why you read this personal data (request metadata)"
@@ -181,6 +184,36 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             }
             for household_id, read in shown.items()
         ]
+
+    async def _command(
+        self, method: str, request: Message, response_type: type[R], work: Work[R]
+    ) -> R:
+        response = await self.commands.run(method, request, response_type, work)
+        await self._log_answer(method, response)
+        return response
+
+    async def _log_answer(self, method: str, response: Message) -> None:
+        """A command on a person or household already registered answers with their record,
+        more than the caller stated (or than it changed: one that changes nothing is answered
+        too), so an official's command is a read like any other: logged, its purpose the one
+        stated or else the command itself."""
+        fields = response.DESCRIPTOR.fields_by_name
+        shown = [
+            getattr(response, name)
+            for name in ("person", "head", "household")
+            if name in fields and response.HasField(name)
+        ]
+        persons: list[Document] = [
+            {"_id": p.person_id, "household_id": p.household_id, "cid_sealed": bool(p.citizen_id)}
+            for p in shown
+            if isinstance(p, registry_pb2.Person) and p.person_id
+        ]
+        households = [h.household_id for h in shown if isinstance(h, registry_pb2.Household)]
+        if persons or households:
+            entries = self._log_reads(
+                principal(), method, persons, households, purpose=f"answer to {method}"
+            )
+            await self.store.log_access(entries)
 
     async def _read_persons(
         self, action: str, persons: list[Document], households: Iterable[str] = ()
@@ -465,7 +498,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 household=household_message(updated)
             ), staged
 
-        return await self.commands.run(
+        return await self._command(
             "UpdateHousehold", request, registry_pb2.UpdateHouseholdResponse, work
         )
 
@@ -545,7 +578,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 event
             ]
 
-        return await self.commands.run(
+        return await self._command(
             "VerifyHousehold", request, registry_pb2.VerifyHouseholdResponse, work
         )
 
@@ -592,6 +625,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person=self.persons.message(person, principal(), stored=True)
             ), staged
 
+        # Answered with what the caller stated: no read of anything they did not know.
         return await self.commands.run(method, request, response_type, work)
 
     async def RegisterPerson(
@@ -689,7 +723,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person=self.persons.message(updated, principal(), stored=True)
             ), [event]
 
-        return await self.commands.run(
+        return await self._command(
             "ExtendTemporaryStay", request, registry_pb2.ExtendTemporaryStayResponse, work
         )
 
@@ -744,7 +778,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person=self.persons.message(updated, principal(), stored=True)
             ), staged
 
-        return await self.commands.run(
+        return await self._command(
             "RegisterDeath", request, registry_pb2.RegisterDeathResponse, work
         )
 
@@ -768,7 +802,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person=self.persons.message(updated, principal(), stored=True)
             ), staged
 
-        return await self.commands.run("MoveOut", request, registry_pb2.MoveOutResponse, work)
+        return await self._command("MoveOut", request, registry_pb2.MoveOutResponse, work)
 
     async def MovePerson(
         self, request: registry_pb2.MovePersonRequest, context: Context
@@ -820,7 +854,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person=self.persons.message(updated, principal(), stored=True)
             ), staged
 
-        return await self.commands.run("MovePerson", request, registry_pb2.MovePersonResponse, work)
+        return await self._command("MovePerson", request, registry_pb2.MovePersonResponse, work)
 
     async def MarkPersonAbsent(
         self, request: registry_pb2.MarkPersonAbsentRequest, context: Context
@@ -841,7 +875,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person=self.persons.message(updated, principal(), stored=True)
             ), [] if unchanged else [event]
 
-        return await self.commands.run(
+        return await self._command(
             "MarkPersonAbsent", request, registry_pb2.MarkPersonAbsentResponse, work
         )
 
@@ -950,9 +984,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 person=self.persons.message(updated, principal(), stored=True)
             ), staged
 
-        return await self.commands.run(
-            "UpdatePerson", request, registry_pb2.UpdatePersonResponse, work
-        )
+        return await self._command("UpdatePerson", request, registry_pb2.UpdatePersonResponse, work)
 
     # ---- queries -------------------------------------------------------------------------
 

@@ -335,6 +335,33 @@ async def test_each_household_sees_every_person_a_read_showed_and_only_its_own(
     assert await entries(neighbour) == {("SearchPersons", neighbour.head.person_id)}
 
 
+async def test_an_officials_command_answered_with_a_record_is_logged_as_a_read(
+    city: City,
+) -> None:
+    """A command answers with the whole record, changed or not: one that changes nothing (a
+    person "marked present" who was never absent) must not be a way to read unlogged."""
+    home = await new_household(city.leader, city.group)
+    hid, head = home.household.household_id, home.head.person_id
+    no_purpose = Caller(city.target, token(Role.WARD_OFFICER, city.ward), purpose="")
+    answer = await no_purpose.MarkPersonAbsent(
+        registry_pb2.MarkPersonAbsentRequest(request_id=rid(), person_id=head, absent=False)
+    )
+    assert answer.person.full_name == "Trần Văn An"
+    await city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(), household_id=hid, update_fields=["poor"], poor=False
+        )
+    )
+    resident = city.as_role(Role.RESIDENT, city.group, household_id=hid)
+    log = await resident.ListAccessLog(registry_pb2.ListAccessLogRequest(household_id=hid))
+    assert {(e.actor_role, e.action, e.person_id, e.purpose) for e in log.entries} == {
+        ("ward_officer", "MarkPersonAbsent", head, "answer to MarkPersonAbsent"),
+        ("group_leader", "UpdateHousehold", "", "census work"),
+    }
+    shown = next(e for e in log.entries if e.action == "MarkPersonAbsent")
+    assert shown.citizen_id_shown == bool(answer.person.citizen_id)
+
+
 async def test_residents_see_only_their_own_household(city: City) -> None:
     mine = await new_household(city.leader, city.group)
     theirs = await new_household(city.leader, city.group, head_name="Hàng Xóm")
