@@ -128,6 +128,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if known is None:
             await self.store.insert_person(person, session)
         elif known["status"] == PERSON_MOVED_OUT:
+            # The same person, as the name and birth date on record say: an ID mistyped must not
+            # hand someone else's record, and its history, to whoever is registered now.
+            if (known["name_folded"], known["birth_date"]) != (
+                person["name_folded"],
+                person["birth_date"],
+            ):
+                raise AlreadyExists(
+                    "person.citizen_id: belongs to a person who moved away, on record under "
+                    "another name or birth date: check the ID (a change of name is corrected "
+                    "with UpdatePerson once they are back)"
+                )
             person["_id"] = known["_id"]
             await self.store.replace_person(person, session)
         elif known["status"] == PERSON_DECEASED:

@@ -154,10 +154,25 @@ async def test_a_person_who_moved_away_and_comes_back_is_the_same_person(city: C
         await register_her(city.leader, home.household.household_id)
     assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
-    # Gone again, and back as the head of a household of her own.
+    # Gone again. Someone else registered under her ID (a digit mistyped on the form) does
+    # not take her record.
     await city.other_leader.MoveOut(
         registry_pb2.MoveOutRequest(request_id=rid(), person_id=person_id, destination="Huế")
     )
+    with pytest.raises(grpc.aio.AioRpcError) as mistaken:
+        await city.leader.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                request_id=rid(),
+                household_id=home.household.household_id,
+                person=person("Lê Thị Khác", "1990-08-09", citizen_id=cid),
+            )
+        )
+    assert mistaken.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (mistaken.value.details() or "").startswith("person.citizen_id: ")
+    kept = await city.ward_officer.GetPerson(registry_pb2.GetPersonRequest(person_id=person_id))
+    assert (kept.person.full_name, kept.person.birth_date) == ("Võ Thị Về", "1990-05-17")
+
+    # Back as the head of a household of her own.
     own = await city.leader.CreateHousehold(
         registry_pb2.CreateHouseholdRequest(
             request_id=rid(),
