@@ -1108,6 +1108,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             households=[household_message(h) for h in households], next_page_token=token
         )
 
+    async def ListHouseholdsWithoutHead(
+        self, request: registry_pb2.ListHouseholdsWithoutHeadRequest, context: Context
+    ) -> registry_pb2.ListHouseholdsWithoutHeadResponse:
+        caller = principal()
+        unit_id = request.unit_id or caller.scope
+        domain.may_register(caller, unit_id)
+        households, token = await self.store.headless_households(
+            unit_id, UnitListing(request.page.page_token), page_size(request.page.page_size)
+        )
+        listed = [h["_id"] for h in households]
+        await self.store.log_access(
+            self._log_reads(caller, "ListHouseholdsWithoutHead", [], listed)
+        )
+        return registry_pb2.ListHouseholdsWithoutHeadResponse(
+            households=[household_message(h) for h in households], next_page_token=token
+        )
+
     async def ListSuspectedVirtualResidents(
         self, request: registry_pb2.ListSuspectedVirtualResidentsRequest, context: Context
     ) -> registry_pb2.ListSuspectedVirtualResidentsResponse:

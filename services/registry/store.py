@@ -378,16 +378,29 @@ class RegistryStore:
     ) -> tuple[list[Document], str]:
         """Active households of a unit's subtree not verified since `verified_before`, one page,
         as the register was at the listing's first page."""
-        query: Document = {
-            "unit_id": in_unit(unit_id),
-            "active": True,
+        overdue: Document = {
             "$or": [
                 {"last_verified_at": None},
                 {"last_verified_at": {"$lt": verified_before}},
-            ],
+            ]
         }
+        return await self._lived_in_page(unit_id, overdue, listing, size)
+
+    async def headless_households(
+        self, unit_id: str, listing: UnitListing, size: int
+    ) -> tuple[list[Document], str]:
+        """Active households of a unit's subtree that someone lives in and that have no head,
+        one page, as the register was at the listing's first page."""
+        return await self._lived_in_page(
+            unit_id, {"head_person_id": {"$in": ["", None]}}, listing, size
+        )
+
+    async def _lived_in_page(
+        self, unit_id: str, wanted: Document, listing: UnitListing, size: int
+    ) -> tuple[list[Document], str]:
+        query: Document = {"unit_id": in_unit(unit_id), "active": True} | wanted
         # As in the census, a household counts while someone lives in it: one whose people all
-        # died or left has nobody to verify.
+        # died or left has nobody to verify, nor anyone to be its head.
         lived_in: list[Document] = [
             {
                 "$lookup": {

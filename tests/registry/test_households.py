@@ -6,7 +6,8 @@ import grpc
 import pytest
 from civic.registry.v1 import registry_pb2
 
-from tests.registry_fixtures import City, citizen_id, new_household, person, rid
+from services.common.auth import Role
+from tests.registry_fixtures import Caller, City, citizen_id, new_household, person, rid
 
 
 async def test_household_with_head_and_members(city: City) -> None:
@@ -99,3 +100,59 @@ async def test_a_household_of_another_group_is_not_found_by_its_leader(city: Cit
         with pytest.raises(grpc.aio.AioRpcError) as hidden:
             await refused_call
         assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_households_left_without_a_head_are_listed_until_one_is_named(city: City) -> None:
+    """The head died or left: someone still living there must be named head, and the group
+    leader finds those households to do it."""
+
+    async def listed(caller: Caller, unit_id: str = "") -> set[str]:
+        found = await caller.ListHouseholdsWithoutHead(
+            registry_pb2.ListHouseholdsWithoutHeadRequest(unit_id=unit_id)
+        )
+        return {h.household_id for h in found.households}
+
+    async def with_spouse(caller: Caller, group: str, head: str) -> tuple[str, str, str]:
+        home = await new_household(caller, group, head_name=head)
+        spouse = await caller.RegisterPerson(
+            registry_pb2.RegisterPersonRequest(
+                request_id=rid(), household_id=home.household.household_id, person=person()
+            )
+        )
+        return home.household.household_id, home.head.person_id, spouse.person.person_id
+
+    headed, _, _ = await with_spouse(city.leader, city.group, "Trần Văn Còn")
+    widowed, late_head, widow = await with_spouse(city.leader, city.group, "Trần Văn Mất")
+    await city.leader.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=rid(), person_id=late_head, death_date="2025-03-04"
+        )
+    )
+    emptied = await new_household(city.leader, city.group, head_name="Trần Văn Đi")
+    await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=emptied.head.person_id)
+    )
+    elsewhere, gone_head, _ = await with_spouse(city.other_leader, city.other_group, "Lý Văn Xa")
+    await city.other_leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=gone_head)
+    )
+
+    # Nobody lives in the emptied one: no head to name there.
+    assert await listed(city.leader) == {widowed}
+    assert await listed(city.ward_officer) == {widowed, elsewhere}
+    assert headed not in await listed(city.ward_officer, city.ward)
+
+    await city.leader.UpdateHousehold(
+        registry_pb2.UpdateHouseholdRequest(
+            request_id=rid(),
+            household_id=widowed,
+            update_fields=["head_person_id"],
+            head_person_id=widow,
+        )
+    )
+    assert await listed(city.leader) == set()
+
+    resident = city.as_role(Role.RESIDENT, city.group, household_id=headed)
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await resident.ListHouseholdsWithoutHead(registry_pb2.ListHouseholdsWithoutHeadRequest())
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
