@@ -1198,12 +1198,21 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             caller.require_role(Role.RESIDENT)
             _may_read(caller, household)
         token = request.page.page_token
+        # A person's reads are their household's now: made while they lived elsewhere, they
+        # are listed here, and no longer where they lived then.
+        members = set(await self.store.person_ids_of(household["_id"]))
         try:
             records, next_page = await self.store.access_entries(
-                household["_id"], token, page_size(request.page.page_size)
+                household["_id"], sorted(members), token, page_size(request.page.page_size)
             )
         except InvalidId:
             raise InvalidArgument("page.page_token", "is not a token this service issued") from None
+
+        def ours(record: Document, person: Document) -> bool:
+            if person["person_id"]:
+                return person["person_id"] in members
+            return bool(record["household_id"] == household["_id"])  # the household's own data
+
         return registry_pb2.ListAccessLogResponse(
             entries=[
                 registry_pb2.AccessLogEntry(
@@ -1217,6 +1226,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 )
                 for record in records
                 for person in _persons_read(record)
+                if ours(record, person)
             ],
             next_page_token=next_page,
         )

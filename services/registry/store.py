@@ -96,6 +96,8 @@ class RegistryStore:
             ],
         )
         await self.access_log.create_index([("household_id", ASCENDING), ("_id", DESCENDING)])
+        # A person's reads follow them to the household they live in now.
+        await self.access_log.create_index([("persons.person_id", ASCENDING), ("_id", DESCENDING)])
         await self.history.create_index(
             [("household_id", ASCENDING), ("occurred_at", ASCENDING), ("event_id", ASCENDING)]
         )
@@ -527,13 +529,21 @@ class RegistryStore:
         return [None] * len(batches)
 
     async def access_entries(
-        self, household_id: str, token: str, size: int
+        self, household_id: str, person_ids: list[str], token: str, size: int
     ) -> tuple[list[Document], str]:
-        query: Document = {"household_id": household_id}
+        """The access-log records, newest first, of reads of the household's own data and of
+        these persons' data wherever they lived when it was read."""
+        query: Document = {
+            "$or": [{"household_id": household_id}, {"persons.person_id": {"$in": person_ids}}]
+        }
         if token:
             query["_id"] = {"$lt": ObjectId(token)}
         items = await self.access_log.find(query).sort("_id", DESCENDING).limit(size).to_list()
         return items, next_token(items, size)
+
+    async def person_ids_of(self, household_id: str) -> list[str]:
+        """Everyone the household is the last of: living there, or died or left from there."""
+        return list(await self.persons.distinct("_id", {"household_id": household_id}))
 
     # ---- history (projected from the registry's own events) ------------------------------
 

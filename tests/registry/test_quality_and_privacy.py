@@ -335,6 +335,45 @@ async def test_each_household_sees_every_person_a_read_showed_and_only_its_own(
     assert await entries(neighbour) == {("SearchPersons", neighbour.head.person_id)}
 
 
+async def test_a_persons_reads_follow_them_to_the_household_they_move_to(city: City) -> None:
+    """The audit trail is for the person's own household to see: after a move, the one they
+    live in now, not the one they left."""
+    home = await new_household(city.leader, city.group)
+    son = await city.leader.RegisterPerson(
+        registry_pb2.RegisterPersonRequest(
+            request_id=rid(),
+            household_id=home.household.household_id,
+            person=person(
+                "Trần Văn Con", "2000-01-02", relationship=registry_pb2.RELATIONSHIP_CHILD
+            ),
+        )
+    )
+    await city.ward_officer.GetHousehold(
+        registry_pb2.GetHouseholdRequest(household_id=home.household.household_id)
+    )
+    own = await new_household(city.leader, city.group, head_name="Lê Thị Vợ")
+    await city.leader.MovePerson(
+        registry_pb2.MovePersonRequest(
+            request_id=rid(),
+            person_id=son.person.person_id,
+            to_household_id=own.household.household_id,
+            relationship=registry_pb2.RELATIONSHIP_SPOUSE,
+        )
+    )
+
+    async def reads(household_id: str) -> set[tuple[str, str]]:
+        resident = city.as_role(Role.RESIDENT, city.group, household_id=household_id)
+        log = await resident.ListAccessLog(
+            registry_pb2.ListAccessLogRequest(household_id=household_id)
+        )
+        return {(e.action, e.person_id) for e in log.entries}
+
+    son_id, father = son.person.person_id, home.head.person_id
+    assert await reads(home.household.household_id) == {("GetHousehold", father)}
+    assert ("GetHousehold", son_id) in await reads(own.household.household_id)
+    assert ("GetHousehold", father) not in await reads(own.household.household_id)
+
+
 async def test_an_officials_command_answered_with_a_record_is_logged_as_a_read(
     city: City,
 ) -> None:
