@@ -972,25 +972,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             # Whether someone is a war invalid is not published (the topic is kept for ever): a
             # change of that alone publishes nothing.
             published = [name for name in changed if name != "war_invalid"]
-            staged = (
-                [
-                    events.keyed_by_person(
-                        self.outbox,
-                        events_pb2.PersonUpdated(
-                            person_id=person["_id"],
-                            household_id=person["household_id"],
-                            unit_id=person["unit_id"],
-                            updated_fields=published,
-                            birth_date=updated["birth_date"],
-                            sex=updated["sex"],
-                            relationship=updated["relationship"],
-                        ),
-                        person["_id"],
-                    )
-                ]
-                if published
-                else []
-            )
+            staged = [events.person_updated(self.outbox, updated, published)] if published else []
             return registry_pb2.UpdatePersonResponse(
                 person=self.persons.message(updated, principal(), stored=True)
             ), staged
@@ -1102,10 +1084,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             listing,
             page_size(request.page.page_size),
         )
-        listed = [h["_id"] for h in households]
-        await self.store.log_access(self._log_reads(caller, "ListOverdueVerifications", [], listed))
         return registry_pb2.ListOverdueVerificationsResponse(
-            households=[household_message(h) for h in households], next_page_token=token
+            households=await self._households_read(caller, "ListOverdueVerifications", households),
+            next_page_token=token,
         )
 
     async def ListHouseholdsWithoutHead(
@@ -1117,13 +1098,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         households, token = await self.store.headless_households(
             unit_id, UnitListing(request.page.page_token), page_size(request.page.page_size)
         )
-        listed = [h["_id"] for h in households]
-        await self.store.log_access(
-            self._log_reads(caller, "ListHouseholdsWithoutHead", [], listed)
-        )
         return registry_pb2.ListHouseholdsWithoutHeadResponse(
-            households=[household_message(h) for h in households], next_page_token=token
+            households=await self._households_read(caller, "ListHouseholdsWithoutHead", households),
+            next_page_token=token,
         )
+
+    async def _households_read(
+        self, caller: Principal, action: str, households: list[Document]
+    ) -> list[registry_pb2.Household]:
+        """Households listed to an official: their own data (address, place), logged."""
+        listed = [h["_id"] for h in households]
+        await self.store.log_access(self._log_reads(caller, action, [], listed))
+        return [household_message(h) for h in households]
 
     async def ListSuspectedVirtualResidents(
         self, request: registry_pb2.ListSuspectedVirtualResidentsRequest, context: Context

@@ -77,6 +77,22 @@ def person_registered(outbox: Outbox, person: Document, reason: int) -> Document
     )
 
 
+def person_updated(outbox: Outbox, person: Document, fields: list[str]) -> Document:
+    """The person's record corrected (`fields`), as it is now."""
+    return outbox.event(
+        events_pb2.PersonUpdated(
+            person_id=person["_id"],
+            household_id=person["household_id"],
+            unit_id=person["unit_id"],
+            updated_fields=fields,
+            birth_date=person["birth_date"],
+            sex=person["sex"],
+            relationship=person["relationship"],
+        ),
+        key=person["_id"],
+    )
+
+
 def person_marked_absent(outbox: Outbox, person: Document, *, absent: bool) -> Document:
     """The person's mark of absence set or cleared, where they live now."""
     return outbox.event(

@@ -277,20 +277,7 @@ class Importer:
         ]
         staged += [events.household_updated(self.outbox, h, ["head_person_id"]) for h in headed]
         staged += [
-            events.keyed_by_person(
-                self.outbox,
-                events_pb2.PersonUpdated(
-                    person_id=known["_id"],
-                    household_id=known["household_id"],
-                    unit_id=known["unit_id"],
-                    updated_fields=["citizen_id"],
-                    birth_date=known["birth_date"],
-                    sex=known["sex"],
-                    relationship=known["relationship"],
-                ),
-                known["_id"],
-            )
-            for known, _ in identified
+            events.person_updated(self.outbox, known, ["citizen_id"]) for known, _ in identified
         ]
 
         async def work(session: Session) -> None:

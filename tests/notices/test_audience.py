@@ -25,6 +25,31 @@ def born(years_ago: int) -> str:
     return date(today.year - years_ago, today.month, 1).isoformat()
 
 
+async def lodger(
+    town: Town, clock: Clock, household: str, name: str, birth_date: str, sex: int
+) -> registry_pb2.RegisterTemporaryStayResponse:
+    """A guest staying ten days from today beside the household's head, once this service knows."""
+    today = local_day(clock())
+    guest: registry_pb2.RegisterTemporaryStayResponse = (
+        await town.city.leader.RegisterTemporaryStay(
+            registry_pb2.RegisterTemporaryStayRequest(
+                request_id=rid(),
+                household_id=household,
+                person=registry_pb2.PersonDetails(
+                    full_name=name,
+                    birth_date=birth_date,
+                    sex=sex,  # type: ignore[arg-type]
+                    relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE,
+                ),
+                stay_start=today.isoformat(),
+                stay_end=(today + timedelta(days=10)).isoformat(),
+            )
+        )
+    )
+    await town.known(household, residents=2)
+    return guest
+
+
 async def audience_of(town: Town, audience: notices_pb2.Audience) -> set[str]:
     notice = await town.publish(audience=audience)
     await town.delivered(notice.notice_id)
@@ -100,22 +125,7 @@ async def test_a_guest_whose_stay_has_ended_no_longer_counts_until_it_is_extende
     """A lodger registered for a term is a "virtual resident" once it is over: notices for
     young men no longer go to the house they left, until the stay is extended."""
     household = await town.add_household(town.city.group)
-    today = local_day(clock())
-    guest = await town.city.leader.RegisterTemporaryStay(
-        registry_pb2.RegisterTemporaryStayRequest(
-            request_id=rid(),
-            household_id=household,
-            person=registry_pb2.PersonDetails(
-                full_name="Trần Văn Khách",
-                birth_date=born(20),
-                sex=MALE,
-                relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE,
-            ),
-            stay_start=today.isoformat(),
-            stay_end=(today + timedelta(days=10)).isoformat(),
-        )
-    )
-    await town.known(household, residents=2)
+    guest = await lodger(town, clock, household, "Trần Văn Khách", born(20), MALE)
     young_men = notices_pb2.Audience(member=notices_pb2.MemberFilter(max_age=25, sex=MALE))
     assert household in await audience_of(town, young_men)
 
@@ -144,22 +154,7 @@ async def test_a_house_left_to_guests_whose_stay_has_ended_is_not_sent_notices(
     """Everyone's notices too: a house whose only residents are lodgers past their term has
     nobody living there, until a stay is extended."""
     household = await town.add_household(town.city.group)
-    today = local_day(clock())
-    guest = await town.city.leader.RegisterTemporaryStay(
-        registry_pb2.RegisterTemporaryStayRequest(
-            request_id=rid(),
-            household_id=household,
-            person=registry_pb2.PersonDetails(
-                full_name="Trần Thị Trọ",
-                birth_date=born(30),
-                sex=FEMALE,
-                relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE,
-            ),
-            stay_start=today.isoformat(),
-            stay_end=(today + timedelta(days=10)).isoformat(),
-        )
-    )
-    await town.known(household, residents=2)
+    guest = await lodger(town, clock, household, "Trần Thị Trọ", born(30), FEMALE)
     await town.empty_of_head(household)
     assert household in await audience_of(town, notices_pb2.Audience())
 
