@@ -118,10 +118,18 @@ def notice_message(
 
 
 def as_sent(message: notices_pb2.Notice) -> notices_pb2.Notice:
-    """A household sees what was sent, not how it was aimed or how far it went."""
+    """A household sees what was sent, not how it was aimed or how far it went; and of the files,
+    only those the notice still carries: a revision that dropped one (sent by mistake, say), or
+    the notice's retraction, withdraws it from every household."""
     message.ClearField("audience")
     message.households_delivered = 0
     message.delivery_complete = False
+    retracted = message.state == notices_pb2.NOTICE_STATE_RETRACTED
+    if retracted:
+        del message.attachments[:]
+    for revision in message.revisions:
+        if retracted or revision.revision != message.revision:
+            del revision.attachments[:]
     return message
 
 

@@ -68,10 +68,31 @@ async def test_attachments_are_uploaded_checked_and_viewable(town: Town) -> None
         )
     )
     assert [a.file_name for a in response.notice.attachments] == ["so-do-moi.png"]
+    # Its publisher still sees what each revision carried.
     assert [a.file_name for a in response.notice.revisions[0].attachments] == [
         "ke-hoach.pdf",
         "so-do.png",
     ]
+
+    # A household no longer gets the file the revision dropped (one sent by mistake, say),
+    # from its list, from GetNotice or from the live stream; nor any file once it is retracted.
+    def files(notice: notices_pb2.Notice) -> set[str]:
+        return {a.file_name for a in notice.attachments} | {
+            a.file_name for r in notice.revisions for a in r.attachments
+        }
+
+    resident = town.resident(household)
+
+    async def seen() -> tuple[set[str], set[str]]:
+        (listed,) = await town.inbox(household)
+        got = await resident.GetNotice(notices_pb2.GetNoticeRequest(notice_id=notice.notice_id))
+        return files(listed.notice), files(got.notice)
+
+    assert await seen() == ({"so-do-moi.png"}, {"so-do-moi.png"})
+    await officer.RetractNotice(
+        notices_pb2.RetractNoticeRequest(request_id=rid(), notice_id=notice.notice_id, reason="sai")
+    )
+    assert await seen() == (set(), set())
 
 
 async def test_a_bad_upload_is_refused_and_deleted_and_nothing_is_published(
