@@ -193,9 +193,19 @@ class NoticeStore:
     async def in_unit(
         self, unit_id: str, token: str, size: int, merged_in: list[str]
     ) -> tuple[list[Document], str]:
-        """Notices targeted at the unit or below it, or at one of the groups `merged_in` to it,
-        newest first (the token is the last one's id)."""
+        """Notices targeted at the unit or below it, or at one of the groups `merged_in` to it or
+        a unit it was in (a ward, in a merge across wards) that does not hold the unit anyway:
+        its households keep those, and are the unit's now. Newest first (the token is the last
+        one's id)."""
         query: Document = {"unit_id": in_any_unit([unit_id, *merged_in])}
+        above = {
+            ancestor
+            for group in merged_in
+            for ancestor in domain.ancestors(group)[:-1]
+            if not unit_within(unit_id, ancestor)
+        }
+        if above:
+            query = {"$or": [query, {"unit_id": {"$in": sorted(above)}}]}
         if token:
             if not NOTICE_ID.fullmatch(token):
                 raise InvalidArgument("page.page_token", "is not a token this service issued")

@@ -446,6 +446,30 @@ async def test_a_delivery_whose_marker_is_in_a_group_merged_back_into_its_unit_g
     assert reach.total.delivered == len(town.everyone)
 
 
+async def test_a_group_merged_across_wards_lists_what_its_old_ward_sent_it(town: Town) -> None:
+    """A group merged into a group of another ward keeps its old ward's notices (GetNotice shows
+    them to the leader there): the listing there holds them too, and no other ward's."""
+    city = town.city
+    outside = f"{city.district}.hc0.g01"
+    ward_wide = await town.publish()  # to the town's ward, the group among its households
+    other_ward = f"{city.district}.hc9"
+    await reconciled(town, merge_events(city.group, outside, list(town.households[city.group])))
+    leader_there = town.caller(Role.GROUP_LEADER, outside)
+
+    got = await leader_there.GetNotice(notices_pb2.GetNoticeRequest(notice_id=ward_wide.notice_id))
+    assert got.notice.notice_id == ward_wide.notice_id
+    listed = await leader_there.ListNotices(notices_pb2.ListNoticesRequest())
+    assert ward_wide.notice_id in [n.notice_id for n in listed.notices]
+    # A notice of the district, over both wards, is not the merge's doing: listed as ever (not).
+    district_officer = town.caller(Role.DISTRICT_OFFICER, city.district)
+    district_wide = await town.publish(district_officer, unit_id=city.district)
+    elsewhere = town.caller(Role.WARD_OFFICER, other_ward)
+    listed = await leader_there.ListNotices(notices_pb2.ListNoticesRequest())
+    assert district_wide.notice_id not in [n.notice_id for n in listed.notices]
+    listed = await elsewhere.ListNotices(notices_pb2.ListNoticesRequest())
+    assert ward_wide.notice_id not in [n.notice_id for n in listed.notices]
+
+
 async def test_a_notice_published_now_names_where_its_groups_merged_away_went(
     town: Town,
 ) -> None:
