@@ -443,6 +443,20 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
         return check
 
+    async def _not_declared_yet(
+        self, fund: Document, name: str, period: str, session: Session
+    ) -> None:
+        """A campaign is declared once: the same one again (a second officer, a form sent twice)
+        would charge every household twice. Once cancelled, it may be declared anew."""
+        for other in await self.store.campaigns_of_period(fund["_id"], period, session):
+            if other["name"].casefold() != name.casefold():
+                continue
+            if await self.store.reversal_of(fund["_id"], other["transaction_id"], session) is None:
+                raise AlreadyExists(
+                    f"name: campaign {other['_id']} of this fund is {other['name']!r} for "
+                    f"{period} already; cancel it first to declare it anew"
+                )
+
     async def _not_cancelled(self, fund: Document, campaign: Document) -> None:
         """Nothing is owed to a campaign whose assessment was reversed: a payment towards it is
         refused as that, not as an overdraft of the household's receivable."""
@@ -706,6 +720,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             }
 
             async def insert_campaign(session: Session, docs: list[Document]) -> None:
+                # In the posting's transaction, which writes the fund: of two declarations at
+                # once, the second retries and finds the first.
+                await self._not_declared_yet(fund, name, period, session)
                 ids = [doc["_id"] for doc in docs]
                 await self.store.insert_campaign(
                     campaign | {"transaction_id": ids[0], "transaction_ids": ids}, session

@@ -200,8 +200,21 @@ class LedgerStore:
             {"_id": transaction_id, "fund_id": fund_id}, session=session
         )
 
-    async def reversal_of(self, fund_id: str, transaction_id: str) -> Document | None:
-        return await self.transactions.find_one({"fund_id": fund_id, "reverses": transaction_id})
+    async def reversal_of(
+        self, fund_id: str, transaction_id: str, session: Session | None = None
+    ) -> Document | None:
+        return await self.transactions.find_one(
+            {"fund_id": fund_id, "reverses": transaction_id}, session=session
+        )
+
+    async def campaigns_of_period(
+        self, fund_id: str, period: str, session: Session
+    ) -> list[Document]:
+        return await self.campaigns.find(
+            {"fund_id": fund_id, "period": period},
+            {"name": 1, "transaction_id": 1},
+            session=session,
+        ).to_list()
 
     async def reversed_ids(
         self, fund_id: str, transaction_ids: list[str], session: Session | None = None

@@ -23,6 +23,14 @@ from tests.registry_fixtures import City, citizen_id, new_household, next_to_reg
 
 __all__ = ["rid"]
 
+_NAMED: dict[str, str] = {}
+
+
+def campaign_name(base: str, request_id: str) -> str:
+    """A campaign's name, another for each declaration (a fund refuses the same campaign
+    twice), the same for a retry of one (its request_id)."""
+    return _NAMED.setdefault(request_id, f"{base} đợt {len(_NAMED) + 1}")
+
 
 @pytest.fixture(scope="session")
 async def ledger_service(
@@ -97,11 +105,12 @@ class Books:
 
     async def declare_per_household(self, rate: int, request_id: str = "") -> ledger_pb2.Campaign:
         """The group leader's campaign of `rate` per household of the fund's unit."""
+        request_id = request_id or rid()
         response = await self.leader.DeclareCampaign(
             ledger_pb2.DeclareCampaignRequest(
-                request_id=request_id or rid(),
+                request_id=request_id,
                 fund_id=self.fund_id,
-                name="Phí vệ sinh",
+                name=campaign_name("Phí vệ sinh", request_id),
                 period="2026",
                 basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
                 rate=rate,

@@ -53,7 +53,7 @@ async def declare(
             ledger_pb2.DeclareCampaignRequest(
                 request_id=f"declare-{books.fund_id}-{others}",
                 fund_id=books.fund_id,
-                name="Phí vệ sinh",
+                name=f"Phí vệ sinh ({others} hộ)",
                 period="2026",
                 basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
                 rate=RATE,

@@ -17,7 +17,7 @@ from services.ledger.main import LedgerService
 from services.ledger.store import LedgerStore
 from tests.indexes import index_uses, used_since
 from tests.kafka_reader import eventually
-from tests.ledger.conftest import Books, LedgerCaller, open_fund, rid
+from tests.ledger.conftest import Books, LedgerCaller, campaign_name, open_fund, rid
 from tests.registry_fixtures import new_household
 
 
@@ -31,11 +31,12 @@ async def declare(
     ),
     request_id: str = "",
 ) -> ledger_pb2.Campaign:
+    request_id = request_id or rid()
     response = await books.leader.DeclareCampaign(
         ledger_pb2.DeclareCampaignRequest(
-            request_id=request_id or rid(),
+            request_id=request_id,
             fund_id=books.fund_id,
-            name="Quỹ vệ sinh môi trường",
+            name=campaign_name("Quỹ vệ sinh môi trường", request_id),
             period="2026",
             basis=basis,
             rate=rate,
@@ -538,3 +539,37 @@ async def test_a_campaigns_payments_and_a_households_are_found_by_index(
         "fund_id_1_contribution.campaign_id_1",
         "fund_id_1_reverses_1",
     } <= await used_since(transactions, before)
+
+
+async def test_the_same_campaign_is_not_declared_twice_until_cancelled(books: Books) -> None:
+    """Two officers (or a form sent twice, each with its own request_id) declaring one campaign
+    would charge every household twice."""
+
+    async def declaring(name: str, period: str = "2026") -> ledger_pb2.Campaign:
+        response = await books.leader.DeclareCampaign(
+            ledger_pb2.DeclareCampaignRequest(
+                request_id=rid(),
+                fund_id=books.fund_id,
+                name=name,
+                period=period,
+                basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+                rate=100_000,
+            )
+        )
+        campaign: ledger_pb2.Campaign = response.campaign
+        return campaign
+
+    first = await declaring("Quỹ khuyến học")
+    before = await books.balances()
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await declaring("quỹ khuyến học")  # however it is capitalised
+    assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (twice.value.details() or "").startswith("name: ")
+    assert first.campaign_id in (twice.value.details() or "")
+    assert await books.balances() == before  # nothing booked
+
+    # Next year's is another campaign; and once this one is cancelled, it may be declared anew.
+    await declaring("Quỹ khuyến học", period="2027")
+    await cancel(books, first)
+    again = await declaring("Quỹ khuyến học")
+    assert again.campaign_id != first.campaign_id
