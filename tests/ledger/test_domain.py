@@ -214,3 +214,23 @@ def test_an_overdraft_on_the_topic_is_a_bad_event() -> None:
     chain.post(("expense/y", 30), ("cash", -30))
     with pytest.raises(BadEvent, match="would overdraw cash"):
         replay(chain, chain.events)
+
+
+def test_postings_too_large_for_one_event_are_refused_as_bad_input() -> None:
+    """As many postings as allowed, each of the longest accounts, would make an event over the
+    outbox's largest: refused naming the postings, not failed at publishing."""
+    count = domain.MAX_POSTINGS
+    longest = [(f"receivable/{'c' * 100}/{i:0100d}", 1) for i in range(count - 1)]
+    postings = [*longest, ("income/dues", -(count - 1))]
+    with pytest.raises(InvalidArgument) as refused:
+        domain.check_postings("postings", postings)
+    assert refused.value.field == "postings"
+    message = events_pb2.TransactionPosted(
+        transaction=ledger_pb2.Transaction(
+            postings=[ledger_pb2.Posting(account=a, amount=n) for a, n in postings]
+        )
+    )
+    assert message.ByteSize() > MAX_EVENT_BYTES  # what it guards against
+    # The assessment's parts, with ids as long as the service makes, pass.
+    part = [(domain.receivable("cp-" + "a" * 24, f"hh-{i:024d}"), 1) for i in range(count - 1)]
+    domain.check_postings("postings", [*part, ("income/dues", -(count - 1))])
