@@ -443,10 +443,18 @@ class LedgerStore:
             },
             {"$set": {"opening": {"$subtract": ["$closing", "$within"]}}},
             {"$match": {"$or": [{"closing": {"$ne": 0}}, {"opening": {"$ne": 0}}]}},
-            # One row for each account but the receivables, one for each campaign's.
+            # One row for each account but the receivables, one for each campaign's (under
+            # "receivable/<campaign>", which no account is: a receivable hand-posted under a
+            # campaign named like an account, receivable/cash/x, is not summed with cash).
             {
                 "$group": {
-                    "_id": {"$cond": [receivable, {"$arrayElemAt": [account, 1]}, "$_id"]},
+                    "_id": {
+                        "$cond": [
+                            receivable,
+                            {"$concat": ["receivable/", {"$arrayElemAt": [account, 1]}]},
+                            "$_id",
+                        ]
+                    },
                     "receivables": {"$max": receivable},
                     "closing": {"$sum": "$closing"},
                     "opening": {"$sum": "$opening"},
@@ -464,7 +472,8 @@ class LedgerStore:
                 if not (balance := int(balance.to_decimal())):
                     continue
                 if row["receivables"]:
-                    standing.owed[row["_id"]] = domain.Owed(balance, owing_households)
+                    campaign_id = row["_id"].removeprefix("receivable/")
+                    standing.owed[campaign_id] = domain.Owed(balance, owing_households)
                 else:
                     standing.balances[row["_id"]] = balance
         if period.start is None:

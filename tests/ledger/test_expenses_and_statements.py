@@ -196,6 +196,28 @@ async def test_a_statement_for_a_period_exported_to_object_storage(books: Books)
     assert whole.statement.lines[0].description == "Lập sổ thu: Quỹ an ninh trật tự"
 
 
+async def test_a_receivable_named_like_an_account_is_not_summed_with_that_account(
+    books: Books,
+) -> None:
+    """A receivable posted by hand under a "campaign" called bank stays a receivable: the
+    fund's money in the bank is still on the statement, and it adds up."""
+    campaign = await books.declare_per_household(100_000)
+    await books.contribute(
+        100_000, "an", campaign.campaign_id, method=ledger_pb2.PAYMENT_METHOD_TRANSFER
+    )
+    await books.post(("receivable/bank/hh-x", 5_000), ("income/adjustment", -5_000))
+    statement = (
+        await books.leader.GetStatement(ledger_pb2.GetStatementRequest(fund_id=books.fund_id))
+    ).statement
+    assert statement.closing_available == 100_000
+    assert statement.opening_available + statement.total_in - statement.total_out == (
+        statement.closing_available
+    )
+    assert {b.account: b.balance for b in statement.closing_balances}["bank"] == 100_000
+    owed = {r.campaign_id: r.outstanding for r in statement.closing_receivables}
+    assert owed["bank"] == 5_000
+
+
 async def test_a_statement_from_a_moment_to_come_names_from(books: Books, clock: Clock) -> None:
     """Without `to` a statement runs up to now, so a `from` after now is the field at fault;
     with both given, `to` must come after `from`."""
