@@ -8,7 +8,7 @@ import re
 import tempfile
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from dataclasses import field as default
 from datetime import datetime, timedelta
@@ -324,6 +324,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         postings = domain.check_postings(
             name("postings"), [(p.account, p.amount) for p in request.postings]
         )
+        domain.check_postings_fit(name("postings"), postings)
         return Draft(
             field=field_name,
             fund_id=request.fund_id,
@@ -413,7 +414,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         ledger has not seen it yet or places it elsewhere: the registry's event of a move (a
         merge of groups) may not have reached the ledger yet."""
         if not await self._known_in(fund["unit_id"], household_id):
-            await self._learn_households(fund["unit_id"])
+            # That household alone: a mistyped id must not read (and log) the whole unit.
+            await self._learn_households(fund["unit_id"], [household_id])
             if not await self._known_in(fund["unit_id"], household_id):
                 raise NotFound(f"household {household_id} is not registered in {fund['unit_id']}")
 
@@ -421,8 +423,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         known = await self.store.household(household_id)
         return known is not None and unit_within(known["unit_id"], unit_id)
 
-    async def _learn_households(self, unit_id: str) -> list[domain.HouseholdFacts]:
-        households = await self.registry.households(unit_id)
+    async def _learn_households(
+        self, unit_id: str, only: Sequence[str] = ()
+    ) -> list[domain.HouseholdFacts]:
+        households = await self.registry.households(unit_id, only)
         await self.store.remember_households(
             [{"_id": h.household_id, "name": h.name, "unit_id": h.unit_id} for h in households]
         )

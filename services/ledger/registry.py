@@ -7,6 +7,7 @@ comes from the registry's events (`events.follow_moves`)."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import grpc
 from civic.common.v1 import types_pb2
@@ -27,7 +28,8 @@ class RegistryReader:
         self._target = target
         self._secret = auth_secret
 
-    async def households(self, unit_id: str) -> list[HouseholdFacts]:
+    async def households(self, unit_id: str, only: Sequence[str] = ()) -> list[HouseholdFacts]:
+        """The unit's households, or `only` those of them."""
         token = mint_token(
             self._secret,
             subject="service:ledger",
@@ -38,18 +40,18 @@ class RegistryReader:
         async with civic_channel(self._target, token, PURPOSE) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             with contextlib.suppress(_MomentLost):
-                return await self._read(stub, unit_id)
+                return await self._read(stub, unit_id, only)
             # The read took longer than the registry keeps the moment of its first page (about
             # 5 minutes): read again from the first page, once; one as slow again is refused.
             try:
-                return await self._read(stub, unit_id)
+                return await self._read(stub, unit_id, only)
             except _MomentLost as lost:
                 raise FailedPrecondition(
                     f"the registry refused to list households: {lost}"
                 ) from None
 
     async def _read(
-        self, stub: registry_pb2_grpc.RegistryServiceAsyncStub, unit_id: str
+        self, stub: registry_pb2_grpc.RegistryServiceAsyncStub, unit_id: str, only: Sequence[str]
     ) -> list[HouseholdFacts]:
         """Every page of one read of the unit's households."""
         found: list[HouseholdFacts] = []
@@ -60,6 +62,7 @@ class RegistryReader:
                     registry_pb2.ListHouseholdSummariesRequest(
                         unit_id=unit_id,
                         page=types_pb2.PageRequest(page_size=PAGE, page_token=page_token),
+                        household_ids=only,
                     ),
                     timeout=30,
                 )

@@ -47,6 +47,8 @@ PERSON_FIELDS = {
     "contact": ("contact",),
     "war_invalid": ("war_invalid",),
 }
+# The most households ListHouseholdSummaries is asked for by id.
+MAX_SUMMARIES_NAMED = 100
 HOUSEHOLD_FIELDS = (
     "address",
     "housing",
@@ -1224,8 +1226,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if not request.unit_id:
             raise InvalidArgument("unit_id", "is required")
         domain.may_list_households(caller, request.unit_id)
+        if len(request.household_ids) > MAX_SUMMARIES_NAMED:
+            raise InvalidArgument("household_ids", f"at most {MAX_SUMMARIES_NAMED}")
+        for i, household_id in enumerate(request.household_ids):
+            _required(f"household_ids[{i}]", household_id)
         households, next_page = await self.store.households_page(
-            request.unit_id, request.page.page_token, page_size(request.page.page_size)
+            request.unit_id,
+            request.page.page_token,
+            page_size(request.page.page_size),
+            request.household_ids,
         )
         today = self.today().isoformat()
         summaries, heads = [], []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 
@@ -257,12 +258,14 @@ class RegistryStore:
         return [by_id.get(household_id, (None, [])) for household_id in household_ids]
 
     async def households_page(
-        self, unit_id: str, token: str, size: int
+        self, unit_id: str, token: str, size: int, only: Sequence[str] = ()
     ) -> tuple[list[Document], str]:
-        """Active households of a unit's subtree, in (unit, id) order, one page, with their
-        residents (each household's under "residents"), as the register was at the first page:
-        a person who moved house between two pages is a resident once."""
-        query = {"unit_id": in_unit(unit_id), "active": True}
+        """Active households of a unit's subtree (`only` these, if named), in (unit, id) order,
+        one page, with their residents (each household's under "residents"), as the register
+        was at the first page: a person who moved house between two pages is a resident once."""
+        query: Document = {"unit_id": in_unit(unit_id), "active": True}
+        if only:
+            query["_id"] = {"$in": list(only)}
         listing = UnitListing(token)
         households, next_page = await unit_ordered_page(self.households, query, listing, size)
         by_id = {household["_id"]: household for household in households}

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from bson import ObjectId
 from civic.ledger.v1 import ledger_pb2
 
 from services.common.auth import Role
+from services.registry.main import RegistryService
 from tests.ledger.conftest import Books, LedgerCaller, open_fund, rid
+from tests.registry_fixtures import new_household
 
 
 def transfer(books: Books) -> ledger_pb2.PostTransactionRequest:
@@ -109,11 +112,11 @@ async def test_statements_show_household_names_and_no_other_personal_data(books:
 
 
 async def test_a_households_dues_name_no_household_outside_the_funds_unit(books: Books) -> None:
-    """The ledger knows this group's households (a gift from one teaches it them all). The
-    neighbouring group's leader, asking his own fund about one of them, is told no name, which
-    the registry would not show him either, and gets the answer given for a household that does
+    """The ledger knows a household of this group (a gift of theirs taught it). The
+    neighbouring group's leader, asking his own fund about it, is told no name, which the
+    registry would not show him either, and gets the answer given for a household that does
     not exist."""
-    await books.contribute(10_000, "an")
+    await books.contribute(10_000, "dung")
     city = books.city
     other_leader = books.caller(Role.GROUP_LEADER, city.other_group)
     other_fund = await open_fund(other_leader, city.other_group)
@@ -147,3 +150,29 @@ async def test_missing_credentials(books: Books) -> None:
             stub.GetFund(ledger_pb2.GetFundRequest(fund_id=books.fund_id)),
             grpc.StatusCode.UNAUTHENTICATED,
         )
+
+
+async def test_a_household_new_to_the_ledger_is_asked_of_the_registry_alone(
+    books: Books, registry: RegistryService
+) -> None:
+    """A donation from a household the ledger has not seen: it asks the registry for that
+    household, not the whole unit (whose every head's name the registry would log as read),
+    and a household id that is not in the unit reads nothing of it either."""
+    newcomer = await new_household(books.city.leader, books.city.group, head_name="Ngô Văn Mới")
+    household_id = newcomer.household.household_id
+    log = registry.db["access_log"]
+
+    async def read_since(mark: ObjectId) -> list[str]:
+        found = log.find({"_id": {"$gt": mark}, "action": "ListHouseholdSummaries"})
+        return [entry["household_id"] async for entry in found]
+
+    mark = ObjectId()
+    given = await books.contribute(50_000, household_id=household_id)
+    assert given.contribution.household_name == "Ngô Văn Mới"
+    assert await read_since(mark) == [household_id]
+
+    mark = ObjectId()
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await books.contribute(50_000, household_id="hh-" + "0" * 24)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await read_since(mark) == []

@@ -222,8 +222,9 @@ def test_postings_too_large_for_one_event_are_refused_as_bad_input() -> None:
     count = domain.MAX_POSTINGS
     longest = [(f"receivable/{'c' * 100}/{i:0100d}", 1) for i in range(count - 1)]
     postings = [*longest, ("income/dues", -(count - 1))]
+    domain.check_postings("postings", postings)  # as the replay checks: well formed
     with pytest.raises(InvalidArgument) as refused:
-        domain.check_postings("postings", postings)
+        domain.check_postings_fit("postings", postings)
     assert refused.value.field == "postings"
     message = events_pb2.TransactionPosted(
         transaction=ledger_pb2.Transaction(
@@ -233,4 +234,14 @@ def test_postings_too_large_for_one_event_are_refused_as_bad_input() -> None:
     assert message.ByteSize() > MAX_EVENT_BYTES  # what it guards against
     # The assessment's parts, with ids as long as the service makes, pass.
     part = [(domain.receivable("cp-" + "a" * 24, f"hh-{i:024d}"), 1) for i in range(count - 1)]
-    domain.check_postings("postings", [*part, ("income/dues", -(count - 1))])
+    domain.check_postings_fit("postings", [*part, ("income/dues", -(count - 1))])
+    # Postings that fit one event pass, with amounts as long as they come.
+    fitting = [(f"expense/{'e' * 70}{i:05d}", -1_000_000_000) for i in range(count - 1)]
+    fitting.append(("cash", (count - 1) * 1_000_000_000))
+    domain.check_postings_fit("postings", fitting)
+    posted = events_pb2.TransactionPosted(
+        transaction=ledger_pb2.Transaction(
+            postings=[ledger_pb2.Posting(account=a, amount=n) for a, n in fitting]
+        )
+    )
+    assert posted.ByteSize() < MAX_EVENT_BYTES

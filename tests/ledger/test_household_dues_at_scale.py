@@ -3,6 +3,8 @@ answers one household's dues, and takes its payment, by reading that household's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from civic.ledger.v1 import ledger_pb2
 
@@ -28,14 +30,15 @@ def with_others(
     registry = ledger_service.servicer.registry
     read = registry.households
 
-    async def larger(unit_id: str) -> list[domain.HouseholdFacts]:
+    async def larger(unit_id: str, only: Sequence[str] = ()) -> list[domain.HouseholdFacts]:
         others = [
             domain.HouseholdFacts(
                 f"hh-other-{books.fund_id}-{i:05}", unit_id, f"Hộ {i}", 1, False, False
             )
             for i in range(count)
         ]
-        return [*await read(unit_id), *others]
+        found = [*await read(unit_id, only), *others]
+        return [h for h in found if h.household_id in only] if only else found
 
     monkeypatch.setattr(registry, "households", larger)
 

@@ -6,6 +6,7 @@ auditors' replay agrees with the live books."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -131,14 +132,14 @@ async def test_a_retry_racing_the_original_over_a_changed_register_assesses_once
     read = registry.households
     original_reading, retry_reading, original_done = (asyncio.Event() for _ in range(3))
 
-    async def slow_register(unit_id: str) -> list[domain.HouseholdFacts]:
+    async def slow_register(unit_id: str, only: Sequence[str] = ()) -> list[domain.HouseholdFacts]:
         if not original_reading.is_set():
             original_reading.set()
             await retry_reading.wait()
         else:
             retry_reading.set()
             await original_done.wait()
-        return await read(unit_id)
+        return await read(unit_id, only)
 
     monkeypatch.setattr(registry, "households", slow_register)
     key = rid()

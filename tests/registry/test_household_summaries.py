@@ -155,6 +155,22 @@ async def test_household_summaries_for_dues(city: City) -> None:
         registry_pb2.ListHouseholdSummariesRequest(unit_id=city.ward)
     )
     assert elsewhere.household.household_id in {s.household_id for s in ward.households}
+    # Asked for some households by id: those of them in the unit, and no other.
+    named = await city.ward_officer.ListHouseholdSummaries(
+        registry_pb2.ListHouseholdSummariesRequest(
+            unit_id=city.group,
+            household_ids=[second.household.household_id, elsewhere.household.household_id],
+        )
+    )
+    assert [s.household_id for s in named.households] == [second.household.household_id]
+    with pytest.raises(grpc.aio.AioRpcError) as too_many:
+        await city.ward_officer.ListHouseholdSummaries(
+            registry_pb2.ListHouseholdSummariesRequest(
+                unit_id=city.group, household_ids=[f"hh-{i}" for i in range(101)]
+            )
+        )
+    assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (too_many.value.details() or "").startswith("household_ids: ")
 
     # The read of the heads' names is in each household's access log.
     resident = city.as_role(Role.RESIDENT, city.group, second.household.household_id)
