@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
+from shapely import STRtree
 from shapely.geometry import LineString, Point
 
 from services.gis.geometry import (
@@ -22,6 +23,8 @@ from services.gis.geometry import (
 
 # The entry and the destination join the network at its nearest point within this distance.
 MAX_SNAP_M = 150.0
+# An alley ending this close to another's segment meets it there.
+JOIN_M = 1.0
 NODE_DIGITS = 7
 
 
@@ -47,17 +50,46 @@ def _node(p: Sequence[float]) -> Position:
 
 
 def network(alleys: Iterable[dict[str, Any]], min_width_m: float) -> nx.Graph[Position]:
-    """Alleys as a graph: vertices are nodes (alleys meet where they share a vertex), segments
-    are edges weighted by their length in metres; alleys narrower than min_width_m are left out."""
+    """Alleys as a graph: vertices are nodes, segments are edges weighted by their length in
+    metres; alleys narrower than min_width_m are left out. Alleys meet where they share a
+    vertex, and where one ends on another's segment (a side alley's T-junction, as drawings
+    have it, within JOIN_M): that segment is split there."""
     graph: nx.Graph[Position] = nx.Graph()
+    ends: set[Position] = set()
     for alley in alleys:
         if float(alley["properties"].get("width_m", 0)) < min_width_m:
             continue
         points = [_node(p) for p in alley["geometry"]["coordinates"]]
+        ends.update((points[0], points[-1]))
         for a, b in itertools.pairwise(points):
             if a != b:
                 graph.add_edge(a, b, length=distance_m(a, b))
+    _join_ends(graph, ends)
     return graph
+
+
+def _join_ends(graph: nx.Graph[Position], ends: set[Position]) -> None:
+    if not ends or graph.number_of_edges() == 0:
+        return
+    frame = LocalFrame(*next(iter(ends)))
+    edges = list(graph.edges())
+    segments = [LineString([frame.metres(a), frame.metres(b)]) for a, b in edges]
+    tree = STRtree(segments)
+    splits: dict[tuple[Position, Position], list[Position]] = {}
+    for end in ends:
+        spot = Point(frame.metres(end))
+        for i in tree.query(spot, predicate="dwithin", distance=JOIN_M):
+            a, b = edges[i]
+            if end not in (a, b):
+                splits.setdefault((a, b), []).append(end)
+    for (a, b), on_it in splits.items():
+        # The ends on one segment, in order along it.
+        segment = LineString([frame.metres(a), frame.metres(b)])
+        order = sorted(on_it, key=lambda p: segment.project(Point(frame.metres(p))))
+        graph.remove_edge(a, b)
+        for u, v in itertools.pairwise([a, *order, b]):
+            if u != v:
+                graph.add_edge(u, v, length=distance_m(u, v))
 
 
 def _join(graph: nx.Graph[Position], point: Position, frame: LocalFrame, what: str) -> Position:

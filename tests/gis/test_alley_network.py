@@ -1,0 +1,49 @@
+"""The alley network the fire route runs on, built from drawn alleys (pure: no servers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.gis.geometry import distance_m
+from services.gis.routing import NoRoute, network, shortest_route
+
+
+def alley(*points: tuple[float, float], width_m: float = 4.0) -> dict[str, Any]:
+    return {
+        "geometry": {"type": "LineString", "coordinates": [list(p) for p in points]},
+        "properties": {"width_m": width_m},
+    }
+
+
+MAIN = alley((108.000, 16.000), (108.002, 16.000))
+# A side alley drawn from the middle of the main one's only segment, sharing no vertex with it.
+SIDE = alley((108.001, 16.000), (108.001, 16.002))
+
+
+def test_a_side_alley_ending_on_another_meets_it_there() -> None:
+    graph = network([MAIN, SIDE], 3.5)
+    assert graph.has_edge((108.0, 16.0), (108.001, 16.0))
+    assert graph.has_edge((108.001, 16.0), (108.002, 16.0))
+    assert not graph.has_edge((108.0, 16.0), (108.002, 16.0))
+
+    route = shortest_route([MAIN, SIDE], (108.0, 16.0), (108.001, 16.002), 3.5)
+    expected = distance_m((108.0, 16.0), (108.001, 16.0)) + distance_m(
+        (108.001, 16.0), (108.001, 16.002)
+    )
+    assert route.length_m == pytest.approx(expected, rel=1e-6)
+    assert (108.001, 16.0) in route.positions
+
+
+def test_an_alley_ending_short_of_another_does_not_meet_it() -> None:
+    """Ten metres short is a wall between them, not a junction."""
+    short = alley((108.001, 16.0001), (108.001, 16.002))
+    with pytest.raises(NoRoute, match="cut off"):
+        shortest_route([MAIN, short], (108.0, 16.0), (108.001, 16.002), 3.5)
+
+
+def test_a_narrow_side_alley_is_no_way_in_for_the_engine() -> None:
+    narrow = alley((108.001, 16.000), (108.001, 16.002), width_m=2.0)
+    with pytest.raises(NoRoute, match="no alley wide enough"):
+        shortest_route([MAIN, narrow], (108.0, 16.0), (108.001, 16.002), 3.5)
