@@ -80,6 +80,8 @@ def _geojson_feature(index: int, item: Any) -> RawFeature:
 # ---- DXF ---------------------------------------------------------------------------------------
 
 NUMBER = re.compile(r"(\d+(?:[.,]\d+)?)")
+# An alley's width in its label: the number the metres follow ("Kiệt 45 - 3m", "rộng 2,5 m").
+WIDTH = re.compile(r"(\d+(?:[.,]\d+)?)\s*m\b", re.IGNORECASE)
 # How far a label may stand from the line or point it names, in drawing units (metres).
 LABEL_REACH = 10.0
 
@@ -228,9 +230,9 @@ def _label_nearby(feature: RawFeature, labels: list[_Label], layer: Layer) -> No
     )
     for _, text in near:
         if layer is Layer.ALLEY and "width_m" not in feature.properties:
-            number = NUMBER.search(text)
-            if number and text.rstrip().lower().endswith("m"):
-                width = float(number.group(1).replace(",", "."))
+            widths = WIDTH.findall(text) if text.rstrip().lower().endswith("m") else []
+            if widths:
+                width = float(widths[-1].replace(",", "."))
                 if math.isfinite(width):
                     feature.properties["width_m"] = width
         elif layer is Layer.HYDRANT:

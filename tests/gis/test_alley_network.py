@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from ezdxf.document import Drawing
 
+from services.gis.domain import Layer
 from services.gis.geometry import distance_m
 from services.gis.routing import NoRoute, network, shortest_route
+from services.gis.sources import read_dxf
 
 
 def alley(*points: tuple[float, float], width_m: float = 4.0) -> dict[str, Any]:
@@ -47,3 +51,21 @@ def test_a_narrow_side_alley_is_no_way_in_for_the_engine() -> None:
     narrow = alley((108.001, 16.000), (108.001, 16.002), width_m=2.0)
     with pytest.raises(NoRoute, match="no alley wide enough"):
         shortest_route([MAIN, narrow], (108.0, 16.0), (108.001, 16.002), 3.5)
+
+
+@pytest.mark.parametrize(
+    ("label", "width"),
+    [("Kiệt 45 - 3m", 3.0), ("rộng 2,5 m", 2.5), ("4m", 4.0), ("Kiệt 45", None)],
+)
+def test_an_alleys_width_is_the_number_its_label_gives_in_metres(
+    label: str, width: float | None
+) -> None:
+    """Not the alley's number: "Kiệt 45 - 3m" is alley 45, three metres wide."""
+    doc = Drawing.new("R2010")
+    msp = doc.modelspace()
+    msp.add_lwpolyline([(0, 0), (100, 0)])
+    msp.add_text(label, dxfattribs={"insert": (50, 2)})
+    out = io.StringIO()
+    doc.write(out)
+    (alley_drawn,) = read_dxf(out.getvalue().encode(), Layer.ALLEY)
+    assert alley_drawn.properties.get("width_m") == width
