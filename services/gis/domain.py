@@ -186,8 +186,8 @@ def may_list_residents(caller: Principal) -> None:
 
 def may_count(caller: Principal, unit_id: str) -> None:
     """Counts hold no personal data: officials, auditors and integrators in scope."""
-    if caller.role is Role.RESIDENT:
-        raise PermissionDenied("residents may not read unit statistics")
+    if not (caller.is_official or caller.role in (Role.AUDITOR, Role.INTEGRATOR)):
+        raise PermissionDenied(f"role {caller.role.value} may not read unit statistics")
     caller.require_unit(unit_id)
 
 

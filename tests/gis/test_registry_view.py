@@ -197,10 +197,15 @@ async def test_counts_per_group_for_a_choropleth(ward: Ward) -> None:
     assert (east.households, east.population, east.elderly, east.renters) == (1, 1, 0, 0)
 
     resident = ward.caller(Role.RESIDENT, city.group, elder.household.household_id)
-    await refused(
-        grpc.StatusCode.PERMISSION_DENIED,
-        resident.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward)),
-    )
+    treasurer = ward.caller(Role.TREASURER, city.ward)
+    for outsider in (resident, treasurer):
+        await refused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            outsider.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward)),
+        )
+    integrator = ward.caller(Role.INTEGRATOR, city.ward)
+    shared = await integrator.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward))
+    assert {c.unit_id for c in shared.counts} == {city.group, city.other_group}
     await refused(
         grpc.StatusCode.PERMISSION_DENIED,
         ward.leader.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward)),
