@@ -645,21 +645,23 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         limit = asyncio.Semaphore(REGISTRY_CONCURRENCY)
         today = self.today()
 
-        async def entry(doc: Document) -> gis_pb2.HouseholdInArea:
+        async def entry(doc: Document) -> gis_pb2.HouseholdInArea | None:
             household_id = doc["properties"]["household_id"]
             async with limit:
                 found = await self.registry.household(household_id, credentials)
-            residents = []
-            if found is not None:
-                residents = [
-                    gis_pb2.Resident(
-                        person_id=member.person_id,
-                        full_name=member.full_name,
-                        birth_date=member.birth_date,
-                        age=domain.age_on(member.birth_date, today),
-                    )
-                    for member in found.members
-                ]
+            if found is None:
+                # Gone, or moved out of the caller's reach, before this service heard of it:
+                # the registry's word goes, for the address and place as for the people.
+                return None
+            residents = [
+                gis_pb2.Resident(
+                    person_id=member.person_id,
+                    full_name=member.full_name,
+                    birth_date=member.birth_date,
+                    age=domain.age_on(member.birth_date, today),
+                )
+                for member in found.members
+            ]
             return gis_pb2.HouseholdInArea(
                 household_id=household_id,
                 unit_id=doc["unit_id"],
@@ -668,7 +670,8 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
                 residents=residents,
             )
 
-        households = await asyncio.gather(*(entry(doc) for doc in items))
+        found = await asyncio.gather(*(entry(doc) for doc in items))
+        households = [household for household in found if household is not None]
         return gis_pb2.ListResidentsInAreaResponse(households=households, next_page_token=token)
 
     async def CountByGroup(

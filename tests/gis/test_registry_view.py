@@ -119,6 +119,22 @@ async def test_an_evacuation_list_respects_scope_and_privacy(ward: Ward) -> None
     assert residents["Lê Văn Tám"] >= 75
     assert by_id[west.household.household_id].address == "12 Kiệt 45 Trần Phú"
 
+    # A household the map still shows but the registry no longer answers for (gone, or moved
+    # out of reach before the map heard of it) is left out, its address and place too.
+    features = ward.service.store.features
+    shown = await features.find_one({"properties.household_id": west.household.household_id})
+    assert shown is not None
+    ghost = "hh-" + "0" * 24
+    await features.insert_one(
+        shown
+        | {"_id": f"household-{ghost}", "properties": shown["properties"] | {"household_id": ghost}}
+    )
+    try:
+        listed = {h.household_id for h in await evacuation(ward.officer, area)}
+    finally:
+        await features.delete_one({"_id": f"household-{ghost}"})
+    assert listed == {west.household.household_id, east.household.household_id}
+
     # A group leader's list holds only their own group's households, whatever they draw.
     own = await evacuation(ward.leader, area)
     assert [h.household_id for h in own] == [west.household.household_id]
