@@ -870,9 +870,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                     f"group {unit_id} was merged into {unit.get('merged_into_id')}: its tickets "
                     "are that group's"
                 )
-        unit_id = unit_id or caller.scope
-        caller.require_unit(unit_id)
-        query: Document = {"assigned_unit_id": unit_id}
+        query: Document = {"assigned_unit_id": unit_id or caller.scope}
         if department:
             domain.check_name("department", department, domain.DEPARTMENT)
             query["department"] = department
