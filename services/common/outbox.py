@@ -68,11 +68,20 @@ class Outbox:
     """Builds a service's outgoing events and stages them inside the caller's transaction."""
 
     def __init__(
-        self, db: AsyncDatabase[Document], *, source: str, topic: str, instance: str = ""
+        self,
+        db: AsyncDatabase[Document],
+        *,
+        source: str,
+        topic: str,
+        instance: str = "",
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._collection = db[OUTBOX]
         self.source = source
         self.topic = topic
+        # An event's time (ce_time) is the service's time, as its records' are: a run on a
+        # moved clock (a demo, a test of deadlines) does not publish events that contradict them.
+        self.clock = clock
         # Which instance staged an entry: the relay hears of its own instance's in memory.
         self.instance = instance
         self._committed = asyncio.Event()
@@ -93,7 +102,7 @@ class Outbox:
             "source": self.source,
             "subject": subject,
             "actor": _actor(),
-            "time": datetime.now(UTC),
+            "time": self.clock(),
             "data": Binary(data),
             "trace": current_trace_headers(),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import grpc
 from opentelemetry.sdk.trace import SpanProcessor
@@ -27,6 +28,7 @@ class ServiceHost:
         *,
         topic: str,
         span_processor: SpanProcessor | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         setup_telemetry(f"civic-{name}", settings, span_processor)
         self.name = name
@@ -34,7 +36,9 @@ class ServiceHost:
         self.client = mongo_client(settings.mongo_uri)
         self.db = self.client[settings.database_for(name)]
         self.instance = settings.instance_for(name)
-        self.outbox = Outbox(self.db, source=f"/civic/{name}", topic=topic, instance=self.instance)
+        self.outbox = Outbox(
+            self.db, source=f"/civic/{name}", topic=topic, instance=self.instance, clock=clock
+        )
         self.commands = CommandRunner(self.client, self.db, self.outbox)
         self.broker = kafka_broker(settings.kafka_bootstrap_servers, f"civic-{name}")
         self.server: GrpcServer | None = None

@@ -32,7 +32,9 @@ class LedgerService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         span_processor: SpanProcessor | None = None,
     ) -> None:
-        self.host = host = ServiceHost(NAME, settings, topic=TOPIC, span_processor=span_processor)
+        self.host = host = ServiceHost(
+            NAME, settings, topic=TOPIC, span_processor=span_processor, clock=clock
+        )
         self.store = LedgerStore(host.db)
         follow_moves(
             host.broker,

@@ -33,7 +33,9 @@ class NoticesService:
         sweep_interval_seconds: float = 5.0,
         fanout_batch: int = FANOUT_BATCH,
     ) -> None:
-        self.host = host = ServiceHost(NAME, settings, topic=TOPIC, span_processor=span_processor)
+        self.host = host = ServiceHost(
+            NAME, settings, topic=TOPIC, span_processor=span_processor, clock=clock
+        )
         self.clock = clock
         self.client, self.db = host.client, host.db
         self.store = NoticeStore(self.db)

@@ -28,7 +28,9 @@ class RegistryService:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         span_processor: SpanProcessor | None = None,
     ) -> None:
-        self.host = host = ServiceHost(NAME, settings, topic=TOPIC, span_processor=span_processor)
+        self.host = host = ServiceHost(
+            NAME, settings, topic=TOPIC, span_processor=span_processor, clock=clock
+        )
         self.client, self.db = host.client, host.db
         self.store = RegistryStore(self.db)
         subscribe_history(

@@ -31,6 +31,7 @@ from services.common.mongo import Document, Session, check_unit_id
 from services.common.objects import ObjectStore, checked
 from services.common.outbox import Outbox
 from services.common.paging import PageWithin, message_bytes, page_size
+from services.common.telemetry import current_trace_headers
 from services.common.wire import duration, point_document, span, timestamp
 from services.tickets import domain
 from services.tickets.clusters import release, unlink
@@ -275,6 +276,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             submitter=caller.subject,
             submitter_role=caller.role.value,
             now=self.clock(),
+            trace=current_trace_headers(),
         )
         event = ticket_event(
             self.outbox,

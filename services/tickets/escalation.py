@@ -1,7 +1,8 @@
 """Automatic escalation: a ticket not acknowledged or resolved in time goes one level up.
 
 Every instance sweeps; each escalation re-reads the ticket inside its transaction, so two
-instances sweeping together escalate a ticket once.
+instances sweeping together escalate a ticket once. Each escalation continues the trace of the
+ticket's filing: its TicketEscalated reaches integrators in the trace the resident started.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from services.common.cloudevents import type_name
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
 from services.common.runtime import Every
+from services.common.telemetry import context_from_headers, tracer
 from services.tickets import domain
 from services.tickets.events import ticket_event
 from services.tickets.records import rule_for
 from services.tickets.store import TicketStore
+
+_TRACER = tracer("civic.tickets.escalation")
 
 
 async def escalate(
@@ -154,7 +158,12 @@ class Escalator:
                 await self.outbox.stage(session, emitted)
                 return len(emitted)
 
-            moved += await in_transaction(self.client, work)
+            with _TRACER.start_as_current_span(
+                "escalate overdue ticket",
+                context=context_from_headers(candidate.get("trace") or {}),
+                attributes={"civic.ticket_id": candidate["_id"]},
+            ):
+                moved += await in_transaction(self.client, work)
         if moved:
             self.outbox.committed()
         return moved

@@ -38,7 +38,9 @@ class TicketsService:
         span_processor: SpanProcessor | None = None,
         escalation_interval_seconds: float = 30.0,
     ) -> None:
-        self.host = host = ServiceHost(NAME, settings, topic=TOPIC, span_processor=span_processor)
+        self.host = host = ServiceHost(
+            NAME, settings, topic=TOPIC, span_processor=span_processor, clock=clock
+        )
         self.clock = clock
         self.client, self.db = host.client, host.db
         self.store = TicketStore(self.db)

@@ -35,8 +35,10 @@ def new_ticket(
     submitter: str,
     submitter_role: str,
     now: datetime,
+    trace: dict[str, str],
 ) -> Document:
-    """A ticket as filed: submitted, not yet routed."""
+    """A ticket as filed: submitted, not yet routed. `trace` is the filing's trace context:
+    what the service later does of itself (the deadline sweep) continues it."""
     return {
         "_id": ticket_id,
         "category": category,
@@ -58,6 +60,7 @@ def new_ticket(
         "resolved_at": None,
         "next_deadline": None,
         "last_change": type_name(events_pb2.TicketSubmitted()),
+        "trace": trace,
     }
 
 

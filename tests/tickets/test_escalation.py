@@ -49,6 +49,22 @@ async def escalations_of(
     return found
 
 
+async def test_an_escalations_event_carries_the_services_time_past_the_deadline_it_missed(
+    pilot: Pilot, clock: Clock, tickets_service: TicketsService
+) -> None:
+    """ce_time is the service's clock, as the ticket's own times are: an integrator never reads
+    of an escalation stamped before the deadline that caused it."""
+    routed = await pilot.routed((await pilot.submit("street-light")).ticket_id)
+    clock.advance(hours=25)
+    await reaches(pilot.resident, routed.ticket_id, pilot.city.district)
+    entry = await tickets_service.db["outbox"].find_one(
+        {"events": {"$elemMatch": {"key": routed.ticket_id, "type": {"$regex": "Escalated$"}}}}
+    )
+    assert entry is not None
+    stamped = next(e["time"] for e in entry["events"] if e["type"].endswith("TicketEscalated"))
+    assert stamped.replace(tzinfo=UTC) > routed.acknowledge_by.ToDatetime(tzinfo=UTC)
+
+
 async def overdue_at_city(pilot: Pilot) -> set[str]:
     queue = await pilot.admin.ListQueue(tickets_pb2.ListQueueRequest(overdue_only=True))
     return {t.ticket_id for t in queue.tickets}

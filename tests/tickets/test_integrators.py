@@ -30,7 +30,7 @@ from services.common.auth import Role
 from services.common.config import Settings
 from services.tickets.events import TOPIC
 from services.tickets.main import NAME, SERVICE_NAME
-from tests.conftest import TEST_SECRET
+from tests.conftest import TEST_SECRET, Clock
 from tests.kafka_reader import Record, eventually, with_key
 from tests.registry.test_tracing import parent_id, span_id
 from tests.tickets.conftest import Pilot, TicketCaller, rid
@@ -423,3 +423,34 @@ async def check_one_chain(
     assert parent_id(routing) == span_id(submitted)
     assert routing.parent is not None and routing.parent.is_remote
     assert parent_id(routed) == span_id(routing)
+
+
+async def test_an_automatic_escalation_continues_the_trace_of_the_tickets_filing(
+    pilot: Pilot, spans: InMemorySpanExporter, clock: Clock
+) -> None:
+    """Hours later nobody's call starts the escalation, yet integrators and operators find its
+    TicketEscalated in the trace the resident's filing began, not in a trace of its own."""
+    with trace.get_tracer(__name__).start_as_current_span("test client") as client:
+        ticket_id = (await pilot.submit("street-light")).ticket_id
+    await pilot.routed(ticket_id)
+    trace_id = client.get_span_context().trace_id
+
+    def in_trace(span: ReadableSpan, name: str) -> bool:
+        return span.context is not None and span.context.trace_id == trace_id and span.name == name
+
+    server = await wait_for_span(
+        spans, lambda s: in_trace(s, f"{SERVICE_NAME}/SubmitTicket"), "the SubmitTicket span"
+    )
+    clock.advance(hours=25)  # past the ward's 24 h to acknowledge
+    published = await wait_for_span(
+        spans,
+        lambda s: (
+            in_trace(s, f"{TOPIC} publish")
+            and (s.attributes or {}).get("cloudevents.event_type") == ce("TicketEscalated")
+        ),
+        "the publish span of TicketEscalated",
+    )
+    sweep = next(s for s in spans.get_finished_spans() if span_id(s) == parent_id(published))
+    assert sweep.name == "escalate overdue ticket"
+    assert (sweep.attributes or {}).get("civic.ticket_id") == ticket_id
+    assert parent_id(sweep) == span_id(server)

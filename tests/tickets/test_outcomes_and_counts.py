@@ -60,6 +60,7 @@ def ticket_doc(pilot: Pilot, filed: datetime, **fields: Any) -> Document:
             submitter="resident-x",
             submitter_role="resident",
             now=filed,
+            trace={},
         )
         | fields
     )
