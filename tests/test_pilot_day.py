@@ -12,6 +12,7 @@ from minio import Minio
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services import demo_day
 from services.common.cloudevents import type_name
 from services.common.config import Settings
 from services.demo_day import (
@@ -23,11 +24,15 @@ from services.demo_day import (
     WARD,
     Day,
     PilotDay,
+    civic_events_on,
     pilot_services,
+    until,
 )
 from services.demo_map import pilot_maps, street_entry
 from services.gis.geometry import distance_m
+from services.tickets.main import PHOTO_BUCKET
 from tests.conftest import Clock
+from tests.registry_fixtures import City
 
 STATEMENTS = "civic-statements"
 
@@ -42,8 +47,8 @@ async def play(settings: Settings, span_processor: SimpleSpanProcessor) -> tuple
     return day, said
 
 
-def read_object(bucket: Minio, key: str) -> bytes:
-    response = bucket.get_object(STATEMENTS, key)
+def read_object(bucket: Minio, key: str, name: str = STATEMENTS) -> bytes:
+    response = bucket.get_object(name, key)
     try:
         data: bytes = response.read()
         return data
@@ -60,9 +65,12 @@ async def test_a_day_in_the_pilot(
 ) -> None:
     day, said = await play(settings, span_processor)
     text = "\n".join(said)
+    assert day.problems() == []
 
-    # A birth: the new household's point is where the registry put it.
+    # A birth: the baby is a member of the new household, whose point is where the registry
+    # put it.
     assert day.household_id and day.baby_id
+    assert day.baby_id in day.members and len(day.members) == 2
     assert day.map_point == [HOME.longitude, HOME.latitude]
     assert "appears on the ward's map" in text
 
@@ -87,13 +95,15 @@ async def test_a_day_in_the_pilot(
     # The storm warning reached exactly the district's households with someone over 70.
     assert day.elderly_households, "the pilot data has elderly people in the district"
     assert day.warned_households == day.elderly_households
+    assert day.delivered == len(day.elderly_households)
     assert day.household_id not in day.warned_households  # a young family and a newborn
 
     # The flooding ticket went to the ward, then, unacknowledged past its deadline, the district.
     assert day.routed_to == WARD
     assert day.escalated_to == DISTRICT
     assert day.clock_moved.total_seconds() > 12 * 3600  # flooding: 12 hours to acknowledge
-    assert day.photo_key
+    photo = read_object(bucket, day.photo_key, PHOTO_BUCKET)
+    assert photo.startswith(b"\x89PNG")
 
     # Dues: some households paid, and the exported statement is in object storage.
     assert len(day.payers) == PAYERS and len(set(day.payers)) == PAYERS
@@ -142,7 +152,31 @@ async def test_a_day_in_the_pilot(
     ):
         assert rpc in names, rpc
     consumed = {(s.name, (s.attributes or {}).get("cloudevents.event_type")) for s in ours}
-    # The map learnt of the new household, and the ticket was routed, within the day's trace.
+    # The map learnt of the new household, and the ticket was routed, within the day's trace;
+    # hours later the deadline sweep's escalation continues it.
     assert ("civic.registry.v1 process", "civic.registry.v1.HouseholdCreated") in consumed
     assert ("civic.tickets.v1 process", type_name(events_pb2.TicketSubmitted())) in consumed
+    assert ("civic.tickets.v1 publish", type_name(events_pb2.TicketEscalated())) in consumed
+    assert "escalate overdue ticket" in names
+    # The load before the day is a trace of its own, not thousands of spans in the day's.
+    assert "civic.registry.v1.RegistryService/ImportPersons" not in names
+    assert len(ours) < 1_000
     assert GROUP.unit_id in text and "one trace" in text
+
+
+async def test_the_demo_refuses_a_broker_already_holding_civic_events(
+    settings: Settings,
+    city: City,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its databases would be its own but not the topics: its consumers would count another
+    platform's households as the pilot's. It says so in one line, and starts nothing."""
+    await until(
+        lambda: civic_events_on(settings.kafka_bootstrap_servers), "the city's events on the broker"
+    )
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
+    assert await demo_day.command() == 2
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1
+    assert "already holds Civic events (" in said[0] and "civic.registry.v1" in said[0]
