@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
+from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -342,10 +343,29 @@ async def _once_unit_known(
         await asyncio.sleep(0.2)
 
 
-def tokens(settings: Settings) -> dict[str, str]:
+DEV_TOKEN_DAYS = 30  # `make run` stays up for days: its printed tokens should outlast it
+
+
+async def a_pilot_household(settings: Settings) -> str:
+    """One household of the first pilot group, for the resident's development token (the read is
+    logged, as every official read of a head's name is)."""
+    async with civic_channel(
+        settings.registry(), demo_admin(settings), "development token for a resident"
+    ) as channel:
+        page = await registry_pb2_grpc.RegistryServiceStub(channel).ListHouseholdSummaries(
+            registry_pb2.ListHouseholdSummariesRequest(
+                unit_id=PILOT[0].unit_id, page=types_pb2.PageRequest(page_size=1)
+            )
+        )
+    return page.households[0].household_id
+
+
+def tokens(settings: Settings, household_id: str) -> dict[str, str]:
+    """A development token for each role; the resident's speaks for `household_id`."""
     group = PILOT[0]
     ward = group.unit_id.rsplit(".", 1)[0]
     scopes = {
+        Role.RESIDENT: group.unit_id,
         Role.CITY_ADMIN: CITY[0],
         Role.DISTRICT_OFFICER: ward.rsplit(".", 1)[0],
         Role.WARD_OFFICER: ward,
@@ -356,7 +376,12 @@ def tokens(settings: Settings) -> dict[str, str]:
     }
     return {
         role.value: mint_token(
-            settings.auth_secret, subject=f"demo-{role.value}", role=role, scope=scope
+            settings.auth_secret,
+            subject=f"demo-{role.value}",
+            role=role,
+            scope=scope,
+            household_id=household_id if role is Role.RESIDENT else "",
+            ttl_seconds=DEV_TOKEN_DAYS * 24 * 3600,
         )
         for role, scope in scopes.items()
     }
@@ -394,8 +419,12 @@ async def run() -> None:
         print(f"  MongoDB   {endpoints.mongo_uri}")
         print(f"  Kafka     {endpoints.kafka_bootstrap_servers}")
         print(f"  S3        http://{endpoints.s3_endpoint}")
-        print("\nDevelopment tokens (authorization: Bearer <token>):")
-        for role, token in tokens(settings).items():
+        household_id = await a_pilot_household(settings)
+        print(
+            f"\nDevelopment tokens, valid {DEV_TOKEN_DAYS} days (authorization: Bearer <token>);"
+            f" the resident's is of household {household_id} in {PILOT[0].unit_id}:"
+        )
+        for role, token in tokens(settings, household_id).items():
             print(f"  {role:<17} {token}")
         print("\nCtrl-C stops the services; `make stop` also stops the local servers.")
         stop = asyncio.Event()

@@ -10,14 +10,20 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 
 from infra.local import REPO_ROOT, Endpoints, InfraError, free_port
 from services import platform
+from services.common.auth import Role, verify_token
 from services.common.config import GRPC_PORTS, Settings
+from services.common.grpc_client import civic_channel
+from services.demo import PILOT
+from services.registry.main import RegistryService
 
 
 async def test_a_second_run_says_civic_is_already_running(
@@ -181,3 +187,40 @@ def test_a_bad_setting_stops_make_run_before_it_starts_anything(
     assert exited.value.code == 1
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: CIVIC_OUTBOX_POLL_SECONDS: ")
+
+
+async def test_make_run_prints_a_residents_token_for_a_pilot_household_that_outlasts_a_day(
+    settings: Settings, registry: RegistryService
+) -> None:
+    """Every role gets a token, the resident's naming a household of the first pilot group, so
+    a resident's calls can be tried at once; none expires while the platform runs for days."""
+    loaded = settings.model_copy(update={"registry_target": f"127.0.0.1:{registry.port}"})
+    async with civic_channel(loaded.registry(), platform.demo_admin(loaded)) as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        await platform.create_pilot_units(stub)
+        await stub.CreateHousehold(
+            registry_pb2.CreateHouseholdRequest(
+                request_id="pilot-household-for-a-resident-token",
+                unit_id=PILOT[0].unit_id,
+                address="1 Kiệt 2 Trần Phú",
+                residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
+                head=registry_pb2.PersonDetails(
+                    full_name="Lê Thị Hoa",
+                    birth_date="1980-02-03",
+                    sex=registry_pb2.SEX_FEMALE,
+                    relationship=registry_pb2.RELATIONSHIP_HEAD,
+                ),
+            )
+        )
+    household_id = await platform.a_pilot_household(loaded)
+    printed = platform.tokens(loaded, household_id)
+    assert set(printed) == {role.value for role in Role if role is not Role.SERVICE}
+    resident = verify_token(settings.auth_secret, printed[Role.RESIDENT.value])
+    assert (resident.household_id, resident.scope) == (household_id, PILOT[0].unit_id)
+    for token in printed.values():
+        assert verify_token(settings.auth_secret, token).expires_at > time.time() + 29 * 86400
+    async with civic_channel(loaded.registry(), printed[Role.RESIDENT.value]) as channel:
+        own = await registry_pb2_grpc.RegistryServiceStub(channel).GetHousehold(
+            registry_pb2.GetHouseholdRequest(household_id=household_id)
+        )
+    assert own.household.unit_id == PILOT[0].unit_id
