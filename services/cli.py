@@ -358,6 +358,8 @@ async def _import_csv(args: argparse.Namespace) -> int:
         total = csv_rows.count_records(path)
     except csv_rows.CsvFileError as error:
         return _fail(str(error), status=2)
+    if not total:
+        return _fail(f"{path}: no rows below the header (line 1): nothing to import", status=2)
 
     progress = _Progress(total)
     stream = _RowStream(path, args.chunk, progress)

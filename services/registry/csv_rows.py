@@ -1,11 +1,12 @@
 """Onboarding files: a CSV of persons with their households, read into ImportRow messages.
 
-One record per person. The header names the columns (any order, case-insensitive); COLUMNS lists
-them and REQUIRED those the header must have. A header cell left empty (spreadsheets export the
-empty columns beside a table so) names no column: its cells must be empty too, or their row is
-reported. A row's number is the line it starts on, the
-header being line 1, so an operator can find it in any editor. Words (sex, relationship,
-education, residence_kind) are the enum names without their prefix, in lower case: "female",
+One record per person, one line each: no cell holds a line break, so a quote left open is the
+problem of its own line and takes no other line into its cell. The header names the columns (any
+order, case-insensitive); COLUMNS lists them and REQUIRED those the header must have. A header
+cell left empty (spreadsheets export the empty columns beside a table so) names no column: its
+cells must be empty too, or their row is reported. A row's number is its line, the header being
+line 1, so an operator can find it in any editor. Words (sex, relationship, education,
+residence_kind) are the enum names without their prefix, in lower case: "female",
 "other_relative", "lower_secondary", "renter". An empty cell means "not given"; the registry
 decides whether the value is required. Range checks are the registry's too, so a file is judged
 by the same rules as every other way into the register.
@@ -160,7 +161,11 @@ def _location(latitude: str, longitude: str) -> types_pb2.GeoPoint | None:
 
 
 def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
-    """(line, column -> cell) per data record, or the problem of a record with extra cells."""
+    """(line, column -> cell) per data record, or the problem that keeps the record out.
+
+    No column holds a line break, so every record is one line, parsed on its own: a quote left
+    open (a cell copied without its closing quote) is its line's problem, and cannot take the
+    lines after it into its cell."""
     try:
         # utf-8-sig: spreadsheets often start their CSV exports with a byte-order mark.
         with path.open(newline="", encoding="utf-8-sig") as file:
@@ -168,30 +173,68 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
             # Spreadsheets in locales with a decimal comma separate cells with ";".
             delimiter = ";" if first.count(";") > first.count(",") else ","
             header = _header(path, next(csv.reader([first], delimiter=delimiter), []))
-            reader = csv.reader(file, delimiter=delimiter)
-            line = 2  # where the next record starts; the reader counts from after the header
-            for cells in reader:
-                start, line = line, reader.line_num + 2
-                if not any(c.strip() for c in cells):
-                    continue  # blank lines and rows of empty cells
-                if len(cells) > len(header):
-                    yield start, RowProblem("", f"has {len(cells)} cells, the header {len(header)}")
-                    continue
-                stray = _unnamed_value(header, cells)
-                if stray is not None:
-                    yield start, stray
-                    continue
-                yield start, {name: cell for name, cell in zip(header, cells, strict=False) if name}
+            for line, text in enumerate(file, start=2):
+                record = _record(header, text, delimiter)
+                if record is not None:
+                    yield line, record
     except FileNotFoundError:
         raise CsvFileError(f"{path}: no such file") from None
     except UnicodeDecodeError as error:
         raise CsvFileError(
             f"{path}: not UTF-8 text near byte {error.start}; save it as CSV UTF-8"
         ) from None
-    except csv.Error as error:
+    except csv.Error as error:  # the header line (a record's own is its row's problem)
         raise CsvFileError(f"{path}: {error}") from None
     except OSError as error:
         raise CsvFileError(f"{path}: {error.strerror or error}") from None
+
+
+def _record(header: list[str], text: str, delimiter: str) -> dict[str, str] | RowProblem | None:
+    """One line's record (column -> cell), its problem, or None for a line with no value."""
+    try:
+        cells = next(csv.reader([text], delimiter=delimiter, strict=True), [])
+    except csv.Error:
+        return _quote_problem(header, text, delimiter)
+    if not any(c.strip() for c in cells):
+        return None  # blank lines and rows of empty cells
+    if len(cells) > len(header):
+        return RowProblem("", f"has {len(cells)} cells, the header {len(header)}")
+    stray = _unnamed_value(header, cells)
+    if stray is not None:
+        return stray
+    return {name: cell for name, cell in zip(header, cells, strict=False) if name}
+
+
+def _quote_problem(header: list[str], text: str, delimiter: str) -> RowProblem:
+    """What is wrong with a line's quotes, named by the column of the cell where it is."""
+    number, left_open = _quoted_cell(text, delimiter)
+    name = header[number] if number < len(header) else ""
+    if left_open:
+        message = "the quote that opens it is not closed on this line (no cell holds a line break)"
+    else:
+        message = "a quote ends it before its end: quote the whole cell, doubling quotes inside it"
+    return RowProblem(name, message if name else f"cell {number + 1}: {message}")
+
+
+def _quoted_cell(text: str, delimiter: str) -> tuple[int, bool]:
+    """The index of the cell whose quotes break the line, and whether it is left open at the
+    line's end (else a closing quote is followed by more text)."""
+    number, quoted, closed, start = 0, False, False, True
+    for char in text.rstrip("\r\n"):
+        if quoted:
+            quoted = char != '"'
+            closed = not quoted
+        elif char == delimiter:
+            number, closed, start = number + 1, False, True
+            continue
+        elif closed and char == '"':  # a doubled quote inside the quoted cell
+            quoted, closed = True, False
+        elif closed:
+            return number, False
+        elif char == '"' and start:
+            quoted = True
+        start = False
+    return number, quoted
 
 
 def _header(path: Path, names: list[str]) -> list[str]:

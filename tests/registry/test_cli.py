@@ -403,15 +403,52 @@ async def test_a_file_without_a_required_column_is_refused_before_importing(
     assert "lacks the column(s) sex" in capsys.readouterr().err
 
 
+async def test_a_quote_left_open_takes_no_row_into_its_cell(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A closing quote lost in an edit: the row is reported by its line and column, and the
+    next row is imported, not swallowed into the open cell."""
+    g = city.group
+    rows = [
+        record(g, "HK-1", "Trần Văn An", "1975-02-03", "male", email="OPEN"),
+        record(g, "HK-2", "Lê Văn Bình", "1980-02-03", "male"),
+    ]
+    path = write_csv(tmp_path / "people.csv", rows)
+    path.write_text(path.read_text(encoding="utf-8").replace("OPEN", '"thợ may'), "utf-8")
+
+    out = await import_csv(city, path, capsys, refused=1)
+
+    assert out.startswith(f"{path}: 2 rows, 1 refused before sending, 1 sent")
+    assert re.findall(r"^row (\d+)  (\w+): (.*)$", out, re.MULTILINE) == [
+        ("2", "email", "the quote that opens it is not closed on this line (no cell holds a line "
+         "break)")
+    ]  # fmt: skip
+    assert [p.full_name for p in await residents(city)] == ["Lê Văn Bình"]
+
+
+async def test_a_file_with_no_row_below_its_header_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_csv(tmp_path / "people.csv", [])
+    path.write_text(path.read_text(encoding="utf-8") + "\n,,\n", encoding="utf-8")
+
+    status = await cli.run(["import-csv", str(path), "--token", "t", "--target", "127.0.0.1:1"])
+
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {path}: no rows below the header (line 1): nothing to import\n"
+    assert not captured.out
+
+
 # ---- the file format -----------------------------------------------------------------------------
 
 
-def test_rows_are_numbered_by_the_line_they_start_on(tmp_path: Path) -> None:
-    # A byte-order mark and ";" as spreadsheets write them; a quoted address over two lines.
+def test_rows_are_numbered_by_their_line(tmp_path: Path) -> None:
+    # A byte-order mark and ";" as spreadsheets write them; a quoted address holding a ";".
     path = tmp_path / "people.csv"
     path.write_text(
         "\ufeffUnit_ID;household_ref;address;full_name;birth_date;sex;relationship;latitude\n"
-        'g1;HK-1;"12 Trần Phú\nHải Châu";Trần Văn An;1975-02-03;male;head;\n'
+        'g1;HK-1;"12 Trần Phú; Hải Châu";Trần Văn An;1975-02-03;male;head;\n'
         "\n"
         "g1;HK-1;;Lê Thị Hoa;1978-09-09;Female;spouse;16.1\n"
         "g1;HK-2;;Hồ Văn Ba;1978-09-09;male;head;;extra\n",
@@ -424,7 +461,7 @@ def test_rows_are_numbered_by_the_line_they_start_on(tmp_path: Path) -> None:
     assert isinstance(first, registry_pb2.ImportRow)
     assert (first.row_number, first.address, first.HasField("location")) == (
         2,
-        "12 Trần Phú\nHải Châu",
+        "12 Trần Phú; Hải Châu",
         False,
     )
     assert (first.person.sex, first.person.relationship) == (
@@ -432,11 +469,45 @@ def test_rows_are_numbered_by_the_line_they_start_on(tmp_path: Path) -> None:
         registry_pb2.RELATIONSHIP_HEAD,
     )
     assert second == registry_pb2.ImportRowError(
-        row_number=5, field="longitude", message="is required when latitude is given"
+        row_number=4, field="longitude", message="is required when latitude is given"
     )
     assert isinstance(third, registry_pb2.ImportRowError)
-    assert (third.row_number, third.field) == (6, "")
+    assert (third.row_number, third.field) == (5, "")
     assert csv_rows.count_records(path) == 3
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "complaint"),
+    [
+        # A cell over two lines, as a spreadsheet writes one: no column holds a line break.
+        (
+            'g1,HK-1,"12 Trần Phú\nHải Châu",Trần Văn An,1975-02-03,male,head',
+            "address",
+            "not closed",
+        ),
+        ('g1,"HK"1,,Trần Văn An,1975-02-03,male,head', "household_ref", "quote the whole cell"),
+        ('g1,HK-1,,Trần Văn An,1975-02-03,male,head,,"x', "", "cell 9: the quote"),
+    ],
+)
+def test_a_cell_whose_quotes_are_broken_is_its_rows_error(
+    tmp_path: Path, line: str, field: str, complaint: str
+) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "unit_id,household_ref,address,full_name,birth_date,sex,relationship,,\n"
+        f"{line}\n"
+        'g1,HK-2,"5 Lê Lợi, ""B""",Hồ Văn Ba,1978-09-09,male,head\n',
+        encoding="utf-8",
+    )
+
+    error, *others = csv_rows.read_rows(path)
+
+    assert isinstance(error, registry_pb2.ImportRowError)
+    assert (error.row_number, error.field) == (2, field)
+    assert complaint in error.message, error.message
+    last = others[-1]
+    assert isinstance(last, registry_pb2.ImportRow)
+    assert (last.row_number, last.address) == (len(others) + 2, '5 Lê Lợi, "B"')
 
 
 def test_empty_columns_a_spreadsheet_adds_are_ignored_unless_they_hold_a_value(
