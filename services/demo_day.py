@@ -85,6 +85,14 @@ PAYERS = 5
 # The alley that floods: a little north-east of the group's centre.
 ALLEY = types_pb2.GeoPoint(latitude=GROUP.centre[0] + 0.0008, longitude=GROUP.centre[1] + 0.0006)
 HOME = types_pb2.GeoPoint(latitude=GROUP.centre[0] - 0.0004, longitude=GROUP.centre[1] + 0.0011)
+UNIT_NAMES = {WARD: GROUP.ward[1], DISTRICT: GROUP.district[1]}
+
+
+def unit_named(unit_id: str) -> str:
+    """A unit as an official says it, its id beside: "Quận Hải Châu (dn.hc)"."""
+    return f"{UNIT_NAMES[unit_id]} ({unit_id})" if unit_id in UNIT_NAMES else unit_id
+
+
 # The consumers that keep a view of the registry: the demo waits for them to catch up.
 REGISTRY_VIEWS = ("tickets", "notices", "gis")
 
@@ -452,8 +460,8 @@ class PilotDay:
             )
             self.day.notice_id = published.notice.notice_id
             self._tell(
-                f"the district publishes an emergency to households of {DISTRICT} with a member "
-                f"aged {ELDERLY_AGE} or more ({self.day.notice_id})"
+                f"the district publishes an emergency to households of {unit_named(DISTRICT)} "
+                f"with a member aged {ELDERLY_AGE} or more ({self.day.notice_id})"
             )
 
             async def complete() -> notices_pb2.GetReachResponse | None:
@@ -548,7 +556,8 @@ class PilotDay:
             self.day.routed_to = ticket.assigned_unit_id
             deadline = ticket.acknowledge_by.ToDatetime().replace(tzinfo=self.clock().tzinfo)
             self._tell(
-                f"it is routed to the ward {ticket.assigned_unit_id} ({ticket.department}), to "
+                f"it is routed to the ward, {unit_named(ticket.assigned_unit_id)}, department "
+                f"{ticket.department}, to "
                 f"be acknowledged by {_local(deadline)}"
             )
 
@@ -570,8 +579,8 @@ class PilotDay:
             ticket = await until(escalated, "the ticket escalated to the district")
             self.day.escalated_to = ticket.assigned_unit_id
             self._tell(
-                f"the tickets service's deadline sweep escalates it to the district "
-                f"{ticket.assigned_unit_id} (escalations: {ticket.escalations})"
+                f"the tickets service's deadline sweep escalates it to the district, "
+                f"{unit_named(ticket.assigned_unit_id)} (escalations: {ticket.escalations})"
             )
 
     async def _fire_access(self) -> None:
