@@ -19,6 +19,7 @@ from services.common.config import Settings
 from services.common.mongo import Document, mongo_client
 from services.common.outbox import OUTBOX
 from tests.kafka_reader import eventually
+from tests.registry_fixtures import City, new_household
 from tests.service_process import ServiceProcess, service_env
 
 CALLERS = 4
@@ -153,6 +154,27 @@ class SideBySide:
 
         await eventually(all_handled, what=f"every event handled in {group}", within=HANDLED_WITHIN)
         return Counter([marker["by"] async for marker in processed.find(ours)])
+
+
+async def households_through_the_registry_view(
+    pair: SideBySide, city: City, count: int, place: Callable[[int], object]
+) -> list[str]:
+    """`count` households filed in `city`'s group (household n at `place(n)`) while `pair`
+    follows the registry; once its registry-view group has handled every registry event of the
+    deployment, the households' ids. Both instances must have handled some."""
+    leader = city.leader
+    await pair.under_load(
+        count, lambda number: new_household(leader, city.group, location=place(number))
+    )
+    await leader.channel.close()
+    deployment = pair.deployment
+    from_registry = await committed_events(deployment.db("registry"))
+    group = deployment.group(pair.service, "registry-view")
+    by_instance = await pair.handled(group, [event["_id"] for event in from_registry])
+    assert set(by_instance) == set(pair.instances), by_instance
+    households: list[str] = await deployment.db("registry")["households"].distinct("_id")
+    assert len(households) == count
+    return households
 
 
 async def committed_events(db: AsyncDatabase[Document]) -> list[Document]:

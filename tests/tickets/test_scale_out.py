@@ -1,6 +1,7 @@
 """Scale-out: two tickets instances side by side in one routing group split the routing of
 submitted tickets between them; one is killed mid-load and restarted as the same instance, and
-every ticket is still routed exactly once — nothing twice, nothing lost."""
+every ticket is still routed exactly once — nothing twice, nothing lost. The same holds for the
+registry-view group: every new household is in the service's view, where residents file from."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+from civic.common.v1 import types_pb2
 from civic.tickets.v1 import events_pb2, tickets_pb2
 
 from services.common.auth import Role
@@ -17,10 +19,11 @@ from services.tickets import domain
 from services.tickets.main import NAME
 from tests.conftest import token
 from tests.registry_fixtures import new_city
-from tests.scale_out import Deployment, committed_events
+from tests.scale_out import Deployment, committed_events, households_through_the_registry_view
 from tests.tickets.conftest import TicketCaller, rid
 
 TICKETS = 90
+HOUSEHOLDS = 60
 RESIDENTS = 5
 SUBMITTED = type_name(events_pb2.TicketSubmitted())
 ROUTED = type_name(events_pb2.TicketRouted())
@@ -68,3 +71,24 @@ async def test_two_instances_split_the_routing_and_a_killed_one_routes_each_tick
         assert len(ids) == TICKETS
         assert routed == Counter(ids), "a ticket routed twice or not at all"
         assert set(by_instance) == set(tickets.instances), by_instance
+
+
+async def test_two_instances_split_the_registry_events_and_a_killed_one_loses_no_household(
+    settings: Settings, tmp_path: Path
+) -> None:
+    def doorstep(number: int) -> types_pb2.GeoPoint:
+        return types_pb2.GeoPoint(latitude=16.07 + number * 0.0001, longitude=108.22)
+
+    async with Deployment(settings, tmp_path) as deployment:
+        registry = await deployment.start("registry", "registry-0")
+        tickets = await deployment.side_by_side(NAME)
+        city = await new_city(registry.target, "c" + uuid.uuid4().hex[:8])
+        households = await households_through_the_registry_view(tickets, city, HOUSEHOLDS, doorstep)
+        view = deployment.db(NAME)["households"]
+        seen = {h["_id"]: h async for h in view.find({"_id": {"$in": households}})}
+        assert {h["unit_id"] for h in seen.values()} == {city.group}
+        assert sorted(seen) == sorted(households), "a household lost on the way"
+        # Each where the registry put it: the point a resident's ticket is filed at by default.
+        assert {tuple(h["location"]["coordinates"]) for h in seen.values()} == {
+            (108.22, 16.07 + n * 0.0001) for n in range(HOUSEHOLDS)
+        }
