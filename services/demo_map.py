@@ -2,10 +2,12 @@
 building for every pilot household, the streets and alleys that reach them, and hydrants or
 wells along them, laid out around the unit's centre.
 
-The layout is a street through the middle and one along each side, joined by alleys (kiệt)
-running north-south every few dozen metres; every alley meets the streets at a vertex both
-share, since that is where the GIS joins lines into a network. A household's building stands on
-its point where that is free, else at the nearest spot where it overlaps no way and no house.
+The layout is a street through the middle and one along each side (in town, streets of the
+group's ward), joined by alleys (kiệt) running north-south every few dozen metres, a town alley
+named after the house number where it leaves the middle street: the ways the households'
+addresses name (services/demo.py). Every alley meets the streets at a vertex both share, since
+that is where the GIS joins lines into a network. A household's building stands on its point
+where that is free, else at the nearest spot where it overlaps no way and no house.
 
 Deterministic, like the households: the same seed gives the same features with the same ids, so
 importing them again changes nothing.
@@ -16,22 +18,29 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from civic.gis.v1 import gis_pb2
 
-from services.demo import PILOT, PILOT_DAY, PilotGroup, pilot_rows
+from services.demo import (
+    PILOT,
+    PILOT_DAY,
+    REACH_M,
+    TOWN_ALLEY_SPACING_M,
+    PilotGroup,
+    alley_count,
+    alley_x,
+    kiet_name,
+    pilot_rows,
+)
 from services.gis.geometry import DIGITS, LocalFrame
 
 Feature = dict[str, Any]
 # West, south, east, north in metres east and north of the unit's centre.
 Rect = tuple[float, float, float, float]
 
-# The households lie within about 330 m of their unit's centre; the side streets run outside.
-REACH_M = 360.0
 BOUNDARY_MARGIN_M = 25.0
 
 
@@ -49,21 +58,20 @@ class Layout:
     hydrant_every_m: float
     # Every n-th lane has a well half-way along; 0: none.
     well_every: int
-    # South, middle and north streets; None: a town group's, from its addresses.
-    street_names: tuple[str, str, str] | None
-    alley_name: str
+    # Town alleys are named after the house number where they leave the middle street (kiệt);
+    # village lanes are counted.
+    kiet: bool
 
 
 URBAN = Layout(
-    alley_spacing_m=45.0,
+    alley_spacing_m=TOWN_ALLEY_SPACING_M,
     street_width_m=7.5,
     alley_widths_m=(2.0, 2.5, 2.5, 3.0, 3.5, 3.5, 4.0, 5.0),
     setback_m=0.5,
     depth_per_front=3.0,
     hydrant_every_m=100.0,
     well_every=0,
-    street_names=None,
-    alley_name="Kiệt {number} {street}",
+    kiet=True,
 )
 RURAL = Layout(
     alley_spacing_m=70.0,
@@ -73,8 +81,7 @@ RURAL = Layout(
     depth_per_front=1.3,
     hydrant_every_m=240.0,
     well_every=2,
-    street_names=("Đường thôn phía nam", "Đường liên thôn", "Đường thôn phía bắc"),
-    alley_name="Đường xóm {number}",
+    kiet=False,
 )
 
 
@@ -171,7 +178,7 @@ def unit_map(group: PilotGroup, homes: list[Home], rng: random.Random) -> UnitMa
         longitude, latitude = frame.degrees(point)
         return [round(longitude, DIGITS), round(latitude, DIGITS)]
 
-    ways = _ways(layout, _street_names(layout, homes), rng)
+    ways = _ways(layout, group.streets, rng)
     taken = [_corridor(layout, way) for way in ways]
     unit = UnitMap(group)
     unit.boundary = [
@@ -234,28 +241,24 @@ def _boundary_ring(rng: random.Random) -> list[tuple[float, float]]:
     return [*ring, ring[0]]
 
 
-def _street_names(layout: Layout, homes: list[Home]) -> tuple[str, str, str]:
-    """A town group's streets are those its addresses name, the commonest in the middle."""
-    if layout.street_names is not None:
-        return layout.street_names
-    counts = Counter(home.address.split(" ", 1)[1] for home in homes)
-    ranked = sorted(counts, key=lambda street: (-counts[street], street))
-    return ranked[1], ranked[0], ranked[2]
-
-
 def _ways(layout: Layout, streets: tuple[str, str, str], rng: random.Random) -> list[Way]:
     """Alleys from the middle street to each side street, then the three streets, each with a
     vertex wherever an alley meets it."""
-    count = int(2 * REACH_M / layout.alley_spacing_m)
+    count = alley_count(layout.alley_spacing_m)
     ways: list[Way] = []
     meets: dict[float, set[float]] = {-REACH_M: set(), 0.0: set(), REACH_M: set()}
     for half, side in (("s", -REACH_M), ("n", REACH_M)):
         for index in range(count):
             # Jitter of a tenth of the spacing leaves room for the deepest house between two.
-            x = round(-REACH_M + layout.alley_spacing_m * (index + 0.5 + rng.uniform(-0.1, 0.1)), 1)
+            jitter = layout.alley_spacing_m * rng.uniform(-0.1, 0.1)
+            x = round(alley_x(index, layout.alley_spacing_m) + jitter, 1)
             meets[side].add(x)
             meets[0.0].add(x)
-            name = layout.alley_name.format(number=len(ways) + 1, street=streets[1])
+            name = (
+                kiet_name(index, half == "n", streets[1])
+                if layout.kiet
+                else f"Đường xóm {len(ways) + 1}"
+            )
             width = rng.choice(layout.alley_widths_m)
             ways.append(Way(f"alley-{half}-{index + 1:02d}", [(x, 0.0), (x, side)], name, width))
     for (key, y), name in zip(

@@ -3,7 +3,8 @@ Vietnamese families, as onboarding records (no real person's data).
 
 By default the size of Đà Nẵng: 1,200,000 residents in about 350,000 households, 7 districts,
 50 wards and 1,000 groups. A smaller city keeps the proportions (residents per household) and
-the unit tree. Deterministic: the same seed gives the same city. Rows are made one group at a
+the unit tree. Deterministic: the same seed gives the same city, whatever day it is made (ages
+are counted on a reference day, fixed unless given). Rows are made one group at a
 time (each group has a random generator of its own, and the serials before it are computed, not
 counted), so any ward can be generated on its own and the whole city is never held in memory.
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import date
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 from civic.registry.v1 import registry_pb2
 
 from services.demo import CITY
+from services.population import age_on, occupation_and_education
 from services.registry import csv_rows, domain
 
 DEFAULT_RESIDENTS = 1_200_000
@@ -46,11 +48,12 @@ GIVEN["male"] += ["Sơn", "Thắng", "Trung", "Vinh", "Khôi", "Nam", "Hải", "
 GIVEN["female"] += ["Nhung", "Hằng", "Phượng", "Loan", "Oanh", "Tâm", "Hạnh", "Nga", "Ly"]
 STREETS = ["Trần Phú", "Lê Duẩn", "Hùng Vương", "Bạch Đằng", "Phan Châu Trinh", "Hoàng Diệu"]
 STREETS += ["Ông Ích Khiêm", "Nguyễn Văn Linh", "Lê Lợi", "Quang Trung"]
-OCCUPATIONS = ["giáo viên", "kỹ sư", "buôn bán", "công nhân", "nội trợ", "học sinh", "hưu trí"]
-OCCUPATIONS += ["lái xe", "bác sĩ", "kế toán", "thợ may", "nhân viên văn phòng"]
-EDUCATION = [word for word in csv_rows.EDUCATION_LEVELS if word]
+EDUCATION_WORDS = {level: word for word, level in csv_rows.EDUCATION_LEVELS.items()}
 PROVINCES = sorted(domain.PROVINCE_CODES)
-LAST_BIRTH_YEAR = date.today().year - 1
+# The day ages are counted on unless another is given: fixed, so a seed always gives one city.
+REFERENCE_DAY = date(2025, 6, 1)
+HEAD_AGES = (25, 85)  # youngest and oldest head of a household
+OLDEST = 100  # nobody is born earlier than this many years before the reference day
 OTHER_SEX = {"male": "female", "female": "male"}
 
 # ---- the unit tree -----------------------------------------------------------------------------
@@ -64,6 +67,8 @@ class District:
     # Wards (phường) in the urban districts, communes (xã) in the rural one.
     wards: Sequence[str]
     urban: bool = True
+    # Centres of the wards that lie far from the district's centre (latitude, longitude).
+    places: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # Đà Nẵng's districts with 50 of their wards and communes.
@@ -111,6 +116,16 @@ DISTRICTS = (
         (16.000, 108.110),
         ("Hòa Phước", "Hòa Châu", "Hòa Tiến", "Hòa Nhơn", "Hòa Sơn", "Hòa Bắc"),
         urban=False,
+        # A rural district of 700 km²: its communes lie kilometres apart, Hòa Bắc in the
+        # mountains to the north-west.
+        places={
+            "Hòa Phước": (15.972, 108.212),
+            "Hòa Châu": (15.995, 108.195),
+            "Hòa Tiến": (15.965, 108.160),
+            "Hòa Nhơn": (15.990, 108.110),
+            "Hòa Sơn": (16.050, 108.090),
+            "Hòa Bắc": (16.115, 107.990),
+        },
     ),
 )
 
@@ -141,6 +156,7 @@ class Group:
     residents: int
     first_household: int
     first_resident: int
+    urban: bool = True
 
     @property
     def unit_id(self) -> str:
@@ -161,8 +177,10 @@ class SyntheticCity:
         groups: int = DEFAULT_GROUPS,
         households: int | None = None,
         seed: int = 1,
+        on: date = REFERENCE_DAY,
     ) -> None:
         self.residents = residents
+        self.on = on
         self.households = households or max(1, round(residents * HOUSEHOLDS_PER_RESIDENT))
         self.group_count = groups
         self.seed = seed
@@ -183,7 +201,8 @@ class SyntheticCity:
         ]
 
     @cached_property
-    def _ward_places(self) -> list[tuple[Unit, District]]:
+    def _ward_places(self) -> list[tuple[Unit, District, tuple[float, float]]]:
+        """Each ward, its district and where it lies (its own place, else the district's)."""
         return [
             (
                 Unit(
@@ -193,6 +212,7 @@ class SyntheticCity:
                     registry_pb2.UNIT_KIND_WARD,
                 ),
                 district,
+                district.places.get(name, district.centre),
             )
             for district in DISTRICTS
             for name in district.wards
@@ -200,7 +220,7 @@ class SyntheticCity:
 
     @cached_property
     def wards(self) -> list[Unit]:
-        return [ward for ward, _ in self._ward_places]
+        return [ward for ward, _, _ in self._ward_places]
 
     @cached_property
     def groups(self) -> list[Group]:
@@ -210,10 +230,10 @@ class SyntheticCity:
         households = shares(self.households, self.group_count)
         found: list[Group] = []
         before, number = 0, 0
-        for (ward, district), count in zip(
+        for (ward, district, place), count in zip(
             self._ward_places, shares(self.group_count, len(self.wards)), strict=True
         ):
-            ward_centre = near(rng, district.centre, 0.015)
+            ward_centre = near(rng, place, 0.015)
             for index in range(1, count + 1):
                 homes = households[number]
                 first, after = before * self.residents, (before + homes) * self.residents
@@ -232,6 +252,7 @@ class SyntheticCity:
                         residents=after // self.households - first_resident,
                         first_household=before,
                         first_resident=first_resident,
+                        urban=district.urban,
                     )
                 )
                 before += homes
@@ -258,9 +279,11 @@ class SyntheticCity:
         serial = group.first_resident
         sizes = household_sizes(rng, group.households, group.residents) if group.households else []
         for number, size in enumerate(sizes, start=group.first_household):
-            home = household_record(rng, group.unit_id, f"HK{self.seed}-{number:07d}")
+            home = household_record(
+                rng, group.unit_id, f"HK{self.seed}-{number:07d}", urban=group.urban
+            )
             home |= located(rng, group.centre, (0.0015, 0.0015))
-            yield from family(rng, home, size, serial)
+            yield from family(rng, home, size, serial, on=self.on, urban=group.urban)
             serial += size
 
 
@@ -290,7 +313,13 @@ CENTRAL_SPREAD = (0.03, 0.025)
 
 
 def synthetic_records(
-    groups: Sequence[str], households: int, persons: int, *, seed: int, first_serial: int = 0
+    groups: Sequence[str],
+    households: int,
+    persons: int,
+    *,
+    seed: int,
+    first_serial: int = 0,
+    on: date = REFERENCE_DAY,
 ) -> Iterator[dict[str, str]]:
     """Records of households of Vietnamese families in central Đà Nẵng, dealt out to `groups`
     in turn, with valid citizen IDs unique by serial from `first_serial`."""
@@ -299,46 +328,61 @@ def synthetic_records(
     for number, size in enumerate(household_sizes(rng, households, persons)):
         home = household_record(rng, groups[number % len(groups)], f"HK{seed}-{number:07d}")
         home |= located(rng, CENTRAL, CENTRAL_SPREAD)
-        yield from family(rng, home, size, serial)
+        yield from family(rng, home, size, serial, on=on, urban=True)
         serial += size
 
 
 def family(
-    rng: random.Random, home: dict[str, str], size: int, first_serial: int
+    rng: random.Random,
+    home: dict[str, str],
+    size: int,
+    first_serial: int,
+    *,
+    on: date = REFERENCE_DAY,
+    urban: bool = True,
 ) -> Iterator[dict[str, str]]:
-    """The household's `size` members, head first, each a record with the household's cells."""
-    head_year, head_sex = rng.randint(1940, 1995), rng.choice(("male", "female"))
+    """The household's `size` members, head first, each a record with the household's cells,
+    with the occupation and schooling of their age and place on the day `on`."""
+    head_year, head_sex = on.year - rng.randint(*HEAD_AGES), rng.choice(("male", "female"))
     surname = rng.choice(FAMILY)
     for member in range(size):
         serial = first_serial + member
-        relationship, year = member_of(rng, member, head_year)
+        relationship, year = member_of(rng, member, head_year, on.year)
         sex = {"head": head_sex, "spouse": OTHER_SEX[head_sex]}.get(relationship)
         sex = sex or rng.choice(("male", "female"))
-        born = f"{year}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        born = date(year, rng.randint(1, 12), rng.randint(1, 28))
+        age = age_on(born, on)
+        occupation, education = occupation_and_education(rng, age, male=sex == "male", urban=urban)
         # Children under 14 rarely have a card yet: those rows are matched by name and birth.
-        cid = citizen_id(serial, born, sex) if year <= LAST_BIRTH_YEAR - 14 else ""
+        cid = citizen_id(serial, born.isoformat(), sex) if age >= 14 else ""
         yield home | {
             "full_name": f"{surname} {rng.choice(MIDDLE[sex])} {rng.choice(GIVEN[sex])}",
-            "birth_date": born,
+            "birth_date": born.isoformat(),
             "sex": sex,
             "citizen_id": cid,
             "relationship": relationship,
-            "education": rng.choice(EDUCATION),
-            "occupation": rng.choice(OCCUPATIONS),
+            "education": EDUCATION_WORDS[education],
+            "occupation": occupation,
             "phone": f"09{rng.randrange(10**8):08d}",
             "email": f"nguoidan{serial + 1}@example.vn" if rng.random() < 0.2 else "",
         }
 
 
-def household_record(rng: random.Random, group: str, ref: str) -> dict[str, str]:
+def household_record(
+    rng: random.Random, group: str, ref: str, *, urban: bool = True
+) -> dict[str, str]:
+    """A household's cells: in town a house in an alley off a street, renters among them; in a
+    village a house in one of the thôn's tổ."""
+    street = f"{rng.randint(1, 300)} Kiệt {rng.randint(1, 120)} {rng.choice(STREETS)}"
+    kinds = rng.choices(("permanent", "temporary", "renter"), (85, 5, 10))[0]
     return {
         "unit_id": group,
         "household_ref": ref,
-        "address": f"{rng.randint(1, 300)} Kiệt {rng.randint(1, 120)} {rng.choice(STREETS)}",
+        "address": street if urban else f"Tổ {rng.randint(1, 6)}",
         "floor_area_m2": f"{rng.uniform(25, 250):.1f}",
-        "storeys": str(rng.randint(1, 5)),
+        "storeys": str(rng.randint(1, 5) if urban else rng.randint(1, 2)),
         "sub_households": str(rng.choice((0, 0, 1, 1, 2))),
-        "residence_kind": rng.choices(("permanent", "temporary", "renter"), (85, 5, 10))[0],
+        "residence_kind": kinds if urban or kinds != "renter" else "permanent",
     }
 
 
@@ -351,15 +395,25 @@ def located(
     }
 
 
-def member_of(rng: random.Random, member: int, head_year: int) -> tuple[str, int]:
-    """(relationship, birth year) of the household's member-th person."""
+# A member's birth year less the head's, by relationship.
+OFFSETS = {"child": (20, 40), "parent": (-35, -18), "grandchild": (42, 60)}
+RELATIVE = (-15, 15)
+
+
+def member_of(rng: random.Random, member: int, head_year: int, year: int) -> tuple[str, int]:
+    """(relationship, birth year) of the household's member-th person, counted in `year`: born
+    before it and at most OLDEST years earlier (a head too young for grandchildren or too old
+    for a living parent has another relative instead)."""
     if member == 0:
         return "head", head_year
     if member == 1:
         return "spouse", head_year + rng.randint(-6, 6)
     kind = rng.choices(("child", "parent", "grandchild", "other_relative"), (70, 10, 15, 5))[0]
-    offset = {"child": (20, 40), "parent": (-35, -18), "grandchild": (42, 60)}.get(kind, (-15, 15))
-    return kind, max(1900, min(LAST_BIRTH_YEAR, head_year + rng.randint(*offset)))
+    earliest, latest = year - OLDEST - head_year, year - 1 - head_year
+    low, high = OFFSETS.get(kind, RELATIVE)
+    if max(low, earliest) > min(high, latest):
+        kind, (low, high) = "other_relative", RELATIVE
+    return kind, head_year + rng.randint(max(low, earliest), min(high, latest))
 
 
 def citizen_id(serial: int, born: str, sex: str) -> str:

@@ -1,21 +1,25 @@
 """The synthetic city has the size asked for, in the proportions of the full city, the same for
-the same seed, and every record is one the registry's import reads; `civic city` writes it as
+the same seed whatever day it is made, with people whose ages, occupations and places are
+plausible, and every record is one the registry's import reads; `civic city` writes it as
 import files."""
 
 from __future__ import annotations
 
+import datetime
 import errno
+import importlib
 import os
 import subprocess
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 from civic.registry.v1 import registry_pb2
 
 from infra.local import REPO_ROOT, free_port
-from services import cli
+from services import cli, synthetic_city
+from services.gis.geometry import distance_m
 from services.registry import csv_rows
 from services.synthetic_city import SyntheticCity
 
@@ -58,6 +62,68 @@ def test_the_same_seed_gives_the_same_city_and_another_seed_another() -> None:
     first = list(SyntheticCity(3_000, seed=4).records())
     assert first == list(SyntheticCity(3_000, seed=4).records())
     assert first != list(SyntheticCity(3_000, seed=5).records())
+
+
+def test_the_same_seed_gives_the_same_city_whatever_day_it_is_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made_now = list(SyntheticCity(2_000, seed=3).records())
+
+    class YearsLater(datetime.date):
+        @classmethod
+        def today(cls) -> YearsLater:
+            return cls(2031, 3, 1)
+
+    monkeypatch.setattr(datetime, "date", YearsLater)
+    try:
+        later = importlib.reload(synthetic_city)
+        assert list(later.SyntheticCity(2_000, seed=3).records()) == made_now
+    finally:
+        monkeypatch.undo()
+        importlib.reload(synthetic_city)
+
+
+def test_members_ages_occupations_and_schooling_are_plausible() -> None:
+    """Children a generation younger than the head, nobody under 6 with an occupation or
+    schooling, pupils at school, no farmer in town, and in town alone renters."""
+    records = list(SyntheticCity(6_000, seed=2).records())
+    heads: dict[str, int] = {}
+    members: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for record in records:
+        if record["relationship"] == "head":
+            heads[record["household_ref"]] = int(record["birth_date"][:4])
+        members[record["household_ref"]].append(record)
+    for ref, found in members.items():
+        for record in found:
+            year = int(record["birth_date"][:4])
+            age = 2025 - year  # within a year of the age on the city's reference day
+            if record["relationship"] == "child":
+                assert year >= heads[ref] + 16
+            if record["relationship"] == "parent":
+                assert year <= heads[ref] - 15
+            if age < 5:
+                assert (record["occupation"], record["education"]) == ("", "none")
+            if 7 <= age <= 16:
+                assert record["occupation"] == "học sinh"
+            if not record["unit_id"].startswith("dn.hv."):  # the one rural district
+                assert record["occupation"] != "nông dân"
+            else:
+                assert record["residence_kind"] != "renter"
+
+
+def test_the_rural_communes_lie_kilometres_apart() -> None:
+    """Hòa Vang is a rural district of 700 km²: Hòa Bắc lies in the hills north-west, some
+    15 km from Hòa Phước in the south."""
+    city = SyntheticCity(24_000)
+
+    def where(ward: str) -> tuple[float, float]:
+        """(longitude, latitude) of the commune's first thôn."""
+        group = next(g for g in city.groups if g.ward_id == f"dn.hv.{ward}")
+        return group.centre[1], group.centre[0]
+
+    (bac_lon, bac_lat), (phuoc_lon, phuoc_lat) = where("hoa-bac"), where("hoa-phuoc")
+    assert distance_m((bac_lon, bac_lat), (phuoc_lon, phuoc_lat)) > 15_000
+    assert bac_lat > phuoc_lat + 0.1 and bac_lon < phuoc_lon - 0.15
 
 
 def test_a_ward_alone_is_the_same_as_in_the_whole_city() -> None:
