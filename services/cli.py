@@ -64,6 +64,8 @@ MAX_CHUNK = 5_000  # rows per message; keeps a message well under gRPC's 4 MB de
 MAX_TTL_HOURS = 366 * 24  # a year: a longer-lived token is a standing credential
 MIN_TTL_SECONDS = 60  # a shorter-lived token expires before anyone can use it
 HOUSEHOLD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# What no bearer token holds (RFC 6750's b64token; a signed token is base64url parts and dots).
+NOT_IN_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
 # An import's exit status when rows were left out: not 0, or a script would take the file as
 # onboarded; not 1, which says the import itself failed.
 ROWS_LEFT_OUT = 3
@@ -93,8 +95,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def run(argv: Sequence[str] | None = None) -> int:
     """The command for argv, in the running event loop (tests call this)."""
     args = _parser().parse_args(argv)
+    if "token" in args:
+        try:
+            args.token = _bearer(args.token)
+        except ValueError as error:
+            return _fail(str(error), status=2)
     handler: Handler = args.handler
     return await handler(args)
+
+
+def _bearer(given: str) -> str:
+    """The token of every command that takes one, checked before any call: a token read from
+    a file saved on Windows ends in a carriage return, and gRPC refuses such metadata only
+    once the call is made, in a log of its own."""
+    token = given.strip()
+    if found := NOT_IN_TOKEN.search(token):
+        source = f"${TOKEN_ENV}" if given == os.environ.get(TOKEN_ENV) else "--token"
+        raise ValueError(
+            f"{source} is not a token: it holds {found.group()!r} (character {found.start() + 1});"
+            " a token is letters, digits and . _ - ~ + / ="
+        )
+    return token
 
 
 def _parser() -> argparse.ArgumentParser:

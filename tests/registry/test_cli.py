@@ -6,6 +6,7 @@ import asyncio
 import csv
 import os
 import re
+import subprocess
 import sys
 import uuid
 from datetime import date, timedelta
@@ -238,6 +239,54 @@ async def test_a_bad_setting_is_one_line_naming_its_variable() -> None:
     )
     assert (status, out) == (2, "")
     assert len(err) == 1 and err[0].startswith("error: CIVIC_GRPC_PORT: "), err
+
+
+@pytest.mark.parametrize(
+    ("command", "sources"),
+    [
+        (["import-csv", "people.csv"], ["$CIVIC_TOKEN", "--token"]),
+        (["map", "dn.hc.hc1.t17", "map.png"], ["$CIVIC_TOKEN", "--token"]),
+        (["city", "city", "--residents", "100", "--groups", "50"], ["--token"]),
+        (["replay-ledger", "--unit", "dn.hc.hc1"], ["$CIVIC_TOKEN", "--token"]),
+    ],
+)
+@pytest.mark.parametrize("bad", ["é", "\r\nx", "\x7f"])
+def test_a_token_with_what_no_token_holds_is_refused_in_one_line_before_any_call(
+    command: list[str], sources: list[str], bad: str, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "people.csv", good_records_for("dn.hc.hc1.t17"))
+    closed = f"127.0.0.1:{free_port()}"  # nothing would answer a call
+    bearer = token(Role.CITY_ADMIN, "dn")
+    broken = bearer[:10] + bad + bearer[10:]
+
+    for source in sources:
+        env, flag = (broken, []) if source == "$CIVIC_TOKEN" else ("", ["--token", broken])
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", *command, *flag, "--target", closed],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO), "CIVIC_TOKEN": env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"error: {source} is not a token: it holds "), line
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["people.csv"]
+
+
+async def test_a_token_with_a_line_end_after_it_is_used_without_it(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`export CIVIC_TOKEN=$(cat token.txt)` of a file saved on Windows."""
+    monkeypatch.setenv("CIVIC_TOKEN", token(Role.WARD_OFFICER, city.ward) + "\r\n ")
+    path = write_csv(tmp_path / "people.csv", good_records_for(city.group))
+
+    status = await cli.run(["import-csv", str(path), "--target", city.target])
+
+    assert status == 0, capsys.readouterr().err
+    assert [p.full_name for p in await residents(city)] == ["Trần Văn An"]
 
 
 # ---- civic import-csv ------------------------------------------------------------------------
