@@ -233,3 +233,15 @@ def test_a_short_signing_secret_is_refused_in_one_line(
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: CIVIC_AUTH_SECRET:")
     assert "32 characters" in line
+
+
+@pytest.mark.parametrize("topic", sorted(set(topic_tail.TOPIC_NAMES) - {"civic.ledger.v1"}))
+async def test_replay_ledger_refuses_another_services_topic(
+    topic: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "N bad events ... DIFFERENCES FOUND" (status 1, which auditors escalate)."""
+    args = ["replay-ledger", "--token", "t", "--unit", "dn", "--topic", topic]
+    status = await cli.run([*args, "--target", "127.0.0.1:1"])
+
+    assert status == 2
+    assert capsys.readouterr() == ("", f"error: {topic} is not a ledger topic\n")
