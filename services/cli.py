@@ -9,6 +9,7 @@
   civic replay-ledger --token T [--unit U]              auditors: check the funds from their events
   civic demo                                            a day in the pilot, step by step
 
+import-csv, map and replay-ledger take their token from $CIVIC_TOKEN when --token is not given.
 Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they are only as good
 as the secret the target services run with. The columns of an import file are described in
 services/registry/csv_rows.py; `civic import-csv --help` lists them.
@@ -121,7 +122,10 @@ def _bearer(given: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="civic", description="Civic operator commands.", allow_abbrev=False
+        prog="civic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

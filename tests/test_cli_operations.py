@@ -245,3 +245,17 @@ async def test_replay_ledger_refuses_another_services_topic(
 
     assert status == 2
     assert capsys.readouterr() == ("", f"error: {topic} is not a ledger topic\n")
+
+
+def test_help_tells_the_commands_the_token_variable_and_the_exit_statuses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--help"])
+
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "$CIVIC_TOKEN" in out and "Exit status: 0 when" in out
+    assert "3 when an import left rows out" in out
+    for command in ("stack", "token", "import-csv", "city", "tail", "map", "replay-ledger"):
+        assert f"\n  civic {command} " in out, command
