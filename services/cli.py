@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import inspect
 import logging
@@ -31,6 +32,7 @@ import re
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -532,22 +534,17 @@ async def _city(args: argparse.Namespace) -> int:
     directory: Path = args.directory
     # Before the units go into the registry: a directory that cannot be made leaves no trace.
     try:
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        made = await asyncio.to_thread(_make_directory, directory)
     except OSError as error:
         return _fail(f"{directory}: cannot make the directory: {error.strerror or error}", status=2)
-    if args.token:
-        units = [(u.parent_id, u.code, u.name, u.kind) for u in city.units()]
-        async with civic_channel(args.target, args.token) as channel:
-            registry = registry_pb2_grpc.RegistryServiceStub(channel)
-            try:
-                # A line per UNITS_PER_LINE: a city's thousand units take a while.
-                for start in range(0, len(units), UNITS_PER_LINE):
-                    await create_units(registry, units[start : start + UNITS_PER_LINE])
-                    done = min(start + UNITS_PER_LINE, len(units))
-                    print(f"city: {done:,}/{len(units):,} units created", file=sys.stderr)
-            except grpc.aio.AioRpcError as error:
-                return _fail(f"creating units: {error.code().name}: {error.details()}", status=1)
-        print(f"{len(units):,} units in the registry")
+    status = 1
+    try:
+        status = await _create_units(city, args.target, args.token) if args.token else 0
+    finally:
+        if status:  # what this run made holds nothing: leave no empty directory behind
+            _remove_directories(made)
+    if status:
+        return status
     for ward in city.wards:
         path = directory / f"{ward.unit_id}.csv"
         try:
@@ -556,6 +553,37 @@ async def _city(args: argparse.Namespace) -> int:
             return _fail(f"{path}: {error.strerror or error}", status=1)
         print(f"{path}: {rows:,} persons")
     return 0
+
+
+async def _create_units(city: SyntheticCity, target: str, token: str) -> int:
+    """The city's units in the registry; an exit status."""
+    units = [(u.parent_id, u.code, u.name, u.kind) for u in city.units()]
+    async with civic_channel(target, token) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        try:
+            # A line per UNITS_PER_LINE: a city's thousand units take a while.
+            for start in range(0, len(units), UNITS_PER_LINE):
+                await create_units(registry, units[start : start + UNITS_PER_LINE])
+                done = min(start + UNITS_PER_LINE, len(units))
+                print(f"city: {done:,}/{len(units):,} units created", file=sys.stderr)
+        except grpc.aio.AioRpcError as error:
+            return _fail(f"creating units: {error.code().name}: {error.details()}", status=1)
+    print(f"{len(units):,} units in the registry")
+    return 0
+
+
+def _make_directory(directory: Path) -> list[Path]:
+    """Makes the directory and those above it that are missing; returns those it made, the
+    deepest first."""
+    missing = [path for path in (directory, *directory.parents) if not path.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_directories(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):  # not empty after all (someone else's file): keep it
+            path.rmdir()
 
 
 # ---- civic stack, civic tail ------------------------------------------------------------------
@@ -627,6 +655,12 @@ async def _map(args: argparse.Namespace) -> int:
     image_format = MAP_FORMATS.get(path.suffix.lower())
     if image_format is None:
         return _fail(f"{path}: the file must end in .svg or .png", status=2)
+    # Before the service draws the map: a file that cannot be written is known now.
+    folder = path.parent
+    if not await asyncio.to_thread(folder.is_dir):
+        return _fail(f"{folder}: no such directory", status=2)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return _fail(f"{folder}: no permission to write there", status=2)
     async with civic_channel(args.target, args.token) as channel:
         try:
             answer = await gis_pb2_grpc.GisServiceStub(channel).RenderMap(
@@ -638,11 +672,24 @@ async def _map(args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as error:
             return _fail(f"map failed: {error.code().name}: {error.details()}", status=1)
     try:
-        await asyncio.to_thread(path.write_bytes, answer.content)
+        await asyncio.to_thread(_write_whole, path, answer.content)
     except OSError as error:
-        return _fail(f"{path}: {error.strerror}", status=1)
+        return _fail(f"{path}: {error.strerror or error}", status=1)
     print(f"{path}: {answer.width_px} x {answer.height_px} px, {len(answer.content):,} bytes")
     return 0
+
+
+def _write_whole(path: Path, content: bytes) -> None:
+    """Writes the file whole or not at all: the content goes to a file beside it, renamed over
+    it once complete, so a failure half-way (a full disk) leaves the old file as it was."""
+    part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with part.open("xb") as file:
+            file.write(content)
+        part.replace(path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def _fail(message: str, *, status: int) -> int:

@@ -10,12 +10,13 @@ import os
 import shutil
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 
-from infra.local import REPO_ROOT
+from infra.local import REPO_ROOT, free_port
 from services import cli, topic_tail
 from services.common.config import Settings
 from tests.registry_fixtures import City, new_household
@@ -259,3 +260,30 @@ def test_help_tells_the_commands_the_token_variable_and_the_exit_statuses(
     assert "3 when an import left rows out" in out
     for command in ("stack", "token", "import-csv", "city", "tail", "map", "replay-ledger"):
         assert f"\n  civic {command} " in out, command
+
+
+async def test_map_into_a_directory_that_does_not_exist_is_refused_before_asking(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not the map drawn first, then nowhere to put it: nothing listens at the target."""
+    missing = tmp_path / "nonexistent"
+    args = ["--token", "t", "--target", f"127.0.0.1:{free_port()}"]
+
+    status = await cli.run(["map", "dn.hc.hc1.t17", str(missing / "m.png"), *args])
+
+    assert status == 2
+    assert capsys.readouterr() == ("", f"error: {missing}: no such directory\n")
+
+
+async def test_city_that_cannot_create_its_units_leaves_no_directory_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    city = tmp_path / "new" / "city"
+    args = ["--residents", "100", "--groups", "50", "--token", "t"]
+
+    status = await cli.run(["city", str(city), *args, "--target", f"127.0.0.1:{free_port()}"])
+
+    assert status == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: creating units: UNAVAILABLE"), line
+    assert os.listdir(tmp_path) == []

@@ -4,8 +4,13 @@ it."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import os
+import resource
+import signal
+import sys
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +22,7 @@ from civic.gis.v1 import gis_pb2
 from PIL import Image
 from pyproj import Geod
 
+from infra.local import REPO_ROOT
 from services import cli
 from services.common.auth import Role
 from services.gis import geometry, routing
@@ -215,6 +221,35 @@ async def test_civic_map_writes_the_groups_picture_to_a_file(
     err = capsys.readouterr().err
     assert "must end in .svg or .png" in err and "map failed: NOT_FOUND" in err
     assert "Traceback" not in err and not (tmp_path / "none.png").exists()
+
+
+def small_files() -> None:
+    """A full disk, as a child process meets it: a write past 2 kB fails (and only fails)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+async def test_civic_map_replaces_a_file_whole_or_not_at_all(ward: Ward, tmp_path: Path) -> None:
+    """A write failing half-way leaves last week's map as it was, not a truncated picture."""
+    await draw_network(ward)
+    target = tmp_path / "g.png"
+    target.write_bytes(b"the map printed last week")
+    leader = token(Role.GROUP_LEADER, ward.city.group)
+    common = ["--target", ward.target, "--token", leader]
+
+    done = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "services.cli", "map", ward.city.group, str(target), *common),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=small_files,
+    )
+    out, err = await done.communicate()
+
+    assert (done.returncode, out) == (1, b""), err
+    assert err.decode() == f"error: {target}: File too large\n"
+    assert target.read_bytes() == b"the map printed last week"
+    assert os.listdir(tmp_path) == ["g.png"]
 
 
 def test_distances_along_and_beside_a_route_are_metres_on_the_ellipsoid() -> None:
