@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
-from civic.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from civic.ledger.v1 import events_pb2, ledger_pb2, ledger_pb2_grpc
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError
@@ -64,6 +64,9 @@ class Draft:
     # The request's field that decides how much moves: a refusal of the postings (an overdraft,
     # a balance past the limit) names it, as a contribution has no `postings` but an `amount`.
     moves: str = "postings"
+    # An assessment's share of its campaign (terms and dues), for its event only: the campaign
+    # document keeps them, not the transaction's.
+    assessment: events_pb2.Assessment | None = None
 
     def name(self, inner: str) -> str:
         return f"{self.field}.{inner}" if self.field else inner
@@ -278,7 +281,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                     "fingerprint": draft.fingerprint,
                     **draft.details,
                 }
-                event, head = events.transaction_posted(self.outbox, doc, head)
+                event, head = events.transaction_posted(self.outbox, doc, head, draft.assessment)
                 doc["hash"] = head
                 heads[draft.fund_id] = (old, sequence + 1, head, posted_at)
                 docs.append(doc)
@@ -657,6 +660,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if value not in domain.EXEMPTIONS:
                 raise InvalidArgument(f"exemptions[{i}]", "is not a known exemption")
             exemptions.append(domain.Exemption(value))
+        # Each once: the terms go into every event of the assessment.
+        exemptions = list(dict.fromkeys(exemptions))
         draft = Draft.of("DeclareCampaign", request, domain.Kind.ASSESSMENT, name, moves="rate")
         if (done := await self._already_posted([draft])) is None:
             read_at = _millis(self.clock())
@@ -683,23 +688,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             campaign_id = new_id("cp")
             # The assessment: one transaction, or several for a unit with many households.
             assessment = domain.assessment(campaign_id, dues)
-            for postings in assessment:
+            for part in assessment:
                 try:  # as the auditors' replay will check each transaction
-                    domain.check_postings("postings", postings)
+                    domain.check_postings("postings", part.postings)
                 except InvalidArgument as error:
                     raise InvalidArgument(
                         "rate", f"gives dues the ledger cannot post ({error.message})"
                     ) from None
-            draft.postings = assessment[0]
-            draft.details = {"campaign_id": campaign_id}
-            drafts = [draft] + [
-                replace(
-                    draft,
-                    request_id=domain.part_request_id(draft.request_id, number),
-                    postings=postings,
-                )
-                for number, postings in enumerate(assessment[1:], start=2)
-            ]
             campaign: Document = {
                 "_id": campaign_id,
                 "fund_id": fund["_id"],
@@ -722,6 +717,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 ],
                 "total_due": total,
             }
+            # Each part's event carries the terms and the dues it books, for the auditors.
+            draft.details = {"campaign_id": campaign_id}
+            drafts = [
+                replace(
+                    draft,
+                    request_id=domain.part_request_id(draft.request_id, number)
+                    if number > 1
+                    else draft.request_id,
+                    postings=part.postings,
+                    assessment=events.assessment(campaign, number, len(assessment), part.dues),
+                )
+                for number, part in enumerate(assessment, start=1)
+            ]
 
             async def insert_campaign(session: Session, docs: list[Document]) -> None:
                 # In the posting's transaction, which writes the fund: of two declarations at

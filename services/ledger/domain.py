@@ -30,13 +30,19 @@ MAX_AMOUNT = 10**15
 # however the balances stand: they are held to it too (`statement_total`).
 MAX_BALANCE = 10**17
 # The most postings in one transaction. An assessment posts one receivable per household: a
-# campaign with more households is booked in several transactions (`assessment`). An
-# assessment's event, at this many postings of the longest household ids, is under 800 kB: one
-# Kafka record holds it (services.common.outbox.MAX_EVENT_BYTES).
+# campaign with more households is booked in several transactions (`assessment`), each also
+# held to MAX_ASSESSMENT_BYTES with the dues its event carries.
 MAX_POSTINGS = 5000
 # A transaction is one event, which must stay under the outbox's largest (1,000,000 bytes),
 # its memo and the rest included.
 MAX_POSTINGS_BYTES = 980_000
+# An assessment's event also carries the dues it books (`Assessment` in the events): its
+# postings and dues together take at most this many bytes (`assessment` splits by it). The rest
+# of the event is at most about 11 kB: ids, hashes, sequences and times (~400 bytes), the memo
+# and the terms' name (120 characters of at most 4 bytes: ~490 each), a part's request key
+# (~200), who posted it (a token's subject, inside gRPC's 8 KiB of metadata), the terms' other
+# fields (~60). 960,000 + 11,000 is under services.common.outbox.MAX_EVENT_BYTES (1,000,000).
+MAX_ASSESSMENT_BYTES = 960_000
 # The most households one campaign lists, twice the largest ward's: its dues are one MongoDB
 # document (each household's is also kept on its own, which GetCampaignStatus pages through);
 # its assessment, however many transactions it takes, is written in one MongoDB
@@ -249,16 +255,32 @@ def check_postings(field_name: str, postings: Sequence[tuple[str, int]]) -> Post
 def check_postings_fit(field_name: str, postings: Postings) -> None:
     """A new transaction's postings fit in one event. Not part of `check_postings`, which the
     auditors' replay runs on every event ever published: those all fitted."""
-    size = sum(
-        # The account and the amount (a negative one takes ten bytes), each with its tag and
-        # length, and the posting's own.
-        len(account.encode()) + 5 + (10 if amount < 0 else max(1, (amount.bit_length() + 6) // 7))
-        for account, amount in postings
-    )
+    size = sum(posting_bytes(account, amount) for account, amount in postings)
     if size > MAX_POSTINGS_BYTES:
         raise InvalidArgument(
             field_name, f"hold too much for one transaction ({size:,} bytes): post it in parts"
         )
+
+
+def _varint_bytes(value: int) -> int:
+    """The bytes of an integer as a protobuf varint (a negative one takes ten)."""
+    return 10 if value < 0 else max(1, (value.bit_length() + 6) // 7)
+
+
+def _number_field_bytes(value: int) -> int:
+    """An integer field with its tag (field numbers under 16); nothing when 0, as proto3 has it."""
+    return 1 + _varint_bytes(value) if value else 0
+
+
+def _text_field_bytes(size: int) -> int:
+    """A length-delimited field of `size` bytes with its tag and length (field numbers under
+    16): a string, or a message within a message."""
+    return 1 + _varint_bytes(size) + size
+
+
+def posting_bytes(account: str, amount: int) -> int:
+    """The bytes a posting takes in its transaction (Posting, in `postings`), exactly."""
+    return _text_field_bytes(_text_field_bytes(len(account.encode())) + _number_field_bytes(amount))
 
 
 def apply_postings(
@@ -435,16 +457,27 @@ class Due:
     exempt_because: Exemption | None
 
 
+def owed(basis: int, rate: int, residents: int, exempt: bool) -> int | None:
+    """A household's due under a campaign's terms: the rate per household, or per resident
+    counted; nothing when exempt. None when it is not listed at all: nobody lives there and it
+    is not exempt (a per-household due would stand unpaid on the board for ever, with nobody to
+    pay it). The service levies dues by this, and the auditors' replay checks them by it."""
+    if exempt:
+        return 0
+    if residents <= 0:
+        return None
+    return rate * (1 if basis == Basis.PER_HOUSEHOLD else residents)
+
+
 def compute_dues(
     households: Iterable[HouseholdFacts],
     basis: Basis,
     rate: int,
     exemptions: Iterable[Exemption],
 ) -> list[Due]:
-    """What each household owes: the rate per household or per resident, nothing when exempt.
-    A household listed twice owes once, as last read: a registry from before it read every
-    page of a listing as at the first could list one twice, its group merged into a later one
-    between two pages."""
+    """What each household owes (`owed`), in household order. A household listed twice owes
+    once, as last read: a registry from before it read every page of a listing as at the first
+    could list one twice, its group merged into a later one between two pages."""
     exempt = set(exemptions)
     latest = {household.household_id: household for household in households}
     dues = []
@@ -454,26 +487,181 @@ def compute_dues(
             because = Exemption.POOR_HOUSEHOLD
         elif Exemption.WAR_INVALID_MEMBER in exempt and household.war_invalid_member:
             because = Exemption.WAR_INVALID_MEMBER
-        if because is None and not household.residents:
-            # Nobody lives there, on either basis: nothing owed, and nobody to show as having
-            # paid (a per-household due would stand unpaid on the board for ever).
+        amount = owed(basis, rate, household.residents, because is not None)
+        if amount is None:
             continue
-        units = 1 if basis is Basis.PER_HOUSEHOLD else household.residents
-        amount = 0 if because is not None else rate * units
         dues.append(
             Due(household.household_id, household.name, household.residents, amount, because)
         )
     return dues
 
 
-def assessment(campaign_id: str, dues: Iterable[Due]) -> list[Postings]:
+def due_bytes(due: Due) -> int:
+    """The bytes a due takes in an assessment's event (AssessedDue, in `dues`), exactly: the
+    household by id, never by name."""
+    return _text_field_bytes(
+        _text_field_bytes(len(due.household_id.encode()))
+        + _number_field_bytes(due.residents)
+        + _number_field_bytes(due.amount)
+        + _number_field_bytes(int(due.exempt_because or 0))
+    )
+
+
+@dataclass(frozen=True)
+class AssessmentPart:
+    """One transaction of a campaign's assessment: its postings, and the dues its event carries
+    (those it books, and on the first part the exempt households, which book nothing)."""
+
+    postings: Postings
+    dues: list[Due]
+
+
+def assessment(campaign_id: str, dues: Sequence[Due]) -> list[AssessmentPart]:
     """The transactions that book the dues as receivables: each household's receivable, in
-    household order, MAX_POSTINGS - 1 to a transaction, against the income/dues that balances
-    them."""
-    owed = [(receivable(campaign_id, d.household_id), d.amount) for d in dues if d.amount]
-    size = MAX_POSTINGS - 1
-    parts = [owed[start : start + size] for start in range(0, len(owed), size)]
-    return [[*part, (DUES, -sum(amount for _, amount in part))] for part in parts]
+    household order, against the income/dues that balances them; at most MAX_POSTINGS - 1
+    receivables to a transaction, and its postings and dues within MAX_ASSESSMENT_BYTES, so
+    its event fits one Kafka record. The exempt households go with the first, which books
+    fewer when they take room. FAILED_PRECONDITION (naming `exemptions`) when the exempt
+    households alone would not fit: with the registry's ids (27 characters) 20,000 of them take
+    720 kB, so only ids far longer than it makes come near."""
+    exempt = [d for d in dues if not d.amount]
+    balance = posting_bytes(DUES, -1)  # a credit: ten bytes whatever its amount
+    parts: list[AssessmentPart] = []
+    listed: list[Due] = list(exempt)
+    booked: Postings = []
+    used = balance + sum(due_bytes(d) for d in exempt)
+    for due in dues:
+        if not due.amount:
+            continue
+        account = receivable(campaign_id, due.household_id)
+        more = posting_bytes(account, due.amount) + due_bytes(due)
+        if booked and (len(booked) == MAX_POSTINGS - 1 or used + more > MAX_ASSESSMENT_BYTES):
+            parts.append(_assessment_part(booked, listed))
+            listed, booked, used = [], [], balance
+        listed.append(due)
+        booked.append((account, due.amount))
+        used += more
+        if used > MAX_ASSESSMENT_BYTES:  # only the first part's exempt households can do it
+            raise FailedPrecondition(
+                f"exemptions: {len(exempt):,} households are exempt, more than one assessment "
+                "event can list with their ids; declare the campaign in the funds of the units "
+                "below"
+            )
+    if booked:
+        parts.append(_assessment_part(booked, listed))
+    return parts
+
+
+def _assessment_part(booked: Postings, listed: list[Due]) -> AssessmentPart:
+    postings = [*booked, (DUES, -sum(amount for _, amount in booked))]
+    return AssessmentPart(postings, sorted(listed, key=lambda d: d.household_id))
+
+
+@dataclass(frozen=True)
+class Terms:
+    """A campaign's terms as its assessment's events carry them (enums as the numbers on the
+    wire, which an event may hold even when the ledger knows no such value)."""
+
+    name: str
+    period: str
+    basis: int
+    rate: int
+    exemptions: tuple[int, ...]
+    registry_read_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Assessed:
+    """What an assessment's event says besides its postings: its campaign, the campaign's terms
+    (None on events from before they were carried), its place among the campaign's
+    assessment transactions (from 1, of `parts`) and the dues it books."""
+
+    campaign_id: str
+    terms: Terms | None = None
+    part: int = 0
+    parts: int = 0
+    dues: tuple[Due, ...] = ()
+
+
+_BASES: dict[int, str] = {Basis.PER_HOUSEHOLD: "per household", Basis.PER_PERSON: "per person"}
+
+
+def basis_text(basis: int) -> str:
+    return _BASES.get(basis, f"basis {basis}")
+
+
+def assessed_due(household_id: str, residents: int, amount: int, exempt_because: int) -> Due:
+    """A due as an assessment's event carries it (no name); BadEvent for an exemption the ledger
+    does not know."""
+    if exempt_because and exempt_because not in EXEMPTIONS:
+        raise BadEvent(f"exempts household {household_id} for an unknown reason {exempt_because}")
+    return Due(
+        household_id, "", residents, amount, Exemption(exempt_because) if exempt_because else None
+    )
+
+
+def check_assessed_dues(
+    campaign_id: str, terms: Terms, dues: Sequence[Due], postings: Sequence[tuple[str, int]]
+) -> None:
+    """BadEvent unless every due is what the terms make it (`owed`, as the service levied it),
+    each exempt household for one of the campaign's exemptions, and the transaction's postings
+    book exactly those dues, household by household, against income/dues."""
+    if terms.basis not in _BASES:
+        raise BadEvent(
+            f"campaign {campaign_id}: basis {terms.basis} is neither per household nor per person"
+        )
+    if not 0 < terms.rate <= MAX_AMOUNT:
+        raise BadEvent(f"campaign {campaign_id}: rate {terms.rate} đồng is not one it may have")
+    if unknown := sorted(set(terms.exemptions) - EXEMPTIONS):
+        raise BadEvent(
+            f"campaign {campaign_id}: exemption {unknown[0]} is not one the ledger knows"
+        )
+    charged: dict[str, int] = {}
+    for due in dues:
+        who = f"household {due.household_id}"
+        if due.household_id in charged:
+            raise BadEvent(f"campaign {campaign_id}: lists {who} twice")
+        if due.exempt_because is not None and due.exempt_because not in terms.exemptions:
+            raise BadEvent(
+                f"campaign {campaign_id}: {who} is exempt as {due.exempt_because.name}, an "
+                "exemption its terms do not grant"
+            )
+        if due.residents < 0:
+            raise BadEvent(f"campaign {campaign_id}: {who} counts {due.residents} residents")
+        expected = owed(terms.basis, terms.rate, due.residents, due.exempt_because is not None)
+        if expected is None:
+            raise BadEvent(
+                f"campaign {campaign_id}: {who} is listed as owing, with nobody living there"
+            )
+        if due.amount != expected:
+            raise BadEvent(
+                f"campaign {campaign_id}: {who} is charged {due.amount} đồng; its terms "
+                f"({basis_text(terms.basis)} at {terms.rate} đồng, {due.residents} "
+                f"{'resident' if due.residents == 1 else 'residents'} counted"
+                f"{', exempt' if due.exempt_because else ''}) make it {expected}"
+            )
+        charged[due.household_id] = due.amount
+    prefix = receivable(campaign_id, "")
+    booked: dict[str, int] = {}
+    for account, amount in postings:
+        if account.startswith(prefix):
+            booked[account.removeprefix(prefix)] = amount
+        elif account != DUES:
+            raise BadEvent(
+                f"campaign {campaign_id}: its assessment posts to {account}, neither a "
+                "receivable of the campaign nor income/dues"
+            )
+    for household_id in sorted(charged.keys() | booked.keys()):
+        if household_id not in charged:
+            raise BadEvent(
+                f"campaign {campaign_id}: a receivable of household {household_id} is booked, "
+                "which its dues do not list"
+            )
+        if booked.get(household_id, 0) != charged[household_id]:
+            raise BadEvent(
+                f"campaign {campaign_id}: household {household_id}'s receivable is booked at "
+                f"{booked.get(household_id, 0)} đồng, its due is {charged[household_id]}"
+            )
 
 
 def paid_towards_dues(
@@ -642,6 +830,29 @@ class BadEvent(Exception):
 
 
 @dataclass
+class CampaignBooks:
+    """A dues campaign as its assessment's events show it, summed over its parts."""
+
+    campaign_id: str
+    # Its first assessment transaction (reversing it cancels the campaign), and where it is.
+    transaction_id: str
+    sequence: int
+    # None for a campaign declared before the events carried its terms.
+    terms: Terms | None
+    parts: int = 0  # how many it has (0: not said)
+    parts_seen: int = 0
+    charged: int = 0
+    exempt: int = 0
+    total_due: int = 0
+    # The households listed by the parts seen so far; let go once the last part is in.
+    households: set[str] = field(default_factory=set)
+
+    @property
+    def complete(self) -> bool:
+        return self.parts_seen >= self.parts
+
+
+@dataclass
 class FundBooks:
     fund_id: str
     unit_id: str
@@ -654,6 +865,11 @@ class FundBooks:
     reversals: set[str] = field(default_factory=set)
     reversal_ids: set[str] = field(default_factory=set)
     transaction_count: int = 0
+    # The fund's dues campaigns, in the chain's order.
+    campaigns: dict[str, CampaignBooks] = field(default_factory=dict)
+    # Where its assessments began carrying their campaign's terms (-1: not yet): the service
+    # never goes back, so an assessment without them after that point is a forgery.
+    terms_since: int = -1
 
 
 @dataclass
@@ -706,11 +922,21 @@ class Books:
         transaction_id: str,
         postings: Sequence[tuple[str, int]],
         reverses: str = "",
+        assessed: Assessed | None = None,
     ) -> None:
+        """Applies a transaction's event; `assessed` for an assessment (a campaign's), whose
+        dues are checked against its terms, when it carries them, before anything is applied."""
+        campaign = None
+        if assessed is not None:
+            campaign = self._campaign_part(fund, sequence, transaction_id, assessed)
+            if assessed.terms is not None:
+                check_assessed_dues(assessed.campaign_id, assessed.terms, assessed.dues, postings)
         if reverses or not self._post_plain(fund, postings):
             self._post_checked(fund, postings, reverses)
         if transaction_id in fund.transactions:
             raise BadEvent(f"transaction id {transaction_id} used twice")
+        if assessed is not None and campaign is not None:
+            self._count_part(fund, campaign, sequence, assessed, postings)
         fund.transactions[transaction_id] = list(postings)
         if reverses:
             fund.reversals.add(reverses)
@@ -720,6 +946,77 @@ class Books:
         fund.hashes.append(hash_)
         fund.transaction_count += 1
         self.events += 1
+
+    @staticmethod
+    def _campaign_part(
+        fund: FundBooks, sequence: int, transaction_id: str, assessed: Assessed
+    ) -> CampaignBooks:
+        """The campaign an assessment belongs to, once its place among the campaign's parts
+        checks out (a new one for its first part); not yet counted."""
+        campaign_id, terms = assessed.campaign_id, assessed.terms
+        if not campaign_id:
+            raise BadEvent("an assessment that names no campaign")
+        if terms is None and fund.terms_since >= 0:
+            raise BadEvent(
+                f"campaign {campaign_id}: its assessment carries no terms, though the fund's "
+                f"have carried them since sequence {fund.terms_since}"
+            )
+        known = fund.campaigns.get(campaign_id)
+        if terms is None:  # from before events carried terms: parts neither numbered nor said
+            return known or CampaignBooks(campaign_id, transaction_id, sequence, None)
+        if not 1 <= assessed.part <= assessed.parts:
+            raise BadEvent(
+                f"campaign {campaign_id}: part {assessed.part} of {assessed.parts} is no place "
+                "in an assessment"
+            )
+        if known is None:
+            if assessed.part != 1:
+                raise BadEvent(
+                    f"campaign {campaign_id}: part {assessed.part} comes before its first"
+                )
+            return CampaignBooks(campaign_id, transaction_id, sequence, terms, assessed.parts)
+        if known.terms != terms or known.parts != assessed.parts:
+            raise BadEvent(f"campaign {campaign_id}: part {assessed.part} states other terms")
+        if known.complete or assessed.part != known.parts_seen + 1:
+            raise BadEvent(
+                f"campaign {campaign_id}: part {assessed.part} follows part {known.parts_seen}"
+            )
+        if listed := next((d for d in assessed.dues if d.household_id in known.households), None):
+            raise BadEvent(
+                f"campaign {campaign_id}: household {listed.household_id} is listed by an "
+                "earlier part too"
+            )
+        return known
+
+    @staticmethod
+    def _count_part(
+        fund: FundBooks,
+        campaign: CampaignBooks,
+        sequence: int,
+        assessed: Assessed,
+        postings: Sequence[tuple[str, int]],
+    ) -> None:
+        fund.campaigns[campaign.campaign_id] = campaign
+        campaign.parts_seen += 1
+        if campaign.terms is None:
+            # No dues on the event: the receivables it books are the households charged.
+            owed = [amount for account, amount in postings if account.startswith("receivable/")]
+            campaign.charged += len(owed)
+            campaign.total_due += sum(owed)
+            campaign.parts = campaign.parts_seen
+            return
+        if fund.terms_since < 0:
+            fund.terms_since = sequence
+        for due in assessed.dues:
+            if due.exempt_because is not None:
+                campaign.exempt += 1
+            else:
+                campaign.charged += 1
+                campaign.total_due += due.amount
+        if campaign.complete:
+            campaign.households = set()
+        else:
+            campaign.households.update(d.household_id for d in assessed.dues)
 
     @staticmethod
     def _post_plain(fund: FundBooks, postings: Sequence[tuple[str, int]]) -> bool:

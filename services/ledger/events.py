@@ -4,6 +4,7 @@ stops taking a household that has left its unit."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from civic.ledger.v1 import events_pb2
@@ -41,14 +42,48 @@ def fund_opened(outbox: Outbox, fund: Document) -> tuple[Document, str]:
     return outbox.event(message, key=fund["_id"], subject=fund["_id"]), head
 
 
-def transaction_posted(outbox: Outbox, doc: Document, prev_hash: str) -> tuple[Document, str]:
+def transaction_posted(
+    outbox: Outbox,
+    doc: Document,
+    prev_hash: str,
+    assessment: events_pb2.Assessment | None = None,
+) -> tuple[Document, str]:
     """The event of a transaction linked after `prev_hash`, and its hash (the transaction
-    document holds its sequence already)."""
+    document holds its sequence already); an assessment's carries its campaign's terms and the
+    dues it books (`assessment`)."""
     message = events_pb2.TransactionPosted(
-        fund_id=doc["fund_id"], transaction=transaction_message(doc)
+        fund_id=doc["fund_id"], transaction=transaction_message(doc), assessment=assessment
     )
     head = domain.seal(message, doc["sequence"], prev_hash)
     return outbox.event(message, key=doc["fund_id"], subject=doc["_id"]), head
+
+
+def assessment(
+    campaign: Document, part: int, parts: int, dues: Iterable[domain.Due]
+) -> events_pb2.Assessment:
+    """Part `part` (from 1) of a campaign's `parts` assessment transactions, as its event
+    carries it: the campaign's terms as stored, and the dues it books, households by id only."""
+    return events_pb2.Assessment(
+        terms=events_pb2.CampaignTerms(
+            name=campaign["name"],
+            period=campaign["period"],
+            basis=campaign["basis"],
+            rate=campaign["rate"],
+            exemptions=campaign["exemptions"],
+            registry_read_at=timestamp(campaign["registry_read_at"]),
+        ),
+        part=part,
+        parts=parts,
+        dues=[
+            events_pb2.AssessedDue(
+                household_id=due.household_id,
+                residents=due.residents,
+                amount=due.amount,
+                exempt_because=int(due.exempt_because or 0),  # type: ignore[arg-type]
+            )
+            for due in dues
+        ],
+    )
 
 
 def follow_moves(

@@ -7,7 +7,10 @@ consumer in no group, so nothing of the service's own reading is used or moved),
 separate MongoDB database that is dropped afterwards (kept with --keep-store). For each event it
 checks the fund's hash chain (sequence, the previous event's hash, its own hash recomputed from
 its content), double entry (postings sum to zero), that no cash, bank or receivable account goes
-below zero, and that a reversal undoes exactly the postings of a transaction not undone before.
+below zero, that a reversal undoes exactly the postings of a transaction not undone before, and,
+for a dues campaign's assessment that carries the campaign's terms, that every household's due
+is what the terms make it and the receivables book exactly those dues. The report lists the
+campaigns of the funds under --unit: their terms, households charged and exempt, and total due.
 It then compares every fund's recomputed balances with what the live service answers through
 gRPC (GetBalances at the same place in the chain), for the funds under --unit: those the topic
 places there and every fund the live service lists there, whatever unit the topic gives it (a
@@ -29,6 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
 
 import grpc
@@ -48,7 +52,18 @@ from services.common.config import GRPC_PORTS, Settings, env_name
 from services.common.grpc_client import civic_channel
 from services.common.mongo import UNIT_ID, Document, mongo_client
 from services.common.paging import MAX_PAGE_SIZE
-from services.ledger.domain import BadEvent, Books, FundBooks, chain_hash, seals_bytes
+from services.ledger.domain import (
+    Assessed,
+    BadEvent,
+    Books,
+    CampaignBooks,
+    FundBooks,
+    Terms,
+    assessed_due,
+    basis_text,
+    chain_hash,
+    seals_bytes,
+)
 from services.ledger.events import TOPIC
 
 FUND_OPENED = type_name(events_pb2.FundOpened())
@@ -95,6 +110,8 @@ class Report:
     compared: int = 0
     mismatches: list[str] = field(default_factory=list)
     live_asked: bool = False  # whether the funds were to be compared with the live service
+    # One line per dues campaign of the funds under the unit, in the funds' and chain's order.
+    campaigns: list[str] = field(default_factory=list)
     # Where the time went (seconds), for benchmarks; not part of the report's text.
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -112,10 +129,12 @@ class Report:
         lines = [
             f"ledger replay of {self.topic}: {self.events} events ({self.duplicates} repeated), "
             f"{self.funds} funds, {self.transactions} transactions",
-            "hash chains and double entry: "
+            "hash chains, double entry and dues against their terms: "
             + ("ok" if self.first_bad is None else f"{self.bad_events} bad events"),
             f"sum of all postings: {self.postings_total} đồng",
             f"live balances: {self.compared} funds compared, {len(self.mismatches)} differ",
+            f"dues campaigns: {len(self.campaigns)}",
+            *self.campaigns,
         ]
         if self.first_bad is not None:
             lines.append(self.first_bad.line())
@@ -258,6 +277,7 @@ class Replayer:
                 transaction.transaction_id,
                 [(p.account, p.amount) for p in transaction.postings],
                 transaction.reverses_transaction_id,
+                _assessed(message),
             )
             return fund_id
         except (BadEvent, ValueError, DecodeError) as error:
@@ -304,6 +324,69 @@ class Replayer:
         async for doc in self._db["balances"].find({}):
             stored[doc["fund_id"]][doc["account"]] = doc["balance"]
         return stored
+
+
+def _assessed(message: events_pb2.TransactionPosted) -> Assessed | None:
+    """What an assessment's event says of its campaign (None for other transactions): its terms
+    and dues when it carries them, its campaign alone when it is from before they were."""
+    transaction, carried = message.transaction, message.HasField("assessment")
+    if transaction.kind != ledger_pb2.TRANSACTION_KIND_ASSESSMENT:
+        if carried:
+            raise BadEvent("it carries a campaign's terms but is not an assessment")
+        return None
+    if not carried:
+        return Assessed(transaction.campaign_id)
+    assessment, terms = message.assessment, message.assessment.terms
+    read_at = terms.registry_read_at
+    return Assessed(
+        transaction.campaign_id,
+        Terms(
+            terms.name,
+            terms.period,
+            terms.basis,
+            terms.rate,
+            tuple(terms.exemptions),
+            read_at.ToDatetime(UTC) if terms.HasField("registry_read_at") else None,
+        ),
+        assessment.part,
+        assessment.parts,
+        tuple(
+            assessed_due(d.household_id, d.residents, d.amount, d.exempt_because)
+            for d in assessment.dues
+        ),
+    )
+
+
+def campaign_lines(books: Books, unit: str = "") -> list[str]:
+    """The report's line for each dues campaign of the funds under `unit` (all if empty), in
+    the funds' order and then the chain's."""
+    return [
+        _campaign_line(fund, campaign)
+        for fund_id, fund in sorted(books.funds.items())
+        if not unit or unit_within(fund.unit_id, unit)
+        for campaign in fund.campaigns.values()
+    ]
+
+
+def _campaign_line(fund: FundBooks, campaign: CampaignBooks) -> str:
+    where = f"campaign {campaign.campaign_id} of fund {fund.fund_id}"
+    terms = campaign.terms
+    if terms is None:
+        text = (
+            f"{where}: terms not on the topic (declared before events carried them), "
+            f"{campaign.charged} households charged, {campaign.total_due} đồng due"
+        )
+    else:
+        text = (
+            f"{where}: {terms.name!r} {terms.period}, {basis_text(terms.basis)} at "
+            f"{terms.rate} đồng: {campaign.charged} households charged, {campaign.exempt} "
+            f"exempt, {campaign.total_due} đồng due"
+        )
+        if not campaign.complete:
+            text += f", {campaign.parts_seen} of its {campaign.parts} parts on the topic"
+    if campaign.transaction_id in fund.reversals:
+        text += ", cancelled"
+    return text
 
 
 @contextlib.contextmanager
@@ -422,6 +505,7 @@ async def replay(
         report.funds = len(replayer.books.funds)
         report.transactions = sum(f.transaction_count for f in replayer.books.funds.values())
         report.postings_total = sum(sum(b.values()) for b in balances.values())
+        report.campaigns = campaign_lines(replayer.books, unit)
         if live is not None:
             report.live_asked = True
             started = time.perf_counter()

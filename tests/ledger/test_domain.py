@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from civic.ledger.v1 import events_pb2, ledger_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.outbox import MAX_EVENT_BYTES
-from services.ledger import domain
+from services.ledger import domain, events
 from services.ledger.domain import BadEvent, Basis, Exemption, HouseholdFacts
 
 
@@ -46,43 +49,118 @@ def test_an_assessment_past_the_posting_limit_is_split_into_balanced_transaction
     households = [facts(f"h{i:05d}", 1, poor=i % 7 == 0) for i in range(12_000)]
     dues = domain.compute_dues(households, Basis.PER_HOUSEHOLD, 30_000, [Exemption.POOR_HOUSEHOLD])
     parts = domain.assessment("cp-1", dues)
-    assert [len(part) for part in parts] == [domain.MAX_POSTINGS, domain.MAX_POSTINGS, 288]
+    sizes = [len(part.postings) for part in parts]
+    assert sizes == [domain.MAX_POSTINGS, domain.MAX_POSTINGS, 288]
     for part in parts:
-        domain.check_postings("postings", part)  # as the auditors' replay checks each
-        assert part[-1][0] == "income/dues"
-    receivables = [account for part in parts for account, _ in part[:-1]]
+        domain.check_postings("postings", part.postings)  # as the auditors' replay checks each
+        assert part.postings[-1][0] == "income/dues"
+    receivables = [account for part in parts for account, _ in part.postings[:-1]]
     paying = [d for d in dues if d.amount]
     assert receivables == [domain.receivable("cp-1", d.household_id) for d in paying]
-    assert -sum(part[-1][1] for part in parts) == 30_000 * len(paying)
+    assert -sum(part.postings[-1][1] for part in parts) == 30_000 * len(paying)
     assert len(domain.assessment("cp-1", dues[:10])) == 1
+    # Each part's event lists the dues it books, the exempt households with the first only.
+    exempt = [d for d in dues if not d.amount]
+    assert parts[0].dues == sorted([*exempt, *paying[: sizes[0] - 1]], key=lambda d: d.household_id)
+    assert [part.dues for part in parts[1:]] == [paying[4999:9998], paying[9998:]]
 
 
-def test_an_assessment_of_the_longest_ids_fits_in_one_kafka_record() -> None:
-    campaign_id = "cp-" + "f" * 24
-    dues = [
-        domain.Due(f"{i:05d}" + "h" * 95, "", 1, domain.MAX_AMOUNT, None)
-        for i in range(domain.MAX_POSTINGS)
-    ]
-    part = domain.assessment(campaign_id, dues)[0]
-    assert len(part) == domain.MAX_POSTINGS
-    event = events_pb2.TransactionPosted(
+# A campaign's terms at their longest: a name of 120 four-byte characters, the longest period.
+LONGEST_TERMS = {
+    "name": "😀" * 120,
+    "period": "2" * 20,
+    "basis": ledger_pb2.DUES_BASIS_PER_PERSON,
+    "rate": domain.MAX_AMOUNT,
+    "exemptions": list(Exemption),
+    "registry_read_at": datetime.max.replace(tzinfo=UTC),
+}
+
+
+def largest_event(campaign_id: str, part: domain.AssessmentPart) -> events_pb2.TransactionPosted:
+    """An assessment part's event with every other field as long as it can be: ids of the
+    service's length, a memo and terms name of 120 four-byte characters, the longest part key,
+    a token subject filling gRPC's 8 KiB of metadata, the latest time and sequence."""
+    latest = Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+    return events_pb2.TransactionPosted(
         fund_id="fd-" + "f" * 24,
-        sequence=2**62,
+        sequence=2**63 - 1,
         prev_hash="0" * 64,
         hash="0" * 64,
         transaction=ledger_pb2.Transaction(
             transaction_id="tx-" + "f" * 24,
             fund_id="fd-" + "f" * 24,
-            sequence=2**62,
+            sequence=2**63 - 1,
             kind=ledger_pb2.TRANSACTION_KIND_ASSESSMENT,
-            memo="Đ" * 120,
-            postings=[ledger_pb2.Posting(account=a, amount=n) for a, n in part],
-            posted_by="x" * 200,
-            request_id=domain.part_request_id("r" * domain.MAX_REQUEST_ID, 99_999),
+            memo="😀" * 120,
+            postings=[ledger_pb2.Posting(account=a, amount=n) for a, n in part.postings],
+            posted_at=latest,
+            posted_by="x" * 8192,
+            request_id=domain.part_request_id("r" * domain.MAX_REQUEST_ID, 2**31 - 1),
             campaign_id=campaign_id,
         ),
+        assessment=events.assessment(LONGEST_TERMS, 2**31 - 1, 2**31 - 1, part.dues),
     )
-    assert event.ByteSize() < 800_000 < MAX_EVENT_BYTES
+
+
+def test_the_largest_campaign_fits_its_events_in_kafka_records() -> None:
+    """The largest campaign the ledger lists (MAX_CAMPAIGN_HOUSEHOLDS), at the longest household
+    ids an account takes (100 characters; the registry's have 27), the highest dues and the most
+    residents: each part's event, with every other field at its longest, is under the outbox's
+    largest. Measured: 969,543 bytes at most (the parts fill MAX_ASSESSMENT_BYTES, 960,000, with
+    postings and dues; the rest is the 8 KiB subject and the names). And with the registry's
+    ids, the most exempt households a campaign may have all go in its first event."""
+    campaign_id = "cp-" + "f" * 24
+    most = domain.MAX_CAMPAIGN_HOUSEHOLDS
+    # The highest due a full part can book: its receivables' sum, income/dues, is an amount too.
+    highest = domain.MAX_AMOUNT // (domain.MAX_POSTINGS - 1)
+
+    def due(i: int, exempt: bool, length: int = 100) -> domain.Due:
+        household_id = f"{i:05d}".ljust(length, "h")
+        reason = Exemption.WAR_INVALID_MEMBER if exempt else None
+        return domain.Due(household_id, "", 2**31 - 1, 0 if exempt else highest, reason)
+
+    largest = 0
+    for dues in (
+        [due(i, exempt=False) for i in range(most)],  # every household pays
+        [due(i, exempt=i % 3 == 0) for i in range(most)],  # a third exempt, in the first part
+    ):
+        parts = domain.assessment(campaign_id, dues)
+        assert sorted(d.household_id for p in parts for d in p.dues) == [
+            d.household_id for d in dues
+        ]
+        for part in parts:
+            domain.check_postings("postings", part.postings)
+            size = largest_event(campaign_id, part).ByteSize()
+            used = sum(domain.posting_bytes(a, n) for a, n in part.postings)
+            used += sum(domain.due_bytes(d) for d in part.dues)
+            assert used <= domain.MAX_ASSESSMENT_BYTES
+            largest = max(largest, size)
+    assert domain.MAX_ASSESSMENT_BYTES < largest < MAX_EVENT_BYTES
+
+    # The registry's ids: all but one household exempt, every one of them in the first event
+    # (measured: 789,832 bytes).
+    registry_ids = [due(i, exempt=i > 0, length=27) for i in range(most)]
+    (only,) = domain.assessment(campaign_id, registry_ids)
+    assert len(only.dues) == most
+    assert largest_event(campaign_id, only).ByteSize() < MAX_EVENT_BYTES
+    # Ids so long that the exempt households alone would not fit one event: refused.
+    with pytest.raises(FailedPrecondition, match=r"^exemptions: 19,999 households are exempt"):
+        domain.assessment(campaign_id, [due(i, exempt=i > 0) for i in range(most)])
+
+
+def test_the_sizes_reckoned_are_the_wire_sizes() -> None:
+    for account, amount in [("cash", 1), ("income/dues", -5), ("r" * 139, domain.MAX_AMOUNT)]:
+        posting = ledger_pb2.Transaction(
+            postings=[ledger_pb2.Posting(account=account, amount=amount)]
+        )
+        assert domain.posting_bytes(account, amount) == posting.ByteSize()
+    for due in [
+        domain.Due("hh-1", "Tên", 0, 0, Exemption.POOR_HOUSEHOLD),
+        domain.Due("h" * 200, "", 2**31 - 1, domain.MAX_AMOUNT, None),
+    ]:
+        listed = events.assessment(LONGEST_TERMS, 1, 1, [due])
+        listed.ClearField("terms")
+        assert domain.due_bytes(due) == listed.ByteSize() - 4  # part and parts
 
 
 def test_a_parts_key_is_never_a_clients_nor_another_parts() -> None:
