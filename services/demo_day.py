@@ -84,7 +84,7 @@ DUES_RATE = 50_000  # đồng per household
 PAYERS = 5
 # The alley that floods: a little north-east of the group's centre.
 ALLEY = types_pb2.GeoPoint(latitude=GROUP.centre[0] + 0.0008, longitude=GROUP.centre[1] + 0.0006)
-HOME = types_pb2.GeoPoint(latitude=GROUP.centre[0] - 0.0004, longitude=GROUP.centre[1] + 0.0011)
+HOME = types_pb2.GeoPoint(latitude=GROUP.centre[0] + 0.0005, longitude=GROUP.centre[1] + 0.00065)
 UNIT_NAMES = {WARD: GROUP.ward[1], DISTRICT: GROUP.district[1]}
 
 

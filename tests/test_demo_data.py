@@ -13,7 +13,7 @@ from civic.registry.v1 import registry_pb2
 from shapely.geometry import LineString, Point
 
 from services.demo import PILOT, PILOT_DAY, PilotGroup, pilot_rows
-from services.demo_day import ALLEY
+from services.demo_day import ALLEY, HOME
 from services.demo_map import UnitMap, pilot_maps
 from services.gis.geometry import LocalFrame
 
@@ -141,8 +141,12 @@ def test_a_town_groups_addresses_and_map_are_on_streets_of_its_ward(group: Pilot
         assert drawn[way].distance(point) < 30, row.address
 
 
-def test_the_demo_days_flooded_alley_is_kiet_45_tran_phu() -> None:
+def test_the_demo_days_family_lives_on_kiet_45_tran_phu_which_floods() -> None:
+    """The family at "27/4 Kiệt 45 Trần Phú" reports the flood in their own alley."""
     unit = MAPS[PILOT[0].unit_id]
     alley = ways(unit).get("Kiệt 45 Trần Phú")
     assert alley is not None
-    assert alley.distance(Point(frame(unit.group).metres((ALLEY.longitude, ALLEY.latitude)))) < 10
+    for point in (ALLEY, HOME):
+        assert (
+            alley.distance(Point(frame(unit.group).metres((point.longitude, point.latitude)))) < 10
+        )
