@@ -182,6 +182,11 @@ def test_servers_are_set_up_as_the_services_expect(services: dict[str, dict[str,
     assert grpc.endswith(":4317") and env["OTEL_EXPORTER_OTLP_ENDPOINT"].endswith(":4317")
     volumes = " ".join(services["otel-collector"]["volumes"])
     assert "./infra/otel-collector.yaml:" in volumes
+    # Traces go on to Jaeger, whose UI is published.
+    jaeger = collector["exporters"]["otlp/jaeger"]["endpoint"]
+    assert jaeger.split(":")[0] in services and jaeger.endswith(":4317")
+    assert "otlp/jaeger" in collector["service"]["pipelines"]["traces"]["exporters"]
+    assert "16686:16686" in " ".join(str(p) for p in services["jaeger"]["ports"])
 
 
 def test_registry_waits_for_its_servers(services: dict[str, dict[str, Any]]) -> None:
