@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -206,6 +207,15 @@ class LocalStack:
     def s3_identities_file(self) -> Path:
         return self.root / "s3-identities.json"
 
+    @property
+    def services_pids(self) -> Path:
+        """Where `make run` keeps the PIDs of the services it started on these servers."""
+        return self.root / "pids" / "platform"
+
+    def ever_started(self) -> bool:
+        """Whether `up` ever ran here (it saves the ports first)."""
+        return (self.root / "ports.json").is_file()
+
     # -- public API ------------------------------------------------------------------------------
 
     def up(self, partitions: int | None = None) -> Endpoints:
@@ -215,6 +225,8 @@ class LocalStack:
 
     def down(self) -> None:
         """Stop every server this root has a live PID file for (external servers are untouched)."""
+        if not self.root.is_dir():
+            return  # never started: nothing to stop, and no directory to make for it
         with self._lock():
             self._stop(list(SERVERS))
         if self._watchdog is not None:
@@ -756,6 +768,20 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
 # -- CLI -----------------------------------------------------------------------------------------
 
 
+# A plain name: `.civic/<name>` is then one directory of .civic, neither .civic itself nor a
+# path elsewhere.
+ENV_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def env_name(text: str) -> str:
+    """An environment's name as an argument (argparse `type`)."""
+    if not ENV_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an environment name: letters, digits, - and _"
+        )
+    return text
+
+
 def _stack_for(env: str, root: Path | None) -> LocalStack:
     root = (root or REPO_ROOT / ".civic" / env).resolve()
     if env == "dev":
@@ -779,7 +805,9 @@ def command_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.local", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
-    parser.add_argument("--env", default="dev", help="environment name (default: dev)")
+    parser.add_argument(
+        "--env", default="dev", type=env_name, help="environment name (default: dev)"
+    )
     parser.add_argument("--root", type=Path, help="data directory (default: .civic/<env>)")
     args = parser.parse_args(argv)
     command_logging()
@@ -787,23 +815,53 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack = _stack_for(args.env, args.root)
         if args.command == "up":
-            started = time.monotonic()
-            endpoints = stack.up()
-            print(f"up in {time.monotonic() - started:.1f} s, data in {stack.root}")
-            for server, state in stack.status().items():
-                print(f"  {server:<6} {state}")
-            print(f"  mongo_uri={endpoints.mongo_uri}")
-            print(f"  use them: source {stack.env_file}")
+            _up(stack)
+        elif not stack.ever_started():
+            # A misspelt name: `down` would say "stopped", `status` show servers never there.
+            print(f"error: no environment {args.env} ({stack.root} was never up)", file=sys.stderr)
+            return 2
         elif args.command == "down":
-            stack.down()
-            print(f"stopped ({stack.root})")
+            _down(stack)
         else:
-            for server, state in stack.status().items():
-                print(f"{server:<6} {state}")
+            _status(stack)
     except (InfraError, SettingsError, OSError) as exc:  # one line for the user, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _up(stack: LocalStack) -> None:
+    started = time.monotonic()
+    endpoints = stack.up()
+    print(f"up in {time.monotonic() - started:.1f} s, data in {stack.root}")
+    for server, state in stack.status().items():
+        print(f"  {server:<6} {state}")
+    print(f"  mongo_uri={endpoints.mongo_uri}")
+    print(f"  use them: source {stack.env_file}")
+
+
+def _down(stack: LocalStack) -> None:
+    # Imported here: services.platform imports this module.
+    from services.platform import stop_services
+
+    # Services left running on stopped servers would fail every call, and `make run` would
+    # find their ports taken.
+    if stopped := stop_services(stack.services_pids):
+        print(f"stopped the services: {', '.join(stopped)}")
+    stack.down()
+    print(f"stopped ({stack.root})")
+
+
+def _status(stack: LocalStack) -> None:
+    from services.platform import SERVICES, running_services
+
+    for server, state in stack.status().items():
+        print(f"{server:<9} {state}")
+    if stack.services_pids.is_dir():  # where `make run` started the services
+        running = running_services(stack.services_pids)
+        for name in SERVICES:
+            pid = running.get(name)
+            print(f"{name:<9} {f'running (pid {pid})' if pid else 'stopped'}")
 
 
 def free_port() -> int:

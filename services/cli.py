@@ -207,7 +207,12 @@ def _parser() -> argparse.ArgumentParser:
         help="up: start them (again: nothing changes); down: stop them, keeping their data; "
         "status: show each one",
     )
-    stack.add_argument("--env", default="dev", help="environment name (default: dev)")
+    stack.add_argument(
+        "--env",
+        default="dev",
+        type=local.env_name,
+        help="environment name: letters, digits, - and _ (default: dev)",
+    )
     stack.set_defaults(handler=_stack)
 
     tail = commands.add_parser(

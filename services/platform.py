@@ -101,13 +101,11 @@ def stop_services(pids: Path = DEV_PIDS) -> list[str]:
     """Ends the services (and the `make run` process) named in <pids>: SIGTERM, then SIGKILL
     after STOP_SECONDS. A PID whose process is not that service (a PID reused since) is left
     alone. Returns the names of those that were running."""
-    running: dict[str, int] = {}
-    for path in sorted(pids.glob("*.pid")) if pids.exists() else []:
-        pid = int(path.read_text() or 0)
-        if pid and runs(pid, f"services.{path.stem}"):
-            running[path.stem] = pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+    running = running_services(pids)
+    for pid in running.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for path in _pid_files(pids):
         path.unlink(missing_ok=True)
     deadline = time.monotonic() + STOP_SECONDS
     while (alive := [pid for pid in running.values() if runs(pid, "")]) and (
@@ -118,6 +116,21 @@ def stop_services(pids: Path = DEV_PIDS) -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return sorted(running)
+
+
+def running_services(pids: Path = DEV_PIDS) -> dict[str, int]:
+    """The PID of each process named in <pids> that still runs, by name; a PID whose process
+    is not that service (a PID reused since) is not one."""
+    running: dict[str, int] = {}
+    for path in _pid_files(pids):
+        pid = int(path.read_text() or 0)
+        if pid and runs(pid, f"services.{path.stem}"):
+            running[path.stem] = pid
+    return running
+
+
+def _pid_files(pids: Path) -> list[Path]:
+    return sorted(pids.glob("*.pid")) if pids.exists() else []
 
 
 async def wait_healthy(

@@ -180,19 +180,36 @@ async def test_demo_tells_its_story_on_stdout_and_only_warnings_on_stderr(
     assert noise == []
 
 
-async def test_stack_status_of_an_environment_never_started(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize("action", ["status", "down"])
+async def test_stack_of_an_environment_never_started_says_so_and_makes_nothing(
+    action: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A misspelt name: not "stopped" or three stopped servers, nor a directory made for it."""
     env = "t" + uuid.uuid4().hex[:8]
+    root = REPO_ROOT / ".civic" / env
     try:
-        assert await cli.run(["stack", "status", "--env", env]) == 0
+        status = await cli.run(["stack", action, "--env", env])
     finally:
-        root = REPO_ROOT / ".civic" / env
-        if root.exists():
+        made = root.exists()
+        if made:
             shutil.rmtree(root)
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["mongo", "kafka", "s3"]
-    assert all(line.split()[1] == "stopped" for line in lines)
+    assert (status, made) == (2, False)
+    assert capsys.readouterr() == ("", f"error: no environment {env} ({root} was never up)\n")
+
+
+@pytest.mark.parametrize("env", ["", "/tmp/civic-elsewhere", "../dev", "dev/..", "a b", "dev."])
+async def test_stack_refuses_an_environment_name_that_is_not_a_plain_name(
+    env: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a path outside .civic, nor .civic itself."""
+    with pytest.raises(SystemExit) as exited:
+        await cli.run(["stack", "down", "--env", env])
+
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"civic stack: error: argument --env: {env!r} is not an environment name: "
+        "letters, digits, - and _"
+    )
 
 
 def test_every_option_and_argument_says_what_it_does() -> None:

@@ -31,6 +31,7 @@ from minio import Minio
 from infra import local
 from infra.local import Endpoints, InfraError, LocalStack, Ports
 from services.common.topology import BUCKETS, FOREVER, TOPICS
+from services.platform import SERVICES
 
 # Anything in the surrounding environment that would point the stack elsewhere or change it.
 ENV_VARS = (
@@ -426,3 +427,40 @@ def test_servers_of_a_run_killed_before_stopping_them_are_stopped_by_its_watchdo
     finally:
         run.kill()
         LocalStack(tmp_path, Ports.load(tmp_path / "ports.json")).down()
+
+
+def test_down_stops_the_services_make_run_started_and_status_lists_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not the servers alone, under services that would go on calling them."""
+    (tmp_path / "ports.json").write_text(json.dumps(dataclasses.asdict(Ports.free())))
+    pids = tmp_path / "pids" / "platform"
+    pids.mkdir(parents=True)
+    # A stand-in whose command line names the service, as `python -m services.<name>.main` does.
+    service = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "-m", "services.registry.main"],
+        start_new_session=True,
+    )
+    where = ["--env", "opsservices", "--root", str(tmp_path)]
+    try:
+        (pids / "registry.pid").write_text(str(service.pid))
+
+        assert local.main(["status", *where]) == 0
+        assert services_shown(capsys) == {
+            name: f"running (pid {service.pid})" if name == "registry" else "stopped"
+            for name in SERVICES
+        }
+        assert local.main(["down", *where]) == 0
+        assert capsys.readouterr().out.splitlines()[0] == "stopped the services: registry"
+        assert service.wait(timeout=10) != 0  # ended by the signal
+        assert local.main(["status", *where]) == 0
+        assert services_shown(capsys) == dict.fromkeys(SERVICES, "stopped")
+    finally:
+        service.kill()
+        service.wait()
+
+
+def services_shown(capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
+    """The services' lines of `status`, as name -> state."""
+    lines = [line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()]
+    return {name: state for name, state in lines if name not in local.SERVERS}
