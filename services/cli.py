@@ -622,6 +622,7 @@ async def _tail(args: argparse.Namespace) -> int:
             types=types,
             key=args.key,
             count=int(args.count),
+            notes=sys.stderr,
         )
     except KafkaError as error:
         return _fail(f"Kafka at {bootstrap}: {error}", status=1)

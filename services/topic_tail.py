@@ -8,8 +8,11 @@ It reads without a consumer group: it commits nothing and disturbs no consumer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
 import json
+import time
 from collections.abc import Collection
 from types import ModuleType
 from typing import TextIO
@@ -23,6 +26,8 @@ from services.common.cloudevents import CloudEvent
 from services.common.topology import TOPICS
 
 TOPIC_NAMES = tuple(topic.name for topic in TOPICS)
+PROBE_EVERY = 1.0  # seconds between checks that the broker is there
+LOST_AFTER = 5.0  # seconds out of reach before saying so: a broker restarting takes about that
 
 
 class UnknownTopic(ValueError):
@@ -80,9 +85,12 @@ async def tail(
     types: Collection[str] = (),
     key: str = "",
     count: int = 0,
+    notes: TextIO | None = None,
 ) -> int:
     """Print the topic's events (only `types`, only `key`, if given) until `count` are shown,
-    or forever when `count` is 0. Returns how many were shown."""
+    or forever when `count` is 0. Returns how many were shown. With `notes`, say there when
+    the tail has started, and when the broker is out of reach and back: the consumer retries
+    in silence, and a tail that shows nothing would look like a quiet topic."""
     load_event_types(topic)
     kafka_fetch.install()
     consumer = AIOKafkaConsumer(
@@ -106,6 +114,10 @@ async def tail(
     except BaseException:
         await consumer.stop()  # a consumer that could not start still holds its client
         raise
+    watch = None
+    if notes is not None:
+        print(f"tailing {topic} on {bootstrap_servers} (Ctrl-C stops)", file=notes, flush=True)
+        watch = asyncio.create_task(BrokerWatch(bootstrap_servers, notes).run())
     shown = 0
     try:
         async for record in consumer:
@@ -119,5 +131,53 @@ async def tail(
             if shown == count:
                 break
     finally:
+        if watch is not None:
+            watch.cancel()
         await consumer.stop()
     return shown
+
+
+class BrokerWatch:
+    """Says once when the broker has been out of reach for LOST_AFTER seconds, and when it is
+    back."""
+
+    def __init__(self, bootstrap_servers: str, notes: TextIO) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.notes = notes
+        self.lost_since: float | None = None
+        self.said_lost = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_EVERY)
+            self.seen(await reachable(self.bootstrap_servers), time.monotonic())
+
+    def seen(self, there: bool, now: float) -> None:
+        if there:
+            if self.said_lost:
+                self._say(f"the broker at {self.bootstrap_servers} is back")
+            self.lost_since, self.said_lost = None, False
+        elif self.lost_since is None:
+            self.lost_since = now
+        elif not self.said_lost and now - self.lost_since >= LOST_AFTER:
+            self._say(f"lost the broker at {self.bootstrap_servers}, retrying")
+            self.said_lost = True
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.notes, flush=True)
+
+
+async def reachable(bootstrap_servers: str) -> bool:
+    """Whether any of the brokers takes a connection."""
+    for address in bootstrap_servers.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            connecting = asyncio.open_connection(host.strip("[]"), int(port))
+            _, writer = await asyncio.wait_for(connecting, PROBE_EVERY)
+        except (OSError, TimeoutError, ValueError):
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+    return False

@@ -16,7 +16,7 @@ import pytest
 from aiokafka import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 
-from infra.local import REPO_ROOT, free_port
+from infra.local import REPO_ROOT, LocalStack, Ports, free_port
 from services import cli, topic_tail
 from services.common.config import Settings
 from tests.registry_fixtures import City, new_household
@@ -123,7 +123,70 @@ async def test_tail_into_a_reader_gone_away_stops_without_a_traceback(
     _, err = await asyncio.wait_for(tail.communicate(), 60)
 
     assert tail.returncode == 1
-    assert err.decode() == ""
+    assert (
+        err.decode()
+        == f"tailing civic.registry.v1 on {settings.kafka_bootstrap_servers} (Ctrl-C stops)\n"
+    )
+
+
+async def test_tail_says_on_stderr_that_it_has_started(
+    city: City, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a silent wait that looks the same as a tail that never started."""
+    created = await new_household(city.leader, city.group, head_name="Đinh Văn Sơn")
+    capsys.readouterr()
+    args = ["--from-beginning", "--key", created.household.household_id, "--count", "1"]
+
+    assert await cli.run(tail_args(settings, *args)) == 0
+
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1
+    bootstrap = settings.kafka_bootstrap_servers
+    assert err == f"tailing civic.registry.v1 on {bootstrap} (Ctrl-C stops)\n"
+
+
+async def test_tail_says_when_the_broker_is_lost_and_when_it_is_back(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker of its own (the session's goes on serving the other tests), stopped and started
+    again under a running tail: the consumer's own retries are silent."""
+    external = {
+        "CIVIC_MONGO_URI": settings.mongo_uri,
+        "CIVIC_S3_ENDPOINT": settings.s3_endpoint,
+        "CIVIC_S3_ACCESS_KEY": settings.s3_access_key,
+        "CIVIC_S3_SECRET_KEY": settings.s3_secret_key,
+        "CIVIC_S3_SECURE": str(settings.s3_secure).lower(),
+    }
+    for name, value in external.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    broker = LocalStack(tmp_path, Ports.free())
+    bootstrap = (await asyncio.to_thread(broker.up, 1)).kafka_bootstrap_servers
+    broker.stop_with(os.getpid())  # a killed run leaves no broker behind
+    tail = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "services.cli", "tail", "civic.tickets.v1"),
+        *("--bootstrap", bootstrap),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    try:
+        assert tail.stderr is not None
+
+        async def next_line() -> str:
+            assert tail.stderr is not None
+            return (await asyncio.wait_for(tail.stderr.readline(), 60)).decode()
+
+        assert await next_line() == f"tailing civic.tickets.v1 on {bootstrap} (Ctrl-C stops)\n"
+        await asyncio.to_thread(broker.down)
+        assert await next_line() == f"lost the broker at {bootstrap}, retrying\n"
+        await asyncio.to_thread(broker.up, 1)
+        assert await next_line() == f"the broker at {bootstrap} is back\n"
+    finally:
+        if tail.returncode is None:
+            tail.kill()
+        await tail.wait()
+        await asyncio.to_thread(broker.down)
 
 
 async def test_tail_of_a_topic_the_broker_lacks_is_one_line_and_creates_nothing(
