@@ -215,6 +215,11 @@ class OutboxRelay:
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._held_until: datetime | None = None
+        # Since when (monotonic) every sweep has failed, and until when this relay stands aside
+        # after failing for a whole lease: an instance that reaches MongoDB but not Kafka must
+        # not keep the lease, and with it every other instance from publishing.
+        self._failing_since: float | None = None
+        self._aside_until = 0.0
         # Events the broker has that are not marked sent yet, their entry waiting for another of
         # its events: not sent again, so that no later event of their key is followed by a copy.
         self._delivered: set[str] = set()
@@ -243,15 +248,8 @@ class OutboxRelay:
         sweep, self._task = self._task, None
         await cancel_and_wait(sweep)
         await self._stop_watching()
-        if self._held_until is not None:
-            # Hand over at once: another instance relays now, not when the lease runs out.
-            self._held_until = None
-            try:
-                # Briefly: with the database gone, the lease runs out by itself.
-                async with asyncio.timeout(2):
-                    await self._lease.delete_one({"_id": "relay", "owner": self._owner})
-            except Exception:
-                log.warning("could not release the outbox relay lease", exc_info=True)
+        # Hand over at once: another instance relays now, not when the lease runs out.
+        await self._release_lease()
         if self.producer is not None:
             await self.producer.stop()
 
@@ -273,10 +271,35 @@ class OutboxRelay:
             await self.producer.stop()
         self.producer = None
 
+    async def _release_lease(self) -> None:
+        if self._held_until is None:
+            return
+        self._held_until = None
+        try:
+            # Briefly: with the database gone, the lease runs out by itself.
+            async with asyncio.timeout(2):
+                await self._lease.delete_one({"_id": "relay", "owner": self._owner})
+        except Exception:
+            log.warning("could not release the outbox relay lease", exc_info=True)
+
+    async def _failed(self) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= self._lease_seconds and self._held_until is not None:
+            log.warning(
+                "outbox relay failing for %.0f s: handing the lease to another instance",
+                now - self._failing_since,
+            )
+            await self._release_lease()
+            self._aside_until = now + self._lease_seconds
+            self._failing_since = None
+
     async def _run(self) -> None:
         while True:
             try:
-                if await self._hold_lease():
+                # Standing aside, another instance may take the lease meanwhile.
+                if time.monotonic() >= self._aside_until and await self._hold_lease():
                     self._start_watching()
                     # A long backlog renews the lease as it goes: no second relay joins in.
                     while await self.relay_once() == self._batch_size:
@@ -287,11 +310,13 @@ class OutboxRelay:
                     # Another instance relays, and learns for itself what the broker refuses.
                     self._delivered.clear()
                     self._refused.clear()
+                self._failing_since = None
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # Broker or database unavailable: keep the events and try again next sweep.
                 log.exception("outbox relay failed; retrying")
+                await self._failed()
             await self._outbox.wait_committed(self._poll_seconds)
 
     def _start_watching(self) -> None:

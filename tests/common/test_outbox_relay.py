@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError
 from bson import ObjectId
 from civic.tickets.v1 import events_pb2
 from google.protobuf.message import Message
@@ -266,6 +267,39 @@ async def test_a_relay_that_stops_hands_its_lease_over_at_once(
         await eventually(
             holds_lease(two.db, "b"), what="the second relay took the lease over", within=5
         )
+
+
+async def test_a_relay_that_cannot_publish_hands_its_lease_to_one_that_can(
+    settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An instance that reaches MongoDB but not Kafka must not hold the lease, and with it every
+    event of the service, for as long as it runs: after failing for a lease's length it stands
+    aside and another instance publishes."""
+    async with two_instances(settings, topic, poll_seconds=0.05, lease_seconds=1.0) as two:
+        cut_off = two.relays["a"]
+
+        async def broker_out_of_reach(records: object) -> None:
+            raise KafkaConnectionError("the broker is out of reach")
+
+        monkeypatch.setattr(cut_off, "_publish", broker_out_of_reach)
+        cut_off.start()
+        await eventually(holds_lease(two.db, "a"), what="the cut-off relay holds the lease")
+        two.relays["b"].start()
+        event = two.outboxes["a"].event(events_pb2.TicketSubmitted(ticket_id="t-1"), key="t-1")
+
+        async def stage(session: Session) -> None:
+            await two.outboxes["a"].stage(session, [event])
+
+        async with TopicReader(settings.kafka_bootstrap_servers, topic) as reader:
+            await in_transaction(two.client, stage)
+            two.outboxes["a"].committed()
+            records = await reader.collect(
+                lambda rs: any(r.event_id == event["_id"] for r in rs),
+                within=15,
+                what="the event, published by the relay that can",
+            )
+        assert [r.event_id for r in records] == [event["_id"]]
+        assert (two.relays["a"].published, two.relays["b"].published) == (0, 1)
 
 
 async def test_a_stopped_relay_leaves_no_change_stream_open(settings: Settings, topic: str) -> None:
