@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from functools import lru_cache
 from typing import Any
@@ -17,6 +18,11 @@ GRPC_PORTS: dict[str, int] = {
     "ledger": 50054,
     "gis": 50055,
 }
+
+
+# Development keys: public, so good only for a service nobody else can reach.
+DEV_AUTH_SECRET = "civic-dev-signing-key-change-me-in-production"
+DEV_DATA_KEY = "civic-dev-data-key-change-me-in-production"
 
 
 class SettingsError(ValueError):
@@ -49,9 +55,9 @@ class Settings(BaseSettings):
 
     # Signing key for bearer tokens; production sets a long random value, of 32 characters at
     # least as HMAC-SHA256 wants (RFC 7518 3.2): a short one is guessed from any token seen.
-    auth_secret: str = Field(default="civic-dev-signing-key-change-me-in-production", min_length=32)
+    auth_secret: str = Field(default=DEV_AUTH_SECRET, min_length=32)
     # Key for encrypting and indexing citizen IDs at rest (32+ characters).
-    data_key: str = "civic-dev-data-key-change-me-in-production"
+    data_key: str = DEV_DATA_KEY
 
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 0  # 0: the service's entry in GRPC_PORTS
@@ -84,6 +90,17 @@ class Settings(BaseSettings):
             super().__init__(**values)
         except ValidationError as error:
             raise SettingsError(_problems(error)) from None
+        if not _loopback(self.grpc_host):
+            # Anyone can mint a city admin's token with the published development key.
+            for field, development in (
+                ("auth_secret", DEV_AUTH_SECRET),
+                ("data_key", DEV_DATA_KEY),
+            ):
+                if getattr(self, field) == development:
+                    raise SettingsError(
+                        f"{env_name(field)}: the development key is public; set a secret of "
+                        f"your own to listen on {self.grpc_host}"
+                    )
 
     def instance_for(self, service: str) -> str:
         if self.instance_id:
@@ -110,6 +127,13 @@ def env_name(field: str) -> str:
     if isinstance(alias, str):
         return alias
     return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _problems(error: ValidationError) -> str:

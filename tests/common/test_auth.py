@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.auth import Principal, Role, mint_token, unit_within, verify_token
+from services.common.config import Settings, SettingsError
 from services.common.errors import PermissionDenied, Unauthenticated
 
 SECRET = "s" * 40
@@ -31,3 +32,22 @@ def test_bad_tokens_are_refused() -> None:
     for token in (expired, forged, no_household, "not.a.token"):
         with pytest.raises(Unauthenticated):
             verify_token(SECRET, token)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "registry"])
+@pytest.mark.parametrize("variable", ["CIVIC_AUTH_SECRET", "CIVIC_DATA_KEY"])
+def test_a_service_reachable_from_elsewhere_refuses_the_public_development_keys(
+    monkeypatch: pytest.MonkeyPatch, host: str, variable: str
+) -> None:
+    """With the published signing key anyone mints a city admin's token: a service listening
+    beyond this machine refuses to start on it, naming the variable to set."""
+    for name in ("CIVIC_AUTH_SECRET", "CIVIC_DATA_KEY"):
+        monkeypatch.setenv(name, "k" * 40)
+    monkeypatch.delenv(variable)
+    monkeypatch.setenv("CIVIC_GRPC_HOST", host)
+    with pytest.raises(SettingsError, match=f"^{variable}: the development key is public"):
+        Settings()
+    # On this machine alone, as `make run` and the tests listen, it is good enough.
+    for loopback in ("127.0.0.1", "localhost", "::1"):
+        monkeypatch.setenv("CIVIC_GRPC_HOST", loopback)
+        assert Settings().grpc_host == loopback
