@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from pymongo.errors import ConnectionFailure
 
 from services.common import auth
-from services.common.errors import DomainError, Unauthenticated
+from services.common.errors import DomainError, InvalidArgument, Unauthenticated
 from services.common.telemetry import context_from_headers, tracer
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,36 @@ PURPOSE_HEADER = "x-civic-purpose"
 Around = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
 
 
+def _decode(des: Callable[[bytes], Any] | None, data: Any) -> Any:
+    if des is None:
+        return data
+    try:
+        return des(data)
+    except Exception:  # a DecodeError, or whatever a generated parser raises on garbage
+        raise InvalidArgument("request", "is not a well-formed message for this method") from None
+
+
+async def _decoded(
+    des: Callable[[bytes], Any] | None, stream: AsyncIterator[Any]
+) -> AsyncIterator[Any]:
+    async for data in stream:
+        yield _decode(des, data)
+
+
+def _encode(ser: Callable[[Any], bytes] | None, message: Any) -> Any:
+    return message if ser is None else ser(message)
+
+
 def _wrap(handler: Any, method: str, around: Around) -> Any:
-    """The same handler, with `around` entered for the whole call (streams included)."""
+    """The same handler, with `around` entered for the whole call (streams included). Requests
+    are parsed and answers serialized inside it too: grpc's own parsing would answer a
+    malformed request, before any token is checked, with UNKNOWN and the parser's exception
+    text."""
     des, ser = handler.request_deserializer, handler.response_serializer
+
+    def parsed(request: Any) -> Any:
+        return _decoded(des, request) if handler.request_streaming else _decode(des, request)
+
     if handler.response_streaming:
         inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
@@ -45,7 +72,7 @@ def _wrap(handler: Any, method: str, around: Around) -> Any:
                 # A stream outlives the check at its start: it ends when the token expires,
                 # whether or not there is anything more to send.
                 expires_at = auth.principal().expires_at
-                stream = aiter(inner_stream(request, context))
+                stream = aiter(inner_stream(parsed(request), context))
                 try:
                     while True:
                         left = expires_at - time.time()
@@ -61,23 +88,23 @@ def _wrap(handler: Any, method: str, around: Around) -> Any:
                                 raise Unauthenticated("token expired") from None
                             raise  # the servicer's own: a fault, not the caller's
                         auth.principal().require_unexpired()
-                        yield item
+                        yield _encode(ser, item)
                 finally:
                     await stream.aclose()
 
         if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
-        return grpc.unary_stream_rpc_method_handler(streaming, des, ser)
+            return grpc.stream_stream_rpc_method_handler(streaming)
+        return grpc.unary_stream_rpc_method_handler(streaming)
 
     inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         async with around(method, context):
-            return await inner(request, context)
+            return _encode(ser, await inner(parsed(request), context))
 
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
-    return grpc.unary_unary_rpc_method_handler(unary, des, ser)
+        return grpc.stream_unary_rpc_method_handler(unary)
+    return grpc.unary_unary_rpc_method_handler(unary)
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):

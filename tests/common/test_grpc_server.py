@@ -50,12 +50,26 @@ async def probe_stream(
     yield request
 
 
+async def typed(
+    request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+) -> Any:
+    """A method with messages (the probes above take bytes as they come)."""
+    if request.service == "wrong answer":
+        return "not a HealthCheckResponse"  # a servicer's bug
+    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
 def register(server: grpc.aio.Server) -> None:
     handler = grpc.method_handlers_generic_handler(
         SERVICE,
         {
             "Probe": grpc.unary_unary_rpc_method_handler(probe),
             "ProbeStream": grpc.unary_stream_rpc_method_handler(probe_stream),
+            "Typed": grpc.unary_unary_rpc_method_handler(
+                typed,
+                health_pb2.HealthCheckRequest.FromString,
+                health_pb2.HealthCheckResponse.SerializeToString,
+            ),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -110,6 +124,44 @@ async def test_unexpected_error_reveals_nothing(target: str) -> None:
     details = error.value.details() or ""
     assert details.startswith("internal error (trace ")
     assert "hunter2" not in details and "Traceback" not in details and "RuntimeError" not in details
+
+
+async def call_typed(target: str, body: bytes, bearer: str | None = None) -> bytes:
+    """Bytes as they come to a method that takes messages."""
+    bearer = token(Role.WARD_OFFICER, "dn.hc.hc1") if bearer is None else bearer
+    async with civic_channel(target, bearer) as channel:
+        method: Any = channel.unary_unary(f"/{SERVICE}/Typed")
+        reply: bytes = await method(body)
+        return reply
+
+
+async def test_a_malformed_request_is_invalid_argument_and_only_once_the_caller_is_known(
+    target: str,
+) -> None:
+    """Parsing is the server's work, not the caller's secret: a request that is not a message
+    of the method is INVALID_ARGUMENT naming the request, without the parser's words; and it
+    tells nothing before the token is checked."""
+    assert await call_typed(target, health_pb2.HealthCheckRequest().SerializeToString()) == (
+        health_pb2.HealthCheckResponse(status=1).SerializeToString()
+    )
+    truncated = b"\xff\xff\xff"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call_typed(target, truncated)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith("request: ")
+    assert "Error parsing" not in (error.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call_typed(target, truncated, bearer="")
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_answer_the_servicer_got_wrong_reveals_nothing(target: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        request = health_pb2.HealthCheckRequest(service="wrong answer")
+        await call_typed(target, request.SerializeToString())
+    assert error.value.code() == grpc.StatusCode.INTERNAL
+    details = error.value.details() or ""
+    assert details.startswith("internal error (trace ") and "SerializeToString" not in details
 
 
 async def test_a_streams_own_time_limit_is_a_fault_not_an_expired_token(target: str) -> None:

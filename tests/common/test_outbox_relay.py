@@ -307,11 +307,16 @@ async def test_a_stopped_relay_leaves_no_change_stream_open(settings: Settings, 
     sweep must not open another one that nothing stops."""
     async with two_instances(settings, topic, poll_seconds=SWEEP_SECONDS) as two:
         relay = two.relays["a"]
-        relay.start()
-        await eventually(holds_lease(two.db, "a"), what="the relay holds the lease")
 
         def watching() -> set[asyncio.Task[Any]]:
-            return {t for t in asyncio.all_tasks() if t.get_name() == "outbox-watch"}
+            # Not the relays of services other tests left running in this event loop.
+            named = {t for t in asyncio.all_tasks() if t.get_name() == "outbox-watch"}
+            return named - others
+
+        others: set[asyncio.Task[Any]] = set()
+        others = watching()
+        relay.start()
+        await eventually(holds_lease(two.db, "a"), what="the relay holds the lease")
 
         async def watch_started() -> bool:
             return bool(watching())
