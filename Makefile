@@ -33,12 +33,15 @@ setup: $(VENV)/.installed gen/.stamp
 run: setup
 	$(PY) -m services.platform run
 
-stop down:
+# Before the first `make run` there is nothing to stop or show: said, and not an error.
+stop down: setup
 	$(PY) -m services.platform stop
-	$(PY) -m infra.local down --env dev
+	@if [ -d .civic/dev ]; then $(PY) -m infra.local down --env dev; \
+	else echo "the local servers were never started (make run starts them)"; fi
 
-status:
-	$(PY) -m infra.local status --env dev
+status: setup
+	@if [ -d .civic/dev ]; then $(PY) -m infra.local status --env dev; \
+	else echo "the local servers were never started (make run starts them)"; fi
 
 lint: setup $(BUF)
 	$(VENV)/bin/ruff check .
