@@ -1,12 +1,14 @@
 """The real server images through testcontainers, for machines WITH a Docker engine.
 
 Tests prefer these where Docker exists (the same images as docker-compose.yml) and fall back to
-infra.local's PyPI-packaged servers elsewhere. Topics and buckets are not created here: the
-caller runs infra.provision.provision(endpoints, partitions), as for the local servers.
+infra.local's PyPI-packaged servers elsewhere. Topics and buckets are created as for the local
+servers (infra.provision): no service creates them, and a broker's own defaults (auto-created
+topics, its retention) are not what the platform runs on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ import pymongo
 from pymongo.errors import OperationFailure
 
 from infra.local import Endpoints, InfraError
+from infra.provision import provision
 from services.common.config import Settings
 
 # The images docker-compose.yml runs. testcontainers' Kafka module drives Confluent's start
@@ -92,19 +95,20 @@ def start_containers() -> tuple[Endpoints, Callable[[], None]]:
         minio.start()
         started.append(minio)
         minio_config = minio.get_config()
+        endpoints = Endpoints(
+            # The member is known by its in-container address, which the host cannot reach; a
+            # direct connection to the mapped port still gives transactions and change streams.
+            mongo_uri=f"mongodb://{mongo_host}:{mongo_port}/?directConnection=true",
+            kafka_bootstrap_servers=kafka.get_bootstrap_server(),
+            s3_endpoint=str(minio_config["endpoint"]),
+            s3_access_key=settings.s3_access_key,
+            s3_secret_key=settings.s3_secret_key,
+        )
+        # Called from synchronous set-up (a session fixture), with no event loop running.
+        asyncio.run(provision(endpoints, settings.kafka_partitions))
     except BaseException:
         stop()
         raise
-
-    endpoints = Endpoints(
-        # The member is known by its in-container address, which the host cannot reach; a
-        # direct connection to the mapped port still gives transactions and change streams.
-        mongo_uri=f"mongodb://{mongo_host}:{mongo_port}/?directConnection=true",
-        kafka_bootstrap_servers=kafka.get_bootstrap_server(),
-        s3_endpoint=str(minio_config["endpoint"]),
-        s3_access_key=settings.s3_access_key,
-        s3_secret_key=settings.s3_secret_key,
-    )
     return endpoints, stop
 
 
