@@ -618,9 +618,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             drafts = [
                 replace(
                     draft,
-                    request_id=domain.part_request_id(draft.request_id, number)
-                    if number > 1
-                    else draft.request_id,
+                    request_id=domain.part_request_id(draft.request_id, number),
                     postings=domain.reversal_of(
                         (p["account"], p["amount"]) for p in part["postings"]
                     ),
@@ -722,9 +720,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             drafts = [
                 replace(
                     draft,
-                    request_id=domain.part_request_id(draft.request_id, number)
-                    if number > 1
-                    else draft.request_id,
+                    request_id=domain.part_request_id(draft.request_id, number),
                     postings=part.postings,
                     assessment=events.assessment(campaign, number, len(assessment), part.dues),
                 )

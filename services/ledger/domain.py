@@ -381,9 +381,11 @@ def balances_position(token: str, prefix: str) -> tuple[int, str]:
 
 
 def part_request_id(request_id: str, part: int) -> str:
-    """The idempotency key of part `part` (2, 3, ...) of a request booked as several
-    transactions: one to one with the request's own key, and longer than any key a client may
-    send (MAX_REQUEST_ID), so never one of theirs."""
+    """The idempotency key of part `part` (1, 2, ...) of a request booked as several
+    transactions: the request's own key for the first; for the others one to one with it, and
+    longer than any key a client may send (MAX_REQUEST_ID), so never one of theirs."""
+    if part == 1:
+        return request_id
     return f"part {part} of ".ljust(MAX_REQUEST_ID + 1, "-") + request_id
 
 

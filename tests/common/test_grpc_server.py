@@ -89,10 +89,11 @@ async def target() -> AsyncIterator[str]:
     await server.stop(grace=0.1)
 
 
-async def call(target: str, body: bytes, bearer: str | None = None) -> bytes:
+async def call(target: str, body: bytes, bearer: str | None = None, rpc: str = "Probe") -> bytes:
+    """`body` as it comes, to `rpc` (Probe takes bytes; Typed, messages)."""
     bearer = token(Role.WARD_OFFICER, "dn.hc.hc1") if bearer is None else bearer
     async with civic_channel(target, bearer) as channel:
-        method: Any = channel.unary_unary(f"/{SERVICE}/Probe")
+        method: Any = channel.unary_unary(f"/{SERVICE}/{rpc}")
         reply: bytes = await method(body)
         return reply
 
@@ -126,39 +127,30 @@ async def test_unexpected_error_reveals_nothing(target: str) -> None:
     assert "hunter2" not in details and "Traceback" not in details and "RuntimeError" not in details
 
 
-async def call_typed(target: str, body: bytes, bearer: str | None = None) -> bytes:
-    """Bytes as they come to a method that takes messages."""
-    bearer = token(Role.WARD_OFFICER, "dn.hc.hc1") if bearer is None else bearer
-    async with civic_channel(target, bearer) as channel:
-        method: Any = channel.unary_unary(f"/{SERVICE}/Typed")
-        reply: bytes = await method(body)
-        return reply
-
-
 async def test_a_malformed_request_is_invalid_argument_and_only_once_the_caller_is_known(
     target: str,
 ) -> None:
     """Parsing is the server's work, not the caller's secret: a request that is not a message
     of the method is INVALID_ARGUMENT naming the request, without the parser's words; and it
     tells nothing before the token is checked."""
-    assert await call_typed(target, health_pb2.HealthCheckRequest().SerializeToString()) == (
+    assert await call(target, health_pb2.HealthCheckRequest().SerializeToString(), rpc="Typed") == (
         health_pb2.HealthCheckResponse(status=1).SerializeToString()
     )
     truncated = b"\xff\xff\xff"
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call_typed(target, truncated)
+        await call(target, truncated, rpc="Typed")
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.value.details() or "").startswith("request: ")
     assert "Error parsing" not in (error.value.details() or "")
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await call_typed(target, truncated, bearer="")
+        await call(target, truncated, bearer="", rpc="Typed")
     assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_an_answer_the_servicer_got_wrong_reveals_nothing(target: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         request = health_pb2.HealthCheckRequest(service="wrong answer")
-        await call_typed(target, request.SerializeToString())
+        await call(target, request.SerializeToString(), rpc="Typed")
     assert error.value.code() == grpc.StatusCode.INTERNAL
     details = error.value.details() or ""
     assert details.startswith("internal error (trace ") and "SerializeToString" not in details

@@ -140,6 +140,33 @@ def use_servers(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     monkeypatch.setenv("CIVIC_DATABASE_PREFIX", settings.database_prefix)
 
 
+def resealed(
+    fund_id: str, victim_id: str, alter: Callable[[events_pb2.TransactionPosted], None]
+) -> Callable[[Record], list[Record]]:
+    """A change for `copy_topic`: the fund's event `victim_id` altered, and it and every later
+    event of the fund given a hash chain that holds again, as a forger with the topic would."""
+    from services.ledger.domain import chain_hash
+
+    hashes: list[str] = []  # the hash each rewritten event of the fund now carries
+
+    def change(record: Record) -> list[Record]:
+        if record.event_type != POSTED or record.key != fund_id.encode():
+            return [record]
+        event = events_pb2.TransactionPosted.FromString(record.value)
+        if record.event_id == victim_id:
+            alter(event)
+        elif hashes:
+            event.prev_hash = hashes[-1]
+        else:
+            return [record]
+        event.hash = chain_hash(event)
+        hashes.append(event.hash)
+        value = event.SerializeToString()
+        return [Record(record.partition, record.offset, record.key, value, record.headers)]
+
+    return change
+
+
 async def copy_topic(
     settings: Settings, change: Callable[[Record], list[Record]], *, partitions_added: int = 0
 ) -> tuple[str, list[Record]]:
@@ -364,7 +391,6 @@ async def test_a_history_resealed_to_its_end_and_a_missing_tail_are_found(
     """A forger who reseals every later event too leaves a chain that checks out on its own,
     with the same balances (a memo and who paid changed): only the live chain's hash shows it.
     A topic missing the fund's last events shows as the live chain running past it."""
-    from services.ledger.domain import chain_hash
 
     await busy_fund(books)
     await published(ledger_service)
@@ -373,24 +399,11 @@ async def test_a_history_resealed_to_its_end_and_a_missing_tail_are_found(
             r for r in with_key(await reader.read_to_end(), books.fund_id) if r.event_type == POSTED
         ]
     victim = mine[1]
-    resealed: list[str] = []  # the hash each rewritten event of the fund now carries
 
-    def reseal_to_the_end(record: Record) -> list[Record]:
-        if record.event_type != POSTED or record.key != books.fund_id.encode():
-            return [record]
-        event = events_pb2.TransactionPosted.FromString(record.value)
-        if record.event_id == victim.event_id:
-            event.transaction.memo = "đã sửa"
-        elif resealed:
-            event.prev_hash = resealed[-1]
-        else:
-            return [record]
-        event.hash = chain_hash(event)
-        resealed.append(event.hash)
-        value = event.SerializeToString()
-        return [Record(record.partition, record.offset, record.key, value, record.headers)]
+    def rewrite_memo(event: events_pb2.TransactionPosted) -> None:
+        event.transaction.memo = "đã sửa"
 
-    topic, _ = await copy_topic(settings, reseal_to_the_end)
+    topic, _ = await copy_topic(settings, resealed(books.fund_id, victim.event_id, rewrite_memo))
     report = await audit(settings, books, ledger_service, topic)
     assert report.first_bad is None  # the topic's own chain checks out
     assert not report.ok
