@@ -1,7 +1,9 @@
 """Onboarding files: a CSV of persons with their households, read into ImportRow messages.
 
-One record per person, one line each: no cell holds a line break, so a quote left open is the
-problem of its own line and takes no other line into its cell. The header names the columns (any
+One record per person, a line each; a quoted cell may run over a few lines (an address typed with
+a line break in a spreadsheet cell), at most MAX_RECORD_LINES in all. A quote left open is the
+problem of the line it opens on and takes no other record into its cell: the lines after it are
+read again as records of their own. The header names the columns (any
 order, case-insensitive); COLUMNS lists them and REQUIRED those the header must have. A header
 cell left empty (spreadsheets export the empty columns beside a table so) names no column: its
 cells must be empty too, or their row is reported. A row's number is its line, the header being
@@ -160,12 +162,16 @@ def _location(latitude: str, longitude: str) -> types_pb2.GeoPoint | None:
 # ---- a file -------------------------------------------------------------------------------------
 
 
-def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
-    """(line, column -> cell) per data record, or the problem that keeps the record out.
+# The most lines one record may take: a cell with a line break or two in it. A quote left open
+# would take every line after it, record after record, into its cell.
+MAX_RECORD_LINES = 3
 
-    No column holds a line break, so every record is one line, parsed on its own: a quote left
-    open (a cell copied without its closing quote) is its line's problem, and cannot take the
-    lines after it into its cell."""
+
+def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
+    """(line it starts on, column -> cell) per data record, or the problem that keeps the
+    record out. A quote open at a line's end takes the next line into its cell, up to
+    MAX_RECORD_LINES and only while the record has no more cells than the header; otherwise it
+    is the first line's problem, and the lines after it are records of their own."""
     try:
         # utf-8-sig: spreadsheets often start their CSV exports with a byte-order mark.
         with path.open(newline="", encoding="utf-8-sig") as file:
@@ -173,8 +179,25 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
             # Spreadsheets in locales with a decimal comma separate cells with ";".
             delimiter = ";" if first.count(";") > first.count(",") else ","
             header = _header(path, next(csv.reader([first], delimiter=delimiter), []))
-            for line, text in enumerate(file, start=2):
+            lines = enumerate(file, start=2)
+            again: list[tuple[int, str]] = []  # lines to read again, the next one last
+            while True:
+                if again:
+                    line, text = again.pop()
+                elif (following := next(lines, None)) is not None:
+                    line, text = following
+                else:
+                    break
+                taken = [text]
+                while _left_open(text := "".join(taken), delimiter):
+                    if len(taken) == MAX_RECORD_LINES or (more := next(lines, None)) is None:
+                        break
+                    taken.append(more[1])
                 record = _record(header, text, delimiter)
+                if len(taken) > 1 and not isinstance(record, dict):
+                    # No record over several lines: the quote opening it was left open.
+                    again.extend(reversed(list(enumerate(taken[1:], start=line + 1))))
+                    record = _record(header, taken[0], delimiter)
                 if record is not None:
                     yield line, record
     except FileNotFoundError:
@@ -189,8 +212,12 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, str] | RowProblem]]:
         raise CsvFileError(f"{path}: {error.strerror or error}") from None
 
 
+def _left_open(text: str, delimiter: str) -> bool:
+    return '"' in text and _quoted_cell(text, delimiter)[1]
+
+
 def _record(header: list[str], text: str, delimiter: str) -> dict[str, str] | RowProblem | None:
-    """One line's record (column -> cell), its problem, or None for a line with no value."""
+    """A record's cells by column, its problem, or None for a line with no value."""
     try:
         cells = next(csv.reader([text], delimiter=delimiter, strict=True), [])
     except csv.Error:
@@ -210,7 +237,10 @@ def _quote_problem(header: list[str], text: str, delimiter: str) -> RowProblem:
     number, left_open = _quoted_cell(text, delimiter)
     name = header[number] if number < len(header) else ""
     if left_open:
-        message = "the quote that opens it is not closed on this line (no cell holds a line break)"
+        message = (
+            f"the quote that opens it is not closed on this line or the {MAX_RECORD_LINES - 1} "
+            "after it"
+        )
     else:
         message = "a quote ends it before its end: quote the whole cell, doubling quotes inside it"
     return RowProblem(name, message if name else f"cell {number + 1}: {message}")

@@ -469,9 +469,8 @@ async def test_a_quote_left_open_takes_no_row_into_its_cell(
 
     assert out.startswith(f"{path}: 2 rows, 1 refused before sending, 1 sent")
     assert re.findall(r"^row (\d+)  (\w+): (.*)$", out, re.MULTILINE) == [
-        ("2", "email", "the quote that opens it is not closed on this line (no cell holds a line "
-         "break)")
-    ]  # fmt: skip
+        ("2", "email", "the quote that opens it is not closed on this line or the 2 after it")
+    ]
     assert [p.full_name for p in await residents(city)] == ["Lê Văn Bình"]
 
 
@@ -528,12 +527,8 @@ def test_rows_are_numbered_by_their_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "field", "complaint"),
     [
-        # A cell over two lines, as a spreadsheet writes one: no column holds a line break.
-        (
-            'g1,HK-1,"12 Trần Phú\nHải Châu",Trần Văn An,1975-02-03,male,head',
-            "address",
-            "not closed",
-        ),
+        # A quote left open takes no other record into its cell, however many lines it tries.
+        ('g1,HK-1,"12 Trần Phú,Trần Văn An,1975-02-03,male,head', "address", "not closed"),
         ('g1,"HK"1,,Trần Văn An,1975-02-03,male,head', "household_ref", "quote the whole cell"),
         ('g1,HK-1,,Trần Văn An,1975-02-03,male,head,,"x', "", "cell 9: the quote"),
     ],
@@ -557,6 +552,29 @@ def test_a_cell_whose_quotes_are_broken_is_its_rows_error(
     last = others[-1]
     assert isinstance(last, registry_pb2.ImportRow)
     assert (last.row_number, last.address) == (len(others) + 2, '5 Lê Lợi, "B"')
+
+
+def test_a_cell_over_two_lines_as_a_spreadsheet_writes_one_is_one_record(tmp_path: Path) -> None:
+    """An address typed with a line break in its cell (Alt+Enter) is quoted over two lines: one
+    record, numbered by the line it starts on; the rows after it keep their own numbers."""
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "unit_id,household_ref,address,full_name,birth_date,sex,relationship\n"
+        'g1,HK-1,"12 Trần Phú\nHải Châu",Trần Văn An,1975-02-03,male,head\n'
+        "g1,HK-1,,Lê Thị Hoa,1978-09-09,female,spouse\n",
+        encoding="utf-8",
+    )
+
+    first, second = csv_rows.read_rows(path)
+
+    assert isinstance(first, registry_pb2.ImportRow)
+    assert (first.row_number, first.address, first.person.full_name) == (
+        2,
+        "12 Trần Phú\nHải Châu",
+        "Trần Văn An",
+    )
+    assert isinstance(second, registry_pb2.ImportRow)
+    assert (second.row_number, second.person.full_name) == (4, "Lê Thị Hoa")
 
 
 def test_empty_columns_a_spreadsheet_adds_are_ignored_unless_they_hold_a_value(
