@@ -869,9 +869,6 @@ class FundBooks:
     transaction_count: int = 0
     # The fund's dues campaigns, in the chain's order.
     campaigns: dict[str, CampaignBooks] = field(default_factory=dict)
-    # Where its assessments began carrying their campaign's terms (-1: not yet): the service
-    # never goes back, so an assessment without them after that point is a forgery.
-    terms_since: int = -1
 
 
 @dataclass
@@ -958,13 +955,16 @@ class Books:
         campaign_id, terms = assessed.campaign_id, assessed.terms
         if not campaign_id:
             raise BadEvent("an assessment that names no campaign")
-        if terms is None and fund.terms_since >= 0:
-            raise BadEvent(
-                f"campaign {campaign_id}: its assessment carries no terms, though the fund's "
-                f"have carried them since sequence {fund.terms_since}"
-            )
         known = fund.campaigns.get(campaign_id)
-        if terms is None:  # from before events carried terms: parts neither numbered nor said
+        if terms is None:
+            # From a build before events carried terms: parts neither numbered nor said. Such a
+            # build may still post while a newer one runs beside it (a rolling deploy), so a
+            # campaign without terms after one with them is no forgery; but one instance posts a
+            # campaign's parts together, so they carry terms all or none.
+            if known is not None and known.terms is not None:
+                raise BadEvent(
+                    f"campaign {campaign_id}: a part carries no terms, though its first did"
+                )
             return known or CampaignBooks(campaign_id, transaction_id, sequence, None)
         if not 1 <= assessed.part <= assessed.parts:
             raise BadEvent(
@@ -1007,8 +1007,6 @@ class Books:
             campaign.total_due += sum(owed)
             campaign.parts = campaign.parts_seen
             return
-        if fund.terms_since < 0:
-            fund.terms_since = sequence
         for due in assessed.dues:
             if due.exempt_because is not None:
                 campaign.exempt += 1
