@@ -230,11 +230,19 @@ async def load_demo(settings: Settings) -> str:
                 yield chunk
 
         report = await registry.ImportPersons(stream())
-    return (
+    said = (
         f"demo data: {report.rows} persons read, {report.households_created} households and "
         f"{report.persons_created} persons created, {report.persons_unchanged} already there, "
         f"{len(report.errors)} errors"
     )
+    if report.errors:
+        # The generator's own rows never fail: these meet what another version of it loaded.
+        first = report.errors[0]
+        said += (
+            f" (the first: row {first.row_number} {first.field}: {first.message}); the register "
+            "holds another version's demo data: `make stop`, remove .civic/dev, `make run` again"
+        )
+    return said
 
 
 DEMO_FUND = "Quỹ vì người nghèo"

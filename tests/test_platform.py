@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -22,8 +23,9 @@ from services import platform
 from services.common.auth import Role, verify_token
 from services.common.config import GRPC_PORTS, Settings
 from services.common.grpc_client import civic_channel
-from services.demo import PILOT
+from services.demo import PILOT, PILOT_DAY, pilot_rows
 from services.registry.main import RegistryService
+from tests.conftest import Clock
 
 
 async def test_a_second_run_says_civic_is_already_running(
@@ -224,3 +226,35 @@ async def test_make_run_prints_a_residents_token_for_a_pilot_household_that_outl
             registry_pb2.GetHouseholdRequest(household_id=household_id)
         )
     assert own.household.unit_id == PILOT[0].unit_id
+
+
+async def test_make_run_says_how_to_start_afresh_when_the_register_holds_another_demo(
+    settings: Settings, session_clock: Clock
+) -> None:
+    """A dev register loaded by another version of the demo generator: the same household
+    numbers, other people. The load reports the clash and how to start afresh."""
+    own = settings.model_copy(
+        update={"database_prefix": settings.database_prefix + "olddemo", "grpc_port": free_port()}
+    )
+    registry = RegistryService(own, clock=session_clock)
+    await registry.start()
+    try:
+        loaded = own.model_copy(update={"registry_target": f"127.0.0.1:{registry.port}"})
+        async with civic_channel(loaded.registry(), platform.demo_admin(loaded)) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            await platform.create_pilot_units(stub)
+            head = next(pilot_rows(PILOT_DAY))
+            head.person.full_name, head.person.birth_date = "Lê Văn Cũ", "1950-01-01"
+            head.person.citizen_id = ""
+
+            async def older_version() -> AsyncIterator[registry_pb2.ImportPersonsRequest]:
+                yield registry_pb2.ImportPersonsRequest(rows=[head])
+
+            await stub.ImportPersons(older_version())
+        said = await platform.load_demo(loaded)
+    finally:
+        await registry.stop()
+    assert ", 0 errors" not in said
+    assert said.endswith(
+        "another version's demo data: `make stop`, remove .civic/dev, `make run` again"
+    )
