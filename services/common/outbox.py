@@ -25,7 +25,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+)
 from aiokafka.partitioner import DefaultPartitioner
 from bson import Binary, ObjectId
 from google.protobuf.message import Message
@@ -182,6 +188,10 @@ class _Record:
     headers: list[tuple[str, bytes]]
     # A retry of a refused event, which goes in a batch of its own.
     alone: bool
+
+
+# What a send fails with when the broker is not there to answer, rather than refusing a batch.
+OUT_OF_REACH = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError)
 
 
 class OutboxRelay:
@@ -512,6 +522,8 @@ class OutboxRelay:
         for members, batch in _batches(producer, lane):
             try:
                 await (await producer.send_batch(batch, tp.topic, partition=tp.partition))
+            except OUT_OF_REACH:
+                raise  # not the broker refusing these events: the sweep failed (see _failed)
             except KafkaError as error:
                 self._refuse(members, error)
                 return True

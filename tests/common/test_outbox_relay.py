@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaConnectionError
 from bson import ObjectId
 from civic.tickets.v1 import events_pb2
 from google.protobuf.message import Message
@@ -28,6 +27,7 @@ from pymongo.monitoring import (
     CommandSucceededEvent,
 )
 
+from infra.local import free_port
 from services.common.broker import outbox_producer
 from services.common.config import Settings
 from services.common.mongo import Document, Session, in_transaction, mongo_client
@@ -270,18 +270,22 @@ async def test_a_relay_that_stops_hands_its_lease_over_at_once(
 
 
 async def test_a_relay_that_cannot_publish_hands_its_lease_to_one_that_can(
-    settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, topic: str
 ) -> None:
     """An instance that reaches MongoDB but not Kafka must not hold the lease, and with it every
     event of the service, for as long as it runs: after failing for a lease's length it stands
     aside and another instance publishes."""
     async with two_instances(settings, topic, poll_seconds=0.05, lease_seconds=1.0) as two:
-        cut_off = two.relays["a"]
-
-        async def broker_out_of_reach(records: object) -> None:
-            raise KafkaConnectionError("the broker is out of reach")
-
-        monkeypatch.setattr(cut_off, "_publish", broker_out_of_reach)
+        # Instance a's broker is an address where nothing answers.
+        await two.relays["a"].stop()
+        cut_off = two.relays["a"] = OutboxRelay(
+            two.db,
+            two.outboxes["a"],
+            functools.partial(outbox_producer, f"127.0.0.1:{free_port()}", "a"),
+            owner="a",
+            poll_seconds=0.05,
+            lease_seconds=1.0,
+        )
         cut_off.start()
         await eventually(holds_lease(two.db, "a"), what="the cut-off relay holds the lease")
         two.relays["b"].start()
@@ -299,7 +303,7 @@ async def test_a_relay_that_cannot_publish_hands_its_lease_to_one_that_can(
                 what="the event, published by the relay that can",
             )
         assert [r.event_id for r in records] == [event["_id"]]
-        assert (two.relays["a"].published, two.relays["b"].published) == (0, 1)
+        assert (cut_off.published, two.relays["b"].published) == (0, 1)
 
 
 async def test_a_stopped_relay_leaves_no_change_stream_open(settings: Settings, topic: str) -> None:
