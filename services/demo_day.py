@@ -778,8 +778,8 @@ def _starting(own_servers: list[str]) -> str:
 async def civic_events_on(bootstrap_servers: str) -> list[str]:
     """The Civic topics on a broker that already hold events."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers)
-    await consumer.start()
     try:
+        await consumer.start()
         known = await consumer.topics()
         partitions = [
             TopicPartition(topic.name, p)
@@ -802,10 +802,11 @@ async def _on_own_servers(say: Callable[[str], None]) -> int:
         if "kafka" not in stack.own_servers() and (
             used := await civic_events_on(outside.kafka_bootstrap_servers)
         ):
-            say(
+            print(
                 f"error: the broker at {outside.kafka_bootstrap_servers} already holds Civic "
                 f"events ({', '.join(used)}); the demo needs a broker of its own "
-                "(unset KAFKA_BOOTSTRAP_SERVERS to have it start one)"
+                "(unset KAFKA_BOOTSTRAP_SERVERS to have it start one)",
+                file=sys.stderr,
             )
             return 2
         say(_starting(stack.own_servers()))

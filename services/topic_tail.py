@@ -167,12 +167,27 @@ class BrokerWatch:
         print(line, file=self.notes, flush=True)
 
 
+DEFAULT_PORT = 9092  # what aiokafka connects to when an address names no port
+
+
+def host_and_port(address: str) -> tuple[str, int]:
+    """ "host:port", "[v6]:port", or an address without a port, which the client takes as
+    Kafka's own. ValueError for a port that is not a number."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, colon, port = address.rpartition(":")
+        if not colon:
+            host, port = address, ""
+    return host, int(port) if port else DEFAULT_PORT
+
+
 async def reachable(bootstrap_servers: str) -> bool:
     """Whether any of the brokers takes a connection."""
     for address in bootstrap_servers.split(","):
-        host, _, port = address.strip().rpartition(":")
         try:
-            connecting = asyncio.open_connection(host.strip("[]"), int(port))
+            connecting = asyncio.open_connection(*host_and_port(address.strip()))
             _, writer = await asyncio.wait_for(connecting, PROBE_EVERY)
         except (OSError, TimeoutError, ValueError):
             continue

@@ -367,3 +367,20 @@ async def test_city_that_cannot_create_its_units_leaves_no_directory_behind(
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: creating units: UNAVAILABLE"), line
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("broker", ("broker", 9092)),
+        ("broker:19092", ("broker", 19092)),
+        ("[::1]:9093", ("::1", 9093)),
+        ("[::1]", ("::1", 9092)),
+    ],
+)
+def test_tail_probes_a_broker_named_without_a_port_where_the_client_connects(
+    address: str, expected: tuple[str, int]
+) -> None:
+    """Kafka's clients take an address without a port as port 9092: the probe that tells the
+    broker lost must look there too, not call a broker that answers lost."""
+    assert topic_tail.host_and_port(address) == expected
