@@ -29,6 +29,7 @@ import inspect
 import logging
 import os
 import re
+import stat
 import sys
 import textwrap
 import time
@@ -662,7 +663,7 @@ async def _map(args: argparse.Namespace) -> int:
     if image_format is None:
         return _fail(f"{path}: the file must end in .svg or .png", status=2)
     # Before the service draws the map: a file that cannot be written is known now.
-    folder = path.parent
+    folder = (await asyncio.to_thread(path.resolve)).parent
     if not await asyncio.to_thread(folder.is_dir):
         return _fail(f"{folder}: no such directory", status=2)
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -687,11 +688,15 @@ async def _map(args: argparse.Namespace) -> int:
 
 def _write_whole(path: Path, content: bytes) -> None:
     """Writes the file whole or not at all: the content goes to a file beside it, renamed over
-    it once complete, so a failure half-way (a full disk) leaves the old file as it was."""
+    it once complete, so a failure half-way (a full disk) leaves the old file as it was. A link
+    is written through, to the file it names; a file there keeps its permissions."""
+    path = path.resolve()
     part = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         with part.open("xb") as file:
             file.write(content)
+        if path.exists():
+            part.chmod(stat.S_IMODE(path.stat().st_mode))
         part.replace(path)
     except BaseException:
         part.unlink(missing_ok=True)

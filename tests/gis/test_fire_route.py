@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import signal
+import stat
 import sys
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
@@ -250,6 +251,30 @@ async def test_civic_map_replaces_a_file_whole_or_not_at_all(ward: Ward, tmp_pat
     assert err.decode() == f"error: {target}: File too large\n"
     assert target.read_bytes() == b"the map printed last week"
     assert os.listdir(tmp_path) == ["g.png"]
+
+
+async def test_civic_map_onto_a_link_writes_the_file_it_names_keeping_its_permissions(
+    ward: Ward, tmp_path: Path
+) -> None:
+    """ "latest.png" linking to this week's print: the link stays, the print is redrawn, and
+    whoever could not read it before cannot now."""
+    await draw_network(ward)
+    printed = tmp_path / "prints" / "g.png"
+    printed.parent.mkdir()
+    printed.write_bytes(b"the map printed last week")
+    printed.chmod(0o640)
+    latest = tmp_path / "latest.png"
+    latest.symlink_to(printed)
+    leader = token(Role.GROUP_LEADER, ward.city.group)
+
+    status = await cli.run(
+        ["map", ward.city.group, str(latest), "--target", ward.target, "--token", leader]
+    )
+
+    assert status == 0
+    assert latest.is_symlink() and printed.read_bytes().startswith(b"\x89PNG")
+    assert stat.S_IMODE(printed.stat().st_mode) == 0o640
+    assert sorted(os.listdir(printed.parent)) == ["g.png"]
 
 
 def test_distances_along_and_beside_a_route_are_metres_on_the_ellipsoid() -> None:
