@@ -89,11 +89,13 @@ class ObjectStore:
         (a retry) gives the same answer, and a second upload to the same link while it is still
         valid is dropped: what was checked and accepted stays."""
         with contextlib.suppress(NotFound):
-            size, content_type = await self._io(self._stat, checked(key))
-            with contextlib.suppress(NotFound):
-                await self._io(self._client.remove_object, self.bucket, key)
-            return StoredObject(checked(key), size, content_type)
-        data, content_type = await self._io(self._get, key, max_bytes + 1)
+            return await self._accepted(key)
+        try:
+            data, content_type = await self._io(self._get, key, max_bytes + 1)
+        except NotFound:
+            # Another accept of the same upload (a second tap) kept it and removed the upload
+            # between the look above and this read: its answer is this one's too.
+            return await self._accepted(key)
         try:
             check_upload(content_type, len(data), max_bytes, signatures)
             if not is_a(content_type, data, signatures):
@@ -105,6 +107,13 @@ class ObjectStore:
         await self._io(self._put, checked(key), kept, content_type)
         await self._io(self._client.remove_object, self.bucket, key)
         return StoredObject(checked(key), len(kept), content_type)
+
+    async def _accepted(self, key: str) -> StoredObject:
+        """The upload as accepted before, the upload itself removed; NotFound if it was not."""
+        size, content_type = await self._io(self._stat, checked(key))
+        with contextlib.suppress(NotFound):
+            await self._io(self._client.remove_object, self.bucket, key)
+        return StoredObject(checked(key), size, content_type)
 
     async def read(self, key: str, max_bytes: int) -> bytes:
         """The whole object, if it is there and not larger than max_bytes."""

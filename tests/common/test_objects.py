@@ -63,3 +63,28 @@ async def test_a_second_upload_to_a_link_still_valid_does_not_replace_what_was_a
         lambda: [o.object_name for o in bucket.list_objects("civic-statements", recursive=True)]
     )
     assert key not in names  # the second upload is not left lying about
+
+
+async def test_an_upload_accepted_by_another_call_while_this_one_looked_is_accepted_once(
+    settings: Settings, bucket: Minio, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second tap on "attach": one call finds nothing accepted yet, and before it reads the
+    upload the other has kept it and removed it. It answers as the other did, not NOT_FOUND."""
+    store, other = (
+        ObjectStore(settings, "civic-statements"),
+        ObjectStore(settings, "civic-statements"),
+    )
+    key = f"receipts/fd-x/{uuid.uuid4().hex}.png"
+    await put(store.upload_url(key), png_bytes(), "image/png")
+    first: list[object] = []
+    read = store._get
+
+    def after_the_other(name: str, length: int) -> tuple[bytes, str]:
+        # The other call runs to its end between this call's look and its read (the race).
+        first.append(asyncio.run(other.accept_image(key, 1_000_000)))
+        return read(name, length)
+
+    monkeypatch.setattr(store, "_get", after_the_other)
+    accepted = await store.accept_image(key, 1_000_000)
+    assert [accepted] == first
+    assert accepted.key == checked(key)
