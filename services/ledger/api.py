@@ -160,12 +160,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         return fund
 
     async def _writable(self, fund_id: str, field_name: str = "fund_id") -> Document:
-        """The fund's id, unit and name (which never change: remembered after the first read),
-        once the caller may change it."""
+        """The fund's id, unit, name and opening (which never change: remembered after the
+        first read), once the caller may change it."""
         fund = self._fund_units.get(fund_id)
         if fund is None:
             found = await self._fund(fund_id, field_name)
-            fund = {key: found[key] for key in ("_id", "unit_id", "name")}
+            fund = {key: found[key] for key in ("_id", "unit_id", "name", "opened_at")}
             if len(self._fund_units) > 100_000:
                 self._fund_units.clear()
             self._fund_units[fund_id] = fund
@@ -488,6 +488,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         )
         if (done := await self._already_posted([draft])) is not None:
             return ledger_pb2.RecordContributionResponse(transaction=await self._message(done[0]))
+        # Past the retry's lookup: a payment recorded before the rule still answers its retry.
+        domain.check_in_books("paid_on", paid_on, domain.first_day_of_books(fund["opened_at"]))
         if request.campaign_id:
             campaign = await self.store.campaign(fund["_id"], request.campaign_id, with_dues=False)
             if campaign is None:
@@ -579,6 +581,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             fund, "expense.receipt_object_key", checked(key), "receipt_object_key: the receipt"
         )
         if (done := await self._already_posted([draft])) is None:
+            domain.check_in_books(
+                "spent_on", spent_on, domain.first_day_of_books(fund["opened_at"])
+            )
             await self.files.accept_image(key, MAX_RECEIPT_BYTES)
             done = await self._post([draft], one_expense_a_receipt)
         return ledger_pb2.RecordExpenseResponse(transaction=await self._message(done[0]))

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from services.common.auth import OFFICIALS, Principal, Role, unit_within
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from services.common.wire import EPOCH, MICROSECOND, YEARS
+from services.common.wire import EPOCH, MICROSECOND, YEARS, local_date
 
 # A quadrillion đồng: far above any neighbourhood fund.
 MAX_AMOUNT = 10**15
@@ -413,6 +413,28 @@ def check_day(field_name: str, value: str, today: date) -> str:
     if day > today:
         raise InvalidArgument(field_name, "must not be in the future")
     return day.isoformat()
+
+
+def first_day_of_books(opened_at: datetime) -> date:
+    """The earliest day a fund's payment or expense may be dated: 1 January of the year before
+    the fund was opened (in Vietnam). A unit moving its paper books into the ledger enters the
+    receipts of this year and the last as dated on paper; a day before that is a mistyped year
+    (1900, or 2016 for 2026), which would put the payment on the board in a year the fund did
+    not keep. Not the opening day itself: those paper receipts come before it, and so may the
+    payments towards a campaign declared once the fund is in the ledger."""
+    return date(local_date(opened_at).year - 1, 1, 1)
+
+
+def check_in_books(field_name: str, day: str, first: date) -> None:
+    """`day` (as `check_day` gives it) is not before the fund's `first_day_of_books`. Checked
+    for new commands only: a retry of one recorded before answers it, and the replay of the
+    events does not ask."""
+    if date.fromisoformat(day) < first:
+        raise InvalidArgument(
+            field_name,
+            f"must not be before {first.isoformat()}: the fund's books begin with the year "
+            "before it was opened",
+        )
 
 
 def check_receipt_number(field_name: str, value: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, date
 from functools import cached_property
 from typing import Any
 
@@ -16,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
+from services.common.wire import local_date
 from services.ledger.main import LedgerService
 from services.registry.main import RegistryService
 from tests.conftest import Clock, token
@@ -139,6 +141,11 @@ class Books:
             if not response.next_page_token:
                 return balances
             request.page.page_token = response.next_page_token
+
+    async def opened_on(self) -> date:
+        """The day (in Vietnam) the fund was opened."""
+        fund = (await self.auditor.GetFund(ledger_pb2.GetFundRequest(fund_id=self.fund_id))).fund
+        return local_date(fund.opened_at.ToDatetime(tzinfo=UTC))
 
     async def contribute(
         self, amount: int, label: str = "", campaign_id: str = "", **kw: Any

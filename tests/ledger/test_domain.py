@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import pytest
 from civic.ledger.v1 import events_pb2, ledger_pb2
@@ -171,6 +171,17 @@ def test_a_parts_key_is_never_a_clients_nor_another_parts() -> None:
     }
     assert len(keys) == 15
     assert all(len(key) > domain.MAX_REQUEST_ID for key in keys)
+
+
+def test_a_funds_books_begin_with_the_year_before_it_was_opened_in_vietnam() -> None:
+    # 18:00 on 31 December UTC is already 1 January in Vietnam.
+    first = domain.first_day_of_books(datetime(2026, 12, 31, 18, 0, tzinfo=UTC))
+    assert first == date(2026, 1, 1)
+    assert domain.first_day_of_books(datetime(2026, 12, 31, 16, 0, tzinfo=UTC)) == date(2025, 1, 1)
+    domain.check_in_books("paid_on", "2026-01-01", first)
+    with pytest.raises(InvalidArgument) as refused:
+        domain.check_in_books("paid_on", "2025-12-31", first)
+    assert refused.value.field == "paid_on"
 
 
 def test_payment_status() -> None:

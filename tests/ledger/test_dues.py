@@ -4,6 +4,7 @@ has paid and who has not; a household's dues and payments."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from datetime import date, timedelta
 from typing import Any
 
 import grpc
@@ -116,13 +117,13 @@ async def test_declaring_is_idempotent(books: Books) -> None:
 async def test_who_has_paid_and_who_has_not(books: Books) -> None:
     campaign = await declare(books)
     cid = campaign.campaign_id
-    paid = await books.contribute(
-        200_000, "an", cid, receipt_number="BL-0001", paid_on="2026-01-05"
-    )
+    # Paid on a paper receipt before the fund was in the ledger: entered as dated.
+    paid_on = (await books.opened_on()).replace(month=1, day=1).isoformat()
+    paid = await books.contribute(200_000, "an", cid, receipt_number="BL-0001", paid_on=paid_on)
     assert paid.kind == ledger_pb2.TRANSACTION_KIND_CONTRIBUTION
     assert paid.contribution.household_name == "Trần Văn An"
     assert paid.contribution.receipt_number == "BL-0001"
-    assert paid.contribution.paid_on == "2026-01-05"
+    assert paid.contribution.paid_on == paid_on
     await books.contribute(
         50_000, "dung", cid, method=ledger_pb2.PAYMENT_METHOD_TRANSFER, receipt_number="BL-0002"
     )
@@ -573,3 +574,41 @@ async def test_the_same_campaign_is_not_declared_twice_until_cancelled(books: Bo
     await cancel(books, first)
     again = await declaring("Quỹ khuyến học")
     assert again.campaign_id != first.campaign_id
+
+
+async def test_a_payment_dated_before_the_funds_books_is_refused(books: Books) -> None:
+    """The receipts of the year before the fund was opened are entered as dated; a day before
+    that (a year mistyped: 1900, or 2016 for 2026) is refused, naming paid_on, and nothing is
+    written: neither the payment nor its receipt number."""
+    campaign = await declare(books)
+    cid = campaign.campaign_id
+    first = date((await books.opened_on()).year - 1, 1, 1)
+    before = await books.balances()
+    for day in ("1900-01-01", (first - timedelta(days=1)).isoformat()):
+        for towards, label in ((cid, "an"), ("", "an"), ("", "")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await books.contribute(
+                    100_000, label, towards, receipt_number="BL-0100", paid_on=day
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = refused.value.details() or ""
+            assert details.startswith(f"paid_on: must not be before {first.isoformat()}"), details
+    assert await books.balances() == before
+    dues = await books.treasurer.GetHouseholdDues(
+        ledger_pb2.GetHouseholdDuesRequest(
+            fund_id=books.fund_id, household_id=books.households["an"]
+        )
+    )
+    assert list(dues.payments) == []
+    fund = (await books.auditor.GetFund(ledger_pb2.GetFundRequest(fund_id=books.fund_id))).fund
+    assert fund.sequence == 1  # opened, then the campaign's assessment: no more events
+
+    key = rid()
+    paid = await books.contribute(
+        100_000, "an", cid, request_id=key, receipt_number="BL-0100", paid_on=first.isoformat()
+    )
+    assert paid.contribution.paid_on == first.isoformat()
+    again = await books.contribute(
+        100_000, "an", cid, request_id=key, receipt_number="BL-0100", paid_on=first.isoformat()
+    )
+    assert again == paid

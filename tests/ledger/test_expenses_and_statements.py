@@ -7,7 +7,7 @@ import asyncio
 import csv
 import io
 import urllib.request
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +17,7 @@ from civic.ledger.v1 import ledger_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.objects import checked
+from services.common.wire import local_date
 from tests.conftest import Clock
 from tests.ledger.conftest import Books, rid
 
@@ -52,7 +53,8 @@ def expense(books: Books, key: str, **kw: Any) -> ledger_pb2.RecordExpenseReques
         "approved_by": "Nguyễn Văn Tổ trưởng (tổ trưởng)",
         "method": ledger_pb2.PAYMENT_METHOD_CASH,
         "receipt_object_key": key,
-        "spent_on": "2026-01-10",
+        # This year's first day: past, and within the fund's books.
+        "spent_on": f"{local_date(datetime.now(UTC)).year}-01-01",
     } | kw
     return ledger_pb2.RecordExpenseRequest(**fields)
 
@@ -130,6 +132,31 @@ async def test_an_expense_needs_a_real_image_and_the_money(books: Books) -> None
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await books.balances() == {"cash": 100_000, "equity/opening": -100_000}
+
+
+async def test_an_expense_dated_before_the_funds_books_is_refused(books: Books) -> None:
+    """A bill of the year before the fund was opened is entered as dated; one before that (a
+    year mistyped) is refused, naming spent_on, and nothing is written: its receipt is still
+    there to back the expense entered with the right day."""
+    await books.post(("cash", 1_000_000), ("equity/opening", -1_000_000))
+    key = await upload_receipt(books)
+    first = date((await books.opened_on()).year - 1, 1, 1)
+    before = await books.balances()
+    for day in ("1900-01-01", (first - timedelta(days=1)).isoformat()):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await books.treasurer.RecordExpense(expense(books, key, spent_on=day))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = refused.value.details() or ""
+        assert details.startswith(f"spent_on: must not be before {first.isoformat()}"), details
+    assert await books.balances() == before
+    fund = (await books.auditor.GetFund(ledger_pb2.GetFundRequest(fund_id=books.fund_id))).fund
+    assert fund.sequence == 1  # opened, then the opening balance: no more events
+
+    request = expense(books, key, spent_on=first.isoformat())
+    spent = (await books.treasurer.RecordExpense(request)).transaction
+    assert spent.expense.spent_on == first.isoformat()
+    assert spent.expense.receipt_object_key == checked(key)
+    assert (await books.balances())["cash"] == 650_000
 
 
 async def test_a_statement_for_a_period_exported_to_object_storage(books: Books) -> None:
