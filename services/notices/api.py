@@ -610,6 +610,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
                     )
                     events.append(acknowledged)
             if not record["read"] or record.get("opened_revision", 0) < revision:
+                domain.require_open_to_reads(State(notice["state"]))
                 changes |= {"read": True, "opened_revision": revision}
                 if not record["read"]:
                     changes["opened_at"] = now

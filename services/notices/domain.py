@@ -307,6 +307,13 @@ def require_live(state: State, what: str) -> None:
         raise FailedPrecondition(f"the notice has expired; it cannot be {what}")
 
 
+def require_open_to_reads(state: State) -> None:
+    """A retracted notice takes no new read receipt: its reach stays as it stood when it was
+    retracted. A household that opened it before is answered as before, nothing recorded."""
+    if state is State.RETRACTED:
+        raise FailedPrecondition("the notice was retracted; it takes no more read receipts")
+
+
 def ancestors(unit_id: str) -> list[str]:
     """The unit and every unit above it: "dn.hc.hc1" -> ["dn", "dn.hc", "dn.hc.hc1"]."""
     parts = unit_id.split(".")

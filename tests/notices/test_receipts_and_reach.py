@@ -158,6 +158,59 @@ async def test_receipts_are_for_the_households_own_notices(town: Town) -> None:
     assert (reach.total.delivered, reach.total.opened) == (3, 1)
 
 
+async def test_a_retracted_notice_takes_no_more_read_receipts(town: Town) -> None:
+    """The reach stays as it stood when the notice was retracted: a household that had not
+    opened it (or not its latest revision) is refused; one that had is answered as before, and
+    a retry of its open gets its first answer."""
+    city = town.city
+    notice = await town.publish(town.leader, unit_id=city.group, title="Cắt nước thứ Hai")
+    await town.delivered(notice.notice_id)
+    early, late, earlier_revision = town.households[city.group]
+    request = notices_pb2.OpenNoticeRequest(request_id=rid(), notice_id=notice.notice_id)
+    first = await town.resident(early).OpenNotice(request)
+    await town.open(earlier_revision, notice.notice_id)
+    await town.leader.ReviseNotice(
+        notices_pb2.ReviseNoticeRequest(
+            request_id=rid(), notice_id=notice.notice_id, title="Cắt nước thứ Ba", body="8 giờ"
+        )
+    )
+    await town.open(early, notice.notice_id)
+    await town.leader.RetractNotice(
+        notices_pb2.RetractNoticeRequest(
+            request_id=rid(), notice_id=notice.notice_id, reason="Công ty cấp nước hoãn"
+        )
+    )
+    reads_before = await town.events(notice.notice_id, events_pb2.NoticeRead)
+
+    for household in (late, earlier_revision):
+        details = await refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            town.resident(household).OpenNotice(
+                notices_pb2.OpenNoticeRequest(request_id=rid(), notice_id=notice.notice_id)
+            ),
+        )
+        assert "retracted" in details, details
+    (unread,) = [n for n in await town.inbox(late) if n.notice.notice_id == notice.notice_id]
+    assert not unread.opened and unread.notice.state == notices_pb2.NOTICE_STATE_RETRACTED
+    (older,) = [
+        n for n in await town.inbox(earlier_revision) if n.notice.notice_id == notice.notice_id
+    ]
+    assert older.opened and older.opened_revision == 1
+
+    assert await town.resident(early).OpenNotice(request) == first
+    again = await town.open(early, notice.notice_id)
+    assert again.opened and again.opened_revision == 2
+    assert again.opened_at == first.notice.opened_at
+
+    assert await town.events(notice.notice_id, events_pb2.NoticeRead) == reads_before
+    reach = await town.leader.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
+    assert (reach.total.delivered, reach.total.opened) == (3, 2)
+    not_reached = await town.leader.ListNotReached(
+        notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id)
+    )
+    assert [h.household_id for h in not_reached.households] == [late]
+
+
 async def test_a_notice_is_shown_and_opened_only_once_its_delivery_is_announced(
     town: Town, monkeypatch: pytest.MonkeyPatch
 ) -> None:
