@@ -8,6 +8,7 @@
   civic map dn.hc.hc1.t17 group.png --token T           a group's map as a picture to print
   civic replay-ledger --token T [--unit U]              auditors: check the funds from their events
   civic demo                                            a day in the pilot, step by step
+  civic parked [--service tickets]                      events consumers set aside, and why
 
 import-csv, map and replay-ledger take their token from $CIVIC_TOKEN when --token is not given.
 Tokens are signed with CIVIC_AUTH_SECRET (the services' own setting), so they are only as good
@@ -35,12 +36,16 @@ import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiokafka.errors import KafkaError
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
+from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
 
 from infra import local
 from infra.local import InfraError
@@ -49,11 +54,12 @@ from services.common.auth import Role, mint_token
 from services.common.broker import faststream_warnings_only
 from services.common.config import GRPC_PORTS, Settings, SettingsError
 from services.common.grpc_client import civic_channel
-from services.common.mongo import UNIT_ID
+from services.common.mongo import UNIT_ID, Document
+from services.common.parking import PARKED
 from services.common.runtime import run_async
 from services.ledger import replay
 from services.ledger.events import TOPIC as LEDGER_TOPIC
-from services.platform import create_units
+from services.platform import SERVICES, create_units
 from services.registry import csv_rows
 from services.registry.importer import STARTED_HEADER
 from services.synthetic_city import DEFAULT_GROUPS, DEFAULT_RESIDENTS, SyntheticCity, write_csv
@@ -271,6 +277,27 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.set_defaults(handler=_demo)
+
+    parked = commands.add_parser(
+        "parked",
+        help="list the events each service's consumers parked: their handler fails on them",
+        description=inspect.cleandoc(_parked.__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parked.add_argument(
+        "--service",
+        choices=SERVICES,
+        action="append",
+        help="only this service's (again for more); all of them by default",
+    )
+    parked.add_argument(
+        "--mongo", help="MongoDB's URI (default: $CIVIC_MONGO_URI, else the local stack's)"
+    )
+    parked.add_argument(
+        "--database-prefix",
+        help="the services' database prefix (default: $CIVIC_DATABASE_PREFIX, else civic)",
+    )
+    parked.set_defaults(handler=_parked)
     return parser
 
 
@@ -684,6 +711,46 @@ async def _map(args: argparse.Namespace) -> int:
         return _fail(f"{path}: {error.strerror or error}", status=1)
     print(f"{path}: {answer.width_px} x {answer.height_px} px, {len(answer.content):,} bytes")
     return 0
+
+
+async def _parked(args: argparse.Namespace) -> int:
+    """List the events that consumers parked because their handler failed on each of them
+    every time (see "Events" in the README): one line each, oldest first per consumer group,
+    with the error, or the parked event of the same key it waits behind. They are handled when
+    a release that fixes the handler starts, or by the running consumer once it passes."""
+    settings = Settings()
+    uri = args.mongo or settings.mongo_uri
+    prefix = args.database_prefix or settings.database_prefix
+    client = AsyncMongoClient[Document](uri, tz_aware=True, serverSelectionTimeoutMS=3000)
+    found = 0
+    try:
+        for service in args.service or SERVICES:
+            parked = client[f"{prefix}_{service}"][PARKED]
+            async for doc in parked.find({}, {"value": 0, "headers": 0}).sort(
+                [("group", 1), ("partition", 1), ("offset", 1)]
+            ):
+                found += 1
+                print(_parked_line(service, doc))
+    except PyMongoError as error:
+        return _fail(f"MongoDB at {uri} did not answer: {error}", status=1)
+    finally:
+        await client.close()
+    print(f"{found} parked event{'' if found == 1 else 's'}", file=sys.stderr)
+    return 0
+
+
+def _parked_line(service: str, doc: Mapping[str, Any]) -> str:
+    key = doc["key"].decode(errors="replace") if doc["key"] is not None else "-"
+    why = (
+        f"waits behind {doc['behind']}"
+        if doc["behind"]
+        else f"failed {doc['attempts']} times: {doc['error']}"
+    )
+    since = doc["parked_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (
+        f"{service} {doc['group']} {doc['event_id']} {doc['type']} key={key}"
+        f" {doc['topic']}[{doc['partition']}]@{doc['offset']} since {since} {why}"
+    )
 
 
 def _write_whole(path: Path, content: bytes) -> None:

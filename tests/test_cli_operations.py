@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from infra.local import REPO_ROOT, LocalStack, Ports, free_port
 from services import cli, topic_tail
 from services.common.config import Settings
+from services.common.mongo import mongo_client
+from services.common.parking import PARK_AFTER_ATTEMPTS, PARKED, parked_record
 from tests.registry_fixtures import City, new_household
 
 PERSON_REGISTERED = "civic.registry.v1.PersonRegistered"
@@ -384,3 +387,66 @@ def test_tail_probes_a_broker_named_without_a_port_where_the_client_connects(
     """Kafka's clients take an address without a port as port 9092: the probe that tells the
     broker lost must look there too, not call a broker that answers lost."""
     assert topic_tail.host_and_port(address) == expected
+
+
+async def test_parked_lists_each_services_parked_events_with_why_they_wait(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prefix = f"{settings.database_prefix}_parked_{uuid.uuid4().hex[:6]}"
+    client = mongo_client(settings.mongo_uri)
+    parked = client[f"{prefix}_tickets"][PARKED]
+    group = "civic.tickets.routing"
+    now = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
+
+    def record(offset: int) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(
+            "civic.tickets.v1", 2, offset, 0, 0, b"tk-1", b"\x0a\x04tk-1", None, 4, 6, []
+        )
+
+    try:
+        await parked.insert_many(
+            [
+                parked_record(
+                    group,
+                    "e1",
+                    "civic.tickets.v1.TicketSubmitted",
+                    record(17),
+                    error="KeyError: 'flooding'",
+                    behind=None,
+                    now=now,
+                ),
+                parked_record(
+                    group,
+                    "e2",
+                    "civic.tickets.v1.TicketCommented",
+                    record(18),
+                    error=None,
+                    behind="e1",
+                    now=now,
+                ),
+            ]
+        )
+        args = ["parked", "--mongo", settings.mongo_uri, "--database-prefix", prefix]
+        assert await cli.run(args) == 0
+        out, err = capsys.readouterr()
+        assert out.splitlines() == [
+            f"tickets {group} e1 civic.tickets.v1.TicketSubmitted key=tk-1"
+            f" civic.tickets.v1[2]@17 since 2026-11-24T09:30:00Z failed {PARK_AFTER_ATTEMPTS}"
+            " times: KeyError: 'flooding'",
+            f"tickets {group} e2 civic.tickets.v1.TicketCommented key=tk-1"
+            " civic.tickets.v1[2]@18 since 2026-11-24T09:30:00Z waits behind e1",
+        ]
+        assert err == "2 parked events\n"
+
+        assert await cli.run([*args, "--service", "registry"]) == 0
+        assert capsys.readouterr() == ("", "0 parked events\n")
+    finally:
+        await client.drop_database(f"{prefix}_tickets")
+        await client.close()
+
+
+async def test_parked_of_a_mongodb_away_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"mongodb://127.0.0.1:{free_port()}/"
+    assert await cli.run(["parked", "--mongo", uri]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: MongoDB at {uri} did not answer: ")

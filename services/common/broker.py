@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from google.protobuf.message import DecodeError, Message
 from opentelemetry.trace import Span, SpanKind
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
@@ -26,6 +26,16 @@ from services.common import kafka_fetch
 from services.common.cloudevents import CloudEvent
 from services.common.mongo import Document, Session, in_transaction
 from services.common.outbox import Outbox
+from services.common.parking import (
+    PARK_AFTER_ATTEMPTS,
+    PARKED,
+    RETRY_PARKED_S,
+    describe,
+    held_key,
+    is_the_events_fault,
+    parked_record,
+    record_of,
+)
 from services.common.telemetry import context_from_pairs, tracer
 
 # A proxy until the provider is installed; fetched once, not per message or call.
@@ -132,6 +142,13 @@ def subscribe_once(
     change nothing, so there is nothing to record as done).
     """
     processed = db[PROCESSED]
+    parked = db[PARKED]
+    # The partitions this instance has, and the keys held on them by parked events (None: to be
+    # looked up before the next fetch); one fetch or retry of parked events at a time.
+    assigned: set[int] = set()
+    held: dict[tuple[int, bytes], str] | None = None
+    turn = asyncio.Lock()
+    retry_at = 0.0
 
     def process_span(headers: list[tuple[str, Any]], event: CloudEvent) -> Any:
         return _TRACER.start_as_current_span(
@@ -191,24 +208,45 @@ def subscribe_once(
             todo.append(each)
         return todo
 
-    async def handle_fetch(records: list[ConsumerRecord[Any, Any]]) -> None:
+    def work(
+        todo: list[Delivery], parking: list[Document], released: str | None = None
+    ) -> Callable[[Session], Awaitable[None]]:
+        """One transaction: `todo` handled with their processed-id markers, `parking` parked
+        (again: a parked event redelivered stays parked as it was), `released` no longer
+        parked."""
+
+        async def transaction(session: Session) -> None:
+            if todo:
+                now = datetime.now(UTC)
+                # Which instance handled it: how the work splits across a group shows in the
+                # data. A marker already there fails the insert before anything else is written.
+                await processed.insert_many(
+                    [
+                        {"_id": f"{group_id}:{d.event.id}", "at": now, "by": instance_id}
+                        for d in todo
+                    ],
+                    session=session,
+                )
+                emitted = await handle(todo, session)
+                if emitted:
+                    assert outbox is not None, "a consumer that emits events needs the outbox"
+                    await outbox.stage(session, emitted)
+            if parking:
+                await parked.bulk_write(
+                    [
+                        UpdateOne({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True)
+                        for doc in parking
+                    ],
+                    session=session,
+                )
+            if released is not None:
+                await parked.delete_one({"_id": released}, session=session)
+
+        return transaction
+
+    async def commit(todo: list[Delivery], parking: list[Document]) -> None:
         """A fetch's new events in one transaction, each partition's in order, with their
         processed-id markers; events already processed are skipped."""
-        todo = [d for record in records if (d := delivery(record)) is not None]
-
-        async def work(session: Session) -> None:
-            now = datetime.now(UTC)
-            # Which instance handled it: how the work splits across a group shows in the data.
-            # A marker already there fails the insert before anything else is written.
-            await processed.insert_many(
-                [{"_id": f"{group_id}:{d.event.id}", "at": now, "by": instance_id} for d in todo],
-                session=session,
-            )
-            emitted = await handle(todo, session)
-            if emitted:
-                assert outbox is not None, "a consumer that emits events needs the outbox"
-                await outbox.stage(session, emitted)
-
         # Almost every event is new, so the markers are written without looking first. One
         # that is there already (a redelivery after a crash, or another member of the group
         # handled it during a rebalance) fails the transaction, which wrote nothing: then look
@@ -216,16 +254,183 @@ def subscribe_once(
         for attempt in range(RETRIES_ON_DUPLICATE + 1):
             if attempt:
                 todo = await unseen(todo)
-            if not todo:
+            if not todo and not parking:
                 return
             try:
-                await in_transaction(client, work)
+                await in_transaction(client, work(todo, parking))
                 break
             except (DuplicateKeyError, BulkWriteError):
                 if attempt == RETRIES_ON_DUPLICATE:
                     raise
         if outbox is not None:
             outbox.committed()
+
+    async def handle_alone(each: Delivery, released: str | None = None) -> BaseException | None:
+        """Handles one event in a transaction of its own, trying a few times; the error it
+        failed with each time, if it did. A server's error is raised: that is no reason to
+        park the event."""
+        marker = f"{group_id}:{each.event.id}"
+        failed: BaseException | None = None
+        for attempt in range(PARK_AFTER_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(0.05 * 2**attempt)
+            try:
+                await in_transaction(client, work([each], [], released))
+            except Exception as error:
+                if not is_the_events_fault(error):
+                    raise
+                if isinstance(error, DuplicateKeyError | BulkWriteError) and (
+                    await processed.find_one({"_id": marker}, {"_id": 1})
+                ):
+                    # Handled already (a redelivery, or a parked copy of one handled since).
+                    if released is not None:
+                        await parked.delete_one({"_id": released})
+                    return None
+                failed = error
+                continue
+            if outbox is not None:
+                outbox.committed()
+            return None
+        return failed
+
+    def parking_record(
+        record: ConsumerRecord[Any, Any], each: Delivery, *, error: str | None, behind: str | None
+    ) -> Document:
+        return parked_record(
+            group_id,
+            each.event.id,
+            each.event.type,
+            record,
+            error=error,
+            behind=behind,
+            now=datetime.now(UTC),
+        )
+
+    def waits_behind(record: ConsumerRecord[Any, Any]) -> str | None:
+        """The parked event that holds this record's key, if one does."""
+        key = held_key(record)
+        return None if key is None or held is None else held.get(key)
+
+    async def handle_fetch(records: list[ConsumerRecord[Any, Any]]) -> None:
+        """A fetch's new events in one transaction, each partition's in order, with their
+        processed-id markers; the events of a key held by a parked event parked behind it.
+        When the transaction fails with an error that could be an event's own, each event is
+        handled alone, in order, and one that fails every time is parked."""
+        nonlocal held
+        if held is None:
+            held = await held_keys(assigned)
+        todo: list[tuple[ConsumerRecord[Any, Any], Delivery]] = []
+        parking: list[Document] = []
+        for record in records:
+            if (each := delivery(record)) is None:
+                continue
+            if (behind := waits_behind(record)) is not None:
+                parking.append(parking_record(record, each, error=None, behind=behind))
+            else:
+                todo.append((record, each))
+        try:
+            await commit([each for _, each in todo], parking)
+            return
+        except Exception as error:
+            if not is_the_events_fault(error):
+                raise
+        for record, each in todo:
+            if (behind := waits_behind(record)) is not None:
+                parking.append(parking_record(record, each, error=None, behind=behind))
+                continue
+            if (failed := await handle_alone(each)) is None:
+                continue
+            _LOG.error(
+                "%s: parking event %s (%s, key %r, %s[%d]@%d), which fails every time: %s",
+                group_id,
+                each.event.id,
+                each.event.type,
+                record.key,
+                record.topic,
+                record.partition,
+                record.offset,
+                describe(failed),
+            )
+            # Parked before anything behind it is handled: its key's later events wait for it.
+            await in_transaction(
+                client,
+                work([], [parking_record(record, each, error=describe(failed), behind=None)]),
+            )
+            if (key := held_key(record)) is not None:
+                held[key] = each.event.id
+        if parking:
+            await in_transaction(client, work([], parking))
+
+    async def held_keys(partitions: Collection[int]) -> dict[tuple[int, bytes], str]:
+        """Each key with parked events on `partitions` (on any while none are known), and the
+        first of them: what holds the key's later events back."""
+        await parked.create_index([("group", 1), ("partition", 1), ("offset", 1)])
+        query: Document = {"group": group_id, "key": {"$ne": None}}
+        if partitions:
+            query["partition"] = {"$in": sorted(partitions)}
+        found: dict[tuple[int, bytes], str] = {}
+        async for doc in parked.find(query, {"partition": 1, "key": 1, "event_id": 1}).sort(
+            [("partition", 1), ("offset", 1)]
+        ):
+            found.setdefault((doc["partition"], doc["key"]), doc["event_id"])
+        return found
+
+    async def retry_parked(partitions: Collection[int]) -> None:
+        """The parked events on `partitions`, handled again in order; a key stays held from the
+        first of its events that fails again."""
+        nonlocal held
+        failing: set[tuple[int, bytes] | None] = set()
+        query: Document = {"group": group_id, "partition": {"$in": sorted(partitions)}}
+        async for doc in parked.find(query).sort([("partition", 1), ("offset", 1)]):
+            record = record_of(doc)
+            key = held_key(record)
+            if key is not None and key in failing:
+                continue
+            if (each := delivery(record)) is None:  # a type this build no longer handles
+                await parked.delete_one({"_id": doc["_id"]})
+                continue
+            if (failed := await handle_alone(each, released=doc["_id"])) is None:
+                _LOG.warning("%s: parked event %s handled at last", group_id, each.event.id)
+                continue
+            _LOG.error(
+                "%s: parked event %s (%s, key %r) still fails: %s",
+                group_id,
+                each.event.id,
+                each.event.type,
+                record.key,
+                describe(failed),
+            )
+            await parked.update_one(
+                {"_id": doc["_id"]},
+                {
+                    "$set": {
+                        "error": describe(failed),
+                        "behind": None,
+                        "tried_at": datetime.now(UTC),
+                    },
+                    "$inc": {"attempts": PARK_AFTER_ATTEMPTS},
+                },
+            )
+            failing.add(key)
+        held = await held_keys(partitions)
+
+    class Assignment(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+            pass
+
+        async def on_partitions_assigned(self, partitions: set[TopicPartition]) -> None:
+            """A new assignment (a start, or a rebalance): the parked events on it are tried
+            again, so a release that fixed their handler handles them as it starts."""
+            nonlocal held, retry_at
+            async with turn:
+                assigned.clear()
+                assigned.update(p.partition for p in partitions if p.topic == topic)
+                held = None
+                try:
+                    await retry_parked(assigned)
+                except Exception:
+                    _LOG.exception("%s: parked events not tried again", group_id)
+                retry_at = asyncio.get_running_loop().time() + RETRY_PARKED_S
 
     failures = 0
 
@@ -246,14 +451,19 @@ def subscribe_once(
         max_records=MAX_BATCH,
         batch_timeout_ms=BATCH_WAIT_MS,
         parser=_parse_fetch,
+        listener=Assignment(),
     )
     async def on_events(msg: KafkaMessage) -> None:
-        nonlocal failures
+        nonlocal failures, retry_at
         try:
-            await handle_fetch(list(msg.raw_message))
+            async with turn:
+                if held and asyncio.get_running_loop().time() >= retry_at:
+                    retry_at = asyncio.get_running_loop().time() + RETRY_PARKED_S
+                    await retry_parked(assigned)
+                await handle_fetch(list(msg.raw_message))
         except Exception:
-            # The fetch comes back at once; a fault that outlasts a retry (MongoDB away, a bug
-            # in a handler) is retried less and less often rather than in a tight loop.
+            # The fetch comes back at once; a fault that outlasts a retry (MongoDB away) is
+            # retried less and less often rather than in a tight loop.
             failures += 1
             await asyncio.sleep(min(MAX_RETRY_WAIT_S, 0.05 * 2**failures))
             raise

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from civic.tickets.v1 import events_pb2
 from pymongo import AsyncMongoClient
+from pymongo.errors import AutoReconnect
 
+from services.common import broker
 from services.common.broker import PROCESSED, Delivery, kafka_broker, subscribe_once
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.config import Settings
 from services.common.kafka_fetch import wait_after_empty
 from services.common.mongo import Document, Session, mongo_client
+from services.common.parking import PARK_AFTER_ATTEMPTS, PARKED
 
 
 def submitted(ticket_id: str, event_id: str | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -35,23 +38,54 @@ def submitted(ticket_id: str, event_id: str | None = None) -> tuple[bytes, list[
 class Consumer:
     """A subscribe_once consumer whose handler writes one document per event it handles."""
 
-    def __init__(self, settings: Settings, topic: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        topic: str,
+        *,
+        fails_on: Collection[str] = (),
+        outage: int = 0,
+        database: str | None = None,
+        group_id: str | None = None,
+    ) -> None:
+        self.settings, self.topic = settings, topic
         self.client: AsyncMongoClient[Document] = mongo_client(settings.mongo_uri)
-        self.db = self.client[f"{settings.database_prefix}_consumer_{uuid.uuid4().hex[:6]}"]
+        self.db = self.client[
+            database or f"{settings.database_prefix}_consumer_{uuid.uuid4().hex[:6]}"
+        ]
+        self.group_id = group_id or f"test-{uuid.uuid4().hex[:8]}"
         self.broker = kafka_broker(settings.kafka_bootstrap_servers, "test-consumer")
         self.fetches: list[int] = []
+        # Tickets whose handling fails, as a bug would, with the error below.
+        self.fails_on = set(fails_on)
+        # Calls that fail as when MongoDB is away, before any succeeds.
+        self.outage = outage
+        self.failures: list[BaseException] = []
         subscribe_once(
             self.broker,
             self.client,
             self.db,
             topic=topic,
-            group_id=f"test-{uuid.uuid4().hex[:8]}",
+            group_id=self.group_id,
             instance_id="test-0",
             handle=self.handle,
         )
 
+    def released(self) -> Consumer:
+        """This consumer's next release: the same group and database, and no bug."""
+        return Consumer(self.settings, self.topic, database=self.db.name, group_id=self.group_id)
+
     async def handle(self, deliveries: list[Delivery], session: Session) -> list[Document]:
         self.fetches.append(len(deliveries))
+        if self.outage:
+            self.outage -= 1
+            raise AutoReconnect("connection refused")
+        for each in deliveries:
+            if isinstance(each.message, events_pb2.TicketSubmitted) and (
+                each.message.ticket_id in self.fails_on
+            ):
+                self.failures.append(error := KeyError(each.message.ticket_id))
+                raise error
         handled = [
             {"ticket_id": d.message.ticket_id, "event_id": d.event.id}
             for d in deliveries
@@ -61,11 +95,15 @@ class Consumer:
         return []
 
     async def handled(self) -> list[str]:
-        return sorted([doc["ticket_id"] async for doc in self.db.handled.find()])
+        return sorted(await self.handled_in_order())
 
-    async def close(self) -> None:
+    async def handled_in_order(self) -> list[str]:
+        return [doc["ticket_id"] async for doc in self.db.handled.find().sort("_id", 1)]
+
+    async def close(self, *, keep_data: bool = False) -> None:
         await self.broker.stop()
-        await self.client.drop_database(self.db.name)
+        if not keep_data:
+            await self.client.drop_database(self.db.name)
         await self.client.close()
 
     async def until_handled(self, count: int) -> list[str]:
@@ -216,3 +254,106 @@ async def test_a_record_with_a_header_without_a_value_is_handled_or_passed_over(
         assert await consumer.handled() == ["t0", "t1", "t3"]
     finally:
         await producer.stop()
+
+
+async def send(settings: Settings, topic: str, *tickets: tuple[str, str]) -> None:
+    """A TicketSubmitted for each (key, ticket id), in order."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        sent = [
+            await producer.send(topic, value, key=key.encode(), headers=headers)
+            for key, ticket_id in tickets
+            for value, headers in [submitted(ticket_id)]
+        ]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def test_an_event_its_handler_always_fails_on_is_parked_and_holds_back_only_its_key(
+    settings: Settings, topic: str
+) -> None:
+    """A bug that fails on one event must not stop its partition for good: the event is set
+    aside with its error, its key's later events wait behind it (their order holds), every
+    other key goes on, and the release that fixes the bug handles them, in order, as it
+    starts."""
+    consumer = Consumer(settings, topic, fails_on={"bad"})
+    await consumer.broker.start()
+    others = [f"o{i}" for i in range(6)]  # keys spread over the partitions
+    try:
+        await send(settings, topic, ("k", "before"), ("k", "bad"), ("k", "after"))
+        await send(settings, topic, *((other, other) for other in others))
+        assert await consumer.until_handled(7) == sorted(["before", *others])
+        await send(settings, topic, ("k", "later"), ("o0", "o0-later"))
+        assert await consumer.until_handled(8) == sorted(["before", *others, "o0-later"])
+        await asyncio.sleep(0.5)
+        assert await consumer.handled() == sorted(["before", *others, "o0-later"])
+        assert len(consumer.failures) >= PARK_AFTER_ATTEMPTS
+
+        parked = await consumer.db[PARKED].find().sort("offset", 1).to_list()
+        assert [doc["type"] for doc in parked] == ["civic.tickets.v1.TicketSubmitted"] * 3
+        bad, after, later = parked
+        assert bad["error"] == "KeyError: 'bad'" and bad["behind"] is None
+        assert bad["key"] == b"k" and bad["group"] == consumer.group_id
+        assert after["behind"] == later["behind"] == bad["event_id"]
+        assert after["error"] is None and later["error"] is None
+        assert await consumer.db[PROCESSED].count_documents({}) == 8
+    finally:
+        await consumer.close(keep_data=True)
+
+    fixed = consumer.released()
+    await fixed.broker.start()
+    try:
+        assert len(await fixed.until_handled(11)) == 11
+        in_order = await fixed.handled_in_order()
+        assert [t for t in in_order if t in {"before", "bad", "after", "later"}] == [
+            "before",
+            "bad",
+            "after",
+            "later",
+        ]
+        assert await fixed.db[PARKED].count_documents({}) == 0
+        assert await fixed.db[PROCESSED].count_documents({}) == 11
+    finally:
+        await fixed.close()
+
+
+async def test_an_event_that_fails_while_mongodb_is_away_is_retried_not_parked(
+    settings: Settings, topic: str
+) -> None:
+    """A server's error is no fault of the event: the fetch is tried again until it passes,
+    however many times that takes, and nothing is parked."""
+    consumer = Consumer(settings, topic, outage=PARK_AFTER_ATTEMPTS + 2)
+    await consumer.broker.start()
+    try:
+        await send(settings, topic, ("k", "first"), ("k", "second"))
+        await consumer.until_handled(2)
+        assert consumer.outage == 0
+        assert await consumer.handled_in_order() == ["first", "second"]
+        assert await consumer.db[PARKED].count_documents({}) == 0
+    finally:
+        await consumer.close()
+
+
+async def test_parked_events_are_tried_again_as_new_events_arrive(
+    settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What failed may pass later (the data a handler missed has come): a running consumer
+    tries its parked events again, in order, once their retry time has come and events arrive."""
+    monkeypatch.setattr(broker, "RETRY_PARKED_S", 0.3)
+    consumer = Consumer(settings, topic, fails_on={"bad"})
+    await consumer.broker.start()
+    try:
+        await send(settings, topic, ("k", "bad"), ("k", "after"), ("o", "other"))
+        assert await consumer.until_handled(1) == ["other"]
+        assert await consumer.db[PARKED].count_documents({}) == 2
+        consumer.fails_on.clear()
+        await asyncio.sleep(0.5)
+        await send(settings, topic, ("o", "next"))
+        assert await consumer.until_handled(4) == ["after", "bad", "next", "other"]
+        in_order = await consumer.handled_in_order()
+        assert in_order.index("bad") < in_order.index("after")
+        assert await consumer.db[PARKED].count_documents({}) == 0
+    finally:
+        await consumer.close()
