@@ -302,6 +302,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         )
         if layer is Layer.BOUNDARY:
             accepted = await self._bounding_known_units(accepted, rejected)
+            accepted = await self._beside_siblings(accepted, rejected)
         now = self.clock()
         for _, doc in accepted:
             doc["import_id"] = import_id
@@ -478,6 +479,40 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
                 rejected.append(_refusal(feature, problem))
             else:
                 kept.append((feature, doc))
+        return kept
+
+    async def _beside_siblings(
+        self, accepted: list[Accepted], rejected: list[gis_pb2.FeatureError]
+    ) -> list[Accepted]:
+        """Boundaries that overlap no sibling unit's by more than a sliver: the sibling's as
+        stored, or as this file draws it anew (a file's later outline gives way to its
+        earlier one). Otherwise a point there would lie in both units: a ticket or a census
+        could count it for either."""
+        drawn = {doc["unit_id"]: doc["geometry"] for _, doc in accepted}
+        # An outline of the same drawing that bounded another unit before moves with it.
+        outlines_drawn = {(doc["source_unit"], doc["source_id"]) for _, doc in accepted}
+        stored = [
+            doc
+            for doc in await self.store.boundaries_crossing(list(drawn.values()))
+            if (doc.get("source_unit"), doc.get("source_id")) not in outlines_drawn
+        ]
+        around = {doc["unit_id"] for doc in stored} - drawn.keys()
+        units = await self.store.units_by_id(around)
+        outlines = {
+            doc["unit_id"]: doc["geometry"]
+            for doc in stored
+            if doc["unit_id"] in around
+            and not domain.retired(doc["unit_id"], units.get(doc["unit_id"], {}))
+        }
+        kept: list[Accepted] = []
+        for feature, doc in accepted:
+            others = [(u, o) for u, o in outlines.items() if domain.sibling(u, doc["unit_id"])]
+            problem = await asyncio.to_thread(_first_overlap, doc["geometry"], others)
+            if problem:
+                rejected.append(_refusal(feature, problem))
+                continue
+            kept.append((feature, doc))
+            outlines[doc["unit_id"]] = doc["geometry"]
         return kept
 
     async def _write_batch(
@@ -824,3 +859,11 @@ def _around(positions: list[geometry.Position], metres: float) -> Document:
         (max(x for x, _ in local) + metres, max(y for _, y in local) + metres)
     )
     return geometry.bbox_polygon(west, south, east, north)
+
+
+def _first_overlap(outline: Document, others: list[tuple[str, Document]]) -> str:
+    """Why the outline overlaps one of the others too much, or ""."""
+    for unit_id, other in others:
+        if problem := domain.overlap_problem(unit_id, *geometry.overlap_m2(outline, other)):
+            return problem
+    return ""

@@ -155,6 +155,26 @@ def retired(unit_id: str, unit: dict[str, Any]) -> str:
     )
 
 
+# Sibling units' boundaries may overlap by a sliver along their shared edge (two surveys of one
+# line never quite agree), not more: where they overlap, a point would be in both units.
+SLIVER_SHARE = 0.02
+
+
+def sibling(a: str, b: str) -> bool:
+    """Whether two units are side by side under one parent (groups of one ward, say)."""
+    return a != b and a.rpartition(".")[0] == b.rpartition(".")[0]
+
+
+def overlap_problem(other: str, overlap_m2: float, smaller_m2: float) -> str:
+    """Why a boundary may not overlap a sibling's boundary this much; "" for a sliver."""
+    if overlap_m2 <= SLIVER_SHARE * smaller_m2:
+        return ""
+    return (
+        f"geometry: overlaps the boundary of {other} by {overlap_m2:,.0f} m²"
+        " (draw the shared edge once, or redraw both in one file)"
+    )
+
+
 def not_drawable(unit_id: str, unit: dict[str, Any] | None) -> str:
     """Why no boundary may be drawn for the unit, as the service's view of the registry has it
     (None: the view has no such unit); "" when one may."""

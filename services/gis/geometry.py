@@ -271,6 +271,14 @@ def distance_outside_m(geometry: BaseGeometry, area: BaseGeometry) -> float:
     return float(max(local_area.distance(Point(x, y)) for x, y in points))
 
 
+def overlap_m2(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
+    """How much two polygons overlap, and the smaller one's area, in square metres."""
+    first, second = shape(a), shape(b)
+    frame = frame_at(first)
+    first, second = frame.project(first), frame.project(second)
+    return first.intersection(second).area, min(first.area, second.area)
+
+
 def outside_extent(geometry: BaseGeometry, extent: tuple[float, float, float, float]) -> bool:
     west, south, east, north = extent
     minx, miny, maxx, maxy = geometry.bounds

@@ -171,6 +171,17 @@ class GisStore:
         }
         return next((found[c] for c in candidates if c in found), None)
 
+    async def boundaries_crossing(self, outlines: Sequence[Document]) -> list[Document]:
+        """Every boundary that meets one of these outlines."""
+        if not outlines:
+            return []
+        query = {
+            "layer": Layer.BOUNDARY.key,
+            "$or": [{"geometry": {"$geoIntersects": {"$geometry": o}}} for o in outlines],
+        }
+        shown = {"unit_id": 1, "geometry": 1, "source_unit": 1, "source_id": 1}
+        return await self.features.find(query, shown).to_list()
+
     async def containing(self, point: Document) -> list[Document]:
         return await self.features.find(
             {"layer": Layer.BOUNDARY.key, "geometry": {"$geoIntersects": {"$geometry": point}}},

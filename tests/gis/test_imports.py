@@ -379,6 +379,10 @@ async def test_a_units_own_outline_drawn_again_lies_within_the_boundary_around_i
     """Not within the outline it replaces: a group that took in its neighbour reaches 600 m
     past its old outline, and a ward's first outline, drawn 1 km off, must be correctable."""
     group = ward.city.group
+    # As the registry's events leave the neighbour merged into the group.
+    await ward.service.store.units.update_one(
+        {"_id": ward.city.other_group}, {"$set": {"active": False, "merged_into_id": group}}
+    )
     grown = polygon_feature(ward.box(-600, -400, 600, 400), "merged", unit_id=group)
     done = await ward.import_features(
         gis_pb2.LAYER_BOUNDARY, [grown], caller=ward.leader, unit_id=group
@@ -533,3 +537,44 @@ async def test_a_footprint_is_its_area_on_the_ellipsoid(ward: Ward) -> None:
     listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
     (building,) = listed["features"]
     assert building["properties"]["footprint_m2"] == pytest.approx(truth, abs=1.0)
+
+
+async def test_a_boundary_overlapping_a_sibling_units_by_more_than_a_sliver_is_refused(
+    ward: Ward,
+) -> None:
+    """The fixture's two groups share the line east 0. A point where two groups' boundaries
+    overlap would lie in both: a ticket there could go to either group, a census count it
+    twice. Two surveys of a shared edge never quite agree, so a sliver passes."""
+    store = ward.service.store
+    group, other = ward.city.group, ward.city.other_group
+    before = await store.boundary(group)
+    # 100 m into the neighbour along the whole edge: 80,000 m², a sixth of the group.
+    astray = polygon_feature(ward.box(-600, -400, 100, 400), "astray", unit_id=group)
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [astray])
+    assert done.updated == 0
+    [refused] = done.rejected
+    assert refused.source_id == "astray"
+    overlaps = f"geometry: overlaps the boundary of {other} by "
+    assert refused.message.startswith(overlaps)
+    square_metres = int(refused.message.removeprefix(overlaps).split(" m²")[0].replace(",", ""))
+    assert 79_000 < square_metres < 81_000  # the fixture's metres are a sphere's
+    assert await store.boundary(group) == before
+    # 3 m past the line (2,400 m², 0.5% of the group): the survey's sliver.
+    sliver = polygon_feature(ward.box(-600, -400, 3, 400), "survey", unit_id=group)
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [sliver])
+    assert (done.updated, list(done.rejected)) == (1, [])
+    # Both redrawn in one file, the line moved east together: the file's own outline of the
+    # neighbour counts, not the stored one; a third outline overlapping both is refused.
+    moved = [
+        polygon_feature(ward.box(-600, -400, 100, 400), "g17", unit_id=group),
+        polygon_feature(ward.box(100, -400, 600, 400), "g18", unit_id=other),
+    ]
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, moved)
+    assert (done.updated, list(done.rejected)) == (2, [])
+    crossing = polygon_feature(
+        ward.box(-200, -100, 300, 100), "new", unit_id=ward.city.ward + ".g99"
+    )
+    await store.units.insert_one({"_id": ward.city.ward + ".g99", "kind": 4, "active": True})
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [crossing])
+    assert done.created == 0
+    assert done.rejected[0].message.startswith("geometry: overlaps the boundary of ")
