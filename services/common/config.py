@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # Where the registry's gRPC API is, for services that read it (host:port); empty: this host
     # at the registry's port.
     registry_target: str = ""
+    # Where the GIS service's gRPC API is, for the tickets service, which asks it which group a
+    # reported place lies in (host:port); empty: this host at the GIS port.
+    gis_target: str = ""
 
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -116,6 +119,9 @@ class Settings(BaseSettings):
 
     def registry(self) -> str:
         return self.registry_target or f"{self.grpc_host}:{GRPC_PORTS['registry']}"
+
+    def gis(self) -> str:
+        return self.gis_target or f"{self.grpc_host}:{GRPC_PORTS['gis']}"
 
     def database_for(self, service: str) -> str:
         return f"{self.database_prefix}_{service}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import statistics
 import uuid
@@ -10,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
+from civic.common.v1 import types_pb2
 from civic.tickets.v1 import events_pb2, tickets_pb2, tickets_pb2_grpc
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
@@ -37,6 +39,7 @@ from services.tickets import domain
 from services.tickets.clusters import release, unlink
 from services.tickets.escalation import escalate
 from services.tickets.events import ticket_event
+from services.tickets.gis import GisLocator
 from services.tickets.records import (
     new_ticket,
     rule_for,
@@ -48,6 +51,7 @@ from services.tickets.records import (
 )
 from services.tickets.store import DISTANCE, TICKET_ID, TicketStore, new_ticket_id
 
+log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R", bound=Message)
 # A change to one ticket inside the command's transaction: the new document and its events.
@@ -72,6 +76,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         submitter_key: bytes,
         clock: Callable[[], datetime],
         duplicate_meters: float,
+        locator: GisLocator,
     ) -> None:
         self.store = store
         self.client = client
@@ -81,6 +86,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self.submitter_key = submitter_key
         self.clock = clock
         self.duplicate_meters = duplicate_meters
+        self.locator = locator
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -189,8 +195,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
     async def _origin(
         self, caller: Principal, request: tickets_pb2.SubmitTicketRequest
-    ) -> tuple[str, str, Document | None]:
-        """The group, household and location a new ticket concerns."""
+    ) -> tuple[str, str, Document | None, str]:
+        """The group, household and location a new ticket concerns, and how the group was
+        found (records.new_ticket's `origin_from`). A place given with the ticket sends it to
+        the group whose boundary holds the place, wherever the household is: a resident reports
+        the broken street light or flooded alley of the neighbouring group to the leader with
+        authority there, and keeps the ticket among their own. Scope is checked on the household
+        or unit filed for, as without a place: an official files for a household or group they
+        hold, about the place the problem is at."""
         domain.may_file(caller)  # before any look-up, so the refusal tells nothing of what exists
         household_id = request.household_id
         if caller.role is Role.RESIDENT:
@@ -211,26 +223,56 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             if not unit_id:
                 raise InvalidArgument("unit_id", "name the group (or the household) concerned")
         domain.may_submit_for(caller, unit_id)
-        location = (
-            point_document("location", request.location) if request.HasField("location") else None
-        )
+        placed = request.HasField("location")
+        location = point_document("location", request.location) if placed else None
         if household is not None:
             # The view keeps a household's group current through merges: no second read.
-            return unit_id, household_id, location or household.get("location")
-        unit = await self.store.unit(unit_id)
-        if unit is None:
-            raise NotFound(f"unit {unit_id} is not known to the tickets service")
-        # A group merged into one since merged in turn: to the group that is there now, which
-        # the caller must hold as well (a merge may cross wards).
+            location = location or household.get("location")
+            found_by = "household"
+        else:
+            unit = await self.store.unit(unit_id)
+            if unit is None:
+                raise NotFound(f"unit {unit_id} is not known to the tickets service")
+            # A group merged into one since merged in turn: to the group that is there now,
+            # which the caller must hold as well (a merge may cross wards).
+            unit_id, _ = await self._followed(unit_id, unit)
+            domain.may_submit_for(caller, unit_id)
+            if domain.level_of(unit_id) is not domain.Level.GROUP:
+                raise InvalidArgument(
+                    "unit_id", "tickets are filed for a residential group or village"
+                )
+            found_by = "unit"
+        if placed and (located := await self._located_group(request.location, unit_id)):
+            return located, household_id, location, "location"
+        return unit_id, household_id, location, found_by
+
+    async def _followed(self, unit_id: str, unit: Document | None) -> tuple[str, Document | None]:
+        """The group there now, following merges from `unit_id` (whose view is `unit`)."""
         for _ in range(MAX_MERGES_FOLLOWED):
             if unit is None or unit.get("active", True) or not unit.get("merged_into_id"):
                 break
             unit_id = unit["merged_into_id"]
             unit = await self.store.unit(unit_id)
-        domain.may_submit_for(caller, unit_id)
-        if domain.level_of(unit_id) is not domain.Level.GROUP:
-            raise InvalidArgument("unit_id", "tickets are filed for a residential group or village")
-        return unit_id, household_id, location
+        return unit_id, unit
+
+    async def _located_group(self, point: types_pb2.GeoPoint, near: str) -> str:
+        """The group whose boundary holds the point, if the map has one this service knows;
+        otherwise "" (no boundary there, GIS out of reach), and the ticket keeps the group
+        `near` it would have had without a place."""
+        located = await self.locator.unit_at(point, city=near.split(".")[0])
+        if not located:
+            return ""
+        unit_id, unit = await self._followed(located, await self.store.unit(located))
+        if unit is None or not unit.get("active", True):
+            log.warning(
+                "GIS places a reported point in %s, which the tickets service does not know; "
+                "the ticket goes to %s",
+                unit_id,
+                near,
+            )
+            return ""
+        # Inside a ward's boundary but no group's: the ward alone cannot say which group.
+        return unit_id if domain.level_of(unit_id) is domain.Level.GROUP else ""
 
     # ---- submitting ------------------------------------------------------------------------
 
@@ -263,7 +305,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         """The new ticket and its TicketSubmitted, if today's rules accept the request."""
         description = domain.check_text("description", request.description, domain.MAX_DESCRIPTION)
         await self._known_category(request.category)
-        unit_id, household_id, location = await self._origin(caller, request)
+        unit_id, household_id, location, found_by = await self._origin(caller, request)
 
         ticket = new_ticket(
             new_ticket_id(),
@@ -273,6 +315,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             household_id=household_id,
             location=location,
             located_at_home=location is not None and not request.HasField("location"),
+            origin_from=found_by,
             submitter=caller.subject,
             submitter_role=caller.role.value,
             now=self.clock(),

@@ -21,6 +21,7 @@ from services.tickets.api import TicketsServicer
 from services.tickets.clusters import release_orphans
 from services.tickets.escalation import Escalator
 from services.tickets.events import TOPIC, Router, subscribe
+from services.tickets.gis import GisLocator
 from services.tickets.records import rules_document
 from services.tickets.store import TicketStore
 
@@ -65,6 +66,7 @@ class TicketsService:
             host.client, self.store, host.outbox, clock, escalation_interval_seconds
         )
         photos = ObjectStore(settings, PHOTO_BUCKET)
+        self.locator = GisLocator(settings.gis(), settings.auth_secret)
         self.uploads = UploadSweeper(
             photos,
             attached_files("tickets/", self.store.photos_named),
@@ -78,6 +80,7 @@ class TicketsService:
             hashlib.sha256(("submitter:" + settings.data_key).encode()).digest(),
             clock,
             settings.tickets_duplicate_meters,
+            self.locator,
         )
         host.serve(
             SERVICE_NAME,
@@ -112,6 +115,7 @@ class TicketsService:
         await self.uploads.stop()
         await self.escalator.stop()
         await self.host.stop()
+        await self.locator.close()
 
 
 if __name__ == "__main__":

@@ -32,19 +32,24 @@ def new_ticket(
     household_id: str,
     location: Document | None,
     located_at_home: bool,
+    origin_from: str,
     submitter: str,
     submitter_role: str,
     now: datetime,
     trace: dict[str, str],
 ) -> Document:
-    """A ticket as filed: submitted, not yet routed. `trace` is the filing's trace context:
-    what the service later does of itself (the deadline sweep) continues it."""
+    """A ticket as filed: submitted, not yet routed. `origin_from` says how its group was found:
+    "location" (the group whose boundary holds the place reported), "household" (the
+    household's) or "unit" (the one an official named, or a resident's own). `trace` is the
+    filing's trace context: what the service later does of itself (the deadline sweep)
+    continues it."""
     return {
         "_id": ticket_id,
         "category": category,
         "description": description,
         "status": int(Status.SUBMITTED),
         "origin_unit_id": unit_id,
+        "origin_from": origin_from,
         "household_id": household_id or None,
         "location": location,
         "located_at_home": located_at_home,

@@ -1,8 +1,10 @@
-"""The tickets service in-process beside the registry (whose events build its view of the tree)."""
+"""The tickets service in-process beside the registry (whose events build its view of the tree)
+and the GIS service (which it asks where a reported place lies, over a link a test can stall)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,19 +20,97 @@ from infra.local import free_port
 from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
+from services.gis.main import GisService
+from services.registry.main import RegistryService
 from services.tickets.main import TicketsService
 from tests.conftest import Clock, token
-from tests.registry_fixtures import City, new_household, rid
+from tests.registry_fixtures import City, new_household, next_to_registry, rid
 
 __all__ = ["rid"]
 
 
+class Link:
+    """A TCP link to a server that a test can stall: while it is stalled, bytes wait in both
+    directions, as on a network gone quiet (the caller's deadline passes, nothing is refused),
+    and then flow on in order, so that connections over it stay whole."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    @contextlib.asynccontextmanager
+    async def stalled(self) -> AsyncIterator[None]:
+        self._flowing.clear()
+        try:
+            yield
+        finally:
+            self._flowing.set()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+
+@pytest.fixture(scope="session")
+async def gis_service(
+    settings: Settings,
+    registry: RegistryService,
+    session_clock: Clock,
+    span_processor: SimpleSpanProcessor,
+) -> AsyncIterator[GisService]:
+    service = GisService(
+        next_to_registry(settings, registry), clock=session_clock, span_processor=span_processor
+    )
+    await service.start()
+    yield service
+    await service.stop()
+
+
+@pytest.fixture(scope="session")
+async def gis_link(gis_service: GisService) -> AsyncIterator[Link]:
+    """How the tickets service reaches GIS."""
+    link = Link(gis_service.port)
+    await link.start()
+    yield link
+    await link.stop()
+
+
 @pytest.fixture(scope="session")
 async def tickets_service(
-    settings: Settings, session_clock: Clock, span_processor: SimpleSpanProcessor
+    settings: Settings, session_clock: Clock, span_processor: SimpleSpanProcessor, gis_link: Link
 ) -> AsyncIterator[TicketsService]:
     service = TicketsService(
-        settings.model_copy(update={"grpc_port": free_port()}),
+        settings.model_copy(
+            update={"grpc_port": free_port(), "gis_target": f"127.0.0.1:{gis_link.port}"}
+        ),
         clock=session_clock,
         span_processor=span_processor,
         escalation_interval_seconds=0.2,
@@ -154,4 +234,4 @@ def point_near(meters_north: float) -> types_pb2.GeoPoint:
     )
 
 
-__all__ += ["HOME", "Pilot", "eventually", "point_near", "registry_pb2"]
+__all__ += ["HOME", "Link", "Pilot", "eventually", "point_near", "registry_pb2"]

@@ -57,6 +57,7 @@ def ticket_doc(pilot: Pilot, filed: datetime, **fields: Any) -> Document:
             household_id="",
             location=None,
             located_at_home=False,
+            origin_from="unit",
             submitter="resident-x",
             submitter_role="resident",
             now=filed,
