@@ -116,7 +116,8 @@ async def pilot_services(
     settings: Settings, clock: Clock, span_processor: SpanProcessor | None = None
 ) -> AsyncIterator[Targets]:
     """Every service on its own free port, sharing `clock`; the registry first, since the
-    ledger and GIS read it through gRPC."""
+    ledger and GIS read it through gRPC, and GIS before tickets, which asks it where a
+    reported place lies."""
 
     def own(**update: Any) -> Settings:
         return settings.model_copy(update={"grpc_port": free_port(), **update})
@@ -127,17 +128,23 @@ async def pilot_services(
         await registry.start()
         stack.push_async_callback(registry.stop)
         readers = {"registry_target": f"127.0.0.1:{registry.port}"}
+        gis = GisService(own(**readers), **common)
+        await gis.start()
+        stack.push_async_callback(gis.stop)
         others = (
-            TicketsService(own(), escalation_interval_seconds=0.2, **common),
+            TicketsService(
+                own(gis_target=f"127.0.0.1:{gis.port}"), escalation_interval_seconds=0.2, **common
+            ),
             NoticesService(own(), sweep_interval_seconds=0.5, **common),
             LedgerService(own(**readers), **common),
-            GisService(own(**readers), **common),
         )
         for service in others:
             await service.start()
             stack.push_async_callback(service.stop)
-        tickets, notices, ledger, gis = (f"127.0.0.1:{s.port}" for s in others)
-        yield Targets(f"127.0.0.1:{registry.port}", tickets, notices, ledger, gis)
+        tickets, notices, ledger = (f"127.0.0.1:{s.port}" for s in others)
+        yield Targets(
+            f"127.0.0.1:{registry.port}", tickets, notices, ledger, f"127.0.0.1:{gis.port}"
+        )
 
 
 # ---- what the day leaves behind, for the report and the test ------------------------------------
