@@ -13,14 +13,13 @@ import grpc
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 
-from services.common.auth import Role, mint_token
+from services.common.auth import service_token
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.grpc_client import civic_channel
 from services.ledger.domain import HouseholdFacts
 
 PURPOSE = "lập danh sách thu quỹ (dues list)"
 PAGE = 1000
-TOKEN_SECONDS = 300
 
 
 class RegistryReader:
@@ -30,13 +29,7 @@ class RegistryReader:
 
     async def households(self, unit_id: str, only: Sequence[str] = ()) -> list[HouseholdFacts]:
         """The unit's households, or `only` those of them."""
-        token = mint_token(
-            self._secret,
-            subject="service:ledger",
-            role=Role.SERVICE,
-            scope=unit_id,
-            ttl_seconds=TOKEN_SECONDS,
-        )
+        token = service_token(self._secret, "ledger", unit_id)
         async with civic_channel(self._target, token, PURPOSE) as channel:
             stub = registry_pb2_grpc.RegistryServiceStub(channel)
             with contextlib.suppress(_MomentLost):

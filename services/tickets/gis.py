@@ -13,14 +13,13 @@ import grpc
 from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 
-from services.common.auth import Role, mint_token
+from services.common.auth import SERVICE_TOKEN_SECONDS, service_token
 from services.common.telemetry import current_trace_headers
 
 log = logging.getLogger(__name__)
 
 # A resident waits on this while filing: a map that answers later than this is not waited for.
 LOCATE_TIMEOUT_S = 0.4
-TOKEN_SECONDS = 300
 # While GIS stays out of reach, the warning is repeated this often (with how many places went
 # unlocated meanwhile), not once per ticket.
 WARN_EVERY_S = 60.0
@@ -43,15 +42,9 @@ class GisLocator:
     def _token(self, city: str) -> str:
         token, until = self._tokens.get(city, ("", 0.0))
         now = time.time()
-        if until - now < TOKEN_SECONDS / 2:
-            token = mint_token(
-                self._secret,
-                subject="service:tickets",
-                role=Role.SERVICE,
-                scope=city,
-                ttl_seconds=TOKEN_SECONDS,
-            )
-            self._tokens[city] = (token, now + TOKEN_SECONDS)
+        if until - now < SERVICE_TOKEN_SECONDS / 2:
+            token = service_token(self._secret, "tickets", city)
+            self._tokens[city] = (token, now + SERVICE_TOKEN_SECONDS)
         return token
 
     async def unit_at(self, point: types_pb2.GeoPoint, city: str) -> str | None:
