@@ -8,7 +8,10 @@ this process, the registry service and the tickets service, as in production: ea
 gRPC server, outbox relay and consumers. Through the registry it builds a city > district >
 ward > groups tree with households (located, each with a head) and waits until the tickets
 service has projected them from civic.registry.v1; the registry then stops, so the process
-measured runs the tickets service alone. Then, from a separate process, in turn:
+measured runs the tickets service alone. The GIS service runs in a process of its own, with the
+ward and its groups drawn side by side: each ticket names the place it reports, and the tickets
+service asks GIS which group's boundary holds it, as in production. Then, from a separate
+process, in turn:
 
   floor    a plain aiokafka producer and consumer on the same broker, at the same open-loop rate:
            produce -> consume latency of one record (the producer configured like the services');
@@ -22,7 +25,8 @@ measured runs the tickets service alone. Then, from a separate process, in turn:
            several residents of different households, categories and places; each ticket's
            latency is from its scheduled send to the moment an outside aiokafka consumer (its
            own group, subscribed before the load) receives the TicketRouted record for it. The
-           path: gRPC -> transaction with outbox -> relay -> TicketSubmitted -> the routing
+           path: gRPC -> GIS LocateUnit -> transaction with outbox -> relay -> TicketSubmitted ->
+           the routing
            consumer -> transaction with outbox -> relay -> TicketRouted -> the outside consumer.
            A ticket not routed within 30 s of the end counts as infinitely late ("never").
 
@@ -45,9 +49,10 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +62,7 @@ import grpc
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from civic.common.v1 import types_pb2
+from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from civic.tickets.v1 import events_pb2, tickets_pb2
 from pymongo import AsyncMongoClient
@@ -71,6 +77,7 @@ from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.common.mongo import Document, Session, in_transaction
 from services.common.runtime import run_async
+from services.platform import service_env, start_services, wait_healthy
 from services.registry.main import RegistryService
 from services.tickets import domain
 from services.tickets.events import TOPIC
@@ -84,6 +91,7 @@ SUBMITTED = type_name(events_pb2.TicketSubmitted())
 CATEGORIES = [rule.category for rule in domain.DEFAULT_RULES]
 # Where the pilot's tickets are: central Đà Nẵng.
 LATITUDES, LONGITUDES = (16.03, 16.09), (108.19, 108.24)
+WARD = "dn.hc.hc1"
 DRAIN_TIMEOUT_S = 30.0  # for the last tickets of a phase to come out routed
 READY_TIMEOUT_S = 60.0
 
@@ -580,6 +588,71 @@ async def create_city(target: str, secret: str, options: Options) -> list[Reside
     return residents
 
 
+@contextlib.asynccontextmanager
+async def gis_process(settings: Settings, port: int, registry: str) -> AsyncIterator[None]:
+    """The GIS service in a process of its own, as deployed: its work is not the tickets
+    service's."""
+    env = service_env(settings, settings.database_prefix, port, CIVIC_REGISTRY_TARGET=registry)
+    with tempfile.TemporaryDirectory(prefix="civic-bench-gis-") as scratch:
+        logs, pids = Path(scratch) / "logs", Path(scratch) / "pids"
+        [process] = start_services({"gis": env}, logs, pids)
+        try:
+            await wait_healthy("gis", port, process, logs)
+            yield
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait)
+
+
+def group_strips(options: Options) -> list[tuple[str, list[list[float]]]]:
+    """The ward's box, and each group a strip of it from west to east: (unit, ring)."""
+    south, north = LATITUDES
+    west, east = LONGITUDES
+
+    def box(w: float, e: float) -> list[list[float]]:
+        return [[w, south], [e, south], [e, north], [w, north], [w, south]]
+
+    width = (east - west) / options.groups
+    return [(WARD, box(west, east))] + [
+        (f"{WARD}.g{n}", box(west + (n - 1) * width, west + n * width))
+        for n in range(1, options.groups + 1)
+    ]
+
+
+async def draw_groups(target: str, secret: str, options: Options) -> None:
+    """The ward's and its groups' boundaries, once the GIS service knows the units from the
+    registry's events."""
+    admin = mint_token(secret, subject="bench", role=Role.CITY_ADMIN, scope="dn")
+    features = [
+        {
+            "type": "Feature",
+            "id": unit,
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"unit_id": unit},
+        }
+        for unit, ring in group_strips(options)
+    ]
+    content = json.dumps({"type": "FeatureCollection", "features": features}).encode()
+    started = time.monotonic()
+    async with civic_channel(target, admin, "benchmark") as channel:
+        stub = gis_pb2_grpc.GisServiceStub(channel)
+        while True:
+            done = await stub.ImportLayer(
+                gis_pb2.ImportLayerRequest(
+                    request_id=str(uuid.uuid4()),
+                    unit_id=WARD,
+                    layer=gis_pb2.LAYER_BOUNDARY,
+                    format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+                    content=content,
+                )
+            )
+            if not done.rejected:
+                return
+            if time.monotonic() - started > READY_TIMEOUT_S:
+                raise SystemExit(f"GIS refused the groups' boundaries: {done.rejected[0]}")
+            await asyncio.sleep(0.2)  # the units' events are still on their way to GIS
+
+
 async def until_known(tickets: TicketsService, residents: list[Resident]) -> float:
     """Until the tickets service has projected every household (and so its group) from the
     registry's events. Returns the seconds waited."""
@@ -615,7 +688,12 @@ async def run_benchmark(
 ) -> Figures:
     settings = bench_settings(endpoints)
     registry = RegistryService(settings)
-    tickets = TicketsService(settings.model_copy(update={"grpc_port": free_port()}))
+    gis_port = free_port()
+    tickets = TicketsService(
+        settings.model_copy(
+            update={"grpc_port": free_port(), "gis_target": f"127.0.0.1:{gis_port}"}
+        )
+    )
     figures = Figures()
     kafka = settings.kafka_bootstrap_servers
 
@@ -625,6 +703,9 @@ async def run_benchmark(
     async with contextlib.AsyncExitStack() as running:
         running.push_async_callback(drop_databases, settings)
         await registry.start()
+        await running.enter_async_context(
+            gis_process(settings, gis_port, f"127.0.0.1:{registry.port}")
+        )
         registry_stopped = False
 
         async def stop_registry() -> None:
@@ -640,6 +721,8 @@ async def run_benchmark(
         logging.getLogger("faststream.access.kafka").setLevel(logging.WARNING)
         say("creating the city and its households through the registry")
         residents = await create_city(f"127.0.0.1:{registry.port}", settings.auth_secret, options)
+        say("drawing the ward and its groups on the map")
+        await draw_groups(f"127.0.0.1:{gis_port}", settings.auth_secret, options)
         waited = await until_known(tickets, residents)
         say(f"the tickets service knew all {len(residents)} households after {waited:.1f} s")
         # Its part is done: its consumer and relay leave the tickets service the process.
@@ -680,7 +763,7 @@ async def drop_databases(settings: Settings) -> None:
     """An external MongoDB keeps nothing of the run; a LocalStack's goes with its directory."""
     client: AsyncMongoClient[Document] = AsyncMongoClient(settings.mongo_uri)
     try:
-        for service in ("registry", "tickets"):
+        for service in ("registry", "tickets", "gis"):
             await client.drop_database(settings.database_for(service))
     finally:
         await client.close()
