@@ -293,11 +293,12 @@ class Services:
 
     def __init__(self, settings: Settings, logs: Path) -> None:
         self.ports = {name: free_port() for name in SERVICES}
-        registry = f"127.0.0.1:{self.ports['registry']}"
+        targets = {
+            "CIVIC_REGISTRY_TARGET": f"127.0.0.1:{self.ports['registry']}",
+            "CIVIC_GIS_TARGET": f"127.0.0.1:{self.ports['gis']}",
+        }
         envs = {
-            name: service_env(
-                settings, settings.database_prefix, port, CIVIC_REGISTRY_TARGET=registry
-            )
+            name: service_env(settings, settings.database_prefix, port, **targets)
             for name, port in self.ports.items()
         }
         self.logs = logs
