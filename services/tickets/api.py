@@ -259,7 +259,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         """The group whose boundary holds the point, if the map has one this service knows;
         otherwise "" (no boundary there, GIS out of reach), and the ticket keeps the group
         `near` it would have had without a place."""
-        located = await self.locator.unit_at(point, city=near.split(".")[0])
+        located = await self.locator.unit_at(point, near)
         if not located:
             return ""
         unit_id, unit = await self._followed(located, await self.store.unit(located))

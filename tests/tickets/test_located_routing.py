@@ -204,3 +204,23 @@ async def test_a_place_in_a_group_merged_away_goes_to_the_group_it_joined(
     assert filed.origin_unit_id == joined
     leader = pilot.caller(Role.GROUP_LEADER, joined)
     assert (await pilot.routed(filed.ticket_id, leader)).assigned_unit_id == joined
+
+
+async def test_a_place_in_the_reporters_own_group_needs_no_call_to_gis(
+    pilot: Pilot, mapped: Ward, gis_link: Link, tickets_service: TicketsService
+) -> None:
+    """Most reports are of the reporter's own group: its outline, fetched once, places them,
+    so they are routed by their place even while GIS does not answer."""
+    city = pilot.city
+    first = await pilot.submit("sanitation", location=mapped.point(-300, 100))
+    assert first.origin_unit_id == city.group
+    assert await found_by(tickets_service, first.ticket_id) == "location"
+
+    async with gis_link.stalled():
+        filed = await pilot.submit("sanitation", location=mapped.point(-250, -200))
+        assert filed.origin_unit_id == city.group
+        assert await found_by(tickets_service, filed.ticket_id) == "location"
+        # A place beyond the outline is still GIS's to say: unanswered, the household's group.
+        beyond = await pilot.submit("sanitation", location=in_the_other_group(mapped))
+        assert beyond.origin_unit_id == city.group
+        assert await found_by(tickets_service, beyond.ticket_id) == "household"
