@@ -1,29 +1,35 @@
-"""Which unit a reported place lies in, asked of the GIS service through its gRPC API
-(LocateUnit). The tickets service calls as a service, with a short-lived token. The map helps
-routing and is never a condition of filing: a GIS that does not answer within LOCATE_TIMEOUT_S
-leaves the ticket with the group it would have had without a place, and the outage is logged.
+"""Which group a reported place lies in, from the GIS service's map through its gRPC API. The
+tickets service calls as a service, with a short-lived token.
 
-Most reports are of a place in the reporter's own group: the outline of that group, fetched
-from GIS and kept for OUTLINE_SECONDS, answers those without a call. A boundary redrawn
-meanwhile takes that long to count for them."""
+It keeps the map of every group's outline in memory, fetched from GIS (ListFeatures) in the
+background and again every MAP_SECONDS: a place inside a group's outline is placed without a
+call, so filing does not wait on GIS, nor fail with it. A place outside every outline it holds
+(a group drawn since, or none there) is asked of GIS (LocateUnit). The map helps routing and is
+never a condition of filing: a GIS that does not answer within LOCATE_TIMEOUT_S leaves the ticket
+with the group it would have had without a place, and the outage is logged."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import grpc
 import shapely
 from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
-from shapely import Point
+from shapely import Point, STRtree
 from shapely.geometry import shape
-from shapely.geometry.base import BaseGeometry
 
 from services.common.auth import SERVICE_TOKEN_SECONDS, service_token
+from services.common.paging import MAX_PAGE_SIZE
+from services.common.runtime import cancel_and_wait
 from services.common.telemetry import current_trace_headers
+from services.tickets.domain import Level, level_of
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +38,28 @@ LOCATE_TIMEOUT_S = 0.4
 # While GIS stays out of reach, the warning is repeated this often (with how many places went
 # unlocated meanwhile), not once per ticket.
 WARN_EVERY_S = 60.0
-OUTLINE_SECONDS = 60.0
+# How old the map of outlines may grow: a boundary redrawn counts within this.
+MAP_SECONDS = 60.0
+# A map that could not be fetched is tried again after this.
+MAP_RETRY_S = 5.0
+MAP_PAGE_TIMEOUT_S = 10.0
+# Where the map is read: Vietnam, with a margin.
+VIETNAM = gis_pb2.BoundingBox(west=101.0, south=7.5, east=118.0, north=24.0)
 # A GIS back after an outage is tried again within this, not after gRPC's default two minutes.
 MAX_RECONNECT_BACKOFF_MS = 5_000
+
+
+@dataclass(frozen=True)
+class GroupMap:
+    """Groups' outlines, searchable by point."""
+
+    groups: list[str]
+    tree: STRtree
+    fetched: float
+
+    def groups_at(self, longitude: float, latitude: float) -> list[str]:
+        found = self.tree.query(Point(longitude, latitude), predicate="intersects")
+        return [self.groups[int(i)] for i in found]
 
 
 class GisLocator:
@@ -48,8 +73,10 @@ class GisLocator:
         self._tokens: dict[str, tuple[str, float]] = {}
         self._unanswered = 0
         self._warned_at = -math.inf
-        # A group's outline (None: it has none on the map), and when it was fetched.
-        self._outlines: dict[str, tuple[BaseGeometry | None, float]] = {}
+        # Each city's map of group outlines, the fetch under way, and when one last failed.
+        self._maps: dict[str, GroupMap] = {}
+        self._fetching: dict[str, asyncio.Task[None]] = {}
+        self._failed_at: dict[str, float] = {}
 
     def _token(self, city: str) -> str:
         token, until = self._tokens.get(city, ("", 0.0))
@@ -65,11 +92,12 @@ class GisLocator:
 
     async def unit_at(self, point: types_pb2.GeoPoint, near: str) -> str | None:
         """The most specific unit whose boundary holds the point ("" where none does), or None
-        when GIS did not answer in time; `near`, the group the ticket has without a place, when
-        its outline holds the point."""
-        outline = await self._outline(near)
-        if outline is not None and outline.covers(Point(point.longitude, point.latitude)):
-            return near
+        when GIS did not answer in time. Of groups whose outlines both hold it (a sliver along
+        a shared edge), `near`, the group the ticket has without a place, if it is one."""
+        city = near.split(".")[0]
+        groups = self._map(city)
+        if groups is not None and (found := groups.groups_at(point.longitude, point.latitude)):
+            return near if near in found else min(found)
         metadata = self._metadata(near)
         try:
             response: gis_pb2.LocateUnitResponse = await self._stub.LocateUnit(
@@ -100,30 +128,72 @@ class GisLocator:
             self._warned_at, self._unanswered = -math.inf, 0
         return response.unit_id
 
-    async def _outline(self, group: str) -> BaseGeometry | None:
-        """The group's outline on the map, as fetched in the last OUTLINE_SECONDS."""
+    def _map(self, city: str) -> GroupMap | None:
+        """The city's map as it is, a fresh one fetched in the background when it is old."""
         now = time.monotonic()
-        outline, fetched = self._outlines.get(group, (None, -math.inf))
-        if now - fetched < OUTLINE_SECONDS:
-            return outline
+        groups = self._maps.get(city)
+        stale = groups is None or now - groups.fetched >= MAP_SECONDS
+        recently_failed = now - self._failed_at.get(city, -math.inf) < MAP_RETRY_S
+        if stale and city not in self._fetching and not recently_failed:
+            self._start_fetch(city)
+        return groups
+
+    async def refresh(self, city: str) -> None:
+        """The city's map fetched now (a fetch under way is waited for instead)."""
+        await asyncio.shield(self._fetching.get(city) or self._start_fetch(city))
+
+    def _start_fetch(self, city: str) -> asyncio.Task[None]:
+        # In a context of its own: the filing that found the map old does not wait for the
+        # fetch, and its trace does not hold it.
+        fetching = asyncio.create_task(
+            self._fetch(city), name=f"gis-map-{city}", context=contextvars.Context()
+        )
+        self._fetching[city] = fetching
+        return fetching
+
+    async def _fetch(self, city: str) -> None:
         try:
-            response: gis_pb2.ListFeaturesResponse = await self._stub.ListFeatures(
-                gis_pb2.ListFeaturesRequest(layers=[gis_pb2.LAYER_BOUNDARY], unit_id=group),
-                metadata=self._metadata(group),
-                timeout=LOCATE_TIMEOUT_S,
-            )
+            self._maps[city] = await self._outlines(city)
+            self._failed_at.pop(city, None)
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: not on the map yet
-                return None  # LocateUnit is asked instead, and says what is wrong
-            outline = None
-        else:
-            features = json.loads(response.geojson)["features"]
-            drawn = [f for f in features if f["properties"].get("unit_id") == group]
-            outline = shape(drawn[0]["geometry"]) if drawn else None
-            if outline is not None:
-                shapely.prepare(outline)  # many points are tested against one outline
-        self._outlines[group] = (outline, now)
-        return outline
+            self._failed_at[city] = time.monotonic()
+            log.warning(
+                "GIS at %s did not give the map of groups (%s: %s); the last one is used",
+                self._target,
+                error.code().name,
+                error.details(),
+            )
+        finally:
+            self._fetching.pop(city, None)
+
+    async def _outlines(self, city: str) -> GroupMap:
+        """Every group of the city on GIS's map, page by page."""
+        started = time.monotonic()
+        groups: list[str] = []
+        outlines = []
+        page_token = ""
+        while True:
+            response: gis_pb2.ListFeaturesResponse = await self._stub.ListFeatures(
+                gis_pb2.ListFeaturesRequest(
+                    layers=[gis_pb2.LAYER_BOUNDARY],
+                    bbox=VIETNAM,
+                    page=types_pb2.PageRequest(page_size=MAX_PAGE_SIZE, page_token=page_token),
+                ),
+                metadata=self._metadata(city),
+                timeout=MAP_PAGE_TIMEOUT_S,
+            )
+            for feature in json.loads(response.geojson)["features"]:
+                unit_id = str(feature["properties"].get("unit_id", ""))
+                if unit_id.startswith(f"{city}.") and level_of(unit_id) is Level.GROUP:
+                    groups.append(unit_id)
+                    outlines.append(shape(feature["geometry"]))
+            page_token = response.next_page_token
+            if not page_token:
+                break
+        shapely.prepare(outlines)
+        return GroupMap(groups, STRtree(outlines), started)
 
     async def close(self) -> None:
+        for fetching in list(self._fetching.values()):
+            await cancel_and_wait(fetching)
         await self._channel.close()

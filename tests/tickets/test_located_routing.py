@@ -159,15 +159,17 @@ async def test_with_gis_out_of_reach_a_report_goes_to_the_households_group_at_on
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     city = pilot.city
-    # GIS answers first: the outage below is the first since it last did.
-    before = await pilot.submit("sanitation", location=in_the_other_group(mapped))
-    assert before.origin_unit_id == city.other_group
+    # A place in no group's outline (the street between the groups) is GIS's to place. It
+    # answers first: the outage below is the first since it last did.
+    street = mapped.point(0, 0)
+    before = await pilot.submit("sanitation", location=street)
+    assert before.origin_unit_id == city.group
 
     loop = asyncio.get_running_loop()
     with caplog.at_level(logging.WARNING, logger="services.tickets.gis"):
         async with gis_link.stalled():
             started = loop.time()
-            filed = await pilot.submit("sanitation", location=in_the_other_group(mapped))
+            filed = await pilot.submit("sanitation", location=street)
             took = loop.time() - started
     assert took < 2.0, f"filing waited {took:.1f} s for the map"
     assert filed.origin_unit_id == city.group
@@ -177,7 +179,7 @@ async def test_with_gis_out_of_reach_a_report_goes_to_the_households_group_at_on
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("GIS" in r.getMessage() for r in warned), [r.getMessage() for r in warned]
 
-    # Once GIS is reached again, the same report goes to the group it is about.
+    # Once GIS is reached again, a report goes to the group it is about.
     after = await pilot.submit("sanitation", location=in_the_other_group(mapped))
     assert after.origin_unit_id == city.other_group
 
@@ -206,21 +208,21 @@ async def test_a_place_in_a_group_merged_away_goes_to_the_group_it_joined(
     assert (await pilot.routed(filed.ticket_id, leader)).assigned_unit_id == joined
 
 
-async def test_a_place_in_the_reporters_own_group_needs_no_call_to_gis(
+async def test_a_place_on_the_map_the_service_holds_is_placed_without_asking_gis(
     pilot: Pilot, mapped: Ward, gis_link: Link, tickets_service: TicketsService
 ) -> None:
-    """Most reports are of the reporter's own group: its outline, fetched once, places them,
-    so they are routed by their place even while GIS does not answer."""
+    """The service holds every group's outline (fetched from GIS, and again every minute): a
+    place inside one is routed by it even while GIS does not answer; one outside them all is
+    GIS's to place, and unanswered goes where it went without a place."""
     city = pilot.city
-    first = await pilot.submit("sanitation", location=mapped.point(-300, 100))
-    assert first.origin_unit_id == city.group
-    assert await found_by(tickets_service, first.ticket_id) == "location"
-
+    await tickets_service.locator.refresh(city.ward.split(".")[0])
     async with gis_link.stalled():
-        filed = await pilot.submit("sanitation", location=mapped.point(-250, -200))
-        assert filed.origin_unit_id == city.group
-        assert await found_by(tickets_service, filed.ticket_id) == "location"
-        # A place beyond the outline is still GIS's to say: unanswered, the household's group.
-        beyond = await pilot.submit("sanitation", location=in_the_other_group(mapped))
-        assert beyond.origin_unit_id == city.group
-        assert await found_by(tickets_service, beyond.ticket_id) == "household"
+        own = await pilot.submit("sanitation", location=mapped.point(-250, -200))
+        assert own.origin_unit_id == city.group
+        assert await found_by(tickets_service, own.ticket_id) == "location"
+        neighbours = await pilot.submit("sanitation", location=in_the_other_group(mapped))
+        assert neighbours.origin_unit_id == city.other_group
+        assert await found_by(tickets_service, neighbours.ticket_id) == "location"
+        street = await pilot.submit("sanitation", location=mapped.point(0, 0))
+        assert street.origin_unit_id == city.group
+        assert await found_by(tickets_service, street.ticket_id) == "household"
