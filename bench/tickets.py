@@ -9,9 +9,10 @@ gRPC server, outbox relay and consumers. Through the registry it builds a city >
 ward > groups tree with households (located, each with a head) and waits until the tickets
 service has projected them from civic.registry.v1; the registry then stops, so the process
 measured runs the tickets service alone. The GIS service runs in a process of its own, with the
-ward and its groups drawn side by side: each ticket names the place it reports, and the tickets
-service asks GIS which group's boundary holds it, as in production. Then, from a separate
-process, in turn:
+ward and its groups drawn side by side (each group a strip of the ward, its households in it):
+each ticket names the place it reports, in the reporter's own group or, one in five, anywhere in
+the ward, and the tickets service places it as in production (by the reporter's group's outline,
+else by asking GIS's LocateUnit). Then, from a separate process, in turn:
 
   floor    a plain aiokafka producer and consumer on the same broker, at the same open-loop rate:
            produce -> consume latency of one record (the producer configured like the services');
@@ -25,9 +26,9 @@ process, in turn:
            several residents of different households, categories and places; each ticket's
            latency is from its scheduled send to the moment an outside aiokafka consumer (its
            own group, subscribed before the load) receives the TicketRouted record for it. The
-           path: gRPC -> GIS LocateUnit -> transaction with outbox -> relay -> TicketSubmitted ->
-           the routing
-           consumer -> transaction with outbox -> relay -> TicketRouted -> the outside consumer.
+           path: gRPC -> (GIS LocateUnit) -> transaction with outbox -> relay -> TicketSubmitted
+           -> the routing consumer -> transaction with outbox -> relay -> TicketRouted -> the
+           outside consumer.
            A ticket not routed within 30 s of the end counts as infinitely late ("never").
 
 Each phase starts once the previous one's tickets are all routed. The last line of output is one
@@ -92,6 +93,8 @@ CATEGORIES = [rule.category for rule in domain.DEFAULT_RULES]
 # Where the pilot's tickets are: central Đà Nẵng.
 LATITUDES, LONGITUDES = (16.03, 16.09), (108.19, 108.24)
 WARD = "dn.hc.hc1"
+# Reports of a place outside the reporter's own group.
+NEIGHBOURS_SHARE = 0.2
 DRAIN_TIMEOUT_S = 30.0  # for the last tickets of a phase to come out routed
 READY_TIMEOUT_S = 60.0
 
@@ -105,6 +108,9 @@ T = TypeVar("T")
 class Resident:
     token: str
     household_id: str
+    # The west and east edges of the resident's group (a strip of the ward): where most of
+    # their reports are.
+    strip: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,7 @@ class Submitters:
 
     def __init__(self, target: str, residents: list[Resident], seed: int) -> None:
         self.rng = random.Random(seed)
+        self.residents = residents
         self.channels = [civic_channel(target, r.token, "benchmark") for r in residents]
         self.calls: list[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
             channel.unary_unary(SUBMIT) for channel in self.channels
@@ -252,16 +259,22 @@ class Submitters:
         self.first_error = ""
 
     def requests(self, count: int) -> list[bytes]:
-        return [self.request() for _ in range(count)]
+        """Request i is for the resident that `submit(i, ...)` sends it as."""
+        return [self.request(i) for i in range(count)]
 
-    def request(self) -> bytes:
+    def request(self, index: int) -> bytes:
+        """A report by the index's resident: of a place in their own group, mostly, or
+        elsewhere in the ward (NEIGHBOURS_SHARE), which the tickets service asks GIS about."""
         rng = self.rng
+        west, east = self.residents[index % len(self.residents)].strip
+        if rng.random() < NEIGHBOURS_SHARE:
+            west, east = LONGITUDES
         return tickets_pb2.SubmitTicketRequest(
             request_id=str(uuid.uuid4()),
             category=rng.choice(CATEGORIES),
             description=f"Phản ánh số {rng.randrange(10**6)}: cần kiểm tra và xử lý",
             location=types_pb2.GeoPoint(
-                latitude=rng.uniform(*LATITUDES), longitude=rng.uniform(*LONGITUDES)
+                latitude=rng.uniform(*LATITUDES), longitude=rng.uniform(west, east)
             ),
         ).SerializeToString()
 
@@ -281,7 +294,7 @@ class Submitters:
         for channel in self.channels:
             await asyncio.wait_for(channel.channel_ready(), READY_TIMEOUT_S)
         ids = await asyncio.gather(
-            *(self.submit(i, self.request()) for i in range(len(self.calls)))
+            *(self.submit(i, self.request(i)) for i in range(len(self.calls)))
         )
         if None in ids:
             raise RuntimeError(f"warm-up SubmitTicket failed: {self.first_error}")
@@ -359,16 +372,16 @@ async def _tickets_closed(load: ClosedLoad) -> Capacity:
         end = begin + load.seconds
         last_answer = begin
 
-        async def submitter(caller: int) -> None:
+        async def submitter() -> None:
             nonlocal last_answer
             while time.perf_counter() < end and (index := next(next_request, None)) is not None:
                 started = time.perf_counter()
-                ticket_id = await submitters.submit(caller, requests[index])
+                ticket_id = await submitters.submit(index, requests[index])
                 last_answer = max(last_answer, time.perf_counter())
                 if ticket_id:
                     started_at[ticket_id] = started
 
-        await asyncio.gather(*(submitter(caller) for caller in range(load.concurrency)))
+        await asyncio.gather(*(submitter() for _ in range(load.concurrency)))
         await watcher.wait_for(ROUTED, set(started_at), DRAIN_TIMEOUT_S)
     finally:
         await submitters.close()
@@ -557,7 +570,10 @@ async def create_city(target: str, secret: str, options: Options) -> list[Reside
         city = await unit("", "dn", "Đà Nẵng", registry_pb2.UNIT_KIND_CITY)
         district = await unit(city, "hc", "Hải Châu", registry_pb2.UNIT_KIND_DISTRICT)
         ward = await unit(district, "hc1", "Hải Châu 1", registry_pb2.UNIT_KIND_WARD)
+        strips = group_strips(options)[1:]
         for number in range(1, options.groups + 1):
+            _, ring = strips[number - 1]
+            strip = (ring[0][0], ring[1][0])
             group = await unit(
                 ward, f"g{number}", f"Tổ dân phố {number}", registry_pb2.UNIT_KIND_GROUP
             )
@@ -571,7 +587,7 @@ async def create_city(target: str, secret: str, options: Options) -> list[Reside
                         housing=registry_pb2.Housing(floor_area_m2=62.5, storeys=2),
                         residence_kind=registry_pb2.RESIDENCE_KIND_PERMANENT,
                         location=types_pb2.GeoPoint(
-                            latitude=rng.uniform(*LATITUDES), longitude=rng.uniform(*LONGITUDES)
+                            latitude=rng.uniform(*LATITUDES), longitude=rng.uniform(*strip)
                         ),
                         head=head_of_household(serial),
                     )
@@ -584,7 +600,7 @@ async def create_city(target: str, secret: str, options: Options) -> list[Reside
                     scope=group,
                     household_id=household,
                 )
-                residents.append(Resident(token, household))
+                residents.append(Resident(token, household, strip))
     return residents
 
 
