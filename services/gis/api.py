@@ -453,7 +453,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             "_id": (
                 domain.boundary_feature_id(owner)
                 if layer is Layer.BOUNDARY
-                else domain.feature_id(layer, unit_id, source_id)
+                else domain.feature_id(layer, unit_id, source_id, feature.drawing)
             ),
             "layer": layer.key,
             "unit_id": owner,
@@ -462,6 +462,8 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             "geometry": converted,
             "properties": properties,
         }
+        if feature.drawing:
+            doc["drawing"] = feature.drawing
         doc["hash"] = domain.content_hash(doc)
         doc["geojson"] = feature_text(doc)
         return doc, ""
@@ -490,12 +492,19 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         could count it for either."""
         drawn = {doc["unit_id"]: doc["geometry"] for _, doc in accepted}
         # An outline of the same drawing that bounded another unit before moves with it.
-        outlines_drawn = {(doc["source_unit"], doc["source_id"]) for _, doc in accepted}
-        stored = [
-            doc
-            for doc in await self.store.boundaries_crossing(list(drawn.values()))
-            if (doc.get("source_unit"), doc.get("source_id")) not in outlines_drawn
-        ]
+        outlines_drawn = {
+            (doc["source_unit"], doc["source_id"]): doc.get("drawing") for _, doc in accepted
+        }
+
+        def moves(stored: Document) -> bool:
+            outline = (stored.get("source_unit"), stored.get("source_id"))
+            return outline in outlines_drawn and stored.get("drawing") in (
+                None,
+                outlines_drawn[outline],
+            )
+
+        crossing = await self.store.boundaries_crossing(list(drawn.values()))
+        stored = [doc for doc in crossing if not moves(doc)]
         around = {doc["unit_id"] for doc in stored} - drawn.keys()
         units = await self.store.units_by_id(around)
         outlines = {
@@ -540,10 +549,12 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         async def work(session: Session) -> Tally:
             # A boundary takes the place of any other its unit had, and of what its outline
             # bounded before: those units hear of it as removed.
-            displaced = []
+            # A feature of a drawing stored before features kept their drawing (under its
+            # handle alone) gives way to the drawing's own: announced removed, once.
+            displaced = await self.store.undrawn(layer, batch, session)
             if layer is Layer.BOUNDARY:
-                displaced = await self.store.displaced(batch, session)
-                await self.store.remove([doc["_id"] for doc in displaced], session)
+                displaced += await self.store.displaced(batch, session)
+            await self.store.remove([doc["_id"] for doc in displaced], session)
             created, updated, unchanged = await self.store.upsert(batch, session)
             changed = set(created) | set(updated)
             upserted = _ids_by_unit(doc for doc in batch if doc["_id"] in changed)

@@ -51,9 +51,11 @@ def kind_of(layer: Layer) -> str:
     return {"Polygon": "polygon", "Point": "point", "LineString": "line"}[GEOMETRY_TYPES[layer][0]]
 
 
-def feature_id(layer: Layer, unit_id: str, source_id: str) -> str:
-    """The same feature of the same unit's drawing gets the same id on every import."""
-    digest = hashlib.sha256(f"{unit_id}\n{layer.key}\n{source_id}".encode()).hexdigest()[:24]
+def feature_id(layer: Layer, unit_id: str, source_id: str, drawing: str = "") -> str:
+    """The same feature of the same unit's drawing gets the same id on every import; two
+    drawings' entities with one handle get two ids."""
+    source = f"{drawing}/{source_id}" if drawing else source_id
+    digest = hashlib.sha256(f"{unit_id}\n{layer.key}\n{source}".encode()).hexdigest()[:24]
     return f"{layer.key}-{digest}"
 
 

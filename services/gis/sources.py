@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ezdxf.document import Drawing
 from ezdxf.entities.dxfgfx import DXFGraphic
 from ezdxf.lldxf.const import DXFError
 from ezdxf.recover import read as read_dxf_stream
@@ -36,6 +37,9 @@ class RawFeature:
     geometry: dict[str, Any] | None
     properties: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    # The drawing a DXF entity comes from (its $FINGERPRINTGUID, kept through every save):
+    # handles are unique only within one drawing. "" for GeoJSON, or a drawing without one.
+    drawing: str = ""
 
 
 # ---- GeoJSON ---------------------------------------------------------------------------------
@@ -84,6 +88,7 @@ NUMBER = re.compile(r"(\d+(?:[.,]\d+)?)")
 WIDTH = re.compile(r"(\d+(?:[.,]\d+)?)\s*m\b", re.IGNORECASE)
 # How far a label may stand from the line or point it names, in drawing units (metres).
 LABEL_REACH = 10.0
+FINGERPRINT = "$FINGERPRINTGUID"
 
 
 @dataclass(frozen=True)
@@ -122,11 +127,13 @@ def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeatu
             labels.append(_Label(float(insert.x), float(insert.y), str(text).strip()))
         else:
             entities.append(entity)
+    drawing = _fingerprint(content, document)
     features = []
     for index, entity in enumerate(entities):
         feature = _dxf_feature(index, entity, wanted)
         if feature.geometry is None and not dxf_layer:
             continue  # the whole drawing: its other kinds of entity are not for this layer
+        feature.drawing = drawing
         features.append(feature)
     if wanted == "polygon":
         inside = _labels_inside(features, labels)
@@ -136,6 +143,15 @@ def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeatu
         for feature in features:
             _label_nearby(feature, labels, layer)
     return features
+
+
+def _fingerprint(content: bytes, document: Drawing) -> str:
+    """The drawing's own id, if its file has one: ezdxf makes up a new one for a file without
+    (R12 has none), which would give the same file other ids on every import."""
+    if FINGERPRINT.encode() not in content:
+        return ""
+    guid = str(document.header.get(FINGERPRINT, "")).strip("{}").lower()
+    return "" if not guid.strip("0-") else guid
 
 
 def _dxf_feature(index: int, entity: DXFGraphic, wanted: str) -> RawFeature:

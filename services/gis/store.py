@@ -22,7 +22,7 @@ from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 from services.common.registry_view import stay_not_ended
 from services.common.runtime import cancel_and_wait
-from services.gis.domain import RENTER_KINDS, Layer
+from services.gis.domain import RENTER_KINDS, Layer, feature_id
 from services.gis.geometry import distance_m
 from services.gis.nearby import Placed, PointGrid
 
@@ -130,17 +130,44 @@ class GisStore:
         outline of the same drawing bounded when it named another unit."""
         if not boundaries:
             return []
-        outlines: dict[str, list[str]] = {}
+        # The same outline: of the same unit's drawing (or of one stored before boundaries kept
+        # their drawing), under the same handle or id.
+        outlines: dict[tuple[str, str], list[str]] = {}
         for doc in boundaries:
-            outlines.setdefault(doc["source_unit"], []).append(doc["source_id"])
+            drawing = doc.get("drawing", "")
+            outlines.setdefault((doc["source_unit"], drawing), []).append(doc["source_id"])
         query = {
             "layer": Layer.BOUNDARY.key,
             "_id": {"$nin": [doc["_id"] for doc in boundaries]},
             "$or": [
                 {"unit_id": {"$in": sorted({doc["unit_id"] for doc in boundaries})}},
-                *({"source_unit": s, "source_id": {"$in": ids}} for s, ids in outlines.items()),
+                *(
+                    {
+                        "source_unit": unit,
+                        "source_id": {"$in": ids},
+                        "drawing": {"$in": [drawing, None] if drawing else [None]},
+                    }
+                    for (unit, drawing), ids in outlines.items()
+                ),
             ],
         }
+        return await self.features.find(query, {"unit_id": 1}, session=session).to_list()
+
+    async def undrawn(
+        self, layer: Layer, docs: Sequence[Document], session: Session
+    ) -> list[Document]:
+        """What these drawings' features were stored as before features kept their drawing:
+        under their unit, layer and handle alone. (A boundary's id is its unit's.)"""
+        if layer is Layer.BOUNDARY:
+            return []
+        ids = [
+            feature_id(layer, doc["source_unit"], doc["source_id"])
+            for doc in docs
+            if doc.get("drawing")
+        ]
+        if not ids:
+            return []
+        query = {"_id": {"$in": ids}, "drawing": {"$exists": False}}
         return await self.features.find(query, {"unit_id": 1}, session=session).to_list()
 
     async def stale(self, layer: Layer, source_unit: str, keep: set[str]) -> list[Document]:
@@ -179,7 +206,7 @@ class GisStore:
             "layer": Layer.BOUNDARY.key,
             "$or": [{"geometry": {"$geoIntersects": {"$geometry": o}}} for o in outlines],
         }
-        shown = {"unit_id": 1, "geometry": 1, "source_unit": 1, "source_id": 1}
+        shown = {"unit_id": 1, "geometry": 1, "source_unit": 1, "source_id": 1, "drawing": 1}
         return await self.features.find(query, shown).to_list()
 
     async def containing(self, point: Document) -> list[Document]:

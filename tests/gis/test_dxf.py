@@ -14,6 +14,8 @@ import pytest
 from civic.gis.v1 import gis_pb2
 from ezdxf.document import Drawing
 
+from services.gis import domain
+from services.gis.domain import Layer
 from tests.gis.conftest import Ward, rid
 from tests.gis.test_import_edges import drawing_text
 from tests.gis.vn2000 import DA_NANG_TM3, to_da_nang_tm3, to_utm_49n
@@ -182,3 +184,64 @@ async def test_a_storeys_label_too_long_for_a_float_refuses_its_building_alone(
     ]
     listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING])
     assert [f["properties"]["storeys"] for f in listed["features"]] == [3]
+
+
+def hydrant_drawing(ward: Ward, east: float, name: str, version: str = "R2010") -> Drawing:
+    doc = Drawing.new(version)
+    x, y = to_da_nang_tm3(*ward.at(east, 0))
+    doc.modelspace().add_circle((x, y), radius=0.5)
+    doc.modelspace().add_text(name, dxfattribs={"insert": (x + 2, y + 2)})
+    return doc
+
+
+async def hydrants_named(ward: Ward) -> list[str]:
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_HYDRANT])
+    return sorted(f["properties"].get("name", "") for f in listed["features"])
+
+
+async def test_two_drawings_of_one_unit_keep_their_features_though_their_handles_match(
+    ward: Ward,
+) -> None:
+    """Handles are unique within one drawing only: two surveyors' drawings of one ward number
+    their entities alike. Each drawing keeps its own features, and importing one again
+    changes nothing."""
+    north, south = hydrant_drawing(ward, -200, "TCH-01"), hydrant_drawing(ward, 200, "TCH-02")
+    [north_circle] = north.modelspace().query("CIRCLE")
+    [south_circle] = south.modelspace().query("CIRCLE")
+    assert north_circle.dxf.handle == south_circle.dxf.handle
+    for doc in (north, south):
+        done = await import_dxf(ward, drawing_text(doc), DA_NANG_TM3, gis_pb2.LAYER_HYDRANT, "")
+        assert (done.created, list(done.rejected)) == (1, [])
+    assert await hydrants_named(ward) == ["TCH-01", "TCH-02"]
+    again = await import_dxf(ward, drawing_text(north), DA_NANG_TM3, gis_pb2.LAYER_HYDRANT, "")
+    assert (again.created, again.updated, again.unchanged) == (0, 0, 1)
+    assert await hydrants_named(ward) == ["TCH-01", "TCH-02"]
+
+
+async def test_a_drawings_feature_stored_under_its_handle_alone_gives_way_once(
+    ward: Ward,
+) -> None:
+    """Before features kept their drawing, a DXF entity's id came from its handle alone: the
+    drawing imported again replaces that feature with its own, once; a drawing without its
+    own id (R12 has none) keeps ids from handles, the same on every import."""
+    store = ward.service.store
+    doc = hydrant_drawing(ward, -200, "TCH-01")
+    content = drawing_text(doc)
+    await import_dxf(ward, content, DA_NANG_TM3, gis_pb2.LAYER_HYDRANT, "")
+    stored = await store.features.find_one({"layer": "hydrant"})
+    assert stored is not None and stored["drawing"]
+    handle_alone = domain.feature_id(Layer.HYDRANT, ward.city.ward, stored["source_id"])
+    await store.features.delete_one({"_id": stored["_id"]})
+    del stored["drawing"]
+    await store.features.insert_one(stored | {"_id": handle_alone})
+
+    done = await import_dxf(ward, content, DA_NANG_TM3, gis_pb2.LAYER_HYDRANT, "")
+    assert (done.created, done.removed) == (1, 1)
+    assert await hydrants_named(ward) == ["TCH-01"]
+    assert await store.features.find_one({"_id": handle_alone}) is None
+
+    r12 = drawing_text(hydrant_drawing(ward, 200, "TCH-02", version="R12"))
+    first = await import_dxf(ward, r12, DA_NANG_TM3, gis_pb2.LAYER_HYDRANT, "")
+    second = await import_dxf(ward, r12, DA_NANG_TM3, gis_pb2.LAYER_HYDRANT, "")
+    assert (first.created, second.created, second.unchanged) == (1, 0, 1)
+    assert await hydrants_named(ward) == ["TCH-01", "TCH-02"]
