@@ -21,10 +21,12 @@ from services.common.auth import Role
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.gis.main import GisService
-from services.registry.main import RegistryService
 from services.tickets.main import TicketsService
 from tests.conftest import Clock, token
-from tests.registry_fixtures import City, new_household, next_to_registry, rid
+
+# The GIS service tickets ask where a reported place lies: the one the GIS tests run.
+from tests.gis.conftest import gis_service as gis_service
+from tests.registry_fixtures import City, new_household, rid
 
 __all__ = ["rid"]
 
@@ -77,21 +79,6 @@ class Link:
         for writer in list(self._writers):
             writer.close()
         await self._server.wait_closed()
-
-
-@pytest.fixture(scope="session")
-async def gis_service(
-    settings: Settings,
-    registry: RegistryService,
-    session_clock: Clock,
-    span_processor: SimpleSpanProcessor,
-) -> AsyncIterator[GisService]:
-    service = GisService(
-        next_to_registry(settings, registry), clock=session_clock, span_processor=span_processor
-    )
-    await service.start()
-    yield service
-    await service.stop()
 
 
 @pytest.fixture(scope="session")
