@@ -16,6 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import grpc
 from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaError
 from pymongo.errors import (
@@ -28,6 +29,7 @@ from pymongo.errors import (
     WriteConcernError,
 )
 
+from services.common.errors import Unavailable
 from services.common.mongo import Document
 
 PARKED = "parked_events"
@@ -42,6 +44,14 @@ _TRANSIENT_LABELS = (
     "UnknownTransactionCommitResult",
     "RetryableWriteError",
     "NoWritesPerformed",
+)
+_PEER_AWAY = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
 )
 _SERVER_CODES = frozenset(
     {6, 7, 50, 89, 91, 112, 189, 246, 251, 262, 9001, 10107, 11600, 11602, 13435, 13436}
@@ -65,6 +75,10 @@ def is_the_events_fault(error: BaseException) -> bool:
         return False
     if isinstance(error, PyMongoError) and any(map(error.has_error_label, _TRANSIENT_LABELS)):
         return False
+    if isinstance(error, Unavailable) or (
+        isinstance(error, grpc.aio.AioRpcError) and error.code() in _PEER_AWAY
+    ):
+        return False  # another service a handler asked did not answer
     return not (isinstance(error, OperationFailure) and error.code in _SERVER_CODES)
 
 
