@@ -12,9 +12,9 @@ from google.protobuf.message import Message
 from opentelemetry.trace import INVALID_SPAN
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.common.broker import BatchHandler, Delivery
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.config import Settings
+from services.common.consumer import BatchHandler, Delivery
 from services.common.mongo import Document, in_transaction, mongo_client
 from services.common.outbox import new_event_id
 

@@ -14,8 +14,8 @@ from types import TracebackType
 from pymongo.asynchronous.database import AsyncDatabase
 
 from infra.local import free_port
-from services.common.broker import PROCESSED
 from services.common.config import Settings
+from services.common.consumer import PROCESSED
 from services.common.mongo import Document, mongo_client
 from services.common.outbox import OUTBOX
 from tests.kafka_reader import eventually

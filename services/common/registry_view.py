@@ -26,7 +26,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
 from services.common.batching import Coalescer
-from services.common.broker import Delivery
+from services.common.consumer import Delivery
 from services.common.mongo import Document, Session
 from services.common.wire import point_document
 

@@ -15,7 +15,8 @@ from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, ReplaceOne, UpdateMany, UpdateOne
 
-from services.common.broker import Delivery, subscribe_once
+from services.common.broker import subscribe_once
+from services.common.consumer import Delivery
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.telemetry import current_trace_headers

@@ -13,8 +13,9 @@ from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
-from services.common.broker import Delivery, subscribe_once
+from services.common.broker import subscribe_once
 from services.common.cloudevents import type_name
+from services.common.consumer import Delivery
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.wire import timestamp

@@ -13,7 +13,8 @@ from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal, unit_within
-from services.common.broker import Delivery, subscribe_once
+from services.common.broker import subscribe_once
+from services.common.consumer import Delivery
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.registry_view import households_touched

@@ -11,7 +11,8 @@ from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
-from services.common.broker import BatchHandler, Delivery, subscribe_once
+from services.common.broker import subscribe_once
+from services.common.consumer import BatchHandler, Delivery
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.wire import point_message

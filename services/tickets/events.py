@@ -14,8 +14,9 @@ from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal
-from services.common.broker import Delivery, subscribe_once
+from services.common.broker import subscribe_once
 from services.common.cloudevents import type_name
+from services.common.consumer import Delivery
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.tickets import domain

@@ -14,10 +14,11 @@ from civic.tickets.v1 import events_pb2
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 
-from services.common import broker
-from services.common.broker import PROCESSED, Delivery, kafka_broker, subscribe_once
+from services.common import consumer as consumer_module
+from services.common.broker import kafka_broker, subscribe_once
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.config import Settings
+from services.common.consumer import PROCESSED, Delivery
 from services.common.kafka_fetch import wait_after_empty
 from services.common.mongo import Document, Session, mongo_client
 from services.common.parking import PARK_AFTER_ATTEMPTS, PARKED
@@ -341,7 +342,7 @@ async def test_parked_events_are_tried_again_as_new_events_arrive(
 ) -> None:
     """What failed may pass later (the data a handler missed has come): a running consumer
     tries its parked events again, in order, once their retry time has come and events arrive."""
-    monkeypatch.setattr(broker, "RETRY_PARKED_S", 0.3)
+    monkeypatch.setattr(consumer_module, "RETRY_PARKED_S", 0.3)
     consumer = Consumer(settings, topic, fails_on={"bad"})
     await consumer.broker.start()
     try:

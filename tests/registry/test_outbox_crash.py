@@ -17,8 +17,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from infra.local import free_port
 from services.common.auth import Role
-from services.common.broker import PROCESSED
 from services.common.config import Settings
+from services.common.consumer import PROCESSED
 from services.common.mongo import Document, mongo_client
 from services.common.outbox import LEASE, OUTBOX
 from services.common.runtime import FAULT_EXIT_CODE

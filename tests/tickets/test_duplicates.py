@@ -17,9 +17,9 @@ from civic.registry.v1 import registry_pb2
 from civic.tickets.v1 import events_pb2, tickets_pb2
 
 from services.common.auth import Role
-from services.common.broker import Delivery
 from services.common.cloudevents import CloudEvent
 from services.common.config import Settings
+from services.common.consumer import Delivery
 from services.common.mongo import Document, Session, in_transaction
 from services.tickets import domain
 from services.tickets.clusters import release_orphans

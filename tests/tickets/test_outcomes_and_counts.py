@@ -16,8 +16,8 @@ import pytest
 from bson import ObjectId
 from civic.tickets.v1 import events_pb2, tickets_pb2
 
-from services.common.broker import Delivery
 from services.common.cloudevents import CloudEvent, type_name
+from services.common.consumer import Delivery
 from services.common.mongo import Document, Session, in_transaction
 from services.tickets import domain
 from services.tickets.main import TicketsService
