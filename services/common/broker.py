@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
-from pymongo import AsyncMongoClient
-from pymongo.asynchronous.database import AsyncDatabase
 
 from services.common import kafka_fetch
-from services.common.consumer import BatchHandler, TopicConsumer
-from services.common.mongo import Document
-from services.common.outbox import Outbox
+from services.common.consumer import TopicConsumer
 
 FETCH_WAIT_MS = 10
 # A consumer takes what it has fetched, up to this many events, as one batch.
@@ -73,30 +69,9 @@ def outbox_producer(bootstrap_servers: str, client_id: str) -> AIOKafkaProducer:
     )
 
 
-def subscribe_once(
-    broker: KafkaBroker,
-    client: AsyncMongoClient[Document],
-    db: AsyncDatabase[Document],
-    *,
-    topic: str,
-    group_id: str,
-    instance_id: str,
-    handle: BatchHandler,
-    outbox: Outbox | None = None,
-    types: Collection[str] | None = None,
-) -> None:
-    """Run `handle` on every event on `topic`, once per event id, in the consumer group (see
-    `TopicConsumer`)."""
-    consumer = TopicConsumer(
-        client,
-        db,
-        topic=topic,
-        group_id=group_id,
-        instance_id=instance_id,
-        handle=handle,
-        outbox=outbox,
-        types=types,
-    )
+def subscribe_once(broker: KafkaBroker, consumer: TopicConsumer) -> None:
+    """Run the consumer on its topic in its consumer group."""
+    topic = consumer.topic
 
     class Assignment(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -107,10 +82,10 @@ def subscribe_once(
 
     @broker.subscriber(
         topic,
-        group_id=group_id,
+        group_id=consumer.group_id,
         # Static membership: a restarted instance takes its partitions back at once instead of
         # waiting for the group to notice its old session is gone.
-        group_instance_id=instance_id,
+        group_instance_id=consumer.instance_id,
         auto_offset_reset="earliest",
         ack_policy=AckPolicy.NACK_ON_ERROR,
         # How long an empty fetch waits (see kafka_fetch): the most a new event waits when idle.

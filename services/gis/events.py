@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, ReplaceOne, UpdateMany, UpdateOne
 
 from services.common.broker import subscribe_once
-from services.common.consumer import Delivery
+from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.telemetry import current_trace_headers
@@ -81,13 +81,15 @@ def subscribe(
     projection = RegistryProjection(store, outbox)
     subscribe_once(
         broker,
-        client,
-        store.db,
-        topic=REGISTRY_TOPIC,
-        group_id=group_id,
-        instance_id=instance_id,
-        handle=projection.apply,
-        outbox=outbox,
+        TopicConsumer(
+            client,
+            store.db,
+            topic=REGISTRY_TOPIC,
+            group_id=group_id,
+            instance_id=instance_id,
+            handle=projection.apply,
+            outbox=outbox,
+        ),
     )
 
 

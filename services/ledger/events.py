@@ -15,7 +15,7 @@ from pymongo import AsyncMongoClient
 
 from services.common.broker import subscribe_once
 from services.common.cloudevents import type_name
-from services.common.consumer import Delivery
+from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.wire import timestamp
@@ -107,13 +107,15 @@ def follow_moves(
 
     subscribe_once(
         broker,
-        client,
-        store.db,
-        topic=REGISTRY_TOPIC,
-        group_id=group_id,
-        instance_id=instance_id,
-        handle=apply,
-        types=MOVES,
+        TopicConsumer(
+            client,
+            store.db,
+            topic=REGISTRY_TOPIC,
+            group_id=group_id,
+            instance_id=instance_id,
+            handle=apply,
+            types=MOVES,
+        ),
     )
 
 

@@ -14,7 +14,7 @@ from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal, unit_within
 from services.common.broker import subscribe_once
-from services.common.consumer import Delivery
+from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.registry_view import households_touched
@@ -385,11 +385,13 @@ def subscribe(
 ) -> None:
     subscribe_once(
         broker,
-        client,
-        store.db,
-        topic=REGISTRY_TOPIC,
-        group_id=registry_group,
-        instance_id=instance_id,
-        handle=reconciler.reconcile,
-        outbox=outbox,
+        TopicConsumer(
+            client,
+            store.db,
+            topic=REGISTRY_TOPIC,
+            group_id=registry_group,
+            instance_id=instance_id,
+            handle=reconciler.reconcile,
+            outbox=outbox,
+        ),
     )

@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
 from services.common.broker import subscribe_once
-from services.common.consumer import BatchHandler, Delivery
+from services.common.consumer import BatchHandler, Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.wire import point_message
@@ -194,10 +194,12 @@ def subscribe_history(
 ) -> None:
     subscribe_once(
         broker,
-        client,
-        store.db,
-        topic=TOPIC,
-        group_id=group_id,
-        instance_id=instance_id,
-        handle=history_projection(store),
+        TopicConsumer(
+            client,
+            store.db,
+            topic=TOPIC,
+            group_id=group_id,
+            instance_id=instance_id,
+            handle=history_projection(store),
+        ),
     )

@@ -16,7 +16,7 @@ from pymongo import AsyncMongoClient, UpdateOne
 from services.common.auth import current_principal
 from services.common.broker import subscribe_once
 from services.common.cloudevents import type_name
-from services.common.consumer import Delivery
+from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.tickets import domain
@@ -248,23 +248,27 @@ def subscribe(
 ) -> None:
     subscribe_once(
         broker,
-        client,
-        store.db,
-        topic=TOPIC,
-        group_id=routing_group,
-        instance_id=instance_id,
-        handle=router.route,
-        outbox=outbox,
-        # Its own TicketRouted and the rest pass by without a transaction each.
-        types={type_name(events_pb2.TicketSubmitted())},
+        TopicConsumer(
+            client,
+            store.db,
+            topic=TOPIC,
+            group_id=routing_group,
+            instance_id=instance_id,
+            handle=router.route,
+            outbox=outbox,
+            # Its own TicketRouted and the rest pass by without a transaction each.
+            types={type_name(events_pb2.TicketSubmitted())},
+        ),
     )
     subscribe_once(
         broker,
-        client,
-        store.db,
-        topic=REGISTRY_TOPIC,
-        group_id=registry_group,
-        instance_id=instance_id,
-        handle=functools.partial(follow_registry, store, outbox),
-        outbox=outbox,
+        TopicConsumer(
+            client,
+            store.db,
+            topic=REGISTRY_TOPIC,
+            group_id=registry_group,
+            instance_id=instance_id,
+            handle=functools.partial(follow_registry, store, outbox),
+            outbox=outbox,
+        ),
     )

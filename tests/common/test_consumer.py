@@ -18,7 +18,7 @@ from services.common import consumer as consumer_module
 from services.common.broker import kafka_broker, subscribe_once
 from services.common.cloudevents import CloudEvent, type_name
 from services.common.config import Settings
-from services.common.consumer import PROCESSED, Delivery
+from services.common.consumer import PROCESSED, Delivery, TopicConsumer
 from services.common.kafka_fetch import wait_after_empty
 from services.common.mongo import Document, Session, mongo_client
 from services.common.parking import PARK_AFTER_ATTEMPTS, PARKED
@@ -64,12 +64,14 @@ class Consumer:
         self.failures: list[BaseException] = []
         subscribe_once(
             self.broker,
-            self.client,
-            self.db,
-            topic=topic,
-            group_id=self.group_id,
-            instance_id="test-0",
-            handle=self.handle,
+            TopicConsumer(
+                self.client,
+                self.db,
+                topic=topic,
+                group_id=self.group_id,
+                instance_id="test-0",
+                handle=self.handle,
+            ),
         )
 
     def released(self) -> Consumer:
