@@ -570,10 +570,8 @@ async def create_city(target: str, secret: str, options: Options) -> list[Reside
         city = await unit("", "dn", "Đà Nẵng", registry_pb2.UNIT_KIND_CITY)
         district = await unit(city, "hc", "Hải Châu", registry_pb2.UNIT_KIND_DISTRICT)
         ward = await unit(district, "hc1", "Hải Châu 1", registry_pb2.UNIT_KIND_WARD)
-        strips = group_strips(options)[1:]
         for number in range(1, options.groups + 1):
-            _, ring = strips[number - 1]
-            strip = (ring[0][0], ring[1][0])
+            strip = strip_of(options, number)
             group = await unit(
                 ward, f"g{number}", f"Tổ dân phố {number}", registry_pb2.UNIT_KIND_GROUP
             )
@@ -620,18 +618,22 @@ async def gis_process(settings: Settings, port: int, registry: str) -> AsyncIter
             await asyncio.to_thread(process.wait)
 
 
-def group_strips(options: Options) -> list[tuple[str, list[list[float]]]]:
-    """The ward's box, and each group a strip of it from west to east: (unit, ring)."""
-    south, north = LATITUDES
+def strip_of(options: Options, number: int) -> tuple[float, float]:
+    """The west and east edges of group `number`: the ward cut into strips from west to east."""
     west, east = LONGITUDES
+    width = (east - west) / options.groups
+    return west + (number - 1) * width, west + number * width
+
+
+def group_strips(options: Options) -> list[tuple[str, list[list[float]]]]:
+    """The ward's box, and each group's strip of it: (unit, ring)."""
+    south, north = LATITUDES
 
     def box(w: float, e: float) -> list[list[float]]:
         return [[w, south], [e, south], [e, north], [w, north], [w, south]]
 
-    width = (east - west) / options.groups
-    return [(WARD, box(west, east))] + [
-        (f"{WARD}.g{n}", box(west + (n - 1) * width, west + n * width))
-        for n in range(1, options.groups + 1)
+    return [(WARD, box(*LONGITUDES))] + [
+        (f"{WARD}.g{n}", box(*strip_of(options, n))) for n in range(1, options.groups + 1)
     ]
 
 

@@ -107,6 +107,7 @@ class TopicConsumer:
         self.turn = asyncio.Lock()
         self.retry_at = 0.0
         self.failures = 0
+        self._parked_indexed = False
 
     # ---- what faststream calls -----------------------------------------------------------------
 
@@ -359,7 +360,9 @@ class TopicConsumer:
     async def _held_keys(self, partitions: Collection[int]) -> dict[tuple[int, bytes], str]:
         """Each key with parked events on `partitions` (on any while none are known), and the
         first of them: what holds the key's later events back."""
-        await self.parked.create_index([("group", 1), ("partition", 1), ("offset", 1)])
+        if not self._parked_indexed:  # once per process, not on every rebalance
+            await self.parked.create_index([("group", 1), ("partition", 1), ("offset", 1)])
+            self._parked_indexed = True
         query: Document = {"group": self.group_id, "key": {"$ne": None}}
         if partitions:
             query["partition"] = {"$in": sorted(partitions)}
