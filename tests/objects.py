@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import urllib.error
 import urllib.request
 import zlib
 
@@ -75,13 +76,23 @@ def _http(method: str, url: str, body: bytes | None, content_type: str) -> tuple
     request = urllib.request.Request(url, data=body, method=method)
     if content_type:
         request.add_header("Content-Type", content_type)
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return int(response.status), response.read()
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
 async def put(url: str, body: bytes, content_type: str) -> None:
-    status, _ = await asyncio.to_thread(_http, "PUT", url, body, content_type)
-    assert status == 200
+    status, answer = await asyncio.to_thread(_http, "PUT", url, body, content_type)
+    assert status == 200, answer
+
+
+async def put_refused(url: str, body: bytes, content_type: str) -> bytes:
+    """The store's answer to a PUT it refuses (403: the link was not signed for it)."""
+    status, answer = await asyncio.to_thread(_http, "PUT", url, body, content_type)
+    assert status == 403, (status, answer)
+    return answer
 
 
 async def get(url: str) -> bytes:

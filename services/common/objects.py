@@ -1,10 +1,11 @@
 """Object storage (MinIO in production, any S3 here) through the `minio` client.
 
-A client gets a short-lived presigned URL and uploads straight to the store; the service then
-checks what arrived before it accepts it. What it accepts is the bytes it checked, stored again
-under `checked/` (a key no upload link is ever signed for) and known by that key from then on:
-the upload link stays valid for its whole window, and a second upload to it must not replace a
-checked file.
+A client gets a short-lived presigned URL and uploads straight to the store; the link binds the
+type and size the client declared, so the store itself refuses anything else, and the service
+then checks what arrived (its first bytes too) before it accepts it. What it accepts is the
+bytes it checked, stored again under `checked/` (a key no upload link is ever signed for) and
+known by that key from then on: the upload link stays valid for its whole window, and a second
+upload to it must not replace a checked file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
@@ -29,12 +30,15 @@ from minio.error import S3Error
 from services.common.config import Settings
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.media import IMAGE_SIGNATURES, check_upload, is_a, without_metadata
+from services.common.presign import presigned_url
 
 T = TypeVar("T")
 UPLOAD_WINDOW = timedelta(minutes=15)
 VIEW_WINDOW = timedelta(hours=1)
 STORE_CONNECT_SECONDS = 3.0
 STORE_READ_SECONDS = 30.0
+# Fixed: presigning is then pure computation, with no round trip to the store.
+REGION = "us-east-1"
 
 # Accepted uploads are kept, and shown, under this prefix; no upload link is signed for it.
 CHECKED = "checked/"
@@ -60,11 +64,33 @@ class ObjectStore:
         self._presigner = (
             _client(settings, public.netloc, public.scheme == "https") if public else self._client
         )
+        self._public_base = (
+            f"{public.scheme}://{public.netloc}"
+            if public
+            else f"{'https' if settings.s3_secure else 'http'}://{settings.s3_endpoint}"
+        )
+        self._access_key = settings.s3_access_key
+        self._secret_key = settings.s3_secret_key
         self.bucket = bucket
 
-    def upload_url(self, key: str) -> str:
-        url: str = self._presigner.presigned_put_object(self.bucket, key, expires=UPLOAD_WINDOW)
-        return url
+    def upload_url(self, key: str, content_type: str = "", size_bytes: int = 0) -> str:
+        """A PUT link for `key`, valid for UPLOAD_WINDOW. Given the type and size the client
+        declared, the store takes only a PUT of exactly that Content-Type and Content-Length."""
+        declared = {}
+        if content_type:
+            declared["Content-Type"] = content_type
+        if size_bytes:
+            declared["Content-Length"] = str(size_bytes)
+        return presigned_url(
+            "PUT",
+            f"{self._public_base}/{self.bucket}/{key}",
+            access_key=self._access_key,
+            secret_key=self._secret_key,
+            region=REGION,
+            now=datetime.now(UTC),
+            expires=UPLOAD_WINDOW,
+            headers=declared,
+        )
 
     def view_url(self, key: str) -> str:
         url: str = self._presigner.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
@@ -192,13 +218,12 @@ def _media_type(content_type: str | None) -> str:
 
 
 def _client(settings: Settings, endpoint: str, secure: bool) -> Minio:
-    # A fixed region: presigning is then pure computation, with no round trip to the store.
     return Minio(
         endpoint,
         access_key=settings.s3_access_key,
         secret_key=settings.s3_secret_key,
         secure=secure,
-        region="us-east-1",
+        region=REGION,
         # The client's own defaults wait 5 minutes to connect and again to read, 5 times over:
         # a request's worker thread, and its caller, would hang on a store that is away.
         http_client=urllib3.PoolManager(

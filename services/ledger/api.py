@@ -534,7 +534,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         check_image_upload(request.content_type, request.size_bytes, MAX_RECEIPT_BYTES)
         key = f"receipts/{fund['_id']}/{uuid.uuid4().hex}.{EXTENSIONS[request.content_type]}"
         return ledger_pb2.CreateReceiptUploadResponse(
-            upload_url=self.files.upload_url(key),
+            upload_url=self.files.upload_url(key, request.content_type, request.size_bytes),
             object_key=key,
             expires_at=timestamp(self.clock() + UPLOAD_WINDOW),
         )

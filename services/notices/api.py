@@ -268,7 +268,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         extension = domain.EXTENSIONS[request.content_type]
         key = f"{domain.upload_folder(caller.scope)}{uuid.uuid4().hex}.{extension}"
         return notices_pb2.CreateAttachmentUploadResponse(
-            upload_url=self.files.upload_url(key),
+            upload_url=self.files.upload_url(key, request.content_type, request.size_bytes),
             object_key=key,
             expires_at=timestamp(self.clock() + UPLOAD_WINDOW),
         )

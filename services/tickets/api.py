@@ -388,7 +388,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         check_image_upload(request.content_type, request.size_bytes, domain.MAX_PHOTO_BYTES)
         key = f"tickets/{ticket['_id']}/{uuid.uuid4().hex}.{EXTENSIONS[request.content_type]}"
         return tickets_pb2.CreatePhotoUploadResponse(
-            upload_url=self.photos.upload_url(key),
+            upload_url=self.photos.upload_url(key, request.content_type, request.size_bytes),
             object_key=key,
             expires_at=timestamp(self.clock() + timedelta(minutes=15)),
         )

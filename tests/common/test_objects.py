@@ -14,7 +14,7 @@ from infra.local import free_port
 from services.common.config import Settings
 from services.common.errors import Unavailable
 from services.common.objects import ObjectStore, checked
-from tests.objects import jpeg_bytes, png_bytes, put
+from tests.objects import jpeg_bytes, object_exists, png_bytes, put, put_refused
 
 
 def test_links_are_signed_for_the_stores_public_address_when_it_has_one() -> None:
@@ -88,3 +88,23 @@ async def test_an_upload_accepted_by_another_call_while_this_one_looked_is_accep
     accepted = await store.accept_image(key, 1_000_000)
     assert [accepted] == first
     assert accepted.key == checked(key)
+
+
+async def test_an_upload_link_takes_only_the_declared_type_and_size(
+    settings: Settings, bucket: Minio
+) -> None:
+    """The store itself refuses the rest: a link for a small photo stores no gigabytes."""
+    store = ObjectStore(settings, "civic-statements")
+    body = png_bytes()
+    key = f"receipts/fd-x/{uuid.uuid4().hex}.png"
+    url = store.upload_url(key, "image/png", len(body))
+    for sent, content_type in [
+        (body + b"\x00" * 1024, "image/png"),  # larger than declared
+        (body[:-1], "image/png"),  # smaller
+        (body, "image/jpeg"),  # another type
+        (body, "text/html"),
+    ]:
+        assert b"SignatureDoesNotMatch" in await put_refused(url, sent, content_type)
+        assert not await object_exists(bucket, "civic-statements", key)
+    await put(url, body, "image/png")
+    assert (await store.accept_image(key, 1_000_000)).size == len(body)

@@ -1,9 +1,12 @@
 """Attachments go from the official's browser straight to object storage through a presigned
-URL; publishing (or revising) checks each upload's declared type, its first bytes and its size,
-and refuses the notice, deleting the upload, when one is wrong. Real SeaweedFS S3."""
+URL that binds the declared type and size; publishing (or revising) checks each upload's
+declared type, its first bytes and its size, and refuses the notice, deleting the upload, when
+one is wrong. Real SeaweedFS S3."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -17,17 +20,17 @@ from services.notices.domain import ATTACHMENT_SIGNATURES, MAX_ATTACHMENT_BYTES
 from services.notices.main import ATTACHMENT_BUCKET
 from tests.indexes import index_uses, used_since
 from tests.notices.conftest import NoticeCaller, Town, refused, rid
-from tests.objects import get, object_exists, png_bytes, put
+from tests.objects import get, object_exists, png_bytes, put, put_refused
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 PDF_TYPE = "application/pdf"
 
 
-async def upload(caller: NoticeCaller, body: bytes, declared: str, sent_as: str = "") -> str:
+async def upload(caller: NoticeCaller, body: bytes, declared: str) -> str:
     slot = await caller.CreateAttachmentUpload(
         notices_pb2.CreateAttachmentUploadRequest(content_type=declared, size_bytes=len(body))
     )
-    await put(slot.upload_url, body, sent_as or declared)
+    await put(slot.upload_url, body, declared)
     return str(slot.object_key)
 
 
@@ -102,7 +105,7 @@ async def test_a_bad_upload_is_refused_and_deleted_and_nothing_is_published(
     good = await upload(officer, PDF, PDF_TYPE)
     padded = PDF + b"\x00" * (MAX_ATTACHMENT_BYTES + 1 - len(PDF))
     cases = [
-        (b"just text, not a document\n" * 10, PDF_TYPE, PDF_TYPE, "object_key"),
+        ((b"just text, not a document\n" * 200)[:4096], PDF_TYPE, PDF_TYPE, "object_key"),
         (png_bytes(), "image/png", "text/plain", "content_type"),
         (padded, PDF_TYPE, PDF_TYPE, "size_bytes"),
     ]
@@ -111,7 +114,20 @@ async def test_a_bad_upload_is_refused_and_deleted_and_nothing_is_published(
         slot = await officer.CreateAttachmentUpload(
             notices_pb2.CreateAttachmentUploadRequest(content_type=declared, size_bytes=4096)
         )
-        await put(slot.upload_url, body, sent_as)
+        if (len(body), sent_as) == (4096, declared):
+            await put(slot.upload_url, body, sent_as)
+        else:
+            # The store refuses such a PUT (the link binds type and size); one that does not
+            # check signed headers would take it, and the service must still refuse it.
+            await put_refused(slot.upload_url, body, sent_as)
+            await asyncio.to_thread(
+                bucket.put_object,
+                ATTACHMENT_BUCKET,
+                slot.object_key,
+                io.BytesIO(body),
+                len(body),
+                content_type=sent_as,
+            )
         assert await object_exists(bucket, ATTACHMENT_BUCKET, slot.object_key)
         await refused(
             grpc.StatusCode.INVALID_ARGUMENT,

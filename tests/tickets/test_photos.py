@@ -1,10 +1,12 @@
-"""Photos go from the resident's phone straight to object storage through a presigned URL; the
-service checks what arrived (size, declared type, the bytes themselves) before it attaches it,
-and deletes whatever it refuses. Real SeaweedFS S3, plain HTTP for the upload and the view."""
+"""Photos go from the resident's phone straight to object storage through a presigned URL that
+binds the declared type and size; the service checks what arrived (size, declared type, the
+bytes themselves) before it attaches it, and deletes whatever it refuses. Real SeaweedFS S3,
+plain HTTP for the upload and the view."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +19,16 @@ from services.common.objects import checked
 from services.common.uploads import Sweep, UploadSweeper
 from services.tickets.domain import MAX_PHOTO_BYTES, MAX_PHOTOS
 from services.tickets.main import PHOTO_BUCKET, TicketsService
-from tests.objects import GPS, get, jpeg_bytes, jpeg_with_exif, object_exists, png_bytes, put
+from tests.objects import (
+    GPS,
+    get,
+    jpeg_bytes,
+    jpeg_with_exif,
+    object_exists,
+    png_bytes,
+    put,
+    put_refused,
+)
 from tests.tickets.conftest import Pilot, TicketCaller, rid
 
 
@@ -97,32 +108,77 @@ async def test_create_upload_refuses_non_images_and_oversized_photos(pilot: Pilo
     assert slot.upload_url
 
 
-# What a phone may PUT at a presigned URL that the service must not accept, and the field named
-# in the refusal: text declared as an image, a real image sent as text, an image over the limit.
-PADDED_PNG = png_bytes() + b"\x00" * (MAX_PHOTO_BYTES + 1 - len(png_bytes()))
-BAD_UPLOADS = {
-    "text-declared-as-png": (b"not a photo, just text\n" * 10, "image/png", "object_key"),
-    "png-sent-as-text": (png_bytes(), "text/plain", "content_type"),
-    "png-over-the-limit": (PADDED_PNG, "image/png", "size_bytes"),
-    # RIFF begins WebP, and WAV and AVI too.
-    "wav-declared-as-webp": (
-        b"RIFF\x24\x08\x00\x00WAVEfmt " + b"\x00" * 64,
-        "image/webp",
-        "object_key",
-    ),
+# What a phone may PUT at a presigned URL, as declared, that the service must not accept: text
+# declared as an image, and a sound file declared as WebP (RIFF begins WebP, and WAV and AVI too).
+NOT_IMAGES = {
+    "text-declared-as-png": (b"not a photo, just text\n" * 10, "image/png"),
+    "wav-declared-as-webp": (b"RIFF\x24\x08\x00\x00WAVEfmt " + b"\x00" * 64, "image/webp"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_UPLOADS))
-async def test_attach_refuses_a_bad_upload_and_deletes_it(
+@pytest.mark.parametrize("case", list(NOT_IMAGES))
+async def test_attach_refuses_an_upload_that_is_not_the_image_declared_and_deletes_it(
     pilot: Pilot, bucket: Minio, case: str
 ) -> None:
-    body, sent_as, field = BAD_UPLOADS[case]
+    body, declared = NOT_IMAGES[case]
+    ticket = await pilot.submit()
+    slot = await upload_slot(pilot.resident, ticket.ticket_id, declared, len(body))
+    await put(slot.upload_url, body, declared)
+    assert await stored(bucket, slot.object_key)  # the store took it; the service has not yet
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await attach(pilot.resident, ticket.ticket_id, slot.object_key)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith("object_key:"), error.value.details()
+    assert not await stored(bucket, slot.object_key)
+    assert await photos_of(pilot, ticket.ticket_id) == []
+
+
+PADDED_PNG = png_bytes() + b"\x00" * (MAX_PHOTO_BYTES + 1 - len(png_bytes()))
+
+
+async def test_the_store_refuses_an_upload_of_another_size_or_type_than_declared(
+    pilot: Pilot, bucket: Minio
+) -> None:
+    """The link binds what the phone declared: a link for a small photo stores no gigabytes."""
     assert len(PADDED_PNG) == MAX_PHOTO_BYTES + 1
     ticket = await pilot.submit()
+    body = png_bytes()
+    slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/png", len(body))
+    for sent, sent_as in [
+        (PADDED_PNG, "image/png"),
+        (body, "text/plain"),
+        (body[:-8], "image/png"),
+    ]:
+        await put_refused(slot.upload_url, sent, sent_as)
+        assert not await stored(bucket, slot.object_key)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await attach(pilot.resident, ticket.ticket_id, slot.object_key)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await photos_of(pilot, ticket.ticket_id) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "stored_as", "field"),
+    [(png_bytes(), "text/plain", "content_type"), (PADDED_PNG, "image/png", "size_bytes")],
+    ids=["png-stored-as-text", "png-over-the-limit"],
+)
+async def test_attach_checks_type_and_size_itself_whatever_the_store_let_through(
+    pilot: Pilot, bucket: Minio, body: bytes, stored_as: str, field: str
+) -> None:
+    """An S3 store that does not check a link's signed headers, or an object written there some
+    other way: the service's own check still refuses it, and deletes it."""
+    ticket = await pilot.submit()
     slot = await upload_slot(pilot.resident, ticket.ticket_id, "image/png", 4096)
-    await put(slot.upload_url, body, sent_as)
-    assert await stored(bucket, slot.object_key)  # the store took it; the service has not yet
+    await asyncio.to_thread(
+        bucket.put_object,
+        PHOTO_BUCKET,
+        slot.object_key,
+        io.BytesIO(body),
+        len(body),
+        content_type=stored_as,
+    )
 
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await attach(pilot.resident, ticket.ticket_id, slot.object_key)
@@ -172,7 +228,8 @@ async def test_a_second_upload_to_the_link_does_not_replace_the_attached_photo(
     await put(slot.upload_url, body, "image/png")
     await attach(pilot.resident, ticket.ticket_id, slot.object_key)
 
-    await put(slot.upload_url, b"<html>not a photo</html>" * 1000, "text/html")
+    # The same size and type, as the link requires, but other bytes.
+    await put(slot.upload_url, bytes(reversed(body)), "image/png")
 
     [photo] = await photos_of(pilot, ticket.ticket_id)
     assert (photo.content_type, photo.size_bytes) == ("image/png", len(body))
