@@ -228,7 +228,8 @@ async def test_a_drawings_feature_stored_under_its_handle_alone_gives_way_once(
     doc = hydrant_drawing(ward, -200, "TCH-01")
     content = drawing_text(doc)
     await import_dxf(ward, content, DA_NANG_TM3, gis_pb2.LAYER_HYDRANT, "")
-    stored = await store.features.find_one({"layer": "hydrant"})
+    # This ward's: other tests' hydrants share the collection.
+    stored = await store.features.find_one({"layer": "hydrant", "unit_id": ward.city.ward})
     assert stored is not None and stored["drawing"]
     handle_alone = domain.feature_id(Layer.HYDRANT, ward.city.ward, stored["source_id"])
     await store.features.delete_one({"_id": stored["_id"]})
