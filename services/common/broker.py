@@ -75,7 +75,7 @@ def subscribe_once(broker: KafkaBroker, consumer: TopicConsumer) -> None:
 
     class Assignment(ConsumerRebalanceListener):  # type: ignore[misc]
         async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-            pass
+            await consumer.on_revoked({p.partition for p in revoked if p.topic == topic})
 
         async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
             await consumer.on_assigned({p.partition for p in assigned if p.topic == topic})

@@ -104,6 +104,8 @@ class TopicConsumer:
         # to be looked up before the next fetch); one fetch or retry of parked events at a time.
         self.assigned: set[int] = set()
         self.held: dict[tuple[int, bytes], str] | None = None
+        # Whether any event is parked on them, with a key or without: worth trying again.
+        self.parked_here = False
         self.turn = asyncio.Lock()
         self.retry_at = 0.0
         self.failures = 0
@@ -115,10 +117,7 @@ class TopicConsumer:
         """A fetch's records; raising rewinds every partition to the fetch's first event there."""
         try:
             async with self.turn:
-                now = asyncio.get_running_loop().time()
-                if self.held and now >= self.retry_at:
-                    self.retry_at = now + RETRY_PARKED_S
-                    await self.retry_parked(self.assigned)
+                await self._retry_parked_if_due()
                 await self.handle_fetch(records)
         except Exception:
             # The fetch comes back at once; a fault that outlasts a retry (MongoDB away) is
@@ -134,11 +133,32 @@ class TopicConsumer:
         async with self.turn:
             self.assigned = set(partitions)
             self.held = None
+            self.parked_here = True  # until the retry has looked
             try:
                 await self.retry_parked(self.assigned)
             except Exception:
                 _LOG.exception("%s: parked events not tried again", self.group_id)
             self.retry_at = asyncio.get_running_loop().time() + RETRY_PARKED_S
+
+    async def on_revoked(self, partitions: Collection[int]) -> None:
+        """Partitions going to another member: their parked events are its to try now."""
+        async with self.turn:
+            self.assigned -= set(partitions)
+
+    # ---- what the service runs beside it -----------------------------------------------------
+
+    async def retry_parked_when_due(self) -> None:
+        """The parked events tried again once their retry time has come, though no event
+        arrives: what failed may pass later (the data a handler missed has come), and a quiet
+        partition must not keep it waiting for the next event or restart."""
+        async with self.turn:
+            await self._retry_parked_if_due()
+
+    async def _retry_parked_if_due(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self.parked_here and self.assigned and now >= self.retry_at:
+            self.retry_at = now + RETRY_PARKED_S
+            await self.retry_parked(self.assigned)
 
     # ---- reading records -------------------------------------------------------------------------
 
@@ -350,6 +370,7 @@ class TopicConsumer:
             # Parked before anything behind it is handled: its key's later events wait for it.
             parked = self._parking(record, each, error=describe(failed), behind=None)
             await in_transaction(self.client, self._work([], [parked]))
+            self.parked_here = True
             if (key := held_key(record)) is not None:
                 self.held[key] = each.event.id
         if parking:
@@ -410,3 +431,4 @@ class TopicConsumer:
             )
             failing.add(key)
         self.held = await self._held_keys(partitions)
+        self.parked_here = await self.parked.find_one(query, {"_id": 1}) is not None

@@ -7,8 +7,8 @@ they always were). Parking keeps order where it matters: the later events of a p
 key (its aggregate) are parked behind it, not handled before it, while every other key goes on.
 The consumer tries a key's parked events again, in order, whenever it is assigned their
 partition (a new release of the service, which fixes the bug, starts so) and, while it has
-any, at most every `RETRY_PARKED_S` as new events arrive; the first that succeeds releases the
-ones behind it.
+any, every `RETRY_PARKED_S`, as new events arrive or, on a quiet partition, from the service's
+own timer; the first that succeeds releases the ones behind it.
 """
 
 from __future__ import annotations

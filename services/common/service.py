@@ -10,13 +10,15 @@ from datetime import UTC, datetime
 import grpc
 from opentelemetry.sdk.trace import SpanProcessor
 
-from services.common.broker import kafka_broker, outbox_producer
+from services.common.broker import kafka_broker, outbox_producer, subscribe_once
 from services.common.commands import CommandRunner
 from services.common.config import Settings
+from services.common.consumer import TopicConsumer
 from services.common.grpc_server import GrpcServer
 from services.common.mongo import mongo_client
 from services.common.outbox import Outbox, OutboxRelay
-from services.common.runtime import stop_within
+from services.common.parking import RETRY_PARKED_S
+from services.common.runtime import Every, stop_within
 from services.common.telemetry import setup_telemetry
 
 
@@ -41,6 +43,8 @@ class ServiceHost:
         )
         self.commands = CommandRunner(self.client, self.db, self.outbox)
         self.broker = kafka_broker(settings.kafka_bootstrap_servers, f"civic-{name}")
+        # Each consumer's parked events, tried again while no event comes to prompt it.
+        self.parked_retries: list[Every] = []
         self.server: GrpcServer | None = None
         # Made at start: its producer, made but never stopped, would warn when collected.
         self.relay: OutboxRelay | None = None
@@ -48,6 +52,18 @@ class ServiceHost:
 
     def consumer_group(self, purpose: str) -> str:
         return self.settings.consumer_group(self.name, purpose)
+
+    def consume(self, *consumers: TopicConsumer) -> None:
+        """Run the consumers on the service's broker, from start to stop."""
+        for consumer in consumers:
+            subscribe_once(self.broker, consumer)
+            self.parked_retries.append(
+                Every(
+                    f"parked events of {consumer.group_id}",
+                    RETRY_PARKED_S,
+                    consumer.retry_parked_when_due,
+                )
+            )
 
     def serve(self, service_name: str, register: Callable[[grpc.aio.Server], None]) -> None:
         self.server = GrpcServer(
@@ -62,6 +78,8 @@ class ServiceHost:
         """Kafka first (consumers join their groups), then gRPC, then the relay."""
         assert self.server is not None, "call serve() before start()"
         await self.broker.start()
+        for retries in self.parked_retries:
+            retries.start()
         self.relay = OutboxRelay(
             self.db,
             self.outbox,
@@ -82,6 +100,8 @@ class ServiceHost:
         if self.relay is not None:
             # Its lease, then its Kafka producer.
             await stop_within(25, "outbox relay", self.relay.stop())
+        for retries in self.parked_retries:
+            await stop_within(5, "parked events' retries", retries.stop())
         await stop_within(15, "Kafka consumers", self.broker.stop())
         # Closing ends the client's sessions on the server, and waits out server selection when
         # MongoDB is already gone.

@@ -11,11 +11,9 @@ from typing import Any
 from civic.gis.v1 import events_pb2
 from civic.registry.v1 import events_pb2 as registry_events
 from civic.registry.v1 import registry_pb2
-from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, ReplaceOne, UpdateMany, UpdateOne
 
-from services.common.broker import subscribe_once
 from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
@@ -69,27 +67,22 @@ def features_changed(
     )
 
 
-def subscribe(
-    broker: KafkaBroker,
+def registry_consumer(
     client: AsyncMongoClient[Document],
     store: GisStore,
     outbox: Outbox,
     *,
     group_id: str,
     instance_id: str,
-) -> None:
-    projection = RegistryProjection(store, outbox)
-    subscribe_once(
-        broker,
-        TopicConsumer(
-            client,
-            store.db,
-            topic=REGISTRY_TOPIC,
-            group_id=group_id,
-            instance_id=instance_id,
-            handle=projection.apply,
-            outbox=outbox,
-        ),
+) -> TopicConsumer:
+    return TopicConsumer(
+        client,
+        store.db,
+        topic=REGISTRY_TOPIC,
+        group_id=group_id,
+        instance_id=instance_id,
+        handle=RegistryProjection(store, outbox).apply,
+        outbox=outbox,
     )
 
 

@@ -14,7 +14,7 @@ from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
 from services.common.uploads import Sweep, UploadSweeper
 from services.gis.api import GisServicer, RegistryReader
-from services.gis.events import TOPIC, subscribe
+from services.gis.events import TOPIC, registry_consumer
 from services.gis.store import GisStore
 
 NAME = "gis"
@@ -35,13 +35,14 @@ class GisService:
         )
         self.client, self.db = host.client, host.db
         self.store = GisStore(self.db)
-        subscribe(
-            host.broker,
-            host.client,
-            self.store,
-            host.outbox,
-            group_id=host.consumer_group("registry-view"),
-            instance_id=host.instance,
+        host.consume(
+            registry_consumer(
+                host.client,
+                self.store,
+                host.outbox,
+                group_id=host.consumer_group("registry-view"),
+                instance_id=host.instance,
+            )
         )
         self.registry = RegistryReader(settings.registry())
         uploads = ObjectStore(settings, UPLOAD_BUCKET)

@@ -9,11 +9,9 @@ from typing import Any
 
 from civic.ledger.v1 import events_pb2
 from civic.registry.v1 import events_pb2 as registry_events
-from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
-from services.common.broker import subscribe_once
 from services.common.cloudevents import type_name
 from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
@@ -88,13 +86,12 @@ def assessment(
 
 
 def follow_moves(
-    broker: KafkaBroker,
     client: AsyncMongoClient[Document],
     store: LedgerStore,
     *,
     group_id: str,
     instance_id: str,
-) -> None:
+) -> TopicConsumer:
     """Keeps the unit of each household the ledger has learned as the registry moves it."""
 
     async def apply(deliveries: list[Delivery], session: Session) -> list[Document]:
@@ -105,17 +102,14 @@ def follow_moves(
         await store.move_households(moves, session)
         return []
 
-    subscribe_once(
-        broker,
-        TopicConsumer(
-            client,
-            store.db,
-            topic=REGISTRY_TOPIC,
-            group_id=group_id,
-            instance_id=instance_id,
-            handle=apply,
-            types=MOVES,
-        ),
+    return TopicConsumer(
+        client,
+        store.db,
+        topic=REGISTRY_TOPIC,
+        group_id=group_id,
+        instance_id=instance_id,
+        handle=apply,
+        types=MOVES,
     )
 
 

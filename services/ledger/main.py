@@ -36,12 +36,13 @@ class LedgerService:
             NAME, settings, topic=TOPIC, span_processor=span_processor, clock=clock
         )
         self.store = LedgerStore(host.db)
-        follow_moves(
-            host.broker,
-            host.client,
-            self.store,
-            group_id=host.consumer_group("household-moves"),
-            instance_id=host.instance,
+        host.consume(
+            follow_moves(
+                host.client,
+                self.store,
+                group_id=host.consumer_group("household-moves"),
+                instance_id=host.instance,
+            )
         )
         files = ObjectStore(settings, BUCKET)
         # Receipts never recorded as expenses; statements exported (their links last an hour).

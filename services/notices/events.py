@@ -8,12 +8,10 @@ from collections.abc import Callable
 from datetime import datetime
 
 from civic.notices.v1 import events_pb2, notices_pb2
-from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal, unit_within
-from services.common.broker import subscribe_once
 from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
@@ -373,8 +371,7 @@ class _Changes:
         )
 
 
-def subscribe(
-    broker: KafkaBroker,
+def registry_consumer(
     client: AsyncMongoClient[Document],
     store: NoticeStore,
     reconciler: Reconciler,
@@ -382,16 +379,13 @@ def subscribe(
     *,
     registry_group: str,
     instance_id: str,
-) -> None:
-    subscribe_once(
-        broker,
-        TopicConsumer(
-            client,
-            store.db,
-            topic=REGISTRY_TOPIC,
-            group_id=registry_group,
-            instance_id=instance_id,
-            handle=reconciler.reconcile,
-            outbox=outbox,
-        ),
+) -> TopicConsumer:
+    return TopicConsumer(
+        client,
+        store.db,
+        topic=REGISTRY_TOPIC,
+        group_id=registry_group,
+        instance_id=instance_id,
+        handle=reconciler.reconcile,
+        outbox=outbox,
     )

@@ -15,7 +15,7 @@ from services.common.service import ServiceHost
 from services.common.uploads import UploadSweeper, attached_files
 from services.notices.api import NoticesServicer
 from services.notices.delivery import FANOUT_BATCH, Deliverer
-from services.notices.events import TOPIC, Reconciler, subscribe
+from services.notices.events import TOPIC, Reconciler, registry_consumer
 from services.notices.store import NoticeStore
 
 NAME = "notices"
@@ -49,14 +49,15 @@ class NoticesService:
             sweep_interval_seconds,
             fanout_batch,
         )
-        subscribe(
-            host.broker,
-            host.client,
-            self.store,
-            reconciler,
-            host.outbox,
-            registry_group=host.consumer_group("registry-view"),
-            instance_id=host.instance,
+        host.consume(
+            registry_consumer(
+                host.client,
+                self.store,
+                reconciler,
+                host.outbox,
+                registry_group=host.consumer_group("registry-view"),
+                instance_id=host.instance,
+            )
         )
         files = ObjectStore(settings, ATTACHMENT_BUCKET)
         self.uploads = UploadSweeper(

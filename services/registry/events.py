@@ -7,11 +7,9 @@ from typing import Any
 
 from bson import ObjectId
 from civic.registry.v1 import events_pb2, registry_pb2
-from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 
-from services.common.broker import subscribe_once
 from services.common.consumer import BatchHandler, Delivery, TopicConsumer
 from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
@@ -184,22 +182,18 @@ def history_projection(store: RegistryStore) -> BatchHandler:
     return project
 
 
-def subscribe_history(
+def history_consumer(
     store: RegistryStore,
-    broker: KafkaBroker,
     client: AsyncMongoClient[Document],
     *,
     group_id: str,
     instance_id: str,
-) -> None:
-    subscribe_once(
-        broker,
-        TopicConsumer(
-            client,
-            store.db,
-            topic=TOPIC,
-            group_id=group_id,
-            instance_id=instance_id,
-            handle=history_projection(store),
-        ),
+) -> TopicConsumer:
+    return TopicConsumer(
+        client,
+        store.db,
+        topic=TOPIC,
+        group_id=group_id,
+        instance_id=instance_id,
+        handle=history_projection(store),
     )

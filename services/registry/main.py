@@ -13,7 +13,7 @@ from services.common.runtime import run_async, serve_until_signalled
 from services.common.service import ServiceHost
 from services.registry.api import RegistryServicer
 from services.registry.domain import CitizenIdVault
-from services.registry.events import TOPIC, subscribe_history
+from services.registry.events import TOPIC, history_consumer
 from services.registry.store import RegistryStore
 
 NAME = "registry"
@@ -33,12 +33,13 @@ class RegistryService:
         )
         self.client, self.db = host.client, host.db
         self.store = RegistryStore(self.db)
-        subscribe_history(
-            self.store,
-            host.broker,
-            host.client,
-            group_id=host.consumer_group("household-history"),
-            instance_id=host.instance,
+        host.consume(
+            history_consumer(
+                self.store,
+                host.client,
+                group_id=host.consumer_group("household-history"),
+                instance_id=host.instance,
+            )
         )
         self.servicer = RegistryServicer(
             self.store,

@@ -9,12 +9,10 @@ from datetime import datetime, timedelta
 
 from civic.registry.v1 import events_pb2 as registry_events_pb2
 from civic.tickets.v1 import events_pb2
-from faststream.kafka import KafkaBroker
 from google.protobuf.message import Message
 from pymongo import AsyncMongoClient, UpdateOne
 
 from services.common.auth import current_principal
-from services.common.broker import subscribe_once
 from services.common.cloudevents import type_name
 from services.common.consumer import Delivery, TopicConsumer
 from services.common.mongo import Document, Session
@@ -235,8 +233,7 @@ async def _follow_merge(
     return emitted
 
 
-def subscribe(
-    broker: KafkaBroker,
+def consumers(
     client: AsyncMongoClient[Document],
     store: TicketStore,
     router: Router,
@@ -245,9 +242,9 @@ def subscribe(
     routing_group: str,
     registry_group: str,
     instance_id: str,
-) -> None:
-    subscribe_once(
-        broker,
+) -> list[TopicConsumer]:
+    """The routing of submitted tickets, and the following of the registry's units."""
+    return [
         TopicConsumer(
             client,
             store.db,
@@ -259,9 +256,6 @@ def subscribe(
             # Its own TicketRouted and the rest pass by without a transaction each.
             types={type_name(events_pb2.TicketSubmitted())},
         ),
-    )
-    subscribe_once(
-        broker,
         TopicConsumer(
             client,
             store.db,
@@ -271,4 +265,4 @@ def subscribe(
             handle=functools.partial(follow_registry, store, outbox),
             outbox=outbox,
         ),
-    )
+    ]

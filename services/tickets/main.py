@@ -20,7 +20,7 @@ from services.tickets import domain
 from services.tickets.api import TicketsServicer
 from services.tickets.clusters import release_orphans
 from services.tickets.escalation import Escalator
-from services.tickets.events import TOPIC, Router, subscribe
+from services.tickets.events import TOPIC, Router, consumers
 from services.tickets.gis import GisLocator
 from services.tickets.records import rules_document
 from services.tickets.store import TicketStore
@@ -52,15 +52,16 @@ class TicketsService:
             settings.tickets_duplicate_meters,
             timedelta(hours=settings.tickets_duplicate_hours),
         )
-        subscribe(
-            host.broker,
-            host.client,
-            self.store,
-            self.router,
-            host.outbox,
-            routing_group=host.consumer_group("routing"),
-            registry_group=host.consumer_group("registry-view"),
-            instance_id=host.instance,
+        host.consume(
+            *consumers(
+                host.client,
+                self.store,
+                self.router,
+                host.outbox,
+                routing_group=host.consumer_group("routing"),
+                registry_group=host.consumer_group("registry-view"),
+                instance_id=host.instance,
+            )
         )
         self.escalator = Escalator(
             host.client, self.store, host.outbox, clock, escalation_interval_seconds

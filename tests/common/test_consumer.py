@@ -22,6 +22,7 @@ from services.common.consumer import PROCESSED, Delivery, TopicConsumer
 from services.common.kafka_fetch import wait_after_empty
 from services.common.mongo import Document, Session, mongo_client
 from services.common.parking import PARK_AFTER_ATTEMPTS, PARKED
+from services.common.runtime import Every
 
 
 def submitted(ticket_id: str, event_id: str | None = None) -> tuple[bytes, list[tuple[str, bytes]]]:
@@ -62,17 +63,15 @@ class Consumer:
         # Calls that fail as when MongoDB is away, before any succeeds.
         self.outage = outage
         self.failures: list[BaseException] = []
-        subscribe_once(
-            self.broker,
-            TopicConsumer(
-                self.client,
-                self.db,
-                topic=topic,
-                group_id=self.group_id,
-                instance_id="test-0",
-                handle=self.handle,
-            ),
+        self.topic_consumer = TopicConsumer(
+            self.client,
+            self.db,
+            topic=topic,
+            group_id=self.group_id,
+            instance_id="test-0",
+            handle=self.handle,
         )
+        subscribe_once(self.broker, self.topic_consumer)
 
     def released(self) -> Consumer:
         """This consumer's next release: the same group and database, and no bug."""
@@ -259,13 +258,13 @@ async def test_a_record_with_a_header_without_a_value_is_handled_or_passed_over(
         await producer.stop()
 
 
-async def send(settings: Settings, topic: str, *tickets: tuple[str, str]) -> None:
-    """A TicketSubmitted for each (key, ticket id), in order."""
+async def send(settings: Settings, topic: str, *tickets: tuple[str | None, str]) -> None:
+    """A TicketSubmitted for each (key, ticket id), in order; a key of None sends none."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers)
     await producer.start()
     try:
         sent = [
-            await producer.send(topic, value, key=key.encode(), headers=headers)
+            await producer.send(topic, value, key=key and key.encode(), headers=headers)
             for key, ticket_id in tickets
             for value, headers in [submitted(ticket_id)]
         ]
@@ -359,4 +358,46 @@ async def test_parked_events_are_tried_again_as_new_events_arrive(
         assert in_order.index("bad") < in_order.index("after")
         assert await consumer.db[PARKED].count_documents({}) == 0
     finally:
+        await consumer.close()
+
+
+async def test_parked_events_are_tried_again_while_no_events_arrive(
+    settings: Settings, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet partition does not keep a parked event waiting for its next event or a restart:
+    the service tries it again once its retry time has come, keyed or not."""
+    monkeypatch.setattr(consumer_module, "RETRY_PARKED_S", 0.3)
+    consumer = Consumer(settings, topic, fails_on={"bad"})
+    # What the service host runs beside each consumer (services/common/service.py).
+    retries = Every("parked events", 0.1, consumer.topic_consumer.retry_parked_when_due)
+
+    async def parked(count: int) -> None:
+        for _ in range(100):
+            if await consumer.db[PARKED].count_documents({}) == count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{await consumer.db[PARKED].count_documents({})} parked")
+
+    await consumer.broker.start()
+    retries.start()
+    try:
+        await send(settings, topic, ("k", "bad"), ("k", "after"), ("o", "other"))
+        assert await consumer.until_handled(1) == ["other"]
+        await parked(2)
+        consumer.fails_on.clear()
+        # No event is sent meanwhile.
+        assert await consumer.until_handled(3) == ["after", "bad", "other"]
+        in_order = await consumer.handled_in_order()
+        assert in_order.index("bad") < in_order.index("after")
+        await parked(0)
+
+        # An event without a key holds nothing back, and is tried again all the same.
+        consumer.fails_on.add("lone")
+        await send(settings, topic, (None, "lone"))
+        await parked(1)
+        consumer.fails_on.clear()
+        assert await consumer.until_handled(4) == ["after", "bad", "lone", "other"]
+        await parked(0)
+    finally:
+        await retries.stop()
         await consumer.close()
