@@ -252,9 +252,13 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             raise InvalidArgument(
                 "file_name", f"must be a plain file name ending in {', '.join(EXTENSIONS)}"
             )
+        if not 0 <= request.size_bytes <= MAX_UPLOAD_BYTES:
+            raise InvalidArgument(
+                "size_bytes", f"must be between 1 and {MAX_UPLOAD_BYTES} (0: not declared)"
+            )
         key = f"{request.unit_id}/{uuid.uuid4().hex}-{name}"
         return gis_pb2.CreateImportUploadResponse(
-            object_key=key, upload_url=self.uploads.upload_url(key)
+            object_key=key, upload_url=self.uploads.upload_url(key, size_bytes=request.size_bytes)
         )
 
     async def ImportLayer(

@@ -5,9 +5,7 @@ imports; footprints are in square metres on the ellipsoid."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import urllib.request
 from collections.abc import Awaitable
 from typing import Any
 
@@ -26,6 +24,7 @@ from services.gis import domain
 from services.gis.domain import Layer
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
 from tests.kafka_reader import Record, TopicReader, eventually, of_type, with_key
+from tests.objects import put, put_refused
 
 TOPIC = "civic.gis.v1"
 
@@ -204,20 +203,18 @@ async def test_a_replace_with_refused_features_removes_nothing(ward: Ward) -> No
 
 
 async def test_a_large_drawing_is_uploaded_to_object_storage_then_imported(ward: Ward) -> None:
-    upload = await ward.officer.CreateImportUpload(
-        gis_pb2.CreateImportUploadRequest(unit_id=ward.city.ward, file_name="hydrants.geojson")
-    )
     features = [
         point_feature(ward.at(-500 + 10 * i, -300), f"h{i}", kind="hydrant") for i in range(80)
     ]
     body = json.dumps({"type": "FeatureCollection", "features": features}).encode()
-
-    def put() -> int:
-        request = urllib.request.Request(upload.upload_url, data=body, method="PUT")
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return int(answer.status)
-
-    assert await asyncio.to_thread(put) == 200
+    upload = await ward.officer.CreateImportUpload(
+        gis_pb2.CreateImportUploadRequest(
+            unit_id=ward.city.ward, file_name="hydrants.geojson", size_bytes=len(body)
+        )
+    )
+    # The link takes the declared size only: it cannot be used to store a larger file.
+    await put_refused(upload.upload_url, body + b" " * 1024, "")
+    await put(upload.upload_url, body, "")
     response = await ward.officer.ImportLayer(
         gis_pb2.ImportLayerRequest(
             request_id=rid(),
@@ -316,6 +313,16 @@ async def test_bad_requests_are_refused_with_nothing_written(ward: Ward) -> None
             gis_pb2.CreateImportUploadRequest(unit_id=ward.city.ward, file_name="../etc/passwd")
         ),
     )
+    for size in (-1, gis_api.MAX_UPLOAD_BYTES + 1):
+        details = await refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ward.officer.CreateImportUpload(
+                gis_pb2.CreateImportUploadRequest(
+                    unit_id=ward.city.ward, file_name="to.dxf", size_bytes=size
+                )
+            ),
+        )
+        assert details.startswith("size_bytes:"), details
     assert await store.features.count_documents({}) == before
 
 
