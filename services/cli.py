@@ -45,7 +45,7 @@ from aiokafka.errors import KafkaError
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from pymongo import AsyncMongoClient
-from pymongo.errors import PyMongoError
+from pymongo.errors import InvalidName, PyMongoError
 
 from infra import local
 from infra.local import InfraError
@@ -690,9 +690,12 @@ async def _map(args: argparse.Namespace) -> int:
     if image_format is None:
         return _fail(f"{path}: the file must end in .svg or .png", status=2)
     # Before the service draws the map: a file that cannot be written is known now.
-    folder = (await asyncio.to_thread(path.resolve)).parent
+    resolved = await asyncio.to_thread(path.resolve)
+    folder = resolved.parent
     if not await asyncio.to_thread(folder.is_dir):
         return _fail(f"{folder}: no such directory", status=2)
+    if await asyncio.to_thread(resolved.is_dir):
+        return _fail(f"{path}: is a directory, not a file to write the map to", status=2)
     if not os.access(folder, os.W_OK | os.X_OK):
         return _fail(f"{folder}: no permission to write there", status=2)
     async with civic_channel(args.target, args.token) as channel:
@@ -721,22 +724,43 @@ async def _parked(args: argparse.Namespace) -> int:
     settings = Settings()
     uri = args.mongo or settings.mongo_uri
     prefix = args.database_prefix or settings.database_prefix
-    client = AsyncMongoClient[Document](uri, tz_aware=True, serverSelectionTimeoutMS=3000)
+    try:
+        client = AsyncMongoClient[Document](uri, tz_aware=True, serverSelectionTimeoutMS=3000)
+    except (PyMongoError, ValueError) as error:  # the driver parses the URI as it is made
+        source = "--mongo" if args.mongo else "CIVIC_MONGO_URI"
+        return _fail(f"{source} {uri!r} is not a MongoDB URI: {error}", status=2)
     found = 0
     try:
+        try:
+            databases = {service: client[f"{prefix}_{service}"] for service in SERVICES}
+        except InvalidName as error:
+            return _fail(f"--database-prefix {prefix!r} names no database: {error}", status=2)
+        # A misspelt prefix (or another MongoDB) would list nothing, which reads as all clear.
+        if not set(await client.list_database_names()) & {db.name for db in databases.values()}:
+            return _fail(
+                f"MongoDB at {uri} holds no database of prefix {prefix!r}"
+                f" ({prefix}_registry, {prefix}_tickets, ...): see --database-prefix",
+                status=2,
+            )
         for service in args.service or SERVICES:
-            parked = client[f"{prefix}_{service}"][PARKED]
+            parked = databases[service][PARKED]
             async for doc in parked.find({}, {"value": 0, "headers": 0}).sort(
                 [("group", 1), ("partition", 1), ("offset", 1)]
             ):
                 found += 1
                 print(_parked_line(service, doc))
     except PyMongoError as error:
-        return _fail(f"MongoDB at {uri} did not answer: {error}", status=1)
+        return _fail(f"MongoDB at {uri} did not answer: {_mongo_reason(error)}", status=1)
     finally:
         await client.close()
     print(f"{found} parked event{'' if found == 1 else 's'}", file=sys.stderr)
     return 0
+
+
+def _mongo_reason(error: PyMongoError) -> str:
+    """The driver's reason, without the topology it appends to a server it could not select."""
+    reason = str(error).split(", Timeout: ")[0]
+    return re.sub(r" \(configured timeouts: [^)]*\)", "", reason)
 
 
 def _parked_line(service: str, doc: Mapping[str, Any]) -> str:

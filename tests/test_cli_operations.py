@@ -358,6 +358,23 @@ async def test_map_into_a_directory_that_does_not_exist_is_refused_before_asking
     assert capsys.readouterr() == ("", f"error: {missing}: no such directory\n")
 
 
+async def test_map_onto_a_directory_is_refused_before_asking(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A FILE that names a directory cannot take the map: said before it is drawn."""
+    folder = tmp_path / "maps.png"
+    folder.mkdir()
+    args = ["--token", "t", "--target", f"127.0.0.1:{free_port()}"]
+
+    status = await cli.run(["map", "dn.hc.hc1.t17", str(folder), *args])
+
+    assert status == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: {folder}: is a directory, not a file to write the map to\n",
+    )
+
+
 async def test_city_that_cannot_create_its_units_leaves_no_directory_behind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -446,7 +463,38 @@ async def test_parked_lists_each_services_parked_events_with_why_they_wait(
 
 
 async def test_parked_of_a_mongodb_away_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    uri = f"mongodb://127.0.0.1:{free_port()}/"
+    port = free_port()
+    uri = f"mongodb://127.0.0.1:{port}/"
     assert await cli.run(["parked", "--mongo", uri]) == 1
     [line] = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: MongoDB at {uri} did not answer: ")
+    assert line.startswith(f"error: MongoDB at {uri} did not answer: 127.0.0.1:{port}: ")
+    # The reason, not the driver's whole view of the topology and its timeouts.
+    assert "Topology Description" not in line and "configured timeouts" not in line, line
+
+
+@pytest.mark.parametrize("uri", ["mongodb://a:b:c", "http://127.0.0.1:27117", "mongodb://h:99999"])
+async def test_parked_of_a_uri_that_is_no_mongodb_uri_is_one_line(
+    uri: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli.run(["parked", "--mongo", uri]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --mongo {uri!r} is not a MongoDB URI: "), line
+
+
+async def test_parked_of_a_prefix_with_no_database_says_so_rather_than_none_parked(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt prefix lists nothing: "0 parked events" would read as all clear."""
+    misspelt = f"{settings.database_prefix}x{uuid.uuid4().hex[:6]}"
+    args = ["parked", "--mongo", settings.mongo_uri, "--database-prefix", misspelt]
+    assert await cli.run(args) == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: MongoDB at {settings.mongo_uri} holds no database of prefix {misspelt!r}"
+        f" ({misspelt}_registry, {misspelt}_tickets, ...): see --database-prefix\n",
+    )
+    # Not a MongoDB that "did not answer": a prefix no database can have.
+    args = ["parked", "--mongo", settings.mongo_uri, "--database-prefix", "a/b"]
+    assert await cli.run(args) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --database-prefix 'a/b' names no database: "), line
