@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 import jwt
+import pymongo
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from civic.common.v1.types_pb2 import PageRequest
@@ -71,6 +72,7 @@ TRANSACTION_POSTED = type_name(events_pb2.TransactionPosted())
 FETCH_RECORDS = 5000
 LIVE_CALLS = 16
 PROGRESS_EVERY = 5.0  # seconds between progress lines while the topic is read
+STORE_PING_S = 5.0  # how long the replay waits for its store before it says it is out of reach
 # The replay's store is scratch, rebuilt from the topic on every run: no need to wait for disk.
 SCRATCH = WriteConcern(w=1, j=False)
 
@@ -486,11 +488,14 @@ async def replay(
     replayer = Replayer(client, database)
     report = replayer.report
     clock = time.perf_counter()
+    reached = False  # the store: one out of reach holds no database to drop
     try:
         # Before the long read: a refused token, or a service or store out of reach, ends the
         # replay at once. The funds are listed as the topic's end is taken, so a fund opened
         # while the topic is read is not named as missing from it.
-        await client.admin.command("ping")
+        with pymongo.timeout(STORE_PING_S):  # not the driver's 30 s of server selection, in silence
+            await client.admin.command("ping")
+        reached = True
         listed = await live_funds(unit) if live is not None and live_funds and unit else None
         with _no_cyclic_gc():
             await read_topic(settings.kafka_bootstrap_servers, topic, replayer.apply, progress)
@@ -515,7 +520,7 @@ async def replay(
             report.timings["compare"] = time.perf_counter() - started
         return report
     finally:
-        if not keep_store:
+        if reached and not keep_store:
             with contextlib.suppress(Exception):
                 await client.drop_database(database)
         await client.close()

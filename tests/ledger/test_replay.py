@@ -4,6 +4,7 @@ and match the live service; an event altered on the topic is named."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -547,6 +548,25 @@ async def test_the_cli_stops_before_reading_when_it_cannot_compare_or_store(
     err = capsys.readouterr().err
     assert status == 2
     assert err == "error: the replay's own MongoDB store is out of reach (see CIVIC_MONGO_URI)\n"
+
+
+async def test_the_cli_says_soon_that_its_store_is_away_under_the_drivers_own_timeouts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator's URI carries no short server selection timeout: the driver's own 30 s,
+    retried once, would keep the auditor waiting a silent minute for the same one line."""
+    monkeypatch.setenv("CIVIC_MONGO_URI", f"mongodb://127.0.0.1:{free_port()}/")
+    auditor = token(Role.AUDITOR, "dn")
+    started = time.monotonic()
+    args = ["replay-ledger", "--token", auditor, "--target", f"127.0.0.1:{free_port()}"]
+
+    status = await cli.run(args)
+
+    assert status == 2
+    assert capsys.readouterr().err == (
+        "error: the replay's own MongoDB store is out of reach (see CIVIC_MONGO_URI)\n"
+    )
+    assert time.monotonic() - started < replay_module.STORE_PING_S + 5
 
 
 async def test_the_cli_refuses_a_unit_with_no_fund_to_compare(
