@@ -28,6 +28,7 @@ import contextlib
 import getpass
 import inspect
 import logging
+import math
 import os
 import re
 import stat
@@ -62,7 +63,13 @@ from services.ledger.events import TOPIC as LEDGER_TOPIC
 from services.platform import SERVICES, create_units
 from services.registry import csv_rows
 from services.registry.importer import STARTED_HEADER
-from services.synthetic_city import DEFAULT_GROUPS, DEFAULT_RESIDENTS, SyntheticCity, write_csv
+from services.synthetic_city import (
+    DEFAULT_GROUPS,
+    DEFAULT_RESIDENTS,
+    HOUSEHOLDS_PER_RESIDENT,
+    SyntheticCity,
+    write_csv,
+)
 
 DEFAULT_TARGET = f"127.0.0.1:{GRPC_PORTS['registry']}"
 GIS_TARGET = f"127.0.0.1:{GRPC_PORTS['gis']}"
@@ -564,6 +571,15 @@ async def _city(args: argparse.Namespace) -> int:
         city = SyntheticCity(args.residents, groups=args.groups, seed=args.seed)
     except ValueError as error:
         return _fail(str(error), status=2)
+    if city.households < len(city.wards):
+        # A ward without households gets a file with no row, which import-csv refuses.
+        least = math.ceil((len(city.wards) - 0.5) / HOUSEHOLDS_PER_RESIDENT)
+        return _fail(
+            f"--residents {args.residents:,} makes {city.households:,} households, fewer than "
+            f"the city's {len(city.wards)} wards: each ward's file needs one (at least "
+            f"{least:,} residents)",
+            status=2,
+        )
     directory: Path = args.directory
     # Before the units go into the registry: a directory that cannot be made leaves no trace.
     try:

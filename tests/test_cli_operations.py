@@ -379,7 +379,7 @@ async def test_city_that_cannot_create_its_units_leaves_no_directory_behind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     city = tmp_path / "new" / "city"
-    args = ["--residents", "100", "--groups", "50", "--token", "t"]
+    args = ["--residents", "200", "--groups", "50", "--token", "t"]
 
     status = await cli.run(["city", str(city), *args, "--target", f"127.0.0.1:{free_port()}"])
 
@@ -387,6 +387,27 @@ async def test_city_that_cannot_create_its_units_leaves_no_directory_behind(
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: creating units: UNAVAILABLE"), line
     assert os.listdir(tmp_path) == []
+
+
+async def test_city_too_small_for_a_household_in_every_ward_is_refused_before_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a directory of files with no row below the header, which import-csv refuses."""
+    city = tmp_path / "city"
+
+    status = await cli.run(["city", str(city), "--residents", "50", "--groups", "50"])
+
+    assert status == 2
+    assert capsys.readouterr() == (
+        "",
+        "error: --residents 50 makes 15 households, fewer than the city's 50 wards: each"
+        " ward's file needs one (at least 170 residents)\n",
+    )
+    assert os.listdir(tmp_path) == []
+    assert await cli.run(["city", str(city), "--residents", "170", "--groups", "50"]) == 0
+    assert all(len(path.read_text().splitlines()) > 1 for path in city.iterdir()), (
+        "a ward's file with no row"
+    )
 
 
 @pytest.mark.parametrize(

@@ -174,7 +174,7 @@ def test_civic_city_into_a_directory_it_cannot_make_is_one_line_and_does_nothing
     directory = tmp_path / where
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "services.cli", "city", str(directory), "--residents", "10"),
+            *(sys.executable, "-m", "services.cli", "city", str(directory), "--residents", "200"),
             *("--token", "any", "--target", f"127.0.0.1:{free_port()}"),
         ],
         cwd=REPO_ROOT,
