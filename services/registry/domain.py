@@ -245,17 +245,16 @@ MAX_AGE = 150  # years, in searches by age
 MAX_DAYS_BACK = 36_500  # how far back "not verified / not active for N days" may look
 
 
-def birth_dates_for_ages(
-    min_age: int, max_age: int | None, as_of: date
-) -> tuple[str | None, str | None]:
+def birth_dates_for_ages(min_age: int, max_age: int | None, as_of: date) -> tuple[str | None, str]:
     """Birth-date bounds (inclusive, ISO) of people aged min_age..max_age on as_of; no
-    max_age is no upper bound, and max_age 0 is the infants not yet a year old."""
+    max_age is no upper bound, and max_age 0 is the infants not yet a year old. Someone born
+    after as_of has no age on it: an as_of in the past never finds them."""
     for name, age in (("min_age", min_age), ("max_age", max_age or 0)):
         if not 0 <= age <= MAX_AGE:
             raise InvalidArgument(name, f"must be between 0 and {MAX_AGE}")
     if max_age is not None and min_age > max_age:
         raise InvalidArgument("min_age", "is greater than max_age")
-    latest = _years_before(as_of, min_age).isoformat() if min_age else None
+    latest = _years_before(as_of, min_age).isoformat()
     earliest = (
         (_years_before(as_of, max_age + 1) + timedelta(days=1)).isoformat()
         if max_age is not None

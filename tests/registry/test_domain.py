@@ -73,7 +73,9 @@ def test_birth_date_bounds_for_age_ranges() -> None:
     assert domain.age_on(date(1998, 3, 10), day) == 28
     assert domain.birth_dates_for_ages(70, None, day) == (None, "1956-03-10")
     # Under a year old: born within the last year, up to as_of itself.
-    assert domain.birth_dates_for_ages(0, 0, day) == ("2025-03-11", None)
+    assert domain.birth_dates_for_ages(0, 0, day) == ("2025-03-11", "2026-03-10")
+    # Everyone alive on a day past: nobody born after it.
+    assert domain.birth_dates_for_ages(0, None, date(2020, 1, 1)) == (None, "2020-01-01")
     with pytest.raises(InvalidArgument):
         domain.birth_dates_for_ages(30, 20, day)
 

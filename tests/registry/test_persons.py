@@ -221,6 +221,10 @@ async def test_search_without_diacritics_and_by_age_and_sex(city: City) -> None:
     # Infants not yet a year old, for their vaccinations: max_age 0, set, is not "no bound".
     assert await names(max_age=0) == ["Đặng Bảo An"]
     assert await names(max_age=1) == ["Đặng Bảo An"]
+    # The infants of a day past: the baby born since had no age then.
+    a_year_ago = (date.today() - timedelta(days=365)).isoformat()
+    assert await names(max_age=0, as_of=a_year_ago) == []
+    assert await names(max_age=8, as_of=a_year_ago) == ["Đặng Văn Long"]
     # The ward sees its groups' people too; the other group's leader does not.
     ward = await city.ward_officer.SearchPersons(
         registry_pb2.SearchPersonsRequest(unit_id=city.ward, name="be")
