@@ -223,8 +223,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         ]
         households = [h.household_id for h in shown if isinstance(h, registry_pb2.Household)]
         if persons or households:
+            # An answer is kept for the command's retries, so it shows citizen IDs masked to
+            # everyone: none was shown in full, whoever the caller.
             entries = self._log_reads(
-                principal(), method, persons, households, purpose=f"answer to {method}"
+                principal(),
+                method,
+                persons,
+                households,
+                shows_citizen_ids=False,
+                purpose=f"answer to {method}",
             )
             await self.store.log_access(entries)
 
