@@ -664,6 +664,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterBirth(
         self, request: registry_pb2.RegisterBirthRequest, context: Context
     ) -> registry_pb2.RegisterBirthResponse:
+        if request.child.relationship == registry_pb2.RELATIONSHIP_HEAD:
+            # Else a household without a head would take the newborn for one.
+            raise InvalidArgument("child.relationship", "a newborn is not the head of a household")
         result: registry_pb2.RegisterBirthResponse = await self._add_person(
             "RegisterBirth",
             request,

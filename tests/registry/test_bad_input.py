@@ -308,12 +308,21 @@ async def test_missing_or_bad_token(city: City) -> None:
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_a_birth_with_an_unknown_relationship_is_refused(
-    city: City, registry: RegistryService
+@pytest.mark.parametrize(
+    "relationship",
+    # A newborn is nobody's head of household, even of one whose head has left.
+    [999, registry_pb2.RELATIONSHIP_HEAD],
+    ids=["unknown", "head"],
+)
+async def test_a_birth_with_an_unknown_or_impossible_relationship_is_refused(
+    city: City, registry: RegistryService, relationship: int
 ) -> None:
     home = await new_household(city.leader, city.group)
+    await city.leader.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=home.head.person_id)
+    )
     before = await footprint(registry)
-    child = person("Bé Mới", "2024-01-01", relationship=999)  # type: ignore[arg-type]
+    child = person("Bé Mới", "2024-01-01", relationship=relationship)  # type: ignore[arg-type]
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await city.leader.RegisterBirth(
             registry_pb2.RegisterBirthRequest(
