@@ -720,9 +720,9 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             person = await self._resident(request.person_id, session)
             if not person.get("stay_end"):
                 raise FailedPrecondition(f"person {person['_id']} is not on a temporary stay")
-            # The stay is checked whole, as at registration: its start stays as registered (and
-            # was checked against the birth date then); only the guest's last day moves.
-            domain.check_stay(date.fromisoformat(person["stay_start"]), end, today, None)
+            # Its start stays as registered (and was checked against the birth date then); only
+            # the guest's last day moves.
+            domain.check_extension(date.fromisoformat(person["stay_start"]), end, today)
             if person["stay_end"] == end.isoformat():  # so registered already: nothing to tell
                 return registry_pb2.ExtendTemporaryStayResponse(
                     person=self.persons.message(person, principal(), stored=True)

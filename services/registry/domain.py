@@ -422,14 +422,24 @@ def stay_has_ended(person: Mapping[str, Any], today: str) -> bool:
     return "" < (person.get("stay_end") or "") < today
 
 
+MAX_STAY_DAYS = 2 * 366  # a temporary stay is registered for two years at most
+
+
 def check_stay(start: date, end: date, today: date, born: date | None) -> None:
     """A stay registered is one the guest lives here for now or will: one that has ended would
     be on the register and at once a suspect whose stay expired, not living here."""
-    if end < start:
-        raise InvalidArgument("stay_end", "is before stay_start")
     if end < today:
         raise InvalidArgument("stay_end", "is in the past: the stay has ended")
+    if end < start:
+        raise InvalidArgument("stay_end", "is before stay_start")
     if born is not None and start < born:
         raise InvalidArgument("stay_start", "is before the birth date")
-    if (end - start).days > 2 * 366:
+    if (end - start).days > MAX_STAY_DAYS:
         raise InvalidArgument("stay_end", "a temporary stay lasts at most two years")
+
+
+def check_extension(start: date, end: date, today: date) -> None:
+    """A stay renewed, its start kept as registered: a renewal is for two years at most too,
+    and a guest who stays on is renewed as often as needed (as the Law on Residence allows), so
+    its term counts from today, or from the stay's start if it has yet to begin."""
+    check_stay(max(start, today), end, today, None)

@@ -441,8 +441,9 @@ BAD_EXTENSIONS: list[tuple[str, tuple[int, int], int | str, str]] = [
     ("an end that is no date", (0, 30), "2026-02-30", "stay_end"),
     ("an end already past", (0, 30), -1, "stay_end"),
     ("an end before a stay yet to begin", (10, 40), 5, "stay_end"),
-    # Two years counted from the stay's start, as at registration, not from the extension.
-    ("a stay longer than two years", (0, 30), 2 * 366 + 1, "stay_end"),
+    # A renewal is for two years at most, as a registration is.
+    ("a renewal longer than two years", (0, 30), 2 * 366 + 1, "stay_end"),
+    ("a renewal of a stay yet to begin longer than two years", (10, 40), 2 * 366 + 11, "stay_end"),
 ]
 
 

@@ -180,6 +180,40 @@ async def test_only_a_guest_in_the_callers_scope_has_a_stay_to_extend(
     ]
 
 
+async def test_a_guest_who_stays_on_is_renewed_past_two_years_from_arrival(
+    city: City, clock: Clock
+) -> None:
+    """A stay is registered for two years at most, and renewed as often as the guest stays on:
+    each renewal for two years at most from the day it is made."""
+    today = local_date(clock())
+    lodging = await new_household(city.leader, city.group)
+    guest = await guest_of(
+        city, lodging.household.household_id, today, today + timedelta(days=2 * 365)
+    )
+    clock.advance(days=2 * 365 - 10)
+    now = local_date(clock())
+
+    async def extend(days: int) -> registry_pb2.ExtendTemporaryStayResponse:
+        response: registry_pb2.ExtendTemporaryStayResponse = await city.leader.ExtendTemporaryStay(
+            registry_pb2.ExtendTemporaryStayRequest(
+                request_id=rid(),
+                person_id=guest.person_id,
+                stay_end=(now + timedelta(days=days)).isoformat(),
+            )
+        )
+        return response
+
+    renewed = (await extend(365)).person
+    assert (renewed.stay_start, renewed.stay_end) == (
+        guest.stay_start,
+        (now + timedelta(days=365)).isoformat(),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as too_long:
+        await extend(2 * 366 + 1)
+    assert too_long.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (too_long.value.details() or "").startswith("stay_end:")
+
+
 async def test_a_stay_registration_retried_after_its_last_day_gets_its_first_answer(
     city: City, clock: Clock
 ) -> None:
