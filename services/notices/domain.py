@@ -65,8 +65,12 @@ EXTENSIONS = {
     "image/webp": "webp",
 }
 UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.(?:pdf|docx|jpg|png|webp)")
-# Plain text: any printable character, newlines and tabs; no other control characters.
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Plain text: any printable character, newlines and tabs; no other control characters, C0 or
+# C1 (text from Windows-1252 read as Latin-1 carries C1 ones where its quotes and dashes were).
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# What a one-line field must not hold either: newlines, tabs, and Unicode's line and paragraph
+# separators, which break a line as a newline does.
+LINE_BREAK = re.compile(r"[\n\t\u2028\u2029]")
 PUBLISHERS = (Role.GROUP_LEADER, Role.WARD_OFFICER, Role.DISTRICT_OFFICER, Role.CITY_ADMIN)
 
 
@@ -135,7 +139,7 @@ def clean_text(name: str, value: str, limit: int, *, multiline: bool) -> str:
         raise InvalidArgument(name, "is required")
     if len(text) > limit:
         raise InvalidArgument(name, f"is longer than {limit} characters")
-    if CONTROL.search(text) or (not multiline and ("\n" in text or "\t" in text)):
+    if CONTROL.search(text) or (not multiline and LINE_BREAK.search(text)):
         raise InvalidArgument(name, "contains control characters")
     return text
 

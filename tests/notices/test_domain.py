@@ -110,3 +110,17 @@ def test_birthdays_between_cross_each_age_bound_once() -> None:
     leap = domain.birthdays_between([over_70], date(2026, 2, 28), date(2026, 3, 1))
     assert leap == [("1956-02-28", "1956-03-01")]
     assert domain.birthdays_between([women], date(2026, 1, 1), day) == []
+
+
+def test_text_is_plain_text_without_control_characters() -> None:
+    """C1 control characters (mis-decoded Windows text brings them: "\\x93trích\\x94") are
+    refused as C0 ones are, and a one-line field takes no Unicode line break either."""
+    assert domain.check_body("Họp tổ\n- Mang sổ\tđỏ") == "Họp tổ\n- Mang sổ\tđỏ"
+    for body in ("\x93Họp tổ\x94", "Họp\x85tổ", "Họp \x9b31m tổ"):
+        with pytest.raises(InvalidArgument, match=r"^body: contains control characters"):
+            domain.check_body(body)
+    for title in ("Họp\u2028tổ", "Họp\u2029tổ", "Họp\x85tổ"):
+        with pytest.raises(InvalidArgument, match=r"^title: contains control characters"):
+            domain.check_title(title)
+    with pytest.raises(InvalidArgument, match=r"^attachments\[0\]\.file_name"):
+        domain.check_file_name("attachments[0].file_name", "lịch\x96họp.pdf")
