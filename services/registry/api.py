@@ -1254,8 +1254,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if head is not None:
                 heads.append(head)
             # A levy counts those who live here, as the census does: not a guest whose stay
-            # has ended.
-            living = [p for p in residents if not domain.stay_has_ended(p, today)]
+            # has ended or is yet to begin.
+            living = [p for p in residents if domain.lives_here(p, today)]
             summaries.append(
                 registry_pb2.HouseholdSummary(
                     household_id=household["_id"],

@@ -422,6 +422,12 @@ def stay_has_ended(person: Mapping[str, Any], today: str) -> bool:
     return "" < (person.get("stay_end") or "") < today
 
 
+def lives_here(person: Mapping[str, Any], today: str) -> bool:
+    """A resident on the register who lives here on `today` (ISO): not a guest whose stay has
+    ended, nor one whose stay is yet to begin (as `store.living_here` asks MongoDB)."""
+    return not stay_has_ended(person, today) and (person.get("stay_start") or "") <= today
+
+
 MAX_STAY_DAYS = 2 * 366  # a temporary stay is registered for two years at most
 
 

@@ -42,8 +42,13 @@ def stay_ended(today: str) -> Document:
 
 def living_here(today: str) -> Document:
     """Residents who live here on `today`, as the census counts them and searches find them:
-    everyone registered as resident but a guest whose stay has ended (a "virtual resident")."""
-    return {"status": RESIDENT, "stay_end": {"$not": stay_ended(today)["stay_end"]}}
+    everyone registered as resident but a guest whose stay has ended (a "virtual resident") or
+    is yet to begin (registered ahead of arriving)."""
+    return {
+        "status": RESIDENT,
+        "stay_end": {"$not": stay_ended(today)["stay_end"]},
+        "stay_start": {"$not": {"$gt": today}},
+    }
 
 
 def new_id(prefix: str) -> str:

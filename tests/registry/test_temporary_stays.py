@@ -180,6 +180,40 @@ async def test_only_a_guest_in_the_callers_scope_has_a_stay_to_extend(
     ]
 
 
+async def test_a_guest_registered_ahead_of_arriving_counts_from_the_stays_first_day(
+    city: City, clock: Clock
+) -> None:
+    today = local_date(clock())
+    lodging = await new_household(city.leader, city.group, head_name="Chủ Nhà Trọ")
+    household_id = lodging.household.household_id
+    guest = await guest_of(
+        city, household_id, today + timedelta(days=10), today + timedelta(days=40)
+    )
+
+    async def living() -> tuple[int, list[str], int]:
+        counts = await city.ward_officer.CountByUnit(
+            registry_pb2.CountByUnitRequest(unit_id=city.group)
+        )
+        found = await city.leader.SearchPersons(
+            registry_pb2.SearchPersonsRequest(unit_id=city.group, name="Khach Tro")
+        )
+        summaries = await city.leader.ListHouseholdSummaries(
+            registry_pb2.ListHouseholdSummariesRequest(
+                unit_id=city.group, household_ids=[household_id]
+            )
+        )
+        [summary] = summaries.households
+        return (
+            counts.total.population,
+            [p.person_id for p in found.persons],
+            summary.residents,
+        )
+
+    assert await living() == (1, [], 1)
+    clock.advance(days=10)  # the stay's first day
+    assert await living() == (2, [guest.person_id], 2)
+
+
 async def test_a_guest_who_stays_on_is_renewed_past_two_years_from_arrival(
     city: City, clock: Clock
 ) -> None:
