@@ -116,8 +116,8 @@ class Deliverer:
 
     async def run_once(self) -> bool:
         """One round: publish what is due, expire what is over, one batch of first delivery
-        (emergencies first), one batch of re-sends, once a day the birthdays. True when there
-        may be more to do at once."""
+        (emergencies first), one batch of re-sends, once a day the birthdays and ended stays.
+        True when there may be more to do at once."""
         published = await self.publish_due()
         expired = await self.expire_due()
         fanned = await self.fan_out_batch()
@@ -141,9 +141,11 @@ class Deliverer:
     # ---- birthdays ------------------------------------------------------------------------------
 
     async def birthdays_due(self) -> int:
-        """Once a local day: the households where a birthday since the last sweep took someone
-        into or out of a live notice's age range are reconciled, as a registry event touching
-        them would have them (no such event comes). Returns how many were looked at."""
+        """Once a local day: the households where, since the last sweep, a birthday took someone
+        into or out of a live notice's age range, or a guest's stay ended (they live there no
+        longer, and may have been the house's only resident or the member a notice asks for),
+        are reconciled, as a registry event touching them would have them (no such event comes).
+        Returns how many were looked at."""
         now = self.clock()
         today = domain.local_day(now)
         if self._birthdays_swept is not None and today <= self._birthdays_swept:
@@ -156,8 +158,8 @@ class Deliverer:
             self._birthdays_swept = swept
             return 0
         audiences = await self.store.live_age_audiences(now)
-        households = await self.store.households_with_birthdays(
-            domain.birthdays_between(audiences, after=swept, on=today)
+        households = await self.store.households_the_days_changed(
+            domain.birthdays_between(audiences, after=swept, on=today), swept, today
         )
 
         async def sweep(session: Session) -> list[Document]:

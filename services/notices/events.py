@@ -42,7 +42,8 @@ class Reconciler:
     or was marked absent) has its record marked withdrawn, and gets it back as it was if it
     comes to match again. A household is looked at again when a registry event touches it,
     with ages as of that day, and on the day a birthday alone takes one of its residents into
-    or out of a live notice's age range (the Deliverer's birthday sweep).
+    or out of a live notice's age range, or a guest's stay is over (the Deliverer's birthday
+    sweep).
 
     While a notice's first delivery runs, a household it has yet to reach (after its marker) is
     left to it: one arriving there gets a pending record its batch announces, not a late

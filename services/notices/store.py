@@ -394,7 +394,8 @@ class NoticeStore:
     # ---- birthdays -----------------------------------------------------------------------------
 
     async def birthdays_swept(self) -> date | None:
-        """The last day whose birthdays were reconciled; None before the first sweep."""
+        """The last day whose birthdays (and stays ended) were reconciled; None before the first
+        sweep."""
         doc = await self.sweeps.find_one({"_id": BIRTHDAYS})
         return date.fromisoformat(doc["day"]) if doc else None
 
@@ -433,12 +434,15 @@ class NoticeStore:
         )
         return [audience_of(notice) async for notice in found]
 
-    async def households_with_birthdays(self, born: list[tuple[str, str]]) -> list[str]:
-        """Households with a resident born in one of the (after, up to] ranges."""
-        if not born:
-            return []
-        ranges = [{"birth_date": {"$gt": after, "$lte": upto}} for after, upto in born]
-        query = {"status": RESIDENT, "$or": ranges}
+    async def households_the_days_changed(
+        self, born: list[tuple[str, str]], swept: date, today: date
+    ) -> list[str]:
+        """Households the passing days alone changed since the day `swept`, up to `today`: with a
+        resident born in one of the (after, up to] ranges, or a guest whose stay's last day was
+        from `swept` up to the day before `today` (living there then, no longer today)."""
+        ended: Document = {"stay_end": {"$gte": swept.isoformat(), "$lt": today.isoformat()}}
+        births = [{"birth_date": {"$gt": after, "$lte": upto}} for after, upto in born]
+        query = {"status": RESIDENT, "$or": [ended, *births]}
         return sorted(await self.view.persons.distinct("household_id", query))
 
     # ---- deliveries ---------------------------------------------------------------------------

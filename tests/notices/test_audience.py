@@ -26,9 +26,16 @@ def born(years_ago: int) -> str:
 
 
 async def lodger(
-    town: Town, clock: Clock, household: str, name: str, birth_date: str, sex: int
+    town: Town,
+    clock: Clock,
+    household: str,
+    name: str,
+    birth_date: str,
+    sex: int,
+    last_day: date | None = None,
 ) -> registry_pb2.RegisterTemporaryStayResponse:
-    """A guest staying ten days from today beside the household's head, once this service knows."""
+    """A guest staying from today beside the household's head, ten days unless its `last_day` is
+    given, once this service knows."""
     today = local_day(clock())
     guest: registry_pb2.RegisterTemporaryStayResponse = (
         await town.city.leader.RegisterTemporaryStay(
@@ -42,7 +49,7 @@ async def lodger(
                     relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE,
                 ),
                 stay_start=today.isoformat(),
-                stay_end=(today + timedelta(days=10)).isoformat(),
+                stay_end=(last_day or today + timedelta(days=10)).isoformat(),
             )
         )
     )
@@ -370,3 +377,48 @@ def years_before(day: date, years: int) -> str:
         return day.replace(year=day.year - years).isoformat()
     except ValueError:  # 29 February in a year without it
         return day.replace(year=day.year - years, day=28).isoformat()
+
+
+async def test_a_house_whose_guests_stay_ends_loses_its_live_notices_that_day(
+    town: Town, clock: Clock
+) -> None:
+    """No registry event comes when a lodger's term is over; the day after its last day, the
+    house left to that lodger alone has nobody living there: it stops seeing the live notice
+    (and is no longer a door to knock on), as a house emptied by a move-out does, until the
+    stay is extended."""
+    store = town.service.store
+    today = local_day(clock())
+    # Past any day the service has swept already (the test clock goes back after a test).
+    last_day = max(today, await store.birthdays_swept() or today) + timedelta(days=1)
+    household = await town.add_household(town.city.group)
+    guest = await lodger(town, clock, household, "Trần Văn Trọ", born(24), MALE, last_day)
+    await town.empty_of_head(household)
+    notice = await town.publish(unit_id=town.city.group)
+    await town.delivered(notice.notice_id)
+    assert await inbox_ids(town, household) == [notice.notice_id]
+
+    clock.advance(days=(last_day - today).days + 1)
+
+    async def gone() -> bool:
+        return await inbox_ids(town, household) == []
+
+    await eventually(gone, what="the notice gone from the house left empty")
+    withdrawn = await town.events(notice.notice_id, events_pb2.NoticeWithdrawn)
+    assert [e.household_id for e in withdrawn] == [household]
+    unopened = await town.ward_officer.ListNotReached(
+        notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id)
+    )
+    assert household not in [h.household_id for h in unopened.households]
+
+    await town.city.leader.ExtendTemporaryStay(
+        registry_pb2.ExtendTemporaryStayRequest(
+            request_id=rid(),
+            person_id=guest.person.person_id,
+            stay_end=(local_day(clock()) + timedelta(days=30)).isoformat(),
+        )
+    )
+
+    async def back() -> bool:
+        return await inbox_ids(town, household) == [notice.notice_id]
+
+    await eventually(back, what="the notice back at the house whose guest stays on")
