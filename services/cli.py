@@ -545,7 +545,8 @@ def _report(
     failed = len(stream.local_errors) + max(failed_there, len(response.errors))
     errors = sorted([*stream.local_errors, *response.errors], key=lambda error: error.row_number)
     refused = len(stream.local_errors)
-    print(f"{path}: {total:,} rows, {refused:,} refused before sending, {response.rows:,} sent")
+    rows = f"{total:,} row{'' if total == 1 else 's'}"
+    print(f"{path}: {rows}, {refused:,} refused before sending, {response.rows:,} sent")
     print(f"  households created  {response.households_created:,}")
     print(f"  persons created     {response.persons_created:,}")
     print(f"  persons unchanged   {response.persons_unchanged:,}")

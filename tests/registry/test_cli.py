@@ -662,3 +662,13 @@ async def test_a_second_run_does_not_bring_back_who_has_died_since(
 
     assert summary(out, "persons created") == 0
     assert [p.full_name for p in await residents(city)] == ["Trần Văn An"]
+
+
+async def test_a_file_of_one_row_is_reported_as_one_row(
+    city: City, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_csv(tmp_path / "one.csv", good_records_for(city.group))
+
+    out = await import_csv(city, path, capsys)
+
+    assert out.startswith(f"{path}: 1 row, 0 refused before sending, 1 sent\n"), out
