@@ -253,7 +253,10 @@ class Deliverer:
         )
         targets = batch
         if batch:
-            day = domain.local_day(notice["published_at"])
+            # Ages and who lives there on the day this batch delivers, which a first delivery
+            # running past midnight (or resumed after a crash) is not the day of publication:
+            # that day's sweep of birthdays and ended stays found no record here to reconcile.
+            day = domain.local_day(now)
             ids = [h["_id"] for h in batch]
             if audience.filters_members:
                 keep = await self.store.with_members(ids, audience, day)

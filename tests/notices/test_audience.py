@@ -422,3 +422,35 @@ async def test_a_house_whose_guests_stay_ends_loses_its_live_notices_that_day(
         return await inbox_ids(town, household) == [notice.notice_id]
 
     await eventually(back, what="the notice back at the house whose guest stays on")
+
+
+async def test_a_first_delivery_running_past_midnight_counts_ages_on_the_day_it_delivers(
+    town: Town, clock: Clock
+) -> None:
+    """Ages are counted on the day of delivery: a notice for children up to 15 whose first
+    delivery reaches a household only on the day its child turns 16 (the day's birthdays
+    already swept, before that household had a record to withdraw) does not deliver it there."""
+    store, deliverer = town.service.store, town.service.deliverer
+    today = local_day(clock())
+    # The day after any the service has swept already (the test clock goes back after a test).
+    birthday = max(today, await store.birthdays_swept() or today) + timedelta(days=1)
+    # After the group's first households in the delivery's order: in its second batch.
+    child_home = await town.add_household(town.city.group)
+    await town.add_member(child_home, years_before(birthday, 16), MALE)
+    await deliverer.stop()
+    try:
+        children = await town.publish(
+            town.leader,
+            unit_id=town.city.group,
+            audience=notices_pb2.Audience(member=notices_pb2.MemberFilter(max_age=15)),
+        )
+        assert await deliverer.fan_out_batch()
+        clock.advance(days=(birthday - today).days)
+        await deliverer.birthdays_due()
+        while await deliverer.fan_out_batch():
+            pass
+    finally:
+        deliverer.start()
+    reach = await town.delivered(children.notice_id)
+    assert reach.total.delivered == 0
+    assert await inbox_ids(town, child_home) == []
