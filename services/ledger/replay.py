@@ -504,6 +504,8 @@ async def replay(
         if progress is not None:
             progress.step(f"all read and checked; storing {len(replayer.books.funds):,} funds")
         balances = await replayer.store_books()
+        if keep_store and progress is not None:  # a name of its own: say which, to look at it
+            progress.step(f"the replay's store is kept: database {database}")
         report.timings["store"] = time.perf_counter() - clock - report.timings["read_and_check"]
         report.topic = topic
         report.duplicates = replayer.books.duplicates

@@ -20,6 +20,7 @@ from services.common.auth import Role
 from services.common.cloudevents import type_name
 from services.common.config import Settings
 from services.common.grpc_client import civic_channel
+from services.common.mongo import mongo_client
 from services.ledger import replay as replay_module
 from services.ledger.events import TOPIC
 from services.ledger.main import LedgerService
@@ -548,6 +549,36 @@ async def test_the_cli_stops_before_reading_when_it_cannot_compare_or_store(
     err = capsys.readouterr().err
     assert status == 2
     assert err == "error: the replay's own MongoDB store is out of reach (see CIVIC_MONGO_URI)\n"
+
+
+async def test_the_cli_names_the_store_it_keeps(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--keep-store keeps a database whose name the run chose: the auditor is told which."""
+    await busy_fund(books)
+    await published(ledger_service)
+    use_servers(monkeypatch, settings)
+    auditor = token(Role.AUDITOR, books.city.city)
+    target = f"127.0.0.1:{ledger_service.port}"
+
+    status = await cli.run(
+        ["replay-ledger", "--token", auditor, "--target", target, "--keep-store"]
+    )
+
+    out, err = capsys.readouterr()
+    assert status == 0, out + err
+    kept = re.search(r"^replay-ledger: the replay's store is kept: database (\S+) \(", err, re.M)
+    assert kept is not None, err
+    client = mongo_client(settings.mongo_uri)
+    try:
+        assert await client[kept.group(1)].list_collection_names()
+    finally:
+        await client.drop_database(kept.group(1))
+        await client.close()
 
 
 async def test_the_cli_says_soon_that_its_store_is_away_under_the_drivers_own_timeouts(
