@@ -702,6 +702,9 @@ async def _map(args: argparse.Namespace) -> int:
     renders it, into FILE (SVG or PNG by its extension), ready to print or show."""
     if not args.token:
         return _fail(f"--token is required (or set ${TOKEN_ENV})", status=2)
+    if not UNIT_ID.fullmatch(args.unit):
+        # Not asked of the service, which would answer that such a unit has no boundary.
+        return _fail(f"UNIT_ID {args.unit!r} is not a unit id (e.g. dn.hc.hc1.t17)", status=2)
     path: Path = args.file
     image_format = MAP_FORMATS.get(path.suffix.lower())
     if image_format is None:

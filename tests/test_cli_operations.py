@@ -358,6 +358,21 @@ async def test_map_into_a_directory_that_does_not_exist_is_refused_before_asking
     assert capsys.readouterr() == ("", f"error: {missing}: no such directory\n")
 
 
+@pytest.mark.parametrize("unit", ["DN.HC.HC1", "dn hc", "dn..hc1", ""])
+async def test_map_of_what_is_no_unit_id_is_refused_before_asking(
+    unit: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--token", "t", "--target", f"127.0.0.1:{free_port()}"]
+
+    status = await cli.run(["map", unit, str(tmp_path / "m.png"), *args])
+
+    assert status == 2
+    assert capsys.readouterr() == (
+        "",
+        f"error: UNIT_ID {unit!r} is not a unit id (e.g. dn.hc.hc1.t17)\n",
+    )
+
+
 async def test_map_onto_a_directory_is_refused_before_asking(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
