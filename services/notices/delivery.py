@@ -257,11 +257,7 @@ class Deliverer:
             # running past midnight (or resumed after a crash) is not the day of publication:
             # that day's sweep of birthdays and ended stays found no record here to reconcile.
             day = domain.local_day(now)
-            ids = [h["_id"] for h in batch]
-            if audience.filters_members:
-                keep = await self.store.with_members(ids, audience, day)
-            else:
-                keep = await self.store.inhabited(ids, day)
+            keep = await self.store.reached_on([h["_id"] for h in batch], audience, day)
             targets = [h for h in batch if h["_id"] in keep]
         await self.store.insert_deliveries(
             [delivery_document(notice, h["_id"], h["unit_id"], now, pending=True) for h in targets]
@@ -298,7 +294,7 @@ class Deliverer:
         records = await self.store.pending_between(
             notice_id, START if ending else after, last if live else None, session
         )
-        staying = await self._staying(notice, records, session) if live else set()
+        staying = await self._staying(notice, records, now, session) if live else set()
         announced = [r for r in records if r["household_id"] in staying]
         per_group: dict[str, Document] = {}
         for record in announced:
@@ -328,21 +324,26 @@ class Deliverer:
         return events
 
     async def _staying(
-        self, notice: Document, records: list[Document], session: Session
+        self, notice: Document, records: list[Document], now: datetime, session: Session
     ) -> set[str]:
-        """Those of the records' households the notice still reaches with residents (and of
-        its residence kinds): one that left while its record was written is not announced."""
+        """Those of the records' households the notice still reaches (of its residence kinds,
+        with someone living there it asks for): one that left, or whose member the notice asks
+        for left or died, while its record was written is not announced. The registry's change
+        found no record to withdraw then."""
         if not records:
             return set()
+        audience = audience_of(notice)
         merged = await self.store.merged_away(notice["unit_id"], session)
         still: Document = {
             "_id": {"$in": [r["household_id"] for r in records]},
             "residents": {"$gt": 0},
         } | merged.households(notice["unit_id"])
-        kinds = audience_of(notice).residence_kinds
-        if kinds:
-            still["residence_kind"] = {"$in": list(kinds)}
-        return set(await self.store.view.households.distinct("_id", still, session=session))
+        if audience.residence_kinds:
+            still["residence_kind"] = {"$in": list(audience.residence_kinds)}
+        placed = await self.store.view.households.distinct("_id", still, session=session)
+        if not placed:
+            return set()
+        return await self.store.reached_on(placed, audience, domain.local_day(now), session)
 
     async def _mark(
         self,

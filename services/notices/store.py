@@ -365,6 +365,20 @@ class NoticeStore:
         query = {"household_id": {"$in": household_ids}, **living(day.isoformat())}
         return set(await self.view.persons.distinct("household_id", query, session=session))
 
+    async def reached_on(
+        self,
+        household_ids: list[str],
+        audience: domain.Audience,
+        day: date,
+        session: Session | None = None,
+    ) -> set[str]:
+        """Those of the households a notice to the audience reaches on `day` by who lives there:
+        with a present resident matching its member bounds, or, when it sets none, with anyone
+        living there."""
+        if audience.filters_members:
+            return await self.with_members(household_ids, audience, day, session)
+        return await self.inhabited(household_ids, day, session)
+
     async def with_members(
         self,
         household_ids: list[str],

@@ -14,6 +14,7 @@ from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
 import services.notices.delivery as delivery_module
+from services.common.registry_view import GONE
 from services.notices.records import delivery_document
 from tests.conftest import Clock
 from tests.notices.conftest import (
@@ -375,3 +376,41 @@ async def test_a_record_left_pending_behind_the_marker_is_settled_when_delivery_
     assert left_pending == 0
     reach = await town.admin.GetReach(notices_pb2.GetReachRequest(notice_id=notice.notice_id))
     assert reach.total.delivered == await live_records(town, notice.notice_id)
+
+
+async def test_a_household_whose_matching_member_leaves_while_its_batch_is_written_gets_nothing(
+    town: Town, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A notice for young men: the household's only young man moves away between the batch's
+    look at its members and its write, the rest of the household staying. The registry's
+    change found no record to withdraw then; the batch does not announce one either."""
+    city = town.city
+    store = town.service.store
+    household = town.households[city.group][0]
+    this_year = datetime.now(UTC).year
+    born = f"{this_year - 20}-01-01"
+    await town.add_member(household, born, registry_pb2.SEX_MALE)
+    young = await store.view.persons.find_one({"household_id": household, "birth_date": born})
+    assert young is not None
+    write = store.insert_deliveries
+
+    async def leave_then_write(docs: list[Any]) -> int:
+        await city.ward_officer.MoveOut(
+            registry_pb2.MoveOutRequest(request_id=rid(), person_id=young["_id"], destination="Huế")
+        )
+
+        async def gone() -> bool:
+            person = await store.view.persons.find_one({"_id": young["_id"]})
+            return person is not None and person["status"] == GONE
+
+        await eventually(gone, what="the young man gone in the notices view")
+        return await write(docs)
+
+    young_men = notices_pb2.Audience(
+        member=notices_pb2.MemberFilter(max_age=25, sex=registry_pb2.SEX_MALE)
+    )
+    notice = await deliver_by_hand(town, monkeypatch, leave_then_write, audience=young_men)
+    record = await store.delivery(notice.notice_id, household)
+    assert record is None or record.get("withdrawn_at") is not None
+    reach = await town.delivered(notice.notice_id)
+    assert reach.total.delivered == 0
