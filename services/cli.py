@@ -364,6 +364,9 @@ async def _token(args: argparse.Namespace) -> int:
             "it is used",
             status=2,
         )
+    if args.subject and not args.subject.strip():
+        # Every access-log entry made with the token would name nobody as the reader.
+        return _fail("--subject must name someone (or leave it out: you, as ROLE)", status=2)
     if not args.scope.strip():
         return _fail(
             "--scope must name a unit (e.g. dn.hc.hc1): every service refuses a token without one",
@@ -385,7 +388,7 @@ async def _token(args: argparse.Namespace) -> int:
     print(
         mint_token(
             settings.auth_secret,
-            subject=args.subject or _default_subject(role, args.scope, args.household),
+            subject=args.subject.strip() or _default_subject(role, args.scope, args.household),
             role=role,
             scope=args.scope,
             household_id=args.household,

@@ -189,6 +189,8 @@ async def test_resident_token_needs_a_household(capsys: pytest.CaptureFixture[st
         (("--role", "ward_officer", "--household", "hh-1"), "--household is for a resident"),
         (("--role", "resident", "--household", "hh 1; x"), "is not a household id"),
         (("--role", "ward_officer", "--ttl-hours", "0.01"), "under a minute"),
+        # The access log would name nobody as the reader.
+        (("--role", "ward_officer", "--subject", "  "), "--subject must name"),
     ],
 )
 async def test_a_token_that_could_not_serve_is_refused(
