@@ -2,8 +2,8 @@
 from the registry's database: the administrative tree and each household's unit and location;
 for a service that targets people (`people=True`) also each household's residence kind, address,
 number of residents and the groups merged away it was in, and each resident's household, birth
-date, sex and, for a guest, the last day of their stay. Ids and the facts other services act on
-only: never names or citizen IDs.
+date, sex and, for a guest, the first and last days of their stay. Ids and the facts other
+services act on only: never names or citizen IDs.
 
 Every event becomes a list of writes (`changes`), so a consumer's fetch of events is applied
 inside its transaction (`apply_batch`, or `write` beside the service's own work) and a long run
@@ -38,14 +38,18 @@ RESIDENT, GONE = "resident", "gone"
 
 def living(today: str) -> Document:
     """The view's persons who live in their household on `today` (ISO), as the registry counts
-    them: residents, but for a guest whose temporary stay ended before it."""
-    return {"status": RESIDENT} | stay_not_ended(today)
+    them: residents, but for a guest whose temporary stay ended before it or begins after it."""
+    return {"status": RESIDENT} | staying(today)
 
 
-def stay_not_ended(today: str) -> Document:
-    """Persons but a guest whose temporary stay's last day (`stay_end`, ISO) is before `today`;
-    one projected before the view kept the day counts as staying."""
-    return {"stay_end": {"$not": {"$lt": today, "$gt": ""}}}
+def staying(today: str) -> Document:
+    """Persons but a guest whose temporary stay's last day (`stay_end`, ISO) is before `today`
+    or whose first day (`stay_start`) is after it; one projected before the view kept the days
+    counts as staying."""
+    return {
+        "stay_end": {"$not": {"$lt": today, "$gt": ""}},
+        "stay_start": {"$not": {"$gt": today}},
+    }
 
 
 class RegistryView:
@@ -63,11 +67,17 @@ class RegistryView:
         if self.people:
             # Who lives in a household on a day (`living`) is read from the index alone.
             await self.persons.create_index(
-                [("household_id", ASCENDING), ("status", ASCENDING), ("stay_end", ASCENDING)]
+                [
+                    ("household_id", ASCENDING),
+                    ("status", ASCENDING),
+                    ("stay_end", ASCENDING),
+                    ("stay_start", ASCENDING),
+                ]
             )
-            # Its prefix, the index before: dropped once (or by another instance already).
-            with contextlib.suppress(OperationFailure):
-                await self.persons.drop_index("household_id_1_status_1")
+            # Its prefixes, the indexes before: dropped once (or by another instance already).
+            for before in ("household_id_1_status_1", "household_id_1_status_1_stay_end_1"):
+                with contextlib.suppress(OperationFailure):
+                    await self.persons.drop_index(before)
             # Where groups were merged into: a notice's unit is followed through its merges.
             await self.units.create_index([("merged_into_id", ASCENDING)])
 
@@ -220,7 +230,9 @@ def _people_changes(message: Message) -> list[Change]:
                 "residence_kind": m.residence_kind,
                 "status": RESIDENT,
                 "absent": False,
-                "stay_end": m.stay_end,  # a guest's last day; none for a permanent resident
+                # A guest's first and last days; none for a permanent resident.
+                "stay_start": m.stay_start,
+                "stay_end": m.stay_end,
             }
             return [_person(m.person_id, person), _residents(m.household_id, 1)]
         case events_pb2.PersonMoved():

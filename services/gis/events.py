@@ -221,7 +221,9 @@ class _Batch:
                     "birth_date": m.birth_date,
                     "residence_kind": int(m.residence_kind) if kind is None else kind,
                     "stay": stay,
-                    # A guest's last day: counted until then, as the registry's census counts.
+                    # A guest's first and last days: counted from the one until the other, as
+                    # the registry's census counts.
+                    "stay_start": m.stay_start,
                     "stay_end": m.stay_end,
                     "active": True,
                 }

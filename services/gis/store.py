@@ -20,7 +20,7 @@ from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
-from services.common.registry_view import stay_not_ended
+from services.common.registry_view import staying
 from services.common.runtime import cancel_and_wait
 from services.gis.domain import RENTER_KINDS, Layer, feature_id
 from services.gis.geometry import distance_m
@@ -288,10 +288,10 @@ class GisStore:
 
     async def counts(self, unit_id: str, elderly_born_by: str, today: str) -> dict[str, Document]:
         """Per unit: population, elderly and renters of the persons living there on `today`
-        (ISO): not a guest whose temporary stay has ended."""
+        (ISO): not a guest whose temporary stay has ended or is yet to begin."""
         rows = await self.persons.aggregate(
             [
-                {"$match": {"unit_id": in_unit(unit_id), "active": True} | stay_not_ended(today)},
+                {"$match": {"unit_id": in_unit(unit_id), "active": True} | staying(today)},
                 {
                     "$group": {
                         "_id": "$unit_id",

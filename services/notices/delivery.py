@@ -116,7 +116,8 @@ class Deliverer:
 
     async def run_once(self) -> bool:
         """One round: publish what is due, expire what is over, one batch of first delivery
-        (emergencies first), one batch of re-sends, once a day the birthdays and ended stays.
+        (emergencies first), one batch of re-sends, once a day the birthdays and guests' stays
+        that began or ended.
         True when there may be more to do at once."""
         published = await self.publish_due()
         expired = await self.expire_due()
@@ -142,10 +143,10 @@ class Deliverer:
 
     async def birthdays_due(self) -> int:
         """Once a local day: the households where, since the last sweep, a birthday took someone
-        into or out of a live notice's age range, or a guest's stay ended (they live there no
-        longer, and may have been the house's only resident or the member a notice asks for),
-        are reconciled, as a registry event touching them would have them (no such event comes).
-        Returns how many were looked at."""
+        into or out of a live notice's age range, or a guest's stay began or ended (they live
+        there from then, or no longer, and may be the house's only resident or the member a
+        notice asks for), are reconciled, as a registry event touching them would have them (no
+        such event comes). Returns how many were looked at."""
         now = self.clock()
         today = domain.local_day(now)
         if self._birthdays_swept is not None and today <= self._birthdays_swept:

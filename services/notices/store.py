@@ -452,11 +452,13 @@ class NoticeStore:
         self, born: list[tuple[str, str]], swept: date, today: date
     ) -> list[str]:
         """Households the passing days alone changed since the day `swept`, up to `today`: with a
-        resident born in one of the (after, up to] ranges, or a guest whose stay's last day was
-        from `swept` up to the day before `today` (living there then, no longer today)."""
+        resident born in one of the (after, up to] ranges, a guest whose stay's last day was
+        from `swept` up to the day before `today` (living there then, no longer today), or one
+        whose stay's first day came after `swept`, up to `today` (living there from then)."""
         ended: Document = {"stay_end": {"$gte": swept.isoformat(), "$lt": today.isoformat()}}
+        began: Document = {"stay_start": {"$gt": swept.isoformat(), "$lte": today.isoformat()}}
         births = [{"birth_date": {"$gt": after, "$lte": upto}} for after, upto in born]
-        query = {"status": RESIDENT, "$or": [ended, *births]}
+        query = {"status": RESIDENT, "$or": [ended, began, *births]}
         return sorted(await self.view.persons.distinct("household_id", query))
 
     # ---- deliveries ---------------------------------------------------------------------------

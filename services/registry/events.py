@@ -71,6 +71,7 @@ def person_registered(outbox: Outbox, person: Document, reason: int) -> Document
             relationship=person["relationship"],
             residence_kind=person["residence_kind"],
             stay_end=person.get("stay_end", ""),
+            stay_start=person.get("stay_start", ""),
         ),
         key=person["_id"],
     )

@@ -271,6 +271,43 @@ async def test_a_guest_is_counted_until_their_stay_ends_and_again_once_it_is_ext
     await eventually(lambda: counted((2, 1)), what="the extended guest counted again")
 
 
+async def test_a_guest_registered_ahead_of_arriving_is_counted_from_the_stays_first_day(
+    ward: Ward, clock: Clock
+) -> None:
+    """As the registry's census counts: a lodger whose stay begins next week lives here from
+    then, though nothing happens on that day (no event says so)."""
+    city = ward.city
+    home = await new_household(city.leader, city.group, location=ward.point(-70, 30))
+    first_day = local_date(clock()) + timedelta(days=7)
+    await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=home.household.household_id,
+            person=person("Võ Văn Đến", "2001-02-02"),
+            stay_start=first_day.isoformat(),
+            stay_end=(first_day + timedelta(days=90)).isoformat(),
+        )
+    )
+
+    async def group_counted() -> tuple[int, int]:
+        response = await ward.officer.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.ward))
+        (group,) = [c for c in response.counts if c.unit_id == city.group]
+        return group.population, group.renters
+
+    async def guest_known() -> bool:
+        return (
+            await ward.service.store.persons.count_documents(
+                {"household_id": home.household.household_id}
+            )
+            == 2
+        )
+
+    await eventually(guest_known, what="the guest on the map's register")
+    assert await group_counted() == (1, 0)
+    clock.advance(days=7)
+    assert await group_counted() == (2, 1)
+
+
 def before_dawn_in_vietnam(clock: Clock) -> date:
     """Moves the clock to 01:30 in Vietnam (18:30 UTC), when the UTC date is still the day
     before; returns Vietnam's date, never a 29 February (which a birthday may lack)."""

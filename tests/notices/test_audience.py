@@ -33,10 +33,11 @@ async def lodger(
     birth_date: str,
     sex: int,
     last_day: date | None = None,
+    first_day: date | None = None,
 ) -> registry_pb2.RegisterTemporaryStayResponse:
-    """A guest staying from today beside the household's head, ten days unless its `last_day` is
-    given, once this service knows."""
-    today = local_day(clock())
+    """A guest staying from today (or `first_day`) beside the household's head, ten days unless
+    its `last_day` is given, once this service knows."""
+    today = first_day or local_day(clock())
     guest: registry_pb2.RegisterTemporaryStayResponse = (
         await town.city.leader.RegisterTemporaryStay(
             registry_pb2.RegisterTemporaryStayRequest(
@@ -422,6 +423,42 @@ async def test_a_house_whose_guests_stay_ends_loses_its_live_notices_that_day(
         return await inbox_ids(town, household) == [notice.notice_id]
 
     await eventually(back, what="the notice back at the house whose guest stays on")
+
+
+async def test_a_house_whose_only_guest_arrives_later_sees_the_live_notice_from_that_day(
+    town: Town, clock: Clock
+) -> None:
+    """A lodger registered ahead of arriving lives in the house from the stay's first day, as
+    the registry counts: a house left to that lodger alone gets the live notice only then, from
+    that day's sweep (no registry event comes when a stay begins)."""
+    store = town.service.store
+    today = local_day(clock())
+    # Past any day the service has swept already (the test clock goes back after a test).
+    first_day = max(today, await store.birthdays_swept() or today) + timedelta(days=1)
+    household = await town.add_household(town.city.group)
+    await lodger(
+        town,
+        clock,
+        household,
+        "Trần Văn Đến",
+        born(24),
+        MALE,
+        first_day + timedelta(days=30),
+        first_day=first_day,
+    )
+    await town.empty_of_head(household)
+    notice = await town.publish(unit_id=town.city.group)
+    await town.delivered(notice.notice_id)
+    assert await inbox_ids(town, household) == []
+
+    clock.advance(days=(first_day - today).days)
+
+    async def arrived() -> bool:
+        return await inbox_ids(town, household) == [notice.notice_id]
+
+    await eventually(arrived, what="the notice at the house from its guest's first day")
+    delivered = await town.events(notice.notice_id, events_pb2.NoticeDelivered)
+    assert [e.late for e in delivered if household in e.household_ids] == [True]
 
 
 async def test_a_first_delivery_running_past_midnight_counts_ages_on_the_day_it_delivers(
