@@ -485,7 +485,9 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         # The notices of groups merged into the unit too: their households are its residents
         # now, and the caller sees each of those notices (read only) as `GetNotice` does.
         merged_in = await self.store.merged_in(unit_id)
-        items, token = await self.store.in_unit(unit_id, request.page.page_token, size, merged_in)
+        items, token = await self.store.in_unit(
+            unit_id, request.page.page_token, size, merged_in, from_above=request.from_above
+        )
         return notices_pb2.ListNoticesResponse(
             notices=[self._notice(n) for n in items], next_page_token=token
         )

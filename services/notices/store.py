@@ -191,12 +191,12 @@ class NoticeStore:
         return updated
 
     async def in_unit(
-        self, unit_id: str, token: str, size: int, merged_in: list[str]
+        self, unit_id: str, token: str, size: int, merged_in: list[str], from_above: bool = False
     ) -> tuple[list[Document], str]:
         """Notices targeted at the unit or below it, or at one of the groups `merged_in` to it or
         a unit it was in (a ward, in a merge across wards) that does not hold the unit anyway:
-        its households keep those, and are the unit's now. Newest first (the token is the last
-        one's id)."""
+        its households keep those, and are the unit's now; `from_above`, also at the units
+        above it. Newest first (the token is the last one's id)."""
         query: Document = {"unit_id": in_any_unit([unit_id, *merged_in])}
         above = {
             ancestor
@@ -204,6 +204,8 @@ class NoticeStore:
             for ancestor in domain.ancestors(group)[:-1]
             if not unit_within(unit_id, ancestor)
         }
+        if from_above:
+            above.update(domain.ancestors(unit_id)[:-1])
         if above:
             query = {"$or": [query, {"unit_id": {"$in": sorted(above)}}]}
         if token:

@@ -116,6 +116,17 @@ async def test_officials_list_the_notices_of_their_unit(town: Town) -> None:
         notices_pb2.ListNoticesRequest(unit_id=town.city.other_group)
     )
     assert mine.notices == []
+    # The ward's notices reach the group's households: its leader finds them on asking, to read
+    # their reach in the group; not another group's.
+    from_above = await town.other_leader.ListNotices(
+        notices_pb2.ListNoticesRequest(unit_id=town.city.other_group, from_above=True)
+    )
+    assert ward_notice.notice_id in [n.notice_id for n in from_above.notices]
+    assert group_notice.notice_id not in [n.notice_id for n in from_above.notices]
+    reach = await town.other_leader.GetReach(
+        notices_pb2.GetReachRequest(notice_id=ward_notice.notice_id)
+    )
+    assert reach.total.unit_id == town.city.other_group
     await refused(
         grpc.StatusCode.PERMISSION_DENIED,
         town.other_leader.ListNotices(notices_pb2.ListNoticesRequest(unit_id=town.city.ward)),
