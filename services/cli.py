@@ -99,7 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_async(run(argv))
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        given = list(sys.argv[1:] if argv is None else argv)
+        if given[:1] == ["import-csv"]:
+            # The rows of each batch the registry took are committed; the file is safe to run
+            # again (what was imported is matched, not added twice).
+            print(
+                "interrupted: the rows imported so far stay; run the same file again for the rest",
+                file=sys.stderr,
+            )
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # Whatever read the output went away (`civic tail ... | head`): stop quietly, and keep

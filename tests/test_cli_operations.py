@@ -534,3 +534,23 @@ async def test_parked_of_a_prefix_with_no_database_says_so_rather_than_none_park
     assert await cli.run(args) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: --database-prefix 'a/b' names no database: "), line
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["import-csv", "people.csv"], "interrupted: the rows imported so far stay; run the same "),
+        (["tail", "civic.registry.v1"], "interrupted\n"),
+    ],
+)
+def test_an_interrupted_command_says_what_it_leaves(
+    argv: list[str], said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in an import: the officer learns that running the file again is safe."""
+
+    async def interrupted(argv: list[str] | None = None) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run", interrupted)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.startswith(said)
