@@ -59,9 +59,12 @@ def scene(
     route: list[Position],
     width_px: int,
 ) -> Scene:
-    """Lays the features out on a canvas width_px wide, north up, at one scale both ways."""
+    """Lays the features out on a canvas width_px wide, north up, at one scale both ways,
+    framing the boundaries and the route: a street running on beyond the group is cut at the
+    picture's edge rather than shrinking the group to a corner of it."""
+    framed = [f for f in features if f.get("layer") == "boundary"] or features
     positions: list[Sequence[float]] = [p for p in route]
-    for feature in features:
+    for feature in framed:
         geometry = feature["geometry"]
         if geometry["type"] == "Point":
             positions.append(geometry["coordinates"])

@@ -197,6 +197,26 @@ async def test_a_rendered_map_of_the_group(ward: Ward) -> None:
         assert details.startswith(field), details
 
 
+async def test_a_group_is_pictured_at_its_own_size_though_a_street_runs_on_beyond_it(
+    ward: Ward,
+) -> None:
+    """The street through the west group runs on across the ward: the picture is of the group,
+    its outline filling the width, with the street cut at the picture's edge."""
+    street = line_feature([ward.at(-600, 0), ward.at(1000, 0)], "through", width_m=8)
+    assert (await ward.import_features(gis_pb2.LAYER_ALLEY, [street])).created == 1
+    svg = await ward.leader.RenderMap(
+        gis_pb2.RenderMapRequest(
+            unit_id=ward.city.group, format=gis_pb2.IMAGE_FORMAT_SVG, width_px=1000
+        )
+    )
+    root = ElementTree.fromstring(svg.content)
+    (boundaries,) = [g for g in root.iter(f"{SVG}g") if g.get("id") == "boundaries"]
+    (outline,) = list(boundaries)
+    xs = [float(xy.split(",")[0]) for xy in (outline.get("points") or "").split()]
+    # 5% margins either side: the group's 600 m span the 900 pixels between them.
+    assert min(xs) == pytest.approx(50, abs=1) and max(xs) == pytest.approx(950, abs=1)
+
+
 async def test_civic_map_writes_the_groups_picture_to_a_file(
     ward: Ward, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
