@@ -455,8 +455,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> None:
         """A campaign is declared once: the same one again (a second officer, a form sent twice)
         would charge every household twice. Once cancelled, it may be declared anew."""
+        declaring = domain.campaign_key(name, period)
         for other in await self.store.campaigns_of_period(fund["_id"], period, session):
-            if other["name"].casefold() != name.casefold():
+            if domain.campaign_key(other["name"], other["period"]) != declaring:
                 continue
             if await self.store.reversal_of(fund["_id"], other["transaction_id"], session) is None:
                 raise AlreadyExists(

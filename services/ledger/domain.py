@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import unicodedata
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -449,6 +450,15 @@ def check_period(field_name: str, value: str) -> str:
     if not _PERIOD.fullmatch(value):
         raise InvalidArgument(field_name, "is required, e.g. 2026 or 2026-H1 (at most 20)")
     return value
+
+
+def campaign_key(name: str, period: str) -> tuple[str, str]:
+    """What makes two declarations one campaign: its name as a reader reads it, whatever its
+    capitals and however its Vietnamese letters were typed (a letter with its marks as one
+    character, or the letter followed by the marks, as some keyboards send them), and its
+    period, whatever its capitals."""
+    caseless = unicodedata.normalize("NFD", name).casefold()
+    return unicodedata.normalize("NFC", caseless), period.casefold()
 
 
 def check_category(field_name: str, value: str) -> str:

@@ -210,9 +210,10 @@ class LedgerStore:
     async def campaigns_of_period(
         self, fund_id: str, period: str, session: Session
     ) -> list[Document]:
+        """The fund's campaigns of the period, however its capitals were typed."""
         return await self.campaigns.find(
-            {"fund_id": fund_id, "period": period},
-            {"name": 1, "transaction_id": 1},
+            {"fund_id": fund_id, "period": {"$regex": f"^{re.escape(period)}$", "$options": "i"}},
+            {"name": 1, "period": 1, "transaction_id": 1},
             session=session,
         ).to_list()
 

@@ -3,6 +3,7 @@ has paid and who has not; a household's dues and payments."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Awaitable
 from datetime import date, timedelta
 from typing import Any
@@ -574,6 +575,43 @@ async def test_the_same_campaign_is_not_declared_twice_until_cancelled(books: Bo
     await cancel(books, first)
     again = await declaring("Quỹ khuyến học")
     assert again.campaign_id != first.campaign_id
+
+
+async def test_the_same_campaign_typed_another_way_is_not_declared_again(books: Books) -> None:
+    """Vietnamese keyboards send a letter with its marks either as one character or as the
+    letter followed by the marks, and a period is typed in capitals or not: "Quỹ khuyến học"
+    for 2026-H1, typed so on a second officer's phone, is the same campaign, and would charge
+    every household twice."""
+
+    async def declaring(name: str, period: str) -> ledger_pb2.Campaign:
+        response = await books.leader.DeclareCampaign(
+            ledger_pb2.DeclareCampaignRequest(
+                request_id=rid(),
+                fund_id=books.fund_id,
+                name=name,
+                period=period,
+                basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+                rate=100_000,
+            )
+        )
+        campaign: ledger_pb2.Campaign = response.campaign
+        return campaign
+
+    name = unicodedata.normalize("NFC", "Quỹ khuyến học")
+    first = await declaring(name, "2026-H1")
+    before = await books.balances()
+    for again, period in (
+        (unicodedata.normalize("NFD", name), "2026-H1"),
+        (name, "2026-h1"),
+        (unicodedata.normalize("NFD", name.upper()), "2026-h1"),
+    ):
+        assert again != name or period != "2026-H1"
+        with pytest.raises(grpc.aio.AioRpcError) as twice:
+            await declaring(again, period)
+        assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert first.campaign_id in (twice.value.details() or "")
+    assert await books.balances() == before  # nothing booked
+    await declaring(name, "2026-H2")  # another half-year's is another campaign
 
 
 async def test_a_payment_dated_before_the_funds_books_is_refused(books: Books) -> None:
