@@ -642,14 +642,16 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         point = required_point("point", request, "point")
         found = await self.store.containing({"type": "Point", "coordinates": list(point)})
         found.sort(key=lambda doc: (-doc["unit_id"].count("."), doc["unit_id"]))
-        names = await self.store.units_named([doc["unit_id"] for doc in found])
-        units = [
-            gis_pb2.LocatedUnit(
-                unit_id=doc["unit_id"],
-                name=names.get(doc["unit_id"]) or doc["properties"].get("name", ""),
-            )
-            for doc in found
-        ]
+        # A merged group's outline stays drawn until the group it went into is redrawn: the
+        # place is that group's now (once, though both outlines hold it).
+        now = await self.store.units_now([doc["unit_id"] for doc in found])
+        names: dict[str, str] = {}
+        for doc in found:
+            unit_id, name = now.get(doc["unit_id"], (doc["unit_id"], ""))
+            if unit_id == doc["unit_id"]:
+                name = name or doc["properties"].get("name", "")
+            names.setdefault(unit_id, name)
+        units = [gis_pb2.LocatedUnit(unit_id=u, name=name) for u, name in names.items()]
         return gis_pb2.LocateUnitResponse(unit_id=units[0].unit_id if units else "", units=units)
 
     async def NearestHydrants(

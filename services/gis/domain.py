@@ -146,6 +146,11 @@ def clean_properties(
     return unit_id, kept
 
 
+# How many merges in a row are followed (a group merged into one merged in turn since): a
+# bound, should the view ever hold a loop.
+MAX_MERGES = 16
+
+
 def retired(unit_id: str, unit: dict[str, Any]) -> str:
     """Why a unit the service's view of the registry has takes no more drawing (the registry
     merged it away: its map is the unit it went into); "" while it is active."""

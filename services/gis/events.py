@@ -19,15 +19,12 @@ from services.common.mongo import Document, Session
 from services.common.outbox import Outbox
 from services.common.telemetry import current_trace_headers
 from services.common.wire import point_document
-from services.gis.domain import Layer, content_hash, household_feature_id
+from services.gis.domain import MAX_MERGES, Layer, content_hash, household_feature_id
 from services.gis.records import feature_text
 from services.gis.store import GisStore
 
 TOPIC = "civic.gis.v1"
 REGISTRY_TOPIC = "civic.registry.v1"
-# How many merges in a row are followed (a group merged into one merged in turn since): a
-# bound, should the view ever hold a loop.
-MAX_MERGES = 16
 # The persons who live as their household does, as the registry has it: all but those on a
 # temporary stay, who keep their own kind wherever they stay. A person projected before `stay`
 # was kept is taken to be on a stay if a temporary resident: every stay is one, and only the

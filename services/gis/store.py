@@ -22,7 +22,7 @@ from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
 from services.common.registry_view import staying
 from services.common.runtime import cancel_and_wait
-from services.gis.domain import RENTER_KINDS, Layer, feature_id
+from services.gis.domain import MAX_MERGES, RENTER_KINDS, Layer, feature_id
 from services.gis.geometry import distance_m
 from services.gis.nearby import Placed, PointGrid
 
@@ -280,6 +280,38 @@ class GisStore:
             doc["_id"]: doc.get("name", "")
             async for doc in self.units.find({"_id": {"$in": unit_ids}}, {"name": 1})
         }
+
+    async def units_now(self, unit_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """Each known unit as (id, name) of the unit it is now: a group the registry merged
+        away is the group it went into, followed through merges in turn. One read while none
+        of them was merged."""
+        shown = {"name": 1, "active": 1, "merged_into_id": 1}
+        known: dict[str, Document] = {}
+        looked: set[str] = set()
+        wanted = set(unit_ids)
+        for _ in range(MAX_MERGES + 1):
+            if not wanted:
+                break
+            looked |= wanted
+            async for doc in self.units.find({"_id": {"$in": sorted(wanted)}}, shown):
+                known[doc["_id"]] = doc
+            wanted = {
+                doc["merged_into_id"]
+                for doc in known.values()
+                if not doc.get("active", True) and doc.get("merged_into_id")
+            } - looked
+        now: dict[str, tuple[str, str]] = {}
+        for unit_id in unit_ids:
+            if unit_id not in known:
+                continue
+            unit = known[unit_id]
+            for _ in range(MAX_MERGES):
+                merged = unit.get("merged_into_id")
+                if unit.get("active", True) or merged not in known:
+                    break
+                unit = known[merged]
+            now[unit_id] = (unit["_id"], unit.get("name", ""))
+        return now
 
     async def groups_in(self, unit_id: str) -> list[Document]:
         return await self.units.find(

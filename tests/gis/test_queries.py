@@ -18,13 +18,14 @@ import pytest
 import shapely
 from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2
+from civic.registry.v1 import registry_pb2
 from pyogrio import raw
 from pyproj import Geod
 from shapely.geometry import shape
 
 from services.common.auth import Role
 from services.gis import api as gis_api
-from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature
+from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
 from tests.gis.test_imports import refused
 from tests.kafka_reader import eventually
 
@@ -133,6 +134,35 @@ async def test_the_unit_containing_a_point(ward: Ward) -> None:
     # Any signed-in caller may ask (tickets place complaints with it).
     resident = ward.caller(Role.RESIDENT, ward.city.group, "hh-x")
     assert (await resident.LocateUnit(gis_pb2.LocateUnitRequest(point=ward.point(-5, 0)))).unit_id
+
+
+async def test_a_place_in_a_group_merged_away_lies_in_the_group_it_went_into(
+    ward: Ward,
+) -> None:
+    """The merged group's outline stays on the map until the group it went into is redrawn:
+    a place inside it is that group's, whether only the old outline holds it or both do."""
+    city = ward.city
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+        )
+    )
+
+    async def retired() -> bool:
+        unit = await ward.service.store.unit(city.other_group)
+        return unit is not None and not unit["active"]
+
+    await eventually(retired, what="the GIS service hears of the merge")
+    east = gis_pb2.LocateUnitRequest(point=ward.point(250, -10))
+    found = await ward.officer.LocateUnit(east)
+    assert found.unit_id == city.group
+    assert [(u.unit_id, u.name) for u in found.units][:1] == [(city.group, "Tổ dân phố 17")]
+    assert [u.unit_id for u in found.units] == [city.group, city.ward]
+
+    grown = polygon_feature(ward.box(-600, -400, 600, 400), "grown", unit_id=city.group)
+    assert (await ward.import_features(gis_pb2.LAYER_BOUNDARY, [grown])).updated == 1
+    found = await ward.officer.LocateUnit(east)
+    assert [u.unit_id for u in found.units] == [city.group, city.ward]
 
 
 async def test_the_nearest_hydrants_with_their_distances(ward: Ward) -> None:
