@@ -900,22 +900,27 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             ]
         )
 
+    async def _unit_asked(self, caller: Principal, unit_id: str) -> str:
+        """The unit a queue or statistics are asked for, the caller's own when none is named. A
+        mistyped unit is said to be one, not answered with an empty queue (a watch that never
+        tells anything, figures of nothing); a group merged away has its tickets where it went."""
+        if not unit_id:
+            return caller.scope
+        caller.require_unit(check_unit_id(unit_id))
+        unit = await self.store.unit(unit_id)
+        if unit is None:
+            raise NotFound(f"unit {unit_id} not found")
+        if not unit.get("active", True):
+            raise FailedPrecondition(
+                f"group {unit_id} was merged into {unit.get('merged_into_id')}: its tickets "
+                "are that group's"
+            )
+        return unit_id
+
     async def _queue_query(self, caller: Principal, unit_id: str, department: str) -> Document:
         if not caller.is_official:
             raise PermissionDenied(f"role {caller.role.value} has no queue")
-        if unit_id:
-            # A mistyped unit is said to be one, not answered with an empty queue (and a watch
-            # that never tells anything); a group merged away has its tickets where it went.
-            caller.require_unit(check_unit_id(unit_id))
-            unit = await self.store.unit(unit_id)
-            if unit is None:
-                raise NotFound(f"unit {unit_id} not found")
-            if not unit.get("active", True):
-                raise FailedPrecondition(
-                    f"group {unit_id} was merged into {unit.get('merged_into_id')}: its tickets "
-                    "are that group's"
-                )
-        query: Document = {"assigned_unit_id": unit_id or caller.scope}
+        query: Document = {"assigned_unit_id": await self._unit_asked(caller, unit_id)}
         if department:
             domain.check_name("department", department, domain.DEPARTMENT)
             query["department"] = department
@@ -973,8 +978,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         caller = principal()
         if caller.role is Role.RESIDENT:
             raise PermissionDenied("residents may not read statistics")
-        unit_id = request.unit_id or caller.scope
-        caller.require_unit(unit_id)
+        unit_id = await self._unit_asked(caller, request.unit_id)
         rows = await self.store.statistics(unit_id, self.clock())
         return tickets_pb2.GetStatisticsResponse(
             statistics=[

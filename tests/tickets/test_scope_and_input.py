@@ -385,6 +385,24 @@ async def test_a_queue_of_a_unit_that_does_not_exist_is_refused(pilot: Pilot) ->
     await officer.ListQueue(tickets_pb2.ListQueueRequest(unit_id=pilot.city.group))
 
 
+async def test_statistics_of_a_unit_that_does_not_exist_are_refused(pilot: Pilot) -> None:
+    """A dashboard asking for a mistyped unit is told so, not shown figures of nothing."""
+    admin = pilot.admin
+
+    def statistics(unit_id: str) -> Awaitable[Any]:
+        return admin.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=unit_id))
+
+    typo = f"{pilot.city.ward}.t71"
+    error = await refused(grpc.StatusCode.NOT_FOUND, statistics(typo))
+    assert typo in (error.details() or "")
+    for malformed in (f"{pilot.city.ward}..t", pilot.city.ward.upper()):
+        error = await refused(grpc.StatusCode.INVALID_ARGUMENT, statistics(malformed))
+        assert (error.details() or "").startswith("unit_id"), error.details()
+    # The units that exist answer as before, the city's own too.
+    for unit_id in (pilot.city.city, pilot.city.ward, pilot.city.group):
+        await statistics(unit_id)
+
+
 @pytest.mark.parametrize("token", ["garbage", "tk-", "zz-000000000000000000000000"])
 async def test_a_page_token_no_listing_gave_is_refused(pilot: Pilot, token: str) -> None:
     """Not a page read from wherever the token happens to sort: "garbage" sorts before every
