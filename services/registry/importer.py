@@ -29,6 +29,8 @@ RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
 MAX_ERRORS = 10_000
 DUPLICATE_KEY = 11000  # MongoDB's error code
 BATCH_ROWS = 2_000
+# How many merges in a row a row's group is followed through to the group there now.
+MAX_MERGES_FOLLOWED = 10
 # Initial metadata of an ImportPersons call the registry has begun to apply. A failure after it
 # may follow committed batches; a failure without it (a refused token) imported nothing.
 STARTED_HEADER = "x-civic-import-started"
@@ -79,7 +81,8 @@ class Importer:
         self, caller: Principal, requests: AsyncIterator[registry_pb2.ImportPersonsRequest]
     ) -> registry_pb2.ImportPersonsResponse:
         report = Report()
-        groups: dict[str, str] = {}  # unit id -> "" when usable, else why not
+        # unit id -> the group its households are in now, and "" when usable, else why not
+        groups: dict[str, tuple[str, str]] = {}
         pending: list[registry_pb2.ImportRow] = []
         # One transaction per BATCH_ROWS rows, whatever size of chunk the client sends.
         async for request in requests:
@@ -91,26 +94,40 @@ class Importer:
             await self._apply(caller, pending, groups, report)
         return report.message()
 
-    async def _group_problem(self, caller: Principal, unit_id: str, groups: dict[str, str]) -> str:
+    async def _group_of(
+        self, caller: Principal, unit_id: str, groups: dict[str, tuple[str, str]]
+    ) -> tuple[str, str]:
+        """The group a row's households are in now, and "" or why the row cannot be imported.
+        A file written before its group was merged away still imports: its book numbers are
+        matched as that group issued them (a merge keeps that), and new households go to the
+        group it was merged into, whose residents they are now."""
         if unit_id not in groups:
             unit = await self.store.unit(unit_id)
-            if not caller.is_official or not caller.covers(unit_id):
-                groups[unit_id] = "is outside your scope"
+            now = unit_id
+            for _ in range(MAX_MERGES_FOLLOWED):
+                if unit is None or unit["active"] or not unit.get("merged_into_id"):
+                    break
+                now = unit["merged_into_id"]
+                unit = await self.store.unit(now)
+            problem = ""
+            if not caller.is_official or not caller.covers(now):
+                problem = "is outside your scope"
+                if now != unit_id:
+                    problem = f"was merged into {now}, outside your scope"
             elif unit is None:
-                groups[unit_id] = "names no known unit"
+                problem = "names no known unit"
             elif unit["kind"] != domain.UnitKind.GROUP:
-                groups[unit_id] = "is not a residential group or village"
+                problem = "is not a residential group or village"
             elif not unit["active"]:
-                groups[unit_id] = f"was merged into {unit['merged_into_id']}"
-            else:
-                groups[unit_id] = ""
+                problem = f"was merged into {unit['merged_into_id']}"
+            groups[unit_id] = (now, problem)
         return groups[unit_id]
 
     async def _apply(
         self,
         caller: Principal,
         rows: list[registry_pb2.ImportRow],
-        groups: dict[str, str],
+        groups: dict[str, tuple[str, str]],
         report: Report,
     ) -> None:
         report.rows += len(rows)
@@ -119,8 +136,9 @@ class Importer:
 
         # 1. Households: the existing ones, and new ones from the first row that names them.
         usable: list[registry_pb2.ImportRow] = []
+        group_now: dict[str, str] = {}  # the group each usable row's new household goes to
         for row in rows:
-            problem = await self._group_problem(caller, row.unit_id, groups)
+            group_now[row.unit_id], problem = await self._group_of(caller, row.unit_id, groups)
             if problem:
                 report.error(row.row_number, "unit_id", f"{row.unit_id or '(empty)'} {problem}")
             elif not row.household_ref.strip():
@@ -147,7 +165,7 @@ class Importer:
             household = households.get(key) or new_households.get(key)
             if household is None:
                 try:
-                    household = self._household(row, now)
+                    household = self._household(row, group_now[row.unit_id], now)
                 except InvalidArgument as error:
                     report.error(row.row_number, error.field, error.problem)
                     continue
@@ -328,13 +346,13 @@ class Importer:
         report.persons_created += len(new_persons)
         report.citizen_ids_added += len(identified)
 
-    def _household(self, row: registry_pb2.ImportRow, now: datetime) -> Document:
+    def _household(self, row: registry_pb2.ImportRow, group: str, now: datetime) -> Document:
         kind = row.residence_kind or registry_pb2.RESIDENCE_KIND_PERMANENT
         if kind not in RESIDENCE_KINDS:
             raise InvalidArgument("residence_kind", "is not a known value")
         return {
             "_id": new_id("hh"),
-            "unit_id": row.unit_id,
+            "unit_id": group,
             "address": domain.normalize_name("address", row.address),
             "housing": housing_document(row.housing),
             "residence_kind": kind,
@@ -342,6 +360,7 @@ class Importer:
             if row.HasField("location")
             else None,
             "external_ref": row.household_ref.strip(),
+            # The group that issued the book number, which a merge does not change.
             "ref_unit_id": row.unit_id,
             "head_person_id": "",
             "active": True,

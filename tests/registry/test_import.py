@@ -240,3 +240,39 @@ async def test_a_role_that_keeps_no_register_is_refused_the_whole_import(
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert STARTED_HEADER not in {key for key, _ in await call.initial_metadata() or ()}
     assert await registry.db["persons"].count_documents({"full_name": "Đỗ Thị Mới"}) == 0
+
+
+async def test_a_file_written_before_its_group_merged_away_imports_into_the_group_it_joined(
+    city: City, registry: RegistryService
+) -> None:
+    """Book numbers stay those of the group that issued them. The ward's file, run again after
+    that group was merged into another, finds its households where they are now and adds nobody
+    twice; a household new to it is made in the group the old one joined, whose leader may run
+    the file."""
+    rows = [
+        row(1, city.other_group, "HK-M1", "Đỗ Văn Sáp", "1970-01-01"),
+        row(2, city.other_group, "HK-M1", "Đỗ Thị Nhập", "1972-02-02"),
+    ]
+    first = await city.ward_officer.ImportPersons(chunks(rows, 10))
+    assert (first.persons_created, list(first.errors)) == (2, [])
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+        )
+    )
+
+    later = [*rows, row(3, city.other_group, "HK-M2", "Đỗ Văn Mới", "1990-03-03")]
+    again = await city.leader.ImportPersons(chunks(later, 10))
+
+    assert (again.persons_created, again.persons_unchanged, list(again.errors)) == (1, 2, [])
+    households, persons = registry.db["households"], registry.db["persons"]
+    new_home = await households.find_one({"ref_unit_id": city.other_group, "external_ref": "HK-M2"})
+    assert new_home is not None and new_home["unit_id"] == city.group
+    assert await households.count_documents({"external_ref": "HK-M1"}) == 1
+    for name in ("Đỗ Văn Sáp", "Đỗ Thị Nhập", "Đỗ Văn Mới"):
+        assert await persons.count_documents({"full_name": name, "unit_id": city.group}) == 1
+    # The retired group's own leader holds none of it now.
+    refused = await city.other_leader.ImportPersons(chunks(later, 10))
+    assert {e.message for e in refused.errors} == {
+        f"{city.other_group} was merged into {city.group}, outside your scope"
+    }

@@ -389,8 +389,10 @@ async def test_statistics_of_a_unit_that_does_not_exist_are_refused(pilot: Pilot
     """A dashboard asking for a mistyped unit is told so, not shown figures of nothing."""
     admin = pilot.admin
 
-    def statistics(unit_id: str) -> Awaitable[Any]:
-        return admin.GetStatistics(tickets_pb2.GetStatisticsRequest(unit_id=unit_id))
+    async def statistics(unit_id: str) -> tickets_pb2.GetStatisticsResponse:
+        request = tickets_pb2.GetStatisticsRequest(unit_id=unit_id)
+        response: tickets_pb2.GetStatisticsResponse = await admin.GetStatistics(request)
+        return response
 
     typo = f"{pilot.city.ward}.t71"
     error = await refused(grpc.StatusCode.NOT_FOUND, statistics(typo))
