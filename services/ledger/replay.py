@@ -83,7 +83,8 @@ class CannotReplay(Exception):
 
 @dataclass(frozen=True)
 class Finding:
-    """The first event that does not check out, and where it is on the topic."""
+    """The first event on the topic that does not check out (see Replayer._found), and where
+    it is."""
 
     event_id: str
     fund_id: str
@@ -293,7 +294,11 @@ class Replayer:
             return fund_id
 
     def _found(self, record: Any, event_id: str, fund_id: str, sequence: int, reason: str) -> None:
-        if self.report.first_bad is None:
+        """Keeps the bad event first on the topic: the lowest partition's, the earliest there.
+        Partitions are read side by side, in the order each fetch hands them over, which
+        differs from run to run; the bad events found do not."""
+        first = self.report.first_bad
+        if first is None or (record.partition, record.offset) < (first.partition, first.offset):
             self.report.first_bad = Finding(
                 event_id, fund_id, sequence, record.partition, record.offset, reason
             )

@@ -22,6 +22,7 @@ from services.common.config import Settings
 from services.common.grpc_client import civic_channel
 from services.common.mongo import mongo_client
 from services.ledger import replay as replay_module
+from services.ledger.domain import seal
 from services.ledger.events import TOPIC
 from services.ledger.main import LedgerService
 from services.ledger.replay import Replayer, Report, grpc_balances, grpc_funds, replay
@@ -257,6 +258,33 @@ async def test_a_fund_spread_over_partitions_replays_whole(
     assert report.first_bad is not None
     assert report.first_bad.event_id == dropped[2].event_id
     assert "sequence 2 skips after 0: an event is missing" in report.first_bad.reason
+
+
+def altered_opening(fund_id: str, partition: int) -> Record:
+    """A fund's first event, its name changed after it was sealed, at the start of a
+    partition."""
+    event = events_pb2.FundOpened(fund_id=fund_id, unit_id="dn.hc.hc1", name="Quỹ khuyến học")
+    seal(event, 0, "")
+    event.name = "Quỹ khác"
+    headers = (("ce_id", f"ev-{fund_id}".encode()), ("ce_type", OPENED.encode()))
+    return Record(partition, 0, fund_id.encode(), event.SerializeToString(), headers)
+
+
+def test_the_first_bad_event_named_is_the_same_whichever_partition_is_read_first() -> None:
+    """Partitions are read side by side, each fetch in the order the broker hands them over:
+    with bad events on two partitions, every run names the same one first."""
+    events = [altered_opening("fd-a", 0), altered_opening("fd-b", 1)]
+    named = set()
+    for order in (events, events[::-1]):
+        replayer = Replayer(None, "")
+        for record in order:
+            replayer.apply(record)
+        replayer.finish()
+        assert replayer.report.bad_events == 2
+        assert replayer.report.first_bad is not None
+        named.add(replayer.report.text())
+    assert len(named) == 1, named
+    assert "first bad event: ev-fd-a (fund fd-a" in named.pop()
 
 
 def rewrite(
