@@ -536,7 +536,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             now = self.clock()
-            emitted: list[Document] = []
+            ticket, emitted = await self._apart(ticket, session)
             # The cluster is resolved together: its duplicates describe the same problem. One
             # assigned beyond the caller's reach is not theirs to resolve: it leaves the cluster,
             # open where it is. Duplicates first, so the answer shows the primary as they left it.
@@ -566,7 +566,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
             now = self.clock()
-            emitted: list[Document] = []
+            ticket, emitted = await self._apart(ticket, session)
             # A rejection decides this ticket alone: its open duplicates stay to be handled,
             # each a ticket of its own again. First, so the answer shows the primary without them.
             for duplicate in await self.store.open_duplicates(ticket, session):
@@ -765,8 +765,9 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         )
 
     async def _apart(self, ticket: Document, session: Session) -> tuple[Document, list[Document]]:
-        """A duplicate escalated or reopened apart from its primary leaves the cluster: from then
-        on it goes up on its own deadlines and is decided on its own."""
+        """A duplicate escalated, decided, reopened or withdrawn apart from its primary leaves the
+        cluster: from then on it goes up on its own deadlines, is decided and counted on its own,
+        and its primary's outcome is no longer taken for its own."""
         if not ticket.get("duplicate_of"):
             return ticket, []
         return await unlink(self.store, self.outbox, ticket, session)

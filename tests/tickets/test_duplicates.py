@@ -351,6 +351,56 @@ async def test_a_duplicate_handled_apart_from_its_primary_leaves_the_cluster(
         assert [event.duplicate_of for event in unlinked] == [primary]
 
 
+async def test_a_duplicate_decided_apart_from_its_primary_leaves_the_cluster(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """The ward resolves one repeat (another light after all) and rejects another by itself:
+    each is decided on its own, so it leaves the cluster and counts as a ticket of its own,
+    not through a first ticket whose outcome is not its own (here rejected)."""
+    officer = pilot.ward_officer
+    primary = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    resolved, rejected = [
+        (
+            await pilot.routed(
+                (
+                    await pilot.submit(
+                        "street-light", caller=pilot.neighbour, location=point_near(meters)
+                    )
+                ).ticket_id,
+                pilot.neighbour,
+            )
+        ).ticket_id
+        for meters in (30, 60)
+    ]
+    assert (await cluster(officer, primary)).ticket.duplicates == [resolved, rejected]
+
+    decided = await officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(request_id=rid(), ticket_id=resolved, resolution="Đã sửa")
+    )
+    assert decided.ticket.duplicate_of == ""
+    decided = await officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(request_id=rid(), ticket_id=rejected, reason="Trùng lặp")
+    )
+    assert decided.ticket.duplicate_of == ""
+    await officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(request_id=rid(), ticket_id=primary, reason="Không rõ")
+    )
+
+    assert not (await cluster(officer, primary)).linked
+    for ticket_id in (resolved, rejected):
+        unlinked = [
+            event
+            for event in await events_of(tickets_service, ticket_id)
+            if isinstance(event, events_pb2.TicketUnlinked)
+        ]
+        assert [event.duplicate_of for event in unlinked] == [primary]
+    figures = await officer.GetStatistics(
+        tickets_pb2.GetStatisticsRequest(unit_id=pilot.city.group)
+    )
+    lights = {row.category: row for row in figures.statistics}["street-light"]
+    assert (lights.total, lights.open, lights.resolved) == (3, 0, 1)
+
+
 async def test_a_report_from_another_ward_is_not_linked_across_the_boundary(
     pilot: Pilot, tickets_service: TicketsService
 ) -> None:
