@@ -25,6 +25,9 @@ from services.gis.geometry import (
 MAX_SNAP_M = 150.0
 # An alley ending this close to another's segment meets it there.
 JOIN_M = 1.0
+# An alley's bend this close to another's segment lies on it (stored positions are rounded to
+# about a centimetre): they meet there.
+ON_M = 0.05
 NODE_DIGITS = 7
 
 
@@ -52,8 +55,9 @@ def _node(p: Sequence[float]) -> Position:
 def network(alleys: Iterable[dict[str, Any]], min_width_m: float) -> nx.Graph[Position]:
     """Alleys as a graph: vertices are nodes, segments are edges weighted by their length in
     metres; alleys narrower than min_width_m are left out. Alleys meet where they share a
-    vertex, and where one ends on another's segment (a side alley's T-junction, as drawings
-    have it, within JOIN_M): that segment is split there."""
+    vertex, where one ends on another's segment (a side alley's T-junction, as drawings have
+    it, within JOIN_M) or bends on it, and where two cross (a crossroads drawn as two long
+    lines): the segments are split there."""
     graph: nx.Graph[Position] = nx.Graph()
     ends: set[Position] = set()
     for alley in alleys:
@@ -64,26 +68,36 @@ def network(alleys: Iterable[dict[str, Any]], min_width_m: float) -> nx.Graph[Po
         for a, b in itertools.pairwise(points):
             if a != b:
                 graph.add_edge(a, b, length=distance_m(a, b))
-    _join_ends(graph, ends)
+    _join_junctions(graph, ends)
     return graph
 
 
-def _join_ends(graph: nx.Graph[Position], ends: set[Position]) -> None:
-    if not ends or graph.number_of_edges() == 0:
+def _join_junctions(graph: nx.Graph[Position], ends: set[Position]) -> None:
+    if graph.number_of_edges() == 0:
         return
-    frame = LocalFrame(*next(iter(ends)))
+    nodes: list[Position] = list(graph.nodes)
+    frame = LocalFrame(*nodes[0])
     edges = list(graph.edges())
     segments = [LineString([frame.metres(a), frame.metres(b)]) for a, b in edges]
     tree = STRtree(segments)
     splits: dict[tuple[Position, Position], list[Position]] = {}
-    for end in ends:
-        spot = Point(frame.metres(end))
-        for i in tree.query(spot, predicate="dwithin", distance=JOIN_M):
-            a, b = edges[i]
-            if end not in (a, b):
-                splits.setdefault((a, b), []).append(end)
+    spots = [Point(frame.metres(node)) for node in nodes]
+    for n, i in zip(*tree.query(spots, predicate="dwithin", distance=JOIN_M), strict=True):
+        node, (a, b) = nodes[int(n)], edges[int(i)]
+        # An alley's end within JOIN_M of another's segment; a bend only on it.
+        near = node in ends or segments[int(i)].distance(spots[int(n)]) <= ON_M
+        if near and node not in (a, b):
+            splits.setdefault((a, b), []).append(node)
+    # Segments crossing between their vertices (one meeting at a vertex is joined above).
+    for i, j in zip(*tree.query(segments, predicate="crosses"), strict=True):
+        crossing = segments[int(i)].intersection(segments[int(j)])
+        if i < j and isinstance(crossing, Point):
+            node = _node(frame.degrees((crossing.x, crossing.y)))
+            for a, b in (edges[int(i)], edges[int(j)]):
+                if node not in (a, b):
+                    splits.setdefault((a, b), []).append(node)
     for (a, b), on_it in splits.items():
-        # The ends on one segment, in order along it.
+        # The junctions on one segment, in order along it.
         segment = LineString([frame.metres(a), frame.metres(b)])
         order = sorted(on_it, key=lambda p: segment.project(Point(frame.metres(p))))
         graph.remove_edge(a, b)

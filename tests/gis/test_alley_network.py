@@ -40,6 +40,21 @@ def test_a_side_alley_ending_on_another_meets_it_there() -> None:
     assert (108.001, 16.0) in route.positions
 
 
+def test_alleys_crossing_between_their_vertices_meet_at_the_crossing() -> None:
+    """A crossroads drawn as two long lines, and an alley bending on another's segment."""
+    crossing = alley((108.001, 15.999), (108.001, 16.001))
+    route = shortest_route([MAIN, crossing], (108.0, 16.0), (108.001, 16.001), 3.5)
+    expected = distance_m((108.0, 16.0), (108.001, 16.0)) + distance_m(
+        (108.001, 16.0), (108.001, 16.001)
+    )
+    assert route.length_m == pytest.approx(expected, rel=1e-6)
+    assert (108.001, 16.0) in route.positions
+
+    bending = alley((108.0015, 15.999), (108.0015, 16.0), (108.0025, 16.001))
+    route = shortest_route([MAIN, bending], (108.0, 16.0), (108.0025, 16.001), 3.5)
+    assert (108.0015, 16.0) in route.positions
+
+
 def test_an_alley_ending_short_of_another_does_not_meet_it() -> None:
     """Ten metres short is a wall between them, not a junction."""
     short = alley((108.001, 16.0001), (108.001, 16.002))
