@@ -852,10 +852,15 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tickets_pb2.ListMyTicketsResponse:
         caller = principal()
         size = page_size(request.page.page_size)
-        # A resident's own, and those officials filed on their household's behalf.
+        # A resident's own, and those officials filed on their household's behalf; an
+        # official's, as far as they may see them.
         household_id = caller.household_id if caller.role is Role.RESIDENT else ""
         found = self.store.of_submitter(
-            caller.subject, household_id, _page_token(request.page.page_token), size
+            caller.subject,
+            household_id,
+            _page_token(request.page.page_token),
+            size,
+            scope=caller.scope if caller.is_official else "",
         )
         tickets, token = await self._page(found, size)
         return tickets_pb2.ListMyTicketsResponse(tickets=tickets, next_page_token=token)

@@ -247,11 +247,20 @@ class TicketStore:
     # tickets fill an answer (see TicketsServicer._page), and what follows is not read.
 
     def of_submitter(
-        self, submitter: str, household_id: str, token: str, size: int
+        self, submitter: str, household_id: str, token: str, size: int, scope: str = ""
     ) -> AsyncCursor[Document]:
         """A submitter's tickets and, given a household, those officials filed on its behalf
-        (see domain.Submitter): newest first, after the page token's."""
+        (see domain.Submitter): newest first, after the page token's. Given an official's
+        `scope`, of those they filed on a household's behalf (which are the household's, not
+        theirs) only the ones filed or assigned within it, as domain.may_see lets them see."""
         query: Document = {"submitter": submitter}
+        if scope:
+            query["$or"] = [
+                {"household_id": {"$in": ["", None]}},
+                {"submitter_role": {"$nin": OFFICIAL_ROLES}},
+                {"origin_unit_id": in_unit(scope)},
+                {"assigned_unit_id": in_unit(scope)},
+            ]
         if household_id:
             on_behalf = {"household_id": household_id, "submitter_role": {"$in": OFFICIAL_ROLES}}
             query = {"$or": [query, on_behalf]}

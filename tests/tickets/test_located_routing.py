@@ -120,6 +120,14 @@ async def test_an_official_files_for_a_household_in_scope_about_a_place_beyond_i
     assert filed.ticket_id in await queue_of(other_leader, city.other_group)
     # The household's residents have it among their own.
     assert filed.ticket_id in await own_tickets(pilot.resident)
+    # The leader who filed it sees it no more than any ticket of a group beyond their scope:
+    # neither asked for by id nor among the tickets they filed.
+    with pytest.raises(grpc.aio.AioRpcError) as unseen:
+        await pilot.leader.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=filed.ticket_id))
+    assert unseen.value.code() == grpc.StatusCode.NOT_FOUND
+    assert filed.ticket_id not in await own_tickets(pilot.leader)
+    at_home = await pilot.submit("sanitation", caller=pilot.leader, household_id=pilot.household_id)
+    assert at_home.ticket_id in await own_tickets(pilot.leader)
 
     # A place in the leader's own group does not open another group to them.
     with pytest.raises(grpc.aio.AioRpcError) as refused:
