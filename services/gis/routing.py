@@ -106,21 +106,31 @@ def _join_junctions(graph: nx.Graph[Position], ends: set[Position]) -> None:
                 graph.add_edge(u, v, length=distance_m(u, v))
 
 
-def _join(graph: nx.Graph[Position], point: Position, frame: LocalFrame, what: str) -> Position:
-    """Adds the network's nearest spot to `point` as a node (splitting its edge) and returns it."""
+Spot = tuple[float, Position, Position, float]  # distance, the edge's ends, how far along it
+
+
+def _nearest(
+    graph: nx.Graph[Position], point: Position, frame: LocalFrame, among: set[Position] | None
+) -> Spot | None:
+    """The network's nearest spot to `point`, on an edge between nodes `among` (any: None)."""
     local = Point(frame.metres(point))
-    best: tuple[float, Position, Position, float] | None = None
+    best: Spot | None = None
     for a, b in graph.edges():
+        if among is not None and a not in among:
+            continue
         segment = LineString([frame.metres(a), frame.metres(b)])
         distance = segment.distance(local)
         if best is None or distance < best[0]:
             best = (distance, a, b, segment.project(local))
-    if best is None or best[0] > MAX_SNAP_M:
-        raise NoRoute(f"{what}: no alley wide enough within {MAX_SNAP_M:g} m")
-    _, a, b, along = best
+    return best
+
+
+def _join(graph: nx.Graph[Position], spot: Spot, frame: LocalFrame) -> Position:
+    """Adds the spot as a node (splitting its edge) and returns it."""
+    _, a, b, along = spot
     segment = LineString([frame.metres(a), frame.metres(b)])
-    spot = segment.interpolate(along)
-    node = _node(frame.degrees((spot.x, spot.y)))
+    at = segment.interpolate(along)
+    node = _node(frame.degrees((at.x, at.y)))
     if node in (a, b):
         return node
     graph.remove_edge(a, b)
@@ -133,19 +143,28 @@ def shortest_route(
     alleys: Iterable[dict[str, Any]], entry: Position, destination: Position, min_width_m: float
 ) -> Route:
     """From the entry to the destination along alleys at least min_width_m wide. The route
-    starts and ends with the short walk from each point to its nearest spot on the network."""
+    starts and ends with the short walk from each point to its nearest spot on the network;
+    the destination's on the alleys the engine can reach (a wide lane nearer to it that only
+    a narrow alley leads to is no way in)."""
     graph = network(alleys, min_width_m)
     if graph.number_of_edges() == 0:
         raise NoRoute(f"no alley at least {min_width_m:g} m wide in the area")
     frame = LocalFrame(*entry)
-    start = _join(graph, entry, frame, "entry")
-    end = _join(graph, destination, frame, "destination")
-    try:
-        path: list[Position] = nx.shortest_path(graph, start, end, weight="length")
-    except nx.NetworkXNoPath:
+    at_entry = _nearest(graph, entry, frame, None)
+    if at_entry is None or at_entry[0] > MAX_SNAP_M:
+        raise NoRoute(f"entry: no alley wide enough within {MAX_SNAP_M:g} m")
+    start = _join(graph, at_entry, frame)
+    reachable: set[Position] = nx.node_connected_component(graph, start)
+    at_destination = _nearest(graph, destination, frame, reachable)
+    if at_destination is None or at_destination[0] > MAX_SNAP_M:
+        anywhere = _nearest(graph, destination, frame, None)
+        if anywhere is None or anywhere[0] > MAX_SNAP_M:
+            raise NoRoute(f"destination: no alley wide enough within {MAX_SNAP_M:g} m")
         raise NoRoute(
             f"no way in along alleys at least {min_width_m:g} m wide: the destination is cut off"
-        ) from None
+        )
+    end = _join(graph, at_destination, frame)
+    path: list[Position] = nx.shortest_path(graph, start, end, weight="length")
     positions = [entry, *path, destination]
     positions = [p for i, p in enumerate(positions) if i == 0 or p != positions[i - 1]]
     length = line_length_m(positions)

@@ -62,6 +62,17 @@ def test_an_alley_ending_short_of_another_does_not_meet_it() -> None:
         shortest_route([MAIN, short], (108.0, 16.0), (108.001, 16.002), 3.5)
 
 
+def test_the_engine_stops_on_a_way_it_reaches_though_an_unreachable_one_is_nearer() -> None:
+    """A wide lane behind the house that only a narrow alley leads to: the engine stops on the
+    main alley, 89 m from the house, not at the lane 11 m from it."""
+    lane = alley((108.0015, 16.0009), (108.0025, 16.0009))
+    house = (108.002, 16.0008)
+    route = shortest_route([MAIN, lane], (108.0, 16.0), house, 3.5)
+    assert route.positions == [(108.0, 16.0), (108.002, 16.0), house]
+    expected = distance_m((108.0, 16.0), (108.002, 16.0)) + distance_m((108.002, 16.0), house)
+    assert route.length_m == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_narrow_side_alley_is_no_way_in_for_the_engine() -> None:
     narrow = alley((108.001, 16.000), (108.001, 16.002), width_m=2.0)
     with pytest.raises(NoRoute, match="no alley wide enough"):
