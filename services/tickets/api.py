@@ -219,9 +219,10 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         elif caller.role is Role.RESIDENT:
             unit_id = caller.scope
         else:
-            unit_id = request.unit_id
-            if not unit_id:
+            if not request.unit_id:
                 raise InvalidArgument("unit_id", "name the group (or the household) concerned")
+            # Misspelt, it is said to be, not taken for a unit beyond the caller's scope.
+            unit_id = check_unit_id(request.unit_id)
         domain.may_submit_for(caller, unit_id)
         placed = request.HasField("location")
         location = point_document("location", request.location) if placed else None

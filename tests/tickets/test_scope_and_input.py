@@ -222,6 +222,14 @@ BAD_SUBMISSIONS: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "unit_id",
     ),
     (
+        "official naming a group misspelt",
+        lambda pilot, other: pilot.ward_officer.SubmitTicket(
+            submission(unit_id=pilot.city.group.upper())
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unit_id",
+    ),
+    (
         "official outside their scope",
         lambda pilot, other: pilot.leader.SubmitTicket(submission(unit_id=pilot.city.other_group)),
         grpc.StatusCode.PERMISSION_DENIED,
