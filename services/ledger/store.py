@@ -3,6 +3,7 @@ updated; every write takes the session of the command's transaction."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from typing import Any
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.collation import Collation, CollationStrength
+from pymongo.errors import OperationFailure
 
 from services.common.commands import ensure_command_indexes
 from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit, once
@@ -24,6 +27,12 @@ DUES_APART = "dues_by_household"
 POSTED_AT = [("fund_id", ASCENDING), ("posted_at", ASCENDING)]
 SEQUENCE = [("fund_id", ASCENDING), ("sequence", ASCENDING)]
 DUES_OF_CAMPAIGN = [("campaign_id", ASCENDING), ("household_id", ASCENDING)]
+# Receipt numbers compare whatever their capitals: "bl-77", typed so, is the paper receipt
+# "BL-77". Their index (RECEIPT_NUMBERS) compares so too, and replaces one that did not.
+CASELESS = Collation(locale="en", strength=CollationStrength.SECONDARY)
+RECEIPT_NUMBER = "contribution.receipt_number"
+RECEIPT_NUMBERS = "fund_receipt_numbers_caseless"
+RECEIPT_NUMBERS_BY_CASE = "fund_id_1_contribution.receipt_number_1"
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,10 @@ class LedgerStore:
         receipt image, a contribution's receipt number) and not reversed, if any: a mistaken
         transaction, reversed, frees what it held for the one that corrects it."""
         holding = await self.transactions.distinct(
-            "_id", {"fund_id": fund_id, path: value, "_id": {"$ne": other_than}}, session=session
+            "_id",
+            {"fund_id": fund_id, path: value, "_id": {"$ne": other_than}},
+            session=session,
+            collation=CASELESS if path == RECEIPT_NUMBER else None,
         )
         if not holding:
             return None
@@ -94,8 +106,10 @@ class LedgerStore:
                 # A receipt number is held by one contribution of the fund until that one is
                 # reversed (LedgerServicer checks it with the posting): found by this index.
                 IndexModel(
-                    [("fund_id", ASCENDING), ("contribution.receipt_number", ASCENDING)],
-                    partialFilterExpression=holding_text("contribution.receipt_number"),
+                    [("fund_id", ASCENDING), (RECEIPT_NUMBER, ASCENDING)],
+                    name=RECEIPT_NUMBERS,
+                    collation=CASELESS,
+                    partialFilterExpression=holding_text(RECEIPT_NUMBER),
                 ),
                 # A transaction is reversed at most once.
                 IndexModel(
@@ -113,6 +127,10 @@ class LedgerStore:
                 ),
             ],
         )
+        # Once the caseless one is built: the receipt numbers' index that compared capitals.
+        if RECEIPT_NUMBERS_BY_CASE in await self.transactions.index_information():
+            with contextlib.suppress(OperationFailure):  # dropped by another instance already
+                await self.transactions.drop_index(RECEIPT_NUMBERS_BY_CASE)
         await self.balances.create_index([("fund_id", ASCENDING), ("account", ASCENDING)])
         await self.campaigns.create_index([("fund_id", ASCENDING), ("_id", ASCENDING)])
         await self.dues.create_index(
