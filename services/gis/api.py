@@ -286,7 +286,8 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             if request.format == gis_pb2.SOURCE_FORMAT_DXF:
                 raw = await asyncio.to_thread(read_dxf, content, layer, request.dxf_layer)
             else:
-                raw = await asyncio.to_thread(read_geojson, content)
+                raw, declared = await asyncio.to_thread(read_geojson, content)
+                transform = _file_transform(request.source_crs, declared, field) or transform
         except SourceError as error:
             raise InvalidArgument(error.field or field, str(error)) from None
 
@@ -863,6 +864,22 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             width_px=scene.width,
             height_px=scene.height,
         )
+
+
+def _file_transform(source_crs: str, declared: str, field: str) -> geometry.Transform | None:
+    """The conversion for a GeoJSON file that declares its CRS (None: as source_crs says): the
+    one it declares, which source_crs, if given, must name too. Positions read in another
+    CRS than theirs would all be refused as off the map, or land kilometres away."""
+    if not declared:
+        return None
+    try:
+        if geometry.same_crs(declared, source_crs):
+            return None
+        if source_crs.strip():
+            raise InvalidArgument("source_crs", f"is not the CRS the file declares ({declared})")
+        return geometry.to_wgs84(declared)
+    except ValueError as error:
+        raise InvalidArgument(field, f"declares its crs as {declared!r}, which {error}") from None
 
 
 def _around(positions: list[geometry.Position], metres: float) -> Document:

@@ -68,6 +68,16 @@ def to_wgs84(source_crs: str) -> Transform:
     return transform
 
 
+def same_crs(first: str, second: str) -> bool:
+    """Whether the two name one CRS ("" is WGS84), whichever order they give the axes in;
+    ValueError for one PROJ does not know."""
+    try:
+        a, b = (CRS.from_user_input(name.strip() or WGS84) for name in (first, second))
+    except CRSError as error:
+        raise ValueError(f"is not a coordinate reference system PROJ knows ({error})") from None
+    return bool(a.equals(b, ignore_axis_order=True))
+
+
 def convert(geometry: dict[str, Any], transform: Transform) -> dict[str, Any]:
     """The GeoJSON geometry with every position transformed and rounded."""
 

@@ -45,7 +45,9 @@ class RawFeature:
 # ---- GeoJSON ---------------------------------------------------------------------------------
 
 
-def read_geojson(content: bytes) -> list[RawFeature]:
+def read_geojson(content: bytes) -> tuple[list[RawFeature], str]:
+    """The file's features, and the CRS its positions are in if it says ("" if not): a file
+    not in WGS84 names it in a crs member, as GeoJSON did before RFC 7946 (and GDAL writes)."""
     try:
         document = json.loads(content.decode("utf-8-sig"))
     # Not only malformed JSON: an integer of more digits than Python converts (ValueError), or
@@ -62,7 +64,17 @@ def read_geojson(content: bytes) -> list[RawFeature]:
         features = [document]
     else:
         features = [{"type": "Feature", "geometry": document, "properties": {}}]
-    return [_geojson_feature(index, item) for index, item in enumerate(features)]
+    return [_geojson_feature(index, item) for index, item in enumerate(features)], _crs(document)
+
+
+def _crs(document: dict[str, Any]) -> str:
+    """The name a crs member gives ({"type": "name", "properties": {"name": ...}}), or ""."""
+    crs = document.get("crs")
+    if not isinstance(crs, dict) or crs.get("type") != "name":
+        return ""
+    properties = crs.get("properties")
+    name = properties.get("name") if isinstance(properties, dict) else None
+    return name.strip() if isinstance(name, str) else ""
 
 
 def _geojson_feature(index: int, item: Any) -> RawFeature:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from civic.gis.v1 import events_pb2, gis_pb2
 from civic.registry.v1 import registry_pb2
-from pyproj import Geod
+from pyproj import Geod, Transformer
 from shapely.geometry import shape
 
 from services.common.auth import Role
@@ -324,6 +324,46 @@ async def test_bad_requests_are_refused_with_nothing_written(ward: Ward) -> None
         )
         assert details.startswith("size_bytes:"), details
     assert await store.features.count_documents({}) == before
+
+
+async def test_a_geojson_file_in_vn2000_is_read_in_the_crs_it_declares(ward: Ward) -> None:
+    """As GDAL writes a file not in WGS84: with a crs member naming its CRS. Read in it when the
+    import names none; refused, naming source_crs, when the import names another."""
+    to_vn2000 = Transformer.from_crs("EPSG:4326", "EPSG:3406", always_xy=True)
+    spots = [ward.at(-200, 50), ward.at(150, -80)]
+    features = [
+        point_feature(list(to_vn2000.transform(spot[0], spot[1])), f"h{number}", kind="hydrant")
+        for number, spot in enumerate(spots)
+    ]
+    declared = {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::3406"}}
+    content = json.dumps({"type": "FeatureCollection", "crs": declared, "features": features})
+
+    def request(source_crs: str) -> gis_pb2.ImportLayerRequest:
+        return gis_pb2.ImportLayerRequest(
+            request_id=rid(),
+            unit_id=ward.city.ward,
+            layer=gis_pb2.LAYER_HYDRANT,
+            format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+            source_crs=source_crs,
+            content=content.encode(),
+        )
+
+    store = ward.service.store
+    before = await store.features.count_documents({})
+    details = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT, ward.officer.ImportLayer(request("EPSG:3405"))
+    )
+    assert details.startswith("source_crs:") and "EPSG::3406" in details, details
+    assert await store.features.count_documents({}) == before
+
+    for source_crs in ("", "EPSG:3406"):
+        done = await ward.officer.ImportLayer(request(source_crs))
+        assert list(done.rejected) == []
+    stored = store.features.find({"layer": "hydrant", "source_unit": ward.city.ward})
+    landed = sorted([doc["geometry"]["coordinates"] async for doc in stored])
+    assert len(landed) == len(spots)
+    for got, sent in zip(landed, sorted(spots), strict=True):
+        assert got == pytest.approx(sent, abs=1e-7)
 
 
 async def test_a_unit_has_one_boundary_whoever_draws_it(ward: Ward, settings: Settings) -> None:
