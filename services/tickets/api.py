@@ -958,7 +958,8 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def WatchQueue(
         self, request: tickets_pb2.WatchQueueRequest, context: Context
     ) -> AsyncIterator[tickets_pb2.WatchQueueResponse]:
-        query = await self._queue_query(principal(), request.unit_id, request.department)
+        caller = principal()
+        query = await self._queue_query(caller, request.unit_id, request.department)
 
         def in_queue(image: str) -> Document:
             return {f"{image}.{key}": value for key, value in query.items()}
@@ -975,8 +976,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 ticket = change.get("fullDocument")
                 if ticket is None:
                     continue
+                # One that left for a unit beyond the caller's scope (a group merged into one of
+                # another's) is told as having left, not shown as GetTicket no longer shows it.
+                message = self._message(ticket) if _sees(caller, ticket) else _gone(ticket)
                 yield tickets_pb2.WatchQueueResponse(
-                    ticket=self._message(ticket), change=ticket.get("last_change", "")
+                    ticket=message, change=ticket.get("last_change", "")
                 )
 
     async def GetStatistics(
@@ -1067,6 +1071,20 @@ def _sees(caller: Principal, ticket: Document) -> bool:
     except NotFound:
         return False
     return True
+
+
+def _gone(ticket: Document) -> tickets_pb2.Ticket:
+    """A ticket as its events tell anyone of it: what it is and where it stands now, not what
+    was written, photographed or said about it, nor by whom."""
+    return tickets_pb2.Ticket(
+        ticket_id=ticket["_id"],
+        category=ticket["category"],
+        status=ticket["status"],
+        origin_unit_id=ticket["origin_unit_id"],
+        assigned_unit_id=ticket.get("assigned_unit_id") or "",
+        assigned_level=ticket.get("assigned_level") or 0,  # type: ignore[arg-type]
+        department=ticket.get("department") or "",
+    )
 
 
 def _page_token(token: str) -> str:

@@ -11,6 +11,7 @@ from civic.tickets.v1 import events_pb2, tickets_pb2
 from services.common.auth import Role
 from services.tickets.main import TicketsService
 from tests.tickets.conftest import Pilot, eventually, rid
+from tests.tickets.test_watch_and_stats import change_streams_for, next_update
 
 
 async def merged_events(
@@ -80,3 +81,35 @@ async def test_a_merged_groups_open_tickets_go_to_the_group_it_joined(
     again = await pilot.routed(filed.ticket_id, pilot.neighbour)
     assert again.origin_unit_id == city.other_group
     assert again.duplicate_of == at_group.ticket_id
+
+
+async def test_a_queue_watcher_is_told_a_ticket_left_for_a_group_beyond_their_scope(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """The retired group's leader, watching its queue, learns where its tickets went, but no
+    more of them than GetTicket now shows them: nothing beyond what integrators are told."""
+    city = pilot.city
+    ticket = await pilot.routed((await pilot.submit("sanitation")).ticket_id)
+    call = pilot.leader.WatchQueue(tickets_pb2.WatchQueueRequest(unit_id=city.group))
+    await eventually(lambda: change_streams_for(tickets_service, city.group))
+
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.group, target_unit_id=city.other_group
+        )
+    )
+
+    left = await next_update(call, ticket.ticket_id)
+    call.cancel()
+    assert left.change == "civic.tickets.v1.TicketGroupMerged"
+    assert (left.ticket.origin_unit_id, left.ticket.assigned_unit_id) == (
+        city.other_group,
+        city.other_group,
+    )
+    assert (left.ticket.category, left.ticket.status) == (ticket.category, ticket.status)
+    assert (left.ticket.description, left.ticket.submitter, left.ticket.household_id) == (
+        "",
+        "",
+        "",
+    )
+    assert not left.ticket.HasField("location")
