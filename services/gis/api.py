@@ -307,7 +307,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         )
         if layer is Layer.BOUNDARY:
             accepted = await self._bounding_known_units(accepted, rejected)
-            accepted = await self._beside_siblings(accepted, rejected)
+            accepted = await self._beside_neighbours(accepted, rejected)
         now = self.clock()
         for _, doc in accepted:
             doc["import_id"] = import_id
@@ -488,13 +488,14 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
                 kept.append((feature, doc))
         return kept
 
-    async def _beside_siblings(
+    async def _beside_neighbours(
         self, accepted: list[Accepted], rejected: list[gis_pb2.FeatureError]
     ) -> list[Accepted]:
-        """Boundaries that overlap no sibling unit's by more than a sliver: the sibling's as
-        stored, or as this file draws it anew (a file's later outline gives way to its
-        earlier one). Otherwise a point there would lie in both units: a ticket or a census
-        could count it for either."""
+        """Boundaries that overlap no neighbouring unit's (one on the same level: another
+        group of the ward, or of the ward next to it) by more than a sliver: the neighbour's as
+        stored, or as this file draws it anew (a file's later outline gives way to its earlier
+        one). Otherwise a point there would lie in both units: a ticket or a census could count
+        it for either."""
         drawn = {doc["unit_id"]: doc["geometry"] for _, doc in accepted}
         # An outline of the same drawing that bounded another unit before moves with it.
         outlines_drawn = {
@@ -520,7 +521,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         }
         kept: list[Accepted] = []
         for feature, doc in accepted:
-            others = [(u, o) for u, o in outlines.items() if domain.sibling(u, doc["unit_id"])]
+            others = [(u, o) for u, o in outlines.items() if domain.side_by_side(u, doc["unit_id"])]
             problem = await asyncio.to_thread(_first_overlap, doc["geometry"], others)
             if problem:
                 rejected.append(_refusal(feature, problem))

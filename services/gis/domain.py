@@ -162,18 +162,19 @@ def retired(unit_id: str, unit: dict[str, Any]) -> str:
     )
 
 
-# Sibling units' boundaries may overlap by a sliver along their shared edge (two surveys of one
-# line never quite agree), not more: where they overlap, a point would be in both units.
+# Neighbouring units' boundaries may overlap by a sliver along their shared edge (two surveys of
+# one line never quite agree), not more: where they overlap, a point would be in both units.
 SLIVER_SHARE = 0.02
 
 
-def sibling(a: str, b: str) -> bool:
-    """Whether two units are side by side under one parent (groups of one ward, say)."""
-    return a != b and a.rpartition(".")[0] == b.rpartition(".")[0]
+def side_by_side(a: str, b: str) -> bool:
+    """Whether two units are on one level of the tree (groups, of one ward or of two wards):
+    none lies in the other, so no place may lie in both."""
+    return a != b and a.count(".") == b.count(".")
 
 
 def overlap_problem(other: str, overlap_m2: float, smaller_m2: float) -> str:
-    """Why a boundary may not overlap a sibling's boundary this much; "" for a sliver."""
+    """Why a boundary may not overlap a neighbour's boundary this much; "" for a sliver."""
     if overlap_m2 <= SLIVER_SHARE * smaller_m2:
         return ""
     return (

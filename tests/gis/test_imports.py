@@ -586,6 +586,41 @@ async def test_a_footprint_is_its_area_on_the_ellipsoid(ward: Ward) -> None:
     assert building["properties"]["footprint_m2"] == pytest.approx(truth, abs=1.0)
 
 
+async def test_a_groups_boundary_reaching_into_a_neighbouring_wards_group_is_refused(
+    ward: Ward,
+) -> None:
+    """Across the line between two wards, as between two groups of one: a place there would lie
+    in two groups, each of its own ward."""
+    store = ward.service.store
+    neighbour = ward.city.district + ".neighbour" + ward.city.ward.rsplit(".", 1)[-1]
+    across = neighbour + ".g1"
+    # As the registry's events leave a ward east of this one (short of the next test's ward),
+    # with a group along the line.
+    await store.units.insert_many(
+        [
+            {"_id": neighbour, "kind": 3, "name": "Phường bên", "active": True},
+            {"_id": across, "kind": 4, "name": "Tổ 1", "active": True},
+        ]
+    )
+    district = ward.caller(Role.DISTRICT_OFFICER, ward.city.district)
+    outlines = [
+        polygon_feature(ward.box(600, -400, 1200, 400), "ward", unit_id=neighbour),
+        polygon_feature(ward.box(600, -400, 1000, 400), "g1", unit_id=across),
+    ]
+    done = await ward.import_features(
+        gis_pb2.LAYER_BOUNDARY, outlines, caller=district, unit_id=ward.city.district
+    )
+    assert (done.created, list(done.rejected)) == (2, [])
+    # 300 m into the neighbouring ward's group: within 500 m of this ward's boundary.
+    astray = polygon_feature(ward.box(0, -400, 900, 400), "astray", unit_id=ward.city.other_group)
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [astray])
+    assert done.updated == 0
+    [refused] = done.rejected
+    assert refused.message.startswith(f"geometry: overlaps the boundary of {across} by ")
+    located = await ward.officer.LocateUnit(gis_pb2.LocateUnitRequest(point=ward.point(750, 0)))
+    assert located.unit_id == across
+
+
 async def test_a_boundary_overlapping_a_sibling_units_by_more_than_a_sliver_is_refused(
     ward: Ward,
 ) -> None:
