@@ -202,11 +202,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     @staticmethod
     def _same(draft: Draft, posted: Document) -> Document:
         """A transaction already posted under the draft's key: the original, if it is the same
-        request; anything else reusing the key is refused."""
-        if posted["fingerprint"] != draft.fingerprint:
+        request; anything else reusing the key, in this fund or another, is refused."""
+        if posted["fingerprint"] != draft.fingerprint or posted["fund_id"] != draft.fund_id:
+            where = "this fund" if posted["fund_id"] == draft.fund_id else "another fund"
             raise FailedPrecondition(
                 f"{draft.name('request_id')}: {draft.request_id} was already used for a different "
-                "transaction in this fund; use a new request_id"
+                f"transaction in {where}; use a new request_id"
             )
         return posted
 
@@ -215,7 +216,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         found = await self.store.by_keys((d.fund_id, d.request_id) for d in drafts)
         if len(found) < len(drafts):
             return None
-        return [self._same(d, found[(d.fund_id, d.request_id)]) for d in drafts]
+        return [self._same(d, found[d.request_id]) for d in drafts]
 
     async def _post(
         self, drafts: list[Draft], extra: Extra | None = None, parts: bool = False
@@ -231,9 +232,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
 
         async def work(session: Session) -> list[Document]:
             found = await self.store.by_keys(((d.fund_id, d.request_id) for d in drafts), session)
-            if parts and (key := (drafts[0].fund_id, drafts[0].request_id)) in found:
-                return [self._same(drafts[0], found[key])]
-            new = [d for d in drafts if (d.fund_id, d.request_id) not in found]
+            if parts and drafts[0].request_id in found:
+                return [self._same(drafts[0], found[drafts[0].request_id])]
+            new = [d for d in drafts if d.request_id not in found]
             funds = await self.store.funds_by_id({d.fund_id for d in new}, session)
             # Every touched account's balance: money may not go below zero, and no account (an
             # income or expense line too) past MAX_BALANCE, which the replay checks as well.
@@ -243,7 +244,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             heads: dict[str, tuple[int, int, str, datetime]] = {}
             now = _millis(self.clock())
             docs, staged = [], []
-            posted: dict[tuple[str, str], Document] = {}
+            posted: dict[str, Document] = {}
             for draft in new:
                 fund = funds.get(draft.fund_id)
                 if fund is None:
@@ -286,7 +287,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 heads[draft.fund_id] = (old, sequence + 1, head, posted_at)
                 docs.append(doc)
                 staged.append(event)
-                posted[(draft.fund_id, draft.request_id)] = doc
+                posted[draft.request_id] = doc
             if docs:
                 await self.store.insert_transactions(docs, session)
                 await self.store.advance_funds(heads, session)
@@ -296,7 +297,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
                 await self.outbox.stage(session, staged)
             results = []
             for draft in drafts:
-                key = (draft.fund_id, draft.request_id)
+                key = draft.request_id
                 results.append(posted[key] if key in posted else self._same(draft, found[key]))
             return results
 
@@ -404,9 +405,9 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             self._check_posting_request(entry, f"transactions[{i}]", "PostTransaction")
             for i, entry in enumerate(request.transactions)
         ]
-        keys = [(d.fund_id, d.request_id) for d in drafts]
+        keys = [d.request_id for d in drafts]
         if len(set(keys)) < len(keys):
-            raise InvalidArgument("transactions", "two transactions of one fund share a request_id")
+            raise InvalidArgument("transactions", "two transactions share a request_id")
         for fund_id in dict.fromkeys(d.fund_id for d in drafts):
             await self._writable(fund_id)
         docs = await self._post(drafts)

@@ -33,6 +33,7 @@ CASELESS = Collation(locale="en", strength=CollationStrength.SECONDARY)
 RECEIPT_NUMBER = "contribution.receipt_number"
 RECEIPT_NUMBERS = "fund_receipt_numbers_caseless"
 RECEIPT_NUMBERS_BY_CASE = "fund_id_1_contribution.receipt_number_1"
+KEYS_BY_FUND = "fund_id_1_request_id_1"
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,10 @@ class LedgerStore:
         await ensure_indexes(
             self.transactions,
             [
-                # The idempotency key: one transaction per key and fund, for ever.
-                IndexModel([("fund_id", ASCENDING), ("request_id", ASCENDING)], unique=True),
+                # The idempotency key: one transaction per key, for ever, found whatever fund
+                # it names (LedgerServicer refuses a key of one fund in another). Unique with
+                # the fund: stores from before may hold a key in two funds.
+                IndexModel([("request_id", ASCENDING), ("fund_id", ASCENDING)], unique=True),
                 IndexModel(SEQUENCE, unique=True),
                 IndexModel(POSTED_AT),
                 IndexModel([("expense.receipt_object_key", ASCENDING)], sparse=True),
@@ -127,10 +130,13 @@ class LedgerStore:
                 ),
             ],
         )
-        # Once the caseless one is built: the receipt numbers' index that compared capitals.
-        if RECEIPT_NUMBERS_BY_CASE in await self.transactions.index_information():
-            with contextlib.suppress(OperationFailure):  # dropped by another instance already
-                await self.transactions.drop_index(RECEIPT_NUMBERS_BY_CASE)
+        # Once their successors are built: the receipt numbers' index that compared capitals,
+        # and the keys' that found a key in its fund only.
+        existing = await self.transactions.index_information()
+        for replaced in (RECEIPT_NUMBERS_BY_CASE, KEYS_BY_FUND):
+            if replaced in existing:
+                with contextlib.suppress(OperationFailure):  # dropped by another instance already
+                    await self.transactions.drop_index(replaced)
         await self.balances.create_index([("fund_id", ASCENDING), ("account", ASCENDING)])
         await self.campaigns.create_index([("fund_id", ASCENDING), ("_id", ASCENDING)])
         await self.dues.create_index(
@@ -198,18 +204,21 @@ class LedgerStore:
 
     async def by_keys(
         self, keys: Iterable[tuple[str, str]], session: Session | None = None
-    ) -> dict[tuple[str, str], Document]:
-        """Transactions already posted under these (fund_id, request_id) keys."""
-        by_fund: dict[str, list[str]] = {}
-        for fund_id, request_id in keys:
-            by_fund.setdefault(fund_id, []).append(request_id)
-        if not by_fund:
+    ) -> dict[str, Document]:
+        """Transactions already posted under these (fund_id, request_id) keys, by request_id,
+        in whichever fund: a key is one user action's. (Of a key posted in several funds,
+        before a key was refused in a fund other than its own, the one in the fund named.)"""
+        wanted = {request_id: fund_id for fund_id, request_id in keys}
+        if not wanted:
             return {}
-        query = {"$or": [{"fund_id": f, "request_id": {"$in": ids}} for f, ids in by_fund.items()]}
-        return {
-            (doc["fund_id"], doc["request_id"]): doc
-            async for doc in self.transactions.find(query, session=session)
-        }
+        found: dict[str, Document] = {}
+        async for doc in self.transactions.find(
+            {"request_id": {"$in": list(wanted)}}, session=session
+        ):
+            key = doc["request_id"]
+            if key not in found or doc["fund_id"] == wanted[key]:
+                found[key] = doc
+        return found
 
     async def transaction(
         self, fund_id: str, transaction_id: str, session: Session | None = None

@@ -15,7 +15,7 @@ from services.common.errors import FailedPrecondition
 from services.ledger.domain import MAX_BALANCE, apply_postings
 from services.ledger.main import LedgerService
 from tests.conftest import Clock
-from tests.ledger.conftest import Books, rid
+from tests.ledger.conftest import Books, open_fund, rid
 
 
 async def snapshot(service: LedgerService, fund_id: str) -> tuple[int, int, int, int]:
@@ -145,6 +145,48 @@ async def test_a_retry_returns_the_original_and_a_reused_key_is_refused(
     assert answer.transactions[1].sequence == first.sequence + 1
     assert await books.treasurer.PostTransactions(batch) == answer
     assert await books.balances() == {"cash": 400_000, "equity/opening": -400_000}
+
+
+async def test_a_key_used_in_one_fund_is_refused_in_another(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """A key is one user action's: a payment sent to the poor-relief fund, its answer lost, then
+    sent again under the same key to the study fund (the form's fund changed meanwhile) is a
+    different request, refused, not the money counted in both funds."""
+    study = await open_fund(books.leader, books.city.group, "Quỹ khuyến học")
+    key = rid()
+    await books.contribute(100_000, "an", request_id=key, receipt_number="BL-501")
+    before = await snapshot(ledger_service, study)
+    for sent in (
+        books.contribute(100_000, "an", fund_id=study, request_id=key, receipt_number="BL-501"),
+        books.post(
+            ("cash", 100_000), ("income/donations", -100_000), fund_id=study, request_id=key
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await sent
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "was already used for a different transaction" in (refused.value.details() or "")
+    assert await snapshot(ledger_service, study) == before
+    assert await books.balances(study) == {}
+    # Nor two funds' entries of one batch under one key.
+    entry = ledger_pb2.PostTransactionRequest(
+        request_id=rid(),
+        fund_id=books.fund_id,
+        postings=[
+            ledger_pb2.Posting(account="cash", amount=5_000),
+            ledger_pb2.Posting(account="equity/opening", amount=-5_000),
+        ],
+    )
+    other = ledger_pb2.PostTransactionRequest()
+    other.CopyFrom(entry)
+    other.fund_id = study
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.treasurer.PostTransactions(
+            ledger_pb2.PostTransactionsRequest(transactions=[entry, other])
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await books.balances(study) == {}
 
 
 async def test_a_reversal_undoes_a_transaction_which_stays_as_it_was(books: Books) -> None:
