@@ -133,10 +133,15 @@ def read_dxf(content: bytes, layer: Layer, dxf_layer: str = "") -> list[RawFeatu
     for entity in document.modelspace():
         if dxf_layer and entity.dxf.get("layer", "").casefold() != dxf_layer.casefold():
             continue
-        if entity.dxftype() in ("TEXT", "MTEXT"):
-            text = entity.plain_text() if entity.dxftype() == "MTEXT" else entity.dxf.text  # type: ignore[attr-defined]
-            insert = entity.dxf.insert
+        if entity.dxftype() == "MTEXT":
+            insert = entity.dxf.insert  # WCS already
+            text = entity.plain_text()  # type: ignore[attr-defined]
             labels.append(_Label(float(insert.x), float(insert.y), str(text).strip()))
+        elif entity.dxftype() == "TEXT":
+            # Stored in the text's own coordinate system, as a circle's centre is: a mirrored
+            # export's label stands by what it names only in world coordinates.
+            insert = entity.ocs().to_wcs(entity.dxf.insert)
+            labels.append(_Label(float(insert.x), float(insert.y), str(entity.dxf.text).strip()))
         else:
             entities.append(entity)
     drawing = _fingerprint(content, document)

@@ -85,6 +85,20 @@ def test_a_closed_polyline_alley_is_a_loop_and_a_mirrored_circle_lands_where_dra
     assert [round(c) for c in hydrant.geometry["coordinates"]] == [500_000, 1_780_000]
 
 
+def test_a_mirrored_exports_labels_name_what_they_stand_by() -> None:
+    """A building and its storeys label, both stored flipped, as a mirrored export has them."""
+    doc = Drawing.new("R2010")
+    msp = doc.modelspace()
+    flipped = {"extrusion": (0, 0, -1)}
+    msp.add_lwpolyline([(-10, 0), (-20, 0), (-20, 10), (-10, 10)], close=True, dxfattribs=flipped)
+    msp.add_text("3", dxfattribs={"insert": (-15, 5), **flipped})
+
+    [building] = read_dxf(drawing_text(doc), Layer.BUILDING, "")
+    assert building.geometry is not None
+    assert building.geometry["coordinates"][0][0] == [10, 0]
+    assert building.properties == {"storeys": 3}
+
+
 async def test_a_feature_with_too_many_positions_is_refused_by_its_index(
     ward: Ward, monkeypatch: pytest.MonkeyPatch
 ) -> None:
