@@ -428,10 +428,11 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         if feature.error or feature.geometry is None:
             return None, feature.error or "has no geometry"
         allowed = domain.GEOMETRY_TYPES[layer]
-        if feature.geometry["type"] not in allowed:
+        given = geometry.one_part(feature.geometry, allowed)
+        if given["type"] not in allowed:
             return None, f"geometry: a {layer.key} must be a {' or '.join(allowed)}"
         try:
-            converted = geometry.convert(feature.geometry, transform)
+            converted = geometry.convert(given, transform)
             shaped = geometry.check(converted)
             converted = geometry.oriented(converted)
         except geometry.GeometryError as error:

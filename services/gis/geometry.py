@@ -78,6 +78,22 @@ def same_crs(first: str, second: str) -> bool:
     return bool(a.equals(b, ignore_axis_order=True))
 
 
+# Multi-part types, and the single part each holds.
+PARTS = {"MultiPoint": "Point", "MultiLineString": "LineString", "MultiPolygon": "Polygon"}
+
+
+def one_part(geometry: dict[str, Any], allowed: Sequence[str]) -> dict[str, Any]:
+    """A multi-part geometry of one part as that part, where only single parts are allowed:
+    GIS programs type every feature of a layer multi-part (QGIS's new layers, GDAL from a
+    GeoPackage), though each is one building, hydrant or alley."""
+    part = PARTS.get(geometry["type"])
+    coordinates = geometry["coordinates"]
+    one = isinstance(coordinates, list) and len(coordinates) == 1
+    if one and part in allowed and geometry["type"] not in allowed:
+        return {"type": part, "coordinates": coordinates[0]}
+    return geometry
+
+
 def convert(geometry: dict[str, Any], transform: Transform) -> dict[str, Any]:
     """The GeoJSON geometry with every position transformed and rounded."""
 

@@ -165,6 +165,39 @@ async def test_invalid_geometry_is_refused_feature_by_feature(ward: Ward) -> Non
     assert alleys.rejected[0].message.startswith("properties.width_m: is required")
 
 
+async def test_features_of_a_layer_exported_multi_part_are_taken_one_part_each(
+    ward: Ward,
+) -> None:
+    """As QGIS and GDAL export a layer typed multi-part: each feature one building, hydrant or
+    alley all the same. One of two parts is not one building."""
+
+    def multi(part: str, coordinates: Any, fid: str, **properties: Any) -> dict[str, Any]:
+        geometry = {"type": f"Multi{part}", "coordinates": coordinates}
+        return {"type": "Feature", "id": fid, "geometry": geometry, "properties": properties}
+
+    houses = [
+        multi("Polygon", [[ward.box(-300, 0, -280, 20)]], "one", storeys=2),
+        multi("Polygon", [[ward.box(-250, 0, -230, 20)], [ward.box(-200, 0, -180, 20)]], "two"),
+    ]
+    done = await ward.import_features(gis_pb2.LAYER_BUILDING, houses)
+    assert done.created == 1
+    assert [(e.source_id, e.message) for e in done.rejected] == [
+        ("two", "geometry: a building must be a Polygon")
+    ]
+    hydrant = multi("Point", [ward.at(-100, 100)], "tch", kind="hydrant")
+    assert (await ward.import_features(gis_pb2.LAYER_HYDRANT, [hydrant])).created == 1
+    way = multi("LineString", [[ward.at(-600, 0), ward.at(0, 0)]], "kiet", width_m=3)
+    assert (await ward.import_features(gis_pb2.LAYER_ALLEY, [way])).created == 1
+    listed = await ward.features(unit_id=ward.city.group)
+    kinds = {f["id"].split("-")[0]: f["geometry"]["type"] for f in listed["features"]}
+    assert kinds == {
+        "boundary": "Polygon",
+        "building": "Polygon",
+        "hydrant": "Point",
+        "alley": "LineString",
+    }
+
+
 async def test_replacing_a_layer_removes_what_the_new_drawing_lacks(
     ward: Ward, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
