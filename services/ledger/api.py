@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import re
 import tempfile
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +23,13 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.common.auth import Principal, principal, unit_within
 from services.common.commands import CommandRunner
-from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from services.common.media import check_image_upload
 from services.common.mongo import Document, Session, in_transaction
 from services.common.objects import UPLOAD_WINDOW, ObjectStore, checked
@@ -47,6 +54,8 @@ MAX_BATCH = 1000
 MAX_RECEIPT_BYTES = 8 * 1024 * 1024
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 RECEIPT_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png|webp)")
+# How long the group a merged-away group went into is taken as known (it may merge in turn).
+UNIT_NOW_SECONDS = 300.0
 
 
 @dataclass
@@ -140,6 +149,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self.registry = registry
         self.clock = clock
         self._fund_units: dict[str, Document] = {}
+        # Groups merged away, the group each went into, and until when that is taken as known.
+        self._units_now: dict[str, tuple[str, float]] = {}
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -156,8 +167,32 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         """The fund, once the caller may read it; read in `session` if given (a snapshot, whose
         other reads then see the fund's chain as this read does)."""
         fund = await self._fund(fund_id, session=session)
-        domain.may_read_fund(principal(), fund["unit_id"])
+        await self._permitted(fund["unit_id"], domain.may_read_fund)
         return fund
+
+    async def _permitted(self, unit_id: str, check: Callable[[Principal, str], None]) -> None:
+        """`check` of the caller on a fund's unit; refused there, on the group that unit was
+        merged into, if it was: that group's leader and treasurer keep a merged-away group's
+        funds (the dues its campaigns charged stay payable there), and its residents, the
+        households that moved with the merge among them, read them. The registry is asked
+        only after a refusal."""
+        caller = principal()
+        try:
+            check(caller, unit_id)
+        except PermissionDenied:
+            now = await self._unit_now(unit_id)
+            if now == unit_id:
+                raise
+            check(caller, now)
+
+    async def _unit_now(self, unit_id: str) -> str:
+        known = self._units_now.get(unit_id)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
+        now = await self.registry.unit_now(unit_id)
+        if now != unit_id:  # a merge is not undone; the group it went into may merge in turn
+            self._units_now[unit_id] = (now, time.monotonic() + UNIT_NOW_SECONDS)
+        return now
 
     async def _writable(self, fund_id: str, field_name: str = "fund_id") -> Document:
         """The fund's id, unit, name and opening (which never change: remembered after the
@@ -169,7 +204,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if len(self._fund_units) > 100_000:
                 self._fund_units.clear()
             self._fund_units[fund_id] = fund
-        domain.may_keep_books(principal(), fund["unit_id"])
+        await self._permitted(fund["unit_id"], domain.may_keep_books)
         return fund
 
     async def _messages(self, docs: list[Document]) -> list[ledger_pb2.Transaction]:
@@ -374,14 +409,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.ListFundsResponse:
         caller = principal()
         unit_id = request.unit_id or caller.scope
-        domain.may_read_fund(caller, unit_id)
+        await self._permitted(unit_id, domain.may_read_fund)
         # A unit's own funds and those of the units above it (a resident belongs to them too);
         # officials also see the funds of the units below.
         parts = unit_id.split(".")
         above = [".".join(parts[: i + 1]) for i in range(len(parts))]
         below = unit_id if caller.covers(unit_id) else None
         funds = await self.store.funds_of(above, below)
-        visible = [f for f in funds if domain.can_read_fund(caller, f["unit_id"])]
+        # The unit's own, read by merge if so: a group merged into the caller's.
+        visible = [
+            f
+            for f in funds
+            if f["unit_id"] == unit_id or domain.can_read_fund(caller, f["unit_id"])
+        ]
         return ledger_pb2.ListFundsResponse(funds=[fund_message(f) for f in visible])
 
     # ---- movements -------------------------------------------------------------------------
@@ -831,7 +871,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.GetHouseholdDuesResponse:
         fund = await self._fund(request.fund_id)
         _required("household_id", request.household_id)
-        domain.may_read_household_dues(principal(), fund["unit_id"], request.household_id)
+        await self._permitted(
+            fund["unit_id"],
+            lambda caller, unit_id: domain.may_read_household_dues(
+                caller, unit_id, request.household_id
+            ),
+        )
         # What is owed, what was paid and which payments were reversed, read at one moment:
         # the household's own dues and receivables, not every campaign's list of thousands.
         async with self.store.snapshot() as session:

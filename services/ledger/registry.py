@@ -20,6 +20,8 @@ from services.ledger.domain import HouseholdFacts
 
 PURPOSE = "lập danh sách thu quỹ (dues list)"
 PAGE = 1000
+# How many merges in a row are followed to the group a merged-away group's affairs went to.
+MAX_MERGES_FOLLOWED = 10
 
 
 class RegistryReader:
@@ -42,6 +44,27 @@ class RegistryReader:
                 raise FailedPrecondition(
                     f"the registry refused to list households: {lost}"
                 ) from None
+
+    async def unit_now(self, unit_id: str) -> str:
+        """The unit itself, or, for a group merged away, the group it went into (following
+        merges): whose officials keep its books now, and whose residents its households are."""
+        for _ in range(MAX_MERGES_FOLLOWED):
+            token = service_token(self._secret, "ledger", unit_id)
+            async with civic_channel(self._target, token) as channel:
+                stub = registry_pb2_grpc.RegistryServiceStub(channel)
+                try:
+                    response = await stub.GetUnit(
+                        registry_pb2.GetUnitRequest(unit_id=unit_id), timeout=10
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        return unit_id
+                    raise Unavailable("the registry did not answer; try again") from None
+            unit = response.unit
+            if unit.active or not unit.merged_into_id:
+                return unit_id
+            unit_id = unit.merged_into_id
+        return unit_id
 
     async def _read(
         self, stub: registry_pb2_grpc.RegistryServiceAsyncStub, unit_id: str, only: Sequence[str]

@@ -518,6 +518,64 @@ async def test_after_a_merge_a_household_gives_to_its_new_groups_fund_not_its_ol
     await give(books.treasurer, books.fund_id, household_id)
 
 
+async def test_a_merged_groups_funds_are_kept_and_read_by_the_group_it_joined(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """A merge retires a group, and with it its leader and treasurer: the group it joined keeps
+    its funds. What the old group's campaign charged stays payable there, recorded by the new
+    group's treasurer, and a household that moved with the merge reads its dues there."""
+    city = books.city
+    moving = await new_household(city.other_leader, city.other_group, head_name="Võ Văn Nợ")
+    household_id = moving.household.household_id
+    other_leader = books.caller(Role.GROUP_LEADER, city.other_group)
+    other_fund = await open_fund(other_leader, city.other_group, "Quỹ tổ cũ")
+    declared = await other_leader.DeclareCampaign(
+        ledger_pb2.DeclareCampaignRequest(
+            request_id=rid(),
+            fund_id=other_fund,
+            name="Quỹ khuyến học tổ cũ",
+            period="2026",
+            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+            rate=50_000,
+        )
+    )
+    campaign_id = declared.campaign.campaign_id
+    # Before the merge, this group's treasurer has nothing to do with that fund.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await give(books.treasurer, other_fund, household_id)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+        )
+    )
+
+    resident = books.caller(Role.RESIDENT, city.group, household_id)
+    request = ledger_pb2.GetHouseholdDuesRequest(fund_id=other_fund, household_id=household_id)
+    [due] = (await resident.GetHouseholdDues(request)).dues
+    assert (due.campaign_id, due.outstanding) == (campaign_id, 50_000)
+    await books.treasurer.RecordContribution(
+        ledger_pb2.RecordContributionRequest(
+            request_id=rid(),
+            fund_id=other_fund,
+            household_id=household_id,
+            amount=50_000,
+            method=ledger_pb2.PAYMENT_METHOD_CASH,
+            receipt_number="BL-CU-1",
+            campaign_id=campaign_id,
+        )
+    )
+    [due] = (await resident.GetHouseholdDues(request)).dues
+    assert due.outstanding == 0
+    listed = await books.leader.ListFunds(ledger_pb2.ListFundsRequest(unit_id=city.other_group))
+    assert [f.fund_id for f in listed.funds] == [other_fund]
+    # Another group's officials still have nothing to do with it.
+    third = books.caller(Role.TREASURER, city.ward + ".t99")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await give(third, other_fund, household_id)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_a_household_the_ledger_places_elsewhere_is_asked_of_the_registry_again(
     books: Books, ledger_service: LedgerService
 ) -> None:
