@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
+from civic.registry.v1 import registry_pb2
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from services.common.auth import Role
@@ -68,6 +69,22 @@ class Ward:
     centre: tuple[float, float]  # longitude, latitude
     target: str
     service: GisService
+
+    async def merge_other_group(self) -> None:
+        """The ward merges its other group into the group, and the GIS service hears of it."""
+        await self.city.ward_officer.MergeGroups(
+            registry_pb2.MergeGroupsRequest(
+                request_id=rid(),
+                source_unit_id=self.city.other_group,
+                target_unit_id=self.city.group,
+            )
+        )
+
+        async def retired() -> bool:
+            unit = await self.service.store.unit(self.city.other_group)
+            return unit is not None and not unit["active"]
+
+        await eventually(retired, what="the GIS service hears of the merge")
 
     def at(self, east_m: float, north_m: float) -> list[float]:
         """[longitude, latitude] of the spot east_m and north_m from the centre."""

@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import pytest
 from civic.gis.v1 import events_pb2, gis_pb2
-from civic.registry.v1 import registry_pb2
 from pyproj import Geod, Transformer
 from shapely.geometry import shape
 
@@ -23,7 +22,7 @@ from services.gis import api as gis_api
 from services.gis import domain
 from services.gis.domain import Layer
 from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
-from tests.kafka_reader import Record, TopicReader, eventually, of_type, with_key
+from tests.kafka_reader import Record, TopicReader, of_type, with_key
 from tests.objects import put, put_refused
 
 TOPIC = "civic.gis.v1"
@@ -557,17 +556,7 @@ async def test_nothing_is_imported_into_a_group_merged_away(ward: Ward) -> None:
     """Once the registry merges a group into another, its map is drawn as the other's: an
     import into it, of any layer, is refused with nothing written."""
     city = ward.city
-    await city.ward_officer.MergeGroups(
-        registry_pb2.MergeGroupsRequest(
-            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
-        )
-    )
-
-    async def retired() -> bool:
-        unit = await ward.service.store.unit(city.other_group)
-        return unit is not None and not unit["active"]
-
-    await eventually(retired, what="the GIS service hears of the merge")
+    await ward.merge_other_group()
     store = ward.service.store
     before = await store.features.count_documents({"source_unit": city.other_group})
     drawings = {

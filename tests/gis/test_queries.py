@@ -18,14 +18,13 @@ import pytest
 import shapely
 from civic.common.v1 import types_pb2
 from civic.gis.v1 import gis_pb2
-from civic.registry.v1 import registry_pb2
 from pyogrio import raw
 from pyproj import Geod
 from shapely.geometry import shape
 
 from services.common.auth import Role
 from services.gis import api as gis_api
-from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature, rid
+from tests.gis.conftest import Ward, line_feature, point_feature, polygon_feature
 from tests.gis.test_imports import refused
 from tests.kafka_reader import eventually
 
@@ -142,17 +141,7 @@ async def test_a_place_in_a_group_merged_away_lies_in_the_group_it_went_into(
     """The merged group's outline stays on the map until the group it went into is redrawn:
     a place inside it is that group's, whether only the old outline holds it or both do."""
     city = ward.city
-    await city.ward_officer.MergeGroups(
-        registry_pb2.MergeGroupsRequest(
-            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
-        )
-    )
-
-    async def retired() -> bool:
-        unit = await ward.service.store.unit(city.other_group)
-        return unit is not None and not unit["active"]
-
-    await eventually(retired, what="the GIS service hears of the merge")
+    await ward.merge_other_group()
     east = gis_pb2.LocateUnitRequest(point=ward.point(250, -10))
     found = await ward.officer.LocateUnit(east)
     assert found.unit_id == city.group

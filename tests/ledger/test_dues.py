@@ -623,37 +623,39 @@ async def test_a_campaigns_payments_and_a_households_are_found_by_index(
     } <= await used_since(transactions, before)
 
 
+async def declaring(books: Books, name: str, period: str = "2026") -> ledger_pb2.Campaign:
+    """A campaign of 100,000 đồng a household, declared by the group's leader."""
+    response = await books.leader.DeclareCampaign(
+        ledger_pb2.DeclareCampaignRequest(
+            request_id=rid(),
+            fund_id=books.fund_id,
+            name=name,
+            period=period,
+            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+            rate=100_000,
+        )
+    )
+    campaign: ledger_pb2.Campaign = response.campaign
+    return campaign
+
+
 async def test_the_same_campaign_is_not_declared_twice_until_cancelled(books: Books) -> None:
     """Two officers (or a form sent twice, each with its own request_id) declaring one campaign
     would charge every household twice."""
 
-    async def declaring(name: str, period: str = "2026") -> ledger_pb2.Campaign:
-        response = await books.leader.DeclareCampaign(
-            ledger_pb2.DeclareCampaignRequest(
-                request_id=rid(),
-                fund_id=books.fund_id,
-                name=name,
-                period=period,
-                basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
-                rate=100_000,
-            )
-        )
-        campaign: ledger_pb2.Campaign = response.campaign
-        return campaign
-
-    first = await declaring("Quỹ khuyến học")
+    first = await declaring(books, "Quỹ khuyến học")
     before = await books.balances()
     with pytest.raises(grpc.aio.AioRpcError) as twice:
-        await declaring("quỹ khuyến học")  # however it is capitalised
+        await declaring(books, "quỹ khuyến học")  # however it is capitalised
     assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert (twice.value.details() or "").startswith("name: ")
     assert first.campaign_id in (twice.value.details() or "")
     assert await books.balances() == before  # nothing booked
 
     # Next year's is another campaign; and once this one is cancelled, it may be declared anew.
-    await declaring("Quỹ khuyến học", period="2027")
+    await declaring(books, "Quỹ khuyến học", period="2027")
     await cancel(books, first)
-    again = await declaring("Quỹ khuyến học")
+    again = await declaring(books, "Quỹ khuyến học")
     assert again.campaign_id != first.campaign_id
 
 
@@ -663,22 +665,8 @@ async def test_the_same_campaign_typed_another_way_is_not_declared_again(books: 
     for 2026-H1, typed so on a second officer's phone, is the same campaign, and would charge
     every household twice."""
 
-    async def declaring(name: str, period: str) -> ledger_pb2.Campaign:
-        response = await books.leader.DeclareCampaign(
-            ledger_pb2.DeclareCampaignRequest(
-                request_id=rid(),
-                fund_id=books.fund_id,
-                name=name,
-                period=period,
-                basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
-                rate=100_000,
-            )
-        )
-        campaign: ledger_pb2.Campaign = response.campaign
-        return campaign
-
     name = unicodedata.normalize("NFC", "Quỹ khuyến học")
-    first = await declaring(name, "2026-H1")
+    first = await declaring(books, name, "2026-H1")
     before = await books.balances()
     for again, period in (
         (unicodedata.normalize("NFD", name), "2026-H1"),
@@ -687,11 +675,11 @@ async def test_the_same_campaign_typed_another_way_is_not_declared_again(books: 
     ):
         assert again != name or period != "2026-H1"
         with pytest.raises(grpc.aio.AioRpcError) as twice:
-            await declaring(again, period)
+            await declaring(books, again, period)
         assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert first.campaign_id in (twice.value.details() or "")
     assert await books.balances() == before  # nothing booked
-    await declaring(name, "2026-H2")  # another half-year's is another campaign
+    await declaring(books, name, "2026-H2")  # another half-year's is another campaign
 
 
 async def test_a_payment_dated_before_the_funds_books_is_refused(books: Books) -> None:

@@ -107,9 +107,7 @@ async def test_the_cli_reports_shows_how_far_it_has_come_and_exits_zero(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    await busy_fund(books)
-    await published(ledger_service)
-    use_servers(monkeypatch, settings)
+    await cli_ready(settings, books, ledger_service, monkeypatch)
     monkeypatch.setattr(replay_module, "PROGRESS_EVERY", 0.0)  # a line after every fetch
     status = await cli.run(
         [
@@ -141,6 +139,20 @@ def use_servers(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
     monkeypatch.setenv("CIVIC_MONGO_URI", settings.mongo_uri)
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
     monkeypatch.setenv("CIVIC_DATABASE_PREFIX", settings.database_prefix)
+
+
+async def cli_ready(
+    settings: Settings,
+    books: Books,
+    ledger_service: LedgerService,
+    monkeypatch: pytest.MonkeyPatch,
+) -> str:
+    """A busy fund's events published, and the command line pointed at these servers: the
+    ledger's address for --target."""
+    await busy_fund(books)
+    await published(ledger_service)
+    use_servers(monkeypatch, settings)
+    return f"127.0.0.1:{ledger_service.port}"
 
 
 def resealed(
@@ -508,10 +520,7 @@ async def test_the_cli_compares_the_tokens_own_funds_and_refuses_an_empty_topic(
     """A group leader checks their own group's books without naming the unit (the topic holds
     every city's funds, most of which the leader may not read); a topic without ledger events
     is no evidence that all is well."""
-    await busy_fund(books)
-    await published(ledger_service)
-    use_servers(monkeypatch, settings)
-    target = f"127.0.0.1:{ledger_service.port}"
+    target = await cli_ready(settings, books, ledger_service, monkeypatch)
     leader = token(Role.GROUP_LEADER, books.city.group)
     status = await cli.run(["replay-ledger", "--token", leader, "--target", target])
     out = capsys.readouterr().out
@@ -548,10 +557,7 @@ async def test_the_cli_stops_before_reading_when_it_cannot_compare_or_store(
 ) -> None:
     """A refused token, or a MongoDB out of reach, is one line before the topic is read, not
     after a long read (and not the driver's whole view of the topology)."""
-    await busy_fund(books)
-    await published(ledger_service)
-    use_servers(monkeypatch, settings)
-    target = f"127.0.0.1:{ledger_service.port}"
+    target = await cli_ready(settings, books, ledger_service, monkeypatch)
     forged = token(
         Role.AUDITOR, books.city.city, secret="not the secret this city signs its tokens with"
     )
@@ -587,11 +593,8 @@ async def test_the_cli_names_the_store_it_keeps(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """--keep-store keeps a database whose name the run chose: the auditor is told which."""
-    await busy_fund(books)
-    await published(ledger_service)
-    use_servers(monkeypatch, settings)
+    target = await cli_ready(settings, books, ledger_service, monkeypatch)
     auditor = token(Role.AUDITOR, books.city.city)
-    target = f"127.0.0.1:{ledger_service.port}"
 
     status = await cli.run(
         ["replay-ledger", "--token", auditor, "--target", target, "--keep-store"]
@@ -637,10 +640,7 @@ async def test_the_cli_refuses_a_unit_with_no_fund_to_compare(
 ) -> None:
     """A unit without funds, or a misspelt one, compares nothing: no evidence that all is well,
     so not "result: OK"."""
-    await busy_fund(books)
-    await published(ledger_service)
-    use_servers(monkeypatch, settings)
-    target = f"127.0.0.1:{ledger_service.port}"
+    target = await cli_ready(settings, books, ledger_service, monkeypatch)
     auditor = token(Role.AUDITOR, books.city.city)
     for unit in (books.city.other_group, f"{books.city.group}9"):
         status = await cli.run(

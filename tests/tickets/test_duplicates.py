@@ -298,6 +298,32 @@ async def test_a_duplicate_beyond_the_resolvers_reach_leaves_the_cluster_unresol
     )
 
 
+async def neighbours_repeats(pilot: Pilot, *meters: int) -> list[str]:
+    """The neighbour's reports of the street light, each `meters` from it, once routed."""
+    return [
+        (
+            await pilot.routed(
+                (
+                    await pilot.submit(
+                        "street-light", caller=pilot.neighbour, location=point_near(distance)
+                    )
+                ).ticket_id,
+                pilot.neighbour,
+            )
+        ).ticket_id
+        for distance in meters
+    ]
+
+
+async def unlinked_from(tickets_service: TicketsService, ticket_id: str) -> list[str]:
+    """The primaries the ticket's TicketUnlinked events name, in order."""
+    return [
+        event.duplicate_of
+        for event in await events_of(tickets_service, ticket_id)
+        if isinstance(event, events_pb2.TicketUnlinked)
+    ]
+
+
 async def test_a_duplicate_handled_apart_from_its_primary_leaves_the_cluster(
     pilot: Pilot, tickets_service: TicketsService
 ) -> None:
@@ -305,19 +331,7 @@ async def test_a_duplicate_handled_apart_from_its_primary_leaves_the_cluster(
     duplicate is handled on its own from then on: it leaves the cluster."""
     city = pilot.city
     primary = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
-    escalated, reopened = [
-        (
-            await pilot.routed(
-                (
-                    await pilot.submit(
-                        "street-light", caller=pilot.neighbour, location=point_near(meters)
-                    )
-                ).ticket_id,
-                pilot.neighbour,
-            )
-        ).ticket_id
-        for meters in (30, 60)
-    ]
+    escalated, reopened = await neighbours_repeats(pilot, 30, 60)
     await pilot.ward_officer.EscalateTicket(
         tickets_pb2.EscalateTicketRequest(
             request_id=rid(), ticket_id=escalated, reason="Cột điện riêng, cần quận xem"
@@ -343,12 +357,7 @@ async def test_a_duplicate_handled_apart_from_its_primary_leaves_the_cluster(
     }
     for ticket_id, ticket in on_its_own.items():
         assert ticket.duplicate_of == ""
-        unlinked = [
-            event
-            for event in await events_of(tickets_service, ticket_id)
-            if isinstance(event, events_pb2.TicketUnlinked)
-        ]
-        assert [event.duplicate_of for event in unlinked] == [primary]
+        assert await unlinked_from(tickets_service, ticket_id) == [primary]
 
 
 async def test_a_duplicate_decided_apart_from_its_primary_leaves_the_cluster(
@@ -359,19 +368,7 @@ async def test_a_duplicate_decided_apart_from_its_primary_leaves_the_cluster(
     not through a first ticket whose outcome is not its own (here rejected)."""
     officer = pilot.ward_officer
     primary = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
-    resolved, rejected = [
-        (
-            await pilot.routed(
-                (
-                    await pilot.submit(
-                        "street-light", caller=pilot.neighbour, location=point_near(meters)
-                    )
-                ).ticket_id,
-                pilot.neighbour,
-            )
-        ).ticket_id
-        for meters in (30, 60)
-    ]
+    resolved, rejected = await neighbours_repeats(pilot, 30, 60)
     assert (await cluster(officer, primary)).ticket.duplicates == [resolved, rejected]
 
     decided = await officer.ResolveTicket(
@@ -388,12 +385,7 @@ async def test_a_duplicate_decided_apart_from_its_primary_leaves_the_cluster(
 
     assert not (await cluster(officer, primary)).linked
     for ticket_id in (resolved, rejected):
-        unlinked = [
-            event
-            for event in await events_of(tickets_service, ticket_id)
-            if isinstance(event, events_pb2.TicketUnlinked)
-        ]
-        assert [event.duplicate_of for event in unlinked] == [primary]
+        assert await unlinked_from(tickets_service, ticket_id) == [primary]
     figures = await officer.GetStatistics(
         tickets_pb2.GetStatisticsRequest(unit_id=pilot.city.group)
     )
