@@ -2,8 +2,10 @@
 tickets service calls as a service, with a short-lived token.
 
 It keeps the map of every group's outline in memory, fetched from GIS (ListFeatures) in the
-background and again every MAP_SECONDS: a place inside a group's outline is placed without a
-call, so filing does not wait on GIS, nor fail with it. A place outside every outline it holds
+background, again at once when GIS announces a boundary changed (a `FeaturesChanged` of the
+boundary layer on civic.gis.v1, which every instance reads for itself) and every MAP_SECONDS
+whatever it heard: a place inside a group's outline is placed without a call, so filing does
+not wait on GIS, nor fail with it. A place outside every outline it holds
 (a group drawn since, or none there) is asked of GIS (LocateUnit). The map helps routing and is
 never a condition of filing: a GIS that does not answer within LOCATE_TIMEOUT_S leaves the ticket
 with the group it would have had without a place, and the outage is logged."""
@@ -20,12 +22,14 @@ from dataclasses import dataclass
 
 import grpc
 import shapely
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from civic.common.v1 import types_pb2
-from civic.gis.v1 import gis_pb2, gis_pb2_grpc
+from civic.gis.v1 import events_pb2, gis_pb2, gis_pb2_grpc
 from shapely import Point, STRtree
 from shapely.geometry import shape
 
 from services.common.auth import SERVICE_TOKEN_SECONDS, service_token
+from services.common.cloudevents import type_name
 from services.common.paging import MAX_PAGE_SIZE
 from services.common.runtime import cancel_and_wait
 from services.common.telemetry import current_trace_headers
@@ -38,7 +42,8 @@ LOCATE_TIMEOUT_S = 0.4
 # While GIS stays out of reach, the warning is repeated this often (with how many places went
 # unlocated meanwhile), not once per ticket.
 WARN_EVERY_S = 60.0
-# How old the map of outlines may grow: a boundary redrawn counts within this.
+# How old the map of outlines may grow: a boundary redrawn counts within this even when its
+# announcement was not heard (the broker out of reach).
 MAP_SECONDS = 60.0
 # A map that could not be fetched is tried again after this.
 MAP_RETRY_S = 5.0
@@ -47,6 +52,8 @@ MAP_PAGE_TIMEOUT_S = 10.0
 VIETNAM = gis_pb2.BoundingBox(west=101.0, south=7.5, east=118.0, north=24.0)
 # A GIS back after an outage is tried again within this, not after gRPC's default two minutes.
 MAX_RECONNECT_BACKOFF_MS = 5_000
+GIS_TOPIC = "civic.gis.v1"
+FEATURES_CHANGED = type_name(events_pb2.FeaturesChanged())
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,13 @@ class GroupMap:
 
 
 class GisLocator:
-    def __init__(self, target: str, auth_secret: str) -> None:
+    def __init__(self, target: str, auth_secret: str, bootstrap_servers: str = "") -> None:
         self._target = target
         self._secret = auth_secret
+        self._bootstrap_servers = bootstrap_servers
+        self._watching: asyncio.Task[None] | None = None
+        # Cities whose boundaries changed while their map was being fetched: fetched again.
+        self._redrawn: set[str] = set()
         self._channel = grpc.aio.insecure_channel(
             target, options=[("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
         )
@@ -138,6 +149,43 @@ class GisLocator:
             self._start_fetch(city)
         return groups
 
+    def watch(self) -> None:
+        """Hear GIS's boundary changes from now on (no consumer group: each instance its own)."""
+        if self._bootstrap_servers and self._watching is None:
+            self._watching = asyncio.create_task(
+                self._watch(), name="gis-boundaries", context=contextvars.Context()
+            )
+
+    async def _watch(self) -> None:
+        while True:
+            consumer = AIOKafkaConsumer(
+                GIS_TOPIC,
+                bootstrap_servers=self._bootstrap_servers,
+                group_id=None,
+                auto_offset_reset="latest",
+                enable_auto_commit=False,
+            )
+            try:
+                await consumer.start()
+                async for record in consumer:
+                    if (city := redrawn_city(record)) is not None:
+                        self._redraw(city)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the every-minute fetch goes on meanwhile
+                log.warning("GIS's boundary changes not heard (%s); listening again", error)
+                await asyncio.sleep(MAP_RETRY_S)
+            finally:
+                await consumer.stop()
+
+    def _redraw(self, city: str) -> None:
+        """The city's map fetched again now, or after the fetch under way (it may predate the
+        change)."""
+        if city in self._fetching:
+            self._redrawn.add(city)
+        else:
+            self._start_fetch(city)
+
     async def refresh(self, city: str) -> None:
         """The city's map fetched now (a fetch under way is waited for instead)."""
         await asyncio.shield(self._fetching.get(city) or self._start_fetch(city))
@@ -165,6 +213,9 @@ class GisLocator:
             )
         finally:
             self._fetching.pop(city, None)
+            if city in self._redrawn:
+                self._redrawn.discard(city)
+                self._start_fetch(city)
 
     async def _outlines(self, city: str) -> GroupMap:
         """Every group of the city on GIS's map, page by page."""
@@ -194,6 +245,19 @@ class GisLocator:
         return GroupMap(groups, STRtree(outlines), started)
 
     async def close(self) -> None:
+        await cancel_and_wait(self._watching)
+        self._watching = None
         for fetching in list(self._fetching.values()):
             await cancel_and_wait(fetching)
         await self._channel.close()
+
+
+def redrawn_city(record: ConsumerRecord[bytes, bytes]) -> str | None:
+    """The city whose group outlines a GIS event changed, if it is one that does."""
+    event_type = next((value for key, value in record.headers if key == "ce_type"), None)
+    if event_type != FEATURES_CHANGED.encode() or record.value is None:
+        return None
+    changed = events_pb2.FeaturesChanged.FromString(record.value)
+    if changed.layer != gis_pb2.LAYER_BOUNDARY:
+        return None
+    return changed.unit_id.split(".")[0]

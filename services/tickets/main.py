@@ -67,7 +67,9 @@ class TicketsService:
             host.client, self.store, host.outbox, clock, escalation_interval_seconds
         )
         photos = ObjectStore(settings, PHOTO_BUCKET)
-        self.locator = GisLocator(settings.gis(), settings.auth_secret)
+        self.locator = GisLocator(
+            settings.gis(), settings.auth_secret, settings.kafka_bootstrap_servers
+        )
         self.uploads = UploadSweeper(
             photos,
             attached_files("tickets/", self.store.photos_named),
@@ -108,6 +110,7 @@ class TicketsService:
         await self.seed_rules()
         await release_orphans(self.client, self.store, self.host.outbox, self.clock())
         port = await self.host.start()
+        self.locator.watch()
         self.escalator.start()
         self.uploads.start()
         return port

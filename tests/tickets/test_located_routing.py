@@ -234,3 +234,33 @@ async def test_a_place_on_the_map_the_service_holds_is_placed_without_asking_gis
         street = await pilot.submit("sanitation", location=mapped.point(0, 0))
         assert street.origin_unit_id == city.group
         assert await found_by(tickets_service, street.ticket_id) == "household"
+
+
+async def test_a_boundary_redrawn_routes_the_next_report_by_its_new_outline(
+    pilot: Pilot, mapped: Ward, tickets_service: TicketsService
+) -> None:
+    """The service holds the outlines, and hears GIS announce a boundary changed: the groups
+    redrawn (the other group takes the street and part of this one), a report from a place
+    the other group now holds goes there at once, not when the held map is a minute old."""
+    city = pilot.city
+    await tickets_service.locator.refresh(city.ward.split(".")[0])
+    moved_place = mapped.point(-250, 0)
+    before = await pilot.submit("sanitation", location=moved_place)
+    assert before.origin_unit_id == city.group
+
+    done = await mapped.import_features(
+        gis_pb2.LAYER_BOUNDARY,
+        [
+            polygon_feature(mapped.box(-600, -400, -300, 400), "west", unit_id=city.group),
+            polygon_feature(mapped.box(-300, -400, 600, 400), "east", unit_id=city.other_group),
+        ],
+    )
+    assert (done.updated, list(done.rejected)) == (2, [])
+
+    async def placed_anew() -> bool:
+        found = await tickets_service.locator.unit_at(moved_place, near=city.group)
+        return found == city.other_group
+
+    await eventually(placed_anew, within=10)
+    after = await pilot.submit("sanitation", location=moved_place)
+    assert after.origin_unit_id == city.other_group
