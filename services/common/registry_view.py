@@ -16,7 +16,7 @@ arrives).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from civic.registry.v1 import events_pb2
@@ -34,6 +34,22 @@ from services.common.wire import point_document
 Change = tuple[str, UpdateOne | UpdateMany | ReplaceOne[Document]]
 
 RESIDENT, GONE = "resident", "gone"
+# How many merges in a row are followed to the group there now: a bound, should records loop.
+MAX_MERGES_FOLLOWED = 10
+
+
+async def group_now(
+    unit_id: str, unit: Document | None, read: Callable[[str], Awaitable[Document | None]]
+) -> tuple[str, Document | None]:
+    """The group there now, and its record, following merges from `unit_id` (whose record,
+    `active` and `merged_into_id` as the registry has them, is `unit`; `read` gives another's,
+    or None for a unit not known)."""
+    for _ in range(MAX_MERGES_FOLLOWED):
+        if unit is None or unit.get("active", True) or not unit.get("merged_into_id"):
+            break
+        unit_id = unit["merged_into_id"]
+        unit = await read(unit_id)
+    return unit_id, unit
 
 
 def living(today: str) -> Document:

@@ -16,12 +16,12 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import service_token
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.grpc_client import civic_channel
+from services.common.mongo import Document
+from services.common.registry_view import group_now
 from services.ledger.domain import HouseholdFacts
 
 PURPOSE = "lập danh sách thu quỹ (dues list)"
 PAGE = 1000
-# How many merges in a row are followed to the group a merged-away group's affairs went to.
-MAX_MERGES_FOLLOWED = 10
 
 
 class RegistryReader:
@@ -48,23 +48,23 @@ class RegistryReader:
     async def unit_now(self, unit_id: str) -> str:
         """The unit itself, or, for a group merged away, the group it went into (following
         merges): whose officials keep its books now, and whose residents its households are."""
-        for _ in range(MAX_MERGES_FOLLOWED):
-            token = service_token(self._secret, "ledger", unit_id)
-            async with civic_channel(self._target, token) as channel:
-                stub = registry_pb2_grpc.RegistryServiceStub(channel)
-                try:
-                    response = await stub.GetUnit(
-                        registry_pb2.GetUnitRequest(unit_id=unit_id), timeout=10
-                    )
-                except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.NOT_FOUND:
-                        return unit_id
-                    raise Unavailable("the registry did not answer; try again") from None
-            unit = response.unit
-            if unit.active or not unit.merged_into_id:
-                return unit_id
-            unit_id = unit.merged_into_id
-        return unit_id
+        now, _ = await group_now(unit_id, await self._unit(unit_id), self._unit)
+        return now
+
+    async def _unit(self, unit_id: str) -> Document | None:
+        """The unit's record as `group_now` reads it; None for one the registry does not know."""
+        token = service_token(self._secret, "ledger", unit_id)
+        async with civic_channel(self._target, token) as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            try:
+                response = await stub.GetUnit(
+                    registry_pb2.GetUnitRequest(unit_id=unit_id), timeout=10
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise Unavailable("the registry did not answer; try again") from None
+        return {"active": response.unit.active, "merged_into_id": response.unit.merged_into_id}
 
     async def _read(
         self, stub: registry_pb2_grpc.RegistryServiceAsyncStub, unit_id: str, only: Sequence[str]

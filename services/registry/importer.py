@@ -20,6 +20,7 @@ from services.common.auth import Principal
 from services.common.errors import DomainError, FailedPrecondition, InvalidArgument
 from services.common.mongo import Document, Session, in_any_unit, in_transaction
 from services.common.outbox import Outbox
+from services.common.registry_view import group_now
 from services.common.wire import point_document
 from services.registry import domain, events
 from services.registry.records import PersonCodec, housing_document
@@ -29,8 +30,6 @@ RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
 MAX_ERRORS = 10_000
 DUPLICATE_KEY = 11000  # MongoDB's error code
 BATCH_ROWS = 2_000
-# How many merges in a row a row's group is followed through to the group there now.
-MAX_MERGES_FOLLOWED = 10
 # Initial metadata of an ImportPersons call the registry has begun to apply. A failure after it
 # may follow committed batches; a failure without it (a refused token) imported nothing.
 STARTED_HEADER = "x-civic-import-started"
@@ -102,13 +101,7 @@ class Importer:
         matched as that group issued them (a merge keeps that), and new households go to the
         group it was merged into, whose residents they are now."""
         if unit_id not in groups:
-            unit = await self.store.unit(unit_id)
-            now = unit_id
-            for _ in range(MAX_MERGES_FOLLOWED):
-                if unit is None or unit["active"] or not unit.get("merged_into_id"):
-                    break
-                now = unit["merged_into_id"]
-                unit = await self.store.unit(now)
+            now, unit = await group_now(unit_id, await self.store.unit(unit_id), self.store.unit)
             problem = ""
             if not caller.is_official or not caller.covers(now):
                 problem = "is outside your scope"

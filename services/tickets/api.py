@@ -33,6 +33,7 @@ from services.common.mongo import Document, Session, check_unit_id
 from services.common.objects import ObjectStore, checked
 from services.common.outbox import Outbox
 from services.common.paging import PageWithin, message_bytes, page_size
+from services.common.registry_view import group_now
 from services.common.telemetry import current_trace_headers
 from services.common.wire import duration, point_document, span, timestamp
 from services.tickets import domain
@@ -59,10 +60,6 @@ Mutation = Callable[[Document, Session], Awaitable[tuple[Document, list[Document
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 # The name CreatePhotoUpload gives an upload inside its ticket's folder; nothing else attaches.
 PHOTO_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png|webp)")
-
-
-# How many merges in a row a filing for a retired group follows to the group there now.
-MAX_MERGES_FOLLOWED = 10
 
 
 class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
@@ -236,7 +233,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 raise NotFound(f"unit {unit_id} is not known to the tickets service")
             # A group merged into one since merged in turn: to the group that is there now,
             # which the caller must hold as well (a merge may cross wards).
-            unit_id, _ = await self._followed(unit_id, unit)
+            unit_id, _ = await group_now(unit_id, unit, self.store.unit)
             domain.may_submit_for(caller, unit_id)
             if domain.level_of(unit_id) is not domain.Level.GROUP:
                 raise InvalidArgument(
@@ -247,15 +244,6 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             return located, household_id, location, "location"
         return unit_id, household_id, location, found_by
 
-    async def _followed(self, unit_id: str, unit: Document | None) -> tuple[str, Document | None]:
-        """The group there now, following merges from `unit_id` (whose view is `unit`)."""
-        for _ in range(MAX_MERGES_FOLLOWED):
-            if unit is None or unit.get("active", True) or not unit.get("merged_into_id"):
-                break
-            unit_id = unit["merged_into_id"]
-            unit = await self.store.unit(unit_id)
-        return unit_id, unit
-
     async def _located_group(self, point: types_pb2.GeoPoint, near: str) -> str:
         """The group whose boundary holds the point, if the map has one this service knows;
         otherwise "" (no boundary there, GIS out of reach), and the ticket keeps the group
@@ -263,7 +251,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         located = await self.locator.unit_at(point, near)
         if not located:
             return ""
-        unit_id, unit = await self._followed(located, await self.store.unit(located))
+        unit_id, unit = await group_now(located, await self.store.unit(located), self.store.unit)
         if unit is None or not unit.get("active", True):
             log.warning(
                 "GIS places a reported point in %s, which the tickets service does not know; "
