@@ -638,6 +638,11 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 rule_for(rules, ticket["category"]), level, now, acknowledged=False
             )
             ticket, unlinked = await self._apart(ticket, session)
+            # Its duplicates were decided with it, and their submitters did not reopen them:
+            # they leave the cluster keeping that outcome, counted as their own, whatever this
+            # ticket comes to now (a rejection would otherwise take their resolution away).
+            for duplicate in await self.store.decided_duplicates(ticket, session):
+                unlinked += (await unlink(self.store, self.outbox, duplicate, session))[1]
             updated, reopened = await self._set_status(
                 ticket,
                 session,

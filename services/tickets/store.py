@@ -215,11 +215,20 @@ class TicketStore:
 
     async def open_duplicates(self, primary: Document, session: Session) -> list[Document]:
         """The primary's duplicates still open, found by the ids it lists."""
+        return await self._duplicates(primary, {"$in": OPEN_STATUSES}, session)
+
+    async def decided_duplicates(self, primary: Document, session: Session) -> list[Document]:
+        """The primary's duplicates decided (with it) or closed since."""
+        return await self._duplicates(primary, {"$nin": OPEN_STATUSES}, session)
+
+    async def _duplicates(
+        self, primary: Document, status: Document, session: Session
+    ) -> list[Document]:
         found = self.tickets.find(
             {
                 "_id": {"$in": primary.get("duplicates", [])},
                 "duplicate_of": primary["_id"],
-                "status": {"$in": OPEN_STATUSES},
+                "status": status,
             },
             session=session,
         )

@@ -393,6 +393,41 @@ async def test_a_duplicate_decided_apart_from_its_primary_leaves_the_cluster(
     assert (lights.total, lights.open, lights.resolved) == (3, 0, 1)
 
 
+async def test_a_reopened_primarys_duplicates_keep_the_resolution_they_were_given(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """The ward resolves the light and its repeat with it; the first reporter disagrees and
+    reopens theirs, which the ward then rejects. The repeat's reporter was told it was resolved
+    and did not reopen: it leaves the cluster at the reopening, still resolved, and counts so."""
+    officer = pilot.ward_officer
+    primary = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    (repeat,) = await neighbours_repeats(pilot, 30)
+    await officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(request_id=rid(), ticket_id=primary, resolution="Đã sửa")
+    )
+    reopened = await pilot.resident.ReopenTicket(
+        tickets_pb2.ReopenTicketRequest(request_id=rid(), ticket_id=primary, reason="Vẫn tối")
+    )
+    assert list(reopened.ticket.duplicates) == []
+    await officer.RejectTicket(
+        tickets_pb2.RejectTicketRequest(request_id=rid(), ticket_id=primary, reason="Không rõ")
+    )
+
+    alone = (await cluster(pilot.neighbour, repeat)).ticket
+    assert (alone.status, alone.resolution, alone.duplicate_of) == (
+        tickets_pb2.TICKET_STATUS_RESOLVED,
+        "Đã sửa",
+        "",
+    )
+    assert await unlinked_from(tickets_service, repeat) == [primary]
+    figures = await officer.GetStatistics(
+        tickets_pb2.GetStatisticsRequest(unit_id=pilot.city.group)
+    )
+    lights = {row.category: row for row in figures.statistics}["street-light"]
+    assert (lights.total, lights.open, lights.resolved) == (2, 0, 1)
+    assert lights.HasField("median_resolution_time")
+
+
 async def test_a_report_from_another_ward_is_not_linked_across_the_boundary(
     pilot: Pilot, tickets_service: TicketsService
 ) -> None:
