@@ -19,6 +19,10 @@ from services.common.errors import PermissionDenied, Unauthenticated
 
 ALGORITHM = "HS256"
 ISSUER = "civic"
+# How far the clock of the host that minted a token may run ahead of this one's: a service's
+# token is used the moment it is minted, and its issue time (whole seconds) would otherwise be
+# "in the future" here for a host whose clock runs even a fraction of a second behind.
+CLOCK_SKEW_SECONDS = 60
 
 
 class Role(StrEnum):
@@ -130,6 +134,9 @@ def _verified(secret: str, token: str) -> Principal:
             secret,
             algorithms=[ALGORITHM],
             issuer=ISSUER,
+            # Also lets through a token expired within it, which require_unexpired then refuses:
+            # the leeway is for issue times only.
+            leeway=CLOCK_SKEW_SECONDS,
             options={"require": ["exp", "sub", "iss"]},
         )
         role = Role(claims["role"])

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
+import jwt
 import pytest
 
-from services.common.auth import Principal, Role, mint_token, unit_within, verify_token
+from services.common.auth import (
+    ALGORITHM,
+    Principal,
+    Role,
+    mint_token,
+    unit_within,
+    verify_token,
+)
 from services.common.config import Settings, SettingsError
 from services.common.errors import PermissionDenied, Unauthenticated
 
@@ -51,3 +61,18 @@ def test_a_service_reachable_from_elsewhere_refuses_the_public_development_keys(
     for loopback in ("127.0.0.1", "localhost", "::1"):
         monkeypatch.setenv("CIVIC_GRPC_HOST", loopback)
         assert Settings().grpc_host == loopback
+
+
+def issued(*, ahead_seconds: int, ttl_seconds: int = 300) -> str:
+    """A token as a host whose clock runs `ahead_seconds` ahead of this one mints it."""
+    now = int(time.time()) + ahead_seconds
+    claims = {"iss": "civic", "sub": "service:tickets", "role": "service", "scope": "dn"}
+    return jwt.encode(claims | {"iat": now, "exp": now + ttl_seconds}, SECRET, algorithm=ALGORITHM)
+
+
+def test_a_token_minted_by_a_host_whose_clock_runs_a_little_ahead_is_accepted_at_once() -> None:
+    assert verify_token(SECRET, issued(ahead_seconds=2)).subject == "service:tickets"
+    # Expiry gets no such leeway, and a clock far ahead is no skew.
+    for token in (issued(ahead_seconds=-20, ttl_seconds=10), issued(ahead_seconds=3600)):
+        with pytest.raises(Unauthenticated):
+            verify_token(SECRET, token)
