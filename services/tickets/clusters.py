@@ -17,6 +17,9 @@ from services.tickets.escalation import fresh_deadlines
 from services.tickets.events import ticket_event
 from services.tickets.store import OPEN_STATUSES, TicketStore
 
+# Not a decision: a duplicate resolved with its primary took the same moment as its own.
+OUTCOME_NOT_SHARED = {"$ne": ["$resolved_at", {"$first": "$primary.resolved_at"}]}
+
 UNLINKED = type_name(events_pb2.TicketUnlinked())
 
 
@@ -84,6 +87,48 @@ async def release_orphans(
             if primary is not None and primary["status"] in OPEN_STATUSES:
                 return
             _, events = await release(store, outbox, duplicate, now, session)
+            await outbox.stage(session, events)
+
+        await in_transaction(client, work)
+        outbox.committed()
+    return len(orphans)
+
+
+async def part_decided_orphans(
+    client: AsyncMongoClient[Document], store: TicketStore, outbox: Outbox
+) -> int:
+    """Unlinks decided duplicates whose primary no longer has their outcome: resolved with it,
+    then it was reopened (and perhaps rejected) before a reopening let its duplicates go. Left
+    linked, they count through it, so their resolution counts nowhere. Run at start; returns
+    how many."""
+    found = await store.tickets.aggregate(
+        [
+            {"$match": {"duplicate_of": {"$ne": None}, "status": {"$nin": OPEN_STATUSES}}},
+            {"$project": {"duplicate_of": 1, "resolved_at": 1}},
+            {
+                "$lookup": {
+                    "from": store.tickets.name,
+                    "localField": "duplicate_of",
+                    "foreignField": "_id",
+                    "pipeline": [{"$project": {"resolved_at": 1}}],
+                    "as": "primary",
+                }
+            },
+            {"$match": {"$expr": OUTCOME_NOT_SHARED}},
+            {"$project": {"_id": 1}},
+        ]
+    )
+    orphans = [orphan["_id"] async for orphan in found]
+    for orphan_id in orphans:
+
+        async def work(session: Session, ticket_id: str = orphan_id) -> None:
+            duplicate = await store.get(ticket_id, session)
+            if duplicate is None or not duplicate.get("duplicate_of"):
+                return  # unlinked meanwhile (another instance starting)
+            primary = await store.get(duplicate["duplicate_of"], session)
+            if primary is not None and primary.get("resolved_at") == duplicate["resolved_at"]:
+                return
+            _, events = await unlink(store, outbox, duplicate, session)
             await outbox.stage(session, events)
 
         await in_transaction(client, work)

@@ -18,7 +18,7 @@ from services.common.service import ServiceHost
 from services.common.uploads import UploadSweeper, attached_files
 from services.tickets import domain
 from services.tickets.api import TicketsServicer
-from services.tickets.clusters import release_orphans
+from services.tickets.clusters import part_decided_orphans, release_orphans
 from services.tickets.escalation import Escalator
 from services.tickets.events import TOPIC, Router, consumers
 from services.tickets.gis import GisLocator
@@ -109,6 +109,7 @@ class TicketsService:
         await self.store.ensure_indexes()
         await self.seed_rules()
         await release_orphans(self.client, self.store, self.host.outbox, self.clock())
+        await part_decided_orphans(self.client, self.store, self.host.outbox)
         port = await self.host.start()
         self.locator.watch()
         self.escalator.start()

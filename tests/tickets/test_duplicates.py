@@ -22,7 +22,7 @@ from services.common.config import Settings
 from services.common.consumer import Delivery
 from services.common.mongo import Document, Session, in_transaction
 from services.tickets import domain
-from services.tickets.clusters import release_orphans
+from services.tickets.clusters import part_decided_orphans, release_orphans
 from services.tickets.events import Router
 from services.tickets.main import TicketsService
 from tests.conftest import Clock
@@ -521,6 +521,42 @@ async def test_a_duplicate_its_primarys_decision_left_linked_is_released_at_star
     )
     await start()  # started again: nothing more to release
     assert await events_of(service, duplicate.ticket_id) == after_first
+
+
+async def test_a_resolved_duplicate_its_reopened_primary_left_linked_is_let_go_at_start(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """Reopened before a reopening let its duplicates go, then rejected, a primary kept its
+    repeat linked, resolved, counted nowhere: a start of the service lets it go, once."""
+    service = tickets_service
+    primary = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    (repeat,) = await neighbours_repeats(pilot, 30)
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(request_id=rid(), ticket_id=primary, resolution="Đã sửa")
+    )
+    untouched = (await cluster(pilot.ward_officer, repeat)).ticket  # resolved with its primary
+    await part_decided_orphans(service.client, service.store, service.host.outbox)
+    assert (await cluster(pilot.ward_officer, repeat)).ticket == untouched
+    # As the reopening and the rejection left them: the repeat still in the cluster.
+    await service.store.tickets.update_one(
+        {"_id": primary},
+        {
+            "$set": {
+                "status": tickets_pb2.TICKET_STATUS_REJECTED,
+                "rejected": True,
+                "resolved_at": service.clock() + timedelta(hours=1),
+            }
+        },
+    )
+
+    await part_decided_orphans(service.client, service.store, service.host.outbox)
+    alone = (await cluster(pilot.ward_officer, repeat)).ticket
+    assert (alone.status, alone.duplicate_of) == (tickets_pb2.TICKET_STATUS_RESOLVED, "")
+    assert repeat not in (await cluster(pilot.ward_officer, primary)).ticket.duplicates
+    after_first = await events_of(service, repeat)
+    assert after_first[-1] == events_pb2.TicketUnlinked(ticket_id=repeat, duplicate_of=primary)
+    await part_decided_orphans(service.client, service.store, service.host.outbox)
+    assert await events_of(service, repeat) == after_first
 
 
 async def test_how_near_and_how_recent_a_duplicate_is_are_configured(
