@@ -203,21 +203,25 @@ class Importer:
                 imported_before.add(p["import_key"])
         # Whoever the household has had, living there or not: a second run of a file must not
         # bring back someone who has died or moved out since the first.
+        on_record = await self.store.persons.find(
+            {"household_id": {"$in": [h["_id"] for h in households.values()]}},
+            {
+                "household_id": 1,
+                "unit_id": 1,
+                "name_folded": 1,
+                "birth_date": 1,
+                "sex": 1,
+                "relationship": 1,
+                "cid_hash": 1,
+                "import_key": 1,
+            },
+        ).to_list()
         known_names: dict[tuple[str, str, str], Document] = {
-            (p["household_id"], p["name_folded"], p["birth_date"]): p
-            async for p in self.store.persons.find(
-                {"household_id": {"$in": [h["_id"] for h in households.values()]}},
-                {
-                    "household_id": 1,
-                    "unit_id": 1,
-                    "name_folded": 1,
-                    "birth_date": 1,
-                    "sex": 1,
-                    "relationship": 1,
-                    "cid_hash": 1,
-                },
-            )
+            (p["household_id"], p["name_folded"], p["birth_date"]): p for p in on_record
         }
+        # Their name or birth date corrected since the file brought them in: the file still
+        # names them as it did, and they are still the person it brought in.
+        imported_before.update(p["import_key"] for p in on_record if p.get("import_key"))
         new_by_id = {h["_id"]: h for h in new_households.values()}
         existing_by_id = {h["_id"]: h for h in households.values()}
         headed: list[Document] = []  # existing households that get a head from this file

@@ -223,6 +223,39 @@ async def test_a_corrected_file_gives_citizen_ids_to_those_imported_without_one(
     assert (third.persons_created, third.citizen_ids_added, third.persons_unchanged) == (0, 0, 1)
 
 
+async def test_a_second_run_leaves_alone_whose_name_or_birth_date_was_corrected_since(
+    city: City, registry: RegistryService
+) -> None:
+    """A child imported without an ID, their misspelt name and birth date corrected by the
+    leader since: the same file run again (to retry its failed rows, say) registers nobody
+    twice."""
+    rows = [
+        row(1, city.group, "HK-5", "Trần Bé Hia", "2015-02-02"),
+        row(2, city.group, "HK-5", "Trần Bé Ba", "2016-03-03"),
+    ]
+    first = await city.leader.ImportPersons(chunks(rows, 10))
+    assert first.persons_created == 2
+    persons = registry.db["persons"]
+    misspelt = await persons.find_one({"full_name": "Trần Bé Hia", "unit_id": city.group})
+    late = await persons.find_one({"full_name": "Trần Bé Ba", "unit_id": city.group})
+    assert misspelt is not None and late is not None
+    for person_id, fields, details in (
+        (misspelt["_id"], ["full_name"], registry_pb2.PersonDetails(full_name="Trần Bé Hai")),
+        (late["_id"], ["birth_date"], registry_pb2.PersonDetails(birth_date="2016-03-04")),
+    ):
+        await city.leader.UpdatePerson(
+            registry_pb2.UpdatePersonRequest(
+                request_id=rid(), person_id=person_id, update_fields=fields, person=details
+            )
+        )
+
+    again = await city.leader.ImportPersons(chunks(rows, 10))
+
+    assert (again.persons_created, again.persons_unchanged, list(again.errors)) == (0, 2, [])
+    household = {"household_id": misspelt["household_id"]}
+    assert await persons.count_documents(household) == 2
+
+
 async def test_a_role_that_keeps_no_register_is_refused_the_whole_import(
     city: City, registry: RegistryService
 ) -> None:
