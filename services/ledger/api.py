@@ -56,6 +56,8 @@ EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 RECEIPT_NAME = re.compile(r"[0-9a-f]{32}\.(?:jpg|png|webp)")
 # How long the group a merged-away group went into is taken as known (it may merge in turn).
 UNIT_NOW_SECONDS = 300.0
+# How long a group is taken as not merged away before the ledger looks again.
+NOT_MERGED_SECONDS = 5.0
 
 
 @dataclass
@@ -151,6 +153,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self._fund_units: dict[str, Document] = {}
         # Groups merged away, the group each went into, and until when that is taken as known.
         self._units_now: dict[str, tuple[str, float]] = {}
+        # Each group's merge as the ledger heard of it (None: not merged), and until when.
+        self._merges: dict[str, tuple[str | None, float]] = {}
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -194,6 +198,25 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             self._units_now[unit_id] = (now, time.monotonic() + UNIT_NOW_SECONDS)
         return now
 
+    async def _may_keep_books(self, unit_id: str) -> None:
+        """The caller may change the unit's funds: as its leader or treasurer while it stands,
+        or as those of the group it was merged into."""
+        caller = principal()
+        if caller.scope != unit_id:
+            await self._permitted(unit_id, domain.may_keep_books)
+            return
+        domain.may_keep_books_of(caller, unit_id, await self._merged_into(unit_id))
+
+    async def _merged_into(self, unit_id: str) -> str | None:
+        known = self._merges.get(unit_id)
+        if known is not None and (known[0] is not None or known[1] > time.monotonic()):
+            return known[0]
+        into = await self.store.merged_into(unit_id)
+        if len(self._merges) > 100_000:
+            self._merges.clear()
+        self._merges[unit_id] = (into, time.monotonic() + NOT_MERGED_SECONDS)
+        return into
+
     async def _writable(self, fund_id: str, field_name: str = "fund_id") -> Document:
         """The fund's id, unit, name and opening (which never change: remembered after the
         first read), once the caller may change it."""
@@ -204,7 +227,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             if len(self._fund_units) > 100_000:
                 self._fund_units.clear()
             self._fund_units[fund_id] = fund
-        await self._permitted(fund["unit_id"], domain.may_keep_books)
+        await self._may_keep_books(fund["unit_id"])
         return fund
 
     async def _messages(self, docs: list[Document]) -> list[ledger_pb2.Transaction]:
@@ -380,7 +403,10 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         self, request: ledger_pb2.OpenFundRequest, context: Context
     ) -> ledger_pb2.OpenFundResponse:
         _required("unit_id", request.unit_id)
-        domain.may_keep_books(principal(), request.unit_id)
+        # A group merged away gets no new funds: the group it went into opens its own.
+        domain.may_keep_books_of(
+            principal(), request.unit_id, await self._merged_into(request.unit_id)
+        )
         name = domain.check_text("name", request.name, required=True, limit=120)
         description = domain.check_text("description", request.description)
 

@@ -771,6 +771,17 @@ def may_keep_books(caller: Principal, unit_id: str) -> None:
         raise PermissionDenied(f"only the leader or treasurer of {unit_id} may change its funds")
 
 
+def may_keep_books_of(caller: Principal, unit_id: str, merged_into: str | None) -> None:
+    """A group merged away has its books kept by the group it went into: the tokens of its
+    own leader and treasurer, still scoped to it until they expire, no longer change them."""
+    may_keep_books(caller, unit_id)
+    if merged_into is not None:
+        raise PermissionDenied(
+            f"{unit_id} was merged into {merged_into}: the leader or treasurer of "
+            f"{merged_into} keeps its funds now"
+        )
+
+
 def sees_why_exempt(caller: Principal, household_id: str) -> bool:
     """Why a household is exempt (poverty, a war invalid) and how many live in it are personal
     data: those who levy and check dues see them (officials, treasurers, auditors), a resident

@@ -92,14 +92,21 @@ def follow_moves(
     group_id: str,
     instance_id: str,
 ) -> TopicConsumer:
-    """Keeps the unit of each household the ledger has learned as the registry moves it."""
+    """Keeps the unit of each household the ledger has learned as the registry moves it, and
+    which groups were merged away."""
 
     async def apply(deliveries: list[Delivery], session: Session) -> list[Document]:
         moves: list[Move] = []
+        merges: list[tuple[str, str]] = []
         for delivery in deliveries:
             with delivery.span():
                 moves += _moves(delivery.message)
+                if isinstance(delivery.message, registry_events.GroupsMerged):
+                    merges.append(
+                        (delivery.message.source_unit_id, delivery.message.target_unit_id)
+                    )
         await store.move_households(moves, session)
+        await store.record_merges(merges, session)
         return []
 
     return TopicConsumer(

@@ -64,6 +64,9 @@ class LedgerStore:
         self.dues = db["dues"]
         # Household names as the register gave them (for dues lists and statements).
         self.households = db["households"]
+        # Groups merged away, each with the group it went into (from the registry's events):
+        # their own officials no longer keep their books.
+        self.merged_groups = db["merged_groups"]
 
     async def standing_with(
         self, fund_id: str, path: str, value: str, other_than: str, session: Session
@@ -872,6 +875,23 @@ class LedgerStore:
                 ordered=True,
                 session=session,
             )
+
+    async def record_merges(self, merges: list[tuple[str, str]], session: Session) -> None:
+        """Each (merged-away group, group it went into); a merge is never undone."""
+        if merges:
+            await self.merged_groups.bulk_write(
+                [
+                    UpdateOne({"_id": source}, {"$setOnInsert": {"into": target}}, upsert=True)
+                    for source, target in merges
+                ],
+                ordered=False,
+                session=session,
+            )
+
+    async def merged_into(self, unit_id: str) -> str | None:
+        """The group `unit_id` was merged into, if the ledger has heard of the merge."""
+        found = await self.merged_groups.find_one({"_id": unit_id})
+        return None if found is None else str(found["into"])
 
     async def household_names(self, household_ids: Iterable[str]) -> dict[str, str]:
         ids = list(set(household_ids))

@@ -512,8 +512,9 @@ async def test_after_a_merge_a_household_gives_to_its_new_groups_fund_not_its_ol
         return known is not None and known["unit_id"] == city.group
 
     await eventually(moved, what="the ledger follows the registry's merge")
+    # The group it joined keeps the old fund's books, but not for a household gone from it.
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await give(other_leader, other_fund, household_id)
+        await give(books.treasurer, other_fund, household_id)
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
     await give(books.treasurer, books.fund_id, household_id)
 
@@ -573,6 +574,46 @@ async def test_a_merged_groups_funds_are_kept_and_read_by_the_group_it_joined(
     third = books.caller(Role.TREASURER, city.ward + ".t99")
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await give(third, other_fund, household_id)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_merged_away_groups_own_leader_and_treasurer_no_longer_keep_its_books(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """Their tokens, scoped to the retired group, last until they expire; from the moment the
+    ledger hears of the merge (and a few seconds of what it remembers), they change nothing."""
+    city = books.city
+    household = await new_household(city.other_leader, city.other_group, head_name="Võ Thị Cũ")
+    old_leader = books.caller(Role.GROUP_LEADER, city.other_group)
+    old_treasurer = books.caller(Role.TREASURER, city.other_group)
+    old_fund = await open_fund(old_leader, city.other_group, "Quỹ tổ sắp nhập")
+    await give(old_treasurer, old_fund, household.household.household_id)
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+        )
+    )
+
+    async def refused_to(caller: LedgerCaller) -> bool:
+        # A household nobody knows: NOT_FOUND while the caller may still post to the fund.
+        try:
+            await give(caller, old_fund, "hh-nobody")
+        except grpc.aio.AioRpcError as error:
+            assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED)
+            return error.code() == grpc.StatusCode.PERMISSION_DENIED
+        raise AssertionError("a contribution of an unknown household was recorded")
+
+    await eventually(lambda: refused_to(old_treasurer), what="the old treasurer is refused")
+    assert await refused_to(old_leader)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await give(old_treasurer, old_fund, household.household.household_id)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.details() == (
+        f"{city.other_group} was merged into {city.group}: the leader or treasurer of "
+        f"{city.group} keeps its funds now"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await open_fund(old_leader, city.other_group, "Quỹ mới của tổ cũ")
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
