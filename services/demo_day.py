@@ -817,9 +817,12 @@ async def _on_own_servers(say: Callable[[str], None]) -> int:
             )
             return 2
         say(_starting(stack.own_servers()))
-        endpoints = await asyncio.to_thread(stack.up)
-        stack.stop_with(os.getpid())
+        # Ctrl-C while the servers start cannot stop the thread starting them: the finally
+        # waits for it, then stops what it started, before their directory is removed.
+        starting = asyncio.ensure_future(asyncio.to_thread(stack.up))
         try:
+            endpoints = await asyncio.shield(starting)
+            stack.stop_with(os.getpid())
             settings = isolated_settings(
                 endpoints,
                 "demo",
@@ -835,6 +838,8 @@ async def _on_own_servers(say: Callable[[str], None]) -> int:
                 if isinstance(provider, TracerProvider):
                     provider.force_flush()
         finally:
+            with contextlib.suppress(Exception):  # a start that failed stopped what it started
+                await starting
             await asyncio.to_thread(stack.down)
     problems = day.problems()
     if not problems:

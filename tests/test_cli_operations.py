@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -244,6 +247,55 @@ async def test_demo_tells_its_story_on_stdout_and_only_warnings_on_stderr(
     assert first == "Starting local servers (Kafka-protocol broker, S3) and the five services…"
     noise = [line for line in err.decode().splitlines() if "INFO" in line or "\x1b[" in line]
     assert noise == []
+
+
+# `civic demo` whose servers take a moment to start, and say when they begin.
+DEMO_STARTING = """
+import sys, time
+from infra.local import LocalStack
+from services import cli
+
+up = LocalStack.up
+
+def slow_up(self, partitions=None):
+    print("starting", file=sys.stderr, flush=True)
+    time.sleep(1)
+    return up(self, partitions)
+
+LocalStack.up = slow_up
+sys.exit(cli.main(["demo"]))
+"""
+
+
+def test_demo_interrupted_while_its_servers_start_leaves_none_running(tmp_path: Path) -> None:
+    """Ctrl-C then says so and stops the servers being started, which would otherwise run on
+    (the watchdog starts after them) over a directory removed under them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CIVIC_", "KAFKA_"))}
+    demo = subprocess.Popen(
+        [sys.executable, "-c", DEMO_STARTING],
+        cwd=REPO_ROOT,
+        env=env | {"TMPDIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stderr is not None and demo.stderr.readline() == "starting\n"
+        demo.send_signal(signal.SIGINT)
+        _, err = demo.communicate(timeout=120)
+    finally:
+        demo.kill()
+        demo.wait()
+    left = [
+        cmdline.parent.name
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline")
+        if str(tmp_path) in cmdline.read_bytes().decode(errors="replace")
+    ]
+    for pid in left:  # not to outlive a failed test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+    assert (demo.returncode, err, left) == (130, "interrupted\n", [])
+    assert not list(tmp_path.glob("civic-demo-*"))
 
 
 @pytest.mark.parametrize("action", ["status", "down"])
