@@ -182,13 +182,14 @@ def _is_letter_or_mark(ch: str) -> bool:
 
 
 # Letters with no decomposition to strip: Đ and đ, and Ð and ð (eth), which look the same and
-# are often typed for them.
-D_LETTERS = str.maketrans("ĐđÐð", "DdDd")
+# are often typed for them. And the apostrophe of names such as "H'Hen Niê" as a keyboard types
+# it, for the curly one a phone puts in its place and the modifier letter that looks the same.
+FOLDED_LOOK_ALIKES = str.maketrans("ĐđÐð’ʼ", "DdDd''")
 
 
 def fold(text: str) -> str:
     """Lower case without diacritics, so "Nguyen Thi Be" matches "Nguyễn Thị Bê"."""
-    decomposed = unicodedata.normalize("NFD", text.translate(D_LETTERS))
+    decomposed = unicodedata.normalize("NFD", text.translate(FOLDED_LOOK_ALIKES))
     stripped = "".join(ch for ch in decomposed if unicodedata.category(ch) != "Mn")
     return " ".join(stripped.lower().split())
 

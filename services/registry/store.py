@@ -30,6 +30,7 @@ SUSPECT_HOUSEHOLD = "_suspect_household"  # where a read puts a person's househo
 BOOK_NUMBER_INDEX = "household_book_number"
 OLD_BOOK_NUMBER_INDEX = "unit_id_1_external_ref_1"  # unique per current group, before merges
 REFOLDED_ETH = "name_folded_eth"
+REFOLDED_APOSTROPHES = "name_folded_apostrophes"
 # Searches by name within a unit; and an import finding whom a file brought in before.
 PERSON_NAME_INDEX = [("unit_id", ASCENDING), ("name_folded", ASCENDING)]
 
@@ -109,7 +110,8 @@ class RegistryStore:
         )
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
-        await once(self.db, REFOLDED_ETH, self._refold_eth)
+        await once(self.db, REFOLDED_ETH, lambda: self._refold("ð"))
+        await once(self.db, REFOLDED_APOSTROPHES, lambda: self._refold("[’ʼ]"))
 
     async def _book_numbers_by_issuing_group(self) -> None:
         """Households written before book numbers were kept per issuing group were unique per
@@ -125,12 +127,14 @@ class RegistryStore:
         with contextlib.suppress(OperationFailure):  # dropped by an instance starting with us
             await self.households.drop_index(OLD_BOOK_NUMBER_INDEX)
 
-    async def _refold_eth(self) -> None:
-        """Names folded before `fold` took Ð and ð (often typed for Đ, đ) for d kept the ð:
-        folded again, with the import keys made of them, so that a search finds them and a
-        file imported before still matches them."""
+    async def _refold(self, pattern: str) -> None:
+        """Names folded before `fold` took a look-alike for the letter or sign it stands for
+        (ð, often typed for đ, for d; a curly apostrophe for the straight one) kept it where
+        `pattern` finds it: folded again, with the import keys made of them, so that a search
+        finds them and a file imported before still matches them."""
         async for person in self.persons.find(
-            {"name_folded": {"$regex": "ð"}}, {"full_name": 1, "name_folded": 1, "import_key": 1}
+            {"name_folded": {"$regex": pattern}},
+            {"full_name": 1, "name_folded": 1, "import_key": 1},
         ):
             old, new = person["name_folded"], fold(person["full_name"])
             fields = {"name_folded": new}

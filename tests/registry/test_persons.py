@@ -245,6 +245,28 @@ async def test_a_name_typed_with_eth_for_d_is_found_without_diacritics(city: Cit
     assert [p.person_id for p in found.persons] == [typed.person_id]
 
 
+async def test_a_name_typed_with_a_curly_apostrophe_is_the_name_typed_with_a_straight_one(
+    city: City,
+) -> None:
+    """A phone types "H’Hen Niê" where a keyboard types "H'Hen Niê": one name, found by
+    either and reported as a likely duplicate of itself."""
+    first = await new_household(city.leader, city.group)
+    second = await new_household(city.leader, city.group, head_name="Lê Văn Tám")
+    on_phone = await register(city, first.household.household_id, name="H\u2019Hen Niê")
+    on_keyboard = await register(city, second.household.household_id, name="H'Hen Niê")
+    both = sorted([on_phone.person_id, on_keyboard.person_id])
+
+    for typed in ("H'Hen Nie", "H\u2019Hen", "h\u02bchen nie"):
+        found = await city.leader.SearchPersons(
+            registry_pb2.SearchPersonsRequest(unit_id=city.group, name=typed)
+        )
+        assert sorted(p.person_id for p in found.persons) == both, typed
+    report = await city.leader.ListLikelyDuplicatePersons(
+        registry_pb2.ListLikelyDuplicatePersonsRequest(unit_id=city.group)
+    )
+    assert [sorted(p.person_id for p in d.persons) for d in report.duplicates] == [both]
+
+
 async def test_names_folded_before_eth_was_known_are_folded_again(
     settings: Settings, unique: str
 ) -> None:
@@ -261,6 +283,13 @@ async def test_names_folded_before_eth_was_known_are_folded_again(
                     "import_key": "dn.a.b.g1|HK-\u00f0|\u00f0oan thi ha|1990-05-17",
                 },
                 {"_id": "p-2", "full_name": "Đoàn Văn An", "name_folded": "doan van an"},
+                {
+                    "_id": "p-3",
+                    "full_name": "H\u2019Hen Niê",
+                    "name_folded": "h\u2019hen nie",
+                    "birth_date": "1990-05-17",
+                    "import_key": "dn.a.b.g1|HK-1|h\u2019hen nie|1990-05-17",
+                },
             ]
         )
         await RegistryStore(db).ensure_indexes()
@@ -269,6 +298,9 @@ async def test_names_folded_before_eth_was_known_are_folded_again(
         # The book number is the file's own text: only the name in the key is folded again.
         assert by_id["p-1"]["import_key"] == "dn.a.b.g1|HK-\u00f0|doan thi ha|1990-05-17"
         assert by_id["p-2"]["name_folded"] == "doan van an"
+        # So is a name folded before the curly apostrophe was the straight one.
+        assert by_id["p-3"]["name_folded"] == "h'hen nie"
+        assert by_id["p-3"]["import_key"] == "dn.a.b.g1|HK-1|h'hen nie|1990-05-17"
         # Once: a name stored since with the old folding (as no build writes any more) stays.
         await db["persons"].update_one({"_id": "p-2"}, {"$set": {"name_folded": "\u00f0"}})
         await RegistryStore(db).ensure_indexes()
