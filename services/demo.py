@@ -23,7 +23,7 @@ from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.gis.geometry import LocalFrame
-from services.population import age_on, occupation_and_education
+from services.population import Bands, age_in_bands, age_on, occupation_and_education
 
 CITY = ("dn", "Thành phố Đà Nẵng")
 # The day the demo's ages are counted on: a fixed day, so the same people are generated.
@@ -167,7 +167,6 @@ GIVEN_MALE = "An Bình Cường Dũng Hải Hùng Khang Long Nam Phúc Quang Sơ
 GIVEN_FEMALE = "Anh Bích Chi Dung Hà Hoa Hương Lan Linh Mai Ngân Nhung Thảo Trang Yến".split()
 
 # Heads' ages (first, last, weight): owners of every age, renters mostly young.
-Bands = tuple[tuple[int, int, int], ...]
 HEAD_AGES: Bands = (
     (22, 29, 5),
     (30, 39, 20),
@@ -204,11 +203,6 @@ class Member:
     age: int
     male: bool
     relationship: Relationship
-
-
-def _banded(rng: random.Random, bands: Bands) -> int:
-    first, last, _ = rng.choices(bands, [weight for *_, weight in bands])[0]
-    return rng.randint(first, last)
 
 
 def _name(rng: random.Random, family: str, male: bool) -> str:
@@ -283,7 +277,7 @@ def _head_parent(rng: random.Random, head: Member) -> list[Member]:
 def household(rng: random.Random, renter: bool) -> list[Member]:
     """A household's members, head first: the head's family, and perhaps a parent of the head
     or (with an older head) a married son's family."""
-    age = _banded(rng, RENTER_HEAD_AGES if renter else HEAD_AGES)
+    age = age_in_bands(rng, RENTER_HEAD_AGES if renter else HEAD_AGES)
     male = rng.random() < (0.7 if age < 70 else 0.5)
     parents = _couple(rng, rng.choice(FAMILY), age, male, registry_pb2.RELATIONSHIP_HEAD)
     members = [*parents, *_children(rng, parents, registry_pb2.RELATIONSHIP_CHILD)]

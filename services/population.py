@@ -15,6 +15,8 @@ from typing import TypeAlias
 from civic.registry.v1 import registry_pb2
 
 Level: TypeAlias = registry_pb2.EducationLevel.ValueType
+# Ages in bands (first, last, weight), as the heads of households are drawn.
+Bands: TypeAlias = tuple[tuple[int, int, int], ...]
 
 SCHOOL_AGE = 6
 ADULT_AGE = 18
@@ -90,6 +92,12 @@ STUDYING = {True: 0.5, False: 0.3}
 def age_on(born: date, on: date) -> int:
     """Age in whole years on the day `on`."""
     return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+def age_in_bands(rng: random.Random, bands: Bands) -> int:
+    """An age from one of the bands, chosen by their weights."""
+    first, last, _ = rng.choices(bands, [weight for *_, weight in bands])[0]
+    return rng.randint(first, last)
 
 
 def occupation_and_education(

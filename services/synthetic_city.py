@@ -24,8 +24,8 @@ from pathlib import Path
 
 from civic.registry.v1 import registry_pb2
 
-from services.demo import CITY
-from services.population import age_on, occupation_and_education
+from services.demo import CITY, HEAD_AGES
+from services.population import age_in_bands, age_on, occupation_and_education
 from services.registry import csv_rows, domain
 
 DEFAULT_RESIDENTS = 1_200_000
@@ -52,7 +52,6 @@ EDUCATION_WORDS = {level: word for word, level in csv_rows.EDUCATION_LEVELS.item
 PROVINCES = sorted(domain.PROVINCE_CODES)
 # The day ages are counted on unless another is given: fixed, so a seed always gives one city.
 REFERENCE_DAY = date(2025, 6, 1)
-HEAD_AGES = (25, 85)  # youngest and oldest head of a household
 OLDEST = 100  # nobody is born earlier than this many years before the reference day
 OTHER_SEX = {"male": "female", "female": "male"}
 
@@ -343,11 +342,15 @@ def family(
 ) -> Iterator[dict[str, str]]:
     """The household's `size` members, head first, each a record with the household's cells,
     with the occupation and schooling of their age and place on the day `on`."""
-    head_year, head_sex = on.year - rng.randint(*HEAD_AGES), rng.choice(("male", "female"))
+    # Heads of every age, as the pilot's owners: most of working age, a few over 70.
+    head_year, head_sex = on.year - age_in_bands(rng, HEAD_AGES), rng.choice(("male", "female"))
     surname = rng.choice(FAMILY)
+    couple = [head_year]  # birth years of the head and the spouse
     for member in range(size):
         serial = first_serial + member
-        relationship, year = member_of(rng, member, head_year, on.year)
+        relationship, year = member_of(rng, member, couple, on.year)
+        if relationship == "spouse":
+            couple.append(year)
         sex = {"head": head_sex, "spouse": OTHER_SEX[head_sex]}.get(relationship)
         sex = sex or rng.choice(("male", "female"))
         born = date(year, rng.randint(1, 12), rng.randint(1, 28))
@@ -395,25 +398,35 @@ def located(
     }
 
 
-# A member's birth year less the head's, by relationship.
+# A member's birth year less the head's, by relationship (a child's less the younger of the
+# couple's: a mother is 20 at the youngest).
 OFFSETS = {"child": (20, 40), "parent": (-35, -18), "grandchild": (42, 60)}
 RELATIVE = (-15, 15)
 
 
-def member_of(rng: random.Random, member: int, head_year: int, year: int) -> tuple[str, int]:
-    """(relationship, birth year) of the household's member-th person, counted in `year`: born
-    before it and at most OLDEST years earlier (a head too young for grandchildren or too old
-    for a living parent has another relative instead)."""
+def member_of(rng: random.Random, member: int, couple: list[int], year: int) -> tuple[str, int]:
+    """(relationship, birth year) of the household's member-th person, counted in `year`, given
+    the birth years of the head and (once there) the spouse: born before it and at most OLDEST
+    years earlier (a head too young for grandchildren or too old for a living parent has
+    another relative instead)."""
+    head_year = couple[0]
     if member == 0:
         return "head", head_year
     if member == 1:
-        return "spouse", head_year + rng.randint(-6, 6)
+        # A few years apart, and grown up: born at least 19 years before, so 18 on the day.
+        return "spouse", max(year - OLDEST, min(year - 19, head_year + rng.randint(-6, 6)))
     kind = rng.choices(("child", "parent", "grandchild", "other_relative"), (70, 10, 15, 5))[0]
-    earliest, latest = year - OLDEST - head_year, year - 1 - head_year
+    low, high = _born_within(kind, max(couple) if kind == "child" else head_year, year)
+    if low > high:
+        kind, (low, high) = "other_relative", _born_within("other_relative", head_year, year)
+    return kind, rng.randint(low, high)
+
+
+def _born_within(kind: str, counted_from: int, year: int) -> tuple[int, int]:
+    """The first and last birth year for a member of this kind, born before `year` and at most
+    OLDEST years earlier."""
     low, high = OFFSETS.get(kind, RELATIVE)
-    if max(low, earliest) > min(high, latest):
-        kind, (low, high) = "other_relative", RELATIVE
-    return kind, head_year + rng.randint(max(low, earliest), min(high, latest))
+    return max(counted_from + low, year - OLDEST), min(counted_from + high, year - 1)
 
 
 def citizen_id(serial: int, born: str, sex: str) -> str:

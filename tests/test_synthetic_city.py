@@ -20,6 +20,7 @@ from civic.registry.v1 import registry_pb2
 from infra.local import REPO_ROOT, free_port
 from services import cli, synthetic_city
 from services.gis.geometry import distance_m
+from services.population import age_on
 from services.registry import csv_rows
 from services.synthetic_city import SyntheticCity
 
@@ -109,6 +110,29 @@ def test_members_ages_occupations_and_schooling_are_plausible() -> None:
                 assert record["occupation"] != "nông dân"
             else:
                 assert record["residence_kind"] != "renter"
+
+
+def test_children_are_a_generation_younger_than_both_parents_and_few_are_over_70() -> None:
+    """A mother is not 14 (a child 20 years younger than the head, whose wife is 6 years
+    younger than him), spouses are grown up, and about one in fifteen is over 70, in a fifth
+    or so of the households, as in the pilot's demo data."""
+    city = SyntheticCity(12_000, seed=3)
+    households: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for record in city.records():
+        households[record["household_ref"]].append(record)
+
+    def age(record: dict[str, str]) -> int:
+        return age_on(datetime.date.fromisoformat(record["birth_date"]), city.on)
+
+    for members in households.values():
+        couple = [r for r in members if r["relationship"] in ("head", "spouse")]
+        assert all(age(r) >= 18 for r in couple)
+        for child in (r for r in members if r["relationship"] == "child"):
+            assert all(age(parent) - age(child) >= 18 for parent in couple), members
+    people = [r for members in households.values() for r in members]
+    assert 0.04 <= sum(age(r) >= 71 for r in people) / len(people) <= 0.10
+    with_elderly = [m for m in households.values() if any(age(r) >= 71 for r in m)]
+    assert 0.15 <= len(with_elderly) / len(households) <= 0.30
 
 
 def test_the_rural_communes_lie_kilometres_apart() -> None:
