@@ -75,7 +75,11 @@ def _jpeg(data: bytes) -> bytes:
     kept, at = [data[:2]], 2
     while at < len(data):
         if data[at] != 0xFF:
-            raise ValueError("not at a marker")
+            # Stray bytes between segments, which some editors leave: decoders skip them to
+            # the next marker and show the picture, so its metadata must go all the same.
+            if (at := data.find(b"\xff", at)) == -1:
+                raise ValueError("no marker after stray bytes")
+            continue
         marker = data[at + 1]
         if marker == 0xFF:  # fill byte
             at += 1

@@ -102,3 +102,12 @@ def test_a_word_document_is_a_zip_of_a_word_documents_parts() -> None:
     assert not is_a(DOCX, zip_of("[Content_Types].xml", "xl/workbook.xml"), ATTACHMENT_SIGNATURES)
     assert not is_a(DOCX, zip_of("payload.exe"), ATTACHMENT_SIGNATURES)
     assert not is_a(DOCX, b"PK\x03\x04 and then nothing of a ZIP", ATTACHMENT_SIGNATURES)
+
+
+def test_a_jpeg_with_stray_bytes_between_its_segments_loses_its_exif_all_the_same() -> None:
+    """Decoders skip bytes between segments (some editors leave a few) and show the picture:
+    the location it was taken at must not stay in it for that."""
+    phone, plain = jpeg_with_exif()
+    exif_end = 2 + 2 + int.from_bytes(phone[4:6], "big")
+    stray = phone[:exif_end] + b"\x00\x00" + phone[exif_end:]
+    assert without_metadata("image/jpeg", stray) == plain
