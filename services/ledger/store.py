@@ -4,6 +4,7 @@ updated; every write takes the session of the command's transaction."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.collation import Collation, CollationStrength
 from pymongo.errors import OperationFailure
 
-from services.common.commands import ensure_command_indexes
+from services.common.commands import DUPLICATE_KEY, ensure_command_indexes
 from services.common.mongo import Document, Session, ensure_indexes, holding_text, in_unit, once
 from services.common.outbox import ensure_outbox_indexes
 from services.ledger import domain
@@ -34,6 +35,10 @@ RECEIPT_NUMBER = "contribution.receipt_number"
 RECEIPT_NUMBERS = "fund_receipt_numbers_caseless"
 RECEIPT_NUMBERS_BY_CASE = "fund_id_1_contribution.receipt_number_1"
 KEYS_BY_FUND = "fund_id_1_request_id_1"
+KEYS_WITH_FUND = "request_id_1_fund_id_1"
+ONE_FUND_PER_KEY = "one_fund_per_key"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,10 +107,6 @@ class LedgerStore:
         await ensure_indexes(
             self.transactions,
             [
-                # The idempotency key: one transaction per key, for ever, found whatever fund
-                # it names (LedgerServicer refuses a key of one fund in another). Unique with
-                # the fund: stores from before may hold a key in two funds.
-                IndexModel([("request_id", ASCENDING), ("fund_id", ASCENDING)], unique=True),
                 IndexModel(SEQUENCE, unique=True),
                 IndexModel(POSTED_AT),
                 IndexModel([("expense.receipt_object_key", ASCENDING)], sparse=True),
@@ -150,6 +151,30 @@ class LedgerStore:
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
         await once(self.db, DUES_APART, self._keep_dues_apart)
+        await once(self.db, ONE_FUND_PER_KEY, self._one_fund_per_key)
+
+    async def _one_fund_per_key(self) -> None:
+        """The idempotency key: one transaction per key, for ever, whatever fund it names, so
+        that two requests under one key to two funds at once cannot both commit (the second
+        collides, and is answered as a key used in another fund). It replaces a key unique
+        within its fund. A store that already holds a key in two funds, posted before a key
+        was refused in a second fund, keeps that one and says so."""
+        try:
+            await self.transactions.create_index([("request_id", ASCENDING)], unique=True)
+        except OperationFailure as error:
+            if error.code != DUPLICATE_KEY:
+                raise
+            log.warning(
+                "transactions hold a request_id in two funds; a key stays unique only within "
+                "its fund (%s)",
+                error.details and error.details.get("errmsg"),
+            )
+            await self.transactions.create_index(
+                [("request_id", ASCENDING), ("fund_id", ASCENDING)], unique=True
+            )
+            return
+        with contextlib.suppress(OperationFailure):  # dropped by another instance already
+            await self.transactions.drop_index(KEYS_WITH_FUND)
 
     async def _keep_dues_apart(self) -> None:
         """Campaigns declared before each household's due was also kept on its own get theirs

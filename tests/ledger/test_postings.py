@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.common.errors import FailedPrecondition
 from services.ledger.domain import MAX_BALANCE, apply_postings
 from services.ledger.main import LedgerService
+from services.ledger.store import LedgerStore
 from tests.conftest import Clock
 from tests.ledger.conftest import Books, open_fund, rid
 
@@ -187,6 +188,56 @@ async def test_a_key_used_in_one_fund_is_refused_in_another(
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await books.balances(study) == {}
+
+
+async def test_one_key_sent_to_two_funds_at_once_is_posted_in_one_of_them(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """The same payment sent at the same moment to two funds (two tabs of the treasurer's app,
+    say): one of them posts it; the other is refused as a key used in another fund."""
+    study = await open_fund(books.leader, books.city.group, "Quỹ khuyến học cùng lúc")
+    for number in range(10):
+        key = rid()
+        answers = await asyncio.gather(
+            *(
+                books.contribute(
+                    10_000, "an", fund_id=fund, request_id=key, receipt_number=f"BL-9{number}"
+                )
+                for fund in (books.fund_id, study)
+            ),
+            return_exceptions=True,
+        )
+        refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        assert len(refused) == 1, answers
+        assert refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already used for a different transaction in another fund" in (
+            refused[0].details() or ""
+        )
+        assert await ledger_service.store.transactions.count_documents({"request_id": key}) == 1
+
+
+async def test_a_store_holding_a_key_in_two_funds_keeps_keys_unique_within_a_fund(
+    ledger_service: LedgerService,
+) -> None:
+    """A store written before a key was refused in a second fund may hold one: the service still
+    starts, with the key unique within its fund as before; a clean store's key is unique."""
+    for held_twice in (True, False):
+        db = ledger_service.store.db.client[f"ledger-keys-{rid()[:8]}"]
+        store = LedgerStore(db)
+        await store.transactions.create_index([("request_id", 1), ("fund_id", 1)], unique=True)
+        if held_twice:
+            await store.transactions.insert_many(
+                [{"request_id": "k-1", "fund_id": "fd-a"}, {"request_id": "k-1", "fund_id": "fd-b"}]
+            )
+        try:
+            await store.ensure_indexes()
+            indexes = await store.transactions.index_information()
+            kept = "request_id_1_fund_id_1" if held_twice else "request_id_1"
+            gone = "request_id_1" if held_twice else "request_id_1_fund_id_1"
+            assert indexes[kept]["unique"]
+            assert gone not in indexes
+        finally:
+            await db.client.drop_database(db.name)
 
 
 async def test_a_reversal_undoes_a_transaction_which_stays_as_it_was(books: Books) -> None:
