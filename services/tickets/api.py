@@ -40,7 +40,7 @@ from services.tickets import domain
 from services.tickets.clusters import release, unlink
 from services.tickets.escalation import escalate
 from services.tickets.events import ticket_event
-from services.tickets.gis import GisLocator
+from services.tickets.gis import VIETNAM, GisLocator
 from services.tickets.records import (
     new_ticket,
     rule_for,
@@ -222,7 +222,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             unit_id = check_unit_id(request.unit_id)
         domain.may_submit_for(caller, unit_id)
         placed = request.HasField("location")
-        location = point_document("location", request.location) if placed else None
+        location = _reported_place(request.location) if placed else None
         if household is not None:
             # The view keeps a household's group current through merges: no second read.
             location = location or household.get("location")
@@ -1078,6 +1078,21 @@ def _gone(ticket: Document) -> tickets_pb2.Ticket:
         assigned_level=ticket.get("assigned_level") or 0,  # type: ignore[arg-type]
         department=ticket.get("department") or "",
     )
+
+
+def _reported_place(point: types_pb2.GeoPoint) -> Document:
+    """Where a problem is reported, which lies in the country: a point far off it is a phone
+    that had no fix (0, 0 most often). Taken as given, any two such reports of a category in
+    one ward would lie together and be linked as one problem, and each would be marked there."""
+    place = point_document("location", point)
+    if not (
+        VIETNAM.south <= point.latitude <= VIETNAM.north
+        and VIETNAM.west <= point.longitude <= VIETNAM.east
+    ):
+        raise InvalidArgument(
+            "location", "is not in Vietnam: leave it out to report at your household"
+        )
+    return place
 
 
 def _page_token(token: str) -> str:

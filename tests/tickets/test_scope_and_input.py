@@ -204,6 +204,12 @@ BAD_SUBMISSIONS: list[tuple[str, Call, grpc.StatusCode, str]] = [
         "location.longitude",
     ),
     (
+        "a place off the map, as a phone without a fix sends it",
+        as_resident(location=types_pb2.GeoPoint(latitude=0, longitude=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "location",
+    ),
+    (
         "someone else's household",
         lambda pilot, other: pilot.resident.SubmitTicket(submission(household_id=other)),
         grpc.StatusCode.PERMISSION_DENIED,
