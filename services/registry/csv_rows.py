@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -101,7 +102,7 @@ def import_row(line: int, record: Mapping[str, str]) -> registry_pb2.ImportRow:
             full_name=cell("full_name"),
             birth_date=cell("birth_date"),
             sex=_word(cell("sex"), "sex", SEXES),
-            citizen_id=cell("citizen_id"),
+            citizen_id=_citizen_id(cell("citizen_id")),
             relationship=_word(cell("relationship"), "relationship", RELATIONSHIPS),
             education=_word(cell("education"), "education", EDUCATION_LEVELS),
             occupation=cell("occupation"),
@@ -112,6 +113,17 @@ def import_row(line: int, record: Mapping[str, str]) -> registry_pb2.ImportRow:
     if location is not None:
         row.location.CopyFrom(location)
     return row
+
+
+# A citizen ID as a spreadsheet writes it when it took the column for numbers: without the
+# leading zeros, one or two, of its province code (every one begins with a zero).
+ID_WITHOUT_LEADING_ZEROS = re.compile(r"[1-9][0-9]{9,10}")
+
+
+def _citizen_id(value: str) -> str:
+    """The ID with the leading zeros a spreadsheet dropped given back; anything else as written,
+    for the registry to judge."""
+    return value.zfill(12) if ID_WITHOUT_LEADING_ZEROS.fullmatch(value) else value
 
 
 def _word(value: str, column: str, words: dict[str, E]) -> E:

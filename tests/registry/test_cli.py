@@ -601,6 +601,27 @@ def test_empty_columns_a_spreadsheet_adds_are_ignored_unless_they_hold_a_value(
     assert "cell 8" in second.message and "no column" in second.message, second.message
 
 
+def test_citizen_ids_a_spreadsheet_wrote_as_numbers_get_their_leading_zeros_back(
+    tmp_path: Path,
+) -> None:
+    """Every province code begins with a zero, which a spreadsheet drops from a column it took
+    for numbers ("048190123456" is written 48190123456, "001..." 1...): given back, the row is
+    the person's, not refused as an ID of 11 digits. Anything else is left as written."""
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "unit_id,household_ref,full_name,birth_date,sex,relationship,citizen_id\n"
+        "g1,HK-1,Trần Văn An,1990-02-03,male,head,48090123456\n"
+        "g1,HK-1,Lê Thị Hoa,1991-09-09,female,spouse,1191654321\n"
+        "g1,HK-1,Trần Thị Bé,2010-01-01,female,child,048310000001\n"
+        "g1,HK-1,Trần Văn Út,2012-01-01,male,child,123456789\n",
+        encoding="utf-8",
+    )
+
+    ids = [row.person.citizen_id for row in csv_rows.rows_from_csv(path)]
+
+    assert ids == ["048090123456", "001191654321", "048310000001", "123456789"]
+
+
 def test_registry_fields_name_their_columns() -> None:
     assert csv_rows.column_for("person.citizen_id") == "citizen_id"
     assert csv_rows.column_for("housing.floor_area_m2") == "floor_area_m2"
