@@ -344,7 +344,7 @@ def family(
     with the occupation and schooling of their age and place on the day `on`."""
     # Heads of every age, as the pilot's owners: most of working age, a few over 70.
     head_year, head_sex = on.year - age_in_bands(rng, HEAD_AGES), rng.choice(("male", "female"))
-    surname = rng.choice(FAMILY)
+    surnames = {"head": rng.choice(FAMILY)}  # by relationship; the children's is the father's
     couple = [head_year]  # birth years of the head and the spouse
     for member in range(size):
         serial = first_serial + member
@@ -353,6 +353,7 @@ def family(
             couple.append(year)
         sex = {"head": head_sex, "spouse": OTHER_SEX[head_sex]}.get(relationship)
         sex = sex or rng.choice(("male", "female"))
+        surname = family_name(rng, relationship, sex, surnames)
         born = date(year, rng.randint(1, 12), rng.randint(1, 28))
         age = age_on(born, on)
         occupation, education = occupation_and_education(rng, age, male=sex == "male", urban=urban)
@@ -369,6 +370,21 @@ def family(
             "phone": f"09{rng.randrange(10**8):08d}",
             "email": f"nguoidan{serial + 1}@example.vn" if rng.random() < 0.2 else "",
         }
+
+
+def family_name(rng: random.Random, relationship: str, sex: str, surnames: dict[str, str]) -> str:
+    """A member's family name: a spouse, or a mother of the head, keeps their own family's; a
+    child or grandchild carries the father's (the head's, or a woman head's husband's); anyone
+    else the head's."""
+    head = surnames["head"]
+    if relationship == "spouse" or (relationship == "parent" and sex == "female"):
+        own = rng.choice(FAMILY)
+        if relationship == "spouse" and sex == "male":
+            surnames["child"] = own
+        return own
+    if relationship in ("child", "grandchild"):
+        return surnames.get("child", head)
+    return head
 
 
 def household_record(

@@ -135,6 +135,27 @@ def test_children_are_a_generation_younger_than_both_parents_and_few_are_over_70
     assert 0.15 <= len(with_elderly) / len(households) <= 0.30
 
 
+def test_a_wife_keeps_her_family_name_and_children_carry_their_fathers() -> None:
+    """As Vietnamese families are named: spouses of the same family name are the exception."""
+    households: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for record in SyntheticCity(6_000, seed=5).records():
+        households[record["household_ref"]].append(record)
+    couples = same_name = 0
+    for members in households.values():
+        by_kind = defaultdict(list)
+        for record in members:
+            by_kind[record["relationship"]].append(record)
+        [head] = by_kind["head"]
+        fathers = [r for r in (head, *by_kind["spouse"]) if r["sex"] == "male"]
+        father = (fathers or [head])[0]
+        for child in by_kind["child"]:
+            assert child["full_name"].split()[0] == father["full_name"].split()[0], members
+        for spouse in by_kind["spouse"]:
+            couples += 1
+            same_name += spouse["full_name"].split()[0] == head["full_name"].split()[0]
+    assert couples > 1_000 and same_name / couples < 0.2
+
+
 def test_the_rural_communes_lie_kilometres_apart() -> None:
     """Hòa Vang is a rural district of 700 km²: Hòa Bắc lies in the hills north-west, some
     15 km from Hòa Phước in the south."""
