@@ -54,6 +54,7 @@ PROVINCES = sorted(domain.PROVINCE_CODES)
 REFERENCE_DAY = date(2025, 6, 1)
 OLDEST = 100  # nobody is born earlier than this many years before the reference day
 OTHER_SEX = {"male": "female", "female": "male"}
+CONTACT_FROM = 15  # a phone (and perhaps an email) of one's own from upper secondary school
 
 # ---- the unit tree -----------------------------------------------------------------------------
 
@@ -359,6 +360,7 @@ def family(
         occupation, education = occupation_and_education(rng, age, male=sex == "male", urban=urban)
         # Children under 14 rarely have a card yet: those rows are matched by name and birth.
         cid = citizen_id(serial, born.isoformat(), sex) if age >= 14 else ""
+        reachable = age >= CONTACT_FROM
         yield home | {
             "full_name": f"{surname} {rng.choice(MIDDLE[sex])} {rng.choice(GIVEN[sex])}",
             "birth_date": born.isoformat(),
@@ -367,8 +369,8 @@ def family(
             "relationship": relationship,
             "education": EDUCATION_WORDS[education],
             "occupation": occupation,
-            "phone": f"09{rng.randrange(10**8):08d}",
-            "email": f"nguoidan{serial + 1}@example.vn" if rng.random() < 0.2 else "",
+            "phone": f"09{rng.randrange(10**8):08d}" if reachable else "",
+            "email": f"nguoidan{serial + 1}@example.vn" if reachable and rng.random() < 0.2 else "",
         }
 
 

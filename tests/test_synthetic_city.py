@@ -156,6 +156,19 @@ def test_a_wife_keeps_her_family_name_and_children_carry_their_fathers() -> None
     assert couples > 1_000 and same_name / couples < 0.2
 
 
+def test_children_have_no_phone_or_email_of_their_own() -> None:
+    city = SyntheticCity(6_000, seed=6)
+    grown = 0
+    for record in city.records():
+        age = age_on(datetime.date.fromisoformat(record["birth_date"]), city.on)
+        if age < 15:
+            assert (record["phone"], record["email"]) == ("", ""), record
+        else:
+            grown += 1
+            assert record["phone"].startswith("09")
+    assert grown > 3_000
+
+
 def test_the_rural_communes_lie_kilometres_apart() -> None:
     """Hòa Vang is a rural district of 700 km²: Hòa Bắc lies in the hills north-west, some
     15 km from Hòa Phước in the south."""
