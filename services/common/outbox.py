@@ -63,6 +63,9 @@ MAX_EVENT_BYTES = 1_000_000
 # refusal, up to the most: it stays visible in the log without flooding it.
 FIRST_RETRY_SECONDS = 1.0
 MOST_RETRY_SECONDS = 60.0
+# How long a stopping relay goes on publishing what was committed before it stopped: a broker
+# out of reach must not hold the stop up for long.
+LAST_SWEEP_SECONDS = 5.0
 
 
 def new_event_id() -> str:
@@ -258,10 +261,25 @@ class OutboxRelay:
         sweep, self._task = self._task, None
         await cancel_and_wait(sweep)
         await self._stop_watching()
+        await self._last_sweep()
         # Hand over at once: another instance relays now, not when the lease runs out.
         await self._release_lease()
         if self.producer is not None:
             await self.producer.stop()
+
+    async def _last_sweep(self) -> None:
+        """What was committed before the stop, published by the relay that holds the lease: a
+        stop cut short the sweep under way, and events committed since it began (a consumer's,
+        as the service stopped) would otherwise wait for the next start of a service that may
+        have no other instance."""
+        if self._held_until is None:
+            return
+        try:
+            async with asyncio.timeout(LAST_SWEEP_SECONDS):
+                while await self._hold_lease() and await self.relay_once() == self._batch_size:
+                    pass
+        except Exception:  # TimeoutError among them
+            log.warning("outbox events left for the next relay at stop", exc_info=True)
 
     async def _started_producer(self) -> AIOKafkaProducer:
         if self.producer is None:

@@ -97,12 +97,13 @@ class ServiceHost:
     async def stop(self) -> None:
         if self.server is not None:
             await stop_within(10, "gRPC server", self.server.stop())
-        if self.relay is not None:
-            # Its lease, then its Kafka producer.
-            await stop_within(25, "outbox relay", self.relay.stop())
         for retries in self.parked_retries:
             await stop_within(5, "parked events' retries", retries.stop())
         await stop_within(15, "Kafka consumers", self.broker.stop())
+        if self.relay is not None:
+            # Last, when nothing commits events any more: it publishes what the calls and the
+            # consumers committed, then hands its lease over and stops its Kafka producer.
+            await stop_within(25, "outbox relay", self.relay.stop())
         # Closing ends the client's sessions on the server, and waits out server selection when
         # MongoDB is already gone.
         await stop_within(5, "MongoDB client", self.client.close())

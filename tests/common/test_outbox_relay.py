@@ -269,6 +269,34 @@ async def test_a_relay_that_stops_hands_its_lease_over_at_once(
         )
 
 
+async def test_a_relay_that_stops_publishes_what_was_committed_before_it_stopped(
+    settings: Settings, topic: str
+) -> None:
+    """A stop cuts the sweep under way short, and a consumer of the stopping service may commit
+    an event after it began: the relay publishes those before it stops, rather than leave them
+    for the next start of a service that may have no other instance."""
+    async with two_instances(settings, topic, poll_seconds=SWEEP_SECONDS) as two:
+        relay, outbox = two.relays["a"], two.outboxes["a"]
+        relay.start()
+        await eventually(holds_lease(two.db, "a"), what="the relay holds the lease")
+        event = outbox.event(events_pb2.TicketSubmitted(ticket_id="t-last"), key="t-last")
+
+        async def stage(session: Session) -> None:
+            await outbox.stage(session, [event])
+
+        async with TopicReader(settings.kafka_bootstrap_servers, topic) as reader:
+            await in_transaction(two.client, stage)  # the relay not told: its sweep was cut short
+            await relay.stop()
+            records = await reader.collect(
+                lambda rs: any(r.event_id == event["_id"] for r in rs),
+                within=10,
+                what="the event committed before the stop",
+            )
+        assert [r.event_id for r in records] == [event["_id"]]
+        assert not await two.db[OUTBOX].count_documents({"pending": True})
+        assert not await holds_lease(two.db, "a")()
+
+
 async def test_a_relay_that_cannot_publish_hands_its_lease_to_one_that_can(
     settings: Settings, topic: str
 ) -> None:
