@@ -106,7 +106,7 @@ def import_row(line: int, record: Mapping[str, str]) -> registry_pb2.ImportRow:
             relationship=_word(cell("relationship"), "relationship", RELATIONSHIPS),
             education=_word(cell("education"), "education", EDUCATION_LEVELS),
             occupation=cell("occupation"),
-            contact=registry_pb2.Contact(phone=cell("phone"), email=cell("email")),
+            contact=registry_pb2.Contact(phone=_phone(cell("phone")), email=cell("email")),
         ),
     )
     location = _location(cell("latitude"), cell("longitude"))
@@ -124,6 +124,18 @@ def _citizen_id(value: str) -> str:
     """The ID with the leading zeros a spreadsheet dropped given back; anything else as written,
     for the registry to judge."""
     return value.zfill(12) if ID_WITHOUT_LEADING_ZEROS.fullmatch(value) else value
+
+
+# A Vietnamese phone number, mobile (10 digits) or landline with its area code (11), as a
+# spreadsheet that took the column for numbers writes it: without its leading zero. Dialled
+# so, it reaches nobody; no number is 9 or 10 digits from a first digit other than 0.
+PHONE_WITHOUT_LEADING_ZERO = re.compile(r"[1-9][0-9]{8,9}")
+
+
+def _phone(value: str) -> str:
+    """The number with the leading zero a spreadsheet dropped given back; anything else as
+    written, for the registry to judge."""
+    return "0" + value if PHONE_WITHOUT_LEADING_ZERO.fullmatch(value) else value
 
 
 def _word(value: str, column: str, words: dict[str, E]) -> E:

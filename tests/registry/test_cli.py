@@ -622,6 +622,27 @@ def test_citizen_ids_a_spreadsheet_wrote_as_numbers_get_their_leading_zeros_back
     assert ids == ["048090123456", "001191654321", "048310000001", "123456789"]
 
 
+def test_phone_numbers_a_spreadsheet_wrote_as_numbers_get_their_leading_zero_back(
+    tmp_path: Path,
+) -> None:
+    """A mobile number (0905 123 456) or a landline with its area code (0236 3821 234) written
+    by a spreadsheet as a number has lost its first 0 and reaches nobody: given back. Numbers
+    written otherwise are left as written."""
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "unit_id,household_ref,full_name,birth_date,sex,relationship,phone\n"
+        "g1,HK-1,Trần Văn An,1990-02-03,male,head,905123456\n"
+        "g1,HK-1,Lê Thị Hoa,1991-09-09,female,spouse,2363821234\n"
+        "g1,HK-1,Trần Thị Bé,2010-01-01,female,child,+84 905 123 456\n"
+        "g1,HK-1,Trần Văn Út,2012-01-01,male,child,3821234\n",
+        encoding="utf-8",
+    )
+
+    phones = [row.person.contact.phone for row in csv_rows.rows_from_csv(path)]
+
+    assert phones == ["0905123456", "02363821234", "+84 905 123 456", "3821234"]
+
+
 def test_registry_fields_name_their_columns() -> None:
     assert csv_rows.column_for("person.citizen_id") == "citizen_id"
     assert csv_rows.column_for("housing.floor_area_m2") == "floor_area_m2"
