@@ -109,6 +109,22 @@ async def test_tail_of_an_unreachable_broker_is_one_line() -> None:
     assert not out
 
 
+@pytest.mark.parametrize(
+    ("given", "said"),
+    [
+        (["--bootstrap", "localhost:909z"], "--bootstrap 'localhost:909z'"),
+        ([], "KAFKA_BOOTSTRAP_SERVERS 'kafka-1:9092,kafka-2:'"),
+    ],
+)
+async def test_tail_of_a_broker_address_whose_port_is_no_number_is_one_line(
+    given: list[str], said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in the address: refused before connecting, naming where it was given."""
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka-1:9092,kafka-2:")
+    assert await cli.run(["tail", "civic.tickets.v1", *given]) == 2
+    assert capsys.readouterr().err == (f"error: {said}: a broker is host:port, the port a number\n")
+
+
 async def test_tail_into_a_reader_gone_away_stops_without_a_traceback(
     city: City, settings: Settings
 ) -> None:
