@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     data_key: str = DEV_DATA_KEY
 
     grpc_host: str = "127.0.0.1"
-    grpc_port: int = 0  # 0: the service's entry in GRPC_PORTS
+    grpc_port: int = Field(default=0, ge=0, le=65535)  # 0: the service's entry in GRPC_PORTS
     # Where the registry's gRPC API is, for services that read it (host:port); empty: this host
     # at the registry's port.
     registry_target: str = ""
@@ -72,8 +72,8 @@ class Settings(BaseSettings):
         default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
     )
     # Seconds between outbox sweeps; new events are also relayed as soon as they commit, on
-    # whichever instance.
-    outbox_poll_seconds: float = 0.5
+    # whichever instance. Above zero: at zero the relay would query MongoDB without a pause.
+    outbox_poll_seconds: float = Field(default=0.5, gt=0)
     kafka_partitions: int = 6
 
     # Tickets: a new ticket repeats an open one of its category filed within these metres and
