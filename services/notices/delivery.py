@@ -185,6 +185,10 @@ class Deliverer:
         now = self.clock()
 
         async def publish(notice: Document, session: Session) -> list[Document]:
+            if domain.state_at(State.SCHEDULED, notice["expires_at"], now) is State.EXPIRED:
+                # Its time up passed before it could go out (the service was down then): it
+                # expires unseen, not announced as published to anyone acting on that.
+                return await self._expire(notice, session)
             merged = await self.store.merged_away(notice["unit_id"], session)
             changes, event = publication(notice, merged, now)
             await self.store.update(notice["_id"], {"$set": changes}, session)
@@ -193,16 +197,14 @@ class Deliverer:
         return await self._each(await self.store.due_to_publish(now), State.SCHEDULED, publish)
 
     async def expire_due(self) -> int:
-        now = self.clock()
+        due = await self.store.due_to_expire(self.clock())
+        return await self._each(due, State.PUBLISHED, self._expire)
 
-        async def expire(notice: Document, session: Session) -> list[Document]:
-            # A first delivery still running is ended by the deliverer (`_settle`).
-            update = {"$set": {"state": int(State.EXPIRED)}}
-            await self.store.update(notice["_id"], update, session)
-            message = events_pb2.NoticeExpired(notice_id=notice["_id"])
-            return [notice_event(self.outbox, message, notice["_id"])]
-
-        return await self._each(await self.store.due_to_expire(now), State.PUBLISHED, expire)
+    async def _expire(self, notice: Document, session: Session) -> list[Document]:
+        # A first delivery still running is ended by the deliverer (`_settle`).
+        await self.store.update(notice["_id"], {"$set": {"state": int(State.EXPIRED)}}, session)
+        message = events_pb2.NoticeExpired(notice_id=notice["_id"])
+        return [notice_event(self.outbox, message, notice["_id"])]
 
     async def _each(
         self,

@@ -299,7 +299,9 @@ def birthdays_between(
 
 
 def state_at(state: State, expires_at: datetime | None, now: datetime) -> State:
-    if state is State.PUBLISHED and expires_at is not None and expires_at <= now:
+    """A notice past its expiry has expired, published or (its time to go out missed, the
+    service down then) still waiting to be."""
+    if state in (State.SCHEDULED, State.PUBLISHED) and expires_at is not None and expires_at <= now:
         return State.EXPIRED
     return state
 

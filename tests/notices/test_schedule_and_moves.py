@@ -75,6 +75,32 @@ async def test_a_scheduled_notice_is_published_at_its_time_and_expires(
     assert await town.inbox(late, include_expired=True) == []
 
 
+async def test_a_scheduled_notice_whose_time_up_passed_unsent_expires_unpublished(
+    town: Town, clock: Clock
+) -> None:
+    """The service was down from before its publish_at until after its expiry."""
+    household = town.households[town.city.group][0]
+    deliverer = town.service.deliverer
+    await deliverer.stop()
+    try:
+        notice = await town.publish(
+            publish_at=stamp(clock() + timedelta(hours=1)),
+            expires_at=stamp(clock() + timedelta(hours=2)),
+        )
+        clock.advance(hours=3)
+        assert await state_of(town, notice.notice_id) == notices_pb2.NOTICE_STATE_EXPIRED
+        await deliverer.run_once()
+        await deliverer.run_once()
+    finally:
+        deliverer.start()
+    got = await town.admin.GetNotice(notices_pb2.GetNoticeRequest(notice_id=notice.notice_id))
+    assert got.notice.state == notices_pb2.NOTICE_STATE_EXPIRED
+    assert not got.notice.HasField("published_at")
+    assert await town.events(notice.notice_id, events_pb2.NoticePublished) == []
+    assert len(await town.events(notice.notice_id, events_pb2.NoticeExpired)) == 1
+    assert await town.inbox(household, include_expired=True) == []
+
+
 async def test_households_moving_in_and_out_after_publication(town: Town, clock: Clock) -> None:
     city = town.city
     group_notice = await town.publish(town.leader, unit_id=city.group, title="Tổ 17 họp")
