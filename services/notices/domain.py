@@ -4,6 +4,7 @@ reaches, and when it is live. No I/O here."""
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -134,7 +135,9 @@ def _overlap(unit_id: str, other: str) -> bool:
 
 
 def clean_text(name: str, value: str, limit: int, *, multiline: bool) -> str:
-    text = value.replace("\r\n", "\n").strip()
+    # Composed (NFC): Vietnamese typed with separate tone marks is the same letters, measured
+    # and shown as typed precomposed (as the registry keeps names).
+    text = unicodedata.normalize("NFC", value.replace("\r\n", "\n")).strip()
     if not text:
         raise InvalidArgument(name, "is required")
     if len(text) > limit:

@@ -3,11 +3,14 @@ resident's listing (unread first, newest first), and who sees a notice at all.""
 
 from __future__ import annotations
 
+import unicodedata
+
 import grpc
 from civic.common.v1 import types_pb2
 from civic.notices.v1 import notices_pb2
 
 from services.common.auth import Role
+from services.notices.domain import MAX_TITLE
 from tests.notices.conftest import Town, events_pb2, refused, unique_title
 
 
@@ -141,3 +144,18 @@ async def test_officials_list_the_notices_of_their_unit(town: Town) -> None:
             assert (await call).notice.notice_id == notice_id
         else:
             await refused(code, call)
+
+
+async def test_text_typed_with_combining_marks_is_kept_composed_and_measured_so(
+    town: Town,
+) -> None:
+    """Vietnamese typed with separate tone marks (a keyboard set to compose them, a file named
+    on a Mac) reads as the same letters: within a limit as it would be typed precomposed, and
+    kept precomposed, as any other device shows it."""
+    title = ("Lịch tiêm chủng mở rộng " * 9)[:MAX_TITLE].strip()
+    decomposed = unicodedata.normalize("NFD", title)
+    assert len(decomposed) > MAX_TITLE
+    body = unicodedata.normalize("NFD", "Thứ Bảy, 7 giờ sáng")
+    notice = await town.publish(town.leader, unit_id=town.city.group, title=decomposed, body=body)
+    assert (notice.title, notice.body) == (title, "Thứ Bảy, 7 giờ sáng")
+    assert unicodedata.is_normalized("NFC", notice.revisions[0].title)
