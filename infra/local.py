@@ -35,6 +35,7 @@ from typing import Any
 
 import pymongo
 import urllib3
+from aiokafka.conn import collect_hosts
 from minio import Minio
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -138,6 +139,19 @@ class Ports:
 
 def _is_port(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def kafka_addresses(bootstrap_servers: str, source: str) -> str:
+    """The brokers' addresses, checked as the Kafka client reads them: it fails on a port that
+    is no number (`kafka:909z`, `kafka:`) with a traceback of its own. `source` is where they
+    were given, for the error."""
+    try:
+        collect_hosts(bootstrap_servers)
+    except ValueError:
+        raise InfraError(
+            f"{source} {bootstrap_servers!r}: a broker is host:port, the port a number"
+        ) from None
+    return bootstrap_servers
 
 
 def _damaged(path: Path, reason: str) -> InfraError:
@@ -282,6 +296,8 @@ class LocalStack:
         wanted = self.own_servers()
         to_start = [s for s in wanted if self._running_pid(s) is None]
         # Check everything before starting anything, so a failure leaves nothing behind.
+        if external_kafka := self._external("kafka"):
+            kafka_addresses(external_kafka, EXTERNAL_ENV["kafka"])
         argvs = {s: self._argv(s) for s in to_start}
         for server in to_start:
             for port in self.ports.of(server):

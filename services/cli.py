@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from aiokafka.conn import collect_hosts
 from aiokafka.errors import KafkaError
 from civic.gis.v1 import gis_pb2, gis_pb2_grpc
 from civic.registry.v1 import registry_pb2, registry_pb2_grpc
@@ -671,11 +670,11 @@ async def _tail(args: argparse.Namespace) -> int:
                 status=2,
             )
     bootstrap = args.bootstrap or Settings().kafka_bootstrap_servers
+    source = "--bootstrap" if args.bootstrap else "KAFKA_BOOTSTRAP_SERVERS"
     try:
-        collect_hosts(bootstrap)  # as the client reads it, which fails with a traceback
-    except ValueError:
-        source = "--bootstrap" if args.bootstrap else "KAFKA_BOOTSTRAP_SERVERS"
-        return _fail(f"{source} {bootstrap!r}: a broker is host:port, the port a number", status=2)
+        local.kafka_addresses(bootstrap, source)
+    except InfraError as error:
+        return _fail(str(error), status=2)
     try:
         await topic_tail.tail(
             bootstrap,

@@ -265,6 +265,17 @@ async def test_demo_tells_its_story_on_stdout_and_only_warnings_on_stderr(
     assert noise == []
 
 
+async def test_demo_on_a_broker_address_whose_port_is_no_number_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka:")
+    assert await cli.run(["demo"]) == 1
+    assert capsys.readouterr().err == (
+        "error: the demo stopped: KAFKA_BOOTSTRAP_SERVERS 'kafka:': a broker is host:port, "
+        "the port a number\n"
+    )
+
+
 # `civic demo` whose servers take a moment to start, and say when they begin.
 DEMO_STARTING = """
 import sys, time

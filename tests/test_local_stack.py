@@ -337,6 +337,19 @@ def test_a_bad_setting_is_one_line_naming_its_variable(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("pids/*"))  # nothing started
 
 
+def test_an_external_broker_address_whose_port_is_no_number_is_one_line(tmp_path: Path) -> None:
+    """Not the Kafka client's traceback once the other servers have started: nothing starts."""
+    status, err = run_local(
+        *("up", "--env", "opskafka", "--root", str(tmp_path)),
+        KAFKA_BOOTSTRAP_SERVERS="kafka:909z",
+    )
+    assert (status, err) == (
+        1,
+        ["error: KAFKA_BOOTSTRAP_SERVERS 'kafka:909z': a broker is host:port, the port a number"],
+    )
+    assert not list(tmp_path.glob("pids/*"))
+
+
 def test_a_damaged_ports_file_is_one_line_naming_it(tmp_path: Path) -> None:
     (tmp_path / "ports.json").write_text('{"mongo": 27017,')
     for command in ("status", "down", "up"):
