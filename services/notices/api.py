@@ -603,9 +603,10 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             if acknowledge:
                 if not notice["requires_ack"]:
                     raise FailedPrecondition("this notice does not ask for acknowledgement")
-                state = domain.state_at(State(notice["state"]), notice["expires_at"], now)
-                domain.require_live(state, "acknowledged")
+                # A household that acknowledged it is answered as before, though it has ended.
                 if not record["acked"]:
+                    state = domain.state_at(State(notice["state"]), notice["expires_at"], now)
+                    domain.require_live(state, "acknowledged")
                     changes |= {"acked": True, "acked_at": now}
                     acknowledged = events_pb2.NoticeAcknowledged(
                         notice_id=notice["_id"], household_id=household_id

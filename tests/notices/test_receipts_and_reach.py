@@ -4,6 +4,7 @@ household's to see and open once its delivery there is counted and announced."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from civic.notices.v1 import notices_pb2
 from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
+from tests.conftest import Clock
 from tests.notices.conftest import (
     Town,
     deliver_by_hand,
@@ -20,6 +22,7 @@ from tests.notices.conftest import (
     eventually,
     refused,
     rid,
+    stamp,
 )
 
 
@@ -209,6 +212,43 @@ async def test_a_retracted_notice_takes_no_more_read_receipts(town: Town) -> Non
         notices_pb2.ListNotReachedRequest(notice_id=notice.notice_id)
     )
     assert [h.household_id for h in not_reached.households] == [late]
+
+
+async def test_an_acknowledgement_repeated_after_the_notice_ended_is_answered_as_before(
+    town: Town, clock: Clock
+) -> None:
+    """ "I will attend" tapped again (a second tap, the app sending it anew) once the notice has
+    expired or been retracted: the household that said it is told so again, nothing recorded;
+    one that had not is refused."""
+    city = town.city
+    expiring = await town.publish(
+        town.leader,
+        unit_id=city.group,
+        requires_acknowledgement=True,
+        expires_at=stamp(clock() + timedelta(hours=1)),
+    )
+    retracted = await town.publish(town.leader, unit_id=city.group, requires_acknowledgement=True)
+    await town.delivered(expiring.notice_id)
+    await town.delivered(retracted.notice_id)
+    said, silent, _ = town.households[city.group]
+    first = {n: await acknowledge(town, said, n) for n in (expiring.notice_id, retracted.notice_id)}
+    await town.leader.RetractNotice(
+        notices_pb2.RetractNoticeRequest(
+            request_id=rid(), notice_id=retracted.notice_id, reason="Hoãn họp"
+        )
+    )
+    clock.advance(hours=2)
+    for notice_id, acknowledged in first.items():
+        acks = await town.events(notice_id, events_pb2.NoticeAcknowledged)
+        again = await acknowledge(town, said, notice_id)
+        assert again.acknowledged and again.acknowledged_at == acknowledged.acknowledged_at
+        assert await town.events(notice_id, events_pb2.NoticeAcknowledged) == acks
+        await refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            town.resident(silent).AcknowledgeNotice(
+                notices_pb2.AcknowledgeNoticeRequest(request_id=rid(), notice_id=notice_id)
+            ),
+        )
 
 
 async def test_a_notice_is_shown_and_opened_only_once_its_delivery_is_announced(
