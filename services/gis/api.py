@@ -27,6 +27,7 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from services.common.grpc_server import PURPOSE_HEADER
 from services.common.mongo import Document, Session, in_transaction, in_unit
@@ -114,8 +115,8 @@ def _geometry_given_in(field: str) -> Iterator[None]:
         raise InvalidArgument(field, f"MongoDB cannot use it ({reason})") from None
 
 
-class RegistryUnavailable(DomainError):
-    code = grpc.StatusCode.UNAVAILABLE
+class RegistryUnavailable(Unavailable):
+    """The registry did not answer: a consumer meeting it retries rather than park the event."""
 
 
 class RegistryRefusedInput(DomainError):
