@@ -38,6 +38,7 @@ from services.notices.records import (
     audience_document,
     audience_from_message,
     household_notice,
+    without_withdrawn_files,
 )
 from services.notices.records import notice_message as notice_record
 from services.notices.store import NoticeStore, new_notice_id
@@ -159,6 +160,16 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
 
     def _notice(self, doc: Document) -> notices_pb2.Notice:
         return notice_record(doc, self.clock(), self.files.view_url)
+
+    def _notice_for(self, caller: Principal, doc: Document) -> notices_pb2.Notice:
+        """The notice as the caller may read it: a household as it was sent; the files withdrawn
+        from it only for its publisher and the officials above, who may still change it."""
+        message = self._notice(doc)
+        if caller.role is Role.RESIDENT:
+            return as_sent(message)
+        if not (caller.is_official and caller.covers(doc["publisher"]["unit_id"])):
+            without_withdrawn_files(message)
+        return message
 
     async def _get(self, notice_id: str, session: Session | None = None) -> Document:
         if not notice_id:
@@ -468,10 +479,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
     ) -> notices_pb2.GetNoticeResponse:
         caller = principal()
         notice = await self._visible(request.notice_id, caller)
-        message = self._notice(notice)
-        if caller.role is Role.RESIDENT:
-            as_sent(message)
-        return notices_pb2.GetNoticeResponse(notice=message)
+        return notices_pb2.GetNoticeResponse(notice=self._notice_for(caller, notice))
 
     async def ListNotices(
         self, request: notices_pb2.ListNoticesRequest, context: Context
@@ -489,7 +497,7 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             unit_id, request.page.page_token, size, merged_in, from_above=request.from_above
         )
         return notices_pb2.ListNoticesResponse(
-            notices=[self._notice(n) for n in items], next_page_token=token
+            notices=[self._notice_for(caller, n) for n in items], next_page_token=token
         )
 
     async def GetReach(

@@ -119,11 +119,17 @@ def notice_message(
 
 def as_sent(message: notices_pb2.Notice) -> notices_pb2.Notice:
     """A household sees what was sent, not how it was aimed or how far it went; and of the files,
-    only those the notice still carries: a revision that dropped one (sent by mistake, say), or
-    the notice's retraction, withdraws it from every household."""
+    only those the notice still carries (`without_withdrawn_files`)."""
     message.ClearField("audience")
     message.households_delivered = 0
     message.delivery_complete = False
+    return without_withdrawn_files(message)
+
+
+def without_withdrawn_files(message: notices_pb2.Notice) -> notices_pb2.Notice:
+    """Only the files the notice still carries: a revision that dropped one (sent by mistake,
+    say), or the notice's retraction, withdraws it from all but its publisher and the officials
+    above."""
     retracted = message.state == notices_pb2.NOTICE_STATE_RETRACTED
     if retracted:
         del message.attachments[:]

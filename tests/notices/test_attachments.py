@@ -14,6 +14,7 @@ import grpc
 from civic.notices.v1 import notices_pb2
 from minio import Minio
 
+from services.common.auth import Role
 from services.common.objects import checked
 from services.common.uploads import UploadSweeper
 from services.notices.domain import ATTACHMENT_SIGNATURES, MAX_ATTACHMENT_BYTES
@@ -271,3 +272,56 @@ async def test_an_attachment_a_revision_dropped_can_be_attached_again(town: Town
     assert [(a.object_key, a.file_name) for a in restored.attachments] == [
         (kept_key, "ke-hoach-moi.pdf")
     ]
+
+
+async def test_a_file_withdrawn_from_a_notice_is_handed_only_to_its_publisher_and_above(
+    town: Town,
+) -> None:
+    """A file a revision dropped (a list of households sent by mistake, say), or every file of
+    a retracted notice, is no longer handed to the officials below the publisher who read the
+    notice (a group leader finding the ward's notice), nor to auditors or integrators."""
+    city, officer = town.city, town.ward_officer
+    sent = await upload(officer, PDF, PDF_TYPE)
+    kept = await upload(officer, png_bytes(), "image/png")
+    notice = await town.publish(
+        attachments=[attach(sent, "danh-sach-ho-ngheo.pdf"), attach(kept, "so-do.png")]
+    )
+    await officer.ReviseNotice(
+        notices_pb2.ReviseNoticeRequest(
+            request_id=rid(),
+            notice_id=notice.notice_id,
+            title=notice.title,
+            body=notice.body,
+            attachments=[attach(notice.attachments[1].object_key, "so-do.png")],
+        )
+    )
+    below = [
+        town.leader,
+        town.caller(Role.AUDITOR, city.ward),
+        town.caller(Role.INTEGRATOR, city.city),
+    ]
+
+    async def files(caller: NoticeCaller) -> tuple[set[str], set[str]]:
+        """The files of the notice as GetNotice and ListNotices (from above) hand them."""
+        got = await caller.GetNotice(notices_pb2.GetNoticeRequest(notice_id=notice.notice_id))
+        listed = await caller.ListNotices(
+            notices_pb2.ListNoticesRequest(unit_id=city.group, from_above=True)
+        )
+        (found,) = [n for n in listed.notices if n.notice_id == notice.notice_id]
+        return tuple(  # type: ignore[return-value]
+            {a.file_name for a in n.attachments}
+            | {a.file_name for r in n.revisions for a in r.attachments}
+            for n in (got.notice, found)
+        )
+
+    every = {"danh-sach-ho-ngheo.pdf", "so-do.png"}
+    for caller in (officer, town.admin):  # the publisher and an official above
+        assert await files(caller) == (every, every)
+    for caller in below:
+        assert await files(caller) == ({"so-do.png"}, {"so-do.png"})
+    await officer.RetractNotice(
+        notices_pb2.RetractNoticeRequest(request_id=rid(), notice_id=notice.notice_id, reason="sai")
+    )
+    assert await files(officer) == (every, every)
+    for caller in below:
+        assert await files(caller) == (set(), set())
