@@ -447,6 +447,11 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         changes: Document = {}
         if "address" in fields:
             changes["address"] = domain.normalize_name("address", request.address)
+        for named in ("housing", "location"):
+            # Left out, it would read as all zeros: a form that failed to send it must not wipe
+            # the household's floor area and storeys, nor put it off the coast of Africa.
+            if named in fields and not request.HasField(named):
+                raise InvalidArgument(named, "is required when named in update_fields")
         if "housing" in fields:
             changes["housing"] = housing_document(request.housing)
         if "residence_kind" in fields:
@@ -454,8 +459,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 "residence_kind", request.residence_kind, registry_pb2.ResidenceKind
             )
         if "location" in fields:
-            if not request.HasField("location"):
-                raise InvalidArgument("location", "is required when named in update_fields")
             changes["location"] = point_document("location", request.location)
         if "poor" in fields:
             changes["poor"] = request.poor

@@ -279,6 +279,35 @@ async def test_bad_household_is_refused_and_nothing_written(
     assert await footprint(registry) == before
 
 
+@pytest.mark.parametrize("field", ["housing", "location"])
+async def test_an_update_naming_a_field_it_does_not_send_is_refused_and_nothing_written(
+    city: City, registry: RegistryService, field: str
+) -> None:
+    """A form that names housing (or location) but fails to send it: refused, not taken for
+    all zeros that wipe the floor area and storeys on record."""
+    home = await new_household(
+        city.leader, city.group, location=types_pb2.GeoPoint(latitude=16.07, longitude=108.22)
+    )
+    hid = home.household.household_id
+    before = await footprint(registry)
+
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await city.leader.UpdateHousehold(
+            registry_pb2.UpdateHouseholdRequest(
+                request_id=rid(), household_id=hid, update_fields=[field]
+            )
+        )
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.value.details() or "").startswith(f"{field}:"), error.value.details()
+    assert await footprint(registry) == before
+    got = await city.leader.GetHousehold(registry_pb2.GetHouseholdRequest(household_id=hid))
+    assert (got.household.housing, got.household.location) == (
+        home.household.housing,
+        home.household.location,
+    )
+
+
 async def test_retry_with_same_request_id_changes_nothing(
     city: City, registry: RegistryService
 ) -> None:
