@@ -53,7 +53,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from PIL import Image
 
-from infra.local import LocalStack, Ports, free_port, isolated_settings, kafka_addresses
+from infra.local import LocalStack, Ports, free_port, isolated_settings
 from services import topic_tail
 from services.common.auth import Role, mint_token
 from services.common.broker import faststream_warnings_only
@@ -807,9 +807,7 @@ async def _on_own_servers(say: Callable[[str], None]) -> int:
         # Its databases are its own, but topics are the broker's: the demo's consumers would
         # read another platform's registry and count its households as the pilot's.
         if "kafka" not in stack.own_servers() and (
-            used := await civic_events_on(
-                kafka_addresses(outside.kafka_bootstrap_servers, "KAFKA_BOOTSTRAP_SERVERS")
-            )
+            used := await civic_events_on(outside.kafka_bootstrap_servers)
         ):
             print(
                 f"error: the broker at {outside.kafka_bootstrap_servers} already holds Civic "

@@ -7,7 +7,8 @@ import socket
 from functools import lru_cache
 from typing import Any
 
-from pydantic import Field, ValidationError
+from aiokafka.conn import collect_hosts
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Ports each service's gRPC server listens on unless told otherwise.
@@ -86,6 +87,17 @@ class Settings(BaseSettings):
     # relay lease both let a restarted instance take over its own place at once.
     instance_id: str = ""
 
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _brokers(cls, value: str) -> str:
+        # The Kafka client fails on a port that is no number (`kafka:909z`, `kafka:`) only
+        # when it connects, with a traceback of its own.
+        try:
+            collect_hosts(value)
+        except ValueError:
+            raise ValueError("a broker is host:port, the port a number") from None
+        return value
+
     def __init__(self, **values: Any) -> None:
         # Every command and service reads its settings first: a bad value names the variable
         # to fix, in a line a command can print, instead of pydantic's report of field paths.
@@ -147,7 +159,10 @@ def _problems(error: ValidationError) -> str:
     for problem in error.errors():
         field = str(problem["loc"][0]) if problem["loc"] else ""
         name = env_name(field) if field in Settings.model_fields else field
-        problems.append(f"{name}: {problem['msg']}")
+        # A validator's own message, without pydantic's "Value error, " before it.
+        error_of_ours = (problem.get("ctx") or {}).get("error")
+        message = str(error_of_ours) if problem["type"] == "value_error" else problem["msg"]
+        problems.append(f"{name}: {message}")
     return "; ".join(problems)
 
 

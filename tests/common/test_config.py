@@ -16,6 +16,9 @@ from services.common.config import Settings, SettingsError
         # No port to listen on, which would be reported as one in use.
         ("CIVIC_GRPC_PORT", "-1"),
         ("CIVIC_GRPC_PORT", "70000"),
+        # A broker's port that is no number, which the Kafka client finds only as it connects.
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka:909z"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "kafka:"),
     ],
 )
 def test_a_value_that_cannot_work_is_refused_naming_its_variable(
@@ -24,3 +27,12 @@ def test_a_value_that_cannot_work_is_refused_naming_its_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=f"^{variable}: "):
         Settings()
+
+
+def test_a_brokers_address_is_refused_in_plain_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka:909z")
+    with pytest.raises(SettingsError) as refused:
+        Settings()
+    assert str(refused.value) == (
+        "KAFKA_BOOTSTRAP_SERVERS: a broker is host:port, the port a number"
+    )
