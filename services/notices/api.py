@@ -443,7 +443,12 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             return update, notices_pb2.NOTICE_CHANGE_RETRACTED, message
 
         response: notices_pb2.RetractNoticeResponse = await self._manage(
-            "RetractNotice", request, notices_pb2.RetractNoticeResponse, "retracted", retraction
+            "RetractNotice",
+            request,
+            notices_pb2.RetractNoticeResponse,
+            "retracted",
+            retraction,
+            require=domain.require_retractable,
         )
         return response
 
@@ -454,15 +459,16 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
         response_type: Any,
         what: str,
         change: Callable[[Document, datetime], tuple[Document, int, Message]],
+        require: Callable[[State, str], None] = domain.require_live,
     ) -> Any:
-        """A publisher's change to a notice that is still live, as one command: the update, the
-        watching apps told (once it is published), its event."""
+        """A publisher's change to a notice that is still live (or as `require` allows), as one
+        command: the update, the watching apps told (once it is published), its event."""
 
         async def work(session: Session) -> tuple[Any, list[Document]]:
             now = self.clock()
             current = await self._get(request.notice_id, session)
             state = domain.state_at(State(current["state"]), current["expires_at"], now)
-            domain.require_live(state, what)
+            require(state, what)
             update, told, message = change(current, now)
             updated = await self.store.update(current["_id"], update, session)
             if state is State.PUBLISHED:

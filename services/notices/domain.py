@@ -316,6 +316,13 @@ def require_live(state: State, what: str) -> None:
         raise FailedPrecondition(f"the notice has expired; it cannot be {what}")
 
 
+def require_retractable(state: State, what: str) -> None:
+    """An expired notice may still be retracted: residents can list expired notices, and a
+    notice sent in error (a list of poor households attached, say) must not stay readable."""
+    if state is not State.EXPIRED:
+        require_live(state, what)
+
+
 def require_open_to_reads(state: State) -> None:
     """A retracted notice takes no new read receipt: its reach stays as it stood when it was
     retracted. A household that opened it before is answered as before, nothing recorded."""

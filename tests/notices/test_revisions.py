@@ -115,6 +115,40 @@ async def test_retraction_needs_a_reason_and_hides_nothing(town: Town, clock: Cl
     )
 
 
+async def test_an_expired_notice_can_still_be_retracted_but_not_revised(
+    town: Town, clock: Clock
+) -> None:
+    """Residents list expired notices on request: one sent in error stays readable unless its
+    publisher can still retract it after its expiry."""
+    notice = await town.publish(
+        town.leader,
+        unit_id=town.city.group,
+        title="Danh sách hộ nghèo",
+        expires_at=stamp(clock() + timedelta(hours=1)),
+    )
+    await town.delivered(notice.notice_id)
+    household = town.households[town.city.group][0]
+    clock.advance(hours=2)
+    await refused(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        town.leader.ReviseNotice(
+            notices_pb2.ReviseNoticeRequest(
+                request_id=rid(), notice_id=notice.notice_id, title="x", body="y"
+            )
+        ),
+    )
+    response = await town.leader.RetractNotice(
+        notices_pb2.RetractNoticeRequest(
+            request_id=rid(), notice_id=notice.notice_id, reason="Gửi nhầm danh sách"
+        )
+    )
+    assert response.notice.state == notices_pb2.NOTICE_STATE_RETRACTED
+    (mine,) = await town.inbox(household, include_expired=True)
+    assert mine.notice.state == notices_pb2.NOTICE_STATE_RETRACTED
+    retracted = await town.events(notice.notice_id, events_pb2.NoticeRetracted)
+    assert [e.reason for e in retracted] == ["Gửi nhầm danh sách"]
+
+
 async def test_a_scheduled_notice_retracted_before_its_time_is_never_delivered(
     town: Town, clock: Clock
 ) -> None:
