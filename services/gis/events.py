@@ -116,6 +116,8 @@ class _Batch:
         self.points: dict[str, Document | None] = {}
         self.changed: set[str] = set()
         self.merged: dict[str, str] = {}  # a merged group -> the group it was merged into
+        # (source, target, the merge's trace), in the events' order.
+        self.merges: list[tuple[str, str, dict[str, str]]] = []
         self.left: dict[str, set[str]] = {}  # point -> the units it moved out of
         # Each unit's map change carries the trace of the last event that changed it there.
         self.traces: dict[str, dict[str, str]] = {}
@@ -292,6 +294,7 @@ class _Batch:
         source go, with their members; one it has elsewhere has moved since (or has yet to
         reach the source), and its own move, on its partition, takes it where it goes."""
         self.merged[source] = target
+        self.merges.append((source, target, current_trace_headers()))
         self.units.append(
             UpdateOne({"_id": source}, {"$set": {"active": False, "merged_into_id": target}})
         )
@@ -339,6 +342,8 @@ class _Batch:
         if writes:
             await self.store.features.bulk_write(writes, ordered=False, session=self.session)
         emitted = []
+        for source, target, trace in self.merges:
+            emitted += await self._carry_drawings(source, target, outbox, trace)
         for unit_id, trace in self.traces.items():
             event = features_changed(
                 outbox,
@@ -349,6 +354,40 @@ class _Batch:
             )
             event["trace"] = trace
             emitted.append(event)
+        return emitted
+
+    async def _carry_drawings(
+        self, source: str, target: str, outbox: Outbox, trace: dict[str, str]
+    ) -> list[Document]:
+        """The merged group's drawings become the target's, as if its leader had drawn them: a
+        merged group takes no more imports, so otherwise nobody could ever replace or remove
+        them, and the target's survey of its grown area would stand beside them twice. Its
+        outline keeps bounding it (a place there is the target's) until the target's own is
+        redrawn around it."""
+        drawn = await self.store.features.find(
+            {"source_unit": source, "layer": {"$ne": Layer.HOUSEHOLD.key}}, session=self.session
+        ).to_list()
+        writes = []
+        moved: dict[str, list[str]] = {}
+        for doc in drawn:
+            doc["source_unit"] = target
+            if doc["layer"] != Layer.BOUNDARY.key:
+                doc["unit_id"] = target
+                moved.setdefault(doc["layer"], []).append(doc["_id"])
+            doc["hash"] = content_hash(doc)
+            doc["geojson"] = feature_text(doc)
+            writes.append(ReplaceOne({"_id": doc["_id"]}, doc))
+        if writes:
+            await self.store.features.bulk_write(writes, ordered=False, session=self.session)
+        emitted = []
+        for key, ids in moved.items():
+            layer = Layer[key.upper()]
+            for event in (
+                features_changed(outbox, target, layer, upserted=ids),
+                features_changed(outbox, source, layer, removed=ids),
+            ):
+                event["trace"] = trace
+                emitted.append(event)
         return emitted
 
 

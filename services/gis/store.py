@@ -78,6 +78,8 @@ class GisStore:
                 IndexModel([("source_unit", ASCENDING), ("layer", ASCENDING)]),
             ]
         )
+        # The groups merged into a unit whose outline is drawn again.
+        await self.units.create_index("merged_into_id")
         await self.persons.create_indexes(
             [IndexModel([("unit_id", ASCENDING)]), IndexModel([("household_id", ASCENDING)])]
         )
@@ -126,10 +128,13 @@ class GisStore:
 
     async def displaced(self, boundaries: Sequence[Document], session: Session) -> list[Document]:
         """The boundaries these take the place of: any other boundary of the units they bound
-        (one stored under an id from its drawing, as ids were made before), and what the same
-        outline of the same drawing bounded when it named another unit."""
+        (one stored under an id from its drawing, as ids were made before) or of the groups
+        merged into them (the outline drawn after a merge is the merged groups' too), and what
+        the same outline of the same drawing bounded when it named another unit."""
         if not boundaries:
             return []
+        bounded = {doc["unit_id"] for doc in boundaries}
+        bounded |= await self.merged_into(bounded, session)
         # The same outline: of the same unit's drawing (or of one stored before boundaries kept
         # their drawing), under the same handle or id.
         outlines: dict[tuple[str, str], list[str]] = {}
@@ -140,7 +145,7 @@ class GisStore:
             "layer": Layer.BOUNDARY.key,
             "_id": {"$nin": [doc["_id"] for doc in boundaries]},
             "$or": [
-                {"unit_id": {"$in": sorted({doc["unit_id"] for doc in boundaries})}},
+                {"unit_id": {"$in": sorted(bounded)}},
                 *(
                     {
                         "source_unit": unit,
@@ -152,6 +157,25 @@ class GisStore:
             ],
         }
         return await self.features.find(query, {"unit_id": 1}, session=session).to_list()
+
+    async def merged_into(self, unit_ids: set[str], session: Session) -> set[str]:
+        """The groups the registry merged into these units, and those merged into them in
+        turn."""
+        found: set[str] = set()
+        wanted = unit_ids
+        for _ in range(MAX_MERGES):
+            wanted = {
+                doc["_id"]
+                async for doc in self.units.find(
+                    {"merged_into_id": {"$in": sorted(wanted)}, "active": False},
+                    {"_id": 1},
+                    session=session,
+                )
+            } - found
+            if not wanted:
+                break
+            found |= wanted
+        return found
 
     async def undrawn(
         self, layer: Layer, docs: Sequence[Document], session: Session
