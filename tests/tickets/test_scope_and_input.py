@@ -3,6 +3,7 @@ input of each kind refused with the right status code, with nothing written."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from civic.tickets.v1 import tickets_pb2
 
 from services.common.auth import Role
 from services.common.mongo import in_unit
+from services.tickets import domain
 from services.tickets.domain import Status
 from services.tickets.main import TicketsService
 from tests.registry_fixtures import create_unit, new_household
@@ -648,3 +650,48 @@ async def test_bad_input_on_existing_tickets_is_refused_and_writes_nothing(
     assert await footprint(tickets_service) == before
     for ticket_id, document in stored.items():
         assert await tickets_service.store.get(ticket_id) == document
+
+
+@pytest.mark.parametrize("text", ["Đèn hỏng\x00", "Đèn \x1b[2Jhỏng", "Đèn \x93hỏng\x94 rồi"])
+async def test_text_with_control_characters_is_refused_and_writes_nothing(
+    pilot: Pilot, tickets_service: TicketsService, text: str
+) -> None:
+    """A NUL, a terminal escape or a C1 control (text from Windows-1252 read as Latin-1) is no
+    part of what a resident or official writes: it would reach every screen and export."""
+    ticket_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+    stored = await tickets_service.store.get(ticket_id)
+    before = await footprint(tickets_service)
+    error = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT, pilot.resident.SubmitTicket(submission(description=text))
+    )
+    assert (error.details() or "").startswith("description"), error.details()
+    error = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        pilot.resident.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text=text)
+        ),
+    )
+    assert (error.details() or "").startswith("text"), error.details()
+    assert await footprint(tickets_service) == before
+    assert await tickets_service.store.get(ticket_id) == stored
+
+
+async def test_vietnamese_typed_with_separate_tone_marks_is_measured_by_its_letters(
+    pilot: Pilot,
+) -> None:
+    """A comment of 2,000 letters typed with combining tone marks (as some keyboards send them)
+    is within the limit, and kept composed, as the same letters typed precomposed are."""
+    ticket_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+    letters = "ệ" * domain.MAX_COMMENT
+    typed = unicodedata.normalize("NFD", letters)
+    assert len(typed) > domain.MAX_COMMENT
+    commented = await pilot.resident.AddComment(
+        tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text=typed)
+    )
+    assert commented.ticket.comments[-1].text == letters
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        pilot.resident.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text=typed + "ệ")
+        ),
+    )
