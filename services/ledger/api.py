@@ -652,7 +652,12 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
             domain.check_in_books(
                 "spent_on", spent_on, domain.first_day_of_books(fund["opened_at"])
             )
-            await self.files.accept_image(key, MAX_RECEIPT_BYTES)
+            try:
+                await self.files.accept_image(key, MAX_RECEIPT_BYTES)
+            except InvalidArgument as error:  # the store names its own `object_key`
+                raise InvalidArgument("receipt_object_key", error.problem) from None
+            except NotFound as error:
+                raise NotFound(f"receipt_object_key: {error.message}") from None
             done = await self._post([draft], one_expense_a_receipt)
         return ledger_pb2.RecordExpenseResponse(transaction=await self._message(done[0]))
 

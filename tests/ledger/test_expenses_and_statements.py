@@ -117,7 +117,17 @@ async def test_an_expense_needs_a_real_image_and_the_money(books: Books) -> None
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await books.treasurer.RecordExpense(expense(books, fake, amount=50_000))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "is not a image/png" in (refused.value.details() or "")
+    # Named as the request names it, not as the object store does.
+    assert (refused.value.details() or "").startswith(
+        "receipt_object_key: the uploaded file is not a image/png"
+    )
+    # A key of this fund's form that nothing was uploaded to.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await books.treasurer.RecordExpense(
+            expense(books, f"receipts/{books.fund_id}/" + "b" * 32 + ".png")
+        )
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (refused.value.details() or "").startswith("receipt_object_key: nothing was uploaded")
     key = await upload_receipt(books)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await books.treasurer.RecordExpense(expense(books, key, amount=150_000))
