@@ -395,7 +395,9 @@ def reversal_of(postings: Iterable[tuple[str, int]]) -> Postings:
 
 
 def check_text(field_name: str, value: str, required: bool = False, limit: int = MAX_TEXT) -> str:
-    text = " ".join(value.split())
+    # Composed (NFC): Vietnamese typed with separate tone marks is the same letters, kept and
+    # measured as such.
+    text = " ".join(unicodedata.normalize("NFC", value).split())
     if required and not text:
         raise InvalidArgument(field_name, "is required")
     if len(text) > limit:

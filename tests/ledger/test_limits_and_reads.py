@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import unicodedata
 from datetime import date
 
 import grpc
@@ -180,3 +181,26 @@ async def test_a_statement_whose_totals_would_pass_the_limit_names_the_period(
     answered = (await books.auditor.GetStatement(shorter)).statement
     assert (answered.total_in, answered.total_out) == (2 * big, 2 * big)
     assert answered.opening_available == answered.closing_available == 0
+
+
+async def test_text_typed_with_separate_tone_marks_is_kept_composed_and_measured_by_letters(
+    books: Books,
+) -> None:
+    """Some Vietnamese keyboards send a letter and its marks apart ("ế" as e, ˆ, ´): the fund's
+    name and a memo within their limits in letters are taken, and kept composed as on any
+    other keyboard, not refused for the marks they were typed with."""
+    name = "Quỹ khuyến học tổ dân phố số mười một phường Hòa Cường Bắc quận Hải Châu năm 2026"
+    name = (name + " " + name)[:120].strip()
+    typed = unicodedata.normalize("NFD", name)
+    assert len(typed) > 120
+    opened = await books.leader.OpenFund(
+        ledger_pb2.OpenFundRequest(request_id=rid(), unit_id=books.city.group, name=typed)
+    )
+    assert opened.fund.name == name
+    memo = ("Tiền điện chiếu sáng kiệt 45 tháng mười một " * 12)[:500]
+    posted = await books.post(
+        ("cash", 10_000),
+        ("income/donations", -10_000),
+        memo=unicodedata.normalize("NFD", memo),
+    )
+    assert posted.memo == memo.strip()
