@@ -691,7 +691,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 until = _reopen_until(ticket, await self._rules_that_routed(ticket, session))
                 if now <= until:
                     raise FailedPrecondition(
-                        f"the submitter may reopen it until {until:%Y-%m-%d %H:%M} UTC; "
+                        f"the submitter may reopen it until {domain.local_time(until)}; "
                         "close it after that"
                     )
             return await self._set_status(

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import IntEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from services.common.auth import OFFICIALS, Principal, Role
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
@@ -207,6 +208,16 @@ TRANSITIONS: dict[str, tuple[Status, ...]] = {
     "support": (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
     "attach": (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS),
 }
+
+
+# The city's clock: a moment told to an official is told as they read their own.
+LOCAL_TIME = ZoneInfo("Asia/Ho_Chi_Minh")
+
+
+def local_time(moment: datetime) -> str:
+    """A moment as an official in the city reads it (UTC+7): late in the evening UTC is
+    already the next day there."""
+    return f"{moment.astimezone(LOCAL_TIME):%Y-%m-%d %H:%M} (Asia/Ho_Chi_Minh time)"
 
 
 def check_transition(action: str, status: Status) -> None:

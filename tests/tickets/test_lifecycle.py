@@ -615,3 +615,25 @@ async def test_a_ticket_keeps_a_bounded_number_of_comments(
     assert "3 comments" in (caught.value.details() or "")
     got = await pilot.resident.GetTicket(tickets_pb2.GetTicketRequest(ticket_id=ticket_id))
     assert [c.text for c in got.ticket.comments] == ["lần 0", "lần 1", "lần 2"]
+
+
+async def test_an_official_closing_too_early_is_told_until_when_in_the_citys_time(
+    pilot: Pilot,
+) -> None:
+    """Officials read the city's clock (UTC+7): the end of the reopening period is told so, not
+    in UTC, where an evening's end falls on the day before."""
+    ticket_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+    resolved = await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(request_id=rid(), ticket_id=ticket_id, resolution="Xong")
+    )
+    rules = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+    until = resolved.ticket.resolved_at.ToDatetime(tzinfo=UTC) + rules.reopen_within.ToTimedelta()
+    local = until.astimezone(domain.LOCAL_TIME)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pilot.ward_officer.CloseTicket(
+            tickets_pb2.CloseTicketRequest(request_id=rid(), ticket_id=ticket_id)
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = caught.value.details() or ""
+    assert f"{local:%Y-%m-%d %H:%M}" in details, details
+    assert "Asia/Ho_Chi_Minh" in details, details
