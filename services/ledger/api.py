@@ -441,12 +441,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         parts = unit_id.split(".")
         above = [".".join(parts[: i + 1]) for i in range(len(parts))]
         below = unit_id if caller.covers(unit_id) else None
-        funds = await self.store.funds_of(above, below)
-        # The unit's own, read by merge if so: a group merged into the caller's.
+        # A group keeps the funds of the groups merged into it: they are listed as its own.
+        merged = await self.store.merged_into_it(unit_id)
+        funds = await self.store.funds_of([*above, *merged], below)
+        # The unit's own and its merged groups', read by merge: a group merged into the caller's.
+        own = {unit_id, *merged}
         visible = [
-            f
-            for f in funds
-            if f["unit_id"] == unit_id or domain.can_read_fund(caller, f["unit_id"])
+            f for f in funds if f["unit_id"] in own or domain.can_read_fund(caller, f["unit_id"])
         ]
         return ledger_pb2.ListFundsResponse(funds=[fund_message(f) for f in visible])
 

@@ -142,6 +142,7 @@ class LedgerStore:
                 with contextlib.suppress(OperationFailure):  # dropped by another instance already
                     await self.transactions.drop_index(replaced)
         await self.balances.create_index([("fund_id", ASCENDING), ("account", ASCENDING)])
+        await self.merged_groups.create_index([("into", ASCENDING)])
         await self.campaigns.create_index([("fund_id", ASCENDING), ("_id", ASCENDING)])
         await self.dues.create_index(
             [("household_id", ASCENDING), ("fund_id", ASCENDING), ("campaign_id", ASCENDING)]
@@ -912,6 +913,20 @@ class LedgerStore:
                 ordered=False,
                 session=session,
             )
+
+    async def merged_into_it(self, unit_id: str) -> list[str]:
+        """The groups merged into `unit_id`, and those merged into them in turn, as far as the
+        ledger has heard of the merges: the group keeps their funds."""
+        found: list[str] = []
+        into = [unit_id]
+        while into:
+            into = [
+                doc["_id"]
+                async for doc in self.merged_groups.find({"into": {"$in": into}}, {"_id": 1})
+                if doc["_id"] not in found and doc["_id"] != unit_id
+            ]
+            found += into
+        return found
 
     async def merged_into(self, unit_id: str) -> str | None:
         """The group `unit_id` was merged into, if the ledger has heard of the merge."""

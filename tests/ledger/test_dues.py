@@ -759,3 +759,37 @@ async def test_a_payment_dated_before_the_funds_books_is_refused(books: Books) -
         100_000, "an", cid, request_id=key, receipt_number="BL-0100", paid_on=first.isoformat()
     )
     assert again == paid
+
+
+async def test_a_group_lists_the_funds_of_the_groups_merged_into_it(
+    books: Books, ledger_service: LedgerService
+) -> None:
+    """Once the ledger hears of a merge, the group that was joined lists the old group's funds
+    as its own: its leader, who keeps their books now, and the households that moved with the
+    merge, who still owe the old campaigns, find them where they find their group's funds."""
+    city = books.city
+    moving = await new_household(city.other_leader, city.other_group, head_name="Võ Văn Tìm")
+    other_leader = books.caller(Role.GROUP_LEADER, city.other_group)
+    old_fund = await open_fund(other_leader, city.other_group, "Quỹ tổ sắp nhập")
+    resident = books.caller(Role.RESIDENT, city.group, moving.household.household_id)
+
+    async def listed(caller: LedgerCaller) -> list[str]:
+        answer = await caller.ListFunds(ledger_pb2.ListFundsRequest())
+        return [f.fund_id for f in answer.funds]
+
+    assert old_fund not in await listed(books.leader)
+    await city.ward_officer.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.other_group, target_unit_id=city.group
+        )
+    )
+
+    async def merge_heard() -> bool:
+        return await ledger_service.store.merged_into(city.other_group) == city.group
+
+    await eventually(merge_heard, what="the ledger hears of the merge")
+    for caller in (books.leader, books.treasurer, resident):
+        assert {books.fund_id, old_fund} <= set(await listed(caller))
+    # Another group of the ward still lists neither.
+    neighbour = books.caller(Role.GROUP_LEADER, city.ward + ".t98")
+    assert old_fund not in await listed(neighbour)
