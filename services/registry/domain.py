@@ -8,7 +8,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Container, Iterable, Mapping
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, time, timedelta
 from enum import IntEnum
 from typing import Any
 
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from services.common.auth import Principal, Role
 from services.common.errors import InvalidArgument, NotFound, PermissionDenied
+from services.common.wire import VIETNAM
 
 # Vital events are dated by the calendar day in Vietnam; callers use domain.local_date.
 from services.common.wire import local_date as local_date
@@ -398,13 +399,20 @@ def inactive_since(now: datetime, inactive_days: int) -> datetime:
     """Households neither verified nor active since this moment hold suspected virtual residents."""
     if not 0 <= inactive_days <= MAX_DAYS_BACK:
         raise InvalidArgument("inactive_days", f"must be between 0 and {MAX_DAYS_BACK}")
-    return now - timedelta(days=inactive_days or VIRTUAL_RESIDENT_DAYS)
+    return _days_before(now, inactive_days or VIRTUAL_RESIDENT_DAYS)
 
 
 def verified_before(now: datetime, max_age_days: int) -> datetime:
     if not 0 <= max_age_days <= MAX_DAYS_BACK:
         raise InvalidArgument("max_age_days", f"must be between 0 and {MAX_DAYS_BACK}")
-    return now - timedelta(days=max_age_days or VERIFICATION_INTERVAL_DAYS)
+    return _days_before(now, max_age_days or VERIFICATION_INTERVAL_DAYS)
+
+
+def _days_before(now: datetime, days: int) -> datetime:
+    """The start, in Vietnam, of the calendar day `days` before today: a household verified or
+    active on that day or later is not yet due. Whole days, so that a list of those due does not
+    change through the day with the hour at which each was last seen."""
+    return datetime.combine(local_date(now) - timedelta(days=days), time(), tzinfo=VIETNAM)
 
 
 def check_housing(floor_area_m2: float, storeys: int, sub_households: int) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date, datetime, time, timedelta
 
 import grpc
 import pytest
@@ -13,6 +13,7 @@ from services.common.auth import Role
 from services.common.cloudevents import decode
 from services.common.config import Settings
 from services.common.registry_view import RegistryView
+from services.common.wire import VIETNAM
 from services.registry.domain import local_date
 from services.registry.main import RegistryService
 from tests.batches import scratch_databases
@@ -675,3 +676,41 @@ async def test_a_paged_list_of_overdue_households_is_the_list_as_of_its_first_pa
         homes[0].household_id,
         homes[2].household_id,
     ]
+
+
+def move_clock_to(clock: Clock, day: date, at: time) -> None:
+    """The clock moved on to `at` on `day` in Vietnam."""
+    clock.advance(seconds=(datetime.combine(day, at, tzinfo=VIETNAM) - clock()).total_seconds())
+
+
+async def test_the_six_months_run_out_at_a_day_in_vietnam_not_at_the_hour_verified(
+    city: City, clock: Clock
+) -> None:
+    """A household verified at noon was overdue from noon six months on, and suspect too: the
+    lists changed through the day, a household missing from the morning's list and on the
+    afternoon's with nothing done. Both now change at midnight in Vietnam: a household
+    verified on a day is overdue, and suspect, once the days it may go unverified are over."""
+    verified_on = local_date(clock()) + timedelta(days=1)
+    move_clock_to(clock, verified_on, time(12))
+    home = await new_household(city.leader, city.group)
+    hid = home.household.household_id
+    await city.leader.VerifyHousehold(
+        registry_pb2.VerifyHouseholdRequest(request_id=rid(), household_id=hid)
+    )
+
+    async def overdue() -> bool:
+        listed, _ = await overdue_from(city.leader, city.group, "", 1000)
+        return hid in listed
+
+    async def suspect() -> bool:
+        listed = await city.leader.ListSuspectedVirtualResidents(
+            registry_pb2.ListSuspectedVirtualResidentsRequest(unit_id=city.group, inactive_days=183)
+        )
+        return home.head.person_id in {r.person.person_id for r in listed.residents}
+
+    move_clock_to(clock, verified_on + timedelta(days=183), time(23, 59))
+    assert not await overdue()
+    assert not await suspect()
+    move_clock_to(clock, verified_on + timedelta(days=184), time(0, 1))
+    assert await overdue()
+    assert await suspect()
