@@ -210,7 +210,10 @@ class PdfStatement:
         self.plain = _Measure(pdf, "", TABLE_PT)
         pdf.add_page()
         pdf.set_font(FONT, "B", 15)
-        pdf.cell(0, 9, f"SAO KÊ QUỸ: {statement.fund.name}", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        # Wrapped: a fund's name of 120 letters would run off the page in one line.
+        pdf.multi_cell(
+            0, 9, f"SAO KÊ QUỸ: {statement.fund.name}", new_x=XPos.LMARGIN, new_y=YPos.NEXT
+        )
         pdf.set_font(FONT, "", 10)
         for text in (
             f"Đơn vị: {statement.fund.unit_id}",

@@ -121,3 +121,32 @@ def entry(dictionary: object, key: str) -> Any:
     value = dictionary[key].get_object()
     assert isinstance(value, DictionaryObject | ArrayObject)
     return value
+
+
+def test_a_long_fund_name_stays_on_the_printed_page() -> None:
+    """A fund's name may be 120 letters: the statement's title wraps it within the page's
+    margins, rather than running it off the paper pinned on the board."""
+    statement = statement_of(1)
+    name = (
+        "Quỹ hỗ trợ đồng bào bị thiệt hại do bão số 6 và lũ lụt tháng 10 năm 2026 của tổ dân "
+        "phố 17 phường Hòa Cường Bắc"
+    )
+    assert len(name) <= 120
+    statement.fund.name = name
+    pdf = statements.PdfStatement(statement)
+    pdf.add(statement.lines)
+    out = io.BytesIO()
+    pdf.finish(out)
+    page_width, margin = pdf.pdf.w, pdf.pdf.r_margin
+    # What is drawn in the title's size, where it begins and how wide it is (in mm).
+    drawn: list[tuple[str, float]] = []
+
+    def visit(text: str, cm: Any, tm: Any, font: Any, size: float) -> None:
+        if size == 15 and text.strip():
+            drawn.append((text, tm[4] * 25.4 / 72))
+
+    pypdf.PdfReader(out).pages[0].extract_text(visitor_text=visit)
+    assert letters("".join(text for text, _ in drawn)) == letters(f"SAO KÊ QUỸ: {name}")
+    pdf.pdf.set_font(statements.FONT, "B", 15)
+    for text, x in drawn:
+        assert x + pdf.pdf.get_string_width(text) <= page_width - margin + 0.01, text
