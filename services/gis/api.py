@@ -18,6 +18,7 @@ from civic.registry.v1 import registry_pb2, registry_pb2_grpc
 from pymongo import AsyncMongoClient
 from pymongo.errors import OperationFailure
 from shapely.geometry import shape
+from shapely.ops import unary_union
 
 from services.common.auth import Principal, principal
 from services.common.commands import CommandRunner
@@ -380,9 +381,19 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         raise InvalidArgument("content", "give the file (content) or its upload (object_key)")
 
     async def _area(self, unit_id: str) -> Area:
-        """The boundary of the unit, or failing that of its nearest ancestor, if any."""
+        """The boundary of the unit, or failing that of its nearest ancestor, if any. A group's
+        takes in the outlines of the groups merged into it: their places are its own, until
+        its outline is drawn again around them."""
         found = await self.store.nearest_boundary(unit_id) if unit_id else None
-        return (found["unit_id"], shape(found["geometry"])) if found else None
+        if found is None:
+            return None
+        outlines = [found]
+        if found["unit_id"] == unit_id:
+            merged = await self.store.merged_into({unit_id})
+            outlines += await self.store.all(
+                {"layer": Layer.BOUNDARY.key, "unit_id": {"$in": sorted(merged)}}
+            )
+        return found["unit_id"], unary_union([shape(doc["geometry"]) for doc in outlines])
 
     def _accepted(
         self,
@@ -451,7 +462,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         if within is not None:
             bounded, outline = within
             outside = geometry.distance_outside_m(shaped, outline)
-            if outside > domain.FAR_OUTSIDE_M:
+            if outside > domain.outside_allowed_m(layer):
                 return None, f"geometry: lies {outside:,.0f} m outside {bounded}'s boundary"
         elif geometry.outside_extent(shaped, geometry.VIETNAM):
             return None, "geometry: lies outside Vietnam (is the source CRS right?)"

@@ -38,13 +38,23 @@ GEOMETRY_TYPES: dict[Layer, tuple[str, ...]] = {
     Layer.HYDRANT: ("Point",),
     Layer.ALLEY: ("LineString",),
 }
-# A feature farther than this outside its unit's boundary is refused as misplaced.
+# A feature farther than this outside its unit's boundary is refused as misplaced: a street or
+# alley runs on past the unit (the fire route needs the way in). A building or hydrant stands
+# in its unit, give or take where two surveys of the shared edge disagree or a hydrant stands
+# across the street the edge follows: one farther out stands in the neighbouring unit, whose
+# leader could not remove it.
 FAR_OUTSIDE_M = 500.0
+STANDING_OUTSIDE_M = 50.0
 ELDERLY_AGE = 60
 MAX_STOREYS = 100
 MAX_WIDTH_M = 100.0
 HYDRANT_KINDS = ("hydrant", "well", "pond", "tank", "river")
 RENTER_KINDS = (2, 3)  # ResidenceKind TEMPORARY, RENTER
+
+
+def outside_allowed_m(layer: Layer) -> float:
+    """How far outside its unit's boundary a feature of the layer may lie."""
+    return STANDING_OUTSIDE_M if layer in (Layer.BUILDING, Layer.HYDRANT) else FAR_OUTSIDE_M
 
 
 def kind_of(layer: Layer) -> str:

@@ -158,7 +158,7 @@ class GisStore:
         }
         return await self.features.find(query, {"unit_id": 1}, session=session).to_list()
 
-    async def merged_into(self, unit_ids: set[str], session: Session) -> set[str]:
+    async def merged_into(self, unit_ids: set[str], session: Session | None = None) -> set[str]:
         """The groups the registry merged into these units, and those merged into them in
         turn."""
         found: set[str] = set()

@@ -222,6 +222,9 @@ async def test_a_polygon_valid_only_on_a_flat_map_is_refused_by_its_index_and_th
     ward: Ward, monkeypatch: pytest.MonkeyPatch, sphere_check: str
 ) -> None:
     monkeypatch.setattr(api, "IMPORT_BATCH", 1)  # as a drawing of thousands is written
+    # The ward drawn wide enough to hold the long polygon (a building stands in its unit).
+    wide = polygon_feature(ward.box(-1060, -500, 1060, 400), "ward", unit_id=ward.city.ward)
+    assert (await ward.import_features(gis_pb2.LAYER_BOUNDARY, [wide])).updated == 1
     houses = [
         polygon_feature(ward.box(-500, 100, -480, 115), "before"),
         polygon_feature(notched(ward), "notched"),

@@ -682,3 +682,34 @@ async def test_a_boundary_overlapping_a_sibling_units_by_more_than_a_sliver_is_r
     done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [crossing])
     assert done.created == 0
     assert done.rejected[0].message.startswith("geometry: overlaps the boundary of ")
+
+
+async def test_a_groups_houses_and_hydrants_stand_in_it_while_its_alleys_run_on(
+    ward: Ward,
+) -> None:
+    """A street runs on past the group, and the fire route needs it; a house or hydrant 100 m
+    inside the neighbouring group is misplaced there, where that group's leader could not
+    remove it. One just across the line (two surveys of the shared edge) is kept."""
+    group = ward.city.group  # the west half: its east edge runs north-south through the centre
+    houses = [
+        polygon_feature(ward.box(80, 0, 100, 15), "next-door", storeys=2),
+        polygon_feature(ward.box(-10, 100, 15, 115), "on-the-line", storeys=2),
+    ]
+    done = await ward.import_features(
+        gis_pb2.LAYER_BUILDING, houses, caller=ward.leader, unit_id=group
+    )
+    assert done.created == 1
+    assert [(e.source_id, e.message) for e in done.rejected] == [
+        ("next-door", f"geometry: lies 100 m outside {group}'s boundary")
+    ]
+    hydrants = [point_feature(ward.at(100, 50), "next-door", kind="hydrant")]
+    done = await ward.import_features(
+        gis_pb2.LAYER_HYDRANT, hydrants, caller=ward.leader, unit_id=group
+    )
+    assert done.created == 0 and [e.source_id for e in done.rejected] == ["next-door"]
+    street = [line_feature([ward.at(-300, 50), ward.at(300, 50)], "street", width_m=6)]
+    done = await ward.import_features(
+        gis_pb2.LAYER_ALLEY, street, caller=ward.leader, unit_id=group
+    )
+    assert (done.created, list(done.rejected)) == (1, [])
+    assert await ward.service.store.features.count_documents({"source_unit": group}) == 2
