@@ -1243,13 +1243,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise InvalidArgument("household_ids", f"at most {MAX_SUMMARIES_NAMED}")
         for i, household_id in enumerate(request.household_ids):
             _required(f"household_ids[{i}]", household_id)
+        # Who lives in each household as of the first page's day: one levy's households are
+        # all counted by the same day's rule, though its pages are read across midnight.
+        listing = ClockedListing(request.page.page_token, self.clock())
         households, next_page = await self.store.households_page(
-            request.unit_id,
-            request.page.page_token,
-            page_size(request.page.page_size),
-            request.household_ids,
+            request.unit_id, listing, page_size(request.page.page_size), request.household_ids
         )
-        today = self.today().isoformat()
+        today = domain.local_date(listing.now).isoformat()
         summaries, heads = [], []
         for household in households:
             residents = household["residents"]

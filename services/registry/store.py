@@ -267,7 +267,7 @@ class RegistryStore:
         return [by_id.get(household_id, (None, [])) for household_id in household_ids]
 
     async def households_page(
-        self, unit_id: str, token: str, size: int, only: Sequence[str] = ()
+        self, unit_id: str, listing: UnitListing, size: int, only: Sequence[str] = ()
     ) -> tuple[list[Document], str]:
         """Active households of a unit's subtree (`only` these, if named), in (unit, id) order,
         one page, with their residents (each household's under "residents"), as the register
@@ -275,7 +275,6 @@ class RegistryStore:
         query: Document = {"unit_id": in_unit(unit_id), "active": True}
         if only:
             query["_id"] = {"$in": list(only)}
-        listing = UnitListing(token)
         households, next_page = await unit_ordered_page(self.households, query, listing, size)
         by_id = {household["_id"]: household for household in households}
         for household in households:

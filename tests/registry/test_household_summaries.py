@@ -3,7 +3,7 @@ unit's households summarised for levying dues (what the ledger reads)."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, time, timedelta
 from typing import Any
 
 import grpc
@@ -14,7 +14,7 @@ from civic.registry.v1 import events_pb2, registry_pb2
 from services.common.auth import Role
 from services.common.cloudevents import type_name
 from services.common.config import Settings
-from services.common.wire import local_date
+from services.common.wire import VIETNAM, local_date
 from services.registry.main import RegistryService
 from tests.conftest import Clock
 from tests.kafka_reader import TopicReader, eventually, of_type, with_key
@@ -226,6 +226,47 @@ async def test_a_guest_whose_stay_has_ended_is_not_levied_on(city: City, clock: 
     assert await summary() == (1, False)
 
 
+async def test_every_page_of_summaries_counts_who_lives_here_on_the_first_pages_day(
+    city: City, clock: Clock
+) -> None:
+    """A levy's pages are read as the register was at the first, and so counted: a page read
+    after midnight no longer counted a guest whose last day the first page was read on, so
+    that households of one levy were counted by two days' rules."""
+    day = local_date(clock()) + timedelta(days=1)
+    move_to = datetime.combine(day, time(23, 58), tzinfo=VIETNAM)
+    clock.advance(seconds=(move_to - clock()).total_seconds())
+    first = await new_household(city.leader, city.group)
+    lodging = await new_household(city.leader, city.group, head_name="Chủ Nhà Trọ")
+    guest = person("Khách Trọ", "1990-01-01", relationship=registry_pb2.RELATIONSHIP_NON_RELATIVE)
+    await city.leader.RegisterTemporaryStay(
+        registry_pb2.RegisterTemporaryStayRequest(
+            request_id=rid(),
+            household_id=lodging.household.household_id,
+            person=guest,
+            stay_start=day.isoformat(),
+            stay_end=day.isoformat(),  # a guest for the night
+        )
+    )
+
+    async def page(token: str) -> registry_pb2.ListHouseholdSummariesResponse:
+        read: registry_pb2.ListHouseholdSummariesResponse = (
+            await city.leader.ListHouseholdSummaries(
+                registry_pb2.ListHouseholdSummariesRequest(
+                    unit_id=city.group, page=types_pb2.PageRequest(page_size=1, page_token=token)
+                )
+            )
+        )
+        return read
+
+    opening = await page("")
+    assert [s.household_id for s in opening.households] == [first.household.household_id]
+    clock.advance(minutes=5)  # past midnight: the guest's stay is over now
+    after = await page(opening.next_page_token)
+    assert [(s.household_id, s.residents) for s in after.households] == [
+        (lodging.household.household_id, 2)
+    ]
+
+
 async def test_a_summary_read_records_no_citizen_id_as_shown(city: City) -> None:
     """A ward officer may see citizen IDs, but a summary shows only the head's name: the
     household's access log must not say the head's ID was shown."""
@@ -377,7 +418,7 @@ async def test_a_page_token_of_a_moment_to_come_is_invalid(city: City) -> None:
     await new_household(city.leader, city.group)
     await new_household(city.leader, city.group)
     _, token = await summaries_from(city.ward_officer, city.ward, "", 1)
-    unit, household_id, _ = token.split("|")
+    unit, household_id = token.split("|")[:2]
     with pytest.raises(grpc.aio.AioRpcError) as future:
         await summaries_from(city.ward_officer, city.ward, f"{unit}|{household_id}|4000000000.1")
     assert future.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -397,5 +438,5 @@ async def test_a_page_token_given_before_reads_were_pinned_to_a_moment_still_rea
         city.ward_officer, city.ward, f"{city.group}|{homes[0].household_id}", 1
     )
     assert listed == [homes[1].household_id]
-    assert token.count("|") == 2
+    assert token.count("|") == 3  # the moment read at, and the clock then
     assert await rest_of(city.ward_officer, city.ward, token) == [homes[2].household_id]
