@@ -45,6 +45,9 @@ MAX_DESCRIPTION = 4000
 # (a NUL or a terminal escape would reach every official's screen and every export).
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 MAX_COMMENT = 2000
+# A category's title: one line in every resident's list of what they can report.
+MAX_TITLE = 200
+LINE_BREAK = re.compile(r"[\n\t\u2028\u2029]")
 # Comments a ticket keeps: every answer carries them all, within gRPC's 4 MiB and far from
 # MongoDB's 16 MiB per ticket.
 MAX_COMMENTS = 200
@@ -150,8 +153,6 @@ def check_rules(rules: list[Rule], reopen_within: timedelta | None) -> None:
         if rule.category in seen:
             raise InvalidArgument(f"{where}.category", f"{rule.category} appears twice")
         seen.add(rule.category)
-        if not rule.title.strip():
-            raise InvalidArgument(f"{where}.title", "must not be empty")
         if rule.department:
             check_name(f"{where}.department", rule.department, DEPARTMENT)
         if not rule.slas:
@@ -388,6 +389,14 @@ def check_room_for_comment(ticket: Mapping[str, Any], instead: str = "") -> None
         raise FailedPrecondition(
             f"ticket {ticket['_id']} has {MAX_COMMENTS} comments, the most it keeps{advice}"
         )
+
+
+def check_title(field_name: str, title: str) -> str:
+    """A category's title: plain text on one line."""
+    cleaned = check_text(field_name, title, MAX_TITLE)
+    if LINE_BREAK.search(cleaned):
+        raise InvalidArgument(field_name, "must be one line")
+    return cleaned
 
 
 def check_text(field_name: str, text: str, limit: int) -> str:

@@ -19,6 +19,7 @@ from services.tickets.domain import (
     Sla,
     Status,
     Submitter,
+    check_title,
     missed,
 )
 
@@ -152,7 +153,8 @@ def rule_from_message(index: int, rule: tickets_pb2.RoutingRule) -> Rule:
             span(f"{where}.acknowledge_within", sla.acknowledge_within, longest=LONGEST_DEADLINE),
             span(f"{where}.resolve_within", sla.resolve_within, longest=LONGEST_DEADLINE),
         )
-    return Rule(rule.category, rule.title.strip(), Level(rule.level), rule.department, slas)
+    title = check_title(f"rules[{index}].title", rule.title)
+    return Rule(rule.category, title, Level(rule.level), rule.department, slas)
 
 
 def rule_document(rule: Rule) -> Document:

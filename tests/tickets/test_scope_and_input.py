@@ -695,3 +695,42 @@ async def test_vietnamese_typed_with_separate_tone_marks_is_measured_by_its_lett
             tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text=typed + "ệ")
         ),
     )
+
+
+@pytest.mark.parametrize(
+    "title",
+    ["Đèn đường\x0bhỏng", "Đèn đường\nhỏng", "Đèn\x00", "Đ" * (domain.MAX_TITLE + 1)],
+    ids=["word-line-break", "newline", "nul", "too-long"],
+)
+async def test_a_category_title_that_is_not_one_line_of_text_is_refused(
+    pilot: Pilot, tickets_service: TicketsService, title: str
+) -> None:
+    """A title is one line in every resident's list of what they can report: a line break
+    pasted from a word processor, a control character or a page of text is refused, naming
+    the rule, and the rules stay as they were."""
+    before = await footprint(tickets_service)
+
+    def spoil(rules: list[tickets_pb2.RoutingRule]) -> None:
+        rules[1].title = title
+
+    error = await refused(
+        grpc.StatusCode.INVALID_ARGUMENT, spoilt_rules(pilot, pilot.admin, spoil)()
+    )
+    assert (error.details() or "").startswith("rules[1].title:"), error.details()
+    assert await footprint(tickets_service) == before
+
+
+async def test_a_category_title_is_kept_composed(pilot: Pilot) -> None:
+    current = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+    rules = [tickets_pb2.RoutingRule.FromString(r.SerializeToString()) for r in current.rules]
+    title = rules[0].title
+    rules[0].title = unicodedata.normalize("NFD", title) + "  "
+    try:
+        saved = await pilot.admin.SetRoutingRules(
+            tickets_pb2.SetRoutingRulesRequest(request_id=rid(), rules=rules)
+        )
+        assert saved.rules.rules[0].title == unicodedata.normalize("NFC", title)
+    finally:
+        await pilot.admin.SetRoutingRules(
+            tickets_pb2.SetRoutingRulesRequest(request_id=rid(), rules=current.rules)
+        )
