@@ -114,6 +114,9 @@ def clean_properties(
     layer: Layer, properties: dict[str, Any], import_unit: str, area_m2: float
 ) -> tuple[str, dict[str, Any]]:
     """(the unit the feature belongs to, the properties kept); ValueError naming the property."""
+    # A shapefile's attributes (and the GeoJSON GDAL makes of one) are named STOREYS as often
+    # as storeys: ignored, the house would be one storey. The name as written goes first.
+    properties = {**{key.casefold(): value for key, value in properties.items()}, **properties}
     unit_id = import_unit
     kept: dict[str, Any] = {}
     if name := _text(properties, "name"):

@@ -713,3 +713,23 @@ async def test_a_groups_houses_and_hydrants_stand_in_it_while_its_alleys_run_on(
     )
     assert (done.created, list(done.rejected)) == (1, [])
     assert await ward.service.store.features.count_documents({"source_unit": group}) == 2
+
+
+async def test_property_names_in_capitals_as_shapefiles_give_them_count(ward: Ward) -> None:
+    """A layer exported from a shapefile (GDAL keeps the DBF's field names) names its
+    attributes STOREYS or Width_M: a five-storey house is not stored as one storey."""
+    house = polygon_feature(
+        ward.box(-500, 100, -480, 115), "h", STOREYS=5, USE="school", NAME="Trường Tiểu học"
+    )
+    done = await ward.import_features(gis_pb2.LAYER_BUILDING, [house])
+    assert (done.created, list(done.rejected)) == (1, [])
+    alley = line_feature([ward.at(-500, 0), ward.at(-300, 0)], "k", Width_M="3,5")
+    done = await ward.import_features(gis_pb2.LAYER_ALLEY, [alley])
+    assert (done.created, list(done.rejected)) == (1, [])
+    listed = await ward.features(
+        unit_id=ward.city.ward, layers=[gis_pb2.LAYER_BUILDING, gis_pb2.LAYER_ALLEY]
+    )
+    kept = {f["properties"]["layer"]: f["properties"] for f in listed["features"]}
+    assert (kept["building"]["storeys"], kept["building"]["use"]) == (5, "school")
+    assert kept["building"]["name"] == "Trường Tiểu học"
+    assert kept["alley"]["width_m"] == 3.5
