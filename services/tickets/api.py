@@ -1028,6 +1028,14 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
             session: Session,
         ) -> tuple[tickets_pb2.SetRoutingRulesResponse, list[Document]]:
             current = await self._rules(session)
+            # A version never made is no edit of what another admin saved: ABORTED would send
+            # the caller to read the rules again for a change nobody made.
+            if not 0 <= request.based_on_version <= current["version"]:
+                raise InvalidArgument(
+                    "based_on_version",
+                    f"there is no version {request.based_on_version}: the rules are at "
+                    f"version {current['version']}",
+                )
             if request.based_on_version and request.based_on_version != current["version"]:
                 raise Aborted(
                     f"based_on_version: the rules were changed since version "

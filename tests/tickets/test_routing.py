@@ -242,3 +242,23 @@ async def test_an_edit_of_rules_changed_meanwhile_by_another_admin_is_aborted(
         saved = await pilot.admin.SetRoutingRules(redo)
         assert saved.rules.version == now.version + 1
         assert (await pilot.admin.SetRoutingRules(redo)).rules.version == saved.rules.version
+
+
+@pytest.mark.parametrize("offset", [1, 1000])
+async def test_an_edit_based_on_a_version_never_made_is_refused_not_aborted(
+    pilot: Pilot, offset: int
+) -> None:
+    """ABORTED tells an admin someone else saved meanwhile; an edit naming a version that does
+    not exist (yet) is a mistake of its own, named as one, and saves nothing."""
+    read = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+    for based_on in (read.version + offset, -offset):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pilot.admin.SetRoutingRules(
+                tickets_pb2.SetRoutingRulesRequest(
+                    request_id=rid(), rules=read.rules, based_on_version=based_on
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert (refused.value.details() or "").startswith("based_on_version: ")
+    after = (await pilot.admin.GetRoutingRules(tickets_pb2.GetRoutingRulesRequest())).rules
+    assert after.version == read.version
