@@ -190,6 +190,18 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         if category not in {rule["category"] for rule in rules["rules"]}:
             raise InvalidArgument("category", f"{category!r} is not a known category")
 
+    async def _category_nearby(self, caller: Principal, category: str) -> None:
+        """A category to list nearby tickets of: one the rules name, or one withdrawn from them
+        since that open tickets in the caller's scope still have (residents "+1" those)."""
+        try:
+            await self._known_category(category)
+        except InvalidArgument:
+            if not (
+                domain.CATEGORY.fullmatch(category)
+                and await self.store.open_of_category(category, caller.scope)
+            ):
+                raise
+
     async def _origin(
         self, caller: Principal, request: tickets_pb2.SubmitTicketRequest
     ) -> tuple[str, str, Document | None, str]:
@@ -867,7 +879,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         meters = domain.nearby_radius(request.radius_m, self.duplicate_meters)
         limit = domain.nearby_limit(request.limit)
         if request.category:
-            await self._known_category(request.category)
+            await self._category_nearby(caller, request.category)
         resident = caller.role is Role.RESIDENT
         if request.HasField("location"):
             point = point_document("location", request.location)

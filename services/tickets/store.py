@@ -198,6 +198,15 @@ class TicketStore:
         ]
         return await (await self.tickets.aggregate(pipeline)).to_list()
 
+    async def open_of_category(self, category: str, within: str) -> bool:
+        """Whether a ticket of the category filed in `within` or below it is open."""
+        query = {
+            "origin_unit_id": in_unit(within, "unit_id"),
+            "category": category,
+            "status": {"$in": OPEN_STATUSES},
+        }
+        return await self.tickets.find_one(query, {"_id": 1}) is not None
+
     async def linked(self, primary: Document, limit: int) -> list[Document]:
         """The primary's first `limit` duplicates, the first filed first, without their
         comments: found by the ids it lists (by _id: no scan of every ticket for who names it)."""

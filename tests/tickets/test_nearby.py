@@ -12,6 +12,7 @@ from civic.tickets.v1 import tickets_pb2
 
 from services.common.auth import Role
 from tests.tickets.conftest import HOME, Pilot, TicketCaller, point_near, rid
+from tests.tickets.test_routing import replacing, rule, rules_changed
 
 
 async def nearby(caller: TicketCaller, **fields: Any) -> list[tickets_pb2.NearbyTicket]:
@@ -146,3 +147,25 @@ async def test_a_role_that_sees_no_tickets_lists_none_nearby(pilot: Pilot) -> No
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await nearby(treasurer, location=HOME)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_tickets_of_a_category_withdrawn_from_the_rules_are_still_found_by_it(
+    pilot: Pilot, other_household: TicketCaller
+) -> None:
+    """A category taken out of the rules takes no new tickets, but those filed before stay open
+    where they are: a resident asking for them by their category is shown them to "+1"."""
+    stray = rule("test-stray-dogs", tickets_pb2.LEVEL_WARD, "urban-order", 24)
+    async with rules_changed(pilot.admin, replacing([stray])):
+        filed = await pilot.submit("test-stray-dogs", location=point_near(50))
+        await pilot.routed(filed.ticket_id)
+    assert ids(await nearby(other_household, location=HOME, category="test-stray-dogs")) == [
+        filed.ticket_id
+    ]
+    # One no open ticket has in scope is still refused, as one never in the rules is.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await nearby(
+            pilot.caller(Role.RESIDENT, pilot.city.other_group, "hh-far", "resident-8"),
+            location=HOME,
+            category="test-stray-dogs",
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
