@@ -39,10 +39,10 @@ GEOMETRY_TYPES: dict[Layer, tuple[str, ...]] = {
     Layer.ALLEY: ("LineString",),
 }
 # A feature farther than this outside its unit's boundary is refused as misplaced: a street or
-# alley runs on past the unit (the fire route needs the way in). A building or hydrant stands
-# in its unit, give or take where two surveys of the shared edge disagree or a hydrant stands
-# across the street the edge follows: one farther out stands in the neighbouring unit, whose
-# leader could not remove it.
+# alley runs on past the unit (the fire route needs the way in). A building, hydrant or a
+# unit's own outline lies in its unit, give or take where two surveys of the shared edge
+# disagree or a hydrant stands across the street the edge follows: one farther out lies in
+# the neighbouring unit, whose leader could not remove it (nor draw their own outline over it).
 FAR_OUTSIDE_M = 500.0
 STANDING_OUTSIDE_M = 50.0
 ELDERLY_AGE = 60
@@ -54,7 +54,7 @@ RENTER_KINDS = (2, 3)  # ResidenceKind TEMPORARY, RENTER
 
 def outside_allowed_m(layer: Layer) -> float:
     """How far outside its unit's boundary a feature of the layer may lie."""
-    return STANDING_OUTSIDE_M if layer in (Layer.BUILDING, Layer.HYDRANT) else FAR_OUTSIDE_M
+    return FAR_OUTSIDE_M if layer is Layer.ALLEY else STANDING_OUTSIDE_M
 
 
 def kind_of(layer: Layer) -> str:

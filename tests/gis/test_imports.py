@@ -633,8 +633,9 @@ async def test_a_groups_boundary_reaching_into_a_neighbouring_wards_group_is_ref
         gis_pb2.LAYER_BOUNDARY, outlines, caller=district, unit_id=ward.city.district
     )
     assert (done.created, list(done.rejected)) == (2, [])
-    # 300 m into the neighbouring ward's group: within 500 m of this ward's boundary.
-    astray = polygon_feature(ward.box(0, -400, 900, 400), "astray", unit_id=ward.city.other_group)
+    # 40 m into the neighbouring ward's group, along the whole edge: within the margin past
+    # this ward's boundary that two surveys of it may disagree by, but a tenth of that group.
+    astray = polygon_feature(ward.box(0, -400, 640, 400), "astray", unit_id=ward.city.other_group)
     done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [astray])
     assert done.updated == 0
     [refused] = done.rejected
@@ -733,3 +734,17 @@ async def test_property_names_in_capitals_as_shapefiles_give_them_count(ward: Wa
     assert (kept["building"]["storeys"], kept["building"]["use"]) == (5, "school")
     assert kept["building"]["name"] == "Trường Tiểu học"
     assert kept["alley"]["width_m"] == 3.5
+
+
+async def test_a_groups_outline_lies_within_its_wards(ward: Ward) -> None:
+    """An outline 300 m past its ward's lies in the next ward: a complaint there would go to
+    this group, and the next ward's own group, drawn later, would be refused for overlapping
+    it, by a ward that cannot redraw it. Where two surveys of the edge disagree, it passes."""
+    group = ward.city.group
+    reaching = polygon_feature(ward.box(-600, -400, 0, 700), "g17", unit_id=group)
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [reaching])
+    [refusal] = done.rejected
+    assert refusal.message.endswith(f"m outside {ward.city.ward}'s boundary"), refusal.message
+    surveyed = polygon_feature(ward.box(-620, -410, 0, 400), "g17", unit_id=group)
+    done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [surveyed])
+    assert (done.updated, list(done.rejected)) == (1, [])
