@@ -813,11 +813,12 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         # Comments are allowed in every state, so the "transition" is a no-op check.
         async def run(session: Session) -> tuple[tickets_pb2.AddCommentResponse, list[Document]]:
             ticket = await self._ticket(request.ticket_id, session)
-            try:
-                self._submitter_or_handler(caller, ticket)
-            except PermissionDenied:
-                _check_visible(caller, ticket)  # one the caller may not see is not there for them
-                raise
+            _check_visible(caller, ticket)  # one the caller may not see is not there for them
+            # The submitter's side, and every official who sees the ticket: not only those who
+            # may handle it now, but the group's leader and the ward it was escalated from, who
+            # answer what the unit handling it asks.
+            if not (caller.is_official or submitter_of(ticket).includes(caller)):
+                raise PermissionDenied(f"role {caller.role.value} does not comment on tickets")
             domain.check_room_for_comment(ticket)
             updated, emitted = await mutate(ticket, session)
             return tickets_pb2.AddCommentResponse(ticket=self._message(updated)), emitted

@@ -637,3 +637,34 @@ async def test_an_official_closing_too_early_is_told_until_when_in_the_citys_tim
     details = caught.value.details() or ""
     assert f"{local:%Y-%m-%d %H:%M}" in details, details
     assert "Asia/Ho_Chi_Minh" in details, details
+
+
+async def test_officials_a_ticket_came_from_still_comment_on_it(pilot: Pilot) -> None:
+    """The group's leader, and the ward a ticket was escalated from, see it: they answer in its
+    comments what the unit handling it asks, in every state, as before it was routed."""
+    ticket_id = (await pilot.routed((await pilot.submit("street-light")).ticket_id)).ticket_id
+    await pilot.ward_officer.EscalateTicket(
+        tickets_pb2.EscalateTicketRequest(
+            request_id=rid(), ticket_id=ticket_id, reason="Cần quận cấp kinh phí"
+        )
+    )
+    await pilot.district_officer.AddComment(
+        tickets_pb2.AddCommentRequest(
+            request_id=rid(), ticket_id=ticket_id, text="Cột đèn nào, ở đâu?"
+        )
+    )
+    for caller, text in (
+        (pilot.ward_officer, "Cột số 12, kiệt 45"),
+        (pilot.leader, "Tổ đã kiểm tra: vẫn tắt"),
+    ):
+        answered = await caller.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text=text)
+        )
+        assert answered.ticket.comments[-1].text == text
+    # Seeing is still the condition: an auditor sees it and does not comment.
+    auditor = pilot.caller(Role.AUDITOR, pilot.city.ward)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await auditor.AddComment(
+            tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text="?")
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
