@@ -441,11 +441,17 @@ def check_in_books(field_name: str, day: str, first: date) -> None:
 
 
 def check_receipt_number(field_name: str, value: str) -> str:
-    if not _RECEIPT.fullmatch(value):
+    """The paper receipt's number as printed; spaces around it (copied from a form) dropped."""
+    number = value.strip()
+    if not number:
+        raise InvalidArgument(field_name, "is required (the paper receipt's number)")
+    if not _RECEIPT.fullmatch(number):
         raise InvalidArgument(
-            field_name, "is required: letters, digits, '/', '.', '_' or '-', at most 40"
+            field_name,
+            f"{number!r} is not a receipt number: letters, digits, '/', '.', '_' or '-', "
+            "starting with a letter or digit, at most 40",
         )
-    return value
+    return number
 
 
 def check_period(field_name: str, value: str) -> str:

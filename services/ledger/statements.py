@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 from typing import BinaryIO
 
 import font_roboto
@@ -54,10 +54,15 @@ def money(amount: int) -> str:
     return f"{amount:,}".replace(",", ".")
 
 
-def _period(statement: ledger_pb2.Statement) -> str:
-    start = local_time(getattr(statement, "from").ToDatetime(UTC))
-    end = local_time(statement.to.ToDatetime(UTC))
-    return f"{start} – {end}"
+def period_of(statement: ledger_pb2.Statement) -> str:
+    """The period as a reader takes it: whole days from first to last (its end, midnight of
+    the day after, is not in it), or, where it starts or ends within a day, to the minute."""
+    start = getattr(statement, "from").ToDatetime(UTC).astimezone(VIETNAM)
+    end = statement.to.ToDatetime(UTC).astimezone(VIETNAM)
+    if start.time() == end.time() == time(0):
+        last = end - timedelta(days=1)
+        return f"{start:%d/%m/%Y} – {last:%d/%m/%Y}"
+    return f"{local_time(start)} – {local_time(end)}"
 
 
 def _text(value: str) -> str:
@@ -78,7 +83,7 @@ class CsvStatement:
         self.out.write("\ufeff")
         self.writer = csv.writer(self.out)
         self.writer.writerow(["Quỹ", _text(statement.fund.name), "Đơn vị", statement.fund.unit_id])
-        self.writer.writerow(["Kỳ", _period(statement)])
+        self.writer.writerow(["Kỳ", period_of(statement)])
         self.writer.writerow(["Tồn đầu kỳ (đ)", statement.opening_available])
         self.writer.writerow(HEADER)
 
@@ -202,7 +207,7 @@ class PdfStatement:
 
     def __init__(self, statement: ledger_pb2.Statement) -> None:
         self.statement = statement
-        self.pdf = pdf = _Sheets(f"Sao kê quỹ {statement.fund.name} · Kỳ {_period(statement)}")
+        self.pdf = pdf = _Sheets(f"Sao kê quỹ {statement.fund.name} · Kỳ {period_of(statement)}")
         pdf.set_title(f"Sao kê quỹ {statement.fund.name}")
         pdf.add_font(FONT, "", font_roboto.Roboto)
         pdf.add_font(FONT, "B", font_roboto.RobotoBold)
@@ -217,7 +222,7 @@ class PdfStatement:
         pdf.set_font(FONT, "", 10)
         for text in (
             f"Đơn vị: {statement.fund.unit_id}",
-            f"Kỳ: {_period(statement)}",
+            f"Kỳ: {period_of(statement)}",
             f"Tồn đầu kỳ: {money(statement.opening_available)} đ",
         ):
             pdf.cell(0, 6, text, new_x=XPos.LMARGIN, new_y=YPos.NEXT)

@@ -334,3 +334,11 @@ def test_postings_too_large_for_one_event_are_refused_as_bad_input() -> None:
         )
     )
     assert posted.ByteSize() < MAX_EVENT_BYTES
+
+
+def test_a_receipt_number_copied_with_spaces_around_it_is_the_number_printed() -> None:
+    assert domain.check_receipt_number("receipt_number", " BL-0077 ") == "BL-0077"
+    with pytest.raises(InvalidArgument, match=r"^receipt_number: is required"):
+        domain.check_receipt_number("receipt_number", "  ")
+    with pytest.raises(InvalidArgument, match=r"^receipt_number: 'BL 77' is not a receipt"):
+        domain.check_receipt_number("receipt_number", "BL 77")

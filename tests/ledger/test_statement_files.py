@@ -12,6 +12,7 @@ import pypdf
 from civic.ledger.v1 import ledger_pb2
 from pypdf.generic import ArrayObject, DictionaryObject
 
+from services.common.wire import VIETNAM
 from services.ledger import domain, statements
 
 WORDED = (
@@ -30,8 +31,9 @@ def statement_of(count: int) -> ledger_pb2.Statement:
         closing_available=1_000_000 + count * 50_000,
         line_count=count,
     )
-    getattr(statement, "from").FromDatetime(datetime(2026, 1, 1, tzinfo=UTC))
-    statement.to.FromDatetime(datetime(2027, 1, 1, tzinfo=UTC))
+    # The year 2026 in Vietnam, as a statement of it is asked for.
+    getattr(statement, "from").FromDatetime(datetime(2026, 1, 1, tzinfo=VIETNAM))
+    statement.to.FromDatetime(datetime(2027, 1, 1, tzinfo=VIETNAM))
     for i in range(count):
         line = statement.lines.add(
             sequence=i + 1,
@@ -76,7 +78,7 @@ def test_a_printed_statement_has_every_line_whole_under_a_heading_on_every_page(
     pages = printed(statement)
     assert len(pages) > 3
     heading = " ".join(statements.HEADER)
-    caption = "Sao kê quỹ Quỹ vì người nghèo · Kỳ 01/01/2026 07:00 – 01/01/2027 07:00"
+    caption = "Sao kê quỹ Quỹ vì người nghèo · Kỳ 01/01/2026 – 31/12/2026"
     for number, page in enumerate(pages, 1):
         assert heading in page, number
         assert page.rstrip().endswith(f"{caption} · Trang {number}/{len(pages)}"), page[-200:]
@@ -150,3 +152,13 @@ def test_a_long_fund_name_stays_on_the_printed_page() -> None:
     pdf.pdf.set_font(statements.FONT, "B", 15)
     for text, x in drawn:
         assert x + pdf.pdf.get_string_width(text) <= page_width - margin + 0.01, text
+
+
+def test_a_period_of_whole_days_names_its_last_day_not_the_midnight_after() -> None:
+    """A November statement ends at midnight of 1 December, which is not in it."""
+    statement = statement_of(1)
+    getattr(statement, "from").FromDatetime(datetime(2026, 11, 1, tzinfo=VIETNAM))
+    statement.to.FromDatetime(datetime(2026, 12, 1, tzinfo=VIETNAM))
+    assert statements.period_of(statement) == "01/11/2026 – 30/11/2026"
+    statement.to.FromDatetime(datetime(2026, 11, 15, 9, 30, tzinfo=VIETNAM))
+    assert statements.period_of(statement) == "01/11/2026 00:00 – 15/11/2026 09:30"
