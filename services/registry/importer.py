@@ -24,9 +24,10 @@ from services.common.registry_view import group_now
 from services.common.wire import point_document
 from services.registry import domain, events
 from services.registry.records import PersonCodec, housing_document
-from services.registry.store import PERSON_NAME_INDEX, RegistryStore, new_id
+from services.registry.store import PERSON_NAME_INDEX, RESIDENT, RegistryStore, new_id
 
 RESIDENCE_KINDS = frozenset(registry_pb2.ResidenceKind.values())
+MOVED_OUT = registry_pb2.PERSON_STATUS_MOVED_OUT
 MAX_ERRORS = 10_000
 DUPLICATE_KEY = 11000  # MongoDB's error code
 BATCH_ROWS = 2_000
@@ -43,6 +44,8 @@ class Report:
     persons_unchanged: int = 0
     citizen_ids_added: int = 0
     errors: list[registry_pb2.ImportRowError] = field(default_factory=list)
+    # Households this run brought in: someone in one of them is where the file says they live now.
+    households_brought_in: set[str] = field(default_factory=set)
 
     def error(self, row: int, field_name: str, message: str) -> None:
         if len(self.errors) < MAX_ERRORS:
@@ -180,7 +183,7 @@ class Importer:
             p["cid_hash"]: p
             async for p in self.store.persons.find(
                 {"cid_hash": {"$in": [p["cid_hash"] for _, p in candidates if p["cid_hash"]]}},
-                {"household_id": 1, "name_folded": 1, "cid_hash": 1},
+                {"household_id": 1, "name_folded": 1, "birth_date": 1, "cid_hash": 1, "status": 1},
             )
         }
         # Someone without a citizen ID whom this file brought in before, wherever in the ward
@@ -229,10 +232,26 @@ class Importer:
         new_rows: list[int] = []
         # Registered before without a citizen ID, given theirs now: (on record, as this row has it).
         identified: list[tuple[Document, Document]] = []
+        # Who moved away and lives in a household this file brings in: the same person again.
+        returning: set[str] = set()
         for row_number, person in candidates:
             cid_hash = person["cid_hash"]
             same = known_cids.get(cid_hash) if cid_hash else None
             name_key = (person["household_id"], person["name_folded"], person["birth_date"])
+            brought_in = (
+                person["household_id"] in new_by_id
+                or person["household_id"] in report.households_brought_in
+            )
+            if same is not None and brought_in and same.get("status") != RESIDENT:
+                # Not a file written before they left (its household would be on record): the
+                # file of where they live now, as RegisterPerson would have them back.
+                problem = returning_problem(same, person)
+                if problem:
+                    report.error(row_number, "person.citizen_id", problem)
+                    continue
+                person["_id"] = same["_id"]
+                returning.add(person["_id"])
+                same = None
             if same is not None:
                 # The same person, though they may have moved since the file was written.
                 if same["name_folded"] == person["name_folded"]:
@@ -310,8 +329,16 @@ class Importer:
                     raise FailedPrecondition(f"household {household['_id']} got a head meanwhile")
             if created:
                 await self.store.households.insert_many(created, ordered=False, session=session)
-            if new_persons:
-                await self.store.persons.insert_many(new_persons, ordered=False, session=session)
+            fresh = [p for p in new_persons if p["_id"] not in returning]
+            if fresh:
+                await self.store.persons.insert_many(fresh, ordered=False, session=session)
+            for person in new_persons:
+                if person["_id"] in returning:
+                    back = await self.store.persons.replace_one(
+                        {"_id": person["_id"], "status": MOVED_OUT}, person, session=session
+                    )
+                    if not back.matched_count:
+                        raise FailedPrecondition(f"person {person['_id']} came back meanwhile")
             for known, person in identified:
                 given = await self.store.persons.update_one(
                     {"_id": known["_id"], "cid_hash": {"$in": ["", None]}},
@@ -339,6 +366,7 @@ class Importer:
                 report.error(row_number, "", error.message)
             return
         self.outbox.committed()
+        report.households_brought_in.update(h["_id"] for h in created)
         report.households_created += len(created)
         report.persons_created += len(new_persons)
         report.citizen_ids_added += len(identified)
@@ -366,6 +394,17 @@ class Importer:
             "last_activity_at": now,
             "created_at": now,
         }
+
+
+def returning_problem(known: Document, person: Document) -> str:
+    """Why a row cannot bring back the person on record under its citizen ID who no longer
+    lives here, as RegisterPerson would: "" when it can."""
+    if known["status"] != MOVED_OUT:
+        return "belongs to a person registered as deceased"
+    if (known["name_folded"], known["birth_date"]) != (person["name_folded"], person["birth_date"]):
+        # A mistyped ID must not hand one person's record, and its history, to another.
+        return "belongs to a person who moved away, on record under another name or birth date"
+    return ""
 
 
 def import_key(row: registry_pb2.ImportRow, person: Document) -> str:

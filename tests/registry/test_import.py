@@ -166,6 +166,89 @@ async def test_a_second_run_leaves_alone_who_moved_since_the_first(
         )
 
 
+async def test_someone_who_moved_away_is_registered_by_the_file_of_where_they_live_now(
+    city: City,
+) -> None:
+    """Someone who left the area and lives in another group now was counted by that group's
+    onboarding file as "already in the register" and left out of it: registered nowhere, and
+    the import said every row was in. A household the file brings in takes them back, as the
+    same person, as RegisterPerson does; the dead are refused; the file of where they left
+    does not bring them back there."""
+    male = registry_pb2.SEX_MALE
+    head_born, born = "1970-01-01", "1980-03-04"
+    cids = {name: citizen_id(born, male) for name in ("Lê Văn Đi", "Lê Văn Mất")}
+    left_from = [
+        row(
+            1,
+            city.group,
+            "HK-1",
+            "Trần Văn Một",
+            head_born,
+            sex=male,
+            citizen_id=citizen_id(head_born, male),
+            relationship=registry_pb2.RELATIONSHIP_HEAD,
+        ),
+        *(
+            row(
+                n,
+                city.group,
+                "HK-1",
+                name,
+                born,
+                sex=male,
+                citizen_id=cid,
+                relationship=registry_pb2.RELATIONSHIP_SIBLING,
+            )
+            for n, (name, cid) in enumerate(cids.items(), start=2)
+        ),
+    ]
+    assert (await city.ward_officer.ImportPersons(chunks(left_from, 10))).persons_created == 3
+
+    async def found(cid: str) -> registry_pb2.Person:
+        response = await city.ward_officer.FindPersonByCitizenId(
+            registry_pb2.FindPersonByCitizenIdRequest(citizen_id=cid)
+        )
+        person: registry_pb2.Person = response.person
+        return person
+
+    moved, died = [await found(cid) for cid in cids.values()]
+    await city.ward_officer.MoveOut(
+        registry_pb2.MoveOutRequest(request_id=rid(), person_id=moved.person_id)
+    )
+    await city.ward_officer.RegisterDeath(
+        registry_pb2.RegisterDeathRequest(
+            request_id=rid(), person_id=died.person_id, death_date=date.today().isoformat()
+        )
+    )
+
+    lives_now = [
+        row(
+            n,
+            city.other_group,
+            f"HK-{n}",
+            name,
+            born,
+            sex=male,
+            citizen_id=cid,
+            relationship=registry_pb2.RELATIONSHIP_HEAD,
+        )
+        for n, (name, cid) in enumerate(cids.items(), start=1)
+    ]
+    report = await city.ward_officer.ImportPersons(chunks(lives_now, 10))
+    assert (report.persons_created, report.persons_unchanged) == (1, 0)
+    assert [(e.row_number, e.field) for e in report.errors] == [(2, "person.citizen_id")]
+    back = await found(cids["Lê Văn Đi"])
+    assert (back.person_id, back.unit_id, back.status) == (
+        moved.person_id,
+        city.other_group,
+        registry_pb2.PERSON_STATUS_RESIDENT,
+    )
+
+    again = await city.ward_officer.ImportPersons(chunks(left_from, 10))
+    assert (again.persons_created, again.persons_unchanged, list(again.errors)) == (0, 3, [])
+    assert (await found(cids["Lê Văn Đi"])).unit_id == city.other_group
+
+
 async def test_a_corrected_file_gives_citizen_ids_to_those_imported_without_one(
     city: City, registry: RegistryService
 ) -> None:
