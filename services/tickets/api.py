@@ -836,6 +836,10 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
                 raise FailedPrecondition("a rejected ticket has no resolution to rate")
             if ticket.get("withdrawn"):
                 raise FailedPrecondition("a withdrawn ticket has no resolution to rate")
+            if ticket.get("rating") == request.rating:
+                # Rated so already (a second tap, the screen opened again): one rating, told
+                # once, so an integrator counting ratings counts it once.
+                return ticket, []
             return await self._set_status(
                 ticket,
                 session,

@@ -668,3 +668,25 @@ async def test_officials_a_ticket_came_from_still_comment_on_it(pilot: Pilot) ->
             tickets_pb2.AddCommentRequest(request_id=rid(), ticket_id=ticket_id, text="?")
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_the_same_rating_given_again_is_one_rating_told_once(
+    pilot: Pilot, tickets_service: TicketsService
+) -> None:
+    """A resident who opens the rating screen again and taps the same stars changes nothing:
+    integrators counting TicketRated count one rating, not two. Another rating revises it."""
+    ticket_id = (await pilot.routed((await pilot.submit("noise")).ticket_id)).ticket_id
+    await pilot.ward_officer.ResolveTicket(
+        tickets_pb2.ResolveTicketRequest(request_id=rid(), ticket_id=ticket_id, resolution="Xong")
+    )
+    for rating in (4, 4, 5, 5):
+        rated = await pilot.resident.RateResolution(
+            tickets_pb2.RateResolutionRequest(request_id=rid(), ticket_id=ticket_id, rating=rating)
+        )
+        assert rated.ticket.rating == rating
+    told = [
+        e.rating
+        for e in await events_of(tickets_service, ticket_id)
+        if isinstance(e, events_pb2.TicketRated)
+    ]
+    assert told == [4, 5]
