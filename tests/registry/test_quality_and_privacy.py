@@ -599,8 +599,8 @@ async def test_a_suspects_page_token_from_before_the_clock_was_pinned_still_read
         assert (bad.value.details() or "").startswith("page.page_token: ")
     # A listing that does not read the clock gave no token that carries one.
     with pytest.raises(grpc.aio.AioRpcError) as bad:
-        await city.leader.ListHouseholdSummaries(
-            registry_pb2.ListHouseholdSummariesRequest(
+        await city.leader.ListHouseholdsWithoutHead(
+            registry_pb2.ListHouseholdsWithoutHeadRequest(
                 unit_id=city.group, page=types_pb2.PageRequest(page_token=token)
             )
         )
