@@ -4,7 +4,6 @@ reaches, and when it is live. No I/O here."""
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -14,6 +13,7 @@ from zoneinfo import ZoneInfo
 from services.common.auth import Principal, Role, unit_within
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from services.common.media import DOCX, IMAGE_SIGNATURES
+from services.common.text import plain_text
 
 
 class Priority(IntEnum):
@@ -66,12 +66,6 @@ EXTENSIONS = {
     "image/webp": "webp",
 }
 UPLOAD_NAME = re.compile(r"[0-9a-f]{32}\.(?:pdf|docx|jpg|png|webp)")
-# Plain text: any printable character, newlines and tabs; no other control characters, C0 or
-# C1 (text from Windows-1252 read as Latin-1 carries C1 ones where its quotes and dashes were).
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-# What a one-line field must not hold either: newlines, tabs, and Unicode's line and paragraph
-# separators, which break a line as a newline does.
-LINE_BREAK = re.compile(r"[\n\t\u2028\u2029]")
 PUBLISHERS = (Role.GROUP_LEADER, Role.WARD_OFFICER, Role.DISTRICT_OFFICER, Role.CITY_ADMIN)
 
 
@@ -134,25 +128,12 @@ def _overlap(unit_id: str, other: str) -> bool:
 # ---- what a notice says -----------------------------------------------------------------------
 
 
-def clean_text(name: str, value: str, limit: int, *, multiline: bool) -> str:
-    # Composed (NFC): Vietnamese typed with separate tone marks is the same letters, measured
-    # and shown as typed precomposed (as the registry keeps names).
-    text = unicodedata.normalize("NFC", value.replace("\r\n", "\n")).strip()
-    if not text:
-        raise InvalidArgument(name, "is required")
-    if len(text) > limit:
-        raise InvalidArgument(name, f"is longer than {limit} characters")
-    if CONTROL.search(text) or (not multiline and LINE_BREAK.search(text)):
-        raise InvalidArgument(name, "contains control characters")
-    return text
-
-
 def check_title(title: str) -> str:
-    return clean_text("title", title, MAX_TITLE, multiline=False)
+    return plain_text("title", title, MAX_TITLE, one_line=True)
 
 
 def check_body(body: str) -> str:
-    return clean_text("body", body, MAX_BODY, multiline=True)
+    return plain_text("body", body, MAX_BODY)
 
 
 def batch_of(after: dict[str, str] | None) -> str:
@@ -162,11 +143,11 @@ def batch_of(after: dict[str, str] | None) -> str:
 
 
 def check_reason(name: str, reason: str) -> str:
-    return clean_text(name, reason, MAX_REASON, multiline=True)
+    return plain_text(name, reason, MAX_REASON)
 
 
 def check_file_name(name: str, file_name: str) -> str:
-    cleaned = clean_text(name, file_name, MAX_FILE_NAME, multiline=False)
+    cleaned = plain_text(name, file_name, MAX_FILE_NAME, one_line=True)
     if "/" in cleaned or "\\" in cleaned:
         raise InvalidArgument(name, "must not contain a path")
     return cleaned

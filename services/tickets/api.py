@@ -35,6 +35,7 @@ from services.common.outbox import Outbox
 from services.common.paging import PageWithin, message_bytes, page_size
 from services.common.registry_view import group_now
 from services.common.telemetry import current_trace_headers
+from services.common.text import plain_text
 from services.common.wire import duration, point_document, span, timestamp
 from services.tickets import domain
 from services.tickets.clusters import release, unlink
@@ -304,7 +305,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         self, caller: Principal, request: tickets_pb2.SubmitTicketRequest
     ) -> tuple[Document, Document]:
         """The new ticket and its TicketSubmitted, if today's rules accept the request."""
-        description = domain.check_text("description", request.description, domain.MAX_DESCRIPTION)
+        description = plain_text("description", request.description, domain.MAX_DESCRIPTION)
         await self._known_category(request.category)
         unit_id, household_id, location, found_by = await self._origin(caller, request)
 
@@ -508,7 +509,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def ResolveTicket(
         self, request: tickets_pb2.ResolveTicketRequest, context: Context
     ) -> tickets_pb2.ResolveTicketResponse:
-        resolution = domain.check_text("resolution", request.resolution, domain.MAX_COMMENT)
+        resolution = plain_text("resolution", request.resolution, domain.MAX_COMMENT)
         caller = principal()
         unit_id, level = _deciding(caller)
 
@@ -562,7 +563,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def RejectTicket(
         self, request: tickets_pb2.RejectTicketRequest, context: Context
     ) -> tickets_pb2.RejectTicketResponse:
-        reason = domain.check_text("reason", request.reason, domain.MAX_COMMENT)
+        reason = plain_text("reason", request.reason, domain.MAX_COMMENT)
         unit_id, level = _deciding(principal())
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
@@ -606,7 +607,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def EscalateTicket(
         self, request: tickets_pb2.EscalateTicketRequest, context: Context
     ) -> tickets_pb2.EscalateTicketResponse:
-        reason = domain.check_text("reason", request.reason, domain.MAX_COMMENT)
+        reason = plain_text("reason", request.reason, domain.MAX_COMMENT)
         caller = principal()
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
@@ -636,7 +637,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def ReopenTicket(
         self, request: tickets_pb2.ReopenTicketRequest, context: Context
     ) -> tickets_pb2.ReopenTicketResponse:
-        reason = domain.check_text("reason", request.reason, domain.MAX_COMMENT)
+        reason = plain_text("reason", request.reason, domain.MAX_COMMENT)
         caller = principal()
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
@@ -727,7 +728,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     ) -> tickets_pb2.WithdrawTicketResponse:
         reason = request.reason.strip()
         if reason:
-            reason = domain.check_text("reason", reason, domain.MAX_COMMENT)
+            reason = plain_text("reason", reason, domain.MAX_COMMENT)
         caller = principal()
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:
@@ -795,7 +796,7 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
     async def AddComment(
         self, request: tickets_pb2.AddCommentRequest, context: Context
     ) -> tickets_pb2.AddCommentResponse:
-        text = domain.check_text("text", request.text, domain.MAX_COMMENT)
+        text = plain_text("text", request.text, domain.MAX_COMMENT)
         caller = principal()
 
         async def mutate(ticket: Document, session: Session) -> tuple[Document, list[Document]]:

@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import math
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -16,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from services.common.auth import OFFICIALS, Principal, Role
 from services.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from services.common.text import plain_text
 
 
 class Level(IntEnum):
@@ -41,13 +41,9 @@ OPEN = (Status.SUBMITTED, Status.ROUTED, Status.ACKNOWLEDGED, Status.IN_PROGRESS
 CATEGORY = re.compile(r"[a-z][a-z0-9-]{1,39}")
 DEPARTMENT = re.compile(r"[a-z][a-z0-9-]{0,39}")
 MAX_DESCRIPTION = 4000
-# Plain text: any printable character, newlines and tabs; no other control characters, C0 or C1
-# (a NUL or a terminal escape would reach every official's screen and every export).
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 MAX_COMMENT = 2000
 # A category's title: one line in every resident's list of what they can report.
 MAX_TITLE = 200
-LINE_BREAK = re.compile(r"[\n\t\u2028\u2029]")
 # Comments a ticket keeps: every answer carries them all, within gRPC's 4 MiB and far from
 # MongoDB's 16 MiB per ticket.
 MAX_COMMENTS = 200
@@ -393,20 +389,8 @@ def check_room_for_comment(ticket: Mapping[str, Any], instead: str = "") -> None
 
 def check_title(field_name: str, title: str) -> str:
     """A category's title: plain text on one line."""
-    cleaned = check_text(field_name, title, MAX_TITLE)
-    if LINE_BREAK.search(cleaned):
-        raise InvalidArgument(field_name, "must be one line")
-    return cleaned
+    return plain_text(field_name, title, MAX_TITLE, one_line=True)
 
 
 def check_text(field_name: str, text: str, limit: int) -> str:
-    # Composed (NFC): Vietnamese typed with separate tone marks is the same letters, measured
-    # by them (not refused at half the limit) and kept as typed precomposed.
-    cleaned = unicodedata.normalize("NFC", text.replace("\r\n", "\n")).strip()
-    if not cleaned:
-        raise InvalidArgument(field_name, "must not be empty")
-    if len(cleaned) > limit:
-        raise InvalidArgument(field_name, f"is longer than {limit} characters")
-    if CONTROL.search(cleaned):
-        raise InvalidArgument(field_name, "contains control characters")
-    return cleaned
+    return plain_text(field_name, text, limit)
