@@ -438,6 +438,9 @@ def lives_here(person: Mapping[str, Any], today: str) -> bool:
 
 
 MAX_STAY_DAYS = 2 * 366  # a temporary stay is registered for two years at most
+# A guest is registered ahead of arriving by weeks, not years: a start further off is a typo
+# (2062 for 2026) that would keep them off the register's counts for decades.
+MAX_DAYS_AHEAD = 366
 
 
 def check_stay(start: date, end: date, today: date, born: date | None) -> None:
@@ -449,6 +452,8 @@ def check_stay(start: date, end: date, today: date, born: date | None) -> None:
         raise InvalidArgument("stay_end", "is before stay_start")
     if born is not None and start < born:
         raise InvalidArgument("stay_start", "is before the birth date")
+    if (start - today).days > MAX_DAYS_AHEAD:
+        raise InvalidArgument("stay_start", "is more than a year ahead")
     if (end - start).days > MAX_STAY_DAYS:
         raise InvalidArgument("stay_end", "a temporary stay lasts at most two years")
 

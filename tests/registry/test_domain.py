@@ -141,3 +141,11 @@ def test_a_persons_name_with_other_than_letters_is_refused(written: str, problem
     with pytest.raises(InvalidArgument) as refused:
         domain.person_name("full_name", written)
     assert (refused.value.field, refused.value.problem) == ("full_name", problem)
+
+
+def test_a_stay_begins_within_a_year() -> None:
+    """Registered ahead of arriving, by weeks; a start years off is a mistyped year."""
+    today = date(2026, 11, 25)
+    domain.check_stay(date(2027, 11, 25), date(2028, 1, 1), today, None)
+    with pytest.raises(InvalidArgument, match=r"^stay_start: is more than a year ahead"):
+        domain.check_stay(date(2062, 11, 25), date(2063, 1, 1), today, None)
