@@ -100,6 +100,19 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise FailedPrecondition(f"group {unit_id} was merged into {unit['merged_into_id']}")
         return unit
 
+    async def _still_standing(self, unit_id: str, page_token: str) -> None:
+        """A listing's unit has not been merged away: a retired group holds nobody, and its
+        leader's empty list would read as "nothing to do". Asked at the first page only: the
+        pages after it read the register as the first did."""
+        if page_token:
+            return
+        unit = await self.store.unit(unit_id)
+        if unit is not None and not unit.get("active", True):
+            raise FailedPrecondition(
+                f"unit_id: group {unit_id} was merged into {unit['merged_into_id']}; "
+                "its households are listed there"
+            )
+
     async def _household(
         self, household_id: str, field: str = "household_id", session: Session | None = None
     ) -> Document:
@@ -1029,6 +1042,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_read_people(caller, unit_id)
+        await self._still_standing(unit_id, request.page.page_token)
         as_of = domain.parse_date("as_of", request.as_of, required=False)
         # Who lives here, and ages without as_of, on the first page's day: nobody's stay ends,
         # nor anybody comes of age, between two pages.
@@ -1090,6 +1104,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_register(caller, unit_id)
+        await self._still_standing(unit_id, request.page.page_token)
         # Overdue as of the first page's clock, so that the cutoff stays where it was for
         # every page.
         listing = ClockedListing(request.page.page_token, self.clock())
@@ -1110,6 +1125,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_register(caller, unit_id)
+        await self._still_standing(unit_id, request.page.page_token)
         households, token = await self.store.headless_households(
             unit_id, UnitListing(request.page.page_token), page_size(request.page.page_size)
         )
@@ -1132,6 +1148,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_register(caller, unit_id)
+        await self._still_standing(unit_id, request.page.page_token)
         # Who is suspected, and why, as of the first page: its register and its clock.
         listing = ClockedListing(request.page.page_token, self.clock())
         since = domain.inactive_since(listing.now, request.inactive_days)
@@ -1163,6 +1180,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         caller = principal()
         unit_id = request.unit_id or caller.scope
         domain.may_register(caller, unit_id)
+        await self._still_standing(unit_id, request.page.page_token)
         paged = request.HasField("page")
         size = page_size(request.page.page_size) if paged else domain.MAX_UNPAGED_DUPLICATES
         groups, token = await self.store.likely_duplicates(

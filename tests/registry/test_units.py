@@ -82,6 +82,30 @@ def merge(city: City) -> registry_pb2.MergeGroupsRequest:
     )
 
 
+async def test_a_merged_away_groups_lists_say_where_its_households_went(city: City) -> None:
+    """Its leader's token still names it; an empty overdue list would read as nothing to do."""
+    await new_household(city.other_leader, city.other_group)
+    await city.ward_officer.MergeGroups(merge(city))
+    leader = city.other_leader
+    for listing in (
+        leader.ListOverdueVerifications(registry_pb2.ListOverdueVerificationsRequest()),
+        leader.ListSuspectedVirtualResidents(registry_pb2.ListSuspectedVirtualResidentsRequest()),
+        leader.ListHouseholdsWithoutHead(registry_pb2.ListHouseholdsWithoutHeadRequest()),
+        leader.ListLikelyDuplicatePersons(registry_pb2.ListLikelyDuplicatePersonsRequest()),
+        leader.SearchPersons(registry_pb2.SearchPersonsRequest(unit_id=city.other_group)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await listing
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.details() == (
+            f"unit_id: group {city.other_group} was merged into {city.group}; its households "
+            "are listed there"
+        )
+    # The group it joined lists them.
+    listed = await city.leader.SearchPersons(registry_pb2.SearchPersonsRequest())
+    assert listed.persons
+
+
 async def test_a_group_merging_away_is_not_merged_into_at_the_same_moment(
     city: City, registry: RegistryService
 ) -> None:
