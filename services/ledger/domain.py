@@ -125,7 +125,8 @@ Postings = list[tuple[str, int]]
 
 
 # Account names already found well-formed (they repeat from one transaction to the next).
-_GOOD_ACCOUNTS: set[str] = set()
+# Account names found well-formed, each with whether it may not go below zero.
+_GOOD_ACCOUNTS: dict[str, bool] = {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -236,7 +237,7 @@ def check_postings(field_name: str, postings: Sequence[tuple[str, int]]) -> Post
                 raise InvalidArgument(f"{field_name}[{i}].account", problem)
             if len(_GOOD_ACCOUNTS) > 100_000:
                 _GOOD_ACCOUNTS.clear()
-            _GOOD_ACCOUNTS.add(account)
+            _GOOD_ACCOUNTS[account] = non_negative(account)
         if account in seen:
             raise InvalidArgument(f"{field_name}[{i}].account", f"{account} appears twice")
         seen.add(account)
@@ -1080,12 +1081,13 @@ class Books:
         total = 0
         after = {}
         for account, amount in postings:
-            if account not in _GOOD_ACCOUNTS or account in after or not amount:
+            guarded = _GOOD_ACCOUNTS.get(account)
+            if guarded is None or account in after or not amount:
                 return False
             if amount > MAX_AMOUNT or amount < -MAX_AMOUNT:
                 return False
             value = balances.get(account, 0) + amount
-            if (value < 0 and non_negative(account)) or abs(value) > MAX_BALANCE:
+            if (value < 0 and guarded) or abs(value) > MAX_BALANCE:
                 return False
             after[account] = value
             total += amount
