@@ -30,6 +30,10 @@ _TRACER = tracer("civic.grpc")
 # Answer these without credentials: load balancers and tooling call them.
 PUBLIC_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 PURPOSE_HEADER = "x-civic-purpose"
+# The most a refusal's message takes in the status trailer, as sent: percent-encoded, so a
+# Vietnamese letter takes up to nine bytes. A client refuses the whole answer, with
+# RESOURCE_EXHAUSTED instead of the refusal's own code, once its metadata passes 8-16 KiB.
+MAX_DETAILS_BYTES = 4096
 
 Around = Callable[[str, grpc.aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
 
@@ -107,6 +111,19 @@ def _wrap(handler: Any, method: str, around: Around) -> Any:
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
+def _details(message: str) -> str:
+    """A refusal's message as far as it fits the trailer (MAX_DETAILS_BYTES as sent): one that
+    echoes a long input still reaches the caller, with its code and the field it names."""
+    size = 0
+    for at, char in enumerate(message):
+        encoded = char.encode()
+        # grpc-message keeps printable ASCII but '%' as it is, and percent-encodes each other byte.
+        size += 1 if len(encoded) == 1 and " " <= char <= "~" and char != "%" else 3 * len(encoded)
+        if size > MAX_DETAILS_BYTES - 9:  # room for the ellipsis
+            return message[:at] + "…"
+    return message
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Around every call but health and reflection, outermost first: a server span continuing
     the caller's trace from `traceparent` metadata, domain errors mapped to their status code
@@ -156,7 +173,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except DomainError as error:
                 span.set_attribute("rpc.grpc.status_code", error.code.value[0])
-                await context.abort(error.code, error.message)
+                await context.abort(error.code, _details(error.message))
             except ConnectionFailure as error:
                 # MongoDB out of reach (a failover, a restart): the caller may try again; every
                 # write path is idempotent under retries.

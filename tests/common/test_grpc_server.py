@@ -30,6 +30,8 @@ async def probe(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> 
             return principal().role.value.encode()
         case b"invalid":
             raise InvalidArgument("household_id", "is required")
+        case b"long":  # a refusal that echoes a long input (a pasted page, in Vietnamese)
+            raise InvalidArgument("full_name", f"holds {'Nguyễn Thị Bê ' * 1000!r}")
         case b"missing":
             raise NotFound("household hh-1 not found")
         case b"precondition":
@@ -116,6 +118,16 @@ async def test_domain_errors_map_to_status_codes(
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await call(target, body)
     assert (error.value.code(), error.value.details()) == (code, details)
+
+
+async def test_a_refusal_that_echoes_a_long_input_keeps_its_code_and_field(target: str) -> None:
+    """Its message is cut to fit the status trailer, rather than the client refusing the whole
+    answer as RESOURCE_EXHAUSTED."""
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call(target, b"long")
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error.value.details() or ""
+    assert details.startswith("full_name: holds 'Nguyễn Thị Bê") and details.endswith("…")
 
 
 async def test_unexpected_error_reveals_nothing(target: str) -> None:
