@@ -292,12 +292,15 @@ class _Batch:
     def _merge(self, source: str, target: str, household_ids: list[str]) -> None:
         """The registry names the households it moved to the target. Those the map has in the
         source go, with their members; one it has elsewhere has moved since (or has yet to
-        reach the source), and its own move, on its partition, takes it where it goes."""
+        reach the source), and its own move, on its partition, takes it where it goes. A target
+        merged away since (that merge, keyed by the target, may be applied first) passes them,
+        and the source's drawings, on to where it went: nobody draws in a merged group."""
         self.merged[source] = target
-        self.merges.append((source, target, current_trace_headers()))
         self.units.append(
             UpdateOne({"_id": source}, {"$set": {"active": False, "merged_into_id": target}})
         )
+        target = self._now(target)
+        self.merges.append((source, target, current_trace_headers()))
         self.persons.append(
             UpdateMany(
                 {"unit_id": source, "household_id": {"$in": household_ids}},
@@ -392,7 +395,7 @@ class _Batch:
 
 
 def _units_named(message: Message) -> list[str]:
-    """The groups a household's or person's event places them in."""
+    """The groups a household's or person's event, or a merge, places them in."""
     m: Any = message
     match message:
         case (
@@ -403,4 +406,6 @@ def _units_named(message: Message) -> list[str]:
             return [m.unit_id]
         case registry_events.HouseholdMoved() | registry_events.PersonMoved():
             return [m.to_unit_id]
+        case registry_events.GroupsMerged():
+            return [m.target_unit_id]
     return []

@@ -307,3 +307,48 @@ async def test_household_events_from_before_a_merge_arriving_after_it_go_where_t
             counts = await store.counts(WARD, "9999-12-31", today="2026-01-01")
             assert set(counts) == {north}, (order, len(batches), counts)
             assert (counts[north]["households"], counts[north]["population"]) == (1, 1), order
+
+
+async def test_a_merge_into_a_group_merged_away_since_carries_the_map_where_that_group_went(
+    settings: Settings,
+) -> None:
+    """West goes into east, then east into north: the two merges travel on different
+    partitions (keyed by the group merged away), so the later one may be applied first. The
+    west group's household and drawings end in the north group, whose leader keeps them, never
+    in the east group nobody may draw in any more."""
+    north = "dn.hc.w1.g3"
+    west_east, east_north = [
+        registry_events.GroupsMerged(source_unit_id=a, target_unit_id=b, household_ids=["h1"])
+        for a, b in ((WEST, EAST), (EAST, north))
+    ]
+    orders: list[list[Message]] = [[west_east, east_north], [east_north, west_east]]
+    runs = [(order, batches) for order in orders for batches in ([[m] for m in order], [order])]
+    async with scratch_databases(settings, len(runs)) as dbs:
+        for (order, batches), db in zip(runs, dbs, strict=True):
+            store = GisStore(db)
+            projection = RegistryProjection(store, Outbox(db, source="gis", topic=TOPIC))
+            before: list[Message] = [
+                unit(WEST, "Tổ 1"),
+                unit(EAST, "Tổ 2"),
+                unit(north, "Tổ 3"),
+                household("h1", WEST, 0),
+            ]
+            await handle(db, projection.apply, deliveries(before))
+            await store.features.insert_one(
+                {
+                    "_id": "building-west",
+                    "layer": "building",
+                    "unit_id": WEST,
+                    "source_unit": WEST,
+                    "source_id": "b1",
+                    "properties": {"storeys": 2},
+                }
+            )
+            for batch in batches:
+                await handle(db, projection.apply, deliveries(batch))
+            what = (order[0] is west_east, len(batches))
+            point = await store.features.find_one({"_id": household_feature_id("h1")})
+            assert point is not None and point["unit_id"] == north, what
+            drawn = await store.features.find_one({"_id": "building-west"})
+            assert drawn is not None, what
+            assert (drawn["unit_id"], drawn["source_unit"]) == (north, north), what
