@@ -61,14 +61,14 @@ class ObjectStore:
         self._client = _client(settings, settings.s3_endpoint, settings.s3_secure)
         # Links are signed for the address their users reach: the host is part of the signature.
         public = urlsplit(settings.s3_public_url) if settings.s3_public_url else None
-        self._presigner = (
-            _client(settings, public.netloc, public.scheme == "https") if public else self._client
-        )
         self._public_base = (
             f"{public.scheme}://{public.netloc}"
             if public
             else f"{'https' if settings.s3_secure else 'http'}://{settings.s3_endpoint}"
         )
+        # A public address with a path (https://city.example/files) is a proxy that passes the
+        # rest of the path on to the store: links go through it, signed for what the store sees.
+        self._public_path = public.path.rstrip("/") if public else ""
         self._access_key = settings.s3_access_key
         self._secret_key = settings.s3_secret_key
         self.bucket = bucket
@@ -81,20 +81,25 @@ class ObjectStore:
             declared["Content-Type"] = content_type
         if size_bytes:
             declared["Content-Length"] = str(size_bytes)
-        return presigned_url(
-            "PUT",
+        return self._link("PUT", key, UPLOAD_WINDOW, declared)
+
+    def view_url(self, key: str) -> str:
+        return self._link("GET", key, VIEW_WINDOW)
+
+    def _link(
+        self, method: str, key: str, expires: timedelta, headers: Mapping[str, str] | None = None
+    ) -> str:
+        signed = presigned_url(
+            method,
             f"{self._public_base}/{self.bucket}/{key}",
             access_key=self._access_key,
             secret_key=self._secret_key,
             region=REGION,
             now=datetime.now(UTC),
-            expires=UPLOAD_WINDOW,
-            headers=declared,
+            expires=expires,
+            headers=headers,
         )
-
-    def view_url(self, key: str) -> str:
-        url: str = self._presigner.presigned_get_object(self.bucket, key, expires=VIEW_WINDOW)
-        return url
+        return self._public_base + self._public_path + signed.removeprefix(self._public_base)
 
     async def put(self, key: str, file: BinaryIO, content_type: str) -> None:
         """Stores a file the service made itself (an export), from its start: read as it is

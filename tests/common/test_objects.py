@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import http.server
+import threading
 import time
 import uuid
 from urllib.parse import urlsplit
@@ -14,7 +17,7 @@ from infra.local import free_port
 from services.common.config import Settings
 from services.common.errors import Unavailable
 from services.common.objects import ObjectStore, checked
-from tests.objects import jpeg_bytes, object_exists, png_bytes, put, put_refused
+from tests.objects import get, jpeg_bytes, object_exists, png_bytes, put, put_refused
 
 
 def test_links_are_signed_for_the_stores_public_address_when_it_has_one() -> None:
@@ -108,3 +111,60 @@ async def test_an_upload_link_takes_only_the_declared_type_and_size(
         assert not await object_exists(bucket, "civic-statements", key)
     await put(url, body, "image/png")
     assert (await store.accept_image(key, 1_000_000)).size == len(body)
+
+
+class _PathProxy(http.server.BaseHTTPRequestHandler):
+    """A city's web server in front of the store: what comes under /files goes to the store
+    without that prefix, with the caller's Host (as an nginx `location /files/` does)."""
+
+    store = ""
+
+    def _forward(self) -> None:
+        if not self.path.startswith("/files/"):
+            self.send_error(404)
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        store = http.client.HTTPConnection(self.store, timeout=30)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+        store.request(self.command, self.path.removeprefix("/files"), body, headers)
+        answer = store.getresponse()
+        data = answer.read()
+        self.send_response(answer.status)
+        for name, value in answer.getheaders():
+            if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        store.close()
+
+    do_GET = do_PUT = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_links_go_through_a_public_address_with_a_path_and_the_store_takes_them(
+    settings: Settings, bucket: Minio
+) -> None:
+    """A store published under a path of the city's site (https://city.example/files): links
+    keep the path, and the store, reached without it, accepts their signature."""
+    handler = type("Proxy", (_PathProxy,), {"store": settings.s3_endpoint})
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        public = f"http://127.0.0.1:{proxy.server_address[1]}/files/"
+        store = ObjectStore(
+            settings.model_copy(update={"s3_public_url": public}), "civic-statements"
+        )
+        key = f"receipts/fd-x/{uuid.uuid4().hex}.png"
+        body = png_bytes()
+        upload = store.upload_url(key, "image/png", len(body))
+        assert urlsplit(upload).path == f"/files/civic-statements/{key}"
+        await put(upload, body, "image/png")
+        accepted = await store.accept_image(key, 1_000_000)
+        assert await get(store.view_url(accepted.key)) == body
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
