@@ -471,7 +471,9 @@ class NoticesServicer(notices_pb2_grpc.NoticesServiceServicer):
             require(state, what)
             update, told, message = change(current, now)
             updated = await self.store.update(current["_id"], update, session)
-            if state is State.PUBLISHED:
+            # Households have it once it went out, expired too: they list expired notices, so
+            # one retracted then (sent in error) must leave the apps showing it as well.
+            if current.get("published_at") is not None:
                 await self.store.announce(told, current["_id"], None, now, session)
             event = notice_event(self.outbox, message, current["_id"])
             return response_type(notice=self._notice(updated)), [event]

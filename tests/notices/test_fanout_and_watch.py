@@ -5,6 +5,7 @@ event. A resident's app hears of its notices as they are delivered, revised and 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from tests.notices.conftest import (
     merge_group_away,
     refused,
     rid,
+    stamp,
 )
 
 
@@ -316,3 +318,32 @@ async def test_a_batch_interrupted_before_records_were_marked_pending_is_announc
     assert sorted(in_batches) == sorted(town.households[town.city.group])
     for household in town.households[town.city.group]:
         assert [n.notice.notice_id for n in await town.inbox(household)] == [notice.notice_id]
+
+
+async def test_an_app_showing_an_expired_notice_hears_of_its_retraction(
+    town: Town, clock: Clock
+) -> None:
+    """Residents keep expired notices on request; one retracted after its expiry (sent in error)
+    must leave the apps showing it too, not only those that list again."""
+    household = town.households[town.city.group][0]
+    notice = await town.publish(
+        town.leader,
+        unit_id=town.city.group,
+        title="Danh sách hộ nghèo",
+        expires_at=stamp(clock() + timedelta(hours=1)),
+    )
+    await town.delivered(notice.notice_id)
+    clock.advance(hours=2)
+    call = town.resident(household).WatchMyNotices(notices_pb2.WatchMyNoticesRequest())
+    hub = town.service.servicer.hub
+    await eventually(lambda: _true(hub.watching(household)), what="the app's stream open")
+    await town.leader.RetractNotice(
+        notices_pb2.RetractNoticeRequest(
+            request_id=rid(), notice_id=notice.notice_id, reason="Gửi nhầm danh sách"
+        )
+    )
+    retracted = await next_change(call, notice.notice_id, [])
+    assert retracted.change == notices_pb2.NOTICE_CHANGE_RETRACTED
+    assert retracted.notice.notice.state == notices_pb2.NOTICE_STATE_RETRACTED
+    assert not retracted.notice.notice.attachments
+    call.cancel()
