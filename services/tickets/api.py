@@ -922,11 +922,17 @@ class TicketsServicer(tickets_pb2_grpc.TicketsServiceServicer):
         """The unit a queue or statistics are asked for, the caller's own when none is named. A
         mistyped unit is said to be one, not answered with an empty queue (a watch that never
         tells anything, figures of nothing); a group merged away has its tickets where it went."""
-        if not unit_id:
-            return caller.scope
-        caller.require_unit(check_unit_id(unit_id))
+        own = not unit_id
+        if own:
+            # The caller's own, as their token names it: a leader of a group merged away is
+            # told so, not shown an empty queue that reads as "nothing to do".
+            unit_id = caller.scope
+        else:
+            caller.require_unit(check_unit_id(unit_id))
         unit = await self.store.unit(unit_id)
         if unit is None:
+            if own:
+                return unit_id
             raise NotFound(f"unit {unit_id} not found")
         if not unit.get("active", True):
             raise FailedPrecondition(

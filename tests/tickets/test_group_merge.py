@@ -68,6 +68,11 @@ async def test_a_merged_groups_open_tickets_go_to_the_group_it_joined(
         await pilot.ward_officer.ListQueue(tickets_pb2.ListQueueRequest(unit_id=city.group))
     assert retired.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert f"merged into {city.other_group}" in (retired.value.details() or "")
+    # Its old leader, whose token still names it, is told so too, not shown an empty queue.
+    with pytest.raises(grpc.aio.AioRpcError) as retired:
+        await pilot.leader.ListQueue(tickets_pb2.ListQueueRequest())
+    assert retired.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"merged into {city.other_group}" in (retired.value.details() or "")
 
     # Integrators are told, once per ticket.
     (told,) = await merged_events(tickets_service, at_group.ticket_id)
