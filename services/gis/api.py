@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -65,7 +66,10 @@ MAX_HYDRANTS = 50
 MAX_DISTANCE_M = 20_000.0
 # Registry look-ups in flight at once for one evacuation list.
 REGISTRY_CONCURRENCY = 16
-FILE_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+# What of a file's name goes into its object's key: letters without their marks, digits, '.',
+# '_' and '-' (anything else, a space say, becomes '-').
+KEY_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_FILE_NAME = 100
 EXTENSIONS = (".dxf", ".geojson", ".json")
 
 
@@ -249,10 +253,12 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         self, request: gis_pb2.CreateImportUploadRequest, context: Context
     ) -> gis_pb2.CreateImportUploadResponse:
         await self._drawable_unit(request.unit_id)
-        name = request.file_name.strip()
-        if not FILE_NAME.fullmatch(name) or not name.lower().endswith(EXTENSIONS):
+        name = _key_name(request.file_name)
+        if not name.lower().endswith(EXTENSIONS):
             raise InvalidArgument(
-                "file_name", f"must be a plain file name ending in {', '.join(EXTENSIONS)}"
+                "file_name",
+                f"must be a plain file name of at most {MAX_FILE_NAME} characters ending in "
+                f"{', '.join(EXTENSIONS)}",
             )
         if not 0 <= request.size_bytes <= MAX_UPLOAD_BYTES:
             raise InvalidArgument(
@@ -878,6 +884,17 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             width_px=scene.width,
             height_px=scene.height,
         )
+
+
+def _key_name(file_name: str) -> str:
+    """The file's name as its object's key takes it: a ward's drawing is as often "Bản đồ tổ
+    17.dxf" as "to17.dxf", and both are plain file names. "" for a path or a name too long."""
+    name = unicodedata.normalize("NFC", file_name.strip())
+    if not name or len(name) > MAX_FILE_NAME or any(c in name for c in "/\\\0"):
+        return ""
+    unmarked = unicodedata.normalize("NFKD", name.replace("đ", "d").replace("Đ", "D"))
+    plain = "".join(c for c in unmarked if not unicodedata.combining(c))
+    return KEY_UNSAFE.sub("-", plain)
 
 
 def _file_transform(source_crs: str, declared: str, field: str) -> geometry.Transform | None:

@@ -748,3 +748,36 @@ async def test_a_groups_outline_lies_within_its_wards(ward: Ward) -> None:
     surveyed = polygon_feature(ward.box(-620, -410, 0, 400), "g17", unit_id=group)
     done = await ward.import_features(gis_pb2.LAYER_BOUNDARY, [surveyed])
     assert (done.updated, list(done.rejected)) == (1, [])
+
+
+async def test_a_drawing_named_in_vietnamese_is_uploaded_and_imported(ward: Ward) -> None:
+    """Wards name their files as they speak: the name goes into the object's key unmarked."""
+    features = [point_feature(ward.at(-400, -200), "h1", kind="hydrant")]
+    body = json.dumps({"type": "FeatureCollection", "features": features}).encode()
+    upload = await ward.officer.CreateImportUpload(
+        gis_pb2.CreateImportUploadRequest(
+            unit_id=ward.city.ward,
+            file_name="Trụ nước Đà Nẵng (2024).GeoJSON",
+            size_bytes=len(body),
+        )
+    )
+    assert upload.object_key.endswith("-Tru-nuoc-Da-Nang-2024-.GeoJSON"), upload.object_key
+    await put(upload.upload_url, body, "")
+    response = await ward.officer.ImportLayer(
+        gis_pb2.ImportLayerRequest(
+            request_id=rid(),
+            unit_id=ward.city.ward,
+            layer=gis_pb2.LAYER_HYDRANT,
+            format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+            object_key=upload.object_key,
+        )
+    )
+    assert response.created == 1
+    for name in ("tổ 17/../bản đồ.dxf", "bản đồ.pdf", "x" * 100 + ".dxf", "   "):
+        details = await refused(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ward.officer.CreateImportUpload(
+                gis_pb2.CreateImportUploadRequest(unit_id=ward.city.ward, file_name=name)
+            ),
+        )
+        assert details.startswith("file_name"), details
