@@ -18,7 +18,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from services.common.auth import unit_within
 from services.common.commands import ensure_command_indexes
 from services.common.errors import InvalidArgument
-from services.common.mongo import Document, Session, in_any_unit, in_unit
+from services.common.mongo import UNIT_ID, Document, Session, in_any_unit, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.registry_view import RESIDENT, RegistryView, living
 from services.notices import domain
@@ -548,21 +548,19 @@ class NoticeStore:
         self, notice_id: str, unit_ids: list[str] | None, token: str, size: int
     ) -> tuple[list[Document], str]:
         """Households that have not opened the notice, by group then household (the index's
-        order), of `unit_ids` as in `reach`; the token is the last one's delivery id."""
+        order), of `unit_ids` as in `reach`; the token is the last one's place in that order, as
+        it was listed: one that has moved group since does not take the next page past the
+        households between its old and new place."""
         query: Document = (
             {"notice_id": notice_id, "read": False, "withdrawn_at": None}
             | _in_area(unit_ids)
             | SETTLED
         )
         if token:
-            last = await self.deliveries.find_one(
-                {"_id": token, "notice_id": notice_id}, {"unit_id": 1, "household_id": 1}
-            )
-            if last is None:
-                raise InvalidArgument("page.page_token", "is not a token this service issued")
+            unit_id, household_id = _place_in_list(token)
             query["$or"] = [
-                {"unit_id": {"$gt": last["unit_id"]}},
-                {"unit_id": last["unit_id"], "household_id": {"$gt": last["household_id"]}},
+                {"unit_id": {"$gt": unit_id}},
+                {"unit_id": unit_id, "household_id": {"$gt": household_id}},
             ]
         items = (
             await self.deliveries.find(query)
@@ -570,7 +568,8 @@ class NoticeStore:
             .limit(size)
             .to_list()
         )
-        return items, str(items[-1]["_id"]) if len(items) == size else ""
+        last = items[-1] if len(items) == size else None
+        return items, f"{last['unit_id']}|{last['household_id']}" if last else ""
 
     async def due_resends(self, now: datetime, limit: int) -> list[Document]:
         return (
@@ -632,6 +631,14 @@ def _between(after: Document, last: Document | None) -> Document:
         ranges.append({"unit_id": {"$gt": unit, "$lt": last["unit"]}})
         ranges.append({"unit_id": last["unit"], "household_id": {"$lte": last["household"]}})
     return {"$or": ranges}
+
+
+def _place_in_list(token: str) -> tuple[str, str]:
+    """The (group, household) a `not_reached` token names."""
+    unit_id, _, household_id = token.partition("|")
+    if not (UNIT_ID.fullmatch(unit_id) and household_id and "|" not in household_id):
+        raise InvalidArgument("page.page_token", "is not a token this service issued")
+    return unit_id, household_id
 
 
 def _listing_token(doc: Document) -> str:

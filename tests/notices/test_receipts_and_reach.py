@@ -11,6 +11,7 @@ import grpc
 import pytest
 from civic.common.v1 import types_pb2
 from civic.notices.v1 import notices_pb2
+from civic.registry.v1 import events_pb2 as registry_events
 from civic.registry.v1 import registry_pb2
 
 from services.common.auth import Role
@@ -24,6 +25,7 @@ from tests.notices.conftest import (
     rid,
     stamp,
 )
+from tests.notices.test_schedule_and_moves import reconciled
 
 
 async def acknowledge(town: Town, household: str, notice_id: str) -> notices_pb2.HouseholdNotice:
@@ -339,3 +341,41 @@ async def test_a_batch_withdrawing_its_records_leaves_no_receipt_counted(
     )
     assert (live, reach.total.delivered, reach.total.opened) == (0, 0, 0)
     assert await town.events(notice.notice_id, events_pb2.NoticeRead) == []
+
+
+async def test_paging_the_doors_to_knock_on_skips_none_when_one_moves_group(town: Town) -> None:
+    """A household at the end of a page that moves to another group of the ward before the next
+    page is asked for does not take the next page past the other households still to visit."""
+    city = town.city
+    notice = await town.publish(title="Kiểm tra phòng cháy")
+    await town.delivered(notice.notice_id)
+    first = await town.ward_officer.ListNotReached(
+        notices_pb2.ListNotReachedRequest(
+            notice_id=notice.notice_id, page=types_pb2.PageRequest(page_size=1)
+        )
+    )
+    (mover,) = first.households
+    later_group = max(city.group, city.other_group)
+    assert mover.unit_id < later_group  # its own group comes first in the list
+    await reconciled(
+        town,
+        [
+            registry_events.HouseholdMoved(
+                household_id=mover.household_id,
+                from_unit_id=mover.unit_id,
+                to_unit_id=later_group,
+            )
+        ],
+    )
+
+    seen, token = [mover.household_id], first.next_page_token
+    while token:
+        page = await town.ward_officer.ListNotReached(
+            notices_pb2.ListNotReachedRequest(
+                notice_id=notice.notice_id,
+                page=types_pb2.PageRequest(page_size=1, page_token=token),
+            )
+        )
+        seen += [h.household_id for h in page.households]
+        token = page.next_page_token
+    assert set(seen) == set(town.everyone)
