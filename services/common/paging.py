@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from bson.timestamp import Timestamp
@@ -15,6 +15,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure
 
+from services.common.auth import CLOCK_SKEW_SECONDS
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.mongo import (
     INVALID_OPTIONS,
@@ -79,6 +80,9 @@ def message_bytes(message: Message) -> int:
 
 UNIT_ORDER = [("unit_id", ASCENDING), ("_id", ASCENDING)]
 NOT_OURS = "is not a token this listing gave"
+# How far the clock of the instance that gave a token may run ahead of the one that reads it:
+# the next page may be asked of another instance, whose clock is a little behind.
+CLOCK_SKEW = timedelta(seconds=CLOCK_SKEW_SECONDS)
 
 
 class UnitListing:
@@ -105,7 +109,8 @@ class UnitListing:
         if token:
             self.position, carried = _read_token(token, self.snapshot, clocked=now is not None)
             if carried is not None:
-                if now is not None and carried > now:  # a clock not yet reached is none we gave
+                # A clock not yet reached, here or on any instance, is none we gave.
+                if now is not None and carried > now + CLOCK_SKEW:
                     raise InvalidArgument("page.page_token", NOT_OURS)
                 self.now = carried
         self._at_the_tokens_moment = self.snapshot.at is not None
