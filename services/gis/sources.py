@@ -89,6 +89,9 @@ def _geojson_feature(index: int, item: Any) -> RawFeature:
     if not isinstance(geometry, dict) or "coordinates" not in geometry or "type" not in geometry:
         raw.error = "has no geometry"
         return raw
+    if not isinstance(geometry["type"], str):  # a list or object is no type's name
+        raw.error = "geometry: type must name a GeoJSON geometry type, such as Polygon"
+        return raw
     raw.geometry = {"type": geometry["type"], "coordinates": geometry["coordinates"]}
     return raw
 

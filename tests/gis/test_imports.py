@@ -136,11 +136,27 @@ async def test_invalid_geometry_is_refused_feature_by_feature(ward: Ward) -> Non
         point_feature(ward.at(0, 0), "a-point"),
         polygon_feature(ward.box(-250, 0, -230, 20), "zero-storeys", storeys=0),
         {"type": "Feature", "id": "nothing", "properties": {}},
+        # A hand-edited file: the type given as a list.
+        {
+            "type": "Feature",
+            "id": "listed-type",
+            "geometry": {"type": ["Polygon"], "coordinates": [ward.box(-150, 0, -130, 20)]},
+        },
     ]
     response = await ward.import_features(gis_pb2.LAYER_BUILDING, features)
     assert response.created == 1
     errors = {e.source_id: (e.index, e.message) for e in response.rejected}
-    assert set(errors) == {"bowtie", "unclosed", "far", "a-point", "zero-storeys", "nothing"}
+    assert set(errors) == {
+        "bowtie",
+        "unclosed",
+        "far",
+        "a-point",
+        "zero-storeys",
+        "nothing",
+        "listed-type",
+    }
+    assert errors["listed-type"] == (7, errors["listed-type"][1])
+    assert errors["listed-type"][1].startswith("geometry: type")
     assert errors["bowtie"][0] == 1 and "intersects itself" in errors["bowtie"][1]
     assert "not closed" in errors["unclosed"][1]
     assert "outside" in errors["far"][1] and ward.city.ward in errors["far"][1]
