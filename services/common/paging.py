@@ -106,14 +106,19 @@ class UnitListing:
         self.snapshot = Snapshot()
         self.position: tuple[str, str] | None = None
         self.now = now
+        carried_clock = False
         if token:
             self.position, carried = _read_token(token, self.snapshot, clocked=now is not None)
             if carried is not None:
+                carried_clock = True
                 # A clock not yet reached, here or on any instance, is none we gave.
                 if now is not None and carried > now + CLOCK_SKEW:
                     raise InvalidArgument("page.page_token", NOT_OURS)
                 self.now = carried
         self._at_the_tokens_moment = self.snapshot.at is not None
+        # Whether the listing reads exactly as the page before it did (its moment, its clock):
+        # then the document that page ended at is there again, and a token is known ours.
+        self.as_the_page_before = self._at_the_tokens_moment and (now is None or carried_clock)
 
     async def find(
         self,
@@ -203,7 +208,18 @@ async def unit_ordered_page(
     following = query
     if listing.position:
         unit, last = listing.position
-        found = await read({"$and": [query, {"unit_id": unit, "_id": {"$gt": last}}]}, size)
+        if listing.as_the_page_before:
+            # Read from the document the last page ended at: it is there, as that page found
+            # it, unless the token came from another unit's listing, another listing, or was
+            # altered, which would otherwise page on from wherever it points, or end at once.
+            found = await read(
+                {"$and": [query, {"unit_id": unit, "_id": {"$gte": last}}]}, size + 1
+            )
+            if not found or str(found[0]["_id"]) != last:
+                raise InvalidArgument("page.page_token", NOT_OURS)
+            found = found[1:]
+        else:
+            found = await read({"$and": [query, {"unit_id": unit, "_id": {"$gt": last}}]}, size)
         following = {"$and": [query, {"unit_id": {"$gt": unit}}]}
     if len(found) < size:
         found += await read(following, size - len(found))
