@@ -6,6 +6,7 @@ import ipaddress
 import socket
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiokafka.conn import collect_hosts
 from pydantic import Field, ValidationError, field_validator
@@ -96,6 +97,26 @@ class Settings(BaseSettings):
             collect_hosts(value)
         except ValueError:
             raise ValueError("a broker is host:port, the port a number") from None
+        return value
+
+    @field_validator("s3_public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        # Without a scheme ("files.danang.example") every link would be "://..." and lead
+        # nowhere, found only when a phone tries one.
+        if value:
+            parts = urlsplit(value)
+            try:
+                reachable = parts.scheme in ("http", "https") and bool(parts.hostname)
+                reachable = reachable and parts.port != 0
+            except ValueError:  # a port that is no number
+                reachable = False
+            if not reachable:
+                raise ValueError(
+                    "must be an http:// or https:// address, e.g. https://files.city.vn"
+                )
+            if parts.query or parts.fragment:
+                raise ValueError("must be an address without ? or #")
         return value
 
     def __init__(self, **values: Any) -> None:
