@@ -142,7 +142,8 @@ def clean_properties(
             raise ValueError(f"properties.width_m: must be more than 0 and at most {MAX_WIDTH_M:g}")
         kept["width_m"] = width
     elif layer is Layer.HYDRANT:
-        kind = _text(properties, "kind", 30) or "hydrant"
+        # "Well" or "HYDRANT", as an attribute table spells it, is the kind it names.
+        kind = _text(properties, "kind", 30).casefold() or "hydrant"
         if kind not in HYDRANT_KINDS:
             raise ValueError(f"properties.kind: must be one of {', '.join(HYDRANT_KINDS)}")
         kept["kind"] = kind

@@ -750,6 +750,14 @@ async def test_property_names_in_capitals_as_shapefiles_give_them_count(ward: Wa
     assert (kept["building"]["storeys"], kept["building"]["use"]) == (5, "school")
     assert kept["building"]["name"] == "Trường Tiểu học"
     assert kept["alley"]["width_m"] == 3.5
+    water = [
+        point_feature(ward.at(-450, 50), "w", KIND="Well"),
+        point_feature(ward.at(-400, 50), "h", Kind="HYDRANT"),
+    ]
+    done = await ward.import_features(gis_pb2.LAYER_HYDRANT, water)
+    assert (done.created, list(done.rejected)) == (2, [])
+    listed = await ward.features(unit_id=ward.city.ward, layers=[gis_pb2.LAYER_HYDRANT])
+    assert sorted(f["properties"]["kind"] for f in listed["features"]) == ["hydrant", "well"]
 
 
 async def test_a_groups_outline_lies_within_its_wards(ward: Ward) -> None:
