@@ -321,6 +321,11 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             doc["import_id"] = import_id
             doc["updated_at"] = now
 
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+        if not await self.store.claim_import(import_id, fingerprint, now):
+            raise FailedPrecondition(
+                "request_id was already used for a different request; use a new request_id"
+            )
         # Every feature was checked above, its geometry as MongoDB's index sees it too: the
         # writes take each one that passed (one MongoDB refuses all the same is refused alone),
         # so an import never fails with part of it written.

@@ -9,14 +9,15 @@ import contextlib
 import logging
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from pymongo import ASCENDING, GEOSPHERE, IndexModel, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 
-from services.common.commands import ensure_command_indexes
+from services.common.commands import REMEMBERED_FOR, ensure_command_indexes
 from services.common.mongo import Document, Session, in_unit
 from services.common.outbox import ensure_outbox_indexes
 from services.common.paging import after_token, next_token
@@ -67,6 +68,8 @@ class GisStore:
         self.features = db["features"]
         self.units = db["units"]  # projected from civic.registry.v1
         self.persons = db["persons"]  # projected from civic.registry.v1: no names
+        # Which request each import's id was first written for (see claim_import).
+        self.import_claims = db["import_claims"]
         self.hydrants = HydrantMirror(self.features)
 
     async def ensure_indexes(self) -> None:
@@ -82,6 +85,9 @@ class GisStore:
         await self.units.create_index("merged_into_id")
         await self.persons.create_indexes(
             [IndexModel([("unit_id", ASCENDING)]), IndexModel([("household_id", ASCENDING)])]
+        )
+        await self.import_claims.create_index(
+            "at", expireAfterSeconds=int(REMEMBERED_FOR.total_seconds())
         )
         await ensure_outbox_indexes(self.db)
         await ensure_command_indexes(self.db)
@@ -125,6 +131,20 @@ class GisStore:
                     raise GeometryRefused(refused) from error
                 raise
         return created, updated, unchanged
+
+    async def claim_import(self, import_id: str, fingerprint: str, now: datetime) -> bool:
+        """Whether the import may write under this id: its first request, or that request
+        again (a retry, at once or after a failure part way), but no other. An import records
+        its answer only once written, in several transactions: two requests under one id
+        sent together would both write before either recorded."""
+        try:
+            await self.import_claims.insert_one(
+                {"_id": import_id, "fingerprint": fingerprint, "at": now}
+            )
+        except DuplicateKeyError:
+            claim = await self.import_claims.find_one({"_id": import_id})
+            return claim is None or claim["fingerprint"] == fingerprint
+        return True
 
     async def displaced(self, boundaries: Sequence[Document], session: Session) -> list[Document]:
         """The boundaries these take the place of: any other boundary of the units they bound

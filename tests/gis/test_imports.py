@@ -5,6 +5,7 @@ imports; footprints are in square metres on the ellipsoid."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable
 from typing import Any
@@ -805,3 +806,37 @@ async def test_a_drawing_named_in_vietnamese_is_uploaded_and_imported(ward: Ward
             ),
         )
         assert details.startswith("file_name"), details
+
+
+async def test_a_request_id_reused_for_another_file_at_once_writes_only_the_first(
+    ward: Ward,
+) -> None:
+    """Two files sent at once under one request_id (a form submitted again with another file
+    while the first was still importing): one is imported, the other refused with nothing of
+    it written."""
+    request_id = rid()
+
+    def sending(name: str, east_m: float) -> Awaitable[gis_pb2.ImportLayerResponse]:
+        hydrant = point_feature(ward.at(east_m, -250), name, kind="hydrant")
+        sent: Awaitable[gis_pb2.ImportLayerResponse] = ward.officer.ImportLayer(
+            gis_pb2.ImportLayerRequest(
+                request_id=request_id,
+                unit_id=ward.city.ward,
+                layer=gis_pb2.LAYER_HYDRANT,
+                format=gis_pb2.SOURCE_FORMAT_GEOJSON,
+                content=json.dumps(hydrant).encode(),
+            )
+        )
+        return sent
+
+    answers = await asyncio.gather(
+        *(sending(f"h{i}", -500 + 40 * i) for i in range(4)), return_exceptions=True
+    )
+    imported = [a for a in answers if isinstance(a, gis_pb2.ImportLayerResponse)]
+    refusals = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(imported) == 1 and imported[0].created == 1, answers
+    assert [r.code() for r in refusals] == [grpc.StatusCode.FAILED_PRECONDITION] * 3, answers
+    stored = await ward.service.store.features.count_documents(
+        {"layer": "hydrant", "source_unit": ward.city.ward}
+    )
+    assert stored == 1
