@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, for_code
 from minio import Minio
 from minio.error import S3Error
@@ -32,6 +33,7 @@ _ALREADY_EXISTS = 36  # TOPIC_ALREADY_EXISTS
 # Codes a broker may answer when it refuses per-topic configs at creation.
 _CONFIG_REFUSED = {35, 40, 42, 44}  # UNSUPPORTED_VERSION, INVALID_CONFIG, INVALID_REQUEST, POLICY
 _BUCKET_EXISTS = {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}
+_TOPIC_OWN_CONFIG = 1  # DescribeConfigs' config source DYNAMIC_TOPIC_CONFIG: set on the topic
 
 
 async def provision(endpoints: Endpoints, partitions: int) -> None:
@@ -45,7 +47,8 @@ async def provision(endpoints: Endpoints, partitions: int) -> None:
 async def _create_topics(bootstrap_servers: str, partitions: int) -> None:
     admin = await _connected_admin(bootstrap_servers)
     try:
-        refused = await _create(admin, TOPICS, partitions, with_configs=True)
+        refused, existing = await _create(admin, TOPICS, partitions, with_configs=True)
+        await _keep_retention(admin, existing)
         if refused:
             # Checked: noida-db 0.2.3 accepts retention.ms at creation and reports it back in
             # DescribeConfigs, so this path is for brokers with a stricter creation policy.
@@ -77,8 +80,9 @@ async def _connected_admin(bootstrap_servers: str) -> AIOKafkaAdminClient:
 
 async def _create(
     admin: AIOKafkaAdminClient, topics: tuple[Topic, ...], partitions: int, *, with_configs: bool
-) -> tuple[Topic, ...]:
-    """Create the topics; return those whose configs the broker refused."""
+) -> tuple[tuple[Topic, ...], tuple[Topic, ...]]:
+    """Create the topics; return those whose configs the broker refused, and those that
+    existed already."""
     new = [
         NewTopic(
             name=t.name,
@@ -91,17 +95,61 @@ async def _create(
     response: Any = await admin.create_topics(new)
     by_name = {t.name: t for t in topics}
     refused: list[Topic] = []
+    existing: list[Topic] = []
     # An existing topic keeps its partition count: adding partitions would move keys to other
     # partitions and break per-aggregate ordering, so that stays a deliberate manual step.
     for name, code, *rest in response.topic_errors:
-        if code in (0, _ALREADY_EXISTS):
+        if code == _ALREADY_EXISTS:
+            existing.append(by_name[name])
+            continue
+        if code == 0:
             continue
         if with_configs and code in _CONFIG_REFUSED:
             refused.append(by_name[name])
             continue
         message = rest[0] if rest and rest[0] else for_code(code).__name__
         raise InfraError(f"creating Kafka topic {name}: {message} (error {code})")
-    return tuple(refused)
+    return tuple(refused), tuple(existing)
+
+
+async def _keep_retention(admin: AIOKafkaAdminClient, topics: tuple[Topic, ...]) -> None:
+    """Topics that existed already (created by a broker's auto-creation with its default
+    retention, often a week, or by hand) get the retention they need: the ledger's events are
+    the auditors' books, kept for ever. The topic's other settings of its own are kept."""
+    if not topics:
+        return
+    described: dict[str, list[Any]] = {}
+    for response in await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t.name) for t in topics]
+    ):
+        for code, _message, _type, name, entries in response.resources:
+            if code == 0:
+                described[name] = entries
+    changes = []
+    for topic in topics:
+        entries = described.get(topic.name, [])
+        kept = {e[0]: e[1] for e in entries if e[3] == _TOPIC_OWN_CONFIG and e[1] is not None}
+        found = next((e[1] for e in entries if e[0] == "retention.ms"), None)
+        if found is None or found == str(topic.retention_ms):
+            continue
+        log.warning(
+            "topic %s kept events for retention.ms=%s; setting it to %s",
+            topic.name,
+            found,
+            topic.retention_ms,
+        )
+        kept["retention.ms"] = str(topic.retention_ms)
+        changes.append(ConfigResource(ConfigResourceType.TOPIC, topic.name, configs=kept))
+    if not changes:
+        return
+    for altered in await admin.alter_configs(changes):
+        for code, message, _type, name in altered.resources:
+            if code:
+                reason = message or for_code(code).__name__
+                raise InfraError(
+                    f"topic {name} keeps events for less than it must, and the broker refused "
+                    f"to change it ({reason}): set its retention.ms by hand"
+                )
 
 
 def _create_buckets(endpoints: Endpoints) -> None:

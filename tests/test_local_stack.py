@@ -30,6 +30,7 @@ from minio import Minio
 
 from infra import local
 from infra.local import Endpoints, InfraError, LocalStack, Ports
+from infra.provision import provision
 from services.common.topology import BUCKETS, FOREVER, TOPICS
 from services.platform import SERVICES
 
@@ -45,6 +46,7 @@ ENV_VARS = (
 )
 PARTITIONS = 3  # not the default (6), to see that the parameter is used
 TOPIC = TOPICS[0].name
+LEDGER_TOPIC = "civic.ledger.v1"
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +176,37 @@ def test_kafka_topics_are_provisioned(running: tuple[LocalStack, Endpoints]) -> 
     assert partitions == {t.name: PARTITIONS for t in TOPICS}
     assert retention == {t.name: str(t.retention_ms) for t in TOPICS}
     assert retention[TOPIC] == str(FOREVER)
+
+
+def test_a_topic_made_before_with_a_shorter_retention_is_given_its_own(
+    running: tuple[LocalStack, Endpoints],
+) -> None:
+    """As a broker's auto-creation would leave the ledger's topic (a week, say): provisioning
+    gives it back its retention, for ever, keeping the topic's other settings of its own."""
+    _, endpoints = running
+    ledger = ConfigResource(
+        ConfigResourceType.TOPIC,
+        LEDGER_TOPIC,
+        configs={"retention.ms": "604800000", "max.message.bytes": "2000000"},
+    )
+
+    async def shortened_then_provisioned() -> dict[str, str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=endpoints.kafka_bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.alter_configs([ledger])
+            await provision(endpoints, PARTITIONS)
+            (response,) = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, LEDGER_TOPIC)]
+            )
+            ((_code, _message, _type, _name, entries),) = response.resources
+            return {e[0]: e[1] for e in entries}
+        finally:
+            await admin.close()
+
+    settings = asyncio.run(shortened_then_provisioned())
+    assert settings["retention.ms"] == str(FOREVER)
+    assert settings["max.message.bytes"] == "2000000"
 
 
 def test_kafka_keyed_round_trip(running: tuple[LocalStack, Endpoints]) -> None:
