@@ -9,7 +9,7 @@ geodesic distance, so the answer is the one a $near query gives.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from services.common.mongo import Document
@@ -58,12 +58,15 @@ class PointGrid:
             if not cell:
                 del self._cells[_cell(old.position)]
 
-    def replace_unit(self, unit_id: str, placed: list[Placed]) -> None:
-        """The unit's points are exactly `placed` from now on."""
+    def replace_unit(self, unit_id: str, placed: list[Placed], keep: Collection[str] = ()) -> None:
+        """The unit's points are exactly `placed` from now on, but those `keep` names: as they
+        are, whether there or not."""
         for old in [p for p in self._placed.values() if p.unit_id == unit_id]:
-            self.remove(old.feature_id)
+            if old.feature_id not in keep:
+                self.remove(old.feature_id)
         for point in placed:
-            self.put(point)
+            if point.feature_id not in keep:
+                self.put(point)
 
     def nearest(
         self,

@@ -424,12 +424,14 @@ class HydrantMirror:
         self._features = features
         self._task: asyncio.Task[None] | None = None
         self.following = False
+        # For each reload under way, the hydrants the change stream changed meanwhile.
+        self._reloading: list[set[str]] = []
 
     async def start(self) -> None:
         # Watch first, then load: nothing that changes in between is missed (replaying a change
         # the load already saw puts the same point again).
         stream = await self._watch()
-        await self._load({"layer": Layer.HYDRANT.key}, replace=True)
+        await self._load()
         self._task = asyncio.create_task(self._follow(stream), name="hydrant-mirror")
 
     async def stop(self) -> None:
@@ -438,21 +440,30 @@ class HydrantMirror:
         await cancel_and_wait(task)
 
     async def reload(self, source_unit: str) -> None:
-        """The hydrants an import into source_unit left, at once."""
-        await self._load({"layer": Layer.HYDRANT.key, "source_unit": source_unit}, source_unit)
+        """The hydrants an import into source_unit left, at once. One the change stream changed
+        while they were read keeps the stream's word: another writer's, committed after the
+        read, would otherwise be dropped, and no later change would bring it back (the stream
+        goes on to the same end whichever it had)."""
+        changed: set[str] = set()
+        self._reloading.append(changed)
+        try:
+            query = {"layer": Layer.HYDRANT.key, "source_unit": source_unit}
+            placed = [_placed(doc) async for doc in self._features.find(query, NEAREST_SHOWN)]
+        finally:
+            self._reloading.remove(changed)
+        self.grid.replace_unit(source_unit, placed, keep=changed)
 
     async def _watch(self) -> Any:
         match = {"$or": [{"fullDocument.layer": Layer.HYDRANT.key}, {"operationType": "delete"}]}
         return await self._features.watch([{"$match": match}], full_document="updateLookup")
 
-    async def _load(self, query: Document, source_unit: str = "", replace: bool = False) -> None:
+    async def _load(self) -> None:
+        """Every hydrant, in a new grid."""
+        query = {"layer": Layer.HYDRANT.key}
         placed = [_placed(doc) async for doc in self._features.find(query, NEAREST_SHOWN)]
-        if replace:
-            self.grid = PointGrid()
-            for point in placed:
-                self.grid.put(point)
-        else:
-            self.grid.replace_unit(source_unit, placed)
+        self.grid = PointGrid()
+        for point in placed:
+            self.grid.put(point)
 
     async def _follow(self, stream: Any) -> None:
         while True:
@@ -460,10 +471,13 @@ class HydrantMirror:
             try:
                 async with stream:
                     async for change in stream:
+                        feature_id = change["documentKey"]["_id"]
                         if change["operationType"] == "delete":
-                            self.grid.remove(change["documentKey"]["_id"])
+                            self.grid.remove(feature_id)
                         elif change.get("fullDocument"):
                             self.grid.put(_placed(change["fullDocument"]))
+                        for changed in self._reloading:
+                            changed.add(feature_id)
                 log.warning("hydrant mirror's change stream ended; reopening")
             except asyncio.CancelledError:
                 raise
@@ -484,7 +498,7 @@ class HydrantMirror:
                 log.warning("hydrant mirror cannot watch MongoDB yet", exc_info=True)
                 continue
             try:
-                await self._load({"layer": Layer.HYDRANT.key}, replace=True)
+                await self._load()
             except Exception:
                 log.warning("hydrant mirror cannot load the hydrants yet", exc_info=True)
                 with contextlib.suppress(Exception):
