@@ -322,7 +322,7 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             doc["updated_at"] = now
 
         fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-        if not await self.store.claim_import(import_id, fingerprint, now):
+        if not await self.store.claim_import(import_id, fingerprint):
             raise FailedPrecondition(
                 "request_id was already used for a different request; use a new request_id"
             )

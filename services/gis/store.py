@@ -9,7 +9,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, GEOSPHERE, IndexModel, ReplaceOne
@@ -132,14 +132,15 @@ class GisStore:
                 raise
         return created, updated, unchanged
 
-    async def claim_import(self, import_id: str, fingerprint: str, now: datetime) -> bool:
+    async def claim_import(self, import_id: str, fingerprint: str) -> bool:
         """Whether the import may write under this id: its first request, or that request
         again (a retry, at once or after a failure part way), but no other. An import records
         its answer only once written, in several transactions: two requests under one id
         sent together would both write before either recorded."""
         try:
             await self.import_claims.insert_one(
-                {"_id": import_id, "fingerprint": fingerprint, "at": now}
+                # Kept as long as the command's record, by the same (real) clock.
+                {"_id": import_id, "fingerprint": fingerprint, "at": datetime.now(UTC)}
             )
         except DuplicateKeyError:
             claim = await self.import_claims.find_one({"_id": import_id})
