@@ -868,16 +868,26 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
         route: list[geometry.Position] = []
         if request.HasField("route"):
             route = (await self._route(caller, request.route, "route."))[0].positions
+        drawn = [Layer.BUILDING.key, Layer.ALLEY.key, Layer.HYDRANT.key]
         inside = await self.store.all(
             {
-                "layer": {"$in": [Layer.BUILDING.key, Layer.ALLEY.key, Layer.HYDRANT.key]},
+                "layer": {"$in": drawn},
                 "geometry": {"$geoIntersects": {"$geometry": boundary["geometry"]}},
             }
         )
+        # The unit's own drawings too: a hydrant across the street along its edge stands
+        # outside its outline (as one may), and is the one the fire brigade draws water from.
+        own = await self.store.all({"layer": {"$in": drawn}, "source_unit": request.unit_id})
+        features = list({doc["_id"]: doc for doc in [*inside, *own]}.values())
+        standing = [doc for doc in own if doc["layer"] != Layer.ALLEY.key]
         names = await self.store.units_named([request.unit_id])
         title = names.get(request.unit_id) or boundary["properties"].get("name", request.unit_id)
         scene = render.scene(
-            title, [boundary, *inside], route, request.width_px or render.DEFAULT_WIDTH_PX
+            title,
+            [boundary, *features],
+            route,
+            request.width_px or render.DEFAULT_WIDTH_PX,
+            framed=[boundary, *standing],
         )
         if request.format == gis_pb2.IMAGE_FORMAT_SVG:
             content, content_type = render.to_svg(scene), "image/svg+xml"

@@ -58,11 +58,13 @@ def scene(
     features: list[dict[str, Any]],
     route: list[Position],
     width_px: int,
+    framed: list[dict[str, Any]] | None = None,
 ) -> Scene:
     """Lays the features out on a canvas width_px wide, north up, at one scale both ways,
-    framing the boundaries and the route: a street running on beyond the group is cut at the
-    picture's edge rather than shrinking the group to a corner of it."""
-    framed = [f for f in features if f.get("layer") == "boundary"] or features
+    framing `framed` (the boundaries, when None) and the route: a street running on beyond the
+    group is cut at the picture's edge rather than shrinking the group to a corner of it."""
+    if framed is None:
+        framed = [f for f in features if f.get("layer") == "boundary"] or features
     positions: list[Sequence[float]] = [p for p in route]
     for feature in framed:
         geometry = feature["geometry"]

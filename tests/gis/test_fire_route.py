@@ -314,3 +314,24 @@ def test_distances_along_and_beside_a_route_are_metres_on_the_ellipsoid() -> Non
 
 def hydrant(at: tuple[float, float]) -> dict[str, Any]:
     return {"geometry": {"type": "Point", "coordinates": list(at)}, "properties": {}}
+
+
+async def test_a_groups_own_hydrant_across_the_street_from_it_is_on_its_picture(
+    ward: Ward,
+) -> None:
+    """The group's leader drew the hydrant across the street along the group's north edge, 45 m
+    outside its outline (a hydrant may stand so): the printed map shows it, in the picture."""
+    across = point_feature(ward.at(-300, 445), "across", kind="hydrant", name="TCH Bắc")
+    done = await ward.import_features(
+        gis_pb2.LAYER_HYDRANT, [across], caller=ward.leader, unit_id=ward.city.group
+    )
+    assert (done.created, list(done.rejected)) == (1, [])
+    svg = await ward.leader.RenderMap(
+        gis_pb2.RenderMapRequest(unit_id=ward.city.group, format=gis_pb2.IMAGE_FORMAT_SVG)
+    )
+    root = ElementTree.fromstring(svg.content)
+    (hydrants,) = [g for g in root.iter(f"{SVG}g") if g.get("id") == "hydrants"]
+    spots = [(float(c.get("cx", -1)), float(c.get("cy", -1))) for c in hydrants]
+    assert len(spots) == 1
+    ((x, y),) = spots
+    assert 0 < x < svg.width_px and 0 < y < svg.height_px, (x, y, svg.height_px)
