@@ -755,7 +755,10 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
     async def CountByGroup(
         self, request: gis_pb2.CountByGroupRequest, context: Context
     ) -> gis_pb2.CountByGroupResponse:
-        await self._known_unit(request.unit_id, domain.may_count)
+        unit = await self._known_unit(request.unit_id, domain.may_count)
+        # Its people are counted in the group it joined: none here is no answer.
+        if gone := domain.retired(request.unit_id, unit):
+            raise FailedPrecondition(f"unit_id: {gone}")
         today = self.today()
         born_by = domain.born_on_or_before_age(domain.ELDERLY_AGE, today)
         found = await self.store.counts(request.unit_id, born_by, today.isoformat())

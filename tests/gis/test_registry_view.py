@@ -437,3 +437,17 @@ async def test_a_person_moving_into_a_renting_household_is_counted_a_renter(ward
         )
     )
     assert (await group_count(ward, city.group, 2)).renters == 1
+
+
+async def test_counts_of_a_group_merged_away_say_where_its_people_went(ward: Ward) -> None:
+    """Its old leader's token still names it: an empty answer would read as nobody living
+    there, when they are all counted in the group it joined."""
+    city = ward.city
+    await new_household(city.other_leader, city.other_group, location=ward.point(60, -20))
+    await ward.merge_other_group()
+    for caller in (ward.other_leader, ward.officer):
+        details = await refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            caller.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.other_group)),
+        )
+        assert details.startswith("unit_id") and city.group in details, details
