@@ -712,6 +712,11 @@ class GisServicer(gis_pb2_grpc.GisServiceServicer):
             geometry.check(polygon)
         except geometry.GeometryError as error:
             raise InvalidArgument("ring", str(error)) from None
+        # A token naming a group merged away finds none of the households that stand there
+        # still: an empty list would read as nobody to evacuate.
+        scope = await self.store.unit(caller.scope)
+        if scope is not None and (gone := domain.retired(caller.scope, scope)):
+            raise FailedPrecondition(f"your scope: {gone}")
         query = {
             "layer": Layer.HOUSEHOLD.key,
             "unit_id": in_unit(caller.scope),

@@ -451,3 +451,19 @@ async def test_counts_of_a_group_merged_away_say_where_its_people_went(ward: War
             caller.CountByGroup(gis_pb2.CountByGroupRequest(unit_id=city.other_group)),
         )
         assert details.startswith("unit_id") and city.group in details, details
+
+
+async def test_an_evacuation_list_for_a_group_merged_away_says_where_its_households_went(
+    ward: Ward,
+) -> None:
+    """Its old leader's token still names it: an empty list would read as nobody to evacuate,
+    when its households stand in the area still, listed under the group it joined."""
+    city = ward.city
+    home = await new_household(city.other_leader, city.other_group, location=ward.point(60, -20))
+    await located(ward, home.household.household_id, ward.at(60, -20))
+    await ward.merge_other_group()
+    old_leader = ward.caller(Role.GROUP_LEADER, city.other_group, purpose="evacuation list")
+    details = await refused(
+        grpc.StatusCode.FAILED_PRECONDITION, evacuation(old_leader, ward.box(0, -50, 100, 50))
+    )
+    assert city.group in details, details
