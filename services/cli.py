@@ -62,6 +62,7 @@ from services.ledger import replay
 from services.ledger.events import TOPIC as LEDGER_TOPIC
 from services.platform import SERVICES, create_units
 from services.registry import csv_rows
+from services.registry.domain import UnitKind
 from services.registry.importer import STARTED_HEADER
 from services.synthetic_city import (
     DEFAULT_GROUPS,
@@ -84,6 +85,16 @@ MIN_TTL_SECONDS = 60  # a shorter-lived token expires before anyone can use it
 HOUSEHOLD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # What no bearer token holds (RFC 6750's b64token; a signed token is base64url parts and dots).
 NOT_IN_TOKEN = re.compile(r"[^A-Za-z0-9._~+/=-]")
+# The tree is city › district › ward › group, one code each (dn.hc.hc1.t17): these roles act for
+# one level of it. A leader's token for a ward would let a group's leader publish to, and keep the
+# books of, the whole ward; a resident's, above their group, read as living nowhere.
+ROLE_LEVELS = {
+    Role.CITY_ADMIN: UnitKind.CITY,
+    Role.DISTRICT_OFFICER: UnitKind.DISTRICT,
+    Role.WARD_OFFICER: UnitKind.WARD,
+    Role.GROUP_LEADER: UnitKind.GROUP,
+    Role.RESIDENT: UnitKind.GROUP,
+}
 # An import's exit status when rows were left out: not 0, or a script would take the file as
 # onboarded; not 1, which says the import itself failed.
 ROWS_LEFT_OUT = 3
@@ -389,6 +400,8 @@ async def _token(args: argparse.Namespace) -> int:
             status=2,
         )
     settings = Settings()
+    if problem := _scope_level_problem(role, args.scope):
+        return _fail(f"--scope {args.scope!r} {problem}", status=2)
     if settings.auth_secret == Settings.model_fields["auth_secret"].default:
         print(
             "note: signed with the development secret (CIVIC_AUTH_SECRET is not set)",
@@ -405,6 +418,22 @@ async def _token(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _scope_level_problem(role: Role, scope: str) -> str:
+    """Why the scope is not a unit the role acts for, or "": every service would accept such a
+    token, covering nothing (below a group) or more than the role is for."""
+    level = scope.count(".") + 1
+    if level > len(UnitKind):
+        return "is below a group: units go city.district.ward.group (e.g. dn.hc.hc1.t17)"
+    wanted = ROLE_LEVELS.get(role)
+    if wanted is None or level == wanted:
+        return ""
+    example = "dn.hc.hc1.t17".split(".")[:wanted]
+    return (
+        f"is a {UnitKind(level).name.lower()}; a {role.value}'s token is for a "
+        f"{wanted.name.lower()} (e.g. {'.'.join(example)})"
+    )
 
 
 def _default_subject(role: Role, scope: str, household_id: str) -> str:

@@ -637,3 +637,42 @@ def test_an_interrupted_command_says_what_it_leaves(
     monkeypatch.setattr(cli, "run", interrupted)
     assert cli.main(argv) == 130
     assert capsys.readouterr().err.startswith(said)
+
+
+@pytest.mark.parametrize(
+    ("role", "scope", "complaint"),
+    [
+        ("group_leader", "dn.hc.hc1", "is a ward; a group_leader's token is for a group"),
+        ("resident", "dn", "is a city; a resident's token is for a group"),
+        ("ward_officer", "dn.hc", "is a district; a ward_officer's token is for a ward"),
+        ("district_officer", "dn.hc.hc1.t17", "is a group; a district_officer's token"),
+        ("auditor", "dn.hc.hc1.t17.x", "is below a group"),
+    ],
+)
+async def test_token_for_a_unit_of_another_level_than_the_roles_is_refused(
+    role: str, scope: str, complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A leader's token for a ward would act for the whole ward; one below a group, for none."""
+    household = ["--household", "hh-1"] if role == "resident" else []
+    assert await cli.run(["token", "--role", role, "--scope", scope, *household]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out
+    [line] = captured.err.splitlines()
+    assert line.startswith(f"error: --scope {scope!r} {complaint}")
+
+
+@pytest.mark.parametrize(
+    ("role", "scope"),
+    [
+        ("city_admin", "dn"),
+        ("ward_officer", "dn.hc.hc1"),
+        ("auditor", "dn.hc"),
+        ("treasurer", "dn.hc.hc1"),
+        ("integrator", "dn.hc.hc1.t17"),
+    ],
+)
+async def test_token_for_a_unit_of_the_roles_level_is_minted(
+    role: str, scope: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli.run(["token", "--role", role, "--scope", scope]) == 0
+    assert capsys.readouterr().out.count(".") == 2  # header.claims.signature
