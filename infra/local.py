@@ -269,11 +269,17 @@ class LocalStack:
     def status(self) -> dict[str, str]:
         result: dict[str, str] = {}
         for server in SERVERS:
-            pid = self._running_pid(server)
+            # Kept when stale: status only looks, and says so again until `up` or `down`.
+            pid = self._running_pid(server, forget_stale=False)
             if pid is not None:
                 result[server] = f"running (pid {pid}) on {self._address(server)}"
             elif external := self._external(server):
                 result[server] = f"external {external}"
+            elif self.pid_file(server).exists():
+                # down() removes the PID file: one left names a server that ended on its own
+                # (a crash, the kernel's OOM killer, a reboot), which "stopped" would hide.
+                log = self.log_file(server)
+                result[server] = f"died: {self._exit_reason(server)} (log: {log})"
             else:
                 result[server] = "stopped"
         return result
@@ -497,8 +503,9 @@ class LocalStack:
 
     # -- stopping ----------------------------------------------------------------------------------
 
-    def _running_pid(self, server: str) -> int | None:
-        """The PID in the server's PID file if that process is alive and is ours."""
+    def _running_pid(self, server: str, *, forget_stale: bool = True) -> int | None:
+        """The PID in the server's PID file if that process is alive and is ours; a PID file
+        naming another process is removed, unless `forget_stale` is False."""
         path = self.pid_file(server)
         try:
             pid = int(path.read_text().strip())
@@ -509,7 +516,8 @@ class LocalStack:
         started_here = pid in _CHILDREN
         if _alive(pid) and (started_here or _is_ours(pid, self.data_dir(server))):
             return pid
-        path.unlink(missing_ok=True)  # stale: the process died or the PID was reused
+        if forget_stale:
+            path.unlink(missing_ok=True)  # stale: the process died or the PID was reused
         return None
 
     def _stop(self, servers: list[str]) -> None:

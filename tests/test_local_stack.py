@@ -510,3 +510,33 @@ def services_shown(capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
     """The services' lines of `status`, as name -> state."""
     lines = [line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()]
     return {name: state for name, state in lines if name not in local.SERVERS}
+
+
+def test_status_tells_a_server_that_died_from_one_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crashed server (its PID file left: down() removes it) is not shown as stopped, and
+    asking twice tells it twice."""
+    (tmp_path / "ports.json").write_text(json.dumps(dataclasses.asdict(Ports.free())))
+    stack = local._stack_for("opsdied", tmp_path)
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "logs").mkdir()
+    stack.log_file("kafka").write_text("starting\nfatal: no space left on device\n")
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stack.pid_file("kafka").write_text(ended.stdout)
+
+    for _ in range(2):
+        assert local.main(["status", "--env", "opsdied", "--root", str(tmp_path)]) == 0
+        shown = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+        assert shown == {
+            "mongo": "stopped",
+            "kafka": f"died: fatal: no space left on device (log: {stack.log_file('kafka')})",
+            "s3": "stopped",
+        }
+    stack.down()
+    assert stack.status()["kafka"] == "stopped"
