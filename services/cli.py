@@ -834,7 +834,9 @@ def _parked_line(service: str, doc: Mapping[str, Any]) -> str:
     why = (
         f"waits behind {doc['behind']}"
         if doc["behind"]
-        else f"failed {doc['attempts']} times: {doc['error']}"
+        # On one line, as every parked event is: an error's text may span several (a gRPC
+        # error's does), which would read as events of their own.
+        else f"failed {doc['attempts']} times: {' '.join(doc['error'].split())}"
     )
     since = doc["parked_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return (

@@ -676,3 +676,23 @@ async def test_token_for_a_unit_of_the_roles_level_is_minted(
 ) -> None:
     assert await cli.run(["token", "--role", role, "--scope", scope]) == 0
     assert capsys.readouterr().out.count(".") == 2  # header.claims.signature
+
+
+def test_parked_event_whose_error_spans_lines_is_listed_on_one() -> None:
+    """A gRPC error's text spans lines; `civic parked | wc -l` counts events."""
+    record = ConsumerRecord("civic.ledger.v1", 0, 5, 0, 0, b"f-1", b"", None, 3, 0, [])
+    error = "AioRpcError: <AioRpcError of RPC that terminated with:\n\tstatus = UNAVAILABLE\n>"
+    doc = parked_record(
+        "civic.ledger.dues",
+        "e9",
+        "civic.ledger.v1.FundOpened",
+        record,
+        error=error,
+        behind=None,
+        now=datetime(2026, 11, 24, 9, 30, tzinfo=UTC),
+    )
+    assert cli._parked_line("ledger", doc) == (
+        "ledger civic.ledger.dues e9 civic.ledger.v1.FundOpened key=f-1 civic.ledger.v1[0]@5"
+        f" since 2026-11-24T09:30:00Z failed {PARK_AFTER_ATTEMPTS} times: AioRpcError:"
+        " <AioRpcError of RPC that terminated with: status = UNAVAILABLE >"
+    )
