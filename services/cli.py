@@ -808,7 +808,8 @@ async def _parked(args: argparse.Namespace) -> int:
                 f" ({prefix}_registry, {prefix}_tickets, ...): see --database-prefix",
                 status=2,
             )
-        for service in args.service or SERVICES:
+        # Each once, however often named: twice would list its events twice, and count them.
+        for service in dict.fromkeys(args.service or SERVICES):
             parked = databases[service][PARKED]
             async for doc in parked.find({}, {"value": 0, "headers": 0}).sort(
                 [("group", 1), ("partition", 1), ("offset", 1)]

@@ -576,6 +576,9 @@ async def test_parked_lists_each_services_parked_events_with_why_they_wait(
 
         assert await cli.run([*args, "--service", "registry"]) == 0
         assert capsys.readouterr() == ("", "0 parked events\n")
+        assert await cli.run([*args, "--service", "tickets", "--service", "tickets"]) == 0
+        again, err = capsys.readouterr()
+        assert (again, err) == (out, "2 parked events\n")
     finally:
         await client.drop_database(f"{prefix}_tickets")
         await client.close()
