@@ -884,8 +884,15 @@ def _status(stack: LocalStack) -> None:
     if stack.services_pids.is_dir():  # where `make run` started the services
         running = running_services(stack.services_pids)
         for name in SERVICES:
-            pid = running.get(name)
-            print(f"{name:<9} {f'running (pid {pid})' if pid else 'stopped'}")
+            if pid := running.get(name):
+                state = f"running (pid {pid})"
+            elif (stack.services_pids / f"{name}.pid").exists():
+                # `make run` and `make stop` remove the PID files of the services they stop.
+                log = stack.log_file(name)
+                state = f"died: {last_line(log)} (log: {log})"
+            else:
+                state = "stopped"
+            print(f"{name:<9} {state}")
 
 
 def free_port() -> int:

@@ -454,15 +454,23 @@ async def run() -> None:
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
     finally:
-        for process in processes:
-            process.terminate()
-        for name, process in zip(SERVICES, processes, strict=True):
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                print(f"civic: {name} did not stop within 15 s; killed it", file=sys.stderr)
-                process.kill()
-                process.wait()
+        stop_started(dict(zip(SERVICES, processes, strict=True)))
+
+
+def stop_started(processes: Mapping[str, subprocess.Popen[bytes]], pids: Path = DEV_PIDS) -> None:
+    """Ends the services this run started, and removes its PID files: one left behind says
+    that its service ended on its own (`civic stack status` shows it as died)."""
+    for process in processes.values():
+        process.terminate()
+    for name, process in processes.items():
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            print(f"civic: {name} did not stop within 15 s; killed it", file=sys.stderr)
+            process.kill()
+            process.wait()
+    for path in _pid_files(pids):
+        path.unlink(missing_ok=True)
 
 
 def main() -> None:

@@ -540,3 +540,29 @@ def test_status_tells_a_server_that_died_from_one_stopped(
         }
     stack.down()
     assert stack.status()["kafka"] == "stopped"
+
+
+def test_status_tells_a_service_that_died_under_make_run_from_one_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its PID file is left (`make run` and `make stop` remove those of what they stop)."""
+    (tmp_path / "ports.json").write_text(json.dumps(dataclasses.asdict(Ports.free())))
+    stack = local._stack_for("opsdiedservice", tmp_path)
+    stack.services_pids.mkdir(parents=True)
+    (tmp_path / "logs").mkdir()
+    stack.log_file("tickets").write_text("serving\nMemoryError: cannot allocate\n")
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (stack.services_pids / "tickets.pid").write_text(ended.stdout)
+
+    assert local.main(["status", "--env", "opsdiedservice", "--root", str(tmp_path)]) == 0
+    assert services_shown(capsys) == {
+        name: f"died: MemoryError: cannot allocate (log: {stack.log_file('tickets')})"
+        if name == "tickets"
+        else "stopped"
+        for name in SERVICES
+    }

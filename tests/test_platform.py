@@ -66,6 +66,25 @@ def test_stop_ends_the_services_named_in_the_pid_files_and_nothing_else(tmp_path
             process.wait()
 
 
+def test_services_make_run_stops_leave_no_pid_file_to_read_as_died(tmp_path: Path) -> None:
+    """A PID file left behind tells `civic stack status` its service ended on its own."""
+    service = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "-m", "services.registry.main"],
+        start_new_session=True,
+    )
+    try:
+        (tmp_path / "registry.pid").write_text(str(service.pid))
+        (tmp_path / "platform.pid").write_text("1")
+
+        platform.stop_started({"registry": service}, tmp_path)
+
+        assert service.returncode is not None
+        assert not list(tmp_path.glob("*.pid"))
+    finally:
+        service.kill()
+        service.wait()
+
+
 async def test_a_service_that_exits_while_starting_is_named_with_its_log_and_reason(
     tmp_path: Path,
 ) -> None:
