@@ -46,10 +46,18 @@ def load_event_types(topic: str) -> ModuleType:
 
 
 def event_types(topic: str) -> tuple[str, ...]:
-    """The ce_types the topic carries, as this build's protos define them: every message of the
-    topic's events.proto is one of its events."""
+    """The ce_types the topic carries, as this build's protos define them: the messages of the
+    topic's events.proto but those another of them holds, which are parts of an event (the
+    ledger's Assessment of a TransactionPosted), never sent on their own: a tail of such a
+    type would wait for ever."""
     messages = load_event_types(topic).DESCRIPTOR.message_types_by_name.values()
-    return tuple(message.full_name for message in messages)
+    parts = {
+        field.message_type.full_name
+        for message in messages
+        for field in message.fields
+        if field.message_type is not None
+    }
+    return tuple(message.full_name for message in messages if message.full_name not in parts)
 
 
 def describe(record: ConsumerRecord[bytes, bytes], event: CloudEvent) -> str:

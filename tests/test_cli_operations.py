@@ -390,6 +390,19 @@ async def test_tail_refuses_an_event_type_its_topic_never_carries(
     assert " PersonRegistered, " in err and len(err.splitlines()) == 1
 
 
+async def test_tail_refuses_a_part_of_an_event_as_a_type_and_lists_only_events(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The ledger's Assessment travels inside a TransactionPosted, never as an event: a tail of
+    it would wait in silence."""
+    assert await cli.run(["tail", "civic.ledger.v1", "--type", "Assessment"]) == 2
+
+    assert capsys.readouterr().err == (
+        "error: civic.ledger.v1 carries no civic.ledger.v1.Assessment; its types are "
+        "FundOpened, TransactionPosted\n"
+    )
+
+
 def test_a_short_signing_secret_is_refused_in_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
