@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
-from services.common.auth import Principal, principal, unit_within
+from services.common.auth import Principal, Role, principal, unit_within
 from services.common.commands import CommandRunner
 from services.common.errors import (
     AlreadyExists,
@@ -903,12 +903,18 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
     ) -> ledger_pb2.GetHouseholdDuesResponse:
         fund = await self._fund(request.fund_id)
         _required("household_id", request.household_id)
-        await self._permitted(
-            fund["unit_id"],
-            lambda caller, unit_id: domain.may_read_household_dues(
-                caller, unit_id, request.household_id
-            ),
-        )
+        try:
+            await self._permitted(
+                fund["unit_id"],
+                lambda caller, unit_id: domain.may_read_household_dues(
+                    caller, unit_id, request.household_id
+                ),
+            )
+        except PermissionDenied:
+            # A household that moved out of the fund's unit (its group merged into one of
+            # another ward) still owes what the fund's campaigns charged it, and reads that.
+            if not await self._charged_here(fund, request.household_id):
+                raise
         # What is owed, what was paid and which payments were reversed, read at one moment:
         # the household's own dues and receivables, not every campaign's list of thousands.
         async with self.store.snapshot() as session:
@@ -948,6 +954,14 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         if not response.household_name:
             response.household_name = await self._name_in_unit(fund, request.household_id)
         return response
+
+    async def _charged_here(self, fund: Document, household_id: str) -> bool:
+        """The caller is a resident asking about their own household, which the fund's
+        campaigns charged."""
+        caller = principal()
+        if caller.role is not Role.RESIDENT or caller.household_id != household_id:
+            return False
+        return bool(await self.store.dues_of(fund["_id"], household_id))
 
     async def _name_in_unit(self, fund: Document, household_id: str) -> str:
         """The household's name as the ledger learned it, when it lives in the fund's unit or is

@@ -20,7 +20,7 @@ from services.ledger.store import RECEIPT_NUMBERS, LedgerStore
 from tests.indexes import index_uses, used_since
 from tests.kafka_reader import eventually
 from tests.ledger.conftest import Books, LedgerCaller, campaign_name, open_fund, rid
-from tests.registry_fixtures import new_household
+from tests.registry_fixtures import create_unit, new_household
 
 
 async def declare(
@@ -793,3 +793,66 @@ async def test_a_group_lists_the_funds_of_the_groups_merged_into_it(
     # Another group of the ward still lists neither.
     neighbour = books.caller(Role.GROUP_LEADER, city.ward + ".t98")
     assert old_fund not in await listed(neighbour)
+
+
+async def test_a_household_moved_to_another_ward_reads_what_it_still_owes_its_old_ward(
+    books: Books,
+) -> None:
+    """A district merges a group into a group of the next ward. What the old ward's campaign
+    charged the group's households stays payable there: each of them reads its own dues and
+    payments in that fund, as before the move, and no other household's."""
+    city = books.city
+    ward_officer = books.caller(Role.WARD_OFFICER, city.ward)
+    ward_fund = await open_fund(ward_officer, city.ward, "Quỹ khuyến học phường")
+    declared = await ward_officer.DeclareCampaign(
+        ledger_pb2.DeclareCampaignRequest(
+            request_id=rid(),
+            fund_id=ward_fund,
+            name="Quỹ khuyến học phường",
+            period="2026",
+            basis=ledger_pb2.DUES_BASIS_PER_HOUSEHOLD,
+            rate=30_000,
+        )
+    )
+    campaign_id = declared.campaign.campaign_id
+    an, dung = books.households["an"], books.households["dung"]
+    await ward_officer.RecordContribution(
+        ledger_pb2.RecordContributionRequest(
+            request_id=rid(),
+            fund_id=ward_fund,
+            household_id=an,
+            campaign_id=campaign_id,
+            amount=10_000,
+            method=ledger_pb2.PAYMENT_METHOD_CASH,
+            receipt_number="BL-P-1",
+        )
+    )
+    admin = city.as_role(Role.CITY_ADMIN, city.city)
+    next_ward = await create_unit(
+        admin, city.district, "hc2", "Hải Châu 2", registry_pb2.UNIT_KIND_WARD
+    )
+    joined = await create_unit(admin, next_ward, "g3", "Tổ dân phố 3", registry_pb2.UNIT_KIND_GROUP)
+    await admin.MergeGroups(
+        registry_pb2.MergeGroupsRequest(
+            request_id=rid(), source_unit_id=city.group, target_unit_id=joined
+        )
+    )
+
+    # Their tokens now name the group they joined, in the other ward.
+    resident = books.caller(Role.RESIDENT, joined, an)
+    request = ledger_pb2.GetHouseholdDuesRequest(fund_id=ward_fund, household_id=an)
+    answer = await resident.GetHouseholdDues(request)
+    [due] = answer.dues
+    assert (due.campaign_id, due.paid, due.outstanding) == (campaign_id, 10_000, 20_000)
+    assert [p.contribution.receipt_number for p in answer.payments] == ["BL-P-1"]
+    assert answer.household_name == "Trần Văn An"
+    # Another household's dues stay its own; a household the fund never charged reads nothing.
+    for caller, household_id in (
+        (resident, dung),
+        (books.caller(Role.RESIDENT, joined, "hh-charged-nothing"), "hh-charged-nothing"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await caller.GetHouseholdDues(
+                ledger_pb2.GetHouseholdDuesRequest(fund_id=ward_fund, household_id=household_id)
+            )
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
