@@ -132,11 +132,13 @@ def test_compose_environment_configures_settings(
     for var in [*settings_env_names(), "CIVIC_KAFKA_PARTITIONS"]:
         monkeypatch.delenv(var, raising=False)
     for var, value in env.items():
-        monkeypatch.setenv(var, value)
+        # As compose sets it when the variable is not given: `${VAR:-default}` is its default.
+        monkeypatch.setenv(var, re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value))
     settings = Settings()
     assert settings.mongo_uri == "mongodb://mongo:27017/?replicaSet=rs0"
     assert settings.kafka_bootstrap_servers == "kafka:9092"
     assert settings.s3_endpoint == "minio:9000"
+    assert settings.s3_public_url == "http://localhost:9000"
     assert settings.otel_exporter_otlp_endpoint == "http://otel-collector:4317"
     assert settings.grpc_host == "0.0.0.0"
     assert settings.port_for("registry") == GRPC_PORTS["registry"]
