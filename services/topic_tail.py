@@ -17,7 +17,7 @@ from collections.abc import Collection
 from types import ModuleType
 from typing import TextIO
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
@@ -118,7 +118,13 @@ async def tail(
                 f"topic {topic} does not exist on {bootstrap_servers}; provision it "
                 f"(python -m infra.provision, or civic stack up)"
             )
-        consumer.subscribe([topic])
+        # Assigned, and each partition's position found, before saying the tail has started:
+        # an event sent from then on is shown (a subscription finds its partitions, and their
+        # ends, only once it first fetches, after what was sent meanwhile).
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        for partition in partitions:
+            await consumer.position(partition)
     except BaseException:
         await consumer.stop()  # a consumer that could not start still holds its client
         raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
+from civic.tickets.v1 import events_pb2
 
 from infra.local import REPO_ROOT, LocalStack, Ports, free_port
 from services import cli, topic_tail
+from services.common.cloudevents import CloudEvent
 from services.common.config import Settings
 from services.common.mongo import mongo_client
 from services.common.parking import PARK_AFTER_ATTEMPTS, PARKED, parked_record
@@ -712,3 +715,48 @@ def test_parked_event_whose_error_spans_lines_is_listed_on_one() -> None:
         f" since 2026-11-24T09:30:00Z failed {PARK_AFTER_ATTEMPTS} times: AioRpcError:"
         " <AioRpcError of RPC that terminated with: status = UNAVAILABLE >"
     )
+
+
+class Started(io.StringIO):
+    """The tail's notes; set once it says it has started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self.said.set()
+        return super().write(text)
+
+
+async def test_tail_shows_an_event_sent_right_after_it_says_it_has_started(
+    settings: Settings,
+) -> None:
+    """ "tailing ..." is when to act (file a ticket, run an import): what is sent from then on
+    is shown, not only what comes once the consumer has found the topic's ends."""
+    key = f"tk-{uuid.uuid4().hex}"
+    event = CloudEvent(
+        id=uuid.uuid4().hex,
+        type="civic.tickets.v1.TicketClosed",
+        source="test",
+        time=datetime.now(UTC),
+        data=events_pb2.TicketClosed(ticket_id=key).SerializeToString(),
+    )
+    out, notes = io.StringIO(), Started()
+    bootstrap = settings.kafka_bootstrap_servers
+    tailing = asyncio.create_task(
+        topic_tail.tail(bootstrap, "civic.tickets.v1", out, key=key, count=1, notes=notes)
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await asyncio.wait_for(notes.said.wait(), 30)
+        headers = [(name, value.encode()) for name, value in event.kafka_headers().items()]
+        await producer.send_and_wait(
+            "civic.tickets.v1", event.data, key=key.encode(), headers=headers
+        )
+        assert await asyncio.wait_for(tailing, 30) == 1
+    finally:
+        tailing.cancel()
+        await producer.stop()
+    assert f" civic.tickets.v1.TicketClosed key={key} " in out.getvalue()
