@@ -9,7 +9,8 @@ cell left empty (spreadsheets export the empty columns beside a table so) names 
 cells must be empty too, or their row is reported. A row's number is its line, the header being
 line 1, so an operator can find it in any editor. Words (sex, relationship, education,
 residence_kind) are the enum names without their prefix, in lower case: "female",
-"other_relative", "lower_secondary", "renter". An empty cell means "not given"; the registry
+"other_relative", "lower_secondary", "renter"; sex and relationship also in Vietnamese ("Nữ",
+"Chủ hộ", "Vợ", "Con", "Cháu nội"), with or without marks. An empty cell means "not given"; the registry
 decides whether the value is required. Range checks are the registry's too, so a file is judged
 by the same rules as every other way into the register.
 """
@@ -25,6 +26,8 @@ from typing import TypeVar
 
 from civic.common.v1 import types_pb2
 from civic.registry.v1 import registry_pb2
+
+from services.registry.domain import fold
 
 HOUSEHOLD_COLUMNS = (
     "unit_id",
@@ -59,8 +62,27 @@ def _words(items: list[tuple[str, E]], prefix: str) -> dict[str, E]:
     return {name.removeprefix(prefix).lower() if value else "": value for name, value in items}
 
 
-SEXES = _words(registry_pb2.Sex.items(), "SEX_")
-RELATIONSHIPS = _words(registry_pb2.Relationship.items(), "RELATIONSHIP_")
+# A ward's spreadsheet says it in Vietnamese: these words too, matched without their marks
+# ("Nữ", "nu", "NỮ" alike).
+SEXES = _words(registry_pb2.Sex.items(), "SEX_") | {
+    "nam": registry_pb2.SEX_MALE,
+    "nu": registry_pb2.SEX_FEMALE,
+}
+RELATIONSHIPS = _words(registry_pb2.Relationship.items(), "RELATIONSHIP_") | {
+    "chu ho": registry_pb2.RELATIONSHIP_HEAD,
+    **dict.fromkeys(("vo", "chong"), registry_pb2.RELATIONSHIP_SPOUSE),
+    **dict.fromkeys(("con", "con trai", "con gai"), registry_pb2.RELATIONSHIP_CHILD),
+    **dict.fromkeys(("bo", "cha", "me"), registry_pb2.RELATIONSHIP_PARENT),
+    **dict.fromkeys(("chau", "chau noi", "chau ngoai"), registry_pb2.RELATIONSHIP_GRANDCHILD),
+    **dict.fromkeys(
+        ("ong", "ba", "ong noi", "ba noi", "ong ngoai", "ba ngoai"),
+        registry_pb2.RELATIONSHIP_GRANDPARENT,
+    ),
+    **dict.fromkeys(
+        ("anh", "chi", "em", "anh trai", "chi gai", "em trai", "em gai"),
+        registry_pb2.RELATIONSHIP_SIBLING,
+    ),
+}
 EDUCATION_LEVELS = _words(registry_pb2.EducationLevel.items(), "EDUCATION_LEVEL_")
 RESIDENCE_KINDS = _words(registry_pb2.ResidenceKind.items(), "RESIDENCE_KIND_")
 
@@ -141,7 +163,7 @@ def _phone(value: str) -> str:
 def _word(value: str, column: str, words: dict[str, E]) -> E:
     # An empty cell is UNSPECIFIED: the registry says whether the value is required.
     try:
-        return words[value.lower()]
+        return words[value.lower()] if value.lower() in words else words[fold(value)]
     except KeyError:
         known = ", ".join(word for word in words if word)
         raise RowProblem(column, f"{value!r} is not one of {known}") from None

@@ -346,7 +346,7 @@ async def test_bad_rows_are_reported_by_line_and_the_others_imported(
         # line 7: a unit that does not exist (inside the officer's scope)
         record(f"{city.ward}.nowhere", "HK-9", "Đỗ Văn Hùng", "1980-01-01", "male"),
         # line 9: a word the file format does not know, refused before sending
-        record(g, "HK-2", "Hồ Thị Lan", "1990-03-03", "nữ", relationship="other_relative"),
+        record(g, "HK-2", "Hồ Thị Lan", "1990-03-03", "gái", relationship="other_relative"),
     ]
     rows = [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3], good[4]]
     path = write_csv(tmp_path / "people.csv", rows)
@@ -365,7 +365,7 @@ async def test_bad_rows_are_reported_by_line_and_the_others_imported(
     assert "birth year" in errors[0][2]
     assert "future" in errors[1][2]
     assert "no known unit" in errors[2][2]
-    assert "'nữ' is not one of male, female" in errors[3][2]
+    assert "'gái' is not one of male, female, nam, nu" in errors[3][2]
     assert len(await residents(city)) == 5
 
 
@@ -716,3 +716,25 @@ async def test_a_file_of_one_row_is_reported_as_one_row(
     out = await import_csv(city, path, capsys)
 
     assert out.startswith(f"{path}: 1 row, 0 refused before sending, 1 sent\n"), out
+
+
+def test_sex_and_relationship_may_be_written_in_vietnamese(tmp_path: Path) -> None:
+    """As a ward's spreadsheet has them, with or without their marks, in any case."""
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "unit_id,household_ref,full_name,birth_date,sex,relationship\n"
+        "g1,HK-1,Trần Văn An,1960-02-03,Nam,Chủ hộ\n"
+        "g1,HK-1,Lê Thị Hoa,1962-09-09,NỮ,Vợ\n"
+        "g1,HK-1,Trần Thị Bé,1990-01-01,nu,con gai\n"
+        "g1,HK-1,Trần Văn Út,2015-01-01,nam,Cháu nội\n",
+        encoding="utf-8",
+    )
+
+    rows = list(csv_rows.rows_from_csv(path))
+
+    assert [(r.person.sex, r.person.relationship) for r in rows] == [
+        (registry_pb2.SEX_MALE, registry_pb2.RELATIONSHIP_HEAD),
+        (registry_pb2.SEX_FEMALE, registry_pb2.RELATIONSHIP_SPOUSE),
+        (registry_pb2.SEX_FEMALE, registry_pb2.RELATIONSHIP_CHILD),
+        (registry_pb2.SEX_MALE, registry_pb2.RELATIONSHIP_GRANDCHILD),
+    ]
