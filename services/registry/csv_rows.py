@@ -10,9 +10,9 @@ cells must be empty too, or their row is reported. A row's number is its line, t
 line 1, so an operator can find it in any editor. Words (sex, relationship, education,
 residence_kind) are the enum names without their prefix, in lower case: "female",
 "other_relative", "lower_secondary", "renter"; sex and relationship also in Vietnamese ("Nữ",
-"Chủ hộ", "Vợ", "Con", "Cháu nội"), with or without marks. An empty cell means "not given"; the registry
-decides whether the value is required. Range checks are the registry's too, so a file is judged
-by the same rules as every other way into the register.
+"Chủ hộ", "Vợ", "Con", "Cháu nội"), with or without marks. An empty cell means "not given";
+the registry decides whether the value is required. Range checks are the registry's too, so a
+file is judged by the same rules as every other way into the register.
 """
 
 from __future__ import annotations
